@@ -1,1 +1,46 @@
-fn main() {}
+//! The `yr` command. This file owns only the command line: it parses the arguments with clap,
+//! dispatches to the module that owns the subcommand, and turns its result into an exit status.
+
+mod errors;
+
+use std::io;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// yr: command-line tool for yr, a serverless distributed compute engine.
+#[derive(Debug, Parser)]
+#[command(name = "yr", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands of `yr`.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List yr's error codes, or explain one: what it means, whether it is retried, what to do.
+    Errors(errors::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Errors(args) => errors::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        // The reader went away (for example `yr errors | head`); there is no one left to tell.
+        Err(err)
+            if err
+                .downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("yr: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

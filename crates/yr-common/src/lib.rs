@@ -5,3 +5,13 @@
 pub mod error;
 
 pub use error::{CodeInfo, Error, ErrorCode, Lang, ModuleCode, Result, RetryPolicy};
+pub mod ids;
+pub use ids::ObjectId;
+pub mod config;
+pub mod options;
+pub use config::Config;
+pub use options::{
+    Affinity, AffinityKind, AffinityScope, AffinityType, Device, FunctionGroupOptions,
+    InvokeOptions, LabelOp, LabelOperator, PortForwarding, PortProtocol, ResourceGroupOptions,
+    SchedulingAffinityType,
+};

@@ -1,1 +1,19 @@
-//! placeholder
+//! yr-runtime: the client core shared by drivers, runtimes and every SDK (openYuanrong calls it
+//! libruntime). It owns the process's runtime lifecycle, the in-process object store and object
+//! handles, encoding, dependency resolution, retries, the registry of user code, and the
+//! [`Backend`](backend::Backend) seam with its local-mode implementation. It does not own the
+//! typed user API (crate `yr`) or any server-side component.
+
+pub mod backend;
+pub mod blocking;
+pub mod codec;
+pub mod dependencies;
+pub mod function;
+mod local;
+pub mod object_store;
+pub mod retry;
+pub mod runtime;
+pub mod user_code;
+
+pub use inventory;
+pub use runtime::{current, finalize, init, is_initialized, ClientInfo, Runtime};

@@ -1,0 +1,278 @@
+//! What a call is, type-erased: the entry points the macros generate for functions, instance
+//! constructors, methods and shutdown hooks; arguments as values or references; and the
+//! process-wide registry of entry points that a runtime uses to find code by name.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::ops::Deref;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use yr_common::{Error, ErrorCode, InvokeOptions, Result};
+
+use crate::object_store::{ObjectHandle, Outcome, StoredValue};
+
+/// An instance's state, type-erased.
+pub type InstanceState = dyn Any + Send + Sync;
+
+/// What a call returns: one value, or several with `return_nums`.
+#[derive(Debug)]
+pub enum Returns {
+    /// One value.
+    One(StoredValue),
+    /// Several values, in order.
+    Many(Vec<StoredValue>),
+}
+
+impl Returns {
+    /// How many values.
+    pub fn len(&self) -> usize {
+        match self {
+            Returns::One(_) => 1,
+            Returns::Many(values) => values.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values, in order.
+    pub fn into_vec(self) -> Vec<StoredValue> {
+        match self {
+            Returns::One(value) => vec![value],
+            Returns::Many(values) => values,
+        }
+    }
+}
+
+/// Runs a stateless function on encoded arguments.
+pub type CallFn = fn(&[Arg]) -> Result<Returns>;
+/// Runs a constructor on encoded arguments and returns the new instance's state.
+pub type ConstructFn = fn(&[Arg]) -> Result<Box<InstanceState>>;
+/// Runs a method that takes `&self`.
+pub type SharedMethodFn = fn(&InstanceState, &[Arg]) -> Result<Returns>;
+/// Runs a method that takes `&mut self`.
+pub type ExclusiveMethodFn = fn(&mut InstanceState, &[Arg]) -> Result<Returns>;
+/// Runs an instance's shutdown hook with its grace period.
+pub type ShutdownFn = fn(&mut InstanceState, Duration);
+
+/// A stateless function's entry point.
+#[derive(Clone, Copy, Debug)]
+pub struct FunctionEntry {
+    /// The function's path, for example `my_crate::say_hello`.
+    pub name: &'static str,
+    /// The entry point.
+    pub call: CallFn,
+    /// How many values it returns.
+    pub return_nums: usize,
+}
+
+/// An instance constructor's entry point.
+#[derive(Clone, Copy, Debug)]
+pub struct ConstructorEntry {
+    /// The constructor's path, for example `my_crate::Counter::new`.
+    pub name: &'static str,
+    /// The class's path, for example `my_crate::Counter`.
+    pub class: &'static str,
+    /// The entry point.
+    pub call: ConstructFn,
+    /// The class's shutdown hook, if it has one.
+    pub shutdown: Option<ShutdownFn>,
+}
+
+/// How a method borrows its instance.
+#[derive(Clone, Copy, Debug)]
+pub enum MethodCall {
+    /// `&self`: may run concurrently with other `&self` methods.
+    Shared(SharedMethodFn),
+    /// `&mut self`: runs alone.
+    Exclusive(ExclusiveMethodFn),
+}
+
+/// An instance method's entry point.
+#[derive(Clone, Copy, Debug)]
+pub struct MethodEntry {
+    /// The method's path, for example `my_crate::Counter::incr`.
+    pub name: &'static str,
+    /// The class's path.
+    pub class: &'static str,
+    /// The entry point.
+    pub call: MethodCall,
+}
+
+inventory::collect!(FunctionEntry);
+inventory::collect!(ConstructorEntry);
+inventory::collect!(MethodEntry);
+
+/// One argument of a call: an encoded value, or a reference whose value the callee receives.
+#[derive(Debug)]
+pub enum Arg {
+    /// The value, encoded by the caller.
+    Value(StoredValue),
+    /// A reference; the call waits for it and the callee receives its value.
+    Ref(ObjectHandle),
+}
+
+impl Arg {
+    /// The objects this argument depends on: the reference itself, or those nested in the value.
+    pub fn dependencies(&self) -> &[ObjectHandle] {
+        match self {
+            Arg::Value(value) => &value.nested,
+            Arg::Ref(handle) => std::slice::from_ref(handle),
+        }
+    }
+
+    /// The argument's encoded bytes. A reference must be finished with a value.
+    pub fn bytes(&self) -> Result<ArgBytes<'_>> {
+        match self {
+            Arg::Value(value) => Ok(ArgBytes::Borrowed(&value.bytes)),
+            Arg::Ref(handle) => match handle.outcome() {
+                Some(Outcome::Ready(value)) => Ok(ArgBytes::Shared(value)),
+                Some(Outcome::Failed(error)) => Err(dependency_failed(handle, &error)),
+                None => Err(Error::new(
+                    ErrorCode::InnerSystemError,
+                    format!(
+                        "argument {} was not resolved before the call ran",
+                        handle.id()
+                    ),
+                )),
+            },
+        }
+    }
+}
+
+/// The bytes of an argument: borrowed from the call, or shared with the object store.
+pub enum ArgBytes<'a> {
+    /// Inline in the call.
+    Borrowed(&'a [u8]),
+    /// An object's value.
+    Shared(Arc<StoredValue>),
+}
+
+impl Deref for ArgBytes<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ArgBytes::Borrowed(bytes) => bytes,
+            ArgBytes::Shared(value) => &value.bytes,
+        }
+    }
+}
+
+/// The error a call gets when an object it depends on failed (4306).
+pub fn dependency_failed(handle: &ObjectHandle, error: &Error) -> Error {
+    Error::new(
+        ErrorCode::DependencyFailed,
+        format!(
+            "dependency request failed, request id: {}, internal code: {}, internal msg: {}",
+            handle.id(),
+            error.code().number(),
+            error.message()
+        ),
+    )
+}
+
+/// A stateless call, ready to submit.
+pub struct TaskSpec {
+    /// What to run.
+    pub function: FunctionEntry,
+    /// The arguments.
+    pub args: Vec<Arg>,
+    /// The options; validated.
+    pub options: Arc<InvokeOptions>,
+}
+
+/// An instance creation, ready to submit.
+pub struct CreateSpec {
+    /// The constructor.
+    pub constructor: ConstructorEntry,
+    /// The arguments.
+    pub args: Vec<Arg>,
+    /// The options; validated.
+    pub options: Arc<InvokeOptions>,
+}
+
+/// A method call, ready to submit.
+pub struct MethodSpec {
+    /// The method.
+    pub method: MethodEntry,
+    /// The arguments.
+    pub args: Vec<Arg>,
+}
+
+struct Registry {
+    functions: HashMap<&'static str, &'static FunctionEntry>,
+    constructors: HashMap<&'static str, &'static ConstructorEntry>,
+    methods: HashMap<&'static str, &'static MethodEntry>,
+}
+
+fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(|| Registry {
+        functions: inventory::iter::<FunctionEntry>
+            .into_iter()
+            .map(|e| (e.name, e))
+            .collect(),
+        constructors: inventory::iter::<ConstructorEntry>
+            .into_iter()
+            .map(|e| (e.name, e))
+            .collect(),
+        methods: inventory::iter::<MethodEntry>
+            .into_iter()
+            .map(|e| (e.name, e))
+            .collect(),
+    })
+}
+
+fn not_in_binary(kind: &str, name: &str) -> Error {
+    Error::new(
+        ErrorCode::UserCodeLoad,
+        format!(
+            "{kind} `{name}` is not in this binary; annotate it with #[yr::invoke] or \
+             #[yr::instance] and rebuild the driver"
+        ),
+    )
+}
+
+/// The registered function with this name, or 2001.
+pub fn find_function(name: &str) -> Result<&'static FunctionEntry> {
+    registry()
+        .functions
+        .get(name)
+        .copied()
+        .ok_or_else(|| not_in_binary("function", name))
+}
+
+/// The registered constructor with this name, or 2001.
+pub fn find_constructor(name: &str) -> Result<&'static ConstructorEntry> {
+    registry()
+        .constructors
+        .get(name)
+        .copied()
+        .ok_or_else(|| not_in_binary("constructor", name))
+}
+
+/// The registered method with this name, or 2001.
+pub fn find_method(name: &str) -> Result<&'static MethodEntry> {
+    registry()
+        .methods
+        .get(name)
+        .copied()
+        .ok_or_else(|| not_in_binary("method", name))
+}
+
+/// The names of every registered function, constructor and method.
+pub fn registered_names() -> Vec<&'static str> {
+    let registry = registry();
+    let mut names: Vec<&'static str> = registry
+        .functions
+        .keys()
+        .chain(registry.constructors.keys())
+        .chain(registry.methods.keys())
+        .copied()
+        .collect();
+    names.sort_unstable();
+    names
+}

@@ -1,0 +1,305 @@
+//! The in-process object store: one [`ObjectSlot`] per object this process knows about, holding
+//! the object's state (pending, ready or failed) and whoever waits for it. An [`ObjectHandle`]
+//! is a counted reference to a slot; when the last handle drops, the object is freed.
+//!
+//! Every slot is also listed, weakly, in a process-wide index by id. The index lets a reference
+//! that arrives serialized inside a value find its slot again, and lets `finalize` fail every
+//! pending object.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::task::Waker;
+use std::time::Instant;
+
+use parking_lot::{Condvar, Mutex};
+use yr_common::{Error, ErrorCode, ObjectId};
+
+/// A value as stored: its serialized bytes and the references nested inside it, which stay alive
+/// as long as the value does.
+#[derive(Debug, Default)]
+pub struct StoredValue {
+    /// The MessagePack encoding of the value.
+    pub bytes: Vec<u8>,
+    /// Objects referenced from inside the value.
+    pub nested: Vec<ObjectHandle>,
+}
+
+/// Cancels the request that will produce an object. Backends attach one to each pending result.
+pub trait Canceller: Send + Sync {
+    /// Cancel the request. `force` also stops a request that already runs, where possible.
+    fn cancel(&self, force: bool);
+}
+
+enum Waiter {
+    Waker(Waker),
+    Callback(Box<dyn FnOnce() + Send>),
+}
+
+enum SlotState {
+    Pending {
+        waiters: Vec<Waiter>,
+        canceller: Option<Arc<dyn Canceller>>,
+    },
+    Ready(Arc<StoredValue>),
+    Failed(Error),
+}
+
+/// One object's state and the parties waiting for it.
+pub struct ObjectSlot {
+    id: ObjectId,
+    state: Mutex<SlotState>,
+    changed: Condvar,
+}
+
+/// A counted reference to an object. Cloning is cheap; the object lives while any handle does.
+pub type ObjectHandle = Arc<ObjectSlot>;
+
+/// What a finished object holds.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// The value.
+    Ready(Arc<StoredValue>),
+    /// The error the request that should have produced it ended with.
+    Failed(Error),
+}
+
+const SHARDS: usize = 16;
+
+struct Index {
+    shards: [Mutex<HashMap<ObjectId, Weak<ObjectSlot>>>; SHARDS],
+}
+
+fn index() -> &'static Index {
+    static INDEX: std::sync::OnceLock<Index> = std::sync::OnceLock::new();
+    INDEX.get_or_init(|| Index {
+        shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+    })
+}
+
+fn shard(id: ObjectId) -> &'static Mutex<HashMap<ObjectId, Weak<ObjectSlot>>> {
+    let bytes = id.to_bytes();
+    &index().shards[bytes[15] as usize % SHARDS]
+}
+
+impl ObjectSlot {
+    fn register(slot: ObjectSlot) -> ObjectHandle {
+        let id = slot.id;
+        let handle = Arc::new(slot);
+        shard(id).lock().insert(id, Arc::downgrade(&handle));
+        handle
+    }
+
+    /// A new object that a request will produce later.
+    pub fn pending() -> ObjectHandle {
+        Self::register(ObjectSlot {
+            id: ObjectId::generate(),
+            state: Mutex::new(SlotState::Pending {
+                waiters: Vec::new(),
+                canceller: None,
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// A new object that already has its value.
+    pub fn ready(value: StoredValue) -> ObjectHandle {
+        Self::register(ObjectSlot {
+            id: ObjectId::generate(),
+            state: Mutex::new(SlotState::Ready(Arc::new(value))),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// The live object with this id in this process, if any.
+    pub fn lookup(id: ObjectId) -> Option<ObjectHandle> {
+        shard(id).lock().get(&id).and_then(Weak::upgrade)
+    }
+
+    /// A failed placeholder for an id this process does not hold.
+    pub fn missing(id: ObjectId) -> ObjectHandle {
+        Arc::new(ObjectSlot {
+            id,
+            state: Mutex::new(SlotState::Failed(Error::new(
+                ErrorCode::GetOperationFailed,
+                format!(
+                    "object {id} is not held by this process: its last reference was dropped \
+                     before it was read; keep an ObjectRef to it while it is in use"
+                ),
+            ))),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// The object's id.
+    pub fn id(&self) -> ObjectId {
+        self.id
+    }
+
+    /// Attach the canceller of the request that produces this object.
+    pub fn set_canceller(&self, canceller: Arc<dyn Canceller>) {
+        if let SlotState::Pending {
+            canceller: slot, ..
+        } = &mut *self.state.lock()
+        {
+            *slot = Some(canceller);
+        }
+    }
+
+    /// Give the object its value. Returns false if it was already finished (for example
+    /// cancelled), in which case the value is dropped.
+    pub fn complete(&self, value: Arc<StoredValue>) -> bool {
+        self.finish(SlotState::Ready(value))
+    }
+
+    /// Fail the object. Returns false if it was already finished.
+    pub fn fail(&self, error: Error) -> bool {
+        self.finish(SlotState::Failed(error))
+    }
+
+    fn finish(&self, new_state: SlotState) -> bool {
+        let waiters = {
+            let mut state = self.state.lock();
+            if !matches!(*state, SlotState::Pending { .. }) {
+                return false;
+            }
+            match std::mem::replace(&mut *state, new_state) {
+                SlotState::Pending { waiters, .. } => waiters,
+                _ => Vec::new(),
+            }
+        };
+        self.changed.notify_all();
+        for waiter in waiters {
+            match waiter {
+                Waiter::Waker(waker) => waker.wake(),
+                Waiter::Callback(callback) => callback(),
+            }
+        }
+        true
+    }
+
+    /// The outcome, if the object is finished.
+    pub fn outcome(&self) -> Option<Outcome> {
+        match &*self.state.lock() {
+            SlotState::Pending { .. } => None,
+            SlotState::Ready(value) => Some(Outcome::Ready(value.clone())),
+            SlotState::Failed(error) => Some(Outcome::Failed(error.clone())),
+        }
+    }
+
+    /// Whether the object is finished, with a value or an error.
+    pub fn is_finished(&self) -> bool {
+        !matches!(*self.state.lock(), SlotState::Pending { .. })
+    }
+
+    /// Wait until the object is finished or `deadline` passes (`None` waits forever).
+    pub fn wait_until(&self, deadline: Option<Instant>) -> Option<Outcome> {
+        let mut state = self.state.lock();
+        loop {
+            match &*state {
+                SlotState::Ready(value) => return Some(Outcome::Ready(value.clone())),
+                SlotState::Failed(error) => return Some(Outcome::Failed(error.clone())),
+                SlotState::Pending { .. } => {}
+            }
+            match deadline {
+                None => self.changed.wait(&mut state),
+                Some(deadline) => {
+                    if self.changed.wait_until(&mut state, deadline).timed_out() {
+                        return match &*state {
+                            SlotState::Ready(value) => Some(Outcome::Ready(value.clone())),
+                            SlotState::Failed(error) => Some(Outcome::Failed(error.clone())),
+                            SlotState::Pending { .. } => None,
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    /// The outcome if finished; otherwise `waker` is woken when it finishes.
+    pub fn poll_outcome(&self, waker: &Waker) -> Option<Outcome> {
+        let mut state = self.state.lock();
+        match &mut *state {
+            SlotState::Ready(value) => Some(Outcome::Ready(value.clone())),
+            SlotState::Failed(error) => Some(Outcome::Failed(error.clone())),
+            SlotState::Pending { waiters, .. } => {
+                let known = waiters
+                    .iter()
+                    .any(|w| matches!(w, Waiter::Waker(existing) if existing.will_wake(waker)));
+                if !known {
+                    waiters.push(Waiter::Waker(waker.clone()));
+                }
+                None
+            }
+        }
+    }
+
+    /// Run `callback` once the object is finished: now if it already is, otherwise on the thread
+    /// that finishes it. Keep callbacks short.
+    pub fn on_finished(&self, callback: Box<dyn FnOnce() + Send>) {
+        let mut state = self.state.lock();
+        if let SlotState::Pending { waiters, .. } = &mut *state {
+            waiters.push(Waiter::Callback(callback));
+            return;
+        }
+        drop(state);
+        callback();
+    }
+
+    /// Cancel the request producing this object, if it is still pending and cancellable.
+    /// Returns whether a canceller was asked.
+    pub fn cancel(&self, force: bool) -> bool {
+        let canceller = match &*self.state.lock() {
+            SlotState::Pending { canceller, .. } => canceller.clone(),
+            _ => None,
+        };
+        match canceller {
+            Some(canceller) => {
+                canceller.cancel(force);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for ObjectSlot {
+    fn drop(&mut self) {
+        let mut shard = shard(self.id).lock();
+        if let Some(weak) = shard.get(&self.id) {
+            if weak.strong_count() == 0 {
+                shard.remove(&self.id);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for ObjectSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ObjectSlot({})", self.id)
+    }
+}
+
+/// Fail every pending object in this process with `error`. Used by `finalize`.
+pub fn fail_all_pending(error: &Error) {
+    for shard in &index().shards {
+        let slots: Vec<ObjectHandle> = shard.lock().values().filter_map(Weak::upgrade).collect();
+        for slot in slots {
+            slot.fail(error.clone());
+        }
+    }
+}
+
+/// How many objects this process holds. For tests and metrics.
+pub fn live_objects() -> usize {
+    index()
+        .shards
+        .iter()
+        .map(|shard| {
+            shard
+                .lock()
+                .values()
+                .filter(|w| w.strong_count() > 0)
+                .count()
+        })
+        .sum()
+}

@@ -1,0 +1,346 @@
+//! The process's yr runtime: its lifecycle (`init`, `finalize`) and the calls every SDK makes
+//! through it. It owns the backend; objects live in the process-wide object store.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
+use yr_common::{ids, Config, Error, ErrorCode, Result};
+
+use crate::backend::{Backend, InstanceInfo, NamedInstance};
+use crate::blocking;
+use crate::function::{CreateSpec, MethodSpec, TaskSpec};
+use crate::local::LocalBackend;
+use crate::object_store::{self, ObjectHandle, ObjectSlot, Outcome, StoredValue};
+
+/// What `init` returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientInfo {
+    /// The job id: the one configured, or a generated one.
+    pub job_id: String,
+}
+
+enum Lifecycle {
+    Uninitialized,
+    Running(Arc<Runtime>),
+    Finalized,
+}
+
+static LIFECYCLE: RwLock<Lifecycle> = RwLock::new(Lifecycle::Uninitialized);
+
+/// An initialized runtime.
+pub struct Runtime {
+    config: Config,
+    job_id: String,
+    backend: Box<dyn Backend>,
+}
+
+/// Initialize yr in this process. A second call, before `finalize`, fails with 4001.
+pub fn init(config: Config) -> Result<ClientInfo> {
+    config.validate()?;
+    let mut lifecycle = LIFECYCLE.write();
+    if let Lifecycle::Running(runtime) = &*lifecycle {
+        return Err(Error::new(
+            ErrorCode::IncorrectInitUsage,
+            format!(
+                "yr::init was called twice (job {} is running); call yr::finalize before \
+                 initializing again",
+                runtime.job_id
+            ),
+        ));
+    }
+    init_logging(&config);
+    let job_id = config
+        .job_id
+        .clone()
+        .unwrap_or_else(|| format!("job-{}", ids::random_hex(8)));
+    let backend: Box<dyn Backend> = if config.local_mode {
+        Box::new(LocalBackend::new(&config))
+    } else {
+        return Err(Error::new(
+            ErrorCode::InitConnectionFailed,
+            format!(
+                "cluster mode is not available in this build of yr (server address: {}); \
+                 set local_mode (YR_LOCAL_MODE=true) to run in this process",
+                config.server_address.as_deref().unwrap_or("none")
+            ),
+        ));
+    };
+    tracing::info!(job_id = %job_id, backend = backend.name(), "yr initialized");
+    let runtime = Arc::new(Runtime {
+        config,
+        job_id: job_id.clone(),
+        backend,
+    });
+    *lifecycle = Lifecycle::Running(runtime);
+    Ok(ClientInfo { job_id })
+}
+
+fn init_logging(config: &Config) {
+    static LOGGING: OnceLock<()> = OnceLock::new();
+    LOGGING.get_or_init(|| {
+        let level = match config.log_level.to_ascii_lowercase().as_str() {
+            "trace" => tracing::Level::TRACE,
+            "debug" => tracing::Level::DEBUG,
+            "warn" => tracing::Level::WARN,
+            "error" | "off" => tracing::Level::ERROR,
+            _ => tracing::Level::INFO,
+        };
+        let builder = tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_target(false);
+        let installed = match &config.log_dir {
+            Some(dir) => std::fs::create_dir_all(dir)
+                .and_then(|()| {
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(dir.join(format!("yr-driver-{}.log", std::process::id())))
+                })
+                .map_err(|e| e.to_string())
+                .and_then(|file| {
+                    builder
+                        .with_ansi(false)
+                        .with_writer(std::sync::Mutex::new(file))
+                        .try_init()
+                        .map_err(|e| e.to_string())
+                }),
+            None => builder
+                .with_writer(std::io::stderr)
+                .try_init()
+                .map_err(|e| e.to_string()),
+        };
+        // Another subscriber may already be installed by the application; that one wins.
+        let _ = installed;
+    });
+}
+
+/// Finalize: release the job's instances, fail pending calls with 9000, and refuse new calls
+/// with 9000. Does nothing if yr is not initialized.
+pub fn finalize() -> Result<()> {
+    let runtime = {
+        let mut lifecycle = LIFECYCLE.write();
+        match std::mem::replace(&mut *lifecycle, Lifecycle::Finalized) {
+            Lifecycle::Running(runtime) => runtime,
+            other => {
+                *lifecycle = other;
+                return Ok(());
+            }
+        }
+    };
+    runtime.backend.shutdown();
+    object_store::fail_all_pending(&Error::new(
+        ErrorCode::Finalized,
+        format!(
+            "job {} was finalized before this result arrived; keep yr initialized until every \
+             result is read",
+            runtime.job_id
+        ),
+    ));
+    tracing::info!(job_id = %runtime.job_id, "yr finalized");
+    Ok(())
+}
+
+/// Whether `init` has been called and `finalize` has not.
+pub fn is_initialized() -> bool {
+    matches!(*LIFECYCLE.read(), Lifecycle::Running(_))
+}
+
+/// The running runtime: 4001 before `init`, 9000 after `finalize`.
+pub fn current() -> Result<Arc<Runtime>> {
+    match &*LIFECYCLE.read() {
+        Lifecycle::Running(runtime) => Ok(runtime.clone()),
+        Lifecycle::Uninitialized => Err(Error::new(
+            ErrorCode::IncorrectInitUsage,
+            "yr is not initialized; call yr::init(Config) before any other yr call",
+        )),
+        Lifecycle::Finalized => Err(Error::new(
+            ErrorCode::Finalized,
+            "yr has been finalized; call yr::init again before using yr",
+        )),
+    }
+}
+
+fn timeout_error(missing: &[ObjectHandle], timeout: Duration) -> Error {
+    let ids: Vec<String> = missing.iter().map(|h| h.id().to_string()).collect();
+    Error::new(
+        ErrorCode::GetOperationFailed,
+        format!(
+            "Get object timeout after {timeout:?}. {} of the objects did not arrive: [{}]; \
+             raise the timeout or check the calls that produce them",
+            ids.len(),
+            ids.join(", ")
+        ),
+    )
+}
+
+fn deadline_after(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
+}
+
+impl Runtime {
+    /// The configuration `init` was given.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The job id.
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+
+    /// Store `value` as a new object owned by this process.
+    pub fn put(&self, value: StoredValue) -> ObjectHandle {
+        ObjectSlot::ready(value)
+    }
+
+    /// Wait for every object in `handles`, at most `timeout` in all. Each outcome is the value
+    /// or the error its request ended with. If some did not finish in time: with
+    /// `allow_partial`, they are `None`; otherwise the call fails with 4005 naming them.
+    pub fn get(
+        &self,
+        handles: &[ObjectHandle],
+        timeout: Duration,
+        allow_partial: bool,
+    ) -> Result<Vec<Option<Outcome>>> {
+        let deadline = deadline_after(timeout);
+        let mut outcomes = Vec::with_capacity(handles.len());
+        let mut missing = Vec::new();
+        for handle in handles {
+            let outcome = match handle.outcome() {
+                Some(outcome) => Some(outcome),
+                None => blocking::blocking(|| handle.wait_until(deadline)),
+            };
+            if outcome.is_none() {
+                missing.push(handle.clone());
+            }
+            outcomes.push(outcome);
+        }
+        if !missing.is_empty() && !allow_partial {
+            return Err(timeout_error(&missing, timeout));
+        }
+        Ok(outcomes)
+    }
+
+    /// Wait until `wait_num` of `handles` are finished (with a value or an error) or `timeout`
+    /// passes. Returns the indices of the finished and the unfinished ones.
+    pub fn wait(
+        &self,
+        handles: &[ObjectHandle],
+        wait_num: usize,
+        timeout: Duration,
+    ) -> Result<(Vec<usize>, Vec<usize>)> {
+        if wait_num == 0 || wait_num > handles.len() {
+            return Err(Error::new(
+                ErrorCode::ParamInvalid,
+                format!(
+                    "wait_num must be in [1, {}] (the number of refs), got {wait_num}",
+                    handles.len()
+                ),
+            ));
+        }
+        let mut seen = std::collections::HashSet::with_capacity(handles.len());
+        if let Some(duplicate) = handles.iter().find(|h| !seen.insert(h.id())) {
+            return Err(Error::new(
+                ErrorCode::ParamInvalid,
+                format!(
+                    "wait got object {} more than once; pass each ref once",
+                    duplicate.id()
+                ),
+            ));
+        }
+        let finished_now = || handles.iter().filter(|h| h.is_finished()).count();
+        if finished_now() < wait_num {
+            let signal = Arc::new((parking_lot::Mutex::new(0usize), parking_lot::Condvar::new()));
+            for handle in handles {
+                let signal = signal.clone();
+                handle.on_finished(Box::new(move || {
+                    *signal.0.lock() += 1;
+                    signal.1.notify_all();
+                }));
+            }
+            let deadline = deadline_after(timeout);
+            blocking::blocking(|| {
+                let mut count = signal.0.lock();
+                while *count < wait_num {
+                    match deadline {
+                        Some(deadline) => {
+                            if signal.1.wait_until(&mut count, deadline).timed_out() {
+                                break;
+                            }
+                        }
+                        None => signal.1.wait(&mut count),
+                    }
+                }
+            });
+        }
+        let (ready, unready): (Vec<usize>, Vec<usize>) =
+            (0..handles.len()).partition(|&i| handles[i].is_finished());
+        Ok((ready, unready))
+    }
+
+    /// Cancel the stateless call producing `handle`. Method results are ignored silently.
+    pub fn cancel(&self, handle: &ObjectHandle, force: bool) -> Result<()> {
+        handle.cancel(force);
+        Ok(())
+    }
+
+    /// Submit a stateless call. Returns one pending object per return value.
+    pub fn invoke_function(&self, task: TaskSpec) -> Result<Vec<ObjectHandle>> {
+        let returns: Vec<ObjectHandle> = (0..task.function.return_nums)
+            .map(|_| ObjectSlot::pending())
+            .collect();
+        self.backend.submit_task(task, returns.clone())?;
+        Ok(returns)
+    }
+
+    /// Create an instance. Returns at once; a constructor failure surfaces on its calls.
+    pub fn create_instance(&self, spec: CreateSpec) -> Result<InstanceInfo> {
+        self.backend.create_instance(spec)
+    }
+
+    /// Call a method of an instance. Returns one pending object per return value.
+    pub fn invoke_method(
+        &self,
+        instance_id: &str,
+        call: MethodSpec,
+        return_nums: usize,
+    ) -> Result<Vec<ObjectHandle>> {
+        let returns: Vec<ObjectHandle> = (0..return_nums).map(|_| ObjectSlot::pending()).collect();
+        self.backend
+            .submit_method(instance_id, call, returns.clone())?;
+        Ok(returns)
+    }
+
+    /// Terminate an instance, running its shutdown hook; with `wait`, until it has exited.
+    pub fn terminate_instance(&self, instance_id: &str, wait: bool) -> Result<()> {
+        self.backend.terminate_instance(instance_id, wait)
+    }
+
+    /// The named instance, waiting up to `timeout` for it to appear; 1003 if it does not.
+    pub fn get_named_instance(
+        &self,
+        name: &str,
+        namespace: &str,
+        timeout: Duration,
+    ) -> Result<InstanceInfo> {
+        if name.is_empty() {
+            return Err(Error::new(
+                ErrorCode::ParamInvalid,
+                "the instance name is empty; pass the name given at creation",
+            ));
+        }
+        self.backend.get_named_instance(name, namespace, timeout)
+    }
+
+    /// Every named instance.
+    pub fn list_named_instances(&self) -> Result<Vec<NamedInstance>> {
+        self.backend.list_named_instances()
+    }
+
+    /// Kill an instance by id and wait for it to exit. 4004 for an empty id, 1003 for an
+    /// unknown one.
+    pub fn kill_instance(&self, instance_id: &str) -> Result<()> {
+        self.backend.terminate_instance(instance_id, true)
+    }
+}
