@@ -66,7 +66,7 @@ pub fn init(config: Config) -> Result<ClientInfo> {
             ),
         ));
     };
-    tracing::info!(job_id = %job_id, backend = backend.name(), "yr initialized");
+    tracing::debug!(job_id = %job_id, backend = backend.name(), "yr initialized");
     let runtime = Arc::new(Runtime {
         config,
         job_id: job_id.clone(),
@@ -137,7 +137,7 @@ pub fn finalize() -> Result<()> {
             runtime.job_id
         ),
     ));
-    tracing::info!(job_id = %runtime.job_id, "yr finalized");
+    tracing::debug!(job_id = %runtime.job_id, "yr finalized");
     Ok(())
 }
 
