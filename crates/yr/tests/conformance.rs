@@ -1,0 +1,21 @@
+//! The yr SDK's conformance suite: the behaviour and error codes of the public API, written
+//! against `yr` only, so that every backend must pass the same tests.
+//!
+//! ```text
+//! cargo test -p yr --test conformance                                  # local mode
+//! YR_CONFORMANCE_BACKEND=cluster cargo test -p yr --test conformance   # a cluster
+//! ```
+//!
+//! yr keeps process-wide state, so every test takes one lock for its whole run
+//! ([`support::session`]); the tests therefore run one at a time whatever `--test-threads`
+//! says. Anything a test observes from inside user code (a retry counter, a shutdown hook
+//! having run) goes through a marker file, not a static, because on a cluster the user code
+//! runs in another process.
+
+mod support;
+
+mod functions;
+mod instances;
+mod lifecycle;
+mod objects;
+mod options;
