@@ -561,7 +561,7 @@ fn expand_instance_impl(item: ItemImpl) -> syn::Result<Tokens> {
     Ok(quote! {
         #[doc(hidden)]
         #[allow(non_camel_case_types, clippy::wrong_self_convention)]
-        trait #trait_name {
+        trait #trait_name: ::core::marker::Sized {
             #(#trait_items)*
         }
 

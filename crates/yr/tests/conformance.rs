@@ -12,10 +12,16 @@
 //! having run) goes through a marker file, not a static, because on a cluster the user code
 //! runs in another process.
 
+#[path = "conformance/support.rs"]
 mod support;
 
+#[path = "conformance/functions.rs"]
 mod functions;
+#[path = "conformance/instances.rs"]
 mod instances;
+#[path = "conformance/lifecycle.rs"]
 mod lifecycle;
+#[path = "conformance/objects.rs"]
 mod objects;
+#[path = "conformance/options.rs"]
 mod options;

@@ -27,8 +27,8 @@ fn double(x: i64) -> i64 {
 }
 
 #[yr::invoke]
-fn no_arguments() -> &'static str {
-    "nothing needed"
+fn no_arguments() -> String {
+    "nothing needed".to_string()
 }
 
 #[yr::invoke]
@@ -400,18 +400,9 @@ fn object_ref_can_be_awaited() {
 fn awaiting_a_failed_call_gives_its_error() {
     let _session = support::session();
     let failed = yr::function(fail_with).invoke(("awaited failure",)).unwrap();
-    let error = unwrap_err(support::block_on(failed.into_future_checked()));
+    let error = unwrap_err(support::block_on(async move { failed.await }));
     assert_error(&error, ErrorCode::UserFunctionException, &["awaited failure"]);
 }
-
-/// `IntoFuture` spelled out, to check that `ObjectRef` implements it by value.
-trait IntoFutureChecked: std::future::IntoFuture + Sized {
-    fn into_future_checked(self) -> Self::IntoFuture {
-        std::future::IntoFuture::into_future(self)
-    }
-}
-
-impl<T: serde::de::DeserializeOwned> IntoFutureChecked for ObjectRef<T> {}
 
 #[test]
 fn invoke_returns_before_the_call_finishes() {
@@ -432,12 +423,12 @@ fn user_errors_are_not_confused_with_results_of_other_calls() {
     let _session = support::session();
     let refs: Vec<ObjectRef<i64>> = (0..20)
         .map(|i| {
-            if i % 3 == 0 {
+            let submitted = if i % 3 == 0 {
                 yr::function(fail_with).invoke((format!("failure {i}"),))
             } else {
                 yr::function(add).invoke((i, 0))
-            }
-            .unwrap()
+            };
+            submitted.unwrap()
         })
         .collect();
     for (i, object) in refs.iter().enumerate() {

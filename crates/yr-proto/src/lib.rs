@@ -1,0 +1,15 @@
+//! yr-proto: the one wire contract between yr's processes. `yr.v1` holds the bus (driver and
+//! runtime ↔ node), the worker (caller ↔ runtime, direct routing) and the master services;
+//! `yr.meta.v1` the meta store service. Generated code only.
+
+/// Drivers, runtimes, nodes and the master.
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("yr.v1");
+}
+
+/// The meta store service.
+pub mod meta {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("yr.meta.v1");
+}
