@@ -1,6 +1,8 @@
 //! The `yr` command. This file owns only the command line: it parses the arguments with clap,
 //! dispatches to the module that owns the subcommand, and turns its result into an exit status.
 
+mod cluster;
+mod daemon;
 mod errors;
 
 use std::io;
@@ -21,12 +23,27 @@ struct Cli {
 enum Command {
     /// List yr's error codes, or explain one: what it means, whether it is retried, what to do.
     Errors(errors::Args),
+    /// Start a cluster (--master) or a node that joins one (--master-address), in the background.
+    Start(cluster::StartArgs),
+    /// Stop what `yr start` started on this machine; instances run their shutdown hooks.
+    Stop(cluster::StopArgs),
+    /// Show the cluster: nodes, instances by state, registered functions.
+    Status(cluster::StatusArgs),
+    /// Run the master in the foreground (what `yr start --master` runs).
+    Master(daemon::MasterArgs),
+    /// Run a node in the foreground (what `yr start` runs).
+    Node(daemon::NodeArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Errors(args) => errors::run(&args),
+        Command::Start(args) => cluster::start(&args),
+        Command::Stop(args) => cluster::stop(&args),
+        Command::Status(args) => cluster::status(&args),
+        Command::Master(args) => daemon::run_master(&args).map(|()| ExitCode::SUCCESS),
+        Command::Node(args) => daemon::run_node(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

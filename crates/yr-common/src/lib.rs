@@ -15,3 +15,4 @@ pub use options::{
     InvokeOptions, LabelOp, LabelOperator, PortForwarding, PortProtocol, ResourceGroupOptions,
     SchedulingAffinityType,
 };
+pub mod session;

@@ -559,6 +559,7 @@ fn expand_instance_impl(item: ItemImpl) -> syn::Result<Tokens> {
 
     let attrs = &item.attrs;
     Ok(quote! {
+        // `Sized`, so that a constructor may return `Result<Self, E>`.
         #[doc(hidden)]
         #[allow(non_camel_case_types, clippy::wrong_self_convention)]
         trait #trait_name: ::core::marker::Sized {

@@ -48,6 +48,9 @@ enum SlotState {
 /// One object's state and the parties waiting for it.
 pub struct ObjectSlot {
     id: ObjectId,
+    /// The process that owns the object, for objects owned elsewhere; `None` when this process
+    /// owns it.
+    owner: Option<Box<str>>,
     /// Set once the state leaves `Pending`; lets waiters spin without taking the lock.
     finished: AtomicBool,
     state: Mutex<SlotState>,
@@ -71,6 +74,27 @@ pub enum Outcome {
 }
 
 const SHARDS: usize = 16;
+
+/// Fetches a borrowed object's value from its owner and finishes its slot.
+pub type RemoteFetcher = Box<dyn Fn(ObjectHandle) + Send + Sync>;
+
+static REMOTE_FETCHER: parking_lot::RwLock<Option<RemoteFetcher>> = parking_lot::RwLock::new(None);
+static LOCAL_OWNER: parking_lot::RwLock<String> = parking_lot::RwLock::new(String::new());
+
+/// Install how borrowed objects are fetched (the cluster backend does this).
+pub fn set_remote_fetcher(fetcher: Option<RemoteFetcher>) {
+    *REMOTE_FETCHER.write() = fetcher;
+}
+
+/// Set the address at which this process serves the objects it owns.
+pub fn set_local_owner_address(address: &str) {
+    *LOCAL_OWNER.write() = address.to_string();
+}
+
+/// The address at which this process serves the objects it owns ("" in local mode).
+pub fn local_owner_address() -> String {
+    LOCAL_OWNER.read().clone()
+}
 
 struct Index {
     shards: [Mutex<HashMap<ObjectId, Weak<ObjectSlot>>>; SHARDS],
@@ -100,6 +124,7 @@ impl ObjectSlot {
     pub fn pending() -> ObjectHandle {
         Self::register(ObjectSlot {
             id: ObjectId::generate(),
+            owner: None,
             finished: AtomicBool::new(false),
             state: Mutex::new(SlotState::Pending {
                 waiters: Vec::new(),
@@ -113,6 +138,7 @@ impl ObjectSlot {
     pub fn ready(value: StoredValue) -> ObjectHandle {
         Self::register(ObjectSlot {
             id: ObjectId::generate(),
+            owner: None,
             finished: AtomicBool::new(true),
             state: Mutex::new(SlotState::Ready(Arc::new(value))),
             changed: Condvar::new(),
@@ -128,6 +154,7 @@ impl ObjectSlot {
     pub fn missing(id: ObjectId) -> ObjectHandle {
         Arc::new(ObjectSlot {
             id,
+            owner: None,
             finished: AtomicBool::new(true),
             state: Mutex::new(SlotState::Failed(Error::new(
                 ErrorCode::GetOperationFailed,
@@ -143,6 +170,46 @@ impl ObjectSlot {
     /// The object's id.
     pub fn id(&self) -> ObjectId {
         self.id
+    }
+
+    /// The address of the process that owns the object: another process's for a borrowed
+    /// object, this process's (or "" in local mode) otherwise.
+    pub fn owner_address(&self) -> String {
+        match &self.owner {
+            Some(owner) => owner.to_string(),
+            None => local_owner_address(),
+        }
+    }
+
+    /// The object `id` owned by the process at `owner`: the live slot if this process has one,
+    /// otherwise a new pending slot that the remote fetcher fills.
+    pub fn borrowed(id: ObjectId, owner: &str) -> ObjectHandle {
+        if let Some(handle) = Self::lookup(id) {
+            return handle;
+        }
+        if owner.is_empty() || owner == local_owner_address() {
+            return Self::missing(id);
+        }
+        let handle = Self::register(ObjectSlot {
+            id,
+            owner: Some(owner.into()),
+            finished: AtomicBool::new(false),
+            state: Mutex::new(SlotState::Pending {
+                waiters: Vec::new(),
+                canceller: None,
+            }),
+            changed: Condvar::new(),
+        });
+        match REMOTE_FETCHER.read().as_ref() {
+            Some(fetch) => fetch(handle.clone()),
+            None => {
+                handle.fail(Error::new(
+                    ErrorCode::GetOperationFailed,
+                    format!("object {id} is owned by {owner}, and this process is not connected to a cluster"),
+                ));
+            }
+        }
+        handle
     }
 
     /// Attach the canceller of the request that produces this object.

@@ -9,6 +9,8 @@ use yr_common::{ids, Config, Error, ErrorCode, Result};
 
 use crate::backend::{Backend, InstanceInfo, NamedInstance};
 use crate::blocking;
+use crate::cluster::runtime_mode::RuntimeEnv;
+use crate::cluster::ClusterBackend;
 use crate::function::{CreateSpec, MethodSpec, TaskSpec};
 use crate::local::LocalBackend;
 use crate::object_store::{self, ObjectHandle, ObjectSlot, Outcome, StoredValue};
@@ -38,6 +40,9 @@ pub struct Runtime {
 /// Initialize yr in this process. A second call, before `finalize`, fails with 4001.
 pub fn init(config: Config) -> Result<ClientInfo> {
     config.validate()?;
+    if let Some(env) = crate::cluster::runtime_mode::RuntimeEnv::from_env() {
+        run_as_runtime(config, env);
+    }
     let mut lifecycle = LIFECYCLE.write();
     if let Lifecycle::Running(runtime) = &*lifecycle {
         return Err(Error::new(
@@ -57,14 +62,7 @@ pub fn init(config: Config) -> Result<ClientInfo> {
     let backend: Box<dyn Backend> = if config.local_mode {
         Box::new(LocalBackend::new(&config))
     } else {
-        return Err(Error::new(
-            ErrorCode::InitConnectionFailed,
-            format!(
-                "cluster mode is not available in this build of yr (server address: {}); \
-                 set local_mode (YR_LOCAL_MODE=true) to run in this process",
-                config.server_address.as_deref().unwrap_or("none")
-            ),
-        ));
+        Box::new(ClusterBackend::connect(&config, &job_id, None)?)
     };
     tracing::debug!(job_id = %job_id, backend = backend.name(), "yr initialized");
     let runtime = Arc::new(Runtime {
@@ -74,6 +72,29 @@ pub fn init(config: Config) -> Result<ClientInfo> {
     });
     *lifecycle = Lifecycle::Running(runtime);
     Ok(ClientInfo { job_id })
+}
+
+/// This process is a runtime: serve the node until it says to stop, then exit. Never returns.
+fn run_as_runtime(config: Config, env: RuntimeEnv) -> ! {
+    init_logging(&config);
+    let job_id = std::env::var("YR_JOB_ID").unwrap_or_else(|_| "job-unknown".to_string());
+    let backend = match ClusterBackend::connect(&config, &job_id, Some(env)) {
+        Ok(backend) => backend,
+        Err(error) => {
+            eprintln!("yr runtime: cannot connect to the node: {error}");
+            std::process::exit(3);
+        }
+    };
+    let Some(mode) = backend.inner().runtime.get().cloned() else {
+        eprintln!("yr runtime: runtime mode was not set up");
+        std::process::exit(3);
+    };
+    *LIFECYCLE.write() = Lifecycle::Running(Arc::new(Runtime {
+        config,
+        job_id,
+        backend: Box::new(backend),
+    }));
+    mode.serve_forever()
 }
 
 fn init_logging(config: &Config) {
@@ -86,9 +107,18 @@ fn init_logging(config: &Config) {
             "error" | "off" => tracing::Level::ERROR,
             _ => tracing::Level::INFO,
         };
-        let builder = tracing_subscriber::fmt()
-            .with_max_level(level)
-            .with_target(false);
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer;
+        // yr's own events at the configured level; libraries (h2, hyper, tonic) at warn.
+        let filter = tracing_subscriber::filter::Targets::new()
+            .with_target("yr", level)
+            .with_default(tracing::Level::WARN);
+        let layer = |ansi: bool| {
+            tracing_subscriber::fmt::layer()
+                .with_target(false)
+                .with_ansi(ansi)
+        };
         let installed = match &config.log_dir {
             Some(dir) => std::fs::create_dir_all(dir)
                 .and_then(|()| {
@@ -99,14 +129,17 @@ fn init_logging(config: &Config) {
                 })
                 .map_err(|e| e.to_string())
                 .and_then(|file| {
-                    builder
-                        .with_ansi(false)
-                        .with_writer(std::sync::Mutex::new(file))
+                    tracing_subscriber::registry()
+                        .with(
+                            layer(false)
+                                .with_writer(std::sync::Mutex::new(file))
+                                .with_filter(filter.clone()),
+                        )
                         .try_init()
                         .map_err(|e| e.to_string())
                 }),
-            None => builder
-                .with_writer(std::io::stderr)
+            None => tracing_subscriber::registry()
+                .with(layer(true).with_writer(std::io::stderr).with_filter(filter))
                 .try_init()
                 .map_err(|e| e.to_string()),
         };
@@ -128,15 +161,20 @@ pub fn finalize() -> Result<()> {
             }
         }
     };
-    runtime.backend.shutdown();
-    object_store::fail_all_pending(&Error::new(
+    let finalized = Error::new(
         ErrorCode::Finalized,
         format!(
             "job {} was finalized before this result arrived; keep yr initialized until every \
              result is read",
             runtime.job_id
         ),
-    ));
+    );
+    // Pending calls fail with 9000 before the backend stops, so that stopping an instance does
+    // not fail its queued calls with 1007 first; the second sweep catches calls that were still
+    // being submitted and jobs the backend dropped.
+    object_store::fail_all_pending(&finalized);
+    runtime.backend.shutdown();
+    object_store::fail_all_pending(&finalized);
     tracing::debug!(job_id = %runtime.job_id, "yr finalized");
     Ok(())
 }

@@ -48,7 +48,10 @@ fn main() -> yr::Result<()> {
     let refs: Vec<_> = (0..3)
         .map(|_| counter.method(Counter::incr).invoke((1,)))
         .collect::<yr::Result<_>>()?;
-    assert_eq!(yr::get_all(&refs, Duration::from_secs(5))?, vec![11, 12, 13]);
+    assert_eq!(
+        yr::get_all(&refs, Duration::from_secs(5))?,
+        vec![11, 12, 13]
+    );
     counter.terminate_sync()?; // runs the #[yr::shutdown] hook
 
     // Objects, wait and errors.

@@ -117,7 +117,8 @@ macro_rules! multi_return {
                 Ok(Returns::Many(vec![$(yr_runtime::codec::encode(&self.$index)?),*]))
             }
 
-            #[allow(unused_variables, unused_mut)]
+            // With no return values the tuple of refs is `()`.
+            #[allow(unused_variables, unused_mut, clippy::unused_unit)]
             fn refs(handles: Vec<ObjectHandle>) -> Self::Refs {
                 let mut handles = handles.into_iter();
                 ($(ObjectRef::<$t>::from_handle(

@@ -181,6 +181,7 @@ pub fn get_all_partial<T: DeserializeOwned>(
 /// assert_eq!((ready.len(), unready.len()), (2, 0));
 /// # yr::finalize().unwrap();
 /// ```
+#[allow(clippy::type_complexity)] // (ready, unready), as in openYuanrong
 pub fn wait<T>(
     objects: &[ObjectRef<T>],
     wait_num: usize,

@@ -114,14 +114,17 @@ impl<T> Serialize for ObjectRef<T> {
 impl<'de, T> Deserialize<'de> for ObjectRef<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let bytes = wire_ext::deserialize(wire_ext::OBJECT_REF, deserializer)?;
-        let id: [u8; 16] = bytes.as_slice().try_into().map_err(|_| {
-            serde::de::Error::custom(format!(
-                "an object id has 16 bytes, this one has {}",
+        if bytes.len() < 16 {
+            return Err(serde::de::Error::custom(format!(
+                "an object reference has a 16-byte id, this one has {} bytes",
                 bytes.len()
-            ))
-        })?;
-        let id = ObjectId::from_bytes(id);
-        let handle = ObjectSlot::lookup(id).unwrap_or_else(|| ObjectSlot::missing(id));
+            )));
+        }
+        let (id, owner) = bytes.split_at(16);
+        let mut id_bytes = [0u8; 16];
+        id_bytes.copy_from_slice(id);
+        let owner = std::str::from_utf8(owner).map_err(serde::de::Error::custom)?;
+        let handle = ObjectSlot::borrowed(ObjectId::from_bytes(id_bytes), owner);
         Ok(ObjectRef::from_handle(handle))
     }
 }

@@ -305,6 +305,15 @@ impl LocalInstance {
         true
     }
 
+    /// Wait until the constructor has finished (or failed) and return the phase.
+    pub fn wait_started(&self) -> Phase {
+        let mut phase = self.phase.lock();
+        while matches!(*phase, Phase::Creating) {
+            self.phase_changed.wait(&mut phase);
+        }
+        phase.clone()
+    }
+
     /// The instance's phase.
     pub fn phase(&self) -> Phase {
         self.phase.lock().clone()

@@ -2,9 +2,9 @@
 //! each instance on its own executor, and objects live in the in-process store. The semantics
 //! and error codes are the cluster's.
 
-mod instance;
-mod pool;
-mod task;
+pub(crate) mod instance;
+pub(crate) mod pool;
+pub(crate) mod task;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -38,8 +38,20 @@ fn explode(tag: String) -> u32 {
 
 #[yr::invoke(return_nums = 2)]
 fn split_first_word(text: String) -> (String, usize) {
-    let first = text.split_whitespace().next().unwrap_or_default().to_string();
+    let first = text
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
     (first, text.split_whitespace().count())
+}
+
+#[yr::invoke(return_nums = 2)]
+fn split_or_refuse(text: String) -> Result<(String, usize), String> {
+    if text.is_empty() {
+        return Err("nothing to split".to_string());
+    }
+    Ok((text.clone(), text.len()))
 }
 
 #[yr::invoke(return_nums = 0)]
@@ -185,6 +197,21 @@ fn return_nums_two_gives_a_tuple_of_refs() {
 }
 
 #[test]
+fn return_nums_two_failure_fails_every_ref() {
+    let _session = support::session();
+    let (text, length) = yr::function(split_or_refuse).invoke(("",)).unwrap();
+    for error in [get_err(&text), get_err(&length)] {
+        assert_error(
+            &error,
+            ErrorCode::UserFunctionException,
+            &["nothing to split"],
+        );
+    }
+    let (text, length) = yr::function(split_or_refuse).invoke(("abc",)).unwrap();
+    assert_eq!((get(&text), get(&length)), ("abc".to_string(), 3));
+}
+
+#[test]
 fn return_nums_zero_gives_unit_and_still_runs_the_call() {
     let _session = support::session();
     let marker = Marker::new("note");
@@ -296,8 +323,7 @@ fn object_ref_in_a_struct_field_is_resolved_before_the_callee_runs() {
 
 #[test]
 fn callee_can_get_nested_refs_on_a_one_thread_pool_without_deadlock() {
-    // Local mode runs stateless calls on a pool of this size; a cluster ignores it.
-    let _session = support::session_with(|config| config.local_thread_pool_size = 1);
+    let _session = support::session_with(support::one_pool_thread);
     let refs: Vec<ObjectRef<i64>> = (0..3)
         .map(|i| yr::function(double).invoke((i,)).unwrap())
         .collect();
@@ -307,7 +333,7 @@ fn callee_can_get_nested_refs_on_a_one_thread_pool_without_deadlock() {
 
 #[test]
 fn function_can_call_and_get_another_function_on_a_one_thread_pool() {
-    let _session = support::session_with(|config| config.local_thread_pool_size = 1);
+    let _session = support::session_with(support::one_pool_thread);
     let result = yr::function(double_remotely).invoke((21,)).unwrap();
     assert_eq!(get(&result), 42);
     let many: Vec<_> = (0..4)
@@ -348,7 +374,11 @@ fn failed_nested_dependency_fails_the_call_with_dependency_failed() {
         input: failed.clone(),
     };
     let dependent = yr::function(run_job).invoke((job,)).unwrap();
-    assert_error(&get_err(&dependent), ErrorCode::DependencyFailed, &[&failed_id]);
+    assert_error(
+        &get_err(&dependent),
+        ErrorCode::DependencyFailed,
+        &[&failed_id],
+    );
 }
 
 #[test]
@@ -379,7 +409,10 @@ fn function_may_return_object_refs_it_created() {
 fn object_ref_can_be_awaited() {
     let _session = support::session();
     let stored = yr::put("ready".to_string()).unwrap();
-    assert_eq!(support::block_on(async { (&stored).await }).unwrap(), "ready");
+    assert_eq!(
+        support::block_on(async { (&stored).await }).unwrap(),
+        "ready"
+    );
 
     let started = Instant::now();
     let pending = yr::function(slow).invoke((5, 100)).unwrap();
@@ -399,18 +432,24 @@ fn object_ref_can_be_awaited() {
 #[test]
 fn awaiting_a_failed_call_gives_its_error() {
     let _session = support::session();
-    let failed = yr::function(fail_with).invoke(("awaited failure",)).unwrap();
+    let failed = yr::function(fail_with)
+        .invoke(("awaited failure",))
+        .unwrap();
     let error = unwrap_err(support::block_on(async move { failed.await }));
-    assert_error(&error, ErrorCode::UserFunctionException, &["awaited failure"]);
+    assert_error(
+        &error,
+        ErrorCode::UserFunctionException,
+        &["awaited failure"],
+    );
 }
 
 #[test]
 fn invoke_returns_before_the_call_finishes() {
     let _session = support::session();
     let started = Instant::now();
-    let pending = yr::function(slow).invoke((1, 500)).unwrap();
+    let pending = yr::function(slow).invoke((1, 1_000)).unwrap();
     assert!(
-        started.elapsed() < Duration::from_millis(400),
+        started.elapsed() < Duration::from_millis(800),
         "invoke should not wait for the call"
     );
     assert!(!pending.is_ready());

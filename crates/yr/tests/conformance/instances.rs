@@ -57,6 +57,10 @@ impl Journal {
         self.entries.push(entry);
     }
 
+    fn append_pair(&mut self, writer: u32, sequence: u32) {
+        self.entries.push(writer * 1_000 + sequence);
+    }
+
     fn entries(&self) -> Vec<u32> {
         self.entries.clone()
     }
@@ -85,9 +89,7 @@ impl Meeting {
         self.changed.notify_all();
         let (arrived, _) = self
             .changed
-            .wait_timeout_while(arrived, Duration::from_millis(timeout_ms), |n| {
-                *n < parties
-            })
+            .wait_timeout_while(arrived, Duration::from_millis(timeout_ms), |n| *n < parties)
             .unwrap();
         *arrived >= parties
     }
@@ -220,7 +222,12 @@ fn concurrency_above_one_runs_shared_calls_at_the_same_time() {
         .invoke(())
         .unwrap();
     let calls: Vec<_> = (0..2)
-        .map(|_| meeting.method(Meeting::meet).invoke((2usize, 5_000u64)).unwrap())
+        .map(|_| {
+            meeting
+                .method(Meeting::meet)
+                .invoke((2usize, 5_000u64))
+                .unwrap()
+        })
         .collect();
     assert_eq!(
         yr::get_all(&calls, TIMEOUT).unwrap(),
@@ -283,7 +290,11 @@ fn constructor_error_surfaces_on_first_method_get() {
     );
     // Every later call reports it too.
     let error = call_err(fragile.method(Fragile::ping).invoke(()));
-    assert_error(&error, ErrorCode::UserFunctionException, &["no config file"]);
+    assert_error(
+        &error,
+        ErrorCode::UserFunctionException,
+        &["no config file"],
+    );
 }
 
 #[test]
@@ -397,7 +408,10 @@ fn creating_an_existing_name_returns_the_same_instance() {
         .invoke((100,))
         .unwrap();
     assert_ne!(elsewhere.id(), first.id());
-    assert_eq!(get(&elsewhere.method(Counter::value).invoke(()).unwrap()), 100);
+    assert_eq!(
+        get(&elsewhere.method(Counter::value).invoke(()).unwrap()),
+        100
+    );
 }
 
 #[test]
@@ -408,8 +422,7 @@ fn get_instance_finds_a_named_instance() {
         .options(named(&name, Some("conformance")))
         .invoke((1,))
         .unwrap();
-    let found =
-        yr::get_instance::<Counter>(&name, "conformance", Duration::from_secs(5)).unwrap();
+    let found = yr::get_instance::<Counter>(&name, "conformance", Duration::from_secs(5)).unwrap();
     assert_eq!(found.id(), created.id());
     assert_eq!(get(&found.method(Counter::add).invoke((1,)).unwrap()), 2);
 
@@ -475,7 +488,11 @@ fn get_instance_of_an_unknown_name_fails_with_instance_not_found() {
 #[test]
 fn get_instance_with_an_empty_name_fails_with_param_invalid() {
     let _session = support::session();
-    let error = unwrap_err(yr::get_instance::<Counter>("", "", Duration::from_millis(100)));
+    let error = unwrap_err(yr::get_instance::<Counter>(
+        "",
+        "",
+        Duration::from_millis(100),
+    ));
     assert_error(&error, ErrorCode::ParamInvalid, &["name"]);
 }
 
@@ -544,7 +561,9 @@ fn list_named_instances_lists_names_and_namespaces() {
         "{listed:?}"
     );
     assert!(
-        listed.iter().all(|named| named.instance_id != anonymous.id()),
+        listed
+            .iter()
+            .all(|named| named.instance_id != anonymous.id()),
         "an anonymous instance is not named: {listed:?}"
     );
 
@@ -631,7 +650,10 @@ fn calls_queued_at_terminate_fail_with_instance_exited() {
         assert_error(&get_err(call), ErrorCode::InstanceExited, &[graceful.id()]);
     }
     // The call that was running may finish or fail, but it does end.
-    assert!(yr::wait(std::slice::from_ref(&busy), 1, TIMEOUT).unwrap().1.is_empty());
+    assert!(yr::wait(std::slice::from_ref(&busy), 1, TIMEOUT)
+        .unwrap()
+        .1
+        .is_empty());
 }
 
 #[test]
@@ -704,5 +726,83 @@ fn instance_handle_can_be_passed_to_a_function_that_calls_it() {
         .unwrap();
     assert_eq!(get(&through), 105);
     // The function changed the same instance the driver holds.
-    assert_eq!(get(&counter.method(Counter::add).invoke((1,)).unwrap()), 106);
+    assert_eq!(
+        get(&counter.method(Counter::add).invoke((1,)).unwrap()),
+        106
+    );
+}
+
+#[test]
+fn each_callers_calls_run_in_its_submission_order_when_many_threads_call() {
+    let _session = support::session();
+    let journal = yr::instance(Journal::new).invoke(()).unwrap();
+    let writers: Vec<_> = (0..4u32)
+        .map(|writer| {
+            let journal = journal.clone();
+            std::thread::spawn(move || {
+                for sequence in 0..50u32 {
+                    journal
+                        .method(Journal::append_pair)
+                        .invoke((writer, sequence))
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    let entries = get(&journal.method(Journal::entries).invoke(()).unwrap());
+    assert_eq!(entries.len(), 200);
+    for writer in 0..4u32 {
+        let own: Vec<u32> = entries
+            .iter()
+            .filter(|entry| **entry / 1_000 == writer)
+            .map(|entry| entry % 1_000)
+            .collect();
+        assert_eq!(own, (0..50).collect::<Vec<u32>>(), "writer {writer}");
+    }
+}
+
+#[test]
+fn exclusive_methods_never_overlap_even_with_concurrency() {
+    let _session = support::session();
+    let counter = yr::instance(Counter::new)
+        .options(with_concurrency(8))
+        .invoke((0,))
+        .unwrap();
+    let sums: Vec<_> = (0..100)
+        .map(|_| counter.method(Counter::add).invoke((1,)).unwrap())
+        .collect();
+    let mut seen = yr::get_all(&sums, TIMEOUT).unwrap();
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        (1..=100).collect::<Vec<i64>>(),
+        "no update may be lost"
+    );
+}
+
+#[test]
+fn terminating_twice_is_harmless() {
+    let _session = support::session();
+    let counter = yr::instance(Counter::new).invoke((0,)).unwrap();
+    counter.terminate().unwrap();
+    counter.terminate_sync().unwrap();
+    counter.terminate_sync().unwrap();
+    let error = call_err(counter.method(Counter::value).invoke(()));
+    assert_error(&error, ErrorCode::InstanceExited, &[]);
+}
+
+#[test]
+fn instance_handle_survives_being_stored_as_an_object() {
+    let _session = support::session();
+    let counter = yr::instance(Counter::new).invoke((1,)).unwrap();
+    let stored = yr::put(vec![counter.clone()]).unwrap();
+    drop(counter);
+    let handles = get(&stored);
+    assert_eq!(
+        get(&handles[0].method(Counter::add).invoke((1,)).unwrap()),
+        2
+    );
 }

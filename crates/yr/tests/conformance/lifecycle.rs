@@ -17,7 +17,10 @@ fn calls_before_init_fail_with_incorrect_init_usage_telling_to_call_init() {
             let errors = [
                 ("put", unwrap_err(yr::put(1))),
                 ("invoke", unwrap_err(yr::function(add).invoke((1, 2)))),
-                ("instance", unwrap_err(yr::instance(Counter::new).invoke((0,)))),
+                (
+                    "instance",
+                    unwrap_err(yr::instance(Counter::new).invoke((0,))),
+                ),
                 (
                     "get_all",
                     unwrap_err(yr::get_all::<i64>(&[], Duration::from_secs(1))),
@@ -34,7 +37,10 @@ fn calls_before_init_fail_with_incorrect_init_usage_telling_to_call_init() {
                         Duration::from_millis(10),
                     )),
                 ),
-                ("list_named_instances", unwrap_err(yr::list_named_instances())),
+                (
+                    "list_named_instances",
+                    unwrap_err(yr::list_named_instances()),
+                ),
                 ("kill_instance", unwrap_err(yr::kill_instance("x"))),
             ];
             for (call, error) in &errors {
@@ -95,6 +101,37 @@ fn init_returns_the_configured_job_id_or_generates_one() {
 }
 
 #[test]
+fn init_with_an_invalid_config_fails_with_param_invalid_and_leaves_yr_uninitialized() {
+    let _exclusive = support::exclusive();
+    let mut config = support::config();
+    config.log_level = "loud".to_string();
+    let error = unwrap_err(yr::init(config));
+    assert_error(&error, ErrorCode::ParamInvalid, &["log_level", "loud"]);
+    assert!(!yr::is_initialized());
+    // A valid configuration still works afterwards.
+    yr::init(support::config()).unwrap();
+    assert!(yr::is_initialized());
+}
+
+#[test]
+fn finalize_fails_pending_method_calls_with_finalized() {
+    let _exclusive = support::exclusive();
+    yr::init(support::config()).unwrap();
+    let counter = yr::instance(Counter::new).invoke((0,)).unwrap();
+    let running = counter.method(Counter::add).invoke((1,)).unwrap();
+    assert_eq!(support::get(&running), 1);
+    let blocker = yr::function(slow).invoke((1, 3_000)).unwrap();
+    // Queued behind a call that waits for a slow dependency.
+    let waiting = counter.method(Counter::add).invoke((&blocker,)).unwrap();
+    let queued = counter.method(Counter::add).invoke((1,)).unwrap();
+    yr::finalize().unwrap();
+    for pending in [&waiting, &queued] {
+        let error = unwrap_err(support::block_on(async { pending.await }));
+        assert_error(&error, ErrorCode::Finalized, &[]);
+    }
+}
+
+#[test]
 fn finalize_fails_pending_calls_with_finalized() {
     let _exclusive = support::exclusive();
     yr::init(support::config()).unwrap();
@@ -118,7 +155,10 @@ fn finalize_fails_pending_calls_with_finalized() {
     );
 
     // The pending object itself ended with 9000, whoever reads it.
-    assert!(pending.is_ready(), "finalize should finish every pending object");
+    assert!(
+        pending.is_ready(),
+        "finalize should finish every pending object"
+    );
     let error = unwrap_err(support::block_on(async { (&pending).await }));
     assert_error(&error, ErrorCode::Finalized, &["finalize"]);
 }
@@ -168,7 +208,10 @@ fn calls_after_finalize_fail_with_finalized() {
                 Duration::from_millis(10),
             )),
         ),
-        ("list_named_instances", unwrap_err(yr::list_named_instances())),
+        (
+            "list_named_instances",
+            unwrap_err(yr::list_named_instances()),
+        ),
         ("kill_instance", unwrap_err(yr::kill_instance(counter.id()))),
     ];
     for (call, error) in &errors {
@@ -191,8 +234,10 @@ fn init_works_again_after_finalize() {
         yr::init(support::config()).unwrap();
         let sum = yr::function(add).invoke((round, 1)).unwrap();
         assert_eq!(support::get(&sum), round + 1);
-        let mut options = InvokeOptions::default();
-        options.name = Some("lifecycle-counter".to_string());
+        let options = InvokeOptions {
+            name: Some("lifecycle-counter".to_string()),
+            ..Default::default()
+        };
         // A named instance from an earlier round is gone: its state starts afresh.
         let counter = yr::instance(Counter::new)
             .options(options)

@@ -9,9 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use yr::{ErrorCode, ObjectRef};
 
 use crate::instances::Counter;
-use crate::support::{
-    self, add, assert_error, fail_with, get, get_err, slow, unwrap_err, TIMEOUT,
-};
+use crate::support::{self, add, assert_error, fail_with, get, get_err, slow, unwrap_err, TIMEOUT};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct Order {
@@ -205,7 +203,10 @@ fn wait_returns_ready_and_unready_refs_counting_failures_as_ready() {
     let refs = vec![stored.clone(), late.clone(), failed.clone()];
     let (ready, unready) = yr::wait(&refs, 2, TIMEOUT).unwrap();
     assert_eq!(ready.len(), 2, "{ready:?}");
-    assert!(ready.contains(&stored) && ready.contains(&failed), "{ready:?}");
+    assert!(
+        ready.contains(&stored) && ready.contains(&failed),
+        "{ready:?}"
+    );
     assert_eq!(unready, vec![late]);
 }
 
@@ -263,9 +264,9 @@ fn cancel_of_a_call_waiting_for_its_dependency_fails_get_with_schedule_canceled(
 
 #[test]
 fn cancel_of_a_call_queued_behind_a_busy_pool_fails_get_with_schedule_canceled() {
-    // On the local backend one pool thread makes the second call queue; a cluster ignores
-    // the setting, and the test then only checks that cancel answers consistently.
-    let _session = support::session_with(|config| config.local_thread_pool_size = 1);
+    // On the local backend one pool thread makes the second call queue; on others the test
+    // only checks that cancel answers consistently.
+    let _session = support::session_with(support::one_pool_thread);
     let blocker = yr::function(slow).invoke((1, 500)).unwrap();
     let victim = yr::function(add).invoke((1, 2)).unwrap();
     yr::cancel(&victim, false).unwrap();
@@ -345,4 +346,53 @@ fn is_ready_turns_true_when_the_value_arrives() {
     let (ready, _) = yr::wait(std::slice::from_ref(&pending), 1, TIMEOUT).unwrap();
     assert_eq!(ready, vec![pending.clone()]);
     assert!(pending.is_ready());
+}
+
+#[test]
+fn put_and_get_round_trip_a_large_value() {
+    let _session = support::session();
+    let large: Vec<u64> = (0..250_000).collect();
+    let stored = yr::put(large.clone()).unwrap();
+    assert_eq!(get(&stored), large);
+    let text = "yr".repeat(500_000);
+    let stored = yr::put(text.clone()).unwrap();
+    assert_eq!(get(&stored), text);
+}
+
+#[test]
+fn call_depending_on_a_cancelled_call_fails_with_dependency_failed() {
+    let _session = support::session();
+    let blocker = yr::function(slow).invoke((1, 300)).unwrap();
+    let cancelled = yr::function(add).invoke((&blocker, 1)).unwrap();
+    yr::cancel(&cancelled, false).unwrap();
+    let dependent = yr::function(add).invoke((&cancelled, 1)).unwrap();
+    let cancelled_id = cancelled.id().to_string();
+    let original_code = format!("code: {}", ErrorCode::ScheduleCanceled.number());
+    assert_error(
+        &get_err(&dependent),
+        ErrorCode::DependencyFailed,
+        &[&cancelled_id, &original_code],
+    );
+}
+
+#[test]
+fn calls_from_many_threads_all_complete_with_their_own_values() {
+    let _session = support::session();
+    let callers: Vec<_> = (0..4i64)
+        .map(|caller| {
+            std::thread::spawn(move || {
+                let refs: Vec<ObjectRef<i64>> = (0..100)
+                    .map(|i| yr::function(add).invoke((caller * 1_000, i)).unwrap())
+                    .collect();
+                let values = yr::get_all(&refs, TIMEOUT).unwrap();
+                assert_eq!(
+                    values,
+                    (0..100).map(|i| caller * 1_000 + i).collect::<Vec<i64>>()
+                );
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.join().unwrap();
+    }
 }

@@ -27,7 +27,11 @@ fn rejection(options: InvokeOptions) -> yr::Error {
     assert_eq!(call.code(), create.code(), "{call} / {create}");
     assert_eq!(call.message(), create.message());
     std::thread::sleep(std::time::Duration::from_millis(50));
-    assert_eq!(marker.count(), 0, "a call with invalid options must not run");
+    assert_eq!(
+        marker.count(),
+        0,
+        "a call with invalid options must not run"
+    );
     call
 }
 
@@ -147,7 +151,9 @@ fn range_boundaries_are_valid() {
             ..Default::default()
         };
         if let Err(error) = options.validate() {
-            panic!("cpu {cpu}, memory {memory}, concurrency {concurrency} should be valid: {error}");
+            panic!(
+                "cpu {cpu}, memory {memory}, concurrency {concurrency} should be valid: {error}"
+            );
         }
     }
 }
@@ -205,10 +211,7 @@ fn options_apply_to_every_call_of_the_prepared_function() {
         ..Default::default()
     });
     let refs: Vec<_> = (0..3).map(|i| prepared.invoke((i, i)).unwrap()).collect();
-    assert_eq!(
-        yr::get_all(&refs, support::TIMEOUT).unwrap(),
-        vec![0, 2, 4]
-    );
+    assert_eq!(yr::get_all(&refs, support::TIMEOUT).unwrap(), vec![0, 2, 4]);
     let rejected = yr::function(add).options(InvokeOptions {
         cpu: 1,
         ..Default::default()

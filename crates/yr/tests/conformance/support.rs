@@ -103,6 +103,14 @@ pub fn session_with(adjust: impl FnOnce(&mut yr::Config)) -> Session {
     }
 }
 
+/// Give local mode's stateless pool a single thread, so that a second call queues behind a
+/// busy one. Other backends have no such setting and keep their configuration.
+pub fn one_pool_thread(config: &mut yr::Config) {
+    if backend() == Backend::Local {
+        config.local_thread_pool_size = 1;
+    }
+}
+
 /// A name no other test uses: `label` plus the process id and a counter.
 pub fn unique(label: &str) -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -265,7 +273,10 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
             return output;
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "the future was not woken within {TIMEOUT:?}");
+        assert!(
+            !left.is_zero(),
+            "the future was not woken within {TIMEOUT:?}"
+        );
         std::thread::park_timeout(left);
     }
 }

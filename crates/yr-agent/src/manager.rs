@@ -1,0 +1,235 @@
+//! The runtime manager: start a runtime process, send its output to log files, reap it and
+//! report its end, kill it on request.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use yr_common::{Error, ErrorCode};
+
+use crate::exit::{oom_kill_count, ExitCause};
+
+/// What the runtime manager needs to know.
+#[derive(Clone, Debug)]
+pub struct RuntimeManagerOptions {
+    /// Runtime logs go to `<log_dir>/runtime-<id>.{out,err}`.
+    pub log_dir: PathBuf,
+    /// The bus address runtimes connect to.
+    pub bus_address: String,
+    /// The node's id, for runtime ids.
+    pub node_id: String,
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct RuntimeSpec {
+    /// The executable.
+    pub binary_path: PathBuf,
+    /// Extra arguments (for example a test harness filter).
+    pub args: Vec<String>,
+    /// The job it belongs to.
+    pub job_id: String,
+    /// Environment variables for the process.
+    pub env: Vec<(String, String)>,
+}
+
+/// A runtime process ended.
+#[derive(Clone, Debug)]
+pub struct RuntimeEvent {
+    /// Its id.
+    pub runtime_id: String,
+    /// How it ended.
+    pub cause: ExitCause,
+    /// The last lines of its stderr.
+    pub stderr_tail: String,
+}
+
+/// Errors of the runtime manager.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The process could not be started.
+    #[error("cannot start runtime {binary}: {source}")]
+    Spawn {
+        /// The executable.
+        binary: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The log directory could not be used.
+    #[error("cannot write runtime logs in {dir}: {source}")]
+    Logs {
+        /// The directory.
+        dir: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl From<AgentError> for Error {
+    fn from(error: AgentError) -> Error {
+        Error::new(ErrorCode::RuntimeManagerOperationError, error.to_string())
+    }
+}
+
+struct Running {
+    pid: u32,
+}
+
+/// Starts, watches and reaps runtime processes.
+pub struct RuntimeManager {
+    options: RuntimeManagerOptions,
+    running: Arc<Mutex<HashMap<String, Running>>>,
+    events: mpsc::UnboundedSender<RuntimeEvent>,
+    next_id: AtomicU64,
+}
+
+/// The last `lines` lines of the file at `path`.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl RuntimeManager {
+    /// A manager that reports ended runtimes on `events`.
+    pub fn new(
+        options: RuntimeManagerOptions,
+        events: mpsc::UnboundedSender<RuntimeEvent>,
+    ) -> RuntimeManager {
+        RuntimeManager {
+            options,
+            running: Arc::new(Mutex::new(HashMap::new())),
+            events,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// The file a runtime's stderr goes to.
+    pub fn stderr_path(&self, runtime_id: &str) -> PathBuf {
+        self.options
+            .log_dir
+            .join(format!("runtime-{runtime_id}.err"))
+    }
+
+    /// Start a runtime. Returns its id and pid; it registers on the bus when ready. Must be
+    /// called inside the node's tokio runtime.
+    pub fn spawn(&self, spec: &RuntimeSpec) -> Result<(String, u32), AgentError> {
+        let runtime_id = format!(
+            "{}-rt{}",
+            self.options.node_id,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        );
+        std::fs::create_dir_all(&self.options.log_dir).map_err(|source| AgentError::Logs {
+            dir: self.options.log_dir.display().to_string(),
+            source,
+        })?;
+        let open = |suffix: &str| {
+            std::fs::File::create(
+                self.options
+                    .log_dir
+                    .join(format!("runtime-{runtime_id}.{suffix}")),
+            )
+            .map_err(|source| AgentError::Logs {
+                dir: self.options.log_dir.display().to_string(),
+                source,
+            })
+        };
+        let stdout = open("out")?;
+        let stderr = open("err")?;
+        let mut command = Command::new(&spec.binary_path);
+        command
+            .args(&spec.args)
+            .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("YR_RUNTIME_MODE", "1")
+            .env("YR_BUS_ADDRESS", &self.options.bus_address)
+            .env("YR_RUNTIME_ID", &runtime_id)
+            .env("YR_JOB_ID", &spec.job_id)
+            .env_remove("YR_SERVER_ADDRESS")
+            .env_remove("YR_LOCAL_MODE")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .kill_on_drop(false);
+        // SAFETY: prctl is async-signal-safe; the runtime dies with its node.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let oom_before = oom_kill_count();
+        let mut child = command.spawn().map_err(|source| AgentError::Spawn {
+            binary: spec.binary_path.display().to_string(),
+            source,
+        })?;
+        let pid = child.id().unwrap_or(0);
+        self.running
+            .lock()
+            .insert(runtime_id.clone(), Running { pid });
+        let running = self.running.clone();
+        let events = self.events.clone();
+        let stderr_path = self.stderr_path(&runtime_id);
+        let id = runtime_id.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            running.lock().remove(&id);
+            let oom = match (oom_before, oom_kill_count()) {
+                (Some(before), Some(after)) => after > before,
+                _ => false,
+            };
+            let cause = match status {
+                Ok(status) => ExitCause::from_status(status, oom),
+                Err(_) => ExitCause {
+                    code: None,
+                    signal: None,
+                    oom,
+                },
+            };
+            tracing::debug!(runtime = %id, %cause, "runtime ended");
+            let _ = events.send(RuntimeEvent {
+                runtime_id: id,
+                cause,
+                stderr_tail: tail(&stderr_path, 20),
+            });
+        });
+        Ok((runtime_id, pid))
+    }
+
+    /// Send `signal` to a runtime. Returns false if it is not running.
+    pub fn signal(&self, runtime_id: &str, signal: i32) -> bool {
+        let pid = self.running.lock().get(runtime_id).map(|r| r.pid);
+        match pid {
+            Some(pid) if pid > 0 => {
+                // SAFETY: sending a signal to a child process this manager started.
+                unsafe { libc::kill(pid as libc::pid_t, signal) == 0 }
+            }
+            _ => false,
+        }
+    }
+
+    /// Kill every runtime (the node is stopping).
+    pub fn kill_all(&self) {
+        let pids: Vec<u32> = self.running.lock().values().map(|r| r.pid).collect();
+        for pid in pids {
+            // SAFETY: as above.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+    }
+
+    /// How many runtimes are running.
+    pub fn running(&self) -> usize {
+        self.running.lock().len()
+    }
+
+    /// The pid of a running runtime.
+    pub fn pid(&self, runtime_id: &str) -> Option<u32> {
+        self.running.lock().get(runtime_id).map(|r| r.pid)
+    }
+}

@@ -1,0 +1,473 @@
+//! `yr start`, `yr stop` and `yr status`: run a cluster's processes in the background under a
+//! session directory, stop them gracefully, and show what the master knows.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args as ClapArgs;
+use yr_common::session::{sessions_root, SessionInfo};
+use yr_proto::v1 as pb;
+
+use crate::daemon::CapacityArgs;
+
+/// How long components may take to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `yr stop` waits for a graceful stop before killing.
+const STOP_TIMEOUT: Duration = Duration::from_secs(40);
+
+/// Flags of `yr start`.
+#[derive(Debug, ClapArgs)]
+pub struct StartArgs {
+    /// Start the master and a node on this machine.
+    #[arg(long, conflicts_with = "master_address")]
+    pub master: bool,
+    /// Start a node that joins the cluster whose master is at HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub master_address: Option<String>,
+    /// The master's port (shifts up when taken).
+    #[arg(long, default_value_t = 22770)]
+    pub port: u16,
+    /// The node's bus port (shifts up when taken).
+    #[arg(long, default_value_t = 22773)]
+    pub node_port: u16,
+    #[command(flatten)]
+    pub capacity: CapacityArgs,
+    /// Session directory (default: a new one under /tmp/yr_sessions, linked as `latest`).
+    #[arg(long)]
+    pub session_dir: Option<PathBuf>,
+    /// Stay in the foreground; stop the cluster on SIGTERM/SIGINT or when this process dies.
+    #[arg(long)]
+    pub block: bool,
+    /// A temporary cluster for one driver: not linked as `latest`.
+    #[arg(long)]
+    pub temporary: bool,
+    /// Spare runtimes kept started per driver binary.
+    #[arg(long, default_value_t = 2)]
+    pub warm_pool: usize,
+}
+
+/// Flags of `yr stop`.
+#[derive(Debug, ClapArgs)]
+pub struct StopArgs {
+    /// Kill at once instead of letting instances run their shutdown hooks.
+    #[arg(long)]
+    pub force: bool,
+    /// The session to stop (default: the latest).
+    #[arg(long)]
+    pub session_dir: Option<PathBuf>,
+}
+
+/// Flags of `yr status`.
+#[derive(Debug, ClapArgs)]
+pub struct StatusArgs {
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// The master to ask (default: the latest session's).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub master_address: Option<String>,
+}
+
+fn free_port(start: u16) -> anyhow::Result<u16> {
+    (start..start.saturating_add(200))
+        .find(|port| TcpListener::bind(("0.0.0.0", *port)).is_ok())
+        .with_context(|| format!("no free port in {start}..{}", start.saturating_add(200)))
+}
+
+fn local_ip() -> String {
+    UdpSocket::bind("0.0.0.0:0")
+        .and_then(|socket| {
+            socket.connect("10.255.255.255:1")?;
+            socket.local_addr()
+        })
+        .map(|address| address.ip().to_string())
+        .unwrap_or_else(|_| "127.0.0.1".to_string())
+}
+
+fn timestamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("{secs}-{}", std::process::id())
+}
+
+fn spawn(role: &str, args: &[String], session: &Path, attached: bool) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("cannot find the yr executable")?;
+    let logs = session.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+    let log = std::fs::File::create(logs.join(format!("{role}.log")))
+        .with_context(|| format!("cannot create the {role} log"))?;
+    let mut command = Command::new(exe);
+    command
+        .arg(role)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid and prctl are async-signal-safe; they detach the child from this terminal
+    // and, when attached, make it die with this process.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(move || {
+            libc::setsid();
+            if attached {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            }
+            Ok(())
+        });
+    }
+    command
+        .spawn()
+        .with_context(|| format!("cannot start the {role}"))
+}
+
+fn wait_ready(
+    role: &str,
+    child: &mut Child,
+    session: &Path,
+    ready: impl Fn() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while Instant::now() < deadline {
+        if ready() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(session.join("logs").join(format!("{role}.log")))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "the {role} exited during start ({status}); its log ends with:\n{}",
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!(
+        "the {role} did not become ready within {START_TIMEOUT:?}; see {}/logs/{role}.log",
+        session.display()
+    )
+}
+
+fn connects(address: &str) -> bool {
+    address
+        .parse::<SocketAddr>()
+        .ok()
+        .map(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok())
+        .unwrap_or(false)
+}
+
+/// `yr start`.
+pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
+    if !args.master && args.master_address.is_none() {
+        bail!("say what to start: --master for a new cluster, or --master-address HOST:PORT to join one");
+    }
+    let capacity = args.capacity.amount()?;
+    let labels = args.capacity.label_pairs()?;
+    let session = match &args.session_dir {
+        Some(dir) => dir.clone(),
+        None => sessions_root().join(timestamp()),
+    };
+    std::fs::create_dir_all(&session)
+        .with_context(|| format!("cannot create {}", session.display()))?;
+    let ip = local_ip();
+    let mut children: Vec<(String, Child)> = Vec::new();
+    let mut info = SessionInfo {
+        session_dir: session.clone(),
+        temporary: args.temporary,
+        ..Default::default()
+    };
+
+    let master_address = match &args.master_address {
+        Some(address) => address.clone(),
+        None => {
+            let port = free_port(args.port)?;
+            let metrics = free_port(port + 10)?;
+            let master_args = vec![
+                "--listen".into(),
+                format!("0.0.0.0:{port}"),
+                "--data-dir".into(),
+                session.join("master").display().to_string(),
+                "--metrics-listen".into(),
+                format!("127.0.0.1:{metrics}"),
+            ];
+            let mut child = spawn("master", &master_args, &session, args.block)?;
+            let local = format!("127.0.0.1:{port}");
+            wait_ready("master", &mut child, &session, || connects(&local))?;
+            info.processes.push(("master".into(), child.id()));
+            info.metrics
+                .push(("master".into(), format!("127.0.0.1:{metrics}")));
+            children.push(("master".into(), child));
+            info.master_address = format!("{ip}:{port}");
+            local
+        }
+    };
+
+    let node_port = free_port(args.node_port)?;
+    let node_metrics = free_port(node_port + 10)?;
+    let node_id = format!("node-{}", yr_common::ids::random_hex(8));
+    let bus_socket = session.join("bus.sock");
+    let mut node_args = vec![
+        "--master-address".into(),
+        master_address.clone(),
+        "--listen".into(),
+        format!("0.0.0.0:{node_port}"),
+        "--bus-socket".into(),
+        bus_socket.display().to_string(),
+        "--session-dir".into(),
+        session.display().to_string(),
+        "--node-id".into(),
+        node_id.clone(),
+        "--metrics-listen".into(),
+        format!("127.0.0.1:{node_metrics}"),
+        "--cpu".into(),
+        capacity.cpu.to_string(),
+        "--memory".into(),
+        capacity.memory.to_string(),
+        "--warm-pool".into(),
+        args.warm_pool.to_string(),
+    ];
+    if !capacity.custom.is_empty() {
+        node_args.push("--resources".into());
+        node_args.push(serde_json::to_string(&capacity.custom)?);
+    }
+    for (k, v) in &labels {
+        node_args.push("--labels".into());
+        node_args.push(format!("{k}={v}"));
+    }
+    let mut node = spawn("node", &node_args, &session, args.block)?;
+    let socket = bus_socket.clone();
+    wait_ready("node", &mut node, &session, || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    })?;
+    info.processes.push(("node".into(), node.id()));
+    info.metrics
+        .push(("node".into(), format!("127.0.0.1:{node_metrics}")));
+    children.push(("node".into(), node));
+    info.bus_address = format!("unix:{}", bus_socket.display());
+    info.node_address = format!("{ip}:{node_port}");
+    info.node_id = node_id.clone();
+    info.write(&session)
+        .context("cannot write the session file")?;
+    if !args.temporary {
+        let latest = sessions_root().join("latest");
+        let _ = std::fs::remove_file(&latest);
+        std::os::unix::fs::symlink(&session, &latest)
+            .with_context(|| format!("cannot link {}", latest.display()))?;
+    }
+
+    println!("yr cluster started.");
+    if args.master {
+        println!("  master:  {}", info.master_address);
+    }
+    println!("  node:    {node_id} (bus {})", info.bus_address);
+    println!("  session: {}", session.display());
+    if args.master {
+        println!("Drivers on this machine find the cluster by themselves (yr::init).");
+        println!(
+            "Join another machine:  yr start --master-address {}",
+            info.master_address
+        );
+    }
+    println!("Stop it:  yr stop");
+
+    if !args.block {
+        return Ok(ExitCode::SUCCESS);
+    }
+    block_until_signal(&mut children);
+    Ok(ExitCode::SUCCESS)
+}
+
+static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn block_until_signal(children: &mut [(String, Child)]) {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    }
+    loop {
+        if STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
+        if children
+            .iter_mut()
+            .any(|(_, c)| matches!(c.try_wait(), Ok(Some(_))))
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (_, child) in children.iter().rev() {
+        // SAFETY: signalling our own children.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    for (_, child) in children.iter_mut().rev() {
+        while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+}
+
+fn read_session(dir: Option<&Path>) -> anyhow::Result<SessionInfo> {
+    let dir = dir
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| sessions_root().join("latest"));
+    SessionInfo::read(&dir).with_context(|| {
+        format!(
+            "no yr cluster was started on this machine (cannot read {}/session.json)",
+            dir.display()
+        )
+    })
+}
+
+/// `yr stop`.
+pub fn stop(args: &StopArgs) -> anyhow::Result<ExitCode> {
+    let session = read_session(args.session_dir.as_deref())?;
+    let signal = if args.force {
+        libc::SIGKILL
+    } else {
+        libc::SIGTERM
+    };
+    // The node first, so its instances run their shutdown hooks while the master still serves.
+    let mut order = session.processes.clone();
+    order.sort_by_key(|(role, _)| if role == "node" { 0 } else { 1 });
+    for (role, pid) in &order {
+        if !alive(*pid) {
+            continue;
+        }
+        // SAFETY: signalling a process this session started.
+        unsafe {
+            libc::kill(*pid as libc::pid_t, signal);
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while alive(*pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if alive(*pid) {
+            eprintln!(
+                "yr stop: the {role} ({pid}) did not stop within {STOP_TIMEOUT:?}; killing it"
+            );
+            // SAFETY: as above.
+            unsafe {
+                libc::kill(*pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+        println!("stopped the {role} ({pid})");
+    }
+    let latest = sessions_root().join("latest");
+    if std::fs::read_link(&latest).ok().as_deref() == Some(session.session_dir.as_path()) {
+        let _ = std::fs::remove_file(latest);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `yr status`.
+pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    let address = match &args.master_address {
+        Some(address) => address.clone(),
+        None => {
+            let session = read_session(None)?;
+            if session.master_address.is_empty() {
+                bail!("this machine runs a node only; pass --master-address");
+            }
+            session.master_address
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let status = runtime.block_on(async {
+        let channel = yr_runtime::cluster::transport::connect(
+            &address,
+            yr_common::ErrorCode::InnerCommunication,
+        )
+        .await?;
+        pb::master_client::MasterClient::new(channel)
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| anyhow::anyhow!("the master at {address} did not answer: {}", s.message()))
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status_json(&status))?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("Nodes");
+    println!(
+        "  {:<20} {:<22} {:<10} {:>18} {:>18}",
+        "ID", "ADDRESS", "STATE", "CAPACITY cpu/mem", "ALLOCATABLE cpu/mem"
+    );
+    for node in &status.nodes {
+        let cap = node.capacity.clone().unwrap_or_default();
+        let free = node.allocatable.clone().unwrap_or_default();
+        println!(
+            "  {:<20} {:<22} {:<10} {:>18} {:>18}",
+            node.node_id,
+            node.address,
+            node.state,
+            format!("{}m/{}MB", cap.cpu_millicores, cap.memory_mb),
+            format!("{}m/{}MB", free.cpu_millicores, free.memory_mb)
+        );
+    }
+    let mut by_state = std::collections::BTreeMap::<String, usize>::new();
+    for instance in &status.instances {
+        let state = pb::InstanceState::try_from(instance.state)
+            .map(|s| s.as_str_name())
+            .unwrap_or("UNKNOWN");
+        *by_state.entry(state.to_string()).or_default() += 1;
+    }
+    println!("Instances by state");
+    if by_state.is_empty() {
+        println!("  (none)");
+    }
+    for (state, count) in by_state {
+        println!("  {state:<16} {count}");
+    }
+    println!("Registered functions");
+    if status.functions.is_empty() {
+        println!("  (none)");
+    }
+    for function in &status.functions {
+        println!("  {function}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status_json(status: &pb::ClusterStatusResponse) -> serde_json::Value {
+    let resources = |r: &Option<pb::Resources>| {
+        let r = r.clone().unwrap_or_default();
+        serde_json::json!({"cpu_millicores": r.cpu_millicores, "memory_mb": r.memory_mb, "custom": r.custom})
+    };
+    serde_json::json!({
+        "nodes": status.nodes.iter().map(|n| serde_json::json!({
+            "id": n.node_id, "address": n.address, "state": n.state,
+            "capacity": resources(&n.capacity), "allocatable": resources(&n.allocatable),
+            "labels": n.labels,
+        })).collect::<Vec<_>>(),
+        "instances": status.instances.iter().map(|i| serde_json::json!({
+            "id": i.instance_id, "function": i.function, "node": i.node_id, "job": i.job_id,
+            "state": pb::InstanceState::try_from(i.state).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
+        })).collect::<Vec<_>>(),
+        "functions": status.functions,
+    })
+}

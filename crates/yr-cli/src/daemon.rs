@@ -1,0 +1,193 @@
+//! `yr master` and `yr node`: run one component in the foreground until SIGTERM or SIGINT. `yr
+//! start` runs these in the background; they are also handy under a process supervisor.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args as ClapArgs;
+use yr_proxy::Amount;
+
+/// Flags of `yr master`.
+#[derive(Debug, ClapArgs)]
+pub struct MasterArgs {
+    /// Address of the master's gRPC service (the Master and meta store services).
+    #[arg(long, default_value = "0.0.0.0:22770")]
+    pub listen: SocketAddr,
+    /// Directory for the master's state (the meta store); reusing it recovers the cluster.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Address of the health and Prometheus metrics endpoint (/healthz, /metrics).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Seconds without heartbeats after which a node is lost.
+    #[arg(long, default_value_t = 5.0)]
+    pub node_timeout: f64,
+}
+
+/// Flags of `yr node`.
+#[derive(Debug, ClapArgs)]
+pub struct NodeArgs {
+    /// The master's address (host:port).
+    #[arg(long)]
+    pub master_address: String,
+    /// TCP address of this node's bus.
+    #[arg(long, default_value = "0.0.0.0:22773")]
+    pub listen: SocketAddr,
+    /// Unix socket of this node's bus, for drivers and runtimes on this machine.
+    #[arg(long)]
+    pub bus_socket: PathBuf,
+    /// Session directory: logs go in its logs/ folder.
+    #[arg(long)]
+    pub session_dir: PathBuf,
+    /// The node's id (default: generated).
+    #[arg(long)]
+    pub node_id: Option<String>,
+    #[command(flatten)]
+    pub capacity: CapacityArgs,
+    /// Address of the health and Prometheus metrics endpoint (/healthz, /metrics).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Spare runtimes kept started per driver binary.
+    #[arg(long, default_value_t = 2)]
+    pub warm_pool: usize,
+    /// Instance creates allowed per second on this node (token bucket), and the burst.
+    #[arg(long, default_value_t = 1000.0)]
+    pub create_rate: f64,
+    /// Burst of the create rate limit.
+    #[arg(long, default_value_t = 2000.0)]
+    pub create_burst: f64,
+    /// Seconds of silence after which a runtime counts as hung.
+    #[arg(long, default_value_t = 3.0)]
+    pub heartbeat_timeout: f64,
+}
+
+/// What a node offers.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct CapacityArgs {
+    /// CPU in millicores (default: all cores).
+    #[arg(long)]
+    pub cpu: Option<u64>,
+    /// Memory in MB (default: physical memory).
+    #[arg(long)]
+    pub memory: Option<u64>,
+    /// Custom resources as JSON, for example '{"gpu": 2}'.
+    #[arg(long)]
+    pub resources: Option<String>,
+    /// Node labels, k=v (repeatable).
+    #[arg(long = "labels", value_name = "K=V")]
+    pub labels: Vec<String>,
+}
+
+impl CapacityArgs {
+    /// The capacity these flags describe.
+    pub fn amount(&self) -> anyhow::Result<Amount> {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get() as u64)
+            .unwrap_or(1);
+        let custom = match &self.resources {
+            None => Default::default(),
+            Some(json) => serde_json::from_str(json).with_context(|| {
+                format!("--resources must be a JSON object of numbers, got {json}")
+            })?,
+        };
+        Ok(Amount {
+            cpu: self.cpu.unwrap_or(cores * 1000),
+            memory: self.memory.unwrap_or_else(physical_memory_mb),
+            custom,
+        })
+    }
+
+    /// The labels as pairs.
+    pub fn label_pairs(&self) -> anyhow::Result<Vec<(String, String)>> {
+        self.labels
+            .iter()
+            .map(|label| match label.split_once('=') {
+                Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+                _ => anyhow::bail!("--labels takes k=v, got {label:?}"),
+            })
+            .collect()
+    }
+}
+
+/// Physical memory in MB, from /proc/meminfo.
+pub fn physical_memory_mb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb / 1024)
+        .unwrap_or(1024)
+}
+
+fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    let mut int = match signal(SignalKind::interrupt()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")
+}
+
+/// Run the master until SIGTERM/SIGINT.
+pub fn run_master(args: &MasterArgs) -> anyhow::Result<()> {
+    init_logging();
+    let mut options = yr_master::MasterOptions::new(args.listen, args.data_dir.clone());
+    options.metrics_listen = args.metrics_listen;
+    options.node_timeout = Duration::from_secs_f64(args.node_timeout.max(0.1));
+    runtime()?.block_on(yr_master::run(options, terminated()))?;
+    Ok(())
+}
+
+/// Run a node until SIGTERM/SIGINT; then its instances get their shutdown hooks.
+pub fn run_node(args: &NodeArgs) -> anyhow::Result<()> {
+    init_logging();
+    let options = yr_proxy::NodeOptions {
+        node_id: args
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("node-{}", yr_common::ids::random_hex(8))),
+        master_address: args.master_address.clone(),
+        listen: args.listen,
+        bus_socket: args.bus_socket.clone(),
+        metrics_listen: args.metrics_listen,
+        capacity: args.capacity.amount()?,
+        labels: args.capacity.label_pairs()?,
+        session_dir: args.session_dir.clone(),
+        warm_pool_size: args.warm_pool,
+        heartbeat: (
+            Duration::from_secs(1),
+            Duration::from_secs_f64(args.heartbeat_timeout.max(0.5)),
+        ),
+        create_rate: (args.create_rate, args.create_burst),
+    };
+    runtime()?.block_on(yr_proxy::run(options, terminated()))?;
+    Ok(())
+}

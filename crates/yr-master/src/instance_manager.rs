@@ -1,0 +1,469 @@
+//! The instance manager: the master's cluster-wide view of instances, and what happens to the
+//! instances of a node that was lost.
+//!
+//! Each node's proxy is the single writer of its instances' records (`/yr/instance/{id}`, prost
+//! `InstanceRecord`, written with a compare-and-swap on the record's version). The master only
+//! reads them, through a prefix watch that keeps [`InstanceManager`]'s cache current, with one
+//! exception: when a node is lost nobody else will ever move its instances on, so the master
+//! writes them FATAL with `ErrorCode::InstanceExited` ("node X was lost"), again with a
+//! compare-and-swap so a newer record is never clobbered.
+//!
+//! Not done yet: rescheduling instances of a lost node that have a `recover_retry_times` budget
+//! (openYuanrong moves them to SCHEDULING under the master's ownership); they go FATAL too.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use prost::Message;
+use tokio::sync::watch;
+use yr_common::{ErrorCode, ModuleCode};
+use yr_meta::{put_if_version, KeyValue, MetaError, MetaStore, WatchEvent};
+use yr_proto::v1::{ErrorInfo, InstanceRecord, InstanceState, InstanceSummary};
+
+/// The meta store prefix of instance records.
+pub const INSTANCE_PREFIX: &str = "/yr/instance/";
+
+/// How often a compare-and-swap on one record is retried when the record keeps changing.
+const MAX_CAS_ATTEMPTS: usize = 8;
+
+/// How long to wait before watching again after the meta store refused a watch.
+const WATCH_RETRY_DELAY: Duration = Duration::from_millis(500);
+
+/// The meta store key of an instance's record.
+pub fn instance_key(instance_id: &str) -> String {
+    format!("{INSTANCE_PREFIX}{instance_id}")
+}
+
+/// Whether an instance in `state` is finished for good, so a lost node leaves it as it is.
+pub fn is_final(state: InstanceState) -> bool {
+    matches!(
+        state,
+        InstanceState::Fatal
+            | InstanceState::ScheduleFailed
+            | InstanceState::Exited
+            | InstanceState::Evicted
+    )
+}
+
+/// Every instance state, in openYuanrong's numbering.
+pub const ALL_STATES: [InstanceState; 14] = [
+    InstanceState::New,
+    InstanceState::Scheduling,
+    InstanceState::Creating,
+    InstanceState::Running,
+    InstanceState::Failed,
+    InstanceState::Exiting,
+    InstanceState::Fatal,
+    InstanceState::ScheduleFailed,
+    InstanceState::Exited,
+    InstanceState::Evicting,
+    InstanceState::Evicted,
+    InstanceState::SubHealth,
+    InstanceState::Suspend,
+    InstanceState::Paused,
+];
+
+#[derive(Clone, Debug)]
+struct Cached {
+    summary: InstanceSummary,
+    mod_revision: u64,
+}
+
+/// The cluster-wide view of instances, kept current by a watch on [`INSTANCE_PREFIX`].
+pub struct InstanceManager {
+    store: Arc<dyn MetaStore>,
+    instances: Mutex<BTreeMap<String, Cached>>,
+    marked_fatal: AtomicU64,
+}
+
+impl InstanceManager {
+    /// A manager with an empty view; call [`InstanceManager::sync`] to fill it.
+    pub fn new(store: Arc<dyn MetaStore>) -> InstanceManager {
+        InstanceManager {
+            store,
+            instances: Mutex::new(BTreeMap::new()),
+            marked_fatal: AtomicU64::new(0),
+        }
+    }
+
+    /// Loads every instance record, replacing the view, and returns the revision to watch after.
+    pub async fn sync(&self) -> Result<u64, MetaError> {
+        let revision = self.store.current_revision().await?;
+        let records = self.store.range(INSTANCE_PREFIX).await?;
+        let mut fresh = BTreeMap::new();
+        for kv in &records {
+            if let Some(cached) = decode(kv) {
+                fresh.insert(kv.key.clone(), cached);
+            }
+        }
+        tracing::debug!(
+            instances = fresh.len(),
+            revision,
+            "instance manager synced from the meta store"
+        );
+        *self.instances.lock() = fresh;
+        Ok(revision)
+    }
+
+    /// Follows changes to instance records after `revision` until `stop` turns true. When a
+    /// watch cannot be opened or ends (the store compacted its history, or this master fell too
+    /// far behind), the view is re-synced in full and watched again from there.
+    pub async fn follow(self: Arc<Self>, mut revision: u64, mut stop: watch::Receiver<bool>) {
+        loop {
+            let watch = tokio::select! {
+                _ = crate::stopped(&mut stop) => return,
+                watch = self.store.watch_prefix(INSTANCE_PREFIX, revision) => watch,
+            };
+            match watch {
+                Ok(mut events) => loop {
+                    let event = tokio::select! {
+                        _ = crate::stopped(&mut stop) => return,
+                        event = events.recv() => event,
+                    };
+                    match event {
+                        Some(event) => revision = revision.max(self.apply(event)),
+                        None => {
+                            tracing::info!("instance watch ended; re-syncing instance records");
+                            break;
+                        }
+                    }
+                },
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot watch instance records; re-syncing");
+                }
+            }
+            loop {
+                tokio::select! {
+                    _ = crate::stopped(&mut stop) => return,
+                    _ = tokio::time::sleep(WATCH_RETRY_DELAY) => {}
+                }
+                match self.sync().await {
+                    Ok(synced) => {
+                        revision = synced;
+                        break;
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "cannot re-sync instance records; retrying");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies one watch event to the view and returns its revision. Events older than what the
+    /// view holds for the key are ignored.
+    fn apply(&self, event: WatchEvent) -> u64 {
+        match event {
+            WatchEvent::Put(kv) => {
+                let revision = kv.mod_revision;
+                if let Some(cached) = decode(&kv) {
+                    let mut instances = self.instances.lock();
+                    let newer = instances
+                        .get(&kv.key)
+                        .is_none_or(|old| old.mod_revision <= revision);
+                    if newer {
+                        instances.insert(kv.key, cached);
+                    }
+                }
+                revision
+            }
+            WatchEvent::Delete { key, revision } => {
+                let mut instances = self.instances.lock();
+                if instances
+                    .get(&key)
+                    .is_some_and(|old| old.mod_revision <= revision)
+                {
+                    instances.remove(&key);
+                }
+                revision
+            }
+        }
+    }
+
+    /// Every instance, in key order.
+    pub fn summaries(&self) -> Vec<InstanceSummary> {
+        self.instances
+            .lock()
+            .values()
+            .map(|cached| cached.summary.clone())
+            .collect()
+    }
+
+    /// How many instances are in each state, in [`ALL_STATES`] order.
+    pub fn count_by_state(&self) -> [usize; ALL_STATES.len()] {
+        let mut counts = [0; ALL_STATES.len()];
+        for cached in self.instances.lock().values() {
+            if let Some(slot) = usize::try_from(cached.summary.state)
+                .ok()
+                .and_then(|index| counts.get_mut(index))
+            {
+                *slot += 1;
+            }
+        }
+        counts
+    }
+
+    /// The functions of every known instance.
+    pub fn function_names(&self) -> BTreeSet<String> {
+        self.instances
+            .lock()
+            .values()
+            .map(|cached| cached.summary.function.clone())
+            .filter(|name| !name.is_empty())
+            .collect()
+    }
+
+    /// How many instances this master has written FATAL because their node was lost.
+    pub fn marked_fatal_total(&self) -> u64 {
+        self.marked_fatal.load(Ordering::Relaxed)
+    }
+
+    /// Writes FATAL (`InstanceExited`, "node X was lost") into every record of an instance on
+    /// `node_id` that is not final yet, and returns how many it wrote. Reads the store rather
+    /// than the view, so that records the watch has not delivered yet are not missed.
+    pub async fn fail_instances_of_lost_node(&self, node_id: &str) -> Result<usize, MetaError> {
+        let records = self.store.range(INSTANCE_PREFIX).await?;
+        let mut marked = 0;
+        for kv in records {
+            let Ok(record) = InstanceRecord::decode(kv.value.clone()) else {
+                continue;
+            };
+            if record.node_id != node_id || is_final(record.state()) {
+                continue;
+            }
+            if self
+                .mark_fatal(&kv.key, record, kv.version, node_id)
+                .await?
+            {
+                marked += 1;
+            }
+        }
+        if marked > 0 {
+            tracing::warn!(
+                node_id,
+                instances = marked,
+                "instances of a lost node were marked FATAL"
+            );
+        }
+        Ok(marked)
+    }
+
+    /// Moves one record to FATAL with a compare-and-swap; re-reads and retries while a newer
+    /// record is still on the lost node and not final. True when this call wrote it.
+    async fn mark_fatal(
+        &self,
+        key: &str,
+        mut record: InstanceRecord,
+        mut version: u64,
+        node_id: &str,
+    ) -> Result<bool, MetaError> {
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let instance_id = if record.instance_id.is_empty() {
+                key.trim_start_matches(INSTANCE_PREFIX).to_string()
+            } else {
+                record.instance_id.clone()
+            };
+            record.set_state(InstanceState::Fatal);
+            record.error = Some(ErrorInfo {
+                code: ErrorCode::InstanceExited.number(),
+                module: ModuleCode::Core.number(),
+                message: format!(
+                    "instance {instance_id} exited: node {node_id} was lost (it stopped \
+                     heartbeating to the master); the instance was not rescheduled, create it \
+                     again"
+                ),
+            });
+            let value = Bytes::from(record.encode_to_vec());
+            match put_if_version(self.store.as_ref(), key, value, version).await? {
+                Ok(kv) => {
+                    self.marked_fatal.fetch_add(1, Ordering::Relaxed);
+                    self.apply(WatchEvent::Put(kv));
+                    tracing::info!(instance_id, node_id, "instance marked FATAL: node lost");
+                    return Ok(true);
+                }
+                Err(None) => return Ok(false),
+                Err(Some(current)) => {
+                    let Ok(newer) = InstanceRecord::decode(current.value.clone()) else {
+                        return Ok(false);
+                    };
+                    if newer.node_id != node_id || is_final(newer.state()) {
+                        return Ok(false);
+                    }
+                    record = newer;
+                    version = current.version;
+                }
+            }
+        }
+        tracing::warn!(
+            key,
+            node_id,
+            "instance record kept changing; gave up marking it FATAL"
+        );
+        Ok(false)
+    }
+}
+
+/// The view's entry for a record, or `None` (logged) for a value that is not an instance record.
+fn decode(kv: &KeyValue) -> Option<Cached> {
+    match InstanceRecord::decode(kv.value.clone()) {
+        Ok(record) => Some(Cached {
+            summary: summary(&kv.key, &record),
+            mod_revision: kv.mod_revision,
+        }),
+        Err(err) => {
+            tracing::warn!(key = %kv.key, error = %err, "skipping an undecodable instance record");
+            None
+        }
+    }
+}
+
+fn summary(key: &str, record: &InstanceRecord) -> InstanceSummary {
+    let instance_id = if record.instance_id.is_empty() {
+        key.trim_start_matches(INSTANCE_PREFIX).to_string()
+    } else {
+        record.instance_id.clone()
+    };
+    InstanceSummary {
+        instance_id,
+        function: record.function.clone(),
+        state: record.state,
+        node_id: record.node_id.clone(),
+        job_id: record.job_id.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_store::FakeStore;
+
+    fn record(id: &str, node: &str, state: InstanceState) -> Bytes {
+        let mut record = InstanceRecord {
+            instance_id: id.to_string(),
+            function: "f".to_string(),
+            node_id: node.to_string(),
+            ..Default::default()
+        };
+        record.set_state(state);
+        Bytes::from(record.encode_to_vec())
+    }
+
+    async fn read(store: &FakeStore, id: &str) -> InstanceRecord {
+        let kv = store.get(&instance_key(id)).await.unwrap().unwrap();
+        InstanceRecord::decode(kv.value).unwrap()
+    }
+
+    #[tokio::test]
+    async fn lost_node_instances_go_fatal_and_others_are_untouched() {
+        let store = Arc::new(FakeStore::default());
+        for (id, node, state) in [
+            ("i1", "lost", InstanceState::Running),
+            ("i2", "lost", InstanceState::Creating),
+            ("i3", "lost", InstanceState::Exited),
+            ("i4", "other", InstanceState::Running),
+        ] {
+            store
+                .put(&instance_key(id), record(id, node, state), None)
+                .await
+                .unwrap();
+        }
+        let manager = InstanceManager::new(store.clone());
+        manager.sync().await.unwrap();
+        assert_eq!(
+            manager.fail_instances_of_lost_node("lost").await.unwrap(),
+            2
+        );
+        for id in ["i1", "i2"] {
+            let record = read(&store, id).await;
+            assert_eq!(record.state(), InstanceState::Fatal);
+            let error = record.error.unwrap();
+            assert_eq!(error.code, ErrorCode::InstanceExited.number());
+            assert_eq!(error.module, ModuleCode::Core.number());
+            assert!(
+                error.message.contains("node lost was lost"),
+                "{}",
+                error.message
+            );
+        }
+        assert_eq!(read(&store, "i3").await.state(), InstanceState::Exited);
+        assert_eq!(read(&store, "i4").await.state(), InstanceState::Running);
+        let counts = manager.count_by_state();
+        assert_eq!(counts[InstanceState::Fatal as usize], 2);
+        assert_eq!(manager.marked_fatal_total(), 2);
+        // A second pass finds nothing left to do.
+        assert_eq!(
+            manager.fail_instances_of_lost_node("lost").await.unwrap(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_record_moved_elsewhere_concurrently_is_not_clobbered() {
+        let store = Arc::new(FakeStore::default());
+        let key = instance_key("i1");
+        let first = store
+            .put(&key, record("i1", "lost", InstanceState::Running), None)
+            .await
+            .unwrap();
+        let manager = InstanceManager::new(store.clone());
+        // The owner moved the instance on between the master's read and its write.
+        store
+            .put(&key, record("i1", "other", InstanceState::Running), None)
+            .await
+            .unwrap();
+        let decoded = InstanceRecord::decode(first.value.clone()).unwrap();
+        assert!(!manager
+            .mark_fatal(&key, decoded, first.version, "lost")
+            .await
+            .unwrap());
+        assert_eq!(read(&store, "i1").await.node_id, "other");
+    }
+
+    #[tokio::test]
+    async fn the_watch_keeps_the_view_current() {
+        let store = Arc::new(FakeStore::default());
+        let manager = Arc::new(InstanceManager::new(store.clone()));
+        let revision = manager.sync().await.unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let follower = tokio::spawn(manager.clone().follow(revision, stop_rx));
+        store
+            .put(
+                &instance_key("a"),
+                record("a", "n", InstanceState::Running),
+                None,
+            )
+            .await
+            .unwrap();
+        store
+            .put(
+                &instance_key("b"),
+                record("b", "n", InstanceState::Creating),
+                None,
+            )
+            .await
+            .unwrap();
+        store.delete(&instance_key("b")).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let summaries = manager.summaries();
+            if summaries.len() == 1 && summaries[0].instance_id == "a" {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{summaries:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            manager.function_names().into_iter().collect::<Vec<_>>(),
+            vec!["f"]
+        );
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), follower)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}

@@ -1,0 +1,496 @@
+//! Global placement: a pure function from the live nodes' resources and a request to the node
+//! that should take it, or the reason none can.
+//!
+//! The policy is deterministic:
+//! 1. No live node: [`PlacementError::NoLiveNodes`] (1002).
+//! 2. A request larger than every live node's *capacity* can never run:
+//!    [`PlacementError::ExceedsCapacity`] (1006), naming the request and the largest node.
+//! 3. Otherwise the candidates are the nodes that are not excluded, carry every required label
+//!    (`"k=v"`: label `k` has value `v`; `"k"`: label `k` exists) and have the request
+//!    *allocatable* now. None: [`PlacementError::NotEnough`] (1002) with a reason per node.
+//! 4. Among candidates, the node with the most free CPU after placement wins (spread); a tie goes
+//!    to the lowest node id.
+
+use std::collections::HashMap;
+
+use yr_common::{Error, ErrorCode, ModuleCode};
+
+use crate::resource_view::ResourceSet;
+
+/// How many nodes a "not enough" reason describes one by one.
+const MAX_NODES_IN_REASON: usize = 8;
+
+/// A live node as placement sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Candidate<'a> {
+    /// The node's id.
+    pub node_id: &'a str,
+    /// What the node manages in total.
+    pub capacity: &'a ResourceSet,
+    /// What is free on the node now.
+    pub allocatable: &'a ResourceSet,
+    /// The node's labels.
+    pub labels: &'a HashMap<String, String>,
+}
+
+/// What to place.
+#[derive(Clone, Copy, Debug)]
+pub struct PlacementRequest<'a> {
+    /// The resources the instance needs.
+    pub resources: &'a ResourceSet,
+    /// Nodes that already refused the request.
+    pub exclude_nodes: &'a [String],
+    /// Required node labels, `"k=v"` or `"k"`.
+    pub labels: &'a [String],
+}
+
+/// Why no node was chosen.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PlacementError {
+    /// The cluster has no live node.
+    NoLiveNodes,
+    /// The request is larger than every live node's capacity; it can never be placed.
+    ExceedsCapacity {
+        /// The request.
+        request: ResourceSet,
+        /// The node with the most capacity.
+        largest_node: String,
+        /// That node's capacity.
+        largest_capacity: ResourceSet,
+    },
+    /// Some node could take the request in principle, but none can now.
+    NotEnough {
+        /// Why each node said no.
+        reason: String,
+    },
+}
+
+impl PlacementError {
+    /// The code callers see.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            PlacementError::NoLiveNodes | PlacementError::NotEnough { .. } => {
+                ErrorCode::ResourceNotEnough
+            }
+            PlacementError::ExceedsCapacity { .. } => ErrorCode::ResourceConfigError,
+        }
+    }
+
+    /// The error as users see it.
+    pub fn to_error(&self) -> Error {
+        Error::with_module(self.code(), ModuleCode::Core, self.to_string())
+    }
+}
+
+impl std::fmt::Display for PlacementError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlacementError::NoLiveNodes => write!(
+                f,
+                "no live node in the cluster to place the request on; start a node or wait for \
+                 nodes to register"
+            ),
+            PlacementError::ExceedsCapacity {
+                request,
+                largest_node,
+                largest_capacity,
+            } => write!(
+                f,
+                "request resource is greater than each node's max resource: request {request}, \
+                 largest node {largest_node} has capacity {largest_capacity}; lower the request \
+                 or add a larger node"
+            ),
+            PlacementError::NotEnough { reason } => write!(f, "{reason}"),
+        }
+    }
+}
+
+impl std::error::Error for PlacementError {}
+
+/// Whether a node's labels satisfy one required label, `"k=v"` or `"k"`.
+pub fn label_matches(labels: &HashMap<String, String>, required: &str) -> bool {
+    match required.split_once('=') {
+        Some((key, value)) => labels.get(key.trim()).is_some_and(|v| v == value.trim()),
+        None => labels.contains_key(required.trim()),
+    }
+}
+
+/// Chooses the node for `request` among the live `nodes`. See the module doc for the policy.
+pub fn place<'a>(
+    nodes: &[Candidate<'a>],
+    request: &PlacementRequest<'_>,
+) -> Result<&'a str, PlacementError> {
+    if nodes.is_empty() {
+        return Err(PlacementError::NoLiveNodes);
+    }
+    let resources = request.resources;
+    if !nodes.iter().any(|node| resources.fits_in(node.capacity)) {
+        let largest = nodes
+            .iter()
+            .max_by(|a, b| {
+                (a.capacity.cpu_millicores, a.capacity.memory_mb)
+                    .cmp(&(b.capacity.cpu_millicores, b.capacity.memory_mb))
+                    // On a tie, the lowest id is the "largest", for a stable message.
+                    .then_with(|| b.node_id.cmp(a.node_id))
+            })
+            .expect("nodes is not empty");
+        return Err(PlacementError::ExceedsCapacity {
+            request: resources.clone(),
+            largest_node: largest.node_id.to_string(),
+            largest_capacity: largest.capacity.clone(),
+        });
+    }
+
+    let mut best: Option<(&'a str, i64)> = None;
+    let mut refusals = Vec::new();
+    for node in nodes {
+        if let Some(reason) = refusal(node, request) {
+            refusals.push(format!("{}: {reason}", node.node_id));
+            continue;
+        }
+        let free_cpu_after = node.allocatable.cpu_millicores - resources.cpu_millicores;
+        let better = match best {
+            None => true,
+            Some((best_id, best_free)) => {
+                free_cpu_after > best_free
+                    || (free_cpu_after == best_free && node.node_id < best_id)
+            }
+        };
+        if better {
+            best = Some((node.node_id, free_cpu_after));
+        }
+    }
+    match best {
+        Some((node_id, _)) => Ok(node_id),
+        None => {
+            let shown = refusals.len().min(MAX_NODES_IN_REASON);
+            let mut reason = format!(
+                "no node can take request {resources} now ({} live nodes): {}",
+                nodes.len(),
+                refusals[..shown].join("; ")
+            );
+            if refusals.len() > shown {
+                reason.push_str(&format!("; and {} more", refusals.len() - shown));
+            }
+            Err(PlacementError::NotEnough { reason })
+        }
+    }
+}
+
+/// Why `node` cannot take `request` now, or `None` when it can.
+fn refusal(node: &Candidate<'_>, request: &PlacementRequest<'_>) -> Option<String> {
+    if request.exclude_nodes.iter().any(|id| id == node.node_id) {
+        return Some("excluded".to_string());
+    }
+    let missing: Vec<&str> = request
+        .labels
+        .iter()
+        .filter(|label| !label_matches(node.labels, label))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        return Some(format!("lacks label {}", missing.join(", ")));
+    }
+    if !request.resources.fits_in(node.capacity) {
+        return Some(format!(
+            "capacity too small ({})",
+            request.resources.shortfalls(node.capacity).join(", ")
+        ));
+    }
+    let lacking = request.resources.shortfalls(node.allocatable);
+    if !lacking.is_empty() {
+        return Some(format!("not enough free ({})", lacking.join(", ")));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    struct TestNode {
+        id: &'static str,
+        capacity: ResourceSet,
+        allocatable: ResourceSet,
+        labels: HashMap<String, String>,
+    }
+
+    fn res(cpu: i64, memory: i64) -> ResourceSet {
+        ResourceSet {
+            cpu_millicores: cpu,
+            memory_mb: memory,
+            custom: BTreeMap::new(),
+        }
+    }
+
+    fn with_custom(mut set: ResourceSet, name: &str, amount: f64) -> ResourceSet {
+        set.custom.insert(name.to_string(), amount);
+        set
+    }
+
+    fn node(id: &'static str, capacity: ResourceSet, allocatable: ResourceSet) -> TestNode {
+        TestNode {
+            id,
+            capacity,
+            allocatable,
+            labels: HashMap::new(),
+        }
+    }
+
+    fn labelled(mut n: TestNode, labels: &[(&str, &str)]) -> TestNode {
+        n.labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        n
+    }
+
+    fn candidates(nodes: &[TestNode]) -> Vec<Candidate<'_>> {
+        nodes
+            .iter()
+            .map(|n| Candidate {
+                node_id: n.id,
+                capacity: &n.capacity,
+                allocatable: &n.allocatable,
+                labels: &n.labels,
+            })
+            .collect()
+    }
+
+    fn place_simple<'a>(
+        nodes: &'a [TestNode],
+        resources: &ResourceSet,
+        exclude: &[&str],
+        labels: &[&str],
+    ) -> Result<&'a str, PlacementError> {
+        let exclude: Vec<String> = exclude.iter().map(|s| s.to_string()).collect();
+        let labels: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
+        let request = PlacementRequest {
+            resources,
+            exclude_nodes: &exclude,
+            labels: &labels,
+        };
+        let found = candidates(nodes);
+        place(&found, &request).map(|id| {
+            // Map the borrowed id back to the node slice's lifetime.
+            nodes.iter().find(|n| n.id == id).unwrap().id
+        })
+    }
+
+    #[test]
+    fn no_live_nodes_is_resource_not_enough() {
+        let err = place_simple(&[], &res(100, 100), &[], &[]).unwrap_err();
+        assert_eq!(err, PlacementError::NoLiveNodes);
+        assert_eq!(err.code(), ErrorCode::ResourceNotEnough);
+        assert_eq!(err.to_error().module_code(), ModuleCode::Core);
+    }
+
+    #[test]
+    fn spread_prefers_most_free_cpu_after_placement() {
+        let nodes = [
+            node("a", res(4000, 4000), res(1000, 4000)),
+            node("b", res(4000, 4000), res(3000, 1000)),
+            node("c", res(4000, 4000), res(2000, 4000)),
+        ];
+        assert_eq!(place_simple(&nodes, &res(500, 500), &[], &[]).unwrap(), "b");
+    }
+
+    #[test]
+    fn tie_goes_to_the_lowest_node_id() {
+        let nodes = [
+            node("node-b", res(4000, 4000), res(2000, 4000)),
+            node("node-a", res(4000, 4000), res(2000, 4000)),
+            node("node-c", res(4000, 4000), res(2000, 4000)),
+        ];
+        assert_eq!(
+            place_simple(&nodes, &res(500, 0), &[], &[]).unwrap(),
+            "node-a"
+        );
+    }
+
+    #[test]
+    fn roomier_node_that_lacks_memory_is_skipped() {
+        let nodes = [
+            node("a", res(4000, 4000), res(1000, 4000)),
+            node("b", res(4000, 4000), res(3000, 100)),
+        ];
+        assert_eq!(place_simple(&nodes, &res(500, 500), &[], &[]).unwrap(), "a");
+    }
+
+    #[test]
+    fn excluded_nodes_are_skipped() {
+        let nodes = [
+            node("a", res(4000, 4000), res(1000, 4000)),
+            node("b", res(4000, 4000), res(3000, 4000)),
+        ];
+        assert_eq!(
+            place_simple(&nodes, &res(500, 500), &["b"], &[]).unwrap(),
+            "a"
+        );
+        let err = place_simple(&nodes, &res(500, 500), &["a", "b"], &[]).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ResourceNotEnough);
+        let text = err.to_string();
+        assert!(
+            text.contains("a: excluded") && text.contains("b: excluded"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn labels_require_key_value_or_key() {
+        let nodes = [
+            labelled(
+                node("a", res(4000, 4000), res(1000, 4000)),
+                &[("zone", "east"), ("gpu", "")],
+            ),
+            labelled(
+                node("b", res(4000, 4000), res(3000, 4000)),
+                &[("zone", "west")],
+            ),
+        ];
+        let request = res(100, 100);
+        assert_eq!(
+            place_simple(&nodes, &request, &[], &["zone=east"]).unwrap(),
+            "a"
+        );
+        assert_eq!(
+            place_simple(&nodes, &request, &[], &["zone=west"]).unwrap(),
+            "b"
+        );
+        assert_eq!(place_simple(&nodes, &request, &[], &["gpu"]).unwrap(), "a");
+        assert_eq!(place_simple(&nodes, &request, &[], &["zone"]).unwrap(), "b");
+        assert_eq!(
+            place_simple(&nodes, &request, &[], &["zone=east", "gpu"]).unwrap(),
+            "a"
+        );
+        let err = place_simple(&nodes, &request, &[], &["zone=north"]).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ResourceNotEnough);
+        assert!(err.to_string().contains("lacks label zone=north"), "{err}");
+    }
+
+    #[test]
+    fn larger_than_every_capacity_is_resource_config_error_naming_the_largest_node() {
+        let nodes = [
+            node("small", res(1000, 1000), res(1000, 1000)),
+            node("big", res(4000, 8000), res(4000, 8000)),
+        ];
+        let err = place_simple(&nodes, &res(8000, 100), &[], &[]).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ResourceConfigError);
+        assert_eq!(
+            err,
+            PlacementError::ExceedsCapacity {
+                request: res(8000, 100),
+                largest_node: "big".into(),
+                largest_capacity: res(4000, 8000),
+            }
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with("request resource is greater than each node's max resource"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cpu: 8000m") && text.contains("big"),
+            "{text}"
+        );
+        // Memory alone, too.
+        let err = place_simple(&nodes, &res(100, 9000), &[], &[]).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ResourceConfigError);
+    }
+
+    #[test]
+    fn custom_resource_beyond_every_capacity_is_resource_config_error() {
+        let nodes = [
+            node(
+                "a",
+                with_custom(res(4000, 4000), "gpu", 1.0),
+                res(4000, 4000),
+            ),
+            node("b", res(4000, 4000), res(4000, 4000)),
+        ];
+        let err =
+            place_simple(&nodes, &with_custom(res(100, 100), "gpu", 2.0), &[], &[]).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ResourceConfigError);
+        let err =
+            place_simple(&nodes, &with_custom(res(100, 100), "tpu", 1.0), &[], &[]).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ResourceConfigError);
+    }
+
+    #[test]
+    fn custom_resource_places_on_the_node_that_has_it() {
+        let nodes = [
+            node(
+                "a",
+                with_custom(res(4000, 4000), "gpu", 2.0),
+                with_custom(res(500, 4000), "gpu", 2.0),
+            ),
+            node("b", res(4000, 4000), res(4000, 4000)),
+        ];
+        assert_eq!(
+            place_simple(&nodes, &with_custom(res(100, 100), "gpu", 1.0), &[], &[]).unwrap(),
+            "a"
+        );
+    }
+
+    #[test]
+    fn fits_capacity_but_not_allocatable_is_resource_not_enough_with_reasons() {
+        let nodes = [
+            node("a", res(4000, 4000), res(500, 4000)),
+            node("b", res(2000, 4000), res(1000, 100)),
+        ];
+        let err = place_simple(&nodes, &res(1500, 500), &[], &[]).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ResourceNotEnough);
+        let text = err.to_string();
+        assert!(
+            text.contains("a: not enough free (cpu 500m of 1500m)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("b: not enough free (cpu 1000m of 1500m, memory 100MB of 500MB)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn node_whose_capacity_is_too_small_says_so() {
+        let nodes = [
+            node("a", res(4000, 4000), res(0, 4000)),
+            node("b", res(1000, 4000), res(1000, 4000)),
+        ];
+        let err = place_simple(&nodes, &res(2000, 0), &[], &[]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("b: capacity too small (cpu 1000m of 2000m)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_zero_request_fits_any_node() {
+        let nodes = [node("a", res(0, 0), res(0, 0))];
+        assert_eq!(place_simple(&nodes, &res(0, 0), &[], &[]).unwrap(), "a");
+    }
+
+    #[test]
+    fn overcommitted_view_still_fits_only_what_is_free() {
+        // A reservation can drive allocatable below zero for a moment.
+        let nodes = [node("a", res(4000, 4000), res(-500, 4000))];
+        let err = place_simple(&nodes, &res(100, 0), &[], &[]).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ResourceNotEnough);
+        assert!(err.to_string().contains("cpu 0m of 100m"), "{err}");
+    }
+
+    #[test]
+    fn long_reasons_are_cut() {
+        let ids: Vec<&'static str> = (0..12)
+            .map(|i| &*Box::leak(format!("n{i:02}").into_boxed_str()))
+            .collect();
+        let nodes: Vec<TestNode> = ids
+            .iter()
+            .map(|id| node(id, res(1000, 1000), res(0, 1000)))
+            .collect();
+        let err = place_simple(&nodes, &res(100, 0), &[], &[]).unwrap_err();
+        assert!(err.to_string().ends_with("and 4 more"), "{err}");
+    }
+}

@@ -1,0 +1,120 @@
+//! The `Master` gRPC service (`yr.v1.Master`): a thin translation between the wire and
+//! [`Cluster`](crate::cluster::Cluster).
+//!
+//! - `RegisterNode`: a node joins (or re-joins) with its id, addresses, labels, capacity and
+//!   allocatable; the answer carries the cluster id.
+//! - `NodeHeartbeat`: one bidirectional stream per node. The node sends `NodeUpdate`s (deltas to
+//!   its allocatable, or empty beats at least once a second); the master answers only when it
+//!   needs something: `MasterCommand{reregister: true}` for a node it does not know as alive.
+//! - `Schedule`: global placement; a failure is an `ErrorInfo` in the response, not a gRPC error.
+//! - `ClusterStatus`: nodes, instances and registered functions.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use yr_proto::v1::master_server::Master;
+use yr_proto::v1::{
+    ClusterStatusRequest, ClusterStatusResponse, MasterCommand, NodeUpdate, RegisterNodeRequest,
+    RegisterNodeResponse, ScheduleRequest, ScheduleResponse,
+};
+
+use crate::cluster::{Cluster, RegisterError};
+use crate::registry::HeartbeatOutcome;
+
+/// How many commands may wait for a node that does not read its heartbeat stream.
+const COMMAND_BUFFER: usize = 8;
+
+/// The tonic implementation of `yr.v1.Master`.
+pub struct MasterService {
+    cluster: Arc<Cluster>,
+    stop: watch::Receiver<bool>,
+}
+
+impl MasterService {
+    /// A service over `cluster`; heartbeat streams end when `stop` turns true.
+    pub fn new(cluster: Arc<Cluster>, stop: watch::Receiver<bool>) -> MasterService {
+        MasterService { cluster, stop }
+    }
+}
+
+fn register_status(err: RegisterError) -> Status {
+    let invalid = matches!(err, RegisterError::Invalid(_));
+    let message = yr_common::Error::from(err).to_string();
+    if invalid {
+        Status::invalid_argument(message)
+    } else {
+        Status::unavailable(message)
+    }
+}
+
+#[tonic::async_trait]
+impl Master for MasterService {
+    async fn register_node(
+        &self,
+        request: Request<RegisterNodeRequest>,
+    ) -> Result<Response<RegisterNodeResponse>, Status> {
+        let cluster_id = self
+            .cluster
+            .register(request.into_inner().node)
+            .await
+            .map_err(register_status)?;
+        Ok(Response::new(RegisterNodeResponse { cluster_id }))
+    }
+
+    type NodeHeartbeatStream = ReceiverStream<Result<MasterCommand, Status>>;
+
+    async fn node_heartbeat(
+        &self,
+        request: Request<Streaming<NodeUpdate>>,
+    ) -> Result<Response<Self::NodeHeartbeatStream>, Status> {
+        let mut updates = request.into_inner();
+        let (commands, receiver) = mpsc::channel(COMMAND_BUFFER);
+        let cluster = self.cluster.clone();
+        let mut stop = self.stop.clone();
+        tokio::spawn(async move {
+            let mut node_id = String::new();
+            loop {
+                let update = tokio::select! {
+                    _ = crate::stopped(&mut stop) => break,
+                    update = updates.message() => update,
+                };
+                match update {
+                    Ok(Some(update)) => {
+                        node_id.clone_from(&update.node_id);
+                        if cluster.heartbeat(&update) == HeartbeatOutcome::Reregister {
+                            tracing::debug!(node_id, "heartbeat from an unknown node: reregister");
+                            let command = MasterCommand { reregister: true };
+                            match commands.try_send(Ok(command)) {
+                                Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                                Err(mpsc::error::TrySendError::Closed(_)) => break,
+                            }
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(node_id, %status, "heartbeat stream broke");
+                        break;
+                    }
+                }
+            }
+            tracing::debug!(node_id, "heartbeat stream ended");
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn schedule(
+        &self,
+        request: Request<ScheduleRequest>,
+    ) -> Result<Response<ScheduleResponse>, Status> {
+        Ok(Response::new(self.cluster.schedule(request.get_ref())))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        Ok(Response::new(self.cluster.status().await))
+    }
+}

@@ -1,0 +1,355 @@
+//! [`RemoteStore`]: a [`MetaStore`] served by another process (the master's
+//! [`MetaService`](crate::MetaService)), over a tonic channel.
+//!
+//! Every call has a timeout (5 s by default); a call that times out or cannot reach the server
+//! fails with [`MetaError::Unavailable`], and the outcome of such a write is unknown: read the
+//! key again before retrying. The channel reconnects by itself on the next call.
+//!
+//! Watches survive the server going away: when the stream breaks, a task reconnects with
+//! backoff (50 ms doubling to 2 s) and resumes after the last revision it received, so the
+//! receiver sees every event once and in order. If the server no longer remembers that revision
+//! the channel closes, and a new `watch_prefix` from it fails with [`MetaError::Compacted`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Response, Status, Streaming};
+use yr_proto::meta as proto;
+use yr_proto::meta::meta_service_client::MetaServiceClient;
+
+use crate::error::MetaError;
+use crate::service::MAX_MESSAGE_BYTES;
+use crate::store::{Compare, KeyValue, LeaseId, MetaStore, TxnOp, TxnResponse, WatchEvent};
+use crate::wire;
+
+/// Events a watch may have waiting for its receiver.
+const WATCH_BUFFER: usize = 1024;
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// A [`MetaStore`] reached over gRPC. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct RemoteStore {
+    client: MetaServiceClient<Channel>,
+    address: Arc<str>,
+    timeout: Duration,
+}
+
+impl RemoteStore {
+    /// The per-call timeout unless [`with_timeout`](Self::with_timeout) says otherwise.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// Connects to the meta service at `address` (`"http://host:port"`). Fails with
+    /// [`MetaError::Unavailable`] if it cannot be reached within the timeout, and with
+    /// [`MetaError::InvalidArgument`] if the address is malformed.
+    pub async fn connect(address: &str) -> Result<RemoteStore, MetaError> {
+        let endpoint = endpoint(address, Self::DEFAULT_TIMEOUT)?;
+        let channel = tokio::time::timeout(Self::DEFAULT_TIMEOUT, endpoint.connect())
+            .await
+            .map_err(|_| {
+                MetaError::Unavailable(format!(
+                    "could not connect to the meta store at {address} within {:?}; check that the master is running",
+                    Self::DEFAULT_TIMEOUT
+                ))
+            })?
+            .map_err(|e| {
+                MetaError::Unavailable(format!(
+                    "could not connect to the meta store at {address}: {e}; check that the master is running"
+                ))
+            })?;
+        Ok(RemoteStore::from_channel(channel, address))
+    }
+
+    /// A store whose connection is made on the first call, so it can be built before the
+    /// master is up.
+    pub fn connect_lazy(address: &str) -> Result<RemoteStore, MetaError> {
+        let channel = endpoint(address, Self::DEFAULT_TIMEOUT)?.connect_lazy();
+        Ok(RemoteStore::from_channel(channel, address))
+    }
+
+    fn from_channel(channel: Channel, address: &str) -> RemoteStore {
+        RemoteStore {
+            client: MetaServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            address: address.into(),
+            timeout: Self::DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// The same store with another per-call timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> RemoteStore {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The address this store talks to.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    async fn call<T>(
+        &self,
+        what: &str,
+        call: impl Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<T, MetaError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(wire::error_from_status(status, &self.address, what)),
+            Err(_) => Err(MetaError::Unavailable(format!(
+                "{what} at meta store {} got no answer within {:?}; check that the master is running and reachable",
+                self.address, self.timeout
+            ))),
+        }
+    }
+
+    async fn open_watch(
+        &self,
+        prefix: &str,
+        after_revision: u64,
+    ) -> Result<Streaming<proto::WatchResponse>, MetaError> {
+        let mut client = self.client.clone();
+        self.call(
+            "watch",
+            client.watch(proto::WatchRequest {
+                prefix: prefix.to_string(),
+                after_revision,
+            }),
+        )
+        .await
+    }
+}
+
+fn endpoint(address: &str, timeout: Duration) -> Result<Endpoint, MetaError> {
+    Ok(Endpoint::from_shared(address.to_string())
+        .map_err(|e| {
+            MetaError::InvalidArgument(format!(
+                "meta store address {address:?} is not a valid URI like http://host:port: {e}"
+            ))
+        })?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true))
+}
+
+/// Forwards a watch stream to `tx`, reconnecting and resuming after the last revision received
+/// whenever the stream breaks, until the receiver is dropped.
+async fn resume_watch(
+    store: RemoteStore,
+    prefix: String,
+    mut last_revision: u64,
+    mut stream: Streaming<proto::WatchResponse>,
+    tx: mpsc::Sender<WatchEvent>,
+) {
+    loop {
+        loop {
+            let message = tokio::select! {
+                message = stream.message() => message,
+                _ = tx.closed() => return,
+            };
+            match message {
+                Ok(Some(message)) => {
+                    for event in message.events {
+                        if let Some(event) = wire::event_from_proto(event) {
+                            if tx.send(event).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    last_revision = last_revision.max(message.revision);
+                }
+                Ok(None) => {
+                    tracing::debug!(%prefix, last_revision, "meta store watch stream ended; resuming");
+                    break;
+                }
+                Err(status) => {
+                    tracing::debug!(%prefix, last_revision, %status, "meta store watch stream broke; resuming");
+                    break;
+                }
+            }
+        }
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = tx.closed() => return,
+            }
+            match store.open_watch(&prefix, last_revision).await {
+                Ok(resumed) => {
+                    tracing::info!(%prefix, last_revision, address = %store.address, "meta store watch resumed");
+                    stream = resumed;
+                    break;
+                }
+                Err(err @ MetaError::Compacted { .. }) => {
+                    tracing::error!(%prefix, %err, "meta store watch cannot resume; closing it so its owner re-reads");
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(%prefix, last_revision, %err, "meta store watch could not resume yet; retrying");
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl MetaStore for RemoteStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, MetaError> {
+        let mut client = self.client.clone();
+        let response = self
+            .call(
+                "get",
+                client.get(proto::GetRequest {
+                    key: key.to_string(),
+                }),
+            )
+            .await?;
+        Ok(response.kv.map(wire::kv_from_proto))
+    }
+
+    async fn range(&self, prefix: &str) -> Result<Vec<KeyValue>, MetaError> {
+        let mut client = self.client.clone();
+        let response = self
+            .call(
+                "range",
+                client.range(proto::RangeRequest {
+                    prefix: prefix.to_string(),
+                }),
+            )
+            .await?;
+        Ok(response.kvs.into_iter().map(wire::kv_from_proto).collect())
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: Bytes,
+        lease: Option<LeaseId>,
+    ) -> Result<KeyValue, MetaError> {
+        let mut client = self.client.clone();
+        let response = self
+            .call(
+                "put",
+                client.put(proto::PutRequest {
+                    key: key.to_string(),
+                    value,
+                    lease,
+                }),
+            )
+            .await?;
+        response.kv.map(wire::kv_from_proto).ok_or_else(|| {
+            MetaError::Unavailable(format!(
+                "meta store {} answered a put of {key:?} without the written record",
+                self.address
+            ))
+        })
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, MetaError> {
+        let mut client = self.client.clone();
+        let response = self
+            .call(
+                "delete",
+                client.delete(proto::DeleteRequest {
+                    key: key.to_string(),
+                }),
+            )
+            .await?;
+        Ok(response.deleted)
+    }
+
+    async fn txn(
+        &self,
+        compares: Vec<Compare>,
+        success: Vec<TxnOp>,
+        failure: Vec<TxnOp>,
+    ) -> Result<TxnResponse, MetaError> {
+        let mut client = self.client.clone();
+        let request = proto::TxnRequest {
+            compares: compares.into_iter().map(wire::compare_to_proto).collect(),
+            success: success.into_iter().map(wire::op_to_proto).collect(),
+            failure: failure.into_iter().map(wire::op_to_proto).collect(),
+        };
+        let response = self.call("txn", client.txn(request)).await?;
+        Ok(wire::txn_response_from_proto(response))
+    }
+
+    async fn watch_prefix(
+        &self,
+        prefix: &str,
+        after_revision: u64,
+    ) -> Result<mpsc::Receiver<WatchEvent>, MetaError> {
+        // Pin "from now" to a revision, so a resume after a reconnect misses nothing.
+        let start = if after_revision == 0 {
+            self.current_revision().await?
+        } else {
+            after_revision
+        };
+        let stream = self.open_watch(prefix, start).await?;
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        tokio::spawn(resume_watch(
+            self.clone(),
+            prefix.to_string(),
+            start,
+            stream,
+            tx,
+        ));
+        Ok(rx)
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, MetaError> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        if ttl_ms == 0 {
+            return Err(MetaError::InvalidArgument(
+                "a lease TTL must be at least 1 ms".to_string(),
+            ));
+        }
+        let mut client = self.client.clone();
+        let response = self
+            .call(
+                "lease grant",
+                client.lease_grant(proto::LeaseGrantRequest { ttl_ms }),
+            )
+            .await?;
+        Ok(response.lease)
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), MetaError> {
+        let mut client = self.client.clone();
+        self.call(
+            "lease keep-alive",
+            client.lease_keep_alive(proto::LeaseKeepAliveRequest { lease }),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), MetaError> {
+        let mut client = self.client.clone();
+        self.call(
+            "lease revoke",
+            client.lease_revoke(proto::LeaseRevokeRequest { lease }),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn current_revision(&self) -> Result<u64, MetaError> {
+        let mut client = self.client.clone();
+        let response = self
+            .call(
+                "current revision",
+                client.current_revision(proto::CurrentRevisionRequest {}),
+            )
+            .await?;
+        Ok(response.revision)
+    }
+}

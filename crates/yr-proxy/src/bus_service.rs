@@ -1,0 +1,113 @@
+//! The Bus service: one stream per driver or runtime. Requests are answered with the same
+//! message id; the node pushes notifications, init calls, heartbeats and shutdowns with id 0.
+//! A malformed message gets a clear error and the stream keeps serving.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use yr_common::{Error, ErrorCode};
+use yr_proto::v1 as pb;
+use yr_proto::v1::bus_request::Body;
+use yr_proto::v1::bus_server::Bus;
+
+use crate::node::{Node, Subscriber};
+
+/// The Bus service over a node.
+pub struct BusService {
+    /// The node.
+    pub node: Arc<Node>,
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::BusResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Bus for BusService {
+    type SessionStream = ResponseStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::BusRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let node = self.node.clone();
+        let client_id = node.connect_client(sender);
+        tokio::spawn(async move {
+            while let Some(message) = inbound.next().await {
+                match message {
+                    Ok(message) => handle(&node, client_id, message),
+                    Err(status) => {
+                        tracing::debug!(client_id, error = %status, "bus stream ended");
+                        break;
+                    }
+                }
+            }
+            node.disconnect_client(client_id);
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
+            receiver,
+        ))))
+    }
+}
+
+fn handle(node: &Arc<Node>, client_id: u64, message: pb::BusRequest) {
+    let id = message.message_id;
+    let Some(body) = message.body else {
+        node.reply(
+            client_id,
+            id,
+            Err(Error::new(
+                ErrorCode::ParamInvalid,
+                "a bus message without a body; send one of the request kinds",
+            )),
+        );
+        return;
+    };
+    match body {
+        Body::Register(register) => {
+            let reply = node.register(client_id, register);
+            node.reply(client_id, id, Ok(pb::bus_response::Body::Registered(reply)));
+        }
+        Body::Create(create) => {
+            let result = node.create(create, Subscriber::Client(client_id));
+            node.reply(client_id, id, result.map(pb::bus_response::Body::Create));
+        }
+        Body::Kill(kill) => {
+            let node = node.clone();
+            tokio::spawn(async move {
+                let result = if kill.job_id.is_empty() {
+                    node.kill(&kill.instance_id, kill.wait).await
+                } else {
+                    node.kill_job(&kill.job_id, kill.wait).await;
+                    Ok(())
+                };
+                node.reply(
+                    client_id,
+                    id,
+                    result.map(|()| pb::bus_response::Body::Kill(pb::KillResponse {})),
+                );
+            });
+        }
+        Body::InitResult(result) => node.init_result(client_id, result),
+        Body::HeartbeatAck(_) => node.heartbeat_ack(client_id),
+        Body::Exit(_) => {}
+        Body::GetNamed(request) => {
+            let node = node.clone();
+            tokio::spawn(async move {
+                let result = node.lookup(client_id, request).await;
+                node.reply(client_id, id, result.map(pb::bus_response::Body::GetNamed));
+            });
+        }
+        Body::ListNamed(_) => {
+            node.reply(
+                client_id,
+                id,
+                Ok(pb::bus_response::Body::ListNamed(node.list_named())),
+            );
+        }
+    }
+}

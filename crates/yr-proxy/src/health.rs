@@ -1,0 +1,71 @@
+//! Health and Prometheus metrics over plain HTTP: `GET /healthz` and `GET /metrics`.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::node::Node;
+
+/// The metrics text of `node`.
+pub fn metrics(node: &Node) -> String {
+    let resources = node.resources();
+    let mut out = String::new();
+    let _ = writeln!(out, "# TYPE yr_node_cpu_capacity_millicores gauge");
+    let _ = writeln!(
+        out,
+        "yr_node_cpu_capacity_millicores {}",
+        resources.capacity.cpu
+    );
+    let _ = writeln!(out, "# TYPE yr_node_cpu_allocatable_millicores gauge");
+    let _ = writeln!(
+        out,
+        "yr_node_cpu_allocatable_millicores {}",
+        resources.allocatable.cpu
+    );
+    let _ = writeln!(out, "# TYPE yr_node_memory_allocatable_mb gauge");
+    let _ = writeln!(
+        out,
+        "yr_node_memory_allocatable_mb {}",
+        resources.allocatable.memory
+    );
+    let _ = writeln!(out, "# TYPE yr_node_runtimes gauge");
+    let _ = writeln!(out, "yr_node_runtimes {}", node.runtime_count());
+    let _ = writeln!(out, "# TYPE yr_node_creates_total counter");
+    let _ = writeln!(out, "yr_node_creates_total {}", node.creates());
+    let _ = writeln!(out, "# TYPE yr_node_instances gauge");
+    for (state, count) in node.instance_counts() {
+        let _ = writeln!(out, "yr_node_instances{{state=\"{state}\"}} {count}");
+    }
+    out
+}
+
+/// Serve `/healthz` and `/metrics` on `listener`.
+pub async fn serve(listener: TcpListener, node: Arc<Node>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let mut buffer = [0u8; 1024];
+            let read = stream.read(&mut buffer).await.unwrap_or(0);
+            let request = String::from_utf8_lossy(&buffer[..read]);
+            let path = request.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match path {
+                "/healthz" => ("200 OK", "ok\n".to_string()),
+                "/metrics" => ("200 OK", metrics(&node)),
+                _ => (
+                    "404 Not Found",
+                    "not found; try /healthz or /metrics\n".to_string(),
+                ),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}

@@ -1,0 +1,200 @@
+//! yr-proxy: a yr node. It owns the local scheduler (this node's resources), each local
+//! instance's state machine (the single writer of its record in the meta store), the bus proxy
+//! that routes create/kill/notifications between drivers, runtimes and the master, heartbeats to
+//! runtimes, and the create rate limit. It runs the function agent (`yr-agent`) in the same
+//! process. Calls do not pass through it: callers stream them to runtimes directly.
+
+mod bus_service;
+mod health;
+mod master_link;
+mod node;
+mod rate_limit;
+mod resources;
+mod state_machine;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use yr_common::{Error, ErrorCode};
+use yr_proto::v1 as pb;
+
+pub use node::{Node, NodeSettings};
+pub use resources::Amount;
+pub use state_machine::{allowed as transition_allowed, check as check_transition};
+
+/// How to run a node.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// The node's id.
+    pub node_id: String,
+    /// The master's gRPC address (`host:port`).
+    pub master_address: String,
+    /// TCP address for the bus (remote drivers).
+    pub listen: SocketAddr,
+    /// The bus's Unix socket for drivers and runtimes on this machine.
+    pub bus_socket: PathBuf,
+    /// Health and metrics.
+    pub metrics_listen: Option<SocketAddr>,
+    /// What this node offers.
+    pub capacity: Amount,
+    /// Node labels.
+    pub labels: Vec<(String, String)>,
+    /// Session directory (logs).
+    pub session_dir: PathBuf,
+    /// Spare runtimes per driver binary.
+    pub warm_pool_size: usize,
+    /// Heartbeat period and the silence after which a runtime counts as hung.
+    pub heartbeat: (Duration, Duration),
+    /// Creates per second and burst.
+    pub create_rate: (f64, f64),
+}
+
+/// Errors that stop a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {what}: {source}")]
+    Listen {
+        /// Which listener.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The meta store could not be reached.
+    #[error("cannot reach the meta store at {address}: {message}")]
+    Meta {
+        /// Where.
+        address: String,
+        /// Why.
+        message: String,
+    },
+}
+
+impl From<NodeError> for Error {
+    fn from(error: NodeError) -> Error {
+        Error::new(ErrorCode::LocalSchedulerOperationError, error.to_string())
+    }
+}
+
+/// Run a node until `shutdown` resolves; then stop its instances gracefully (shutdown hooks).
+pub async fn run(
+    options: NodeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let meta = yr_meta::RemoteStore::connect(&format!("http://{}", options.master_address))
+        .await
+        .map_err(|e| NodeError::Meta {
+            address: options.master_address.clone(),
+            message: e.to_string(),
+        })?;
+    let _ = std::fs::remove_file(&options.bus_socket);
+    if let Some(parent) = options.bus_socket.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let unix = UnixListener::bind(&options.bus_socket).map_err(|source| NodeError::Listen {
+        what: options.bus_socket.display().to_string(),
+        source,
+    })?;
+    let tcp = TcpListener::bind(options.listen)
+        .await
+        .map_err(|source| NodeError::Listen {
+            what: options.listen.to_string(),
+            source,
+        })?;
+    let tcp_address = tcp.local_addr().map_err(|source| NodeError::Listen {
+        what: options.listen.to_string(),
+        source,
+    })?;
+    let bus_address = format!("unix:{}", options.bus_socket.display());
+    let node_info = pb::NodeInfo {
+        node_id: options.node_id.clone(),
+        address: tcp_address.to_string(),
+        bus_address: bus_address.clone(),
+        capacity: Some(options.capacity.to_proto()),
+        allocatable: Some(options.capacity.to_proto()),
+        labels: options.labels.iter().cloned().collect(),
+        state: "ready".into(),
+    };
+    let master = Arc::new(master_link::MasterLink::new(
+        options.master_address.clone(),
+        node_info,
+    ));
+    let (events, mut event_receiver) = tokio::sync::mpsc::unbounded_channel();
+    let node = Node::new(
+        NodeSettings {
+            node_id: options.node_id.clone(),
+            bus_address,
+            session_dir: options.session_dir.clone(),
+            warm_pool_size: options.warm_pool_size,
+            heartbeat_interval: options.heartbeat.0,
+            heartbeat_timeout: options.heartbeat.1,
+            runtime_start_timeout: Duration::from_secs(30),
+            init_timeout: Duration::from_secs(300),
+            create_rate: options.create_rate,
+        },
+        options.capacity.clone(),
+        Arc::new(meta),
+        master.clone(),
+        events,
+    );
+
+    let link_node = node.clone();
+    tokio::spawn(async move {
+        master.run(move || link_node.resources().allocatable).await;
+    });
+    let event_node = node.clone();
+    tokio::spawn(async move {
+        while let Some(event) = event_receiver.recv().await {
+            event_node.on_runtime_exit(event).await;
+        }
+    });
+    let beat_node = node.clone();
+    let interval = options.heartbeat.0;
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            beat_node.heartbeat_round();
+        }
+    });
+    if let Some(address) = options.metrics_listen {
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|source| NodeError::Listen {
+                what: address.to_string(),
+                source,
+            })?;
+        tokio::spawn(health::serve(listener, node.clone()));
+    }
+
+    let service = || {
+        pb::bus_server::BusServer::new(bus_service::BusService { node: node.clone() })
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+    };
+    let unix_server = tonic::transport::Server::builder()
+        .add_service(service())
+        .serve_with_incoming(UnixListenerStream::new(unix));
+    let tcp_server = tonic::transport::Server::builder()
+        .add_service(service())
+        .serve_with_incoming(TcpListenerStream::new(tcp));
+    tracing::info!(node = %options.node_id, bus = %options.bus_socket.display(), tcp = %tcp_address, "node serving");
+    tokio::select! {
+        result = unix_server => {
+            if let Err(e) = result { tracing::error!(error = %e, "bus (unix) stopped"); }
+        }
+        result = tcp_server => {
+            if let Err(e) = result { tracing::error!(error = %e, "bus (tcp) stopped"); }
+        }
+        () = shutdown => {
+            tracing::info!("node stopping: running shutdown hooks");
+            node.drain().await;
+        }
+    }
+    node.stop();
+    let _ = std::fs::remove_file(&options.bus_socket);
+    Ok(())
+}

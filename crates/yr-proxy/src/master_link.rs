@@ -1,0 +1,155 @@
+//! The node's link to the master: registration, a heartbeat stream carrying changes to this
+//! node's allocatable resources, and global placement for requests this node cannot hold.
+
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
+use yr_common::{Error, ErrorCode};
+use yr_proto::v1 as pb;
+use yr_proto::v1::master_client::MasterClient;
+use yr_runtime::cluster::convert::error_from_proto;
+use yr_runtime::cluster::transport;
+
+use crate::resources::Amount;
+
+/// How often the node beats when nothing changes.
+const BEAT: Duration = Duration::from_millis(500);
+
+/// The link to the master.
+pub struct MasterLink {
+    address: String,
+    node: pb::NodeInfo,
+    updates: Mutex<Option<mpsc::UnboundedSender<pb::NodeUpdate>>>,
+}
+
+impl MasterLink {
+    /// A link for `node` to the master at `address`.
+    pub fn new(address: String, node: pb::NodeInfo) -> MasterLink {
+        MasterLink {
+            address,
+            node,
+            updates: Mutex::new(None),
+        }
+    }
+
+    async fn client(&self) -> Result<MasterClient<tonic::transport::Channel>, Error> {
+        let channel = transport::connect(&self.address, ErrorCode::InnerCommunication).await?;
+        Ok(MasterClient::new(channel))
+    }
+
+    /// Keep registered and beating, reconnecting after master restarts, until the process ends.
+    /// `allocatable` gives the node's current free resources for a fresh registration.
+    pub async fn run(&self, allocatable: impl Fn() -> Amount) {
+        loop {
+            if let Err(error) = self.session(&allocatable).await {
+                tracing::warn!(%error, master = %self.address, "master link down; retrying");
+            }
+            *self.updates.lock() = None;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn session(&self, allocatable: &impl Fn() -> Amount) -> Result<(), Error> {
+        let mut client = self.client().await?;
+        let mut node = self.node.clone();
+        node.allocatable = Some(allocatable().to_proto());
+        client
+            .register_node(pb::RegisterNodeRequest { node: Some(node) })
+            .await
+            .map_err(|s| {
+                Error::new(
+                    ErrorCode::InnerCommunication,
+                    format!("the master refused registration: {}", s.message()),
+                )
+            })?;
+        let (sender, receiver) = mpsc::unbounded_channel();
+        *self.updates.lock() = Some(sender.clone());
+        let mut commands = client
+            .node_heartbeat(UnboundedReceiverStream::new(receiver))
+            .await
+            .map_err(|s| {
+                Error::new(
+                    ErrorCode::InnerCommunication,
+                    format!("the master refused heartbeats: {}", s.message()),
+                )
+            })?
+            .into_inner();
+        let node_id = self.node.node_id.clone();
+        let beats = tokio::spawn(async move {
+            loop {
+                if sender
+                    .send(pb::NodeUpdate {
+                        node_id: node_id.clone(),
+                        delta: None,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(BEAT).await;
+            }
+        });
+        let result = loop {
+            match commands.next().await {
+                Some(Ok(command)) if command.reregister => {
+                    break Err(Error::new(
+                        ErrorCode::InnerCommunication,
+                        "the master asked this node to register again",
+                    ))
+                }
+                Some(Ok(_)) => {}
+                Some(Err(status)) => {
+                    break Err(Error::new(
+                        ErrorCode::InnerCommunication,
+                        status.message().to_string(),
+                    ))
+                }
+                None => {
+                    break Err(Error::new(
+                        ErrorCode::InnerCommunication,
+                        "the master closed the heartbeat stream",
+                    ))
+                }
+            }
+        };
+        beats.abort();
+        result
+    }
+
+    /// Tell the master that this node's allocatable resources changed by `delta`.
+    pub fn resources_changed(&self, delta: pb::ResourceDelta) {
+        if let Some(sender) = self.updates.lock().as_ref() {
+            let _ = sender.send(pb::NodeUpdate {
+                node_id: self.node.node_id.clone(),
+                delta: Some(delta),
+            });
+        }
+    }
+
+    /// Ask the master where `request` fits. Returns the node id, or the master's error (1006
+    /// when no node could ever hold it, 1002 when none can now).
+    pub async fn schedule(&self, request: &Amount) -> Result<String, Error> {
+        let mut client = self.client().await?;
+        let reply = client
+            .schedule(pb::ScheduleRequest {
+                request: Some(request.to_proto()),
+                exclude_nodes: Vec::new(),
+                labels: Vec::new(),
+            })
+            .await
+            .map_err(|s| {
+                Error::new(
+                    ErrorCode::InnerCommunication,
+                    format!("the master did not schedule: {}", s.message()),
+                )
+            })?
+            .into_inner();
+        match reply.error {
+            Some(error) => Err(error_from_proto(&error)),
+            None => Ok(reply.node_id),
+        }
+    }
+}

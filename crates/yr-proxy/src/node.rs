@@ -1,0 +1,1266 @@
+//! The node's proxy: the local scheduler, each instance's state machine (single writer of its
+//! record), the warm pool of runtimes, heartbeats, and routing of create/kill/notify between
+//! drivers, runtimes and other nodes. Calls themselves go straight from callers to runtimes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+use yr_agent::{RuntimeEvent, RuntimeManager, RuntimeSpec};
+use yr_common::{Error, ErrorCode, InvokeOptions};
+use yr_meta::MetaStore;
+use yr_proto::v1 as pb;
+use yr_proto::v1::InstanceState as S;
+use yr_runtime::cluster::convert::error_to_proto;
+
+use crate::master_link::MasterLink;
+use crate::rate_limit::TokenBucket;
+use crate::resources::{Amount, LocalResources};
+use crate::state_machine;
+
+/// Meta store key of an instance's record.
+pub fn instance_key(instance_id: &str) -> String {
+    format!("/yr/instance/{instance_id}")
+}
+
+/// Meta store key of a named instance.
+pub fn named_key(namespace: &str, name: &str) -> String {
+    format!("/yr/named/{namespace}/{name}")
+}
+
+/// Meta store key of a registered function.
+pub fn function_key(name: &str) -> String {
+    format!("/yr/function/{name}")
+}
+
+/// How a node behaves.
+#[derive(Clone, Debug)]
+pub struct NodeSettings {
+    /// The node's id.
+    pub node_id: String,
+    /// Where drivers and runtimes connect.
+    pub bus_address: String,
+    /// Session directory (logs).
+    pub session_dir: PathBuf,
+    /// Spare runtimes kept per driver binary.
+    pub warm_pool_size: usize,
+    /// How often runtimes are sent a heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A runtime that has not answered for this long is hung.
+    pub heartbeat_timeout: Duration,
+    /// How long a started runtime may take to connect.
+    pub runtime_start_timeout: Duration,
+    /// How long an instance's constructor may take.
+    pub init_timeout: Duration,
+    /// Creates per second and burst (token bucket).
+    pub create_rate: (f64, f64),
+}
+
+type Outbound = mpsc::UnboundedSender<Result<pb::BusResponse, Status>>;
+
+/// A driver or runtime connected to the bus.
+pub struct Client {
+    kind: pb::ClientKind,
+    job_id: String,
+    sender: Outbound,
+    runtime_id: String,
+}
+
+/// Who hears about an instance's state.
+#[derive(Clone)]
+pub enum Subscriber {
+    /// A bus client.
+    Client(u64),
+    /// A proxy on another node, through a Node.Create stream.
+    Remote(mpsc::UnboundedSender<Result<pb::InstanceNotify, Status>>),
+}
+
+struct RuntimeSlot {
+    client_id: Option<u64>,
+    address: String,
+    binary_hash: String,
+    instance_id: Option<String>,
+    last_ack: Instant,
+    registered: Vec<oneshot::Sender<()>>,
+    init: Option<oneshot::Sender<pb::InitResult>>,
+    hung: bool,
+}
+
+struct Instance {
+    record: pb::InstanceRecord,
+    version: u64,
+    options: InvokeOptions,
+    runtime_id: Option<String>,
+    subscribers: Vec<Subscriber>,
+    allocated: Option<Amount>,
+    exit_waiters: Vec<oneshot::Sender<()>>,
+    killing: bool,
+}
+
+#[derive(Default)]
+struct State {
+    clients: HashMap<u64, Client>,
+    runtimes: HashMap<String, RuntimeSlot>,
+    instances: HashMap<String, Instance>,
+    named: HashMap<(String, String), String>,
+    binaries: HashMap<String, RuntimeSpec>,
+    functions: BTreeSet<String>,
+}
+
+/// The node's proxy.
+pub struct Node {
+    settings: NodeSettings,
+    agent: RuntimeManager,
+    meta: Arc<dyn MetaStore>,
+    master: Arc<MasterLink>,
+    resources: Mutex<LocalResources>,
+    state: Mutex<State>,
+    limiter: Mutex<TokenBucket>,
+    next_client: AtomicU64,
+    creates: AtomicU64,
+}
+
+fn error_notify(instance_id: &str, state: S, error: &Error) -> pb::InstanceNotify {
+    pb::InstanceNotify {
+        instance_id: instance_id.to_string(),
+        state: state as i32,
+        runtime_address: String::new(),
+        error: Some(error_to_proto(error)),
+    }
+}
+
+impl Node {
+    /// A node; `events` is where its runtime manager reports ended runtimes.
+    pub fn new(
+        settings: NodeSettings,
+        capacity: Amount,
+        meta: Arc<dyn MetaStore>,
+        master: Arc<MasterLink>,
+        events: mpsc::UnboundedSender<RuntimeEvent>,
+    ) -> Arc<Node> {
+        let agent = RuntimeManager::new(
+            yr_agent::RuntimeManagerOptions {
+                log_dir: settings.session_dir.join("logs"),
+                bus_address: settings.bus_address.clone(),
+                node_id: settings.node_id.clone(),
+            },
+            events,
+        );
+        let (rate, burst) = settings.create_rate;
+        Arc::new(Node {
+            agent,
+            meta,
+            master,
+            resources: Mutex::new(LocalResources::new(capacity)),
+            state: Mutex::new(State::default()),
+            limiter: Mutex::new(TokenBucket::new(rate, burst)),
+            next_client: AtomicU64::new(1),
+            creates: AtomicU64::new(0),
+            settings,
+        })
+    }
+
+    /// The node's settings.
+    pub fn settings(&self) -> &NodeSettings {
+        &self.settings
+    }
+
+    /// The local resources.
+    pub fn resources(&self) -> LocalResources {
+        self.resources.lock().clone()
+    }
+
+    // ----- bus clients -------------------------------------------------------------------
+
+    /// A new bus session; returns its id.
+    pub fn connect_client(&self, sender: Outbound) -> u64 {
+        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
+        self.state.lock().clients.insert(
+            id,
+            Client {
+                kind: pb::ClientKind::Driver,
+                job_id: String::new(),
+                sender,
+                runtime_id: String::new(),
+            },
+        );
+        id
+    }
+
+    fn send(&self, client_id: u64, message_id: u64, body: pb::bus_response::Body) {
+        let sender = self
+            .state
+            .lock()
+            .clients
+            .get(&client_id)
+            .map(|c| c.sender.clone());
+        if let Some(sender) = sender {
+            let _ = sender.send(Ok(pb::BusResponse {
+                message_id,
+                body: Some(body),
+            }));
+        }
+    }
+
+    /// Answer request `message_id` of `client_id` with `result`.
+    pub fn reply(
+        &self,
+        client_id: u64,
+        message_id: u64,
+        result: Result<pb::bus_response::Body, Error>,
+    ) {
+        let body = match result {
+            Ok(body) => body,
+            Err(error) => pb::bus_response::Body::Error(error_to_proto(&error)),
+        };
+        self.send(client_id, message_id, body);
+    }
+
+    /// A client registered.
+    pub fn register(
+        self: &Arc<Self>,
+        client_id: u64,
+        register: pb::RegisterClient,
+    ) -> pb::RegisterReply {
+        let kind = pb::ClientKind::try_from(register.kind).unwrap_or(pb::ClientKind::Driver);
+        let mut warm_binary = None;
+        {
+            let mut state = self.state.lock();
+            if let Some(client) = state.clients.get_mut(&client_id) {
+                client.kind = kind;
+                client.job_id = register.job_id.clone();
+                client.runtime_id = register.runtime_id.clone();
+            }
+            match kind {
+                pb::ClientKind::Runtime => {
+                    if let Some(slot) = state.runtimes.get_mut(&register.runtime_id) {
+                        slot.client_id = Some(client_id);
+                        slot.address = register.listen_address.clone();
+                        slot.last_ack = Instant::now();
+                        for waiter in slot.registered.drain(..) {
+                            let _ = waiter.send(());
+                        }
+                    }
+                }
+                pb::ClientKind::Driver => {
+                    let spec = RuntimeSpec {
+                        binary_path: PathBuf::from(&register.binary_path),
+                        args: register.runtime_args.clone(),
+                        job_id: register.job_id.clone(),
+                        env: Vec::new(),
+                    };
+                    state.binaries.insert(register.binary_hash.clone(), spec);
+                    state.functions.extend(register.functions.iter().cloned());
+                    warm_binary = Some(register.binary_hash.clone());
+                }
+            }
+        }
+        if kind == pb::ClientKind::Driver {
+            let node = self.clone();
+            let functions = register.functions.clone();
+            tokio::spawn(async move {
+                for name in functions {
+                    let _ = node
+                        .meta
+                        .put(&function_key(&name), bytes::Bytes::new(), None)
+                        .await;
+                }
+            });
+        }
+        if let Some(hash) = warm_binary {
+            self.fill_warm_pool(&hash);
+        }
+        pb::RegisterReply {
+            node_id: self.settings.node_id.clone(),
+            session_dir: self.settings.session_dir.display().to_string(),
+        }
+    }
+
+    /// A bus session ended.
+    pub fn disconnect_client(self: &Arc<Self>, client_id: u64) {
+        let (client, orphaned_job) = {
+            let mut state = self.state.lock();
+            let Some(client) = state.clients.remove(&client_id) else {
+                return;
+            };
+            let job_still_connected = state
+                .clients
+                .values()
+                .any(|c| c.kind == pb::ClientKind::Driver && c.job_id == client.job_id);
+            let orphaned = client.kind == pb::ClientKind::Driver && !job_still_connected;
+            (client, orphaned)
+        };
+        if orphaned_job {
+            tracing::info!(job = %client.job_id, "the driver of job left; releasing its instances");
+            let node = self.clone();
+            tokio::spawn(async move { node.kill_job(&client.job_id, false).await });
+        }
+    }
+
+    /// A runtime answered a heartbeat.
+    pub fn heartbeat_ack(&self, client_id: u64) {
+        let mut state = self.state.lock();
+        let runtime_id = state.clients.get(&client_id).map(|c| c.runtime_id.clone());
+        if let Some(slot) = runtime_id.and_then(|id| state.runtimes.get_mut(&id)) {
+            slot.last_ack = Instant::now();
+        }
+    }
+
+    /// A runtime answered its init call.
+    pub fn init_result(&self, client_id: u64, result: pb::InitResult) {
+        let mut state = self.state.lock();
+        let runtime_id = state.clients.get(&client_id).map(|c| c.runtime_id.clone());
+        if let Some(slot) = runtime_id.and_then(|id| state.runtimes.get_mut(&id)) {
+            if let Some(waiter) = slot.init.take() {
+                let _ = waiter.send(result);
+            }
+        }
+    }
+
+    // ----- warm pool -----------------------------------------------------------------------
+
+    fn fill_warm_pool(self: &Arc<Self>, binary_hash: &str) {
+        let (missing, spec) = {
+            let state = self.state.lock();
+            let idle = state
+                .runtimes
+                .values()
+                .filter(|r| r.binary_hash == binary_hash && r.instance_id.is_none() && !r.hung)
+                .count();
+            let Some(spec) = state.binaries.get(binary_hash).cloned() else {
+                return;
+            };
+            (self.settings.warm_pool_size.saturating_sub(idle), spec)
+        };
+        for _ in 0..missing {
+            if let Err(error) = self.start_runtime(binary_hash, &spec) {
+                tracing::warn!(%error, "could not start a warm runtime");
+                return;
+            }
+        }
+    }
+
+    fn start_runtime(&self, binary_hash: &str, spec: &RuntimeSpec) -> Result<String, Error> {
+        let (runtime_id, _pid) = self.agent.spawn(spec)?;
+        self.state.lock().runtimes.insert(
+            runtime_id.clone(),
+            RuntimeSlot {
+                client_id: None,
+                address: String::new(),
+                binary_hash: binary_hash.to_string(),
+                instance_id: None,
+                last_ack: Instant::now(),
+                registered: Vec::new(),
+                init: None,
+                hung: false,
+            },
+        );
+        Ok(runtime_id)
+    }
+
+    /// Take a runtime for `instance_id`: a warm one, or a new one. Waits until it is connected.
+    async fn acquire_runtime(
+        self: &Arc<Self>,
+        instance_id: &str,
+        binary_hash: &str,
+    ) -> Result<String, Error> {
+        let (runtime_id, registered) = {
+            let mut state = self.state.lock();
+            let warm = state
+                .runtimes
+                .iter()
+                .filter(|(_, r)| r.binary_hash == binary_hash && r.instance_id.is_none() && !r.hung)
+                .min_by_key(|(_, r)| r.client_id.is_none())
+                .map(|(id, _)| id.clone());
+            let runtime_id = match warm {
+                Some(id) => id,
+                None => {
+                    let spec = state.binaries.get(binary_hash).cloned().ok_or_else(|| {
+                        Error::new(
+                            ErrorCode::UserCodeLoad,
+                            format!("the binary {binary_hash} of instance {instance_id} is not known to node {}", self.settings.node_id),
+                        )
+                    })?;
+                    drop(state);
+                    let id = self.start_runtime(binary_hash, &spec)?;
+                    state = self.state.lock();
+                    id
+                }
+            };
+            let Some(slot) = state.runtimes.get_mut(&runtime_id) else {
+                return Err(Error::new(
+                    ErrorCode::RuntimeManagerOperationError,
+                    format!("runtime {runtime_id} ended before it was used"),
+                ));
+            };
+            slot.instance_id = Some(instance_id.to_string());
+            let registered = if slot.client_id.is_some() {
+                None
+            } else {
+                let (sender, receiver) = oneshot::channel();
+                slot.registered.push(sender);
+                Some(receiver)
+            };
+            (runtime_id, registered)
+        };
+        self.fill_warm_pool(binary_hash);
+        if let Some(registered) = registered {
+            match tokio::time::timeout(self.settings.runtime_start_timeout, registered).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    self.agent.signal(&runtime_id, libc::SIGKILL);
+                    let tail = yr_agent::tail(&self.agent.stderr_path(&runtime_id), 20);
+                    return Err(Error::new(
+                        ErrorCode::RuntimeManagerOperationError,
+                        format!(
+                            "runtime {runtime_id} for instance {instance_id} did not start within {:?}; its stderr ends with:\n{tail}",
+                            self.settings.runtime_start_timeout
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(runtime_id)
+    }
+
+    // ----- records -------------------------------------------------------------------------
+
+    /// Move `instance_id` to `to`, persisting the record with a compare-and-swap.
+    fn transition(
+        self: &Arc<Self>,
+        instance_id: &str,
+        to: S,
+        error: Option<&Error>,
+    ) -> Result<(), Error> {
+        let record = {
+            let mut state = self.state.lock();
+            let Some(instance) = state.instances.get_mut(instance_id) else {
+                return Err(Error::new(
+                    ErrorCode::InstanceNotFound,
+                    format!("instance {instance_id} is not on this node"),
+                ));
+            };
+            let from = S::try_from(instance.record.state).unwrap_or(S::New);
+            state_machine::check(instance_id, from, to)?;
+            instance.record.state = to as i32;
+            instance.record.error = error.map(error_to_proto);
+            instance.record.clone()
+        };
+        self.persist(record);
+        Ok(())
+    }
+
+    fn persist(self: &Arc<Self>, record: pb::InstanceRecord) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let key = instance_key(&record.instance_id);
+            let value = bytes::Bytes::from(record.encode_to_vec());
+            for attempt in 0..50u32 {
+                let expected = node
+                    .state
+                    .lock()
+                    .instances
+                    .get(&record.instance_id)
+                    .map(|i| i.version);
+                let Some(expected) = expected else { return };
+                match yr_meta::put_if_version(node.meta.as_ref(), &key, value.clone(), expected)
+                    .await
+                {
+                    Ok(Ok(kv)) => {
+                        if let Some(instance) =
+                            node.state.lock().instances.get_mut(&record.instance_id)
+                        {
+                            instance.version = kv.version;
+                        }
+                        return;
+                    }
+                    Ok(Err(current)) => {
+                        // This proxy is the record's only writer: adopt the stored version.
+                        let version = current.map(|kv| kv.version).unwrap_or(0);
+                        if let Some(instance) =
+                            node.state.lock().instances.get_mut(&record.instance_id)
+                        {
+                            instance.version = version;
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(instance = %record.instance_id, %error, attempt, "could not persist an instance record; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    fn notify(&self, instance_id: &str, notify: pb::InstanceNotify) {
+        let subscribers = self
+            .state
+            .lock()
+            .instances
+            .get(instance_id)
+            .map(|i| i.subscribers.clone())
+            .unwrap_or_default();
+        for subscriber in subscribers {
+            match subscriber {
+                Subscriber::Client(client_id) => {
+                    self.send(client_id, 0, pb::bus_response::Body::Notify(notify.clone()));
+                }
+                Subscriber::Remote(sender) => {
+                    let _ = sender.send(Ok(notify.clone()));
+                }
+            }
+        }
+    }
+
+    // ----- create --------------------------------------------------------------------------
+
+    /// Handle a create: validate, record it and answer at once; the outcome is notified to
+    /// `subscriber` later.
+    pub fn create(
+        self: &Arc<Self>,
+        request: pb::CreateRequest,
+        subscriber: Subscriber,
+    ) -> Result<pb::CreateResponse, Error> {
+        let options: InvokeOptions = rmp_serde::from_slice(&request.options).map_err(|e| {
+            Error::new(
+                ErrorCode::ParamInvalid,
+                format!("the create's options cannot be decoded: {e}"),
+            )
+        })?;
+        options.validate()?;
+        if !request.stateless && !request.function.is_empty() {
+            let known = self.state.lock().functions.contains(&request.function);
+            if !known {
+                return Err(Error::new(
+                    ErrorCode::FunctionMetaNotFound,
+                    format!(
+                        "function {} is not registered on node {}; annotate it with #[yr::instance] in the driver's binary",
+                        request.function, self.settings.node_id
+                    ),
+                ));
+            }
+        }
+        let instance_id = if request.designated_instance_id.is_empty() {
+            yr_common::ids::random_hex(20)
+        } else {
+            request.designated_instance_id.clone()
+        };
+        let name = options
+            .name
+            .clone()
+            .map(|n| (options.namespace.clone().unwrap_or_default(), n));
+        {
+            let mut state = self.state.lock();
+            if let Some(key) = &name {
+                if let Some(existing) = state.named.get(key).cloned() {
+                    if let Some(instance) = state.instances.get_mut(&existing) {
+                        instance.subscribers.push(subscriber.clone());
+                        let class = instance.record.class_name.clone();
+                        let record = instance.record.clone();
+                        drop(state);
+                        if record.state == S::Running as i32 {
+                            self.notify_one(
+                                &subscriber,
+                                pb::InstanceNotify {
+                                    instance_id: existing.clone(),
+                                    state: S::Running as i32,
+                                    runtime_address: record.runtime_address,
+                                    error: None,
+                                },
+                            );
+                        }
+                        return Ok(pb::CreateResponse {
+                            instance_id: existing,
+                            existing: true,
+                            class_name: class,
+                        });
+                    }
+                }
+            }
+            if state.instances.contains_key(&instance_id) {
+                return Err(Error::new(
+                    ErrorCode::InstanceDuplicated,
+                    format!("you are not allowed to create instance with the same instance id {instance_id}, please kill it first"),
+                ));
+            }
+            if !self.limiter.lock().try_take() {
+                return Err(Error::new(
+                    ErrorCode::CreateRateLimited,
+                    format!(
+                        "create rate limited on local node {}: more than {} creates per second; retry later",
+                        self.settings.node_id, self.settings.create_rate.0
+                    ),
+                ));
+            }
+            let record = pb::InstanceRecord {
+                instance_id: instance_id.clone(),
+                function: request.function.clone(),
+                class_name: request.class_name.clone(),
+                state: S::New as i32,
+                node_id: self.settings.node_id.clone(),
+                job_id: request.job_id.clone(),
+                parent_instance_id: request.parent_instance_id.clone(),
+                detached: options.is_detached(),
+                options: request.options.clone(),
+                args: request.args.clone(),
+                stateless: request.stateless,
+                name: name.as_ref().map(|n| n.1.clone()).unwrap_or_default(),
+                namespace: name.as_ref().map(|n| n.0.clone()).unwrap_or_default(),
+                binary_path: request.binary_path.clone(),
+                binary_hash: request.binary_hash.clone(),
+                runtime_args: request.runtime_args.clone(),
+                creator_node_id: request.creator_node_id.clone(),
+                ..Default::default()
+            };
+            if let Some(key) = name.clone() {
+                state.named.insert(key, instance_id.clone());
+            }
+            state.instances.insert(
+                instance_id.clone(),
+                Instance {
+                    record,
+                    version: 0,
+                    options,
+                    runtime_id: None,
+                    subscribers: vec![subscriber],
+                    allocated: None,
+                    exit_waiters: Vec::new(),
+                    killing: false,
+                },
+            );
+        }
+        self.creates.fetch_add(1, Ordering::Relaxed);
+        self.spawn_start(instance_id.clone());
+        Ok(pb::CreateResponse {
+            instance_id,
+            existing: false,
+            class_name: request.class_name,
+        })
+    }
+
+    fn notify_one(&self, subscriber: &Subscriber, notify: pb::InstanceNotify) {
+        match subscriber {
+            Subscriber::Client(client_id) => {
+                self.send(*client_id, 0, pb::bus_response::Body::Notify(notify))
+            }
+            Subscriber::Remote(sender) => {
+                let _ = sender.send(Ok(notify));
+            }
+        }
+    }
+
+    fn spawn_start(self: &Arc<Self>, instance_id: String) {
+        let node = self.clone();
+        let future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            Box::pin(async move { node.schedule_and_start(instance_id).await });
+        tokio::spawn(future);
+    }
+
+    /// SCHEDULING → CREATING → RUNNING, or a failure state with the error callers get.
+    async fn schedule_and_start(self: Arc<Self>, instance_id: String) {
+        let _ = self.transition(&instance_id, S::Scheduling, None);
+        let outcome = self.try_start(&instance_id).await;
+        if let Err(error) = outcome {
+            self.fail_instance(&instance_id, error).await;
+        }
+    }
+
+    async fn try_start(self: &Arc<Self>, instance_id: &str) -> Result<(), Error> {
+        let (request, timeout) = {
+            let state = self.state.lock();
+            let instance = state
+                .instances
+                .get(instance_id)
+                .ok_or_else(|| gone(instance_id))?;
+            (
+                Amount::of(&instance.options),
+                instance.options.schedule_timeout(),
+            )
+        };
+        self.place(instance_id, &request, timeout).await?;
+        self.transition(instance_id, S::Creating, None)?;
+        let (binary_hash, init) = {
+            let state = self.state.lock();
+            let instance = state
+                .instances
+                .get(instance_id)
+                .ok_or_else(|| gone(instance_id))?;
+            (
+                instance.record.binary_hash.clone(),
+                pb::InitCall {
+                    instance_id: instance_id.to_string(),
+                    function: instance.record.function.clone(),
+                    stateless: instance.record.stateless,
+                    args: instance.record.args.clone(),
+                    options: instance.record.options.clone(),
+                    job_id: instance.record.job_id.clone(),
+                },
+            )
+        };
+        let runtime_id = self.acquire_runtime(instance_id, &binary_hash).await?;
+        let (client_id, address, init_result) = {
+            let mut state = self.state.lock();
+            if let Some(instance) = state.instances.get_mut(instance_id) {
+                instance.runtime_id = Some(runtime_id.clone());
+                instance.record.runtime_pid = self.agent.pid(&runtime_id).unwrap_or(0);
+            }
+            let slot = state.runtimes.get_mut(&runtime_id).ok_or_else(|| {
+                Error::new(
+                    ErrorCode::RuntimeManagerOperationError,
+                    format!("runtime {runtime_id} ended before it started instance {instance_id}"),
+                )
+            })?;
+            let (sender, receiver) = oneshot::channel();
+            slot.init = Some(sender);
+            (slot.client_id.unwrap_or(0), slot.address.clone(), receiver)
+        };
+        self.send(client_id, 0, pb::bus_response::Body::Init(init));
+        let result =
+            match tokio::time::timeout(self.settings.init_timeout, init_result).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => return Err(Error::new(
+                    ErrorCode::UserFunctionException,
+                    format!(
+                        "the runtime of instance {instance_id} exited while its constructor ran"
+                    ),
+                )),
+                Err(_) => {
+                    return Err(Error::new(
+                        ErrorCode::InnerCommunication,
+                        format!(
+                            "the constructor of instance {instance_id} did not finish within {:?}",
+                            self.settings.init_timeout
+                        ),
+                    ))
+                }
+            };
+        if let Some(error) = result.error {
+            return Err(yr_runtime::cluster::convert::error_from_proto(&error));
+        }
+        {
+            let mut state = self.state.lock();
+            let instance = state
+                .instances
+                .get_mut(instance_id)
+                .ok_or_else(|| gone(instance_id))?;
+            instance.record.runtime_address = address.clone();
+            if instance.killing {
+                return Ok(());
+            }
+        }
+        self.transition(instance_id, S::Running, None)?;
+        self.notify(
+            instance_id,
+            pb::InstanceNotify {
+                instance_id: instance_id.to_string(),
+                state: S::Running as i32,
+                runtime_address: address,
+                error: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Reserve resources here, waiting up to `timeout` (1017 with the last reason after it).
+    async fn place(
+        self: &Arc<Self>,
+        instance_id: &str,
+        request: &Amount,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let capacity = self.resources.lock().capacity.clone();
+        if !request.fits_in(&capacity) {
+            // Larger than this node: the master knows whether any node could ever hold it.
+            let decision = self.master.schedule(request).await;
+            return Err(match decision {
+                Err(error) => error,
+                Ok(node) => Error::new(
+                    ErrorCode::ResourceNotEnough,
+                    format!("instance {instance_id} needs {request}, which only node {node} can hold; placing on other nodes comes with multi-node scheduling"),
+                ),
+            });
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.killing(instance_id) {
+                return Err(Error::new(
+                    ErrorCode::ScheduleCanceled,
+                    format!("the creation of instance {instance_id} was cancelled by a kill"),
+                ));
+            }
+            if self.resources.lock().try_allocate(request) {
+                if let Some(instance) = self.state.lock().instances.get_mut(instance_id) {
+                    instance.allocated = Some(request.clone());
+                }
+                self.master.resources_changed(request.delta(true));
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let free = self.resources.lock().allocatable.clone();
+                return Err(Error::new(
+                    ErrorCode::ScheduleCanceled,
+                    format!(
+                        "the instance {instance_id} cannot be scheduled within {} ms: last reason ({}): it needs {request} and node {} has {free} free; free resources or raise schedule_timeout_ms",
+                        timeout.as_millis(),
+                        ErrorCode::ResourceNotEnough,
+                        self.settings.node_id
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn killing(&self, instance_id: &str) -> bool {
+        self.state
+            .lock()
+            .instances
+            .get(instance_id)
+            .map(|i| i.killing)
+            .unwrap_or(true)
+    }
+
+    fn release(&self, instance_id: &str) {
+        let allocated = self
+            .state
+            .lock()
+            .instances
+            .get_mut(instance_id)
+            .and_then(|i| i.allocated.take());
+        if let Some(amount) = allocated {
+            self.resources.lock().release(&amount);
+            self.master.resources_changed(amount.delta(false));
+        }
+    }
+
+    /// The instance failed: FATAL (or FAILED and restarted with `recover_retry_times`).
+    async fn fail_instance(self: &Arc<Self>, instance_id: &str, error: Error) {
+        let (runtime_id, can_recover, killing) = {
+            let mut state = self.state.lock();
+            let Some(instance) = state.instances.get_mut(instance_id) else {
+                return;
+            };
+            let can_recover = instance.record.restarts < instance.options.recover_retry_times
+                && !instance.killing
+                && instance.record.state == S::Running as i32;
+            (instance.runtime_id.take(), can_recover, instance.killing)
+        };
+        if let Some(runtime_id) = runtime_id {
+            self.agent.signal(&runtime_id, libc::SIGKILL);
+        }
+        self.release(instance_id);
+        if killing {
+            self.finish_exit(instance_id, &error);
+            return;
+        }
+        if can_recover {
+            tracing::info!(instance = %instance_id, %error, "restarting the instance (recover_retry_times)");
+            if let Some(instance) = self.state.lock().instances.get_mut(instance_id) {
+                instance.record.restarts += 1;
+            }
+            let _ = self.transition(instance_id, S::Failed, Some(&error));
+            self.notify(instance_id, error_notify(instance_id, S::Failed, &error));
+            self.spawn_start(instance_id.to_string());
+            return;
+        }
+        tracing::info!(instance = %instance_id, %error, "instance failed");
+        let _ = self.transition(instance_id, S::Fatal, Some(&error));
+        self.notify(instance_id, error_notify(instance_id, S::Fatal, &error));
+        self.kill_children(instance_id);
+    }
+
+    // ----- runtime events --------------------------------------------------------------------
+
+    /// A runtime process ended.
+    pub async fn on_runtime_exit(self: &Arc<Self>, event: RuntimeEvent) {
+        let (instance_id, hung, init) = {
+            let mut state = self.state.lock();
+            let Some(mut slot) = state.runtimes.remove(&event.runtime_id) else {
+                return;
+            };
+            (slot.instance_id.take(), slot.hung, slot.init.take())
+        };
+        drop(init);
+        let Some(instance_id) = instance_id else {
+            if !event.cause.is_clean_exit() {
+                tracing::warn!(runtime = %event.runtime_id, cause = %event.cause, stderr = %event.stderr_tail, "a warm runtime ended");
+            }
+            return;
+        };
+        let (killing, state_now) = {
+            let state = self.state.lock();
+            match state.instances.get(&instance_id) {
+                Some(instance) => (instance.killing, instance.record.state),
+                None => return,
+            }
+        };
+        if killing {
+            self.release(&instance_id);
+            self.finish_exit(&instance_id, &exited_error(&instance_id));
+            return;
+        }
+        let error = if hung {
+            Error::new(
+                ErrorCode::UserFunctionException,
+                format!(
+                    "the runtime of instance {instance_id} stopped answering heartbeats for {:?} and was killed; check the user code for a hang",
+                    self.settings.heartbeat_timeout
+                ),
+            )
+        } else if event.cause.is_clean_exit() && state_now == S::Running as i32 {
+            Error::new(
+                ErrorCode::InstanceExited,
+                format!(
+                    "instance {instance_id} exited (its runtime {} ); create it again to call it",
+                    event.cause
+                ),
+            )
+        } else if state_now == S::Creating as i32
+            && !event.cause.is_clean_exit()
+            && event.cause.signal.is_none()
+        {
+            Error::new(
+                ErrorCode::RuntimeManagerOperationError,
+                format!(
+                    "the runtime of instance {instance_id} failed to start: it {}; its stderr ends with:\n{}",
+                    event.cause, event.stderr_tail
+                ),
+            )
+        } else {
+            Error::new(
+                ErrorCode::UserFunctionException,
+                format!(
+                    "the runtime of instance {instance_id} crashed: it {}; its stderr ends with:\n{}",
+                    event.cause, event.stderr_tail
+                ),
+            )
+        };
+        self.fail_instance(&instance_id, error).await;
+    }
+
+    /// Send heartbeats; kill runtimes that stopped answering.
+    pub fn heartbeat_round(&self) {
+        let mut hung = Vec::new();
+        let mut beats = Vec::new();
+        {
+            let mut state = self.state.lock();
+            for (runtime_id, slot) in state.runtimes.iter_mut() {
+                let Some(client_id) = slot.client_id else {
+                    continue;
+                };
+                if slot.last_ack.elapsed() > self.settings.heartbeat_timeout && !slot.hung {
+                    slot.hung = true;
+                    hung.push(runtime_id.clone());
+                } else {
+                    beats.push(client_id);
+                }
+            }
+        }
+        for client_id in beats {
+            self.send(
+                client_id,
+                0,
+                pb::bus_response::Body::Heartbeat(pb::Heartbeat {}),
+            );
+        }
+        for runtime_id in hung {
+            tracing::warn!(runtime = %runtime_id, "runtime missed its heartbeats; killing it");
+            self.agent.signal(&runtime_id, libc::SIGCONT);
+            self.agent.signal(&runtime_id, libc::SIGKILL);
+        }
+    }
+
+    // ----- kill ------------------------------------------------------------------------------
+
+    /// Kill an instance: shutdown hook within its grace period, then the process.
+    pub async fn kill(self: &Arc<Self>, instance_id: &str, wait: bool) -> Result<(), Error> {
+        if instance_id.is_empty() {
+            return Err(Error::new(
+                ErrorCode::InstanceIdEmpty,
+                "the instance id is empty; pass the id of a created instance",
+            ));
+        }
+        let found = {
+            let mut state = self.state.lock();
+            let state = &mut *state;
+            match state.instances.get_mut(instance_id) {
+                None => None,
+                Some(instance) => {
+                    let (sender, receiver) = oneshot::channel();
+                    instance.exit_waiters.push(sender);
+                    let already = instance.killing;
+                    instance.killing = true;
+                    let runtime_id = instance.runtime_id.clone();
+                    let grace = instance.options.graceful_shutdown_time();
+                    let terminal = matches!(
+                        S::try_from(instance.record.state),
+                        Ok(S::Fatal) | Ok(S::ScheduleFailed)
+                    );
+                    let client = runtime_id
+                        .as_ref()
+                        .and_then(|id| state.runtimes.get(id))
+                        .and_then(|slot| slot.client_id)
+                        .filter(|_| !already);
+                    Some((
+                        runtime_id.map(|id| (id, client)),
+                        grace,
+                        (receiver, terminal, already),
+                    ))
+                }
+            }
+        };
+        let Some((runtime, grace, exited)) = found else {
+            return self.kill_elsewhere(instance_id).await;
+        };
+        let (receiver, terminal, already) = exited;
+        if !already {
+            if self.transition(instance_id, S::Exiting, None).is_err() && !terminal {
+                tracing::debug!(instance = %instance_id, "kill of an instance that is still being created");
+            }
+            match runtime {
+                Some((runtime_id, client)) => {
+                    if let Some(client_id) = client {
+                        self.send(
+                            client_id,
+                            0,
+                            pb::bus_response::Body::Shutdown(pb::Shutdown {
+                                grace_period_ms: grace.as_millis() as u64,
+                            }),
+                        );
+                    }
+                    let node = self.clone();
+                    let instance_id = instance_id.to_string();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(grace + Duration::from_secs(1)).await;
+                        if node.agent.signal(&runtime_id, libc::SIGKILL) {
+                            tracing::info!(instance = %instance_id, "runtime outlived its grace period; killed");
+                        }
+                    });
+                }
+                None => {
+                    self.release(instance_id);
+                    self.finish_exit(instance_id, &exited_error(instance_id));
+                }
+            }
+        }
+        if wait {
+            let _ = tokio::time::timeout(grace + Duration::from_secs(5), receiver).await;
+        }
+        Ok(())
+    }
+
+    async fn kill_elsewhere(&self, instance_id: &str) -> Result<(), Error> {
+        match self.meta.get(&instance_key(instance_id)).await {
+            Ok(Some(_)) => Ok(()),
+            _ => Err(Error::new(
+                ErrorCode::InstanceNotFound,
+                format!("instance {instance_id} is not found: it was never created or it was killed; check the id"),
+            )),
+        }
+    }
+
+    /// EXITING → EXITED: delete the record, tell everyone, wake the waiters.
+    fn finish_exit(self: &Arc<Self>, instance_id: &str, error: &Error) {
+        let instance = {
+            let mut state = self.state.lock();
+            let instance = state.instances.remove(instance_id);
+            if let Some(instance) = &instance {
+                if !instance.record.name.is_empty() {
+                    let key = (
+                        instance.record.namespace.clone(),
+                        instance.record.name.clone(),
+                    );
+                    if state.named.get(&key).map(String::as_str) == Some(instance_id) {
+                        state.named.remove(&key);
+                    }
+                }
+            }
+            instance
+        };
+        let Some(mut instance) = instance else { return };
+        let notify = error_notify(instance_id, S::Exited, error);
+        for subscriber in &instance.subscribers {
+            self.notify_one(subscriber, notify.clone());
+        }
+        for waiter in instance.exit_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        let meta = self.meta.clone();
+        let key = instance_key(instance_id);
+        let named = (!instance.record.name.is_empty())
+            .then(|| named_key(&instance.record.namespace, &instance.record.name));
+        tokio::spawn(async move {
+            let _ = meta.delete(&key).await;
+            if let Some(named) = named {
+                let _ = meta.delete(&named).await;
+            }
+        });
+        self.kill_children(instance_id);
+    }
+
+    fn kill_children(self: &Arc<Self>, parent: &str) {
+        let children: Vec<String> = self
+            .state
+            .lock()
+            .instances
+            .values()
+            .filter(|i| i.record.parent_instance_id == parent && !i.record.detached)
+            .map(|i| i.record.instance_id.clone())
+            .collect();
+        for child in children {
+            let node = self.clone();
+            tokio::spawn(async move {
+                let _ = node.kill(&child, false).await;
+            });
+        }
+    }
+
+    /// Kill every instance of `job_id` that is not detached (`finalize`, or the driver left).
+    pub async fn kill_job(self: &Arc<Self>, job_id: &str, wait: bool) {
+        let ids: Vec<String> = self
+            .state
+            .lock()
+            .instances
+            .values()
+            .filter(|i| i.record.job_id == job_id && !i.record.detached)
+            .map(|i| i.record.instance_id.clone())
+            .collect();
+        let mut waits = Vec::new();
+        for id in ids {
+            let node = self.clone();
+            waits.push(tokio::spawn(async move { node.kill(&id, wait).await }));
+        }
+        for handle in waits {
+            let _ = handle.await;
+        }
+    }
+
+    // ----- lookups -----------------------------------------------------------------------------
+
+    /// Find an instance by name (waiting up to the timeout) or id; subscribe the asker.
+    pub async fn lookup(
+        self: &Arc<Self>,
+        client_id: u64,
+        request: pb::GetNamedRequest,
+    ) -> Result<pb::GetNamedResponse, Error> {
+        let deadline = Instant::now() + Duration::from_millis(request.timeout_ms.min(86_400_000));
+        loop {
+            {
+                let mut state = self.state.lock();
+                let id = if request.instance_id.is_empty() {
+                    state
+                        .named
+                        .get(&(request.namespace.clone(), request.name.clone()))
+                        .cloned()
+                } else {
+                    Some(request.instance_id.clone())
+                };
+                if let Some(instance) = id.and_then(|id| state.instances.get_mut(&id)) {
+                    if !instance.killing {
+                        instance.subscribers.push(Subscriber::Client(client_id));
+                        return Ok(pb::GetNamedResponse {
+                            instance_id: instance.record.instance_id.clone(),
+                            class_name: instance.record.class_name.clone(),
+                            runtime_address: instance.record.runtime_address.clone(),
+                            state: instance.record.state,
+                        });
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                let what = if request.instance_id.is_empty() {
+                    format!(
+                        "named {:?} in namespace {:?}",
+                        request.name, request.namespace
+                    )
+                } else {
+                    request.instance_id.clone()
+                };
+                return Err(Error::new(
+                    ErrorCode::InstanceNotFound,
+                    format!("failed to get instance {what}: no live instance; create it first or check the name and namespace"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Every named instance on this node.
+    pub fn list_named(&self) -> pb::ListNamedResponse {
+        let state = self.state.lock();
+        let mut instances: Vec<pb::NamedInstance> = state
+            .named
+            .iter()
+            .map(|((namespace, name), id)| pb::NamedInstance {
+                name: name.clone(),
+                namespace: namespace.clone(),
+                instance_id: id.clone(),
+            })
+            .collect();
+        instances.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        pb::ListNamedResponse { instances }
+    }
+
+    /// Instances by state, for metrics.
+    pub fn instance_counts(&self) -> Vec<(String, usize)> {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for instance in self.state.lock().instances.values() {
+            let name = S::try_from(instance.record.state)
+                .map(|s| s.as_str_name())
+                .unwrap_or("UNKNOWN");
+            *counts.entry(name.to_string()).or_default() += 1;
+        }
+        let mut counts: Vec<_> = counts.into_iter().collect();
+        counts.sort();
+        counts
+    }
+
+    /// Runtime processes running.
+    pub fn runtime_count(&self) -> usize {
+        self.agent.running()
+    }
+
+    /// Creates handled.
+    pub fn creates(&self) -> u64 {
+        self.creates.load(Ordering::Relaxed)
+    }
+
+    /// Stop: kill every runtime.
+    pub fn stop(&self) {
+        self.agent.kill_all();
+    }
+
+    /// Gracefully stop every instance (shutdown hooks), then every runtime.
+    pub async fn drain(self: &Arc<Self>) {
+        let ids: Vec<String> = self.state.lock().instances.keys().cloned().collect();
+        let mut waits = Vec::new();
+        for id in ids {
+            let node = self.clone();
+            waits.push(tokio::spawn(async move { node.kill(&id, true).await }));
+        }
+        for handle in waits {
+            let _ = handle.await;
+        }
+        self.stop();
+    }
+}
+
+fn gone(instance_id: &str) -> Error {
+    Error::new(
+        ErrorCode::ScheduleCanceled,
+        format!("the creation of instance {instance_id} was cancelled: it was killed"),
+    )
+}
+
+fn exited_error(instance_id: &str) -> Error {
+    Error::new(
+        ErrorCode::InstanceExited,
+        format!("instance occurs fatal error, cause by: (instance {instance_id} has been killed or exited.)"),
+    )
+}

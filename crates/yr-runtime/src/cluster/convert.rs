@@ -1,0 +1,152 @@
+//! Between the client core's types and the wire's: errors, values with their nested
+//! references, and call arguments.
+
+use std::sync::Arc;
+
+use yr_common::{Error, ErrorCode, ModuleCode, ObjectId};
+use yr_proto::v1 as pb;
+
+use crate::function::{dependency_failed, Arg};
+use crate::object_store::{ObjectHandle, ObjectSlot, Outcome, StoredValue};
+
+/// An error for the wire.
+pub fn error_to_proto(error: &Error) -> pb::ErrorInfo {
+    pb::ErrorInfo {
+        code: error.code().number(),
+        module: error.module_code().number(),
+        message: error.message().to_string(),
+    }
+}
+
+/// An error from the wire. An unknown code is kept in the message of a 3003.
+pub fn error_from_proto(info: &pb::ErrorInfo) -> Error {
+    let module = ModuleCode::try_from_number(info.module).unwrap_or(ModuleCode::Core);
+    match ErrorCode::from_number(info.code) {
+        Some(code) => Error::with_module(code, module, info.message.clone()),
+        None => Error::with_module(
+            ErrorCode::InnerSystemError,
+            module,
+            format!(
+                "unknown error code {} from a peer: {}",
+                info.code, info.message
+            ),
+        ),
+    }
+}
+
+/// A reference for the wire.
+pub fn reference_to_proto(handle: &ObjectHandle) -> pb::ObjectRefInfo {
+    pb::ObjectRefInfo {
+        id: handle.id().to_bytes().to_vec().into(),
+        owner_address: handle.owner_address(),
+    }
+}
+
+/// A reference from the wire: this process's object, or a borrowed one fetched from its owner.
+pub fn reference_from_proto(info: &pb::ObjectRefInfo) -> Result<ObjectHandle, Error> {
+    let id: [u8; 16] = info.id.as_ref().try_into().map_err(|_| {
+        Error::new(
+            ErrorCode::ParamInvalid,
+            format!("an object id has 16 bytes, got {}", info.id.len()),
+        )
+    })?;
+    Ok(ObjectSlot::borrowed(
+        ObjectId::from_bytes(id),
+        &info.owner_address,
+    ))
+}
+
+/// A value for the wire.
+pub fn value_to_proto(value: &StoredValue) -> pb::Value {
+    pb::Value {
+        data: value.bytes.clone().into(),
+        nested: value.nested.iter().map(reference_to_proto).collect(),
+    }
+}
+
+/// A value from the wire.
+pub fn value_from_proto(value: pb::Value) -> Result<StoredValue, Error> {
+    Ok(StoredValue {
+        bytes: value.data.to_vec(),
+        nested: value
+            .nested
+            .iter()
+            .map(reference_from_proto)
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+/// Arguments for the wire. Top-level references travel as their values; they must be finished.
+pub fn args_to_proto(args: &[Arg]) -> Result<Vec<pb::Arg>, Error> {
+    args.iter()
+        .map(|arg| {
+            let value = match arg {
+                Arg::Value(value) => value_to_proto(value),
+                Arg::Ref(handle) => match handle.outcome() {
+                    Some(Outcome::Ready(value)) => value_to_proto(&value),
+                    Some(Outcome::Failed(error)) => return Err(dependency_failed(handle, &error)),
+                    None => {
+                        return Err(Error::new(
+                            ErrorCode::InnerSystemError,
+                            format!("argument {} was sent before it was resolved", handle.id()),
+                        ))
+                    }
+                },
+            };
+            Ok(pb::Arg {
+                kind: Some(pb::arg::Kind::Value(value)),
+            })
+        })
+        .collect()
+}
+
+/// Arguments from the wire.
+pub fn args_from_proto(args: Vec<pb::Arg>) -> Result<Vec<Arg>, Error> {
+    args.into_iter()
+        .map(|arg| match arg.kind {
+            Some(pb::arg::Kind::Value(value)) => Ok(Arg::Value(value_from_proto(value)?)),
+            Some(pb::arg::Kind::Reference(reference)) => {
+                Ok(Arg::Ref(reference_from_proto(&reference)?))
+            }
+            None => Err(Error::new(
+                ErrorCode::ParamInvalid,
+                "a call argument has neither a value nor a reference",
+            )),
+        })
+        .collect()
+}
+
+/// Finish `returns` with a call's result from the wire.
+pub fn finish_returns(returns: &[ObjectHandle], result: pb::CallResult) {
+    if let Some(error) = &result.error {
+        let error = error_from_proto(error);
+        for handle in returns {
+            handle.fail(error.clone());
+        }
+        return;
+    }
+    if result.values.len() != returns.len() {
+        let error = Error::new(
+            ErrorCode::UserFunctionException,
+            format!(
+                "the call returned {} values, {} were expected",
+                result.values.len(),
+                returns.len()
+            ),
+        );
+        for handle in returns {
+            handle.fail(error.clone());
+        }
+        return;
+    }
+    for (handle, value) in returns.iter().zip(result.values) {
+        match value_from_proto(value) {
+            Ok(value) => {
+                handle.complete(Arc::new(value));
+            }
+            Err(error) => {
+                handle.fail(error);
+            }
+        }
+    }
+}

@@ -1,0 +1,751 @@
+//! The cluster backend: this process (a driver, or a runtime running an instance) talks to its
+//! node over the Bus stream for control (create, kill, lookups) and streams calls straight to
+//! the runtimes of the instances it calls (direct routing). It serves the objects it owns on its
+//! own Worker service.
+
+mod bus;
+pub mod convert;
+mod discovery;
+mod remote_instance;
+pub mod runtime_mode;
+mod stateless;
+pub mod transport;
+mod worker;
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tonic::transport::Channel;
+use yr_common::{ids, Config, Error, ErrorCode, InvokeOptions};
+use yr_proto::v1 as pb;
+use yr_proto::v1::worker_client::WorkerClient;
+
+use crate::backend::{Backend, InstanceInfo, NamedInstance};
+use crate::dependencies;
+use crate::function::{CreateSpec, MethodSpec, TaskSpec};
+use crate::object_store::{self, ObjectHandle};
+use bus::Bus;
+use convert::{args_to_proto, error_from_proto};
+pub use discovery::find_node;
+use remote_instance::{OutCall, RemoteInstance, ResultHook};
+use stateless::StatelessSubmitter;
+
+/// How long `finalize` waits for the node to release the job's instances.
+const FINALIZE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a create waits for the node's acknowledgement.
+const CREATE_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The state shared by the backend, its IO tasks and its Worker service.
+pub struct Inner {
+    io: tokio::runtime::Handle,
+    bus: Arc<Bus>,
+    job_id: String,
+    binary_path: String,
+    binary_hash: String,
+    runtime_args: Vec<String>,
+    /// In a runtime: the instance it runs, parent of the instances it creates.
+    parent_instance_id: Mutex<String>,
+    instances: Mutex<HashMap<String, Arc<RemoteInstance>>>,
+    stateless: StatelessSubmitter,
+    channels: Mutex<HashMap<String, Channel>>,
+    /// Set while the node is reachable; the error once the bus is gone.
+    lost: Mutex<Option<Error>>,
+    pub runtime: OnceLock<Arc<runtime_mode::RuntimeMode>>,
+}
+
+/// The cluster backend.
+pub struct ClusterBackend {
+    inner: Arc<Inner>,
+    io_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    shutdown_io: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+fn io_runtime() -> Result<
+    (
+        tokio::runtime::Handle,
+        std::thread::JoinHandle<()>,
+        tokio::sync::oneshot::Sender<()>,
+    ),
+    Error,
+> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            Error::new(
+                ErrorCode::InnerSystemError,
+                format!("cannot start yr's IO runtime: {e}"),
+            )
+        })?;
+    let handle = runtime.handle().clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("yr-io".into())
+        .spawn(move || {
+            runtime.block_on(async {
+                let _ = stopped.await;
+            });
+            runtime.shutdown_timeout(Duration::from_millis(100));
+        })
+        .map_err(|e| {
+            Error::new(
+                ErrorCode::InnerSystemError,
+                format!("cannot start yr's IO thread: {e}"),
+            )
+        })?;
+    Ok((handle, thread, stop))
+}
+
+fn socket_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join("yr-sockets");
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+/// A fingerprint of this executable: size and modification time. Nodes on this machine run the
+/// file in place; code distribution by content hash comes with multi-machine clusters.
+fn binary_fingerprint(path: &std::path::Path) -> String {
+    std::fs::metadata(path)
+        .map(|m| {
+            let modified = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            format!("{:x}-{:x}", m.len(), modified)
+        })
+        .unwrap_or_default()
+}
+
+impl ClusterBackend {
+    /// Connect to the node, as a driver or (with `runtime`) as a runtime.
+    pub fn connect(
+        config: &Config,
+        job_id: &str,
+        runtime: Option<runtime_mode::RuntimeEnv>,
+    ) -> Result<ClusterBackend, Error> {
+        let node_address = match &runtime {
+            Some(env) => env.bus_address.clone(),
+            None => find_node(config)?,
+        };
+        let (io, io_thread, shutdown_io) = io_runtime()?;
+        let binary = std::env::current_exe().map_err(|e| {
+            Error::new(
+                ErrorCode::IncorrectInitUsage,
+                format!("cannot find this executable: {e}"),
+            )
+        })?;
+        let runtime_args: Vec<String> = std::env::var("YR_RUNTIME_ARGS")
+            .map(|a| a.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default();
+        let socket = socket_dir().join(format!(
+            "w-{}-{}.sock",
+            std::process::id(),
+            ids::random_hex(6)
+        ));
+        let worker_address = format!("unix:{}", socket.display());
+        let cell: Arc<OnceLock<Weak<Inner>>> = Arc::new(OnceLock::new());
+        let connect_code = if runtime.is_some() {
+            ErrorCode::RequestBetweenRuntimeBus
+        } else {
+            ErrorCode::InitConnectionFailed
+        };
+        let register = pb::RegisterClient {
+            kind: if runtime.is_some() {
+                pb::ClientKind::Runtime
+            } else {
+                pb::ClientKind::Driver
+            } as i32,
+            job_id: job_id.to_string(),
+            runtime_id: runtime
+                .as_ref()
+                .map(|r| r.runtime_id.clone())
+                .unwrap_or_default(),
+            listen_address: worker_address.clone(),
+            binary_path: binary.display().to_string(),
+            binary_hash: binary_fingerprint(&binary),
+            pid: std::process::id(),
+            instance_id: String::new(),
+            runtime_args: runtime_args.clone(),
+            functions: crate::function::registered_names()
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+        };
+        let is_runtime = runtime.is_some();
+        let push_cell = cell.clone();
+        let closed_cell = cell.clone();
+        let listener = io.block_on_in_thread(async move {
+            tokio::net::UnixListener::bind(&socket).map_err(|e| {
+                Error::new(
+                    ErrorCode::InnerSystemError,
+                    format!("cannot listen on {}: {e}", socket.display()),
+                )
+            })
+        })?;
+        let bus = io.block_on_in_thread(Bus::connect(
+            node_address.clone(),
+            connect_code,
+            Arc::new(move |push| {
+                if let Some(inner) = push_cell.get().and_then(Weak::upgrade) {
+                    inner.on_push(push);
+                }
+            }),
+            Box::new(move |error| {
+                if let Some(inner) = closed_cell.get().and_then(Weak::upgrade) {
+                    inner.on_bus_lost(error, is_runtime);
+                }
+            }),
+        ))?;
+        let inner = Arc::new(Inner {
+            io: io.clone(),
+            bus,
+            job_id: job_id.to_string(),
+            binary_path: binary.display().to_string(),
+            binary_hash: binary_fingerprint(&binary),
+            runtime_args,
+            parent_instance_id: Mutex::new(String::new()),
+            instances: Mutex::new(HashMap::new()),
+            stateless: StatelessSubmitter::new(config.recycle_time, config.max_task_instance_num),
+            channels: Mutex::new(HashMap::new()),
+            lost: Mutex::new(None),
+            runtime: OnceLock::new(),
+        });
+        let _ = cell.set(Arc::downgrade(&inner));
+        if let Some(env) = runtime {
+            let _ = inner
+                .runtime
+                .set(runtime_mode::RuntimeMode::new(env, Arc::downgrade(&inner)));
+        }
+        // Register only now: the node may push (an init call) right after.
+        inner.bus.register(register, connect_code)?;
+        // Serve the Worker service: objects, and in a runtime, calls.
+        let executor: Option<Arc<dyn worker::CallExecutor>> = inner
+            .runtime
+            .get()
+            .map(|r| r.clone() as Arc<dyn worker::CallExecutor>);
+        io.spawn(async move {
+            let service =
+                yr_proto::v1::worker_server::WorkerServer::new(worker::WorkerService { executor })
+                    .max_decoding_message_size(usize::MAX)
+                    .max_encoding_message_size(usize::MAX);
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming)
+                .await
+            {
+                tracing::error!(error = %e, "the worker service stopped");
+            }
+        });
+        object_store::set_local_owner_address(&worker_address);
+        let fetch_inner = Arc::downgrade(&inner);
+        object_store::set_remote_fetcher(Some(Box::new(move |handle: ObjectHandle| {
+            if let Some(inner) = fetch_inner.upgrade() {
+                inner.fetch_remote(handle);
+            }
+        })));
+        // Release idle stateless instances.
+        let recycle_inner = Arc::downgrade(&inner);
+        let period = (config.recycle_time / 2).max(Duration::from_millis(100));
+        io.spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(inner) = recycle_inner.upgrade() else {
+                    return;
+                };
+                for id in inner.stateless.recycle_idle() {
+                    inner.kill(&id, false);
+                }
+            }
+        });
+        Ok(ClusterBackend {
+            inner,
+            io_thread: Mutex::new(Some(io_thread)),
+            shutdown_io: Mutex::new(Some(shutdown_io)),
+        })
+    }
+
+    /// The state shared with the IO tasks.
+    pub fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+}
+
+/// Running a future to completion from a non-IO thread.
+trait BlockOnInThread {
+    fn block_on_in_thread<F: std::future::Future + Send + 'static>(&self, future: F) -> F::Output
+    where
+        F::Output: Send + 'static;
+}
+
+impl BlockOnInThread for tokio::runtime::Handle {
+    fn block_on_in_thread<F: std::future::Future + Send + 'static>(&self, future: F) -> F::Output
+    where
+        F::Output: Send + 'static,
+    {
+        let (sender, receiver) = crossbeam_channel::bounded(1);
+        self.spawn(async move {
+            let _ = sender.send(future.await);
+        });
+        receiver
+            .recv()
+            .expect("the IO runtime runs until the backend is dropped")
+    }
+}
+
+impl Inner {
+    fn check_connected(&self) -> Result<(), Error> {
+        match &*self.lost.lock() {
+            Some(error) => Err(error.clone()),
+            None => Ok(()),
+        }
+    }
+
+    fn on_bus_lost(&self, error: Error, is_runtime: bool) {
+        tracing::warn!(%error, "lost the node");
+        *self.lost.lock() = Some(error.clone());
+        let instances: Vec<Arc<RemoteInstance>> = self.instances.lock().values().cloned().collect();
+        for instance in instances {
+            instance.on_failed(error.clone());
+        }
+        if is_runtime {
+            // A runtime without its node has no one to serve: exit rather than linger.
+            std::process::exit(1);
+        }
+    }
+
+    fn on_push(self: &Arc<Self>, push: pb::bus_response::Body) {
+        match push {
+            pb::bus_response::Body::Notify(notify) => self.on_notify(notify),
+            other => {
+                if let Some(runtime) = self.runtime.get() {
+                    runtime.on_push(other);
+                }
+            }
+        }
+    }
+
+    fn on_notify(&self, notify: pb::InstanceNotify) {
+        let instance = self.instances.lock().get(&notify.instance_id).cloned();
+        let Some(instance) = instance else { return };
+        match pb::InstanceState::try_from(notify.state) {
+            Ok(pb::InstanceState::Running) => instance.on_running(notify.runtime_address),
+            Ok(pb::InstanceState::Failed)
+            | Ok(pb::InstanceState::Scheduling)
+            | Ok(pb::InstanceState::Creating) => {}
+            _ => {
+                let error = notify
+                    .error
+                    .as_ref()
+                    .map(error_from_proto)
+                    .unwrap_or_else(|| {
+                        Error::new(
+                            ErrorCode::InstanceExited,
+                            format!("instance {} has exited", notify.instance_id),
+                        )
+                    });
+                instance.on_failed(error);
+            }
+        }
+    }
+
+    fn channel(&self, address: &str) -> Option<Channel> {
+        self.channels.lock().get(address).cloned()
+    }
+
+    fn fetch_remote(self: &Arc<Self>, handle: ObjectHandle) {
+        let inner = self.clone();
+        self.io.spawn(async move {
+            let owner = handle.owner_address();
+            let channel = match inner.channel(&owner) {
+                Some(channel) => Ok(channel),
+                None => transport::connect(&owner, ErrorCode::GetOperationFailed).await,
+            };
+            let result = match channel {
+                Err(error) => Err(error),
+                Ok(channel) => {
+                    inner.channels.lock().insert(owner.clone(), channel.clone());
+                    let mut client = WorkerClient::new(channel).max_decoding_message_size(usize::MAX);
+                    match client
+                        .get_object(pb::GetObjectRequest {
+                            id: handle.id().to_bytes().to_vec().into(),
+                            timeout_ms: u64::MAX / 2,
+                        })
+                        .await
+                    {
+                        Ok(reply) => {
+                            let reply = reply.into_inner();
+                            match (reply.value, reply.error) {
+                                (_, Some(error)) => Err(error_from_proto(&error)),
+                                (Some(value), None) => convert::value_from_proto(value),
+                                (None, None) => Err(Error::new(ErrorCode::GetOperationFailed, "the owner sent no value")),
+                            }
+                        }
+                        Err(status) => Err(Error::new(
+                            ErrorCode::GetOperationFailed,
+                            format!(
+                                "cannot fetch object {} from its owner at {owner}: {}; the owner may have exited",
+                                handle.id(),
+                                status.message()
+                            ),
+                        )),
+                    }
+                }
+            };
+            match result {
+                Ok(value) => {
+                    handle.complete(Arc::new(value));
+                }
+                Err(error) => {
+                    handle.fail(error);
+                }
+            }
+        });
+    }
+
+    fn create_request(
+        &self,
+        spec_function: &str,
+        class: &str,
+        stateless: bool,
+        args: Vec<pb::Arg>,
+        options: &InvokeOptions,
+        id: &str,
+    ) -> Result<pb::CreateRequest, Error> {
+        let options = rmp_serde::to_vec_named(options).map_err(|e| {
+            Error::new(
+                ErrorCode::ParamInvalid,
+                format!("cannot encode the invoke options: {e}"),
+            )
+        })?;
+        Ok(pb::CreateRequest {
+            function: spec_function.to_string(),
+            stateless,
+            args,
+            options: options.into(),
+            job_id: self.job_id.clone(),
+            class_name: class.to_string(),
+            parent_instance_id: self.parent_instance_id.lock().clone(),
+            binary_path: self.binary_path.clone(),
+            binary_hash: self.binary_hash.clone(),
+            runtime_args: self.runtime_args.clone(),
+            designated_instance_id: id.to_string(),
+            creator_node_id: String::new(),
+        })
+    }
+
+    /// Ask the node for a stateless instance of `options`' shape.
+    fn create_stateless(
+        self: &Arc<Self>,
+        options: &InvokeOptions,
+        hook: ResultHook,
+    ) -> Result<Arc<RemoteInstance>, Error> {
+        self.check_connected()?;
+        let id = format!("stateless-{}", ids::random_hex(16));
+        let instance = RemoteInstance::new(id.clone(), self.io.clone(), Some(hook));
+        self.instances.lock().insert(id.clone(), instance.clone());
+        let request = self.create_request("", "", true, Vec::new(), options, &id)?;
+        let failed = instance.clone();
+        self.bus.send_request(
+            pb::bus_request::Body::Create(request),
+            Box::new(move |reply| {
+                if let Err(error) = reply {
+                    failed.on_failed(error);
+                }
+            }),
+        );
+        Ok(instance)
+    }
+
+    fn kill(&self, instance_id: &str, wait: bool) {
+        self.bus.send_request(
+            pb::bus_request::Body::Kill(pb::KillRequest {
+                instance_id: instance_id.to_string(),
+                wait,
+                job_id: String::new(),
+                force: false,
+            }),
+            Box::new(|_| {}),
+        );
+    }
+
+    fn instance(&self, instance_id: &str) -> Result<Arc<RemoteInstance>, Error> {
+        if instance_id.is_empty() {
+            return Err(Error::new(
+                ErrorCode::InstanceIdEmpty,
+                "the instance id is empty; pass the id of a created instance",
+            ));
+        }
+        if let Some(instance) = self.instances.lock().get(instance_id) {
+            return Ok(instance.clone());
+        }
+        // A handle this process did not create: ask the node where the instance runs.
+        let reply = self.bus.request_blocking(
+            pb::bus_request::Body::GetNamed(pb::GetNamedRequest {
+                name: String::new(),
+                namespace: String::new(),
+                timeout_ms: 0,
+                instance_id: instance_id.to_string(),
+            }),
+            bus::REQUEST_TIMEOUT,
+        )?;
+        let pb::bus_response::Body::GetNamed(found) = reply else {
+            return Err(Error::new(
+                ErrorCode::InnerSystemError,
+                "unexpected answer to an instance lookup",
+            ));
+        };
+        Ok(self.track(found))
+    }
+
+    fn track(&self, found: pb::GetNamedResponse) -> Arc<RemoteInstance> {
+        let mut instances = self.instances.lock();
+        if let Some(existing) = instances.get(&found.instance_id) {
+            return existing.clone();
+        }
+        let instance = RemoteInstance::new(found.instance_id.clone(), self.io.clone(), None);
+        instances.insert(found.instance_id.clone(), instance.clone());
+        drop(instances);
+        if found.state == pb::InstanceState::Running as i32 && !found.runtime_address.is_empty() {
+            instance.on_running(found.runtime_address);
+        }
+        instance
+    }
+}
+
+impl Backend for ClusterBackend {
+    fn name(&self) -> &'static str {
+        "cluster"
+    }
+
+    fn submit_task(&self, task: TaskSpec, returns: Vec<ObjectHandle>) -> yr_common::Result<()> {
+        self.inner.check_connected()?;
+        StatelessSubmitter::submit(&self.inner, task, returns)
+    }
+
+    fn create_instance(&self, spec: CreateSpec) -> yr_common::Result<InstanceInfo> {
+        let inner = &self.inner;
+        inner.check_connected()?;
+        let id = spec
+            .options
+            .instance_id_for_name()
+            .unwrap_or_else(|| ids::random_hex(20));
+        let class = spec.constructor.class;
+        if let Some(existing) = inner.instances.lock().get(&id) {
+            if !existing.is_failed() {
+                return Ok(InstanceInfo {
+                    instance_id: id,
+                    class: class.to_string(),
+                });
+            }
+        }
+        let instance = RemoteInstance::new(id.clone(), inner.io.clone(), None);
+        inner.instances.lock().insert(id.clone(), instance.clone());
+        let args = spec.args;
+        let deps_ready = args
+            .iter()
+            .flat_map(|a| a.dependencies())
+            .all(|h| h.is_finished());
+        let send = {
+            let inner = inner.clone();
+            let options = spec.options.clone();
+            let constructor = spec.constructor;
+            let id = id.clone();
+            move |args: Vec<crate::function::Arg>| -> Result<pb::CreateRequest, Error> {
+                dependencies::first_failure(&args)?;
+                let args = args_to_proto(&args)?;
+                inner.create_request(
+                    constructor.name,
+                    constructor.class,
+                    false,
+                    args,
+                    &options,
+                    &id,
+                )
+            }
+        };
+        if deps_ready {
+            let request = send(args)?;
+            let reply = inner
+                .bus
+                .request_blocking(pb::bus_request::Body::Create(request), CREATE_ACK_TIMEOUT);
+            match reply {
+                Ok(pb::bus_response::Body::Create(ack)) => {
+                    if ack.existing && !ack.class_name.is_empty() && ack.class_name != class {
+                        inner.instances.lock().remove(&id);
+                        return Err(Error::new(
+                            ErrorCode::InstanceDuplicated,
+                            format!(
+                                "the name of instance {id} is taken by an instance of {}; choose another name or kill it first",
+                                ack.class_name
+                            ),
+                        ));
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    inner.instances.lock().remove(&id);
+                    return Err(error);
+                }
+            }
+        } else {
+            // Send the create once its arguments exist; a failure surfaces on the first call.
+            let failed = instance.clone();
+            let bus = inner.bus.clone();
+            let args = Arc::new(Mutex::new(Some(args)));
+            let waiting = args
+                .lock()
+                .as_ref()
+                .map(|a| {
+                    a.iter()
+                        .flat_map(|x| x.dependencies())
+                        .cloned()
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default();
+            let fake: Vec<crate::function::Arg> =
+                waiting.into_iter().map(crate::function::Arg::Ref).collect();
+            dependencies::when_ready(&fake, move || {
+                let Some(args) = args.lock().take() else {
+                    return;
+                };
+                match send(args) {
+                    Err(error) => failed.on_failed(error),
+                    Ok(request) => {
+                        let failed = failed.clone();
+                        bus.send_request(
+                            pb::bus_request::Body::Create(request),
+                            Box::new(move |reply| {
+                                if let Err(error) = reply {
+                                    failed.on_failed(error);
+                                }
+                            }),
+                        );
+                    }
+                }
+            });
+        }
+        Ok(InstanceInfo {
+            instance_id: id,
+            class: class.to_string(),
+        })
+    }
+
+    fn submit_method(
+        &self,
+        instance_id: &str,
+        call: MethodSpec,
+        returns: Vec<ObjectHandle>,
+    ) -> yr_common::Result<()> {
+        self.inner.check_connected()?;
+        let instance = self.inner.instance(instance_id)?;
+        instance.submit(OutCall::new(
+            pb::CallKind::Method,
+            call.method.name,
+            call.args,
+            returns,
+        ))
+    }
+
+    fn terminate_instance(&self, instance_id: &str, wait: bool) -> yr_common::Result<()> {
+        let inner = &self.inner;
+        inner.check_connected()?;
+        let instance = inner.instance(instance_id)?;
+        instance.mark_terminating();
+        let request = pb::bus_request::Body::Kill(pb::KillRequest {
+            instance_id: instance_id.to_string(),
+            wait,
+            job_id: String::new(),
+            force: false,
+        });
+        if wait {
+            inner.bus.request_blocking(request, FINALIZE_TIMEOUT)?;
+        } else {
+            inner.bus.send_request(request, Box::new(|_| {}));
+        }
+        Ok(())
+    }
+
+    fn get_named_instance(
+        &self,
+        name: &str,
+        namespace: &str,
+        timeout: Duration,
+    ) -> yr_common::Result<InstanceInfo> {
+        let inner = &self.inner;
+        inner.check_connected()?;
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let reply = inner.bus.request_blocking(
+            pb::bus_request::Body::GetNamed(pb::GetNamedRequest {
+                name: name.to_string(),
+                namespace: namespace.to_string(),
+                timeout_ms,
+                instance_id: String::new(),
+            }),
+            timeout.saturating_add(bus::REQUEST_TIMEOUT),
+        )?;
+        let pb::bus_response::Body::GetNamed(found) = reply else {
+            return Err(Error::new(
+                ErrorCode::InnerSystemError,
+                "unexpected answer to get_instance",
+            ));
+        };
+        let class = found.class_name.clone();
+        let instance = inner.track(found);
+        Ok(InstanceInfo {
+            instance_id: instance.id.clone(),
+            class,
+        })
+    }
+
+    fn list_named_instances(&self) -> yr_common::Result<Vec<NamedInstance>> {
+        let inner = &self.inner;
+        inner.check_connected()?;
+        let reply = inner.bus.request_blocking(
+            pb::bus_request::Body::ListNamed(pb::ListNamedRequest {}),
+            bus::REQUEST_TIMEOUT,
+        )?;
+        let pb::bus_response::Body::ListNamed(list) = reply else {
+            return Err(Error::new(
+                ErrorCode::InnerSystemError,
+                "unexpected answer to list_named_instances",
+            ));
+        };
+        Ok(list
+            .instances
+            .into_iter()
+            .map(|n| NamedInstance {
+                name: n.name,
+                namespace: n.namespace,
+                instance_id: n.instance_id,
+            })
+            .collect())
+    }
+
+    fn shutdown(&self) {
+        let inner = &self.inner;
+        if inner.check_connected().is_ok() && inner.runtime.get().is_none() {
+            let _ = inner.bus.request_blocking(
+                pb::bus_request::Body::Kill(pb::KillRequest {
+                    instance_id: String::new(),
+                    wait: true,
+                    job_id: inner.job_id.clone(),
+                    force: false,
+                }),
+                FINALIZE_TIMEOUT,
+            );
+        }
+        object_store::set_remote_fetcher(None);
+        object_store::set_local_owner_address("");
+        if let Some(stop) = self.shutdown_io.lock().take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.io_thread.lock().take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! An instance as its callers see it: calls queue until it runs, then stream straight to its
+//! runtime (direct routing), in submission order. If the connection breaks, calls in flight wait
+//! for the node's verdict: replayed on the restarted instance (`recover_retry_times`), or failed
+//! with the code the node gives (2002 crash, 1007 exit), or 3001 if the node says nothing.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
+use yr_common::{Error, ErrorCode};
+use yr_proto::v1 as pb;
+use yr_proto::v1::worker_client::WorkerClient;
+
+use super::convert::{args_to_proto, finish_returns};
+use super::transport;
+use crate::dependencies;
+use crate::function::Arg;
+use crate::object_store::ObjectHandle;
+
+/// How long calls whose connection broke wait for the node to say what happened.
+const VERDICT_WAIT: Duration = Duration::from_secs(5);
+
+/// Called with each call's result before its objects are finished; returns true if it took the
+/// result over (for example to retry the call elsewhere).
+pub type ResultHook = Arc<dyn Fn(&OutCall, &pb::CallResult) -> bool + Send + Sync>;
+
+/// A call on its way to an instance.
+pub struct OutCall {
+    /// The call's id on this caller.
+    pub call_id: u64,
+    /// What to call.
+    pub kind: pb::CallKind,
+    /// The function's or method's name.
+    pub function: &'static str,
+    /// The arguments, kept for replays.
+    pub args: Arc<Vec<Arg>>,
+    /// The call's results.
+    pub returns: Vec<ObjectHandle>,
+    /// Whether its dependencies are finished.
+    ready: bool,
+}
+
+impl OutCall {
+    /// A call of `function` with `args`, finishing `returns`.
+    pub fn new(
+        kind: pb::CallKind,
+        function: &'static str,
+        args: Vec<Arg>,
+        returns: Vec<ObjectHandle>,
+    ) -> OutCall {
+        Self::with_shared_args(kind, function, Arc::new(args), returns)
+    }
+
+    /// A call whose arguments are shared with earlier attempts (retries).
+    pub fn with_shared_args(
+        kind: pb::CallKind,
+        function: &'static str,
+        args: Arc<Vec<Arg>>,
+        returns: Vec<ObjectHandle>,
+    ) -> OutCall {
+        static NEXT_CALL: AtomicU64 = AtomicU64::new(1);
+        OutCall {
+            call_id: NEXT_CALL.fetch_add(1, Ordering::Relaxed),
+            kind,
+            function,
+            args,
+            returns,
+            ready: false,
+        }
+    }
+
+    fn fail(&self, error: &Error) {
+        for handle in &self.returns {
+            handle.fail(error.clone());
+        }
+    }
+}
+
+enum Connection {
+    /// Not running yet, or reconnecting.
+    Waiting,
+    /// Streaming calls to the runtime at `address`.
+    Open {
+        sender: mpsc::UnboundedSender<pb::CallRequest>,
+    },
+    /// Gone for good; calls fail with this error.
+    Failed(Error),
+}
+
+struct State {
+    connection: Connection,
+    /// Calls not sent yet, in submission order.
+    queued: VecDeque<OutCall>,
+    /// Calls sent and not answered, by call id.
+    in_flight: HashMap<u64, OutCall>,
+    generation: u64,
+    /// The instance was told to stop by this process.
+    terminating: bool,
+}
+
+/// A remote instance, as seen by this caller.
+pub struct RemoteInstance {
+    /// The instance id.
+    pub id: String,
+    io: tokio::runtime::Handle,
+    state: Mutex<State>,
+    on_result: Option<ResultHook>,
+}
+
+impl RemoteInstance {
+    /// An instance that is not running yet.
+    pub fn new(
+        id: String,
+        io: tokio::runtime::Handle,
+        on_result: Option<ResultHook>,
+    ) -> Arc<RemoteInstance> {
+        Arc::new(RemoteInstance {
+            id,
+            io,
+            state: Mutex::new(State {
+                connection: Connection::Waiting,
+                queued: VecDeque::new(),
+                in_flight: HashMap::new(),
+                generation: 0,
+                terminating: false,
+            }),
+            on_result,
+        })
+    }
+
+    /// Submit a call. It is sent once its dependencies and every earlier call are ready.
+    pub fn submit(self: &Arc<Self>, call: OutCall) -> Result<(), Error> {
+        let args = call.args.clone();
+        let call_id = call.call_id;
+        {
+            let mut state = self.state.lock();
+            if let Connection::Failed(error) = &state.connection {
+                return Err(error.clone());
+            }
+            if state.terminating {
+                return Err(self.exited_error());
+            }
+            state.queued.push_back(call);
+        }
+        let instance = Arc::downgrade(self);
+        dependencies::when_ready(&args, move || {
+            if let Some(instance) = instance.upgrade() {
+                instance.mark_ready(call_id);
+            }
+        });
+        Ok(())
+    }
+
+    fn exited_error(&self) -> Error {
+        Error::new(
+            ErrorCode::InstanceExited,
+            format!(
+                "instance {} has exited (terminated or killed); create a new instance to call it",
+                self.id
+            ),
+        )
+    }
+
+    fn mark_ready(&self, call_id: u64) {
+        let mut state = self.state.lock();
+        if let Some(call) = state.queued.iter_mut().find(|c| c.call_id == call_id) {
+            call.ready = true;
+        }
+        Self::pump(&mut state);
+    }
+
+    /// Send queued calls from the head while they are ready and a connection is open.
+    fn pump(state: &mut State) {
+        let Connection::Open { sender, .. } = &state.connection else {
+            return;
+        };
+        let sender = sender.clone();
+        while state.queued.front().is_some_and(|c| c.ready) {
+            let Some(call) = state.queued.pop_front() else {
+                break;
+            };
+            match dependencies::first_failure(&call.args).and_then(|()| args_to_proto(&call.args)) {
+                Err(error) => call.fail(&error),
+                Ok(args) => {
+                    let request = pb::CallRequest {
+                        call_id: call.call_id,
+                        instance_id: String::new(),
+                        kind: call.kind as i32,
+                        function: call.function.to_string(),
+                        args,
+                        return_nums: call.returns.len() as u32,
+                    };
+                    tracing::debug!(
+                        call_id = call.call_id,
+                        function = call.function,
+                        "call sent"
+                    );
+                    if sender.send(request).is_err() {
+                        state.queued.push_front(call);
+                        return;
+                    }
+                    state.in_flight.insert(call.call_id, call);
+                }
+            }
+        }
+    }
+
+    /// The node says the instance runs at `address`: connect and send what waits, replaying
+    /// calls that were in flight on a previous connection.
+    pub fn on_running(self: &Arc<Self>, address: String) {
+        tracing::debug!(instance = %self.id, %address, "instance running");
+        let generation = {
+            let mut state = self.state.lock();
+            if matches!(state.connection, Connection::Failed(_)) {
+                return;
+            }
+            state.generation += 1;
+            state.connection = Connection::Waiting;
+            state.generation
+        };
+        let instance = self.clone();
+        self.io
+            .spawn(async move { instance.connect(address, generation).await });
+    }
+
+    async fn connect(self: Arc<Self>, address: String, generation: u64) {
+        let channel = match transport::connect(&address, ErrorCode::RequestBetweenRuntimeBus).await
+        {
+            Ok(channel) => channel,
+            Err(error) => {
+                self.on_failed(error);
+                return;
+            }
+        };
+        let mut client = WorkerClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        let (sender, receiver) = mpsc::unbounded_channel();
+        {
+            let mut state = self.state.lock();
+            if state.generation != generation || matches!(state.connection, Connection::Failed(_)) {
+                return;
+            }
+            // Calls in flight on a previous connection are replayed first, in call order.
+            let mut replay: Vec<OutCall> = state.in_flight.drain().map(|(_, c)| c).collect();
+            replay.sort_by_key(|c| c.call_id);
+            for call in replay.into_iter().rev() {
+                state.queued.push_front(call);
+            }
+            state.connection = Connection::Open { sender };
+            Self::pump(&mut state);
+        }
+        let response = client.call(UnboundedReceiverStream::new(receiver)).await;
+        let mut results = match response {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                self.on_disconnected(
+                    generation,
+                    format!("the runtime refused calls: {}", status.message()),
+                );
+                return;
+            }
+        };
+        let reason = loop {
+            match results.next().await {
+                Some(Ok(result)) => self.on_call_result(result),
+                Some(Err(status)) => break format!("the call stream failed: {}", status.message()),
+                None => break "the runtime closed the call stream".to_string(),
+            }
+        };
+        self.on_disconnected(generation, reason);
+    }
+
+    fn on_call_result(&self, result: pb::CallResult) {
+        tracing::debug!(instance = %self.id, call_id = result.call_id, "call result");
+        let call = self.state.lock().in_flight.remove(&result.call_id);
+        let Some(call) = call else { return };
+        if let Some(hook) = &self.on_result {
+            if hook(&call, &result) {
+                return;
+            }
+        }
+        finish_returns(&call.returns, result);
+    }
+
+    fn on_disconnected(self: &Arc<Self>, generation: u64, reason: String) {
+        {
+            let mut state = self.state.lock();
+            if state.generation != generation {
+                return;
+            }
+            if let Connection::Open { .. } = state.connection {
+                state.connection = Connection::Waiting;
+            }
+            if state.in_flight.is_empty() && state.queued.is_empty() {
+                return;
+            }
+        }
+        // Wait for the node's verdict; without one, the calls fail with 3001.
+        let instance = Arc::downgrade(self);
+        let id = self.id.clone();
+        self.io.spawn(async move {
+            tokio::time::sleep(VERDICT_WAIT).await;
+            let Some(instance) = Weak::upgrade(&instance) else {
+                return;
+            };
+            let still_waiting = {
+                let state = instance.state.lock();
+                state.generation == generation && matches!(state.connection, Connection::Waiting)
+            };
+            if still_waiting {
+                instance.on_failed(Error::new(
+                    ErrorCode::RequestBetweenRuntimeBus,
+                    format!(
+                        "connection with the runtime of instance {id} was interrupted ({reason}); \
+                         please retry"
+                    ),
+                ));
+            }
+        });
+    }
+
+    /// The node says the instance is gone: fail everything with `error`.
+    pub fn on_failed(&self, error: Error) {
+        let (queued, in_flight) = {
+            let mut state = self.state.lock();
+            state.connection = Connection::Failed(error.clone());
+            (
+                std::mem::take(&mut state.queued),
+                std::mem::take(&mut state.in_flight),
+            )
+        };
+        for call in queued.iter().chain(in_flight.values()) {
+            if let Some(hook) = &self.on_result {
+                let result = pb::CallResult {
+                    call_id: call.call_id,
+                    values: Vec::new(),
+                    error: Some(super::convert::error_to_proto(&error)),
+                };
+                if hook(call, &result) {
+                    continue;
+                }
+            }
+            call.fail(&error);
+        }
+    }
+
+    /// This process is terminating the instance: refuse new calls.
+    pub fn mark_terminating(&self) {
+        self.state.lock().terminating = true;
+    }
+
+    /// Calls queued or in flight.
+    pub fn load(&self) -> usize {
+        let state = self.state.lock();
+        state.queued.len() + state.in_flight.len()
+    }
+
+    /// Whether calls can be sent now.
+    pub fn is_open(&self) -> bool {
+        matches!(self.state.lock().connection, Connection::Open { .. })
+    }
+
+    /// Whether the instance is gone.
+    pub fn is_failed(&self) -> bool {
+        matches!(self.state.lock().connection, Connection::Failed(_))
+    }
+}
