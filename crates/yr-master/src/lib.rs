@@ -41,7 +41,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use yr_common::{Error, ErrorCode, ModuleCode};
 use yr_meta::{MetaError, MetaStore};
 use yr_proto::v1::master_server::MasterServer;
@@ -317,7 +316,7 @@ impl Prepared {
         let server = tonic::transport::Server::builder()
             .add_service(master)
             .add_service(meta.into_server())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            .serve_with_incoming_shutdown(yr_meta::service::incoming(listener), async move {
                 stopped(&mut server_stop).await
             });
         tokio::pin!(server);

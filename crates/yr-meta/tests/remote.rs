@@ -140,6 +140,7 @@ async fn an_unreachable_store_is_unavailable_within_the_timeout() {
 
 #[tokio::test]
 async fn a_watch_resumes_across_a_server_restart_without_losing_events() {
+    init_logs();
     let dir = TempDir::new("remote-restart");
     let store = Arc::new(EmbeddedStore::open(dir.path()).await.unwrap());
     let server = Server::start(store.clone()).await;
@@ -182,16 +183,18 @@ async fn a_watch_resumes_across_a_server_restart_without_losing_events() {
 
 #[tokio::test]
 async fn a_slow_remote_watcher_is_dropped_by_the_server_and_resumes_without_gaps() {
+    init_logs();
     let store = Arc::new(EmbeddedStore::in_memory_with(EmbeddedOptions {
         watch_buffer: 4,
         ..EmbeddedOptions::default()
     }));
     let (_server, remote) = remote_over(store).await;
     let mut rx = remote.watch_prefix("slow/", 0).await.unwrap();
-    // Nobody reads while the writes happen: the client's buffer, the stream and the server's
-    // buffer fill, and the server drops the watcher.
+    // Nobody reads while the writes happen: the client's buffer (1024 events), the stream's
+    // flow-control window (2 MiB) and the server's buffer fill, and the server drops the
+    // watcher (a warning in the log); the client resumes once its receiver drains.
     let value = b(&"x".repeat(1000));
-    let writes = 3000;
+    let writes = 4000;
     for i in 0..writes {
         remote
             .put(&format!("slow/{i:05}"), value.clone(), None)

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 use yr_common::{Error, ErrorCode};
 use yr_proto::v1 as pb;
 
@@ -180,7 +180,7 @@ pub async fn run(
         .serve_with_incoming(UnixListenerStream::new(unix));
     let tcp_server = tonic::transport::Server::builder()
         .add_service(service())
-        .serve_with_incoming(TcpListenerStream::new(tcp));
+        .serve_with_incoming(yr_meta::service::incoming(tcp));
     tracing::info!(node = %options.node_id, bus = %options.bus_socket.display(), tcp = %tcp_address, "node serving");
     tokio::select! {
         result = unix_server => {

@@ -721,25 +721,26 @@ impl Node {
             (slot.client_id.unwrap_or(0), slot.address.clone(), receiver)
         };
         self.send(client_id, 0, pb::bus_response::Body::Init(init));
-        let result =
-            match tokio::time::timeout(self.settings.init_timeout, init_result).await {
-                Ok(Ok(result)) => result,
-                Ok(Err(_)) => return Err(Error::new(
+        let result = match tokio::time::timeout(self.settings.init_timeout, init_result).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => {
+                return Err(Error::new(
                     ErrorCode::UserFunctionException,
                     format!(
                         "the runtime of instance {instance_id} exited while its constructor ran"
                     ),
-                )),
-                Err(_) => {
-                    return Err(Error::new(
-                        ErrorCode::InnerCommunication,
-                        format!(
-                            "the constructor of instance {instance_id} did not finish within {:?}",
-                            self.settings.init_timeout
-                        ),
-                    ))
-                }
-            };
+                ))
+            }
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorCode::InnerCommunication,
+                    format!(
+                        "the constructor of instance {instance_id} did not finish within {:?}",
+                        self.settings.init_timeout
+                    ),
+                ))
+            }
+        };
         if let Some(error) = result.error {
             return Err(yr_runtime::cluster::convert::error_from_proto(&error));
         }

@@ -163,6 +163,10 @@ impl Deref for ArgBytes<'_> {
 
 /// The error a call gets when an object it depends on failed (4306).
 pub fn dependency_failed(handle: &ObjectHandle, error: &Error) -> Error {
+    // Finalization is not a failure of the dependency: the call fails the same way.
+    if error.code() == ErrorCode::Finalized {
+        return error.clone();
+    }
     Error::new(
         ErrorCode::DependencyFailed,
         format!(

@@ -25,3 +25,14 @@ mod lifecycle;
 mod objects;
 #[path = "conformance/options.rs"]
 mod options;
+
+/// Not a test: the entry point of runtime processes in cluster runs. A node re-executes this
+/// test binary as a runtime (`YR_RUNTIME_MODE=1`) with `YR_RUNTIME_ARGS` filtering to this
+/// function, and `yr::init` then serves the node instead of returning. In a normal run it does
+/// nothing.
+#[test]
+fn runtime_entry() {
+    if std::env::var("YR_RUNTIME_MODE").as_deref() == Ok("1") {
+        let _ = yr::init(yr::Config::default());
+    }
+}

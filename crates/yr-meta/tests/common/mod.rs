@@ -15,6 +15,14 @@ use yr_meta::{
     MetaStore, TxnOp, WatchEvent,
 };
 
+/// Shows the crate's logs in a test's output (run with `--nocapture` to see them live).
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_max_level(tracing::Level::INFO)
+        .try_init();
+}
+
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -510,23 +518,23 @@ pub async fn lease_expiry_deletes_keys(store: &dyn MetaStore) {
 }
 
 pub async fn keep_alive_extends_a_lease(store: &dyn MetaStore) {
-    let lease = store.grant_lease(Duration::from_millis(400)).await.unwrap();
+    let lease = store.grant_lease(Duration::from_millis(800)).await.unwrap();
     store
         .put("lease/kept/node", b("alive"), Some(lease))
         .await
         .unwrap();
     let start = Instant::now();
-    while start.elapsed() < Duration::from_millis(1200) {
+    while start.elapsed() < Duration::from_millis(2000) {
         store.keep_alive(lease).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
         store.get("lease/kept/node").await.unwrap().is_some(),
-        "a lease kept alive for three TTLs is still there"
+        "a lease kept alive for more than two TTLs is still there"
     );
     // Once the owner stops renewing, the lease ends about one TTL later.
     let took = wait_gone(store, "lease/kept/node", Duration::from_secs(10)).await;
-    assert!(took >= Duration::from_millis(250), "ended after {took:?}");
+    assert!(took >= Duration::from_millis(500), "ended after {took:?}");
 }
 
 pub async fn revoke_deletes_keys(store: &dyn MetaStore) {

@@ -22,7 +22,19 @@ pub fn find_node(config: &Config) -> Result<String, Error> {
             return Ok(session.bus_address);
         }
     }
-    start_temporary_cluster()
+    // One temporary cluster per process: later `init`s after `finalize` reuse it.
+    static TEMPORARY: parking_lot::Mutex<Option<PathBuf>> = parking_lot::Mutex::new(None);
+    let mut temporary = TEMPORARY.lock();
+    if let Some(dir) = temporary.as_ref() {
+        if let Ok(session) = SessionInfo::read(dir) {
+            if session_alive(&session) {
+                return Ok(session.bus_address);
+            }
+        }
+    }
+    let (dir, address) = start_temporary_cluster()?;
+    *temporary = Some(dir);
+    Ok(address)
 }
 
 fn process_alive(pid: u32) -> bool {
@@ -63,7 +75,7 @@ pub fn find_yr_binary() -> Option<PathBuf> {
     })
 }
 
-fn start_temporary_cluster() -> Result<String, Error> {
+fn start_temporary_cluster() -> Result<(PathBuf, String), Error> {
     let yr = find_yr_binary().ok_or_else(|| {
         Error::new(
             ErrorCode::InitConnectionFailed,
@@ -141,7 +153,7 @@ fn start_temporary_cluster() -> Result<String, Error> {
     while Instant::now() < deadline {
         if let Ok(session) = SessionInfo::read(&session_dir) {
             if !session.bus_address.is_empty() {
-                return Ok(session.bus_address);
+                return Ok((session_dir, session.bus_address));
             }
         }
         std::thread::sleep(Duration::from_millis(20));

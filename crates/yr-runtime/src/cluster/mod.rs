@@ -535,16 +535,18 @@ impl Backend for ClusterBackend {
             .instance_id_for_name()
             .unwrap_or_else(|| ids::random_hex(20));
         let class = spec.constructor.class;
-        if let Some(existing) = inner.instances.lock().get(&id) {
-            if !existing.is_failed() {
-                return Ok(InstanceInfo {
-                    instance_id: id,
-                    class: class.to_string(),
-                });
+        // A named instance this process already knows keeps its connection and queued calls.
+        let instance = {
+            let mut instances = inner.instances.lock();
+            match instances.get(&id) {
+                Some(existing) if !existing.is_failed() => existing.clone(),
+                _ => {
+                    let instance = RemoteInstance::new(id.clone(), inner.io.clone(), None);
+                    instances.insert(id.clone(), instance.clone());
+                    instance
+                }
             }
-        }
-        let instance = RemoteInstance::new(id.clone(), inner.io.clone(), None);
-        inner.instances.lock().insert(id.clone(), instance.clone());
+        };
         let args = spec.args;
         let deps_ready = args
             .iter()
@@ -575,8 +577,8 @@ impl Backend for ClusterBackend {
                 .request_blocking(pb::bus_request::Body::Create(request), CREATE_ACK_TIMEOUT);
             match reply {
                 Ok(pb::bus_response::Body::Create(ack)) => {
+                    tracing::debug!(?ack, class, "create acknowledged");
                     if ack.existing && !ack.class_name.is_empty() && ack.class_name != class {
-                        inner.instances.lock().remove(&id);
                         return Err(Error::new(
                             ErrorCode::InstanceDuplicated,
                             format!(
@@ -588,7 +590,13 @@ impl Backend for ClusterBackend {
                 }
                 Ok(_) => {}
                 Err(error) => {
-                    inner.instances.lock().remove(&id);
+                    let mut instances = inner.instances.lock();
+                    if instances
+                        .get(&id)
+                        .is_some_and(|i| Arc::ptr_eq(i, &instance))
+                    {
+                        instances.remove(&id);
+                    }
                     return Err(error);
                 }
             }
@@ -655,6 +663,10 @@ impl Backend for ClusterBackend {
         let inner = &self.inner;
         inner.check_connected()?;
         let instance = inner.instance(instance_id)?;
+        if instance.is_terminating() {
+            // Terminating twice is harmless.
+            return Ok(());
+        }
         instance.mark_terminating();
         let request = pb::bus_request::Body::Kill(pb::KillRequest {
             instance_id: instance_id.to_string(),

@@ -355,6 +355,11 @@ impl RemoteInstance {
         self.state.lock().terminating = true;
     }
 
+    /// Whether this process already asked the instance to stop.
+    pub fn is_terminating(&self) -> bool {
+        self.state.lock().terminating
+    }
+
     /// Calls queued or in flight.
     pub fn load(&self) -> usize {
         let state = self.state.lock();

@@ -52,6 +52,11 @@ pub fn config() -> yr::Config {
     match backend() {
         Backend::Local => yr::Config::local(),
         Backend::Cluster => {
+            // Runtimes re-execute this test binary and run only its runtime entry point.
+            std::env::set_var(
+                "YR_RUNTIME_ARGS",
+                "runtime_entry --exact --nocapture --test-threads 1",
+            );
             let mut config = yr::Config::default();
             config.local_mode = false;
             config
