@@ -4,13 +4,24 @@
 //! ```text
 //! cargo run --release -p yr-bench -- --local            # every case, local mode
 //! cargo run --release -p yr-bench -- --local --case actor   # cases whose name contains "actor"
+//! cargo build --release -p yr-cli -p yr-bench && target/release/yr-bench   # against a cluster
 //! ```
+//!
+//! Against a cluster (no `--local`), three measures beyond Ray's cases are printed:
+//! - `instance creation from the warm pool`: the latency from `yr::instance(..).invoke()` to the
+//!   result of the instance's first method call, on the cluster the driver uses (whose warm
+//!   pool is refilled between samples), with a plain call round trip alongside;
+//! - `instance creation, cold`: the same latency on a cluster this program starts with
+//!   `yr start --master --warm-pool 0`, so each instance waits for a new runtime process;
+//! - `idle node process RSS`: VmRSS of the session's `yr node` process.
 
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_bytes::ByteBuf;
 use yr::{InstanceHandle, ObjectRef, FOREVER};
+use yr_common::session::{latest_session, sessions_root, SessionInfo};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -33,6 +44,18 @@ struct Args {
     /// Clients and instances for the multi-client and n:n cases.
     #[arg(long, default_value_t = 4)]
     clients: usize,
+    /// Trials of the `put gigabytes` cases (100 MiB per put); 0 skips them.
+    #[arg(long, default_value_t = 3)]
+    gigabyte_trials: usize,
+    /// Samples of each instance-creation measure (cluster only).
+    #[arg(long, default_value_t = 40)]
+    create_samples: usize,
+    /// Milliseconds to wait between warm-pool samples, so the node refills its warm pool.
+    #[arg(long, default_value_t = 500)]
+    refill_ms: u64,
+    /// Skip the cold-creation measure (it starts a second cluster with `--warm-pool 0`).
+    #[arg(long)]
+    no_cold: bool,
 }
 
 #[yr::invoke]
@@ -74,16 +97,25 @@ fn timeit(
     args: &Args,
     name: &str,
     ops_per_step: f64,
+    step: impl FnMut() -> yr::Result<()>,
+) -> anyhow::Result<()> {
+    timeit_trials(args, args.trials, name, ops_per_step, step)
+}
+
+/// [`timeit`] with its own number of trials.
+fn timeit_trials(
+    args: &Args,
+    trials: usize,
+    name: &str,
+    ops_per_step: f64,
     mut step: impl FnMut() -> yr::Result<()>,
 ) -> anyhow::Result<()> {
-    if let Some(filter) = &args.case {
-        if !name.contains(filter.as_str()) {
-            return Ok(());
-        }
+    if !selected(args, name) || trials == 0 {
+        return Ok(());
     }
     step()?; // warm up
-    let mut rates = Vec::with_capacity(args.trials);
-    for _ in 0..args.trials {
+    let mut rates = Vec::with_capacity(trials);
+    for _ in 0..trials {
         let start = Instant::now();
         let mut steps = 0u64;
         while start.elapsed().as_secs_f64() < args.seconds {
@@ -96,6 +128,12 @@ fn timeit(
     let variance = rates.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / rates.len() as f64;
     println!("{name} per second {mean:.2} +- {:.2}", variance.sqrt());
     Ok(())
+}
+
+fn selected(args: &Args, name: &str) -> bool {
+    args.case
+        .as_ref()
+        .is_none_or(|filter| name.contains(filter.as_str()))
 }
 
 fn in_threads(clients: usize, work: impl Fn() -> yr::Result<()> + Sync) -> yr::Result<()> {
@@ -144,13 +182,25 @@ fn run(args: &Args) -> anyhow::Result<()> {
         },
     )?;
     const CHUNK: usize = 100 << 20;
-    let chunk = ByteBuf::from(vec![1u8; CHUNK]);
+    let chunk = if args.gigabyte_trials > 0
+        && (selected(args, "single client put gigabytes")
+            || selected(args, "multi client put gigabytes"))
+    {
+        ByteBuf::from(vec![1u8; CHUNK])
+    } else {
+        ByteBuf::new()
+    };
     let gigabytes = CHUNK as f64 / 1e9;
-    timeit(args, "single client put gigabytes", gigabytes, || {
-        yr::put(&chunk).map(drop)
-    })?;
-    timeit(
+    timeit_trials(
         args,
+        args.gigabyte_trials,
+        "single client put gigabytes",
+        gigabytes,
+        || yr::put(&chunk).map(drop),
+    )?;
+    timeit_trials(
+        args,
+        args.gigabyte_trials,
         "multi client put gigabytes",
         n as f64 * gigabytes,
         || in_threads(n, || yr::put(&chunk).map(drop)),
@@ -236,6 +286,179 @@ fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+// ----- cluster-only measures ----------------------------------------------------------------
+
+/// The `p`-quantile (0..=1) of `sorted`, nearest rank.
+fn quantile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((sorted.len() as f64) * p).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Latencies in milliseconds of `samples` instance creations, each measured from
+/// `yr::instance(..).invoke()` to the result of the instance's first method call; and of a
+/// second call on the same instance (one call round trip). `pause` comes before each sample.
+fn creation_latencies(samples: usize, pause: Duration) -> yr::Result<(Vec<f64>, Vec<f64>)> {
+    let mut creations = Vec::with_capacity(samples);
+    let mut calls = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        std::thread::sleep(pause);
+        let start = Instant::now();
+        let actor = yr::instance(Actor::new).invoke(())?;
+        actor.method(Actor::peek).invoke(())?.get(FOREVER)?;
+        creations.push(start.elapsed().as_secs_f64() * 1e3);
+        let start = Instant::now();
+        actor.method(Actor::peek).invoke(())?.get(FOREVER)?;
+        calls.push(start.elapsed().as_secs_f64() * 1e3);
+        actor.terminate_sync()?;
+    }
+    creations.sort_by(f64::total_cmp);
+    calls.sort_by(f64::total_cmp);
+    Ok((creations, calls))
+}
+
+fn print_creation(name: &str, creations: &[f64], calls: &[f64]) {
+    println!(
+        "{name} p50 ms {:.2} p99 ms {:.2} (create to first method result, {} samples; \
+         a call round trip alone: p50 ms {:.3})",
+        quantile(creations, 0.5),
+        quantile(creations, 0.99),
+        creations.len(),
+        quantile(calls, 0.5),
+    );
+}
+
+fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn node_alive(session: &SessionInfo) -> bool {
+    session
+        .processes
+        .iter()
+        .any(|(role, pid)| role == "node" && process_alive(*pid))
+}
+
+/// The session of the cluster this driver uses: the one whose bus address is
+/// `YR_SERVER_ADDRESS`, else the latest one on this machine if it runs, else the temporary one
+/// `yr::init` started for this process.
+fn current_session() -> Option<SessionInfo> {
+    let mut candidates: Vec<PathBuf> = vec![sessions_root().join("latest")];
+    let prefix = format!("yr-temporary-{}-", std::process::id());
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        candidates.extend(
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .map(|e| e.path()),
+        );
+    }
+    if let Ok(address) = std::env::var("YR_SERVER_ADDRESS") {
+        if let Ok(entries) = std::fs::read_dir(sessions_root()) {
+            candidates.extend(entries.flatten().map(|e| e.path()));
+        }
+        return candidates
+            .iter()
+            .filter_map(|dir| SessionInfo::read(dir).ok())
+            .find(|s| s.bus_address == address);
+    }
+    if let Some(latest) = latest_session().filter(node_alive) {
+        return Some(latest);
+    }
+    candidates
+        .iter()
+        .skip(1)
+        .filter_map(|dir| SessionInfo::read(dir).ok())
+        .find(node_alive)
+}
+
+/// VmRSS of `pid` in MB (10^6 bytes).
+fn rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024.0 / 1e6)
+}
+
+fn print_rss(label: &str, session: Option<&SessionInfo>) {
+    let Some(session) = session else {
+        println!("{label} MB unknown (the cluster's session was not found)");
+        return;
+    };
+    for (role, pid) in &session.processes {
+        let name = if role == "node" {
+            label.to_string()
+        } else {
+            label.replace("node", role)
+        };
+        match rss_mb(*pid) {
+            Some(mb) => println!("{name} MB {mb:.1} (pid {pid})"),
+            None => println!("{name} MB unknown (pid {pid} not readable)"),
+        }
+    }
+}
+
+/// `instance creation, cold`: on a cluster started here with `--warm-pool 0`, so that every
+/// instance waits for a new runtime process.
+fn cold_creation(args: &Args, config: &yr::Config) -> anyhow::Result<()> {
+    let name = "instance creation, cold";
+    if !selected(args, name) || args.no_cold {
+        return Ok(());
+    }
+    let exe = std::env::current_exe()?;
+    let yr_bin = std::env::var_os("YR_BIN")
+        .map(PathBuf::from)
+        .or_else(|| exe.parent().map(|d| d.join("yr")))
+        .filter(|p| p.is_file())
+        .ok_or_else(|| {
+            anyhow::anyhow!("{name}: the `yr` binary is not next to yr-bench; set YR_BIN")
+        })?;
+    let dir = std::env::temp_dir().join(format!("yr-bench-cold-{}", std::process::id()));
+    let status = std::process::Command::new(&yr_bin)
+        .args([
+            "start",
+            "--master",
+            "--temporary",
+            "--warm-pool",
+            "0",
+            "--session-dir",
+        ])
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "{name}: `yr start --warm-pool 0` failed");
+    let result = (|| -> anyhow::Result<()> {
+        let session = SessionInfo::read(&dir)?;
+        let mut cold = config.clone();
+        cold.server_address = Some(session.bus_address.clone());
+        yr::init(cold)?;
+        let measured = creation_latencies(args.create_samples, Duration::from_millis(100));
+        yr::finalize()?;
+        let (creations, calls) = measured?;
+        print_creation(
+            &format!("{name} (yr start --warm-pool 0)"),
+            &creations,
+            &calls,
+        );
+        Ok(())
+    })();
+    let _ = std::process::Command::new(&yr_bin)
+        .args(["stop", "--session-dir"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .status();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut config = yr::Config::default();
@@ -243,8 +466,31 @@ fn main() -> anyhow::Result<()> {
     if !config.local_mode {
         eprintln!("yr-bench: running against a cluster; pass --local for local mode");
     }
-    yr::init(config)?;
-    let result = run(&args);
+    yr::init(config.clone())?;
+    let cluster = !config.local_mode;
+    let session = if cluster { current_session() } else { None };
+    if cluster && selected(&args, "idle node process RSS") {
+        // Let the warm pool start, so the node is idle.
+        std::thread::sleep(Duration::from_secs(2));
+        print_rss("idle node process RSS", session.as_ref());
+    }
+    let mut result = run(&args);
+    if cluster && result.is_ok() {
+        let name = "instance creation from the warm pool";
+        if selected(&args, name) {
+            result = creation_latencies(args.create_samples, Duration::from_millis(args.refill_ms))
+                .map(|(creations, calls)| print_creation(name, &creations, &calls))
+                .map_err(Into::into);
+        }
+    }
+    if cluster && selected(&args, "node process RSS after the run") {
+        std::thread::sleep(Duration::from_secs(1));
+        print_rss("node process RSS after the run", session.as_ref());
+    }
     yr::finalize()?;
-    result
+    result?;
+    if cluster {
+        cold_creation(&args, &config)?;
+    }
+    Ok(())
 }

@@ -77,7 +77,8 @@ fn free_port(start: u16) -> anyhow::Result<u16> {
         .with_context(|| format!("no free port in {start}..{}", start.saturating_add(200)))
 }
 
-fn local_ip() -> String {
+/// This machine's address as other machines see it (127.0.0.1 if it cannot tell).
+pub fn local_ip() -> String {
     UdpSocket::bind("0.0.0.0:0")
         .and_then(|socket| {
             socket.connect("10.255.255.255:1")?;

@@ -35,6 +35,9 @@ pub struct NodeArgs {
     /// TCP address of this node's bus.
     #[arg(long, default_value = "0.0.0.0:22773")]
     pub listen: SocketAddr,
+    /// The host other nodes use to reach this one (default: this machine's address).
+    #[arg(long)]
+    pub advertise_host: Option<String>,
     /// Unix socket of this node's bus, for drivers and runtimes on this machine.
     #[arg(long)]
     pub bus_socket: PathBuf,
@@ -176,6 +179,10 @@ pub fn run_node(args: &NodeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| format!("node-{}", yr_common::ids::random_hex(8))),
         master_address: args.master_address.clone(),
         listen: args.listen,
+        advertise_host: args
+            .advertise_host
+            .clone()
+            .unwrap_or_else(crate::cluster::local_ip),
         bus_socket: args.bus_socket.clone(),
         metrics_listen: args.metrics_listen,
         capacity: args.capacity.amount()?,

@@ -8,6 +8,7 @@ mod bus_service;
 mod health;
 mod master_link;
 mod node;
+mod node_service;
 mod rate_limit;
 mod resources;
 mod state_machine;
@@ -33,8 +34,10 @@ pub struct NodeOptions {
     pub node_id: String,
     /// The master's gRPC address (`host:port`).
     pub master_address: String,
-    /// TCP address for the bus (remote drivers).
+    /// TCP address for the bus (remote drivers) and the Node service (other nodes).
     pub listen: SocketAddr,
+    /// The host other nodes use to reach this one when `listen` is a wildcard address.
+    pub advertise_host: String,
     /// The bus's Unix socket for drivers and runtimes on this machine.
     pub bus_socket: PathBuf,
     /// Health and metrics.
@@ -110,9 +113,14 @@ pub async fn run(
         source,
     })?;
     let bus_address = format!("unix:{}", options.bus_socket.display());
+    let advertised = if tcp_address.ip().is_unspecified() {
+        format!("{}:{}", options.advertise_host, tcp_address.port())
+    } else {
+        tcp_address.to_string()
+    };
     let node_info = pb::NodeInfo {
         node_id: options.node_id.clone(),
-        address: tcp_address.to_string(),
+        address: advertised.clone(),
         bus_address: bus_address.clone(),
         capacity: Some(options.capacity.to_proto()),
         allocatable: Some(options.capacity.to_proto()),
@@ -128,6 +136,7 @@ pub async fn run(
         NodeSettings {
             node_id: options.node_id.clone(),
             bus_address,
+            node_address: advertised.clone(),
             session_dir: options.session_dir.clone(),
             warm_pool_size: options.warm_pool_size,
             heartbeat_interval: options.heartbeat.0,
@@ -180,6 +189,11 @@ pub async fn run(
         .serve_with_incoming(UnixListenerStream::new(unix));
     let tcp_server = tonic::transport::Server::builder()
         .add_service(service())
+        .add_service(
+            pb::node_server::NodeServer::new(node_service::NodeService { node: node.clone() })
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+        )
         .serve_with_incoming(yr_meta::service::incoming(tcp));
     tracing::info!(node = %options.node_id, bus = %options.bus_socket.display(), tcp = %tcp_address, "node serving");
     tokio::select! {

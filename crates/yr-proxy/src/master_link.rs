@@ -129,14 +129,19 @@ impl MasterLink {
         }
     }
 
-    /// Ask the master where `request` fits. Returns the node id, or the master's error (1006
-    /// when no node could ever hold it, 1002 when none can now).
-    pub async fn schedule(&self, request: &Amount) -> Result<String, Error> {
+    /// Ask the master where `request` fits, skipping `exclude`. Returns the node's id and
+    /// address, or the master's error (1006 when no node could ever hold it, 1002 when none can
+    /// now).
+    pub async fn schedule(
+        &self,
+        request: &Amount,
+        exclude: Vec<String>,
+    ) -> Result<(String, String), Error> {
         let mut client = self.client().await?;
         let reply = client
             .schedule(pb::ScheduleRequest {
                 request: Some(request.to_proto()),
-                exclude_nodes: Vec::new(),
+                exclude_nodes: exclude,
                 labels: Vec::new(),
             })
             .await
@@ -149,7 +154,7 @@ impl MasterLink {
             .into_inner();
         match reply.error {
             Some(error) => Err(error_from_proto(&error)),
-            None => Ok(reply.node_id),
+            None => Ok((reply.node_id, reply.node_address)),
         }
     }
 }

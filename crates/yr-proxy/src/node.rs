@@ -46,6 +46,8 @@ pub struct NodeSettings {
     pub node_id: String,
     /// Where drivers and runtimes connect.
     pub bus_address: String,
+    /// Where other nodes reach this one (Node service, `host:port`).
+    pub node_address: String,
     /// Session directory (logs).
     pub session_dir: PathBuf,
     /// Spare runtimes kept per driver binary.
@@ -101,6 +103,18 @@ struct Instance {
     allocated: Option<Amount>,
     exit_waiters: Vec<oneshot::Sender<()>>,
     killing: bool,
+    /// Set when another node runs the instance: that node's address.
+    forwarded_to: Option<String>,
+    /// The node that asked for this instance, if another node did.
+    creator_address: String,
+}
+
+/// Where an instance runs.
+enum Placement {
+    /// Here; resources are reserved.
+    Local,
+    /// On another node.
+    Remote { node_id: String, address: String },
 }
 
 #[derive(Default)]
@@ -457,6 +471,16 @@ impl Node {
     }
 
     fn persist(self: &Arc<Self>, record: pb::InstanceRecord) {
+        let forwarded = self
+            .state
+            .lock()
+            .instances
+            .get(&record.instance_id)
+            .is_some_and(|i| i.forwarded_to.is_some());
+        if forwarded {
+            // The node that runs it owns its record.
+            return;
+        }
         let node = self.clone();
         tokio::spawn(async move {
             let key = instance_key(&record.instance_id);
@@ -619,7 +643,18 @@ impl Node {
                 ..Default::default()
             };
             if let Some(key) = name.clone() {
-                state.named.insert(key, instance_id.clone());
+                state.named.insert(key.clone(), instance_id.clone());
+                let meta = self.meta.clone();
+                let id = instance_id.clone();
+                tokio::spawn(async move {
+                    let _ = meta
+                        .put(
+                            &named_key(&key.0, &key.1),
+                            bytes::Bytes::from(id.into_bytes()),
+                            None,
+                        )
+                        .await;
+                });
             }
             state.instances.insert(
                 instance_id.clone(),
@@ -632,6 +667,8 @@ impl Node {
                     allocated: None,
                     exit_waiters: Vec::new(),
                     killing: false,
+                    forwarded_to: None,
+                    creator_address: request.creator_node_address.clone(),
                 },
             );
         }
@@ -683,8 +720,13 @@ impl Node {
                 instance.options.schedule_timeout(),
             )
         };
-        self.place(instance_id, &request, timeout).await?;
+        if let Placement::Remote { node_id, address } =
+            self.place(instance_id, &request, timeout).await?
+        {
+            return self.forward(instance_id, node_id, address).await;
+        }
         self.transition(instance_id, S::Creating, None)?;
+        self.ensure_binary(instance_id).await?;
         let (binary_hash, init) = {
             let state = self.state.lock();
             let instance = state
@@ -768,26 +810,18 @@ impl Node {
         Ok(())
     }
 
-    /// Reserve resources here, waiting up to `timeout` (1017 with the last reason after it).
+    /// Find where the instance runs: reserve resources here if they are free, else take the
+    /// master's choice of another node. Waits up to `timeout` (then 1017 with the last reason);
+    /// a request larger than every node fails at once with 1006.
     async fn place(
         self: &Arc<Self>,
         instance_id: &str,
         request: &Amount,
         timeout: Duration,
-    ) -> Result<(), Error> {
-        let capacity = self.resources.lock().capacity.clone();
-        if !request.fits_in(&capacity) {
-            // Larger than this node: the master knows whether any node could ever hold it.
-            let decision = self.master.schedule(request).await;
-            return Err(match decision {
-                Err(error) => error,
-                Ok(node) => Error::new(
-                    ErrorCode::ResourceNotEnough,
-                    format!("instance {instance_id} needs {request}, which only node {node} can hold; placing on other nodes comes with multi-node scheduling"),
-                ),
-            });
-        }
+    ) -> Result<Placement, Error> {
         let deadline = Instant::now() + timeout;
+        let mut last_reason = None;
+        let mut next_master_ask = Instant::now();
         loop {
             if self.killing(instance_id) {
                 return Err(Error::new(
@@ -800,21 +834,261 @@ impl Node {
                     instance.allocated = Some(request.clone());
                 }
                 self.master.resources_changed(request.delta(true));
-                return Ok(());
+                return Ok(Placement::Local);
+            }
+            if Instant::now() >= next_master_ask {
+                next_master_ask = Instant::now() + Duration::from_millis(200);
+                match self
+                    .master
+                    .schedule(request, vec![self.settings.node_id.clone()])
+                    .await
+                {
+                    Ok((node_id, address)) => return Ok(Placement::Remote { node_id, address }),
+                    Err(error) if error.code() == ErrorCode::ResourceConfigError => {
+                        let fits_here = request.fits_in(&self.resources.lock().capacity);
+                        if !fits_here {
+                            return Err(error);
+                        }
+                        last_reason = Some(error);
+                    }
+                    Err(error) => last_reason = Some(error),
+                }
             }
             if Instant::now() >= deadline {
                 let free = self.resources.lock().allocatable.clone();
+                let reason = match last_reason {
+                    Some(error) => format!("{}: {}", error.code(), error.message()),
+                    None => format!("{}", ErrorCode::ResourceNotEnough),
+                };
                 return Err(Error::new(
                     ErrorCode::ScheduleCanceled,
                     format!(
-                        "the instance {instance_id} cannot be scheduled within {} ms: last reason ({}): it needs {request} and node {} has {free} free; free resources or raise schedule_timeout_ms",
+                        "the instance {instance_id} cannot be scheduled within {} ms: it needs {request}, node {} has {free} free; last reason: {reason}; free resources or raise schedule_timeout_ms",
                         timeout.as_millis(),
-                        ErrorCode::ResourceNotEnough,
                         self.settings.node_id
                     ),
                 ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Hand the instance to the node at `address`; relay its notifications to this node's
+    /// subscribers until it ends.
+    async fn forward(
+        self: &Arc<Self>,
+        instance_id: &str,
+        node_id: String,
+        address: String,
+    ) -> Result<(), Error> {
+        let request = {
+            let mut state = self.state.lock();
+            let instance = state
+                .instances
+                .get_mut(instance_id)
+                .ok_or_else(|| gone(instance_id))?;
+            instance.forwarded_to = Some(address.clone());
+            instance.record.node_id = node_id.clone();
+            let record = &instance.record;
+            pb::CreateRequest {
+                function: record.function.clone(),
+                stateless: record.stateless,
+                args: record.args.clone(),
+                options: record.options.clone(),
+                job_id: record.job_id.clone(),
+                class_name: record.class_name.clone(),
+                parent_instance_id: record.parent_instance_id.clone(),
+                binary_path: record.binary_path.clone(),
+                binary_hash: record.binary_hash.clone(),
+                runtime_args: record.runtime_args.clone(),
+                designated_instance_id: instance_id.to_string(),
+                creator_node_id: self.settings.node_id.clone(),
+                creator_node_address: self.settings.node_address.clone(),
+            }
+        };
+        tracing::info!(instance = %instance_id, node = %node_id, "placing the instance on another node");
+        let channel =
+            yr_runtime::cluster::transport::connect(&address, ErrorCode::InnerCommunication)
+                .await?;
+        let mut client = pb::node_client::NodeClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        let mut notifications = client
+            .create(request)
+            .await
+            .map_err(|status| {
+                Error::new(
+                    status_code(&status),
+                    format!(
+                        "node {node_id} refused instance {instance_id}: {}",
+                        status.message()
+                    ),
+                )
+            })?
+            .into_inner();
+        let node = self.clone();
+        let id = instance_id.to_string();
+        tokio::spawn(async move {
+            use tokio_stream::StreamExt;
+            loop {
+                match notifications.next().await {
+                    Some(Ok(notify)) => {
+                        let state = S::try_from(notify.state).unwrap_or(S::Fatal);
+                        if let Some(instance) = node.state.lock().instances.get_mut(&id) {
+                            instance.record.state = notify.state;
+                            instance.record.runtime_address = notify.runtime_address.clone();
+                        }
+                        node.notify(&id, notify.clone());
+                        if matches!(state, S::Exited | S::Fatal) {
+                            node.forget_forwarded(&id);
+                            return;
+                        }
+                    }
+                    Some(Err(_)) | None => {
+                        let error = Error::new(
+                            ErrorCode::InstanceExited,
+                            format!(
+                                "instance {id} ran on node {node_id}, which is no longer reachable"
+                            ),
+                        );
+                        node.notify(&id, error_notify(&id, S::Fatal, &error));
+                        node.forget_forwarded(&id);
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Make sure this node can start the instance's binary: known already, the same file on
+    /// this machine, or fetched by content key from the node that created it (2001 if not).
+    async fn ensure_binary(self: &Arc<Self>, instance_id: &str) -> Result<(), Error> {
+        let (hash, path, args, job_id, creator) = {
+            let state = self.state.lock();
+            let instance = state
+                .instances
+                .get(instance_id)
+                .ok_or_else(|| gone(instance_id))?;
+            let record = &instance.record;
+            if state.binaries.contains_key(&record.binary_hash) {
+                return Ok(());
+            }
+            (
+                record.binary_hash.clone(),
+                PathBuf::from(&record.binary_path),
+                record.runtime_args.clone(),
+                record.job_id.clone(),
+                instance.creator_address.clone(),
+            )
+        };
+        let spec = |binary_path: PathBuf| RuntimeSpec {
+            binary_path,
+            args: args.clone(),
+            job_id: job_id.clone(),
+            env: Vec::new(),
+        };
+        if path.is_file() && yr_runtime::cluster::binary_fingerprint(&path) == hash {
+            self.state.lock().binaries.insert(hash, spec(path));
+            return Ok(());
+        }
+        let fetched = self.fetch_binary(&hash, &creator).await.map_err(|reason| {
+            Error::new(
+                ErrorCode::UserCodeLoad,
+                format!(
+                    "the code of instance {instance_id} (binary {hash}) is not on node {} and could not be fetched from {creator}: {reason}",
+                    self.settings.node_id
+                ),
+            )
+        })?;
+        self.state.lock().binaries.insert(hash, spec(fetched));
+        Ok(())
+    }
+
+    async fn fetch_binary(&self, hash: &str, creator: &str) -> Result<PathBuf, String> {
+        use std::os::unix::fs::PermissionsExt;
+        use tokio::io::AsyncWriteExt;
+        use tokio_stream::StreamExt;
+        if creator.is_empty() {
+            return Err("no node to fetch it from".into());
+        }
+        let dir = self.settings.session_dir.join("binaries");
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| e.to_string())?;
+        let target = dir.join(hash);
+        if target.is_file() {
+            return Ok(target);
+        }
+        let channel = yr_runtime::cluster::transport::connect(creator, ErrorCode::UserCodeLoad)
+            .await
+            .map_err(|e| e.message().to_string())?;
+        let mut client =
+            pb::node_client::NodeClient::new(channel).max_decoding_message_size(usize::MAX);
+        let mut chunks = client
+            .fetch_binary(pb::FetchBinaryRequest {
+                hash: hash.to_string(),
+            })
+            .await
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
+        let partial = dir.join(format!("{hash}.part-{}", yr_common::ids::random_hex(6)));
+        let mut file = tokio::fs::File::create(&partial)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut size = 0usize;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|s| s.message().to_string())?;
+            size += chunk.data.len();
+            file.write_all(&chunk.data)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        file.sync_all().await.map_err(|e| e.to_string())?;
+        drop(file);
+        if size == 0 {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err("the creator node sent an empty binary".into());
+        }
+        tokio::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::fs::rename(&partial, &target)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            hash,
+            bytes = size,
+            from = creator,
+            "fetched a driver binary"
+        );
+        Ok(target)
+    }
+
+    /// The path of a binary this node knows, for FetchBinary.
+    pub fn binary_path(&self, hash: &str) -> Option<PathBuf> {
+        self.state
+            .lock()
+            .binaries
+            .get(hash)
+            .map(|spec| spec.binary_path.clone())
+    }
+
+    fn forget_forwarded(&self, instance_id: &str) {
+        let mut state = self.state.lock();
+        if let Some(instance) = state.instances.remove(instance_id) {
+            for waiter in instance.exit_waiters {
+                let _ = waiter.send(());
+            }
+            if !instance.record.name.is_empty() {
+                let key = (
+                    instance.record.namespace.clone(),
+                    instance.record.name.clone(),
+                );
+                if state.named.get(&key).map(String::as_str) == Some(instance_id) {
+                    state.named.remove(&key);
+                }
+            }
         }
     }
 
@@ -987,6 +1261,15 @@ impl Node {
                 "the instance id is empty; pass the id of a created instance",
             ));
         }
+        let forwarded = self
+            .state
+            .lock()
+            .instances
+            .get(instance_id)
+            .and_then(|i| i.forwarded_to.clone());
+        if let Some(address) = forwarded {
+            return self.kill_remote(&address, instance_id, wait).await;
+        }
         let found = {
             let mut state = self.state.lock();
             let state = &mut *state;
@@ -1017,7 +1300,7 @@ impl Node {
             }
         };
         let Some((runtime, grace, exited)) = found else {
-            return self.kill_elsewhere(instance_id).await;
+            return self.kill_elsewhere(instance_id, wait).await;
         };
         let (receiver, terminal, already) = exited;
         if !already {
@@ -1056,14 +1339,51 @@ impl Node {
         Ok(())
     }
 
-    async fn kill_elsewhere(&self, instance_id: &str) -> Result<(), Error> {
-        match self.meta.get(&instance_key(instance_id)).await {
-            Ok(Some(_)) => Ok(()),
-            _ => Err(Error::new(
+    /// Kill an instance that another node runs, found through the meta store.
+    async fn kill_elsewhere(&self, instance_id: &str, wait: bool) -> Result<(), Error> {
+        let not_found = || {
+            Error::new(
                 ErrorCode::InstanceNotFound,
                 format!("instance {instance_id} is not found: it was never created or it was killed; check the id"),
-            )),
+            )
+        };
+        let record = match self.meta.get(&instance_key(instance_id)).await {
+            Ok(Some(kv)) => pb::InstanceRecord::decode(kv.value).map_err(|_| not_found())?,
+            Ok(None) => return Err(not_found()),
+            Err(error) => return Err(error.into()),
+        };
+        if record.node_id == self.settings.node_id {
+            return Err(not_found());
         }
+        let node = match self.meta.get(&format!("/yr/node/{}", record.node_id)).await {
+            Ok(Some(kv)) => pb::NodeInfo::decode(kv.value).map_err(|_| not_found())?,
+            Ok(None) => return Err(not_found()),
+            Err(error) => return Err(error.into()),
+        };
+        self.kill_remote(&node.address, instance_id, wait).await
+    }
+
+    async fn kill_remote(&self, address: &str, instance_id: &str, wait: bool) -> Result<(), Error> {
+        let channel =
+            yr_runtime::cluster::transport::connect(address, ErrorCode::InnerCommunication).await?;
+        pb::node_client::NodeClient::new(channel)
+            .kill(pb::KillRequest {
+                instance_id: instance_id.to_string(),
+                wait,
+                job_id: String::new(),
+                force: false,
+            })
+            .await
+            .map(|_| ())
+            .map_err(|status| {
+                Error::new(
+                    ErrorCode::InnerCommunication,
+                    format!(
+                        "the node at {address} did not kill instance {instance_id}: {}",
+                        status.message()
+                    ),
+                )
+            })
     }
 
     /// EXITING → EXITED: delete the record, tell everyone, wake the waiters.
@@ -1174,6 +1494,9 @@ impl Node {
                     }
                 }
             }
+            if let Some(found) = self.lookup_elsewhere(&request).await {
+                return Ok(found);
+            }
             if Instant::now() >= deadline {
                 let what = if request.instance_id.is_empty() {
                     format!(
@@ -1190,6 +1513,33 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// A running instance that another node owns, from the meta store.
+    async fn lookup_elsewhere(
+        &self,
+        request: &pb::GetNamedRequest,
+    ) -> Option<pb::GetNamedResponse> {
+        let id = if request.instance_id.is_empty() {
+            let kv = self
+                .meta
+                .get(&named_key(&request.namespace, &request.name))
+                .await
+                .ok()??;
+            String::from_utf8(kv.value.to_vec()).ok()?
+        } else {
+            request.instance_id.clone()
+        };
+        let kv = self.meta.get(&instance_key(&id)).await.ok()??;
+        let record = pb::InstanceRecord::decode(kv.value).ok()?;
+        (record.state == S::Running as i32 && record.node_id != self.settings.node_id).then(|| {
+            pb::GetNamedResponse {
+                instance_id: record.instance_id,
+                class_name: record.class_name,
+                runtime_address: record.runtime_address,
+                state: record.state,
+            }
+        })
     }
 
     /// Every named instance on this node.
@@ -1250,6 +1600,10 @@ impl Node {
         }
         self.stop();
     }
+}
+
+fn status_code(_status: &Status) -> ErrorCode {
+    ErrorCode::InnerCommunication
 }
 
 fn gone(instance_id: &str) -> Error {

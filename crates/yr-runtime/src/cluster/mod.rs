@@ -6,6 +6,7 @@
 mod bus;
 pub mod convert;
 mod discovery;
+pub mod memory;
 mod remote_instance;
 pub mod runtime_mode;
 mod stateless;
@@ -106,7 +107,7 @@ fn socket_dir() -> std::path::PathBuf {
 
 /// A fingerprint of this executable: size and modification time. Nodes on this machine run the
 /// file in place; code distribution by content hash comes with multi-machine clusters.
-fn binary_fingerprint(path: &std::path::Path) -> String {
+pub fn binary_fingerprint(path: &std::path::Path) -> String {
     std::fs::metadata(path)
         .map(|m| {
             let modified = m
@@ -435,6 +436,7 @@ impl Inner {
             runtime_args: self.runtime_args.clone(),
             designated_instance_id: id.to_string(),
             creator_node_id: String::new(),
+            creator_node_address: String::new(),
         })
     }
 

@@ -203,6 +203,9 @@ impl CallExecutor for RuntimeMode {
             values: Vec::new(),
             error: Some(error_to_proto(&error)),
         };
+        if let Err(error) = super::memory::admit_invoke() {
+            return respond(fail(error));
+        }
         let args = match args_from_proto(request.args) {
             Ok(args) => args,
             Err(error) => return respond(fail(error)),
