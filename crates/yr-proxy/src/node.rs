@@ -1532,14 +1532,14 @@ impl Node {
         };
         let kv = self.meta.get(&instance_key(&id)).await.ok()??;
         let record = pb::InstanceRecord::decode(kv.value).ok()?;
-        (record.state == S::Running as i32 && record.node_id != self.settings.node_id).then(|| {
+        (record.state == S::Running as i32 && record.node_id != self.settings.node_id).then_some(
             pb::GetNamedResponse {
                 instance_id: record.instance_id,
                 class_name: record.class_name,
                 runtime_address: record.runtime_address,
                 state: record.state,
-            }
-        })
+            },
+        )
     }
 
     /// Every named instance on this node.

@@ -38,8 +38,10 @@ fn main() -> yr::Result<()> {
     assert_eq!(yr::get(&six, Duration::from_secs(5))?, 6);
 
     // Options: resources, retries, names, concurrency, …
-    let mut options = yr::InvokeOptions::default();
-    options.retry_times = 2;
+    let options = yr::InvokeOptions {
+        retry_times: 2,
+        ..Default::default()
+    };
     let r = yr::function(add).options(options).invoke((40, 2))?;
     assert_eq!(r.get(Duration::from_secs(5))?, 42);
 
@@ -56,7 +58,7 @@ fn main() -> yr::Result<()> {
 
     // Objects, wait and errors.
     let value = yr::put(vec![1, 2, 3])?;
-    let (ready, _unready) = yr::wait(&[value.clone()], 1, Duration::from_secs(1))?;
+    let (ready, _unready) = yr::wait(std::slice::from_ref(&value), 1, Duration::from_secs(1))?;
     assert_eq!(ready.len(), 1);
     let err = counter.method(Counter::incr).invoke((1,)).unwrap_err();
     assert_eq!(err.code(), yr::ErrorCode::InstanceExited); // ErrCode: 1007, ModuleCode: 10, …

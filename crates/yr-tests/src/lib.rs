@@ -1,0 +1,890 @@
+//! yr-tests: whole-cluster integration and fault tests. This crate owns the [`TestCluster`]
+//! harness, which starts a real master and real nodes as processes through the `yr` CLI (on free
+//! ports and temporary directories) and kills everything it started when dropped, and the
+//! helpers the tests in `tests/` share: one yr session at a time per test binary, marker files
+//! that user code writes to, and process scans that prove nothing leaked. It owns no yr
+//! behaviour: every test drives the real binaries the way users do.
+//!
+//! A node runs instances in runtime processes that re-execute the driver's binary. In a test
+//! the driver is the test binary, so every test file has a `runtime_entry` test that calls
+//! [`runtime_entry`], and drivers set `YR_RUNTIME_ARGS` ([`RUNTIME_ARGS`]) so that runtimes run
+//! only that test.
+//!
+//! The `yr` binary is `$YR_BIN`, or `target/debug/yr` of this workspace (`cargo build -p
+//! yr-cli` first).
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use yr_proto::v1 as pb;
+
+/// How long a test waits for something that should happen (generous: it only bounds a hang).
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a component may take to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The arguments runtimes re-execute a test binary with: run only its `runtime_entry` test.
+pub const RUNTIME_ARGS: &str = "runtime_entry --exact --nocapture --test-threads 1";
+
+/// Set in a test binary re-executed by [`child_test_process`] to the test it must run.
+pub const CHILD_VAR: &str = "YR_TESTS_CHILD";
+
+// ----- the yr binary -----------------------------------------------------------------------
+
+/// The `yr` executable: `$YR_BIN`, or this workspace's `target/debug/yr`.
+pub fn yr_binary() -> PathBuf {
+    let path = std::env::var_os("YR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../target/debug/yr")
+                .canonicalize()
+                .unwrap_or_else(|_| {
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/yr")
+                })
+        });
+    assert!(
+        path.is_file(),
+        "the yr binary is not at {}; run `cargo build -p yr-cli` first or set YR_BIN",
+        path.display()
+    );
+    path
+}
+
+/// This workspace's `target/debug` directory (where the examples are built).
+pub fn target_debug_dir() -> PathBuf {
+    yr_binary()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Run `yr` with `args` and `envs`, waiting at most `timeout`. Panics if it does not end.
+pub fn run_yr(args: &[&str], envs: &[(&str, &Path)], timeout: Duration) -> Output {
+    let mut command = Command::new(yr_binary());
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (key, value) in envs {
+        command.env(key, value);
+    }
+    output_within(command, timeout)
+}
+
+/// Run `command` to its end, at most `timeout`; panics (after killing it) if it takes longer.
+pub fn output_within(mut command: Command, timeout: Duration) -> Output {
+    let description = format!("{command:?}");
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {description}: {e}"));
+    let pid = child.id();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(child.wait_with_output());
+    });
+    match receiver.recv_timeout(timeout) {
+        Ok(output) => output.unwrap_or_else(|e| panic!("{description} failed: {e}")),
+        Err(_) => {
+            signal(pid, libc::SIGKILL);
+            panic!("{description} did not finish within {timeout:?}");
+        }
+    }
+}
+
+// ----- temporary directories and unique names ----------------------------------------------
+
+/// A name no other test uses: `label`, the process id, a counter and the clock.
+pub fn unique(label: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{label}-{}-{}-{nanos:x}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A temporary directory, removed on drop unless the test is panicking (then its path is
+/// printed, so that its logs can be read).
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// A new, empty directory under `/tmp` (short paths: Unix socket paths are limited).
+    pub fn new(label: &str) -> TempDir {
+        let path = PathBuf::from("/tmp").join(unique(&format!("yrt-{label}")));
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        TempDir { path }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The directory as a string.
+    pub fn display(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os("YR_TESTS_KEEP").is_some() {
+            eprintln!("yr-tests: kept {} for inspection", self.path.display());
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port")
+}
+
+// ----- waiting -------------------------------------------------------------------------------
+
+/// Poll `condition` every 50 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Run `future` to completion on a small tokio runtime of its own.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(future)
+}
+
+// ----- processes -----------------------------------------------------------------------------
+
+/// Send `signal` to `pid`; returns whether it was delivered.
+pub fn signal(pid: u32, signal: i32) -> bool {
+    // SAFETY: kill has no memory-safety preconditions; the tests only signal processes they
+    // started (or found by their session directory).
+    unsafe { libc::kill(pid as libc::pid_t, signal) == 0 }
+}
+
+/// `(state, parent pid)` of `pid` from `/proc/<pid>/stat`.
+fn stat(pid: u32) -> Option<(char, u32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces: parse after the last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let parent = fields.next()?.parse().ok()?;
+    Some((state, parent))
+}
+
+/// Whether `pid` is a live process (not a zombie waiting to be reaped).
+pub fn alive(pid: u32) -> bool {
+    matches!(stat(pid), Some((state, _)) if state != 'Z' && state != 'X')
+}
+
+/// Whether `pid` is stopped (SIGSTOP).
+pub fn stopped(pid: u32) -> bool {
+    matches!(stat(pid), Some(('T', _)))
+}
+
+fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The live children of `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    all_pids()
+        .into_iter()
+        .filter(|child| matches!(stat(*child), Some((state, parent)) if parent == pid && state != 'Z'))
+        .collect()
+}
+
+/// Live processes (other than this one) whose command line or environment contains `needle`,
+/// for example a session directory: the master and node name it on their command line, and
+/// runtimes carry it in `YR_BUS_ADDRESS`.
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let me = std::process::id();
+    all_pids()
+        .into_iter()
+        .filter(|pid| *pid != me && alive(*pid))
+        .filter(|pid| {
+            ["cmdline", "environ"].iter().any(|file| {
+                std::fs::read(format!("/proc/{pid}/{file}"))
+                    .map(|bytes| {
+                        bytes
+                            .windows(needle.len().max(1))
+                            .any(|w| w == needle.as_bytes())
+                    })
+                    .unwrap_or(false)
+            })
+        })
+        .collect()
+}
+
+/// The command line of `pid`, for messages.
+pub fn command_line(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|bytes| String::from_utf8_lossy(&bytes).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// SIGKILL every live process mentioning `needle` (cleanup after a failed test).
+pub fn kill_mentioning(needle: &str) {
+    for pid in processes_mentioning(needle) {
+        signal(pid, libc::SIGKILL);
+    }
+}
+
+/// The test binary re-executed to run only `test` (a test of the same file that checks
+/// [`CHILD_VAR`]), with its output piped.
+pub fn child_test_process(test: &str) -> Command {
+    let binary = std::env::current_exe().expect("the test binary's path");
+    let mut command = Command::new(binary);
+    command
+        .args([test, "--exact", "--nocapture", "--test-threads", "1"])
+        .env(CHILD_VAR, test)
+        .stdin(Stdio::null());
+    command
+}
+
+/// Whether this process is the child that [`child_test_process`] started for `test`.
+pub fn is_child_for(test: &str) -> bool {
+    std::env::var(CHILD_VAR).as_deref() == Ok(test)
+}
+
+// ----- one yr session at a time ----------------------------------------------------------------
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+/// Exclusive use of yr's process-wide state (and of the machine's two cores) for one test.
+/// yr is not initialized when this is taken, and is finalized when it is dropped, so a test
+/// that fails half-way leaves nothing behind.
+pub struct Exclusive {
+    _guard: MutexGuard<'static, ()>,
+}
+
+impl Drop for Exclusive {
+    fn drop(&mut self) {
+        let _ = yr::finalize();
+    }
+}
+
+/// Take the lock. Tests in one binary run one at a time whatever `--test-threads` says.
+pub fn exclusive() -> Exclusive {
+    let guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _ = yr::finalize();
+    Exclusive { _guard: guard }
+}
+
+/// Make runtimes that re-execute this test binary run only its `runtime_entry` test.
+pub fn use_this_binary_as_runtime() {
+    std::env::set_var("YR_RUNTIME_ARGS", RUNTIME_ARGS);
+}
+
+/// The body of every test file's `runtime_entry` test: in a runtime process (started by a node
+/// with `YR_RUNTIME_MODE=1`), `yr::init` serves the node and never returns. Otherwise nothing.
+pub fn runtime_entry() {
+    if std::env::var("YR_RUNTIME_MODE").as_deref() == Ok("1") {
+        let _ = yr::init(yr::Config::default());
+    }
+}
+
+/// A driver configuration for the node at `bus_address`.
+pub fn driver_config(bus_address: &str) -> yr::Config {
+    use_this_binary_as_runtime();
+    let mut config = yr::Config::default();
+    config.local_mode = false;
+    config.server_address = Some(bus_address.to_string());
+    config
+}
+
+// ----- marker files ----------------------------------------------------------------------------
+
+/// A file that user code appends lines to, wherever it runs on this host, so that a test can
+/// see what happened inside a runtime (a constructor ran, a hook ran). Removed on drop.
+pub struct Marker {
+    path: PathBuf,
+}
+
+impl Marker {
+    /// A new, empty marker.
+    pub fn new(label: &str) -> Marker {
+        let path = PathBuf::from("/tmp").join(unique(&format!("yrt-marker-{label}")));
+        std::fs::write(&path, b"").expect("create a marker file");
+        Marker { path }
+    }
+
+    /// The path to give user code.
+    pub fn path(&self) -> String {
+        self.path.to_string_lossy().into_owned()
+    }
+
+    /// The lines written so far.
+    pub fn lines(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// How many lines equal `line`.
+    pub fn count(&self, line: &str) -> usize {
+        self.lines().iter().filter(|l| l.as_str() == line).count()
+    }
+
+    /// Wait until `line` was written at least `count` times, at most `timeout`.
+    pub fn wait_for(&self, line: &str, count: usize, timeout: Duration) -> bool {
+        wait_until(timeout, || self.count(line) >= count)
+    }
+}
+
+impl Drop for Marker {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// From user code: append `line` to the marker at `path` (which must exist).
+pub fn record(path: &str, line: &str) {
+    if let Ok(mut file) = OpenOptions::new().append(true).open(path) {
+        let _ = writeln!(file, "{line}");
+    }
+}
+
+// ----- errors ------------------------------------------------------------------------------------
+
+/// Assert that `error` has one of `codes` and that its message contains every one of
+/// `needles`.
+#[track_caller]
+pub fn assert_error(error: &yr::Error, codes: &[yr::ErrorCode], needles: &[&str]) {
+    assert!(
+        codes.contains(&error.code()),
+        "expected one of {codes:?}, got {}: {}",
+        error.code(),
+        error.message()
+    );
+    for needle in needles {
+        assert!(
+            error.message().contains(needle),
+            "the message of {} should contain {needle:?}: {:?}",
+            error.code(),
+            error.message()
+        );
+    }
+}
+
+/// The error of `result`, which must have failed.
+#[track_caller]
+pub fn unwrap_err<T: std::fmt::Debug>(result: yr::Result<T>) -> yr::Error {
+    match result {
+        Ok(value) => panic!("expected an error, got {value:?}"),
+        Err(error) => error,
+    }
+}
+
+/// The error of a call: refused at submission, or reported by `get` within `timeout`.
+#[track_caller]
+pub fn call_err<T: serde::de::DeserializeOwned + std::fmt::Debug>(
+    submitted: yr::Result<yr::ObjectRef<T>>,
+    timeout: Duration,
+) -> yr::Error {
+    match submitted {
+        Err(error) => error,
+        Ok(object) => unwrap_err(yr::get(&object, timeout)),
+    }
+}
+
+// ----- the cluster ---------------------------------------------------------------------------------
+
+/// How one node of a [`TestCluster`] is started.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    /// CPU in millicores.
+    pub cpu: u64,
+    /// Memory in MB.
+    pub memory: u64,
+    /// `--heartbeat-timeout` in seconds.
+    pub heartbeat_timeout: f64,
+    /// `--create-rate` and `--create-burst`.
+    pub create_rate: Option<(f64, f64)>,
+    /// `--warm-pool`.
+    pub warm_pool: usize,
+}
+
+impl Default for NodeSpec {
+    fn default() -> Self {
+        NodeSpec {
+            cpu: 4_000,
+            memory: 8_192,
+            heartbeat_timeout: 3.0,
+            create_rate: None,
+            warm_pool: 1,
+        }
+    }
+}
+
+/// Prepares a [`TestCluster`].
+#[derive(Clone, Debug)]
+pub struct ClusterBuilder {
+    nodes: Vec<NodeSpec>,
+    node_timeout: f64,
+}
+
+impl ClusterBuilder {
+    /// Add a node.
+    pub fn node(mut self, spec: NodeSpec) -> Self {
+        self.nodes.push(spec);
+        self
+    }
+
+    /// The master's `--node-timeout` in seconds.
+    pub fn node_timeout(mut self, seconds: f64) -> Self {
+        self.node_timeout = seconds;
+        self
+    }
+
+    /// Start the master and the nodes (one default node if none was added) and wait until the
+    /// master lists every node as alive.
+    pub fn start(self) -> TestCluster {
+        let dir = TempDir::new("cluster");
+        let master_port = free_port();
+        let metrics_port = free_port();
+        let mut cluster = TestCluster {
+            master: None,
+            master_port,
+            metrics_port,
+            node_timeout: self.node_timeout,
+            nodes: Vec::new(),
+            dir,
+        };
+        cluster.spawn_master();
+        let specs = if self.nodes.is_empty() {
+            vec![NodeSpec::default()]
+        } else {
+            self.nodes
+        };
+        for (index, spec) in specs.into_iter().enumerate() {
+            let session = cluster.dir.path().join(format!("node{index}"));
+            std::fs::create_dir_all(&session).expect("create the node's session directory");
+            cluster.nodes.push(NodeProcess {
+                child: None,
+                node_id: format!("node{index}-{}", unique("t").replace('-', "")),
+                port: free_port(),
+                bus_socket: session.join("bus.sock"),
+                session,
+                spec,
+            });
+            cluster.spawn_node(index);
+        }
+        cluster
+    }
+}
+
+struct NodeProcess {
+    child: Option<Child>,
+    node_id: String,
+    port: u16,
+    bus_socket: PathBuf,
+    session: PathBuf,
+    spec: NodeSpec,
+}
+
+/// A master and nodes running as real processes (`yr master`, `yr node`) on free ports, with
+/// their state and logs in a temporary directory. Everything is killed when it is dropped, also
+/// when the test panics; then the directory is kept and its path printed.
+pub struct TestCluster {
+    master: Option<Child>,
+    master_port: u16,
+    metrics_port: u16,
+    node_timeout: f64,
+    nodes: Vec<NodeProcess>,
+    dir: TempDir,
+}
+
+fn spawn_component(role: &str, args: &[String], log: &Path) -> Child {
+    // Appending keeps the log of a component that was killed and started again.
+    let log_file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+    let mut command = Command::new(yr_binary());
+    command
+        .arg(role)
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().expect("a log file handle"))
+        .stderr(log_file);
+    // SAFETY: prctl is async-signal-safe. The component dies with the test thread that started
+    // it, so a test killed half-way leaves no cluster behind.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    command
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start yr {role}: {e}"))
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn connects(address: &str) -> bool {
+    address
+        .parse::<SocketAddr>()
+        .map(|a| TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok())
+        .unwrap_or(false)
+}
+
+impl TestCluster {
+    /// A cluster to prepare: add nodes, set the node timeout, then `start`.
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder {
+            nodes: Vec::new(),
+            node_timeout: 5.0,
+        }
+    }
+
+    /// A master and one default node.
+    pub fn start() -> TestCluster {
+        Self::builder().start()
+    }
+
+    /// A master and one node made from `spec`.
+    pub fn with_node(spec: NodeSpec) -> TestCluster {
+        Self::builder().node(spec).start()
+    }
+
+    /// The cluster's directory (master data, node sessions and logs).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn master_log(&self) -> PathBuf {
+        self.dir.path().join("master.log")
+    }
+
+    fn node_log(&self, index: usize) -> PathBuf {
+        self.dir.path().join(format!("node{index}.log"))
+    }
+
+    fn spawn_master(&mut self) {
+        let args = vec![
+            "--listen".to_string(),
+            format!("127.0.0.1:{}", self.master_port),
+            "--data-dir".to_string(),
+            self.dir.path().join("master").display().to_string(),
+            "--metrics-listen".to_string(),
+            format!("127.0.0.1:{}", self.metrics_port),
+            "--node-timeout".to_string(),
+            self.node_timeout.to_string(),
+        ];
+        let log = self.master_log();
+        let mut child = spawn_component("master", &args, &log);
+        let address = self.master_address();
+        let ready = wait_until(START_TIMEOUT, || {
+            connects(&address) || matches!(child.try_wait(), Ok(Some(_)))
+        });
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "yr master exited during start ({status}); its log ends with:\n{}",
+                log_tail(&log, 30)
+            );
+        }
+        assert!(
+            ready,
+            "yr master did not listen on {address} within {START_TIMEOUT:?}; log: {}",
+            log.display()
+        );
+        self.master = Some(child);
+    }
+
+    fn spawn_node(&mut self, index: usize) {
+        let master_address = self.master_address();
+        let node = &self.nodes[index];
+        let mut args = vec![
+            "--master-address".to_string(),
+            master_address,
+            "--listen".to_string(),
+            format!("127.0.0.1:{}", node.port),
+            "--bus-socket".to_string(),
+            node.bus_socket.display().to_string(),
+            "--session-dir".to_string(),
+            node.session.display().to_string(),
+            "--node-id".to_string(),
+            node.node_id.clone(),
+            "--cpu".to_string(),
+            node.spec.cpu.to_string(),
+            "--memory".to_string(),
+            node.spec.memory.to_string(),
+            "--heartbeat-timeout".to_string(),
+            node.spec.heartbeat_timeout.to_string(),
+            "--warm-pool".to_string(),
+            node.spec.warm_pool.to_string(),
+        ];
+        if let Some((rate, burst)) = node.spec.create_rate {
+            args.extend([
+                "--create-rate".to_string(),
+                rate.to_string(),
+                "--create-burst".to_string(),
+                burst.to_string(),
+            ]);
+        }
+        let log = self.node_log(index);
+        let mut child = spawn_component("node", &args, &log);
+        let socket = node.bus_socket.clone();
+        let node_id = node.node_id.clone();
+        let ready = wait_until(START_TIMEOUT, || {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return true;
+            }
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+                && self
+                    .status()
+                    .map(|s| {
+                        s.nodes
+                            .iter()
+                            .any(|n| n.node_id == node_id && n.state == "alive")
+                    })
+                    .unwrap_or(false)
+        });
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "yr node exited during start ({status}); its log ends with:\n{}",
+                log_tail(&log, 30)
+            );
+        }
+        assert!(
+            ready,
+            "yr node {node_id} was not ready (bus socket and listed alive by the master) within \
+             {START_TIMEOUT:?}; log: {}",
+            log.display()
+        );
+        self.nodes[index].child = Some(child);
+    }
+
+    /// The master's gRPC address.
+    pub fn master_address(&self) -> String {
+        format!("127.0.0.1:{}", self.master_port)
+    }
+
+    /// The master's health and metrics address.
+    pub fn master_metrics_address(&self) -> String {
+        format!("127.0.0.1:{}", self.metrics_port)
+    }
+
+    /// The bus address of the first node, for `Config::server_address`.
+    pub fn bus_address(&self) -> String {
+        self.node_bus_address(0)
+    }
+
+    /// The bus address (`unix:/path`) of node `index`.
+    pub fn node_bus_address(&self, index: usize) -> String {
+        format!("unix:{}", self.nodes[index].bus_socket.display())
+    }
+
+    /// The bus socket of node `index`.
+    pub fn node_bus_socket(&self, index: usize) -> &Path {
+        &self.nodes[index].bus_socket
+    }
+
+    /// The TCP address of node `index`'s bus.
+    pub fn node_address(&self, index: usize) -> String {
+        format!("127.0.0.1:{}", self.nodes[index].port)
+    }
+
+    /// The id of node `index`.
+    pub fn node_id(&self, index: usize) -> &str {
+        &self.nodes[index].node_id
+    }
+
+    /// The session directory of node `index`.
+    pub fn node_session(&self, index: usize) -> &Path {
+        &self.nodes[index].session
+    }
+
+    /// The pid of node `index`, if it runs.
+    pub fn node_pid(&self, index: usize) -> Option<u32> {
+        self.nodes[index].child.as_ref().map(Child::id)
+    }
+
+    /// The pid of the master, if it runs.
+    pub fn master_pid(&self) -> Option<u32> {
+        self.master.as_ref().map(Child::id)
+    }
+
+    /// A driver configuration for node 0.
+    pub fn config(&self) -> yr::Config {
+        driver_config(&self.bus_address())
+    }
+
+    /// What the master says about the cluster.
+    pub fn status(&self) -> Result<pb::ClusterStatusResponse, String> {
+        let address = self.master_address();
+        block_on(async move {
+            let channel = tokio::time::timeout(
+                Duration::from_secs(5),
+                yr_runtime::cluster::transport::connect(
+                    &address,
+                    yr::ErrorCode::InnerCommunication,
+                ),
+            )
+            .await
+            .map_err(|_| format!("connecting to the master at {address} timed out"))?
+            .map_err(|e| e.to_string())?;
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                pb::master_client::MasterClient::new(channel)
+                    .cluster_status(pb::ClusterStatusRequest {}),
+            )
+            .await
+            .map_err(|_| format!("the master at {address} did not answer within 5 s"))?
+            .map(|r| r.into_inner())
+            .map_err(|s| s.message().to_string())
+        })
+    }
+
+    /// Poll the master's status until `condition` holds; returns the status that satisfied it,
+    /// or panics after `timeout` with the last status seen.
+    #[track_caller]
+    pub fn wait_for_status(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut condition: impl FnMut(&pb::ClusterStatusResponse) -> bool,
+    ) -> pb::ClusterStatusResponse {
+        let mut last = None;
+        let held = wait_until(timeout, || match self.status() {
+            Ok(status) => {
+                let held = condition(&status);
+                last = Some(Ok(status));
+                held
+            }
+            Err(error) => {
+                last = Some(Err(error));
+                false
+            }
+        });
+        match (held, last) {
+            (true, Some(Ok(status))) => status,
+            (_, last) => panic!("{what} did not happen within {timeout:?}; last status: {last:?}"),
+        }
+    }
+
+    /// The runtime processes of node `index`: its live children.
+    pub fn runtime_pids(&self, index: usize) -> Vec<u32> {
+        self.node_pid(index).map(children_of).unwrap_or_default()
+    }
+
+    /// SIGKILL the master and reap it.
+    pub fn kill_master(&mut self) {
+        if let Some(mut child) = self.master.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start the master again on the same port and data directory.
+    pub fn restart_master(&mut self) {
+        self.kill_master();
+        self.spawn_master();
+    }
+
+    /// SIGTERM node `index` (it runs its instances' shutdown hooks) and wait up to `timeout`
+    /// for it to exit. Returns whether it exited.
+    pub fn stop_node(&mut self, index: usize, timeout: Duration) -> bool {
+        let Some(child) = self.nodes[index].child.as_mut() else {
+            return true;
+        };
+        signal(child.id(), libc::SIGTERM);
+        let exited = wait_until(timeout, || matches!(child.try_wait(), Ok(Some(_))));
+        if exited {
+            self.nodes[index].child = None;
+        }
+        exited
+    }
+
+    /// SIGKILL node `index` and reap it.
+    pub fn kill_node(&mut self, index: usize) {
+        if let Some(mut child) = self.nodes[index].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The last `lines` lines of node `index`'s log.
+    pub fn node_log_tail(&self, index: usize, lines: usize) -> String {
+        log_tail(&self.node_log(index), lines)
+    }
+
+    /// The last `lines` lines of the master's log.
+    pub fn master_log_tail(&self, lines: usize) -> String {
+        log_tail(&self.master_log(), lines)
+    }
+
+    /// Every live process that belongs to this cluster (master, nodes, runtimes).
+    pub fn processes(&self) -> Vec<u32> {
+        processes_mentioning(&self.dir.display())
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        self.kill_master();
+        // Runtimes die with their node (parent-death signal); make sure of it.
+        let dir = self.dir.display();
+        wait_until(Duration::from_secs(5), || processes_mentioning(&dir).is_empty());
+        kill_mentioning(&dir);
+    }
+}

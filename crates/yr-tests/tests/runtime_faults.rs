@@ -1,0 +1,203 @@
+//! Faults of a runtime process under a running instance: killed (SIGKILL) mid-call, with and
+//! without `recover_retry_times`; exiting by itself; hung (SIGSTOP) and found by the node's
+//! heartbeats. Callers must get the right code, never hang.
+
+use std::time::{Duration, Instant};
+
+use yr::{ErrorCode, InvokeOptions};
+use yr_proto::v1::InstanceState;
+use yr_tests::{
+    alive, assert_error, call_err, exclusive, record, signal, unwrap_err, Marker, NodeSpec,
+    TestCluster, TIMEOUT,
+};
+
+/// Not a test: the entry point of runtime processes, which re-execute this binary.
+#[test]
+fn runtime_entry() {
+    yr_tests::runtime_entry();
+}
+
+/// An instance whose constructor and naps leave lines in a marker file.
+#[yr::instance]
+pub struct Sleeper {
+    marker: String,
+}
+
+#[yr::instance]
+impl Sleeper {
+    pub fn new(marker: String) -> Self {
+        record(&marker, "constructed");
+        Sleeper { marker }
+    }
+
+    /// The pid of the runtime process that runs this instance.
+    pub fn pid(&self) -> u32 {
+        std::process::id()
+    }
+
+    /// Sleeps `ms`, then returns it.
+    pub fn nap(&self, ms: u64) -> u64 {
+        record(&self.marker, "nap");
+        std::thread::sleep(Duration::from_millis(ms));
+        ms
+    }
+
+    /// Ends the runtime process with exit code 0.
+    pub fn exit(&self) -> u32 {
+        std::process::exit(0)
+    }
+}
+
+fn instance_state(cluster: &TestCluster, instance_id: &str) -> Option<InstanceState> {
+    cluster.status().ok().and_then(|status| {
+        status
+            .instances
+            .iter()
+            .find(|i| i.instance_id == instance_id)
+            .and_then(|i| InstanceState::try_from(i.state).ok())
+    })
+}
+
+#[test]
+fn runtime_killed_mid_call_fails_callers_with_user_function_exception() {
+    let _exclusive = exclusive();
+    let cluster = TestCluster::start();
+    yr::init(cluster.config()).unwrap();
+    let marker = Marker::new("killed");
+    let sleeper = yr::instance(Sleeper::new).invoke((marker.path(),)).unwrap();
+    let pid = yr::get(&sleeper.method(Sleeper::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
+    assert!(
+        cluster.runtime_pids(0).contains(&pid),
+        "the instance runs in a runtime process of the node"
+    );
+
+    let pending = sleeper.method(Sleeper::nap).invoke((60_000,)).unwrap();
+    assert!(marker.wait_for("nap", 1, TIMEOUT), "the call started");
+    assert!(signal(pid, libc::SIGKILL));
+    let killed_at = Instant::now();
+
+    let error = unwrap_err(yr::get(&pending, TIMEOUT));
+    assert_error(
+        &error,
+        &[ErrorCode::UserFunctionException],
+        &["crashed", "SIGKILL"],
+    );
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(15),
+        "the pending call failed only after {:?}",
+        killed_at.elapsed()
+    );
+
+    // Later calls fail at once (or on get) instead of hanging.
+    let started = Instant::now();
+    let later = call_err(sleeper.method(Sleeper::pid).invoke(()), TIMEOUT);
+    assert_error(
+        &later,
+        &[ErrorCode::InstanceExited, ErrorCode::UserFunctionException],
+        &[],
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+
+    // Without recover_retry_times the instance is FATAL and is not restarted.
+    let id = sleeper.id().to_string();
+    cluster.wait_for_status(TIMEOUT, "the instance is FATAL", |_| {
+        instance_state(&cluster, &id) == Some(InstanceState::Fatal)
+    });
+    assert_eq!(marker.count("constructed"), 1);
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn runtime_killed_mid_call_replays_with_recover_retry() {
+    let _exclusive = exclusive();
+    let cluster = TestCluster::start();
+    yr::init(cluster.config()).unwrap();
+    let marker = Marker::new("replay");
+    let options = InvokeOptions {
+        recover_retry_times: 1,
+        ..Default::default()
+    };
+    let sleeper = yr::instance(Sleeper::new)
+        .options(options)
+        .invoke((marker.path(),))
+        .unwrap();
+    let first_pid = yr::get(&sleeper.method(Sleeper::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
+
+    let pending = sleeper.method(Sleeper::nap).invoke((2_000,)).unwrap();
+    assert!(marker.wait_for("nap", 1, TIMEOUT), "the call started");
+    assert!(signal(first_pid, libc::SIGKILL));
+
+    // The instance restarts (its constructor runs again) and the call is replayed on it.
+    assert_eq!(yr::get(&pending, TIMEOUT).unwrap(), 2_000);
+    assert_eq!(marker.count("constructed"), 2, "{:?}", marker.lines());
+    assert_eq!(marker.count("nap"), 2, "{:?}", marker.lines());
+    let second_pid = yr::get(&sleeper.method(Sleeper::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
+    assert_ne!(first_pid, second_pid, "a new runtime process runs it");
+    assert!(!alive(first_pid));
+
+    let id = sleeper.id().to_string();
+    cluster.wait_for_status(TIMEOUT, "the instance is RUNNING again", |_| {
+        instance_state(&cluster, &id) == Some(InstanceState::Running)
+    });
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn runtime_that_exits_gives_instance_exited() {
+    let _exclusive = exclusive();
+    let cluster = TestCluster::start();
+    yr::init(cluster.config()).unwrap();
+    let marker = Marker::new("exits");
+    let sleeper = yr::instance(Sleeper::new).invoke((marker.path(),)).unwrap();
+    let pid = yr::get(&sleeper.method(Sleeper::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
+
+    let exiting = sleeper.method(Sleeper::exit).invoke(()).unwrap();
+    let error = unwrap_err(yr::get(&exiting, TIMEOUT));
+    assert_error(&error, &[ErrorCode::InstanceExited], &["exited"]);
+    assert!(yr_tests::wait_until(TIMEOUT, || !alive(pid)));
+
+    let later = call_err(sleeper.method(Sleeper::pid).invoke(()), TIMEOUT);
+    assert_error(&later, &[ErrorCode::InstanceExited], &[]);
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn stopped_runtime_is_detected_by_heartbeat() {
+    let _exclusive = exclusive();
+    let cluster = TestCluster::with_node(NodeSpec {
+        heartbeat_timeout: 3.0,
+        ..Default::default()
+    });
+    yr::init(cluster.config()).unwrap();
+    let marker = Marker::new("stopped");
+    let sleeper = yr::instance(Sleeper::new).invoke((marker.path(),)).unwrap();
+    let pid = yr::get(&sleeper.method(Sleeper::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
+
+    let pending = sleeper.method(Sleeper::nap).invoke((60_000,)).unwrap();
+    assert!(marker.wait_for("nap", 1, TIMEOUT), "the call started");
+    assert!(signal(pid, libc::SIGSTOP));
+    let stopped_at = Instant::now();
+
+    let error = unwrap_err(yr::get(&pending, TIMEOUT));
+    let detected_after = stopped_at.elapsed();
+    assert_error(
+        &error,
+        &[ErrorCode::UserFunctionException],
+        &["heartbeat"],
+    );
+    assert!(
+        detected_after < Duration::from_secs(15),
+        "the hang was reported only after {detected_after:?}"
+    );
+    assert!(
+        yr_tests::wait_until(TIMEOUT, || !alive(pid)),
+        "the hung runtime was killed"
+    );
+    let later = call_err(sleeper.method(Sleeper::pid).invoke(()), TIMEOUT);
+    assert_error(
+        &later,
+        &[ErrorCode::UserFunctionException, ErrorCode::InstanceExited],
+        &[],
+    );
+    yr::finalize().unwrap();
+}
