@@ -35,6 +35,10 @@ pub struct NodeArgs {
     /// TCP address of this node's bus.
     #[arg(long, default_value = "0.0.0.0:22773")]
     pub listen: SocketAddr,
+    /// Fetch drivers' binaries from the node that created an instance, even when the same path
+    /// exists on this machine.
+    #[arg(long)]
+    pub fetch_binaries: bool,
     /// The host other nodes use to reach this one (default: this machine's address).
     #[arg(long)]
     pub advertise_host: Option<String>,
@@ -179,6 +183,7 @@ pub fn run_node(args: &NodeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| format!("node-{}", yr_common::ids::random_hex(8))),
         master_address: args.master_address.clone(),
         listen: args.listen,
+        fetch_binaries: args.fetch_binaries,
         advertise_host: args
             .advertise_host
             .clone()

@@ -38,6 +38,9 @@ pub struct NodeOptions {
     pub listen: SocketAddr,
     /// The host other nodes use to reach this one when `listen` is a wildcard address.
     pub advertise_host: String,
+    /// Fetch drivers' binaries from the node that created an instance even when the same path
+    /// exists here (for machines whose paths look alike but hold other files).
+    pub fetch_binaries: bool,
     /// The bus's Unix socket for drivers and runtimes on this machine.
     pub bus_socket: PathBuf,
     /// Health and metrics.
@@ -137,6 +140,7 @@ pub async fn run(
             node_id: options.node_id.clone(),
             bus_address,
             node_address: advertised.clone(),
+            fetch_binaries: options.fetch_binaries,
             session_dir: options.session_dir.clone(),
             warm_pool_size: options.warm_pool_size,
             heartbeat_interval: options.heartbeat.0,

@@ -48,6 +48,8 @@ pub struct NodeSettings {
     pub bus_address: String,
     /// Where other nodes reach this one (Node service, `host:port`).
     pub node_address: String,
+    /// Fetch drivers' binaries from their node even when the same path exists here.
+    pub fetch_binaries: bool,
     /// Session directory (logs).
     pub session_dir: PathBuf,
     /// Spare runtimes kept per driver binary.
@@ -988,7 +990,10 @@ impl Node {
             job_id: job_id.clone(),
             env: Vec::new(),
         };
-        if path.is_file() && yr_runtime::cluster::binary_fingerprint(&path) == hash {
+        if !self.settings.fetch_binaries
+            && path.is_file()
+            && yr_runtime::cluster::binary_fingerprint(&path) == hash
+        {
             self.state.lock().binaries.insert(hash, spec(path));
             return Ok(());
         }
