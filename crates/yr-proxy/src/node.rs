@@ -1430,15 +1430,19 @@ impl Node {
         self.kill_children(instance_id);
     }
 
-    fn kill_children(self: &Arc<Self>, parent: &str) {
-        let children: Vec<String> = self
-            .state
+    /// The ids of instances that are not detached and match `belongs`.
+    fn attached_instances(&self, belongs: impl Fn(&pb::InstanceRecord) -> bool) -> Vec<String> {
+        self.state
             .lock()
             .instances
             .values()
-            .filter(|i| i.record.parent_instance_id == parent && !i.record.detached)
+            .filter(|i| !i.record.detached && belongs(&i.record))
             .map(|i| i.record.instance_id.clone())
-            .collect();
+            .collect()
+    }
+
+    fn kill_children(self: &Arc<Self>, parent: &str) {
+        let children = self.attached_instances(|record| record.parent_instance_id == parent);
         for child in children {
             let node = self.clone();
             tokio::spawn(async move {
@@ -1449,14 +1453,7 @@ impl Node {
 
     /// Kill every instance of `job_id` that is not detached (`finalize`, or the driver left).
     pub async fn kill_job(self: &Arc<Self>, job_id: &str, wait: bool) {
-        let ids: Vec<String> = self
-            .state
-            .lock()
-            .instances
-            .values()
-            .filter(|i| i.record.job_id == job_id && !i.record.detached)
-            .map(|i| i.record.instance_id.clone())
-            .collect();
+        let ids = self.attached_instances(|record| record.job_id == job_id);
         let mut waits = Vec::new();
         for id in ids {
             let node = self.clone();

@@ -161,6 +161,16 @@ impl Deref for ArgBytes<'_> {
     }
 }
 
+/// The error a call gets when its instance has exited (1007).
+pub fn instance_exited(instance_id: &str) -> Error {
+    Error::new(
+        ErrorCode::InstanceExited,
+        format!(
+            "instance {instance_id} has exited (terminated or killed); create a new instance to call it"
+        ),
+    )
+}
+
 /// The error a call gets when an object it depends on failed (4306).
 pub fn dependency_failed(handle: &ObjectHandle, error: &Error) -> Error {
     // Finalization is not a failure of the dependency: the call fails the same way.

@@ -157,13 +157,7 @@ impl RemoteInstance {
     }
 
     fn exited_error(&self) -> Error {
-        Error::new(
-            ErrorCode::InstanceExited,
-            format!(
-                "instance {} has exited (terminated or killed); create a new instance to call it",
-                self.id
-            ),
-        )
+        crate::function::instance_exited(&self.id)
     }
 
     fn mark_ready(&self, call_id: u64) {

@@ -198,13 +198,7 @@ impl LocalInstance {
     }
 
     fn exited_error(&self) -> Error {
-        Error::new(
-            ErrorCode::InstanceExited,
-            format!(
-                "instance {} has exited (terminated or killed); create a new instance to call it",
-                self.id
-            ),
-        )
+        crate::function::instance_exited(&self.id)
     }
 
     /// Queue a method call. Fails with 1007 if the instance is exiting or gone.
