@@ -147,9 +147,22 @@ fn in_threads(clients: usize, work: impl Fn() -> yr::Result<()> + Sync) -> yr::R
     Ok(())
 }
 
+/// The smallest CPU request (300 millicores), so that the actors fit on a 2-core node beside
+/// the stateless pool (Ray's benchmark actors ask for no CPU).
+fn small_instance() -> yr::InvokeOptions {
+    yr::InvokeOptions {
+        cpu: 300,
+        ..Default::default()
+    }
+}
+
 fn actors(n: usize) -> yr::Result<Vec<InstanceHandle<Actor>>> {
     let actors: Vec<_> = (0..n)
-        .map(|_| yr::instance(Actor::new).invoke(()))
+        .map(|_| {
+            yr::instance(Actor::new)
+                .options(small_instance())
+                .invoke(())
+        })
         .collect::<yr::Result<_>>()?;
     for actor in &actors {
         actor.method(Actor::peek).invoke(())?.get(FOREVER)?;
@@ -242,6 +255,16 @@ fn run(args: &Args) -> anyhow::Result<()> {
         })
     })?;
 
+    const ACTOR_CASES: [&str; 5] = [
+        "1:1 actor calls sync",
+        "1:1 actor calls async",
+        "1:n actor calls async",
+        "n:n actor calls async",
+        "n:n actor calls with arg async",
+    ];
+    if !ACTOR_CASES.iter().any(|case| selected(args, case)) {
+        return Ok(());
+    }
     let one = actors(1)?;
     timeit(args, "1:1 actor calls sync", 1.0, || {
         one[0].method(Actor::ping).invoke(())?.get(FOREVER)
@@ -306,7 +329,9 @@ fn creation_latencies(samples: usize, pause: Duration) -> yr::Result<(Vec<f64>, 
     for _ in 0..samples {
         std::thread::sleep(pause);
         let start = Instant::now();
-        let actor = yr::instance(Actor::new).invoke(())?;
+        let actor = yr::instance(Actor::new)
+            .options(small_instance())
+            .invoke(())?;
         actor.method(Actor::peek).invoke(())?.get(FOREVER)?;
         creations.push(start.elapsed().as_secs_f64() * 1e3);
         let start = Instant::now();

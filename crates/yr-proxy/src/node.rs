@@ -98,7 +98,6 @@ struct RuntimeSlot {
 
 struct Instance {
     record: pb::InstanceRecord,
-    version: u64,
     options: InvokeOptions,
     runtime_id: Option<String>,
     subscribers: Vec<Subscriber>,
@@ -109,6 +108,15 @@ struct Instance {
     forwarded_to: Option<String>,
     /// The node that asked for this instance, if another node did.
     creator_address: String,
+}
+
+/// An instance's record writes: the newest record not yet written (`Some(None)`: delete it),
+/// the stored version, and whether its writer runs.
+#[derive(Default)]
+struct PendingWrites {
+    latest: Option<Option<pb::InstanceRecord>>,
+    version: u64,
+    writing: bool,
 }
 
 /// Where an instance runs.
@@ -138,6 +146,8 @@ pub struct Node {
     resources: Mutex<LocalResources>,
     state: Mutex<State>,
     limiter: Mutex<TokenBucket>,
+    /// Record writes waiting for each instance's writer.
+    writes: Mutex<HashMap<String, PendingWrites>>,
     next_client: AtomicU64,
     creates: AtomicU64,
 }
@@ -176,6 +186,7 @@ impl Node {
             resources: Mutex::new(LocalResources::new(capacity)),
             state: Mutex::new(State::default()),
             limiter: Mutex::new(TokenBucket::new(rate, burst)),
+            writes: Mutex::new(HashMap::new()),
             next_client: AtomicU64::new(1),
             creates: AtomicU64::new(0),
             settings,
@@ -472,6 +483,9 @@ impl Node {
         Ok(())
     }
 
+    /// Persist the instance's latest record. One writer per instance writes the changes in
+    /// order, never an older state over a newer one, and retries until the meta store answers
+    /// (a master outage delays records; it does not lose them).
     fn persist(self: &Arc<Self>, record: pb::InstanceRecord) {
         let forwarded = self
             .state
@@ -483,45 +497,93 @@ impl Node {
             // The node that runs it owns its record.
             return;
         }
-        let node = self.clone();
-        tokio::spawn(async move {
-            let key = instance_key(&record.instance_id);
-            let value = bytes::Bytes::from(record.encode_to_vec());
-            for attempt in 0..50u32 {
-                let expected = node
-                    .state
-                    .lock()
-                    .instances
-                    .get(&record.instance_id)
-                    .map(|i| i.version);
-                let Some(expected) = expected else { return };
-                match yr_meta::put_if_version(node.meta.as_ref(), &key, value.clone(), expected)
-                    .await
-                {
-                    Ok(Ok(kv)) => {
-                        if let Some(instance) =
-                            node.state.lock().instances.get_mut(&record.instance_id)
-                        {
-                            instance.version = kv.version;
-                        }
+        self.write_record(record.instance_id.clone(), Some(record));
+    }
+
+    /// Queue `record` (or, with `None`, the deletion) of `instance_id` for its writer.
+    fn write_record(self: &Arc<Self>, instance_id: String, record: Option<pb::InstanceRecord>) {
+        let start_writer = {
+            let mut writes = self.writes.lock();
+            let pending = writes.entry(instance_id.clone()).or_default();
+            pending.latest = Some(record);
+            !std::mem::replace(&mut pending.writing, true)
+        };
+        if start_writer {
+            let node = self.clone();
+            tokio::spawn(async move { node.record_writer(instance_id).await });
+        }
+    }
+
+    async fn record_writer(self: Arc<Self>, instance_id: String) {
+        let key = instance_key(&instance_id);
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let (next, version) = {
+                let mut writes = self.writes.lock();
+                let Some(pending) = writes.get_mut(&instance_id) else {
+                    return;
+                };
+                match pending.latest.take() {
+                    Some(next) => (next, pending.version),
+                    None => {
+                        pending.writing = false;
                         return;
                     }
-                    Ok(Err(current)) => {
-                        // This proxy is the record's only writer: adopt the stored version.
-                        let version = current.map(|kv| kv.version).unwrap_or(0);
-                        if let Some(instance) =
-                            node.state.lock().instances.get_mut(&record.instance_id)
-                        {
-                            instance.version = version;
+                }
+            };
+            let result = match &next {
+                Some(record) => yr_meta::put_if_version(
+                    self.meta.as_ref(),
+                    &key,
+                    bytes::Bytes::from(record.encode_to_vec()),
+                    version,
+                )
+                .await
+                .map(|outcome| {
+                    outcome
+                        .map(|kv| kv.version)
+                        .map_err(|current| current.map(|kv| kv.version))
+                }),
+                None => self.meta.delete(&key).await.map(|_| Ok(0)),
+            };
+            let retry_later = {
+                let mut writes = self.writes.lock();
+                let Some(pending) = writes.get_mut(&instance_id) else {
+                    return;
+                };
+                match result {
+                    Ok(Ok(new_version)) => {
+                        backoff = Duration::from_millis(50);
+                        if next.is_none() {
+                            if pending.latest.is_none() {
+                                writes.remove(&instance_id);
+                                return;
+                            }
+                            pending.version = 0;
+                        } else {
+                            pending.version = new_version;
                         }
+                        false
+                    }
+                    Ok(Err(current)) => {
+                        // This node is the record's only writer: adopt the stored version and
+                        // write the newest record again, unless a newer one is already queued.
+                        pending.version = current.unwrap_or(0);
+                        pending.latest.get_or_insert(next);
+                        false
                     }
                     Err(error) => {
-                        tracing::warn!(instance = %record.instance_id, %error, attempt, "could not persist an instance record; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        tracing::warn!(instance = %instance_id, %error, "could not persist an instance record; retrying");
+                        pending.latest.get_or_insert(next);
+                        true
                     }
                 }
+            };
+            if retry_later {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
-        });
+        }
     }
 
     fn notify(&self, instance_id: &str, notify: pb::InstanceNotify) {
@@ -560,7 +622,9 @@ impl Node {
             )
         })?;
         options.validate()?;
-        if !request.stateless && !request.function.is_empty() {
+        // A create forwarded by another node was checked there, against its driver's functions.
+        if !request.stateless && !request.function.is_empty() && request.creator_node_id.is_empty()
+        {
             let known = self.state.lock().functions.contains(&request.function);
             if !known {
                 return Err(Error::new(
@@ -662,7 +726,6 @@ impl Node {
                 instance_id.clone(),
                 Instance {
                     record,
-                    version: 0,
                     options,
                     runtime_id: None,
                     subscribers: vec![subscriber],
@@ -1417,16 +1480,16 @@ impl Node {
         for waiter in instance.exit_waiters.drain(..) {
             let _ = waiter.send(());
         }
-        let meta = self.meta.clone();
-        let key = instance_key(instance_id);
-        let named = (!instance.record.name.is_empty())
-            .then(|| named_key(&instance.record.namespace, &instance.record.name));
-        tokio::spawn(async move {
-            let _ = meta.delete(&key).await;
-            if let Some(named) = named {
+        if instance.forwarded_to.is_none() {
+            self.write_record(instance_id.to_string(), None);
+        }
+        if !instance.record.name.is_empty() {
+            let meta = self.meta.clone();
+            let named = named_key(&instance.record.namespace, &instance.record.name);
+            tokio::spawn(async move {
                 let _ = meta.delete(&named).await;
-            }
-        });
+            });
+        }
         self.kill_children(instance_id);
     }
 

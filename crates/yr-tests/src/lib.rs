@@ -30,6 +30,12 @@ pub const TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a component may take to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How often a component is started again when a port it was given was taken meanwhile.
+const START_ATTEMPTS: usize = 5;
+
+/// What a component logs when its port is taken.
+const ADDRESS_IN_USE: &str = "Address already in use";
+
 /// The arguments runtimes re-execute a test binary with: run only its `runtime_entry` test.
 pub const RUNTIME_ARGS: &str = "runtime_entry --exact --nocapture --test-threads 1";
 
@@ -232,7 +238,9 @@ fn all_pids() -> Vec<u32> {
 pub fn children_of(pid: u32) -> Vec<u32> {
     all_pids()
         .into_iter()
-        .filter(|child| matches!(stat(*child), Some((state, parent)) if parent == pid && state != 'Z'))
+        .filter(
+            |child| matches!(stat(*child), Some((state, parent)) if parent == pid && state != 'Z'),
+        )
         .collect()
 }
 
@@ -269,6 +277,28 @@ pub fn command_line(pid: u32) -> String {
 pub fn kill_mentioning(needle: &str) {
     for pid in processes_mentioning(needle) {
         signal(pid, libc::SIGKILL);
+    }
+}
+
+/// Kills every process mentioning a string (a session or temporary directory) when dropped, so
+/// that processes started outside a [`TestCluster`] (`yr start`, a driver's temporary cluster)
+/// do not outlive a test that fails half-way.
+pub struct KillOnDrop {
+    needle: String,
+}
+
+impl KillOnDrop {
+    /// Guard the processes that mention `needle`.
+    pub fn new(needle: impl Into<String>) -> KillOnDrop {
+        KillOnDrop {
+            needle: needle.into(),
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        kill_mentioning(&self.needle);
     }
 }
 
@@ -447,6 +477,9 @@ pub struct NodeSpec {
     pub create_rate: Option<(f64, f64)>,
     /// `--warm-pool`.
     pub warm_pool: usize,
+    /// `--fetch-binaries`: fetch drivers' binaries from the creating node even when the path
+    /// exists here (code distribution between the nodes of one machine).
+    pub fetch_binaries: bool,
 }
 
 impl Default for NodeSpec {
@@ -457,6 +490,7 @@ impl Default for NodeSpec {
             heartbeat_timeout: 3.0,
             create_rate: None,
             warm_pool: 1,
+            fetch_binaries: false,
         }
     }
 }
@@ -495,7 +529,18 @@ impl ClusterBuilder {
             nodes: Vec::new(),
             dir,
         };
-        cluster.spawn_master();
+        // A port free a moment ago may have been taken since (by any process's outgoing
+        // connection): then start again on other ports.
+        let mut attempt = 0;
+        while let Err(error) = cluster.spawn_master() {
+            attempt += 1;
+            assert!(
+                error.contains(ADDRESS_IN_USE) && attempt < START_ATTEMPTS,
+                "{error}"
+            );
+            cluster.master_port = free_port();
+            cluster.metrics_port = free_port();
+        }
         let specs = if self.nodes.is_empty() {
             vec![NodeSpec::default()]
         } else {
@@ -512,7 +557,15 @@ impl ClusterBuilder {
                 session,
                 spec,
             });
-            cluster.spawn_node(index);
+            let mut attempt = 0;
+            while let Err(error) = cluster.spawn_node(index) {
+                attempt += 1;
+                assert!(
+                    error.contains(ADDRESS_IN_USE) && attempt < START_ATTEMPTS,
+                    "{error}"
+                );
+                cluster.nodes[index].port = free_port();
+            }
         }
         cluster
     }
@@ -613,7 +666,8 @@ impl TestCluster {
         self.dir.path().join(format!("node{index}.log"))
     }
 
-    fn spawn_master(&mut self) {
+    /// Start the master; the error (with its log's end) if it exits during start.
+    fn spawn_master(&mut self) -> Result<(), String> {
         let args = vec![
             "--listen".to_string(),
             format!("127.0.0.1:{}", self.master_port),
@@ -631,10 +685,10 @@ impl TestCluster {
             connects(&address) || matches!(child.try_wait(), Ok(Some(_)))
         });
         if let Ok(Some(status)) = child.try_wait() {
-            panic!(
+            return Err(format!(
                 "yr master exited during start ({status}); its log ends with:\n{}",
                 log_tail(&log, 30)
-            );
+            ));
         }
         assert!(
             ready,
@@ -642,9 +696,11 @@ impl TestCluster {
             log.display()
         );
         self.master = Some(child);
+        Ok(())
     }
 
-    fn spawn_node(&mut self, index: usize) {
+    /// Start node `index`; the error (with its log's end) if it exits during start.
+    fn spawn_node(&mut self, index: usize) -> Result<(), String> {
         let master_address = self.master_address();
         let node = &self.nodes[index];
         let mut args = vec![
@@ -667,6 +723,9 @@ impl TestCluster {
             "--warm-pool".to_string(),
             node.spec.warm_pool.to_string(),
         ];
+        if node.spec.fetch_binaries {
+            args.push("--fetch-binaries".to_string());
+        }
         if let Some((rate, burst)) = node.spec.create_rate {
             args.extend([
                 "--create-rate".to_string(),
@@ -694,10 +753,10 @@ impl TestCluster {
                     .unwrap_or(false)
         });
         if let Ok(Some(status)) = child.try_wait() {
-            panic!(
+            return Err(format!(
                 "yr node exited during start ({status}); its log ends with:\n{}",
                 log_tail(&log, 30)
-            );
+            ));
         }
         assert!(
             ready,
@@ -706,6 +765,7 @@ impl TestCluster {
             log.display()
         );
         self.nodes[index].child = Some(child);
+        Ok(())
     }
 
     /// The master's gRPC address.
@@ -789,6 +849,35 @@ impl TestCluster {
         })
     }
 
+    /// The record of `instance_id` as its node stored it in the master's meta store
+    /// (`/yr/instance/<id>`); `None` if there is none.
+    pub fn stored_instance(&self, instance_id: &str) -> Result<Option<pb::InstanceRecord>, String> {
+        use prost::Message;
+        let address = self.master_address();
+        let key = format!("/yr/instance/{instance_id}");
+        block_on(async move {
+            let channel = yr_runtime::cluster::transport::connect(
+                &address,
+                yr::ErrorCode::InnerCommunication,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let reply = tokio::time::timeout(
+                Duration::from_secs(5),
+                yr_proto::meta::meta_service_client::MetaServiceClient::new(channel)
+                    .get(yr_proto::meta::GetRequest { key }),
+            )
+            .await
+            .map_err(|_| format!("the meta store at {address} did not answer within 5 s"))?
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
+            reply
+                .kv
+                .map(|kv| pb::InstanceRecord::decode(kv.value).map_err(|e| e.to_string()))
+                .transpose()
+        })
+    }
+
     /// Poll the master's status until `condition` holds; returns the status that satisfied it,
     /// or panics after `timeout` with the last status seen.
     #[track_caller]
@@ -832,7 +921,15 @@ impl TestCluster {
     /// Start the master again on the same port and data directory.
     pub fn restart_master(&mut self) {
         self.kill_master();
-        self.spawn_master();
+        let mut attempt = 0;
+        while let Err(error) = self.spawn_master() {
+            attempt += 1;
+            assert!(
+                error.contains(ADDRESS_IN_USE) && attempt < START_ATTEMPTS,
+                "{error}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// SIGTERM node `index` (it runs its instances' shutdown hooks) and wait up to `timeout`
@@ -884,7 +981,9 @@ impl Drop for TestCluster {
         self.kill_master();
         // Runtimes die with their node (parent-death signal); make sure of it.
         let dir = self.dir.display();
-        wait_until(Duration::from_secs(5), || processes_mentioning(&dir).is_empty());
+        wait_until(Duration::from_secs(5), || {
+            processes_mentioning(&dir).is_empty()
+        });
         kill_mentioning(&dir);
     }
 }

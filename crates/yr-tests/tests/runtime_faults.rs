@@ -48,6 +48,20 @@ impl Sleeper {
     }
 }
 
+/// Exits its runtime process the first time it runs (as counted in `marker`), then returns
+/// `value`.
+#[yr::invoke]
+fn exit_once(marker: String, value: i64) -> i64 {
+    let first = std::fs::read_to_string(&marker)
+        .map(|text| text.lines().count() == 0)
+        .unwrap_or(false);
+    record(&marker, "attempt");
+    if first {
+        std::process::exit(0);
+    }
+    value
+}
+
 fn instance_state(cluster: &TestCluster, instance_id: &str) -> Option<InstanceState> {
     cluster.status().ok().and_then(|status| {
         status
@@ -134,11 +148,44 @@ fn runtime_killed_mid_call_replays_with_recover_retry() {
     let second_pid = yr::get(&sleeper.method(Sleeper::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
     assert_ne!(first_pid, second_pid, "a new runtime process runs it");
     assert!(!alive(first_pid));
+    yr::finalize().unwrap();
+}
 
+#[test]
+fn instance_restarted_by_recover_retry_is_recorded_running_again() {
+    let _exclusive = exclusive();
+    let cluster = TestCluster::start();
+    yr::init(cluster.config()).unwrap();
+    let marker = Marker::new("recorded");
+    let options = InvokeOptions {
+        recover_retry_times: 1,
+        ..Default::default()
+    };
+    let sleeper = yr::instance(Sleeper::new)
+        .options(options)
+        .invoke((marker.path(),))
+        .unwrap();
+    let first_pid = yr::get(&sleeper.method(Sleeper::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
     let id = sleeper.id().to_string();
-    cluster.wait_for_status(TIMEOUT, "the instance is RUNNING again", |_| {
+    assert!(signal(first_pid, libc::SIGKILL));
+    let second_pid = yr::get(&sleeper.method(Sleeper::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
+    assert_ne!(first_pid, second_pid);
+
+    // The node serves the restarted instance; its stored record, and so what the master shows,
+    // must agree.
+    let recorded_running = yr_tests::wait_until(TIMEOUT, || {
         instance_state(&cluster, &id) == Some(InstanceState::Running)
     });
+    let stored = cluster
+        .stored_instance(&id)
+        .ok()
+        .flatten()
+        .map(|record| record.state());
+    assert!(
+        recorded_running,
+        "the instance serves calls but the master shows it {:?} (stored record: {stored:?})",
+        instance_state(&cluster, &id)
+    );
     yr::finalize().unwrap();
 }
 
@@ -180,11 +227,7 @@ fn stopped_runtime_is_detected_by_heartbeat() {
 
     let error = unwrap_err(yr::get(&pending, TIMEOUT));
     let detected_after = stopped_at.elapsed();
-    assert_error(
-        &error,
-        &[ErrorCode::UserFunctionException],
-        &["heartbeat"],
-    );
+    assert_error(&error, &[ErrorCode::UserFunctionException], &["heartbeat"]);
     assert!(
         detected_after < Duration::from_secs(15),
         "the hang was reported only after {detected_after:?}"
@@ -199,5 +242,18 @@ fn stopped_runtime_is_detected_by_heartbeat() {
         &[ErrorCode::UserFunctionException, ErrorCode::InstanceExited],
         &[],
     );
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn stateless_call_whose_runtime_exits_is_retried_automatically() {
+    let _exclusive = exclusive();
+    let cluster = TestCluster::start();
+    yr::init(cluster.config()).unwrap();
+    let marker = Marker::new("exit-once");
+    let value = yr::function(exit_once).invoke((marker.path(), 42)).unwrap();
+    // The first attempt's runtime exits (1007); stateless calls are retried on 1007.
+    assert_eq!(yr::get(&value, TIMEOUT).unwrap(), 42);
+    assert_eq!(marker.count("attempt"), 2, "{:?}", marker.lines());
     yr::finalize().unwrap();
 }

@@ -1,0 +1,279 @@
+//! No process leaks: after `yr start --master`, a driver and `yr stop`, nothing of the session
+//! remains; and a temporary cluster that a driver started by itself goes away with the driver,
+//! whether it exits or is killed with SIGKILL mid-run.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use yr_common::session::SessionInfo;
+use yr_tests::{
+    alive, children_of, command_line, exclusive, is_child_for, output_within, processes_mentioning,
+    run_yr, signal, target_debug_dir, wait_until, yr_binary, KillOnDrop, TempDir, TIMEOUT,
+};
+
+/// How long the processes of a cluster may take to go away.
+const GONE_WITHIN: Duration = Duration::from_secs(10);
+
+/// Not a test: the entry point of runtime processes, which re-execute this binary.
+#[test]
+fn runtime_entry() {
+    yr_tests::runtime_entry();
+}
+
+#[yr::instance]
+pub struct Napper {
+    naps: u32,
+}
+
+#[yr::instance]
+impl Napper {
+    pub fn new() -> Self {
+        Napper { naps: 0 }
+    }
+
+    pub fn pid(&self) -> u32 {
+        std::process::id()
+    }
+
+    pub fn nap(&mut self, ms: u64) -> u32 {
+        std::thread::sleep(Duration::from_millis(ms));
+        self.naps += 1;
+        self.naps
+    }
+}
+
+#[yr::invoke]
+fn runtime_pid() -> u32 {
+    std::process::id()
+}
+
+#[track_caller]
+fn assert_all_gone(what: &str, needle: &str) {
+    let gone = wait_until(GONE_WITHIN, || processes_mentioning(needle).is_empty());
+    let left: Vec<String> = processes_mentioning(needle)
+        .into_iter()
+        .map(|pid| format!("{pid}: {}", command_line(pid)))
+        .collect();
+    assert!(
+        gone,
+        "{what}: processes of {needle} remain after {GONE_WITHIN:?}:\n{}",
+        left.join("\n")
+    );
+}
+
+/// A command that finds clusters only through `root` (no server address, no local mode).
+fn isolated(mut command: Command, root: &Path) -> Command {
+    command
+        .env("YR_SESSION_ROOT", root)
+        .env("YR_BIN", yr_binary())
+        .env_remove("YR_SERVER_ADDRESS")
+        .env_remove("YR_LOCAL_MODE")
+        .env_remove("YR_RUNTIME_ARGS");
+    command
+}
+
+#[test]
+fn yr_stop_after_a_driver_leaves_no_process_of_the_session() {
+    let _exclusive = exclusive();
+    let hello = target_debug_dir().join("examples").join("hello");
+    assert!(
+        hello.is_file(),
+        "the hello example is not built at {}; run `cargo build -p yr --examples` first",
+        hello.display()
+    );
+    let root = TempDir::new("sessions");
+    let _cleanup = KillOnDrop::new(root.display());
+    let envs = [("YR_SESSION_ROOT", root.path())];
+    let started = run_yr(
+        &["start", "--master", "--cpu", "4000", "--memory", "8192"],
+        &envs,
+        Duration::from_secs(60),
+    );
+    assert!(
+        started.status.success(),
+        "yr start failed: {}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let session = SessionInfo::read(&root.path().join("latest")).expect("the session file");
+    let session_dir = session.session_dir.display().to_string();
+    let pids: Vec<u32> = session.processes.iter().map(|(_, pid)| *pid).collect();
+    assert_eq!(
+        pids.len(),
+        2,
+        "a master and a node: {:?}",
+        session.processes
+    );
+    assert!(pids.iter().all(|pid| alive(*pid)));
+
+    // The hello example finds the cluster through the session root.
+    let output = output_within(
+        isolated(Command::new(&hello), root.path()),
+        Duration::from_secs(60),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("hello, yuanrong"),
+        "hello failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let node_pid = session
+        .processes
+        .iter()
+        .find(|(role, _)| role == "node")
+        .map(|(_, pid)| *pid)
+        .unwrap();
+    // The node keeps warm runtimes of the driver's binary.
+    assert!(
+        wait_until(TIMEOUT, || !children_of(node_pid).is_empty()),
+        "the node runs runtimes"
+    );
+    let mut everything = processes_mentioning(&session_dir);
+    everything.extend(children_of(node_pid));
+    everything.extend(&pids);
+
+    let stopped = run_yr(&["stop"], &envs, Duration::from_secs(90));
+    assert!(
+        stopped.status.success(),
+        "yr stop failed: {}",
+        String::from_utf8_lossy(&stopped.stderr)
+    );
+    assert!(
+        wait_until(GONE_WITHIN, || everything.iter().all(|pid| !alive(*pid))),
+        "processes remain after yr stop: {:?}",
+        everything
+            .iter()
+            .filter(|pid| alive(**pid))
+            .map(|pid| format!("{pid}: {}", command_line(*pid)))
+            .collect::<Vec<_>>()
+    );
+    assert_all_gone("yr stop", &session_dir);
+    assert!(
+        !root.path().join("latest").exists(),
+        "yr stop removes the latest link"
+    );
+}
+
+/// Run by the tests below in a child process: a driver with no cluster to find, which starts
+/// a temporary one. `YR_TESTS_DRIVER_MODE` says whether it then exits (`exit`, when its stdin
+/// closes) or blocks with a call in flight until it is killed (`block`).
+#[test]
+fn temporary_cluster_driver() {
+    if !is_child_for("temporary_cluster_driver") {
+        return;
+    }
+    yr_tests::use_this_binary_as_runtime();
+    let mut config = yr::Config::default();
+    config.local_mode = false;
+    config.server_address = None;
+    yr::init(config).expect("init starts a temporary cluster");
+    let napper = yr::instance(Napper::new).invoke(()).unwrap();
+    let pid = yr::get(&napper.method(Napper::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
+    println!("INSTANCE_RUNTIME {pid}");
+    let stateless = yr::get(&yr::function(runtime_pid).invoke(()).unwrap(), TIMEOUT).unwrap();
+    println!("FUNCTION_RUNTIME {stateless}");
+    if std::env::var("YR_TESTS_DRIVER_MODE").as_deref() == Ok("block") {
+        let _in_flight = napper.method(Napper::nap).invoke((600_000,)).unwrap();
+        println!("READY");
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    assert_eq!(
+        yr::get(&napper.method(Napper::nap).invoke((10,)).unwrap(), TIMEOUT).unwrap(),
+        1
+    );
+    // Let the test look at the running cluster, then exit when it says so.
+    println!("READY");
+    let mut go = String::new();
+    let _ = std::io::stdin().read_line(&mut go);
+    yr::finalize().unwrap();
+}
+
+/// Start the driver above; returns it and the pids it printed, once it printed READY.
+fn start_driver(mode: &str, root: &Path, tmp: &Path) -> (std::process::Child, Vec<u32>) {
+    let mut command = isolated(
+        yr_tests::child_test_process("temporary_cluster_driver"),
+        root,
+    );
+    command
+        .env("TMPDIR", tmp)
+        .env("YR_TESTS_DRIVER_MODE", mode)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = command.spawn().expect("start the driver");
+    let stdout = child.stdout.take().unwrap();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Keep reading to the end, so that the driver never writes into a closed pipe.
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = sender.send(line);
+        }
+    });
+    let mut pids = Vec::new();
+    loop {
+        match receiver.recv_timeout(Duration::from_secs(90)) {
+            Ok(line) if line.ends_with("READY") => break,
+            Ok(line) => {
+                // libtest may print "test <name> ... " before the first line of output.
+                let pid: Option<u32> = ["INSTANCE_RUNTIME ", "FUNCTION_RUNTIME "]
+                    .iter()
+                    .find_map(|marker| line.split_once(marker))
+                    .and_then(|(_, pid)| pid.trim().parse().ok());
+                pids.extend(pid);
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                yr_tests::kill_mentioning(&tmp.display().to_string());
+                panic!("the driver did not get ready");
+            }
+        }
+    }
+    (child, pids)
+}
+
+#[test]
+fn driver_that_exits_takes_its_temporary_cluster_with_it() {
+    let _exclusive = exclusive();
+    let root = TempDir::new("empty-root");
+    let tmp = TempDir::new("tmpdir");
+    let _cleanup = KillOnDrop::new(tmp.display());
+    let (mut driver, runtimes) = start_driver("exit", root.path(), tmp.path());
+    assert_eq!(runtimes.len(), 2, "the driver ran calls on its cluster");
+    assert!(
+        !processes_mentioning(&tmp.display()).is_empty(),
+        "the temporary cluster runs"
+    );
+    // Let the driver finish.
+    drop(driver.stdin.take());
+    let status = driver.wait().unwrap();
+    assert!(status.success(), "the driver finished: {status}");
+    assert_all_gone("a driver that exited", &tmp.display());
+    assert!(
+        std::fs::read_dir(root.path()).unwrap().next().is_none(),
+        "a temporary cluster is not linked as the latest session"
+    );
+}
+
+#[test]
+fn driver_killed_mid_run_takes_its_temporary_cluster_with_it() {
+    let _exclusive = exclusive();
+    let root = TempDir::new("empty-root");
+    let tmp = TempDir::new("tmpdir");
+    let _cleanup = KillOnDrop::new(tmp.display());
+    let (mut driver, runtimes) = start_driver("block", root.path(), tmp.path());
+    assert_eq!(runtimes.len(), 2, "the driver ran calls on its cluster");
+    assert!(runtimes.iter().all(|pid| alive(*pid)));
+    let cluster = processes_mentioning(&tmp.display());
+    assert!(
+        cluster.len() >= 4,
+        "yr start, a master, a node and runtimes run: {cluster:?}"
+    );
+    signal(driver.id(), libc::SIGKILL);
+    let _ = driver.wait();
+    assert_all_gone("a driver killed with SIGKILL mid-call", &tmp.display());
+}
