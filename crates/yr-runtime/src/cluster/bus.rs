@@ -81,7 +81,8 @@ impl Bus {
             let error = Error::new(
                 ErrorCode::BusDisconnection,
                 format!(
-                    "lost the connection to the node at {}: {reason}",
+                    "lost the connection to the node at {}: the node stopped or crashed; check \
+                     `yr status` and the node's log, then init again (detail: {reason})",
                     reader.address
                 ),
             );
