@@ -1222,12 +1222,17 @@ impl Node {
 
     /// A runtime process ended.
     pub async fn on_runtime_exit(self: &Arc<Self>, event: RuntimeEvent) {
-        let (instance_id, hung, init) = {
+        let (instance_id, hung, init, registered) = {
             let mut state = self.state.lock();
             let Some(mut slot) = state.runtimes.remove(&event.runtime_id) else {
                 return;
             };
-            (slot.instance_id.take(), slot.hung, slot.init.take())
+            (
+                slot.instance_id.take(),
+                slot.hung,
+                slot.init.take(),
+                slot.client_id.is_some(),
+            )
         };
         drop(init);
         let Some(instance_id) = instance_id else {
@@ -1264,10 +1269,7 @@ impl Node {
                     event.cause
                 ),
             )
-        } else if state_now == S::Creating as i32
-            && !event.cause.is_clean_exit()
-            && event.cause.signal.is_none()
-        {
+        } else if !registered {
             Error::new(
                 ErrorCode::RuntimeManagerOperationError,
                 format!(

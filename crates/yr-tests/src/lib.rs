@@ -480,6 +480,8 @@ pub struct NodeSpec {
     /// `--fetch-binaries`: fetch drivers' binaries from the creating node even when the path
     /// exists here (code distribution between the nodes of one machine).
     pub fetch_binaries: bool,
+    /// Extra environment variables of the node process (its runtimes inherit them).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for NodeSpec {
@@ -491,6 +493,7 @@ impl Default for NodeSpec {
             create_rate: None,
             warm_pool: 1,
             fetch_binaries: false,
+            env: Vec::new(),
         }
     }
 }
@@ -592,7 +595,7 @@ pub struct TestCluster {
     dir: TempDir,
 }
 
-fn spawn_component(role: &str, args: &[String], log: &Path) -> Child {
+fn spawn_component(role: &str, args: &[String], log: &Path, env: &[(String, String)]) -> Child {
     // Appending keeps the log of a component that was killed and started again.
     let log_file = OpenOptions::new()
         .create(true)
@@ -604,6 +607,7 @@ fn spawn_component(role: &str, args: &[String], log: &Path) -> Child {
         .arg(role)
         .args(args)
         .env("RUST_BACKTRACE", "1")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().expect("a log file handle"))
         .stderr(log_file);
@@ -679,7 +683,7 @@ impl TestCluster {
             self.node_timeout.to_string(),
         ];
         let log = self.master_log();
-        let mut child = spawn_component("master", &args, &log);
+        let mut child = spawn_component("master", &args, &log, &[]);
         let address = self.master_address();
         let ready = wait_until(START_TIMEOUT, || {
             connects(&address) || matches!(child.try_wait(), Ok(Some(_)))
@@ -735,7 +739,7 @@ impl TestCluster {
             ]);
         }
         let log = self.node_log(index);
-        let mut child = spawn_component("node", &args, &log);
+        let mut child = spawn_component("node", &args, &log, &node.spec.env);
         let socket = node.bus_socket.clone();
         let node_id = node.node_id.clone();
         let ready = wait_until(START_TIMEOUT, || {
