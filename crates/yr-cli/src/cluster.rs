@@ -47,6 +47,13 @@ pub struct StartArgs {
     /// Spare runtimes kept started per driver binary.
     #[arg(long, default_value_t = 2)]
     pub warm_pool: usize,
+    /// The node's data directory, where write-through KV values are kept (default: the
+    /// session's data/ folder); start again on the same one to keep them.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Keep write-through and write-back KV values in this Redis server instead.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub l2_redis: Option<String>,
 }
 
 /// Flags of `yr stop`.
@@ -240,6 +247,14 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
     for (k, v) in &labels {
         node_args.push("--labels".into());
         node_args.push(format!("{k}={v}"));
+    }
+    if let Some(dir) = &args.data_dir {
+        node_args.push("--data-dir".into());
+        node_args.push(dir.display().to_string());
+    }
+    if let Some(redis) = &args.l2_redis {
+        node_args.push("--l2-redis".into());
+        node_args.push(redis.clone());
     }
     let mut node = spawn("node", &node_args, &session, args.block)?;
     let socket = bus_socket.clone();

@@ -48,6 +48,15 @@ pub struct NodeArgs {
     /// Session directory: logs go in its logs/ folder.
     #[arg(long)]
     pub session_dir: PathBuf,
+    /// The node's data directory (default: the session directory's data/ folder). KV values
+    /// written through to the second-level store live in its kv-l2/ folder, so a node started
+    /// again on the same directory serves them.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Keep KV values written through (or back) to the second-level store in this Redis server
+    /// instead of the data directory.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub l2_redis: Option<String>,
     /// The node's id (default: generated).
     #[arg(long)]
     pub node_id: Option<String>,
@@ -176,6 +185,14 @@ pub fn run_master(args: &MasterArgs) -> anyhow::Result<()> {
 /// Run a node until SIGTERM/SIGINT; then its instances get their shutdown hooks.
 pub fn run_node(args: &NodeArgs) -> anyhow::Result<()> {
     init_logging();
+    let data_worker = yr_datasystem::DataWorker::open(&yr_datasystem::DataWorkerOptions {
+        data_dir: args
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| args.session_dir.join("data")),
+        l2_redis: args.l2_redis.clone(),
+    })
+    .context("cannot start the node's data worker")?;
     let options = yr_proxy::NodeOptions {
         node_id: args
             .node_id
@@ -199,6 +216,7 @@ pub fn run_node(args: &NodeArgs) -> anyhow::Result<()> {
             Duration::from_secs_f64(args.heartbeat_timeout.max(0.5)),
         ),
         create_rate: (args.create_rate, args.create_burst),
+        data_worker,
     };
     runtime()?.block_on(yr_proxy::run(options, terminated()))?;
     Ok(())

@@ -57,6 +57,8 @@ pub struct NodeOptions {
     pub heartbeat: (Duration, Duration),
     /// Creates per second and burst.
     pub create_rate: (f64, f64),
+    /// The data worker (KV), served next to the bus.
+    pub data_worker: Arc<yr_datasystem::DataWorker>,
 }
 
 /// Errors that stop a node.
@@ -190,9 +192,11 @@ pub async fn run(
     };
     let unix_server = tonic::transport::Server::builder()
         .add_service(service())
+        .add_service(options.data_worker.service())
         .serve_with_incoming(UnixListenerStream::new(unix));
     let tcp_server = tonic::transport::Server::builder()
         .add_service(service())
+        .add_service(options.data_worker.service())
         .add_service(
             pb::node_server::NodeServer::new(node_service::NodeService { node: node.clone() })
                 .max_decoding_message_size(usize::MAX)

@@ -12,6 +12,7 @@ use crate::blocking;
 use crate::cluster::runtime_mode::RuntimeEnv;
 use crate::cluster::ClusterBackend;
 use crate::function::{CreateSpec, MethodSpec, TaskSpec};
+use crate::kv::{KvClient, LocalKv};
 use crate::local::LocalBackend;
 use crate::object_store::{self, ObjectHandle, ObjectSlot, Outcome, StoredValue};
 
@@ -35,6 +36,7 @@ pub struct Runtime {
     config: Config,
     job_id: String,
     backend: Box<dyn Backend>,
+    kv: Box<dyn KvClient>,
 }
 
 /// Initialize yr in this process. A second call, before `finalize`, fails with 4001.
@@ -59,16 +61,22 @@ pub fn init(config: Config) -> Result<ClientInfo> {
         .job_id
         .clone()
         .unwrap_or_else(|| format!("job-{}", ids::random_hex(8)));
-    let backend: Box<dyn Backend> = if config.local_mode {
-        Box::new(LocalBackend::new(&config))
+    let (backend, kv): (Box<dyn Backend>, Box<dyn KvClient>) = if config.local_mode {
+        (
+            Box::new(LocalBackend::new(&config)),
+            Box::new(LocalKv::new()),
+        )
     } else {
-        Box::new(ClusterBackend::connect(&config, &job_id, None)?)
+        let cluster = ClusterBackend::connect(&config, &job_id, None)?;
+        let kv = Box::new(cluster.kv_client());
+        (Box::new(cluster), kv)
     };
     tracing::debug!(job_id = %job_id, backend = backend.name(), "yr initialized");
     let runtime = Arc::new(Runtime {
         config,
         job_id: job_id.clone(),
         backend,
+        kv,
     });
     *lifecycle = Lifecycle::Running(runtime);
     Ok(ClientInfo { job_id })
@@ -92,6 +100,7 @@ fn run_as_runtime(config: Config, env: RuntimeEnv) -> ! {
     *LIFECYCLE.write() = Lifecycle::Running(Arc::new(Runtime {
         config,
         job_id,
+        kv: Box::new(backend.kv_client()),
         backend: Box::new(backend),
     }));
     mode.serve_forever()
@@ -173,6 +182,7 @@ pub fn finalize() -> Result<()> {
     // not fail its queued calls with 1007 first; the second sweep catches calls that were still
     // being submitted and jobs the backend dropped.
     object_store::fail_all_pending(&finalized);
+    runtime.kv.shutdown(&finalized);
     runtime.backend.shutdown();
     object_store::fail_all_pending(&finalized);
     tracing::debug!(job_id = %runtime.job_id, "yr finalized");
@@ -225,6 +235,12 @@ impl Runtime {
     /// The job id.
     pub fn job_id(&self) -> &str {
         &self.job_id
+    }
+
+    /// Where KV calls go: this process's store in local mode, the node's data worker in a
+    /// cluster.
+    pub fn kv(&self) -> &dyn KvClient {
+        self.kv.as_ref()
     }
 
     /// Store `value` as a new object owned by this process.

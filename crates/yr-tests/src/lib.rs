@@ -462,6 +462,79 @@ pub fn call_err<T: serde::de::DeserializeOwned + std::fmt::Debug>(
     }
 }
 
+// ----- redis ---------------------------------------------------------------------------------------
+
+/// A real `redis-server` on a free port, without persistence, killed when dropped. Debian's
+/// package provides it (`apt-get install -y redis-server`); `.ci/run` installs it.
+pub struct RedisServer {
+    child: Child,
+    port: u16,
+    _dir: TempDir,
+}
+
+impl RedisServer {
+    /// Start one and wait until it answers PING. Panics, saying how to install it, if
+    /// `redis-server` is not on PATH.
+    pub fn start() -> RedisServer {
+        let dir = TempDir::new("redis");
+        let mut attempt = 0;
+        loop {
+            let port = free_port();
+            let mut child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "cannot run redis-server ({e}); the KV tests need a real Redis: \
+                         apt-get install -y redis-server"
+                    )
+                });
+            let client = yr_datasystem::redis::RedisClient::new(format!("127.0.0.1:{port}"));
+            let up = wait_until(Duration::from_secs(10), || {
+                client.ping().is_ok() || matches!(child.try_wait(), Ok(Some(_)))
+            });
+            if up && client.ping().is_ok() {
+                return RedisServer {
+                    child,
+                    port,
+                    _dir: dir,
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            // The port was taken meanwhile: try another.
+            attempt += 1;
+            assert!(
+                attempt < START_ATTEMPTS,
+                "redis-server did not start on a free port"
+            );
+        }
+    }
+
+    /// Its address, `127.0.0.1:port`.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A client for it.
+    pub fn client(&self) -> yr_datasystem::redis::RedisClient {
+        yr_datasystem::redis::RedisClient::new(self.address())
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 // ----- the cluster ---------------------------------------------------------------------------------
 
 /// How one node of a [`TestCluster`] is started.
@@ -482,6 +555,11 @@ pub struct NodeSpec {
     pub fetch_binaries: bool,
     /// Extra environment variables of the node process (its runtimes inherit them).
     pub env: Vec<(String, String)>,
+    /// `--data-dir`: a data directory that outlives the cluster (for restart tests); `None`
+    /// keeps the node's default, inside the cluster's temporary directory.
+    pub data_dir: Option<PathBuf>,
+    /// `--l2-redis host:port`: keep the KV second-level store in this Redis server.
+    pub l2_redis: Option<String>,
 }
 
 impl Default for NodeSpec {
@@ -494,6 +572,8 @@ impl Default for NodeSpec {
             warm_pool: 1,
             fetch_binaries: false,
             env: Vec::new(),
+            data_dir: None,
+            l2_redis: None,
         }
     }
 }
@@ -729,6 +809,12 @@ impl TestCluster {
         ];
         if node.spec.fetch_binaries {
             args.push("--fetch-binaries".to_string());
+        }
+        if let Some(dir) = &node.spec.data_dir {
+            args.extend(["--data-dir".to_string(), dir.display().to_string()]);
+        }
+        if let Some(redis) = &node.spec.l2_redis {
+            args.extend(["--l2-redis".to_string(), redis.clone()]);
         }
         if let Some((rate, burst)) = node.spec.create_rate {
             args.extend([

@@ -7,6 +7,8 @@
 //! - `#[yr::instance]` on a struct and its `impl` block declares a stateful instance class;
 //!   [`instance`] creates one remotely and returns an [`InstanceHandle`] whose methods you call.
 //! - [`put`], [`get`], [`get_all`], [`wait`] and [`cancel`] work with objects.
+//! - [`kv_write`], [`kv_read`], [`kv_get_with_param`], [`kv_del`] and [`kv_exist`] use the
+//!   data system's key-value store.
 //!
 //! ```
 //! #[yr::invoke]
@@ -25,6 +27,7 @@
 mod args;
 mod function;
 mod instance;
+mod kv;
 mod object_ref;
 mod wire_ext;
 
@@ -38,6 +41,10 @@ pub use function::{function, Function, FunctionCall, Invocable, MultiFunction, M
 pub use instance::{
     get_instance, instance, Constructor, Instance, InstanceCreator, InstanceHandle, Method,
     MethodInvocation,
+};
+pub use kv::{
+    kv_del, kv_exist, kv_get, kv_get_with_param, kv_read, kv_set, kv_write, CacheType, Existence,
+    SetParam, WriteMode,
 };
 pub use object_ref::{ObjectFuture, ObjectRef};
 pub use yr_common::{Config, Error, ErrorCode, InvokeOptions, Lang, ModuleCode, Result};

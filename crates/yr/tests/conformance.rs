@@ -19,6 +19,8 @@ mod support;
 mod functions;
 #[path = "conformance/instances.rs"]
 mod instances;
+#[path = "conformance/kv.rs"]
+mod kv;
 #[path = "conformance/lifecycle.rs"]
 mod lifecycle;
 #[path = "conformance/objects.rs"]

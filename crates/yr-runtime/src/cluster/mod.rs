@@ -6,6 +6,7 @@
 mod bus;
 pub mod convert;
 mod discovery;
+pub mod kv;
 pub mod memory;
 mod remote_instance;
 pub mod runtime_mode;

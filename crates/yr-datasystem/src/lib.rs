@@ -1,0 +1,62 @@
+//! yr-datasystem: the data worker that runs inside each node process. Today it owns the KV
+//! store ([`kv`]: openYuanrong's `kv_*` semantics, in memory) and its second-level store
+//! ([`l2`]: a directory by default, or Redis through the minimal client in [`redis`]), served
+//! to the node's drivers and runtimes as the `DataWorker` gRPC service ([`service`], wire types
+//! in `yr-proto`'s `yr.ds.v1`). It does not own the shared-memory object store, spilling or
+//! streams yet, nor the client side of KV (that lives in `yr-runtime`).
+
+pub mod kv;
+pub mod l2;
+pub mod redis;
+pub mod service;
+pub mod wire;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use yr_common::Result;
+
+pub use kv::{CacheType, Existence, KvStore, SetParam, WriteMode};
+
+/// How a node's data worker is set up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DataWorkerOptions {
+    /// The node's data directory; the KV second-level directory is `<data_dir>/kv-l2/`.
+    pub data_dir: PathBuf,
+    /// A Redis server (`host:port`) to use as the KV second-level store instead of the
+    /// directory.
+    pub l2_redis: Option<String>,
+}
+
+/// A node's data worker.
+#[derive(Debug)]
+pub struct DataWorker {
+    kv: KvStore,
+}
+
+impl DataWorker {
+    /// Open the data worker: its second-level store is Redis if `l2_redis` is set (3007 if it
+    /// does not answer), else `<data_dir>/kv-l2/` (4203 if that is not a writable directory).
+    pub fn open(options: &DataWorkerOptions) -> Result<Arc<DataWorker>> {
+        let l2: Arc<dyn l2::L2Store> = match &options.l2_redis {
+            Some(address) => Arc::new(l2::RedisStore::connect(address)?),
+            None => Arc::new(l2::DirectoryStore::open(options.data_dir.join("kv-l2"))?),
+        };
+        tracing::info!(l2 = %l2.describe(), "data worker ready");
+        Ok(Arc::new(DataWorker {
+            kv: KvStore::with_l2(l2),
+        }))
+    }
+
+    /// The KV store.
+    pub fn kv(&self) -> &KvStore {
+        &self.kv
+    }
+
+    /// The DataWorker gRPC service, to add to the node's servers.
+    pub fn service(
+        &self,
+    ) -> yr_proto::ds::data_worker_server::DataWorkerServer<service::DataWorkerService> {
+        service::DataWorkerService::new(self.kv.clone()).server()
+    }
+}

@@ -1,0 +1,301 @@
+//! The DataWorker gRPC service (`yr.ds.v1`) over a [`KvStore`]. The store's calls block (on
+//! the second-level store's IO), so they run on tokio's blocking threads; a get that waits for
+//! keys not written yet waits asynchronously, woken by the writes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tonic::{Request, Response, Status};
+use yr_common::{Error, ErrorCode, Result};
+use yr_proto::ds as pb;
+
+use crate::kv::{self, KvStore};
+use crate::wire::{error_to_proto, set_param_from_proto};
+
+/// The DataWorker service.
+#[derive(Clone, Debug)]
+pub struct DataWorkerService {
+    kv: KvStore,
+}
+
+impl DataWorkerService {
+    /// The service over `kv`.
+    pub fn new(kv: KvStore) -> DataWorkerService {
+        DataWorkerService { kv }
+    }
+
+    /// The tonic server for this service, accepting messages of any size (values are up to
+    /// 100 MB).
+    pub fn server(self) -> pb::data_worker_server::DataWorkerServer<DataWorkerService> {
+        pb::data_worker_server::DataWorkerServer::new(self)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+    }
+}
+
+/// Run a blocking store call on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(call).await.map_err(|e| {
+        Error::new(
+            ErrorCode::InnerSystemError,
+            format!("a KV call failed inside the data worker: {e}"),
+        )
+    })?
+}
+
+/// The values of `keys`, waiting up to `timeout` for keys not written yet.
+pub async fn get_waiting(kv: &KvStore, keys: Vec<String>, timeout: Duration) -> Result<Vec<Bytes>> {
+    kv::validate_keys(&keys)?;
+    let deadline = tokio::time::Instant::now().checked_add(timeout);
+    let notify = Arc::new(Notify::new());
+    let waker = {
+        let notify = notify.clone();
+        Arc::new(move || notify.notify_one())
+    };
+    // Watch before the first look, so that a write in between is not missed.
+    let _watch = kv.watch(&keys, waker);
+    let keys = Arc::new(keys);
+    loop {
+        let values = {
+            let (kv, keys) = (kv.clone(), keys.clone());
+            blocking(move || kv.try_get(&keys)).await?
+        };
+        let missing: Vec<&str> = keys
+            .iter()
+            .zip(&values)
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k.as_str())
+            .collect();
+        if missing.is_empty() {
+            return Ok(values.into_iter().flatten().collect());
+        }
+        let woken = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, notify.notified())
+                .await
+                .is_ok(),
+            None => {
+                notify.notified().await;
+                true
+            }
+        };
+        if !woken {
+            let values = {
+                let (kv, keys) = (kv.clone(), keys.clone());
+                blocking(move || kv.try_get(&keys)).await?
+            };
+            if values.iter().all(Option::is_some) {
+                return Ok(values.into_iter().flatten().collect());
+            }
+            let missing: Vec<&str> = keys
+                .iter()
+                .zip(&values)
+                .filter(|(_, v)| v.is_none())
+                .map(|(k, _)| k.as_str())
+                .collect();
+            return Err(kv::timeout_error(&missing, timeout));
+        }
+    }
+}
+
+fn error_of<T>(result: &Result<T>) -> Option<pb::ErrorInfo> {
+    result.as_ref().err().map(error_to_proto)
+}
+
+#[tonic::async_trait]
+impl pb::data_worker_server::DataWorker for DataWorkerService {
+    async fn kv_set(
+        &self,
+        request: Request<pb::KvSetRequest>,
+    ) -> Result<Response<pb::KvSetResponse>, Status> {
+        let request = request.into_inner();
+        let kv = self.kv.clone();
+        let result = match set_param_from_proto(&request.param.unwrap_or_default()) {
+            Ok(param) => blocking(move || kv.set(&request.key, request.value, &param)).await,
+            Err(error) => Err(error),
+        };
+        Ok(Response::new(pb::KvSetResponse {
+            error: error_of(&result),
+        }))
+    }
+
+    async fn kv_get(
+        &self,
+        request: Request<pb::KvGetRequest>,
+    ) -> Result<Response<pb::KvGetResponse>, Status> {
+        let request = request.into_inner();
+        let timeout = Duration::from_millis(request.timeout_ms);
+        let result = get_waiting(&self.kv, request.keys, timeout).await;
+        Ok(Response::new(match result {
+            Ok(values) => pb::KvGetResponse {
+                values,
+                error: None,
+            },
+            Err(error) => pb::KvGetResponse {
+                values: Vec::new(),
+                error: Some(error_to_proto(&error)),
+            },
+        }))
+    }
+
+    async fn kv_get_range(
+        &self,
+        request: Request<pb::KvGetRangeRequest>,
+    ) -> Result<Response<pb::KvGetRangeResponse>, Status> {
+        let request = request.into_inner();
+        let timeout = Duration::from_millis(request.timeout_ms);
+        let result = get_waiting(&self.kv, vec![request.key.clone()], timeout)
+            .await
+            .and_then(|mut values| {
+                let value = values.pop().unwrap_or_default();
+                kv::slice_range(&request.key, &value, request.offset, request.size)
+            });
+        Ok(Response::new(match result {
+            Ok(value) => pb::KvGetRangeResponse { value, error: None },
+            Err(error) => pb::KvGetRangeResponse {
+                value: Bytes::new(),
+                error: Some(error_to_proto(&error)),
+            },
+        }))
+    }
+
+    async fn kv_del(
+        &self,
+        request: Request<pb::KvDelRequest>,
+    ) -> Result<Response<pb::KvDelResponse>, Status> {
+        let keys = request.into_inner().keys;
+        let kv = self.kv.clone();
+        let result = blocking(move || kv.del(&keys)).await;
+        Ok(Response::new(pb::KvDelResponse {
+            error: error_of(&result),
+        }))
+    }
+
+    async fn kv_exist(
+        &self,
+        request: Request<pb::KvExistRequest>,
+    ) -> Result<Response<pb::KvExistResponse>, Status> {
+        let keys = request.into_inner().keys;
+        let kv = self.kv.clone();
+        let result = blocking(move || kv.exist(&keys)).await;
+        Ok(Response::new(match result {
+            Ok(exists) => pb::KvExistResponse {
+                exists,
+                error: None,
+            },
+            Err(error) => pb::KvExistResponse {
+                exists: Vec::new(),
+                error: Some(error_to_proto(&error)),
+            },
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::SetParam;
+    use pb::data_worker_server::DataWorker;
+
+    fn service() -> DataWorkerService {
+        DataWorkerService::new(KvStore::new())
+    }
+
+    #[tokio::test]
+    async fn set_get_exist_del_over_the_service() {
+        let service = service();
+        let set = service
+            .kv_set(Request::new(pb::KvSetRequest {
+                key: "k".into(),
+                value: Bytes::from_static(b"0123456789"),
+                param: Some(crate::wire::set_param_to_proto(&SetParam::default())),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(set.error, None);
+        let got = service
+            .kv_get(Request::new(pb::KvGetRequest {
+                keys: vec!["k".into()],
+                timeout_ms: 0,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.values, vec![Bytes::from_static(b"0123456789")]);
+        let range = service
+            .kv_get_range(Request::new(pb::KvGetRangeRequest {
+                key: "k".into(),
+                offset: 3,
+                size: 2,
+                timeout_ms: 0,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(range.value, Bytes::from_static(b"34"));
+        let exist = service
+            .kv_exist(Request::new(pb::KvExistRequest {
+                keys: vec!["k".into(), "no".into()],
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(exist.exists, vec![true, false]);
+        let del = service
+            .kv_del(Request::new(pb::KvDelRequest {
+                keys: vec!["k".into()],
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(del.error, None);
+    }
+
+    #[tokio::test]
+    async fn errors_travel_in_the_response() {
+        let service = service();
+        let set = service
+            .kv_set(Request::new(pb::KvSetRequest {
+                key: String::new(),
+                value: Bytes::new(),
+                param: None,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(set.error.unwrap().code, ErrorCode::ParamInvalid.number());
+        let got = service
+            .kv_get(Request::new(pb::KvGetRequest {
+                keys: vec!["never".into()],
+                timeout_ms: 100,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let error = got.error.unwrap();
+        assert_eq!(error.code, ErrorCode::GetOperationFailed.number());
+        assert!(error.message.contains("never"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_get_is_answered_by_a_later_set() {
+        let kv = KvStore::new();
+        let writer = kv.clone();
+        let started = std::time::Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            writer
+                .set("late", Bytes::from_static(b"v"), &SetParam::default())
+                .unwrap();
+        });
+        let values = get_waiting(&kv, vec!["late".into()], Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(values, vec![Bytes::from_static(b"v")]);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,141 @@
+//! Between the KV types and the wire's (`yr.ds.v1`): write parameters and errors. Shared by
+//! the data worker's service and the client in `yr-runtime`.
+
+use std::time::Duration;
+
+use yr_common::{Error, ErrorCode, ModuleCode};
+use yr_proto::ds as pb;
+
+use crate::kv::{CacheType, Existence, SetParam, WriteMode};
+
+/// A write parameter for the wire.
+pub fn set_param_to_proto(param: &SetParam) -> pb::SetParam {
+    pb::SetParam {
+        existence: match param.existence {
+            Existence::None => pb::Existence::None,
+            Existence::NX => pb::Existence::Nx,
+        } as i32,
+        write_mode: match param.write_mode {
+            WriteMode::NoneL2Cache => pb::WriteMode::NoneL2Cache,
+            WriteMode::WriteThroughL2Cache => pb::WriteMode::WriteThroughL2Cache,
+            WriteMode::WriteBackL2Cache => pb::WriteMode::WriteBackL2Cache,
+            WriteMode::NoneL2CacheEvict => pb::WriteMode::NoneL2CacheEvict,
+        } as i32,
+        ttl_second: param.ttl_second,
+        cache_type: match param.cache_type {
+            CacheType::Memory => pb::CacheType::Memory,
+            CacheType::Disk => pb::CacheType::Disk,
+        } as i32,
+    }
+}
+
+/// A write parameter from the wire; 1001 for a value outside an enum.
+pub fn set_param_from_proto(param: &pb::SetParam) -> Result<SetParam, Error> {
+    let bad = |field: &str, value: i32| {
+        Error::new(
+            ErrorCode::ParamInvalid,
+            format!("{value} is not a KV {field}"),
+        )
+    };
+    Ok(SetParam {
+        existence: match pb::Existence::try_from(param.existence) {
+            Ok(pb::Existence::None) => Existence::None,
+            Ok(pb::Existence::Nx) => Existence::NX,
+            Err(_) => return Err(bad("existence", param.existence)),
+        },
+        write_mode: match pb::WriteMode::try_from(param.write_mode) {
+            Ok(pb::WriteMode::NoneL2Cache) => WriteMode::NoneL2Cache,
+            Ok(pb::WriteMode::WriteThroughL2Cache) => WriteMode::WriteThroughL2Cache,
+            Ok(pb::WriteMode::WriteBackL2Cache) => WriteMode::WriteBackL2Cache,
+            Ok(pb::WriteMode::NoneL2CacheEvict) => WriteMode::NoneL2CacheEvict,
+            Err(_) => return Err(bad("write mode", param.write_mode)),
+        },
+        ttl_second: param.ttl_second,
+        cache_type: match pb::CacheType::try_from(param.cache_type) {
+            Ok(pb::CacheType::Memory) => CacheType::Memory,
+            Ok(pb::CacheType::Disk) => CacheType::Disk,
+            Err(_) => return Err(bad("cache type", param.cache_type)),
+        },
+    })
+}
+
+/// An error for the wire.
+pub fn error_to_proto(error: &Error) -> pb::ErrorInfo {
+    pb::ErrorInfo {
+        code: error.code().number(),
+        module: error.module_code().number(),
+        message: error.message().to_string(),
+    }
+}
+
+/// An error from the wire. An unknown code is kept in the message of a 4299.
+pub fn error_from_proto(info: &pb::ErrorInfo) -> Error {
+    let module = ModuleCode::try_from_number(info.module).unwrap_or(ModuleCode::DataSystem);
+    match ErrorCode::from_number(info.code) {
+        Some(code) => Error::with_module(code, module, info.message.clone()),
+        None => Error::with_module(
+            ErrorCode::DatasystemFailed,
+            module,
+            format!(
+                "unknown error code {} from the data worker: {}",
+                info.code, info.message
+            ),
+        ),
+    }
+}
+
+/// A timeout for the wire, in milliseconds (saturating: `Duration::MAX` waits forever).
+pub fn timeout_to_ms(timeout: Duration) -> u64 {
+    u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_params_round_trip() {
+        for existence in [Existence::None, Existence::NX] {
+            for write_mode in [
+                WriteMode::NoneL2Cache,
+                WriteMode::WriteThroughL2Cache,
+                WriteMode::WriteBackL2Cache,
+                WriteMode::NoneL2CacheEvict,
+            ] {
+                for cache_type in [CacheType::Memory, CacheType::Disk] {
+                    let param = SetParam {
+                        existence,
+                        write_mode,
+                        ttl_second: 7,
+                        cache_type,
+                    };
+                    assert_eq!(
+                        set_param_from_proto(&set_param_to_proto(&param)).unwrap(),
+                        param
+                    );
+                }
+            }
+        }
+        let bad = pb::SetParam {
+            write_mode: 99,
+            ..Default::default()
+        };
+        assert_eq!(
+            set_param_from_proto(&bad).unwrap_err().code(),
+            ErrorCode::ParamInvalid
+        );
+    }
+
+    #[test]
+    fn errors_round_trip() {
+        let error = Error::new(ErrorCode::KeyAlreadyExist, "exists");
+        assert_eq!(error_from_proto(&error_to_proto(&error)), error);
+        let unknown = error_from_proto(&pb::ErrorInfo {
+            code: 1,
+            module: 30,
+            message: "odd".into(),
+        });
+        assert_eq!(unknown.code(), ErrorCode::DatasystemFailed);
+        assert!(unknown.message().contains("odd"));
+    }
+}

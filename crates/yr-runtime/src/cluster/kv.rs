@@ -1,0 +1,173 @@
+//! KV in a cluster: unary calls to the node's DataWorker service, over a channel of its own to
+//! the same address (the node's Unix socket) as the Bus. The calls run on the backend's IO
+//! runtime; the caller's thread waits for the answer.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tonic::transport::Channel;
+use yr_common::{Error, ErrorCode, Result};
+use yr_datasystem::kv::{validate_keys, validate_set};
+use yr_datasystem::wire::{error_from_proto, set_param_to_proto, timeout_to_ms};
+use yr_proto::ds as pb;
+use yr_proto::ds::data_worker_client::DataWorkerClient;
+
+use super::{transport, ClusterBackend};
+use crate::blocking;
+use crate::kv::{KvClient, SetParam};
+
+/// The node's data worker, as a KV client.
+pub struct ClusterKv {
+    io: tokio::runtime::Handle,
+    address: String,
+    channel: Arc<Mutex<Option<Channel>>>,
+}
+
+impl ClusterBackend {
+    /// A KV client for the node this backend is connected to.
+    pub fn kv_client(&self) -> ClusterKv {
+        ClusterKv {
+            io: self.inner.io.clone(),
+            address: self.inner.bus.address().to_string(),
+            channel: Arc::new(Mutex::new(None)),
+        }
+    }
+}
+
+fn check(error: Option<pb::ErrorInfo>) -> Result<()> {
+    match error {
+        Some(error) => Err(error_from_proto(&error)),
+        None => Ok(()),
+    }
+}
+
+impl ClusterKv {
+    /// Run one call on the IO runtime and wait for its answer.
+    fn call<R, F>(
+        &self,
+        make: impl FnOnce(DataWorkerClient<Channel>) -> F + Send + 'static,
+    ) -> Result<R>
+    where
+        R: Send + 'static,
+        F: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>> + Send,
+    {
+        let address = self.address.clone();
+        let cached = self.channel.clone();
+        let (sender, receiver) = crossbeam_channel::bounded(1);
+        self.io.spawn(async move {
+            let result = async {
+                let existing = cached.lock().clone();
+                let channel = match existing {
+                    Some(channel) => channel,
+                    None => {
+                        let channel =
+                            transport::connect(&address, ErrorCode::ConnectionFailed).await?;
+                        *cached.lock() = Some(channel.clone());
+                        channel
+                    }
+                };
+                let client = DataWorkerClient::new(channel)
+                    .max_decoding_message_size(usize::MAX)
+                    .max_encoding_message_size(usize::MAX);
+                make(client)
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(|status| {
+                        // Connect again on the next call.
+                        *cached.lock() = None;
+                        Error::new(
+                            ErrorCode::ConnectionFailed,
+                            format!(
+                            "the data worker of the node at {address} did not answer: {}; check \
+                             that the node is running",
+                            status.message()
+                        ),
+                        )
+                    })
+            }
+            .await;
+            let _ = sender.send(result);
+        });
+        blocking::blocking(|| receiver.recv()).unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorCode::Finalized,
+                "yr was finalized while a KV call was in flight; keep yr initialized until its \
+                 KV calls return",
+            ))
+        })
+    }
+}
+
+impl KvClient for ClusterKv {
+    fn set(&self, key: &str, value: &[u8], param: &SetParam) -> Result<()> {
+        validate_set(key, value.len(), param)?;
+        let request = pb::KvSetRequest {
+            key: key.to_string(),
+            value: Bytes::copy_from_slice(value),
+            param: Some(set_param_to_proto(param)),
+        };
+        check(
+            self.call(move |mut client| async move { client.kv_set(request).await })?
+                .error,
+        )
+    }
+
+    fn get(&self, keys: &[&str], timeout: Duration) -> Result<Vec<Bytes>> {
+        validate_keys(keys)?;
+        let request = pb::KvGetRequest {
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            timeout_ms: timeout_to_ms(timeout),
+        };
+        let reply = self.call(move |mut client| async move { client.kv_get(request).await })?;
+        check(reply.error)?;
+        if reply.values.len() != keys.len() {
+            return Err(Error::new(
+                ErrorCode::DatasystemFailed,
+                format!(
+                    "the data worker answered {} values for {} keys",
+                    reply.values.len(),
+                    keys.len()
+                ),
+            ));
+        }
+        Ok(reply.values)
+    }
+
+    fn get_range(&self, key: &str, offset: u64, size: u64, timeout: Duration) -> Result<Bytes> {
+        validate_keys(&[key])?;
+        let request = pb::KvGetRangeRequest {
+            key: key.to_string(),
+            offset,
+            size,
+            timeout_ms: timeout_to_ms(timeout),
+        };
+        let reply =
+            self.call(move |mut client| async move { client.kv_get_range(request).await })?;
+        check(reply.error)?;
+        Ok(reply.value)
+    }
+
+    fn del(&self, keys: &[&str]) -> Result<()> {
+        validate_keys(keys)?;
+        let request = pb::KvDelRequest {
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+        };
+        check(
+            self.call(move |mut client| async move { client.kv_del(request).await })?
+                .error,
+        )
+    }
+
+    fn exist(&self, keys: &[&str]) -> Result<Vec<bool>> {
+        validate_keys(keys)?;
+        let request = pb::KvExistRequest {
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+        };
+        let reply = self.call(move |mut client| async move { client.kv_exist(request).await })?;
+        check(reply.error)?;
+        Ok(reply.exists)
+    }
+}
