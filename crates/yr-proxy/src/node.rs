@@ -438,19 +438,26 @@ impl Node {
         };
         self.fill_warm_pool(binary_hash);
         if let Some(registered) = registered {
-            match tokio::time::timeout(self.settings.runtime_start_timeout, registered).await {
-                Ok(Ok(())) => {}
-                _ => {
-                    self.agent.signal(&runtime_id, libc::SIGKILL);
-                    let tail = yr_agent::tail(&self.agent.stderr_path(&runtime_id), 20);
-                    return Err(Error::new(
-                        ErrorCode::RuntimeManagerOperationError,
-                        format!(
-                            "runtime {runtime_id} for instance {instance_id} did not start within {:?}; its stderr ends with:\n{tail}",
-                            self.settings.runtime_start_timeout
-                        ),
-                    ));
-                }
+            let outcome =
+                tokio::time::timeout(self.settings.runtime_start_timeout, registered).await;
+            if !matches!(outcome, Ok(Ok(()))) {
+                self.agent.signal(&runtime_id, libc::SIGKILL);
+                let why = match outcome {
+                    Ok(_) => "exited before it connected to the node".to_string(),
+                    Err(_) => format!(
+                        "did not connect within {:?}",
+                        self.settings.runtime_start_timeout
+                    ),
+                };
+                // Let the reaper finish writing what the process printed.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let tail = yr_agent::tail(&self.agent.stderr_path(&runtime_id), 20);
+                return Err(Error::new(
+                    ErrorCode::RuntimeManagerOperationError,
+                    format!(
+                        "the runtime {runtime_id} of instance {instance_id} failed to start: it {why}; its stderr ends with:\n{tail}"
+                    ),
+                ));
             }
         }
         Ok(runtime_id)
@@ -1244,13 +1251,28 @@ impl Node {
         let (killing, state_now) = {
             let state = self.state.lock();
             match state.instances.get(&instance_id) {
-                Some(instance) => (instance.killing, instance.record.state),
-                None => return,
+                // Only the instance's current runtime speaks for it: a runtime the node killed
+                // itself (a failed constructor, a restart) or that never connected (its start
+                // failure is reported where it was awaited) is not news.
+                Some(instance)
+                    if instance.runtime_id.as_deref() == Some(event.runtime_id.as_str()) =>
+                {
+                    (instance.killing, instance.record.state)
+                }
+                Some(instance) if instance.killing && instance.runtime_id.is_none() => {
+                    (true, instance.record.state)
+                }
+                _ => return,
             }
         };
         if killing {
             self.release(&instance_id);
             self.finish_exit(&instance_id, &exited_error(&instance_id));
+            return;
+        }
+        if state_now == S::Fatal as i32 {
+            // The instance already failed (for example its constructor), and this is the node
+            // killing its runtime: callers keep the first error.
             return;
         }
         let error = if hung {

@@ -323,7 +323,10 @@ impl RemoteInstance {
     pub fn on_failed(&self, error: Error) {
         let (queued, in_flight) = {
             let mut state = self.state.lock();
-            state.connection = Connection::Failed(error.clone());
+            // The first failure is the cause; later ones (the runtime being reaped) keep it.
+            if !matches!(state.connection, Connection::Failed(_)) {
+                state.connection = Connection::Failed(error.clone());
+            }
             (
                 std::mem::take(&mut state.queued),
                 std::mem::take(&mut state.in_flight),
