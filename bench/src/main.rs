@@ -141,7 +141,14 @@ fn in_threads(clients: usize, work: impl Fn() -> yr::Result<()> + Sync) -> yr::R
         let handles: Vec<_> = (0..clients).map(|_| scope.spawn(&work)).collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Ok(())))
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(yr::Error::new(
+                        yr::ErrorCode::InnerSystemError,
+                        "a benchmark client thread panicked",
+                    ))
+                })
+            })
             .collect::<yr::Result<Vec<()>>>()
     })?;
     Ok(())
