@@ -59,7 +59,7 @@ pub struct ObjectSlot {
 
 /// How long a waiter spins before it sleeps. A call that finishes within this time saves the
 /// sleep and the wake-up, which dominate a synchronous call's cost.
-const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(50);
+const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(500);
 
 /// A counted reference to an object. Cloning is cheap; the object lives while any handle does.
 pub type ObjectHandle = Arc<ObjectSlot>;

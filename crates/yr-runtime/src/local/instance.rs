@@ -138,8 +138,22 @@ impl LocalInstance {
         self.serve();
     }
 
+    fn next_message(&self) -> Result<Message, crossbeam_channel::RecvError> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_micros(300) {
+            match self.receiver.try_recv() {
+                Ok(message) => return Ok(message),
+                Err(crossbeam_channel::TryRecvError::Empty) => std::thread::yield_now(),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    return Err(crossbeam_channel::RecvError)
+                }
+            }
+        }
+        self.receiver.recv()
+    }
+
     fn serve(&self) {
-        while let Ok(message) = self.receiver.recv() {
+        while let Ok(message) = self.next_message() {
             match message {
                 Message::Stop => break,
                 Message::Call(call, returns) => self.run_call(call, returns),
