@@ -283,7 +283,7 @@ impl Node {
                         binary_path: PathBuf::from(&register.binary_path),
                         args: register.runtime_args.clone(),
                         job_id: register.job_id.clone(),
-                        env: Vec::new(),
+                        env: vec![("YR_BINARY_HASH".into(), register.binary_hash.clone())],
                     };
                     state.binaries.insert(register.binary_hash.clone(), spec);
                     state.functions.extend(register.functions.iter().cloned());
@@ -1065,15 +1065,16 @@ impl Node {
                 instance.creator_address.clone(),
             )
         };
+        let hash_env = hash.clone();
         let spec = |binary_path: PathBuf| RuntimeSpec {
             binary_path,
             args: args.clone(),
             job_id: job_id.clone(),
-            env: Vec::new(),
+            env: vec![("YR_BINARY_HASH".into(), hash_env.clone())],
         };
         if !self.settings.fetch_binaries
             && path.is_file()
-            && yr_runtime::cluster::binary_fingerprint(&path) == hash
+            && yr_runtime::cluster::binary_hash(&path) == hash
         {
             self.state.lock().binaries.insert(hash, spec(path));
             return Ok(());

@@ -106,20 +106,80 @@ fn socket_dir() -> std::path::PathBuf {
     dir
 }
 
-/// A fingerprint of this executable: size and modification time. Nodes on this machine run the
-/// file in place; code distribution by content hash comes with multi-machine clusters.
-pub fn binary_fingerprint(path: &std::path::Path) -> String {
-    std::fs::metadata(path)
-        .map(|m| {
-            let modified = m
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            format!("{:x}-{:x}", m.len(), modified)
-        })
-        .unwrap_or_default()
+/// The content key of the executable at `path`: a 128-bit hash of its bytes and its length, so
+/// that a node can tell whether its copy is the driver's and fetch the driver's otherwise. The
+/// hash is fast, not cryptographic: nodes trust their cluster. Results are cached per path, size
+/// and modification time.
+pub fn binary_hash(path: &std::path::Path) -> String {
+    static CACHE: parking_lot::Mutex<Option<HashMap<(std::path::PathBuf, u64, u128), String>>> =
+        parking_lot::Mutex::new(None);
+    let Ok(metadata) = std::fs::metadata(path) else {
+        return String::new();
+    };
+    let modified = metadata
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let key = (path.to_path_buf(), metadata.len(), modified);
+    if let Some(hash) = CACHE.lock().get_or_insert_with(HashMap::new).get(&key) {
+        return hash.clone();
+    }
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
+    let hash = content_hash(&bytes);
+    CACHE
+        .lock()
+        .get_or_insert_with(HashMap::new)
+        .insert(key, hash.clone());
+    hash
+}
+
+fn content_hash(bytes: &[u8]) -> String {
+    const K1: u64 = 0x9e37_79b9_7f4a_7c15;
+    const K2: u64 = 0xc2b2_ae3d_27d4_eb4f;
+    let (mut a, mut b) = (
+        K1 ^ bytes.len() as u64,
+        K2.rotate_left(17) ^ bytes.len() as u64,
+    );
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let word = u64::from_le_bytes(word);
+        a = (a ^ word).wrapping_mul(K1).rotate_left(31);
+        b = (b ^ word.rotate_left(23)).wrapping_mul(K2).rotate_left(29);
+    }
+    for &byte in chunks.remainder() {
+        a = (a ^ u64::from(byte)).wrapping_mul(K1);
+        b = (b ^ u64::from(byte)).wrapping_mul(K2);
+    }
+    let mix = |mut x: u64| {
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        x ^ (x >> 33)
+    };
+    format!(
+        "{:016x}{:016x}-{:x}",
+        mix(a ^ b.rotate_left(7)),
+        mix(b ^ a),
+        bytes.len()
+    )
+}
+
+/// This process's binary key: a runtime is told it by its node (`YR_BINARY_HASH`), a driver
+/// computes it.
+fn own_binary_hash(binary: &std::path::Path, is_runtime: bool) -> String {
+    if is_runtime {
+        if let Ok(hash) = std::env::var("YR_BINARY_HASH") {
+            return hash;
+        }
+    }
+    binary_hash(binary)
 }
 
 impl ClusterBackend {
@@ -140,6 +200,7 @@ impl ClusterBackend {
                 format!("cannot find this executable: {e}"),
             )
         })?;
+        let own_hash = own_binary_hash(&binary, runtime.is_some());
         let runtime_args: Vec<String> = std::env::var("YR_RUNTIME_ARGS")
             .map(|a| a.split_whitespace().map(str::to_string).collect())
             .unwrap_or_default();
@@ -168,7 +229,7 @@ impl ClusterBackend {
                 .unwrap_or_default(),
             listen_address: worker_address.clone(),
             binary_path: binary.display().to_string(),
-            binary_hash: binary_fingerprint(&binary),
+            binary_hash: own_hash.clone(),
             pid: std::process::id(),
             instance_id: String::new(),
             runtime_args: runtime_args.clone(),
@@ -207,7 +268,7 @@ impl ClusterBackend {
             bus,
             job_id: job_id.to_string(),
             binary_path: binary.display().to_string(),
-            binary_hash: binary_fingerprint(&binary),
+            binary_hash: own_hash,
             runtime_args,
             parent_instance_id: Mutex::new(String::new()),
             instances: Mutex::new(HashMap::new()),

@@ -123,15 +123,12 @@ impl StatelessSubmitter {
             instances: Vec::new(),
         });
         pool.instances.retain(|i| !i.remote.is_failed());
-        // Calls go to running instances: one that is still starting may wait long (for a
-        // runtime, or for resources that only an idle instance's recycling frees).
-        let least_open = pool
+        let least = pool
             .instances
             .iter()
-            .filter(|i| i.remote.is_open())
             .min_by_key(|i| i.remote.load())
             .cloned();
-        if let Some(least) = &least_open {
+        if let Some(least) = &least {
             if least.remote.load() < concurrency {
                 return Ok(least.clone());
             }
@@ -143,7 +140,7 @@ impl StatelessSubmitter {
             .count();
         let under_limit =
             self.max_instances < 0 || (pool.instances.len() as i64) < self.max_instances;
-        if pool.instances.is_empty() || (starting < MAX_STARTING && under_limit) {
+        if least.is_none() || (starting < MAX_STARTING && under_limit) {
             let remote = inner.create_stateless(&pool.options, stateless_hook(inner))?;
             let instance = Arc::new(PooledInstance {
                 remote,
@@ -151,18 +148,9 @@ impl StatelessSubmitter {
                 last_used: Mutex::new(Instant::now()),
             });
             pool.instances.push(instance.clone());
-            if least_open.is_none() {
-                return Ok(instance);
-            }
+            return Ok(instance);
         }
-        if let Some(least) = least_open {
-            return Ok(least);
-        }
-        pool.instances
-            .iter()
-            .min_by_key(|i| i.remote.load())
-            .cloned()
-            .ok_or_else(|| Error::new(ErrorCode::InnerSystemError, "no stateless instance to use"))
+        least.ok_or_else(|| Error::new(ErrorCode::InnerSystemError, "no stateless instance to use"))
     }
 
     /// Release instances idle for longer than the recycle time. Returns their ids.
