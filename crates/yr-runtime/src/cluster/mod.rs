@@ -111,8 +111,9 @@ fn socket_dir() -> std::path::PathBuf {
 /// hash is fast, not cryptographic: nodes trust their cluster. Results are cached per path, size
 /// and modification time.
 pub fn binary_hash(path: &std::path::Path) -> String {
-    static CACHE: parking_lot::Mutex<Option<HashMap<(std::path::PathBuf, u64, u128), String>>> =
-        parking_lot::Mutex::new(None);
+    /// (path, size, modification time) → content key.
+    type Cache = HashMap<(std::path::PathBuf, u64, u128), String>;
+    static CACHE: parking_lot::Mutex<Option<Cache>> = parking_lot::Mutex::new(None);
     let Ok(metadata) = std::fs::metadata(path) else {
         return String::new();
     };
