@@ -31,7 +31,7 @@ use crate::object_store::{self, ObjectHandle};
 use bus::Bus;
 use convert::{args_to_proto, error_from_proto};
 pub use discovery::find_node;
-use remote_instance::{OutCall, RemoteInstance, ResultHook};
+use remote_instance::{InstanceObserver, OutCall, RemoteInstance};
 use stateless::StatelessSubmitter;
 
 /// How long `finalize` waits for the node to release the job's instances.
@@ -507,11 +507,11 @@ impl Inner {
     fn create_stateless(
         self: &Arc<Self>,
         options: &InvokeOptions,
-        hook: ResultHook,
+        observer: Arc<dyn InstanceObserver>,
     ) -> Result<Arc<RemoteInstance>, Error> {
         self.check_connected()?;
         let id = format!("stateless-{}", ids::random_hex(16));
-        let instance = RemoteInstance::new(id.clone(), self.io.clone(), Some(hook));
+        let instance = RemoteInstance::new(id.clone(), self.io.clone(), Some(observer));
         self.instances.lock().insert(id.clone(), instance.clone());
         let request = self.create_request("", "", true, Vec::new(), options, &id)?;
         let failed = instance.clone();

@@ -25,9 +25,17 @@ use crate::object_store::ObjectHandle;
 /// How long calls whose connection broke wait for the node to say what happened.
 const VERDICT_WAIT: Duration = Duration::from_secs(5);
 
-/// Called with each call's result before its objects are finished; returns true if it took the
-/// result over (for example to retry the call elsewhere).
-pub type ResultHook = Arc<dyn Fn(&OutCall, &pb::CallResult) -> bool + Send + Sync>;
+/// What a caller that pools instances (the stateless submitter) hears about one of them.
+/// Observers are called with no lock of the instance held.
+pub trait InstanceObserver: Send + Sync {
+    /// A call's result, before its objects are finished. Returns true if the observer took the
+    /// result over (for example to retry the call elsewhere).
+    fn on_result(&self, call: &OutCall, result: &pb::CallResult) -> bool;
+    /// The instance can take calls now, or has finished one.
+    fn on_ready(&self);
+    /// The instance is gone for good with `error`.
+    fn on_gone(&self, error: &Error);
+}
 
 /// A call on its way to an instance.
 pub struct OutCall {
@@ -81,6 +89,12 @@ impl OutCall {
     }
 }
 
+fn fail_all(calls: Vec<(OutCall, Error)>) {
+    for (call, error) in calls {
+        call.fail(&error);
+    }
+}
+
 enum Connection {
     /// Not running yet, or reconnecting.
     Waiting,
@@ -109,7 +123,7 @@ pub struct RemoteInstance {
     pub id: String,
     io: tokio::runtime::Handle,
     state: Mutex<State>,
-    on_result: Option<ResultHook>,
+    observer: Option<Arc<dyn InstanceObserver>>,
 }
 
 impl RemoteInstance {
@@ -117,7 +131,7 @@ impl RemoteInstance {
     pub fn new(
         id: String,
         io: tokio::runtime::Handle,
-        on_result: Option<ResultHook>,
+        observer: Option<Arc<dyn InstanceObserver>>,
     ) -> Arc<RemoteInstance> {
         Arc::new(RemoteInstance {
             id,
@@ -129,7 +143,7 @@ impl RemoteInstance {
                 generation: 0,
                 terminating: false,
             }),
-            on_result,
+            observer,
         })
     }
 
@@ -161,17 +175,25 @@ impl RemoteInstance {
     }
 
     fn mark_ready(&self, call_id: u64) {
-        let mut state = self.state.lock();
-        if let Some(call) = state.queued.iter_mut().find(|c| c.call_id == call_id) {
-            call.ready = true;
-        }
-        Self::pump(&mut state);
+        let failed = {
+            let mut state = self.state.lock();
+            if let Some(call) = state.queued.iter_mut().find(|c| c.call_id == call_id) {
+                call.ready = true;
+            }
+            Self::pump(&mut state)
+        };
+        fail_all(failed);
     }
 
-    /// Send queued calls from the head while they are ready and a connection is open.
-    fn pump(state: &mut State) {
+    /// Send queued calls from the head while they are ready and a connection is open. Returns
+    /// the calls that cannot be sent (a failed dependency, arguments that do not encode), for
+    /// the caller to fail once the state is unlocked: failing a call runs the callbacks of
+    /// calls that depend on it, which may submit to this instance again.
+    #[must_use]
+    fn pump(state: &mut State) -> Vec<(OutCall, Error)> {
+        let mut failed = Vec::new();
         let Connection::Open { sender, .. } = &state.connection else {
-            return;
+            return failed;
         };
         let sender = sender.clone();
         while state.queued.front().is_some_and(|c| c.ready) {
@@ -179,7 +201,7 @@ impl RemoteInstance {
                 break;
             };
             match dependencies::first_failure(&call.args).and_then(|()| args_to_proto(&call.args)) {
-                Err(error) => call.fail(&error),
+                Err(error) => failed.push((call, error)),
                 Ok(args) => {
                     let request = pb::CallRequest {
                         call_id: call.call_id,
@@ -196,12 +218,13 @@ impl RemoteInstance {
                     );
                     if sender.send(request).is_err() {
                         state.queued.push_front(call);
-                        return;
+                        return failed;
                     }
                     state.in_flight.insert(call.call_id, call);
                 }
             }
         }
+        failed
     }
 
     /// The node says the instance runs at `address`: connect and send what waits, replaying
@@ -247,7 +270,12 @@ impl RemoteInstance {
                 state.queued.push_front(call);
             }
             state.connection = Connection::Open { sender };
-            Self::pump(&mut state);
+            let failed = Self::pump(&mut state);
+            drop(state);
+            fail_all(failed);
+        }
+        if let Some(observer) = &self.observer {
+            observer.on_ready();
         }
         let response = client.call(UnboundedReceiverStream::new(receiver)).await;
         let mut results = match response {
@@ -274,12 +302,14 @@ impl RemoteInstance {
         tracing::debug!(instance = %self.id, call_id = result.call_id, "call result");
         let call = self.state.lock().in_flight.remove(&result.call_id);
         let Some(call) = call else { return };
-        if let Some(hook) = &self.on_result {
-            if hook(&call, &result) {
-                return;
-            }
+        let Some(observer) = &self.observer else {
+            finish_returns(&call.returns, result);
+            return;
+        };
+        if !observer.on_result(&call, &result) {
+            finish_returns(&call.returns, result);
         }
-        finish_returns(&call.returns, result);
+        observer.on_ready();
     }
 
     fn on_disconnected(self: &Arc<Self>, generation: u64, reason: String) {
@@ -321,25 +351,32 @@ impl RemoteInstance {
 
     /// The node says the instance is gone: fail everything with `error`.
     pub fn on_failed(&self, error: Error) {
-        let (queued, in_flight) = {
+        let (queued, in_flight, first) = {
             let mut state = self.state.lock();
             // The first failure is the cause; later ones (the runtime being reaped) keep it.
-            if !matches!(state.connection, Connection::Failed(_)) {
+            let first = !matches!(state.connection, Connection::Failed(_));
+            if first {
                 state.connection = Connection::Failed(error.clone());
             }
             (
                 std::mem::take(&mut state.queued),
                 std::mem::take(&mut state.in_flight),
+                first,
             )
         };
+        if first {
+            if let Some(observer) = &self.observer {
+                observer.on_gone(&error);
+            }
+        }
         for call in queued.iter().chain(in_flight.values()) {
-            if let Some(hook) = &self.on_result {
+            if let Some(observer) = &self.observer {
                 let result = pb::CallResult {
                     call_id: call.call_id,
                     values: Vec::new(),
                     error: Some(super::convert::error_to_proto(&error)),
                 };
-                if hook(call, &result) {
+                if observer.on_result(call, &result) {
                     continue;
                 }
             }

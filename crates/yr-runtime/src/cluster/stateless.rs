@@ -1,9 +1,13 @@
-//! Stateless calls in a cluster (openYuanrong's task submitter): calls of one resource shape
-//! share a pool of stateless instances. A call goes to the least-loaded instance with room; the
-//! pool grows a few instances at a time while every instance is busy, and instances idle for
-//! `recycle_time` are released. Failed calls are retried per the code's retry policy.
+//! Stateless calls in a cluster (openYuanrong's task submitter). Calls of one resource shape
+//! share a pool of stateless instances. A call waits for its arguments, then goes to the
+//! least-loaded running instance with room; when none has room it waits in the pool's queue,
+//! and the pool starts a few more instances at a time. A running instance may also take a few
+//! calls beyond its `concurrency` (a short pipeline, which hides the round trip) once the pool
+//! cannot grow. Instances idle for `recycle_time` are released. Failed calls are retried per
+//! the code's retry policy.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -11,7 +15,7 @@ use parking_lot::Mutex;
 use yr_common::{Error, ErrorCode, InvokeOptions};
 use yr_proto::v1 as pb;
 
-use super::remote_instance::{OutCall, RemoteInstance, ResultHook};
+use super::remote_instance::{InstanceObserver, OutCall, RemoteInstance};
 use super::Inner;
 use crate::function::{Arg, FunctionEntry, TaskSpec};
 use crate::object_store::{Canceller, ObjectHandle};
@@ -20,15 +24,24 @@ use crate::retry::RetryBudget;
 /// Instances of one pool that may be starting at once.
 const MAX_STARTING: usize = 2;
 
+/// Calls a running instance may hold beyond its `concurrency` when the pool cannot grow.
+const PIPELINE_DEPTH: usize = 8;
+
 struct PooledInstance {
     remote: Arc<RemoteInstance>,
     started: Instant,
     last_used: Mutex<Instant>,
 }
 
+/// The instances of one resource shape and the calls waiting for one of them.
 struct Pool {
     options: Arc<InvokeOptions>,
+    concurrency: usize,
     instances: Vec<Arc<PooledInstance>>,
+    /// Instances being asked for, not in `instances` yet.
+    requesting: usize,
+    /// Ready calls waiting for room, in the order they became ready.
+    waiting: VecDeque<Arc<Task>>,
 }
 
 /// A stateless call and what it may still spend on retries.
@@ -39,12 +52,21 @@ struct Task {
     returns: Vec<ObjectHandle>,
     budget: Mutex<RetryBudget>,
     /// Set by `yr::cancel`: the results are failed and the call is not retried.
-    cancelled: std::sync::atomic::AtomicBool,
+    cancelled: AtomicBool,
+}
+
+impl Task {
+    fn fail(&self, error: &Error) {
+        for handle in &self.returns {
+            handle.fail(error.clone());
+        }
+    }
 }
 
 /// The stateless pools of this process.
 pub struct StatelessSubmitter {
-    pools: Mutex<HashMap<String, Pool>>,
+    pools: Mutex<HashMap<String, Arc<Mutex<Pool>>>>,
+    /// Calls in flight on an instance, by call id, for the retry decision.
     tasks: Mutex<HashMap<u64, Arc<Task>>>,
     recycle_time: Duration,
     max_instances: i64,
@@ -62,6 +84,85 @@ fn shape_key(options: &InvokeOptions) -> String {
     )
 }
 
+/// What one pass over a pool decided, carried out with the pool unlocked.
+#[derive(Default)]
+struct Decisions {
+    sends: Vec<(Arc<PooledInstance>, Arc<Task>)>,
+    create: bool,
+}
+
+impl Pool {
+    fn starting(&self) -> usize {
+        self.requesting
+            + self
+                .instances
+                .iter()
+                .filter(|i| !i.remote.is_open())
+                .count()
+    }
+
+    /// Hand waiting calls to instances with room, and decide how many instances to ask for.
+    fn plan(&mut self, max_instances: i64) -> Decisions {
+        let mut decisions = Decisions::default();
+        self.instances.retain(|i| !i.remote.is_failed());
+        let mut loads: Vec<(usize, Arc<PooledInstance>)> = self
+            .instances
+            .iter()
+            .filter(|i| i.remote.is_open() && !i.remote.is_terminating())
+            .map(|i| (i.remote.load(), i.clone()))
+            .collect();
+        let total = self.instances.len() + self.requesting;
+        let may_grow = max_instances < 0 || (total as i64) < max_instances;
+        let can_start = may_grow && self.starting() < MAX_STARTING;
+        while let Some(task) = self.waiting.front() {
+            if task.cancelled.load(Ordering::Acquire) {
+                self.waiting.pop_front();
+                continue;
+            }
+            let limit = if can_start || total == 0 {
+                self.concurrency
+            } else {
+                self.concurrency + PIPELINE_DEPTH
+            };
+            let Some(slot) = loads
+                .iter_mut()
+                .filter(|(load, _)| *load < limit)
+                .min_by_key(|(load, _)| *load)
+            else {
+                break;
+            };
+            slot.0 += 1;
+            let instance = slot.1.clone();
+            if let Some(task) = self.waiting.pop_front() {
+                decisions.sends.push((instance, task));
+            }
+        }
+        if !self.waiting.is_empty() && (can_start || total == 0) {
+            decisions.create = true;
+            self.requesting += 1;
+        }
+        decisions
+    }
+
+    /// The last instance of a pool with waiting calls is gone with `error`: each waiting call
+    /// is retried if its budget allows, or fails with the error.
+    fn fail_waiting(&mut self, error: &Error) -> Vec<(Arc<Task>, Error)> {
+        let alive = self.requesting + self.instances.iter().filter(|i| !i.remote.is_failed()).count();
+        if alive > 0 {
+            return Vec::new();
+        }
+        let mut failures = Vec::new();
+        self.waiting.retain(|task| {
+            if task.budget.lock().should_retry(error) {
+                return true;
+            }
+            failures.push((task.clone(), error.clone()));
+            false
+        });
+        failures
+    }
+}
+
 impl StatelessSubmitter {
     /// Pools that release instances idle for `recycle_time`, with at most `max_instances` per
     /// pool (-1: no limit).
@@ -74,7 +175,7 @@ impl StatelessSubmitter {
         }
     }
 
-    /// Submit a stateless call.
+    /// Submit a stateless call. It goes to an instance once its arguments exist.
     pub fn submit(
         inner: &Arc<Inner>,
         spec: TaskSpec,
@@ -86,81 +187,116 @@ impl StatelessSubmitter {
             args: Arc::new(spec.args),
             options: spec.options,
             returns,
-            cancelled: std::sync::atomic::AtomicBool::new(false),
+            cancelled: AtomicBool::new(false),
         });
         for handle in &task.returns {
             handle.set_canceller(Arc::new(TaskCanceller {
                 task: Arc::downgrade(&task),
             }));
         }
-        Self::dispatch(inner, task)
-    }
-
-    fn dispatch(inner: &Arc<Inner>, task: Arc<Task>) -> Result<(), Error> {
-        let submitter = &inner.stateless;
-        let instance = submitter.pick_instance(inner, &task.options)?;
-        let call = OutCall::with_shared_args(
-            pb::CallKind::Function,
-            task.function.name,
-            task.args.clone(),
-            task.returns.clone(),
-        );
-        submitter.tasks.lock().insert(call.call_id, task);
-        *instance.last_used.lock() = Instant::now();
-        instance.remote.submit(call)
-    }
-
-    fn pick_instance(
-        &self,
-        inner: &Arc<Inner>,
-        options: &Arc<InvokeOptions>,
-    ) -> Result<Arc<PooledInstance>, Error> {
-        let key = shape_key(options);
-        let concurrency = options.concurrency.max(1) as usize;
-        let mut pools = self.pools.lock();
-        let pool = pools.entry(key).or_insert_with(|| Pool {
-            options: options.clone(),
-            instances: Vec::new(),
+        let weak = Arc::downgrade(inner);
+        let args = task.args.clone();
+        crate::dependencies::when_ready(&args, move || {
+            if let Some(inner) = weak.upgrade() {
+                Self::dispatch(&inner, task);
+            }
         });
-        pool.instances.retain(|i| !i.remote.is_failed());
-        let least = pool
-            .instances
-            .iter()
-            .min_by_key(|i| i.remote.load())
-            .cloned();
-        if let Some(least) = &least {
-            if least.remote.load() < concurrency {
-                return Ok(least.clone());
+        Ok(())
+    }
+
+    /// Queue a ready call on its pool and let the pool place what it can.
+    fn dispatch(inner: &Arc<Inner>, task: Arc<Task>) {
+        if task.cancelled.load(Ordering::Acquire) {
+            return;
+        }
+        let pool = inner.stateless.pool(&task.options);
+        pool.lock().waiting.push_back(task);
+        Self::pump(inner, &pool);
+    }
+
+    fn pool(&self, options: &Arc<InvokeOptions>) -> Arc<Mutex<Pool>> {
+        self.pools
+            .lock()
+            .entry(shape_key(options))
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(Pool {
+                    options: options.clone(),
+                    concurrency: options.concurrency.max(1) as usize,
+                    instances: Vec::new(),
+                    requesting: 0,
+                    waiting: VecDeque::new(),
+                }))
+            })
+            .clone()
+    }
+
+    /// Send waiting calls to instances with room and ask for instances the pool needs. Calls
+    /// that fail are failed with no lock held, because failing a call may run other calls'
+    /// dispatch.
+    fn pump(inner: &Arc<Inner>, pool: &Arc<Mutex<Pool>>) {
+        let submitter = &inner.stateless;
+        loop {
+            let decisions = pool.lock().plan(submitter.max_instances);
+            let mut failures = Vec::new();
+            let mut retry = Vec::new();
+            for (instance, task) in decisions.sends {
+                let call = OutCall::with_shared_args(
+                    pb::CallKind::Function,
+                    task.function.name,
+                    task.args.clone(),
+                    task.returns.clone(),
+                );
+                let call_id = call.call_id;
+                submitter.tasks.lock().insert(call_id, task.clone());
+                *instance.last_used.lock() = Instant::now();
+                if instance.remote.submit(call).is_err() {
+                    // The instance went away in the meantime: the call waits for another.
+                    submitter.tasks.lock().remove(&call_id);
+                    retry.push(task);
+                }
+            }
+            if decisions.create {
+                let options = pool.lock().options.clone();
+                let observer = Arc::new(PoolObserver {
+                    inner: Arc::downgrade(inner),
+                    pool: Arc::downgrade(pool),
+                });
+                let created = inner.create_stateless(&options, observer);
+                let mut locked = pool.lock();
+                locked.requesting -= 1;
+                match created {
+                    Ok(remote) => locked.instances.push(Arc::new(PooledInstance {
+                        remote,
+                        started: Instant::now(),
+                        last_used: Mutex::new(Instant::now()),
+                    })),
+                    Err(error) => failures.extend(locked.fail_waiting(&error)),
+                }
+            }
+            for (task, error) in failures {
+                task.fail(&error);
+            }
+            if retry.is_empty() {
+                return;
+            }
+            let mut locked = pool.lock();
+            for task in retry.into_iter().rev() {
+                locked.waiting.push_front(task);
             }
         }
-        let starting = pool
-            .instances
-            .iter()
-            .filter(|i| !i.remote.is_open())
-            .count();
-        let under_limit =
-            self.max_instances < 0 || (pool.instances.len() as i64) < self.max_instances;
-        if least.is_none() || (starting < MAX_STARTING && under_limit) {
-            let remote = inner.create_stateless(&pool.options, stateless_hook(inner))?;
-            let instance = Arc::new(PooledInstance {
-                remote,
-                started: Instant::now(),
-                last_used: Mutex::new(Instant::now()),
-            });
-            pool.instances.push(instance.clone());
-            return Ok(instance);
-        }
-        least.ok_or_else(|| Error::new(ErrorCode::InnerSystemError, "no stateless instance to use"))
     }
 
-    /// Release instances idle for longer than the recycle time. Returns their ids.
+    /// Release instances idle for longer than the recycle time, and instances still waiting
+    /// for resources when their pool has no more calls. Returns their ids.
     pub fn recycle_idle(&self) -> Vec<String> {
         let mut released = Vec::new();
-        let mut pools = self.pools.lock();
-        for pool in pools.values_mut() {
+        let pools: Vec<Arc<Mutex<Pool>>> = self.pools.lock().values().cloned().collect();
+        for pool in pools {
+            let mut pool = pool.lock();
+            let nothing_waits = pool.waiting.is_empty();
             pool.instances.retain(|instance| {
                 let idle = instance.remote.load() == 0
-                    && instance.remote.is_open()
+                    && nothing_waits
                     && instance.last_used.lock().elapsed() >= self.recycle_time
                     && instance.started.elapsed() >= self.recycle_time;
                 if idle {
@@ -174,11 +310,17 @@ impl StatelessSubmitter {
     }
 }
 
-/// Retries a failed stateless call on another attempt, or lets its result through.
-fn stateless_hook(inner: &Arc<Inner>) -> ResultHook {
-    let inner: Weak<Inner> = Arc::downgrade(inner);
-    Arc::new(move |call: &OutCall, result: &pb::CallResult| {
-        let Some(inner) = inner.upgrade() else {
+/// Tells a pool what happens to one of its instances.
+struct PoolObserver {
+    inner: Weak<Inner>,
+    pool: Weak<Mutex<Pool>>,
+}
+
+impl InstanceObserver for PoolObserver {
+    /// Retries a failed call per its budget (back through the pool), or lets its result
+    /// through.
+    fn on_result(&self, call: &OutCall, result: &pb::CallResult) -> bool {
+        let Some(inner) = self.inner.upgrade() else {
             return false;
         };
         let Some(task) = inner.stateless.tasks.lock().remove(&call.call_id) else {
@@ -187,7 +329,7 @@ fn stateless_hook(inner: &Arc<Inner>) -> ResultHook {
         let Some(error) = &result.error else {
             return false;
         };
-        if task.cancelled.load(std::sync::atomic::Ordering::Acquire) {
+        if task.cancelled.load(Ordering::Acquire) {
             return false;
         }
         let error = super::convert::error_from_proto(error);
@@ -195,11 +337,34 @@ fn stateless_hook(inner: &Arc<Inner>) -> ResultHook {
             return false;
         }
         tracing::debug!(function = task.function.name, %error, "retrying a stateless call");
-        match StatelessSubmitter::dispatch(&inner, task.clone()) {
-            Ok(()) => true,
-            Err(_) => false,
+        StatelessSubmitter::dispatch(&inner, task);
+        true
+    }
+
+    fn on_ready(&self) {
+        let (Some(inner), Some(pool)) = (self.inner.upgrade(), self.pool.upgrade()) else {
+            return;
+        };
+        if pool.lock().waiting.is_empty() {
+            return;
         }
-    })
+        StatelessSubmitter::pump(&inner, &pool);
+    }
+
+    fn on_gone(&self, error: &Error) {
+        let (Some(inner), Some(pool)) = (self.inner.upgrade(), self.pool.upgrade()) else {
+            return;
+        };
+        let failures = {
+            let mut locked = pool.lock();
+            locked.instances.retain(|i| !i.remote.is_failed());
+            locked.fail_waiting(error)
+        };
+        for (task, error) in failures {
+            task.fail(&error);
+        }
+        StatelessSubmitter::pump(&inner, &pool);
+    }
 }
 
 struct TaskCanceller {
@@ -211,8 +376,7 @@ impl Canceller for TaskCanceller {
         let Some(task) = self.task.upgrade() else {
             return;
         };
-        task.cancelled
-            .store(true, std::sync::atomic::Ordering::Release);
+        task.cancelled.store(true, Ordering::Release);
         let error = Error::new(
             ErrorCode::ScheduleCanceled,
             format!(
@@ -220,8 +384,6 @@ impl Canceller for TaskCanceller {
                 task.function.name
             ),
         );
-        for handle in &task.returns {
-            handle.fail(error.clone());
-        }
+        task.fail(&error);
     }
 }
