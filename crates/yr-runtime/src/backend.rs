@@ -64,6 +64,10 @@ pub trait Backend: Send + Sync {
     /// Every named instance, in every namespace.
     fn list_named_instances(&self) -> Result<Vec<NamedInstance>>;
 
+    /// Send no more calls. `finalize` calls this before it fails pending calls with 9000, so
+    /// that a call queued behind one that fails then does not run after all.
+    fn stop_sending(&self) {}
+
     /// Release everything this job created. Called once by `finalize`.
     fn shutdown(&self);
 }

@@ -181,6 +181,7 @@ pub fn finalize() -> Result<()> {
     // Pending calls fail with 9000 before the backend stops, so that stopping an instance does
     // not fail its queued calls with 1007 first; the second sweep catches calls that were still
     // being submitted and jobs the backend dropped.
+    runtime.backend.stop_sending();
     object_store::fail_all_pending(&finalized);
     runtime.kv.shutdown(&finalized);
     runtime.backend.shutdown();

@@ -803,6 +803,15 @@ impl Backend for ClusterBackend {
             .collect())
     }
 
+    fn stop_sending(&self) {
+        self.inner.stateless.stop_sending();
+        let instances: Vec<Arc<RemoteInstance>> =
+            self.inner.instances.lock().values().cloned().collect();
+        for instance in instances {
+            instance.stop_sending();
+        }
+    }
+
     fn shutdown(&self) {
         let inner = &self.inner;
         if inner.check_connected().is_ok() && inner.runtime.get().is_none() {

@@ -115,6 +115,8 @@ struct State {
     generation: u64,
     /// The instance was told to stop by this process.
     terminating: bool,
+    /// This process is finalizing: nothing more is sent.
+    stopped_sending: bool,
 }
 
 /// A remote instance, as seen by this caller.
@@ -142,6 +144,7 @@ impl RemoteInstance {
                 in_flight: HashMap::new(),
                 generation: 0,
                 terminating: false,
+                stopped_sending: false,
             }),
             observer,
         })
@@ -192,6 +195,9 @@ impl RemoteInstance {
     #[must_use]
     fn pump(state: &mut State) -> Vec<(OutCall, Error)> {
         let mut failed = Vec::new();
+        if state.stopped_sending {
+            return failed;
+        }
         let Connection::Open { sender, .. } = &state.connection else {
             return failed;
         };
@@ -382,6 +388,12 @@ impl RemoteInstance {
             }
             call.fail(&error);
         }
+    }
+
+    /// This process is finalizing: send nothing more; what is queued stays queued (and is
+    /// failed by `finalize`).
+    pub fn stop_sending(&self) {
+        self.state.lock().stopped_sending = true;
     }
 
     /// This process is terminating the instance: refuse new calls.

@@ -70,6 +70,8 @@ pub struct StatelessSubmitter {
     tasks: Mutex<HashMap<u64, Arc<Task>>>,
     recycle_time: Duration,
     max_instances: i64,
+    /// Set by `finalize`: calls that become ready are not sent any more.
+    stopped: AtomicBool,
 }
 
 fn shape_key(options: &InvokeOptions) -> String {
@@ -147,7 +149,12 @@ impl Pool {
     /// The last instance of a pool with waiting calls is gone with `error`: each waiting call
     /// is retried if its budget allows, or fails with the error.
     fn fail_waiting(&mut self, error: &Error) -> Vec<(Arc<Task>, Error)> {
-        let alive = self.requesting + self.instances.iter().filter(|i| !i.remote.is_failed()).count();
+        let alive = self.requesting
+            + self
+                .instances
+                .iter()
+                .filter(|i| !i.remote.is_failed())
+                .count();
         if alive > 0 {
             return Vec::new();
         }
@@ -172,6 +179,7 @@ impl StatelessSubmitter {
             tasks: Mutex::new(HashMap::new()),
             recycle_time,
             max_instances,
+            stopped: AtomicBool::new(false),
         }
     }
 
@@ -204,9 +212,15 @@ impl StatelessSubmitter {
         Ok(())
     }
 
+    /// Send no more calls (`finalize`); what has not been sent is failed by `finalize`.
+    pub fn stop_sending(&self) {
+        self.stopped.store(true, Ordering::Release);
+    }
+
     /// Queue a ready call on its pool and let the pool place what it can.
     fn dispatch(inner: &Arc<Inner>, task: Arc<Task>) {
-        if task.cancelled.load(Ordering::Acquire) {
+        if task.cancelled.load(Ordering::Acquire) || inner.stateless.stopped.load(Ordering::Acquire)
+        {
             return;
         }
         let pool = inner.stateless.pool(&task.options);
