@@ -6,7 +6,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -51,6 +51,8 @@ pub struct OutCall {
     pub returns: Vec<ObjectHandle>,
     /// Whether its dependencies are finished.
     ready: bool,
+    /// When it was sent to the runtime.
+    sent_at: Option<Instant>,
 }
 
 impl OutCall {
@@ -79,6 +81,7 @@ impl OutCall {
             args,
             returns,
             ready: false,
+            sent_at: None,
         }
     }
 
@@ -226,6 +229,8 @@ impl RemoteInstance {
                         state.queued.push_front(call);
                         return failed;
                     }
+                    let mut call = call;
+                    call.sent_at = Some(Instant::now());
                     state.in_flight.insert(call.call_id, call);
                 }
             }
@@ -410,6 +415,20 @@ impl RemoteInstance {
     pub fn load(&self) -> usize {
         let state = self.state.lock();
         state.queued.len() + state.in_flight.len()
+    }
+
+    /// Calls queued or in flight, and how long the oldest call in flight has been running
+    /// (zero when none is).
+    pub fn load_and_oldest_call(&self) -> (usize, Duration) {
+        let state = self.state.lock();
+        let oldest = state
+            .in_flight
+            .values()
+            .filter_map(|call| call.sent_at)
+            .min()
+            .map(|sent| sent.elapsed())
+            .unwrap_or_default();
+        (state.queued.len() + state.in_flight.len(), oldest)
     }
 
     /// Whether calls can be sent now.

@@ -27,6 +27,10 @@ const MAX_STARTING: usize = 2;
 /// Calls a running instance may hold beyond its `concurrency` when the pool cannot grow.
 const PIPELINE_DEPTH: usize = 8;
 
+/// An instance whose oldest call has run this long takes no calls beyond its `concurrency`:
+/// calls queued behind a long call would wait for it while other instances may be free.
+const PIPELINE_MAX_CALL_AGE: Duration = Duration::from_millis(2);
+
 struct PooledInstance {
     remote: Arc<RemoteInstance>,
     started: Instant,
@@ -107,11 +111,20 @@ impl Pool {
     fn plan(&mut self, max_instances: i64) -> Decisions {
         let mut decisions = Decisions::default();
         self.instances.retain(|i| !i.remote.is_failed());
-        let mut loads: Vec<(usize, Arc<PooledInstance>)> = self
+        // Each open instance with how many calls it may take in this pass.
+        let mut loads: Vec<(usize, usize, Arc<PooledInstance>)> = self
             .instances
             .iter()
             .filter(|i| i.remote.is_open() && !i.remote.is_terminating())
-            .map(|i| (i.remote.load(), i.clone()))
+            .map(|i| {
+                let (load, oldest) = i.remote.load_and_oldest_call();
+                let extra = if oldest < PIPELINE_MAX_CALL_AGE {
+                    PIPELINE_DEPTH
+                } else {
+                    0
+                };
+                (load, extra, i.clone())
+            })
             .collect();
         let total = self.instances.len() + self.requesting;
         let may_grow = max_instances < 0 || (total as i64) < max_instances;
@@ -121,20 +134,19 @@ impl Pool {
                 self.waiting.pop_front();
                 continue;
             }
-            let limit = if can_start || total == 0 {
-                self.concurrency
-            } else {
-                self.concurrency + PIPELINE_DEPTH
-            };
+            let pipelining = !(can_start || total == 0);
+            let concurrency = self.concurrency;
             let Some(slot) = loads
                 .iter_mut()
-                .filter(|(load, _)| *load < limit)
-                .min_by_key(|(load, _)| *load)
+                .filter(|(load, extra, _)| {
+                    *load < concurrency + if pipelining { *extra } else { 0 }
+                })
+                .min_by_key(|(load, _, _)| *load)
             else {
                 break;
             };
             slot.0 += 1;
-            let instance = slot.1.clone();
+            let instance = slot.2.clone();
             if let Some(task) = self.waiting.pop_front() {
                 decisions.sends.push((instance, task));
             }

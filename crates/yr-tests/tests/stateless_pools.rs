@@ -1,0 +1,91 @@
+//! How stateless calls share their pool on a real cluster: a burst larger than the node runs on
+//! the instances that are running (it does not wait for instances that cannot be placed), and a
+//! call waiting for its arguments does not hold up ready calls behind it.
+
+use std::time::{Duration, Instant};
+
+use yr::ObjectRef;
+use yr_tests::{exclusive, NodeSpec, TestCluster, TIMEOUT};
+
+/// Not a test: the entry point of runtime processes, which re-execute this binary.
+#[test]
+fn runtime_entry() {
+    yr_tests::runtime_entry();
+}
+
+#[yr::invoke]
+fn noop() -> u32 {
+    1
+}
+
+#[yr::invoke]
+fn nap(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+#[yr::invoke]
+fn plus_one(value: u64) -> u64 {
+    value + 1
+}
+
+/// A node with room for two stateless instances of the default shape (500 millicores each).
+fn small_node() -> TestCluster {
+    TestCluster::with_node(NodeSpec {
+        cpu: 1_000,
+        warm_pool: 2,
+        ..NodeSpec::default()
+    })
+}
+
+#[test]
+fn a_burst_larger_than_the_node_runs_faster_than_the_same_calls_one_by_one() {
+    let _lock = exclusive();
+    let cluster = small_node();
+    yr::init(cluster.config()).unwrap();
+    const CALLS: usize = 1_000;
+    // Warm up: the pool's first instance is running.
+    assert_eq!(
+        yr::get(&yr::function(noop).invoke(()).unwrap(), TIMEOUT).unwrap(),
+        1
+    );
+    let started = Instant::now();
+    for _ in 0..CALLS {
+        assert_eq!(
+            yr::get(&yr::function(noop).invoke(()).unwrap(), TIMEOUT).unwrap(),
+            1
+        );
+    }
+    let one_by_one = started.elapsed();
+    // The burst asks for more instances than fit on the node; the calls must not wait for them.
+    let started = Instant::now();
+    let refs: Vec<ObjectRef<u32>> = (0..CALLS)
+        .map(|_| yr::function(noop).invoke(()).unwrap())
+        .collect();
+    let values = yr::get_all(&refs, TIMEOUT).unwrap();
+    let burst = started.elapsed();
+    assert_eq!(values.iter().sum::<u32>(), CALLS as u32);
+    assert!(
+        burst < one_by_one,
+        "{CALLS} calls at once took {burst:?}, one by one {one_by_one:?}"
+    );
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn a_call_waiting_for_its_argument_does_not_hold_up_ready_calls() {
+    let _lock = exclusive();
+    let cluster = small_node();
+    yr::init(cluster.config()).unwrap();
+    let slow = yr::function(nap).invoke((3_000,)).unwrap();
+    let waiting = yr::function(plus_one).invoke((&slow,)).unwrap();
+    let ready: Vec<ObjectRef<u32>> = (0..50)
+        .map(|_| yr::function(noop).invoke(()).unwrap())
+        .collect();
+    assert_eq!(yr::get_all(&ready, TIMEOUT).unwrap(), vec![1; 50]);
+    // The ready calls finished while the argument of `waiting` was still being computed.
+    assert!(!slow.is_ready(), "the nap ended before the ready calls");
+    assert!(!waiting.is_ready());
+    assert_eq!(yr::get(&waiting, TIMEOUT).unwrap(), 3_001);
+    yr::finalize().unwrap();
+}
