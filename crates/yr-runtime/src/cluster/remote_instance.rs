@@ -53,6 +53,8 @@ pub struct OutCall {
     ready: bool,
     /// When it was sent to the runtime.
     sent_at: Option<Instant>,
+    /// Calls of its function have been short, so other calls may queue behind it.
+    pub expected_short: bool,
 }
 
 impl OutCall {
@@ -82,7 +84,13 @@ impl OutCall {
             returns,
             ready: false,
             sent_at: None,
+            expected_short: false,
         }
+    }
+
+    /// How long ago it was sent to the runtime, if it was.
+    pub fn sent_ago(&self) -> Option<Duration> {
+        self.sent_at.map(|sent| sent.elapsed())
     }
 
     fn fail(&self, error: &Error) {
@@ -417,18 +425,18 @@ impl RemoteInstance {
         state.queued.len() + state.in_flight.len()
     }
 
-    /// Calls queued or in flight, and how long the oldest call in flight has been running
-    /// (zero when none is).
-    pub fn load_and_oldest_call(&self) -> (usize, Duration) {
+    /// Calls queued or in flight, and whether other calls may queue behind them: every call
+    /// in flight is expected to be short and was sent less than `short` ago.
+    pub fn load_and_pipelinable(&self, short: Duration) -> (usize, bool) {
         let state = self.state.lock();
-        let oldest = state
-            .in_flight
-            .values()
-            .filter_map(|call| call.sent_at)
-            .min()
-            .map(|sent| sent.elapsed())
-            .unwrap_or_default();
-        (state.queued.len() + state.in_flight.len(), oldest)
+        let now = Instant::now();
+        let pipelinable = state.in_flight.values().all(|call| {
+            call.expected_short
+                && call
+                    .sent_at
+                    .is_some_and(|sent| now.saturating_duration_since(sent) < short)
+        });
+        (state.queued.len() + state.in_flight.len(), pipelinable)
     }
 
     /// Whether calls can be sent now.

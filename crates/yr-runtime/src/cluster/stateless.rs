@@ -27,9 +27,10 @@ const MAX_STARTING: usize = 2;
 /// Calls a running instance may hold beyond its `concurrency` when the pool cannot grow.
 const PIPELINE_DEPTH: usize = 8;
 
-/// An instance whose oldest call has run this long takes no calls beyond its `concurrency`:
-/// calls queued behind a long call would wait for it while other instances may be free.
-const PIPELINE_MAX_CALL_AGE: Duration = Duration::from_millis(2);
+/// A function whose calls take less than this (a moving average of send to result) is short.
+/// Calls are queued on an instance beyond its `concurrency` only behind short calls: behind a
+/// long one they would wait while another instance may be free.
+const SHORT_CALL: Duration = Duration::from_millis(10);
 
 struct PooledInstance {
     remote: Arc<RemoteInstance>,
@@ -72,6 +73,8 @@ pub struct StatelessSubmitter {
     pools: Mutex<HashMap<String, Arc<Mutex<Pool>>>>,
     /// Calls in flight on an instance, by call id, for the retry decision.
     tasks: Mutex<HashMap<u64, Arc<Task>>>,
+    /// A moving average of each function's time from send to result.
+    call_times: Mutex<HashMap<&'static str, Duration>>,
     recycle_time: Duration,
     max_instances: i64,
     /// Set by `finalize`: calls that become ready are not sent any more.
@@ -117,12 +120,8 @@ impl Pool {
             .iter()
             .filter(|i| i.remote.is_open() && !i.remote.is_terminating())
             .map(|i| {
-                let (load, oldest) = i.remote.load_and_oldest_call();
-                let extra = if oldest < PIPELINE_MAX_CALL_AGE {
-                    PIPELINE_DEPTH
-                } else {
-                    0
-                };
+                let (load, pipelinable) = i.remote.load_and_pipelinable(SHORT_CALL);
+                let extra = if pipelinable { PIPELINE_DEPTH } else { 0 };
                 (load, extra, i.clone())
             })
             .collect();
@@ -189,6 +188,7 @@ impl StatelessSubmitter {
         StatelessSubmitter {
             pools: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
+            call_times: Mutex::new(HashMap::new()),
             recycle_time,
             max_instances,
             stopped: AtomicBool::new(false),
@@ -266,13 +266,18 @@ impl StatelessSubmitter {
             let mut failures = Vec::new();
             let mut retry = Vec::new();
             for (instance, task) in decisions.sends {
-                let call = OutCall::with_shared_args(
+                let mut call = OutCall::with_shared_args(
                     pb::CallKind::Function,
                     task.function.name,
                     task.args.clone(),
                     task.returns.clone(),
                 );
                 let call_id = call.call_id;
+                call.expected_short = submitter
+                    .call_times
+                    .lock()
+                    .get(call.function)
+                    .is_some_and(|time| *time < SHORT_CALL);
                 submitter.tasks.lock().insert(call_id, task.clone());
                 *instance.last_used.lock() = Instant::now();
                 if instance.remote.submit(call).is_err() {
@@ -352,6 +357,11 @@ impl InstanceObserver for PoolObserver {
         let Some(task) = inner.stateless.tasks.lock().remove(&call.call_id) else {
             return false;
         };
+        if let Some(took) = call.sent_ago() {
+            let mut call_times = inner.stateless.call_times.lock();
+            let average = call_times.entry(call.function).or_insert(took);
+            *average = (*average * 3 + took) / 4;
+        }
         let Some(error) = &result.error else {
             return false;
         };
