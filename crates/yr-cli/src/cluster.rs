@@ -54,6 +54,10 @@ pub struct StartArgs {
     /// Keep write-through and write-back KV values in this Redis server instead.
     #[arg(long, value_name = "HOST:PORT")]
     pub l2_redis: Option<String>,
+    /// The node's shared memory for objects larger than 100 KB, in MB (default: a third of the
+    /// node's memory).
+    #[arg(long, value_name = "MB")]
+    pub shared_memory_mb: Option<u64>,
 }
 
 /// Flags of `yr stop`.
@@ -255,6 +259,10 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
     if let Some(redis) = &args.l2_redis {
         node_args.push("--l2-redis".into());
         node_args.push(redis.clone());
+    }
+    if let Some(mb) = args.shared_memory_mb {
+        node_args.push("--shared-memory-mb".into());
+        node_args.push(mb.to_string());
     }
     let mut node = spawn("node", &node_args, &session, args.block)?;
     let socket = bus_socket.clone();

@@ -57,6 +57,10 @@ pub struct NodeArgs {
     /// instead of the data directory.
     #[arg(long, value_name = "HOST:PORT")]
     pub l2_redis: Option<String>,
+    /// The node's shared memory for objects larger than 100 KB, in MB (default: a third of the
+    /// node's memory).
+    #[arg(long, value_name = "MB")]
+    pub shared_memory_mb: Option<u64>,
     /// The node's id (default: generated).
     #[arg(long)]
     pub node_id: Option<String>,
@@ -185,19 +189,24 @@ pub fn run_master(args: &MasterArgs) -> anyhow::Result<()> {
 /// Run a node until SIGTERM/SIGINT; then its instances get their shutdown hooks.
 pub fn run_node(args: &NodeArgs) -> anyhow::Result<()> {
     init_logging();
+    let node_id = args
+        .node_id
+        .clone()
+        .unwrap_or_else(|| format!("node-{}", yr_common::ids::random_hex(8)));
+    let capacity = args.capacity.amount()?;
+    let shared_memory_mb = args.shared_memory_mb.unwrap_or(capacity.memory / 3);
     let data_worker = yr_datasystem::DataWorker::open(&yr_datasystem::DataWorkerOptions {
         data_dir: args
             .data_dir
             .clone()
             .unwrap_or_else(|| args.session_dir.join("data")),
         l2_redis: args.l2_redis.clone(),
+        shared_memory_bytes: shared_memory_mb.saturating_mul(1 << 20),
+        pool_id: format!("{node_id}-{}", yr_common::ids::random_hex(8)),
     })
     .context("cannot start the node's data worker")?;
     let options = yr_proxy::NodeOptions {
-        node_id: args
-            .node_id
-            .clone()
-            .unwrap_or_else(|| format!("node-{}", yr_common::ids::random_hex(8))),
+        node_id,
         master_address: args.master_address.clone(),
         listen: args.listen,
         fetch_binaries: args.fetch_binaries,
@@ -207,7 +216,7 @@ pub fn run_node(args: &NodeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(crate::cluster::local_ip),
         bus_socket: args.bus_socket.clone(),
         metrics_listen: args.metrics_listen,
-        capacity: args.capacity.amount()?,
+        capacity,
         labels: args.capacity.label_pairs()?,
         session_dir: args.session_dir.clone(),
         warm_pool_size: args.warm_pool,

@@ -1,14 +1,18 @@
-//! yr-datasystem: the data worker that runs inside each node process. Today it owns the KV
-//! store ([`kv`]: openYuanrong's `kv_*` semantics, in memory) and its second-level store
-//! ([`l2`]: a directory by default, or Redis through the minimal client in [`redis`]), served
-//! to the node's drivers and runtimes as the `DataWorker` gRPC service ([`service`], wire types
-//! in `yr-proto`'s `yr.ds.v1`). It does not own the shared-memory object store, spilling or
-//! streams yet, nor the client side of KV (that lives in `yr-runtime`).
+//! yr-datasystem: the data worker that runs inside each node process. It owns the KV store
+//! ([`kv`]: openYuanrong's `kv_*` semantics, in memory) and its second-level store ([`l2`]: a
+//! directory by default, or Redis through the minimal client in [`redis`]), served to the
+//! node's drivers and runtimes as the `DataWorker` gRPC service ([`service`], wire types in
+//! `yr-proto`'s `yr.ds.v1`); and the node's shared-memory region for large objects
+//! ([`shared_memory`], served as the `ObjectStore` service by [`object_service`]). It does not
+//! own spilling or streams yet, nor the client side of KV and objects (that lives in
+//! `yr-runtime`).
 
 pub mod kv;
 pub mod l2;
+pub mod object_service;
 pub mod redis;
 pub mod service;
+pub mod shared_memory;
 pub mod wire;
 
 use std::path::PathBuf;
@@ -26,12 +30,17 @@ pub struct DataWorkerOptions {
     /// A Redis server (`host:port`) to use as the KV second-level store instead of the
     /// directory.
     pub l2_redis: Option<String>,
+    /// The size of the node's shared-memory region for objects, in bytes.
+    pub shared_memory_bytes: u64,
+    /// Names the node's shared-memory region (the node id).
+    pub pool_id: String,
 }
 
 /// A node's data worker.
 #[derive(Debug)]
 pub struct DataWorker {
     kv: KvStore,
+    shared_memory: Arc<shared_memory::SharedMemoryStore>,
 }
 
 impl DataWorker {
@@ -42,9 +51,18 @@ impl DataWorker {
             Some(address) => Arc::new(l2::RedisStore::connect(address)?),
             None => Arc::new(l2::DirectoryStore::open(options.data_dir.join("kv-l2"))?),
         };
-        tracing::info!(l2 = %l2.describe(), "data worker ready");
+        let shared_memory = Arc::new(shared_memory::SharedMemoryStore::new(
+            options.shared_memory_bytes,
+            options.pool_id.clone(),
+        )?);
+        tracing::info!(
+            l2 = %l2.describe(),
+            shared_memory_bytes = options.shared_memory_bytes,
+            "data worker ready"
+        );
         Ok(Arc::new(DataWorker {
             kv: KvStore::with_l2(l2),
+            shared_memory,
         }))
     }
 
@@ -58,5 +76,18 @@ impl DataWorker {
         &self,
     ) -> yr_proto::ds::data_worker_server::DataWorkerServer<service::DataWorkerService> {
         service::DataWorkerService::new(self.kv.clone()).server()
+    }
+
+    /// The node's shared-memory object store.
+    pub fn shared_memory(&self) -> &Arc<shared_memory::SharedMemoryStore> {
+        &self.shared_memory
+    }
+
+    /// The ObjectStore gRPC service, to add to the node's servers.
+    pub fn object_service(
+        &self,
+    ) -> yr_proto::ds::object_store_server::ObjectStoreServer<object_service::ObjectStoreService>
+    {
+        object_service::ObjectStoreService::new(self.shared_memory.clone()).server()
     }
 }

@@ -179,6 +179,8 @@ fn a_data_worker_on_redis_that_goes_away_fails_with_3007() {
     let worker = DataWorker::open(&DataWorkerOptions {
         data_dir: std::env::temp_dir().join("yr-unused-data-dir"),
         l2_redis: Some(redis.address.clone()),
+        shared_memory_bytes: 1 << 20,
+        pool_id: "test".into(),
     })
     .unwrap();
     let address = redis.address.clone();
@@ -197,6 +199,8 @@ fn a_data_worker_on_redis_that_goes_away_fails_with_3007() {
     let error = DataWorker::open(&DataWorkerOptions {
         data_dir: std::env::temp_dir(),
         l2_redis: Some(address),
+        shared_memory_bytes: 1 << 20,
+        pool_id: "test".into(),
     })
     .unwrap_err();
     assert_eq!(error.code(), ErrorCode::RedisOperationError);

@@ -1,6 +1,6 @@
 //! yr-proto: the one wire contract between yr's processes. `yr.v1` holds the bus (driver and
 //! runtime ↔ node), the worker (caller ↔ runtime, direct routing) and the master services;
-//! `yr.meta.v1` the meta store service; `yr.ds.v1` the data worker (KV). Generated code only.
+//! `yr.meta.v1` the meta store service; `yr.ds.v1` the data worker (KV, and the shared-memory object store). Generated code only.
 
 /// Drivers, runtimes, nodes and the master.
 pub mod v1 {

@@ -6,10 +6,12 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use yr_datasystem::DataWorker;
+
 use crate::node::Node;
 
-/// The metrics text of `node`.
-pub fn metrics(node: &Node) -> String {
+/// The metrics text of `node` and its data worker.
+pub fn metrics(node: &Node, data: &DataWorker) -> String {
     let resources = node.resources();
     let mut out = String::new();
     let _ = writeln!(out, "# TYPE yr_node_cpu_capacity_millicores gauge");
@@ -38,16 +40,28 @@ pub fn metrics(node: &Node) -> String {
     for (state, count) in node.instance_counts() {
         let _ = writeln!(out, "yr_node_instances{{state=\"{state}\"}} {count}");
     }
+    let shared = data.shared_memory();
+    let stats = shared.stats();
+    for (name, value) in [
+        ("yr_shared_memory_capacity_bytes", stats.capacity),
+        ("yr_shared_memory_used_bytes", stats.used),
+        ("yr_shared_memory_objects", stats.objects as u64),
+        ("yr_shared_memory_resident_bytes", shared.resident_bytes()),
+    ] {
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        let _ = writeln!(out, "{name} {value}");
+    }
     out
 }
 
 /// Serve `/healthz` and `/metrics` on `listener`.
-pub async fn serve(listener: TcpListener, node: Arc<Node>) {
+pub async fn serve(listener: TcpListener, node: Arc<Node>, data: Arc<DataWorker>) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             continue;
         };
         let node = node.clone();
+        let data = data.clone();
         tokio::spawn(async move {
             let mut buffer = [0u8; 1024];
             let read = stream.read(&mut buffer).await.unwrap_or(0);
@@ -55,7 +69,7 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>) {
             let path = request.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = match path {
                 "/healthz" => ("200 OK", "ok\n".to_string()),
-                "/metrics" => ("200 OK", metrics(&node)),
+                "/metrics" => ("200 OK", metrics(&node, &data)),
                 _ => (
                     "404 Not Found",
                     "not found; try /healthz or /metrics\n".to_string(),

@@ -182,7 +182,11 @@ pub async fn run(
                 what: address.to_string(),
                 source,
             })?;
-        tokio::spawn(health::serve(listener, node.clone()));
+        tokio::spawn(health::serve(
+            listener,
+            node.clone(),
+            options.data_worker.clone(),
+        ));
     }
 
     let service = || {
@@ -193,10 +197,12 @@ pub async fn run(
     let unix_server = tonic::transport::Server::builder()
         .add_service(service())
         .add_service(options.data_worker.service())
+        .add_service(options.data_worker.object_service())
         .serve_with_incoming(UnixListenerStream::new(unix));
     let tcp_server = tonic::transport::Server::builder()
         .add_service(service())
         .add_service(options.data_worker.service())
+        .add_service(options.data_worker.object_service())
         .add_service(
             pb::node_server::NodeServer::new(node_service::NodeService { node: node.clone() })
                 .max_decoding_message_size(usize::MAX)

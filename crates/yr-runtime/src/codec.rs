@@ -8,7 +8,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use yr_common::{Error, ErrorCode, Result};
 
-use crate::object_store::{ObjectHandle, StoredValue};
+use crate::object_store::{ObjectHandle, Payload, StoredValue};
+use crate::shared_memory::{self, EncodeError, Encoded};
 
 thread_local! {
     static CAPTURE: RefCell<Option<Vec<ObjectHandle>>> = const { RefCell::new(None) };
@@ -24,16 +25,34 @@ pub fn capture_reference(handle: &ObjectHandle) {
     });
 }
 
-/// Encode `value`, capturing the object references inside it.
+/// Encode `value`, capturing the object references inside it. An encoding above
+/// [`INLINE_LIMIT`](crate::shared_memory::INLINE_LIMIT) goes straight into the node's shared
+/// memory when this process has one (4202 if it does not fit there).
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<StoredValue> {
     let outer = CAPTURE.with(|capture| capture.borrow_mut().replace(Vec::new()));
-    let encoded = rmp_serde::to_vec_named(value);
-    let nested = CAPTURE
-        .with(|capture| std::mem::replace(&mut *capture.borrow_mut(), outer))
-        .unwrap_or_default();
+    let mut nested = Vec::new();
+    let encoded = shared_memory::write_encoded(|writer| {
+        // A value may be encoded more than once (measured, then written): keep the references
+        // of the last pass only.
+        CAPTURE.with(|capture| *capture.borrow_mut() = Some(Vec::new()));
+        let written = value.serialize(&mut rmp_serde::Serializer::new(writer).with_struct_map());
+        nested = CAPTURE
+            .with(|capture| capture.borrow_mut().take())
+            .unwrap_or_default();
+        written
+    });
+    CAPTURE.with(|capture| *capture.borrow_mut() = outer);
     match encoded {
-        Ok(bytes) => Ok(StoredValue { bytes, nested }),
-        Err(e) => Err(Error::new(
+        Ok(Encoded::Inline(bytes)) => Ok(StoredValue {
+            bytes: Payload::Inline(bytes),
+            nested,
+        }),
+        Ok(Encoded::Shared(region)) => Ok(StoredValue {
+            bytes: Payload::Shared(region),
+            nested,
+        }),
+        Err(EncodeError::Store(error)) => Err(error),
+        Err(EncodeError::Encode(e)) => Err(Error::new(
             ErrorCode::ParamInvalid,
             format!(
                 "cannot serialize a value of type {}: {e}; make the type serializable with serde",
@@ -41,6 +60,22 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<StoredValue> {
             ),
         )),
     }
+}
+
+/// Decode a value of type `T` that may borrow from `bytes` (`&str`, `&[u8]` through
+/// `serde_bytes`). A mismatch is error 4003.
+pub fn decode_borrowed<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T> {
+    rmp_serde::from_slice(bytes).map_err(|e| {
+        Error::new(
+            ErrorCode::DeserializationFailed,
+            format!(
+                "cannot read a {} from {} bytes in place: {e}; check the type the object was \
+                 stored with",
+                std::any::type_name::<T>(),
+                bytes.len()
+            ),
+        )
+    })
 }
 
 /// Decode a value of type `T` from `bytes`. A mismatch is error 4003.

@@ -15,14 +15,47 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use yr_common::{Error, ErrorCode, ObjectId};
 
+use crate::shared_memory::SharedRegion;
+
 /// A value as stored: its serialized bytes and the references nested inside it, which stay alive
 /// as long as the value does.
 #[derive(Debug, Default)]
 pub struct StoredValue {
     /// The MessagePack encoding of the value.
-    pub bytes: Vec<u8>,
+    pub bytes: Payload,
     /// Objects referenced from inside the value.
     pub nested: Vec<ObjectHandle>,
+}
+
+/// An encoding's bytes: in this process, or in the node's shared memory (read in place).
+#[derive(Debug)]
+pub enum Payload {
+    /// In this process.
+    Inline(Vec<u8>),
+    /// A region of the node's shared memory.
+    Shared(SharedRegion),
+}
+
+impl Default for Payload {
+    fn default() -> Self {
+        Payload::Inline(Vec::new())
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(bytes: Vec<u8>) -> Self {
+        Payload::Inline(bytes)
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Payload::Inline(bytes) => bytes,
+            Payload::Shared(region) => region.as_slice(),
+        }
+    }
 }
 
 /// Cancels the request that will produce an object. Backends attach one to each pending result.

@@ -560,6 +560,8 @@ pub struct NodeSpec {
     pub data_dir: Option<PathBuf>,
     /// `--l2-redis host:port`: keep the KV second-level store in this Redis server.
     pub l2_redis: Option<String>,
+    /// `--shared-memory-mb`; `None` keeps the node's default (a third of `memory`).
+    pub shared_memory_mb: Option<u64>,
 }
 
 impl Default for NodeSpec {
@@ -574,6 +576,7 @@ impl Default for NodeSpec {
             env: Vec::new(),
             data_dir: None,
             l2_redis: None,
+            shared_memory_mb: None,
         }
     }
 }
@@ -636,6 +639,7 @@ impl ClusterBuilder {
                 child: None,
                 node_id: format!("node{index}-{}", unique("t").replace('-', "")),
                 port: free_port(),
+                metrics_port: free_port(),
                 bus_socket: session.join("bus.sock"),
                 session,
                 spec,
@@ -658,6 +662,7 @@ struct NodeProcess {
     child: Option<Child>,
     node_id: String,
     port: u16,
+    metrics_port: u16,
     bus_socket: PathBuf,
     session: PathBuf,
     spec: NodeSpec,
@@ -806,12 +811,17 @@ impl TestCluster {
             node.spec.heartbeat_timeout.to_string(),
             "--warm-pool".to_string(),
             node.spec.warm_pool.to_string(),
+            "--metrics-listen".to_string(),
+            format!("127.0.0.1:{}", node.metrics_port),
         ];
         if node.spec.fetch_binaries {
             args.push("--fetch-binaries".to_string());
         }
         if let Some(dir) = &node.spec.data_dir {
             args.extend(["--data-dir".to_string(), dir.display().to_string()]);
+        }
+        if let Some(mb) = node.spec.shared_memory_mb {
+            args.extend(["--shared-memory-mb".to_string(), mb.to_string()]);
         }
         if let Some(redis) = &node.spec.l2_redis {
             args.extend(["--l2-redis".to_string(), redis.clone()]);
@@ -861,6 +871,29 @@ impl TestCluster {
     /// The master's gRPC address.
     pub fn master_address(&self) -> String {
         format!("127.0.0.1:{}", self.master_port)
+    }
+
+    /// The value of the Prometheus gauge or counter `name` (without labels) that node `index`
+    /// reports on its /metrics endpoint.
+    pub fn node_metric(&self, index: usize, name: &str) -> Option<f64> {
+        use std::io::{Read, Write};
+        let address = format!("127.0.0.1:{}", self.nodes[index].metrics_port);
+        let mut stream = TcpStream::connect(&address).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        text.lines().find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
     }
 
     /// The master's health and metrics address.
@@ -1064,6 +1097,9 @@ impl Drop for TestCluster {
     fn drop(&mut self) {
         for node in &mut self.nodes {
             if let Some(mut child) = node.child.take() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    eprintln!("node {} had already exited: {status}", node.node_id);
+                }
                 let _ = child.kill();
                 let _ = child.wait();
             }

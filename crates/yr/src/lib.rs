@@ -25,6 +25,7 @@
 //! Every failure is a [`Error`] with a code from yr's table (`yr errors` prints it).
 
 mod args;
+mod buffer;
 mod function;
 mod instance;
 mod kv;
@@ -37,6 +38,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub use args::{FromArgs, IntoArg, IntoArgs};
+pub use buffer::{get_buffer, Buffer};
 pub use function::{function, Function, FunctionCall, Invocable, MultiFunction, MultiReturn};
 pub use instance::{
     get_instance, instance, Constructor, Instance, InstanceCreator, InstanceHandle, Method,

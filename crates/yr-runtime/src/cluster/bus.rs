@@ -34,11 +34,6 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// The node's address (`unix:/path` or `host:port`).
-    pub fn address(&self) -> &str {
-        &self.address
-    }
-
     /// Open a Bus stream to the node at `address`. `on_push` receives the node's pushes;
     /// `on_closed` runs once if the stream ends. Register next, with [`Bus::register`].
     pub async fn connect(

@@ -9,7 +9,7 @@ use yr_common::{Error, ErrorCode, ModuleCode, ObjectId};
 use yr_proto::v1 as pb;
 
 use crate::function::{dependency_failed, Arg};
-use crate::object_store::{ObjectHandle, ObjectSlot, Outcome, StoredValue};
+use crate::object_store::{ObjectHandle, ObjectSlot, Outcome, Payload, StoredValue};
 
 /// An error for the wire.
 pub fn error_to_proto(error: &Error) -> pb::ErrorInfo {
@@ -80,20 +80,57 @@ pub fn reference_from_proto(info: &pb::ObjectRefInfo) -> Result<ObjectHandle, Er
     ))
 }
 
-/// A value for the wire.
+/// A value for the wire, with its bytes inline.
 pub fn value_to_proto(value: &StoredValue) -> pb::Value {
+    value_to_proto_for(value, "")
+}
+
+/// A value for a receiver on the shared-memory pool `pool_id`: a value in that pool travels as
+/// its location (the receiver reads it in place), any other inline.
+pub fn value_to_proto_for(value: &StoredValue, pool_id: &str) -> pb::Value {
+    let nested = value.nested.iter().map(reference_to_proto).collect();
+    if let Payload::Shared(region) = &value.bytes {
+        let (pool, allocation, offset, size) = region.location();
+        if !pool_id.is_empty() && pool == pool_id {
+            return pb::Value {
+                data: Default::default(),
+                nested,
+                shared: Some(pb::SharedLocation {
+                    pool_id: pool.to_string(),
+                    allocation,
+                    offset,
+                    size,
+                }),
+            };
+        }
+    }
     pb::Value {
-        data: value.bytes.clone().into(),
-        nested: value.nested.iter().map(reference_to_proto).collect(),
+        data: bytes::Bytes::copy_from_slice(&value.bytes),
+        nested,
+        shared: None,
     }
 }
 
-/// A value from the wire.
+/// A value from the wire, with its bytes inline (a shared location is opened by the caller
+/// first, see `shared_memory::open_location`).
 pub fn value_from_proto(value: pb::Value) -> Result<StoredValue, Error> {
+    if value.shared.is_some() {
+        return Err(Error::new(
+            ErrorCode::DatasystemFailed,
+            "a value in shared memory arrived where only inline values are expected",
+        ));
+    }
+    value_with_payload(value.data.to_vec().into(), &value.nested)
+}
+
+/// A value whose bytes are `bytes`, with the references nested in it.
+pub fn value_with_payload(
+    bytes: Payload,
+    nested: &[pb::ObjectRefInfo],
+) -> Result<StoredValue, Error> {
     Ok(StoredValue {
-        bytes: value.data.to_vec(),
-        nested: value
-            .nested
+        bytes,
+        nested: nested
             .iter()
             .map(reference_from_proto)
             .collect::<Result<_, _>>()?,

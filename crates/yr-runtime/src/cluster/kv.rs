@@ -3,11 +3,9 @@
 //! runtime; the caller's thread waits for the answer.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use parking_lot::Mutex;
 use tonic::transport::Channel;
 use yr_common::{Error, ErrorCode, Result};
 use yr_datasystem::kv::{validate_keys, validate_set};
@@ -15,24 +13,20 @@ use yr_datasystem::wire::{error_from_proto, set_param_to_proto, timeout_to_ms};
 use yr_proto::ds as pb;
 use yr_proto::ds::data_worker_client::DataWorkerClient;
 
-use super::{transport, ClusterBackend};
-use crate::blocking;
+use super::data_channel::DataChannel;
+use super::ClusterBackend;
 use crate::kv::{KvClient, SetParam};
 
 /// The node's data worker, as a KV client.
 pub struct ClusterKv {
-    io: tokio::runtime::Handle,
-    address: String,
-    channel: Arc<Mutex<Option<Channel>>>,
+    channel: DataChannel,
 }
 
 impl ClusterBackend {
     /// A KV client for the node this backend is connected to.
     pub fn kv_client(&self) -> ClusterKv {
         ClusterKv {
-            io: self.inner.io.clone(),
-            address: self.inner.bus.address().to_string(),
-            channel: Arc::new(Mutex::new(None)),
+            channel: self.inner.data.clone(),
         }
     }
 }
@@ -54,50 +48,14 @@ impl ClusterKv {
         R: Send + 'static,
         F: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>> + Send,
     {
-        let address = self.address.clone();
-        let cached = self.channel.clone();
-        let (sender, receiver) = crossbeam_channel::bounded(1);
-        self.io.spawn(async move {
-            let result = async {
-                let existing = cached.lock().clone();
-                let channel = match existing {
-                    Some(channel) => channel,
-                    None => {
-                        let channel =
-                            transport::connect(&address, ErrorCode::ConnectionFailed).await?;
-                        *cached.lock() = Some(channel.clone());
-                        channel
-                    }
-                };
-                let client = DataWorkerClient::new(channel)
+        self.channel.call(
+            |channel| {
+                DataWorkerClient::new(channel)
                     .max_decoding_message_size(usize::MAX)
-                    .max_encoding_message_size(usize::MAX);
-                make(client)
-                    .await
-                    .map(tonic::Response::into_inner)
-                    .map_err(|status| {
-                        // Connect again on the next call.
-                        *cached.lock() = None;
-                        Error::new(
-                            ErrorCode::ConnectionFailed,
-                            format!(
-                            "the data worker of the node at {address} did not answer: {}; check \
-                             that the node is running",
-                            status.message()
-                        ),
-                        )
-                    })
-            }
-            .await;
-            let _ = sender.send(result);
-        });
-        blocking::blocking(|| receiver.recv()).unwrap_or_else(|_| {
-            Err(Error::new(
-                ErrorCode::Finalized,
-                "yr was finalized while a KV call was in flight; keep yr initialized until its \
-                 KV calls return",
-            ))
-        })
+                    .max_encoding_message_size(usize::MAX)
+            },
+            make,
+        )
     }
 }
 

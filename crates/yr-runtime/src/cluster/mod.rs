@@ -5,11 +5,13 @@
 
 mod bus;
 pub mod convert;
+mod data_channel;
 mod discovery;
 pub mod kv;
 pub mod memory;
 mod remote_instance;
 pub mod runtime_mode;
+mod shared_memory;
 mod stateless;
 pub mod transport;
 mod worker;
@@ -55,6 +57,8 @@ pub struct Inner {
     /// Set while the node is reachable; the error once the bus is gone.
     lost: Mutex<Option<Error>>,
     pub runtime: OnceLock<Arc<runtime_mode::RuntimeMode>>,
+    /// The node's data worker: KV and shared memory.
+    data: data_channel::DataChannel,
 }
 
 /// The cluster backend.
@@ -277,7 +281,13 @@ impl ClusterBackend {
             channels: Mutex::new(HashMap::new()),
             lost: Mutex::new(None),
             runtime: OnceLock::new(),
+            data: data_channel::DataChannel::new(io.clone(), node_address.clone()),
         });
+        // Large values go to the node's shared memory; without it they stay inline.
+        if let Err(error) = shared_memory::connect(inner.data.clone()) {
+            tracing::warn!(%error, "the node's shared memory is not usable; large objects stay in this process");
+            crate::shared_memory::install(None);
+        }
         let _ = cell.set(Arc::downgrade(&inner));
         if let Some(env) = runtime {
             let _ = inner
@@ -438,6 +448,7 @@ impl Inner {
                         .get_object(pb::GetObjectRequest {
                             id: handle.id().to_bytes().to_vec().into(),
                             timeout_ms: u64::MAX / 2,
+                            pool_id: shared_memory::pool_id(),
                         })
                         .await
                     {
@@ -445,7 +456,12 @@ impl Inner {
                             let reply = reply.into_inner();
                             match (reply.value, reply.error) {
                                 (_, Some(error)) => Err(error_from_proto(&error)),
-                                (Some(value), None) => convert::value_from_proto(value),
+                                (Some(value), None) => match &value.shared {
+                                    Some(location) => shared_memory::open_location(&inner.data, location)
+                                        .await
+                                        .and_then(|payload| convert::value_with_payload(payload, &value.nested)),
+                                    None => convert::value_from_proto(value),
+                                },
                                 (None, None) => Err(Error::new(ErrorCode::GetOperationFailed, "the owner sent no value")),
                             }
                         }
@@ -827,6 +843,7 @@ impl Backend for ClusterBackend {
         }
         object_store::set_remote_fetcher(None);
         object_store::set_local_owner_address("");
+        crate::shared_memory::install(None);
         if let Some(stop) = self.shutdown_io.lock().take() {
             let _ = stop.send(());
         }

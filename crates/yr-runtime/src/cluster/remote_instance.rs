@@ -161,17 +161,32 @@ impl RemoteInstance {
         })
     }
 
-    /// Submit a call. It is sent once its dependencies and every earlier call are ready.
+    /// Submit a call. It is sent once its dependencies and every earlier call are ready. On an
+    /// instance that failed, the call fails with the instance's error (seen on `get`, like
+    /// any other failure of the call); on one this process terminates, it is refused (1007).
     pub fn submit(self: &Arc<Self>, call: OutCall) -> Result<(), Error> {
+        match self.try_submit(call) {
+            Ok(()) => Ok(()),
+            Err((call, error)) if !self.is_terminating() => {
+                call.fail(&error);
+                Ok(())
+            }
+            Err((_, error)) => Err(error),
+        }
+    }
+
+    /// Submit a call, or give it back with the reason if the instance cannot take it.
+    pub fn try_submit(self: &Arc<Self>, call: OutCall) -> Result<(), (OutCall, Error)> {
         let args = call.args.clone();
         let call_id = call.call_id;
         {
             let mut state = self.state.lock();
             if let Connection::Failed(error) = &state.connection {
-                return Err(error.clone());
+                let error = error.clone();
+                return Err((call, error));
             }
             if state.terminating {
-                return Err(self.exited_error());
+                return Err((call, self.exited_error()));
             }
             state.queued.push_back(call);
         }

@@ -280,7 +280,7 @@ impl StatelessSubmitter {
                     .is_some_and(|time| *time < SHORT_CALL);
                 submitter.tasks.lock().insert(call_id, task.clone());
                 *instance.last_used.lock() = Instant::now();
-                if instance.remote.submit(call).is_err() {
+                if instance.remote.try_submit(call).is_err() {
                     // The instance went away in the meantime: the call waits for another.
                     submitter.tasks.lock().remove(&call_id);
                     retry.push(task);

@@ -13,7 +13,7 @@ use yr_common::{Error, ErrorCode, ObjectId};
 use yr_proto::v1 as pb;
 use yr_proto::v1::worker_server::Worker;
 
-use super::convert::{error_to_proto, value_to_proto};
+use super::convert::{error_to_proto, value_to_proto_for};
 use crate::object_store::{ObjectSlot, Outcome};
 
 /// Runs the calls a runtime receives.
@@ -91,7 +91,7 @@ impl Worker for WorkerService {
                         .flatten();
                         match outcome {
                             Some(Outcome::Ready(value)) => pb::GetObjectResponse {
-                                value: Some(value_to_proto(&value)),
+                                value: Some(value_to_proto_for(&value, &request.pool_id)),
                                 error: None,
                             },
                             Some(Outcome::Failed(error)) => error_reply(error),

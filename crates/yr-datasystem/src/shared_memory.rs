@@ -1,0 +1,356 @@
+//! The node's shared-memory object store: one `memfd` region of fixed capacity, carved into
+//! page-aligned allocations by a first-fit allocator. The node's drivers and runtimes map the
+//! region through `/proc/<node pid>/fd/<fd>` and read and write objects in place; this store only
+//! hands out regions and counts references to them. A freed region's pages are given back to the
+//! kernel (hole punching), so memory returns to its baseline when objects are dropped.
+//!
+//! An object larger than the whole region is 4202 with both sizes. So is an object that does not
+//! fit in the free space now (spilling to disk is not built yet).
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use parking_lot::Mutex;
+use yr_common::{Error, ErrorCode, Result};
+
+/// Allocations start on page boundaries, so freeing one can give its pages back.
+pub const ALIGNMENT: u64 = 4096;
+
+/// One allocation: where it lies and how many references keep it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Allocation {
+    offset: u64,
+    /// The size asked for.
+    size: u64,
+    /// The size taken from the region (`size` rounded up to the alignment).
+    reserved: u64,
+    references: u32,
+}
+
+#[derive(Debug, Default)]
+struct Allocator {
+    /// Free ranges by offset, never adjacent (they are merged).
+    free: BTreeMap<u64, u64>,
+    allocations: HashMap<u64, Allocation>,
+    next_id: u64,
+    used: u64,
+}
+
+impl Allocator {
+    fn new(capacity: u64) -> Allocator {
+        let mut free = BTreeMap::new();
+        if capacity > 0 {
+            free.insert(0, capacity);
+        }
+        Allocator {
+            free,
+            allocations: HashMap::new(),
+            next_id: 1,
+            used: 0,
+        }
+    }
+
+    /// The first free range that fits `reserved` bytes, split off.
+    fn take(&mut self, reserved: u64) -> Option<u64> {
+        let (&offset, &length) = self.free.iter().find(|(_, &length)| length >= reserved)?;
+        self.free.remove(&offset);
+        if length > reserved {
+            self.free.insert(offset + reserved, length - reserved);
+        }
+        Some(offset)
+    }
+
+    /// Give `[offset, offset + length)` back, merged with its free neighbours.
+    fn give_back(&mut self, mut offset: u64, mut length: u64) {
+        if let Some((&before, &before_length)) = self.free.range(..offset).next_back() {
+            if before + before_length == offset {
+                self.free.remove(&before);
+                offset = before;
+                length += before_length;
+            }
+        }
+        if let Some(&after_length) = self.free.get(&(offset + length)) {
+            self.free.remove(&(offset + length));
+            length += after_length;
+        }
+        self.free.insert(offset, length);
+    }
+}
+
+/// What the store holds, for metrics and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SharedMemoryStats {
+    /// The region's size in bytes.
+    pub capacity: u64,
+    /// Bytes taken by live allocations (rounded up to pages).
+    pub used: u64,
+    /// Live allocations.
+    pub objects: usize,
+}
+
+/// The node's shared-memory region and its allocations.
+#[derive(Debug)]
+pub struct SharedMemoryStore {
+    fd: OwnedFd,
+    capacity: u64,
+    pool_id: String,
+    allocator: Mutex<Allocator>,
+}
+
+fn disk_error(what: &str, error: std::io::Error) -> Error {
+    Error::new(
+        ErrorCode::SharedMemoryLimited,
+        format!("{what}: {error}; check the node's memory limits and --shared-memory-mb"),
+    )
+}
+
+impl SharedMemoryStore {
+    /// A region of `capacity` bytes (0 disables shared memory: every create is 4202).
+    pub fn new(capacity: u64, pool_id: impl Into<String>) -> Result<SharedMemoryStore> {
+        // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd or -1.
+        let raw = unsafe { libc::memfd_create(c"yr-objects".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(disk_error(
+                "cannot create the node's shared memory",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: `raw` is a file descriptor we own from here on.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let length = libc::off_t::try_from(capacity).map_err(|_| {
+            Error::new(
+                ErrorCode::ParamInvalid,
+                format!("a shared memory of {capacity} bytes is too large"),
+            )
+        })?;
+        // SAFETY: ftruncate on a valid fd with a non-negative length.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), length) } != 0 {
+            return Err(disk_error(
+                &format!("cannot size the node's shared memory to {capacity} bytes"),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(SharedMemoryStore {
+            fd,
+            capacity,
+            pool_id: pool_id.into(),
+            allocator: Mutex::new(Allocator::new(capacity)),
+        })
+    }
+
+    /// The path another process of this machine opens to map the region.
+    pub fn path(&self) -> String {
+        format!("/proc/{}/fd/{}", std::process::id(), self.fd.as_raw_fd())
+    }
+
+    /// The region's size in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Names the region; processes with the same pool id share it.
+    pub fn pool_id(&self) -> &str {
+        &self.pool_id
+    }
+
+    /// Reserve `size` bytes with one reference. Returns the allocation's id and offset.
+    pub fn create(&self, size: u64) -> Result<(u64, u64)> {
+        if size > self.capacity {
+            return Err(Error::new(
+                ErrorCode::SharedMemoryLimited,
+                format!(
+                    "an object of {size} bytes does not fit in the node's shared memory of {} \
+                     bytes; start the node with a larger --shared-memory-mb or split the object",
+                    self.capacity
+                ),
+            ));
+        }
+        let reserved = size.max(1).div_ceil(ALIGNMENT) * ALIGNMENT;
+        let mut allocator = self.allocator.lock();
+        let Some(offset) = allocator.take(reserved) else {
+            return Err(Error::new(
+                ErrorCode::SharedMemoryLimited,
+                format!(
+                    "the node's shared memory is full: an object of {size} bytes does not fit, \
+                     {} of {} bytes are in use by {} objects; drop references to objects you no \
+                     longer need or start the node with a larger --shared-memory-mb",
+                    allocator.used,
+                    self.capacity,
+                    allocator.allocations.len()
+                ),
+            ));
+        };
+        let id = allocator.next_id;
+        allocator.next_id += 1;
+        allocator.used += reserved;
+        allocator.allocations.insert(
+            id,
+            Allocation {
+                offset,
+                size,
+                reserved,
+                references: 1,
+            },
+        );
+        Ok((id, offset))
+    }
+
+    /// Add a reference to an allocation. Returns its offset and size.
+    pub fn retain(&self, id: u64) -> Result<(u64, u64)> {
+        let mut allocator = self.allocator.lock();
+        match allocator.allocations.get_mut(&id) {
+            Some(allocation) => {
+                allocation.references += 1;
+                Ok((allocation.offset, allocation.size))
+            }
+            None => Err(Error::new(
+                ErrorCode::GetOperationFailed,
+                format!(
+                    "shared-memory object {id} was freed: its owner dropped every reference; \
+                     keep a reference to the object while others read it"
+                ),
+            )),
+        }
+    }
+
+    /// Drop a reference to each allocation; those left with none are freed. Unknown ids are
+    /// ignored (a release may race with the node forgetting a dead process's objects).
+    pub fn release(&self, ids: &[u64]) {
+        let mut freed = Vec::new();
+        {
+            let mut allocator = self.allocator.lock();
+            for id in ids {
+                let Some(allocation) = allocator.allocations.get_mut(id) else {
+                    continue;
+                };
+                allocation.references = allocation.references.saturating_sub(1);
+                if allocation.references > 0 {
+                    continue;
+                }
+                let allocation = *allocation;
+                allocator.allocations.remove(id);
+                allocator.used -= allocation.reserved;
+                allocator.give_back(allocation.offset, allocation.reserved);
+                freed.push(allocation);
+            }
+        }
+        for allocation in freed {
+            self.punch_hole(allocation.offset, allocation.reserved);
+        }
+    }
+
+    /// Give a freed range's pages back to the kernel.
+    fn punch_hole(&self, offset: u64, length: u64) {
+        let (Ok(offset), Ok(length)) =
+            (libc::off_t::try_from(offset), libc::off_t::try_from(length))
+        else {
+            return;
+        };
+        // SAFETY: fallocate on a valid fd; punching a hole only drops the range's pages.
+        let punched = unsafe {
+            libc::fallocate(
+                self.fd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                length,
+            )
+        };
+        if punched != 0 {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "cannot give freed shared memory back to the kernel"
+            );
+        }
+    }
+
+    /// Bytes of the region the kernel holds in memory now (pages written and not freed).
+    pub fn resident_bytes(&self) -> u64 {
+        // SAFETY: fstat on a valid fd into a zeroed struct.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(self.fd.as_raw_fd(), &mut stat) } != 0 {
+            return 0;
+        }
+        u64::try_from(stat.st_blocks).unwrap_or(0) * 512
+    }
+
+    /// What the store holds.
+    pub fn stats(&self) -> SharedMemoryStats {
+        let allocator = self.allocator.lock();
+        SharedMemoryStats {
+            capacity: self.capacity,
+            used: allocator.used,
+            objects: allocator.allocations.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_object_larger_than_the_region_is_4202_with_both_sizes() {
+        let store = SharedMemoryStore::new(1 << 20, "test").unwrap();
+        let error = store.create(2 << 20).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::SharedMemoryLimited);
+        assert!(error.message().contains(&(2u64 << 20).to_string()));
+        assert!(error.message().contains(&(1u64 << 20).to_string()));
+    }
+
+    #[test]
+    fn a_full_region_is_4202_and_freed_space_is_reused() {
+        let store = SharedMemoryStore::new(4 * ALIGNMENT, "test").unwrap();
+        let (a, _) = store.create(2 * ALIGNMENT).unwrap();
+        let (b, _) = store.create(2 * ALIGNMENT).unwrap();
+        let error = store.create(1).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::SharedMemoryLimited);
+        assert!(error.message().contains("full"));
+        store.release(&[a]);
+        let (_, offset) = store.create(ALIGNMENT + 1).unwrap();
+        assert_eq!(offset, 0);
+        store.release(&[b]);
+        assert_eq!(store.stats().objects, 1);
+    }
+
+    #[test]
+    fn freed_neighbours_merge_into_one_range() {
+        let store = SharedMemoryStore::new(3 * ALIGNMENT, "test").unwrap();
+        let ids: Vec<u64> = (0..3).map(|_| store.create(ALIGNMENT).unwrap().0).collect();
+        store.release(&[ids[0]]);
+        store.release(&[ids[2]]);
+        store.release(&[ids[1]]);
+        assert_eq!(store.stats().used, 0);
+        assert_eq!(store.create(3 * ALIGNMENT).unwrap().1, 0);
+    }
+
+    #[test]
+    fn an_allocation_lives_until_its_last_reference_is_released() {
+        let store = SharedMemoryStore::new(4 * ALIGNMENT, "test").unwrap();
+        let (id, offset) = store.create(100).unwrap();
+        assert_eq!(store.retain(id).unwrap(), (offset, 100));
+        store.release(&[id]);
+        assert_eq!(store.stats().objects, 1);
+        store.release(&[id]);
+        assert_eq!(store.stats().objects, 0);
+        assert_eq!(
+            store.retain(id).unwrap_err().code(),
+            ErrorCode::GetOperationFailed
+        );
+    }
+
+    #[test]
+    fn freed_pages_go_back_to_the_kernel() {
+        let store = SharedMemoryStore::new(64 * ALIGNMENT, "test").unwrap();
+        let (id, offset) = store.create(32 * ALIGNMENT).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(store.path())
+            .unwrap();
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&vec![7u8; 32 * ALIGNMENT as usize], offset)
+            .unwrap();
+        assert!(store.resident_bytes() >= 32 * ALIGNMENT);
+        store.release(&[id]);
+        assert_eq!(store.resident_bytes(), 0);
+    }
+}

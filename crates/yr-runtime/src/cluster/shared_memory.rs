@@ -1,0 +1,117 @@
+//! The node's shared memory in a cluster: mapped when the backend connects (the data worker's
+//! `PoolInfo`), with regions created and released through its `ObjectStore` service, and values
+//! that other processes of the node send as locations opened in place.
+
+use std::sync::Arc;
+
+use tonic::transport::Channel;
+use yr_common::{Error, Result};
+use yr_datasystem::wire::error_from_proto;
+use yr_proto::ds as pb;
+use yr_proto::ds::object_store_client::ObjectStoreClient;
+use yr_proto::v1 as wire;
+
+use super::data_channel::DataChannel;
+use crate::object_store::Payload;
+use crate::shared_memory::{self, RegionAllocator, SharedMemory};
+
+fn client(channel: Channel) -> ObjectStoreClient<Channel> {
+    ObjectStoreClient::new(channel)
+}
+
+fn check(error: Option<pb::ErrorInfo>) -> Result<()> {
+    match error {
+        Some(error) => Err(error_from_proto(&error)),
+        None => Ok(()),
+    }
+}
+
+/// Regions from the node's data worker.
+struct NodeAllocator {
+    channel: DataChannel,
+}
+
+impl RegionAllocator for NodeAllocator {
+    fn create(&self, size: u64) -> Result<(u64, u64)> {
+        let reply = self.channel.call(client, move |mut client| async move {
+            client.create(pb::CreateObjectRequest { size }).await
+        })?;
+        check(reply.error)?;
+        Ok((reply.allocation, reply.offset))
+    }
+
+    fn release(&self, allocation: u64) {
+        let channel = self.channel.clone();
+        self.channel.io().spawn(async move {
+            if let Ok(connected) = channel.connected().await {
+                let request = pb::ReleaseObjectsRequest {
+                    allocations: vec![allocation],
+                };
+                if let Err(status) = client(connected).release(request).await {
+                    tracing::debug!(allocation, error = %status.message(), "release failed");
+                }
+            }
+        });
+    }
+}
+
+/// Map the node's shared memory and make it this process's (blocks; call from a user thread).
+pub fn connect(channel: DataChannel) -> Result<()> {
+    let info = channel.call(client, |mut client| async move {
+        client.pool_info(pb::PoolInfoRequest {}).await
+    })?;
+    let memory = SharedMemory::map(
+        &info.path,
+        info.capacity,
+        info.pool_id,
+        Box::new(NodeAllocator {
+            channel: channel.clone(),
+        }),
+    )?;
+    tracing::debug!(
+        pool = memory.pool_id(),
+        capacity = info.capacity,
+        "shared memory mapped"
+    );
+    shared_memory::install(Some(Arc::new(memory)));
+    Ok(())
+}
+
+/// The id of this process's shared-memory pool, or "" without one.
+pub fn pool_id() -> String {
+    shared_memory::current()
+        .map(|memory| memory.pool_id().to_string())
+        .unwrap_or_default()
+}
+
+/// Take a reference to a region another process of the node sent, and read it in place.
+pub async fn open_location(
+    channel: &DataChannel,
+    location: &wire::SharedLocation,
+) -> Result<Payload> {
+    let memory = shared_memory::current()
+        .filter(|memory| memory.pool_id() == location.pool_id)
+        .ok_or_else(|| {
+            Error::new(
+                yr_common::ErrorCode::DatasystemFailed,
+                format!(
+                    "a value in shared memory pool {} arrived, but this process does not map it",
+                    location.pool_id
+                ),
+            )
+        })?;
+    let connected = channel.connected().await?;
+    let reply = client(connected)
+        .retain(pb::RetainObjectRequest {
+            allocation: location.allocation,
+        })
+        .await
+        .map_err(|status| channel.failed(&status))?
+        .into_inner();
+    check(reply.error)?;
+    Ok(Payload::Shared(memory.adopt(
+        location.allocation,
+        reply.offset,
+        reply.size,
+    )?))
+}

@@ -1,0 +1,128 @@
+//! Large objects in the node's shared memory, on a real cluster: values above 100 KB are written
+//! once into the node's region and read in place by the node's processes, an object larger than
+//! the region is 4202 with both sizes, and dropping the last reference gives the memory back.
+
+use std::time::Duration;
+
+use serde_bytes::ByteBuf;
+use yr::{ErrorCode, ObjectRef};
+use yr_tests::{exclusive, wait_until, NodeSpec, TestCluster, TIMEOUT};
+
+/// Not a test: the entry point of runtime processes, which re-execute this binary.
+#[test]
+fn runtime_entry() {
+    yr_tests::runtime_entry();
+}
+
+/// A sum of the bytes, so both sides can check a value without sending it back.
+#[yr::invoke]
+fn checksum(bytes: ByteBuf) -> u64 {
+    bytes.iter().map(|b| u64::from(*b)).sum()
+}
+
+fn pattern(len: usize) -> ByteBuf {
+    ByteBuf::from((0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>())
+}
+
+fn node_with_shared_memory(mb: u64) -> TestCluster {
+    TestCluster::with_node(NodeSpec {
+        shared_memory_mb: Some(mb),
+        ..NodeSpec::default()
+    })
+}
+
+fn metric(cluster: &TestCluster, name: &str) -> f64 {
+    let mut value = None;
+    wait_until(TIMEOUT, || {
+        value = cluster.node_metric(0, name);
+        value.is_some()
+    });
+    value.unwrap_or_else(|| panic!("node 0 reports no {name}"))
+}
+
+#[test]
+fn a_large_value_lives_in_shared_memory_and_a_runtime_reads_it_in_place() {
+    let _lock = exclusive();
+    let cluster = node_with_shared_memory(64);
+    yr::init(cluster.config()).unwrap();
+    let value = pattern(1 << 20);
+    let expected: u64 = value.iter().map(|b| u64::from(*b)).sum();
+    let object = yr::put(value.clone()).unwrap();
+    assert_eq!(metric(&cluster, "yr_shared_memory_objects"), 1.0);
+    assert!(metric(&cluster, "yr_shared_memory_used_bytes") >= (1 << 20) as f64);
+    // The driver reads its own object back; a runtime of the node reads it in place (the node
+    // still holds one object: no copy was made for the reader).
+    assert_eq!(yr::get(&object, TIMEOUT).unwrap(), value);
+    let sum = yr::function(checksum).invoke((&object,)).unwrap();
+    assert_eq!(yr::get(&sum, TIMEOUT).unwrap(), expected);
+    assert_eq!(metric(&cluster, "yr_shared_memory_objects"), 1.0);
+    // A small value stays in the process.
+    let small = yr::put(pattern(1000)).unwrap();
+    assert_eq!(yr::get(&small, TIMEOUT).unwrap(), pattern(1000));
+    assert_eq!(metric(&cluster, "yr_shared_memory_objects"), 1.0);
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn an_object_larger_than_the_shared_memory_is_4202_with_both_sizes() {
+    let _lock = exclusive();
+    let cluster = node_with_shared_memory(1024);
+    yr::init(cluster.config()).unwrap();
+    // Two GiB of zeroes: the pages are never touched, so this costs no memory.
+    let huge = ByteBuf::from(vec![0u8; 2 << 30]);
+    let error = yr::put(huge).unwrap_err();
+    assert_eq!(error.code(), ErrorCode::SharedMemoryLimited, "{error}");
+    let message = error.to_string();
+    assert!(message.contains(&(1u64 << 30).to_string()), "{message}");
+    assert!(
+        message.contains(&((2u64 << 30) + 5).to_string()),
+        "{message}"
+    );
+    // The node is fine afterwards.
+    let object = yr::put(pattern(1 << 20)).unwrap();
+    assert_eq!(yr::get(&object, TIMEOUT).unwrap(), pattern(1 << 20));
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn a_full_shared_memory_is_4202_until_objects_are_dropped() {
+    let _lock = exclusive();
+    let cluster = node_with_shared_memory(4);
+    yr::init(cluster.config()).unwrap();
+    let kept: Vec<ObjectRef<ByteBuf>> =
+        (0..3).map(|_| yr::put(pattern(1 << 20)).unwrap()).collect();
+    let error = yr::put(pattern(2 << 20)).unwrap_err();
+    assert_eq!(error.code(), ErrorCode::SharedMemoryLimited, "{error}");
+    assert!(error.to_string().contains("full"), "{error}");
+    drop(kept);
+    assert!(wait_until(TIMEOUT, || metric(
+        &cluster,
+        "yr_shared_memory_objects"
+    ) == 0.0));
+    let object = yr::put(pattern(2 << 20)).unwrap();
+    assert_eq!(yr::get(&object, TIMEOUT).unwrap(), pattern(2 << 20));
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn memory_returns_to_its_baseline_after_10000_put_drop_cycles_of_1_mb() {
+    let _lock = exclusive();
+    let cluster = node_with_shared_memory(256);
+    yr::init(cluster.config()).unwrap();
+    let value = pattern(1 << 20);
+    for _ in 0..10_000 {
+        let object = yr::put(value.clone()).unwrap();
+        drop(object);
+    }
+    let back = wait_until(Duration::from_secs(30), || {
+        metric(&cluster, "yr_shared_memory_objects") == 0.0
+            && metric(&cluster, "yr_shared_memory_used_bytes") == 0.0
+    });
+    assert!(
+        back,
+        "objects are still held after every reference was dropped"
+    );
+    // The pages of freed objects went back to the kernel.
+    assert_eq!(metric(&cluster, "yr_shared_memory_resident_bytes"), 0.0);
+    yr::finalize().unwrap();
+}
