@@ -225,6 +225,40 @@ fn run(args: &Args) -> anyhow::Result<()> {
         n as f64 * gigabytes,
         || in_threads(n, || yr::put(&chunk).map(drop)),
     )?;
+    // The limit for put bandwidth: copying the same bytes once in this process.
+    let mut copy = if args.gigabyte_trials > 0 && selected(args, "memcpy gigabytes") {
+        vec![0u8; CHUNK]
+    } else {
+        Vec::new()
+    };
+    timeit_trials(
+        args,
+        args.gigabyte_trials,
+        "memcpy gigabytes",
+        gigabytes,
+        || {
+            copy.copy_from_slice(&chunk);
+            std::hint::black_box(&copy);
+            Ok(())
+        },
+    )?;
+    drop(copy);
+    // Zero-copy reads: the same cost for 1 MB and 1 GB.
+    for (name, size) in [
+        ("single client get buffer 1 MB", 1usize << 20),
+        ("single client get buffer 1 GB", 1 << 30),
+    ] {
+        if args.gigabyte_trials == 0 || !selected(args, name) {
+            continue;
+        }
+        let object = yr::put(ByteBuf::from(vec![1u8; size]))?;
+        timeit(args, name, 1.0, || {
+            let buffer = yr::get_buffer(&object, FOREVER)?;
+            std::hint::black_box(buffer.bytes().map(|b| b.len()));
+            Ok(())
+        })?;
+    }
+    drop(chunk);
     timeit(args, "single client get object containing 10k refs", 1.0, {
         let refs: Vec<ObjectRef<u8>> = (0..10_000)
             .map(|_| yr::put(0u8))

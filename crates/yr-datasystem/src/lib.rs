@@ -55,6 +55,23 @@ impl DataWorker {
             options.shared_memory_bytes,
             options.pool_id.clone(),
         )?);
+        // Give freed shared memory back to the kernel once frees stop.
+        let reclaim = Arc::downgrade(&shared_memory);
+        std::thread::Builder::new()
+            .name("yr-shm-reclaim".into())
+            .spawn(move || {
+                while let Some(store) = reclaim.upgrade() {
+                    store.reclaim_idle();
+                    drop(store);
+                    std::thread::sleep(shared_memory::RECLAIM_AFTER / 2);
+                }
+            })
+            .map_err(|e| {
+                yr_common::Error::new(
+                    yr_common::ErrorCode::InnerSystemError,
+                    format!("cannot start the shared-memory reclaimer: {e}"),
+                )
+            })?;
         tracing::info!(
             l2 = %l2.describe(),
             shared_memory_bytes = options.shared_memory_bytes,

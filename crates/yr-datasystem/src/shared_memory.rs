@@ -1,8 +1,10 @@
 //! The node's shared-memory object store: one `memfd` region of fixed capacity, carved into
 //! page-aligned allocations by a first-fit allocator. The node's drivers and runtimes map the
 //! region through `/proc/<node pid>/fd/<fd>` and read and write objects in place; this store only
-//! hands out regions and counts references to them. A freed region's pages are given back to the
-//! kernel (hole punching), so memory returns to its baseline when objects are dropped.
+//! hands out regions and counts references to them. Freed pages are given back to the kernel
+//! (hole punching) once no object was freed for [`RECLAIM_AFTER`]: until then they are reused
+//! warm by the next objects (a fresh page costs a fault and zeroing on first write), and after
+//! that memory is back at its baseline.
 //!
 //! An object larger than the whole region is 4202 with both sizes. So is an object that does not
 //! fit in the free space now (spilling to disk is not built yet).
@@ -15,6 +17,9 @@ use yr_common::{Error, ErrorCode, Result};
 
 /// Allocations start on page boundaries, so freeing one can give its pages back.
 pub const ALIGNMENT: u64 = 4096;
+
+/// Freed pages go back to the kernel once no object was freed for this long.
+pub const RECLAIM_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// One allocation: where it lies and how many references keep it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +39,8 @@ struct Allocator {
     allocations: HashMap<u64, Allocation>,
     next_id: u64,
     used: u64,
+    /// When an object was last freed, if its pages were not given back since.
+    freed_since_reclaim: Option<std::time::Instant>,
 }
 
 impl Allocator {
@@ -47,6 +54,7 @@ impl Allocator {
             allocations: HashMap::new(),
             next_id: 1,
             used: 0,
+            freed_since_reclaim: None,
         }
     }
 
@@ -216,27 +224,39 @@ impl SharedMemoryStore {
     /// Drop a reference to each allocation; those left with none are freed. Unknown ids are
     /// ignored (a release may race with the node forgetting a dead process's objects).
     pub fn release(&self, ids: &[u64]) {
-        let mut freed = Vec::new();
-        {
-            let mut allocator = self.allocator.lock();
-            for id in ids {
-                let Some(allocation) = allocator.allocations.get_mut(id) else {
-                    continue;
-                };
-                allocation.references = allocation.references.saturating_sub(1);
-                if allocation.references > 0 {
-                    continue;
-                }
-                let allocation = *allocation;
-                allocator.allocations.remove(id);
-                allocator.used -= allocation.reserved;
-                allocator.give_back(allocation.offset, allocation.reserved);
-                freed.push(allocation);
+        let mut allocator = self.allocator.lock();
+        for id in ids {
+            let Some(allocation) = allocator.allocations.get_mut(id) else {
+                continue;
+            };
+            allocation.references = allocation.references.saturating_sub(1);
+            if allocation.references > 0 {
+                continue;
             }
+            let allocation = *allocation;
+            allocator.allocations.remove(id);
+            allocator.used -= allocation.reserved;
+            allocator.give_back(allocation.offset, allocation.reserved);
+            allocator.freed_since_reclaim = Some(std::time::Instant::now());
         }
-        for allocation in freed {
-            self.punch_hole(allocation.offset, allocation.reserved);
+    }
+
+    /// Give the pages of free ranges back to the kernel if no object was freed for
+    /// [`RECLAIM_AFTER`]. Returns whether it did. The node calls this periodically.
+    pub fn reclaim_idle(&self) -> bool {
+        let mut allocator = self.allocator.lock();
+        let idle = allocator
+            .freed_since_reclaim
+            .is_some_and(|freed| freed.elapsed() >= RECLAIM_AFTER);
+        if !idle {
+            return false;
         }
+        allocator.freed_since_reclaim = None;
+        // Under the lock, so no free range is handed out while its pages go.
+        for (&offset, &length) in &allocator.free {
+            self.punch_hole(offset, length);
+        }
+        true
     }
 
     /// Give a freed range's pages back to the kernel.
@@ -351,6 +371,11 @@ mod tests {
             .unwrap();
         assert!(store.resident_bytes() >= 32 * ALIGNMENT);
         store.release(&[id]);
+        // Kept warm for reuse at first, then given back.
+        assert!(store.resident_bytes() >= 32 * ALIGNMENT);
+        assert!(!store.reclaim_idle());
+        std::thread::sleep(RECLAIM_AFTER);
+        assert!(store.reclaim_idle());
         assert_eq!(store.resident_bytes(), 0);
     }
 }
