@@ -15,6 +15,7 @@ mod local;
 pub mod object_store;
 pub mod retry;
 pub mod runtime;
+pub mod stream;
 pub mod user_code;
 
 pub use inventory;

@@ -11,6 +11,7 @@ pub mod memory;
 mod remote_instance;
 pub mod runtime_mode;
 mod stateless;
+pub mod stream;
 pub mod transport;
 mod worker;
 
