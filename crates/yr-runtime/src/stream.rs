@@ -55,6 +55,16 @@ pub trait ConsumerClient: Send + Sync {
     fn close(&self) -> Result<()>;
 }
 
+/// The error stream calls get after `finalize` (9000, with `error`'s module).
+pub fn finalized_error(error: &Error) -> Error {
+    Error::with_module(
+        error.code(),
+        error.module_code(),
+        "yr was finalized, which closed this process's stream producers and consumers; call \
+         yr::init again and create new ones",
+    )
+}
+
 /// The error of a call on a closed producer or consumer (4298).
 pub fn closed_handle(what: &str, stream: &str) -> Error {
     Error::new(
@@ -133,7 +143,7 @@ impl StreamClient for LocalStreams {
     }
 
     fn shutdown(&self, error: &Error) {
-        self.store.close(error.clone());
+        self.store.close(finalized_error(error));
     }
 }
 

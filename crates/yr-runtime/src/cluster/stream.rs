@@ -273,7 +273,9 @@ impl StreamClient for ClusterStreams {
     }
 
     fn shutdown(&self, error: &Error) {
-        self.shared.finalized.set(error);
+        self.shared
+            .finalized
+            .set(&crate::stream::finalized_error(error));
     }
 }
 
