@@ -85,7 +85,7 @@ impl ProducerConfig {
     /// Check the configuration: 1001 naming the bad field.
     pub fn validate(&self) -> Result<()> {
         if self.page_size == 0
-            || self.page_size % PAGE_ALIGNMENT != 0
+            || !self.page_size.is_multiple_of(PAGE_ALIGNMENT)
             || self.page_size > MAX_PAGE_SIZE
         {
             return Err(StreamError::InvalidArgument(format!(
