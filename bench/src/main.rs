@@ -7,6 +7,8 @@
 //! cargo build --release -p yr-cli -p yr-bench && target/release/yr-bench   # against a cluster
 //! ```
 //!
+//! `1:1 stream elements (1 KiB)` (with its MB/s) measures streams: one producer, one consumer.
+//!
 //! Against a cluster (no `--local`), three measures beyond Ray's cases are printed:
 //! - `instance creation from the warm pool`: the latency from `yr::instance(..).invoke()` to the
 //!   result of the instance's first method call, on the cluster the driver uses (whose warm
@@ -177,9 +179,83 @@ fn actors(n: usize) -> yr::Result<Vec<InstanceHandle<Actor>>> {
     Ok(actors)
 }
 
+/// `1:1 stream`: one producer thread sends 1 KiB elements as fast as the stream takes them
+/// (default `ProducerConfig`: 5 ms flush delay, 1 MiB pages, 100 MiB stream); one consumer
+/// receives whatever is ready and acks each batch. Prints elements/s and MB/s.
+fn stream_throughput(args: &Args) -> anyhow::Result<()> {
+    const ELEMENT: usize = 1024;
+    let name = "1:1 stream elements (1 KiB)";
+    if !selected(args, name) || args.trials == 0 {
+        return Ok(());
+    }
+    let mut rates = Vec::with_capacity(args.trials);
+    for trial in 0..args.trials {
+        let stream = format!("yr-bench-stream-{}-{trial}", std::process::id());
+        let subscription = yr::SubscriptionConfig::new("bench", yr::SubscriptionType::Stream);
+        let consumer = yr::create_stream_consumer(&stream, subscription)?;
+        let producer = yr::create_stream_producer(&stream, yr::ProducerConfig::default())?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sender = {
+            let stop = stop.clone();
+            std::thread::spawn(move || -> yr::Result<u64> {
+                let element = vec![7u8; ELEMENT];
+                let mut sent = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    producer.send(&element, FOREVER)?;
+                    sent += 1;
+                }
+                producer.close()?;
+                Ok(sent)
+            })
+        };
+        let start = Instant::now();
+        let mut received = 0u64;
+        while start.elapsed().as_secs_f64() < args.seconds {
+            let elements = consumer.receive(Duration::from_millis(100), 0)?;
+            if let Some(last) = elements.last() {
+                received += elements.len() as u64;
+                consumer.ack(last.id)?;
+            }
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Drain, so the producer's close finds room.
+        let drain = std::thread::spawn(move || {
+            while let Ok(elements) = consumer.receive(Duration::from_millis(200), 0) {
+                match elements.last() {
+                    Some(last) => {
+                        let _ = consumer.ack(last.id);
+                    }
+                    None => break,
+                }
+            }
+            consumer.close()
+        });
+        sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("the stream producer thread panicked"))??;
+        drain
+            .join()
+            .map_err(|_| anyhow::anyhow!("the stream consumer thread panicked"))??;
+        yr::delete_stream(&stream)?;
+        rates.push(received as f64 / elapsed);
+    }
+    let mean = rates.iter().sum::<f64>() / rates.len() as f64;
+    let sd = (rates.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / rates.len() as f64).sqrt();
+    println!("{name} per second {mean:.2} +- {sd:.2}");
+    let mb = ELEMENT as f64 / 1e6;
+    println!(
+        "1:1 stream megabytes (1 KiB elements) per second {:.2} +- {:.2}",
+        mean * mb,
+        sd * mb
+    );
+    Ok(())
+}
+
 fn run(args: &Args) -> anyhow::Result<()> {
     const BATCH: usize = 1000;
     let n = args.clients;
+    stream_throughput(args)?;
 
     timeit(args, "single client get calls (Plasma Store)", 1.0, {
         let value = yr::put(0u64)?;

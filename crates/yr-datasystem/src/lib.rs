@@ -1,11 +1,12 @@
 //! yr-datasystem: the data worker that runs inside each node process. It owns the KV store
 //! ([`kv`]: openYuanrong's `kv_*` semantics, in memory) and its second-level store ([`l2`]: a
-//! directory by default, or Redis through the minimal client in [`redis`]), served to the
-//! node's drivers and runtimes as the `DataWorker` gRPC service ([`service`], wire types in
-//! `yr-proto`'s `yr.ds.v1`); and the node's shared-memory region for large objects
-//! ([`shared_memory`], served as the `ObjectStore` service by [`object_service`]). It does not
-//! own spilling or streams yet, nor the client side of KV and objects (that lives in
-//! `yr-runtime`).
+//! directory by default, or Redis through the minimal client in [`redis`]); the streams whose
+//! home is this node ([`stream`]: producers, subscriptions, consumers, acks and back-pressure;
+//! [`stream_service`]: which node is a stream's home), both served to drivers and runtimes as
+//! the `DataWorker` gRPC service ([`service`], wire types in `yr-proto`'s `yr.ds.v1`); and the
+//! node's shared-memory region for large objects ([`shared_memory`], served as the
+//! `ObjectStore` service by [`object_service`]). It does not own spilling, nor the client side
+//! of KV, streams and objects (that lives in `yr-runtime`).
 
 pub mod kv;
 pub mod l2;
@@ -13,10 +14,12 @@ pub mod object_service;
 pub mod redis;
 pub mod service;
 pub mod shared_memory;
+pub mod stream;
+pub mod stream_service;
 pub mod wire;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use yr_common::Result;
 
@@ -41,6 +44,8 @@ pub struct DataWorkerOptions {
 pub struct DataWorker {
     kv: KvStore,
     shared_memory: Arc<shared_memory::SharedMemoryStore>,
+    streams: stream::StreamStore,
+    placement: OnceLock<Arc<stream_service::Placement>>,
 }
 
 impl DataWorker {
@@ -80,6 +85,8 @@ impl DataWorker {
         Ok(Arc::new(DataWorker {
             kv: KvStore::with_l2(l2),
             shared_memory,
+            streams: stream::StreamStore::new(),
+            placement: OnceLock::new(),
         }))
     }
 
@@ -88,11 +95,27 @@ impl DataWorker {
         &self.kv
     }
 
+    /// The streams whose home is this node.
+    pub fn streams(&self) -> &stream::StreamStore {
+        &self.streams
+    }
+
+    /// Join the cluster: streams are claimed in `meta`, and other nodes' clients reach this
+    /// node's streams at `address` (`host:port`). Call before [`DataWorker::service`]; a second
+    /// call is ignored. Without it, every stream lives here.
+    pub fn join_cluster(&self, meta: Arc<dyn yr_meta::MetaStore>, address: String) {
+        let _ = self
+            .placement
+            .set(Arc::new(stream_service::Placement::new(meta, address)));
+    }
+
     /// The DataWorker gRPC service, to add to the node's servers.
     pub fn service(
         &self,
     ) -> yr_proto::ds::data_worker_server::DataWorkerServer<service::DataWorkerService> {
-        service::DataWorkerService::new(self.kv.clone()).server()
+        let streams =
+            stream_service::StreamService::new(self.streams.clone(), self.placement.get().cloned());
+        service::DataWorkerService::with_streams(self.kv.clone(), streams).server()
     }
 
     /// The node's shared-memory object store.

@@ -1,6 +1,7 @@
-//! The DataWorker gRPC service (`yr.ds.v1`) over a [`KvStore`]. The store's calls block (on
-//! the second-level store's IO), so they run on tokio's blocking threads; a get that waits for
-//! keys not written yet waits asynchronously, woken by the writes.
+//! The DataWorker gRPC service (`yr.ds.v1`) over a [`KvStore`] and the node's streams
+//! ([`StreamService`]). The KV store's calls block (on the second-level store's IO), so they
+//! run on tokio's blocking threads; a get that waits for keys not written yet waits
+//! asynchronously, woken by the writes. Stream sends and receives wait on blocking threads too.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,18 +13,28 @@ use yr_common::{Error, ErrorCode, Result};
 use yr_proto::ds as pb;
 
 use crate::kv::{self, KvStore};
-use crate::wire::{error_to_proto, set_param_from_proto};
+use crate::stream::StreamStore;
+use crate::stream_service::StreamService;
+use crate::wire::{
+    error_to_proto, producer_config_from_proto, set_param_from_proto, subscription_from_proto,
+};
 
 /// The DataWorker service.
 #[derive(Clone, Debug)]
 pub struct DataWorkerService {
     kv: KvStore,
+    streams: StreamService,
 }
 
 impl DataWorkerService {
-    /// The service over `kv`.
+    /// The service over `kv`, with streams that all live here.
     pub fn new(kv: KvStore) -> DataWorkerService {
-        DataWorkerService { kv }
+        DataWorkerService::with_streams(kv, StreamService::new(StreamStore::new(), None))
+    }
+
+    /// The service over `kv` and `streams`.
+    pub fn with_streams(kv: KvStore, streams: StreamService) -> DataWorkerService {
+        DataWorkerService { kv, streams }
     }
 
     /// The tonic server for this service, accepting messages of any size (values are up to
@@ -103,6 +114,34 @@ pub async fn get_waiting(kv: &KvStore, keys: Vec<String>, timeout: Duration) -> 
 
 fn error_of<T>(result: &Result<T>) -> Option<pb::ErrorInfo> {
     result.as_ref().err().map(error_to_proto)
+}
+
+fn stream_response(result: Result<Option<String>>) -> Response<pb::StreamResponse> {
+    Response::new(match result {
+        Ok(home) => pb::StreamResponse {
+            home: home.unwrap_or_default(),
+            error: None,
+        },
+        Err(error) => pb::StreamResponse {
+            home: String::new(),
+            error: Some(error_to_proto(&error)),
+        },
+    })
+}
+
+fn create_response(result: Result<(u64, Option<String>)>) -> Response<pb::StreamCreateResponse> {
+    Response::new(match result {
+        Ok((id, home)) => pb::StreamCreateResponse {
+            id,
+            home: home.unwrap_or_default(),
+            error: None,
+        },
+        Err(error) => pb::StreamCreateResponse {
+            id: 0,
+            home: String::new(),
+            error: Some(error_to_proto(&error)),
+        },
+    })
 }
 
 #[tonic::async_trait]
@@ -188,6 +227,138 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
             },
             Err(error) => pb::KvExistResponse {
                 exists: Vec::new(),
+                error: Some(error_to_proto(&error)),
+            },
+        }))
+    }
+
+    async fn stream_create_producer(
+        &self,
+        request: Request<pb::StreamCreateProducerRequest>,
+    ) -> Result<Response<pb::StreamCreateResponse>, Status> {
+        let request = request.into_inner();
+        let config = producer_config_from_proto(&request.config.unwrap_or_default());
+        Ok(create_response(
+            self.streams.create_producer(request.stream, config).await,
+        ))
+    }
+
+    async fn stream_create_consumer(
+        &self,
+        request: Request<pb::StreamCreateConsumerRequest>,
+    ) -> Result<Response<pb::StreamCreateResponse>, Status> {
+        let request = request.into_inner();
+        let result =
+            match subscription_from_proto(request.subscription_name, request.subscription_type) {
+                Ok(subscription) => {
+                    self.streams
+                        .create_consumer(request.stream, subscription)
+                        .await
+                }
+                Err(error) => Err(error),
+            };
+        Ok(create_response(result))
+    }
+
+    async fn stream_send(
+        &self,
+        request: Request<pb::StreamSendRequest>,
+    ) -> Result<Response<pb::StreamResponse>, Status> {
+        let request = request.into_inner();
+        let timeout = Duration::from_millis(request.timeout_ms);
+        let result = self
+            .streams
+            .send(
+                request.stream,
+                request.producer_id,
+                request.elements,
+                timeout,
+            )
+            .await;
+        Ok(stream_response(result.map(|()| None)))
+    }
+
+    async fn stream_receive(
+        &self,
+        request: Request<pb::StreamReceiveRequest>,
+    ) -> Result<Response<pb::StreamReceiveResponse>, Status> {
+        let request = request.into_inner();
+        let timeout = Duration::from_millis(request.timeout_ms);
+        let expect_num = usize::try_from(request.expect_num).unwrap_or(usize::MAX);
+        let result = self
+            .streams
+            .receive(request.stream, request.consumer_id, expect_num, timeout)
+            .await;
+        Ok(Response::new(match result {
+            Ok(elements) => {
+                let (ids, values) = elements.into_iter().map(|e| (e.id, e.value)).unzip();
+                pb::StreamReceiveResponse {
+                    ids,
+                    values,
+                    error: None,
+                }
+            }
+            Err(error) => pb::StreamReceiveResponse {
+                ids: Vec::new(),
+                values: Vec::new(),
+                error: Some(error_to_proto(&error)),
+            },
+        }))
+    }
+
+    async fn stream_ack(
+        &self,
+        request: Request<pb::StreamAckRequest>,
+    ) -> Result<Response<pb::StreamResponse>, Status> {
+        let request = request.into_inner();
+        let result = self
+            .streams
+            .ack(&request.stream, request.consumer_id, request.element_id);
+        Ok(stream_response(result.map(|()| None)))
+    }
+
+    async fn stream_close_producer(
+        &self,
+        request: Request<pb::StreamCloseRequest>,
+    ) -> Result<Response<pb::StreamResponse>, Status> {
+        let request = request.into_inner();
+        let result = self.streams.close(request.stream, request.id, false).await;
+        Ok(stream_response(result.map(|()| None)))
+    }
+
+    async fn stream_close_consumer(
+        &self,
+        request: Request<pb::StreamCloseRequest>,
+    ) -> Result<Response<pb::StreamResponse>, Status> {
+        let request = request.into_inner();
+        let result = self.streams.close(request.stream, request.id, true).await;
+        Ok(stream_response(result.map(|()| None)))
+    }
+
+    async fn stream_delete(
+        &self,
+        request: Request<pb::StreamNameRequest>,
+    ) -> Result<Response<pb::StreamResponse>, Status> {
+        let name = request.into_inner().stream;
+        Ok(stream_response(self.streams.delete(name).await))
+    }
+
+    async fn stream_query(
+        &self,
+        request: Request<pb::StreamNameRequest>,
+    ) -> Result<Response<pb::StreamQueryResponse>, Status> {
+        let name = request.into_inner().stream;
+        Ok(Response::new(match self.streams.query(name).await {
+            Ok(((producers, consumers), home)) => pb::StreamQueryResponse {
+                producers,
+                consumers,
+                home: home.unwrap_or_default(),
+                error: None,
+            },
+            Err(error) => pb::StreamQueryResponse {
+                producers: 0,
+                consumers: 0,
+                home: String::new(),
                 error: Some(error_to_proto(&error)),
             },
         }))

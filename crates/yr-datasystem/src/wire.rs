@@ -1,5 +1,6 @@
-//! Between the KV types and the wire's (`yr.ds.v1`): write parameters and errors. Shared by
-//! the data worker's service and the client in `yr-runtime`.
+//! Between the KV and stream types and the wire's (`yr.ds.v1`): write parameters, producer
+//! and subscription configurations, and errors. Shared by the data worker's service and the
+//! client in `yr-runtime`.
 
 use std::time::Duration;
 
@@ -7,6 +8,55 @@ use yr_common::{Error, ErrorCode, ModuleCode};
 use yr_proto::ds as pb;
 
 use crate::kv::{CacheType, Existence, SetParam, WriteMode};
+use crate::stream::{ProducerConfig, SubscriptionConfig, SubscriptionType};
+
+/// A producer configuration for the wire.
+pub fn producer_config_to_proto(config: &ProducerConfig) -> pb::ProducerConfig {
+    pb::ProducerConfig {
+        delay_flush_time_us: u64::try_from(config.delay_flush_time.as_micros()).unwrap_or(u64::MAX),
+        page_size: config.page_size as u64,
+        max_stream_size: config.max_stream_size as u64,
+        retain_for_num_consumers: config.retain_for_num_consumers,
+        auto_clean_up: config.auto_clean_up,
+    }
+}
+
+/// A producer configuration from the wire (not validated yet).
+pub fn producer_config_from_proto(config: &pb::ProducerConfig) -> ProducerConfig {
+    ProducerConfig {
+        delay_flush_time: Duration::from_micros(config.delay_flush_time_us),
+        page_size: usize::try_from(config.page_size).unwrap_or(usize::MAX),
+        max_stream_size: usize::try_from(config.max_stream_size).unwrap_or(usize::MAX),
+        retain_for_num_consumers: config.retain_for_num_consumers,
+        auto_clean_up: config.auto_clean_up,
+    }
+}
+
+/// A subscription type for the wire.
+pub fn subscription_type_to_proto(kind: SubscriptionType) -> pb::SubscriptionType {
+    match kind {
+        SubscriptionType::Stream => pb::SubscriptionType::Stream,
+        SubscriptionType::RoundRobin => pb::SubscriptionType::RoundRobin,
+    }
+}
+
+/// A subscription from the wire; 1001 for an unknown type.
+pub fn subscription_from_proto(name: String, kind: i32) -> Result<SubscriptionConfig, Error> {
+    let subscription_type = match pb::SubscriptionType::try_from(kind) {
+        Ok(pb::SubscriptionType::Stream) => SubscriptionType::Stream,
+        Ok(pb::SubscriptionType::RoundRobin) => SubscriptionType::RoundRobin,
+        Err(_) => {
+            return Err(Error::new(
+                ErrorCode::ParamInvalid,
+                format!("{kind} is not a subscription type"),
+            ))
+        }
+    };
+    Ok(SubscriptionConfig {
+        subscription_name: name,
+        subscription_type,
+    })
+}
 
 /// A write parameter for the wire.
 pub fn set_param_to_proto(param: &SetParam) -> pb::SetParam {

@@ -123,6 +123,10 @@ pub async fn run(
     } else {
         tcp_address.to_string()
     };
+    // Streams whose home is this node are claimed in the meta store under this address.
+    options
+        .data_worker
+        .join_cluster(Arc::new(meta.clone()), advertised.clone());
     let node_info = pb::NodeInfo {
         node_id: options.node_id.clone(),
         address: advertised.clone(),

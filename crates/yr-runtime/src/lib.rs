@@ -16,6 +16,7 @@ pub mod object_store;
 pub mod retry;
 pub mod runtime;
 pub mod shared_memory;
+pub mod stream;
 pub mod user_code;
 
 pub use inventory;

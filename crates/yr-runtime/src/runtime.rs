@@ -15,6 +15,7 @@ use crate::function::{CreateSpec, MethodSpec, TaskSpec};
 use crate::kv::{KvClient, LocalKv};
 use crate::local::LocalBackend;
 use crate::object_store::{self, ObjectHandle, ObjectSlot, Outcome, StoredValue};
+use crate::stream::{LocalStreams, StreamClient};
 
 /// What `init` returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +38,7 @@ pub struct Runtime {
     job_id: String,
     backend: Box<dyn Backend>,
     kv: Box<dyn KvClient>,
+    streams: Box<dyn StreamClient>,
 }
 
 /// Initialize yr in this process. A second call, before `finalize`, fails with 4001.
@@ -61,15 +63,18 @@ pub fn init(config: Config) -> Result<ClientInfo> {
         .job_id
         .clone()
         .unwrap_or_else(|| format!("job-{}", ids::random_hex(8)));
-    let (backend, kv): (Box<dyn Backend>, Box<dyn KvClient>) = if config.local_mode {
+    type Clients = (Box<dyn Backend>, Box<dyn KvClient>, Box<dyn StreamClient>);
+    let (backend, kv, streams): Clients = if config.local_mode {
         (
             Box::new(LocalBackend::new(&config)),
             Box::new(LocalKv::new()),
+            Box::new(LocalStreams::new()),
         )
     } else {
         let cluster = ClusterBackend::connect(&config, &job_id, None)?;
         let kv = Box::new(cluster.kv_client());
-        (Box::new(cluster), kv)
+        let streams = Box::new(cluster.stream_client());
+        (Box::new(cluster), kv, streams)
     };
     tracing::debug!(job_id = %job_id, backend = backend.name(), "yr initialized");
     let runtime = Arc::new(Runtime {
@@ -77,6 +82,7 @@ pub fn init(config: Config) -> Result<ClientInfo> {
         job_id: job_id.clone(),
         backend,
         kv,
+        streams,
     });
     *lifecycle = Lifecycle::Running(runtime);
     Ok(ClientInfo { job_id })
@@ -101,6 +107,7 @@ fn run_as_runtime(config: Config, env: RuntimeEnv) -> ! {
         config,
         job_id,
         kv: Box::new(backend.kv_client()),
+        streams: Box::new(backend.stream_client()),
         backend: Box::new(backend),
     }));
     mode.serve_forever()
@@ -184,6 +191,7 @@ pub fn finalize() -> Result<()> {
     runtime.backend.stop_sending();
     object_store::fail_all_pending(&finalized);
     runtime.kv.shutdown(&finalized);
+    runtime.streams.shutdown(&finalized);
     runtime.backend.shutdown();
     object_store::fail_all_pending(&finalized);
     tracing::debug!(job_id = %runtime.job_id, "yr finalized");
@@ -242,6 +250,12 @@ impl Runtime {
     /// cluster.
     pub fn kv(&self) -> &dyn KvClient {
         self.kv.as_ref()
+    }
+
+    /// Where stream calls go: this process's streams in local mode, the streams' home data
+    /// workers in a cluster.
+    pub fn streams(&self) -> &dyn StreamClient {
+        self.streams.as_ref()
     }
 
     /// Store `value` as a new object owned by this process.

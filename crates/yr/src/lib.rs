@@ -9,6 +9,8 @@
 //! - [`put`], [`get`], [`get_all`], [`wait`] and [`cancel`] work with objects.
 //! - [`kv_write`], [`kv_read`], [`kv_get_with_param`], [`kv_del`] and [`kv_exist`] use the
 //!   data system's key-value store.
+//! - [`create_stream_producer`], [`create_stream_consumer`], [`delete_stream`],
+//!   [`query_global_producers_num`] and [`query_global_consumers_num`] use its streams.
 //!
 //! ```
 //! #[yr::invoke]
@@ -30,6 +32,7 @@ mod function;
 mod instance;
 mod kv;
 mod object_ref;
+mod stream;
 mod wire_ext;
 
 use std::time::Duration;
@@ -49,6 +52,11 @@ pub use kv::{
     SetParam, WriteMode,
 };
 pub use object_ref::{ObjectFuture, ObjectRef};
+pub use stream::{
+    create_stream_consumer, create_stream_producer, delete_stream, query_global_consumers_num,
+    query_global_producers_num, Consumer, Element, Producer, ProducerConfig, SubscriptionConfig,
+    SubscriptionType,
+};
 pub use yr_common::{Config, Error, ErrorCode, InvokeOptions, Lang, ModuleCode, Result};
 pub use yr_macros::{instance, invoke, shutdown};
 pub use yr_runtime::backend::NamedInstance;

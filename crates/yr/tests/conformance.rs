@@ -27,6 +27,8 @@ mod lifecycle;
 mod objects;
 #[path = "conformance/options.rs"]
 mod options;
+#[path = "conformance/streams.rs"]
+mod streams;
 
 /// Not a test: the entry point of runtime processes in cluster runs. A node re-executes this
 /// test binary as a runtime (`YR_RUNTIME_MODE=1`) with `YR_RUNTIME_ARGS` filtering to this

@@ -30,6 +30,11 @@ impl DataChannel {
         }
     }
 
+    /// The node's address (`unix:/path` or `host:port`).
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
     /// The backend's IO runtime.
     pub fn io(&self) -> &tokio::runtime::Handle {
         &self.io

@@ -13,6 +13,7 @@ mod remote_instance;
 pub mod runtime_mode;
 mod shared_memory;
 mod stateless;
+pub mod stream;
 pub mod transport;
 mod worker;
 
