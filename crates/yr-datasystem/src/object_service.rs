@@ -45,7 +45,8 @@ impl pb::object_store_server::ObjectStore for ObjectStoreService {
         &self,
         request: Request<pb::CreateObjectRequest>,
     ) -> Result<Response<pb::CreateObjectResponse>, Status> {
-        let reply = match self.store.create(request.into_inner().size) {
+        let request = request.into_inner();
+        let reply = match self.store.create(request.size, request.pid) {
             Ok((allocation, offset)) => pb::CreateObjectResponse {
                 allocation,
                 offset,
@@ -64,7 +65,8 @@ impl pb::object_store_server::ObjectStore for ObjectStoreService {
         &self,
         request: Request<pb::RetainObjectRequest>,
     ) -> Result<Response<pb::RetainObjectResponse>, Status> {
-        let reply = match self.store.retain(request.into_inner().allocation) {
+        let request = request.into_inner();
+        let reply = match self.store.retain(request.allocation, request.pid) {
             Ok((offset, size)) => pb::RetainObjectResponse {
                 offset,
                 size,
@@ -83,7 +85,8 @@ impl pb::object_store_server::ObjectStore for ObjectStoreService {
         &self,
         request: Request<pb::ReleaseObjectsRequest>,
     ) -> Result<Response<pb::ReleaseObjectsResponse>, Status> {
-        self.store.release(&request.into_inner().allocations);
+        let request = request.into_inner();
+        self.store.release(&request.allocations, request.pid);
         Ok(Response::new(pb::ReleaseObjectsResponse {}))
     }
 }

@@ -22,14 +22,15 @@ pub const ALIGNMENT: u64 = 4096;
 pub const RECLAIM_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// One allocation: where it lies and how many references keep it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Allocation {
     offset: u64,
     /// The size asked for.
     size: u64,
     /// The size taken from the region (`size` rounded up to the alignment).
     reserved: u64,
-    references: u32,
+    /// References by the process holding them.
+    holders: HashMap<u32, u32>,
 }
 
 #[derive(Debug, Default)]
@@ -161,8 +162,9 @@ impl SharedMemoryStore {
         &self.pool_id
     }
 
-    /// Reserve `size` bytes with one reference. Returns the allocation's id and offset.
-    pub fn create(&self, size: u64) -> Result<(u64, u64)> {
+    /// Reserve `size` bytes with one reference held by process `pid`. Returns the
+    /// allocation's id and offset.
+    pub fn create(&self, size: u64, pid: u32) -> Result<(u64, u64)> {
         if size > self.capacity {
             return Err(Error::new(
                 ErrorCode::SharedMemoryLimited,
@@ -197,18 +199,18 @@ impl SharedMemoryStore {
                 offset,
                 size,
                 reserved,
-                references: 1,
+                holders: HashMap::from([(pid, 1)]),
             },
         );
         Ok((id, offset))
     }
 
-    /// Add a reference to an allocation. Returns its offset and size.
-    pub fn retain(&self, id: u64) -> Result<(u64, u64)> {
+    /// Add a reference held by process `pid` to an allocation. Returns its offset and size.
+    pub fn retain(&self, id: u64, pid: u32) -> Result<(u64, u64)> {
         let mut allocator = self.allocator.lock();
         match allocator.allocations.get_mut(&id) {
             Some(allocation) => {
-                allocation.references += 1;
+                *allocation.holders.entry(pid).or_default() += 1;
                 Ok((allocation.offset, allocation.size))
             }
             None => Err(Error::new(
@@ -221,24 +223,56 @@ impl SharedMemoryStore {
         }
     }
 
-    /// Drop a reference to each allocation; those left with none are freed. Unknown ids are
-    /// ignored (a release may race with the node forgetting a dead process's objects).
-    pub fn release(&self, ids: &[u64]) {
+    /// Drop a reference of process `pid` to each allocation; those left with none are freed.
+    /// Unknown ids and references the process does not hold are ignored (a release may race
+    /// with the node forgetting a departed process's references).
+    pub fn release(&self, ids: &[u64], pid: u32) {
         let mut allocator = self.allocator.lock();
         for id in ids {
             let Some(allocation) = allocator.allocations.get_mut(id) else {
                 continue;
             };
-            allocation.references = allocation.references.saturating_sub(1);
-            if allocation.references > 0 {
+            let Some(count) = allocation.holders.get_mut(&pid) else {
                 continue;
+            };
+            *count -= 1;
+            if *count == 0 {
+                allocation.holders.remove(&pid);
             }
-            let allocation = *allocation;
-            allocator.allocations.remove(id);
-            allocator.used -= allocation.reserved;
-            allocator.give_back(allocation.offset, allocation.reserved);
-            allocator.freed_since_reclaim = Some(std::time::Instant::now());
+            if allocation.holders.is_empty() {
+                Self::free(&mut allocator, *id);
+            }
         }
+    }
+
+    /// Drop every reference process `pid` holds: it left the node.
+    pub fn release_process(&self, pid: u32) {
+        let mut allocator = self.allocator.lock();
+        let mut emptied = Vec::new();
+        for (id, allocation) in allocator.allocations.iter_mut() {
+            if allocation.holders.remove(&pid).is_some() && allocation.holders.is_empty() {
+                emptied.push(*id);
+            }
+        }
+        if !emptied.is_empty() {
+            tracing::debug!(
+                pid,
+                objects = emptied.len(),
+                "freed the shared memory of a departed process"
+            );
+        }
+        for id in emptied {
+            Self::free(&mut allocator, id);
+        }
+    }
+
+    fn free(allocator: &mut Allocator, id: u64) {
+        let Some(allocation) = allocator.allocations.remove(&id) else {
+            return;
+        };
+        allocator.used -= allocation.reserved;
+        allocator.give_back(allocation.offset, allocation.reserved);
+        allocator.freed_since_reclaim = Some(std::time::Instant::now());
     }
 
     /// Give the pages of free ranges back to the kernel if no object was freed for
@@ -311,7 +345,7 @@ mod tests {
     #[test]
     fn an_object_larger_than_the_region_is_4202_with_both_sizes() {
         let store = SharedMemoryStore::new(1 << 20, "test").unwrap();
-        let error = store.create(2 << 20).unwrap_err();
+        let error = store.create(2 << 20, 1).unwrap_err();
         assert_eq!(error.code(), ErrorCode::SharedMemoryLimited);
         assert!(error.message().contains(&(2u64 << 20).to_string()));
         assert!(error.message().contains(&(1u64 << 20).to_string()));
@@ -320,48 +354,65 @@ mod tests {
     #[test]
     fn a_full_region_is_4202_and_freed_space_is_reused() {
         let store = SharedMemoryStore::new(4 * ALIGNMENT, "test").unwrap();
-        let (a, _) = store.create(2 * ALIGNMENT).unwrap();
-        let (b, _) = store.create(2 * ALIGNMENT).unwrap();
-        let error = store.create(1).unwrap_err();
+        let (a, _) = store.create(2 * ALIGNMENT, 1).unwrap();
+        let (b, _) = store.create(2 * ALIGNMENT, 1).unwrap();
+        let error = store.create(1, 1).unwrap_err();
         assert_eq!(error.code(), ErrorCode::SharedMemoryLimited);
         assert!(error.message().contains("full"));
-        store.release(&[a]);
-        let (_, offset) = store.create(ALIGNMENT + 1).unwrap();
+        store.release(&[a], 1);
+        let (_, offset) = store.create(ALIGNMENT + 1, 1).unwrap();
         assert_eq!(offset, 0);
-        store.release(&[b]);
+        store.release(&[b], 1);
         assert_eq!(store.stats().objects, 1);
     }
 
     #[test]
     fn freed_neighbours_merge_into_one_range() {
         let store = SharedMemoryStore::new(3 * ALIGNMENT, "test").unwrap();
-        let ids: Vec<u64> = (0..3).map(|_| store.create(ALIGNMENT).unwrap().0).collect();
-        store.release(&[ids[0]]);
-        store.release(&[ids[2]]);
-        store.release(&[ids[1]]);
+        let ids: Vec<u64> = (0..3)
+            .map(|_| store.create(ALIGNMENT, 1).unwrap().0)
+            .collect();
+        store.release(&[ids[0]], 1);
+        store.release(&[ids[2]], 1);
+        store.release(&[ids[1]], 1);
         assert_eq!(store.stats().used, 0);
-        assert_eq!(store.create(3 * ALIGNMENT).unwrap().1, 0);
+        assert_eq!(store.create(3 * ALIGNMENT, 1).unwrap().1, 0);
     }
 
     #[test]
     fn an_allocation_lives_until_its_last_reference_is_released() {
         let store = SharedMemoryStore::new(4 * ALIGNMENT, "test").unwrap();
-        let (id, offset) = store.create(100).unwrap();
-        assert_eq!(store.retain(id).unwrap(), (offset, 100));
-        store.release(&[id]);
+        let (id, offset) = store.create(100, 1).unwrap();
+        assert_eq!(store.retain(id, 2).unwrap(), (offset, 100));
+        store.release(&[id], 1);
+        // A process cannot release a reference it does not hold.
+        store.release(&[id], 1);
         assert_eq!(store.stats().objects, 1);
-        store.release(&[id]);
+        store.release(&[id], 2);
         assert_eq!(store.stats().objects, 0);
         assert_eq!(
-            store.retain(id).unwrap_err().code(),
+            store.retain(id, 2).unwrap_err().code(),
             ErrorCode::GetOperationFailed
         );
     }
 
     #[test]
+    fn a_departed_process_gives_back_every_reference_it_held() {
+        let store = SharedMemoryStore::new(8 * ALIGNMENT, "test").unwrap();
+        let (own, _) = store.create(ALIGNMENT, 7).unwrap();
+        let (shared, _) = store.create(ALIGNMENT, 8).unwrap();
+        store.retain(shared, 7).unwrap();
+        store.release_process(7);
+        assert_eq!(store.stats().objects, 1);
+        assert!(store.retain(own, 8).is_err());
+        store.release(&[shared], 8);
+        assert_eq!(store.stats().objects, 0);
+    }
+
+    #[test]
     fn freed_pages_go_back_to_the_kernel() {
         let store = SharedMemoryStore::new(64 * ALIGNMENT, "test").unwrap();
-        let (id, offset) = store.create(32 * ALIGNMENT).unwrap();
+        let (id, offset) = store.create(32 * ALIGNMENT, 1).unwrap();
         let file = std::fs::OpenOptions::new()
             .write(true)
             .open(store.path())
@@ -370,7 +421,7 @@ mod tests {
         file.write_all_at(&vec![7u8; 32 * ALIGNMENT as usize], offset)
             .unwrap();
         assert!(store.resident_bytes() >= 32 * ALIGNMENT);
-        store.release(&[id]);
+        store.release(&[id], 1);
         // Kept warm for reuse at first, then given back.
         assert!(store.resident_bytes() >= 32 * ALIGNMENT);
         assert!(!store.reclaim_idle());

@@ -160,6 +160,11 @@ pub async fn run(
         master.clone(),
         events,
     );
+    // A process that goes away without dropping its objects gives its shared memory back.
+    let data_worker = options.data_worker.clone();
+    node.on_client_gone(Box::new(move |pid| {
+        data_worker.shared_memory().release_process(pid)
+    }));
 
     let link_node = node.clone();
     tokio::spawn(async move {

@@ -77,6 +77,8 @@ pub struct Client {
     job_id: String,
     sender: Outbound,
     runtime_id: String,
+    /// The client's process id (0 until it registers).
+    pid: u32,
 }
 
 /// Who hears about an instance's state.
@@ -153,6 +155,9 @@ pub struct Node {
     writes: Mutex<HashMap<String, PendingWrites>>,
     next_client: AtomicU64,
     creates: AtomicU64,
+    /// Told the process id of each client that disconnects (the data worker drops its
+    /// shared-memory references).
+    client_gone: std::sync::OnceLock<Box<dyn Fn(u32) + Send + Sync>>,
 }
 
 fn error_notify(instance_id: &str, state: S, error: &Error) -> pb::InstanceNotify {
@@ -192,6 +197,7 @@ impl Node {
             writes: Mutex::new(HashMap::new()),
             next_client: AtomicU64::new(1),
             creates: AtomicU64::new(0),
+            client_gone: std::sync::OnceLock::new(),
             settings,
         })
     }
@@ -208,6 +214,11 @@ impl Node {
 
     // ----- bus clients -------------------------------------------------------------------
 
+    /// Run `gone` with the process id of each client that disconnects. Set once.
+    pub fn on_client_gone(&self, gone: Box<dyn Fn(u32) + Send + Sync>) {
+        let _ = self.client_gone.set(gone);
+    }
+
     /// A new bus session; returns its id.
     pub fn connect_client(&self, sender: Outbound) -> u64 {
         let id = self.next_client.fetch_add(1, Ordering::Relaxed);
@@ -218,6 +229,7 @@ impl Node {
                 job_id: String::new(),
                 sender,
                 runtime_id: String::new(),
+                pid: 0,
             },
         );
         id
@@ -266,6 +278,7 @@ impl Node {
                 client.kind = kind;
                 client.job_id = register.job_id.clone();
                 client.runtime_id = register.runtime_id.clone();
+                client.pid = register.pid;
             }
             match kind {
                 pb::ClientKind::Runtime => {
@@ -326,6 +339,11 @@ impl Node {
             let orphaned = client.kind == pb::ClientKind::Driver && !job_still_connected;
             (client, orphaned)
         };
+        if client.pid != 0 {
+            if let Some(gone) = self.client_gone.get() {
+                gone(client.pid);
+            }
+        }
         if orphaned_job {
             tracing::info!(job = %client.job_id, "the driver of job left; releasing its instances");
             let node = self.clone();

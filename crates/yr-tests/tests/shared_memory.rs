@@ -122,7 +122,51 @@ fn memory_returns_to_its_baseline_after_10000_put_drop_cycles_of_1_mb() {
         back,
         "objects are still held after every reference was dropped"
     );
-    // The pages of freed objects went back to the kernel.
-    assert_eq!(metric(&cluster, "yr_shared_memory_resident_bytes"), 0.0);
+    // The pages of freed objects go back to the kernel once frees stop.
+    assert!(wait_until(TIMEOUT, || {
+        metric(&cluster, "yr_shared_memory_resident_bytes") == 0.0
+    }));
     yr::finalize().unwrap();
+}
+
+/// The child of `a_driver_killed_with_its_objects_gives_their_memory_back`: puts two large
+/// objects, says so, and waits to be killed.
+#[test]
+fn driver_holding_large_objects() {
+    if !yr_tests::is_child_for("driver_holding_large_objects") {
+        return;
+    }
+    let address = std::env::var("YR_TESTS_BUS").expect("the node's bus address");
+    yr::init(yr_tests::driver_config(&address)).unwrap();
+    let kept: Vec<ObjectRef<ByteBuf>> =
+        (0..2).map(|_| yr::put(pattern(1 << 20)).unwrap()).collect();
+    println!("PUT {}", kept.len());
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+#[test]
+fn a_driver_killed_with_its_objects_gives_their_memory_back() {
+    let _lock = exclusive();
+    let cluster = node_with_shared_memory(64);
+    let mut child = yr_tests::child_test_process("driver_holding_large_objects")
+        .env("YR_TESTS_BUS", cluster.node_bus_address(0))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let put = lines.find(|line| line.as_ref().is_ok_and(|l| l.contains("PUT 2")));
+    assert!(put.is_some(), "the driver did not put its objects");
+    assert_eq!(metric(&cluster, "yr_shared_memory_objects"), 2.0);
+    // SIGKILL: the driver drops nothing; the node sees its bus connection end.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        wait_until(TIMEOUT, || metric(&cluster, "yr_shared_memory_objects")
+            == 0.0),
+        "the killed driver's objects are still held"
+    );
+    assert!(wait_until(TIMEOUT, || {
+        metric(&cluster, "yr_shared_memory_resident_bytes") == 0.0
+    }));
 }

@@ -34,7 +34,12 @@ struct NodeAllocator {
 impl RegionAllocator for NodeAllocator {
     fn create(&self, size: u64) -> Result<(u64, u64)> {
         let reply = self.channel.call(client, move |mut client| async move {
-            client.create(pb::CreateObjectRequest { size }).await
+            client
+                .create(pb::CreateObjectRequest {
+                    size,
+                    pid: std::process::id(),
+                })
+                .await
         })?;
         check(reply.error)?;
         Ok((reply.allocation, reply.offset))
@@ -46,6 +51,7 @@ impl RegionAllocator for NodeAllocator {
             if let Ok(connected) = channel.connected().await {
                 let request = pb::ReleaseObjectsRequest {
                     allocations: vec![allocation],
+                    pid: std::process::id(),
                 };
                 if let Err(status) = client(connected).release(request).await {
                     tracing::debug!(allocation, error = %status.message(), "release failed");
@@ -104,6 +110,7 @@ pub async fn open_location(
     let reply = client(connected)
         .retain(pb::RetainObjectRequest {
             allocation: location.allocation,
+            pid: std::process::id(),
         })
         .await
         .map_err(|status| channel.failed(&status))?
