@@ -46,14 +46,14 @@ impl DataWorkerService {
     }
 }
 
-/// Run a blocking store call on a blocking thread.
-async fn blocking<T: Send + 'static>(
+/// Run a blocking store call (KV or streams) on a blocking thread.
+pub(crate) async fn blocking<T: Send + 'static>(
     call: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     tokio::task::spawn_blocking(call).await.map_err(|e| {
         Error::new(
             ErrorCode::InnerSystemError,
-            format!("a KV call failed inside the data worker: {e}"),
+            format!("a call failed inside the data worker: {e}"),
         )
     })?
 }

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use yr_common::{Error, ErrorCode, Result};
 use yr_meta::MetaStore;
 
+use crate::service::blocking;
 use crate::stream::{ProducerConfig, StreamStore, SubscriptionConfig};
 
 /// Where this node's streams are recorded, and how other nodes reach it.
@@ -60,18 +61,6 @@ pub struct StreamService {
     /// Serializes creating and removing streams on this node (held across meta store calls:
     /// a tokio mutex, made for that).
     lifecycle: Arc<tokio::sync::Mutex<()>>,
-}
-
-/// Run a blocking store call on a blocking thread.
-async fn blocking<T: Send + 'static>(
-    call: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(call).await.map_err(|e| {
-        Error::new(
-            ErrorCode::InnerSystemError,
-            format!("a stream call failed inside the data worker: {e}"),
-        )
-    })?
 }
 
 impl StreamService {

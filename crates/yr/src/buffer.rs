@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use yr_common::{Error, ErrorCode, Result};
+use yr_common::Result;
 use yr_runtime::codec;
 use yr_runtime::object_store::{Outcome, StoredValue};
 
@@ -72,17 +72,8 @@ impl Buffer {
 /// # yr::finalize().unwrap();
 /// ```
 pub fn get_buffer<T>(object: &ObjectRef<T>, timeout: Duration) -> Result<Buffer> {
-    let runtime = yr_runtime::current()?;
-    let outcome = runtime
-        .get(std::slice::from_ref(object.handle()), timeout, false)?
-        .pop()
-        .flatten();
-    match outcome {
-        Some(Outcome::Ready(value)) => Ok(Buffer { value }),
-        Some(Outcome::Failed(error)) => Err(error),
-        None => Err(Error::new(
-            ErrorCode::GetOperationFailed,
-            format!("object {} did not arrive", object.id()),
-        )),
+    match crate::outcome_of(object, timeout)? {
+        Outcome::Ready(value) => Ok(Buffer { value }),
+        Outcome::Failed(error) => Err(error),
     }
 }

@@ -126,18 +126,25 @@ pub fn put<T: Serialize>(value: T) -> Result<ObjectRef<T>> {
 /// # yr::finalize().unwrap();
 /// ```
 pub fn get<T: DeserializeOwned>(object: &ObjectRef<T>, timeout: Duration) -> Result<T> {
+    object_ref::decode_outcome(outcome_of(object, timeout)?)
+}
+
+/// How `object` ended, waiting up to `timeout`; 4005 if it did not arrive.
+pub(crate) fn outcome_of<T>(
+    object: &ObjectRef<T>,
+    timeout: Duration,
+) -> Result<yr_runtime::object_store::Outcome> {
     let runtime = yr_runtime::current()?;
-    let outcome = runtime
+    runtime
         .get(std::slice::from_ref(object.handle()), timeout, false)?
         .pop()
-        .flatten();
-    match outcome {
-        Some(outcome) => object_ref::decode_outcome(outcome),
-        None => Err(Error::new(
-            ErrorCode::GetOperationFailed,
-            format!("object {} did not arrive", object.id()),
-        )),
-    }
+        .flatten()
+        .ok_or_else(|| {
+            Error::new(
+                ErrorCode::GetOperationFailed,
+                format!("object {} did not arrive", object.id()),
+            )
+        })
 }
 
 /// The values of `objects`, in order, waiting up to `timeout` in all. The first failed call's
