@@ -170,3 +170,45 @@ fn a_driver_killed_with_its_objects_gives_their_memory_back() {
         metric(&cluster, "yr_shared_memory_resident_bytes") == 0.0
     }));
 }
+
+/// The node it ran on (its runtime id starts with the node id) and the checksum of `bytes`.
+#[yr::invoke]
+fn where_and_checksum(bytes: ByteBuf) -> (String, u64) {
+    (
+        std::env::var("YR_RUNTIME_ID").unwrap_or_default(),
+        bytes.iter().map(|b| u64::from(*b)).sum(),
+    )
+}
+
+#[test]
+fn a_large_object_is_read_on_another_node() {
+    let _lock = exclusive();
+    let cluster = yr_tests::TestCluster::builder()
+        .node(NodeSpec {
+            cpu: 1_000,
+            shared_memory_mb: Some(64),
+            ..NodeSpec::default()
+        })
+        .node(NodeSpec {
+            cpu: 4_000,
+            shared_memory_mb: Some(64),
+            ..NodeSpec::default()
+        })
+        .start();
+    yr::init(cluster.config()).unwrap();
+    let value = pattern(8 << 20);
+    let expected: u64 = value.iter().map(|b| u64::from(*b)).sum();
+    let object = yr::put(value).unwrap();
+    // Too big for the driver's node: it runs on the other one, which fetches the object.
+    let result = yr::function(where_and_checksum)
+        .options(yr::InvokeOptions {
+            cpu: 2_000,
+            ..Default::default()
+        })
+        .invoke((&object,))
+        .unwrap();
+    let (runtime, sum) = yr::get(&result, TIMEOUT).unwrap();
+    assert!(runtime.starts_with(cluster.node_id(1)), "{runtime}");
+    assert_eq!(sum, expected);
+    yr::finalize().unwrap();
+}
