@@ -156,7 +156,7 @@ fn get_all_partial_gives_none_for_failed_and_missing_objects() {
     let refs = vec![
         yr::put(1).unwrap(),
         yr::function(fail_with).invoke(("partial",)).unwrap(),
-        yr::function(slow).invoke((3, 1_500)).unwrap(),
+        yr::function(slow).invoke((3, 6_000)).unwrap(),
         yr::function(add).invoke((2, 2)).unwrap(),
     ];
     // Let the failure and the sum finish first.
