@@ -212,3 +212,17 @@ fn a_large_object_is_read_on_another_node() {
     assert_eq!(sum, expected);
     yr::finalize().unwrap();
 }
+
+#[test]
+fn a_node_without_shared_memory_keeps_large_values_in_their_process() {
+    let _lock = exclusive();
+    let cluster = node_with_shared_memory(0);
+    yr::init(cluster.config()).unwrap();
+    let object = yr::put(pattern(1 << 20)).unwrap();
+    assert_eq!(yr::get(&object, TIMEOUT).unwrap(), pattern(1 << 20));
+    let sum = yr::function(checksum).invoke((&object,)).unwrap();
+    let expected: u64 = pattern(1 << 20).iter().map(|b| u64::from(*b)).sum();
+    assert_eq!(yr::get(&sum, TIMEOUT).unwrap(), expected);
+    assert_eq!(metric(&cluster, "yr_shared_memory_objects"), 0.0);
+    yr::finalize().unwrap();
+}

@@ -62,10 +62,16 @@ impl RegionAllocator for NodeAllocator {
 }
 
 /// Map the node's shared memory and make it this process's (blocks; call from a user thread).
+/// A node without shared memory leaves every value inline.
 pub fn connect(channel: DataChannel) -> Result<()> {
     let info = channel.call(client, |mut client| async move {
         client.pool_info(pb::PoolInfoRequest {}).await
     })?;
+    if info.capacity == 0 {
+        // `--shared-memory-mb 0`: every value stays in its process.
+        shared_memory::install(None);
+        return Ok(());
+    }
     let memory = SharedMemory::map(
         &info.path,
         info.capacity,
