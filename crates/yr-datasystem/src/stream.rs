@@ -299,6 +299,21 @@ impl ConsumerState {
     }
 }
 
+/// Wait for `changed` until `deadline` (`None`: forever). Returns whether the deadline passed.
+fn wait_changed<T>(
+    changed: &Condvar,
+    state: &mut parking_lot::MutexGuard<'_, T>,
+    deadline: Option<Instant>,
+) -> bool {
+    match deadline {
+        Some(deadline) => changed.wait_until(state, deadline).timed_out(),
+        None => {
+            changed.wait(state);
+            false
+        }
+    }
+}
+
 fn insert_sorted(queue: &mut VecDeque<u64>, id: u64) {
     match queue.back() {
         Some(back) if *back > id => {
@@ -585,13 +600,7 @@ impl StreamStore {
             if state.bytes == 0 || state.bytes.saturating_add(wanted) <= max {
                 break;
             }
-            let timed_out = match deadline {
-                Some(deadline) => stream.changed.wait_until(&mut state, deadline).timed_out(),
-                None => {
-                    stream.changed.wait(&mut state);
-                    false
-                }
-            };
+            let timed_out = wait_changed(&stream.changed, &mut state, deadline);
             if timed_out
                 && state.bytes != 0
                 && state.bytes.saturating_add(wanted) > state.config.max_stream_size
@@ -651,13 +660,7 @@ impl StreamStore {
             if ready >= wanted {
                 break;
             }
-            let timed_out = match deadline {
-                Some(deadline) => stream.changed.wait_until(&mut state, deadline).timed_out(),
-                None => {
-                    stream.changed.wait(&mut state);
-                    false
-                }
-            };
+            let timed_out = wait_changed(&stream.changed, &mut state, deadline);
             if timed_out {
                 break;
             }
