@@ -402,6 +402,8 @@ pub fn stop(args: &StopArgs) -> anyhow::Result<ExitCode> {
     if std::fs::read_link(&latest).ok().as_deref() == Some(session.session_dir.as_path()) {
         let _ = std::fs::remove_file(latest);
     }
+    // Runtimes killed with their node left their sockets.
+    yr_common::sockets::sweep_dead();
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,6 +1,7 @@
 //! yr-common: what every yr component shares. It owns the error-code contract (generated from
-//! `docs/error-codes.md`), ids, [`InvokeOptions`] with their validation, and [`Config`]. It owns
-//! no behaviour: no I/O, no threads, no network.
+//! `docs/error-codes.md`), ids, [`InvokeOptions`] with their validation, and [`Config`], and the
+//! files processes on one machine agree on (the session file, socket paths). It owns no
+//! behaviour beyond that: no threads, no network.
 
 pub mod error;
 
@@ -16,3 +17,4 @@ pub use options::{
     SchedulingAffinityType,
 };
 pub mod session;
+pub mod sockets;

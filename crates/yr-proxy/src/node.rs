@@ -79,6 +79,8 @@ pub struct Client {
     runtime_id: String,
     /// The client's process id (0 until it registers).
     pid: u32,
+    /// Where the client listens, if on a Unix socket; removed when it leaves.
+    socket: Option<PathBuf>,
 }
 
 /// Who hears about an instance's state.
@@ -230,6 +232,7 @@ impl Node {
                 sender,
                 runtime_id: String::new(),
                 pid: 0,
+                socket: None,
             },
         );
         id
@@ -279,6 +282,10 @@ impl Node {
                 client.job_id = register.job_id.clone();
                 client.runtime_id = register.runtime_id.clone();
                 client.pid = register.pid;
+                client.socket = register
+                    .listen_address
+                    .strip_prefix("unix:")
+                    .map(PathBuf::from);
             }
             match kind {
                 pb::ClientKind::Runtime => {
@@ -343,6 +350,10 @@ impl Node {
             if let Some(gone) = self.client_gone.get() {
                 gone(client.pid);
             }
+        }
+        if let Some(socket) = &client.socket {
+            // So that crashed processes leave no socket files behind.
+            yr_common::sockets::remove(socket);
         }
         if orphaned_job {
             tracing::info!(job = %client.job_id, "the driver of job left; releasing its instances");

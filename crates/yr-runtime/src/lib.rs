@@ -16,6 +16,7 @@ pub mod object_store;
 pub mod retry;
 pub mod runtime;
 pub mod shared_memory;
+pub(crate) mod spin;
 pub mod stream;
 pub mod user_code;
 

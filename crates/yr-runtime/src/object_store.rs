@@ -305,10 +305,7 @@ impl ObjectSlot {
 
     /// Wait until the object is finished or `deadline` passes (`None` waits forever).
     pub fn wait_until(&self, deadline: Option<Instant>) -> Option<Outcome> {
-        let spin_start = Instant::now();
-        while !self.is_finished() && spin_start.elapsed() < SPIN_BEFORE_SLEEP {
-            std::thread::yield_now();
-        }
+        crate::spin::spin_until(SPIN_BEFORE_SLEEP, || self.is_finished());
         let mut state = self.state.lock();
         loop {
             match &*state {

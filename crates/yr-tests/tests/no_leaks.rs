@@ -154,6 +154,27 @@ fn yr_stop_after_a_driver_leaves_no_process_of_the_session() {
         !root.path().join("latest").exists(),
         "yr stop removes the latest link"
     );
+    let left = sockets_of(&everything);
+    assert!(
+        left.is_empty(),
+        "socket files remain after yr stop: {left:?}"
+    );
+}
+
+/// Socket files (Worker and call sockets) that the processes `pids` left in yr's socket
+/// directory.
+fn sockets_of(pids: &[u32]) -> Vec<String> {
+    let dir = std::env::temp_dir().join("yr-sockets");
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .filter(|name| {
+            pids.iter()
+                .any(|pid| name.starts_with(&format!("w-{pid}-")))
+        })
+        .collect()
 }
 
 /// Run by the tests below in a child process: a driver with no cluster to find, which starts

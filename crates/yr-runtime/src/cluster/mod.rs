@@ -4,6 +4,7 @@
 //! own Worker service.
 
 mod bus;
+mod call_channel;
 pub mod convert;
 mod data_channel;
 mod discovery;
@@ -60,6 +61,8 @@ pub struct Inner {
     pub runtime: OnceLock<Arc<runtime_mode::RuntimeMode>>,
     /// The node's data worker: KV and shared memory.
     data: data_channel::DataChannel,
+    /// This process's Worker socket; a runtime's call socket sits beside it.
+    socket: std::path::PathBuf,
 }
 
 /// The cluster backend.
@@ -103,12 +106,6 @@ fn io_runtime() -> Result<
             )
         })?;
     Ok((handle, thread, stop))
-}
-
-fn socket_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join("yr-sockets");
-    let _ = std::fs::create_dir_all(&dir);
-    dir
 }
 
 /// The content key of the executable at `path`: a 128-bit hash of its bytes and its length, so
@@ -210,11 +207,11 @@ impl ClusterBackend {
         let runtime_args: Vec<String> = std::env::var("YR_RUNTIME_ARGS")
             .map(|a| a.split_whitespace().map(str::to_string).collect())
             .unwrap_or_default();
-        let socket = socket_dir().join(format!(
-            "w-{}-{}.sock",
-            std::process::id(),
-            ids::random_hex(6)
-        ));
+        let socket = yr_common::sockets::new_worker_socket();
+        // Clean up after processes that died without removing their sockets; off the way.
+        let _ = std::thread::Builder::new()
+            .name("yr-sweep".to_string())
+            .spawn(yr_common::sockets::sweep_dead);
         let worker_address = format!("unix:{}", socket.display());
         let cell: Arc<OnceLock<Weak<Inner>>> = Arc::new(OnceLock::new());
         let connect_code = if runtime.is_some() {
@@ -247,11 +244,12 @@ impl ClusterBackend {
         let is_runtime = runtime.is_some();
         let push_cell = cell.clone();
         let closed_cell = cell.clone();
+        let listen_at = socket.clone();
         let listener = io.block_on_in_thread(async move {
-            tokio::net::UnixListener::bind(&socket).map_err(|e| {
+            tokio::net::UnixListener::bind(&listen_at).map_err(|e| {
                 Error::new(
                     ErrorCode::InnerSystemError,
-                    format!("cannot listen on {}: {e}", socket.display()),
+                    format!("cannot listen on {}: {e}", listen_at.display()),
                 )
             })
         })?;
@@ -283,6 +281,7 @@ impl ClusterBackend {
             lost: Mutex::new(None),
             runtime: OnceLock::new(),
             data: data_channel::DataChannel::new(io.clone(), node_address.clone()),
+            socket: socket.clone(),
         });
         // Large values go to the node's shared memory; without it they stay inline.
         if let Err(error) = shared_memory::connect(inner.data.clone()) {
@@ -295,18 +294,17 @@ impl ClusterBackend {
                 .runtime
                 .set(runtime_mode::RuntimeMode::new(env, Arc::downgrade(&inner)));
         }
+        // A runtime takes calls on its call socket, bound before the node can name it to callers.
+        if let Some(runtime) = inner.runtime.get() {
+            call_channel::serve(&worker_address, runtime.clone())?;
+        }
         // Register only now: the node may push (an init call) right after.
         inner.bus.register(register, connect_code)?;
-        // Serve the Worker service: objects, and in a runtime, calls.
-        let executor: Option<Arc<dyn worker::CallExecutor>> = inner
-            .runtime
-            .get()
-            .map(|r| r.clone() as Arc<dyn worker::CallExecutor>);
+        // Serve the Worker service: the objects this process owns.
         io.spawn(async move {
-            let service =
-                yr_proto::v1::worker_server::WorkerServer::new(worker::WorkerService { executor })
-                    .max_decoding_message_size(usize::MAX)
-                    .max_encoding_message_size(usize::MAX);
+            let service = yr_proto::v1::worker_server::WorkerServer::new(worker::WorkerService)
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX);
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
             if let Err(e) = tonic::transport::Server::builder()
                 .add_service(service)
@@ -380,6 +378,11 @@ impl Inner {
         }
     }
 
+    /// Remove this process's socket files (the node also does, for processes that crash).
+    pub(crate) fn remove_sockets(&self) {
+        yr_common::sockets::remove(&self.socket);
+    }
+
     fn on_bus_lost(&self, error: Error, is_runtime: bool) {
         tracing::warn!(%error, "lost the node");
         *self.lost.lock() = Some(error.clone());
@@ -389,6 +392,7 @@ impl Inner {
         }
         if is_runtime {
             // A runtime without its node has no one to serve: exit rather than linger.
+            self.remove_sockets();
             std::process::exit(1);
         }
     }
@@ -844,6 +848,7 @@ impl Backend for ClusterBackend {
         }
         object_store::set_remote_fetcher(None);
         object_store::set_local_owner_address("");
+        inner.remove_sockets();
         crate::shared_memory::install(None);
         if let Some(stop) = self.shutdown_io.lock().take() {
             let _ = stop.send(());

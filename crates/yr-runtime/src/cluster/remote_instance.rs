@@ -9,15 +9,11 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tokio_stream::StreamExt;
 use yr_common::{Error, ErrorCode};
 use yr_proto::v1 as pb;
-use yr_proto::v1::worker_client::WorkerClient;
 
+use super::call_channel::{self, FrameWriter};
 use super::convert::{args_to_proto, finish_returns};
-use super::transport;
 use crate::dependencies;
 use crate::function::Arg;
 use crate::object_store::ObjectHandle;
@@ -110,9 +106,7 @@ enum Connection {
     /// Not running yet, or reconnecting.
     Waiting,
     /// Streaming calls to the runtime at `address`.
-    Open {
-        sender: mpsc::UnboundedSender<pb::CallRequest>,
-    },
+    Open { sender: Arc<FrameWriter> },
     /// Gone for good; calls fail with this error.
     Failed(Error),
 }
@@ -248,7 +242,14 @@ impl RemoteInstance {
                         function = call.function,
                         "call sent"
                     );
-                    if sender.send(request).is_err() {
+                    // Nagle's rule: a call to an idle instance is written now; calls behind
+                    // others in flight go out together on the poller's next turn.
+                    let sent = if state.in_flight.is_empty() {
+                        sender.send(&request)
+                    } else {
+                        sender.send_soon(&request)
+                    };
+                    if sent.is_err() {
                         state.queued.push_front(call);
                         return failed;
                     }
@@ -274,24 +275,13 @@ impl RemoteInstance {
             state.connection = Connection::Waiting;
             state.generation
         };
-        let instance = self.clone();
-        self.io
-            .spawn(async move { instance.connect(address, generation).await });
-    }
-
-    async fn connect(self: Arc<Self>, address: String, generation: u64) {
-        let channel = match transport::connect(&address, ErrorCode::RequestBetweenRuntimeBus).await
-        {
-            Ok(channel) => channel,
+        let (sender, results) = match call_channel::connect(&address) {
+            Ok(halves) => halves,
             Err(error) => {
                 self.on_failed(error);
                 return;
             }
         };
-        let mut client = WorkerClient::new(channel)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX);
-        let (sender, receiver) = mpsc::unbounded_channel();
         {
             let mut state = self.state.lock();
             if state.generation != generation || matches!(state.connection, Connection::Failed(_)) {
@@ -303,7 +293,9 @@ impl RemoteInstance {
             for call in replay.into_iter().rev() {
                 state.queued.push_front(call);
             }
-            state.connection = Connection::Open { sender };
+            state.connection = Connection::Open {
+                sender: sender.clone(),
+            };
             let failed = Self::pump(&mut state);
             drop(state);
             fail_all(failed);
@@ -311,25 +303,19 @@ impl RemoteInstance {
         if let Some(observer) = &self.observer {
             observer.on_ready();
         }
-        let response = client.call(UnboundedReceiverStream::new(receiver)).await;
-        let mut results = match response {
-            Ok(response) => response.into_inner(),
-            Err(status) => {
-                self.on_disconnected(
-                    generation,
-                    format!("the runtime refused calls: {}", status.message()),
-                );
-                return;
-            }
-        };
-        let reason = loop {
-            match results.next().await {
-                Some(Ok(result)) => self.on_call_result(result),
-                Some(Err(status)) => break format!("the call stream failed: {}", status.message()),
-                None => break "the runtime closed the call stream".to_string(),
-            }
-        };
-        self.on_disconnected(generation, reason);
+        let receiving = self.clone();
+        let closing = self.clone();
+        let watched = call_channel::watch(
+            results,
+            move |result: pb::CallResult| receiving.on_call_result(result),
+            move |reason| {
+                sender.close();
+                closing.on_disconnected(generation, reason);
+            },
+        );
+        if let Err(error) = watched {
+            self.on_failed(error);
+        }
     }
 
     fn on_call_result(&self, result: pb::CallResult) {

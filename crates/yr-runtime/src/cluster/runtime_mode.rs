@@ -10,8 +10,8 @@ use parking_lot::{Condvar, Mutex};
 use yr_common::{Error, ErrorCode, InvokeOptions};
 use yr_proto::v1 as pb;
 
+use super::call_channel::CallExecutor;
 use super::convert::{args_from_proto, error_to_proto, value_to_proto};
-use super::worker::CallExecutor;
 use super::Inner;
 use crate::function::{
     find_constructor, find_function, find_method, CreateSpec, MethodSpec, TaskSpec,
@@ -80,6 +80,9 @@ impl RuntimeMode {
         }
         drop(done);
         tracing::debug!(runtime = %self.env.runtime_id, "runtime exiting");
+        if let Some(inner) = self.inner.upgrade() {
+            inner.remove_sockets();
+        }
         std::process::exit(0)
     }
 

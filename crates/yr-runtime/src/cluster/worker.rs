@@ -1,14 +1,9 @@
-//! The Worker service this process serves: objects it owns (`GetObject`), and in a runtime, the
-//! calls its callers stream to it (`Call`).
+//! The Worker service every driver and runtime serves: the objects it owns (`GetObject`). Calls
+//! to a runtime come on its call socket instead (`call_channel`).
 
-use std::pin::Pin;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tokio_stream::{Stream, StreamExt};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 use yr_common::{Error, ErrorCode, ObjectId};
 use yr_proto::v1 as pb;
 use yr_proto::v1::worker_server::Worker;
@@ -16,51 +11,11 @@ use yr_proto::v1::worker_server::Worker;
 use super::convert::{error_to_proto, value_to_proto_for};
 use crate::object_store::{ObjectSlot, Outcome};
 
-/// Runs the calls a runtime receives.
-pub trait CallExecutor: Send + Sync + 'static {
-    /// Run `request`; `respond` gets its result exactly once.
-    fn execute(&self, request: pb::CallRequest, respond: Box<dyn FnOnce(pb::CallResult) + Send>);
-}
-
 /// The Worker service.
-pub struct WorkerService {
-    /// Set in a runtime; a driver serves only objects.
-    pub executor: Option<Arc<dyn CallExecutor>>,
-}
-
-type CallStream = Pin<Box<dyn Stream<Item = Result<pb::CallResult, Status>> + Send>>;
+pub struct WorkerService;
 
 #[tonic::async_trait]
 impl Worker for WorkerService {
-    type CallStream = CallStream;
-
-    async fn call(
-        &self,
-        request: Request<Streaming<pb::CallRequest>>,
-    ) -> Result<Response<CallStream>, Status> {
-        let Some(executor) = self.executor.clone() else {
-            return Err(Status::failed_precondition(
-                "this process is a driver; it runs no calls",
-            ));
-        };
-        let mut calls = request.into_inner();
-        let (sender, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Some(Ok(call)) = calls.next().await {
-                let sender = sender.clone();
-                executor.execute(
-                    call,
-                    Box::new(move |result| {
-                        let _ = sender.send(Ok(result));
-                    }),
-                );
-            }
-        });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
-            receiver,
-        ))))
-    }
-
     async fn get_object(
         &self,
         request: Request<pb::GetObjectRequest>,

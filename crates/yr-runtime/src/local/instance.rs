@@ -139,17 +139,18 @@ impl LocalInstance {
     }
 
     fn next_message(&self) -> Result<Message, crossbeam_channel::RecvError> {
-        let start = std::time::Instant::now();
-        while start.elapsed() < std::time::Duration::from_micros(300) {
+        let mut received = None;
+        crate::spin::spin_until(std::time::Duration::from_micros(300), || {
             match self.receiver.try_recv() {
-                Ok(message) => return Ok(message),
-                Err(crossbeam_channel::TryRecvError::Empty) => std::thread::yield_now(),
+                Ok(message) => received = Some(Ok(message)),
+                Err(crossbeam_channel::TryRecvError::Empty) => {}
                 Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                    return Err(crossbeam_channel::RecvError)
+                    received = Some(Err(crossbeam_channel::RecvError))
                 }
             }
-        }
-        self.receiver.recv()
+            received.is_some()
+        });
+        received.unwrap_or_else(|| self.receiver.recv())
     }
 
     fn serve(&self) {

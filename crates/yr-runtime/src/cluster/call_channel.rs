@@ -1,0 +1,788 @@
+//! Direct calls: the channel on which a caller streams calls to an instance's runtime and reads
+//! their results back. It is a Unix socket beside the runtime's Worker socket
+//! (`w-….sock` → `w-….calls`), carrying length-prefixed protobuf frames: `CallRequest` one way,
+//! `CallResult` the other (8-byte little-endian length, then the message).
+//!
+//! Why not the gRPC stream: a call's cost is its wakeups. Through tonic, a call woke the
+//! caller's IO thread to write it, the runtime's IO thread to read it, the runtime's IO thread
+//! again to write the result and the caller's IO thread to read it. Here the thread that has a
+//! frame writes it itself, and a reader spins briefly (yielding) before it blocks, so on a
+//! 2-vCPU VM, where a wakeup through the kernel costs about 30 µs, a busy connection sees
+//! none. See docs/design/005-direct-call-channel.md.
+//!
+//! Writes never block the writer: a frame is written without blocking while the socket takes
+//! it, and the rest is left to a flusher thread started for that moment. So a thread holding a
+//! caller's lock never waits on a peer, and two peers writing to each other cannot deadlock.
+
+use std::collections::HashMap;
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use prost::Message;
+use yr_common::{Error, ErrorCode};
+use yr_proto::v1 as pb;
+
+use super::transport::Address;
+
+/// How long a reader spins (yielding its CPU) for the next frame before it blocks.
+const READ_SPIN: Duration = Duration::from_micros(50);
+/// The read buffer's size; frames larger than this grow it for as long as they need.
+const READ_CHUNK: usize = 64 * 1024;
+/// A write buffer larger than this is given back once drained (after a large inline value).
+const KEEP_WRITE_CAPACITY: usize = 1024 * 1024;
+/// Bytes of the length prefix.
+const PREFIX: usize = 8;
+
+/// Runs the calls a runtime receives.
+pub trait CallExecutor: Send + Sync + 'static {
+    /// Run `request`; `respond` gets its result exactly once, on any thread.
+    fn execute(&self, request: pb::CallRequest, respond: Box<dyn FnOnce(pb::CallResult) + Send>);
+}
+
+/// The call socket of the runtime whose Worker service listens at `worker_address`.
+pub fn socket_path(worker_address: &str) -> Result<PathBuf, Error> {
+    match Address::parse(worker_address)? {
+        Address::Unix(path) => Ok(yr_common::sockets::call_socket(&path)),
+        Address::Tcp(_) => Err(Error::new(
+            ErrorCode::RequestBetweenRuntimeBus,
+            format!(
+                "the runtime at {worker_address} listens on TCP, but direct calls need a Unix \
+                 socket on the caller's machine"
+            ),
+        )),
+    }
+}
+
+/// Writes frames to one socket, in the order `send` is called.
+pub struct FrameWriter {
+    stream: UnixStream,
+    outgoing: Mutex<Outgoing>,
+    drained: Condvar,
+}
+
+struct Outgoing {
+    /// Encoded frames not yet written, from `written` on.
+    bytes: Vec<u8>,
+    written: usize,
+    /// A flusher thread owns the rest of `bytes`; senders only append.
+    flushing: bool,
+    /// The poller writes `bytes` on its next turn.
+    deferred: bool,
+    /// The socket failed; nothing more is sent.
+    broken: Option<ErrorKind>,
+}
+
+impl FrameWriter {
+    fn new(stream: UnixStream) -> Arc<FrameWriter> {
+        Arc::new(FrameWriter {
+            stream,
+            outgoing: Mutex::new(Outgoing {
+                bytes: Vec::new(),
+                written: 0,
+                flushing: false,
+                deferred: false,
+                broken: None,
+            }),
+            drained: Condvar::new(),
+        })
+    }
+
+    /// Queue `message` as a frame and write what the socket takes now. Never blocks on the
+    /// peer. Fails once the connection is broken.
+    pub fn send(self: &Arc<Self>, message: &impl Message) -> io::Result<()> {
+        self.queue(message, true)
+    }
+
+    /// Queue `message` as a frame for the poller to write on its next turn, together with
+    /// the frames queued after it: one write, and one wakeup of the peer, for a burst.
+    pub fn send_soon(self: &Arc<Self>, message: &impl Message) -> io::Result<()> {
+        self.queue(message, false)
+    }
+
+    fn queue(self: &Arc<Self>, message: &impl Message, now: bool) -> io::Result<()> {
+        let mut outgoing = self.outgoing.lock();
+        if let Some(kind) = outgoing.broken {
+            return Err(io::Error::new(kind, "the call channel is closed"));
+        }
+        let length = message.encoded_len() as u64;
+        outgoing.bytes.extend_from_slice(&length.to_le_bytes());
+        message
+            .encode(&mut outgoing.bytes)
+            .map_err(|e| io::Error::new(ErrorKind::InvalidData, e))?;
+        if outgoing.flushing {
+            return Ok(());
+        }
+        if !now {
+            if !outgoing.deferred {
+                outgoing.deferred = true;
+                drop(outgoing);
+                poller()
+                    .map_err(|e| io::Error::other(e.message().to_string()))?
+                    .defer(self.clone());
+            }
+            return Ok(());
+        }
+        self.write_or_hand_over(outgoing)
+    }
+
+    /// Write what the socket takes; hand the rest to a flusher thread.
+    fn write_or_hand_over(
+        self: &Arc<Self>,
+        mut outgoing: parking_lot::MutexGuard<'_, Outgoing>,
+    ) -> io::Result<()> {
+        if self.write_some(&mut outgoing)? {
+            return Ok(());
+        }
+        outgoing.flushing = true;
+        drop(outgoing);
+        let writer = self.clone();
+        std::thread::Builder::new()
+            .name("yr-call-flush".to_string())
+            .spawn(move || writer.flush())
+            .map(|_| ())
+    }
+
+    /// The poller's turn: write what was deferred.
+    fn write_deferred(self: &Arc<Self>) {
+        let mut outgoing = self.outgoing.lock();
+        outgoing.deferred = false;
+        if outgoing.flushing || outgoing.broken.is_some() {
+            return;
+        }
+        // A failure marks the writer broken; the reader side reports the disconnection.
+        let _ = self.write_or_hand_over(outgoing);
+    }
+
+    /// Write what the socket takes without blocking. True when everything queued is written.
+    fn write_some(&self, outgoing: &mut Outgoing) -> io::Result<bool> {
+        while outgoing.written < outgoing.bytes.len() {
+            match (&self.stream).write(&outgoing.bytes[outgoing.written..]) {
+                Ok(0) => return Err(self.break_with(outgoing, ErrorKind::WriteZero)),
+                Ok(n) => outgoing.written += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.break_with(outgoing, e.kind())),
+            }
+        }
+        outgoing.bytes.clear();
+        outgoing.written = 0;
+        if outgoing.bytes.capacity() > KEEP_WRITE_CAPACITY {
+            outgoing.bytes = Vec::new();
+        }
+        Ok(true)
+    }
+
+    fn break_with(&self, outgoing: &mut Outgoing, kind: ErrorKind) -> io::Error {
+        outgoing.broken = Some(kind);
+        outgoing.bytes = Vec::new();
+        outgoing.written = 0;
+        self.drained.notify_all();
+        io::Error::new(kind, "the call channel is closed")
+    }
+
+    /// The flusher: wait for room, write, until everything queued is written.
+    fn flush(self: Arc<Self>) {
+        loop {
+            wait_for(&self.stream, libc::POLLOUT);
+            let mut outgoing = self.outgoing.lock();
+            match self.write_some(&mut outgoing) {
+                Ok(false) => continue,
+                Ok(true) | Err(_) => {
+                    outgoing.flushing = false;
+                    self.drained.notify_all();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Close the connection for both directions; the peer reads its end.
+    pub fn close(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Reads frames from one socket, as they arrive.
+pub struct FrameReader {
+    stream: UnixStream,
+    buffer: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl FrameReader {
+    fn new(stream: UnixStream) -> FrameReader {
+        FrameReader {
+            stream,
+            buffer: vec![0; READ_CHUNK],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Read what the socket holds now and hand each complete frame to `each`, without
+    /// blocking. True while the connection is open; false once the peer closed it between
+    /// frames. A torn or malformed frame is an error.
+    pub fn read_available<M: Message + Default>(
+        &mut self,
+        mut each: impl FnMut(M),
+    ) -> io::Result<bool> {
+        loop {
+            let wanted = loop {
+                match self.frame_length()? {
+                    Some(total) if self.end - self.start >= total => {
+                        let body = &self.buffer[self.start + PREFIX..self.start + total];
+                        let message = M::decode(body)
+                            .map_err(|e| io::Error::new(ErrorKind::InvalidData, e))?;
+                        self.start += total;
+                        each(message);
+                    }
+                    Some(total) => break total,
+                    None => break PREFIX,
+                }
+            };
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+                if self.buffer.len() > READ_CHUNK {
+                    self.buffer = vec![0; READ_CHUNK];
+                }
+            }
+            self.make_room(wanted);
+            match (&self.stream).read(&mut self.buffer[self.end..]) {
+                Ok(0) if self.end == self.start => return Ok(false),
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        ErrorKind::UnexpectedEof,
+                        "the peer closed the call channel in the middle of a frame",
+                    ))
+                }
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The whole length of the frame at `start`, once its prefix is in.
+    fn frame_length(&self) -> io::Result<Option<usize>> {
+        if self.end - self.start < PREFIX {
+            return Ok(None);
+        }
+        let mut prefix = [0u8; PREFIX];
+        prefix.copy_from_slice(&self.buffer[self.start..self.start + PREFIX]);
+        usize::try_from(u64::from_le_bytes(prefix))
+            .ok()
+            .and_then(|length| length.checked_add(PREFIX))
+            .map(Some)
+            .ok_or_else(|| io::Error::new(ErrorKind::InvalidData, "a frame longer than memory"))
+    }
+
+    /// Make room after `start` for a frame of `total` bytes, growing the buffer with what
+    /// actually arrives rather than trusting the prefix up front.
+    fn make_room(&mut self, total: usize) {
+        if self.start > 0
+            && (self.start + total > self.buffer.len() || self.end == self.buffer.len())
+        {
+            self.buffer.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        // Full and still short of the frame: at most double, never past the frame's size.
+        if self.end == self.buffer.len() {
+            let grown = (self.buffer.len() * 2).min(total);
+            self.buffer.resize(grown, 0);
+        }
+    }
+}
+
+/// The thread that reads every call connection of this process: one `epoll` set, so a burst
+/// of results from many runtimes costs one wakeup, and a brief spin before it blocks, so a
+/// synchronous caller's result costs none.
+struct Poller {
+    epoll: OwnedFd,
+    watched: Mutex<HashMap<u64, Watched>>,
+    next_token: AtomicU64,
+    /// Writers whose frames wait for the poller's next turn.
+    deferred: Mutex<Vec<Arc<FrameWriter>>>,
+    /// Wakes the poller when it sleeps and a writer is deferred.
+    wake: OwnedFd,
+    sleeping: AtomicBool,
+}
+
+/// The epoll token of the poller's own wake-up eventfd.
+const WAKE_TOKEN: u64 = 0;
+
+struct Watched {
+    fd: RawFd,
+    /// Reads what is there; false once the connection is done.
+    on_readable: Arc<Mutex<Box<dyn FnMut() -> bool + Send>>>,
+}
+
+fn poller() -> Result<&'static Poller, Error> {
+    static POLLER: OnceLock<Result<&'static Poller, String>> = OnceLock::new();
+    POLLER
+        .get_or_init(|| {
+            // SAFETY: epoll_create1 has no memory arguments; a negative result is an error.
+            let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+            if fd < 0 {
+                return Err(format!("epoll_create1: {}", io::Error::last_os_error()));
+            }
+            // SAFETY: `fd` was just returned by epoll_create1 and nothing else owns it.
+            let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: eventfd has no memory arguments; a negative result is an error.
+            let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+            if wake < 0 {
+                return Err(format!("eventfd: {}", io::Error::last_os_error()));
+            }
+            // SAFETY: `wake` was just returned by eventfd and nothing else owns it.
+            let wake = unsafe { OwnedFd::from_raw_fd(wake) };
+            let mut event = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: WAKE_TOKEN,
+            };
+            // SAFETY: `event` is a valid epoll_event for the duration of the call.
+            let added = unsafe {
+                libc::epoll_ctl(
+                    epoll.as_raw_fd(),
+                    libc::EPOLL_CTL_ADD,
+                    wake.as_raw_fd(),
+                    &mut event,
+                )
+            };
+            if added < 0 {
+                return Err(format!("epoll_ctl: {}", io::Error::last_os_error()));
+            }
+            let poller: &'static Poller = Box::leak(Box::new(Poller {
+                epoll,
+                watched: Mutex::new(HashMap::new()),
+                next_token: AtomicU64::new(WAKE_TOKEN + 1),
+                deferred: Mutex::new(Vec::new()),
+                wake,
+                sleeping: AtomicBool::new(false),
+            }));
+            std::thread::Builder::new()
+                .name("yr-call-poll".to_string())
+                .spawn(move || poller.run())
+                .map_err(|e| format!("cannot start the call poller: {e}"))?;
+            Ok(poller)
+        })
+        .clone()
+        .map_err(|message| Error::new(ErrorCode::InnerSystemError, message))
+}
+
+impl Poller {
+    fn run(&self) {
+        const MAX_EVENTS: usize = 64;
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
+        loop {
+            self.write_deferred();
+            let mut ready = self.wait(&mut events, 0);
+            if ready == 0 {
+                crate::spin::spin_until(READ_SPIN, || {
+                    ready = self.wait(&mut events, 0);
+                    ready > 0 || !self.deferred.lock().is_empty()
+                });
+            }
+            if ready == 0 {
+                // Announce the sleep, then look again: a writer deferred in between sees the
+                // flag and wakes us.
+                self.sleeping.store(true, Ordering::SeqCst);
+                if self.deferred.lock().is_empty() {
+                    ready = self.wait(&mut events, -1);
+                }
+                self.sleeping.store(false, Ordering::SeqCst);
+            }
+            for event in &events[..ready] {
+                let token = event.u64;
+                if token == WAKE_TOKEN {
+                    let mut count = [0u8; 8];
+                    // SAFETY: reads 8 bytes into `count`, which has 8.
+                    unsafe {
+                        libc::read(self.wake.as_raw_fd(), count.as_mut_ptr().cast(), 8);
+                    }
+                    continue;
+                }
+                let Some(on_readable) = self
+                    .watched
+                    .lock()
+                    .get(&token)
+                    .map(|w| w.on_readable.clone())
+                else {
+                    continue;
+                };
+                let open = (on_readable.lock())();
+                if !open {
+                    if let Some(watched) = self.watched.lock().remove(&token) {
+                        // SAFETY: removing a registered fd from our epoll set; no pointers kept.
+                        unsafe {
+                            libc::epoll_ctl(
+                                self.epoll.as_raw_fd(),
+                                libc::EPOLL_CTL_DEL,
+                                watched.fd,
+                                std::ptr::null_mut(),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Write what writers deferred to this turn.
+    fn write_deferred(&self) {
+        let writers = std::mem::take(&mut *self.deferred.lock());
+        for writer in writers {
+            writer.write_deferred();
+        }
+    }
+
+    /// Have `writer` written on the next turn, waking the poller if it sleeps.
+    fn defer(&self, writer: Arc<FrameWriter>) {
+        self.deferred.lock().push(writer);
+        if self.sleeping.load(Ordering::SeqCst) {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from `one`, which has 8.
+            unsafe {
+                libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8);
+            }
+        }
+    }
+
+    /// Events ready within `timeout_ms` (-1: forever), 0 on a timeout or an interruption.
+    fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> usize {
+        // SAFETY: `events` is valid for `events.len()` entries for the duration of the call.
+        let ready = unsafe {
+            libc::epoll_wait(
+                self.epoll.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as i32,
+                timeout_ms,
+            )
+        };
+        usize::try_from(ready).unwrap_or(0)
+    }
+
+    fn watch(&self, fd: RawFd, on_readable: Box<dyn FnMut() -> bool + Send>) -> io::Result<()> {
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        self.watched.lock().insert(
+            token,
+            Watched {
+                fd,
+                on_readable: Arc::new(Mutex::new(on_readable)),
+            },
+        );
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+            u64: token,
+        };
+        // SAFETY: `event` is a valid epoll_event for the duration of the call.
+        let added =
+            unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) };
+        if added < 0 {
+            self.watched.lock().remove(&token);
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Hand every frame that arrives on `reader` to `on_frame`, on this process's poller thread,
+/// and `on_closed` the reason once the connection ends. Neither may block for long: they
+/// hold up every connection of the process.
+pub fn watch<M: Message + Default + 'static>(
+    mut reader: FrameReader,
+    mut on_frame: impl FnMut(M) + Send + 'static,
+    on_closed: impl FnOnce(String) + Send + 'static,
+) -> Result<(), Error> {
+    let fd = reader.stream.as_raw_fd();
+    let mut on_closed = Some(on_closed);
+    let on_readable = Box::new(move || {
+        let reason = match reader.read_available(&mut on_frame) {
+            Ok(true) => return true,
+            Ok(false) => "the peer closed the call channel".to_string(),
+            Err(error) => format!("the call channel failed: {error}"),
+        };
+        if let Some(on_closed) = on_closed.take() {
+            on_closed(reason);
+        }
+        false
+    });
+    poller()?.watch(fd, on_readable).map_err(|e| {
+        Error::new(
+            ErrorCode::InnerSystemError,
+            format!("cannot watch a call connection: {e}"),
+        )
+    })
+}
+
+/// Block until `stream` is ready for `events` (or failed, which the next read or write sees).
+fn wait_for(stream: &UnixStream, events: libc::c_short) {
+    let mut poll = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // SAFETY: `poll` points to one valid pollfd for the duration of the call.
+    unsafe {
+        libc::poll(&mut poll, 1, -1);
+    }
+}
+
+fn split(stream: UnixStream) -> io::Result<(Arc<FrameWriter>, FrameReader)> {
+    stream.set_nonblocking(true)?;
+    let reading = stream.try_clone()?;
+    Ok((FrameWriter::new(stream), FrameReader::new(reading)))
+}
+
+/// Connect to the runtime whose Worker service listens at `worker_address`. Fails with 3001.
+pub fn connect(worker_address: &str) -> Result<(Arc<FrameWriter>, FrameReader), Error> {
+    let path = socket_path(worker_address)?;
+    let failed = |e: io::Error| {
+        Error::new(
+            ErrorCode::RequestBetweenRuntimeBus,
+            format!(
+                "failed to connect to the runtime's call socket {}: {e}; the runtime may have \
+                 exited",
+                path.display()
+            ),
+        )
+    };
+    let stream = UnixStream::connect(&path).map_err(failed)?;
+    split(stream).map_err(failed)
+}
+
+/// Serve calls on the call socket beside `worker_address`; connections are read by the poller.
+/// The socket is bound before this returns, so callers told about this runtime can connect.
+pub fn serve(worker_address: &str, executor: Arc<dyn CallExecutor>) -> Result<(), Error> {
+    let path = socket_path(worker_address)?;
+    let listener = UnixListener::bind(&path).map_err(|e| {
+        Error::new(
+            ErrorCode::InnerSystemError,
+            format!("cannot listen for calls on {}: {e}", path.display()),
+        )
+    })?;
+    std::thread::Builder::new()
+        .name("yr-call-accept".to_string())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let stream = match stream {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        tracing::warn!(%error, "accepting a call connection failed");
+                        continue;
+                    }
+                };
+                serve_connection(stream, executor.clone());
+            }
+        })
+        .map_err(|e| {
+            Error::new(
+                ErrorCode::InnerSystemError,
+                format!("cannot start the call listener: {e}"),
+            )
+        })?;
+    Ok(())
+}
+
+fn serve_connection(stream: UnixStream, executor: Arc<dyn CallExecutor>) {
+    let (writer, reader) = match split(stream) {
+        Ok(halves) => halves,
+        Err(error) => {
+            tracing::warn!(%error, "a call connection could not be set up");
+            return;
+        }
+    };
+    let responder = writer.clone();
+    let watched = watch(
+        reader,
+        move |request: pb::CallRequest| {
+            let writer = responder.clone();
+            executor.execute(
+                request,
+                Box::new(move |result| {
+                    // A failed write means the caller is gone; it hears from the node.
+                    let _ = writer.send(&result);
+                }),
+            );
+        },
+        move |reason| {
+            tracing::debug!(%reason, "a caller's connection ended");
+            writer.close();
+        },
+    );
+    if let Err(error) = watched {
+        tracing::warn!(%error, "a call connection is refused");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Arc<FrameWriter>, FrameReader) {
+        let (a, b) = UnixStream::pair().expect("socket pair");
+        let (writer, _) = split(a).expect("split a");
+        let (_, reader) = split(b).expect("split b");
+        (writer, reader)
+    }
+
+    /// Blocking reads for tests: the next frame, or None at the end.
+    fn next(reader: &mut FrameReader) -> io::Result<Option<pb::CallResult>> {
+        let mut got = None;
+        loop {
+            let open = reader.read_available(|m: pb::CallResult| {
+                assert!(got.is_none(), "one frame at a time in these tests");
+                got = Some(m);
+            })?;
+            if got.is_some() || !open {
+                return Ok(got);
+            }
+            wait_for(&reader.stream, libc::POLLIN);
+        }
+    }
+
+    fn result(id: u64, payload: usize) -> pb::CallResult {
+        pb::CallResult {
+            call_id: id,
+            values: vec![pb::Value {
+                data: vec![(id % 251) as u8; payload].into(),
+                ..Default::default()
+            }],
+            error: None,
+        }
+    }
+
+    #[test]
+    fn frames_arrive_in_order_whatever_their_size() {
+        let (writer, mut reader) = pair();
+        let sizes = [0, 1, 100, 70_000, 3 << 20, 5, 200_000];
+        let sender = std::thread::spawn(move || {
+            for (i, size) in sizes.iter().enumerate() {
+                writer.send(&result(i as u64, *size)).expect("send");
+            }
+            // Keep the writer open until the reader is done.
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        let mut got = Vec::new();
+        loop {
+            reader
+                .read_available(|m: pb::CallResult| got.push(m))
+                .expect("read");
+            if got.len() == sizes.len() {
+                break;
+            }
+            wait_for(&reader.stream, libc::POLLIN);
+        }
+        for (i, size) in sizes.iter().enumerate() {
+            assert_eq!(got[i].call_id, i as u64);
+            assert_eq!(got[i].values[0].data.len(), *size);
+            assert!(got[i].values[0].data.iter().all(|b| *b == (i % 251) as u8));
+        }
+        sender.join().expect("sender");
+    }
+
+    #[test]
+    fn a_full_socket_does_not_block_the_sender_and_loses_nothing() {
+        let (writer, mut reader) = pair();
+        // Far more than a socket buffer holds, with nobody reading yet.
+        for i in 0..200 {
+            writer
+                .send(&result(i, 64 * 1024))
+                .expect("send never blocks");
+        }
+        let mut got = Vec::new();
+        loop {
+            reader
+                .read_available(|m: pb::CallResult| got.push(m.call_id))
+                .expect("read");
+            if got.len() == 200 {
+                break;
+            }
+            wait_for(&reader.stream, libc::POLLIN);
+        }
+        assert_eq!(got, (0..200).collect::<Vec<u64>>());
+    }
+
+    #[test]
+    fn closing_ends_the_stream_and_a_torn_frame_is_an_error() {
+        let (writer, mut reader) = pair();
+        writer.send(&result(1, 10)).expect("send");
+        writer.close();
+        assert!(next(&mut reader).expect("read").is_some());
+        assert!(next(&mut reader).expect("read").is_none());
+
+        let (a, b) = UnixStream::pair().expect("socket pair");
+        let mut raw = a;
+        raw.write_all(&100u64.to_le_bytes()).expect("prefix");
+        raw.write_all(&[1, 2, 3]).expect("part of a body");
+        drop(raw);
+        let (_, mut reader) = split(b).expect("split");
+        let error = next(&mut reader).expect_err("torn frame");
+        assert_eq!(error.kind(), ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_huge_allocation() {
+        let (a, b) = UnixStream::pair().expect("socket pair");
+        let mut raw = a;
+        raw.write_all(&(1u64 << 40).to_le_bytes()).expect("prefix");
+        raw.write_all(&[0xff; 64]).expect("garbage");
+        drop(raw);
+        let (_, mut reader) = split(b).expect("split");
+        assert!(next(&mut reader).is_err());
+        assert!(reader.buffer.len() <= 2 * READ_CHUNK);
+
+        let (a, b) = UnixStream::pair().expect("socket pair");
+        let mut raw = a;
+        raw.write_all(&4u64.to_le_bytes()).expect("prefix");
+        raw.write_all(&[0xff; 4]).expect("not protobuf");
+        let (_, mut reader) = split(b).expect("split");
+        let error = next(&mut reader).expect_err("malformed");
+        assert_eq!(error.kind(), ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn the_poller_delivers_frames_and_the_end_of_a_connection() {
+        let (writer, reader) = pair();
+        let (frames, received) = std::sync::mpsc::channel();
+        let (closed, ended) = std::sync::mpsc::channel();
+        watch(
+            reader,
+            move |m: pb::CallResult| {
+                let _ = frames.send(m.call_id);
+            },
+            move |reason| {
+                let _ = closed.send(reason);
+            },
+        )
+        .expect("watch");
+        for i in 0..1000 {
+            writer.send(&result(i, 16)).expect("send");
+        }
+        let wait = Duration::from_secs(10);
+        for i in 0..1000 {
+            assert_eq!(received.recv_timeout(wait).expect("a frame"), i);
+        }
+        writer.close();
+        let reason = ended.recv_timeout(wait).expect("the end");
+        assert!(reason.contains("closed"), "{reason}");
+    }
+
+    #[test]
+    fn the_call_socket_sits_beside_the_worker_socket() {
+        assert_eq!(
+            socket_path("unix:/tmp/yr/w-1-ab.sock").expect("unix"),
+            PathBuf::from("/tmp/yr/w-1-ab.calls")
+        );
+        let error = socket_path("127.0.0.1:5").expect_err("tcp");
+        assert_eq!(error.code(), ErrorCode::RequestBetweenRuntimeBus);
+    }
+}
