@@ -5,12 +5,14 @@
 //! [`stream_service`]: which node is a stream's home), both served to drivers and runtimes as
 //! the `DataWorker` gRPC service ([`service`], wire types in `yr-proto`'s `yr.ds.v1`); and the
 //! node's shared-memory region for large objects ([`shared_memory`], served as the
-//! `ObjectStore` service by [`object_service`]). It does not own spilling, nor the client side
+//! `ObjectStore` service by [`object_service`]; objects cross nodes through
+//! [`object_transfer`]). It does not own spilling, nor the client side
 //! of KV, streams and objects (that lives in `yr-runtime`).
 
 pub mod kv;
 pub mod l2;
 pub mod object_service;
+pub mod object_transfer;
 pub mod redis;
 pub mod service;
 pub mod shared_memory;
@@ -46,6 +48,9 @@ pub struct DataWorker {
     shared_memory: Arc<shared_memory::SharedMemoryStore>,
     streams: stream::StreamStore,
     placement: OnceLock<Arc<stream_service::Placement>>,
+    transfer: Arc<object_transfer::ObjectTransfer>,
+    /// Where other nodes reach this node, once it joined a cluster.
+    node_address: OnceLock<String>,
 }
 
 impl DataWorker {
@@ -84,9 +89,11 @@ impl DataWorker {
         );
         Ok(Arc::new(DataWorker {
             kv: KvStore::with_l2(l2),
+            transfer: Arc::new(object_transfer::ObjectTransfer::new(shared_memory.clone())),
             shared_memory,
             streams: stream::StreamStore::new(),
             placement: OnceLock::new(),
+            node_address: OnceLock::new(),
         }))
     }
 
@@ -104,6 +111,7 @@ impl DataWorker {
     /// node's streams at `address` (`host:port`). Call before [`DataWorker::service`]; a second
     /// call is ignored. Without it, every stream lives here.
     pub fn join_cluster(&self, meta: Arc<dyn yr_meta::MetaStore>, address: String) {
+        let _ = self.node_address.set(address.clone());
         let _ = self
             .placement
             .set(Arc::new(stream_service::Placement::new(meta, address)));
@@ -128,6 +136,11 @@ impl DataWorker {
         &self,
     ) -> yr_proto::ds::object_store_server::ObjectStoreServer<object_service::ObjectStoreService>
     {
-        object_service::ObjectStoreService::new(self.shared_memory.clone()).server()
+        object_service::ObjectStoreService::new(
+            self.shared_memory.clone(),
+            self.transfer.clone(),
+            self.node_address.get().cloned().unwrap_or_default(),
+        )
+        .server()
     }
 }

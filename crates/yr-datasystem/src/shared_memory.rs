@@ -113,6 +113,13 @@ fn disk_error(what: &str, error: std::io::Error) -> Error {
     )
 }
 
+fn transfer_error(what: &str, id: u64, error: std::io::Error) -> Error {
+    Error::new(
+        ErrorCode::DatasystemFailed,
+        format!("cannot {what} shared-memory object {id}: {error}"),
+    )
+}
+
 impl SharedMemoryStore {
     /// A region of `capacity` bytes (0 disables shared memory: every create is 4202).
     pub fn new(capacity: u64, pool_id: impl Into<String>) -> Result<SharedMemoryStore> {
@@ -325,6 +332,91 @@ impl SharedMemoryStore {
             return 0;
         }
         u64::try_from(stat.st_blocks).unwrap_or(0) * 512
+    }
+
+    /// Where allocation `id` lies and how large it is, if it is live.
+    fn bounds(&self, id: u64) -> Result<(u64, u64)> {
+        let allocator = self.allocator.lock();
+        allocator
+            .allocations
+            .get(&id)
+            .map(|a| (a.offset, a.size))
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorCode::GetOperationFailed,
+                    format!(
+                        "shared-memory object {id} was freed: its holders dropped every reference \
+                         or left the node"
+                    ),
+                )
+            })
+    }
+
+    /// Whether allocation `id` is live.
+    pub fn holds(&self, id: u64) -> bool {
+        self.allocator.lock().allocations.contains_key(&id)
+    }
+
+    /// Copy bytes of allocation `id`, from `from` on, into `buffer`. The caller holds a
+    /// reference, so the range stays allocated while it reads.
+    pub fn read_at(&self, id: u64, from: u64, buffer: &mut [u8]) -> Result<()> {
+        let (offset, size) = self.bounds(id)?;
+        self.check_range(id, from, buffer.len(), size)?;
+        let mut done = 0;
+        while done < buffer.len() {
+            let at = (offset + from + done as u64) as libc::off_t;
+            // SAFETY: pread into the unfilled tail of `buffer` from a valid fd.
+            let n = unsafe {
+                libc::pread(
+                    self.fd.as_raw_fd(),
+                    buffer[done..].as_mut_ptr().cast(),
+                    buffer.len() - done,
+                    at,
+                )
+            };
+            if n <= 0 {
+                return Err(transfer_error("read", id, std::io::Error::last_os_error()));
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Copy `data` into allocation `id`, from `from` on. The caller holds a reference.
+    pub fn write_at(&self, id: u64, from: u64, data: &[u8]) -> Result<()> {
+        let (offset, size) = self.bounds(id)?;
+        self.check_range(id, from, data.len(), size)?;
+        let mut done = 0;
+        while done < data.len() {
+            let at = (offset + from + done as u64) as libc::off_t;
+            // SAFETY: pwrite from the unwritten tail of `data` to a valid fd.
+            let n = unsafe {
+                libc::pwrite(
+                    self.fd.as_raw_fd(),
+                    data[done..].as_ptr().cast(),
+                    data.len() - done,
+                    at,
+                )
+            };
+            if n <= 0 {
+                return Err(transfer_error("write", id, std::io::Error::last_os_error()));
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, id: u64, from: u64, length: usize, size: u64) -> Result<()> {
+        if from.saturating_add(length as u64) > size {
+            return Err(Error::new(
+                ErrorCode::ParamInvalid,
+                format!(
+                    "bytes {from}..{} are outside shared-memory object {id} of {size} bytes",
+                    from.saturating_add(length as u64)
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// What the store holds.

@@ -85,13 +85,20 @@ pub fn value_to_proto(value: &StoredValue) -> pb::Value {
     value_to_proto_for(value, "")
 }
 
-/// A value for a receiver on the shared-memory pool `pool_id`: a value in that pool travels as
-/// its location (the receiver reads it in place), any other inline.
+/// A value for a receiver on the shared-memory pool `pool_id`: a value in shared memory travels
+/// as its location (read in place on the same node, pulled by the receiver's node from ours on
+/// another); the rest, and anything for a receiver without shared memory, inline.
 pub fn value_to_proto_for(value: &StoredValue, pool_id: &str) -> pb::Value {
     let nested = value.nested.iter().map(reference_to_proto).collect();
     if let Payload::Shared(region) = &value.bytes {
         let (pool, allocation, offset, size) = region.location();
-        if !pool_id.is_empty() && pool == pool_id {
+        // The same node reads in place; another node with shared memory pulls from ours.
+        let node_address = if pool == pool_id {
+            Some(String::new())
+        } else {
+            Some(super::shared_memory::node_address()).filter(|a| !a.is_empty())
+        };
+        if let Some(node_address) = node_address.filter(|_| !pool_id.is_empty()) {
             return pb::Value {
                 data: Default::default(),
                 nested,
@@ -100,6 +107,7 @@ pub fn value_to_proto_for(value: &StoredValue, pool_id: &str) -> pb::Value {
                     allocation,
                     offset,
                     size,
+                    node_address,
                 }),
             };
         }

@@ -1,6 +1,7 @@
 //! The node's shared memory in a cluster: mapped when the backend connects (the data worker's
 //! `PoolInfo`), with regions created and released through its `ObjectStore` service, and values
-//! that other processes of the node send as locations opened in place.
+//! that other processes send as locations: opened in place when they are in this node's
+//! memory, pulled into it first (`PullObject`) when they are in another node's.
 
 use std::sync::Arc;
 
@@ -61,6 +62,14 @@ impl RegionAllocator for NodeAllocator {
     }
 }
 
+/// Where other nodes reach this process's node, to pull its objects ("" outside a cluster).
+static NODE_ADDRESS: parking_lot::Mutex<String> = parking_lot::Mutex::new(String::new());
+
+/// Where other nodes reach this process's node ("" without shared memory).
+pub fn node_address() -> String {
+    NODE_ADDRESS.lock().clone()
+}
+
 /// Map the node's shared memory and make it this process's (blocks; call from a user thread).
 /// A node without shared memory leaves every value inline.
 pub fn connect(channel: DataChannel) -> Result<()> {
@@ -70,8 +79,10 @@ pub fn connect(channel: DataChannel) -> Result<()> {
     if info.capacity == 0 {
         // `--shared-memory-mb 0`: every value stays in its process.
         shared_memory::install(None);
+        NODE_ADDRESS.lock().clear();
         return Ok(());
     }
+    *NODE_ADDRESS.lock() = info.node_address.clone();
     let memory = SharedMemory::map(
         &info.path,
         info.capacity,
@@ -96,35 +107,55 @@ pub fn pool_id() -> String {
         .unwrap_or_default()
 }
 
-/// Take a reference to a region another process of the node sent, and read it in place.
+/// Take a reference to a region another process sent, and read it in place: in this node's
+/// memory directly, in another node's after this node pulled a copy.
 pub async fn open_location(
     channel: &DataChannel,
     location: &wire::SharedLocation,
 ) -> Result<Payload> {
-    let memory = shared_memory::current()
-        .filter(|memory| memory.pool_id() == location.pool_id)
-        .ok_or_else(|| {
-            Error::new(
-                yr_common::ErrorCode::DatasystemFailed,
-                format!(
-                    "a value in shared memory pool {} arrived, but this process does not map it",
-                    location.pool_id
-                ),
-            )
-        })?;
+    let memory = shared_memory::current().ok_or_else(|| {
+        Error::new(
+            yr_common::ErrorCode::DatasystemFailed,
+            format!(
+                "a value in shared memory pool {} arrived, but this process maps no shared memory",
+                location.pool_id
+            ),
+        )
+    })?;
     let connected = channel.connected().await?;
-    let reply = client(connected)
-        .retain(pb::RetainObjectRequest {
-            allocation: location.allocation,
-            pid: std::process::id(),
-        })
-        .await
-        .map_err(|status| channel.failed(&status))?
-        .into_inner();
-    check(reply.error)?;
-    Ok(Payload::Shared(memory.adopt(
-        location.allocation,
-        reply.offset,
-        reply.size,
-    )?))
+    let (allocation, offset, size) = if memory.pool_id() == location.pool_id {
+        let reply = client(connected)
+            .retain(pb::RetainObjectRequest {
+                allocation: location.allocation,
+                pid: std::process::id(),
+            })
+            .await
+            .map_err(|status| channel.failed(&status))?
+            .into_inner();
+        check(reply.error)?;
+        (location.allocation, reply.offset, reply.size)
+    } else if !location.node_address.is_empty() {
+        let reply = client(connected)
+            .pull_object(pb::PullObjectRequest {
+                node_address: location.node_address.clone(),
+                pool_id: location.pool_id.clone(),
+                allocation: location.allocation,
+                size: location.size,
+                pid: std::process::id(),
+            })
+            .await
+            .map_err(|status| channel.failed(&status))?
+            .into_inner();
+        check(reply.error)?;
+        (reply.allocation, reply.offset, reply.size)
+    } else {
+        return Err(Error::new(
+            yr_common::ErrorCode::DatasystemFailed,
+            format!(
+                "a value in shared memory pool {} arrived without the address of its node",
+                location.pool_id
+            ),
+        ));
+    };
+    Ok(Payload::Shared(memory.adopt(allocation, offset, size)?))
 }

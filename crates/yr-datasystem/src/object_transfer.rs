@@ -1,0 +1,266 @@
+//! Objects between nodes. A node serves the bytes of its shared-memory objects to other nodes
+//! in chunks (`ReadObject`), and pulls another node's object into its own shared memory for a
+//! process of its own (`PullObject`): the local copy is read in place like any local object,
+//! and later pulls of the same object reuse it while any process still holds it.
+//!
+//! While a chunk stream runs, the serving node holds its own reference to the object
+//! ([`TRANSFER_HOLDER`]), so the object outlives its owner until the reader has it. If the
+//! object is gone before that, the reader's `get` fails with the code of a get that cannot be
+//! served (`GetOperationFailed`) and the reason, never a hang.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tonic::transport::{Channel, Endpoint};
+use yr_common::{Error, ErrorCode, Result};
+use yr_proto::ds as pb;
+use yr_proto::ds::object_store_client::ObjectStoreClient;
+
+use crate::shared_memory::SharedMemoryStore;
+use crate::wire::{error_from_proto, error_to_proto};
+
+/// Bytes per chunk on the wire.
+pub const CHUNK: usize = 4 << 20;
+/// The largest message either side accepts (a chunk and its framing).
+pub const MAX_MESSAGE: usize = 2 * CHUNK;
+/// The holder id under which a node keeps an object it is sending (no process has pid 0).
+pub const TRANSFER_HOLDER: u32 = 0;
+/// Copies remembered before forgotten ones (whose copy was freed) are swept.
+const SWEEP_COPIES_ABOVE: usize = 4096;
+
+/// Serves and pulls objects for one node.
+#[derive(Debug)]
+pub struct ObjectTransfer {
+    store: Arc<SharedMemoryStore>,
+    /// Channels to other nodes' ObjectStore, by address.
+    channels: Mutex<HashMap<String, Channel>>,
+    /// Local copies of other nodes' objects: (pool id, allocation there) → allocation here.
+    copies: Mutex<HashMap<(String, u64), u64>>,
+}
+
+impl ObjectTransfer {
+    /// Transfers in and out of `store`.
+    pub fn new(store: Arc<SharedMemoryStore>) -> ObjectTransfer {
+        ObjectTransfer {
+            store,
+            channels: Mutex::new(HashMap::new()),
+            copies: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Send allocation `request.allocation` in chunks to `send`, which returns false once the
+    /// reader is gone. Blocking (copies out of shared memory): run it off the IO threads.
+    pub fn serve_read(
+        &self,
+        request: &pb::ReadObjectRequest,
+        mut send: impl FnMut(pb::ObjectChunk) -> bool,
+    ) {
+        let failed = |error: Error| pb::ObjectChunk {
+            data: Default::default(),
+            error: Some(error_to_proto(&error)),
+        };
+        let (_, size) = match self.store.retain(request.allocation, TRANSFER_HOLDER) {
+            Ok(bounds) => bounds,
+            Err(error) => {
+                send(failed(error));
+                return;
+            }
+        };
+        if size != request.size {
+            send(failed(Error::new(
+                ErrorCode::ParamInvalid,
+                format!(
+                    "shared-memory object {} has {size} bytes, not the {} asked for",
+                    request.allocation, request.size
+                ),
+            )));
+        } else {
+            let mut from = 0u64;
+            while from < size {
+                let length = (size - from).min(CHUNK as u64) as usize;
+                let mut data = vec![0u8; length];
+                if let Err(error) = self.store.read_at(request.allocation, from, &mut data) {
+                    send(failed(error));
+                    break;
+                }
+                if !send(pb::ObjectChunk {
+                    data: data.into(),
+                    error: None,
+                }) {
+                    break;
+                }
+                from += length as u64;
+            }
+        }
+        self.store.release(&[request.allocation], TRANSFER_HOLDER);
+    }
+
+    /// Copy another node's object here with one reference for `request.pid`, or take a
+    /// reference to the copy already here. Returns the local (allocation, offset, size).
+    pub async fn pull(&self, request: &pb::PullObjectRequest) -> Result<(u64, u64, u64)> {
+        let key = (request.pool_id.clone(), request.allocation);
+        let known = self.copies.lock().get(&key).copied();
+        if let Some(local) = known {
+            if let Ok((offset, size)) = self.store.retain(local, request.pid) {
+                return Ok((local, offset, size));
+            }
+            self.copies.lock().remove(&key);
+        }
+        let (local, offset) = self.store.create(request.size, request.pid)?;
+        if let Err(error) = self.copy_into(local, request).await {
+            self.store.release(&[local], request.pid);
+            return Err(error);
+        }
+        let mut copies = self.copies.lock();
+        if copies.len() >= SWEEP_COPIES_ABOVE {
+            copies.retain(|_, local| self.store.holds(*local));
+        }
+        copies.insert(key, local);
+        Ok((local, offset, request.size))
+    }
+
+    async fn copy_into(&self, local: u64, request: &pb::PullObjectRequest) -> Result<()> {
+        let address = &request.node_address;
+        let failed = |detail: String| {
+            Error::new(
+                ErrorCode::GetOperationFailed,
+                format!(
+                    "cannot pull object {} of {} bytes from the node at {address}: {detail}; \
+                     the node or the object's owner may have left the cluster",
+                    request.allocation, request.size
+                ),
+            )
+        };
+        let channel = self
+            .channel(address)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let mut client = ObjectStoreClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let mut chunks = client
+            .read_object(pb::ReadObjectRequest {
+                allocation: request.allocation,
+                size: request.size,
+            })
+            .await
+            .map_err(|status| {
+                self.channels.lock().remove(address);
+                failed(status.message().to_string())
+            })?
+            .into_inner();
+        let mut written = 0u64;
+        loop {
+            let chunk = match chunks.message().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(status) => return Err(failed(status.message().to_string())),
+            };
+            if let Some(error) = chunk.error {
+                let error = error_from_proto(&error);
+                return Err(Error::new(
+                    error.code(),
+                    failed(error.message().to_string()).message(),
+                ));
+            }
+            self.store.write_at(local, written, &chunk.data)?;
+            written += chunk.data.len() as u64;
+        }
+        if written != request.size {
+            return Err(failed(format!(
+                "the stream ended after {written} of {} bytes",
+                request.size
+            )));
+        }
+        Ok(())
+    }
+
+    async fn channel(
+        &self,
+        address: &str,
+    ) -> std::result::Result<Channel, tonic::transport::Error> {
+        if let Some(channel) = self.channels.lock().get(address) {
+            return Ok(channel.clone());
+        }
+        let channel = Endpoint::from_shared(format!("http://{address}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(MAX_MESSAGE as u32))
+            .initial_connection_window_size(Some(4 * MAX_MESSAGE as u32))
+            .connect()
+            .await?;
+        self.channels
+            .lock()
+            .insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_object_is_served_in_order_in_chunks_and_released_after() {
+        let store = Arc::new(SharedMemoryStore::new(64 << 20, "pool").expect("store"));
+        let size = CHUNK as u64 * 2 + 12345;
+        let (id, _) = store.create(size, 7).expect("create");
+        let pattern: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        store.write_at(id, 0, &pattern).expect("write");
+        let transfer = ObjectTransfer::new(store.clone());
+        let mut received = Vec::new();
+        transfer.serve_read(
+            &pb::ReadObjectRequest {
+                allocation: id,
+                size,
+            },
+            |chunk| {
+                assert!(chunk.error.is_none());
+                assert!(chunk.data.len() <= CHUNK);
+                received.extend_from_slice(&chunk.data);
+                true
+            },
+        );
+        assert_eq!(received, pattern);
+        // The transfer's own reference is gone: the owner's release frees the object.
+        store.release(&[id], 7);
+        assert_eq!(store.stats().objects, 0);
+    }
+
+    #[test]
+    fn a_freed_object_or_a_wrong_size_is_an_error_chunk() {
+        let store = Arc::new(SharedMemoryStore::new(1 << 20, "pool").expect("store"));
+        let transfer = ObjectTransfer::new(store.clone());
+        let mut errors = Vec::new();
+        transfer.serve_read(
+            &pb::ReadObjectRequest {
+                allocation: 99,
+                size: 10,
+            },
+            |chunk| {
+                errors.push(chunk.error.expect("an error").code);
+                true
+            },
+        );
+        let (id, _) = store.create(100, 7).expect("create");
+        transfer.serve_read(
+            &pb::ReadObjectRequest {
+                allocation: id,
+                size: 10,
+            },
+            |chunk| {
+                errors.push(chunk.error.expect("an error").code);
+                true
+            },
+        );
+        assert_eq!(
+            errors,
+            vec![
+                ErrorCode::GetOperationFailed as u32,
+                ErrorCode::ParamInvalid as u32
+            ]
+        );
+    }
+}

@@ -1,0 +1,172 @@
+//! Objects across nodes on a real two-node cluster (two node processes on one machine, talking
+//! TCP): a large object held on one node is pulled in chunks by the other node into its own
+//! shared memory and read there in place; the copy is reused and freed with its last reference;
+//! and if the object's owner dies around the pull, `get` gives the intact value or fails with a
+//! clear code (4005 for the object), never hangs.
+
+use std::time::Duration;
+
+use serde_bytes::ByteBuf;
+use yr::{ErrorCode, InvokeOptions, ObjectRef};
+use yr_tests::{exclusive, wait_until, NodeSpec, TestCluster, TIMEOUT};
+
+/// Not a test: the entry point of runtime processes, which re-execute this binary.
+#[test]
+fn runtime_entry() {
+    yr_tests::runtime_entry();
+}
+
+fn pattern(len: usize) -> ByteBuf {
+    ByteBuf::from((0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>())
+}
+
+/// Makes large objects on its node and keeps them.
+#[yr::instance]
+pub struct Maker {
+    kept: Vec<ObjectRef<ByteBuf>>,
+}
+
+#[yr::instance]
+impl Maker {
+    pub fn new() -> Self {
+        Maker { kept: Vec::new() }
+    }
+
+    /// A new object of `len` bytes on this node, kept by this instance.
+    pub fn make(&mut self, len: u64) -> ObjectRef<ByteBuf> {
+        let object = yr::put(pattern(len as usize)).expect("put");
+        self.kept.push(object.clone());
+        object
+    }
+
+    /// Like `make`, then the runtime dies (SIGKILL-like abort) `delay_ms` after returning.
+    pub fn make_then_die(&mut self, len: u64, delay_ms: u64) -> ObjectRef<ByteBuf> {
+        let object = self.make(len);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            std::process::abort();
+        });
+        object
+    }
+
+    pub fn node(&self) -> String {
+        std::env::var("YR_RUNTIME_ID").unwrap_or_default()
+    }
+}
+
+fn two_nodes() -> TestCluster {
+    TestCluster::builder()
+        .node(NodeSpec {
+            cpu: 1_000,
+            shared_memory_mb: Some(256),
+            ..NodeSpec::default()
+        })
+        .node(NodeSpec {
+            cpu: 4_000,
+            shared_memory_mb: Some(256),
+            ..NodeSpec::default()
+        })
+        .start()
+}
+
+/// An instance too big for node 0, so it runs on node 1.
+fn maker_on_the_other_node(cluster: &TestCluster) -> yr::InstanceHandle<Maker> {
+    let maker = yr::instance(Maker::new)
+        .options(InvokeOptions {
+            cpu: 2_000,
+            ..Default::default()
+        })
+        .invoke(())
+        .unwrap();
+    let node = yr::get(&maker.method(Maker::node).invoke(()).unwrap(), TIMEOUT).unwrap();
+    assert!(
+        node.starts_with(cluster.node_id(1)),
+        "the maker runs in {node}"
+    );
+    maker
+}
+
+fn metric(cluster: &TestCluster, node: usize, name: &str) -> f64 {
+    let mut value = None;
+    wait_until(TIMEOUT, || {
+        value = cluster.node_metric(node, name);
+        value.is_some()
+    });
+    value.unwrap_or_else(|| panic!("node {node} reports no {name}"))
+}
+
+#[test]
+fn a_large_object_on_another_node_is_pulled_into_this_node_and_read_in_place() {
+    let _lock = exclusive();
+    let cluster = two_nodes();
+    yr::init(cluster.config()).unwrap();
+    let maker = maker_on_the_other_node(&cluster);
+    let len = 40 << 20; // several chunks
+    let inner: ObjectRef<ObjectRef<ByteBuf>> =
+        maker.method(Maker::make).invoke((len as u64,)).unwrap();
+    let object = yr::get(&inner, TIMEOUT).unwrap();
+    assert_eq!(metric(&cluster, 0, "yr_shared_memory_objects"), 0.0);
+
+    let value = yr::get(&object, TIMEOUT).unwrap();
+    assert_eq!(value.len(), len);
+    assert!(
+        value == pattern(len),
+        "the pulled object differs from the original"
+    );
+    // The copy lives in this node's shared memory; the original stays on node 1.
+    assert_eq!(metric(&cluster, 0, "yr_shared_memory_objects"), 1.0);
+    assert!(metric(&cluster, 0, "yr_shared_memory_used_bytes") >= len as f64);
+    assert!(metric(&cluster, 1, "yr_shared_memory_objects") >= 1.0);
+
+    // A zero-copy read of the same object reuses the copy: still one object on node 0.
+    let buffer = yr::get_buffer(&object, TIMEOUT).unwrap();
+    assert_eq!(buffer.decode::<ByteBuf>().unwrap().len(), len);
+    assert_eq!(metric(&cluster, 0, "yr_shared_memory_objects"), 1.0);
+
+    // Dropping every reference here (the outer value holds one too) frees the copy here.
+    drop((buffer, value, object, inner));
+    assert!(
+        wait_until(TIMEOUT, || metric(&cluster, 0, "yr_shared_memory_objects")
+            == 0.0),
+        "the local copy outlived its last reference"
+    );
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn a_get_whose_owner_dies_gives_the_value_or_4005_and_never_hangs() {
+    let _lock = exclusive();
+    let cluster = two_nodes();
+    yr::init(cluster.config()).unwrap();
+    let len = 64 << 20;
+    // The owner dies right after it sends the reference, before, during or after this node
+    // pulls the object: each outcome must be clear.
+    for delay_ms in [0u64, 5, 50] {
+        let maker = maker_on_the_other_node(&cluster);
+        let inner: ObjectRef<ObjectRef<ByteBuf>> = maker
+            .method(Maker::make_then_die)
+            .invoke((len as u64, delay_ms))
+            .unwrap();
+        let started = std::time::Instant::now();
+        let outcome = yr::get(&inner, TIMEOUT).and_then(|object| yr::get(&object, TIMEOUT));
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the get took {:?}",
+            started.elapsed()
+        );
+        match outcome {
+            Ok(value) => assert!(value == pattern(len), "a pulled value differs"),
+            Err(error) => assert!(
+                // 4005 for the object; 2002 or 1007 if the owner died before it answered.
+                matches!(
+                    error.code(),
+                    ErrorCode::GetOperationFailed
+                        | ErrorCode::UserFunctionException
+                        | ErrorCode::InstanceExited
+                ),
+                "{error}"
+            ),
+        }
+    }
+    yr::finalize().unwrap();
+}
