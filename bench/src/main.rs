@@ -15,7 +15,11 @@
 //!   pool is refilled between samples), with a plain call round trip alongside;
 //! - `instance creation, cold`: the same latency on a cluster this program starts with
 //!   `yr start --master --warm-pool 0`, so each instance waits for a new runtime process;
-//! - `idle node process RSS`: VmRSS of the session's `yr node` process.
+//! - `idle node process RSS`: VmRSS of the session's `yr node` process;
+//! - `cross-node get gigabytes`: on a two-node cluster this program starts, GB/s of 256 MiB
+//!   objects that node 1 holds and a driver on node 0 gets (pulled in chunks, then read in
+//!   place), with `loopback TCP gigabytes` (the same bytes over a plain loopback TCP socket)
+//!   measured right after as the limit.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -90,6 +94,35 @@ impl Actor {
 
     fn peek(&self) -> u64 {
         self.calls
+    }
+}
+
+/// Makes large objects on its node, for the cross-node transfer measure.
+#[yr::instance]
+struct Far {
+    value: ByteBuf,
+    kept: Vec<ObjectRef<ByteBuf>>,
+}
+
+#[yr::instance]
+impl Far {
+    fn new(len: u64) -> Self {
+        Far {
+            value: ByteBuf::from(vec![7u8; len as usize]),
+            kept: Vec::new(),
+        }
+    }
+
+    /// A new object (a copy of this instance's value) on this node, and the seconds its put
+    /// took.
+    fn make(&mut self) -> yr::Result<(ObjectRef<ByteBuf>, f64)> {
+        let value = self.value.clone();
+        let start = Instant::now();
+        let object = yr::put(value)?;
+        let seconds = start.elapsed().as_secs_f64();
+        self.kept.clear();
+        self.kept.push(object.clone());
+        Ok((object, seconds))
     }
 }
 
@@ -555,14 +588,7 @@ fn cold_creation(args: &Args, config: &yr::Config) -> anyhow::Result<()> {
     if !selected(args, name) || args.no_cold {
         return Ok(());
     }
-    let exe = std::env::current_exe()?;
-    let yr_bin = std::env::var_os("YR_BIN")
-        .map(PathBuf::from)
-        .or_else(|| exe.parent().map(|d| d.join("yr")))
-        .filter(|p| p.is_file())
-        .ok_or_else(|| {
-            anyhow::anyhow!("{name}: the `yr` binary is not next to yr-bench; set YR_BIN")
-        })?;
+    let yr_bin = yr_binary(name)?;
     let dir = std::env::temp_dir().join(format!("yr-bench-cold-{}", std::process::id()));
     let status = std::process::Command::new(&yr_bin)
         .args([
@@ -601,6 +627,141 @@ fn cold_creation(args: &Args, config: &yr::Config) -> anyhow::Result<()> {
     result
 }
 
+/// The `yr` binary next to this one, or `$YR_BIN`.
+fn yr_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    std::env::var_os("YR_BIN")
+        .map(PathBuf::from)
+        .or_else(|| exe.parent().map(|d| d.join("yr")))
+        .filter(|p| p.is_file())
+        .ok_or_else(|| {
+            anyhow::anyhow!("{name}: the `yr` binary is not next to yr-bench; set YR_BIN")
+        })
+}
+
+/// `cross-node get gigabytes`: on a two-node cluster started here (two node processes on this
+/// machine, talking TCP over loopback), a driver on node 0 gets 256 MiB objects that an
+/// instance on node 1 puts; each is pulled in chunks into node 0's shared memory and read in
+/// place. Beside it, the same bytes over a plain loopback TCP connection.
+fn cross_node(args: &Args, config: &yr::Config) -> anyhow::Result<()> {
+    let name = "cross-node get gigabytes";
+    if !selected(args, name) || args.gigabyte_trials == 0 {
+        return Ok(());
+    }
+    const SIZE: usize = 256 << 20;
+    let yr_bin = yr_binary(name)?;
+    let root = std::env::temp_dir().join(format!("yr-bench-two-{}", std::process::id()));
+    let dirs = [root.join("node0"), root.join("node1")];
+    let start = |extra: &[&str], dir: &Path| -> anyhow::Result<()> {
+        let status = std::process::Command::new(&yr_bin)
+            .arg("start")
+            .args(extra)
+            .args([
+                "--temporary",
+                "--warm-pool",
+                "1",
+                "--shared-memory-mb",
+                "2048",
+            ])
+            .arg("--session-dir")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(
+            status.success(),
+            "{name}: `yr start {}` failed",
+            extra.join(" ")
+        );
+        Ok(())
+    };
+    let result = (|| -> anyhow::Result<()> {
+        start(&["--master", "--cpu", "1000"], &dirs[0])?;
+        let first = SessionInfo::read(&dirs[0])?;
+        start(
+            &["--master-address", &first.master_address, "--cpu", "4000"],
+            &dirs[1],
+        )?;
+        let mut two = config.clone();
+        two.server_address = Some(first.bus_address.clone());
+        yr::init(two)?;
+        let measured = (|| -> yr::Result<Vec<f64>> {
+            // Too big for node 0 (1000 millicores): it runs on node 1.
+            let far = yr::instance(Far::new)
+                .options(yr::InvokeOptions {
+                    cpu: 2_000,
+                    ..Default::default()
+                })
+                .invoke((SIZE as u64,))?;
+            let mut rates = Vec::new();
+            for _ in 0..=args.gigabyte_trials {
+                let (object, _put_seconds) = yr::get(&far.method(Far::make).invoke(())?, FOREVER)?;
+                // The pull starts as the reference arrives, a few microseconds before this.
+                let started = Instant::now();
+                let buffer = yr::get_buffer(&object, FOREVER)?;
+                std::hint::black_box(buffer.bytes().map(|b| b.len()));
+                rates.push(SIZE as f64 / started.elapsed().as_secs_f64() / 1e9);
+            }
+            rates.remove(0); // warm-up
+            Ok(rates)
+        })();
+        yr::finalize()?;
+        print_rates(name, &measured?);
+        print_rates(
+            "loopback TCP gigabytes",
+            &loopback_tcp(SIZE, args.gigabyte_trials)?,
+        );
+        Ok(())
+    })();
+    for dir in dirs.iter().rev() {
+        let _ = std::process::Command::new(&yr_bin)
+            .args(["stop", "--session-dir"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    result
+}
+
+/// GB/s of `size` bytes sent over a loopback TCP connection in 4 MiB writes, `trials` times.
+fn loopback_tcp(size: usize, trials: usize) -> anyhow::Result<Vec<f64>> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let address = listener.local_addr()?;
+    let reader = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut stream, _) = listener.accept()?;
+        let mut buffer = vec![0u8; 4 << 20];
+        while stream.read(&mut buffer)? > 0 {}
+        Ok(())
+    });
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_nodelay(true)?;
+    let chunk = vec![7u8; 4 << 20];
+    let mut rates = Vec::new();
+    for _ in 0..trials {
+        let started = Instant::now();
+        let mut sent = 0;
+        while sent < size {
+            stream.write_all(&chunk)?;
+            sent += chunk.len();
+        }
+        // A 1-byte round trip would need a protocol; the receiver's window bounds the error.
+        rates.push(size as f64 / started.elapsed().as_secs_f64() / 1e9);
+    }
+    drop(stream);
+    reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the loopback reader panicked"))??;
+    Ok(rates)
+}
+
+fn print_rates(name: &str, rates: &[f64]) {
+    let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+    let variance =
+        rates.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / rates.len().max(1) as f64;
+    println!("{name} per second {mean:.2} +- {:.2}", variance.sqrt());
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut config = yr::Config::default();
@@ -633,6 +794,7 @@ fn main() -> anyhow::Result<()> {
     result?;
     if cluster {
         cold_creation(&args, &config)?;
+        cross_node(&args, &config)?;
     }
     Ok(())
 }

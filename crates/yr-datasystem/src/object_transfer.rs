@@ -27,6 +27,10 @@ pub const CHUNK: usize = 4 << 20;
 pub const MAX_MESSAGE: usize = 2 * CHUNK;
 /// The holder id under which a node keeps an object it is sending (no process has pid 0).
 pub const TRANSFER_HOLDER: u32 = 0;
+/// A pull reads ranges of at least this size, at most [`PARALLEL_RANGES`] at once.
+const MIN_RANGE: u64 = 16 << 20;
+/// Ranges of one object read at once.
+const PARALLEL_RANGES: u64 = 4;
 /// Copies remembered before forgotten ones (whose copy was freed) are swept.
 const SWEEP_COPIES_ABOVE: usize = 4096;
 
@@ -68,18 +72,20 @@ impl ObjectTransfer {
                 return;
             }
         };
-        if size != request.size {
+        let end = request.from.checked_add(request.length);
+        if size != request.size || end.is_none_or(|end| end > size) {
             send(failed(Error::new(
                 ErrorCode::ParamInvalid,
                 format!(
-                    "shared-memory object {} has {size} bytes, not the {} asked for",
-                    request.allocation, request.size
+                    "shared-memory object {} has {size} bytes; bytes {}..+{} of {} were asked for",
+                    request.allocation, request.from, request.length, request.size
                 ),
             )));
         } else {
-            let mut from = 0u64;
-            while from < size {
-                let length = (size - from).min(CHUNK as u64) as usize;
+            let end = request.from + request.length;
+            let mut from = request.from;
+            while from < end {
+                let length = (end - from).min(CHUNK as u64) as usize;
                 let mut data = vec![0u8; length];
                 if let Err(error) = self.store.read_at(request.allocation, from, &mut data) {
                     send(failed(error));
@@ -109,10 +115,17 @@ impl ObjectTransfer {
             self.copies.lock().remove(&key);
         }
         let (local, offset) = self.store.create(request.size, request.pid)?;
+        let started = std::time::Instant::now();
         if let Err(error) = self.copy_into(local, request).await {
             self.store.release(&[local], request.pid);
             return Err(error);
         }
+        tracing::debug!(
+            bytes = request.size,
+            seconds = started.elapsed().as_secs_f64(),
+            from = %request.node_address,
+            "pulled an object"
+        );
         let mut copies = self.copies.lock();
         if copies.len() >= SWEEP_COPIES_ABOVE {
             copies.retain(|_, local| self.store.holds(*local));
@@ -121,6 +134,7 @@ impl ObjectTransfer {
         Ok((local, offset, request.size))
     }
 
+    /// Read the object in ranges, several at once, each written where it belongs.
     async fn copy_into(&self, local: u64, request: &pb::PullObjectRequest) -> Result<()> {
         let address = &request.node_address;
         let failed = |detail: String| {
@@ -137,6 +151,36 @@ impl ObjectTransfer {
             .channel(address)
             .await
             .map_err(|e| failed(e.to_string()))?;
+        let range = request.size.div_ceil(PARALLEL_RANGES).max(MIN_RANGE);
+        let mut ranges = Vec::new();
+        let mut from = 0;
+        while from < request.size || ranges.is_empty() {
+            let length = range.min(request.size - from);
+            ranges.push(self.copy_range(channel.clone(), local, request, from, length));
+            from += length;
+        }
+        let results = futures_util::future::join_all(ranges).await;
+        if let Some(Err(error)) = results.into_iter().find(|r| r.is_err()) {
+            self.channels.lock().remove(address);
+            return Err(match error {
+                RangeError::Remote(error) => {
+                    Error::new(error.code(), failed(error.message().to_string()).message())
+                }
+                RangeError::Transport(detail) => failed(detail),
+                RangeError::Local(error) => error,
+            });
+        }
+        Ok(())
+    }
+
+    async fn copy_range(
+        &self,
+        channel: Channel,
+        local: u64,
+        request: &pb::PullObjectRequest,
+        from: u64,
+        length: u64,
+    ) -> std::result::Result<(), RangeError> {
         let mut client = ObjectStoreClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
@@ -144,34 +188,30 @@ impl ObjectTransfer {
             .read_object(pb::ReadObjectRequest {
                 allocation: request.allocation,
                 size: request.size,
+                from,
+                length,
             })
             .await
-            .map_err(|status| {
-                self.channels.lock().remove(address);
-                failed(status.message().to_string())
-            })?
+            .map_err(|status| RangeError::Transport(status.message().to_string()))?
             .into_inner();
         let mut written = 0u64;
         loop {
             let chunk = match chunks.message().await {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => break,
-                Err(status) => return Err(failed(status.message().to_string())),
+                Err(status) => return Err(RangeError::Transport(status.message().to_string())),
             };
             if let Some(error) = chunk.error {
-                let error = error_from_proto(&error);
-                return Err(Error::new(
-                    error.code(),
-                    failed(error.message().to_string()).message(),
-                ));
+                return Err(RangeError::Remote(error_from_proto(&error)));
             }
-            self.store.write_at(local, written, &chunk.data)?;
+            self.store
+                .write_at(local, from + written, &chunk.data)
+                .map_err(RangeError::Local)?;
             written += chunk.data.len() as u64;
         }
-        if written != request.size {
-            return Err(failed(format!(
-                "the stream ended after {written} of {} bytes",
-                request.size
+        if written != length {
+            return Err(RangeError::Transport(format!(
+                "a range ended after {written} of {length} bytes"
             )));
         }
         Ok(())
@@ -198,6 +238,16 @@ impl ObjectTransfer {
     }
 }
 
+/// Why reading one range failed.
+enum RangeError {
+    /// The serving node answered with an error.
+    Remote(Error),
+    /// The connection failed or the stream ended early.
+    Transport(String),
+    /// Writing the local copy failed.
+    Local(Error),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +265,8 @@ mod tests {
             &pb::ReadObjectRequest {
                 allocation: id,
                 size,
+                from: 0,
+                length: size,
             },
             |chunk| {
                 assert!(chunk.error.is_none());
@@ -224,6 +276,21 @@ mod tests {
             },
         );
         assert_eq!(received, pattern);
+        // A range in the middle, as a parallel pull asks for.
+        let mut middle = Vec::new();
+        transfer.serve_read(
+            &pb::ReadObjectRequest {
+                allocation: id,
+                size,
+                from: 1000,
+                length: CHUNK as u64 + 7,
+            },
+            |chunk| {
+                middle.extend_from_slice(&chunk.data);
+                true
+            },
+        );
+        assert_eq!(middle, pattern[1000..1000 + CHUNK + 7]);
         // The transfer's own reference is gone: the owner's release frees the object.
         store.release(&[id], 7);
         assert_eq!(store.stats().objects, 0);
@@ -233,28 +300,22 @@ mod tests {
     fn a_freed_object_or_a_wrong_size_is_an_error_chunk() {
         let store = Arc::new(SharedMemoryStore::new(1 << 20, "pool").expect("store"));
         let transfer = ObjectTransfer::new(store.clone());
+        let range = |allocation, size| pb::ReadObjectRequest {
+            allocation,
+            size,
+            from: 0,
+            length: size,
+        };
         let mut errors = Vec::new();
-        transfer.serve_read(
-            &pb::ReadObjectRequest {
-                allocation: 99,
-                size: 10,
-            },
-            |chunk| {
-                errors.push(chunk.error.expect("an error").code);
-                true
-            },
-        );
+        transfer.serve_read(&range(99, 10), |chunk| {
+            errors.push(chunk.error.expect("an error").code);
+            true
+        });
         let (id, _) = store.create(100, 7).expect("create");
-        transfer.serve_read(
-            &pb::ReadObjectRequest {
-                allocation: id,
-                size: 10,
-            },
-            |chunk| {
-                errors.push(chunk.error.expect("an error").code);
-                true
-            },
-        );
+        transfer.serve_read(&range(id, 10), |chunk| {
+            errors.push(chunk.error.expect("an error").code);
+            true
+        });
         assert_eq!(
             errors,
             vec![
