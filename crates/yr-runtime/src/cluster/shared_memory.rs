@@ -1,11 +1,11 @@
 //! The node's shared memory in a cluster: mapped when the backend connects (the data worker's
-//! `PoolInfo`), with regions created and released through its `ObjectStore` service, and values
-//! that other processes of the node send as locations opened in place.
+//! `PoolInfo`), with regions created, released, spilled and restored through its `ObjectStore`
+//! service, and values that other processes of the node send as locations opened in place.
 
 use std::sync::Arc;
 
 use tonic::transport::Channel;
-use yr_common::{Error, Result};
+use yr_common::{Error, ObjectId, Result};
 use yr_datasystem::wire::error_from_proto;
 use yr_proto::ds as pb;
 use yr_proto::ds::object_store_client::ObjectStoreClient;
@@ -55,6 +55,48 @@ impl RegionAllocator for NodeAllocator {
                 };
                 if let Err(status) = client(connected).release(request).await {
                     tracing::debug!(allocation, error = %status.message(), "release failed");
+                }
+            }
+        });
+    }
+
+    fn spill(&self, allocation: u64, object: ObjectId) -> Result<bool> {
+        let reply = self.channel.call(client, move |mut client| async move {
+            client
+                .spill(pb::SpillObjectRequest {
+                    allocation,
+                    object_id: object.to_bytes().to_vec().into(),
+                    pid: std::process::id(),
+                })
+                .await
+        })?;
+        check(reply.error)?;
+        Ok(reply.spilled)
+    }
+
+    fn restore(&self, object: ObjectId) -> Result<(u64, u64, u64)> {
+        let reply = self.channel.call(client, move |mut client| async move {
+            client
+                .restore(pb::RestoreObjectRequest {
+                    object_id: object.to_bytes().to_vec().into(),
+                    pid: std::process::id(),
+                })
+                .await
+        })?;
+        check(reply.error)?;
+        Ok((reply.allocation, reply.offset, reply.size))
+    }
+
+    fn delete_spilled(&self, object: ObjectId) {
+        let channel = self.channel.clone();
+        self.channel.io().spawn(async move {
+            if let Ok(connected) = channel.connected().await {
+                let request = pb::DeleteSpilledRequest {
+                    object_ids: vec![object.to_bytes().to_vec().into()],
+                    pid: std::process::id(),
+                };
+                if let Err(status) = client(connected).delete_spilled(request).await {
+                    tracing::debug!(%object, error = %status.message(), "delete of a spilled object failed");
                 }
             }
         });
