@@ -180,12 +180,15 @@ impl SharedMemoryStore {
 
     /// The region as a file, to copy objects to and from disk.
     fn region_file(&self) -> Result<std::fs::File> {
-        self.fd.try_clone().map(std::fs::File::from).map_err(|error| {
-            Error::new(
-                ErrorCode::OperateDiskFailed,
-                format!("cannot open the node's shared memory to spill or restore: {error}"),
-            )
-        })
+        self.fd
+            .try_clone()
+            .map(std::fs::File::from)
+            .map_err(|error| {
+                Error::new(
+                    ErrorCode::OperateDiskFailed,
+                    format!("cannot open the node's shared memory to spill or restore: {error}"),
+                )
+            })
     }
 
     /// Move allocation `id`, which process `pid` holds alone and knows as object `object`, to
@@ -558,13 +561,21 @@ mod tests {
 
     fn write(store: &SharedMemoryStore, offset: u64, bytes: &[u8]) {
         use std::os::unix::fs::FileExt;
-        store.region_file().unwrap().write_all_at(bytes, offset).unwrap();
+        store
+            .region_file()
+            .unwrap()
+            .write_all_at(bytes, offset)
+            .unwrap();
     }
 
     fn read(store: &SharedMemoryStore, offset: u64, len: usize) -> Vec<u8> {
         use std::os::unix::fs::FileExt;
         let mut out = vec![0u8; len];
-        store.region_file().unwrap().read_exact_at(&mut out, offset).unwrap();
+        store
+            .region_file()
+            .unwrap()
+            .read_exact_at(&mut out, offset)
+            .unwrap();
         out
     }
 
@@ -578,7 +589,10 @@ mod tests {
         assert!(store.spill(id, object, 1).unwrap());
         let stats = store.stats();
         assert_eq!((stats.used, stats.objects), (0, 0));
-        assert_eq!((stats.spilled_bytes, stats.spilled_objects), (2 * ALIGNMENT, 1));
+        assert_eq!(
+            (stats.spilled_bytes, stats.spilled_objects),
+            (2 * ALIGNMENT, 1)
+        );
         assert!(dir.join(format!("{object}.obj")).exists());
         // The freed range serves another object; the spilled one cannot come back meanwhile.
         let (other, _) = store.create(ALIGNMENT, 2).unwrap();

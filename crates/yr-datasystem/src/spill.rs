@@ -243,7 +243,9 @@ impl SpillStore {
         for (id, size) in objects {
             let whole = std::fs::metadata(self.object_path(id)).is_ok_and(|m| m.len() == size);
             if whole {
-                state.objects.insert(id, SpilledObject { size, holder: None });
+                state
+                    .objects
+                    .insert(id, SpilledObject { size, holder: None });
                 state.bytes += size;
             } else {
                 tracing::warn!(object = %id, "a spilled object's file is missing or torn; dropped");
@@ -291,8 +293,9 @@ impl SpillStore {
     /// The open log, created (with the directory) on first use.
     fn log<'a>(&self, state: &'a mut State) -> Result<&'a mut File> {
         if state.log.is_none() {
-            std::fs::create_dir_all(&self.dir)
-                .map_err(|error| spill_disk_error("create the spill directory", &self.dir, &error))?;
+            std::fs::create_dir_all(&self.dir).map_err(|error| {
+                spill_disk_error("create the spill directory", &self.dir, &error)
+            })?;
             let path = self.log_path();
             let mut file = OpenOptions::new()
                 .append(true)
@@ -501,10 +504,20 @@ mod tests {
         let mut back = vec![0u8; 5000];
         target.read_exact_at(&mut back, 0).unwrap();
         assert_eq!(back, data);
-        assert!(!store.remove_held(id, 8), "another process cannot remove it");
+        assert!(
+            !store.remove_held(id, 8),
+            "another process cannot remove it"
+        );
         assert!(store.remove_held(id, 7));
         assert!(!store.object_path(id).exists());
-        assert_eq!(store.stats(), SpillStats { bytes: 0, objects: 0, limit: 1 << 20 });
+        assert_eq!(
+            store.stats(),
+            SpillStats {
+                bytes: 0,
+                objects: 0,
+                limit: 1 << 20
+            }
+        );
     }
 
     #[test]
@@ -536,12 +549,17 @@ mod tests {
         {
             let store = SpillStore::open(dir.clone(), Some(1 << 20));
             store.write(kept, &source(&[3u8; 100]), 0, 100, 1).unwrap();
-            store.write(removed, &source(&[4u8; 100]), 0, 100, 1).unwrap();
+            store
+                .write(removed, &source(&[4u8; 100]), 0, 100, 1)
+                .unwrap();
             store.remove(removed);
         }
         // A file whose spill did not finish, and a torn record at the end of the log.
         std::fs::write(dir.join(format!("{}.obj", ObjectId::generate())), b"half").unwrap();
-        let mut log = OpenOptions::new().append(true).open(dir.join(LOG_NAME)).unwrap();
+        let mut log = OpenOptions::new()
+            .append(true)
+            .open(dir.join(LOG_NAME))
+            .unwrap();
         log.write_all(&[1, 2, 3]).unwrap();
         let store = SpillStore::open(dir.clone(), Some(1 << 20));
         assert_eq!(

@@ -23,9 +23,9 @@ mod wire;
 pub use client::RemoteStore;
 pub use embedded::{EmbeddedOptions, EmbeddedStore};
 pub use error::MetaError;
-pub use wal::crc32;
 pub use service::{serve, MetaService};
 pub use store::{
     create_if_absent, delete_if_version, put_if_version, Compare, KeyValue, LeaseId, MetaStore,
     TxnOp, TxnResponse, WatchEvent,
 };
+pub use wal::crc32;

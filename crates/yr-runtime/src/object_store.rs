@@ -355,7 +355,16 @@ impl ObjectSlot {
         }
     }
 
-    /// The outcome, if the object is finished.
+    /// The error, if the object failed. Unlike [`ObjectSlot::outcome`] it never restores a
+    /// spilled value.
+    pub fn failure(&self) -> Option<Error> {
+        match &*self.state.lock() {
+            SlotState::Failed(error) => Some(error.clone()),
+            _ => None,
+        }
+    }
+
+    /// The outcome, if the object is finished (a spilled value is restored first).
     pub fn outcome(&self) -> Option<Outcome> {
         self.readable(&mut self.state.lock())
     }

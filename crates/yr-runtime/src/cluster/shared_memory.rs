@@ -26,9 +26,39 @@ fn check(error: Option<pb::ErrorInfo>) -> Result<()> {
     }
 }
 
-/// Regions from the node's data worker.
+/// Regions from the node's data worker. Spills and restores go through `disk`, a channel on a
+/// runtime of their own: a restore may be asked for on the IO thread (sending a spilled object
+/// as an argument), which must not wait for itself.
 struct NodeAllocator {
     channel: DataChannel,
+    disk: DataChannel,
+    _disk_runtime: DiskRuntime,
+}
+
+/// The runtime of spill and restore calls: one thread, stopped without waiting when dropped
+/// (which may happen on any thread, the IO thread included).
+struct DiskRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for DiskRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn disk_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("yr-spill")
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            Error::new(
+                yr_common::ErrorCode::InnerSystemError,
+                format!("cannot start the runtime of spill and restore calls: {e}"),
+            )
+        })
 }
 
 impl RegionAllocator for NodeAllocator {
@@ -61,7 +91,7 @@ impl RegionAllocator for NodeAllocator {
     }
 
     fn spill(&self, allocation: u64, object: ObjectId) -> Result<bool> {
-        let reply = self.channel.call(client, move |mut client| async move {
+        let reply = self.disk.call(client, move |mut client| async move {
             client
                 .spill(pb::SpillObjectRequest {
                     allocation,
@@ -75,7 +105,7 @@ impl RegionAllocator for NodeAllocator {
     }
 
     fn restore(&self, object: ObjectId) -> Result<(u64, u64, u64)> {
-        let reply = self.channel.call(client, move |mut client| async move {
+        let reply = self.disk.call(client, move |mut client| async move {
             client
                 .restore(pb::RestoreObjectRequest {
                     object_id: object.to_bytes().to_vec().into(),
@@ -114,12 +144,15 @@ pub fn connect(channel: DataChannel) -> Result<()> {
         shared_memory::install(None);
         return Ok(());
     }
+    let disk = disk_runtime()?;
     let memory = SharedMemory::map(
         &info.path,
         info.capacity,
         info.pool_id,
         Box::new(NodeAllocator {
             channel: channel.clone(),
+            disk: DataChannel::new(disk.handle().clone(), channel.address().to_string()),
+            _disk_runtime: DiskRuntime(Some(disk)),
         }),
     )?;
     tracing::debug!(
