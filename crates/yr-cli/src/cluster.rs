@@ -58,6 +58,14 @@ pub struct StartArgs {
     /// node's memory).
     #[arg(long, value_name = "MB")]
     pub shared_memory_mb: Option<u64>,
+    /// Where objects are spilled when shared memory is full (default: the data directory's
+    /// spill/ folder); start again on the same one to keep them.
+    #[arg(long, value_name = "DIR")]
+    pub spill_dir: Option<PathBuf>,
+    /// The most disk spilled objects may take, in MB (default: 95% of the spill directory's
+    /// free disk space at start; 0 turns spilling off).
+    #[arg(long, value_name = "MB")]
+    pub spill_limit_mb: Option<u64>,
 }
 
 /// Flags of `yr stop`.
@@ -262,6 +270,14 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(mb) = args.shared_memory_mb {
         node_args.push("--shared-memory-mb".into());
+        node_args.push(mb.to_string());
+    }
+    if let Some(dir) = &args.spill_dir {
+        node_args.push("--spill-dir".into());
+        node_args.push(dir.display().to_string());
+    }
+    if let Some(mb) = args.spill_limit_mb {
+        node_args.push("--spill-limit-mb".into());
         node_args.push(mb.to_string());
     }
     let mut node = spawn("node", &node_args, &session, args.block)?;

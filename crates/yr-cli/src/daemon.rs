@@ -61,6 +61,14 @@ pub struct NodeArgs {
     /// node's memory).
     #[arg(long, value_name = "MB")]
     pub shared_memory_mb: Option<u64>,
+    /// Where objects are spilled when shared memory is full (default: the data directory's
+    /// spill/ folder). A node started again on the same directory serves what it had spilled.
+    #[arg(long, value_name = "DIR")]
+    pub spill_dir: Option<PathBuf>,
+    /// The most disk the spilled objects may take, in MB (default: 95% of the spill
+    /// directory's free disk space when the node starts; 0 turns spilling off).
+    #[arg(long, value_name = "MB")]
+    pub spill_limit_mb: Option<u64>,
     /// The node's id (default: generated).
     #[arg(long)]
     pub node_id: Option<String>,
@@ -203,6 +211,8 @@ pub fn run_node(args: &NodeArgs) -> anyhow::Result<()> {
         l2_redis: args.l2_redis.clone(),
         shared_memory_bytes: shared_memory_mb.saturating_mul(1 << 20),
         pool_id: format!("{node_id}-{}", yr_common::ids::random_hex(8)),
+        spill_dir: args.spill_dir.clone(),
+        spill_limit_bytes: args.spill_limit_mb.map(|mb| mb.saturating_mul(1 << 20)),
     })
     .context("cannot start the node's data worker")?;
     let options = yr_proxy::NodeOptions {

@@ -68,24 +68,38 @@ pub struct DirectoryStore {
     next_tmp: AtomicU64,
 }
 
-fn disk_error(what: &str, path: &Path, error: &std::io::Error) -> Error {
+/// A failed disk operation: 4204 if the disk is full (with `when_full`, what to do about it),
+/// otherwise 4203 (with `otherwise`).
+pub(crate) fn disk_error(
+    what: &str,
+    path: &Path,
+    error: &std::io::Error,
+    when_full: &str,
+    otherwise: &str,
+) -> Error {
     if error.kind() == ErrorKind::StorageFull {
         return Error::new(
             ErrorCode::InsufficientDiskSpace,
             format!(
-                "cannot {what} {}: the disk is full ({error}); free space on it or move the \
-                 node's --data-dir",
+                "cannot {what} {}: the disk is full ({error}); {when_full}",
                 path.display()
             ),
         );
     }
     Error::new(
         ErrorCode::OperateDiskFailed,
-        format!(
-            "cannot {what} {}: {error}; check that the KV second-level directory is a writable \
-             directory, or choose another --data-dir",
-            path.display()
-        ),
+        format!("cannot {what} {}: {error}; {otherwise}", path.display()),
+    )
+}
+
+fn l2_disk_error(what: &str, path: &Path, error: &std::io::Error) -> Error {
+    disk_error(
+        what,
+        path,
+        error,
+        "free space on it or move the node's --data-dir",
+        "check that the KV second-level directory is a writable directory, or choose another \
+         --data-dir",
     )
 }
 
@@ -181,8 +195,8 @@ impl DirectoryStore {
     /// created or written to. Removes temporary files a crash left behind.
     pub fn open(dir: impl Into<PathBuf>) -> Result<DirectoryStore> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|e| disk_error("create", &dir, &e))?;
-        let entries = std::fs::read_dir(&dir).map_err(|e| disk_error("read", &dir, &e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| l2_disk_error("create", &dir, &e))?;
+        let entries = std::fs::read_dir(&dir).map_err(|e| l2_disk_error("read", &dir, &e))?;
         for entry in entries.flatten() {
             if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
                 let _ = std::fs::remove_file(entry.path());
@@ -194,7 +208,7 @@ impl DirectoryStore {
         };
         // Prove the directory is writable now rather than at the first write-through.
         let probe = store.tmp_path();
-        File::create(&probe).map_err(|e| disk_error("write to", &store.dir, &e))?;
+        File::create(&probe).map_err(|e| l2_disk_error("write to", &store.dir, &e))?;
         let _ = std::fs::remove_file(&probe);
         Ok(store)
     }
@@ -219,12 +233,12 @@ impl DirectoryStore {
     fn sync_dir(&self) -> Result<()> {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
-            .map_err(|e| disk_error("sync", &self.dir, &e))
+            .map_err(|e| l2_disk_error("sync", &self.dir, &e))
     }
 
     /// The header of `key`'s file if it is `key`'s and has not expired; removes an expired one.
     fn live_header(&self, key: &str, file: &mut File, path: &Path) -> Result<Option<Header>> {
-        let header = read_header(file).map_err(|e| disk_error("read", path, &e))?;
+        let header = read_header(file).map_err(|e| l2_disk_error("read", path, &e))?;
         match header {
             Some(header) if header.key == key.as_bytes() => {
                 if expired(header.expires_at) {
@@ -265,7 +279,7 @@ impl L2Store for DirectoryStore {
             .and_then(|()| std::fs::rename(&tmp, &path));
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
-            return Err(disk_error("write", &path, &e));
+            return Err(l2_disk_error("write", &path, &e));
         }
         self.sync_dir()
     }
@@ -275,14 +289,14 @@ impl L2Store for DirectoryStore {
         let mut file = match File::open(&path) {
             Ok(file) => file,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(disk_error("open", &path, &e)),
+            Err(e) => return Err(l2_disk_error("open", &path, &e)),
         };
         let Some(header) = self.live_header(key, &mut file, &path)? else {
             return Ok(None);
         };
         let mut value = Vec::new();
         file.read_to_end(&mut value)
-            .map_err(|e| disk_error("read", &path, &e))?;
+            .map_err(|e| l2_disk_error("read", &path, &e))?;
         Ok(Some(L2Record {
             value: Bytes::from(value),
             expires_at: header.expires_at,
@@ -302,7 +316,7 @@ impl L2Store for DirectoryStore {
         match std::fs::remove_file(&path) {
             Ok(()) => self.sync_dir(),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(disk_error("remove", &path, &e)),
+            Err(e) => Err(l2_disk_error("remove", &path, &e)),
         }
     }
 
@@ -311,7 +325,7 @@ impl L2Store for DirectoryStore {
         let mut file = match File::open(&path) {
             Ok(file) => file,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(disk_error("open", &path, &e)),
+            Err(e) => return Err(l2_disk_error("open", &path, &e)),
         };
         Ok(self.live_header(key, &mut file, &path)?.is_some())
     }

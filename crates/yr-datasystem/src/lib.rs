@@ -5,9 +5,11 @@
 //! [`stream_service`]: which node is a stream's home), both served to drivers and runtimes as
 //! the `DataWorker` gRPC service ([`service`], wire types in `yr-proto`'s `yr.ds.v1`); and the
 //! node's shared-memory region for large objects ([`shared_memory`], served as the
-//! `ObjectStore` service by [`object_service`]; objects cross nodes through
-//! [`object_transfer`]). It does not own spilling, nor the client side
-//! of KV, streams and objects (that lives in `yr-runtime`).
+//! `ObjectStore` service by [`object_service`]) with its spill directory ([`spill`]: objects
+//! moved to disk under memory pressure, and their metadata log); objects cross nodes through
+//! [`object_transfer`]. It does not own the client side of KV, streams and objects (that lives
+//! in `yr-runtime`), nor the choice of which of its objects an owner gives up (that is the
+//! owner's, see `yr_runtime::object_store`).
 
 pub mod kv;
 pub mod l2;
@@ -16,6 +18,7 @@ pub mod object_transfer;
 pub mod redis;
 pub mod service;
 pub mod shared_memory;
+pub mod spill;
 pub mod stream;
 pub mod stream_service;
 pub mod wire;
@@ -39,6 +42,11 @@ pub struct DataWorkerOptions {
     pub shared_memory_bytes: u64,
     /// Names the node's shared-memory region (the node id).
     pub pool_id: String,
+    /// Where objects are spilled under memory pressure (`None`: `<data_dir>/spill/`).
+    pub spill_dir: Option<PathBuf>,
+    /// The most bytes spilled at once (`None`: 95% of the spill disk's free space when the
+    /// node starts; `Some(0)`: spilling is off).
+    pub spill_limit_bytes: Option<u64>,
 }
 
 /// A node's data worker.
@@ -61,9 +69,17 @@ impl DataWorker {
             Some(address) => Arc::new(l2::RedisStore::connect(address)?),
             None => Arc::new(l2::DirectoryStore::open(options.data_dir.join("kv-l2"))?),
         };
-        let shared_memory = Arc::new(shared_memory::SharedMemoryStore::new(
+        let spill_dir = options
+            .spill_dir
+            .clone()
+            .unwrap_or_else(|| options.data_dir.join("spill"));
+        let spill = spill::SpillStore::open(spill_dir, options.spill_limit_bytes);
+        let spill_info = spill.stats();
+        let spill_dir = spill.dir().to_path_buf();
+        let shared_memory = Arc::new(shared_memory::SharedMemoryStore::with_spill(
             options.shared_memory_bytes,
             options.pool_id.clone(),
+            Some(spill),
         )?);
         // Give freed shared memory back to the kernel once frees stop.
         let reclaim = Arc::downgrade(&shared_memory);
@@ -85,6 +101,9 @@ impl DataWorker {
         tracing::info!(
             l2 = %l2.describe(),
             shared_memory_bytes = options.shared_memory_bytes,
+            spill_dir = %spill_dir.display(),
+            spill_limit_bytes = spill_info.limit,
+            spilled_objects = spill_info.objects,
             "data worker ready"
         );
         Ok(Arc::new(DataWorker {

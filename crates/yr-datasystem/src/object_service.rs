@@ -1,17 +1,19 @@
 //! The ObjectStore gRPC service (`yr.ds.v1`) over the node's [`SharedMemoryStore`]: the node's
-//! drivers and runtimes ask it for the region to map, for allocations, and to count references;
-//! other nodes read its objects, and its processes pull other nodes' objects through it
-//! ([`ObjectTransfer`]). Reference counting is a few map operations under one lock, so it runs
-//! on the IO thread; copying runs on blocking threads.
+//! drivers and runtimes ask it for the region to map, for allocations, to count references, and
+//! to spill and restore objects; other nodes read its objects, and its processes pull other
+//! nodes' objects through it ([`ObjectTransfer`]). Most calls are a few map operations under one
+//! lock and run on the IO thread; spilling, restoring and copying run on blocking threads.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use yr_common::{Error, ErrorCode, ObjectId};
 use yr_proto::ds as pb;
 
 use crate::object_transfer::{ObjectTransfer, MAX_MESSAGE};
+use crate::service::blocking;
 use crate::shared_memory::SharedMemoryStore;
 use crate::wire::error_to_proto;
 
@@ -48,6 +50,17 @@ impl ObjectStoreService {
 
 type ChunkStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ObjectChunk, Status>> + Send>>;
+
+fn object_id(bytes: &[u8]) -> Result<ObjectId, Error> {
+    <[u8; 16]>::try_from(bytes)
+        .map(ObjectId::from_bytes)
+        .map_err(|_| {
+            Error::new(
+                ErrorCode::ParamInvalid,
+                format!("an object id has 16 bytes, got {}", bytes.len()),
+            )
+        })
+}
 
 #[tonic::async_trait]
 impl pb::object_store_server::ObjectStore for ObjectStoreService {
@@ -147,5 +160,70 @@ impl pb::object_store_server::ObjectStore for ObjectStoreService {
         let request = request.into_inner();
         self.store.release(&request.allocations, request.pid);
         Ok(Response::new(pb::ReleaseObjectsResponse {}))
+    }
+
+    async fn spill(
+        &self,
+        request: Request<pb::SpillObjectRequest>,
+    ) -> Result<Response<pb::SpillObjectResponse>, Status> {
+        let request = request.into_inner();
+        let store = self.store.clone();
+        let spilled = blocking(move || {
+            let object = object_id(&request.object_id)?;
+            store.spill(request.allocation, object, request.pid)
+        })
+        .await;
+        Ok(Response::new(match spilled {
+            Ok(spilled) => pb::SpillObjectResponse {
+                spilled,
+                error: None,
+            },
+            Err(error) => pb::SpillObjectResponse {
+                spilled: false,
+                error: Some(error_to_proto(&error)),
+            },
+        }))
+    }
+
+    async fn restore(
+        &self,
+        request: Request<pb::RestoreObjectRequest>,
+    ) -> Result<Response<pb::RestoreObjectResponse>, Status> {
+        let request = request.into_inner();
+        let store = self.store.clone();
+        let restored = blocking(move || {
+            let object = object_id(&request.object_id)?;
+            store.restore(object, request.pid)
+        })
+        .await;
+        Ok(Response::new(match restored {
+            Ok((allocation, offset, size)) => pb::RestoreObjectResponse {
+                allocation,
+                offset,
+                size,
+                error: None,
+            },
+            Err(error) => pb::RestoreObjectResponse {
+                error: Some(error_to_proto(&error)),
+                ..Default::default()
+            },
+        }))
+    }
+
+    async fn delete_spilled(
+        &self,
+        request: Request<pb::DeleteSpilledRequest>,
+    ) -> Result<Response<pb::DeleteSpilledResponse>, Status> {
+        let request = request.into_inner();
+        let store = self.store.clone();
+        // Removing files is disk work; the caller does not wait for it.
+        tokio::task::spawn_blocking(move || {
+            for id in &request.object_ids {
+                if let Ok(object) = object_id(id) {
+                    store.delete_spilled(object, request.pid);
+                }
+            }
+        });
+        Ok(Response::new(pb::DeleteSpilledResponse {}))
     }
 }

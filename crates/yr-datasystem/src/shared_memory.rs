@@ -7,13 +7,18 @@
 //! that memory is back at its baseline.
 //!
 //! An object larger than the whole region is 4202 with both sizes. So is an object that does not
-//! fit in the free space now (spilling to disk is not built yet).
+//! fit in the free space now: its creator then asks to spill its own idle objects
+//! ([`SharedMemoryStore::spill`]: allowed only for an allocation that the asking process alone
+//! holds, once), moving them to the node's [`SpillStore`], and tries again. An owner that reads
+//! a spilled object asks for it back ([`SharedMemoryStore::restore`]), into a new allocation.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use parking_lot::Mutex;
-use yr_common::{Error, ErrorCode, Result};
+use yr_common::{Error, ErrorCode, ObjectId, Result};
+
+use crate::spill::{not_spilled, SpillStore};
 
 /// Allocations start on page boundaries, so freeing one can give its pages back.
 pub const ALIGNMENT: u64 = 4096;
@@ -95,6 +100,10 @@ pub struct SharedMemoryStats {
     pub used: u64,
     /// Live allocations.
     pub objects: usize,
+    /// Bytes of objects spilled to disk.
+    pub spilled_bytes: u64,
+    /// Objects spilled to disk.
+    pub spilled_objects: usize,
 }
 
 /// The node's shared-memory region and its allocations.
@@ -104,6 +113,12 @@ pub struct SharedMemoryStore {
     capacity: u64,
     pool_id: String,
     allocator: Mutex<Allocator>,
+    spill: Option<SpillStore>,
+}
+
+/// Whether process `pid` holds the only reference to `allocation`.
+fn only_holder(allocation: &Allocation, pid: u32) -> bool {
+    allocation.holders.len() == 1 && allocation.holders.get(&pid) == Some(&1)
 }
 
 fn disk_error(what: &str, error: std::io::Error) -> Error {
@@ -121,8 +136,18 @@ fn transfer_error(what: &str, id: u64, error: std::io::Error) -> Error {
 }
 
 impl SharedMemoryStore {
-    /// A region of `capacity` bytes (0 disables shared memory: every create is 4202).
+    /// A region of `capacity` bytes (0 disables shared memory: every create is 4202), without
+    /// spilling.
     pub fn new(capacity: u64, pool_id: impl Into<String>) -> Result<SharedMemoryStore> {
+        Self::with_spill(capacity, pool_id, None)
+    }
+
+    /// A region of `capacity` bytes whose idle objects may be spilled to `spill`.
+    pub fn with_spill(
+        capacity: u64,
+        pool_id: impl Into<String>,
+        spill: Option<SpillStore>,
+    ) -> Result<SharedMemoryStore> {
         // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd or -1.
         let raw = unsafe { libc::memfd_create(c"yr-objects".as_ptr(), libc::MFD_CLOEXEC) };
         if raw < 0 {
@@ -151,7 +176,86 @@ impl SharedMemoryStore {
             capacity,
             pool_id: pool_id.into(),
             allocator: Mutex::new(Allocator::new(capacity)),
+            spill,
         })
+    }
+
+    /// The spill directory, if objects may be spilled.
+    pub fn spill_store(&self) -> Option<&SpillStore> {
+        self.spill.as_ref().filter(|spill| spill.enabled())
+    }
+
+    /// The region as a file, to copy objects to and from disk.
+    fn region_file(&self) -> Result<std::fs::File> {
+        self.fd
+            .try_clone()
+            .map(std::fs::File::from)
+            .map_err(|error| {
+                Error::new(
+                    ErrorCode::OperateDiskFailed,
+                    format!("cannot open the node's shared memory to spill or restore: {error}"),
+                )
+            })
+    }
+
+    /// Move allocation `id`, which process `pid` holds alone and knows as object `object`, to
+    /// disk and free its range: the process gives up its mapping of it. Returns false (and does
+    /// nothing) if spilling is off or another reference exists; 4203/4204/4201 if the disk
+    /// refuses it (the allocation then stays).
+    pub fn spill(&self, id: u64, object: ObjectId, pid: u32) -> Result<bool> {
+        let Some(spill) = self.spill_store() else {
+            return Ok(false);
+        };
+        let (offset, size) = match self.allocator.lock().allocations.get(&id) {
+            Some(allocation) if only_holder(allocation, pid) => {
+                (allocation.offset, allocation.size)
+            }
+            _ => return Ok(false),
+        };
+        // Written outside the lock: the holder does not touch the range meanwhile, and a reader
+        // that retains it in between keeps it (the copy on disk is dropped below).
+        spill.write(object, &self.region_file()?, offset, size, pid)?;
+        let mut allocator = self.allocator.lock();
+        let alone = allocator
+            .allocations
+            .get(&id)
+            .is_some_and(|allocation| only_holder(allocation, pid));
+        if !alone {
+            drop(allocator);
+            spill.remove(object);
+            return Ok(false);
+        }
+        Self::free(&mut allocator, id);
+        Ok(true)
+    }
+
+    /// Bring spilled object `object` back into a new allocation held by process `pid`: its
+    /// allocation id, offset and size. 4202 if it does not fit now (the caller spills others
+    /// and asks again); its copy on disk goes once it is back.
+    pub fn restore(&self, object: ObjectId, pid: u32) -> Result<(u64, u64, u64)> {
+        let Some(spill) = self.spill.as_ref() else {
+            return Err(not_spilled(object, std::path::Path::new("(none)")));
+        };
+        let Some(spilled) = spill.get(object) else {
+            return Err(not_spilled(object, spill.dir()));
+        };
+        let (id, offset) = self.create(spilled.size, pid)?;
+        let read = self
+            .region_file()
+            .and_then(|file| spill.read_into(object, &file, offset));
+        if let Err(error) = read {
+            self.release(&[id], pid);
+            return Err(error);
+        }
+        spill.remove(object);
+        Ok((id, offset, spilled.size))
+    }
+
+    /// Drop spilled object `object` of process `pid`: its owner freed it.
+    pub fn delete_spilled(&self, object: ObjectId, pid: u32) {
+        if let Some(spill) = &self.spill {
+            spill.remove_held(object, pid);
+        }
     }
 
     /// The path another process of this machine opens to map the region.
@@ -189,7 +293,8 @@ impl SharedMemoryStore {
                 ErrorCode::SharedMemoryLimited,
                 format!(
                     "the node's shared memory is full: an object of {size} bytes does not fit, \
-                     {} of {} bytes are in use by {} objects; drop references to objects you no \
+                     {} of {} bytes are in use by {} objects that cannot be spilled to disk now \
+                     (others read them, or spilling is off); drop references to objects you no \
                      longer need or start the node with a larger --shared-memory-mb",
                     allocator.used,
                     self.capacity,
@@ -270,6 +375,10 @@ impl SharedMemoryStore {
         }
         for id in emptied {
             Self::free(&mut allocator, id);
+        }
+        drop(allocator);
+        if let Some(spill) = &self.spill {
+            spill.release_process(pid);
         }
     }
 
@@ -421,11 +530,18 @@ impl SharedMemoryStore {
 
     /// What the store holds.
     pub fn stats(&self) -> SharedMemoryStats {
+        let spilled = self
+            .spill
+            .as_ref()
+            .map(SpillStore::stats)
+            .unwrap_or_default();
         let allocator = self.allocator.lock();
         SharedMemoryStats {
             capacity: self.capacity,
             used: allocator.used,
             objects: allocator.allocations.len(),
+            spilled_bytes: spilled.bytes,
+            spilled_objects: spilled.objects,
         }
     }
 }
@@ -520,5 +636,142 @@ mod tests {
         std::thread::sleep(RECLAIM_AFTER);
         assert!(store.reclaim_idle());
         assert_eq!(store.resident_bytes(), 0);
+    }
+
+    fn spilling_store(capacity: u64, limit: u64) -> (SharedMemoryStore, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "yr-shm-spill-{}-{}",
+            std::process::id(),
+            yr_common::ids::random_hex(6)
+        ));
+        let spill = SpillStore::open(dir.clone(), Some(limit));
+        (
+            SharedMemoryStore::with_spill(capacity, "test", Some(spill)).unwrap(),
+            dir,
+        )
+    }
+
+    fn write(store: &SharedMemoryStore, offset: u64, bytes: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        store
+            .region_file()
+            .unwrap()
+            .write_all_at(bytes, offset)
+            .unwrap();
+    }
+
+    fn read(store: &SharedMemoryStore, offset: u64, len: usize) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let mut out = vec![0u8; len];
+        store
+            .region_file()
+            .unwrap()
+            .read_exact_at(&mut out, offset)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn a_spilled_object_frees_its_range_and_comes_back_intact() {
+        let (store, dir) = spilling_store(2 * ALIGNMENT, 1 << 20);
+        let object = ObjectId::generate();
+        let (id, offset) = store.create(2 * ALIGNMENT, 1).unwrap();
+        let data: Vec<u8> = (0..2 * ALIGNMENT).map(|i| (i % 253) as u8).collect();
+        write(&store, offset, &data);
+        assert!(store.spill(id, object, 1).unwrap());
+        let stats = store.stats();
+        assert_eq!((stats.used, stats.objects), (0, 0));
+        assert_eq!(
+            (stats.spilled_bytes, stats.spilled_objects),
+            (2 * ALIGNMENT, 1)
+        );
+        assert!(dir.join(format!("{object}.obj")).exists());
+        // The freed range serves another object; the spilled one cannot come back meanwhile.
+        let (other, _) = store.create(ALIGNMENT, 2).unwrap();
+        assert_eq!(
+            store.restore(object, 1).unwrap_err().code(),
+            ErrorCode::SharedMemoryLimited
+        );
+        assert_eq!(store.stats().spilled_objects, 1);
+        store.release(&[other], 2);
+        let (back, offset, size) = store.restore(object, 1).unwrap();
+        assert_eq!(size, 2 * ALIGNMENT);
+        assert_eq!(read(&store, offset, size as usize), data);
+        assert_eq!(store.stats().spilled_objects, 0);
+        assert!(!dir.join(format!("{object}.obj")).exists());
+        store.release(&[back], 1);
+        assert_eq!(store.stats().objects, 0);
+    }
+
+    #[test]
+    fn only_an_allocation_its_owner_alone_holds_is_spilled() {
+        let (store, _dir) = spilling_store(4 * ALIGNMENT, 1 << 20);
+        let (id, _) = store.create(ALIGNMENT, 1).unwrap();
+        store.retain(id, 2).unwrap();
+        assert!(!store.spill(id, ObjectId::generate(), 1).unwrap());
+        assert!(!store.spill(id, ObjectId::generate(), 2).unwrap());
+        store.release(&[id], 2);
+        assert!(store.spill(id, ObjectId::generate(), 1).unwrap());
+        // Without a spill directory nothing is spilled.
+        let plain = SharedMemoryStore::new(4 * ALIGNMENT, "test").unwrap();
+        let (id, _) = plain.create(ALIGNMENT, 1).unwrap();
+        assert!(!plain.spill(id, ObjectId::generate(), 1).unwrap());
+    }
+
+    #[test]
+    fn a_failed_spill_keeps_the_object_in_memory() {
+        let (store, _dir) = spilling_store(4 * ALIGNMENT, ALIGNMENT);
+        let (id, _) = store.create(2 * ALIGNMENT, 1).unwrap();
+        let error = store.spill(id, ObjectId::generate(), 1).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::InsufficientDiskSpace);
+        assert_eq!(store.stats().objects, 1);
+        assert_eq!(store.stats().spilled_objects, 0);
+    }
+
+    #[test]
+    fn spilled_objects_go_with_their_holder_or_when_deleted() {
+        let (store, dir) = spilling_store(4 * ALIGNMENT, 1 << 20);
+        let (a, b) = (ObjectId::generate(), ObjectId::generate());
+        let (first, _) = store.create(ALIGNMENT, 1).unwrap();
+        let (second, _) = store.create(ALIGNMENT, 1).unwrap();
+        assert!(store.spill(first, a, 1).unwrap());
+        assert!(store.spill(second, b, 1).unwrap());
+        store.delete_spilled(a, 2);
+        assert_eq!(store.stats().spilled_objects, 2, "only the holder deletes");
+        store.delete_spilled(a, 1);
+        assert_eq!(store.stats().spilled_objects, 1);
+        store.release_process(1);
+        assert_eq!(store.stats().spilled_objects, 0);
+        let left = std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".obj"))
+            })
+            .count();
+        assert_eq!(left, 0);
+    }
+
+    #[test]
+    fn a_store_reopened_on_the_same_directory_restores_by_object_id() {
+        let dir = std::env::temp_dir().join(format!(
+            "yr-shm-restart-{}-{}",
+            std::process::id(),
+            yr_common::ids::random_hex(6)
+        ));
+        let object = ObjectId::generate();
+        let data = vec![42u8; 3 * ALIGNMENT as usize];
+        {
+            let spill = SpillStore::open(dir.clone(), Some(1 << 20));
+            let store = SharedMemoryStore::with_spill(4 * ALIGNMENT, "a", Some(spill)).unwrap();
+            let (id, offset) = store.create(data.len() as u64, 1).unwrap();
+            write(&store, offset, &data);
+            assert!(store.spill(id, object, 1).unwrap());
+        }
+        let spill = SpillStore::open(dir, Some(1 << 20));
+        let store = SharedMemoryStore::with_spill(4 * ALIGNMENT, "b", Some(spill)).unwrap();
+        assert_eq!(store.stats().spilled_objects, 1);
+        let (_, offset, size) = store.restore(object, 9).unwrap();
+        assert_eq!(read(&store, offset, size as usize), data);
     }
 }

@@ -181,6 +181,7 @@ fn a_data_worker_on_redis_that_goes_away_fails_with_3007() {
         l2_redis: Some(redis.address.clone()),
         shared_memory_bytes: 1 << 20,
         pool_id: "test".into(),
+        ..Default::default()
     })
     .unwrap();
     let address = redis.address.clone();
@@ -201,6 +202,7 @@ fn a_data_worker_on_redis_that_goes_away_fails_with_3007() {
         l2_redis: Some(address),
         shared_memory_bytes: 1 << 20,
         pool_id: "test".into(),
+        ..Default::default()
     })
     .unwrap_err();
     assert_eq!(error.code(), ErrorCode::RedisOperationError);

@@ -28,3 +28,4 @@ pub use store::{
     create_if_absent, delete_if_version, put_if_version, Compare, KeyValue, LeaseId, MetaStore,
     TxnOp, TxnResponse, WatchEvent,
 };
+pub use wal::crc32;

@@ -106,8 +106,9 @@ pub(crate) struct SnapshotLease {
     pub ttl_ms: u64,
 }
 
-/// CRC-32 (IEEE 802.3, the zlib/`crc32fast` polynomial).
-pub(crate) fn crc32(data: &[u8]) -> u32 {
+/// CRC-32 (IEEE 802.3, the zlib/`crc32fast` polynomial). Also checks the data worker's spill
+/// log records.
+pub fn crc32(data: &[u8]) -> u32 {
     const TABLE: [u32; 256] = {
         let mut table = [0u32; 256];
         let mut i = 0;

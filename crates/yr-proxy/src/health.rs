@@ -47,6 +47,11 @@ pub fn metrics(node: &Node, data: &DataWorker) -> String {
         ("yr_shared_memory_used_bytes", stats.used),
         ("yr_shared_memory_objects", stats.objects as u64),
         ("yr_shared_memory_resident_bytes", shared.resident_bytes()),
+        ("yr_shared_memory_spilled_bytes", stats.spilled_bytes),
+        (
+            "yr_shared_memory_spilled_objects",
+            stats.spilled_objects as u64,
+        ),
     ] {
         let _ = writeln!(out, "# TYPE {name} gauge");
         let _ = writeln!(out, "{name} {value}");

@@ -163,7 +163,14 @@ pub async fn run(
     // A process that goes away without dropping its objects gives its shared memory back.
     let data_worker = options.data_worker.clone();
     node.on_client_gone(Box::new(move |pid| {
-        data_worker.shared_memory().release_process(pid)
+        // Its spilled objects' files go too: disk work, kept off the async threads.
+        let data_worker = data_worker.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn_blocking(move || data_worker.shared_memory().release_process(pid));
+            }
+            Err(_) => data_worker.shared_memory().release_process(pid),
+        }
     }));
 
     let link_node = node.clone();

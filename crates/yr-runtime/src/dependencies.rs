@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 use yr_common::{Error, Result};
 
 use crate::function::{dependency_failed, Arg};
-use crate::object_store::{ObjectHandle, Outcome};
+use crate::object_store::ObjectHandle;
 
 /// Run `then` once every dependency of `args` is finished: at once if they are, otherwise on
 /// the thread that finishes the last one.
@@ -41,7 +41,7 @@ pub fn when_ready(args: &[Arg], then: impl FnOnce() + Send + 'static) {
 /// finished.
 pub fn first_failure(args: &[Arg]) -> Result<(), Error> {
     for handle in args.iter().flat_map(Arg::dependencies) {
-        if let Some(Outcome::Failed(error)) = handle.outcome() {
+        if let Some(error) = handle.failure() {
             return Err(dependency_failed(handle, &error));
         }
     }

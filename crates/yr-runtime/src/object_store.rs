@@ -5,9 +5,16 @@
 //! Every slot is also listed, weakly, in a process-wide index by id. The index lets a reference
 //! that arrives serialized inside a value find its slot again, and lets `finalize` fail every
 //! pending object.
+//!
+//! Spilling: when the node's shared memory has no room for a new region, this process gives up
+//! its idle objects ([`spill_idle`]): those it owns whose value nobody reads now (the slot holds
+//! the only `Arc` of the value: no `Buffer`, borrowed decode or send is using it), least
+//! recently used first. Their payload becomes [`Payload::Spilled`], the object's id on the
+//! node's disk; the next read brings it back into shared memory before anyone sees it, so a
+//! reader never meets a spilled payload.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::Waker;
 use std::time::{Duration, Instant};
@@ -15,7 +22,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use yr_common::{Error, ErrorCode, ObjectId};
 
-use crate::shared_memory::SharedRegion;
+use crate::shared_memory::{SharedMemory, SharedRegion, SpilledValue};
 
 /// A value as stored: its serialized bytes and the references nested inside it, which stay alive
 /// as long as the value does.
@@ -27,13 +34,17 @@ pub struct StoredValue {
     pub nested: Vec<ObjectHandle>,
 }
 
-/// An encoding's bytes: in this process, or in the node's shared memory (read in place).
+/// An encoding's bytes: in this process, or in the node's shared memory (read in place), or
+/// spilled from there to the node's disk.
 #[derive(Debug)]
 pub enum Payload {
     /// In this process.
     Inline(Vec<u8>),
     /// A region of the node's shared memory.
     Shared(SharedRegion),
+    /// On the node's disk. Only a slot holds such a payload, and it restores it before
+    /// handing the value out, so readers never see one.
+    Spilled(SpilledValue),
 }
 
 impl Default for Payload {
@@ -54,6 +65,7 @@ impl std::ops::Deref for Payload {
         match self {
             Payload::Inline(bytes) => bytes,
             Payload::Shared(region) => region.as_slice(),
+            Payload::Spilled(_) => &[],
         }
     }
 }
@@ -86,6 +98,9 @@ pub struct ObjectSlot {
     owner: Option<Box<str>>,
     /// Set once the state leaves `Pending`; lets waiters spin without taking the lock.
     finished: AtomicBool,
+    /// When the value was last read or made, on [`USE_CLOCK`]: the least recently used idle
+    /// objects are spilled first.
+    last_used: AtomicU64,
     state: Mutex<SlotState>,
     changed: Condvar,
 }
@@ -107,6 +122,37 @@ pub enum Outcome {
 }
 
 const SHARDS: usize = 16;
+
+/// Ticks once per object use; orders objects for spilling.
+static USE_CLOCK: AtomicU64 = AtomicU64::new(0);
+
+fn now_used() -> u64 {
+    USE_CLOCK.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Bring a spilled value back into shared memory, in place. The value must be the slot's alone,
+/// which it is: a value is spilled only then, and handed out only once restored.
+fn restore_in_place(id: ObjectId, value: &mut Arc<StoredValue>) -> Result<(), Error> {
+    if !matches!(value.bytes, Payload::Spilled(_)) {
+        return Ok(());
+    }
+    let Some(stored) = Arc::get_mut(value) else {
+        return Err(Error::new(
+            ErrorCode::InnerSystemError,
+            format!("object {id} is spilled while a reader holds it; this is a bug in yr"),
+        ));
+    };
+    let Payload::Spilled(spilled) = &stored.bytes else {
+        return Ok(());
+    };
+    let region = spilled.memory().clone().restore(spilled)?;
+    if let Payload::Spilled(spilled) = std::mem::replace(&mut stored.bytes, Payload::Shared(region))
+    {
+        spilled.forget();
+    }
+    tracing::debug!(object = %id, "restored from the node's disk");
+    Ok(())
+}
 
 /// Fetches a borrowed object's value from its owner and finishes its slot.
 pub type RemoteFetcher = Box<dyn Fn(ObjectHandle) + Send + Sync>;
@@ -159,6 +205,7 @@ impl ObjectSlot {
             id: ObjectId::generate(),
             owner: None,
             finished: AtomicBool::new(false),
+            last_used: AtomicU64::new(now_used()),
             state: Mutex::new(SlotState::Pending {
                 waiters: Vec::new(),
                 canceller: None,
@@ -173,6 +220,7 @@ impl ObjectSlot {
             id: ObjectId::generate(),
             owner: None,
             finished: AtomicBool::new(true),
+            last_used: AtomicU64::new(now_used()),
             state: Mutex::new(SlotState::Ready(Arc::new(value))),
             changed: Condvar::new(),
         })
@@ -189,6 +237,7 @@ impl ObjectSlot {
             id,
             owner: None,
             finished: AtomicBool::new(true),
+            last_used: AtomicU64::new(now_used()),
             state: Mutex::new(SlotState::Failed(Error::new(
                 ErrorCode::GetOperationFailed,
                 format!(
@@ -227,6 +276,7 @@ impl ObjectSlot {
             id,
             owner: Some(owner.into()),
             finished: AtomicBool::new(false),
+            last_used: AtomicU64::new(now_used()),
             state: Mutex::new(SlotState::Pending {
                 waiters: Vec::new(),
                 canceller: None,
@@ -289,12 +339,70 @@ impl ObjectSlot {
         true
     }
 
-    /// The outcome, if the object is finished.
-    pub fn outcome(&self) -> Option<Outcome> {
-        match &*self.state.lock() {
+    /// The outcome in `state`, if finished; a spilled value is restored first (a failed
+    /// restore is this read's error, and the value stays on disk for the next).
+    fn readable(&self, state: &mut SlotState) -> Option<Outcome> {
+        match state {
             SlotState::Pending { .. } => None,
-            SlotState::Ready(value) => Some(Outcome::Ready(value.clone())),
+            SlotState::Ready(value) => {
+                if let Err(error) = restore_in_place(self.id, value) {
+                    return Some(Outcome::Failed(error));
+                }
+                self.last_used.store(now_used(), Ordering::Relaxed);
+                Some(Outcome::Ready(value.clone()))
+            }
             SlotState::Failed(error) => Some(Outcome::Failed(error.clone())),
+        }
+    }
+
+    /// The error, if the object failed. Unlike [`ObjectSlot::outcome`] it never restores a
+    /// spilled value.
+    pub fn failure(&self) -> Option<Error> {
+        match &*self.state.lock() {
+            SlotState::Failed(error) => Some(error.clone()),
+            _ => None,
+        }
+    }
+
+    /// The outcome, if the object is finished (a spilled value is restored first).
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.readable(&mut self.state.lock())
+    }
+
+    /// Spill this object's value to the node's disk if it is idle: ready, in `memory`, owned by
+    /// this process and read by nobody now. Returns the bytes given back, if it was spilled.
+    fn spill_if_idle(&self, memory: &Arc<SharedMemory>) -> Result<Option<u64>, Error> {
+        if self.owner.is_some() {
+            return Ok(None);
+        }
+        // Never wait: the slot may be in use, perhaps by this very thread.
+        let Some(mut state) = self.state.try_lock() else {
+            return Ok(None);
+        };
+        let SlotState::Ready(value) = &mut *state else {
+            return Ok(None);
+        };
+        let Some(stored) = Arc::get_mut(value) else {
+            return Ok(None);
+        };
+        let size = match &stored.bytes {
+            Payload::Shared(region) if region.is_in(memory) => region.as_slice().len() as u64,
+            _ => return Ok(None),
+        };
+        let Payload::Shared(region) = std::mem::take(&mut stored.bytes) else {
+            return Ok(None);
+        };
+        let (spilled, kept) = memory.spill(region, self.id);
+        if let Some(region) = kept {
+            stored.bytes = Payload::Shared(region);
+        }
+        match spilled? {
+            Some(spilled) => {
+                stored.bytes = Payload::Spilled(spilled);
+                tracing::debug!(object = %self.id, size, "spilled to the node's disk");
+                Ok(Some(size))
+            }
+            None => Ok(None),
         }
     }
 
@@ -308,20 +416,14 @@ impl ObjectSlot {
         crate::spin::spin_until(SPIN_BEFORE_SLEEP, || self.is_finished());
         let mut state = self.state.lock();
         loop {
-            match &*state {
-                SlotState::Ready(value) => return Some(Outcome::Ready(value.clone())),
-                SlotState::Failed(error) => return Some(Outcome::Failed(error.clone())),
-                SlotState::Pending { .. } => {}
+            if let Some(outcome) = self.readable(&mut state) {
+                return Some(outcome);
             }
             match deadline {
                 None => self.changed.wait(&mut state),
                 Some(deadline) => {
                     if self.changed.wait_until(&mut state, deadline).timed_out() {
-                        return match &*state {
-                            SlotState::Ready(value) => Some(Outcome::Ready(value.clone())),
-                            SlotState::Failed(error) => Some(Outcome::Failed(error.clone())),
-                            SlotState::Pending { .. } => None,
-                        };
+                        return self.readable(&mut state);
                     }
                 }
             }
@@ -331,19 +433,16 @@ impl ObjectSlot {
     /// The outcome if finished; otherwise `waker` is woken when it finishes.
     pub fn poll_outcome(&self, waker: &Waker) -> Option<Outcome> {
         let mut state = self.state.lock();
-        match &mut *state {
-            SlotState::Ready(value) => Some(Outcome::Ready(value.clone())),
-            SlotState::Failed(error) => Some(Outcome::Failed(error.clone())),
-            SlotState::Pending { waiters, .. } => {
-                let known = waiters
-                    .iter()
-                    .any(|w| matches!(w, Waiter::Waker(existing) if existing.will_wake(waker)));
-                if !known {
-                    waiters.push(Waiter::Waker(waker.clone()));
-                }
-                None
+        if let SlotState::Pending { waiters, .. } = &mut *state {
+            let known = waiters
+                .iter()
+                .any(|w| matches!(w, Waiter::Waker(existing) if existing.will_wake(waker)));
+            if !known {
+                waiters.push(Waiter::Waker(waker.clone()));
             }
+            return None;
         }
+        self.readable(&mut state)
     }
 
     /// Run `callback` once the object is finished: now if it already is, otherwise on the thread
@@ -400,6 +499,34 @@ pub fn fail_all_pending(error: &Error) {
             slot.fail(error.clone());
         }
     }
+}
+
+/// Spill this process's idle objects in `memory`, least recently used first, until at least
+/// `needed` bytes were given back or none is left. Returns the bytes given back (0: nothing
+/// could be spilled). The first disk failure (4203, 4204, 4201) stops it and is returned.
+pub(crate) fn spill_idle(memory: &Arc<SharedMemory>, needed: u64) -> Result<u64, Error> {
+    let mut candidates: Vec<(u64, ObjectHandle)> = Vec::new();
+    for shard in &index().shards {
+        // Upgraded under the shard's lock, looked at after it: dropping a handle may free its
+        // slot, which takes that lock.
+        let slots: Vec<ObjectHandle> = shard.lock().values().filter_map(Weak::upgrade).collect();
+        for slot in slots {
+            if slot.owner.is_none() && slot.is_finished() {
+                candidates.push((slot.last_used.load(Ordering::Relaxed), slot));
+            }
+        }
+    }
+    candidates.sort_by_key(|(used, _)| *used);
+    let mut freed = 0;
+    for (_, slot) in candidates {
+        if freed >= needed {
+            break;
+        }
+        if let Some(size) = slot.spill_if_idle(memory)? {
+            freed += size;
+        }
+    }
+    Ok(freed)
 }
 
 /// How many objects this process holds. For tests and metrics.

@@ -6,12 +6,17 @@
 //! The node's data worker allocates regions and counts references to them (see
 //! `yr_datasystem::shared_memory`); a [`SharedRegion`] holds one reference and gives it back
 //! when dropped. In local mode nothing is installed and every value stays inline.
+//!
+//! When a new region does not fit in the node's free space, this process spills its own idle
+//! objects to the node's disk (see `object_store::spill_idle`) and tries again; a
+//! [`SpilledValue`] names such an object by its id, and [`SharedMemory::restore`] brings it back
+//! into a new region when it is read.
 
 use std::fmt;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
-use yr_common::{Error, ErrorCode, Result};
+use yr_common::{Error, ErrorCode, ObjectId, Result};
 
 /// Encodings up to this size stay in the process (and travel inline): 100 KiB.
 pub const INLINE_LIMIT: usize = 100 * 1024;
@@ -22,6 +27,15 @@ pub trait RegionAllocator: Send + Sync {
     fn create(&self, size: u64) -> Result<(u64, u64)>;
     /// Give one reference back. Must not block: regions are dropped on any thread.
     fn release(&self, allocation: u64);
+    /// Move `allocation`, which this process alone holds as object `object`, to the node's
+    /// disk and free it. False if the node did not (another process holds it, or spilling is
+    /// off); 4203/4204/4201 if the disk refused it.
+    fn spill(&self, allocation: u64, object: ObjectId) -> Result<bool>;
+    /// Bring spilled object `object` back into a new region with one reference: its allocation
+    /// id, offset and size (4202 if it does not fit now).
+    fn restore(&self, object: ObjectId) -> Result<(u64, u64, u64)>;
+    /// Drop spilled object `object`. Must not block, like `release`.
+    fn delete_spilled(&self, object: ObjectId);
 }
 
 /// The node's region, mapped into this process.
@@ -117,10 +131,68 @@ impl SharedMemory {
         &self.pool_id
     }
 
-    /// A new region of `size` bytes for this process to fill.
+    /// A new region of `size` bytes for this process to fill; this process's idle objects are
+    /// spilled to make room if needed.
     pub fn create(self: &Arc<Self>, size: usize) -> Result<SharedRegion> {
-        let (allocation, offset) = self.allocator.create(size as u64)?;
+        let (allocation, offset) =
+            self.with_room(size as u64, |allocator| allocator.create(size as u64))?;
         self.region(allocation, offset, size as u64)
+    }
+
+    /// Spilled object `spilled` back in a new region (spilling other idle objects if needed).
+    pub fn restore(self: &Arc<Self>, spilled: &SpilledValue) -> Result<SharedRegion> {
+        let (allocation, offset, size) =
+            self.with_room(spilled.size, |allocator| allocator.restore(spilled.object))?;
+        self.region(allocation, offset, size)
+    }
+
+    /// Run `attempt`; while it finds no room for `size` bytes (4202, though they would fit in
+    /// the empty region), spill this process's idle objects and run it again. When nothing can
+    /// be spilled, the last 4202 stands.
+    fn with_room<T>(
+        self: &Arc<Self>,
+        size: u64,
+        mut attempt: impl FnMut(&dyn RegionAllocator) -> Result<T>,
+    ) -> Result<T> {
+        loop {
+            match attempt(&*self.allocator) {
+                Err(error)
+                    if error.code() == ErrorCode::SharedMemoryLimited
+                        && size <= self.capacity as u64 =>
+                {
+                    if crate::object_store::spill_idle(self, size)? == 0 {
+                        return Err(error);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Move `region` (an object this process alone reads, `object`) to the node's disk. The
+    /// region is given up on success; on `Ok(None)` (the node declined) it is handed back.
+    pub(crate) fn spill(
+        self: &Arc<Self>,
+        region: SharedRegion,
+        object: ObjectId,
+    ) -> (Result<Option<SpilledValue>>, Option<SharedRegion>) {
+        match self.allocator.spill(region.allocation, object) {
+            Ok(true) => {
+                let size = region.size as u64;
+                region.forget();
+                (
+                    Ok(Some(SpilledValue {
+                        memory: self.clone(),
+                        object,
+                        size,
+                        restored: false,
+                    })),
+                    None,
+                )
+            }
+            Ok(false) => (Ok(None), Some(region)),
+            Err(error) => (Err(error), Some(region)),
+        }
     }
 
     /// A region another process created, for which this process already took a reference
@@ -154,7 +226,47 @@ impl SharedMemory {
             allocation,
             offset: offset as usize,
             size: size as usize,
+            held: true,
         })
+    }
+}
+
+/// An object of this process that lives on the node's disk, not in shared memory. Dropping it
+/// deletes it there.
+pub struct SpilledValue {
+    memory: Arc<SharedMemory>,
+    object: ObjectId,
+    size: u64,
+    /// Set once it is back in shared memory (the node dropped its disk copy then).
+    restored: bool,
+}
+
+impl fmt::Debug for SpilledValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpilledValue")
+            .field("object", &self.object)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl SpilledValue {
+    /// The memory it goes back to.
+    pub fn memory(&self) -> &Arc<SharedMemory> {
+        &self.memory
+    }
+
+    /// Mark it restored: the node already dropped the copy on disk.
+    pub(crate) fn forget(mut self) {
+        self.restored = true;
+    }
+}
+
+impl Drop for SpilledValue {
+    fn drop(&mut self) {
+        if !self.restored {
+            self.memory.allocator.delete_spilled(self.object);
+        }
     }
 }
 
@@ -164,6 +276,8 @@ pub struct SharedRegion {
     allocation: u64,
     offset: usize,
     size: usize,
+    /// Whether this process still holds the node's reference (false once it was spilled).
+    held: bool,
 }
 
 impl fmt::Debug for SharedRegion {
@@ -196,6 +310,16 @@ impl SharedRegion {
         unsafe { std::slice::from_raw_parts_mut(self.memory.base.add(self.offset), self.size) }
     }
 
+    /// Whether the region lies in `memory`.
+    pub fn is_in(&self, memory: &Arc<SharedMemory>) -> bool {
+        Arc::ptr_eq(&self.memory, memory)
+    }
+
+    /// Drop the region without giving its reference back: the node already freed it.
+    fn forget(mut self) {
+        self.held = false;
+    }
+
     /// The pool, allocation, offset and size, for the wire.
     pub fn location(&self) -> (&str, u64, u64, u64) {
         (
@@ -209,7 +333,9 @@ impl SharedRegion {
 
 impl Drop for SharedRegion {
     fn drop(&mut self) {
-        self.memory.allocator.release(self.allocation);
+        if self.held {
+            self.memory.allocator.release(self.allocation);
+        }
     }
 }
 

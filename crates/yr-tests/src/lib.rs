@@ -562,6 +562,10 @@ pub struct NodeSpec {
     pub l2_redis: Option<String>,
     /// `--shared-memory-mb`; `None` keeps the node's default (a third of `memory`).
     pub shared_memory_mb: Option<u64>,
+    /// `--spill-dir`; `None` keeps the node's default (`<data dir>/spill`).
+    pub spill_dir: Option<PathBuf>,
+    /// `--spill-limit-mb`; `None` keeps the node's default (95% of the free disk).
+    pub spill_limit_mb: Option<u64>,
 }
 
 impl Default for NodeSpec {
@@ -577,6 +581,8 @@ impl Default for NodeSpec {
             data_dir: None,
             l2_redis: None,
             shared_memory_mb: None,
+            spill_dir: None,
+            spill_limit_mb: None,
         }
     }
 }
@@ -822,6 +828,12 @@ impl TestCluster {
         }
         if let Some(mb) = node.spec.shared_memory_mb {
             args.extend(["--shared-memory-mb".to_string(), mb.to_string()]);
+        }
+        if let Some(dir) = &node.spec.spill_dir {
+            args.extend(["--spill-dir".to_string(), dir.display().to_string()]);
+        }
+        if let Some(mb) = node.spec.spill_limit_mb {
+            args.extend(["--spill-limit-mb".to_string(), mb.to_string()]);
         }
         if let Some(redis) = &node.spec.l2_redis {
             args.extend(["--l2-redis".to_string(), redis.clone()]);

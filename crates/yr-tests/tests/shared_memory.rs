@@ -85,9 +85,14 @@ fn an_object_larger_than_the_shared_memory_is_4202_with_both_sizes() {
 }
 
 #[test]
-fn a_full_shared_memory_is_4202_until_objects_are_dropped() {
+fn a_full_shared_memory_without_spilling_is_4202_until_objects_are_dropped() {
     let _lock = exclusive();
-    let cluster = node_with_shared_memory(4);
+    // `--spill-limit-mb 0`: nothing goes to disk (tests/spill.rs covers spilling).
+    let cluster = TestCluster::with_node(NodeSpec {
+        shared_memory_mb: Some(4),
+        spill_limit_mb: Some(0),
+        ..NodeSpec::default()
+    });
     yr::init(cluster.config()).unwrap();
     let kept: Vec<ObjectRef<ByteBuf>> =
         (0..3).map(|_| yr::put(pattern(1 << 20)).unwrap()).collect();

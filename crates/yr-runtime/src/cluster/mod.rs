@@ -449,35 +449,44 @@ impl Inner {
                 Ok(channel) => {
                     inner.channels.lock().insert(owner.clone(), channel.clone());
                     let mut client = WorkerClient::new(channel).max_decoding_message_size(usize::MAX);
-                    match client
-                        .get_object(pb::GetObjectRequest {
-                            id: handle.id().to_bytes().to_vec().into(),
-                            timeout_ms: u64::MAX / 2,
-                            pool_id: shared_memory::pool_id(),
-                        })
-                        .await
-                    {
-                        Ok(reply) => {
-                            let reply = reply.into_inner();
-                            match (reply.value, reply.error) {
-                                (_, Some(error)) => Err(error_from_proto(&error)),
-                                (Some(value), None) => match &value.shared {
-                                    Some(location) => shared_memory::open_location(&inner.data, location)
-                                        .await
-                                        .and_then(|payload| convert::value_with_payload(payload, &value.nested)),
-                                    None => convert::value_from_proto(value),
-                                },
-                                (None, None) => Err(Error::new(ErrorCode::GetOperationFailed, "the owner sent no value")),
+                    // A location can go stale between the owner's answer and this process's
+                    // reference to it (the owner spilled the object meanwhile): ask again, and
+                    // the owner restores it first.
+                    let mut attempts = 0;
+                    loop {
+                        attempts += 1;
+                        let fetched = match client
+                            .get_object(pb::GetObjectRequest {
+                                id: handle.id().to_bytes().to_vec().into(),
+                                timeout_ms: u64::MAX / 2,
+                                pool_id: shared_memory::pool_id(),
+                            })
+                            .await
+                        {
+                            Ok(reply) => {
+                                let reply = reply.into_inner();
+                                match (reply.value, reply.error) {
+                                    (_, Some(error)) => Err(error_from_proto(&error)),
+                                    (Some(value), None) => match &value.shared {
+                                        Some(location) => match shared_memory::open_location(&inner.data, location).await {
+                                            Err(error) if attempts < 3 && error.code() == ErrorCode::GetOperationFailed => continue,
+                                            opened => opened.and_then(|payload| convert::value_with_payload(payload, &value.nested)),
+                                        },
+                                        None => convert::value_from_proto(value),
+                                    },
+                                    (None, None) => Err(Error::new(ErrorCode::GetOperationFailed, "the owner sent no value")),
+                                }
                             }
-                        }
-                        Err(status) => Err(Error::new(
-                            ErrorCode::GetOperationFailed,
-                            format!(
-                                "cannot fetch object {} from its owner at {owner}: {}; the owner may have exited",
-                                handle.id(),
-                                status.message()
-                            ),
-                        )),
+                            Err(status) => Err(Error::new(
+                                ErrorCode::GetOperationFailed,
+                                format!(
+                                    "cannot fetch object {} from its owner at {owner}: {}; the owner may have exited",
+                                    handle.id(),
+                                    status.message()
+                                ),
+                            )),
+                        };
+                        break fetched;
                     }
                 }
             };

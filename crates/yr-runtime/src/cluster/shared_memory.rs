@@ -1,12 +1,12 @@
 //! The node's shared memory in a cluster: mapped when the backend connects (the data worker's
-//! `PoolInfo`), with regions created and released through its `ObjectStore` service, and values
-//! that other processes send as locations: opened in place when they are in this node's
-//! memory, pulled into it first (`PullObject`) when they are in another node's.
+//! `PoolInfo`), with regions created, released, spilled and restored through its `ObjectStore`
+//! service, and values that other processes send as locations: opened in place when they are
+//! in this node's memory, pulled into it first (`PullObject`) when they are in another node's.
 
 use std::sync::Arc;
 
 use tonic::transport::Channel;
-use yr_common::{Error, Result};
+use yr_common::{Error, ObjectId, Result};
 use yr_datasystem::wire::error_from_proto;
 use yr_proto::ds as pb;
 use yr_proto::ds::object_store_client::ObjectStoreClient;
@@ -27,9 +27,39 @@ fn check(error: Option<pb::ErrorInfo>) -> Result<()> {
     }
 }
 
-/// Regions from the node's data worker.
+/// Regions from the node's data worker. Spills and restores go through `disk`, a channel on a
+/// runtime of their own: a restore may be asked for on the IO thread (sending a spilled object
+/// as an argument), which must not wait for itself.
 struct NodeAllocator {
     channel: DataChannel,
+    disk: DataChannel,
+    _disk_runtime: DiskRuntime,
+}
+
+/// The runtime of spill and restore calls: one thread, stopped without waiting when dropped
+/// (which may happen on any thread, the IO thread included).
+struct DiskRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for DiskRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn disk_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("yr-spill")
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            Error::new(
+                yr_common::ErrorCode::InnerSystemError,
+                format!("cannot start the runtime of spill and restore calls: {e}"),
+            )
+        })
 }
 
 impl RegionAllocator for NodeAllocator {
@@ -60,6 +90,48 @@ impl RegionAllocator for NodeAllocator {
             }
         });
     }
+
+    fn spill(&self, allocation: u64, object: ObjectId) -> Result<bool> {
+        let reply = self.disk.call(client, move |mut client| async move {
+            client
+                .spill(pb::SpillObjectRequest {
+                    allocation,
+                    object_id: object.to_bytes().to_vec().into(),
+                    pid: std::process::id(),
+                })
+                .await
+        })?;
+        check(reply.error)?;
+        Ok(reply.spilled)
+    }
+
+    fn restore(&self, object: ObjectId) -> Result<(u64, u64, u64)> {
+        let reply = self.disk.call(client, move |mut client| async move {
+            client
+                .restore(pb::RestoreObjectRequest {
+                    object_id: object.to_bytes().to_vec().into(),
+                    pid: std::process::id(),
+                })
+                .await
+        })?;
+        check(reply.error)?;
+        Ok((reply.allocation, reply.offset, reply.size))
+    }
+
+    fn delete_spilled(&self, object: ObjectId) {
+        let channel = self.channel.clone();
+        self.channel.io().spawn(async move {
+            if let Ok(connected) = channel.connected().await {
+                let request = pb::DeleteSpilledRequest {
+                    object_ids: vec![object.to_bytes().to_vec().into()],
+                    pid: std::process::id(),
+                };
+                if let Err(status) = client(connected).delete_spilled(request).await {
+                    tracing::debug!(%object, error = %status.message(), "delete of a spilled object failed");
+                }
+            }
+        });
+    }
 }
 
 /// Where other nodes reach this process's node, to pull its objects ("" outside a cluster).
@@ -83,12 +155,15 @@ pub fn connect(channel: DataChannel) -> Result<()> {
         return Ok(());
     }
     *NODE_ADDRESS.lock() = info.node_address.clone();
+    let disk = disk_runtime()?;
     let memory = SharedMemory::map(
         &info.path,
         info.capacity,
         info.pool_id,
         Box::new(NodeAllocator {
             channel: channel.clone(),
+            disk: DataChannel::new(disk.handle().clone(), channel.address().to_string()),
+            _disk_runtime: DiskRuntime(Some(disk)),
         }),
     )?;
     tracing::debug!(

@@ -1,0 +1,318 @@
+//! Spilling shared-memory objects to the node's disk, on a real cluster: live objects worth
+//! three times the shared memory stay readable (spilled and restored intact), memory and disk go
+//! back to their baseline when the objects are dropped, an unwritable spill directory is 4203, a
+//! full spill limit 4204 (and the node keeps serving after both), and a node restarted on the
+//! same spill directory serves the objects it had spilled, by their ids.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_bytes::ByteBuf;
+use yr::{ErrorCode, ObjectRef};
+use yr_proto::ds as pb;
+use yr_tests::{exclusive, wait_until, NodeSpec, TempDir, TestCluster, TIMEOUT};
+
+/// Not a test: the entry point of runtime processes, which re-execute this binary.
+#[test]
+fn runtime_entry() {
+    yr_tests::runtime_entry();
+}
+
+const MIB: usize = 1 << 20;
+
+/// The sum of the bytes, computed in a runtime.
+#[yr::invoke]
+fn checksum(bytes: ByteBuf) -> u64 {
+    sum(&bytes)
+}
+
+fn sum(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .enumerate()
+        .map(|(i, b)| u64::from(*b) * (i as u64 % 7 + 1))
+        .sum()
+}
+
+/// Object `seed`'s bytes: a different pattern for each.
+fn pattern(seed: usize, len: usize) -> ByteBuf {
+    ByteBuf::from(
+        (0..len)
+            .map(|i| ((i + seed * 31) % 251) as u8)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+fn node(shared_memory_mb: u64, spill_dir: &Path, spill_limit_mb: Option<u64>) -> TestCluster {
+    TestCluster::with_node(NodeSpec {
+        shared_memory_mb: Some(shared_memory_mb),
+        spill_dir: Some(spill_dir.to_path_buf()),
+        spill_limit_mb,
+        ..NodeSpec::default()
+    })
+}
+
+fn metric(cluster: &TestCluster, name: &str) -> f64 {
+    let mut value = None;
+    wait_until(TIMEOUT, || {
+        value = cluster.node_metric(0, name);
+        value.is_some()
+    });
+    value.unwrap_or_else(|| panic!("node 0 reports no {name}"))
+}
+
+fn spill_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".obj"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn live_objects_worth_three_times_the_shared_memory_spill_and_restore_intact() {
+    let _lock = exclusive();
+    let spill = TempDir::new("spill");
+    let cluster = node(64, spill.path(), None);
+    yr::init(cluster.config()).unwrap();
+    let objects: Vec<ObjectRef<ByteBuf>> = (0..12)
+        .map(|seed| yr::put(pattern(seed, 16 * MIB)).unwrap())
+        .collect();
+    let expected: Vec<u64> = (0..12).map(|seed| sum(&pattern(seed, 16 * MIB))).collect();
+    // At most three fit in memory at once (each takes a page more than 16 MiB).
+    assert!(metric(&cluster, "yr_shared_memory_used_bytes") <= (64 * MIB) as f64);
+    let spilled = metric(&cluster, "yr_shared_memory_spilled_objects");
+    assert!(spilled >= 9.0, "{spilled} objects spilled");
+    assert!(metric(&cluster, "yr_shared_memory_spilled_bytes") >= (9 * 16 * MIB) as f64);
+    assert_eq!(spill_files(spill.path()), spilled as usize);
+    // Every object reads back intact, twice over, in and out of order: each read restores its
+    // object and spills the least recently used others.
+    for round in 0..2 {
+        for index in 0..12 {
+            let index = if round == 0 { index } else { 11 - index };
+            let value = yr::get(&objects[index], TIMEOUT).unwrap();
+            assert_eq!(
+                sum(&value),
+                expected[index],
+                "object {index}, round {round}"
+            );
+        }
+    }
+    // In place, through a Buffer.
+    let buffer = yr::get_buffer(&objects[0], TIMEOUT).unwrap();
+    let bytes: &serde_bytes::Bytes = buffer.decode().unwrap();
+    assert_eq!(sum(bytes), expected[0]);
+    drop(buffer);
+    // As an argument: a runtime of the node asks the owner, which restores it first.
+    let result = yr::function(checksum).invoke((&objects[5],)).unwrap();
+    assert_eq!(yr::get(&result, TIMEOUT).unwrap(), expected[5]);
+    // Dropping the objects frees memory and disk.
+    drop(objects);
+    let baseline = wait_until(Duration::from_secs(30), || {
+        metric(&cluster, "yr_shared_memory_objects") == 0.0
+            && metric(&cluster, "yr_shared_memory_used_bytes") == 0.0
+            && metric(&cluster, "yr_shared_memory_spilled_objects") == 0.0
+            && metric(&cluster, "yr_shared_memory_spilled_bytes") == 0.0
+            && spill_files(spill.path()) == 0
+    });
+    assert!(
+        baseline,
+        "objects are still held after every reference was dropped"
+    );
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn an_unwritable_spill_directory_is_4203_and_the_node_keeps_serving() {
+    let _lock = exclusive();
+    let dir = TempDir::new("nospill");
+    // A directory below a regular file cannot be created, whoever asks.
+    std::fs::write(dir.path().join("file"), b"x").unwrap();
+    let spill_dir = dir.path().join("file").join("spill");
+    let cluster = node(8, &spill_dir, Some(1024));
+    yr::init(cluster.config()).unwrap();
+    let kept: Vec<ObjectRef<ByteBuf>> = (0..2)
+        .map(|seed| yr::put(pattern(seed, 3 * MIB)).unwrap())
+        .collect();
+    let error = yr::put(pattern(2, 3 * MIB)).unwrap_err();
+    assert_eq!(error.code(), ErrorCode::OperateDiskFailed, "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains(&spill_dir.display().to_string()),
+        "{message}"
+    );
+    assert!(message.contains("--spill-dir"), "{message}");
+    // Nothing was lost, and room made by hand is used.
+    assert_eq!(
+        sum(&yr::get(&kept[0], TIMEOUT).unwrap()),
+        sum(&pattern(0, 3 * MIB))
+    );
+    drop(kept);
+    let object = yr::put(pattern(3, 3 * MIB)).unwrap();
+    assert_eq!(
+        sum(&yr::get(&object, TIMEOUT).unwrap()),
+        sum(&pattern(3, 3 * MIB))
+    );
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn a_full_spill_limit_is_4204_and_the_node_keeps_serving() {
+    let _lock = exclusive();
+    let spill = TempDir::new("smallspill");
+    let cluster = node(8, spill.path(), Some(4));
+    yr::init(cluster.config()).unwrap();
+    // Two fit in memory, the third spills one, the fourth finds the 4 MB limit full.
+    let kept: Vec<ObjectRef<ByteBuf>> = (0..3)
+        .map(|seed| yr::put(pattern(seed, 3 * MIB)).unwrap())
+        .collect();
+    assert_eq!(metric(&cluster, "yr_shared_memory_spilled_objects"), 1.0);
+    let error = yr::put(pattern(3, 3 * MIB)).unwrap_err();
+    assert_eq!(error.code(), ErrorCode::InsufficientDiskSpace, "{error}");
+    let message = error.to_string();
+    assert!(message.contains("--spill-limit-mb"), "{message}");
+    assert!(message.contains(&(4 * MIB).to_string()), "{message}");
+    assert!(message.contains(&spill.display()), "{message}");
+    // The two in memory read as before; the spilled one cannot come back while memory is full
+    // and the disk cannot take another (4204 again), and comes back once there is room.
+    for seed in [1, 2] {
+        let value = yr::get(&kept[seed], TIMEOUT).unwrap();
+        assert_eq!(sum(&value), sum(&pattern(seed, 3 * MIB)));
+    }
+    let error = yr::get(&kept[0], TIMEOUT).unwrap_err();
+    assert_eq!(error.code(), ErrorCode::InsufficientDiskSpace, "{error}");
+    let mut kept = kept;
+    drop(kept.remove(1));
+    // Releases are asynchronous: wait until the node freed it.
+    assert!(wait_until(TIMEOUT, || metric(
+        &cluster,
+        "yr_shared_memory_objects"
+    ) == 1.0));
+    let value = yr::get(&kept[0], TIMEOUT).unwrap();
+    assert_eq!(sum(&value), sum(&pattern(0, 3 * MIB)));
+    drop(kept);
+    assert!(wait_until(TIMEOUT, || spill_files(spill.path()) == 0));
+    let object = yr::put(pattern(4, 3 * MIB)).unwrap();
+    assert_eq!(
+        sum(&yr::get(&object, TIMEOUT).unwrap()),
+        sum(&pattern(4, 3 * MIB))
+    );
+    yr::finalize().unwrap();
+}
+
+/// The child of `a_node_restarted_on_its_spill_directory_serves_what_it_had_spilled`: puts six
+/// objects of 16 MiB on a node with 64 MiB, prints each one's id and checksum, and waits.
+#[test]
+fn driver_spilling_objects() {
+    if !yr_tests::is_child_for("driver_spilling_objects") {
+        return;
+    }
+    let address = std::env::var("YR_TESTS_BUS").expect("the node's bus address");
+    yr::init(yr_tests::driver_config(&address)).unwrap();
+    let kept: Vec<ObjectRef<ByteBuf>> = (0..6)
+        .map(|seed| yr::put(pattern(seed, 16 * MIB)).unwrap())
+        .collect();
+    for (seed, object) in kept.iter().enumerate() {
+        println!("OBJECT {} {}", object.id(), sum(&pattern(seed, 16 * MIB)));
+    }
+    println!("DONE");
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+/// Restore `id` from the node at `address` as this process, and read the value in place.
+async fn restore(address: &str, id: u128) -> Result<ByteBuf, String> {
+    let mut client =
+        pb::object_store_client::ObjectStoreClient::connect(format!("http://{address}"))
+            .await
+            .map_err(|e| e.to_string())?;
+    let pool = client
+        .pool_info(pb::PoolInfoRequest {})
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    let reply = client
+        .restore(pb::RestoreObjectRequest {
+            object_id: id.to_be_bytes().to_vec().into(),
+            pid: std::process::id(),
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    if let Some(error) = reply.error {
+        return Err(format!("{}: {}", error.code, error.message));
+    }
+    let mut bytes = vec![0u8; reply.size as usize];
+    std::fs::File::open(&pool.path)
+        .and_then(|region| region.read_exact_at(&mut bytes, reply.offset))
+        .map_err(|e| e.to_string())?;
+    client
+        .release(pb::ReleaseObjectsRequest {
+            allocations: vec![reply.allocation],
+            pid: std::process::id(),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    rmp_serde::from_slice(&bytes).map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_node_restarted_on_its_spill_directory_serves_what_it_had_spilled() {
+    let _lock = exclusive();
+    let spill = TempDir::new("restart");
+    let mut objects: Vec<(u128, u64)> = Vec::new();
+    {
+        let mut cluster = node(64, spill.path(), None);
+        let mut child = yr_tests::child_test_process("driver_spilling_objects")
+            .env("YR_TESTS_BUS", cluster.node_bus_address(0))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let line = line.unwrap();
+            if line.contains("DONE") {
+                break;
+            }
+            // libtest may have started the line with the test's name.
+            if let Some((_, rest)) = line.split_once("OBJECT ") {
+                let mut parts = rest.split_whitespace();
+                let id = u128::from_str_radix(parts.next().unwrap(), 16).unwrap();
+                let expected: u64 = parts.next().unwrap().parse().unwrap();
+                objects.push((id, expected));
+            }
+        }
+        assert_eq!(objects.len(), 6, "the driver did not put its objects");
+        assert!(metric(&cluster, "yr_shared_memory_spilled_objects") >= 3.0);
+        // The node dies with the driver's objects on its disk.
+        cluster.kill_node(0);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let on_disk: Vec<(u128, u64)> = objects
+        .iter()
+        .copied()
+        .filter(|(id, _)| spill.path().join(format!("{id:032x}.obj")).exists())
+        .collect();
+    assert!(on_disk.len() >= 3, "{} objects left on disk", on_disk.len());
+    let cluster = node(64, spill.path(), None);
+    assert_eq!(
+        metric(&cluster, "yr_shared_memory_spilled_objects"),
+        on_disk.len() as f64
+    );
+    let address = cluster.node_address(0);
+    for (id, expected) in &on_disk {
+        let value = yr_tests::block_on(restore(&address, *id))
+            .unwrap_or_else(|e| panic!("object {id:032x}: {e}"));
+        assert_eq!(sum(&value), *expected, "object {id:032x}");
+    }
+    // Restored and released: nothing is left in memory or on disk.
+    assert!(wait_until(TIMEOUT, || {
+        metric(&cluster, "yr_shared_memory_spilled_objects") == 0.0
+            && metric(&cluster, "yr_shared_memory_objects") == 0.0
+            && spill_files(spill.path()) == 0
+    }));
+}
