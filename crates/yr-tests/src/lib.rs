@@ -908,6 +908,17 @@ impl TestCluster {
         })
     }
 
+    /// [`TestCluster::node_metric`], waiting up to [`TIMEOUT`] for the node to report it;
+    /// panics if it never does.
+    pub fn wait_metric(&self, index: usize, name: &str) -> f64 {
+        let mut value = None;
+        wait_until(TIMEOUT, || {
+            value = self.node_metric(index, name);
+            value.is_some()
+        });
+        value.unwrap_or_else(|| panic!("node {index} reports no {name}"))
+    }
+
     /// The master's health and metrics address.
     pub fn master_metrics_address(&self) -> String {
         format!("127.0.0.1:{}", self.metrics_port)

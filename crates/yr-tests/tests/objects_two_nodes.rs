@@ -86,15 +86,6 @@ fn maker_on_the_other_node(cluster: &TestCluster) -> yr::InstanceHandle<Maker> {
     maker
 }
 
-fn metric(cluster: &TestCluster, node: usize, name: &str) -> f64 {
-    let mut value = None;
-    wait_until(TIMEOUT, || {
-        value = cluster.node_metric(node, name);
-        value.is_some()
-    });
-    value.unwrap_or_else(|| panic!("node {node} reports no {name}"))
-}
-
 #[test]
 fn a_large_object_on_another_node_is_pulled_into_this_node_and_read_in_place() {
     let _lock = exclusive();
@@ -105,7 +96,7 @@ fn a_large_object_on_another_node_is_pulled_into_this_node_and_read_in_place() {
     let inner: ObjectRef<ObjectRef<ByteBuf>> =
         maker.method(Maker::make).invoke((len as u64,)).unwrap();
     let object = yr::get(&inner, TIMEOUT).unwrap();
-    assert_eq!(metric(&cluster, 0, "yr_shared_memory_objects"), 0.0);
+    assert_eq!(cluster.wait_metric(0, "yr_shared_memory_objects"), 0.0);
 
     let value = yr::get(&object, TIMEOUT).unwrap();
     assert_eq!(value.len(), len);
@@ -114,19 +105,20 @@ fn a_large_object_on_another_node_is_pulled_into_this_node_and_read_in_place() {
         "the pulled object differs from the original"
     );
     // The copy lives in this node's shared memory; the original stays on node 1.
-    assert_eq!(metric(&cluster, 0, "yr_shared_memory_objects"), 1.0);
-    assert!(metric(&cluster, 0, "yr_shared_memory_used_bytes") >= len as f64);
-    assert!(metric(&cluster, 1, "yr_shared_memory_objects") >= 1.0);
+    assert_eq!(cluster.wait_metric(0, "yr_shared_memory_objects"), 1.0);
+    assert!(cluster.wait_metric(0, "yr_shared_memory_used_bytes") >= len as f64);
+    assert!(cluster.wait_metric(1, "yr_shared_memory_objects") >= 1.0);
 
     // A zero-copy read of the same object reuses the copy: still one object on node 0.
     let buffer = yr::get_buffer(&object, TIMEOUT).unwrap();
     assert_eq!(buffer.decode::<ByteBuf>().unwrap().len(), len);
-    assert_eq!(metric(&cluster, 0, "yr_shared_memory_objects"), 1.0);
+    assert_eq!(cluster.wait_metric(0, "yr_shared_memory_objects"), 1.0);
 
     // Dropping every reference here (the outer value holds one too) frees the copy here.
     drop((buffer, value, object, inner));
     assert!(
-        wait_until(TIMEOUT, || metric(&cluster, 0, "yr_shared_memory_objects")
+        wait_until(TIMEOUT, || cluster
+            .wait_metric(0, "yr_shared_memory_objects")
             == 0.0),
         "the local copy outlived its last reference"
     );

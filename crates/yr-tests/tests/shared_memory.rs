@@ -31,15 +31,6 @@ fn node_with_shared_memory(mb: u64) -> TestCluster {
     })
 }
 
-fn metric(cluster: &TestCluster, name: &str) -> f64 {
-    let mut value = None;
-    wait_until(TIMEOUT, || {
-        value = cluster.node_metric(0, name);
-        value.is_some()
-    });
-    value.unwrap_or_else(|| panic!("node 0 reports no {name}"))
-}
-
 #[test]
 fn a_large_value_lives_in_shared_memory_and_a_runtime_reads_it_in_place() {
     let _lock = exclusive();
@@ -48,18 +39,18 @@ fn a_large_value_lives_in_shared_memory_and_a_runtime_reads_it_in_place() {
     let value = pattern(1 << 20);
     let expected: u64 = value.iter().map(|b| u64::from(*b)).sum();
     let object = yr::put(value.clone()).unwrap();
-    assert_eq!(metric(&cluster, "yr_shared_memory_objects"), 1.0);
-    assert!(metric(&cluster, "yr_shared_memory_used_bytes") >= (1 << 20) as f64);
+    assert_eq!(cluster.wait_metric(0, "yr_shared_memory_objects"), 1.0);
+    assert!(cluster.wait_metric(0, "yr_shared_memory_used_bytes") >= (1 << 20) as f64);
     // The driver reads its own object back; a runtime of the node reads it in place (the node
     // still holds one object: no copy was made for the reader).
     assert_eq!(yr::get(&object, TIMEOUT).unwrap(), value);
     let sum = yr::function(checksum).invoke((&object,)).unwrap();
     assert_eq!(yr::get(&sum, TIMEOUT).unwrap(), expected);
-    assert_eq!(metric(&cluster, "yr_shared_memory_objects"), 1.0);
+    assert_eq!(cluster.wait_metric(0, "yr_shared_memory_objects"), 1.0);
     // A small value stays in the process.
     let small = yr::put(pattern(1000)).unwrap();
     assert_eq!(yr::get(&small, TIMEOUT).unwrap(), pattern(1000));
-    assert_eq!(metric(&cluster, "yr_shared_memory_objects"), 1.0);
+    assert_eq!(cluster.wait_metric(0, "yr_shared_memory_objects"), 1.0);
     yr::finalize().unwrap();
 }
 
@@ -100,10 +91,9 @@ fn a_full_shared_memory_without_spilling_is_4202_until_objects_are_dropped() {
     assert_eq!(error.code(), ErrorCode::SharedMemoryLimited, "{error}");
     assert!(error.to_string().contains("full"), "{error}");
     drop(kept);
-    assert!(wait_until(TIMEOUT, || metric(
-        &cluster,
-        "yr_shared_memory_objects"
-    ) == 0.0));
+    assert!(wait_until(TIMEOUT, || cluster
+        .wait_metric(0, "yr_shared_memory_objects")
+        == 0.0));
     let object = yr::put(pattern(2 << 20)).unwrap();
     assert_eq!(yr::get(&object, TIMEOUT).unwrap(), pattern(2 << 20));
     yr::finalize().unwrap();
@@ -120,8 +110,8 @@ fn memory_returns_to_its_baseline_after_10000_put_drop_cycles_of_1_mb() {
         drop(object);
     }
     let back = wait_until(Duration::from_secs(30), || {
-        metric(&cluster, "yr_shared_memory_objects") == 0.0
-            && metric(&cluster, "yr_shared_memory_used_bytes") == 0.0
+        cluster.wait_metric(0, "yr_shared_memory_objects") == 0.0
+            && cluster.wait_metric(0, "yr_shared_memory_used_bytes") == 0.0
     });
     assert!(
         back,
@@ -129,7 +119,7 @@ fn memory_returns_to_its_baseline_after_10000_put_drop_cycles_of_1_mb() {
     );
     // The pages of freed objects go back to the kernel once frees stop.
     assert!(wait_until(TIMEOUT, || {
-        metric(&cluster, "yr_shared_memory_resident_bytes") == 0.0
+        cluster.wait_metric(0, "yr_shared_memory_resident_bytes") == 0.0
     }));
     yr::finalize().unwrap();
 }
@@ -162,17 +152,18 @@ fn a_driver_killed_with_its_objects_gives_their_memory_back() {
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
     let put = lines.find(|line| line.as_ref().is_ok_and(|l| l.contains("PUT 2")));
     assert!(put.is_some(), "the driver did not put its objects");
-    assert_eq!(metric(&cluster, "yr_shared_memory_objects"), 2.0);
+    assert_eq!(cluster.wait_metric(0, "yr_shared_memory_objects"), 2.0);
     // SIGKILL: the driver drops nothing; the node sees its bus connection end.
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(
-        wait_until(TIMEOUT, || metric(&cluster, "yr_shared_memory_objects")
+        wait_until(TIMEOUT, || cluster
+            .wait_metric(0, "yr_shared_memory_objects")
             == 0.0),
         "the killed driver's objects are still held"
     );
     assert!(wait_until(TIMEOUT, || {
-        metric(&cluster, "yr_shared_memory_resident_bytes") == 0.0
+        cluster.wait_metric(0, "yr_shared_memory_resident_bytes") == 0.0
     }));
 }
 
@@ -228,6 +219,6 @@ fn a_node_without_shared_memory_keeps_large_values_in_their_process() {
     let sum = yr::function(checksum).invoke((&object,)).unwrap();
     let expected: u64 = pattern(1 << 20).iter().map(|b| u64::from(*b)).sum();
     assert_eq!(yr::get(&sum, TIMEOUT).unwrap(), expected);
-    assert_eq!(metric(&cluster, "yr_shared_memory_objects"), 0.0);
+    assert_eq!(cluster.wait_metric(0, "yr_shared_memory_objects"), 0.0);
     yr::finalize().unwrap();
 }

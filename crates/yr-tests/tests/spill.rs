@@ -53,15 +53,6 @@ fn node(shared_memory_mb: u64, spill_dir: &Path, spill_limit_mb: Option<u64>) ->
     })
 }
 
-fn metric(cluster: &TestCluster, name: &str) -> f64 {
-    let mut value = None;
-    wait_until(TIMEOUT, || {
-        value = cluster.node_metric(0, name);
-        value.is_some()
-    });
-    value.unwrap_or_else(|| panic!("node 0 reports no {name}"))
-}
-
 fn spill_files(dir: &Path) -> usize {
     std::fs::read_dir(dir)
         .map(|entries| {
@@ -84,10 +75,10 @@ fn live_objects_worth_three_times_the_shared_memory_spill_and_restore_intact() {
         .collect();
     let expected: Vec<u64> = (0..12).map(|seed| sum(&pattern(seed, 16 * MIB))).collect();
     // At most three fit in memory at once (each takes a page more than 16 MiB).
-    assert!(metric(&cluster, "yr_shared_memory_used_bytes") <= (64 * MIB) as f64);
-    let spilled = metric(&cluster, "yr_shared_memory_spilled_objects");
+    assert!(cluster.wait_metric(0, "yr_shared_memory_used_bytes") <= (64 * MIB) as f64);
+    let spilled = cluster.wait_metric(0, "yr_shared_memory_spilled_objects");
     assert!(spilled >= 9.0, "{spilled} objects spilled");
-    assert!(metric(&cluster, "yr_shared_memory_spilled_bytes") >= (9 * 16 * MIB) as f64);
+    assert!(cluster.wait_metric(0, "yr_shared_memory_spilled_bytes") >= (9 * 16 * MIB) as f64);
     assert_eq!(spill_files(spill.path()), spilled as usize);
     // Every object reads back intact, twice over, in and out of order: each read restores its
     // object and spills the least recently used others.
@@ -113,10 +104,10 @@ fn live_objects_worth_three_times_the_shared_memory_spill_and_restore_intact() {
     // Dropping the objects frees memory and disk.
     drop(objects);
     let baseline = wait_until(Duration::from_secs(30), || {
-        metric(&cluster, "yr_shared_memory_objects") == 0.0
-            && metric(&cluster, "yr_shared_memory_used_bytes") == 0.0
-            && metric(&cluster, "yr_shared_memory_spilled_objects") == 0.0
-            && metric(&cluster, "yr_shared_memory_spilled_bytes") == 0.0
+        cluster.wait_metric(0, "yr_shared_memory_objects") == 0.0
+            && cluster.wait_metric(0, "yr_shared_memory_used_bytes") == 0.0
+            && cluster.wait_metric(0, "yr_shared_memory_spilled_objects") == 0.0
+            && cluster.wait_metric(0, "yr_shared_memory_spilled_bytes") == 0.0
             && spill_files(spill.path()) == 0
     });
     assert!(
@@ -170,7 +161,10 @@ fn a_full_spill_limit_is_4204_and_the_node_keeps_serving() {
     let kept: Vec<ObjectRef<ByteBuf>> = (0..3)
         .map(|seed| yr::put(pattern(seed, 3 * MIB)).unwrap())
         .collect();
-    assert_eq!(metric(&cluster, "yr_shared_memory_spilled_objects"), 1.0);
+    assert_eq!(
+        cluster.wait_metric(0, "yr_shared_memory_spilled_objects"),
+        1.0
+    );
     let error = yr::put(pattern(3, 3 * MIB)).unwrap_err();
     assert_eq!(error.code(), ErrorCode::InsufficientDiskSpace, "{error}");
     let message = error.to_string();
@@ -188,10 +182,9 @@ fn a_full_spill_limit_is_4204_and_the_node_keeps_serving() {
     let mut kept = kept;
     drop(kept.remove(1));
     // Releases are asynchronous: wait until the node freed it.
-    assert!(wait_until(TIMEOUT, || metric(
-        &cluster,
-        "yr_shared_memory_objects"
-    ) == 1.0));
+    assert!(wait_until(TIMEOUT, || cluster
+        .wait_metric(0, "yr_shared_memory_objects")
+        == 1.0));
     let value = yr::get(&kept[0], TIMEOUT).unwrap();
     assert_eq!(sum(&value), sum(&pattern(0, 3 * MIB)));
     drop(kept);
@@ -286,7 +279,7 @@ fn a_node_restarted_on_its_spill_directory_serves_what_it_had_spilled() {
             }
         }
         assert_eq!(objects.len(), 6, "the driver did not put its objects");
-        assert!(metric(&cluster, "yr_shared_memory_spilled_objects") >= 3.0);
+        assert!(cluster.wait_metric(0, "yr_shared_memory_spilled_objects") >= 3.0);
         // The node dies with the driver's objects on its disk.
         cluster.kill_node(0);
         child.kill().unwrap();
@@ -300,7 +293,7 @@ fn a_node_restarted_on_its_spill_directory_serves_what_it_had_spilled() {
     assert!(on_disk.len() >= 3, "{} objects left on disk", on_disk.len());
     let cluster = node(64, spill.path(), None);
     assert_eq!(
-        metric(&cluster, "yr_shared_memory_spilled_objects"),
+        cluster.wait_metric(0, "yr_shared_memory_spilled_objects"),
         on_disk.len() as f64
     );
     let address = cluster.node_address(0);
@@ -311,8 +304,8 @@ fn a_node_restarted_on_its_spill_directory_serves_what_it_had_spilled() {
     }
     // Restored and released: nothing is left in memory or on disk.
     assert!(wait_until(TIMEOUT, || {
-        metric(&cluster, "yr_shared_memory_spilled_objects") == 0.0
-            && metric(&cluster, "yr_shared_memory_objects") == 0.0
+        cluster.wait_metric(0, "yr_shared_memory_spilled_objects") == 0.0
+            && cluster.wait_metric(0, "yr_shared_memory_objects") == 0.0
             && spill_files(spill.path()) == 0
     }));
 }
