@@ -11,7 +11,7 @@ use clap::Args as ClapArgs;
 use yr_common::session::{sessions_root, SessionInfo};
 use yr_proto::v1 as pb;
 
-use crate::daemon::CapacityArgs;
+use crate::daemon::{CapacityArgs, DataArgs};
 
 /// How long components may take to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,25 +47,8 @@ pub struct StartArgs {
     /// Spare runtimes kept started per driver binary.
     #[arg(long, default_value_t = 2)]
     pub warm_pool: usize,
-    /// The node's data directory, where write-through KV values are kept (default: the
-    /// session's data/ folder); start again on the same one to keep them.
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    /// Keep write-through and write-back KV values in this Redis server instead.
-    #[arg(long, value_name = "HOST:PORT")]
-    pub l2_redis: Option<String>,
-    /// The node's shared memory for objects larger than 100 KB, in MB (default: a third of the
-    /// node's memory).
-    #[arg(long, value_name = "MB")]
-    pub shared_memory_mb: Option<u64>,
-    /// Where objects are spilled when shared memory is full (default: the data directory's
-    /// spill/ folder); start again on the same one to keep them.
-    #[arg(long, value_name = "DIR")]
-    pub spill_dir: Option<PathBuf>,
-    /// The most disk spilled objects may take, in MB (default: 95% of the spill directory's
-    /// free disk space at start; 0 turns spilling off).
-    #[arg(long, value_name = "MB")]
-    pub spill_limit_mb: Option<u64>,
+    #[command(flatten)]
+    pub data: DataArgs,
 }
 
 /// Flags of `yr stop`.
@@ -260,26 +243,7 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
         node_args.push("--labels".into());
         node_args.push(format!("{k}={v}"));
     }
-    if let Some(dir) = &args.data_dir {
-        node_args.push("--data-dir".into());
-        node_args.push(dir.display().to_string());
-    }
-    if let Some(redis) = &args.l2_redis {
-        node_args.push("--l2-redis".into());
-        node_args.push(redis.clone());
-    }
-    if let Some(mb) = args.shared_memory_mb {
-        node_args.push("--shared-memory-mb".into());
-        node_args.push(mb.to_string());
-    }
-    if let Some(dir) = &args.spill_dir {
-        node_args.push("--spill-dir".into());
-        node_args.push(dir.display().to_string());
-    }
-    if let Some(mb) = args.spill_limit_mb {
-        node_args.push("--spill-limit-mb".into());
-        node_args.push(mb.to_string());
-    }
+    node_args.extend(args.data.to_node_args());
     let mut node = spawn("node", &node_args, &session, args.block)?;
     let socket = bus_socket.clone();
     wait_ready("node", &mut node, &session, || {

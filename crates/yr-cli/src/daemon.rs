@@ -48,6 +48,33 @@ pub struct NodeArgs {
     /// Session directory: logs go in its logs/ folder.
     #[arg(long)]
     pub session_dir: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// The node's id (default: generated).
+    #[arg(long)]
+    pub node_id: Option<String>,
+    #[command(flatten)]
+    pub capacity: CapacityArgs,
+    /// Address of the health and Prometheus metrics endpoint (/healthz, /metrics).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Spare runtimes kept started per driver binary.
+    #[arg(long, default_value_t = 2)]
+    pub warm_pool: usize,
+    /// Instance creates allowed per second on this node (token bucket), and the burst.
+    #[arg(long, default_value_t = 1000.0)]
+    pub create_rate: f64,
+    /// Burst of the create rate limit.
+    #[arg(long, default_value_t = 2000.0)]
+    pub create_burst: f64,
+    /// Seconds of silence after which a runtime counts as hung.
+    #[arg(long, default_value_t = 3.0)]
+    pub heartbeat_timeout: f64,
+}
+
+/// Where a node keeps its data: the flags `yr start` and `yr node` share.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct DataArgs {
     /// The node's data directory (default: the session directory's data/ folder). KV values
     /// written through to the second-level store live in its kv-l2/ folder, so a node started
     /// again on the same directory serves them.
@@ -69,26 +96,33 @@ pub struct NodeArgs {
     /// directory's free disk space when the node starts; 0 turns spilling off).
     #[arg(long, value_name = "MB")]
     pub spill_limit_mb: Option<u64>,
-    /// The node's id (default: generated).
-    #[arg(long)]
-    pub node_id: Option<String>,
-    #[command(flatten)]
-    pub capacity: CapacityArgs,
-    /// Address of the health and Prometheus metrics endpoint (/healthz, /metrics).
-    #[arg(long)]
-    pub metrics_listen: Option<SocketAddr>,
-    /// Spare runtimes kept started per driver binary.
-    #[arg(long, default_value_t = 2)]
-    pub warm_pool: usize,
-    /// Instance creates allowed per second on this node (token bucket), and the burst.
-    #[arg(long, default_value_t = 1000.0)]
-    pub create_rate: f64,
-    /// Burst of the create rate limit.
-    #[arg(long, default_value_t = 2000.0)]
-    pub create_burst: f64,
-    /// Seconds of silence after which a runtime counts as hung.
-    #[arg(long, default_value_t = 3.0)]
-    pub heartbeat_timeout: f64,
+}
+
+impl DataArgs {
+    /// The same flags, for a `yr node` command line.
+    pub fn to_node_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        let mut push = |flag: &str, value: String| {
+            args.push(flag.to_string());
+            args.push(value);
+        };
+        if let Some(dir) = &self.data_dir {
+            push("--data-dir", dir.display().to_string());
+        }
+        if let Some(redis) = &self.l2_redis {
+            push("--l2-redis", redis.clone());
+        }
+        if let Some(mb) = self.shared_memory_mb {
+            push("--shared-memory-mb", mb.to_string());
+        }
+        if let Some(dir) = &self.spill_dir {
+            push("--spill-dir", dir.display().to_string());
+        }
+        if let Some(mb) = self.spill_limit_mb {
+            push("--spill-limit-mb", mb.to_string());
+        }
+        args
+    }
 }
 
 /// What a node offers.
@@ -202,17 +236,18 @@ pub fn run_node(args: &NodeArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("node-{}", yr_common::ids::random_hex(8)));
     let capacity = args.capacity.amount()?;
-    let shared_memory_mb = args.shared_memory_mb.unwrap_or(capacity.memory / 3);
+    let data = &args.data;
+    let shared_memory_mb = data.shared_memory_mb.unwrap_or(capacity.memory / 3);
     let data_worker = yr_datasystem::DataWorker::open(&yr_datasystem::DataWorkerOptions {
-        data_dir: args
+        data_dir: data
             .data_dir
             .clone()
             .unwrap_or_else(|| args.session_dir.join("data")),
-        l2_redis: args.l2_redis.clone(),
+        l2_redis: data.l2_redis.clone(),
         shared_memory_bytes: shared_memory_mb.saturating_mul(1 << 20),
         pool_id: format!("{node_id}-{}", yr_common::ids::random_hex(8)),
-        spill_dir: args.spill_dir.clone(),
-        spill_limit_bytes: args.spill_limit_mb.map(|mb| mb.saturating_mul(1 << 20)),
+        spill_dir: data.spill_dir.clone(),
+        spill_limit_bytes: data.spill_limit_mb.map(|mb| mb.saturating_mul(1 << 20)),
     })
     .context("cannot start the node's data worker")?;
     let options = yr_proxy::NodeOptions {
