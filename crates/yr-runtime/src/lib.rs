@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod blocking;
+pub mod borrows;
 pub mod cluster;
 pub mod codec;
 pub mod dependencies;
