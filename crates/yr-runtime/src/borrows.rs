@@ -208,7 +208,10 @@ pub fn on_added(id: ObjectId, count: u64) {
 pub fn stale() -> (Instant, Vec<(ObjectId, Vec<String>)>) {
     let now = Instant::now();
     let stale_since = now.checked_sub(STALE_AFTER).unwrap_or(now);
-    (stale_since, with_table(|table| table.stale(now, STALE_AFTER)))
+    (
+        stale_since,
+        with_table(|table| table.stale(now, STALE_AFTER)),
+    )
 }
 
 /// Stop keeping `id` for its borrowers, whom the caller found gone, unless its count changed
@@ -253,7 +256,10 @@ mod tests {
         let last = table.released(id, Some("b2"), 1, now);
         assert!(last.is_some());
         drop(last);
-        assert!(weak.upgrade().is_none(), "the last release frees the object");
+        assert!(
+            weak.upgrade().is_none(),
+            "the last release frees the object"
+        );
         assert!(table.is_empty());
     }
 

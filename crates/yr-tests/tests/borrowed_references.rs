@@ -170,7 +170,10 @@ fn a_borrower_keeps_an_object_alive_after_its_owner_dropped_its_reference() {
     // Once the borrower drops it too, it goes.
     let dropped = holder.method(Holder::drop_held).invoke(()).unwrap();
     assert_eq!(yr::get(&dropped, TIMEOUT).unwrap(), 1);
-    assert!(shared_memory_empty_within(&cluster, Duration::from_secs(10)));
+    assert!(shared_memory_empty_within(
+        &cluster,
+        Duration::from_secs(10)
+    ));
     yr::finalize().unwrap();
 }
 

@@ -31,6 +31,32 @@ fn update(id: ObjectId, count: u64) -> pb::BorrowUpdate {
     }
 }
 
+/// Which of the two borrow updates to send.
+#[derive(Clone, Copy)]
+enum UpdateKind {
+    Release,
+    Add,
+}
+
+/// Send one borrow update to `owner`; the error's text if it did not arrive.
+async fn send(
+    inner: &Inner,
+    owner: &str,
+    kind: UpdateKind,
+    update: pb::BorrowUpdate,
+) -> Result<(), String> {
+    let mut client = inner
+        .worker_client(owner)
+        .await
+        .map_err(|error| error.to_string())?;
+    let sent = match kind {
+        UpdateKind::Release => client.release_borrowed(update).await,
+        UpdateKind::Add => client.add_borrowed(update).await,
+    };
+    sent.map(|_| ())
+        .map_err(|status| status.message().to_string())
+}
+
 impl BorrowMessenger for Messenger {
     fn release(&self, owner: &str, id: ObjectId, count: u64) {
         let Some(inner) = self.inner.upgrade() else {
@@ -40,13 +66,9 @@ impl BorrowMessenger for Messenger {
         let update = update(id, count);
         let io = inner.io.clone();
         io.spawn(async move {
-            let sent = match inner.worker_client(&owner).await {
-                Ok(mut client) => client.release_borrowed(update).await.map(|_| ()).map_err(|s| s.message().to_string()),
-                Err(error) => Err(error.to_string()),
-            };
-            if let Err(error) = sent {
+            if let Err(error) = send(&inner, &owner, UpdateKind::Release, update).await {
                 // The owner is gone, and its objects with it.
-                tracing::debug!(object = %id, %owner, %error, "could not release a borrowed object");
+                tracing::debug!(object = %id, %owner, %error, "cannot release a borrowed object");
             }
         });
     }
@@ -59,12 +81,9 @@ impl BorrowMessenger for Messenger {
         let update = update(handle.id(), 1);
         let io = inner.io.clone();
         io.spawn(async move {
-            let sent = match inner.worker_client(&owner).await {
-                Ok(mut client) => client.add_borrowed(update).await.map(|_| ()).map_err(|s| s.message().to_string()),
-                Err(error) => Err(error.to_string()),
-            };
-            if let Err(error) = sent {
-                tracing::debug!(object = %handle.id(), %owner, %error, "could not count a forwarded reference");
+            if let Err(error) = send(&inner, &owner, UpdateKind::Add, update).await {
+                let id = handle.id();
+                tracing::debug!(object = %id, %owner, %error, "cannot count a forwarded reference");
             }
             // Only now may this process's own borrow go: the owner counts the forwarded one.
             drop(handle);

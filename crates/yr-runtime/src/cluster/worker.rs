@@ -88,8 +88,10 @@ impl Worker for WorkerService {
 
 /// The well-formed ids of a borrow update with their counts; malformed ones are logged.
 fn counted_ids(update: &pb::BorrowUpdate) -> impl Iterator<Item = (ObjectId, u64)> + '_ {
-    update.objects.iter().filter_map(|object| {
-        match <[u8; 16]>::try_from(object.id.as_ref()) {
+    update
+        .objects
+        .iter()
+        .filter_map(|object| match <[u8; 16]>::try_from(object.id.as_ref()) {
             Ok(bytes) => Some((ObjectId::from_bytes(bytes), object.count)),
             Err(_) => {
                 tracing::warn!(
@@ -99,8 +101,7 @@ fn counted_ids(update: &pb::BorrowUpdate) -> impl Iterator<Item = (ObjectId, u64
                 );
                 None
             }
-        }
-    })
+        })
 }
 
 fn error_reply(error: Error) -> pb::GetObjectResponse {
