@@ -158,6 +158,20 @@ pub fn on_send(handle: &ObjectHandle) {
     with_table(|table| table.sent(handle, 1, Instant::now()));
 }
 
+/// A reference counted by [`on_send`] was not sent after all.
+pub fn on_send_undone(handle: &ObjectHandle) {
+    if local_owner_address().is_empty() {
+        return;
+    }
+    if handle.is_borrowed() {
+        if let Some(messenger) = MESSENGER.read().clone() {
+            messenger.release(&handle.owner_address(), handle.id(), 1);
+        }
+        return;
+    }
+    release_one_sent(handle.id());
+}
+
 /// A reference to `handle` arrived from another process: a borrowed slot counts it, to release
 /// it later; an object this process owns came back, so the sender's count is released here.
 pub fn on_receive(handle: &ObjectHandle) {
@@ -165,7 +179,12 @@ pub fn on_receive(handle: &ObjectHandle) {
         handle.note_received();
         return;
     }
-    let dropped = with_table(|table| table.released(handle.id(), None, 1, Instant::now()));
+    release_one_sent(handle.id());
+}
+
+/// One reference to this process's object `id` that was counted as sent is not out any more.
+fn release_one_sent(id: ObjectId) {
+    let dropped = with_table(|table| table.released(id, None, 1, Instant::now()));
     drop(dropped);
 }
 

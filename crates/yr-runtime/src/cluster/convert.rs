@@ -146,6 +146,26 @@ pub fn args_to_proto(args: &[Arg]) -> Result<Vec<pb::Arg>, Error> {
         .collect()
 }
 
+/// Arguments encoded with [`args_to_proto`] that never left this process (the call channel
+/// refused the frame): the references nested in them are no longer counted as sent.
+pub fn unsend_args(args: &[pb::Arg]) {
+    for arg in args {
+        let nested = match &arg.kind {
+            Some(pb::arg::Kind::Value(value)) => value.nested.as_slice(),
+            Some(pb::arg::Kind::Reference(reference)) => std::slice::from_ref(reference),
+            None => &[],
+        };
+        for reference in nested {
+            let Ok(id) = <[u8; 16]>::try_from(reference.id.as_ref()) else {
+                continue;
+            };
+            if let Some(handle) = ObjectSlot::lookup(ObjectId::from_bytes(id)) {
+                crate::borrows::on_send_undone(&handle);
+            }
+        }
+    }
+}
+
 /// Arguments from the wire.
 pub fn args_from_proto(args: Vec<pb::Arg>) -> Result<Vec<Arg>, Error> {
     args.into_iter()
