@@ -7,6 +7,9 @@
 //! forwards a borrowed reference first has the owner add one (`AddBorrowed`), holding its own
 //! slot until the owner answered, so the count never reaches 0 while the reference travels.
 //!
+//! An object whose last borrower released it lingers [`RELEASE_LINGER`] before it goes, for a
+//! forwarder's `AddBorrowed` still on its way.
+//!
 //! A borrower that dies without releasing is covered by the owner's sweep: a count unchanged for
 //! [`STALE_AFTER`] whose every known borrower is unreachable is dropped. Local mode has no
 //! borrowers: nothing is counted when this process serves no Worker address.
@@ -26,6 +29,12 @@ use crate::object_store::{local_owner_address, ObjectHandle};
 /// alive. It also bounds how long a reference may travel unreceived (an argument of a call
 /// that failed before its runtime decoded it) before nobody known holds it.
 pub const STALE_AFTER: Duration = Duration::from_secs(20);
+
+/// How long an owner keeps an object after the last borrower released it. A third process
+/// that got a forwarded reference may release it before the forwarder's `AddBorrowed` reached
+/// the owner (the two travel on different connections); the add finds the object within this
+/// time and counts it, instead of the object being freed under the forwarder.
+pub const RELEASE_LINGER: Duration = Duration::from_secs(1);
 
 /// Sends borrowers' messages to owners. Installed by the cluster backend.
 pub trait BorrowMessenger: Send + Sync {
@@ -206,11 +215,19 @@ pub fn on_fetched(id: ObjectId, borrower: &str) {
 /// The owner's side of `ReleaseBorrowed`.
 pub fn on_released(id: ObjectId, borrower: &str, count: u64) {
     let borrower = Some(borrower).filter(|b| !b.is_empty());
-    let dropped = with_table(|table| table.released(id, borrower, count, Instant::now()));
-    if dropped.is_some() {
-        tracing::debug!(object = %id, "the last borrower released it");
+    let Some(handle) = with_table(|table| table.released(id, borrower, count, Instant::now()))
+    else {
+        return;
+    };
+    tracing::debug!(object = %id, "the last borrower released it");
+    // Kept a moment longer: a forwarder's `AddBorrowed` may still be on its way (see
+    // [`RELEASE_LINGER`]); if it lands meanwhile, `on_added` finds the object and counts again.
+    if let Ok(io) = tokio::runtime::Handle::try_current() {
+        io.spawn(async move {
+            tokio::time::sleep(RELEASE_LINGER).await;
+            drop(handle);
+        });
     }
-    drop(dropped);
 }
 
 /// The owner's side of `AddBorrowed`: the live object `id` was forwarded `count` times.

@@ -59,7 +59,10 @@ fn owners_count_sends_and_borrowers_release_what_they_received() {
     drop(back);
     borrows::on_released(id, "unix:/nonexistent/borrower.sock", 1);
     assert_eq!(borrows::lent_count(id), 0);
-    assert!(ObjectSlot::lookup(id).is_none(), "the last release frees it");
+    assert!(
+        ObjectSlot::lookup(id).is_none(),
+        "the last release frees it"
+    );
 
     // A borrower receives the same reference three times into one slot, and releases three.
     let borrowed_id = ObjectId::generate();
