@@ -1,11 +1,12 @@
 //! The wire side of distributed reference counting (the counting is `crate::borrows`): a
-//! borrower's `ReleaseBorrowed` and `AddBorrowed` to owners, fire and forget on the IO runtime,
-//! and the owner's sweep that drops the counts of borrowers that died without releasing.
+//! borrower's `ReleaseBorrowed` (batched per owner) and `AddBorrowed` to owners, fire and
+//! forget on the IO runtime, and the owner's sweep that drops the counts of borrowers that died without releasing.
 
 use std::collections::HashMap;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use yr_common::{ErrorCode, ObjectId};
 use yr_proto::v1 as pb;
 
@@ -16,18 +17,37 @@ use crate::object_store::{local_owner_address, ObjectHandle};
 /// How often the owner looks for counts whose borrowers are all gone.
 const SWEEP_PERIOD: Duration = Duration::from_secs(2);
 
+/// Releases waiting to be sent, by owner address.
+type PendingReleases = Arc<Mutex<HashMap<String, Vec<pb::BorrowCount>>>>;
+
 /// Sends a borrower's updates to owners.
 pub(super) struct Messenger {
-    pub(super) inner: Weak<Inner>,
+    inner: Weak<Inner>,
+    /// Releases dropped in a burst go to their owner in one `ReleaseBorrowed`: the first queued
+    /// for an owner schedules the send, which takes whatever queued for it by then.
+    releases: PendingReleases,
 }
 
-fn update(id: ObjectId, count: u64) -> pb::BorrowUpdate {
+impl Messenger {
+    pub(super) fn new(inner: Weak<Inner>) -> Messenger {
+        Messenger {
+            inner,
+            releases: PendingReleases::default(),
+        }
+    }
+}
+
+fn count(id: ObjectId, count: u64) -> pb::BorrowCount {
+    pb::BorrowCount {
+        id: id.to_bytes().to_vec().into(),
+        count,
+    }
+}
+
+fn update(objects: Vec<pb::BorrowCount>) -> pb::BorrowUpdate {
     pb::BorrowUpdate {
         borrower_address: local_owner_address(),
-        objects: vec![pb::BorrowCount {
-            id: id.to_bytes().to_vec().into(),
-            count,
-        }],
+        objects,
     }
 }
 
@@ -58,17 +78,30 @@ async fn send(
 }
 
 impl BorrowMessenger for Messenger {
-    fn release(&self, owner: &str, id: ObjectId, count: u64) {
+    fn release(&self, owner: &str, id: ObjectId, released: u64) {
         let Some(inner) = self.inner.upgrade() else {
             return;
         };
+        let first = {
+            let mut releases = self.releases.lock();
+            let queued = releases.entry(owner.to_string()).or_default();
+            queued.push(count(id, released));
+            queued.len() == 1
+        };
+        if !first {
+            return;
+        }
         let owner = owner.to_string();
-        let update = update(id, count);
+        let releases = self.releases.clone();
         let io = inner.io.clone();
         io.spawn(async move {
-            if let Err(error) = send(&inner, &owner, UpdateKind::Release, update).await {
+            // Let the rest of a burst of drops queue behind this one.
+            tokio::task::yield_now().await;
+            let objects = releases.lock().remove(&owner).unwrap_or_default();
+            let batch = objects.len();
+            if let Err(error) = send(&inner, &owner, UpdateKind::Release, update(objects)).await {
                 // The owner is gone, and its objects with it.
-                tracing::debug!(object = %id, %owner, %error, "cannot release a borrowed object");
+                tracing::debug!(%owner, batch, %error, "cannot release borrowed objects");
             }
         });
     }
@@ -78,7 +111,7 @@ impl BorrowMessenger for Messenger {
             return;
         };
         let owner = handle.owner_address();
-        let update = update(handle.id(), 1);
+        let update = update(vec![count(handle.id(), 1)]);
         let io = inner.io.clone();
         io.spawn(async move {
             if let Err(error) = send(&inner, &owner, UpdateKind::Add, update).await {

@@ -324,9 +324,9 @@ impl ClusterBackend {
         })));
         // Borrowers reach owners through this process's IO runtime; the owner's sweep drops the
         // counts of borrowers that died without releasing.
-        crate::borrows::set_messenger(Some(Arc::new(borrow_rpc::Messenger {
-            inner: Arc::downgrade(&inner),
-        })));
+        crate::borrows::set_messenger(Some(Arc::new(borrow_rpc::Messenger::new(Arc::downgrade(
+            &inner,
+        )))));
         io.spawn(borrow_rpc::sweep(Arc::downgrade(&inner)));
         // Release idle stateless instances.
         let recycle_inner = Arc::downgrade(&inner);
