@@ -1,6 +1,7 @@
 //! The wire side of distributed reference counting (the counting is `crate::borrows`): a
 //! borrower's `ReleaseBorrowed` (batched per owner) and `AddBorrowed` to owners, fire and
-//! forget on the IO runtime, and the owner's sweep that drops the counts of borrowers that died without releasing.
+//! forget on the IO runtime, and the owner's sweep that drops the counts of borrowers that died
+//! without releasing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
