@@ -1,11 +1,13 @@
 //! yr-runtime: the client core shared by drivers, runtimes and every SDK (openYuanrong calls it
 //! libruntime). It owns the process's runtime lifecycle, the in-process object store and object
-//! handles, encoding, dependency resolution, retries, the registry of user code, and the
+//! handles, the counting of references lent to other processes ([`borrows`]), encoding,
+//! dependency resolution, retries, the registry of user code, and the
 //! [`Backend`](backend::Backend) seam with its local-mode implementation, and the client side of
 //! KV ([`kv`]). It does not own the typed user API (crate `yr`) or any server-side component.
 
 pub mod backend;
 pub mod blocking;
+pub mod borrows;
 pub mod cluster;
 pub mod codec;
 pub mod dependencies;

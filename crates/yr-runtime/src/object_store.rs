@@ -96,6 +96,9 @@ pub struct ObjectSlot {
     /// The process that owns the object, for objects owned elsewhere; `None` when this process
     /// owns it.
     owner: Option<Box<str>>,
+    /// For a borrowed object: how many times a reference to it arrived from another process,
+    /// released to the owner when the slot is dropped (see `borrows`).
+    received: AtomicU64,
     /// Set once the state leaves `Pending`; lets waiters spin without taking the lock.
     finished: AtomicBool,
     /// When the value was last read or made, on [`USE_CLOCK`]: the least recently used idle
@@ -204,6 +207,7 @@ impl ObjectSlot {
         Self::register(ObjectSlot {
             id: ObjectId::generate(),
             owner: None,
+            received: AtomicU64::new(0),
             finished: AtomicBool::new(false),
             last_used: AtomicU64::new(now_used()),
             state: Mutex::new(SlotState::Pending {
@@ -219,6 +223,7 @@ impl ObjectSlot {
         Self::register(ObjectSlot {
             id: ObjectId::generate(),
             owner: None,
+            received: AtomicU64::new(0),
             finished: AtomicBool::new(true),
             last_used: AtomicU64::new(now_used()),
             state: Mutex::new(SlotState::Ready(Arc::new(value))),
@@ -236,6 +241,7 @@ impl ObjectSlot {
         Arc::new(ObjectSlot {
             id,
             owner: None,
+            received: AtomicU64::new(0),
             finished: AtomicBool::new(true),
             last_used: AtomicU64::new(now_used()),
             state: Mutex::new(SlotState::Failed(Error::new(
@@ -263,6 +269,17 @@ impl ObjectSlot {
         }
     }
 
+    /// Whether another process owns the object.
+    pub fn is_borrowed(&self) -> bool {
+        self.owner.is_some()
+    }
+
+    /// A reference to this borrowed object arrived from another process; the owner is told to
+    /// release it when the slot is dropped.
+    pub(crate) fn note_received(&self) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The object `id` owned by the process at `owner`: the live slot if this process has one,
     /// otherwise a new pending slot that the remote fetcher fills.
     pub fn borrowed(id: ObjectId, owner: &str) -> ObjectHandle {
@@ -275,6 +292,7 @@ impl ObjectSlot {
         let handle = Self::register(ObjectSlot {
             id,
             owner: Some(owner.into()),
+            received: AtomicU64::new(0),
             finished: AtomicBool::new(false),
             last_used: AtomicU64::new(now_used()),
             state: Mutex::new(SlotState::Pending {
@@ -476,11 +494,16 @@ impl ObjectSlot {
 
 impl Drop for ObjectSlot {
     fn drop(&mut self) {
-        let mut shard = shard(self.id).lock();
-        if let Some(weak) = shard.get(&self.id) {
-            if weak.strong_count() == 0 {
-                shard.remove(&self.id);
+        {
+            let mut shard = shard(self.id).lock();
+            if let Some(weak) = shard.get(&self.id) {
+                if weak.strong_count() == 0 {
+                    shard.remove(&self.id);
+                }
             }
+        }
+        if let Some(owner) = &self.owner {
+            crate::borrows::on_borrowed_dropped(owner, self.id, *self.received.get_mut());
         }
     }
 }

@@ -1,9 +1,7 @@
 //! Between the client core's types and the wire's: errors, values with their nested
 //! references, and call arguments.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use yr_common::{Error, ErrorCode, ModuleCode, ObjectId};
 use yr_proto::v1 as pb;
@@ -36,30 +34,10 @@ pub fn error_from_proto(info: &pb::ErrorInfo) -> Error {
     }
 }
 
-/// How long an object this process owns stays alive after it was sent to another process.
-/// Borrowers fetch it within that time; full distributed reference counting replaces this.
-const LEND_TIME: Duration = Duration::from_secs(300);
-
-/// Objects sent to other processes, kept alive for [`LEND_TIME`].
-static LENT: parking_lot::Mutex<Option<HashMap<ObjectId, (ObjectHandle, Instant)>>> =
-    parking_lot::Mutex::new(None);
-
-fn lend(handle: &ObjectHandle) {
-    if handle.owner_address() != crate::object_store::local_owner_address() {
-        return;
-    }
-    let mut lent = LENT.lock();
-    let lent = lent.get_or_insert_with(HashMap::new);
-    let now = Instant::now();
-    if lent.len() > 1024 {
-        lent.retain(|_, (_, since)| now.duration_since(*since) < LEND_TIME);
-    }
-    lent.insert(handle.id(), (handle.clone(), now));
-}
-
-/// A reference for the wire. The object stays alive a while for the receiver to fetch it.
+/// A reference for the wire. It is counted as sent out (see `borrows`): the object stays alive
+/// until the receiver releases it.
 pub fn reference_to_proto(handle: &ObjectHandle) -> pb::ObjectRefInfo {
-    lend(handle);
+    crate::borrows::on_send(handle);
     pb::ObjectRefInfo {
         id: handle.id().to_bytes().to_vec().into(),
         owner_address: handle.owner_address(),
@@ -74,10 +52,9 @@ pub fn reference_from_proto(info: &pb::ObjectRefInfo) -> Result<ObjectHandle, Er
             format!("an object id has 16 bytes, got {}", info.id.len()),
         )
     })?;
-    Ok(ObjectSlot::borrowed(
-        ObjectId::from_bytes(id),
-        &info.owner_address,
-    ))
+    let handle = ObjectSlot::borrowed(ObjectId::from_bytes(id), &info.owner_address);
+    crate::borrows::on_receive(&handle);
+    Ok(handle)
 }
 
 /// A value for the wire, with its bytes inline.
@@ -167,6 +144,26 @@ pub fn args_to_proto(args: &[Arg]) -> Result<Vec<pb::Arg>, Error> {
             })
         })
         .collect()
+}
+
+/// Arguments encoded with [`args_to_proto`] that never left this process (the call channel
+/// refused the frame): the references nested in them are no longer counted as sent.
+pub fn unsend_args(args: &[pb::Arg]) {
+    for arg in args {
+        let nested = match &arg.kind {
+            Some(pb::arg::Kind::Value(value)) => value.nested.as_slice(),
+            Some(pb::arg::Kind::Reference(reference)) => std::slice::from_ref(reference),
+            None => &[],
+        };
+        for reference in nested {
+            let Ok(id) = <[u8; 16]>::try_from(reference.id.as_ref()) else {
+                continue;
+            };
+            if let Some(handle) = ObjectSlot::lookup(ObjectId::from_bytes(id)) {
+                crate::borrows::on_send_undone(&handle);
+            }
+        }
+    }
 }
 
 /// Arguments from the wire.

@@ -3,6 +3,7 @@
 //! the runtimes of the instances it calls (direct routing). It serves the objects it owns on its
 //! own Worker service.
 
+mod borrow_rpc;
 mod bus;
 mod call_channel;
 pub mod convert;
@@ -321,6 +322,12 @@ impl ClusterBackend {
                 inner.fetch_remote(handle);
             }
         })));
+        // Borrowers reach owners through this process's IO runtime; the owner's sweep drops the
+        // counts of borrowers that died without releasing.
+        crate::borrows::set_messenger(Some(Arc::new(borrow_rpc::Messenger::new(Arc::downgrade(
+            &inner,
+        )))));
+        io.spawn(borrow_rpc::sweep(Arc::downgrade(&inner)));
         // Release idle stateless instances.
         let recycle_inner = Arc::downgrade(&inner);
         let period = (config.recycle_time / 2).max(Duration::from_millis(100));
@@ -436,19 +443,28 @@ impl Inner {
         self.channels.lock().get(address).cloned()
     }
 
+    /// A client of the Worker service at `address`, on a cached connection.
+    async fn worker_client(&self, address: &str) -> Result<WorkerClient<Channel>, Error> {
+        let channel = match self.channel(address) {
+            Some(channel) => channel,
+            None => {
+                let channel = transport::connect(address, ErrorCode::GetOperationFailed).await?;
+                self.channels
+                    .lock()
+                    .insert(address.to_string(), channel.clone());
+                channel
+            }
+        };
+        Ok(WorkerClient::new(channel).max_decoding_message_size(usize::MAX))
+    }
+
     fn fetch_remote(self: &Arc<Self>, handle: ObjectHandle) {
         let inner = self.clone();
         self.io.spawn(async move {
             let owner = handle.owner_address();
-            let channel = match inner.channel(&owner) {
-                Some(channel) => Ok(channel),
-                None => transport::connect(&owner, ErrorCode::GetOperationFailed).await,
-            };
-            let result = match channel {
+            let result = match inner.worker_client(&owner).await {
                 Err(error) => Err(error),
-                Ok(channel) => {
-                    inner.channels.lock().insert(owner.clone(), channel.clone());
-                    let mut client = WorkerClient::new(channel).max_decoding_message_size(usize::MAX);
+                Ok(mut client) => {
                     // A location can go stale between the owner's answer and this process's
                     // reference to it (the owner spilled the object meanwhile): ask again, and
                     // the owner restores it first.
@@ -460,6 +476,7 @@ impl Inner {
                                 id: handle.id().to_bytes().to_vec().into(),
                                 timeout_ms: u64::MAX / 2,
                                 pool_id: shared_memory::pool_id(),
+                                borrower_address: object_store::local_owner_address(),
                             })
                             .await
                         {
@@ -856,6 +873,7 @@ impl Backend for ClusterBackend {
             );
         }
         object_store::set_remote_fetcher(None);
+        crate::borrows::set_messenger(None);
         object_store::set_local_owner_address("");
         inner.remove_sockets();
         crate::shared_memory::install(None);

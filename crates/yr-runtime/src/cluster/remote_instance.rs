@@ -13,7 +13,7 @@ use yr_common::{Error, ErrorCode};
 use yr_proto::v1 as pb;
 
 use super::call_channel::{self, FrameWriter};
-use super::convert::{args_to_proto, finish_returns};
+use super::convert::{args_to_proto, finish_returns, unsend_args};
 use crate::dependencies;
 use crate::function::Arg;
 use crate::object_store::ObjectHandle;
@@ -250,6 +250,8 @@ impl RemoteInstance {
                         sender.send_soon(&request)
                     };
                     if sent.is_err() {
+                        // Sent again later, and counted again then.
+                        unsend_args(&request.args);
                         state.queued.push_front(call);
                         return failed;
                     }

@@ -1,5 +1,6 @@
-//! The Worker service every driver and runtime serves: the objects it owns (`GetObject`). Calls
-//! to a runtime come on its call socket instead (`call_channel`).
+//! The Worker service every driver and runtime serves: the objects it owns (`GetObject`) and
+//! their borrowers' counts (`ReleaseBorrowed`, `AddBorrowed`, kept by `borrows`). Calls to a
+//! runtime come on its call socket instead (`call_channel`).
 
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,7 @@ impl Worker for WorkerService {
                         ),
                     )),
                     Some(handle) => {
+                        crate::borrows::on_fetched(id, &request.borrower_address);
                         let timeout = Duration::from_millis(request.timeout_ms.max(1));
                         let outcome = tokio::task::spawn_blocking(move || {
                             handle.wait_until(Instant::now().checked_add(timeout))
@@ -61,6 +63,45 @@ impl Worker for WorkerService {
         };
         Ok(Response::new(reply))
     }
+
+    async fn release_borrowed(
+        &self,
+        request: Request<pb::BorrowUpdate>,
+    ) -> Result<Response<pb::BorrowUpdateResponse>, Status> {
+        let update = request.into_inner();
+        for (id, count) in counted_ids(&update) {
+            crate::borrows::on_released(id, &update.borrower_address, count);
+        }
+        Ok(Response::new(pb::BorrowUpdateResponse {}))
+    }
+
+    async fn add_borrowed(
+        &self,
+        request: Request<pb::BorrowUpdate>,
+    ) -> Result<Response<pb::BorrowUpdateResponse>, Status> {
+        for (id, count) in counted_ids(&request.into_inner()) {
+            crate::borrows::on_added(id, count);
+        }
+        Ok(Response::new(pb::BorrowUpdateResponse {}))
+    }
+}
+
+/// The well-formed ids of a borrow update with their counts; malformed ones are logged.
+fn counted_ids(update: &pb::BorrowUpdate) -> impl Iterator<Item = (ObjectId, u64)> + '_ {
+    update
+        .objects
+        .iter()
+        .filter_map(|object| match <[u8; 16]>::try_from(object.id.as_ref()) {
+            Ok(bytes) => Some((ObjectId::from_bytes(bytes), object.count)),
+            Err(_) => {
+                tracing::warn!(
+                    borrower = %update.borrower_address,
+                    length = object.id.len(),
+                    "a borrow update named an object id that is not 16 bytes; ignored"
+                );
+                None
+            }
+        })
 }
 
 fn error_reply(error: Error) -> pb::GetObjectResponse {

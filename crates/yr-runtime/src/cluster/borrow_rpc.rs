@@ -1,0 +1,167 @@
+//! The wire side of distributed reference counting (the counting is `crate::borrows`): a
+//! borrower's `ReleaseBorrowed` (batched per owner) and `AddBorrowed` to owners, fire and
+//! forget on the IO runtime, and the owner's sweep that drops the counts of borrowers that died
+//! without releasing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use yr_common::{ErrorCode, ObjectId};
+use yr_proto::v1 as pb;
+
+use super::{transport, Inner};
+use crate::borrows::{self, BorrowMessenger};
+use crate::object_store::{local_owner_address, ObjectHandle};
+
+/// How often the owner looks for counts whose borrowers are all gone.
+const SWEEP_PERIOD: Duration = Duration::from_secs(2);
+
+/// Releases waiting to be sent, by owner address.
+type PendingReleases = Arc<Mutex<HashMap<String, Vec<pb::BorrowCount>>>>;
+
+/// Sends a borrower's updates to owners.
+pub(super) struct Messenger {
+    inner: Weak<Inner>,
+    /// Releases dropped in a burst go to their owner in one `ReleaseBorrowed`: the first queued
+    /// for an owner schedules the send, which takes whatever queued for it by then.
+    releases: PendingReleases,
+}
+
+impl Messenger {
+    pub(super) fn new(inner: Weak<Inner>) -> Messenger {
+        Messenger {
+            inner,
+            releases: PendingReleases::default(),
+        }
+    }
+}
+
+fn count(id: ObjectId, count: u64) -> pb::BorrowCount {
+    pb::BorrowCount {
+        id: id.to_bytes().to_vec().into(),
+        count,
+    }
+}
+
+fn update(objects: Vec<pb::BorrowCount>) -> pb::BorrowUpdate {
+    pb::BorrowUpdate {
+        borrower_address: local_owner_address(),
+        objects,
+    }
+}
+
+/// Which of the two borrow updates to send.
+#[derive(Clone, Copy)]
+enum UpdateKind {
+    Release,
+    Add,
+}
+
+/// Send one borrow update to `owner`; the error's text if it did not arrive.
+async fn send(
+    inner: &Inner,
+    owner: &str,
+    kind: UpdateKind,
+    update: pb::BorrowUpdate,
+) -> Result<(), String> {
+    let mut client = inner
+        .worker_client(owner)
+        .await
+        .map_err(|error| error.to_string())?;
+    let sent = match kind {
+        UpdateKind::Release => client.release_borrowed(update).await,
+        UpdateKind::Add => client.add_borrowed(update).await,
+    };
+    sent.map(|_| ())
+        .map_err(|status| status.message().to_string())
+}
+
+impl BorrowMessenger for Messenger {
+    fn release(&self, owner: &str, id: ObjectId, released: u64) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let first = {
+            let mut releases = self.releases.lock();
+            let queued = releases.entry(owner.to_string()).or_default();
+            queued.push(count(id, released));
+            queued.len() == 1
+        };
+        if !first {
+            return;
+        }
+        let owner = owner.to_string();
+        let releases = self.releases.clone();
+        let io = inner.io.clone();
+        io.spawn(async move {
+            // Let the rest of a burst of drops queue behind this one.
+            tokio::task::yield_now().await;
+            let objects = releases.lock().remove(&owner).unwrap_or_default();
+            let batch = objects.len();
+            if let Err(error) = send(&inner, &owner, UpdateKind::Release, update(objects)).await {
+                // The owner is gone, and its objects with it.
+                tracing::debug!(%owner, batch, %error, "cannot release borrowed objects");
+            }
+        });
+    }
+
+    fn add(&self, handle: ObjectHandle) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let owner = handle.owner_address();
+        let update = update(vec![count(handle.id(), 1)]);
+        let io = inner.io.clone();
+        io.spawn(async move {
+            if let Err(error) = send(&inner, &owner, UpdateKind::Add, update).await {
+                let id = handle.id();
+                tracing::debug!(object = %id, %owner, %error, "cannot count a forwarded reference");
+            }
+            // Only now may this process's own borrow go: the owner counts the forwarded one.
+            drop(handle);
+        });
+    }
+}
+
+/// Whether a process still serves its Worker socket.
+async fn reachable(address: &str) -> bool {
+    transport::connect(address, ErrorCode::GetOperationFailed)
+        .await
+        .is_ok()
+}
+
+/// The owner's sweep: every [`SWEEP_PERIOD`], drop the counts that have not changed for
+/// `borrows::STALE_AFTER` and whose known borrowers are all unreachable (or that no borrower
+/// ever fetched: the reference was lost on the way).
+pub(super) async fn sweep(inner: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(SWEEP_PERIOD).await;
+        if inner.upgrade().is_none() {
+            return;
+        }
+        let (stale_since, stale) = borrows::stale();
+        let mut alive: HashMap<String, bool> = HashMap::new();
+        for (id, borrowers) in stale {
+            let mut any_alive = false;
+            for borrower in borrowers {
+                let is_alive = match alive.get(&borrower) {
+                    Some(known) => *known,
+                    None => {
+                        let known = reachable(&borrower).await;
+                        alive.insert(borrower, known);
+                        known
+                    }
+                };
+                if is_alive {
+                    any_alive = true;
+                    break;
+                }
+            }
+            if !any_alive {
+                borrows::forget_stale(id, stale_since);
+            }
+        }
+    }
+}

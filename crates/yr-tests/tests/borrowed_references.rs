@@ -1,0 +1,200 @@
+//! Distributed reference counting on a real cluster: large objects passed between tasks, as
+//! arguments, nested in values and forwarded by a borrower to a third process, give their
+//! shared memory back seconds after the last reference anywhere is dropped; a borrower still
+//! holding a reference keeps the object alive after its owner dropped its own; and a borrower
+//! killed with SIGKILL does not pin the object forever (the owner's sweep drops its count).
+
+use std::time::Duration;
+
+use serde_bytes::ByteBuf;
+use yr::ObjectRef;
+use yr_tests::{exclusive, wait_until, NodeSpec, TestCluster, TIMEOUT};
+
+/// Not a test: the entry point of runtime processes, which re-execute this binary.
+#[test]
+fn runtime_entry() {
+    yr_tests::runtime_entry();
+}
+
+const MIB: usize = 1 << 20;
+
+fn pattern(len: usize) -> ByteBuf {
+    ByteBuf::from((0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>())
+}
+
+fn sum(bytes: &[u8]) -> u64 {
+    bytes.iter().map(|b| u64::from(*b)).sum()
+}
+
+/// The checksum of a value passed as an argument.
+#[yr::invoke]
+fn checksum(bytes: ByteBuf) -> u64 {
+    sum(&bytes)
+}
+
+/// The checksums of objects passed nested in the argument (as references).
+#[yr::invoke]
+fn checksum_nested(objects: Vec<ObjectRef<ByteBuf>>) -> u64 {
+    objects
+        .iter()
+        .map(|object| sum(&yr::get(object, TIMEOUT).expect("get a nested object")))
+        .sum()
+}
+
+/// Passes the borrowed references it received on to another task, nested, and returns its sum.
+#[yr::invoke]
+fn forward_nested(objects: Vec<ObjectRef<ByteBuf>>) -> u64 {
+    let result = yr::function(checksum_nested)
+        .invoke((objects,))
+        .expect("invoke");
+    yr::get(&result, TIMEOUT).expect("the forwarded call")
+}
+
+/// A new large object, owned by the runtime that made it.
+#[yr::invoke]
+fn make(len: u64) -> ObjectRef<ByteBuf> {
+    yr::put(pattern(len as usize)).expect("put")
+}
+
+/// Holds references it was given until told to drop them.
+#[yr::instance]
+pub struct Holder {
+    held: Vec<ObjectRef<ByteBuf>>,
+}
+
+#[yr::instance]
+impl Holder {
+    pub fn new() -> Self {
+        Holder { held: Vec::new() }
+    }
+
+    pub fn hold(&mut self, objects: Vec<ObjectRef<ByteBuf>>) -> usize {
+        self.held.extend(objects);
+        self.held.len()
+    }
+
+    pub fn checksum_held(&self) -> u64 {
+        self.held
+            .iter()
+            .map(|object| sum(&yr::get(object, TIMEOUT).expect("get a held object")))
+            .sum()
+    }
+
+    pub fn drop_held(&mut self) -> usize {
+        std::mem::take(&mut self.held).len()
+    }
+
+    pub fn pid(&self) -> u32 {
+        std::process::id()
+    }
+}
+
+fn node_with_shared_memory(mb: u64) -> TestCluster {
+    TestCluster::with_node(NodeSpec {
+        shared_memory_mb: Some(mb),
+        ..NodeSpec::default()
+    })
+}
+
+fn metric(cluster: &TestCluster, name: &str) -> f64 {
+    let mut value = None;
+    wait_until(TIMEOUT, || {
+        value = cluster.node_metric(0, name);
+        value.is_some()
+    });
+    value.unwrap_or_else(|| panic!("node 0 reports no {name}"))
+}
+
+/// Whether the node's shared memory holds no object and no byte within `timeout`.
+fn shared_memory_empty_within(cluster: &TestCluster, timeout: Duration) -> bool {
+    wait_until(timeout, || {
+        metric(cluster, "yr_shared_memory_objects") == 0.0
+            && metric(cluster, "yr_shared_memory_used_bytes") == 0.0
+    })
+}
+
+#[test]
+fn large_objects_passed_between_tasks_are_freed_seconds_after_the_last_reference_drops() {
+    let _lock = exclusive();
+    let cluster = node_with_shared_memory(128);
+    yr::init(cluster.config()).unwrap();
+    let a = yr::put(pattern(2 * MIB)).unwrap();
+    let expected_a = sum(&pattern(2 * MIB));
+    // As an argument, and nested in an argument.
+    let by_value = yr::function(checksum).invoke((&a,)).unwrap();
+    assert_eq!(yr::get(&by_value, TIMEOUT).unwrap(), expected_a);
+    let nested = yr::function(checksum_nested)
+        .invoke((vec![a.clone(), a.clone()],))
+        .unwrap();
+    assert_eq!(yr::get(&nested, TIMEOUT).unwrap(), 2 * expected_a);
+    // Made by a task and returned nested in its result: the runtime owns it, the driver
+    // borrows it.
+    let made: ObjectRef<ObjectRef<ByteBuf>> =
+        yr::function(make).invoke(((3 * MIB) as u64,)).unwrap();
+    let b = yr::get(&made, TIMEOUT).unwrap();
+    assert_eq!(yr::get(&b, TIMEOUT).unwrap(), pattern(3 * MIB));
+    // A borrower forwards both (one owned by the driver, one by a runtime) to a third process.
+    let forwarded = yr::function(forward_nested)
+        .invoke((vec![a.clone(), b.clone()],))
+        .unwrap();
+    assert_eq!(
+        yr::get(&forwarded, TIMEOUT).unwrap(),
+        expected_a + sum(&pattern(3 * MIB))
+    );
+    assert!(metric(&cluster, "yr_shared_memory_objects") >= 2.0);
+    drop((a, b, made, by_value, nested, forwarded));
+    assert!(
+        shared_memory_empty_within(&cluster, Duration::from_secs(10)),
+        "objects are still held after every reference was dropped: {} objects, {} bytes",
+        metric(&cluster, "yr_shared_memory_objects"),
+        metric(&cluster, "yr_shared_memory_used_bytes")
+    );
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn a_borrower_keeps_an_object_alive_after_its_owner_dropped_its_reference() {
+    let _lock = exclusive();
+    let cluster = node_with_shared_memory(64);
+    yr::init(cluster.config()).unwrap();
+    let holder = yr::instance(Holder::new).invoke(()).unwrap();
+    let object = yr::put(pattern(MIB)).unwrap();
+    let held = holder.method(Holder::hold).invoke((vec![object.clone()],));
+    assert_eq!(yr::get(&held.unwrap(), TIMEOUT).unwrap(), 1);
+    drop(object);
+    // Long enough for any release to land; the borrower's reference still counts.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(metric(&cluster, "yr_shared_memory_objects"), 1.0);
+    let checked = holder.method(Holder::checksum_held).invoke(()).unwrap();
+    assert_eq!(yr::get(&checked, TIMEOUT).unwrap(), sum(&pattern(MIB)));
+    // Once the borrower drops it too, it goes.
+    let dropped = holder.method(Holder::drop_held).invoke(()).unwrap();
+    assert_eq!(yr::get(&dropped, TIMEOUT).unwrap(), 1);
+    assert!(shared_memory_empty_within(
+        &cluster,
+        Duration::from_secs(10)
+    ));
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn a_borrower_killed_with_sigkill_does_not_pin_an_object_forever() {
+    let _lock = exclusive();
+    let cluster = node_with_shared_memory(64);
+    yr::init(cluster.config()).unwrap();
+    let holder = yr::instance(Holder::new).invoke(()).unwrap();
+    let pid = yr::get(&holder.method(Holder::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
+    let object = yr::put(pattern(MIB)).unwrap();
+    let held = holder.method(Holder::hold).invoke((vec![object.clone()],));
+    assert_eq!(yr::get(&held.unwrap(), TIMEOUT).unwrap(), 1);
+    drop(object);
+    assert!(yr_tests::signal(pid, 9), "cannot kill the borrower {pid}");
+    // The owner's count of the dead borrower's reference goes once it has been unchanged for
+    // `borrows::STALE_AFTER` (20 s) and the borrower does not answer.
+    assert_eq!(metric(&cluster, "yr_shared_memory_objects"), 1.0);
+    assert!(
+        shared_memory_empty_within(&cluster, Duration::from_secs(45)),
+        "the killed borrower's object is still held"
+    );
+    yr::finalize().unwrap();
+}
