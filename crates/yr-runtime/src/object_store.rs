@@ -7,7 +7,7 @@
 //! pending object.
 //!
 //! Spilling: when the node's shared memory has no room for a new region, this process gives up
-//! its idle objects ([`spill_idle`]): those it owns whose value nobody reads now (the slot holds
+//! its idle objects (`spill_idle`): those it owns whose value nobody reads now (the slot holds
 //! the only `Arc` of the value: no `Buffer`, borrowed decode or send is using it), least
 //! recently used first. Their payload becomes [`Payload::Spilled`], the object's id on the
 //! node's disk; the next read brings it back into shared memory before anyone sees it, so a

@@ -295,13 +295,12 @@ impl ClusterBackend {
                 .runtime
                 .set(runtime_mode::RuntimeMode::new(env, Arc::downgrade(&inner)));
         }
-        // A runtime takes calls on its call socket, bound before the node can name it to callers.
+        // Everything a call may need is in place before the node can name this process to
+        // callers: the Worker service, the owner address, fetching and borrow counting, and
+        // in a runtime the call socket.
         if let Some(runtime) = inner.runtime.get() {
             call_channel::serve(&worker_address, runtime.clone())?;
         }
-        // Register only now: the node may push (an init call) right after.
-        inner.bus.register(register, connect_code)?;
-        // Serve the Worker service: the objects this process owns.
         io.spawn(async move {
             let service = yr_proto::v1::worker_server::WorkerServer::new(worker::WorkerService)
                 .max_decoding_message_size(usize::MAX)
@@ -327,6 +326,14 @@ impl ClusterBackend {
         crate::borrows::set_messenger(Some(Arc::new(borrow_rpc::Messenger::new(Arc::downgrade(
             &inner,
         )))));
+        // Register only now: the node may push (an init call) right after.
+        if let Err(error) = inner.bus.register(register, connect_code) {
+            object_store::set_remote_fetcher(None);
+            object_store::set_local_owner_address("");
+            crate::borrows::set_messenger(None);
+            inner.remove_sockets();
+            return Err(error);
+        }
         io.spawn(borrow_rpc::sweep(Arc::downgrade(&inner)));
         // Release idle stateless instances.
         let recycle_inner = Arc::downgrade(&inner);
