@@ -301,7 +301,7 @@ impl SpillStore {
                 .append(true)
                 .create(true)
                 .open(&path)
-                .map_err(|error| spill_disk_error("create", &path, &error))?;
+                .map_err(|error| metadata_error("create", &path, &error))?;
             let empty = file.metadata().map(|m| m.len() == 0).unwrap_or(false);
             if empty {
                 file.write_all(MAGIC)
@@ -538,6 +538,25 @@ mod tests {
             .unwrap_err();
         assert_eq!(error.code(), ErrorCode::OperateDiskFailed);
         assert!(error.message().contains("--spill-dir"), "{error}");
+        assert_eq!(store.stats().bytes, 0);
+    }
+
+    #[test]
+    fn a_log_that_cannot_be_written_is_4201_and_leaves_no_object_behind() {
+        let dir = temp_dir("log");
+        // A directory where the metadata log goes: the log cannot be opened, even by root.
+        std::fs::create_dir_all(dir.join(LOG_NAME)).unwrap();
+        let store = SpillStore::open(dir.clone(), Some(1 << 20));
+        let id = ObjectId::generate();
+        let error = store
+            .write(id, &source(&[1u8; 100]), 0, 100, 1)
+            .unwrap_err();
+        assert_eq!(error.code(), ErrorCode::RocksdbFailed, "{error}");
+        assert!(error.message().contains(LOG_NAME), "{error}");
+        assert!(
+            !store.object_path(id).exists(),
+            "the object's file was left behind"
+        );
         assert_eq!(store.stats().bytes, 0);
     }
 
