@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 
 use parking_lot::Mutex;
 use yr_common::{Error, ErrorCode, ObjectId, Result};
@@ -109,7 +110,8 @@ pub struct SharedMemoryStats {
 /// The node's shared-memory region and its allocations.
 #[derive(Debug)]
 pub struct SharedMemoryStore {
-    fd: OwnedFd,
+    /// The memfd region.
+    file: std::fs::File,
     capacity: u64,
     pool_id: String,
     allocator: Mutex<Allocator>,
@@ -172,7 +174,7 @@ impl SharedMemoryStore {
             ));
         }
         Ok(SharedMemoryStore {
-            fd,
+            file: std::fs::File::from(fd),
             capacity,
             pool_id: pool_id.into(),
             allocator: Mutex::new(Allocator::new(capacity)),
@@ -186,16 +188,8 @@ impl SharedMemoryStore {
     }
 
     /// The region as a file, to copy objects to and from disk.
-    fn region_file(&self) -> Result<std::fs::File> {
-        self.fd
-            .try_clone()
-            .map(std::fs::File::from)
-            .map_err(|error| {
-                Error::new(
-                    ErrorCode::OperateDiskFailed,
-                    format!("cannot open the node's shared memory to spill or restore: {error}"),
-                )
-            })
+    fn region_file(&self) -> &std::fs::File {
+        &self.file
     }
 
     /// Move allocation `id`, which process `pid` holds alone and knows as object `object`, to
@@ -214,7 +208,7 @@ impl SharedMemoryStore {
         };
         // Written outside the lock: the holder does not touch the range meanwhile, and a reader
         // that retains it in between keeps it (the copy on disk is dropped below).
-        spill.write(object, &self.region_file()?, offset, size, pid)?;
+        spill.write(object, self.region_file(), offset, size, pid)?;
         let mut allocator = self.allocator.lock();
         let alone = allocator
             .allocations
@@ -240,9 +234,7 @@ impl SharedMemoryStore {
             return Err(not_spilled(object, spill.dir()));
         };
         let (id, offset) = self.create(spilled.size, pid)?;
-        let read = self
-            .region_file()
-            .and_then(|file| spill.read_into(object, &file, offset));
+        let read = spill.read_into(object, self.region_file(), offset);
         if let Err(error) = read {
             self.release(&[id], pid);
             return Err(error);
@@ -260,7 +252,7 @@ impl SharedMemoryStore {
 
     /// The path another process of this machine opens to map the region.
     pub fn path(&self) -> String {
-        format!("/proc/{}/fd/{}", std::process::id(), self.fd.as_raw_fd())
+        format!("/proc/{}/fd/{}", std::process::id(), self.file.as_raw_fd())
     }
 
     /// The region's size in bytes.
@@ -419,7 +411,7 @@ impl SharedMemoryStore {
         // SAFETY: fallocate on a valid fd; punching a hole only drops the range's pages.
         let punched = unsafe {
             libc::fallocate(
-                self.fd.as_raw_fd(),
+                self.file.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 offset,
                 length,
@@ -437,7 +429,7 @@ impl SharedMemoryStore {
     pub fn resident_bytes(&self) -> u64 {
         // SAFETY: fstat on a valid fd into a zeroed struct.
         let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-        if unsafe { libc::fstat(self.fd.as_raw_fd(), &mut stat) } != 0 {
+        if unsafe { libc::fstat(self.file.as_raw_fd(), &mut stat) } != 0 {
             return 0;
         }
         u64::try_from(stat.st_blocks).unwrap_or(0) * 512
@@ -471,48 +463,18 @@ impl SharedMemoryStore {
     pub fn read_at(&self, id: u64, from: u64, buffer: &mut [u8]) -> Result<()> {
         let (offset, size) = self.bounds(id)?;
         self.check_range(id, from, buffer.len(), size)?;
-        let mut done = 0;
-        while done < buffer.len() {
-            let at = (offset + from + done as u64) as libc::off_t;
-            // SAFETY: pread into the unfilled tail of `buffer` from a valid fd.
-            let n = unsafe {
-                libc::pread(
-                    self.fd.as_raw_fd(),
-                    buffer[done..].as_mut_ptr().cast(),
-                    buffer.len() - done,
-                    at,
-                )
-            };
-            if n <= 0 {
-                return Err(transfer_error("read", id, std::io::Error::last_os_error()));
-            }
-            done += n as usize;
-        }
-        Ok(())
+        self.file
+            .read_exact_at(buffer, offset + from)
+            .map_err(|error| transfer_error("read", id, error))
     }
 
     /// Copy `data` into allocation `id`, from `from` on. The caller holds a reference.
     pub fn write_at(&self, id: u64, from: u64, data: &[u8]) -> Result<()> {
         let (offset, size) = self.bounds(id)?;
         self.check_range(id, from, data.len(), size)?;
-        let mut done = 0;
-        while done < data.len() {
-            let at = (offset + from + done as u64) as libc::off_t;
-            // SAFETY: pwrite from the unwritten tail of `data` to a valid fd.
-            let n = unsafe {
-                libc::pwrite(
-                    self.fd.as_raw_fd(),
-                    data[done..].as_ptr().cast(),
-                    data.len() - done,
-                    at,
-                )
-            };
-            if n <= 0 {
-                return Err(transfer_error("write", id, std::io::Error::last_os_error()));
-            }
-            done += n as usize;
-        }
-        Ok(())
+        self.file
+            .write_all_at(data, offset + from)
+            .map_err(|error| transfer_error("write", id, error))
     }
 
     fn check_range(&self, id: u64, from: u64, length: usize, size: u64) -> Result<()> {
@@ -653,21 +615,13 @@ mod tests {
 
     fn write(store: &SharedMemoryStore, offset: u64, bytes: &[u8]) {
         use std::os::unix::fs::FileExt;
-        store
-            .region_file()
-            .unwrap()
-            .write_all_at(bytes, offset)
-            .unwrap();
+        store.region_file().write_all_at(bytes, offset).unwrap();
     }
 
     fn read(store: &SharedMemoryStore, offset: u64, len: usize) -> Vec<u8> {
         use std::os::unix::fs::FileExt;
         let mut out = vec![0u8; len];
-        store
-            .region_file()
-            .unwrap()
-            .read_exact_at(&mut out, offset)
-            .unwrap();
+        store.region_file().read_exact_at(&mut out, offset).unwrap();
         out
     }
 
