@@ -456,7 +456,8 @@ impl Poller {
         }
     }
 
-    /// Events ready within `timeout_ms` (-1: forever), 0 on a timeout or an interruption.
+    /// Events ready within `timeout_ms` (-1: forever), 0 on a timeout, an interruption or a
+    /// failure (logged, after a pause).
     fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> usize {
         // SAFETY: `events` is valid for `events.len()` entries for the duration of the call.
         let ready = unsafe {
@@ -467,7 +468,15 @@ impl Poller {
                 timeout_ms,
             )
         };
-        usize::try_from(ready).unwrap_or(0)
+        usize::try_from(ready).unwrap_or_else(|_| {
+            let error = io::Error::last_os_error();
+            if error.kind() != ErrorKind::Interrupted {
+                // Not expected on a valid epoll set; do not turn it into a busy loop.
+                tracing::error!(%error, "waiting for call connections failed");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            0
+        })
     }
 
     fn watch(&self, fd: RawFd, on_readable: Box<dyn FnMut() -> bool + Send>) -> io::Result<()> {
