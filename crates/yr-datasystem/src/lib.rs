@@ -150,6 +150,11 @@ impl DataWorker {
         &self.shared_memory
     }
 
+    /// Object transfers between this node and others (for metrics).
+    pub fn transfer(&self) -> &Arc<object_transfer::ObjectTransfer> {
+        &self.transfer
+    }
+
     /// The ObjectStore gRPC service, to add to the node's servers.
     pub fn object_service(
         &self,

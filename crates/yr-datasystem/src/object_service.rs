@@ -138,7 +138,12 @@ impl pb::object_store_server::ObjectStore for ObjectStoreService {
         request: Request<pb::RetainObjectRequest>,
     ) -> Result<Response<pb::RetainObjectResponse>, Status> {
         let request = request.into_inner();
-        let reply = match self.store.retain(request.allocation, request.pid) {
+        let retained = if request.for_receiver {
+            self.store.retain_for(request.allocation, request.pid)
+        } else {
+            self.store.retain(request.allocation, request.pid)
+        };
+        let reply = match retained {
             Ok((offset, size)) => pb::RetainObjectResponse {
                 offset,
                 size,

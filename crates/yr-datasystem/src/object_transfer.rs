@@ -9,6 +9,7 @@
 //! served (`GetOperationFailed`) and the reason, never a hang.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +43,9 @@ pub struct ObjectTransfer {
     channels: Mutex<HashMap<String, Channel>>,
     /// Local copies of other nodes' objects: (pool id, allocation there) → allocation here.
     copies: Mutex<HashMap<(String, u64), u64>>,
+    /// Bytes pulled from other nodes, and served to them, since the node started.
+    pulled_bytes: AtomicU64,
+    served_bytes: AtomicU64,
 }
 
 impl ObjectTransfer {
@@ -51,7 +55,19 @@ impl ObjectTransfer {
             store,
             channels: Mutex::new(HashMap::new()),
             copies: Mutex::new(HashMap::new()),
+            pulled_bytes: AtomicU64::new(0),
+            served_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// Bytes of objects pulled from other nodes since the node started.
+    pub fn pulled_bytes(&self) -> u64 {
+        self.pulled_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of objects served to other nodes since the node started.
+    pub fn served_bytes(&self) -> u64 {
+        self.served_bytes.load(Ordering::Relaxed)
     }
 
     /// Send allocation `request.allocation` in chunks to `send`, which returns false once the
@@ -97,6 +113,8 @@ impl ObjectTransfer {
                 }) {
                     break;
                 }
+                self.served_bytes
+                    .fetch_add(length as u64, Ordering::Relaxed);
                 from += length as u64;
             }
         }
@@ -120,6 +138,7 @@ impl ObjectTransfer {
             self.store.release(&[local], request.pid);
             return Err(error);
         }
+        self.pulled_bytes.fetch_add(request.size, Ordering::Relaxed);
         tracing::debug!(
             bytes = request.size,
             seconds = started.elapsed().as_secs_f64(),

@@ -116,7 +116,13 @@ pub struct SharedMemoryStore {
     pool_id: String,
     allocator: Mutex<Allocator>,
     spill: Option<SpillStore>,
+    /// Processes that left the node, newest last (at most [`DEPARTED_KEPT`]): nothing may be
+    /// handed over to them any more.
+    departed: Mutex<std::collections::VecDeque<u32>>,
 }
+
+/// How many departed processes the store remembers.
+const DEPARTED_KEPT: usize = 1024;
 
 /// Whether process `pid` holds the only reference to `allocation`.
 fn only_holder(allocation: &Allocation, pid: u32) -> bool {
@@ -179,6 +185,7 @@ impl SharedMemoryStore {
             pool_id: pool_id.into(),
             allocator: Mutex::new(Allocator::new(capacity)),
             spill,
+            departed: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -327,6 +334,22 @@ impl SharedMemoryStore {
         }
     }
 
+    /// Add a reference to an allocation for process `receiver`, taken by another process that
+    /// hands the object over to it (a call's result). Refused (4005) if `receiver` already left
+    /// the node: its references would never be given back. Returns the offset and size.
+    pub fn retain_for(&self, id: u64, receiver: u32) -> Result<(u64, u64)> {
+        if self.departed.lock().contains(&receiver) {
+            return Err(Error::new(
+                ErrorCode::GetOperationFailed,
+                format!(
+                    "process {receiver} left the node; shared-memory object {id} cannot be \
+                     handed over to it"
+                ),
+            ));
+        }
+        self.retain(id, receiver)
+    }
+
     /// Drop a reference of process `pid` to each allocation; those left with none are freed.
     /// Unknown ids and references the process does not hold are ignored (a release may race
     /// with the node forgetting a departed process's references).
@@ -351,6 +374,13 @@ impl SharedMemoryStore {
 
     /// Drop every reference process `pid` holds: it left the node.
     pub fn release_process(&self, pid: u32) {
+        {
+            let mut departed = self.departed.lock();
+            departed.push_back(pid);
+            if departed.len() > DEPARTED_KEPT {
+                departed.pop_front();
+            }
+        }
         let mut allocator = self.allocator.lock();
         let mut emptied = Vec::new();
         for (id, allocation) in allocator.allocations.iter_mut() {
@@ -563,6 +593,30 @@ mod tests {
         assert_eq!(
             store.retain(id, 2).unwrap_err().code(),
             ErrorCode::GetOperationFailed
+        );
+    }
+
+    #[test]
+    fn an_object_is_handed_over_to_a_live_process_but_not_to_a_departed_one() {
+        let store = SharedMemoryStore::new(4 * ALIGNMENT, "test").unwrap();
+        let (id, offset) = store.create(100, 1).unwrap();
+        // Process 1 hands the object to process 2, then drops its own reference.
+        assert_eq!(store.retain_for(id, 2).unwrap(), (offset, 100));
+        store.release(&[id], 1);
+        assert_eq!(store.stats().objects, 1);
+        store.release(&[id], 2);
+        assert_eq!(store.stats().objects, 0);
+
+        let (id, _) = store.create(100, 1).unwrap();
+        store.release_process(3);
+        let refused = store.retain_for(id, 3).unwrap_err();
+        assert_eq!(refused.code(), ErrorCode::GetOperationFailed);
+        assert!(refused.message().contains("left the node"), "{refused}");
+        store.release(&[id], 1);
+        assert_eq!(
+            store.stats().objects,
+            0,
+            "a refused hand-over holds nothing"
         );
     }
 

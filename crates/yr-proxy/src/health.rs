@@ -56,6 +56,14 @@ pub fn metrics(node: &Node, data: &DataWorker) -> String {
         let _ = writeln!(out, "# TYPE {name} gauge");
         let _ = writeln!(out, "{name} {value}");
     }
+    let transfer = data.transfer();
+    for (name, value) in [
+        ("yr_object_pulled_bytes_total", transfer.pulled_bytes()),
+        ("yr_object_served_bytes_total", transfer.served_bytes()),
+    ] {
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name} {value}");
+    }
     out
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use yr_common::{Error, ErrorCode, InvokeOptions, Result};
 
-use crate::object_store::{ObjectHandle, Outcome, StoredValue};
+use crate::object_store::{ObjectHandle, ObjectSlot, Outcome, Payload, StoredValue};
 
 /// An instance's state, type-erased.
 pub type InstanceState = dyn Any + Send + Sync;
@@ -116,6 +116,27 @@ pub enum Arg {
 }
 
 impl Arg {
+    /// An argument passed by value. A value whose encoding lies in shared memory (above
+    /// [`INLINE_LIMIT`](crate::shared_memory::INLINE_LIMIT)) and holds no references becomes
+    /// an object of this process, passed by reference: the callee reads it in place on this
+    /// node, or its node pulls it, instead of the bytes travelling inside the call. (A value
+    /// holding references stays a value, so that the call still waits for them.)
+    ///
+    /// ```
+    /// use yr_runtime::function::Arg;
+    /// use yr_runtime::object_store::StoredValue;
+    ///
+    /// // Outside a cluster there is no shared memory: values stay values.
+    /// let arg = Arg::from_value(StoredValue::default());
+    /// assert!(matches!(arg, Arg::Value(_)));
+    /// ```
+    pub fn from_value(value: StoredValue) -> Arg {
+        if value.nested.is_empty() && matches!(value.bytes, Payload::Shared(_)) {
+            return Arg::Ref(ObjectSlot::ready(value));
+        }
+        Arg::Value(value)
+    }
+
     /// The objects this argument depends on: the reference itself, or those nested in the value.
     pub fn dependencies(&self) -> &[ObjectHandle] {
         match self {

@@ -382,6 +382,15 @@ impl ObjectSlot {
         }
     }
 
+    /// Whether the object has a value that lies in the node's shared memory or was spilled
+    /// from there. Unlike [`ObjectSlot::outcome`] it never restores a spilled value.
+    pub fn is_in_shared_memory(&self) -> bool {
+        matches!(
+            &*self.state.lock(),
+            SlotState::Ready(value) if matches!(value.bytes, Payload::Shared(_) | Payload::Spilled(_))
+        )
+    }
+
     /// The outcome, if the object is finished (a spilled value is restored first).
     pub fn outcome(&self) -> Option<Outcome> {
         self.readable(&mut self.state.lock())

@@ -36,6 +36,10 @@ pub trait RegionAllocator: Send + Sync {
     fn restore(&self, object: ObjectId) -> Result<(u64, u64, u64)>;
     /// Drop spilled object `object`. Must not block, like `release`.
     fn delete_spilled(&self, object: ObjectId);
+    /// Take a reference to `allocation` for process `receiver` on this node, which this
+    /// process hands the object over to (a call's result); `receiver` releases it. 4005 if
+    /// `receiver` already left the node.
+    fn hand_over(&self, allocation: u64, receiver: u32) -> Result<()>;
 }
 
 /// The node's region, mapped into this process.
@@ -313,6 +317,13 @@ impl SharedRegion {
     /// Whether the region lies in `memory`.
     pub fn is_in(&self, memory: &Arc<SharedMemory>) -> bool {
         Arc::ptr_eq(&self.memory, memory)
+    }
+
+    /// Give process `receiver` on this node a reference of its own to this region: it reads
+    /// the region in place from the location it is sent, and releases it (see
+    /// [`SharedMemory::adopt`]). Blocks for one round trip to the node.
+    pub fn hand_over(&self, receiver: u32) -> Result<()> {
+        self.memory.allocator.hand_over(self.allocation, receiver)
     }
 
     /// Drop the region without giving its reference back: the node already freed it.

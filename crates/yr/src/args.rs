@@ -20,7 +20,7 @@ pub trait IntoArg<T> {
 
 impl<T: Serialize> IntoArg<T> for T {
     fn into_arg(self) -> Result<Arg> {
-        Ok(Arg::Value(codec::encode(&self)?))
+        Ok(Arg::from_value(codec::encode(&self)?))
     }
 }
 
@@ -38,7 +38,7 @@ impl<T> IntoArg<T> for &ObjectRef<T> {
 
 impl IntoArg<String> for &str {
     fn into_arg(self) -> Result<Arg> {
-        Ok(Arg::Value(codec::encode(self)?))
+        Ok(Arg::from_value(codec::encode(self)?))
     }
 }
 

@@ -122,14 +122,21 @@ pub fn value_with_payload(
     })
 }
 
-/// Arguments for the wire. Top-level references travel as their values; they must be finished.
+/// Arguments for the wire; they must be finished. A reference whose value is in shared memory
+/// (or spilled from there) travels as a reference: the callee fetches it from its owner, which
+/// answers with its location, and reads it in place on this node or pulls it into its own
+/// (large values passed directly are such references already, see [`Arg::from_value`]). Other
+/// references travel as their values.
 pub fn args_to_proto(args: &[Arg]) -> Result<Vec<pb::Arg>, Error> {
     args.iter()
         .map(|arg| {
-            let value = match arg {
-                Arg::Value(value) => value_to_proto(value),
+            let kind = match arg {
+                Arg::Value(value) => pb::arg::Kind::Value(value_to_proto(value)),
+                Arg::Ref(handle) if handle.is_in_shared_memory() => {
+                    pb::arg::Kind::Reference(reference_to_proto(handle))
+                }
                 Arg::Ref(handle) => match handle.outcome() {
-                    Some(Outcome::Ready(value)) => value_to_proto(&value),
+                    Some(Outcome::Ready(value)) => pb::arg::Kind::Value(value_to_proto(&value)),
                     Some(Outcome::Failed(error)) => return Err(dependency_failed(handle, &error)),
                     None => {
                         return Err(Error::new(
@@ -139,11 +146,62 @@ pub fn args_to_proto(args: &[Arg]) -> Result<Vec<pb::Arg>, Error> {
                     }
                 },
             };
-            Ok(pb::Arg {
-                kind: Some(pb::arg::Kind::Value(value)),
-            })
+            Ok(pb::Arg { kind: Some(kind) })
         })
         .collect()
+}
+
+/// A call's result value for its caller. A value in shared memory, for a caller on the same
+/// node (`caller_pool`), is handed over: the caller gets a reference of its own and the
+/// value's location, and reads it in place. Anything else, or a hand-over the node refused,
+/// travels inline.
+pub fn result_to_proto(value: &StoredValue, caller_pool: &str, caller_pid: u32) -> pb::Value {
+    if let Payload::Shared(region) = &value.bytes {
+        let (pool, allocation, offset, size) = region.location();
+        if !caller_pool.is_empty() && pool == caller_pool {
+            match region.hand_over(caller_pid) {
+                Ok(()) => {
+                    return pb::Value {
+                        data: Default::default(),
+                        nested: value.nested.iter().map(reference_to_proto).collect(),
+                        shared: Some(pb::SharedLocation {
+                            pool_id: pool.to_string(),
+                            allocation,
+                            offset,
+                            size,
+                            node_address: String::new(),
+                        }),
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "a result is sent inline: its hand-over failed")
+                }
+            }
+        }
+    }
+    value_to_proto(value)
+}
+
+/// A result value from the wire: its bytes inline, or a region of this node's shared memory
+/// that the callee handed over to this process (see [`result_to_proto`]).
+fn result_from_proto(value: pb::Value) -> Result<StoredValue, Error> {
+    match &value.shared {
+        None => value_from_proto(value),
+        Some(location) => {
+            let payload = super::shared_memory::adopt_handed_over(location)?;
+            value_with_payload(payload, &value.nested)
+        }
+    }
+}
+
+/// A call result nobody waits for any more (its call was already answered, or cancelled):
+/// the regions handed over with it are given back.
+pub fn discard_result(result: pb::CallResult) {
+    for value in result.values {
+        if let Some(location) = &value.shared {
+            drop(super::shared_memory::adopt_handed_over(location));
+        }
+    }
 }
 
 /// Arguments encoded with [`args_to_proto`] that never left this process (the call channel
@@ -203,10 +261,11 @@ pub fn finish_returns(returns: &[ObjectHandle], result: pb::CallResult) {
         for handle in returns {
             handle.fail(error.clone());
         }
+        discard_result(result);
         return;
     }
     for (handle, value) in returns.iter().zip(result.values) {
-        match value_from_proto(value) {
+        match result_from_proto(value) {
             Ok(value) => {
                 handle.complete(Arc::new(value));
             }

@@ -13,7 +13,7 @@ use yr_common::{Error, ErrorCode};
 use yr_proto::v1 as pb;
 
 use super::call_channel::{self, FrameWriter};
-use super::convert::{args_to_proto, finish_returns, unsend_args};
+use super::convert::{args_to_proto, discard_result, finish_returns, unsend_args};
 use crate::dependencies;
 use crate::function::Arg;
 use crate::object_store::ObjectHandle;
@@ -223,7 +223,7 @@ impl RemoteInstance {
         };
         let sender = sender.clone();
         while state.queued.front().is_some_and(|c| c.ready) {
-            let Some(call) = state.queued.pop_front() else {
+            let Some(mut call) = state.queued.pop_front() else {
                 break;
             };
             match dependencies::first_failure(&call.args).and_then(|()| args_to_proto(&call.args)) {
@@ -236,6 +236,8 @@ impl RemoteInstance {
                         function: call.function.to_string(),
                         args,
                         return_nums: call.returns.len() as u32,
+                        reply_pool_id: super::shared_memory::pool_id(),
+                        reply_pid: std::process::id(),
                     };
                     tracing::debug!(
                         call_id = call.call_id,
@@ -255,7 +257,6 @@ impl RemoteInstance {
                         state.queued.push_front(call);
                         return failed;
                     }
-                    let mut call = call;
                     call.sent_at = Some(Instant::now());
                     state.in_flight.insert(call.call_id, call);
                 }
@@ -323,7 +324,10 @@ impl RemoteInstance {
     fn on_call_result(&self, result: pb::CallResult) {
         tracing::debug!(instance = %self.id, call_id = result.call_id, "call result");
         let call = self.state.lock().in_flight.remove(&result.call_id);
-        let Some(call) = call else { return };
+        let Some(call) = call else {
+            discard_result(result);
+            return;
+        };
         let Some(observer) = &self.observer else {
             finish_returns(&call.returns, result);
             return;

@@ -11,7 +11,7 @@ use yr_common::{Error, ErrorCode, InvokeOptions};
 use yr_proto::v1 as pb;
 
 use super::call_channel::CallExecutor;
-use super::convert::{args_from_proto, error_to_proto, value_to_proto};
+use super::convert::{args_from_proto, error_to_proto, result_to_proto};
 use super::Inner;
 use crate::function::{
     find_constructor, find_function, find_method, CreateSpec, MethodSpec, TaskSpec,
@@ -166,11 +166,19 @@ impl RuntimeMode {
     }
 }
 
-fn result_of(call_id: u64, returns: &[ObjectHandle]) -> pb::CallResult {
+/// Where a call's results go: the caller's shared-memory pool and pid.
+struct Caller {
+    pool_id: String,
+    pid: u32,
+}
+
+fn result_of(call_id: u64, returns: &[ObjectHandle], caller: &Caller) -> pb::CallResult {
     let mut values = Vec::with_capacity(returns.len());
     for handle in returns {
         match handle.outcome() {
-            Some(Outcome::Ready(value)) => values.push(value_to_proto(&value)),
+            Some(Outcome::Ready(value)) => {
+                values.push(result_to_proto(&value, &caller.pool_id, caller.pid))
+            }
             Some(Outcome::Failed(error)) => {
                 return pb::CallResult {
                     call_id,
@@ -209,6 +217,10 @@ impl CallExecutor for RuntimeMode {
         if let Err(error) = super::memory::admit_invoke() {
             return respond(fail(error));
         }
+        let caller = Caller {
+            pool_id: request.reply_pool_id,
+            pid: request.reply_pid,
+        };
         let args = match args_from_proto(request.args) {
             Ok(args) => args,
             Err(error) => return respond(fail(error)),
@@ -268,7 +280,9 @@ impl CallExecutor for RuntimeMode {
                 values: Vec::new(),
                 error: None,
             }),
-            Some(last) => last.on_finished(Box::new(move || respond(result_of(call_id, &returns)))),
+            Some(last) => last.on_finished(Box::new(move || {
+                respond(result_of(call_id, &returns, &caller))
+            })),
         }
     }
 }

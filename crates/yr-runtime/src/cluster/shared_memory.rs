@@ -118,6 +118,19 @@ impl RegionAllocator for NodeAllocator {
         Ok((reply.allocation, reply.offset, reply.size))
     }
 
+    fn hand_over(&self, allocation: u64, receiver: u32) -> Result<()> {
+        let reply = self.disk.call(client, move |mut client| async move {
+            client
+                .retain(pb::RetainObjectRequest {
+                    allocation,
+                    pid: receiver,
+                    for_receiver: true,
+                })
+                .await
+        })?;
+        check(reply.error)
+    }
+
     fn delete_spilled(&self, object: ObjectId) {
         let channel = self.channel.clone();
         self.channel.io().spawn(async move {
@@ -203,6 +216,7 @@ pub async fn open_location(
             .retain(pb::RetainObjectRequest {
                 allocation: location.allocation,
                 pid: std::process::id(),
+                for_receiver: false,
             })
             .await
             .map_err(|status| channel.failed(&status))?
@@ -233,4 +247,25 @@ pub async fn open_location(
         ));
     };
     Ok(Payload::Shared(memory.adopt(allocation, offset, size)?))
+}
+
+/// Read in place a region of this node's shared memory that another process handed over to
+/// this one (a call's result): the reference is already this process's, so nothing is asked of
+/// the node, and dropping the payload gives it back.
+pub fn adopt_handed_over(location: &wire::SharedLocation) -> Result<Payload> {
+    match shared_memory::current() {
+        Some(memory) if memory.pool_id() == location.pool_id => Ok(Payload::Shared(memory.adopt(
+            location.allocation,
+            location.offset,
+            location.size,
+        )?)),
+        _ => Err(Error::new(
+            yr_common::ErrorCode::DatasystemFailed,
+            format!(
+                "a result was handed over in shared memory pool {}, which this process does \
+                 not map",
+                location.pool_id
+            ),
+        )),
+    }
 }
