@@ -95,6 +95,14 @@ impl Actor {
     fn peek(&self) -> u64 {
         self.calls
     }
+
+    fn length(&mut self, bytes: ByteBuf) -> u64 {
+        bytes.len() as u64
+    }
+
+    fn make(&mut self, len: usize) -> ByteBuf {
+        ByteBuf::from(vec![1u8; len])
+    }
 }
 
 /// Makes large objects on its node, for the cross-node transfer measure.
@@ -405,12 +413,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
         })
     })?;
 
-    const ACTOR_CASES: [&str; 5] = [
+    const ACTOR_CASES: [&str; 7] = [
         "1:1 actor calls sync",
         "1:1 actor calls async",
         "1:n actor calls async",
         "n:n actor calls async",
         "n:n actor calls with arg async",
+        "1:1 actor calls with a 16 MiB argument gigabytes",
+        "1:1 actor calls with a 16 MiB result gigabytes",
     ];
     if !ACTOR_CASES.iter().any(|case| selected(args, case)) {
         return Ok(());
@@ -425,6 +435,38 @@ fn run(args: &Args) -> anyhow::Result<()> {
             .collect::<yr::Result<_>>()?;
         yr::get_all(&refs, FOREVER).map(drop)
     })?;
+    // Large values: an argument passed directly (the actor decodes it: one copy), and a
+    // result read in place with `get_buffer`. Compare with "memcpy gigabytes".
+    const LARGE: usize = 16 << 20;
+    let large = if selected(args, "1:1 actor calls with a 16 MiB argument gigabytes") {
+        ByteBuf::from(vec![1u8; LARGE])
+    } else {
+        ByteBuf::new()
+    };
+    timeit(
+        args,
+        "1:1 actor calls with a 16 MiB argument gigabytes",
+        LARGE as f64 / 1e9,
+        || {
+            one[0]
+                .method(Actor::length)
+                .invoke((&large,))?
+                .get(FOREVER)
+                .map(drop)
+        },
+    )?;
+    drop(large);
+    timeit(
+        args,
+        "1:1 actor calls with a 16 MiB result gigabytes",
+        LARGE as f64 / 1e9,
+        || {
+            let made = one[0].method(Actor::make).invoke((LARGE,))?;
+            let buffer = yr::get_buffer(&made, FOREVER)?;
+            std::hint::black_box(buffer.bytes().map(|b| b.len()));
+            Ok(())
+        },
+    )?;
     let many = actors(n)?;
     timeit(args, "1:n actor calls async", (n * BATCH) as f64, || {
         let refs: Vec<ObjectRef<()>> = (0..n * BATCH)

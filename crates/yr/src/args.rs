@@ -11,8 +11,9 @@ use crate::ObjectRef;
 
 /// Something that can be passed for a parameter of type `T`.
 ///
-/// Implemented for `T` itself, for `ObjectRef<T>` and `&ObjectRef<T>` (the callee receives the
-/// value once it exists), and for `&str` where `T` is `String`.
+/// Implemented for `T` and `&T` (encoded without a clone), for `ObjectRef<T>` and
+/// `&ObjectRef<T>` (the callee receives the value once it exists), and for `&str` where `T` is
+/// `String`.
 pub trait IntoArg<T> {
     /// Encode the argument.
     fn into_arg(self) -> Result<Arg>;
@@ -21,6 +22,29 @@ pub trait IntoArg<T> {
 impl<T: Serialize> IntoArg<T> for T {
     fn into_arg(self) -> Result<Arg> {
         Ok(Arg::from_value(codec::encode(&self)?))
+    }
+}
+
+/// A borrowed value is encoded where it is, without a clone: pass `&big` to send a large value
+/// without copying it first.
+///
+/// ```no_run
+/// # fn main() -> yr::Result<()> {
+/// #[yr::invoke]
+/// fn length(bytes: Vec<u8>) -> usize {
+///     bytes.len()
+/// }
+///
+/// yr::init(yr::Config::default())?;
+/// let big = vec![1u8; 16 << 20];
+/// let n = yr::function(length).invoke((&big,))?;
+/// assert_eq!(yr::get(&n, std::time::Duration::from_secs(30))?, big.len());
+/// # Ok(())
+/// # }
+/// ```
+impl<T: Serialize> IntoArg<T> for &T {
+    fn into_arg(self) -> Result<Arg> {
+        Ok(Arg::from_value(codec::encode(self)?))
     }
 }
 
