@@ -8,9 +8,11 @@
 //! when dropped. In local mode nothing is installed and every value stays inline.
 //!
 //! When a new region does not fit in the node's free space, this process spills its own idle
-//! objects to the node's disk (see `object_store::spill_idle`) and tries again; a
-//! [`SpilledValue`] names such an object by its id, and [`SharedMemory::restore`] brings it back
-//! into a new region when it is read.
+//! objects to the node's disk (see `object_store::spill_idle`) and tries again; with nothing of
+//! its own to spill, it asks the node to reclaim room from the node's other processes
+//! ([`RegionAllocator::reclaim`]: they spill their idle objects when asked) and tries again. A
+//! [`SpilledValue`] names a spilled object by its id, and [`SharedMemory::restore`] brings it
+//! back into a new region when it is read.
 
 use std::fmt;
 use std::sync::Arc;
@@ -36,6 +38,10 @@ pub trait RegionAllocator: Send + Sync {
     fn restore(&self, object: ObjectId) -> Result<(u64, u64, u64)>;
     /// Drop spilled object `object`. Must not block, like `release`.
     fn delete_spilled(&self, object: ObjectId);
+    /// Ask the node's other processes to spill idle objects of theirs until `bytes` are free:
+    /// the bytes they spilled (0: none could). 4203/4204/4201 if nothing was freed because the
+    /// disk refused. Blocks; never called on the IO thread.
+    fn reclaim(&self, bytes: u64) -> Result<u64>;
 }
 
 /// The node's region, mapped into this process.
@@ -147,8 +153,9 @@ impl SharedMemory {
     }
 
     /// Run `attempt`; while it finds no room for `size` bytes (4202, though they would fit in
-    /// the empty region), spill this process's idle objects and run it again. When nothing can
-    /// be spilled, the last 4202 stands.
+    /// the empty region), spill this process's idle objects, or when it has none, ask the
+    /// node's other processes to spill theirs, and run it again. When nobody could spill
+    /// anything, the last 4202 stands, saying so.
     fn with_room<T>(
         self: &Arc<Self>,
         size: u64,
@@ -160,9 +167,21 @@ impl SharedMemory {
                     if error.code() == ErrorCode::SharedMemoryLimited
                         && size <= self.capacity as u64 =>
                 {
-                    if crate::object_store::spill_idle(self, size)? == 0 {
-                        return Err(error);
+                    if crate::object_store::spill_idle(self, size)? > 0 {
+                        continue;
                     }
+                    if self.allocator.reclaim(size)? > 0 {
+                        continue;
+                    }
+                    return Err(Error::new(
+                        ErrorCode::SharedMemoryLimited,
+                        format!(
+                            "{}. Nothing could be spilled to disk to make room: every object of \
+                             this process and of the node's other processes is being read or \
+                             shared, or spilling is off (--spill-limit-mb 0)",
+                            error.message()
+                        ),
+                    ));
                 }
                 other => return other,
             }

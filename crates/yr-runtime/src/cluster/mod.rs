@@ -414,6 +414,9 @@ impl Inner {
     fn on_push(self: &Arc<Self>, push: pb::bus_response::Body) {
         match push {
             pb::bus_response::Body::Notify(notify) => self.on_notify(notify),
+            pb::bus_response::Body::SpillAsk(ask) => {
+                shared_memory::answer_spill_ask(self.bus.clone(), ask);
+            }
             other => {
                 if let Some(runtime) = self.runtime.get() {
                     runtime.on_push(other);
