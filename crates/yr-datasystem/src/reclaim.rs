@@ -90,7 +90,14 @@ impl Reclaimer {
             let wanted = bytes_needed - freed;
             match tokio::time::timeout(self.ask_timeout, asker.ask(pid, wanted)).await {
                 Ok(Ok(bytes)) => {
-                    tracing::debug!(pid, asking, wanted, alone, bytes, "a process spilled for another");
+                    tracing::debug!(
+                        pid,
+                        asking,
+                        wanted,
+                        alone,
+                        bytes,
+                        "a process spilled for another"
+                    );
                     freed += bytes;
                 }
                 Ok(Err(error)) => {
@@ -153,7 +160,10 @@ mod tests {
         }
     }
 
-    fn reclaimer_with(store: &Arc<SharedMemoryStore>, asker: ScriptedAsker) -> (Reclaimer, Arc<ScriptedAsker>) {
+    fn reclaimer_with(
+        store: &Arc<SharedMemoryStore>,
+        asker: ScriptedAsker,
+    ) -> (Reclaimer, Arc<ScriptedAsker>) {
         let asker = Arc::new(asker);
         let reclaimer = Reclaimer::new(store.clone(), Duration::from_millis(100));
         reclaimer.install(asker.clone());
@@ -184,14 +194,19 @@ mod tests {
         store.retain(shared, 3).unwrap();
         // Kept by the node while it sends it to another node.
         let (sending, _) = store.create(9 * ALIGNMENT, 5).unwrap();
-        store.retain(sending, crate::object_transfer::TRANSFER_HOLDER).unwrap();
+        store
+            .retain(sending, crate::object_transfer::TRANSFER_HOLDER)
+            .unwrap();
         store.release(&[sending], 5);
         assert_eq!(
             store.spill_candidates(1),
             vec![(3, 5 * ALIGNMENT), (2, 3 * ALIGNMENT)]
         );
         // The asking process is never its own candidate.
-        assert_eq!(store.spill_candidates(3), vec![(2, 3 * ALIGNMENT), (1, ALIGNMENT)]);
+        assert_eq!(
+            store.spill_candidates(3),
+            vec![(2, 3 * ALIGNMENT), (1, ALIGNMENT)]
+        );
     }
 
     #[test]
@@ -239,7 +254,10 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert_eq!(block_on(reclaimer.reclaim(ALIGNMENT, 1)).unwrap(), 2 * ALIGNMENT);
+        assert_eq!(
+            block_on(reclaimer.reclaim(ALIGNMENT, 1)).unwrap(),
+            2 * ALIGNMENT
+        );
         assert_eq!(asker.asked.lock().len(), 2);
     }
 
@@ -261,7 +279,10 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert_eq!(block_on(reclaimer.reclaim(4 * ALIGNMENT, 1)).unwrap(), ALIGNMENT);
+        assert_eq!(
+            block_on(reclaimer.reclaim(4 * ALIGNMENT, 1)).unwrap(),
+            ALIGNMENT
+        );
         let (reclaimer, _) = reclaimer_with(
             &store,
             ScriptedAsker {

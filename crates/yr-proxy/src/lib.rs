@@ -217,8 +217,8 @@ pub async fn run(
             node: node.clone(),
             spill_asks: spill_asks.clone(),
         })
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
     };
     let unix_server = tonic::transport::Server::builder()
         .add_service(service())

@@ -86,9 +86,7 @@ impl SpillAsker for SpillAsks {
             }
             match receiver.await {
                 Ok(answer) => match answer.error {
-                    Some(error) if answer.bytes_freed == 0 => {
-                        Err(error_from_proto(&error))
-                    }
+                    Some(error) if answer.bytes_freed == 0 => Err(error_from_proto(&error)),
                     _ => Ok(answer.bytes_freed),
                 },
                 Err(_) => Err(Error::new(

@@ -174,7 +174,12 @@ pub(super) fn answer_spill_ask(bus: Arc<Bus>, ask: wire::SpillAsk) {
             };
             let answer = match spilled {
                 Ok(bytes_freed) => {
-                    tracing::debug!(ask = ask_id, wanted = ask.bytes, bytes_freed, "spilled for another process");
+                    tracing::debug!(
+                        ask = ask_id,
+                        wanted = ask.bytes,
+                        bytes_freed,
+                        "spilled for another process"
+                    );
                     wire::SpillAnswer {
                         ask_id,
                         bytes_freed,
