@@ -95,6 +95,7 @@ fn io_runtime() -> Result<
     let thread = std::thread::Builder::new()
         .name("yr-io".into())
         .spawn(move || {
+            crate::shared_memory::mark_io_thread();
             runtime.block_on(async {
                 let _ = stopped.await;
             });
