@@ -7,14 +7,17 @@
 //! node's shared-memory region for large objects ([`shared_memory`], served as the
 //! `ObjectStore` service by [`object_service`]) with its spill directory ([`spill`]: objects
 //! moved to disk under memory pressure, and their metadata log); objects cross nodes through
-//! [`object_transfer`]. It does not own the client side of KV, streams and objects (that lives
-//! in `yr-runtime`), nor the choice of which of its objects an owner gives up (that is the
-//! owner's, see `yr_runtime::object_store`).
+//! [`object_transfer`]; room for a process with nothing of its own to spill is reclaimed from the
+//! node's other processes by [`reclaim`] (it chooses whom to ask; the node delivers the asks).
+//! It does not own the client side of KV, streams and objects (that lives in `yr-runtime`), nor
+//! the choice of which of its objects an owner gives up (that is the owner's, see
+//! `yr_runtime::object_store`).
 
 pub mod kv;
 pub mod l2;
 pub mod object_service;
 pub mod object_transfer;
+pub mod reclaim;
 pub mod redis;
 pub mod service;
 pub mod shared_memory;
@@ -57,6 +60,8 @@ pub struct DataWorker {
     streams: stream::StreamStore,
     placement: OnceLock<Arc<stream_service::Placement>>,
     transfer: Arc<object_transfer::ObjectTransfer>,
+    /// Asks the node's processes to spill for one another.
+    reclaimer: Arc<reclaim::Reclaimer>,
     /// Where other nodes reach this node, once it joined a cluster.
     node_address: OnceLock<String>,
 }
@@ -109,6 +114,10 @@ impl DataWorker {
         Ok(Arc::new(DataWorker {
             kv: KvStore::with_l2(l2),
             transfer: Arc::new(object_transfer::ObjectTransfer::new(shared_memory.clone())),
+            reclaimer: Arc::new(reclaim::Reclaimer::new(
+                shared_memory.clone(),
+                reclaim::ASK_TIMEOUT,
+            )),
             shared_memory,
             streams: stream::StreamStore::new(),
             placement: OnceLock::new(),
@@ -155,6 +164,13 @@ impl DataWorker {
         &self.transfer
     }
 
+    /// Reach the node's processes through `asker` when one needs room that only others can
+    /// spill (the node does this once, before serving). Without it, a process spills only its
+    /// own objects.
+    pub fn install_spill_asker(&self, asker: Arc<dyn reclaim::SpillAsker>) {
+        self.reclaimer.install(asker);
+    }
+
     /// The ObjectStore gRPC service, to add to the node's servers.
     pub fn object_service(
         &self,
@@ -163,6 +179,7 @@ impl DataWorker {
         object_service::ObjectStoreService::new(
             self.shared_memory.clone(),
             self.transfer.clone(),
+            self.reclaimer.clone(),
             self.node_address.get().cloned().unwrap_or_default(),
         )
         .server()

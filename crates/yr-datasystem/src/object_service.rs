@@ -1,8 +1,10 @@
 //! The ObjectStore gRPC service (`yr.ds.v1`) over the node's [`SharedMemoryStore`]: the node's
 //! drivers and runtimes ask it for the region to map, for allocations, to count references, and
-//! to spill and restore objects; other nodes read its objects, and its processes pull other
+//! to spill and restore objects, and to reclaim room from the node's other processes
+//! ([`Reclaimer`]); other nodes read its objects, and its processes pull other
 //! nodes' objects through it ([`ObjectTransfer`]). Most calls are a few map operations under one
-//! lock and run on the IO thread; spilling, restoring and copying run on blocking threads.
+//! lock and run on the IO thread; spilling, restoring and copying run on blocking threads, and a
+//! reclaim waits asynchronously for the processes it asks.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use yr_common::{Error, ErrorCode, ObjectId};
 use yr_proto::ds as pb;
 
 use crate::object_transfer::{ObjectTransfer, MAX_MESSAGE};
+use crate::reclaim::Reclaimer;
 use crate::service::blocking;
 use crate::shared_memory::SharedMemoryStore;
 use crate::wire::error_to_proto;
@@ -22,6 +25,7 @@ use crate::wire::error_to_proto;
 pub struct ObjectStoreService {
     store: Arc<SharedMemoryStore>,
     transfer: Arc<ObjectTransfer>,
+    reclaimer: Arc<Reclaimer>,
     /// Where other nodes reach this node (empty outside a cluster).
     node_address: String,
 }
@@ -31,11 +35,13 @@ impl ObjectStoreService {
     pub fn new(
         store: Arc<SharedMemoryStore>,
         transfer: Arc<ObjectTransfer>,
+        reclaimer: Arc<Reclaimer>,
         node_address: String,
     ) -> ObjectStoreService {
         ObjectStoreService {
             store,
             transfer,
+            reclaimer,
             node_address,
         }
     }
@@ -230,5 +236,26 @@ impl pb::object_store_server::ObjectStore for ObjectStoreService {
             }
         });
         Ok(Response::new(pb::DeleteSpilledResponse {}))
+    }
+
+    async fn reclaim(
+        &self,
+        request: Request<pb::ReclaimRequest>,
+    ) -> Result<Response<pb::ReclaimResponse>, Status> {
+        let request = request.into_inner();
+        let reclaimed = self
+            .reclaimer
+            .reclaim(request.bytes_needed, request.pid)
+            .await;
+        Ok(Response::new(match reclaimed {
+            Ok(bytes_freed) => pb::ReclaimResponse {
+                bytes_freed,
+                error: None,
+            },
+            Err(error) => pb::ReclaimResponse {
+                bytes_freed: 0,
+                error: Some(error_to_proto(&error)),
+            },
+        }))
     }
 }

@@ -9,8 +9,10 @@
 //! An object larger than the whole region is 4202 with both sizes. So is an object that does not
 //! fit in the free space now: its creator then asks to spill its own idle objects
 //! ([`SharedMemoryStore::spill`]: allowed only for an allocation that the asking process alone
-//! holds, once), moving them to the node's [`SpillStore`], and tries again. An owner that reads
-//! a spilled object asks for it back ([`SharedMemoryStore::restore`]), into a new allocation.
+//! holds, once), moving them to the node's [`SpillStore`], and tries again. A creator with
+//! nothing of its own to spill asks the node to reclaim room from the processes that alone hold
+//! objects ([`SharedMemoryStore::spill_candidates`], asked by `reclaim`). An owner that reads a
+//! spilled object asks for it back ([`SharedMemoryStore::restore`]), into a new allocation.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -19,6 +21,7 @@ use std::os::unix::fs::FileExt;
 use parking_lot::Mutex;
 use yr_common::{Error, ErrorCode, ObjectId, Result};
 
+use crate::object_transfer::TRANSFER_HOLDER;
 use crate::spill::{not_spilled, SpillStore};
 
 /// Allocations start on page boundaries, so freeing one can give its pages back.
@@ -230,6 +233,28 @@ impl SharedMemoryStore {
         Ok(true)
     }
 
+    /// The processes other than `asking` that alone hold allocations which could be spilled,
+    /// with the bytes they alone hold, most bytes first (ties by pid, so the order is stable).
+    /// Empty when spilling is off. References the node keeps itself while it sends an object to
+    /// another node ([`TRANSFER_HOLDER`]) are never counted: no process can give them up.
+    pub fn spill_candidates(&self, asking: u32) -> Vec<(u32, u64)> {
+        if self.spill_store().is_none() {
+            return Vec::new();
+        }
+        let mut alone: HashMap<u32, u64> = HashMap::new();
+        for allocation in self.allocator.lock().allocations.values() {
+            let Some((&pid, _)) = allocation.holders.iter().next() else {
+                continue;
+            };
+            if pid != asking && pid != TRANSFER_HOLDER && only_holder(allocation, pid) {
+                *alone.entry(pid).or_default() += allocation.size;
+            }
+        }
+        let mut candidates: Vec<(u32, u64)> = alone.into_iter().collect();
+        candidates.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        candidates
+    }
+
     /// Bring spilled object `object` back into a new allocation held by process `pid`: its
     /// allocation id, offset and size. 4202 if it does not fit now (the caller spills others
     /// and asks again); its copy on disk goes once it is back.
@@ -292,8 +317,7 @@ impl SharedMemoryStore {
                 ErrorCode::SharedMemoryLimited,
                 format!(
                     "the node's shared memory is full: an object of {size} bytes does not fit, \
-                     {} of {} bytes are in use by {} objects that cannot be spilled to disk now \
-                     (others read them, or spilling is off); drop references to objects you no \
+                     {} of {} bytes are in use by {} objects; drop references to objects you no \
                      longer need or start the node with a larger --shared-memory-mb",
                     allocator.used,
                     self.capacity,

@@ -1,5 +1,6 @@
 //! The Bus service: one stream per driver or runtime. Requests are answered with the same
-//! message id; the node pushes notifications, init calls, heartbeats and shutdowns with id 0.
+//! message id; the node pushes notifications, init calls, heartbeats, shutdowns and asks to
+//! spill with id 0 (answered oneway, like heartbeats).
 //! A malformed message gets a clear error and the stream keeps serving.
 
 use std::pin::Pin;
@@ -15,11 +16,14 @@ use yr_proto::v1::bus_request::Body;
 use yr_proto::v1::bus_server::Bus;
 
 use crate::node::{Node, Subscriber};
+use crate::spill_asks::SpillAsks;
 
 /// The Bus service over a node.
 pub struct BusService {
     /// The node.
     pub node: Arc<Node>,
+    /// Asks to spill that wait for their answers.
+    pub spill_asks: Arc<SpillAsks>,
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::BusResponse, Status>> + Send>>;
@@ -35,11 +39,12 @@ impl Bus for BusService {
         let mut inbound = request.into_inner();
         let (sender, receiver) = mpsc::unbounded_channel();
         let node = self.node.clone();
+        let spill_asks = self.spill_asks.clone();
         let client_id = node.connect_client(sender);
         tokio::spawn(async move {
             while let Some(message) = inbound.next().await {
                 match message {
-                    Ok(message) => handle(&node, client_id, message),
+                    Ok(message) => handle(&node, &spill_asks, client_id, message),
                     Err(status) => {
                         tracing::debug!(client_id, error = %status, "bus stream ended");
                         break;
@@ -54,7 +59,7 @@ impl Bus for BusService {
     }
 }
 
-fn handle(node: &Arc<Node>, client_id: u64, message: pb::BusRequest) {
+fn handle(node: &Arc<Node>, spill_asks: &SpillAsks, client_id: u64, message: pb::BusRequest) {
     let id = message.message_id;
     let Some(body) = message.body else {
         node.reply(
@@ -95,6 +100,7 @@ fn handle(node: &Arc<Node>, client_id: u64, message: pb::BusRequest) {
         Body::InitResult(result) => node.init_result(client_id, result),
         Body::HeartbeatAck(_) => node.heartbeat_ack(client_id),
         Body::Exit(_) => {}
+        Body::SpillAnswer(answer) => spill_asks.answer(answer),
         Body::GetNamed(request) => {
             let node = node.clone();
             tokio::spawn(async move {

@@ -1,8 +1,9 @@
 //! yr-proxy: a yr node. It owns the local scheduler (this node's resources), each local
 //! instance's state machine (the single writer of its record in the meta store), the bus proxy
 //! that routes create/kill/notifications between drivers, runtimes and the master, heartbeats to
-//! runtimes, and the create rate limit. It runs the function agent (`yr-agent`) in the same
-//! process. Calls do not pass through it: callers stream them to runtimes directly.
+//! runtimes, the create rate limit, and the delivery of the data worker's asks to spill. It runs
+//! the function agent (`yr-agent`) in the same process. Calls do not pass through it: callers
+//! stream them to runtimes directly.
 
 mod bus_service;
 mod health;
@@ -11,6 +12,7 @@ mod node;
 mod node_service;
 mod rate_limit;
 mod resources;
+mod spill_asks;
 mod state_machine;
 
 use std::net::SocketAddr;
@@ -173,6 +175,11 @@ pub async fn run(
         }
     }));
 
+    // A process with nothing of its own to spill gets room from the others: the data worker
+    // chooses whom to ask, and the asks travel on their Bus sessions.
+    let spill_asks = Arc::new(spill_asks::SpillAsks::new(node.clone()));
+    options.data_worker.install_spill_asker(spill_asks.clone());
+
     let link_node = node.clone();
     tokio::spawn(async move {
         master.run(move || link_node.resources().allocatable).await;
@@ -206,9 +213,12 @@ pub async fn run(
     }
 
     let service = || {
-        pb::bus_server::BusServer::new(bus_service::BusService { node: node.clone() })
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX)
+        pb::bus_server::BusServer::new(bus_service::BusService {
+            node: node.clone(),
+            spill_asks: spill_asks.clone(),
+        })
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
     };
     let unix_server = tonic::transport::Server::builder()
         .add_service(service())

@@ -253,6 +253,30 @@ impl Node {
         }
     }
 
+    /// Push `body` (message id 0) on the Bus session of process `pid`. False if no connected
+    /// process has that id.
+    pub fn push_to_process(&self, pid: u32, body: pb::bus_response::Body) -> bool {
+        if pid == 0 {
+            return false;
+        }
+        let sender = self
+            .state
+            .lock()
+            .clients
+            .values()
+            .find(|client| client.pid == pid)
+            .map(|client| client.sender.clone());
+        let Some(sender) = sender else {
+            return false;
+        };
+        sender
+            .send(Ok(pb::BusResponse {
+                message_id: 0,
+                body: Some(body),
+            }))
+            .is_ok()
+    }
+
     /// Answer request `message_id` of `client_id` with `result`.
     pub fn reply(
         &self,

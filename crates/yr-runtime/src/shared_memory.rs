@@ -8,10 +8,13 @@
 //! when dropped. In local mode nothing is installed and every value stays inline.
 //!
 //! When a new region does not fit in the node's free space, this process spills its own idle
-//! objects to the node's disk (see `object_store::spill_idle`) and tries again; a
-//! [`SpilledValue`] names such an object by its id, and [`SharedMemory::restore`] brings it back
-//! into a new region when it is read.
+//! objects to the node's disk (see `object_store::spill_idle`) and tries again; with nothing of
+//! its own to spill, it asks the node to reclaim room from the node's other processes
+//! ([`RegionAllocator::reclaim`]: they spill their idle objects when asked) and tries again. A
+//! [`SpilledValue`] names a spilled object by its id, and [`SharedMemory::restore`] brings it
+//! back into a new region when it is read.
 
+use std::cell::Cell;
 use std::fmt;
 use std::sync::Arc;
 
@@ -40,6 +43,24 @@ pub trait RegionAllocator: Send + Sync {
     /// process hands the object over to (a call's result); `receiver` releases it. 4005 if
     /// `receiver` already left the node.
     fn hand_over(&self, allocation: u64, receiver: u32) -> Result<()>;
+    /// Ask the node's other processes to spill idle objects of theirs until `bytes` are free:
+    /// the bytes they spilled (0: none could). 4203/4204/4201 if nothing was freed because the
+    /// disk refused. Blocks for as long as they take; never called on the IO thread (see
+    /// [`mark_io_thread`]).
+    fn reclaim(&self, bytes: u64) -> Result<u64>;
+}
+
+thread_local! {
+    /// Whether this thread is the cluster backend's IO thread (see [`mark_io_thread`]).
+    static IO_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Mark the current thread as the one that carries this process's traffic with its node (the
+/// cluster backend's IO thread). A create or restore on it spills only this process's own idle
+/// objects and never asks the node's other processes for room: their answers, and this
+/// process's heartbeats, arrive on this very thread, so it must not wait for them.
+pub fn mark_io_thread() {
+    IO_THREAD.with(|io| io.set(true));
 }
 
 /// The node's region, mapped into this process.
@@ -151,8 +172,9 @@ impl SharedMemory {
     }
 
     /// Run `attempt`; while it finds no room for `size` bytes (4202, though they would fit in
-    /// the empty region), spill this process's idle objects and run it again. When nothing can
-    /// be spilled, the last 4202 stands.
+    /// the empty region), spill this process's idle objects, or when it has none, ask the
+    /// node's other processes to spill theirs, and run it again. When nobody could spill
+    /// anything, the last 4202 stands, saying so.
     fn with_room<T>(
         self: &Arc<Self>,
         size: u64,
@@ -164,9 +186,26 @@ impl SharedMemory {
                     if error.code() == ErrorCode::SharedMemoryLimited
                         && size <= self.capacity as u64 =>
                 {
-                    if crate::object_store::spill_idle(self, size)? == 0 {
-                        return Err(error);
+                    if crate::object_store::spill_idle(self, size)? > 0 {
+                        continue;
                     }
+                    let others = if IO_THREAD.with(Cell::get) {
+                        "the node's other processes were not asked to spill theirs (this ran \
+                         on yr's IO thread, which must not wait for them)"
+                    } else if self.allocator.reclaim(size)? > 0 {
+                        continue;
+                    } else {
+                        "neither could the node's other processes spill theirs"
+                    };
+                    return Err(Error::new(
+                        ErrorCode::SharedMemoryLimited,
+                        format!(
+                            "{}. This process had no idle object to spill to disk, and {others} \
+                             (every object is being read or shared, or spilling is off with \
+                             --spill-limit-mb 0)",
+                            error.message()
+                        ),
+                    ));
                 }
                 other => return other,
             }
@@ -437,4 +476,112 @@ pub enum EncodeError<E> {
     Encode(E),
     /// The shared memory refused the region (for example 4202).
     Store(Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    /// A node whose memory is full of other processes' objects: a create fits once they were
+    /// asked `reclaims_to_fit` times, and each ask frees `freed_per_reclaim` bytes.
+    struct OthersHoldEverything {
+        reclaims_to_fit: u64,
+        freed_per_reclaim: u64,
+        reclaims: Arc<AtomicU64>,
+    }
+
+    impl RegionAllocator for OthersHoldEverything {
+        fn create(&self, size: u64) -> Result<(u64, u64)> {
+            if self.reclaims.load(Ordering::SeqCst) < self.reclaims_to_fit {
+                return Err(Error::new(
+                    ErrorCode::SharedMemoryLimited,
+                    format!("the node's shared memory is full: {size} bytes do not fit"),
+                ));
+            }
+            Ok((1, 0))
+        }
+        fn release(&self, _allocation: u64) {}
+        fn spill(&self, _allocation: u64, _object: ObjectId) -> Result<bool> {
+            Ok(false)
+        }
+        fn restore(&self, object: ObjectId) -> Result<(u64, u64, u64)> {
+            Err(Error::new(
+                ErrorCode::DatasystemFailed,
+                format!("{object} was never spilled"),
+            ))
+        }
+        fn delete_spilled(&self, _object: ObjectId) {}
+        fn hand_over(&self, _allocation: u64, _receiver: u32) -> Result<()> {
+            Ok(())
+        }
+        fn reclaim(&self, _bytes: u64) -> Result<u64> {
+            self.reclaims.fetch_add(1, Ordering::SeqCst);
+            Ok(self.freed_per_reclaim)
+        }
+    }
+
+    /// One page of shared memory over a temporary file, with `allocator`'s behaviour; also
+    /// returns the count of reclaims asked.
+    fn memory(reclaims_to_fit: u64, freed_per_reclaim: u64) -> (Arc<SharedMemory>, Arc<AtomicU64>) {
+        let path = std::env::temp_dir().join(format!(
+            "yr-shm-test-{}-{}",
+            std::process::id(),
+            yr_common::ids::random_hex(6)
+        ));
+        std::fs::File::create(&path)
+            .and_then(|file| file.set_len(4096))
+            .unwrap();
+        let reclaims = Arc::new(AtomicU64::new(0));
+        let allocator = OthersHoldEverything {
+            reclaims_to_fit,
+            freed_per_reclaim,
+            reclaims: reclaims.clone(),
+        };
+        let memory = SharedMemory::map(
+            path.to_str().unwrap(),
+            4096,
+            "test".into(),
+            Box::new(allocator),
+        )
+        .unwrap();
+        let _ = std::fs::remove_file(&path);
+        (Arc::new(memory), reclaims)
+    }
+
+    #[test]
+    fn with_nothing_of_its_own_to_spill_a_create_asks_the_others_until_it_fits() {
+        let (memory, reclaims) = memory(2, 4096);
+        assert!(memory.create(100).is_ok());
+        assert_eq!(reclaims.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn when_the_others_free_nothing_the_4202_says_so() {
+        let (memory, reclaims) = memory(u64::MAX, 0);
+        let error = memory.create(100).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::SharedMemoryLimited);
+        assert_eq!(reclaims.load(Ordering::SeqCst), 1);
+        let message = error.message();
+        assert!(message.contains("full"), "{message}");
+        assert!(
+            message.contains("neither could the node's other processes"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn on_the_io_thread_a_create_never_waits_for_other_processes() {
+        let (memory, reclaims) = memory(1, 4096);
+        let error = std::thread::spawn(move || {
+            mark_io_thread();
+            memory.create(100).unwrap_err()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(error.code(), ErrorCode::SharedMemoryLimited);
+        assert_eq!(reclaims.load(Ordering::SeqCst), 0);
+        assert!(error.message().contains("not asked"), "{}", error.message());
+    }
 }

@@ -1,8 +1,10 @@
 //! Spilling shared-memory objects to the node's disk, on a real cluster: live objects worth
 //! three times the shared memory stay readable (spilled and restored intact), memory and disk go
 //! back to their baseline when the objects are dropped, an unwritable spill directory is 4203, a
-//! full spill limit 4204 (and the node keeps serving after both), and a node restarted on the
-//! same spill directory serves the objects it had spilled, by their ids.
+//! full spill limit 4204 (and the node keeps serving after both), a node restarted on the
+//! same spill directory serves the objects it had spilled, by their ids, and memory full of
+//! another process's objects makes that process spill its idle ones when the node asks (4202
+//! only when they are all being read).
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -42,6 +44,55 @@ fn pattern(seed: usize, len: usize) -> ByteBuf {
             .map(|i| ((i + seed * 31) % 251) as u8)
             .collect::<Vec<u8>>(),
     )
+}
+
+/// A process other than the driver that owns large objects: it puts them, keeps them, reads
+/// them back, and can keep reading them in place (so they cannot be spilled meanwhile).
+#[yr::instance]
+pub struct Keeper {
+    objects: Vec<ObjectRef<ByteBuf>>,
+    reading: Vec<yr::Buffer>,
+}
+
+#[yr::instance]
+impl Keeper {
+    pub fn new() -> Self {
+        Keeper {
+            objects: Vec::new(),
+            reading: Vec::new(),
+        }
+    }
+
+    /// Put and keep objects `seeds` of `len` bytes each; how many it keeps.
+    pub fn fill(&mut self, seeds: Vec<u64>, len: u64) -> usize {
+        for seed in seeds {
+            let object = yr::put(pattern(seed as usize, len as usize)).expect("put");
+            self.objects.push(object);
+        }
+        self.objects.len()
+    }
+
+    /// The checksum of each kept object, read back (restored first if it was spilled).
+    pub fn checksums(&self) -> Vec<u64> {
+        self.objects
+            .iter()
+            .map(|object| sum(&yr::get(object, TIMEOUT).expect("get a kept object")))
+            .collect()
+    }
+
+    /// Read every kept object in place and keep reading until `stop_reading`.
+    pub fn keep_reading(&mut self) -> usize {
+        self.reading = self
+            .objects
+            .iter()
+            .map(|object| yr::get_buffer(object, TIMEOUT).expect("read a kept object"))
+            .collect();
+        self.reading.len()
+    }
+
+    pub fn stop_reading(&mut self) -> usize {
+        std::mem::take(&mut self.reading).len()
+    }
 }
 
 fn node(shared_memory_mb: u64, spill_dir: &Path, spill_limit_mb: Option<u64>) -> TestCluster {
@@ -308,4 +359,80 @@ fn a_node_restarted_on_its_spill_directory_serves_what_it_had_spilled() {
             && cluster.wait_metric(0, "yr_shared_memory_objects") == 0.0
             && spill_files(spill.path()) == 0
     }));
+}
+
+/// A keeper that filled most of a 64 MiB node with three idle 16 MiB objects.
+fn filled_keeper(cluster: &TestCluster) -> (yr::InstanceHandle<Keeper>, Vec<u64>) {
+    let seeds: Vec<u64> = vec![100, 101, 102];
+    let keeper = yr::instance(Keeper::new).invoke(()).unwrap();
+    let filled = keeper
+        .method(Keeper::fill)
+        .invoke((seeds.clone(), (16 * MIB) as u64))
+        .unwrap();
+    assert_eq!(yr::get(&filled, TIMEOUT).unwrap(), 3);
+    assert!(cluster.wait_metric(0, "yr_shared_memory_used_bytes") >= (48 * MIB) as f64);
+    assert_eq!(
+        cluster.wait_metric(0, "yr_shared_memory_spilled_objects"),
+        0.0
+    );
+    let expected = seeds
+        .iter()
+        .map(|seed| sum(&pattern(*seed as usize, 16 * MIB)))
+        .collect();
+    (keeper, expected)
+}
+
+#[test]
+fn another_process_spills_its_idle_objects_when_the_driver_needs_room() {
+    let _lock = exclusive();
+    let spill = TempDir::new("reclaim");
+    let cluster = node(64, spill.path(), None);
+    yr::init(cluster.config()).unwrap();
+    let (keeper, expected) = filled_keeper(&cluster);
+    // The driver owns nothing it could spill: the node asks the keeper to spill for it.
+    let first = yr::put(pattern(0, 16 * MIB)).unwrap();
+    assert!(cluster.wait_metric(0, "yr_shared_memory_spilled_objects") >= 1.0);
+    assert!(spill_files(spill.path()) >= 1);
+    let mut objects = vec![first];
+    objects.extend((1..3).map(|seed| yr::put(pattern(seed, 16 * MIB)).unwrap()));
+    // The keeper reads all of its objects back intact, restoring the spilled ones.
+    let checksums = keeper.method(Keeper::checksums).invoke(()).unwrap();
+    assert_eq!(yr::get(&checksums, TIMEOUT).unwrap(), expected);
+    // And so does the driver.
+    for (seed, object) in objects.iter().enumerate() {
+        let value = yr::get(object, TIMEOUT).unwrap();
+        assert_eq!(sum(&value), sum(&pattern(seed, 16 * MIB)), "object {seed}");
+    }
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn objects_another_process_is_reading_are_not_spilled_and_a_create_is_4202() {
+    let _lock = exclusive();
+    let spill = TempDir::new("noreclaim");
+    let cluster = node(64, spill.path(), None);
+    yr::init(cluster.config()).unwrap();
+    let (keeper, expected) = filled_keeper(&cluster);
+    let reading = keeper.method(Keeper::keep_reading).invoke(()).unwrap();
+    assert_eq!(yr::get(&reading, TIMEOUT).unwrap(), 3);
+    let error = yr::put(pattern(0, 16 * MIB)).unwrap_err();
+    assert_eq!(error.code(), ErrorCode::SharedMemoryLimited, "{error}");
+    let message = error.to_string();
+    assert!(message.contains("full"), "{message}");
+    assert!(message.contains("other processes"), "{message}");
+    assert_eq!(
+        cluster.wait_metric(0, "yr_shared_memory_spilled_objects"),
+        0.0
+    );
+    // Once the keeper stops reading, its objects can go to disk and the put succeeds.
+    let stopped = keeper.method(Keeper::stop_reading).invoke(()).unwrap();
+    assert_eq!(yr::get(&stopped, TIMEOUT).unwrap(), 3);
+    let object = yr::put(pattern(0, 16 * MIB)).unwrap();
+    assert_eq!(
+        sum(&yr::get(&object, TIMEOUT).unwrap()),
+        sum(&pattern(0, 16 * MIB))
+    );
+    let checksums = keeper.method(Keeper::checksums).invoke(()).unwrap();
+    assert_eq!(yr::get(&checksums, TIMEOUT).unwrap(), expected);
+    yr::finalize().unwrap();
 }

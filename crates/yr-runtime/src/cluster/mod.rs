@@ -95,6 +95,7 @@ fn io_runtime() -> Result<
     let thread = std::thread::Builder::new()
         .name("yr-io".into())
         .spawn(move || {
+            crate::shared_memory::mark_io_thread();
             runtime.block_on(async {
                 let _ = stopped.await;
             });
@@ -414,6 +415,9 @@ impl Inner {
     fn on_push(self: &Arc<Self>, push: pb::bus_response::Body) {
         match push {
             pb::bus_response::Body::Notify(notify) => self.on_notify(notify),
+            pb::bus_response::Body::SpillAsk(ask) => {
+                shared_memory::answer_spill_ask(self.bus.clone(), ask);
+            }
             other => {
                 if let Some(runtime) = self.runtime.get() {
                     runtime.on_push(other);

@@ -1,7 +1,9 @@
 //! The node's shared memory in a cluster: mapped when the backend connects (the data worker's
-//! `PoolInfo`), with regions created, released, spilled and restored through its `ObjectStore`
-//! service, and values that other processes send as locations: opened in place when they are
-//! in this node's memory, pulled into it first (`PullObject`) when they are in another node's.
+//! `PoolInfo`), with regions created, released, spilled, restored and reclaimed from other
+//! processes through its `ObjectStore` service; the node's asks to spill for another process
+//! ([`answer_spill_ask`]); and values that other processes send as locations: opened in place
+//! when they are in this node's memory, pulled into it first (`PullObject`) when they are in
+//! another node's.
 
 use std::sync::Arc;
 
@@ -12,6 +14,8 @@ use yr_proto::ds as pb;
 use yr_proto::ds::object_store_client::ObjectStoreClient;
 use yr_proto::v1 as wire;
 
+use super::bus::Bus;
+use super::convert::error_to_proto;
 use super::data_channel::DataChannel;
 use crate::object_store::Payload;
 use crate::shared_memory::{self, RegionAllocator, SharedMemory};
@@ -27,9 +31,9 @@ fn check(error: Option<pb::ErrorInfo>) -> Result<()> {
     }
 }
 
-/// Regions from the node's data worker. Spills and restores go through `disk`, a channel on a
-/// runtime of their own: a restore may be asked for on the IO thread (sending a spilled object
-/// as an argument), which must not wait for itself.
+/// Regions from the node's data worker. Spills, restores and reclaims go through `disk`, a
+/// channel on a runtime of their own: a restore may be asked for on the IO thread (sending a
+/// spilled object as an argument), which must not wait for itself.
 struct NodeAllocator {
     channel: DataChannel,
     disk: DataChannel,
@@ -144,6 +148,75 @@ impl RegionAllocator for NodeAllocator {
                 }
             }
         });
+    }
+
+    fn reclaim(&self, bytes: u64) -> Result<u64> {
+        let reply = self.disk.call(client, move |mut client| async move {
+            client
+                .reclaim(pb::ReclaimRequest {
+                    bytes_needed: bytes,
+                    pid: std::process::id(),
+                })
+                .await
+        });
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(error) => {
+                // No room from others this time; the caller's 4202 stands.
+                tracing::warn!(%error, bytes, "cannot ask the node to reclaim shared memory");
+                return Ok(0);
+            }
+        };
+        check(reply.error)?;
+        Ok(reply.bytes_freed)
+    }
+}
+
+/// The node asks this process to spill idle objects worth `ask.bytes` for another process:
+/// spill them on a thread of their own (the spill calls block, and this is called on the IO
+/// thread) and answer on `bus`, oneway.
+pub(super) fn answer_spill_ask(bus: Arc<Bus>, ask: wire::SpillAsk) {
+    let answer_bus = bus.clone();
+    let ask_id = ask.ask_id;
+    let spawned = std::thread::Builder::new()
+        .name("yr-spill-ask".into())
+        .spawn(move || {
+            let spilled = match shared_memory::current() {
+                Some(memory) => crate::object_store::spill_idle(&memory, ask.bytes),
+                None => Ok(0),
+            };
+            let answer = match spilled {
+                Ok(bytes_freed) => {
+                    tracing::debug!(
+                        ask = ask_id,
+                        wanted = ask.bytes,
+                        bytes_freed,
+                        "spilled for another process"
+                    );
+                    wire::SpillAnswer {
+                        ask_id,
+                        bytes_freed,
+                        error: None,
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(ask = ask_id, %error, "cannot spill for another process");
+                    wire::SpillAnswer {
+                        ask_id,
+                        bytes_freed: 0,
+                        error: Some(error_to_proto(&error)),
+                    }
+                }
+            };
+            answer_bus.send_oneway(wire::bus_request::Body::SpillAnswer(answer));
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(ask = ask_id, %error, "cannot start a thread to spill for another process");
+        bus.send_oneway(wire::bus_request::Body::SpillAnswer(wire::SpillAnswer {
+            ask_id,
+            bytes_freed: 0,
+            error: None,
+        }));
     }
 }
 
