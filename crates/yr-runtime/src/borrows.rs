@@ -1,17 +1,20 @@
-//! Distributed reference counting: which of this process's objects other processes borrow.
+//! Distributed reference counting: which objects this process sent to other processes, and
+//! keeps for them.
 //!
-//! The owner keeps, per object it sent out, a count of the references sent and not yet released,
-//! the borrowers that fetched it, and a strong handle while the count is above 0 ([`LentTable`]).
-//! A borrower counts on its borrowed slot how many times it received the reference; when the
-//! slot is dropped it tells the owner to release that many (`ReleaseBorrowed`). A borrower that
-//! forwards a borrowed reference first has the owner add one (`AddBorrowed`), holding its own
-//! slot until the owner answered, so the count never reaches 0 while the reference travels.
+//! Every process that sends a reference counts it ([`LentTable`]): the owner for its own
+//! objects, a borrower for a borrowed reference it sends on (it is then the receiver's
+//! *lender*). A table entry keeps a strong handle while its count is above 0: the owner keeps
+//! its object, a lender keeps its borrowed slot, and with it its own borrow from whoever lent
+//! to it. A receiver counts on its borrowed slot how many references arrived from its lender
+//! and, when the slot is dropped, tells the lender to release that many (`ReleaseBorrowed`). A
+//! reference that arrives for an object already held through another lender (or owned here)
+//! is given back to its sender at once.
 //!
-//! An object whose last borrower released it lingers [`RELEASE_LINGER`] before it goes, for a
-//! forwarder's `AddBorrowed` still on its way.
+//! So every reference is released to the process that counted it, which counted it before it
+//! sent it: no count can fall to 0 while a reference travels, and no timing is involved.
 //!
-//! A borrower that dies without releasing is covered by the owner's sweep: a count unchanged for
-//! [`STALE_AFTER`] whose every known borrower is unreachable is dropped. Local mode has no
+//! A borrower that dies without releasing is covered by the lender's sweep: a count unchanged
+//! for [`STALE_AFTER`] whose every known borrower is unreachable is dropped. Local mode has no
 //! borrowers: nothing is counted when this process serves no Worker address.
 //!
 //! The RPCs themselves are the backend's ([`BorrowMessenger`]); this module only counts.
@@ -25,29 +28,21 @@ use yr_common::ObjectId;
 
 use crate::object_store::{local_owner_address, ObjectHandle};
 
-/// How long a count must stay unchanged before the owner checks whether its borrowers are
+/// How long a count must stay unchanged before its lender checks whether its borrowers are
 /// alive. It also bounds how long a reference may travel unreceived (an argument of a call
 /// that failed before its runtime decoded it) before nobody known holds it.
 pub const STALE_AFTER: Duration = Duration::from_secs(20);
 
-/// How long an owner keeps an object after the last borrower released it. A third process
-/// that got a forwarded reference may release it before the forwarder's `AddBorrowed` reached
-/// the owner (the two travel on different connections); the add finds the object within this
-/// time and counts it, instead of the object being freed under the forwarder.
-pub const RELEASE_LINGER: Duration = Duration::from_secs(1);
-
-/// Sends borrowers' messages to owners. Installed by the cluster backend.
+/// Sends borrowers' messages to their lenders. Installed by the cluster backend.
 pub trait BorrowMessenger: Send + Sync {
-    /// Tell `owner` that this process dropped `count` references to `id`. Fire and forget.
-    fn release(&self, owner: &str, id: ObjectId, count: u64);
-    /// Tell the owner of `handle` (a borrowed object) that one more reference to it was sent
-    /// on; `handle` is kept until the owner answered.
-    fn add(&self, handle: ObjectHandle);
+    /// Tell `lender` that this process dropped `count` references to `id` it got from it. Fire
+    /// and forget.
+    fn release(&self, lender: &str, id: ObjectId, count: u64);
 }
 
 static MESSENGER: RwLock<Option<Arc<dyn BorrowMessenger>>> = RwLock::new(None);
 
-/// Install how borrowers reach owners (`None` to remove).
+/// Install how borrowers reach their lenders (`None` to remove).
 pub fn set_messenger(messenger: Option<Arc<dyn BorrowMessenger>>) {
     *MESSENGER.write() = messenger;
 }
@@ -61,7 +56,7 @@ struct Lent {
     changed: Instant,
 }
 
-/// The owner's table of objects lent to other processes.
+/// The table of objects this process sent to other processes (owned or borrowed).
 #[derive(Default)]
 pub struct LentTable {
     objects: HashMap<ObjectId, Lent>,
@@ -152,16 +147,10 @@ fn with_table<R>(f: impl FnOnce(&mut LentTable) -> R) -> R {
     f(LENT.lock().get_or_insert_with(LentTable::default))
 }
 
-/// A reference to `handle` is about to be sent to another process: the owner counts it; a
-/// borrower has the owner count it.
+/// A reference to `handle` is about to be sent to another process: counted here, whether this
+/// process owns the object or sends a borrowed reference on.
 pub fn on_send(handle: &ObjectHandle) {
     if local_owner_address().is_empty() {
-        return;
-    }
-    if handle.is_borrowed() {
-        if let Some(messenger) = MESSENGER.read().clone() {
-            messenger.add(handle.clone());
-        }
         return;
     }
     with_table(|table| table.sent(handle, 1, Instant::now()));
@@ -172,71 +161,57 @@ pub fn on_send_undone(handle: &ObjectHandle) {
     if local_owner_address().is_empty() {
         return;
     }
-    if handle.is_borrowed() {
-        if let Some(messenger) = MESSENGER.read().clone() {
-            messenger.release(&handle.owner_address(), handle.id(), 1);
-        }
-        return;
-    }
     release_one_sent(handle.id());
 }
 
-/// A reference to `handle` arrived from another process: a borrowed slot counts it, to release
-/// it later; an object this process owns came back, so the sender's count is released here.
-pub fn on_receive(handle: &ObjectHandle) {
-    if handle.is_borrowed() {
+/// A reference to `handle` arrived from the process at `sender` (which counted it). A borrowed
+/// slot whose lender is `sender` counts it, to release it when dropped; a reference this
+/// process already holds otherwise (its own object, or one borrowed from another lender) is
+/// given back to `sender` at once.
+pub fn on_receive(handle: &ObjectHandle, sender: &str) {
+    if handle.lender_address() == Some(sender) {
         handle.note_received();
         return;
     }
-    release_one_sent(handle.id());
+    if sender.is_empty() || sender == local_owner_address() {
+        release_one_sent(handle.id());
+        return;
+    }
+    if let Some(messenger) = MESSENGER.read().clone() {
+        messenger.release(sender, handle.id(), 1);
+    }
 }
 
-/// One reference to this process's object `id` that was counted as sent is not out any more.
+/// One reference to `id` that this process counted as sent is not out any more.
 fn release_one_sent(id: ObjectId) {
     let dropped = with_table(|table| table.released(id, None, 1, Instant::now()));
     drop(dropped);
 }
 
-/// A borrowed slot that received `count` references was dropped: tell the owner.
-pub(crate) fn on_borrowed_dropped(owner: &str, id: ObjectId, count: u64) {
+/// A borrowed slot that received `count` references from `lender` was dropped: tell it.
+pub(crate) fn on_borrowed_dropped(lender: &str, id: ObjectId, count: u64) {
     if count == 0 {
         return;
     }
     if let Some(messenger) = MESSENGER.read().clone() {
-        messenger.release(owner, id, count);
+        messenger.release(lender, id, count);
     }
 }
 
-/// The owner's side of `GetObject`: `borrower` fetched `id`.
+/// The lender's side of `GetObject`: `borrower` fetched `id`.
 pub fn on_fetched(id: ObjectId, borrower: &str) {
     with_table(|table| table.fetched(id, borrower, Instant::now()));
 }
 
-/// The owner's side of `ReleaseBorrowed`.
+/// The lender's side of `ReleaseBorrowed`: `borrower` dropped `count` references to `id`.
 pub fn on_released(id: ObjectId, borrower: &str, count: u64) {
     let borrower = Some(borrower).filter(|b| !b.is_empty());
-    let Some(handle) = with_table(|table| table.released(id, borrower, count, Instant::now()))
-    else {
-        return;
-    };
-    tracing::debug!(object = %id, "the last borrower released it");
-    // Kept a moment longer: a forwarder's `AddBorrowed` may still be on its way (see
-    // [`RELEASE_LINGER`]); if it lands meanwhile, `on_added` finds the object and counts again.
-    if let Ok(io) = tokio::runtime::Handle::try_current() {
-        io.spawn(async move {
-            tokio::time::sleep(RELEASE_LINGER).await;
-            drop(handle);
-        });
+    let released = with_table(|table| table.released(id, borrower, count, Instant::now()));
+    if released.is_some() {
+        tracing::debug!(object = %id, "the last borrower released it");
     }
-}
-
-/// The owner's side of `AddBorrowed`: the live object `id` was forwarded `count` times.
-pub fn on_added(id: ObjectId, count: u64) {
-    if let Some(handle) = crate::object_store::ObjectSlot::lookup(id) {
-        if !handle.is_borrowed() {
-            with_table(|table| table.sent(&handle, count, Instant::now()));
-        }
-    }
+    // Dropped outside the table's lock: a borrowed slot's drop releases it to its own lender.
+    drop(released);
 }
 
 /// Objects lent out whose count has not changed for [`STALE_AFTER`], with their borrowers,

@@ -96,8 +96,12 @@ pub struct ObjectSlot {
     /// The process that owns the object, for objects owned elsewhere; `None` when this process
     /// owns it.
     owner: Option<Box<str>>,
-    /// For a borrowed object: how many times a reference to it arrived from another process,
-    /// released to the owner when the slot is dropped (see `borrows`).
+    /// For an object borrowed through another borrower (which sent it on): that process. It
+    /// keeps its own borrow for this one; the value is fetched from it first, and this
+    /// process's references are released to it. `None`: they go to the owner.
+    lender: Option<Box<str>>,
+    /// For a borrowed object: how many times a reference to it arrived from its lender (or
+    /// owner), released to it when the slot is dropped (see `borrows`).
     received: AtomicU64,
     /// Set once the state leaves `Pending`; lets waiters spin without taking the lock.
     finished: AtomicBool,
@@ -207,6 +211,7 @@ impl ObjectSlot {
         Self::register(ObjectSlot {
             id: ObjectId::generate(),
             owner: None,
+            lender: None,
             received: AtomicU64::new(0),
             finished: AtomicBool::new(false),
             last_used: AtomicU64::new(now_used()),
@@ -223,6 +228,7 @@ impl ObjectSlot {
         Self::register(ObjectSlot {
             id: ObjectId::generate(),
             owner: None,
+            lender: None,
             received: AtomicU64::new(0),
             finished: AtomicBool::new(true),
             last_used: AtomicU64::new(now_used()),
@@ -241,6 +247,7 @@ impl ObjectSlot {
         Arc::new(ObjectSlot {
             id,
             owner: None,
+            lender: None,
             received: AtomicU64::new(0),
             finished: AtomicBool::new(true),
             last_used: AtomicU64::new(now_used()),
@@ -274,24 +281,43 @@ impl ObjectSlot {
         self.owner.is_some()
     }
 
-    /// A reference to this borrowed object arrived from another process; the owner is told to
+    /// For a borrowed object, the process this one got it from and releases it to: its lender
+    /// if a borrower sent it on, else its owner. `None` for an object this process owns.
+    pub fn lender_address(&self) -> Option<&str> {
+        self.lender.as_deref().or(self.owner.as_deref())
+    }
+
+    /// Where to fetch a borrowed object's value, in order: its lender (which holds the value
+    /// for this process), then its owner (should the lender be gone).
+    pub fn fetch_addresses(&self) -> Vec<String> {
+        self.lender
+            .iter()
+            .chain(self.owner.iter())
+            .map(|address| address.to_string())
+            .collect()
+    }
+
+    /// A reference to this borrowed object arrived from its lender (or owner); it is told to
     /// release it when the slot is dropped.
     pub(crate) fn note_received(&self) {
         self.received.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The object `id` owned by the process at `owner`: the live slot if this process has one,
-    /// otherwise a new pending slot that the remote fetcher fills.
-    pub fn borrowed(id: ObjectId, owner: &str) -> ObjectHandle {
+    /// The object `id` owned by the process at `owner`, sent by the borrower at `lender` (or
+    /// by the owner itself: `None`): the live slot if this process has one, otherwise a new
+    /// pending slot that the remote fetcher fills.
+    pub fn borrowed(id: ObjectId, owner: &str, lender: Option<&str>) -> ObjectHandle {
         if let Some(handle) = Self::lookup(id) {
             return handle;
         }
         if owner.is_empty() || owner == local_owner_address() {
             return Self::missing(id);
         }
+        let lender = lender.filter(|lender| !lender.is_empty() && *lender != owner);
         let handle = Self::register(ObjectSlot {
             id,
             owner: Some(owner.into()),
+            lender: lender.map(Into::into),
             received: AtomicU64::new(0),
             finished: AtomicBool::new(false),
             last_used: AtomicU64::new(now_used()),
@@ -511,8 +537,9 @@ impl Drop for ObjectSlot {
                 }
             }
         }
-        if let Some(owner) = &self.owner {
-            crate::borrows::on_borrowed_dropped(owner, self.id, *self.received.get_mut());
+        let received = *self.received.get_mut();
+        if let Some(lender) = self.lender_address() {
+            crate::borrows::on_borrowed_dropped(lender, self.id, received);
         }
     }
 }

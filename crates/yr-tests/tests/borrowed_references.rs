@@ -84,6 +84,16 @@ impl Holder {
         std::mem::take(&mut self.held).len()
     }
 
+    /// Sends every held reference on to `other`, then drops its own.
+    pub fn hand_to(&mut self, other: yr::InstanceHandle<Holder>) -> usize {
+        let held = std::mem::take(&mut self.held);
+        let count = other
+            .method(Holder::hold)
+            .invoke((held,))
+            .expect("invoke hold");
+        yr::get(&count, TIMEOUT).expect("the other holder took them")
+    }
+
     pub fn pid(&self) -> u32 {
         std::process::id()
     }
@@ -195,6 +205,40 @@ fn a_borrower_killed_with_sigkill_does_not_pin_an_object_forever() {
     assert!(
         shared_memory_empty_within(&cluster, Duration::from_secs(45)),
         "the killed borrower's object is still held"
+    );
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn a_reference_forwarded_along_a_chain_lives_while_its_last_holder_keeps_it() {
+    let _lock = exclusive();
+    let cluster = node_with_shared_memory(64);
+    yr::init(cluster.config()).unwrap();
+    let first = yr::instance(Holder::new).invoke(()).unwrap();
+    let second = yr::instance(Holder::new).invoke(()).unwrap();
+    let object = yr::put(pattern(MIB)).unwrap();
+    let held = first.method(Holder::hold).invoke((vec![object.clone()],));
+    assert_eq!(yr::get(&held.unwrap(), TIMEOUT).unwrap(), 1);
+    drop(object);
+    // The first borrower sends it on and drops its own reference: the owner now has no
+    // reference of its own and the first borrower none either; only the second holds it,
+    // through the first (its lender), which keeps its borrow for it.
+    let handed = first.method(Holder::hand_to).invoke((second.clone(),));
+    assert_eq!(yr::get(&handed.unwrap(), TIMEOUT).unwrap(), 1);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(metric(&cluster, "yr_shared_memory_objects"), 1.0);
+    let checked = second.method(Holder::checksum_held).invoke(()).unwrap();
+    assert_eq!(yr::get(&checked, TIMEOUT).unwrap(), sum(&pattern(MIB)));
+    // A third process reads it through the second.
+    let passed_on = second.method(Holder::hand_to).invoke((first.clone(),));
+    assert_eq!(yr::get(&passed_on.unwrap(), TIMEOUT).unwrap(), 1);
+    let checked = first.method(Holder::checksum_held).invoke(()).unwrap();
+    assert_eq!(yr::get(&checked, TIMEOUT).unwrap(), sum(&pattern(MIB)));
+    let dropped = first.method(Holder::drop_held).invoke(()).unwrap();
+    assert_eq!(yr::get(&dropped, TIMEOUT).unwrap(), 1);
+    assert!(
+        shared_memory_empty_within(&cluster, Duration::from_secs(10)),
+        "the chain's last holder dropped it, yet it is still held"
     );
     yr::finalize().unwrap();
 }

@@ -124,7 +124,7 @@ impl<'de, T> Deserialize<'de> for ObjectRef<T> {
         let mut id_bytes = [0u8; 16];
         id_bytes.copy_from_slice(id);
         let owner = std::str::from_utf8(owner).map_err(serde::de::Error::custom)?;
-        let handle = ObjectSlot::borrowed(ObjectId::from_bytes(id_bytes), owner);
+        let handle = ObjectSlot::borrowed(ObjectId::from_bytes(id_bytes), owner, None);
         Ok(ObjectRef::from_handle(handle))
     }
 }

@@ -1,7 +1,7 @@
 //! The wire side of distributed reference counting (the counting is `crate::borrows`): a
-//! borrower's `ReleaseBorrowed` (batched per owner) and `AddBorrowed` to owners, fire and
-//! forget on the IO runtime, and the owner's sweep that drops the counts of borrowers that died
-//! without releasing.
+//! borrower's `ReleaseBorrowed` to its lenders (batched per lender), fire and forget on the IO
+//! runtime, and the lender's sweep that drops the counts of borrowers that died without
+//! releasing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -13,19 +13,19 @@ use yr_proto::v1 as pb;
 
 use super::{transport, Inner};
 use crate::borrows::{self, BorrowMessenger};
-use crate::object_store::{local_owner_address, ObjectHandle};
+use crate::object_store::local_owner_address;
 
-/// How often the owner looks for counts whose borrowers are all gone.
+/// How often a lender looks for counts whose borrowers are all gone.
 const SWEEP_PERIOD: Duration = Duration::from_secs(2);
 
-/// Releases waiting to be sent, by owner address.
+/// Releases waiting to be sent, by lender address.
 type PendingReleases = Arc<Mutex<HashMap<String, Vec<pb::BorrowCount>>>>;
 
-/// Sends a borrower's updates to owners.
+/// Sends a borrower's releases to its lenders.
 pub(super) struct Messenger {
     inner: Weak<Inner>,
-    /// Releases dropped in a burst go to their owner in one `ReleaseBorrowed`: the first queued
-    /// for an owner schedules the send, which takes whatever queued for it by then.
+    /// Releases dropped in a burst go to their lender in one `ReleaseBorrowed`: the first queued
+    /// for a lender schedules the send, which takes whatever queued for it by then.
     releases: PendingReleases,
 }
 
@@ -52,75 +52,45 @@ fn update(objects: Vec<pb::BorrowCount>) -> pb::BorrowUpdate {
     }
 }
 
-/// Which of the two borrow updates to send.
-#[derive(Clone, Copy)]
-enum UpdateKind {
-    Release,
-    Add,
-}
-
-/// Send one borrow update to `owner`; the error's text if it did not arrive.
-async fn send(
-    inner: &Inner,
-    owner: &str,
-    kind: UpdateKind,
-    update: pb::BorrowUpdate,
-) -> Result<(), String> {
+/// Send one release to `lender`; the error's text if it did not arrive.
+async fn send(inner: &Inner, lender: &str, update: pb::BorrowUpdate) -> Result<(), String> {
     let mut client = inner
-        .worker_client(owner)
+        .worker_client(lender)
         .await
         .map_err(|error| error.to_string())?;
-    let sent = match kind {
-        UpdateKind::Release => client.release_borrowed(update).await,
-        UpdateKind::Add => client.add_borrowed(update).await,
-    };
-    sent.map(|_| ())
+    client
+        .release_borrowed(update)
+        .await
+        .map(|_| ())
         .map_err(|status| status.message().to_string())
 }
 
 impl BorrowMessenger for Messenger {
-    fn release(&self, owner: &str, id: ObjectId, released: u64) {
+    fn release(&self, lender: &str, id: ObjectId, released: u64) {
         let Some(inner) = self.inner.upgrade() else {
             return;
         };
         let first = {
             let mut releases = self.releases.lock();
-            let queued = releases.entry(owner.to_string()).or_default();
+            let queued = releases.entry(lender.to_string()).or_default();
             queued.push(count(id, released));
             queued.len() == 1
         };
         if !first {
             return;
         }
-        let owner = owner.to_string();
+        let lender = lender.to_string();
         let releases = self.releases.clone();
         let io = inner.io.clone();
         io.spawn(async move {
             // Let the rest of a burst of drops queue behind this one.
             tokio::task::yield_now().await;
-            let objects = releases.lock().remove(&owner).unwrap_or_default();
+            let objects = releases.lock().remove(&lender).unwrap_or_default();
             let batch = objects.len();
-            if let Err(error) = send(&inner, &owner, UpdateKind::Release, update(objects)).await {
-                // The owner is gone, and its objects with it.
-                tracing::debug!(%owner, batch, %error, "cannot release borrowed objects");
+            if let Err(error) = send(&inner, &lender, update(objects)).await {
+                // The lender is gone, and its objects with it.
+                tracing::debug!(%lender, batch, %error, "cannot release borrowed objects");
             }
-        });
-    }
-
-    fn add(&self, handle: ObjectHandle) {
-        let Some(inner) = self.inner.upgrade() else {
-            return;
-        };
-        let owner = handle.owner_address();
-        let update = update(vec![count(handle.id(), 1)]);
-        let io = inner.io.clone();
-        io.spawn(async move {
-            if let Err(error) = send(&inner, &owner, UpdateKind::Add, update).await {
-                let id = handle.id();
-                tracing::debug!(object = %id, %owner, %error, "cannot count a forwarded reference");
-            }
-            // Only now may this process's own borrow go: the owner counts the forwarded one.
-            drop(handle);
         });
     }
 }
@@ -132,7 +102,7 @@ async fn reachable(address: &str) -> bool {
         .is_ok()
 }
 
-/// The owner's sweep: every [`SWEEP_PERIOD`], drop the counts that have not changed for
+/// The lender's sweep: every [`SWEEP_PERIOD`], drop the counts that have not changed for
 /// `borrows::STALE_AFTER` and whose known borrowers are all unreachable (or that no borrower
 /// ever fetched: the reference was lost on the way).
 pub(super) async fn sweep(inner: Weak<Inner>) {

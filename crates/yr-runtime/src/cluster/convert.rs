@@ -34,17 +34,24 @@ pub fn error_from_proto(info: &pb::ErrorInfo) -> Error {
     }
 }
 
-/// A reference for the wire. It is counted as sent out (see `borrows`): the object stays alive
-/// until the receiver releases it.
+/// A reference for the wire. It is counted as sent out (see `borrows`): this process keeps the
+/// object (or its own borrow of it) until the receiver releases it. A borrowed reference names
+/// this process as the receiver's lender.
 pub fn reference_to_proto(handle: &ObjectHandle) -> pb::ObjectRefInfo {
     crate::borrows::on_send(handle);
     pb::ObjectRefInfo {
         id: handle.id().to_bytes().to_vec().into(),
         owner_address: handle.owner_address(),
+        lender_address: if handle.is_borrowed() {
+            crate::object_store::local_owner_address()
+        } else {
+            String::new()
+        },
     }
 }
 
-/// A reference from the wire: this process's object, or a borrowed one fetched from its owner.
+/// A reference from the wire: this process's object, or a borrowed one fetched from its lender
+/// (or owner).
 pub fn reference_from_proto(info: &pb::ObjectRefInfo) -> Result<ObjectHandle, Error> {
     let id: [u8; 16] = info.id.as_ref().try_into().map_err(|_| {
         Error::new(
@@ -52,8 +59,9 @@ pub fn reference_from_proto(info: &pb::ObjectRefInfo) -> Result<ObjectHandle, Er
             format!("an object id has 16 bytes, got {}", info.id.len()),
         )
     })?;
-    let handle = ObjectSlot::borrowed(ObjectId::from_bytes(id), &info.owner_address);
-    crate::borrows::on_receive(&handle);
+    let lender = Some(info.lender_address.as_str()).filter(|lender| !lender.is_empty());
+    let handle = ObjectSlot::borrowed(ObjectId::from_bytes(id), &info.owner_address, lender);
+    crate::borrows::on_receive(&handle, lender.unwrap_or(&info.owner_address));
     Ok(handle)
 }
 

@@ -472,52 +472,17 @@ impl Inner {
     fn fetch_remote(self: &Arc<Self>, handle: ObjectHandle) {
         let inner = self.clone();
         self.io.spawn(async move {
-            let owner = handle.owner_address();
-            let result = match inner.worker_client(&owner).await {
-                Err(error) => Err(error),
-                Ok(mut client) => {
-                    // A location can go stale between the owner's answer and this process's
-                    // reference to it (the owner spilled the object meanwhile): ask again, and
-                    // the owner restores it first.
-                    let mut attempts = 0;
-                    loop {
-                        attempts += 1;
-                        let fetched = match client
-                            .get_object(pb::GetObjectRequest {
-                                id: handle.id().to_bytes().to_vec().into(),
-                                timeout_ms: u64::MAX / 2,
-                                pool_id: shared_memory::pool_id(),
-                                borrower_address: object_store::local_owner_address(),
-                            })
-                            .await
-                        {
-                            Ok(reply) => {
-                                let reply = reply.into_inner();
-                                match (reply.value, reply.error) {
-                                    (_, Some(error)) => Err(error_from_proto(&error)),
-                                    (Some(value), None) => match &value.shared {
-                                        Some(location) => match shared_memory::open_location(&inner.data, location).await {
-                                            Err(error) if attempts < 3 && error.code() == ErrorCode::GetOperationFailed => continue,
-                                            opened => opened.and_then(|payload| convert::value_with_payload(payload, &value.nested)),
-                                        },
-                                        None => convert::value_from_proto(value),
-                                    },
-                                    (None, None) => Err(Error::new(ErrorCode::GetOperationFailed, "the owner sent no value")),
-                                }
-                            }
-                            Err(status) => Err(Error::new(
-                                ErrorCode::GetOperationFailed,
-                                format!(
-                                    "cannot fetch object {} from its owner at {owner}: {}; the owner may have exited",
-                                    handle.id(),
-                                    status.message()
-                                ),
-                            )),
-                        };
-                        break fetched;
-                    }
+            // The lender holds the value for this process; the owner is asked if it is gone.
+            let mut result = Err(Error::new(
+                ErrorCode::GetOperationFailed,
+                format!("object {} names no process to fetch it from", handle.id()),
+            ));
+            for address in handle.fetch_addresses() {
+                result = inner.fetch_from(&handle, &address).await;
+                if result.is_ok() {
+                    break;
                 }
-            };
+            }
             match result {
                 Ok(value) => {
                     handle.complete(Arc::new(value));
@@ -527,6 +492,66 @@ impl Inner {
                 }
             }
         });
+    }
+
+    /// Fetch `handle`'s value from the process at `address` (its lender or owner).
+    async fn fetch_from(
+        &self,
+        handle: &ObjectHandle,
+        address: &str,
+    ) -> Result<object_store::StoredValue, Error> {
+        let mut client = self.worker_client(address).await?;
+        // A location can go stale between the answer and this process's reference to it (the
+        // owner spilled the object meanwhile): ask again, and the owner restores it first.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let reply = client
+                .get_object(pb::GetObjectRequest {
+                    id: handle.id().to_bytes().to_vec().into(),
+                    timeout_ms: u64::MAX / 2,
+                    pool_id: shared_memory::pool_id(),
+                    borrower_address: object_store::local_owner_address(),
+                })
+                .await
+                .map_err(|status| {
+                    Error::new(
+                        ErrorCode::GetOperationFailed,
+                        format!(
+                            "cannot fetch object {} from the process at {address}, which sent \
+                             it: {}; it may have exited",
+                            handle.id(),
+                            status.message()
+                        ),
+                    )
+                })?
+                .into_inner();
+            let value = match (reply.value, reply.error) {
+                (_, Some(error)) => return Err(error_from_proto(&error)),
+                (None, None) => {
+                    return Err(Error::new(
+                        ErrorCode::GetOperationFailed,
+                        format!(
+                            "the process at {address} sent no value for object {}",
+                            handle.id()
+                        ),
+                    ))
+                }
+                (Some(value), None) => value,
+            };
+            let Some(location) = &value.shared else {
+                return convert::value_from_proto(value);
+            };
+            match shared_memory::open_location(&self.data, location).await {
+                Err(error) if attempts < 3 && error.code() == ErrorCode::GetOperationFailed => {
+                    continue
+                }
+                opened => {
+                    return opened
+                        .and_then(|payload| convert::value_with_payload(payload, &value.nested))
+                }
+            }
+        }
     }
 
     fn create_request(

@@ -1,6 +1,6 @@
-//! The Worker service every driver and runtime serves: the objects it owns (`GetObject`) and
-//! their borrowers' counts (`ReleaseBorrowed`, `AddBorrowed`, kept by `borrows`). Calls to a
-//! runtime come on its call socket instead (`call_channel`).
+//! The Worker service every driver and runtime serves: the objects it holds (`GetObject`: the
+//! ones it owns, and borrowed ones it sent on) and their borrowers' counts (`ReleaseBorrowed`,
+//! kept by `borrows`). Calls to a runtime come on its call socket instead (`call_channel`).
 
 use std::time::{Duration, Instant};
 
@@ -71,16 +71,6 @@ impl Worker for WorkerService {
         let update = request.into_inner();
         for (id, count) in counted_ids(&update) {
             crate::borrows::on_released(id, &update.borrower_address, count);
-        }
-        Ok(Response::new(pb::BorrowUpdateResponse {}))
-    }
-
-    async fn add_borrowed(
-        &self,
-        request: Request<pb::BorrowUpdate>,
-    ) -> Result<Response<pb::BorrowUpdateResponse>, Status> {
-        for (id, count) in counted_ids(&request.into_inner()) {
-            crate::borrows::on_added(id, count);
         }
         Ok(Response::new(pb::BorrowUpdateResponse {}))
     }
