@@ -222,3 +222,81 @@ fn a_node_without_shared_memory_keeps_large_values_in_their_process() {
     assert_eq!(cluster.wait_metric(0, "yr_shared_memory_objects"), 0.0);
     yr::finalize().unwrap();
 }
+
+/// This process's private (heap) memory and its touched shared memory, in bytes, from
+/// `/proc/self/status`.
+fn resident_anon_and_shared() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|kib| kib * 1024)
+            .unwrap_or_else(|| panic!("no {name} in /proc/self/status"))
+    };
+    (field("RssAnon:"), field("RssShmem:"))
+}
+
+/// Encodes like the bytes it shares, so the test keeps its own handle to them while it puts.
+struct SharedBytes(std::sync::Arc<ByteBuf>);
+
+impl serde::Serialize for SharedBytes {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+#[test]
+fn a_1_gb_value_is_put_and_read_without_a_second_copy_in_the_driver() {
+    let _lock = exclusive();
+    const GB: u64 = 1 << 30;
+    // Room for the copies this test says are never made.
+    const SLACK: u64 = 128 << 20;
+    let cluster = node_with_shared_memory(1200);
+    yr::init(cluster.config()).unwrap();
+    let value = std::sync::Arc::new(ByteBuf::from(vec![7u8; GB as usize]));
+    let (with_value, _) = resident_anon_and_shared();
+    // Put: the encoding is written once, straight into shared memory; no buffer of it is made
+    // in this process.
+    let object = yr::put(SharedBytes(value.clone())).unwrap();
+    let (after_put, shared_after_put) = resident_anon_and_shared();
+    assert!(
+        after_put < with_value + SLACK,
+        "put grew this process's heap by {} bytes",
+        after_put.saturating_sub(with_value)
+    );
+    assert!(shared_after_put >= GB, "the object is not in shared memory");
+    drop(value);
+    let (without_value, _) = resident_anon_and_shared();
+    // Get in place: a view of the shared memory, no copy.
+    let buffer = yr::get_buffer(&object, TIMEOUT).unwrap();
+    let bytes = buffer.bytes().expect("a byte string");
+    assert_eq!(bytes.len() as u64, GB);
+    assert!(bytes.iter().step_by(4096).all(|b| *b == 7));
+    let (after_view, _) = resident_anon_and_shared();
+    assert!(
+        after_view < without_value + SLACK,
+        "reading in place grew this process's heap by {} bytes",
+        after_view.saturating_sub(without_value)
+    );
+    // Decoding an owned value makes one copy: the only one in this process's heap.
+    let owned: ByteBuf = buffer.decode().unwrap();
+    drop(buffer);
+    let (after_get, _) = resident_anon_and_shared();
+    assert!(
+        after_get < without_value + GB + SLACK,
+        "decoding made more than the one copy it returns: heap grew by {} bytes",
+        after_get.saturating_sub(without_value)
+    );
+    assert_eq!(owned.len() as u64, GB);
+    drop(owned);
+    drop(object);
+    yr::finalize().unwrap();
+}
