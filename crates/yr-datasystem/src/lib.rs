@@ -13,6 +13,7 @@
 //! the choice of which of its objects an owner gives up (that is the owner's, see
 //! `yr_runtime::object_store`).
 
+pub mod data_port;
 pub mod kv;
 pub mod l2;
 pub mod object_service;
@@ -64,6 +65,8 @@ pub struct DataWorker {
     reclaimer: Arc<reclaim::Reclaimer>,
     /// Where other nodes reach this node, once it joined a cluster.
     node_address: OnceLock<String>,
+    /// Where other nodes pull this node's objects from (its data port), once it serves them.
+    data_address: OnceLock<String>,
 }
 
 impl DataWorker {
@@ -122,6 +125,7 @@ impl DataWorker {
             streams: stream::StreamStore::new(),
             placement: OnceLock::new(),
             node_address: OnceLock::new(),
+            data_address: OnceLock::new(),
         }))
     }
 
@@ -143,6 +147,19 @@ impl DataWorker {
         let _ = self
             .placement
             .set(Arc::new(stream_service::Placement::new(meta, address)));
+    }
+
+    /// Serve this node's shared-memory objects to other nodes' pulls on `listener`, which
+    /// they reach at `advertised` (`host:port`). Call once, before [`DataWorker::object_service`].
+    pub fn serve_objects(&self, listener: std::net::TcpListener, advertised: String) -> Result<()> {
+        self.transfer.serve(listener).map_err(|error| {
+            yr_common::Error::new(
+                yr_common::ErrorCode::InnerSystemError,
+                format!("cannot start the node's data port: {error}"),
+            )
+        })?;
+        let _ = self.data_address.set(advertised);
+        Ok(())
     }
 
     /// The DataWorker gRPC service, to add to the node's servers.
@@ -180,7 +197,7 @@ impl DataWorker {
             self.shared_memory.clone(),
             self.transfer.clone(),
             self.reclaimer.clone(),
-            self.node_address.get().cloned().unwrap_or_default(),
+            self.data_address.get().cloned().unwrap_or_default(),
         )
         .server()
     }

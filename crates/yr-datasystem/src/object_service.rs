@@ -1,20 +1,18 @@
 //! The ObjectStore gRPC service (`yr.ds.v1`) over the node's [`SharedMemoryStore`]: the node's
 //! drivers and runtimes ask it for the region to map, for allocations, to count references, and
 //! to spill and restore objects, and to reclaim room from the node's other processes
-//! ([`Reclaimer`]); other nodes read its objects, and its processes pull other
-//! nodes' objects through it ([`ObjectTransfer`]). Most calls are a few map operations under one
+//! ([`Reclaimer`]); its processes pull other nodes' objects through it ([`ObjectTransfer`],
+//! which reads them from those nodes' data ports). Most calls are a few map operations under one
 //! lock and run on the IO thread; spilling, restoring and copying run on blocking threads, and a
 //! reclaim waits asynchronously for the processes it asks.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use yr_common::{Error, ErrorCode, ObjectId};
 use yr_proto::ds as pb;
 
-use crate::object_transfer::{ObjectTransfer, MAX_MESSAGE};
+use crate::object_transfer::ObjectTransfer;
 use crate::reclaim::Reclaimer;
 use crate::service::blocking;
 use crate::shared_memory::SharedMemoryStore;
@@ -26,12 +24,13 @@ pub struct ObjectStoreService {
     store: Arc<SharedMemoryStore>,
     transfer: Arc<ObjectTransfer>,
     reclaimer: Arc<Reclaimer>,
-    /// Where other nodes reach this node (empty outside a cluster).
+    /// Where other nodes pull this node's objects from: its data port (empty outside a
+    /// cluster).
     node_address: String,
 }
 
 impl ObjectStoreService {
-    /// The service over `store`, reached by other nodes at `node_address`.
+    /// The service over `store`, whose objects other nodes pull from `node_address`.
     pub fn new(
         store: Arc<SharedMemoryStore>,
         transfer: Arc<ObjectTransfer>,
@@ -49,13 +48,8 @@ impl ObjectStoreService {
     /// The tonic server for this service.
     pub fn server(self) -> pb::object_store_server::ObjectStoreServer<ObjectStoreService> {
         pb::object_store_server::ObjectStoreServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE)
     }
 }
-
-type ChunkStream =
-    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ObjectChunk, Status>> + Send>>;
 
 fn object_id(bytes: &[u8]) -> Result<ObjectId, Error> {
     <[u8; 16]>::try_from(bytes)
@@ -70,21 +64,6 @@ fn object_id(bytes: &[u8]) -> Result<ObjectId, Error> {
 
 #[tonic::async_trait]
 impl pb::object_store_server::ObjectStore for ObjectStoreService {
-    type ReadObjectStream = ChunkStream;
-
-    async fn read_object(
-        &self,
-        request: Request<pb::ReadObjectRequest>,
-    ) -> Result<Response<ChunkStream>, Status> {
-        let request = request.into_inner();
-        let (sender, receiver) = tokio::sync::mpsc::channel(2);
-        let transfer = self.transfer.clone();
-        tokio::task::spawn_blocking(move || {
-            transfer.serve_read(&request, |chunk| sender.blocking_send(Ok(chunk)).is_ok());
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
-    }
-
     async fn pull_object(
         &self,
         request: Request<pb::PullObjectRequest>,

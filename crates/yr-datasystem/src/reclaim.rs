@@ -195,7 +195,7 @@ mod tests {
         // Kept by the node while it sends it to another node.
         let (sending, _) = store.create(9 * ALIGNMENT, 5).unwrap();
         store
-            .retain(sending, crate::object_transfer::TRANSFER_HOLDER)
+            .retain(sending, crate::data_port::TRANSFER_HOLDER)
             .unwrap();
         store.release(&[sending], 5);
         assert_eq!(

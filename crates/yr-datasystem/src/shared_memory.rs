@@ -15,13 +15,13 @@
 //! spilled object asks for it back ([`SharedMemoryStore::restore`]), into a new allocation.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
 use parking_lot::Mutex;
 use yr_common::{Error, ErrorCode, ObjectId, Result};
 
-use crate::object_transfer::TRANSFER_HOLDER;
+use crate::data_port::TRANSFER_HOLDER;
 use crate::spill::{not_spilled, SpillStore};
 
 /// Allocations start on page boundaries, so freeing one can give its pages back.
@@ -507,6 +507,11 @@ impl SharedMemoryStore {
             })
     }
 
+    /// The size of allocation `id`, if it is live (4005 if not).
+    pub fn size_of(&self, id: u64) -> Result<u64> {
+        self.bounds(id).map(|(_, size)| size)
+    }
+
     /// Whether allocation `id` is live.
     pub fn holds(&self, id: u64) -> bool {
         self.allocator.lock().allocations.contains_key(&id)
@@ -529,6 +534,16 @@ impl SharedMemoryStore {
         self.file
             .write_all_at(data, offset + from)
             .map_err(|error| transfer_error("write", id, error))
+    }
+
+    /// The region's file and the file offset of bytes `from..from + length` of allocation
+    /// `id`, for a transfer that moves them with `sendfile` or `splice` (see `data_port`). The
+    /// caller holds a reference, so the range stays allocated while it is used.
+    pub fn file_range(&self, id: u64, from: u64, length: u64) -> Result<(BorrowedFd<'_>, u64)> {
+        let (offset, size) = self.bounds(id)?;
+        let length = usize::try_from(length).unwrap_or(usize::MAX);
+        self.check_range(id, from, length, size)?;
+        Ok((self.file.as_fd(), offset + from))
     }
 
     fn check_range(&self, id: u64, from: u64, length: usize, size: u64) -> Result<()> {

@@ -129,6 +129,26 @@ pub async fn run(
     options
         .data_worker
         .join_cluster(Arc::new(meta.clone()), advertised.clone());
+    // Other nodes pull this node's objects from its data port, on the same interface.
+    let data_listen = std::net::SocketAddr::new(tcp_address.ip(), 0);
+    let data_port = std::net::TcpListener::bind(data_listen)
+        .and_then(|listener| listener.local_addr().map(|address| (listener, address)));
+    let (data_listener, data_address) = data_port.map_err(|source| NodeError::Listen {
+        what: format!("the data port on {data_listen}"),
+        source,
+    })?;
+    let data_advertised = if data_address.ip().is_unspecified() {
+        format!("{}:{}", options.advertise_host, data_address.port())
+    } else {
+        data_address.to_string()
+    };
+    options
+        .data_worker
+        .serve_objects(data_listener, data_advertised)
+        .map_err(|error| NodeError::Listen {
+            what: "the data port".into(),
+            source: std::io::Error::other(error.to_string()),
+        })?;
     let node_info = pb::NodeInfo {
         node_id: options.node_id.clone(),
         address: advertised.clone(),
