@@ -356,6 +356,41 @@ pub fn runtime_entry() {
     }
 }
 
+/// `len` bytes of pattern `seed` (a different pattern for each seed), for large-value tests.
+pub fn pattern(seed: usize, len: usize) -> serde_bytes::ByteBuf {
+    serde_bytes::ByteBuf::from(
+        (0..len)
+            .map(|i| ((i + seed * 31) % 251) as u8)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+/// A checksum of `bytes` that also changes when bytes move, not only when they change.
+pub fn weighted_sum(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .enumerate()
+        .map(|(i, b)| u64::from(*b) * (i as u64 % 7 + 1))
+        .sum()
+}
+
+/// Two nodes with `shared_memory_mb` of shared memory each: node 0 with 1 CPU, where the
+/// driver connects, and node 1 with 4, where a call asking for 2 CPUs runs.
+pub fn two_nodes_with_shared_memory(shared_memory_mb: u64) -> TestCluster {
+    TestCluster::builder()
+        .node(NodeSpec {
+            cpu: 1_000,
+            shared_memory_mb: Some(shared_memory_mb),
+            ..NodeSpec::default()
+        })
+        .node(NodeSpec {
+            cpu: 4_000,
+            shared_memory_mb: Some(shared_memory_mb),
+            ..NodeSpec::default()
+        })
+        .start()
+}
+
 /// A driver configuration for the node at `bus_address`.
 pub fn driver_config(bus_address: &str) -> yr::Config {
     use_this_binary_as_runtime();

@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use serde_bytes::ByteBuf;
-use yr_tests::{exclusive, wait_until, NodeSpec, TestCluster, TIMEOUT};
+use yr_tests::{
+    exclusive, pattern, wait_until, weighted_sum as sum, NodeSpec, TestCluster, TIMEOUT,
+};
 
 /// Not a test: the entry point of runtime processes, which re-execute this binary.
 #[test]
@@ -16,22 +18,6 @@ fn runtime_entry() {
 }
 
 const MIB: usize = 1 << 20;
-
-fn sum(bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .enumerate()
-        .map(|(i, b)| u64::from(*b) * (i as u64 % 7 + 1))
-        .sum()
-}
-
-fn pattern(seed: usize, len: usize) -> ByteBuf {
-    ByteBuf::from(
-        (0..len)
-            .map(|i| ((i + seed * 31) % 251) as u8)
-            .collect::<Vec<u8>>(),
-    )
-}
 
 /// The checksum of `bytes`, computed in a runtime.
 #[yr::invoke]
@@ -125,18 +111,7 @@ fn a_large_result_is_handed_over_in_shared_memory_and_freed_with_the_callers_ref
 #[test]
 fn a_large_value_passed_directly_is_sent_by_reference_and_pulled_once_by_another_node() {
     let _lock = exclusive();
-    let cluster = TestCluster::builder()
-        .node(NodeSpec {
-            cpu: 1_000,
-            shared_memory_mb: Some(64),
-            ..NodeSpec::default()
-        })
-        .node(NodeSpec {
-            cpu: 4_000,
-            shared_memory_mb: Some(64),
-            ..NodeSpec::default()
-        })
-        .start();
+    let cluster = yr_tests::two_nodes_with_shared_memory(64);
     yr::init(cluster.config()).unwrap();
     let value = pattern(3, 8 * MIB);
     // On the driver's node: read in place, nothing is pulled.

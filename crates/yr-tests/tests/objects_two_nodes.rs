@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_bytes::ByteBuf;
 use yr::{ErrorCode, InvokeOptions, ObjectRef};
-use yr_tests::{exclusive, wait_until, NodeSpec, TestCluster, TIMEOUT};
+use yr_tests::{exclusive, wait_until, TestCluster, TIMEOUT};
 
 /// Not a test: the entry point of runtime processes, which re-execute this binary.
 #[test]
@@ -55,18 +55,7 @@ impl Maker {
 }
 
 fn two_nodes() -> TestCluster {
-    TestCluster::builder()
-        .node(NodeSpec {
-            cpu: 1_000,
-            shared_memory_mb: Some(256),
-            ..NodeSpec::default()
-        })
-        .node(NodeSpec {
-            cpu: 4_000,
-            shared_memory_mb: Some(256),
-            ..NodeSpec::default()
-        })
-        .start()
+    yr_tests::two_nodes_with_shared_memory(256)
 }
 
 /// An instance too big for node 0, so it runs on node 1.

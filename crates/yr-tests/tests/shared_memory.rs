@@ -179,18 +179,7 @@ fn where_and_checksum(bytes: ByteBuf) -> (String, u64) {
 #[test]
 fn a_large_object_is_read_on_another_node() {
     let _lock = exclusive();
-    let cluster = yr_tests::TestCluster::builder()
-        .node(NodeSpec {
-            cpu: 1_000,
-            shared_memory_mb: Some(64),
-            ..NodeSpec::default()
-        })
-        .node(NodeSpec {
-            cpu: 4_000,
-            shared_memory_mb: Some(64),
-            ..NodeSpec::default()
-        })
-        .start();
+    let cluster = yr_tests::two_nodes_with_shared_memory(64);
     yr::init(cluster.config()).unwrap();
     let value = pattern(8 << 20);
     let expected: u64 = value.iter().map(|b| u64::from(*b)).sum();

@@ -13,7 +13,9 @@ use std::time::Duration;
 use serde_bytes::ByteBuf;
 use yr::{ErrorCode, ObjectRef};
 use yr_proto::ds as pb;
-use yr_tests::{exclusive, wait_until, NodeSpec, TempDir, TestCluster, TIMEOUT};
+use yr_tests::{
+    exclusive, pattern, wait_until, weighted_sum as sum, NodeSpec, TempDir, TestCluster, TIMEOUT,
+};
 
 /// Not a test: the entry point of runtime processes, which re-execute this binary.
 #[test]
@@ -29,25 +31,6 @@ fn checksum(bytes: ByteBuf) -> u64 {
     sum(&bytes)
 }
 
-fn sum(bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .enumerate()
-        .map(|(i, b)| u64::from(*b) * (i as u64 % 7 + 1))
-        .sum()
-}
-
-/// Object `seed`'s bytes: a different pattern for each.
-fn pattern(seed: usize, len: usize) -> ByteBuf {
-    ByteBuf::from(
-        (0..len)
-            .map(|i| ((i + seed * 31) % 251) as u8)
-            .collect::<Vec<u8>>(),
-    )
-}
-
-/// A process other than the driver that owns large objects: it puts them, keeps them, reads
-/// them back, and can keep reading them in place (so they cannot be spilled meanwhile).
 #[yr::instance]
 pub struct Keeper {
     objects: Vec<ObjectRef<ByteBuf>>,
