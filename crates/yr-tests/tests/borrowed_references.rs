@@ -84,6 +84,18 @@ impl Holder {
         std::mem::take(&mut self.held).len()
     }
 
+    /// Sends every held reference on to `other` without waiting for it to take them, then
+    /// drops its own.
+    pub fn send_to(&mut self, other: yr::InstanceHandle<Holder>) -> usize {
+        let held = std::mem::take(&mut self.held);
+        let count = held.len();
+        other
+            .method(Holder::hold)
+            .invoke((held,))
+            .expect("invoke hold");
+        count
+    }
+
     /// Sends every held reference on to `other`, then drops its own.
     pub fn hand_to(&mut self, other: yr::InstanceHandle<Holder>) -> usize {
         let held = std::mem::take(&mut self.held);
@@ -240,5 +252,35 @@ fn a_reference_forwarded_along_a_chain_lives_while_its_last_holder_keeps_it() {
         shared_memory_empty_within(&cluster, Duration::from_secs(10)),
         "the chain's last holder dropped it, yet it is still held"
     );
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn a_borrower_whose_lender_died_before_it_fetched_gets_the_value_from_the_owner() {
+    let _lock = exclusive();
+    let cluster = node_with_shared_memory(64);
+    yr::init(cluster.config()).unwrap();
+    let lender = yr::instance(Holder::new).invoke(()).unwrap();
+    let borrower = yr::instance(Holder::new).invoke(()).unwrap();
+    let lender_pid = yr::get(&lender.method(Holder::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
+    let borrower_pid = yr::get(&borrower.method(Holder::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
+    let object = yr::put(pattern(MIB)).unwrap();
+    let held = lender.method(Holder::hold).invoke((vec![object.clone()],));
+    assert_eq!(yr::get(&held.unwrap(), TIMEOUT).unwrap(), 1);
+    // The borrower is stopped, so the reference the lender sends it waits in its socket; the
+    // lender dies before the borrower reads it.
+    assert!(yr_tests::signal(borrower_pid, libc::SIGSTOP));
+    let sent = lender.method(Holder::send_to).invoke((borrower.clone(),));
+    assert_eq!(yr::get(&sent.unwrap(), TIMEOUT).unwrap(), 1);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(yr_tests::signal(lender_pid, libc::SIGKILL));
+    assert!(wait_until(TIMEOUT, || !yr_tests::alive(lender_pid)));
+    assert!(yr_tests::signal(borrower_pid, libc::SIGCONT));
+    // Its lender is gone: the borrower fetches the value from the owner instead.
+    let checked = borrower.method(Holder::checksum_held).invoke(()).unwrap();
+    assert_eq!(yr::get(&checked, TIMEOUT).unwrap(), sum(&pattern(MIB)));
+    drop(object);
+    let dropped = borrower.method(Holder::drop_held).invoke(()).unwrap();
+    assert_eq!(yr::get(&dropped, TIMEOUT).unwrap(), 1);
     yr::finalize().unwrap();
 }
