@@ -478,21 +478,24 @@ pub enum EncodeError<E> {
     Store(Error),
 }
 
+/// A node's memory for unit tests: one page over a temporary file, with a scripted node.
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_support {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     use super::*;
 
     /// A node whose memory is full of other processes' objects: a create fits once they were
-    /// asked `reclaims_to_fit` times, and each ask frees `freed_per_reclaim` bytes.
-    struct OthersHoldEverything {
-        reclaims_to_fit: u64,
-        freed_per_reclaim: u64,
-        reclaims: Arc<AtomicU64>,
+    /// asked `reclaims_to_fit` times, and each ask frees `freed_per_reclaim` bytes. A hand-over
+    /// to process `departed` is refused, as for a process that left the node.
+    pub(crate) struct ScriptedNode {
+        pub(crate) reclaims_to_fit: u64,
+        pub(crate) freed_per_reclaim: u64,
+        pub(crate) reclaims: Arc<AtomicU64>,
+        pub(crate) departed: u32,
     }
 
-    impl RegionAllocator for OthersHoldEverything {
+    impl RegionAllocator for ScriptedNode {
         fn create(&self, size: u64) -> Result<(u64, u64)> {
             if self.reclaims.load(Ordering::SeqCst) < self.reclaims_to_fit {
                 return Err(Error::new(
@@ -513,7 +516,13 @@ mod tests {
             ))
         }
         fn delete_spilled(&self, _object: ObjectId) {}
-        fn hand_over(&self, _allocation: u64, _receiver: u32) -> Result<()> {
+        fn hand_over(&self, allocation: u64, receiver: u32) -> Result<()> {
+            if receiver == self.departed {
+                return Err(Error::new(
+                    ErrorCode::GetOperationFailed,
+                    format!("process {receiver} left the node; {allocation} cannot go to it"),
+                ));
+            }
             Ok(())
         }
         fn reclaim(&self, _bytes: u64) -> Result<u64> {
@@ -522,9 +531,8 @@ mod tests {
         }
     }
 
-    /// One page of shared memory over a temporary file, with `allocator`'s behaviour; also
-    /// returns the count of reclaims asked.
-    fn memory(reclaims_to_fit: u64, freed_per_reclaim: u64) -> (Arc<SharedMemory>, Arc<AtomicU64>) {
+    /// One page of shared memory named `pool` over a temporary file, run by `node`.
+    pub(crate) fn memory(pool: &str, node: ScriptedNode) -> Arc<SharedMemory> {
         let path = std::env::temp_dir().join(format!(
             "yr-shm-test-{}-{}",
             std::process::id(),
@@ -533,21 +541,31 @@ mod tests {
         std::fs::File::create(&path)
             .and_then(|file| file.set_len(4096))
             .unwrap();
+        let memory =
+            SharedMemory::map(path.to_str().unwrap(), 4096, pool.into(), Box::new(node)).unwrap();
+        let _ = std::fs::remove_file(&path);
+        Arc::new(memory)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::test_support::ScriptedNode;
+    use super::*;
+
+    /// A page whose creates fit after `reclaims_to_fit` reclaims of `freed_per_reclaim` bytes
+    /// each; also returns the count of reclaims asked.
+    fn memory(reclaims_to_fit: u64, freed_per_reclaim: u64) -> (Arc<SharedMemory>, Arc<AtomicU64>) {
         let reclaims = Arc::new(AtomicU64::new(0));
-        let allocator = OthersHoldEverything {
+        let node = ScriptedNode {
             reclaims_to_fit,
             freed_per_reclaim,
             reclaims: reclaims.clone(),
+            departed: 0,
         };
-        let memory = SharedMemory::map(
-            path.to_str().unwrap(),
-            4096,
-            "test".into(),
-            Box::new(allocator),
-        )
-        .unwrap();
-        let _ = std::fs::remove_file(&path);
-        (Arc::new(memory), reclaims)
+        (super::test_support::memory("test", node), reclaims)
     }
 
     #[test]

@@ -283,3 +283,40 @@ pub fn finish_returns(returns: &[ObjectHandle], result: pb::CallResult) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::result_to_proto;
+    use crate::object_store::{Payload, StoredValue};
+    use crate::shared_memory::test_support::{memory, ScriptedNode};
+
+    #[test]
+    fn a_result_is_handed_over_on_the_same_pool_and_sent_inline_when_refused_or_elsewhere() {
+        // Process 42 has left the node.
+        let memory = memory(
+            "pool",
+            ScriptedNode {
+                reclaims_to_fit: 0,
+                freed_per_reclaim: 0,
+                reclaims: Default::default(),
+                departed: 42,
+            },
+        );
+        let value = StoredValue {
+            bytes: Payload::Shared(memory.create(1000).unwrap()),
+            nested: Vec::new(),
+        };
+        let handed = result_to_proto(&value, "pool", 7);
+        let location = handed.shared.expect("a location");
+        assert_eq!((location.allocation, location.size), (1, 1000));
+        assert!(handed.data.is_empty());
+        // The caller left: the node refuses the hand-over, so the bytes go inline.
+        let refused = result_to_proto(&value, "pool", 42);
+        assert!(refused.shared.is_none());
+        assert_eq!(refused.data.len(), 1000);
+        // A caller on another node gets the bytes inline too.
+        let elsewhere = result_to_proto(&value, "other-pool", 7);
+        assert!(elsewhere.shared.is_none());
+        assert_eq!(elsewhere.data.len(), 1000);
+    }
+}
