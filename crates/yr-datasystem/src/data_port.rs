@@ -8,7 +8,8 @@
 //! The answer is one status byte: [`STATUS_OK`] followed by exactly the bytes asked for, or
 //! [`STATUS_ERROR`] followed by a `u32` length and an `ErrorInfo` (protobuf) saying why.
 //!
-//! While it sends, the serving node holds its own reference to the object
+//! A fixed set of threads serves the connections, so a burst of pulls queues rather than
+//! starting a thread each. While it sends, the serving node holds its own reference to the object
 //! ([`TRANSFER_HOLDER`]), so the object outlives its owner until the reader has it.
 
 use std::io::{Read, Write};
@@ -99,36 +100,50 @@ pub enum RangeError {
 }
 
 /// Serve ranges of `store`'s objects on `listener` until the process ends: one thread accepts,
-/// and each connection is served on a thread of its own.
-/// `served` counts the bytes sent.
+/// and a fixed set of threads ([`sender_threads`]) serve the connections in turn, so many pulls
+/// at once queue instead of starting a thread each. `served` counts the bytes sent.
 pub fn serve(
     listener: TcpListener,
     store: Arc<SharedMemoryStore>,
     served: Arc<AtomicU64>,
 ) -> std::io::Result<()> {
+    let (connections, queued) = crossbeam_channel::unbounded::<TcpStream>();
+    for _ in 0..sender_threads() {
+        let queued = queued.clone();
+        let store = store.clone();
+        let served = served.clone();
+        std::thread::Builder::new()
+            .name("yr-data-send".into())
+            .spawn(move || {
+                for stream in queued {
+                    serve_one(stream, &store, &served);
+                }
+            })?;
+    }
     std::thread::Builder::new()
         .name("yr-data-port".into())
         .spawn(move || {
             for connection in listener.incoming() {
-                let stream = match connection {
-                    Ok(stream) => stream,
+                match connection {
+                    Ok(stream) => {
+                        if connections.send(stream).is_err() {
+                            return;
+                        }
+                    }
                     Err(error) => {
                         tracing::debug!(%error, "the data port failed to accept a connection");
                         std::thread::sleep(Duration::from_millis(10));
-                        continue;
                     }
-                };
-                let store = store.clone();
-                let served = served.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("yr-data-send".into())
-                    .spawn(move || serve_one(stream, &store, &served));
-                if let Err(error) = spawned {
-                    tracing::warn!(%error, "cannot start a thread to serve a pull");
                 }
             }
         })
         .map(drop)
+}
+
+/// Connections served at once: two per CPU (a sender mostly waits on the network), 4 to 32.
+fn sender_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus * 2).clamp(4, 32)
 }
 
 /// Answer one connection's request.
