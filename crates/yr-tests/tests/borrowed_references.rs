@@ -80,6 +80,10 @@ impl Holder {
             .sum()
     }
 
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
     pub fn drop_held(&mut self) -> usize {
         std::mem::take(&mut self.held).len()
     }
@@ -264,6 +268,10 @@ fn a_borrower_whose_lender_died_before_it_fetched_gets_the_value_from_the_owner(
     let borrower = yr::instance(Holder::new).invoke(()).unwrap();
     let lender_pid = yr::get(&lender.method(Holder::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
     let borrower_pid = yr::get(&borrower.method(Holder::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
+    // The lender calls the borrower once first, so its connection is open and its next call
+    // is written at once.
+    let warm = lender.method(Holder::hand_to).invoke((borrower.clone(),));
+    assert_eq!(yr::get(&warm.unwrap(), TIMEOUT).unwrap(), 0);
     let object = yr::put(pattern(MIB)).unwrap();
     let held = lender.method(Holder::hold).invoke((vec![object.clone()],));
     assert_eq!(yr::get(&held.unwrap(), TIMEOUT).unwrap(), 1);
@@ -276,7 +284,16 @@ fn a_borrower_whose_lender_died_before_it_fetched_gets_the_value_from_the_owner(
     assert!(yr_tests::signal(lender_pid, libc::SIGKILL));
     assert!(wait_until(TIMEOUT, || !yr_tests::alive(lender_pid)));
     assert!(yr_tests::signal(borrower_pid, libc::SIGCONT));
-    // Its lender is gone: the borrower fetches the value from the owner instead.
+    // Its lender is gone: the borrower fetches the value from the owner instead. (The calls
+    // of this driver may reach it before the dead lender's, which waits in its socket.)
+    let took_it = wait_until(TIMEOUT, || {
+        let held = borrower.method(Holder::held).invoke(()).unwrap();
+        yr::get(&held, TIMEOUT).unwrap() == 1
+    });
+    assert!(
+        took_it,
+        "the borrower never took the reference its dead lender sent"
+    );
     let checked = borrower.method(Holder::checksum_held).invoke(()).unwrap();
     assert_eq!(yr::get(&checked, TIMEOUT).unwrap(), sum(&pattern(MIB)));
     drop(object);
