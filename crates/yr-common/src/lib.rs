@@ -3,6 +3,7 @@
 //! files processes on one machine agree on (the session file, socket paths). It owns no
 //! behaviour beyond that: no threads, no network.
 
+pub mod auth;
 pub mod error;
 
 pub use error::{CodeInfo, Error, ErrorCode, Lang, ModuleCode, Result, RetryPolicy};
