@@ -23,6 +23,8 @@ pub struct RuntimeManagerOptions {
     pub bus_address: String,
     /// The node's id, for runtime ids.
     pub node_id: String,
+    /// The cluster token runtimes present on their connections (`YR_TOKEN`).
+    pub token: String,
 }
 
 /// What to run.
@@ -149,6 +151,7 @@ impl RuntimeManager {
             .env("YR_BUS_ADDRESS", &self.options.bus_address)
             .env("YR_RUNTIME_ID", &runtime_id)
             .env("YR_JOB_ID", &spec.job_id)
+            .env(yr_common::auth::TOKEN_ENV, &self.options.token)
             .env_remove("YR_SERVER_ADDRESS")
             .env_remove("YR_LOCAL_MODE")
             .stdin(Stdio::null())

@@ -11,7 +11,8 @@ use clap::Args as ClapArgs;
 use yr_common::session::{sessions_root, SessionInfo};
 use yr_proto::v1 as pb;
 
-use crate::daemon::{CapacityArgs, DataArgs};
+use crate::daemon::{CapacityArgs, DataArgs, SecurityArgs};
+use yr_common::auth::ClusterToken;
 
 /// How long components may take to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -49,6 +50,17 @@ pub struct StartArgs {
     pub warm_pool: usize,
     #[command(flatten)]
     pub data: DataArgs,
+    /// The address every component listens on and advertises. Default 127.0.0.1: nothing is
+    /// reachable from other machines. Another address (or 0.0.0.0) opens the cluster to the
+    /// network, still behind the cluster token; add --tls-cert/--tls-key/--tls-ca to encrypt.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    pub host: std::net::IpAddr,
+    /// The cluster token of the cluster to join (with --master-address; default: YR_TOKEN).
+    /// `yr start --master` generates one into the session directory.
+    #[arg(long, value_name = "TOKEN", requires = "master_address")]
+    pub token: Option<String>,
+    #[command(flatten)]
+    pub security: SecurityArgs,
 }
 
 /// Flags of `yr stop`.
@@ -73,9 +85,9 @@ pub struct StatusArgs {
     pub master_address: Option<String>,
 }
 
-fn free_port(start: u16) -> anyhow::Result<u16> {
+fn free_port(host: std::net::IpAddr, start: u16) -> anyhow::Result<u16> {
     (start..start.saturating_add(200))
-        .find(|port| TcpListener::bind(("0.0.0.0", *port)).is_ok())
+        .find(|port| TcpListener::bind((host, *port)).is_ok())
         .with_context(|| format!("no free port in {start}..{}", start.saturating_add(200)))
 }
 
@@ -98,7 +110,13 @@ fn timestamp() -> String {
     format!("{secs}-{}", std::process::id())
 }
 
-fn spawn(role: &str, args: &[String], session: &Path, attached: bool) -> anyhow::Result<Child> {
+fn spawn(
+    role: &str,
+    args: &[String],
+    session: &Path,
+    attached: bool,
+    token: &ClusterToken,
+) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("cannot find the yr executable")?;
     let logs = session.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
@@ -108,6 +126,7 @@ fn spawn(role: &str, args: &[String], session: &Path, attached: bool) -> anyhow:
     command
         .arg(role)
         .args(args)
+        .env(yr_common::auth::TOKEN_ENV, token.as_str())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -178,7 +197,33 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
     };
     std::fs::create_dir_all(&session)
         .with_context(|| format!("cannot create {}", session.display()))?;
-    let ip = local_ip();
+    // The token: generated for a new cluster, given for one to join. Either way it goes into
+    // the session directory (0600), where drivers on this machine find it.
+    let token = match (&args.master_address, &args.token) {
+        (None, _) => ClusterToken::generate()?,
+        (Some(_), Some(text)) => ClusterToken::parse(text)?,
+        (Some(_), None) => args.security.token().context(
+            "joining a cluster needs its token: pass --token, set YR_TOKEN or --token-file (the \
+             master's session directory holds it in the `token` file)",
+        )?,
+    };
+    if ClusterToken::read_from(&session).ok().as_ref() != Some(&token) {
+        let _ = std::fs::remove_file(session.join(yr_common::auth::TOKEN_FILE));
+        token.write_to(&session)?;
+    }
+    let host = args.host;
+    // What other machines are told: the host itself, or this machine's address for 0.0.0.0.
+    let ip = if host.is_unspecified() {
+        local_ip()
+    } else {
+        host.to_string()
+    };
+    if !host.is_loopback() && args.security.tls_cert.is_none() {
+        eprintln!(
+            "yr start: listening on {host}: other machines can reach this cluster; they need its \
+             token, but traffic is not encrypted (add --tls-cert/--tls-key/--tls-ca)"
+        );
+    }
     let mut children: Vec<(String, Child)> = Vec::new();
     let mut info = SessionInfo {
         session_dir: session.clone(),
@@ -189,18 +234,23 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
     let master_address = match &args.master_address {
         Some(address) => address.clone(),
         None => {
-            let port = free_port(args.port)?;
-            let metrics = free_port(port + 10)?;
-            let master_args = vec![
+            let port = free_port(host, args.port)?;
+            let metrics = free_port(host, port + 10)?;
+            let mut master_args = vec![
                 "--listen".into(),
-                format!("0.0.0.0:{port}"),
+                SocketAddr::new(host, port).to_string(),
                 "--data-dir".into(),
                 session.join("master").display().to_string(),
                 "--metrics-listen".into(),
                 format!("127.0.0.1:{metrics}"),
             ];
-            let mut child = spawn("master", &master_args, &session, args.block)?;
-            let local = format!("127.0.0.1:{port}");
+            master_args.extend(args.security.to_args());
+            let mut child = spawn("master", &master_args, &session, args.block, &token)?;
+            let local = if host.is_unspecified() {
+                format!("127.0.0.1:{port}")
+            } else {
+                SocketAddr::new(host, port).to_string()
+            };
             wait_ready("master", &mut child, &session, || connects(&local))?;
             info.processes.push(("master".into(), child.id()));
             info.metrics
@@ -211,15 +261,17 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
         }
     };
 
-    let node_port = free_port(args.node_port)?;
-    let node_metrics = free_port(node_port + 10)?;
+    let node_port = free_port(host, args.node_port)?;
+    let node_metrics = free_port(host, node_port + 10)?;
     let node_id = format!("node-{}", yr_common::ids::random_hex(8));
     let bus_socket = session.join("bus.sock");
     let mut node_args = vec![
         "--master-address".into(),
         master_address.clone(),
         "--listen".into(),
-        format!("0.0.0.0:{node_port}"),
+        SocketAddr::new(host, node_port).to_string(),
+        "--advertise-host".into(),
+        ip.clone(),
         "--bus-socket".into(),
         bus_socket.display().to_string(),
         "--session-dir".into(),
@@ -244,7 +296,8 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
         node_args.push(format!("{k}={v}"));
     }
     node_args.extend(args.data.to_node_args());
-    let mut node = spawn("node", &node_args, &session, args.block)?;
+    node_args.extend(args.security.to_args());
+    let mut node = spawn("node", &node_args, &session, args.block, &token)?;
     let socket = bus_socket.clone();
     wait_ready("node", &mut node, &session, || {
         std::os::unix::net::UnixStream::connect(&socket).is_ok()
@@ -273,10 +326,17 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
     println!("  session: {}", session.display());
     if args.master {
         println!("Drivers on this machine find the cluster by themselves (yr::init).");
-        println!(
-            "Join another machine:  yr start --master-address {}",
-            info.master_address
-        );
+        if host.is_loopback() {
+            println!(
+                "It listens on {host} only; to let other machines join, start it with --host ADDR."
+            );
+        } else {
+            println!(
+                "Join another machine:  YR_TOKEN=<the token in {}/token> yr start --master-address {}",
+                session.display(),
+                info.master_address
+            );
+        }
     }
     println!("Stop it:  yr stop");
 
@@ -389,25 +449,29 @@ pub fn stop(args: &StopArgs) -> anyhow::Result<ExitCode> {
 
 /// `yr status`.
 pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
-    let address = match &args.master_address {
-        Some(address) => address.clone(),
+    let (address, session_dir) = match &args.master_address {
+        Some(address) => (address.clone(), None),
         None => {
             let session = read_session(None)?;
             if session.master_address.is_empty() {
                 bail!("this machine runs a node only; pass --master-address");
             }
-            session.master_address
+            (session.master_address, Some(session.session_dir))
         }
     };
+    let token = ClusterToken::resolve(None, session_dir.as_deref())?.context(
+        "no cluster token to show the status with: set YR_TOKEN to the token in the cluster's \
+         session directory (the `token` file)",
+    )?;
+    let mut credentials = (*yr_transport::current()).clone();
+    credentials.token = Some(token);
+    yr_transport::install(credentials);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let status = runtime.block_on(async {
-        let channel = yr_runtime::cluster::transport::connect(
-            &address,
-            yr_common::ErrorCode::InnerCommunication,
-        )
-        .await?;
+        let channel =
+            yr_transport::connect(&address, yr_common::ErrorCode::InnerCommunication).await?;
         pb::master_client::MasterClient::new(channel)
             .cluster_status(pb::ClusterStatusRequest {})
             .await

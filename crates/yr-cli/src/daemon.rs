@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args as ClapArgs;
+use yr_common::auth::ClusterToken;
 use yr_proxy::Amount;
 
 /// Flags of `yr master`.
 #[derive(Debug, ClapArgs)]
 pub struct MasterArgs {
     /// Address of the master's gRPC service (the Master and meta store services).
-    #[arg(long, default_value = "0.0.0.0:22770")]
+    #[arg(long, default_value = "127.0.0.1:22770")]
     pub listen: SocketAddr,
     /// Directory for the master's state (the meta store); reusing it recovers the cluster.
     #[arg(long)]
@@ -24,6 +25,8 @@ pub struct MasterArgs {
     /// Seconds without heartbeats after which a node is lost.
     #[arg(long, default_value_t = 5.0)]
     pub node_timeout: f64,
+    #[command(flatten)]
+    pub security: SecurityArgs,
 }
 
 /// Flags of `yr node`.
@@ -33,7 +36,7 @@ pub struct NodeArgs {
     #[arg(long)]
     pub master_address: String,
     /// TCP address of this node's bus.
-    #[arg(long, default_value = "0.0.0.0:22773")]
+    #[arg(long, default_value = "127.0.0.1:22773")]
     pub listen: SocketAddr,
     /// Fetch drivers' binaries from the node that created an instance, even when the same path
     /// exists on this machine.
@@ -70,6 +73,96 @@ pub struct NodeArgs {
     /// Seconds of silence after which a runtime counts as hung.
     #[arg(long, default_value_t = 3.0)]
     pub heartbeat_timeout: f64,
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
+
+/// How a component authenticates its connections: the flags `yr master`, `yr node` and `yr
+/// start` share. The cluster token itself comes from `YR_TOKEN` or `--token-file` (never the
+/// command line of a long-running process, which other users can read).
+#[derive(Debug, Clone, Default, ClapArgs)]
+pub struct SecurityArgs {
+    /// A file holding the cluster token (default: the YR_TOKEN environment variable).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Serve /metrics without the cluster token (/healthz is always open).
+    #[arg(long)]
+    pub metrics_public: bool,
+    /// TLS certificate (PEM) for every TCP connection; needs --tls-key and --tls-ca.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signs every member's certificate; peers must present one (mutual TLS).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// The largest gRPC message accepted or sent, in MB (values above 100 KB travel through
+    /// shared memory, not in messages).
+    #[arg(long, value_name = "MB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub max_message_mb: u64,
+}
+
+impl SecurityArgs {
+    /// The same flags for a child's command line (`yr start` passes them on).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(file) = &self.token_file {
+            args.extend(["--token-file".to_string(), file.display().to_string()]);
+        }
+        if self.metrics_public {
+            args.push("--metrics-public".into());
+        }
+        for (flag, file) in [
+            ("--tls-cert", &self.tls_cert),
+            ("--tls-key", &self.tls_key),
+            ("--tls-ca", &self.tls_ca),
+        ] {
+            if let Some(file) = file {
+                args.extend([flag.to_string(), file.display().to_string()]);
+            }
+        }
+        args.extend([
+            "--max-message-mb".to_string(),
+            self.max_message_mb.to_string(),
+        ]);
+        args
+    }
+
+    /// The token from `--token-file`, else `YR_TOKEN`; an error saying how to give one.
+    pub fn token(&self) -> anyhow::Result<ClusterToken> {
+        if let Some(file) = &self.token_file {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the token file {}", file.display()))?;
+            return ClusterToken::parse(&text).with_context(|| {
+                format!("the token file {} holds no valid token", file.display())
+            });
+        }
+        match ClusterToken::resolve(None, None)? {
+            Some(token) => Ok(token),
+            None => anyhow::bail!(
+                "no cluster token: set {} or pass --token-file (`yr start` does this for you; \
+                 the token of a running cluster is in its session directory's `token` file)",
+                yr_common::auth::TOKEN_ENV
+            ),
+        }
+    }
+
+    /// Install this process's credentials: `token`, TLS if given, the message limit.
+    pub fn install(&self, token: ClusterToken) -> anyhow::Result<()> {
+        let tls = match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                Some(std::sync::Arc::new(yr_transport::Tls::load(cert, key, ca)?))
+            }
+            _ => None,
+        };
+        yr_transport::install(yr_transport::Credentials {
+            token: Some(token),
+            tls,
+            max_message_bytes: (self.max_message_mb as usize) << 20,
+        });
+        Ok(())
+    }
 }
 
 /// Where a node keeps its data: the flags `yr start` and `yr node` share.
@@ -221,9 +314,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// Run the master until SIGTERM/SIGINT.
 pub fn run_master(args: &MasterArgs) -> anyhow::Result<()> {
     init_logging();
+    args.security.install(args.security.token()?)?;
     let mut options = yr_master::MasterOptions::new(args.listen, args.data_dir.clone());
     options.metrics_listen = args.metrics_listen;
     options.node_timeout = Duration::from_secs_f64(args.node_timeout.max(0.1));
+    options.metrics_public = args.security.metrics_public;
     runtime()?.block_on(yr_master::run(options, terminated()))?;
     Ok(())
 }
@@ -231,6 +326,17 @@ pub fn run_master(args: &MasterArgs) -> anyhow::Result<()> {
 /// Run a node until SIGTERM/SIGINT; then its instances get their shutdown hooks.
 pub fn run_node(args: &NodeArgs) -> anyhow::Result<()> {
     init_logging();
+    let token = args.security.token()?;
+    // Drivers on this machine find the token beside the node's bus socket.
+    if let Some(dir) = args.bus_socket.parent() {
+        if ClusterToken::read_from(dir).ok().as_ref() != Some(&token) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let _ = std::fs::remove_file(dir.join(yr_common::auth::TOKEN_FILE));
+            token.write_to(dir)?;
+        }
+    }
+    args.security.install(token)?;
     let node_id = args
         .node_id
         .clone()
@@ -261,6 +367,7 @@ pub fn run_node(args: &NodeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(crate::cluster::local_ip),
         bus_socket: args.bus_socket.clone(),
         metrics_listen: args.metrics_listen,
+        metrics_public: args.security.metrics_public,
         capacity,
         labels: args.capacity.label_pairs()?,
         session_dir: args.session_dir.clone(),

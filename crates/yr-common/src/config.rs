@@ -103,6 +103,10 @@ pub struct Config {
     /// Directory with the user's code and files, present on every node. `None` (default) =
     /// none; env `YR_WORKING_DIR`.
     pub working_dir: Option<PathBuf>,
+    /// The cluster token this process presents on every connection. `None` (default) = the
+    /// token file of the session whose node this driver connects to (`<session>/token`, beside
+    /// the node's bus socket); env `YR_TOKEN`. Ignored in local mode.
+    pub token: Option<crate::auth::ClusterToken>,
     /// Environment variables that had invalid values, reported by `validate`.
     env_errors: Vec<String>,
 }
@@ -151,6 +155,7 @@ impl Config {
             max_task_instance_num: -1,
             rpc_timeout: DEFAULT_RPC_TIMEOUT,
             working_dir: None,
+            token: None,
             env_errors: Vec::new(),
         }
     }
@@ -227,6 +232,14 @@ impl Config {
             }
         }
         cfg.working_dir = get(ENV_WORKING_DIR).map(PathBuf::from);
+        if let Some(value) = get(crate::auth::TOKEN_ENV) {
+            match crate::auth::ClusterToken::parse(&value) {
+                Ok(token) => cfg.token = Some(token),
+                Err(error) => cfg
+                    .env_errors
+                    .push(format!("{}: {error}", crate::auth::TOKEN_ENV)),
+            }
+        }
         cfg
     }
 

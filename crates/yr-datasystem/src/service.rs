@@ -41,8 +41,8 @@ impl DataWorkerService {
     /// 100 MB).
     pub fn server(self) -> pb::data_worker_server::DataWorkerServer<DataWorkerService> {
         pb::data_worker_server::DataWorkerServer::new(self)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX)
+            .max_decoding_message_size(yr_transport::max_message_bytes())
+            .max_encoding_message_size(yr_transport::max_message_bytes())
     }
 }
 

@@ -62,6 +62,8 @@ pub struct MasterOptions {
     pub node_timeout: Duration,
     /// Where `/healthz` and `/metrics` are served over HTTP, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve `/metrics` without the cluster token.
+    pub metrics_public: bool,
 }
 
 impl MasterOptions {
@@ -75,6 +77,7 @@ impl MasterOptions {
             data_dir,
             node_timeout: Self::DEFAULT_NODE_TIMEOUT,
             metrics_listen: None,
+            metrics_public: false,
         }
     }
 }
@@ -253,6 +256,7 @@ struct Prepared {
     store: Arc<yr_meta::EmbeddedStore>,
     cluster: Arc<Cluster>,
     revision: u64,
+    metrics_public: bool,
 }
 
 async fn prepare(options: &MasterOptions) -> Result<Prepared, MasterError> {
@@ -269,6 +273,7 @@ async fn prepare(options: &MasterOptions) -> Result<Prepared, MasterError> {
         store,
         cluster,
         revision,
+        metrics_public: options.metrics_public,
     })
 }
 
@@ -283,6 +288,7 @@ impl Prepared {
             store,
             cluster,
             revision,
+            metrics_public,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
@@ -302,7 +308,12 @@ impl Prepared {
             if let Ok(address) = metrics.local_addr() {
                 tracing::info!(%address, "master serving /healthz and /metrics");
             }
-            tasks.spawn(metrics::serve(metrics, cluster.clone(), stop_rx.clone()));
+            tasks.spawn(metrics::serve(
+                metrics,
+                cluster.clone(),
+                stop_rx.clone(),
+                metrics_public,
+            ));
         }
         if let Ok(address) = listener.local_addr() {
             tracing::info!(%address, cluster_id = cluster.cluster_id(), "master serving gRPC");
@@ -316,7 +327,7 @@ impl Prepared {
         let server = tonic::transport::Server::builder()
             .add_service(master)
             .add_service(meta.into_server())
-            .serve_with_incoming_shutdown(yr_meta::service::incoming(listener), async move {
+            .serve_with_incoming_shutdown(yr_transport::incoming_tcp(listener), async move {
                 stopped(&mut server_stop).await
             });
         tokio::pin!(server);

@@ -153,8 +153,14 @@ fn counter_header(out: &mut String, name: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
 }
 
-/// Serves `/healthz` and `/metrics` on `listener` until `stop` turns true.
-pub async fn serve(listener: TcpListener, cluster: Arc<Cluster>, mut stop: watch::Receiver<bool>) {
+/// Serves `/healthz` and `/metrics` on `listener` until `stop` turns true. `/metrics` needs the
+/// cluster token unless `public`.
+pub async fn serve(
+    listener: TcpListener,
+    cluster: Arc<Cluster>,
+    mut stop: watch::Receiver<bool>,
+    public: bool,
+) {
     loop {
         let accepted = tokio::select! {
             _ = crate::stopped(&mut stop) => return,
@@ -164,7 +170,7 @@ pub async fn serve(listener: TcpListener, cluster: Arc<Cluster>, mut stop: watch
             Ok((stream, _)) => {
                 let cluster = cluster.clone();
                 tokio::spawn(async move {
-                    if let Err(err) = respond(stream, &cluster).await {
+                    if let Err(err) = respond(stream, &cluster, public).await {
                         tracing::debug!(error = %err, "metrics request failed");
                     }
                 });
@@ -178,7 +184,7 @@ pub async fn serve(listener: TcpListener, cluster: Arc<Cluster>, mut stop: watch
 }
 
 /// Reads one request head and answers it; the connection closes afterwards.
-async fn respond(mut stream: TcpStream, cluster: &Cluster) -> std::io::Result<()> {
+async fn respond(mut stream: TcpStream, cluster: &Cluster, public: bool) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buffer = [0u8; 1024];
     let read_head = async {
@@ -209,6 +215,13 @@ async fn respond(mut stream: TcpStream, cluster: &Cluster) -> std::io::Result<()
     let path = path.split('?').next().unwrap_or("");
     let (status, content_type, body) = match (method, path) {
         ("GET" | "HEAD", "/healthz") => ("200 OK", "text/plain; charset=utf-8", "ok\n".to_string()),
+        ("GET" | "HEAD", "/metrics") if !yr_transport::metrics_allowed(&head, public) => (
+            "401 Unauthorized",
+            "text/plain; charset=utf-8",
+            "/metrics needs the cluster token: send Authorization: Bearer <token> (the token \
+             file in the session directory), or start the master with --metrics-public\n"
+                .to_string(),
+        ),
         ("GET" | "HEAD", "/metrics") => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",

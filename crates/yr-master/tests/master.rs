@@ -26,7 +26,16 @@ use yr_proto::v1::{
 /// Every wait in these tests ends by this deadline.
 const DEADLINE: Duration = Duration::from_secs(10);
 
+/// The token every test master and client here shares.
+fn token() -> yr_common::auth::ClusterToken {
+    static TOKEN: std::sync::OnceLock<yr_common::auth::ClusterToken> = std::sync::OnceLock::new();
+    TOKEN
+        .get_or_init(|| yr_common::auth::ClusterToken::generate().expect("a token"))
+        .clone()
+}
+
 async fn start_master(dir: &Path, node_timeout: Duration) -> MasterHandle {
+    yr_transport::install(yr_transport::Credentials::with_token(token()));
     let mut options = MasterOptions::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
     options.node_timeout = node_timeout;
     options.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
@@ -34,9 +43,13 @@ async fn start_master(dir: &Path, node_timeout: Duration) -> MasterHandle {
 }
 
 async fn connect(master: &MasterHandle) -> MasterClient<Channel> {
-    MasterClient::connect(format!("http://{}", master.address()))
-        .await
-        .expect("connect to the master")
+    let channel = yr_transport::connect(
+        &master.address().to_string(),
+        yr_common::ErrorCode::InnerCommunication,
+    )
+    .await
+    .expect("connect to the master");
+    MasterClient::new(channel)
 }
 
 async fn meta(master: &MasterHandle) -> RemoteStore {
@@ -685,7 +698,13 @@ async fn cluster_status_lists_nodes_instances_and_functions() {
 async fn http_get(address: SocketAddr, path: &str) -> (String, String) {
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: master\r\n\r\n").as_bytes())
+        .write_all(
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: master\r\nAuthorization: Bearer {}\r\n\r\n",
+                token().as_str()
+            )
+            .as_bytes(),
+        )
         .await
         .unwrap();
     let mut response = String::new();

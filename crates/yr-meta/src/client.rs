@@ -23,7 +23,6 @@ use yr_proto::meta as proto;
 use yr_proto::meta::meta_service_client::MetaServiceClient;
 
 use crate::error::MetaError;
-use crate::service::MAX_MESSAGE_BYTES;
 use crate::store::{Compare, KeyValue, LeaseId, MetaStore, TxnOp, TxnResponse, WatchEvent};
 use crate::wire;
 
@@ -48,8 +47,12 @@ impl RemoteStore {
     /// [`MetaError::Unavailable`] if it cannot be reached within the timeout, and with
     /// [`MetaError::InvalidArgument`] if the address is malformed.
     pub async fn connect(address: &str) -> Result<RemoteStore, MetaError> {
-        let endpoint = endpoint(address, Self::DEFAULT_TIMEOUT)?;
-        let channel = tokio::time::timeout(Self::DEFAULT_TIMEOUT, endpoint.connect())
+        let connect = yr_transport::connect_with(
+            address,
+            yr_common::ErrorCode::EtcdOperationError,
+            keep_alive,
+        );
+        let channel = tokio::time::timeout(Self::DEFAULT_TIMEOUT, connect)
             .await
             .map_err(|_| {
                 MetaError::Unavailable(format!(
@@ -57,26 +60,27 @@ impl RemoteStore {
                     Self::DEFAULT_TIMEOUT
                 ))
             })?
-            .map_err(|e| {
-                MetaError::Unavailable(format!(
-                    "could not connect to the meta store at {address}: {e}; check that the master is running"
-                ))
-            })?;
+            .map_err(connect_error)?;
         Ok(RemoteStore::from_channel(channel, address))
     }
 
     /// A store whose connection is made on the first call, so it can be built before the
     /// master is up.
     pub fn connect_lazy(address: &str) -> Result<RemoteStore, MetaError> {
-        let channel = endpoint(address, Self::DEFAULT_TIMEOUT)?.connect_lazy();
+        let channel = yr_transport::connect_lazy_with(
+            address,
+            yr_common::ErrorCode::EtcdOperationError,
+            keep_alive,
+        )
+        .map_err(connect_error)?;
         Ok(RemoteStore::from_channel(channel, address))
     }
 
     fn from_channel(channel: Channel, address: &str) -> RemoteStore {
         RemoteStore {
             client: MetaServiceClient::new(channel)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(yr_transport::max_message_bytes())
+                .max_encoding_message_size(yr_transport::max_message_bytes()),
             address: address.into(),
             timeout: Self::DEFAULT_TIMEOUT,
         }
@@ -125,18 +129,28 @@ impl RemoteStore {
     }
 }
 
-fn endpoint(address: &str, timeout: Duration) -> Result<Endpoint, MetaError> {
-    Ok(Endpoint::from_shared(address.to_string())
-        .map_err(|e| {
-            MetaError::InvalidArgument(format!(
-                "meta store address {address:?} is not a valid URI like http://host:port: {e}"
-            ))
-        })?
-        .connect_timeout(timeout)
-        .tcp_nodelay(true)
+fn keep_alive(endpoint: Endpoint) -> Endpoint {
+    endpoint
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true))
+        .keep_alive_while_idle(true)
+}
+
+/// A connection that failed: refused for its token (1014), a malformed address, or a master
+/// that cannot be reached.
+fn connect_error(error: yr_common::Error) -> MetaError {
+    match error.code() {
+        yr_common::ErrorCode::AuthorizeFailed => {
+            MetaError::Unauthenticated(error.message().to_string())
+        }
+        yr_common::ErrorCode::ParamInvalid => {
+            MetaError::InvalidArgument(error.message().to_string())
+        }
+        _ => MetaError::Unavailable(format!(
+            "{}; check that the master is running",
+            error.message()
+        )),
+    }
 }
 
 /// Forwards a watch stream to `tx`, reconnecting and resuming after the last revision received

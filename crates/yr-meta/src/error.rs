@@ -30,6 +30,9 @@ pub enum MetaError {
     /// transaction branch...).
     #[error("invalid meta store request: {0}")]
     InvalidArgument(String),
+    /// The store refused this process's cluster token (1014).
+    #[error("the meta store refused this process: {0}")]
+    Unauthenticated(String),
     /// A watch asked for events after `revision`, but the store only keeps events after
     /// `compacted_revision`. Read the current state with `range` and watch again from
     /// `current_revision`.
@@ -63,6 +66,7 @@ impl From<MetaError> for Error {
             | MetaError::LeaseNotFound(_)
             | MetaError::Compacted { .. } => ErrorCode::EtcdOperationError,
             MetaError::InvalidArgument(_) => ErrorCode::InnerSystemError,
+            MetaError::Unauthenticated(_) => ErrorCode::AuthorizeFailed,
         };
         Error::with_module(code, ModuleCode::Core, err.to_string())
     }

@@ -6,13 +6,13 @@
 //! use std::sync::Arc;
 //! use yr_meta::{serve, EmbeddedStore};
 //! let store = Arc::new(EmbeddedStore::open("/var/lib/yr/meta").await?);
-//! let listener = tokio::net::TcpListener::bind("0.0.0.0:31501").await.unwrap();
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:31501").await.unwrap();
 //! serve(store, listener, async { tokio::signal::ctrl_c().await.ok(); }).await
 //! # }
 //! ```
 //!
 //! To put the service on a server that also carries other services, add
-//! [`MetaService::into_server`] to it, serve it on [`incoming`]`(listener)` (TCP_NODELAY), and
+//! [`MetaService::into_server`] to it, serve it on `yr_transport::incoming_tcp(listener)` (authenticated connections), and
 //! call [`MetaService::close_watches`] before shutting the server down so that its open watch
 //! streams end.
 
@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use yr_proto::meta as proto;
 pub use yr_proto::meta::meta_service_server::MetaServiceServer;
@@ -31,9 +31,6 @@ pub use yr_proto::meta::meta_service_server::MetaServiceServer;
 use crate::error::MetaError;
 use crate::store::{MetaStore, WatchEvent};
 use crate::wire;
-
-/// Messages above this size are refused; a range over many large records can be big.
-pub(crate) const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
 /// Serves a [`MetaStore`] as `yr.meta.v1.MetaService`.
 #[derive(Clone)]
@@ -54,8 +51,8 @@ impl MetaService {
     /// The tonic service to add to a `tonic::transport::Server`.
     pub fn into_server(self) -> MetaServiceServer<MetaService> {
         MetaServiceServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(yr_transport::max_message_bytes())
+            .max_encoding_message_size(yr_transport::max_message_bytes())
     }
 
     /// Ends every open watch stream, now and for watches opened later; clients resume against
@@ -83,28 +80,12 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(service.into_server())
-        .serve_with_incoming_shutdown(incoming(listener), async move {
+        .serve_with_incoming_shutdown(yr_transport::incoming_tcp(listener), async move {
             shutdown.await;
             closer.close_watches();
         })
         .await
         .map_err(|e| MetaError::Unavailable(format!("meta store service on {address} failed: {e}")))
-}
-
-/// The connections `listener` accepts, with Nagle's algorithm off, for
-/// `serve_with_incoming(_shutdown)`. tonic's own `tcp_nodelay` applies only to listeners it
-/// binds itself; without this every unary answer waits for the client's delayed ACK (about
-/// 40 ms per call).
-pub fn incoming(
-    listener: tokio::net::TcpListener,
-) -> impl Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    TcpListenerStream::new(listener).map(|accepted| {
-        let stream = accepted?;
-        if let Err(err) = stream.set_nodelay(true) {
-            tracing::debug!(%err, "could not set TCP_NODELAY on a meta store connection");
-        }
-        Ok(stream)
-    })
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::WatchResponse, Status>> + Send>>;

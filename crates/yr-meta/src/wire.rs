@@ -152,6 +152,7 @@ pub(crate) fn status_from_error(err: MetaError) -> Status {
         MetaError::LeaseNotFound(_) => (Code::NotFound, "lease-not-found"),
         MetaError::InvalidArgument(_) => (Code::InvalidArgument, "invalid-argument"),
         MetaError::Compacted { .. } => (Code::OutOfRange, "compacted"),
+        MetaError::Unauthenticated(_) => (Code::Unauthenticated, "unauthenticated"),
     };
     let mut status = Status::new(code, message);
     insert(&mut status, ERROR_KIND, kind);
@@ -177,6 +178,7 @@ fn detail(status: &Status) -> String {
         "meta store disk I/O failed: ",
         "meta store data is corrupt: ",
         "invalid meta store request: ",
+        "the meta store refused this process: ",
     ] {
         if let Some(rest) = message.strip_prefix(prefix) {
             return rest.to_string();
@@ -202,6 +204,7 @@ pub(crate) fn error_from_status(status: Status, address: &str, what: &str) -> Me
         Some("io") => return MetaError::Io(detail(&status)),
         Some("corrupt") => return MetaError::Corrupt(detail(&status)),
         Some("invalid-argument") => return MetaError::InvalidArgument(detail(&status)),
+        Some("unauthenticated") => return MetaError::Unauthenticated(detail(&status)),
         Some("lease-not-found") => {
             if let Some(lease) = number(&status, LEASE) {
                 return MetaError::LeaseNotFound(lease);

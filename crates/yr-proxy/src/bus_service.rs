@@ -36,11 +36,13 @@ impl Bus for BusService {
         &self,
         request: Request<Streaming<pb::BusRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
+        // Who the client is comes from the connection, never from what it says.
+        let peer = yr_transport::peer_of(&request);
         let mut inbound = request.into_inner();
         let (sender, receiver) = mpsc::unbounded_channel();
         let node = self.node.clone();
         let spill_asks = self.spill_asks.clone();
-        let client_id = node.connect_client(sender);
+        let client_id = node.connect_client(sender, peer);
         tokio::spawn(async move {
             while let Some(message) = inbound.next().await {
                 match message {
@@ -75,10 +77,18 @@ fn handle(node: &Arc<Node>, spill_asks: &SpillAsks, client_id: u64, message: pb:
     match body {
         Body::Register(register) => {
             let reply = node.register(client_id, register);
-            node.reply(client_id, id, Ok(pb::bus_response::Body::Registered(reply)));
+            if let Err(error) = &reply {
+                tracing::warn!(client_id, %error, "refused a registration");
+            }
+            node.reply(client_id, id, reply.map(pb::bus_response::Body::Registered));
         }
-        Body::Create(create) => {
-            let result = node.create(create, Subscriber::Client(client_id));
+        Body::Create(mut create) => {
+            // Only another node forwards creates (on the Node service); a client's are its own.
+            create.creator_node_id.clear();
+            create.creator_node_address.clear();
+            let result = node
+                .check_create_binary(&create)
+                .and_then(|()| node.create(create, Subscriber::Client(client_id)));
             node.reply(client_id, id, result.map(pb::bus_response::Body::Create));
         }
         Body::Kill(kill) => {

@@ -68,7 +68,8 @@ pub fn metrics(node: &Node, data: &DataWorker) -> String {
 }
 
 /// Serve `/healthz` and `/metrics` on `listener`.
-pub async fn serve(listener: TcpListener, node: Arc<Node>, data: Arc<DataWorker>) {
+/// `/metrics` needs the cluster token unless `public`.
+pub async fn serve(listener: TcpListener, node: Arc<Node>, data: Arc<DataWorker>, public: bool) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             continue;
@@ -82,6 +83,13 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, data: Arc<DataWorker>
             let path = request.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = match path {
                 "/healthz" => ("200 OK", "ok\n".to_string()),
+                "/metrics" if !yr_transport::metrics_allowed(&buffer[..read], public) => (
+                    "401 Unauthorized",
+                    "/metrics needs the cluster token: send Authorization: Bearer <token> (the \
+                     token file in the session directory), or start the node with \
+                     --metrics-public\n"
+                        .to_string(),
+                ),
                 "/metrics" => ("200 OK", metrics(&node, &data)),
                 _ => (
                     "404 Not Found",

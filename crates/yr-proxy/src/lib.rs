@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::UnixListenerStream;
 use yr_common::{Error, ErrorCode};
 use yr_proto::v1 as pb;
 
@@ -47,6 +46,8 @@ pub struct NodeOptions {
     pub bus_socket: PathBuf,
     /// Health and metrics.
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve `/metrics` without the cluster token.
+    pub metrics_public: bool,
     /// What this node offers.
     pub capacity: Amount,
     /// Node labels.
@@ -229,6 +230,7 @@ pub async fn run(
             listener,
             node.clone(),
             options.data_worker.clone(),
+            options.metrics_public,
         ));
     }
 
@@ -237,24 +239,24 @@ pub async fn run(
             node: node.clone(),
             spill_asks: spill_asks.clone(),
         })
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(yr_transport::max_message_bytes())
+        .max_encoding_message_size(yr_transport::max_message_bytes())
     };
     let unix_server = tonic::transport::Server::builder()
         .add_service(service())
         .add_service(options.data_worker.service())
         .add_service(options.data_worker.object_service())
-        .serve_with_incoming(UnixListenerStream::new(unix));
+        .serve_with_incoming(yr_transport::incoming_unix(unix));
     let tcp_server = tonic::transport::Server::builder()
         .add_service(service())
         .add_service(options.data_worker.service())
         .add_service(options.data_worker.object_service())
         .add_service(
             pb::node_server::NodeServer::new(node_service::NodeService { node: node.clone() })
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(usize::MAX),
+                .max_decoding_message_size(yr_transport::max_message_bytes())
+                .max_encoding_message_size(yr_transport::max_message_bytes()),
         )
-        .serve_with_incoming(yr_meta::service::incoming(tcp));
+        .serve_with_incoming(yr_transport::incoming_tcp(tcp));
     tracing::info!(node = %options.node_id, bus = %options.bus_socket.display(), tcp = %tcp_address, "node serving");
     tokio::select! {
         result = unix_server => {

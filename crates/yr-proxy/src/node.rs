@@ -13,6 +13,7 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 use yr_agent::{RuntimeEvent, RuntimeManager, RuntimeSpec};
+use yr_common::auth::PeerCredentials;
 use yr_common::{Error, ErrorCode, InvokeOptions};
 use yr_meta::MetaStore;
 use yr_proto::v1 as pb;
@@ -77,7 +78,8 @@ pub struct Client {
     job_id: String,
     sender: Outbound,
     runtime_id: String,
-    /// The client's process id (0 until it registers).
+    /// The client's process id, from the connection's peer credentials (0 over TCP: a
+    /// process on another machine holds nothing in this node's shared memory).
     pid: u32,
     /// Where the client listens, if on a Unix socket; removed when it leaves.
     socket: Option<PathBuf>,
@@ -185,6 +187,11 @@ impl Node {
                 log_dir: settings.session_dir.join("logs"),
                 bus_address: settings.bus_address.clone(),
                 node_id: settings.node_id.clone(),
+                token: yr_transport::current()
+                    .token
+                    .as_ref()
+                    .map(|t| t.as_str().to_string())
+                    .unwrap_or_default(),
             },
             events,
         );
@@ -221,8 +228,9 @@ impl Node {
         let _ = self.client_gone.set(gone);
     }
 
-    /// A new bus session; returns its id.
-    pub fn connect_client(&self, sender: Outbound) -> u64 {
+    /// A new bus session from `peer` (its Unix peer credentials; `None` over TCP); returns
+    /// its id.
+    pub fn connect_client(&self, sender: Outbound, peer: Option<PeerCredentials>) -> u64 {
         let id = self.next_client.fetch_add(1, Ordering::Relaxed);
         self.state.lock().clients.insert(
             id,
@@ -231,7 +239,7 @@ impl Node {
                 job_id: String::new(),
                 sender,
                 runtime_id: String::new(),
-                pid: 0,
+                pid: peer.map(|p| p.pid).unwrap_or(0),
                 socket: None,
             },
         );
@@ -291,13 +299,32 @@ impl Node {
         self.send(client_id, message_id, body);
     }
 
-    /// A client registered.
+    /// A client registered. Nothing it claims about itself is taken on trust: its pid comes
+    /// from the connection, a runtime must be one this node started (the same process), and a
+    /// driver's binary must be the executable the driver process runs, hashed here (1014 or
+    /// 1001 otherwise, and nothing is registered).
     pub fn register(
         self: &Arc<Self>,
         client_id: u64,
         register: pb::RegisterClient,
-    ) -> pb::RegisterReply {
-        let kind = pb::ClientKind::try_from(register.kind).unwrap_or(pb::ClientKind::Driver);
+    ) -> Result<pb::RegisterReply, Error> {
+        let kind = pb::ClientKind::try_from(register.kind).map_err(|_| {
+            Error::new(
+                ErrorCode::ParamInvalid,
+                format!("unknown client kind {} in a registration", register.kind),
+            )
+        })?;
+        let pid = self
+            .state
+            .lock()
+            .clients
+            .get(&client_id)
+            .map(|c| c.pid)
+            .unwrap_or(0);
+        match kind {
+            pb::ClientKind::Runtime => self.check_runtime(&register.runtime_id, pid)?,
+            pb::ClientKind::Driver => check_driver_binary(&register, pid)?,
+        }
         let mut warm_binary = None;
         {
             let mut state = self.state.lock();
@@ -305,7 +332,6 @@ impl Node {
                 client.kind = kind;
                 client.job_id = register.job_id.clone();
                 client.runtime_id = register.runtime_id.clone();
-                client.pid = register.pid;
                 client.socket = register
                     .listen_address
                     .strip_prefix("unix:")
@@ -350,10 +376,47 @@ impl Node {
         if let Some(hash) = warm_binary {
             self.fill_warm_pool(&hash);
         }
-        pb::RegisterReply {
+        Ok(pb::RegisterReply {
             node_id: self.settings.node_id.clone(),
             session_dir: self.settings.session_dir.display().to_string(),
+        })
+    }
+
+    /// A runtime registers: it must be a runtime this node started, in the same process.
+    fn check_runtime(&self, runtime_id: &str, pid: u32) -> Result<(), Error> {
+        match self.agent.pid(runtime_id) {
+            Some(started) if started == pid && pid != 0 => Ok(()),
+            _ => Err(Error::new(
+                ErrorCode::AuthorizeFailed,
+                format!(
+                    "process {pid} registered as runtime {runtime_id:?}, which node {} did not \
+                     start in that process; only runtimes the node starts register as runtimes",
+                    self.settings.node_id
+                ),
+            )),
         }
+    }
+
+    /// Whether a create from a bus client names a binary registered on this node by a driver
+    /// (or fetched for an instance placed here). A client cannot make the node run anything
+    /// else.
+    pub fn check_create_binary(&self, request: &pb::CreateRequest) -> Result<(), Error> {
+        if self
+            .state
+            .lock()
+            .binaries
+            .contains_key(&request.binary_hash)
+        {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorCode::ParamInvalid,
+            format!(
+                "the create names binary {:?}, which no driver registered on node {}; create \
+                 instances from a driver (or runtime) connected to this node",
+                request.binary_hash, self.settings.node_id
+            ),
+        ))
     }
 
     /// A bus session ended.
@@ -1047,8 +1110,8 @@ impl Node {
             yr_runtime::cluster::transport::connect(&address, ErrorCode::InnerCommunication)
                 .await?;
         let mut client = pb::node_client::NodeClient::new(channel)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX);
+            .max_decoding_message_size(yr_transport::max_message_bytes())
+            .max_encoding_message_size(yr_transport::max_message_bytes());
         let mut notifications = client
             .create(request)
             .await
@@ -1152,6 +1215,9 @@ impl Node {
         if creator.is_empty() {
             return Err("no node to fetch it from".into());
         }
+        if !valid_binary_hash(hash) {
+            return Err(format!("{hash:?} is not a binary content key"));
+        }
         let dir = self.settings.session_dir.join("binaries");
         tokio::fs::create_dir_all(&dir)
             .await
@@ -1163,8 +1229,8 @@ impl Node {
         let channel = yr_runtime::cluster::transport::connect(creator, ErrorCode::UserCodeLoad)
             .await
             .map_err(|e| e.message().to_string())?;
-        let mut client =
-            pb::node_client::NodeClient::new(channel).max_decoding_message_size(usize::MAX);
+        let mut client = pb::node_client::NodeClient::new(channel)
+            .max_decoding_message_size(yr_transport::max_message_bytes());
         let mut chunks = client
             .fetch_binary(pb::FetchBinaryRequest {
                 hash: hash.to_string(),
@@ -1772,4 +1838,96 @@ fn exited_error(instance_id: &str) -> Error {
         ErrorCode::InstanceExited,
         format!("instance occurs fatal error, cause by: (instance {instance_id} has been killed or exited.)"),
     )
+}
+
+/// Whether `hash` looks like a binary content key (`<32 hex>-<hex length>`), so it is safe as a
+/// file name.
+fn valid_binary_hash(hash: &str) -> bool {
+    match hash.split_once('-') {
+        Some((digest, length)) => {
+            digest.len() == 32
+                && !length.is_empty()
+                && length.len() <= 16
+                && digest
+                    .bytes()
+                    .chain(length.bytes())
+                    .all(|b| b.is_ascii_hexdigit())
+        }
+        None => false,
+    }
+}
+
+/// A driver registers its binary: over a Unix socket it must be the executable that the
+/// driver process (`pid`, from the connection) runs, and its content key is computed here; over
+/// TCP (`pid` 0), the file must exist here with that content key. Either way the node runs only
+/// code a driver of the cluster runs itself, never a path a client merely names.
+fn check_driver_binary(register: &pb::RegisterClient, pid: u32) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let path = std::path::Path::new(&register.binary_path);
+    let refused = |why: String| {
+        Error::new(
+            ErrorCode::AuthorizeFailed,
+            format!(
+                "driver binary {:?} refused: {why}; a driver registers the executable it runs",
+                register.binary_path
+            ),
+        )
+    };
+    let named = std::fs::metadata(path).map_err(|e| refused(format!("cannot read it: {e}")))?;
+    if !named.is_file() {
+        return Err(refused("it is not a file".into()));
+    }
+    if pid != 0 {
+        let running = std::fs::metadata(format!("/proc/{pid}/exe"))
+            .map_err(|e| refused(format!("cannot read process {pid}'s executable: {e}")))?;
+        if (running.dev(), running.ino()) != (named.dev(), named.ino()) {
+            return Err(refused(format!(
+                "process {pid} does not run that executable"
+            )));
+        }
+    }
+    let hash = yr_runtime::cluster::binary_hash(path);
+    if hash.is_empty() || hash != register.binary_hash {
+        return Err(refused(format!(
+            "its content key is {hash:?}, not the {:?} the driver sent (was it rebuilt?)",
+            register.binary_hash
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_content_keys_are_binary_file_names() {
+        assert!(valid_binary_hash("0123456789abcdef0123456789abcdef-1f00"));
+        assert!(!valid_binary_hash("../../etc/passwd"));
+        assert!(!valid_binary_hash("0123456789abcdef0123456789abcdef-"));
+        assert!(!valid_binary_hash("0123456789abcdef0123456789abcdef-../x"));
+        assert!(!valid_binary_hash(""));
+    }
+
+    #[test]
+    fn a_driver_registers_only_the_executable_it_runs() {
+        let me = std::env::current_exe().expect("this test's executable");
+        let mut register = pb::RegisterClient {
+            binary_path: me.display().to_string(),
+            binary_hash: yr_runtime::cluster::binary_hash(&me),
+            ..Default::default()
+        };
+        let pid = std::process::id();
+        assert!(check_driver_binary(&register, pid).is_ok());
+        register.binary_path = "/bin/sh".into();
+        register.binary_hash = yr_runtime::cluster::binary_hash(std::path::Path::new("/bin/sh"));
+        let error = check_driver_binary(&register, pid).expect_err("not this process's binary");
+        assert_eq!(error.code(), ErrorCode::AuthorizeFailed);
+        register.binary_path = me.display().to_string();
+        register.binary_hash = "0123456789abcdef0123456789abcdef-1".into();
+        assert!(
+            check_driver_binary(&register, pid).is_err(),
+            "a wrong content key"
+        );
+    }
 }

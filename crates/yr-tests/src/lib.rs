@@ -648,6 +648,9 @@ impl ClusterBuilder {
         let dir = TempDir::new("cluster");
         let master_port = free_port();
         let metrics_port = free_port();
+        let token = yr_common::auth::ClusterToken::generate().expect("a cluster token");
+        // This process talks to the master and nodes directly (status, records) with it.
+        yr_transport::install(yr_transport::Credentials::with_token(token.clone()));
         let mut cluster = TestCluster {
             master: None,
             master_port,
@@ -655,6 +658,7 @@ impl ClusterBuilder {
             node_timeout: self.node_timeout,
             nodes: Vec::new(),
             dir,
+            token,
         };
         // A port free a moment ago may have been taken since (by any process's outgoing
         // connection): then start again on other ports.
@@ -719,6 +723,8 @@ pub struct TestCluster {
     node_timeout: f64,
     nodes: Vec<NodeProcess>,
     dir: TempDir,
+    /// The cluster token every component and this test process present.
+    token: yr_common::auth::ClusterToken,
 }
 
 fn spawn_component(role: &str, args: &[String], log: &Path, env: &[(String, String)]) -> Child {
@@ -809,7 +815,11 @@ impl TestCluster {
             self.node_timeout.to_string(),
         ];
         let log = self.master_log();
-        let mut child = spawn_component("master", &args, &log, &[]);
+        let env = [(
+            yr_common::auth::TOKEN_ENV.to_string(),
+            self.token.as_str().to_string(),
+        )];
+        let mut child = spawn_component("master", &args, &log, &env);
         let address = self.master_address();
         let ready = wait_until(START_TIMEOUT, || {
             connects(&address) || matches!(child.try_wait(), Ok(Some(_)))
@@ -882,7 +892,12 @@ impl TestCluster {
             ]);
         }
         let log = self.node_log(index);
-        let mut child = spawn_component("node", &args, &log, &node.spec.env);
+        let mut env = node.spec.env.clone();
+        env.push((
+            yr_common::auth::TOKEN_ENV.to_string(),
+            self.token.as_str().to_string(),
+        ));
+        let mut child = spawn_component("node", &args, &log, &env);
         let socket = node.bus_socket.clone();
         let node_id = node.node_id.clone();
         let ready = wait_until(START_TIMEOUT, || {
@@ -915,6 +930,11 @@ impl TestCluster {
         Ok(())
     }
 
+    /// The cluster token.
+    pub fn token(&self) -> &yr_common::auth::ClusterToken {
+        &self.token
+    }
+
     /// The master's gRPC address.
     pub fn master_address(&self) -> String {
         format!("127.0.0.1:{}", self.master_port)
@@ -929,7 +949,9 @@ impl TestCluster {
         stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         write!(
             stream,
-            "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+            "GET /metrics HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {}\r\n\
+             Connection: close\r\n\r\n",
+            self.token.as_str()
         )
         .ok()?;
         let mut text = String::new();
@@ -1010,10 +1032,7 @@ impl TestCluster {
         block_on(async move {
             let channel = tokio::time::timeout(
                 Duration::from_secs(5),
-                yr_runtime::cluster::transport::connect(
-                    &address,
-                    yr::ErrorCode::InnerCommunication,
-                ),
+                yr_transport::connect(&address, yr::ErrorCode::InnerCommunication),
             )
             .await
             .map_err(|_| format!("connecting to the master at {address} timed out"))?
@@ -1037,12 +1056,9 @@ impl TestCluster {
         let address = self.master_address();
         let key = format!("/yr/instance/{instance_id}");
         block_on(async move {
-            let channel = yr_runtime::cluster::transport::connect(
-                &address,
-                yr::ErrorCode::InnerCommunication,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            let channel = yr_transport::connect(&address, yr::ErrorCode::InnerCommunication)
+                .await
+                .map_err(|e| e.to_string())?;
             let reply = tokio::time::timeout(
                 Duration::from_secs(5),
                 yr_proto::meta::meta_service_client::MetaServiceClient::new(channel)

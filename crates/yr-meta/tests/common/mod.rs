@@ -75,6 +75,7 @@ impl Server {
     }
 
     pub async fn start_on(store: Arc<dyn MetaStore>, address: SocketAddr) -> Server {
+        install_test_token();
         let listener = tokio::net::TcpListener::bind(address).await.unwrap();
         let address = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel();
@@ -595,4 +596,13 @@ pub async fn revoke_deletes_keys(store: &dyn MetaStore) {
         store.grant_lease(Duration::ZERO).await,
         Err(MetaError::InvalidArgument(_))
     ));
+}
+
+/// Install one token for every server and client of this test process.
+pub fn install_test_token() {
+    static TOKEN: std::sync::OnceLock<yr_common::auth::ClusterToken> = std::sync::OnceLock::new();
+    let token = TOKEN
+        .get_or_init(|| yr_common::auth::ClusterToken::generate().expect("a token"))
+        .clone();
+    yr_transport::install(yr_transport::Credentials::with_token(token));
 }

@@ -46,8 +46,8 @@ impl Bus {
         let channel = transport::connect(address, connect_code).await?;
         let (outbound, receiver) = mpsc::unbounded_channel();
         let mut client = BusClient::new(channel)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX);
+            .max_decoding_message_size(yr_transport::max_message_bytes())
+            .max_encoding_message_size(yr_transport::max_message_bytes());
         let bus = Arc::new(Bus {
             outbound,
             pending: Arc::new(Mutex::new(HashMap::new())),

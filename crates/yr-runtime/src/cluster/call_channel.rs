@@ -564,8 +564,46 @@ pub fn connect(worker_address: &str) -> Result<(Arc<FrameWriter>, FrameReader), 
             ),
         )
     };
-    let stream = UnixStream::connect(&path).map_err(failed)?;
+    let mut stream = UnixStream::connect(&path).map_err(failed)?;
+    let token = yr_transport::current()
+        .token
+        .clone()
+        .ok_or_else(|| yr_transport::no_token(worker_address))?;
+    stream
+        .set_read_timeout(Some(yr_transport::HANDSHAKE_TIMEOUT))
+        .map_err(failed)?;
+    yr_common::auth::send_hello(&mut stream, &token)?;
+    stream.set_read_timeout(None).map_err(failed)?;
     split(stream).map_err(failed)
+}
+
+/// Call connections authenticating at once; more are closed at once.
+const MAX_HANDSHAKES: usize = 64;
+
+/// Let a caller in: it runs as this user (or root), and its first frame is the cluster
+/// token's hello, within [`yr_transport::HANDSHAKE_TIMEOUT`].
+fn authenticate(stream: &mut UnixStream) -> Result<(), yr_common::auth::AuthError> {
+    use yr_common::auth::{self, AuthError, HELLO_ACCEPTED, HELLO_REFUSED};
+    let token = yr_transport::current()
+        .token
+        .clone()
+        .ok_or(AuthError::Missing)?;
+    let checked = auth::peer_credentials(stream)
+        .and_then(|peer| auth::peer_allowed(&peer))
+        .and_then(|()| {
+            stream
+                .set_read_timeout(Some(yr_transport::HANDSHAKE_TIMEOUT))
+                .map_err(|e| AuthError::NoCredentials(e.to_string()))?;
+            auth::read_hello(stream, &token)
+        });
+    let answer = if checked.is_ok() {
+        HELLO_ACCEPTED
+    } else {
+        HELLO_REFUSED
+    };
+    let _ = stream.write_all(&[answer]);
+    let _ = stream.set_read_timeout(None);
+    checked
 }
 
 /// Serve calls on the call socket beside `worker_address`; connections are read by the poller.
@@ -582,14 +620,39 @@ pub fn serve(worker_address: &str, executor: Arc<dyn CallExecutor>) -> Result<()
         .name("yr-call-accept".to_string())
         .spawn(move || {
             for stream in listener.incoming() {
-                let stream = match stream {
+                let mut stream = match stream {
                     Ok(stream) => stream,
                     Err(error) => {
                         tracing::warn!(%error, "accepting a call connection failed");
+                        std::thread::sleep(Duration::from_millis(10));
                         continue;
                     }
                 };
-                serve_connection(stream, executor.clone());
+                // Each caller authenticates on a thread of its own, so a silent one cannot
+                // hold the others up.
+                static HANDSHAKES: AtomicU64 = AtomicU64::new(0);
+                if HANDSHAKES.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES as u64 {
+                    HANDSHAKES.fetch_sub(1, Ordering::AcqRel);
+                    tracing::warn!("too many call connections are authenticating; closing one");
+                    continue;
+                }
+                let executor = executor.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("yr-call-hello".to_string())
+                    .spawn(move || {
+                        let result = authenticate(&mut stream);
+                        HANDSHAKES.fetch_sub(1, Ordering::AcqRel);
+                        match result {
+                            Ok(()) => serve_connection(stream, executor),
+                            Err(error) => {
+                                tracing::warn!(%error, "refused a call connection (1014)")
+                            }
+                        }
+                    });
+                if let Err(error) = spawned {
+                    HANDSHAKES.fetch_sub(1, Ordering::AcqRel);
+                    tracing::warn!(%error, "cannot start a thread for a call connection");
+                }
             }
         })
         .map_err(|e| {

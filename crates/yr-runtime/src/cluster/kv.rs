@@ -51,8 +51,8 @@ impl ClusterKv {
         self.channel.call(
             |channel| {
                 DataWorkerClient::new(channel)
-                    .max_decoding_message_size(usize::MAX)
-                    .max_encoding_message_size(usize::MAX)
+                    .max_decoding_message_size(yr_transport::max_message_bytes())
+                    .max_encoding_message_size(yr_transport::max_message_bytes())
             },
             make,
         )

@@ -16,7 +16,7 @@ pub mod runtime_mode;
 mod shared_memory;
 mod stateless;
 pub mod stream;
-pub mod transport;
+pub use yr_transport as transport;
 mod worker;
 
 use std::collections::HashMap;
@@ -187,6 +187,39 @@ fn own_binary_hash(binary: &std::path::Path, is_runtime: bool) -> String {
     binary_hash(binary)
 }
 
+/// Install the cluster token this process presents (and checks on its own sockets):
+/// `Config::token` (or `YR_TOKEN`), else the token file beside the node's bus socket, which
+/// `yr start` writes into the session directory. 1014 if there is none.
+fn install_token(config: &Config, node_address: &str) -> Result<(), Error> {
+    let token = match &config.token {
+        Some(token) => token.clone(),
+        None => {
+            let session_dir = match transport::Address::parse(node_address)? {
+                transport::Address::Unix(socket) => {
+                    socket.parent().map(std::path::Path::to_path_buf)
+                }
+                transport::Address::Tcp(_) => None,
+            };
+            yr_common::auth::ClusterToken::resolve(None, session_dir.as_deref())
+                .map_err(Error::from)?
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorCode::AuthorizeFailed,
+                        format!(
+                            "no cluster token to connect to the node at {node_address}: set \
+                             YR_TOKEN (or Config::token) to the token in the cluster's session \
+                             directory (the `token` file)"
+                        ),
+                    )
+                })?
+        }
+    };
+    let mut credentials = (*yr_transport::current()).clone();
+    credentials.token = Some(token);
+    yr_transport::install(credentials);
+    Ok(())
+}
+
 impl ClusterBackend {
     /// Connect to the node, as a driver or (with `runtime`) as a runtime.
     pub fn connect(
@@ -198,6 +231,7 @@ impl ClusterBackend {
             Some(env) => env.bus_address.clone(),
             None => find_node(config)?,
         };
+        install_token(config, &node_address)?;
         let (io, io_thread, shutdown_io) = io_runtime()?;
         let binary = std::env::current_exe().map_err(|e| {
             Error::new(
@@ -304,9 +338,9 @@ impl ClusterBackend {
         }
         io.spawn(async move {
             let service = yr_proto::v1::worker_server::WorkerServer::new(worker::WorkerService)
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(usize::MAX);
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+                .max_decoding_message_size(yr_transport::max_message_bytes())
+                .max_encoding_message_size(yr_transport::max_message_bytes());
+            let incoming = yr_transport::incoming_unix(listener);
             if let Err(e) = tonic::transport::Server::builder()
                 .add_service(service)
                 .serve_with_incoming(incoming)
@@ -466,7 +500,7 @@ impl Inner {
                 channel
             }
         };
-        Ok(WorkerClient::new(channel).max_decoding_message_size(usize::MAX))
+        Ok(WorkerClient::new(channel).max_decoding_message_size(yr_transport::max_message_bytes()))
     }
 
     fn fetch_remote(self: &Arc<Self>, handle: ObjectHandle) {

@@ -108,8 +108,8 @@ impl Shared {
                     }
                 };
                 let client = DataWorkerClient::new(channel)
-                    .max_decoding_message_size(usize::MAX)
-                    .max_encoding_message_size(usize::MAX);
+                    .max_decoding_message_size(yr_transport::max_message_bytes())
+                    .max_encoding_message_size(yr_transport::max_message_bytes());
                 make(client)
                     .await
                     .map(tonic::Response::into_inner)
