@@ -7,7 +7,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use yr_common::{Error, ErrorCode};
@@ -15,7 +14,7 @@ use yr_proto::v1 as pb;
 use yr_proto::v1::bus_request::Body;
 use yr_proto::v1::bus_server::Bus;
 
-use crate::node::{Node, Subscriber};
+use crate::node::{Node, Outbound, Subscriber, BUS_QUEUE};
 use crate::spill_asks::SpillAsks;
 
 /// The Bus service over a node.
@@ -39,10 +38,17 @@ impl Bus for BusService {
         // Who the client is comes from the connection, never from what it says.
         let peer = yr_transport::peer_of(&request);
         let mut inbound = request.into_inner();
-        let (sender, receiver) = mpsc::unbounded_channel();
+        let (sender, receiver) = mpsc::channel(BUS_QUEUE);
+        let overflowed = Arc::new(tokio::sync::Notify::new());
         let node = self.node.clone();
         let spill_asks = self.spill_asks.clone();
-        let client_id = node.connect_client(sender, peer);
+        let client_id = node.connect_client(
+            Outbound {
+                sender,
+                overflowed: overflowed.clone(),
+            },
+            peer,
+        );
         tokio::spawn(async move {
             while let Some(message) = inbound.next().await {
                 match message {
@@ -55,9 +61,18 @@ impl Bus for BusService {
             }
             node.disconnect_client(client_id);
         });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
-            receiver,
-        ))))
+        // The session's messages, until the client falls too far behind.
+        let outbound = futures_util::stream::unfold(
+            (receiver, overflowed),
+            |(mut receiver, overflowed)| async move {
+                let message = tokio::select! {
+                    message = receiver.recv() => message,
+                    () = overflowed.notified() => None,
+                };
+                message.map(|message| (message, (receiver, overflowed)))
+            },
+        );
+        Ok(Response::new(Box::pin(outbound)))
     }
 }
 
@@ -86,9 +101,7 @@ fn handle(node: &Arc<Node>, spill_asks: &SpillAsks, client_id: u64, message: pb:
             // Only another node forwards creates (on the Node service); a client's are its own.
             create.creator_node_id.clear();
             create.creator_node_address.clear();
-            let result = node
-                .check_create_binary(&create)
-                .and_then(|()| node.create(create, Subscriber::Client(client_id)));
+            let result = node.create(create, Subscriber::Client(client_id));
             node.reply(client_id, id, result.map(pb::bus_response::Body::Create));
         }
         Body::Kill(kill) => {

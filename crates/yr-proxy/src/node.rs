@@ -70,7 +70,35 @@ pub struct NodeSettings {
     pub create_rate: (f64, f64),
 }
 
-type Outbound = mpsc::UnboundedSender<Result<pb::BusResponse, Status>>;
+/// Messages a bus session may have waiting for its client. A client that falls this far behind
+/// has its session ended (it sees the stream close, 3006) rather than the node buffering
+/// without bound.
+pub const BUS_QUEUE: usize = 65_536;
+
+/// The sending side of a bus session, and the signal that ends the session.
+pub struct Outbound {
+    /// Messages for the client.
+    pub sender: mpsc::Sender<Result<pb::BusResponse, Status>>,
+    /// Notified when the client fell [`BUS_QUEUE`] messages behind.
+    pub overflowed: Arc<tokio::sync::Notify>,
+}
+
+impl Outbound {
+    /// Queue `response`; false if the session is gone. A full queue ends the session.
+    fn push(&self, response: pb::BusResponse) -> bool {
+        match self.sender.try_send(Ok(response)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::error!(
+                    "a bus client fell {BUS_QUEUE} messages behind; ending its session"
+                );
+                self.overflowed.notify_one();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
 
 /// A driver or runtime connected to the bus.
 pub struct Client {
@@ -247,17 +275,12 @@ impl Node {
     }
 
     fn send(&self, client_id: u64, message_id: u64, body: pb::bus_response::Body) {
-        let sender = self
-            .state
-            .lock()
-            .clients
-            .get(&client_id)
-            .map(|c| c.sender.clone());
-        if let Some(sender) = sender {
-            let _ = sender.send(Ok(pb::BusResponse {
+        let state = self.state.lock();
+        if let Some(client) = state.clients.get(&client_id) {
+            client.sender.push(pb::BusResponse {
                 message_id,
                 body: Some(body),
-            }));
+            });
         }
     }
 
@@ -267,22 +290,14 @@ impl Node {
         if pid == 0 {
             return false;
         }
-        let sender = self
-            .state
-            .lock()
-            .clients
-            .values()
-            .find(|client| client.pid == pid)
-            .map(|client| client.sender.clone());
-        let Some(sender) = sender else {
+        let state = self.state.lock();
+        let Some(client) = state.clients.values().find(|client| client.pid == pid) else {
             return false;
         };
-        sender
-            .send(Ok(pb::BusResponse {
-                message_id: 0,
-                body: Some(body),
-            }))
-            .is_ok()
+        client.sender.push(pb::BusResponse {
+            message_id: 0,
+            body: Some(body),
+        })
     }
 
     /// Answer request `message_id` of `client_id` with `result`.
@@ -323,7 +338,8 @@ impl Node {
             .unwrap_or(0);
         match kind {
             pb::ClientKind::Runtime => self.check_runtime(&register.runtime_id, pid)?,
-            pb::ClientKind::Driver => check_driver_binary(&register, pid)?,
+            pb::ClientKind::Driver if pid != 0 => check_driver_binary(&register, pid)?,
+            pb::ClientKind::Driver => self.check_remote_driver(&register)?,
         }
         let mut warm_binary = None;
         {
@@ -347,6 +363,10 @@ impl Node {
                             let _ = waiter.send(());
                         }
                     }
+                }
+                // A remote driver uses a binary a local driver registered; it changes nothing.
+                pb::ClientKind::Driver if pid == 0 => {
+                    state.functions.extend(register.functions.iter().cloned());
                 }
                 pb::ClientKind::Driver => {
                     let spec = RuntimeSpec {
@@ -382,6 +402,28 @@ impl Node {
         })
     }
 
+    /// A driver on another machine (over TCP) registers: its binary must be one a driver on
+    /// this machine registered, since the node cannot verify a remote process's executable.
+    fn check_remote_driver(&self, register: &pb::RegisterClient) -> Result<(), Error> {
+        if self
+            .state
+            .lock()
+            .binaries
+            .contains_key(&register.binary_hash)
+        {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorCode::AuthorizeFailed,
+            format!(
+                "a driver connected over TCP registered binary {:?} ({:?}), which no driver on \
+                 node {} registered; the node runs only executables that a driver on its own \
+                 machine runs",
+                register.binary_path, register.binary_hash, self.settings.node_id
+            ),
+        ))
+    }
+
     /// A runtime registers: it must be a runtime this node started, in the same process.
     fn check_runtime(&self, runtime_id: &str, pid: u32) -> Result<(), Error> {
         match self.agent.pid(runtime_id) {
@@ -400,7 +442,7 @@ impl Node {
     /// Whether a create from a bus client names a binary registered on this node by a driver
     /// (or fetched for an instance placed here). A client cannot make the node run anything
     /// else.
-    pub fn check_create_binary(&self, request: &pb::CreateRequest) -> Result<(), Error> {
+    fn check_create_binary(&self, request: &pb::CreateRequest) -> Result<(), Error> {
         if self
             .state
             .lock()
@@ -421,19 +463,21 @@ impl Node {
 
     /// A bus session ended.
     pub fn disconnect_client(self: &Arc<Self>, client_id: u64) {
-        let (client, orphaned_job) = {
+        let (client, orphaned_job, last_of_process) = {
             let mut state = self.state.lock();
             let Some(client) = state.clients.remove(&client_id) else {
                 return;
             };
+            // A process's objects go when its last session does.
+            let last_of_process = !state.clients.values().any(|c| c.pid == client.pid);
             let job_still_connected = state
                 .clients
                 .values()
                 .any(|c| c.kind == pb::ClientKind::Driver && c.job_id == client.job_id);
             let orphaned = client.kind == pb::ClientKind::Driver && !job_still_connected;
-            (client, orphaned)
+            (client, orphaned, last_of_process)
         };
-        if client.pid != 0 {
+        if client.pid != 0 && last_of_process {
             if let Some(gone) = self.client_gone.get() {
                 gone(client.pid);
             }
@@ -769,6 +813,10 @@ impl Node {
                     ),
                 ));
             }
+        }
+        // A client's create runs only a binary a driver registered here.
+        if request.creator_node_id.is_empty() {
+            self.check_create_binary(&request)?;
         }
         let instance_id = if request.designated_instance_id.is_empty() {
             yr_common::ids::random_hex(20)
@@ -1857,10 +1905,9 @@ fn valid_binary_hash(hash: &str) -> bool {
     }
 }
 
-/// A driver registers its binary: over a Unix socket it must be the executable that the
-/// driver process (`pid`, from the connection) runs, and its content key is computed here; over
-/// TCP (`pid` 0), the file must exist here with that content key. Either way the node runs only
-/// code a driver of the cluster runs itself, never a path a client merely names.
+/// A driver on this machine registers its binary: it must be the executable that the driver
+/// process (`pid`, from the connection) runs, and its content key is computed here. So the node
+/// runs only code a driver of the cluster runs itself, never a path a client merely names.
 fn check_driver_binary(register: &pb::RegisterClient, pid: u32) -> Result<(), Error> {
     use std::os::unix::fs::MetadataExt;
     let path = std::path::Path::new(&register.binary_path);
@@ -1877,14 +1924,12 @@ fn check_driver_binary(register: &pb::RegisterClient, pid: u32) -> Result<(), Er
     if !named.is_file() {
         return Err(refused("it is not a file".into()));
     }
-    if pid != 0 {
-        let running = std::fs::metadata(format!("/proc/{pid}/exe"))
-            .map_err(|e| refused(format!("cannot read process {pid}'s executable: {e}")))?;
-        if (running.dev(), running.ino()) != (named.dev(), named.ino()) {
-            return Err(refused(format!(
-                "process {pid} does not run that executable"
-            )));
-        }
+    let running = std::fs::metadata(format!("/proc/{pid}/exe"))
+        .map_err(|e| refused(format!("cannot read process {pid}'s executable: {e}")))?;
+    if (running.dev(), running.ino()) != (named.dev(), named.ino()) {
+        return Err(refused(format!(
+            "process {pid} does not run that executable"
+        )));
     }
     let hash = yr_runtime::cluster::binary_hash(path);
     if hash.is_empty() || hash != register.binary_hash {

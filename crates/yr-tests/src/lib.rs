@@ -976,6 +976,11 @@ impl TestCluster {
         value.unwrap_or_else(|| panic!("node {index} reports no {name}"))
     }
 
+    /// Node `index`'s health and metrics address.
+    pub fn node_metrics_address(&self, index: usize) -> String {
+        format!("127.0.0.1:{}", self.nodes[index].metrics_port)
+    }
+
     /// The master's health and metrics address.
     pub fn master_metrics_address(&self) -> String {
         format!("127.0.0.1:{}", self.metrics_port)
@@ -1187,3 +1192,51 @@ impl Drop for TestCluster {
         kill_mentioning(&dir);
     }
 }
+
+// ----- speaking the wire protocol directly -------------------------------------------------------
+
+/// A gRPC channel to `address` (`host:port` or `unix:/path`) as an outsider would open it: with
+/// `token`'s hello first, or with no hello at all (`None`), so that tests can play a client that
+/// lacks the token or has a wrong one. Fails as the connection fails.
+pub async fn raw_channel(
+    address: &str,
+    token: Option<yr_common::auth::ClusterToken>,
+) -> Result<tonic::transport::Channel, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = yr_transport::Address::parse(address).map_err(|e| e.to_string())?;
+    let endpoint = tonic::transport::Endpoint::from_static("http://[::1]:1")
+        .connect_timeout(Duration::from_secs(5));
+    endpoint
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let address = address.clone();
+            let token = token.clone();
+            async move {
+                let mut stream: Box<dyn RawStream> = match &address {
+                    yr_transport::Address::Tcp(host_port) => {
+                        Box::new(tokio::net::TcpStream::connect(host_port.as_str()).await?)
+                    }
+                    yr_transport::Address::Unix(path) => {
+                        Box::new(tokio::net::UnixStream::connect(path).await?)
+                    }
+                };
+                if let Some(token) = token {
+                    stream.write_all(&token.hello()).await?;
+                    let mut answer = [0u8; 1];
+                    stream.read_exact(&mut answer).await?;
+                    if answer[0] != yr_common::auth::HELLO_ACCEPTED {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::PermissionDenied,
+                            "the token was refused",
+                        ));
+                    }
+                }
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))
+}
+
+/// A byte stream a raw channel runs over.
+pub trait RawStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> RawStream for T {}

@@ -110,7 +110,7 @@ impl RawBus {
             runtime_id: String::new(),
             listen_address: String::new(),
             binary_path: std::env::current_exe().unwrap().display().to_string(),
-            binary_hash: unique("raw-binary"),
+            binary_hash: yr_runtime::cluster::binary_hash(&std::env::current_exe().unwrap()),
             pid: std::process::id(),
             instance_id: String::new(),
             runtime_args: RUNTIME_ARGS.split_whitespace().map(String::from).collect(),
@@ -348,7 +348,9 @@ fn random_bytes_on_the_node_port_do_not_crash_it() {
 
     assert!(alive(cluster.node_pid(0).unwrap()), "the node survived");
     assert!(alive(cluster.master_pid().unwrap()), "the master survived");
-    // The node still answers on the same TCP port and on its socket, and the master too.
+    // The node still answers on the same TCP port and on its socket, and the master too. (A
+    // driver over TCP uses a binary a local driver registered: this process, once it inits.)
+    yr::init(cluster.config()).unwrap();
     let mut bus = RawBus::connect(&node);
     bus.register_driver();
     let answer = bus.request(2, Some(Body::ListNamed(pb::ListNamedRequest {})));
@@ -357,7 +359,6 @@ fn random_bytes_on_the_node_port_do_not_crash_it() {
         "{answer:?}"
     );
     cluster.status().expect("the master answers");
-    yr::init(cluster.config()).unwrap();
     node_still_serves(&cluster);
     yr::finalize().unwrap();
 }

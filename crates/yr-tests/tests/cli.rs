@@ -43,10 +43,18 @@ fn square(n: i64) -> i64 {
     n * n
 }
 
-fn status_json(master_address: &str) -> serde_json::Value {
+/// `YR_TOKEN` for `yr` commands that talk to a cluster by its address, not its session.
+fn token_env(cluster: &TestCluster) -> [(&'static str, &Path); 1] {
+    [(
+        yr_common::auth::TOKEN_ENV,
+        Path::new(cluster.token().as_str()),
+    )]
+}
+
+fn status_json(cluster: &TestCluster, master_address: &str) -> serde_json::Value {
     let output = run_yr(
         &["status", "--json", "--master-address", master_address],
-        &[],
+        &token_env(cluster),
         TIMEOUT,
     );
     assert!(
@@ -90,7 +98,7 @@ fn status_json_shows_nodes_capacity_allocatable_and_registered_functions() {
     let instance_id = graceful.id().to_string();
     let mut last = serde_json::Value::Null;
     let complete = wait_until(TIMEOUT, || {
-        last = status_json(&master);
+        last = status_json(&cluster, &master);
         let functions: Vec<&str> = last["functions"]
             .as_array()
             .map(|a| a.iter().filter_map(|f| f.as_str()).collect())
@@ -125,7 +133,11 @@ fn status_json_shows_nodes_capacity_allocatable_and_registered_functions() {
     assert_eq!(instance["function"], "cli::Graceful::new");
 
     // The tables show the same.
-    let output = run_yr(&["status", "--master-address", &master], &[], TIMEOUT);
+    let output = run_yr(
+        &["status", "--master-address", &master],
+        &token_env(&cluster),
+        TIMEOUT,
+    );
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success());
     for needle in [

@@ -195,7 +195,15 @@ fn node_refuses_to_start(extra: &[&str]) -> String {
         session.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let output = run_yr(&args, &[], TIMEOUT);
+    let token = yr_common::auth::ClusterToken::generate().unwrap();
+    let output = run_yr(
+        &args,
+        &[(
+            yr_common::auth::TOKEN_ENV,
+            std::path::Path::new(token.as_str()),
+        )],
+        TIMEOUT,
+    );
     assert!(!output.status.success(), "yr node started");
     String::from_utf8_lossy(&output.stderr).into_owned()
 }

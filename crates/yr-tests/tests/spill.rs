@@ -252,10 +252,10 @@ fn driver_spilling_objects() {
 
 /// Restore `id` from the node at `address` as this process, and read the value in place.
 async fn restore(address: &str, id: u128) -> Result<ByteBuf, String> {
-    let mut client =
-        pb::object_store_client::ObjectStoreClient::connect(format!("http://{address}"))
-            .await
-            .map_err(|e| e.to_string())?;
+    let channel = yr_transport::connect(address, yr::ErrorCode::InnerCommunication)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut client = pb::object_store_client::ObjectStoreClient::new(channel);
     let pool = client
         .pool_info(pb::PoolInfoRequest {})
         .await

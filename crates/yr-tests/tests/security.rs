@@ -1,0 +1,377 @@
+//! Attacks on a running cluster, played over the wire the way an outsider on the same machine
+//! would: each speaks the protocol directly (`yr_tests::raw_channel`) without the cluster token,
+//! with a wrong one, or with the right one but lying about who it is, and checks that nothing
+//! happened (no command ran, no node registered, no key written, no object freed) and that the
+//! cluster still serves.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
+use yr::ErrorCode;
+use yr_common::auth::ClusterToken;
+use yr_proto::v1 as pb;
+use yr_tests::{block_on, exclusive, unique, wait_until, TestCluster, TIMEOUT};
+
+/// Not a test: the entry point of runtime processes, which re-execute this binary.
+#[test]
+fn runtime_entry() {
+    yr_tests::runtime_entry();
+}
+
+#[yr::instance]
+pub struct Counter {
+    value: i64,
+}
+
+#[yr::instance]
+impl Counter {
+    pub fn new(start: i64) -> Self {
+        Counter { value: start }
+    }
+
+    pub fn add(&mut self, n: i64) -> i64 {
+        self.value += n;
+        self.value
+    }
+}
+
+fn wrong_token() -> ClusterToken {
+    ClusterToken::generate().expect("a token")
+}
+
+/// Open a Bus session on `address` as an outsider with `token`, send `register`, and return the
+/// node's first answer, or the error that ended the attempt.
+fn bus_register(
+    address: &str,
+    token: Option<ClusterToken>,
+    register: pb::RegisterClient,
+) -> Result<pb::bus_response::Body, String> {
+    block_on(async move {
+        let channel = yr_tests::raw_channel(address, token).await?;
+        let (outbound, receiver) = mpsc::unbounded_channel();
+        outbound
+            .send(pb::BusRequest {
+                message_id: 1,
+                body: Some(pb::bus_request::Body::Register(register)),
+            })
+            .map_err(|e| e.to_string())?;
+        let mut inbound = tokio::time::timeout(
+            TIMEOUT,
+            pb::bus_client::BusClient::new(channel).session(UnboundedReceiverStream::new(receiver)),
+        )
+        .await
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|s| s.to_string())?
+        .into_inner();
+        let answer = tokio::time::timeout(TIMEOUT, inbound.next())
+            .await
+            .map_err(|_| "no answer".to_string())?
+            .ok_or("the stream ended")?
+            .map_err(|s| s.to_string())?;
+        drop(outbound);
+        answer
+            .body
+            .ok_or_else(|| "an answer without a body".to_string())
+    })
+}
+
+fn shell_registration(proof: &std::path::Path) -> pb::RegisterClient {
+    pb::RegisterClient {
+        kind: pb::ClientKind::Driver as i32,
+        job_id: unique("attacker"),
+        binary_path: "/bin/sh".into(),
+        binary_hash: yr_runtime::cluster::binary_hash(std::path::Path::new("/bin/sh")),
+        pid: 1,
+        runtime_args: vec!["-c".into(), format!("touch {}", proof.display())],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_client_cannot_make_a_node_run_a_command_with_or_without_the_token() {
+    let _exclusive = exclusive();
+    let cluster = TestCluster::start();
+    let proof = std::env::temp_dir().join(unique("yr-rce-proof"));
+    for address in [cluster.node_address(0), cluster.bus_address()] {
+        for token in [None, Some(wrong_token())] {
+            let answer = bus_register(&address, token.clone(), shell_registration(&proof));
+            assert!(
+                answer.is_err(),
+                "a session on {address} without the right token was let in: {answer:?}"
+            );
+        }
+        // With the token, the node still runs only what a driver runs itself.
+        let answer = bus_register(
+            &address,
+            Some(cluster.token().clone()),
+            shell_registration(&proof),
+        )
+        .expect("a token holder gets an answer");
+        match answer {
+            pb::bus_response::Body::Error(error) => {
+                assert_eq!(error.code, ErrorCode::AuthorizeFailed as i32, "{error:?}")
+            }
+            other => panic!("the node accepted /bin/sh as a driver binary: {other:?}"),
+        }
+    }
+    // A warm pool would have started the command within this time; it never does.
+    assert!(
+        !wait_until(Duration::from_secs(3), || proof.exists()),
+        "the command ran: {} exists",
+        proof.display()
+    );
+    // And the cluster serves its real users.
+    yr::init(cluster.config()).unwrap();
+    let counter = yr::instance(Counter::new).invoke((1,)).unwrap();
+    let one = counter.method(Counter::add).invoke((1,)).unwrap();
+    assert_eq!(yr::get(&one, TIMEOUT).unwrap(), 2);
+    yr::finalize().unwrap();
+}
+
+fn rogue_node(id: &str) -> pb::RegisterNodeRequest {
+    pb::RegisterNodeRequest {
+        node: Some(pb::NodeInfo {
+            node_id: id.to_string(),
+            address: "127.0.0.1:1".into(),
+            capacity: Some(pb::Resources {
+                cpu_millicores: 1_000_000_000,
+                memory_mb: 1_000_000_000,
+                ..Default::default()
+            }),
+            state: "ready".into(),
+            ..Default::default()
+        }),
+    }
+}
+
+#[test]
+fn register_node_and_meta_store_writes_without_the_token_are_refused() {
+    let _exclusive = exclusive();
+    let cluster = TestCluster::start();
+    let master = cluster.master_address();
+    let rogue = unique("rogue");
+    let key = format!("/yr/{}", unique("planted"));
+    for token in [None, Some(wrong_token())] {
+        let registered = block_on(async {
+            let channel = yr_tests::raw_channel(&master, token.clone()).await?;
+            pb::master_client::MasterClient::new(channel)
+                .register_node(rogue_node(&rogue))
+                .await
+                .map_err(|s| s.to_string())
+        });
+        assert!(
+            registered.is_err(),
+            "a rogue node registered: {registered:?}"
+        );
+        let written = block_on(async {
+            let channel = yr_tests::raw_channel(&master, token.clone()).await?;
+            yr_proto::meta::meta_service_client::MetaServiceClient::new(channel)
+                .put(yr_proto::meta::PutRequest {
+                    key: key.clone(),
+                    value: b"owned".to_vec().into(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| s.to_string())
+        });
+        assert!(written.is_err(), "a key was written: {written:?}");
+    }
+    let status = cluster.status().expect("the master answers its cluster");
+    assert!(
+        status.nodes.iter().all(|n| n.node_id != rogue),
+        "the rogue node is listed: {:?}",
+        status.nodes
+    );
+    assert_eq!(cluster.stored_instance("x").ok(), Some(None));
+    let stored = block_on(async {
+        let channel = yr_transport::connect(&master, ErrorCode::InnerCommunication)
+            .await
+            .map_err(|e| e.to_string())?;
+        yr_proto::meta::meta_service_client::MetaServiceClient::new(channel)
+            .get(yr_proto::meta::GetRequest { key: key.clone() })
+            .await
+            .map(|r| r.into_inner().kv)
+            .map_err(|s| s.to_string())
+    });
+    assert_eq!(stored, Ok(None), "nothing was stored under {key}");
+}
+
+#[test]
+fn an_oversize_message_is_refused_and_the_node_stays_up() {
+    let _exclusive = exclusive();
+    let cluster = TestCluster::start();
+    let bus = cluster.bus_address();
+    let token = cluster.token().clone();
+    let result = block_on(async {
+        let channel = yr_tests::raw_channel(&bus, Some(token)).await?;
+        let mut client = yr_proto::ds::data_worker_client::DataWorkerClient::new(channel)
+            .max_encoding_message_size(usize::MAX);
+        let huge = client
+            .kv_set(yr_proto::ds::KvSetRequest {
+                key: "huge".into(),
+                value: vec![7u8; 65 << 20].into(),
+                ..Default::default()
+            })
+            .await;
+        let small = client
+            .kv_set(yr_proto::ds::KvSetRequest {
+                key: "small".into(),
+                value: b"fine".to_vec().into(),
+                ..Default::default()
+            })
+            .await;
+        Ok::<_, String>((huge, small))
+    })
+    .expect("the node accepts the connection");
+    let (huge, small) = result;
+    let status = huge.expect_err("a 65 MiB message is refused");
+    assert!(
+        status.message().contains("message length too large")
+            || status.code() == tonic::Code::OutOfRange
+            || status.code() == tonic::Code::ResourceExhausted,
+        "a clear error: {status:?}"
+    );
+    let small = small.expect("the node still serves the same connection");
+    assert!(small.into_inner().error.is_none());
+    assert!(yr_tests::alive(cluster.node_pid(0).expect("node pid")));
+}
+
+fn http_get(address: &str, path: &str, token: Option<&ClusterToken>) -> String {
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let authorization = token
+        .map(|t| format!("Authorization: {}\r\n", t.header_value()))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{authorization}Connection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
+}
+
+#[test]
+fn metrics_need_the_token_and_healthz_is_open() {
+    let _exclusive = exclusive();
+    let cluster = TestCluster::start();
+    let node_metrics = cluster.node_metrics_address(0);
+    for address in [cluster.master_metrics_address(), node_metrics] {
+        assert!(http_get(&address, "/healthz", None).starts_with("HTTP/1.1 200"));
+        for token in [None, Some(&wrong_token())] {
+            let answer = http_get(&address, "/metrics", token);
+            assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+            assert!(!answer.contains("yr_"), "no figures leak: {answer}");
+        }
+        let answer = http_get(&address, "/metrics", Some(cluster.token()));
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+}
+
+#[test]
+fn a_runtime_call_socket_refuses_callers_without_the_token() {
+    let _exclusive = exclusive();
+    let cluster = TestCluster::start();
+    yr::init(cluster.config()).unwrap();
+    let counter = yr::instance(Counter::new).invoke((0,)).unwrap();
+    let first = counter.method(Counter::add).invoke((1,)).unwrap();
+    assert_eq!(yr::get(&first, TIMEOUT).unwrap(), 1);
+    let record = cluster
+        .stored_instance(counter.id())
+        .expect("the meta store answers")
+        .expect("the instance is recorded");
+    let calls = yr_common::sockets::call_socket(std::path::Path::new(
+        record
+            .runtime_address
+            .strip_prefix("unix:")
+            .expect("a unix address"),
+    ));
+    let call = pb::CallRequest {
+        call_id: 1,
+        instance_id: counter.id().to_string(),
+        kind: pb::CallKind::Method as i32,
+        function: record.function.replace("::new", "::add"),
+        return_nums: 1,
+        ..Default::default()
+    };
+    let mut frame = Vec::new();
+    use prost::Message;
+    frame.extend_from_slice(&(call.encoded_len() as u64).to_le_bytes());
+    call.encode(&mut frame).expect("encode");
+    for hello in [Vec::new(), wrong_token().hello()] {
+        let mut stream = std::os::unix::net::UnixStream::connect(&calls).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .expect("timeout");
+        stream.write_all(&hello).expect("write the hello");
+        let _ = stream.write_all(&frame);
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        assert_eq!(
+            answer,
+            vec![yr_common::auth::HELLO_REFUSED],
+            "the runtime answers a refusal and closes, with no result"
+        );
+    }
+    // The refused calls never ran: the counter moved only by the real call.
+    let second = counter.method(Counter::add).invoke((1,)).unwrap();
+    assert_eq!(yr::get(&second, TIMEOUT).unwrap(), 2);
+    yr::finalize().unwrap();
+}
+
+const CLAIMANT: &str = "a_bus_session_claiming_another_process_cannot_free_its_objects";
+
+#[test]
+fn a_bus_session_claiming_another_process_cannot_free_its_objects() {
+    if yr_tests::is_child_for(CLAIMANT) {
+        // The attacker: a process of this user with the token, claiming the driver's pid.
+        let bus = std::env::var("CLAIMANT_BUS").expect("bus address");
+        let victim: u32 = std::env::var("CLAIMANT_VICTIM")
+            .expect("victim")
+            .parse()
+            .expect("a pid");
+        let token =
+            ClusterToken::parse(&std::env::var("CLAIMANT_TOKEN").expect("token")).expect("a token");
+        let me = std::env::current_exe().expect("exe");
+        let register = pb::RegisterClient {
+            kind: pb::ClientKind::Driver as i32,
+            job_id: unique("claimant"),
+            binary_path: me.display().to_string(),
+            binary_hash: yr_runtime::cluster::binary_hash(&me),
+            pid: victim,
+            ..Default::default()
+        };
+        let answer = bus_register(&bus, Some(token), register);
+        println!("CLAIMANT {answer:?}");
+        return;
+    }
+    let _exclusive = exclusive();
+    let cluster = TestCluster::start();
+    yr::init(cluster.config()).unwrap();
+    // Above 100 KiB: the value lives in the node's shared memory, held for this process.
+    let value: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
+    let object = yr::put(value.clone()).unwrap();
+    let output = yr_tests::child_test_process(CLAIMANT)
+        .env("CLAIMANT_BUS", cluster.bus_address())
+        .env("CLAIMANT_VICTIM", std::process::id().to_string())
+        .env("CLAIMANT_TOKEN", cluster.token().as_str())
+        .output()
+        .expect("run the claimant");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(printed.contains("CLAIMANT Ok("), "{printed}");
+    // The claimant's session ended; had the node believed its pid, this process's objects
+    // would be gone now.
+    // A new object takes the first free range: the old one's, had it been freed.
+    let other = vec![1u8; 1 << 20];
+    let again = yr::put(other.clone()).unwrap();
+    let read: Vec<u8> = yr::get(&object, TIMEOUT).unwrap();
+    assert!(read == value, "the object is intact");
+    assert!(yr::get(&again, TIMEOUT).unwrap() == other);
+    yr::finalize().unwrap();
+}
