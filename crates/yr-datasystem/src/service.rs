@@ -394,6 +394,8 @@ mod tests {
             .unwrap()
             .into_inner();
         assert_eq!(set.error, None);
+        // The write counts under the job it names.
+        assert_eq!(service.kv.job_bytes("job-a"), 11);
         let got = service
             .kv_get(Request::new(pb::KvGetRequest {
                 keys: vec!["k".into()],
@@ -430,6 +432,7 @@ mod tests {
             .unwrap()
             .into_inner();
         assert_eq!(del.error, None);
+        assert_eq!(service.kv.memory_bytes(), 0);
     }
 
     #[tokio::test]
