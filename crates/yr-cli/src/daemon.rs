@@ -189,7 +189,25 @@ pub struct DataArgs {
     /// directory's free disk space when the node starts; 0 turns spilling off).
     #[arg(long, value_name = "MB")]
     pub spill_limit_mb: Option<u64>,
+    /// The most KV memory (keys and values) one job may hold on this node, in MB (default: a
+    /// quarter of the node's memory, at most 4096; 0: no quota). A write over it fails with
+    /// 4202.
+    #[arg(long, value_name = "MB")]
+    pub kv_quota_mb: Option<u64>,
 }
+
+impl DataArgs {
+    /// The KV quota per job in bytes, for a node with `memory_mb` of memory (`None`: no quota).
+    pub fn kv_quota_bytes(&self, memory_mb: u64) -> Option<u64> {
+        let mb = self
+            .kv_quota_mb
+            .unwrap_or((memory_mb / 4).clamp(1, DEFAULT_KV_QUOTA_MAX_MB));
+        (mb > 0).then(|| mb.saturating_mul(1 << 20))
+    }
+}
+
+/// The default KV quota per job is a quarter of the node's memory, and at most this (MB).
+pub const DEFAULT_KV_QUOTA_MAX_MB: u64 = 4096;
 
 impl DataArgs {
     /// The same flags, for a `yr node` command line.
@@ -213,6 +231,9 @@ impl DataArgs {
         }
         if let Some(mb) = self.spill_limit_mb {
             push("--spill-limit-mb", mb.to_string());
+        }
+        if let Some(mb) = self.kv_quota_mb {
+            push("--kv-quota-mb", mb.to_string());
         }
         args
     }
@@ -354,6 +375,7 @@ pub fn run_node(args: &NodeArgs) -> anyhow::Result<()> {
         pool_id: format!("{node_id}-{}", yr_common::ids::random_hex(8)),
         spill_dir: data.spill_dir.clone(),
         spill_limit_bytes: data.spill_limit_mb.map(|mb| mb.saturating_mul(1 << 20)),
+        kv_quota_bytes: data.kv_quota_bytes(capacity.memory),
     })
     .context("cannot start the node's data worker")?;
     let options = yr_proxy::NodeOptions {

@@ -11,7 +11,16 @@
 //! - **Reads** ([`KvStore::get`]) wait for keys that are not written yet and fail with 4005
 //!   naming the missing keys after the timeout. A key missing from memory is read through
 //!   from the second-level store, so a write-through value outlives a restart.
-//! - **Limits**: keys of 1 to 1024 bytes and values up to 100 MB (1001 otherwise).
+//! - **Limits**: keys of 1 to 1024 bytes and values up to [`MAX_MESSAGE_SIZE`] (64 MiB; 1001
+//!   otherwise), checked before anything is stored.
+//! - **Quota** ([`KvStore::set_quota`]): the store counts the bytes (key + value) each job holds
+//!   in memory and refuses a write that would take its job over the quota with 4202, changing
+//!   nothing. An overwrite counts the difference; deletes, expiry and evictions give the bytes
+//!   back. Writes that name no job, and values read through from the second-level store, count
+//!   under one shared bucket ([`UNKNOWN_JOB`]) with the same quota. When a write would go over,
+//!   the job's values that the second-level store also holds are evicted from memory first
+//!   (oldest first; a later read reads them through again). A read-through that does not fit
+//!   is served without being kept in memory.
 //!
 //! Writes to one key are serialized (openYuanrong's causal consistency for KV): a write, a
 //! delete, a read-through and the background writer each hold the key's write lock while they
@@ -31,8 +40,13 @@ use crate::l2::L2Store;
 
 /// The longest key, in bytes.
 pub const MAX_KEY_SIZE: usize = 1024;
-/// The largest value, in bytes (100 MB).
-pub const MAX_VALUE_SIZE: usize = 100 * 1024 * 1024;
+/// The largest message a KV write may carry, in bytes (64 MiB): the bound on one value.
+pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+/// The largest value, in bytes: [`MAX_MESSAGE_SIZE`].
+pub const MAX_VALUE_SIZE: usize = MAX_MESSAGE_SIZE;
+/// The quota bucket of writes that name no job (and of values read through from the
+/// second-level store, which belong to no job in memory).
+pub const UNKNOWN_JOB: &str = "";
 /// The longest time to live, in seconds.
 pub const MAX_TTL_SECOND: u64 = u32::MAX as u64;
 /// How often expired entries are removed.
@@ -170,8 +184,9 @@ pub fn validate_set(key: &str, value_len: usize, param: &SetParam) -> Result<()>
         return Err(Error::new(
             ErrorCode::ParamInvalid,
             format!(
-                "the value of KV key {key:?} is {value_len} bytes, larger than the limit of \
-                 {MAX_VALUE_SIZE} bytes (100 MB); split it or store it as an object"
+                "the value of KV key {key:?} is {value_len} bytes, larger than the largest \
+                 KV message of {MAX_VALUE_SIZE} bytes (64 MiB), so nothing was stored; split \
+                 it into several keys or store it as an object"
             ),
         ));
     }
@@ -238,6 +253,10 @@ struct Entry {
     expires_at: Option<Instant>,
     version: u64,
     l2: L2State,
+    /// The quota bucket the entry counts under.
+    job: Arc<str>,
+    /// What it counts: the key's and the value's bytes.
+    size: u64,
 }
 
 impl Entry {
@@ -252,6 +271,73 @@ type Waker = Arc<dyn Fn() + Send + Sync>;
 struct Map {
     entries: HashMap<String, Entry>,
     watchers: HashMap<String, Vec<(u64, Waker)>>,
+    /// The bytes each job holds in memory: its entries' sizes, and room reserved by its writes
+    /// in progress. A job holding nothing has no row.
+    held: HashMap<Arc<str>, u64>,
+    /// The sum of `held`.
+    total: u64,
+}
+
+impl Map {
+    fn held(&self, job: &str) -> u64 {
+        self.held.get(job).copied().unwrap_or(0)
+    }
+
+    fn charge(&mut self, job: &Arc<str>, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        *self.held.entry(job.clone()).or_insert(0) += bytes;
+        self.total += bytes;
+    }
+
+    fn credit(&mut self, job: &str, bytes: u64) {
+        let Some(held) = self.held.get_mut(job) else {
+            debug_assert!(
+                bytes == 0,
+                "KV job {job:?} gives back bytes it does not hold"
+            );
+            return;
+        };
+        debug_assert!(
+            *held >= bytes,
+            "KV job {job:?} gives back more than it holds"
+        );
+        *held = held.saturating_sub(bytes);
+        if *held == 0 {
+            self.held.remove(job);
+        }
+        self.total = self.total.saturating_sub(bytes);
+    }
+
+    /// Remove the entry of `key`, giving its bytes back to its job.
+    fn remove(&mut self, key: &str) -> Option<Entry> {
+        let entry = self.entries.remove(key)?;
+        self.credit(&entry.job, entry.size);
+        Some(entry)
+    }
+
+    /// Insert `entry` (replacing and crediting the old one), whose job already reserved
+    /// `reserved` of its size.
+    fn put(&mut self, key: &str, entry: Entry, reserved: u64) {
+        self.remove(key);
+        self.charge(&entry.job, entry.size.saturating_sub(reserved));
+        self.entries.insert(key.to_string(), entry);
+    }
+}
+
+/// The bucket name in messages.
+fn job_name(job: &str) -> String {
+    if job == UNKNOWN_JOB {
+        "an unknown job (the writes named no job)".to_string()
+    } else {
+        format!("job {job}")
+    }
+}
+
+/// What a key and value count against the quota.
+fn entry_size(key: &str, value_len: usize) -> u64 {
+    (key.len() + value_len) as u64
 }
 
 /// Work for the background writer.
@@ -279,6 +365,8 @@ struct Shared {
     queue_changed: Condvar,
     /// Set by `close`: the error waiting reads end with.
     closed: Mutex<Option<Error>>,
+    /// The most bytes one job may hold in memory (`u64::MAX`: no quota).
+    quota: AtomicU64,
 }
 
 struct Handle {
@@ -370,18 +458,19 @@ impl Shared {
         match map.entries.get(key) {
             Some(entry) if entry.live(now) => Some(entry.value.clone()),
             Some(_) => {
-                map.entries.remove(key);
+                map.remove(key);
                 None
             }
             None => None,
         }
     }
 
-    /// Insert an entry and wake the readers waiting for its key.
-    fn insert(&self, key: &str, entry: Entry) {
+    /// Insert an entry, whose job reserved `reserved` of its size, and wake the readers
+    /// waiting for its key.
+    fn insert(&self, key: &str, entry: Entry, reserved: u64) {
         let wakers: Vec<Waker> = {
             let mut map = self.map.lock();
-            map.entries.insert(key.to_string(), entry);
+            map.put(key, entry, reserved);
             map.watchers
                 .get(key)
                 .map(|list| list.iter().map(|(_, w)| w.clone()).collect())
@@ -405,15 +494,23 @@ impl Shared {
             return Ok(None);
         };
         let value = record.value.clone();
-        self.insert(
-            key,
-            Entry {
-                value: record.value,
-                expires_at: instant_of(record.expires_at),
-                version: self.version(),
-                l2: L2State::Stored,
-            },
-        );
+        let job: Arc<str> = Arc::from(UNKNOWN_JOB);
+        let size = entry_size(key, value.len());
+        // A value that does not fit is served without being kept.
+        if let Ok(reserved) = self.reserve(&job, key, size) {
+            self.insert(
+                key,
+                Entry {
+                    value: record.value,
+                    expires_at: instant_of(record.expires_at),
+                    version: self.version(),
+                    l2: L2State::Stored,
+                    job,
+                    size,
+                },
+                reserved,
+            );
+        }
         Ok(Some(value))
     }
 
@@ -484,6 +581,62 @@ impl Shared {
         tracing::error!(key = %key, "KV write-back to {} gave up after {WRITE_BACK_ATTEMPTS} attempts", l2.describe());
     }
 
+    /// Reserve room in memory for `job`'s write of `size` bytes under `key` (the caller holds
+    /// the key's write lock): the bytes it adds beyond the entry of `key` that the job already
+    /// holds. If that takes the job over the quota, its expired entries are dropped and its
+    /// values that the second-level store also holds are evicted (oldest first) until the write
+    /// fits; if it still does not, 4202 and nothing changed. Returns the bytes reserved, which
+    /// [`Shared::insert`] or [`Shared::release`] settle.
+    fn reserve(&self, job: &Arc<str>, key: &str, size: u64) -> Result<u64> {
+        let quota = self.quota.load(Ordering::Relaxed);
+        let mut map = self.map.lock();
+        let replaced = match map.entries.get(key) {
+            Some(entry) if entry.job == *job => entry.size,
+            _ => 0,
+        };
+        let extra = size.saturating_sub(replaced);
+        let fits = |map: &Map| extra == 0 || map.held(job).saturating_add(extra) <= quota;
+        if !fits(&map) {
+            let now = Instant::now();
+            let mut candidates: Vec<(bool, u64, String)> = map
+                .entries
+                .iter()
+                .filter(|(k, e)| {
+                    e.job == *job && k.as_str() != key && (!e.live(now) || e.l2 == L2State::Stored)
+                })
+                .map(|(k, e)| (e.live(now), e.version, k.clone()))
+                .collect();
+            // Expired entries first, then the oldest.
+            candidates.sort_unstable();
+            for (_, _, victim) in candidates {
+                if fits(&map) {
+                    break;
+                }
+                map.remove(&victim);
+            }
+        }
+        if !fits(&map) {
+            let held = map.held(job);
+            return Err(Error::new(
+                ErrorCode::SharedMemoryLimited,
+                format!(
+                    "KV quota exceeded: {} holds {held} bytes of KV memory on this node, and \
+                     writing {size} bytes (key and value) under key {key:?} would take it over \
+                     its quota of {quota} bytes, so nothing was written; delete keys the job no \
+                     longer needs (kv_del), or start the node with a larger --kv-quota-mb",
+                    job_name(job)
+                ),
+            ));
+        }
+        map.charge(job, extra);
+        Ok(extra)
+    }
+
+    /// Give back room reserved for a write that failed.
+    fn release(&self, job: &str, reserved: u64) {
+        self.map.lock().credit(job, reserved);
+    }
+
     /// Remove the entries that have expired (and their second-level copies).
     fn sweep(&self) {
         let now = Instant::now();
@@ -500,7 +653,7 @@ impl Shared {
             let removed = {
                 let mut map = self.map.lock();
                 match map.entries.get(&key) {
-                    Some(e) if e.version == version => map.entries.remove(&key),
+                    Some(e) if e.version == version => map.remove(&key),
                     _ => None,
                 }
             };
@@ -536,6 +689,7 @@ impl KvStore {
             queued: Mutex::new(0),
             queue_changed: Condvar::new(),
             closed: Mutex::new(None),
+            quota: AtomicU64::new(u64::MAX),
         });
         let (jobs, writer) = if shared.l2.is_some() {
             let (sender, receiver) = crossbeam_channel::unbounded::<Job>();
@@ -621,10 +775,62 @@ impl KvStore {
         Ok(())
     }
 
-    /// Write `value` under `key`. 1001 for a bad key, value or TTL; 4206 for an existing key
-    /// with `Existence::NX`; the second-level store's code (4203, 4204, 3007) if a
-    /// write-through fails, and then memory is unchanged.
+    /// Limit the bytes (keys and values) each job may hold in memory to `quota_bytes`
+    /// (`None`: no limit, the default). Writes already stored stay.
+    ///
+    /// ```
+    /// use yr_datasystem::kv::{KvStore, SetParam};
+    /// let store = KvStore::new();
+    /// store.set_quota(Some(10));
+    /// store.set_for_job("job-a", "k", "12345".into(), &SetParam::default()).unwrap();
+    /// let error = store
+    ///     .set_for_job("job-a", "k2", "123456".into(), &SetParam::default())
+    ///     .unwrap_err();
+    /// assert_eq!(error.code().number(), 4202);
+    /// // Another job has a quota of its own.
+    /// store.set_for_job("job-b", "k2", "123456".into(), &SetParam::default()).unwrap();
+    /// assert_eq!(store.job_bytes("job-a"), 6);
+    /// assert_eq!(store.memory_bytes(), 14);
+    /// ```
+    pub fn set_quota(&self, quota_bytes: Option<u64>) {
+        self.shared()
+            .quota
+            .store(quota_bytes.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// The per-job quota, in bytes (`None`: no limit).
+    pub fn quota(&self) -> Option<u64> {
+        let quota = self.shared().quota.load(Ordering::Relaxed);
+        (quota != u64::MAX).then_some(quota)
+    }
+
+    /// The bytes (keys and values) every job holds in memory together.
+    pub fn memory_bytes(&self) -> u64 {
+        self.shared().map.lock().total
+    }
+
+    /// The bytes `job_id` holds in memory ([`UNKNOWN_JOB`]: writes that named no job).
+    pub fn job_bytes(&self, job_id: &str) -> u64 {
+        self.shared().map.lock().held(job_id)
+    }
+
+    /// Write `value` under `key`, counted under no job ([`UNKNOWN_JOB`]); see
+    /// [`KvStore::set_for_job`].
     pub fn set(&self, key: &str, value: Bytes, param: &SetParam) -> Result<()> {
+        self.set_for_job(UNKNOWN_JOB, key, value, param)
+    }
+
+    /// Write `value` under `key` for `job_id`. 1001 for a bad key, value or TTL; 4206 for an
+    /// existing key with `Existence::NX`; 4202 if it would take the job over its quota; the
+    /// second-level store's code (4203, 4204, 3007) if a write-through fails. A failed write
+    /// changes nothing.
+    pub fn set_for_job(
+        &self,
+        job_id: &str,
+        key: &str,
+        value: Bytes,
+        param: &SetParam,
+    ) -> Result<()> {
         validate_set(key, value.len(), param)?;
         let shared = self.shared();
         let l2 = match param.write_mode {
@@ -644,34 +850,44 @@ impl KvStore {
                 ),
             ));
         }
+        let job: Arc<str> = Arc::from(job_id);
+        let size = entry_size(key, value.len());
+        let reserved = shared.reserve(&job, key, size)?;
         let ttl = (param.ttl_second > 0).then(|| Duration::from_secs(param.ttl_second));
         let expires_at = ttl.and_then(|t| Instant::now().checked_add(t));
         let expires_at_wall = ttl.and_then(|t| SystemTime::now().checked_add(t));
         let version = shared.version();
         let previous = shared.map.lock().entries.get(key).map(|e| e.l2);
         let state = match (&l2, param.write_mode) {
-            (Some(l2), WriteMode::WriteThroughL2Cache) => {
-                l2.put(key, &value, expires_at_wall)?;
-                L2State::Stored
-            }
-            (Some(_), _) => {
-                self.enqueue(Job::Put {
+            (Some(l2), WriteMode::WriteThroughL2Cache) => l2
+                .put(key, &value, expires_at_wall)
+                .map(|()| L2State::Stored),
+            (Some(_), _) => self
+                .enqueue(Job::Put {
                     key: key.to_string(),
                     version,
                     value: value.clone(),
                     expires_at: expires_at_wall,
-                })?;
-                L2State::Pending
-            }
+                })
+                .map(|()| L2State::Pending),
             (None, _) => {
                 if previous.is_some_and(|p| p != L2State::Absent) {
                     // The second-level store holds an older value: remove it in the background.
                     self.enqueue(Job::Delete {
                         key: key.to_string(),
                         version,
-                    })?;
+                    })
+                    .map(|()| L2State::Absent)
+                } else {
+                    Ok(L2State::Absent)
                 }
-                L2State::Absent
+            }
+        };
+        let state = match state {
+            Ok(state) => state,
+            Err(error) => {
+                shared.release(&job, reserved);
+                return Err(error);
             }
         };
         shared.insert(
@@ -681,7 +897,10 @@ impl KvStore {
                 expires_at,
                 version,
                 l2: state,
+                job,
+                size,
             },
+            reserved,
         );
         Ok(())
     }
@@ -794,7 +1013,7 @@ impl KvStore {
         for key in keys {
             let key = key.as_ref();
             let _lock = shared.write_lock(key);
-            shared.map.lock().entries.remove(key);
+            shared.map.lock().remove(key);
             if let Some(l2) = &shared.l2 {
                 l2.delete(key)?;
             }
@@ -1051,7 +1270,7 @@ mod tests {
     }
 
     #[test]
-    fn values_over_100_mb_are_1001_with_both_sizes() {
+    fn values_over_the_message_size_are_1001_with_both_sizes() {
         let error = validate_set("big", MAX_VALUE_SIZE + 1, &SetParam::default()).unwrap_err();
         assert_eq!(error.code(), ErrorCode::ParamInvalid);
         assert!(error.message().contains(&(MAX_VALUE_SIZE + 1).to_string()));
@@ -1478,5 +1697,238 @@ mod tests {
             std::thread::sleep(Duration::from_millis(100));
         }
         assert!(!fake.has("k"));
+    }
+
+    // ----- the per-job quota -----
+
+    /// The bytes each job holds match its entries exactly, and the total matches their sum.
+    fn assert_accounting_exact(store: &KvStore) {
+        let map = store.handle.shared.map.lock();
+        let mut by_job: HashMap<&str, u64> = HashMap::new();
+        for (key, entry) in &map.entries {
+            assert_eq!(entry.size, entry_size(key, entry.value.len()));
+            *by_job.entry(&entry.job).or_default() += entry.size;
+        }
+        let held: HashMap<&str, u64> = map.held.iter().map(|(j, b)| (&**j, *b)).collect();
+        assert_eq!(held, by_job, "held bytes per job");
+        assert_eq!(map.total, by_job.values().sum::<u64>(), "total bytes");
+    }
+
+    fn value(len: usize) -> Bytes {
+        Bytes::from(vec![b'v'; len])
+    }
+
+    fn write(store: &KvStore, job: &str, key: &str, len: usize) -> Result<()> {
+        store.set_for_job(job, key, value(len), &SetParam::default())
+    }
+
+    #[test]
+    fn kv_bytes_follow_sets_overwrites_and_deletes_back_to_zero() {
+        let store = KvStore::new();
+        store.set_quota(Some(1 << 20));
+        write(&store, "job-a", "k", 10).unwrap();
+        assert_eq!(store.job_bytes("job-a"), 11);
+        write(&store, "job-a", "k", 100).unwrap(); // bigger
+        assert_eq!(store.job_bytes("job-a"), 101);
+        write(&store, "job-a", "k", 4).unwrap(); // smaller
+        assert_eq!(store.job_bytes("job-a"), 5);
+        write(&store, "job-a", "kk", 8).unwrap();
+        write(&store, "job-b", "other", 5).unwrap();
+        store
+            .set("anonymous", value(1), &SetParam::default())
+            .unwrap();
+        assert_eq!(store.job_bytes("job-a"), 5 + 10);
+        assert_eq!(store.job_bytes("job-b"), 10);
+        assert_eq!(store.job_bytes(UNKNOWN_JOB), 10);
+        assert_eq!(store.memory_bytes(), 35);
+        assert_accounting_exact(&store);
+        // Another job overwriting a key takes it over: the bytes move.
+        write(&store, "job-b", "k", 4).unwrap();
+        assert_eq!(store.job_bytes("job-a"), 10);
+        assert_eq!(store.job_bytes("job-b"), 15);
+        assert_accounting_exact(&store);
+        store
+            .del(&["k", "kk", "other", "anonymous", "missing"])
+            .unwrap();
+        assert_eq!(store.memory_bytes(), 0);
+        assert!(store.handle.shared.map.lock().held.is_empty());
+    }
+
+    #[test]
+    fn a_write_over_the_quota_is_4202_naming_job_bytes_and_quota_and_changes_nothing() {
+        let store = KvStore::new();
+        store.set_quota(Some(100));
+        write(&store, "job-a", "k", 49).unwrap(); // 50 bytes
+        let error = write(&store, "job-a", "k2", 59).unwrap_err(); // 61 more
+        assert_eq!(error.code(), ErrorCode::SharedMemoryLimited);
+        for needle in ["job-a", "holds 50 bytes", "61 bytes", "\"k2\"", "100 bytes"] {
+            assert!(error.message().contains(needle), "{needle}: {error}");
+        }
+        assert!(error.message().contains("kv_del"), "{error}");
+        assert!(error.message().contains("--kv-quota-mb"), "{error}");
+        assert_eq!(store.exist(&["k2"]).unwrap(), vec![false]);
+        // A refused overwrite keeps the old value.
+        let error = write(&store, "job-a", "k", 120).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::SharedMemoryLimited);
+        assert_eq!(store.try_get(&["k"]).unwrap(), vec![Some(value(49))]);
+        assert_eq!(store.job_bytes("job-a"), 50);
+        // An overwrite counts the difference: exactly the quota fits.
+        write(&store, "job-a", "k", 99).unwrap();
+        assert_eq!(store.job_bytes("job-a"), 100);
+        // Shrinking always fits, even over a quota lowered since.
+        store.set_quota(Some(10));
+        write(&store, "job-a", "k", 50).unwrap();
+        assert_eq!(store.job_bytes("job-a"), 51);
+        assert_accounting_exact(&store);
+    }
+
+    #[test]
+    fn each_job_has_a_quota_of_its_own_and_no_job_shares_one() {
+        let store = KvStore::new();
+        store.set_quota(Some(100));
+        write(&store, "job-a", "a", 99).unwrap();
+        assert_eq!(
+            write(&store, "job-a", "a2", 1).unwrap_err().code(),
+            ErrorCode::SharedMemoryLimited
+        );
+        write(&store, "job-b", "b", 99).unwrap();
+        store.set("u1", value(60), &SetParam::default()).unwrap();
+        let error = store
+            .set("u2", value(60), &SetParam::default())
+            .unwrap_err();
+        assert_eq!(error.code(), ErrorCode::SharedMemoryLimited);
+        assert!(error.message().contains("unknown job"), "{error}");
+        assert_eq!(store.memory_bytes(), 100 + 100 + 62);
+        assert_accounting_exact(&store);
+    }
+
+    #[test]
+    fn expiry_gives_the_bytes_back() {
+        let store = KvStore::new();
+        store.set_quota(Some(100));
+        for i in 0..4 {
+            store
+                .set_for_job("job-a", &format!("t{i}"), value(16), &ttl(1))
+                .unwrap();
+        }
+        write(&store, "job-a", "forever", 8).unwrap();
+        assert_eq!(store.job_bytes("job-a"), 4 * 18 + 15);
+        std::thread::sleep(Duration::from_millis(1100));
+        // Expired keys not swept yet do not stand in the way of a write.
+        write(&store, "job-a", "new", 80).unwrap();
+        assert_accounting_exact(&store);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while store.len() > 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(store.job_bytes("job-a"), 15 + 83);
+        store.del(&["forever", "new"]).unwrap();
+        assert_eq!(store.memory_bytes(), 0);
+        // The sweeper gives back what nobody reads.
+        store.set_for_job("job-a", "t", value(20), &ttl(1)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while store.memory_bytes() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(store.memory_bytes(), 0);
+        assert!(store.handle.shared.map.lock().held.is_empty());
+    }
+
+    #[test]
+    fn a_refused_write_through_does_not_reach_the_second_level_store() {
+        let (store, fake) = with_fake();
+        store.set_quota(Some(100));
+        let through = param(WriteMode::WriteThroughL2Cache);
+        store
+            .set_for_job("job-a", "mem", value(90), &SetParam::default())
+            .unwrap();
+        let error = store
+            .set_for_job("job-a", "wt", value(20), &through)
+            .unwrap_err();
+        assert_eq!(error.code(), ErrorCode::SharedMemoryLimited);
+        assert!(!fake.has("wt"));
+        // A write-through that fails gives its reserved room back.
+        store.del(&["mem"]).unwrap();
+        fake.failing.store(true, Ordering::SeqCst);
+        let error = store
+            .set_for_job("job-a", "wt", value(20), &through)
+            .unwrap_err();
+        assert_eq!(error.code(), ErrorCode::OperateDiskFailed);
+        assert_eq!(store.memory_bytes(), 0);
+        assert_accounting_exact(&store);
+    }
+
+    #[test]
+    fn values_the_second_level_store_holds_are_evicted_to_make_room() {
+        let (store, fake) = with_fake();
+        store.set_quota(Some(50));
+        let through = param(WriteMode::WriteThroughL2Cache);
+        store
+            .set_for_job("job-a", "old", value(17), &through)
+            .unwrap(); // 20
+        store
+            .set_for_job("job-a", "mid", value(17), &through)
+            .unwrap(); // 20
+        store
+            .set_for_job("job-a", "new", value(17), &through)
+            .unwrap(); // evicts "old"
+        assert_eq!(store.job_bytes("job-a"), 40);
+        assert!(fake.has("old"));
+        assert_accounting_exact(&store);
+        // The evicted value is read through again, counted under no job.
+        assert_eq!(store.get(&["old"], SHORT).unwrap(), vec![value(17)]);
+        assert_eq!(store.job_bytes(UNKNOWN_JOB), 20);
+        // Memory-only values are never evicted.
+        let error = store
+            .set_for_job("job-a", "mem", value(60), &SetParam::default())
+            .unwrap_err();
+        assert_eq!(error.code(), ErrorCode::SharedMemoryLimited);
+        assert_eq!(
+            store.try_get(&["mid", "new"]).unwrap(),
+            vec![Some(value(17)), Some(value(17))]
+        );
+        store.del(&["old", "mid", "new"]).unwrap();
+        assert_eq!(store.memory_bytes(), 0);
+    }
+
+    #[test]
+    fn a_read_through_that_does_not_fit_is_served_without_being_kept() {
+        let (store, fake) = with_fake();
+        store.set_quota(Some(50));
+        fake.put("big", &[b'v'; 60], None).unwrap();
+        assert_eq!(store.get(&["big"], SHORT).unwrap(), vec![value(60)]);
+        assert_eq!(store.len(), 0);
+        assert_eq!(store.memory_bytes(), 0);
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_job_never_pass_its_quota() {
+        let store = KvStore::new();
+        let quota = 10_000;
+        store.set_quota(Some(quota));
+        std::thread::scope(|scope| {
+            for thread in 0..4 {
+                let store = store.clone();
+                scope.spawn(move || {
+                    for i in 0..200 {
+                        let key = format!("t{thread}-{}", i % 50);
+                        let _ = write(&store, "job-a", &key, 50 + (i * 7) % 100);
+                    }
+                });
+            }
+        });
+        assert!(store.job_bytes("job-a") <= quota);
+        assert_accounting_exact(&store);
+        let keys: Vec<String> = store
+            .handle
+            .shared
+            .map
+            .lock()
+            .entries
+            .keys()
+            .cloned()
+            .collect();
+        store.del(&keys).unwrap();
+        assert_eq!(store.memory_bytes(), 0);
     }
 }

@@ -1,5 +1,5 @@
 //! yr-datasystem: the data worker that runs inside each node process. It owns the KV store
-//! ([`kv`]: openYuanrong's `kv_*` semantics, in memory) and its second-level store ([`l2`]: a
+//! ([`kv`]: openYuanrong's `kv_*` semantics, in memory, with a per-job memory quota) and its second-level store ([`l2`]: a
 //! directory by default, or Redis through the minimal client in [`redis`]); the streams whose
 //! home is this node ([`stream`]: producers, subscriptions, consumers, acks and back-pressure;
 //! [`stream_service`]: which node is a stream's home), both served to drivers and runtimes as
@@ -51,6 +51,9 @@ pub struct DataWorkerOptions {
     /// The most bytes spilled at once (`None`: 95% of the spill disk's free space when the
     /// node starts; `Some(0)`: spilling is off).
     pub spill_limit_bytes: Option<u64>,
+    /// The most bytes (keys and values) one job may keep in the KV store's memory (`None`: no
+    /// limit); see [`KvStore::set_quota`].
+    pub kv_quota_bytes: Option<u64>,
 }
 
 /// A node's data worker.
@@ -106,8 +109,11 @@ impl DataWorker {
                     format!("cannot start the shared-memory reclaimer: {e}"),
                 )
             })?;
+        let kv = KvStore::with_l2(l2.clone());
+        kv.set_quota(options.kv_quota_bytes);
         tracing::info!(
             l2 = %l2.describe(),
+            kv_quota_bytes = options.kv_quota_bytes,
             shared_memory_bytes = options.shared_memory_bytes,
             spill_dir = %spill_dir.display(),
             spill_limit_bytes = spill_info.limit,
@@ -115,7 +121,7 @@ impl DataWorker {
             "data worker ready"
         );
         Ok(Arc::new(DataWorker {
-            kv: KvStore::with_l2(l2),
+            kv,
             transfer: Arc::new(object_transfer::ObjectTransfer::new(shared_memory.clone())),
             reclaimer: Arc::new(reclaim::Reclaimer::new(
                 shared_memory.clone(),

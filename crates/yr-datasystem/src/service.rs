@@ -37,8 +37,8 @@ impl DataWorkerService {
         DataWorkerService { kv, streams }
     }
 
-    /// The tonic server for this service, accepting messages of any size (values are up to
-    /// 100 MB).
+    /// The tonic server for this service, accepting messages of any size (KV values are up to
+    /// 64 MiB, checked by the store; stream elements up to their stream's `max_stream_size`).
     pub fn server(self) -> pb::data_worker_server::DataWorkerServer<DataWorkerService> {
         pb::data_worker_server::DataWorkerServer::new(self)
             .max_decoding_message_size(yr_transport::max_message_bytes())
@@ -153,7 +153,12 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
         let request = request.into_inner();
         let kv = self.kv.clone();
         let result = match set_param_from_proto(&request.param.unwrap_or_default()) {
-            Ok(param) => blocking(move || kv.set(&request.key, request.value, &param)).await,
+            Ok(param) => {
+                blocking(move || {
+                    kv.set_for_job(&request.job_id, &request.key, request.value, &param)
+                })
+                .await
+            }
             Err(error) => Err(error),
         };
         Ok(Response::new(pb::KvSetResponse {
@@ -383,11 +388,14 @@ mod tests {
                 key: "k".into(),
                 value: Bytes::from_static(b"0123456789"),
                 param: Some(crate::wire::set_param_to_proto(&SetParam::default())),
+                job_id: "job-a".into(),
             }))
             .await
             .unwrap()
             .into_inner();
         assert_eq!(set.error, None);
+        // The write counts under the job it names.
+        assert_eq!(service.kv.job_bytes("job-a"), 11);
         let got = service
             .kv_get(Request::new(pb::KvGetRequest {
                 keys: vec!["k".into()],
@@ -424,6 +432,7 @@ mod tests {
             .unwrap()
             .into_inner();
         assert_eq!(del.error, None);
+        assert_eq!(service.kv.memory_bytes(), 0);
     }
 
     #[tokio::test]
@@ -434,6 +443,7 @@ mod tests {
                 key: String::new(),
                 value: Bytes::new(),
                 param: None,
+                job_id: String::new(),
             }))
             .await
             .unwrap()

@@ -56,6 +56,14 @@ pub fn metrics(node: &Node, data: &DataWorker) -> String {
         let _ = writeln!(out, "# TYPE {name} gauge");
         let _ = writeln!(out, "{name} {value}");
     }
+    let kv = data.kv();
+    for (name, value) in [
+        ("yr_kv_memory_bytes", kv.memory_bytes()),
+        ("yr_kv_quota_bytes", kv.quota().unwrap_or(0)),
+    ] {
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        let _ = writeln!(out, "{name} {value}");
+    }
     let transfer = data.transfer();
     for (name, value) in [
         ("yr_object_pulled_bytes_total", transfer.pulled_bytes()),

@@ -601,6 +601,8 @@ pub struct NodeSpec {
     pub spill_dir: Option<PathBuf>,
     /// `--spill-limit-mb`; `None` keeps the node's default (95% of the free disk).
     pub spill_limit_mb: Option<u64>,
+    /// `--kv-quota-mb`; `None` keeps the node's default (a quarter of `memory`, at most 4096).
+    pub kv_quota_mb: Option<u64>,
 }
 
 impl Default for NodeSpec {
@@ -618,6 +620,7 @@ impl Default for NodeSpec {
             shared_memory_mb: None,
             spill_dir: None,
             spill_limit_mb: None,
+            kv_quota_mb: None,
         }
     }
 }
@@ -879,6 +882,9 @@ impl TestCluster {
         }
         if let Some(mb) = node.spec.spill_limit_mb {
             args.extend(["--spill-limit-mb".to_string(), mb.to_string()]);
+        }
+        if let Some(mb) = node.spec.kv_quota_mb {
+            args.extend(["--kv-quota-mb".to_string(), mb.to_string()]);
         }
         if let Some(redis) = &node.spec.l2_redis {
             args.extend(["--l2-redis".to_string(), redis.clone()]);

@@ -1,7 +1,10 @@
 //! KV: a key-value store kept by the data system, shared by every driver and runtime of a
 //! node (in local mode, by the threads of this process). openYuanrong's `kv_*` API.
 //!
-//! - Keys are 1 to 1024 bytes; values are bytes, up to 100 MB (1001 otherwise).
+//! - Keys are 1 to 1024 bytes; values are bytes, up to 64 MiB (1001 otherwise).
+//! - In a cluster, each node keeps at most `yr start --kv-quota-mb` of KV memory (keys and
+//!   values) per job; a write over it fails with 4202 and changes nothing. Local mode has no
+//!   quota: the store lives in the driver's own memory.
 //! - [`SetParam`] says how a value is written: only if absent ([`Existence::NX`], else 4206),
 //!   with a time to live (`ttl_second`), and where it lives ([`WriteMode`]): memory only, or
 //!   also in the node's second-level store (a directory, or Redis with `yr start --l2-redis`),
@@ -17,7 +20,8 @@ use yr_common::Result;
 pub use yr_runtime::kv::{CacheType, Existence, SetParam, WriteMode};
 
 /// Write `value` under `key`, as `param` says. 1001 for an empty key, a key over 1024 bytes or
-/// a value over 100 MB; 4206 if `param.existence` is [`Existence::NX`] and the key exists.
+/// a value over 64 MiB; 4206 if `param.existence` is [`Existence::NX`] and the key exists; 4202
+/// if the write would take the job over the node's KV quota.
 ///
 /// ```
 /// # yr::init(yr::Config::local()).unwrap();

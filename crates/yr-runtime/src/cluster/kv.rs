@@ -20,6 +20,8 @@ use crate::kv::{KvClient, SetParam};
 /// The node's data worker, as a KV client.
 pub struct ClusterKv {
     channel: DataChannel,
+    /// Sent with every write: the node counts KV memory per job.
+    job_id: String,
 }
 
 impl ClusterBackend {
@@ -27,6 +29,7 @@ impl ClusterBackend {
     pub fn kv_client(&self) -> ClusterKv {
         ClusterKv {
             channel: self.inner.data.clone(),
+            job_id: self.inner.job_id.clone(),
         }
     }
 }
@@ -66,6 +69,7 @@ impl KvClient for ClusterKv {
             key: key.to_string(),
             value: Bytes::copy_from_slice(value),
             param: Some(set_param_to_proto(param)),
+            job_id: self.job_id.clone(),
         };
         check(
             self.call(move |mut client| async move { client.kv_set(request).await })?

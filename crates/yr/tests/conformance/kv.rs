@@ -10,8 +10,8 @@ use yr::{ErrorCode, Existence, SetParam, WriteMode};
 
 use crate::support::{self, assert_error, unwrap_err, TIMEOUT};
 
-/// The largest value, 100 MB.
-const MAX_VALUE: usize = 100 * 1024 * 1024;
+/// The largest value, the largest KV message: 64 MiB.
+const MAX_VALUE: usize = 64 * 1024 * 1024;
 
 fn key(label: &str) -> String {
     support::unique(&format!("kv-{label}"))
@@ -223,7 +223,7 @@ fn keys_are_checked_with_1001() {
 }
 
 #[test]
-fn a_value_over_100_mb_is_1001_with_both_sizes() {
+fn a_value_over_64_mib_is_1001_with_both_sizes() {
     let _session = support::session();
     let (fits, too_big) = (key("max-value"), key("too-big"));
     let value = vec![7u8; MAX_VALUE + 1];
@@ -234,7 +234,7 @@ fn a_value_over_100_mb_is_1001_with_both_sizes() {
         &[&(MAX_VALUE + 1).to_string(), &MAX_VALUE.to_string()],
     );
     assert_eq!(yr::kv_exist(&[&too_big]).unwrap(), vec![false]);
-    // Exactly 100 MB is allowed.
+    // Exactly 64 MiB is allowed.
     yr::kv_write(&fits, &value[..MAX_VALUE], SetParam::default()).unwrap();
     assert_eq!(
         yr::kv_get_with_param(&fits, MAX_VALUE - 3, 0, TIMEOUT).unwrap(),
