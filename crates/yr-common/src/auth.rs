@@ -333,21 +333,27 @@ pub fn peer_allowed(peer: &PeerCredentials) -> Result<(), AuthError> {
     }
 }
 
-/// Send `token`'s hello on a blocking stream and read the server's answer.
-pub fn send_hello(stream: &mut (impl Read + Write), token: &ClusterToken) -> Result<(), Error> {
-    stream.write_all(&token.hello()).map_err(|e| {
-        Error::new(
-            ErrorCode::AuthorizeFailed,
-            format!("cannot send the cluster token: {e}"),
-        )
-    })?;
+/// Send `token`'s hello on a blocking stream and read the server's answer: 1014 if the server
+/// refuses the token, `failed` if the connection breaks first.
+pub fn send_hello(
+    stream: &mut (impl Read + Write),
+    token: &ClusterToken,
+    failed: ErrorCode,
+) -> Result<(), Error> {
+    stream
+        .write_all(&token.hello())
+        .map_err(|e| Error::new(failed, format!("cannot send the cluster token: {e}")))?;
     let mut answer = [0u8; 1];
     match stream.read_exact(&mut answer) {
         Ok(()) if answer[0] == HELLO_ACCEPTED => Ok(()),
-        Ok(()) | Err(_) => Err(Error::new(
+        Ok(()) => Err(Error::new(
             ErrorCode::AuthorizeFailed,
             "the peer refused the cluster token; use the token of the cluster you connect to \
              (YR_TOKEN, --token, or the session's token file)",
+        )),
+        Err(e) => Err(Error::new(
+            failed,
+            format!("the peer closed the connection before it answered the cluster token: {e}"),
         )),
     }
 }

@@ -112,7 +112,7 @@ fn a_client_cannot_make_a_node_run_a_command_with_or_without_the_token() {
         .expect("a token holder gets an answer");
         match answer {
             pb::bus_response::Body::Error(error) => {
-                assert_eq!(error.code, ErrorCode::AuthorizeFailed as i32, "{error:?}")
+                assert_eq!(error.code, ErrorCode::AuthorizeFailed as u32, "{error:?}")
             }
             other => panic!("the node accepted /bin/sh as a driver binary: {other:?}"),
         }

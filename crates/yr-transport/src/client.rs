@@ -69,24 +69,44 @@ pub async fn open(
             }
         }
     };
-    if let Err(error) = say_hello(&mut connection, token).await {
-        refused.store(true, Ordering::Relaxed);
-        return Err(error);
+    match say_hello(&mut connection, token).await {
+        Ok(()) => Ok(connection),
+        Err(Hello::Refused) => {
+            refused.store(true, Ordering::Relaxed);
+            Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the peer refused the cluster token",
+            ))
+        }
+        // The peer went away (or is not a yr process): a connection failure, not a refusal.
+        Err(Hello::Failed(error)) => Err(error),
     }
-    Ok(connection)
+}
+
+/// How a hello failed.
+enum Hello {
+    /// The peer answered that it does not accept the token.
+    Refused,
+    /// The connection failed before an answer.
+    Failed(std::io::Error),
 }
 
 /// Send the token's hello and read the answer.
-async fn say_hello(connection: &mut Connection, token: &ClusterToken) -> std::io::Result<()> {
-    connection.write_all(&token.hello()).await?;
-    connection.flush().await?;
+async fn say_hello(connection: &mut Connection, token: &ClusterToken) -> Result<(), Hello> {
+    connection
+        .write_all(&token.hello())
+        .await
+        .map_err(Hello::Failed)?;
+    connection.flush().await.map_err(Hello::Failed)?;
     let mut answer = [0u8; 1];
-    match connection.read_exact(&mut answer).await {
-        Ok(_) if answer[0] == HELLO_ACCEPTED => Ok(()),
-        _ => Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            "the peer refused the cluster token",
-        )),
+    connection
+        .read_exact(&mut answer)
+        .await
+        .map_err(Hello::Failed)?;
+    if answer[0] == HELLO_ACCEPTED {
+        Ok(())
+    } else {
+        Err(Hello::Refused)
     }
 }
 

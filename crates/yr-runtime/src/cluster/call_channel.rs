@@ -572,7 +572,7 @@ pub fn connect(worker_address: &str) -> Result<(Arc<FrameWriter>, FrameReader), 
     stream
         .set_read_timeout(Some(yr_transport::HANDSHAKE_TIMEOUT))
         .map_err(failed)?;
-    yr_common::auth::send_hello(&mut stream, &token)?;
+    yr_common::auth::send_hello(&mut stream, &token, ErrorCode::RequestBetweenRuntimeBus)?;
     stream.set_read_timeout(None).map_err(failed)?;
     split(stream).map_err(failed)
 }
