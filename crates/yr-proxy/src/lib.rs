@@ -142,9 +142,21 @@ pub async fn run(
     } else {
         data_address.to_string()
     };
+    // Until nodes carry the cluster token, $YR_TOKEN, else one the nodes of this master share
+    // (the handshake without the secret).
+    let data_token = yr_common::auth::ClusterToken::resolve(None, None)
+        .ok()
+        .flatten()
+        .or_else(|| {
+            yr_common::auth::ClusterToken::parse(&format!("yr-{}", options.master_address)).ok()
+        })
+        .ok_or_else(|| NodeError::Listen {
+            what: "the data port".into(),
+            source: std::io::Error::other("no cluster token"),
+        })?;
     options
         .data_worker
-        .serve_objects(data_listener, data_advertised)
+        .serve_objects(data_listener, data_advertised, data_token)
         .map_err(|error| NodeError::Listen {
             what: "the data port".into(),
             source: std::io::Error::other(error.to_string()),
@@ -245,10 +257,10 @@ pub async fn run(
         .add_service(options.data_worker.service())
         .add_service(options.data_worker.object_service())
         .serve_with_incoming(UnixListenerStream::new(unix));
+    // The object store is for the node's own processes, on the Unix socket only.
     let tcp_server = tonic::transport::Server::builder()
         .add_service(service())
         .add_service(options.data_worker.service())
-        .add_service(options.data_worker.object_service())
         .add_service(
             pb::node_server::NodeServer::new(node_service::NodeService { node: node.clone() })
                 .max_decoding_message_size(usize::MAX)
