@@ -140,7 +140,8 @@ pub struct SharedMemoryStore {
 pub fn no_such_object() -> Error {
     Error::new(
         ErrorCode::GetOperationFailed,
-        "the node holds no object that matches this read (it was freed, or the location is          stale or not this object's); ask the object's owner for it again",
+        "the node holds no object that matches this read (it was freed, or the location is \
+         stale or not this object's); ask the object's owner for it again",
     )
 }
 
