@@ -3,41 +3,54 @@
 //! `sendfile`, and the pulling node moves the bytes from the socket into its own region with
 //! `splice`: neither side copies them through a buffer of its own, and there is no framing.
 //!
-//! One range per connection. The request is [`REQUEST_LEN`] bytes, little-endian: the magic
-//! `YRD1`, then the allocation id, the object's size, the first byte and the number of bytes.
-//! The answer is one status byte: [`STATUS_OK`] followed by exactly the bytes asked for, or
-//! [`STATUS_ERROR`] followed by a `u32` length and an `ErrorInfo` (protobuf) saying why.
+//! One range per connection. The connection opens with the cluster token's hello frame
+//! (`yr_common::auth`), answered with `HELLO_ACCEPTED`, or `HELLO_REFUSED` and a close: a
+//! peer without the token learns nothing and costs nothing. Then the request, [`REQUEST_LEN`]
+//! bytes, little-endian: the magic `YRD2`, the object's capability (16 bytes, see
+//! [`crate::capability`]), the allocation id, the object's size, the first byte and the number
+//! of bytes. The answer is one status byte: [`STATUS_OK`] followed by exactly the bytes asked
+//! for, or [`STATUS_ERROR`] followed by a `u32` length and an `ErrorInfo` (protobuf) saying why.
+//! A wrong capability, a wrong size and a freed object get the same answer, which names no size.
 //!
-//! A fixed set of threads serves the connections, so a burst of pulls queues rather than
-//! starting a thread each. While it sends, the serving node holds its own reference to the object
-//! ([`TRANSFER_HOLDER`]), so the object outlives its owner until the reader has it.
+//! Connections are tokio tasks on the node's runtime, at most [`MAX_CONNECTIONS`] at once (more
+//! are closed at once); the hello and the request must arrive within [`IDLE_TIMEOUT`], and the
+//! bytes go out with non-blocking `sendfile` driven by the socket's readiness, so an idle or
+//! slow peer holds no thread. While it sends, the serving node holds its own reference to the
+//! object ([`TRANSFER_HOLDER`]), so the object outlives its owner until the reader has it.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use yr_common::auth::{self, ClusterToken, HELLO_ACCEPTED, HELLO_HEADER, HELLO_REFUSED};
 use yr_common::{Error, ErrorCode};
 
+use crate::capability::{Capability, CAPABILITY_LEN};
 use crate::shared_memory::SharedMemoryStore;
 use crate::wire::{error_from_proto, error_to_proto};
 
 /// The holder id under which a node keeps an object it is sending (no process has pid 0).
 pub const TRANSFER_HOLDER: u32 = 0;
 /// Opens every request.
-const MAGIC: &[u8; 4] = b"YRD1";
+const MAGIC: &[u8; 4] = b"YRD2";
 /// Bytes in a request.
-pub const REQUEST_LEN: usize = 4 + 4 * 8;
+pub const REQUEST_LEN: usize = 4 + CAPABILITY_LEN + 4 * 8;
 /// The range follows.
 pub const STATUS_OK: u8 = 0;
 /// An error follows.
 pub const STATUS_ERROR: u8 = 1;
 /// The longest an error message may be on the wire.
 const MAX_ERROR_LEN: u32 = 64 * 1024;
-/// How long a connection waits on a silent peer before it gives up.
+/// How long the serving node waits for a connection's hello and request.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most connections served at once; more are closed as they arrive.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long either side waits on a peer that stopped reading or sending mid-range.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a pull waits to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,6 +60,8 @@ const PIPE_CHUNK: usize = 1 << 20;
 /// One range of one object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RangeRequest {
+    /// The object's capability on the serving node.
+    pub capability: Capability,
     /// The allocation on the serving node.
     pub allocation: u64,
     /// The object's size, as the reader knows it (a mismatch is refused).
@@ -57,29 +72,60 @@ pub struct RangeRequest {
     pub length: u64,
 }
 
+/// Why bytes are not a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Not [`REQUEST_LEN`] bytes.
+    #[error("a data-port request has {REQUEST_LEN} bytes, got {0}")]
+    Length(usize),
+    /// The magic is not this version's.
+    #[error(
+        "the data port got a request that does not start with its magic; only nodes of the \
+         same yr version pull objects from it"
+    )]
+    Magic,
+}
+
+impl From<RequestError> for Error {
+    fn from(error: RequestError) -> Error {
+        Error::new(ErrorCode::ParamInvalid, error.to_string())
+    }
+}
+
 impl RangeRequest {
-    fn encode(&self) -> [u8; REQUEST_LEN] {
+    /// The request's bytes.
+    pub fn encode(&self) -> [u8; REQUEST_LEN] {
         let mut bytes = [0u8; REQUEST_LEN];
         bytes[..4].copy_from_slice(MAGIC);
+        bytes[4..4 + CAPABILITY_LEN].copy_from_slice(&self.capability);
+        let words = 4 + CAPABILITY_LEN;
         for (i, field) in [self.allocation, self.size, self.from, self.length]
             .iter()
             .enumerate()
         {
-            bytes[4 + i * 8..12 + i * 8].copy_from_slice(&field.to_le_bytes());
+            bytes[words + i * 8..words + 8 + i * 8].copy_from_slice(&field.to_le_bytes());
         }
         bytes
     }
 
-    fn decode(bytes: &[u8; REQUEST_LEN]) -> Option<RangeRequest> {
-        if &bytes[..4] != MAGIC {
-            return None;
+    /// A request from its bytes (any bytes: they come from the network).
+    pub fn decode(bytes: &[u8]) -> Result<RangeRequest, RequestError> {
+        if bytes.len() != REQUEST_LEN {
+            return Err(RequestError::Length(bytes.len()));
         }
+        if &bytes[..4] != MAGIC {
+            return Err(RequestError::Magic);
+        }
+        let mut capability = [0u8; CAPABILITY_LEN];
+        capability.copy_from_slice(&bytes[4..4 + CAPABILITY_LEN]);
+        let words = 4 + CAPABILITY_LEN;
         let field = |i: usize| {
             let mut word = [0u8; 8];
-            word.copy_from_slice(&bytes[4 + i * 8..12 + i * 8]);
+            word.copy_from_slice(&bytes[words + i * 8..words + 8 + i * 8]);
             u64::from_le_bytes(word)
         };
-        Some(RangeRequest {
+        Ok(RangeRequest {
+            capability,
             allocation: field(0),
             size: field(1),
             from: field(2),
@@ -93,164 +139,257 @@ impl RangeRequest {
 pub enum RangeError {
     /// The serving node answered with an error.
     Remote(Error),
+    /// The serving node refused the cluster token.
+    Refused(Error),
     /// The connection failed or ended early.
     Transport(String),
     /// Writing the local copy failed.
     Local(Error),
 }
 
-/// Serve ranges of `store`'s objects on `listener` until the process ends: one thread accepts,
-/// and a fixed set of threads ([`sender_threads`]) serve the connections in turn, so many pulls
-/// at once queue instead of starting a thread each. `served` counts the bytes sent.
-pub fn serve(
-    listener: TcpListener,
-    store: Arc<SharedMemoryStore>,
-    served: Arc<AtomicU64>,
-) -> std::io::Result<()> {
-    let (connections, queued) = crossbeam_channel::unbounded::<TcpStream>();
-    for _ in 0..sender_threads() {
-        let queued = queued.clone();
-        let store = store.clone();
-        let served = served.clone();
-        std::thread::Builder::new()
-            .name("yr-data-send".into())
-            .spawn(move || {
-                for stream in queued {
-                    serve_one(stream, &store, &served);
-                }
-            })?;
+/// What serves a data port, and its limits.
+#[derive(Clone, Debug)]
+pub struct DataPort {
+    /// The objects served.
+    pub store: Arc<SharedMemoryStore>,
+    /// Counts the bytes sent.
+    pub served: Arc<AtomicU64>,
+    /// What every connection presents first.
+    pub token: ClusterToken,
+    /// How long a connection may take to send its hello and request.
+    pub idle_timeout: Duration,
+    /// The most connections served at once.
+    pub max_connections: usize,
+}
+
+impl DataPort {
+    /// A data port over `store` with the default limits ([`IDLE_TIMEOUT`],
+    /// [`MAX_CONNECTIONS`]).
+    pub fn new(
+        store: Arc<SharedMemoryStore>,
+        served: Arc<AtomicU64>,
+        token: ClusterToken,
+    ) -> DataPort {
+        DataPort {
+            store,
+            served,
+            token,
+            idle_timeout: IDLE_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+        }
     }
-    std::thread::Builder::new()
-        .name("yr-data-port".into())
-        .spawn(move || {
-            for connection in listener.incoming() {
-                match connection {
-                    Ok(stream) => {
-                        if connections.send(stream).is_err() {
-                            return;
-                        }
-                    }
+
+    /// Serve ranges on `listener` as tasks of `runtime`, until the runtime stops.
+    pub fn serve(
+        self,
+        listener: std::net::TcpListener,
+        runtime: &tokio::runtime::Handle,
+    ) -> std::io::Result<()> {
+        listener.set_nonblocking(true)?;
+        let listener = {
+            let _entered = runtime.enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
+        let port = Arc::new(self);
+        let permits = Arc::new(tokio::sync::Semaphore::new(port.max_connections));
+        runtime.spawn(async move {
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
                     Err(error) => {
                         tracing::debug!(%error, "the data port failed to accept a connection");
-                        std::thread::sleep(Duration::from_millis(10));
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
                     }
-                }
+                };
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    tracing::debug!(
+                        limit = port.max_connections,
+                        "the data port refused a connection: too many at once"
+                    );
+                    continue;
+                };
+                let port = port.clone();
+                tokio::spawn(async move {
+                    port.serve_one(stream).await;
+                    drop(permit);
+                });
             }
-        })
-        .map(drop)
-}
-
-/// Connections served at once: two per CPU (a sender mostly waits on the network), 4 to 32.
-fn sender_threads() -> usize {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cpus * 2).clamp(4, 32)
-}
-
-/// Answer one connection's request.
-fn serve_one(mut stream: TcpStream, store: &SharedMemoryStore, served: &AtomicU64) {
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_nodelay(true);
-    let mut bytes = [0u8; REQUEST_LEN];
-    if let Err(error) = stream.read_exact(&mut bytes) {
-        tracing::debug!(%error, "a pull sent no complete request");
-        return;
+        });
+        Ok(())
     }
-    let Some(request) = RangeRequest::decode(&bytes) else {
-        let error = Error::new(
-            ErrorCode::ParamInvalid,
-            "the data port got a request that does not start with its magic; only nodes of the \
-             same yr version pull objects from it",
-        );
-        let _ = send_error(&mut stream, &error);
-        return;
-    };
-    if let Err(error) = store.retain(request.allocation, TRANSFER_HOLDER) {
-        let _ = send_error(&mut stream, &error);
-        return;
+
+    /// Answer one connection: its hello, then its request.
+    async fn serve_one(&self, mut stream: tokio::net::TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let opened = tokio::time::timeout(self.idle_timeout, self.open(&mut stream)).await;
+        let request = match opened {
+            Err(_) => {
+                tracing::debug!("a data-port connection sent no hello and request in time");
+                return;
+            }
+            Ok(Err(Opening::Closed)) => return,
+            Ok(Err(Opening::Refused(error))) => {
+                tracing::debug!(%error, "the data port refused a connection");
+                let _ = tokio::time::timeout(self.idle_timeout, stream.write_all(&[HELLO_REFUSED]))
+                    .await;
+                return;
+            }
+            Ok(Err(Opening::Invalid(error))) => {
+                let _ = self.send_error(&mut stream, &error.into()).await;
+                return;
+            }
+            Ok(Ok(request)) => request,
+        };
+        let store = &self.store;
+        if let Err(error) = store.retain_presented(
+            request.allocation,
+            &request.capability,
+            request.size,
+            TRANSFER_HOLDER,
+        ) {
+            let _ = self.send_error(&mut stream, &error).await;
+            return;
+        }
+        let sent = self.send_range(&mut stream, &request).await;
+        store.release(&[request.allocation], TRANSFER_HOLDER);
+        match sent {
+            Ok(true) => {
+                self.served.fetch_add(request.length, Ordering::Relaxed);
+            }
+            Ok(false) => {}
+            Err(error) => {
+                tracing::debug!(%error, allocation = request.allocation, "a pull ended early")
+            }
+        }
     }
-    let sent = send_range(&mut stream, store, &request);
-    store.release(&[request.allocation], TRANSFER_HOLDER);
-    match sent {
-        Ok(true) => {
-            served.fetch_add(request.length, Ordering::Relaxed);
+
+    /// Read and check the hello, accept it, and read the request.
+    async fn open(&self, stream: &mut tokio::net::TcpStream) -> Result<RangeRequest, Opening> {
+        let mut header = [0u8; HELLO_HEADER];
+        stream
+            .read_exact(&mut header)
+            .await
+            .map_err(|_| Opening::Closed)?;
+        let length = auth::hello_length(&header).map_err(Opening::Refused)?;
+        let mut presented = [0u8; auth::MAX_TOKEN_LEN];
+        stream
+            .read_exact(&mut presented[..length])
+            .await
+            .map_err(|_| Opening::Closed)?;
+        if !self.token.accepts(&presented[..length]) {
+            return Err(Opening::Refused(auth::AuthError::Wrong));
         }
-        Ok(false) => {}
-        Err(error) => {
-            tracing::debug!(%error, allocation = request.allocation, "a pull ended early")
-        }
+        stream
+            .write_all(&[HELLO_ACCEPTED])
+            .await
+            .map_err(|_| Opening::Closed)?;
+        let mut bytes = [0u8; REQUEST_LEN];
+        stream
+            .read_exact(&mut bytes)
+            .await
+            .map_err(|_| Opening::Closed)?;
+        RangeRequest::decode(&bytes).map_err(Opening::Invalid)
+    }
+
+    /// Check `request`'s range against the object, then send the status and the bytes.
+    /// Whether the bytes were sent (false: an error was).
+    async fn send_range(
+        &self,
+        stream: &mut tokio::net::TcpStream,
+        request: &RangeRequest,
+    ) -> std::io::Result<bool> {
+        let fd = match self
+            .store
+            .file_range(request.allocation, request.from, request.length)
+        {
+            Ok((file, offset)) => (file.as_raw_fd(), offset),
+            Err(error) => return self.send_error(stream, &error).await.map(|()| false),
+        };
+        tokio::time::timeout(IO_TIMEOUT, stream.write_all(&[STATUS_OK]))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        send_file(stream, fd.0, fd.1, request.length)
+            .await
+            .map(|()| true)
+    }
+
+    async fn send_error(
+        &self,
+        stream: &mut tokio::net::TcpStream,
+        error: &Error,
+    ) -> std::io::Result<()> {
+        tokio::time::timeout(IO_TIMEOUT, stream.write_all(&error_answer(error)))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
     }
 }
 
-/// Check `request` against the object, then send the status and the bytes. Whether the bytes
-/// were sent (false: an error was).
-fn send_range(
-    stream: &mut TcpStream,
-    store: &SharedMemoryStore,
-    request: &RangeRequest,
-) -> std::io::Result<bool> {
-    let located = store.size_of(request.allocation).and_then(|size| {
-        if size != request.size {
-            return Err(Error::new(
-                ErrorCode::ParamInvalid,
-                format!(
-                    "shared-memory object {} has {size} bytes, not the {} the reader expects",
-                    request.allocation, request.size
-                ),
-            ));
-        }
-        store.file_range(request.allocation, request.from, request.length)
-    });
-    let (file, offset) = match located {
-        Ok(found) => found,
-        Err(error) => return send_error(stream, &error).map(|()| false),
-    };
-    stream.write_all(&[STATUS_OK])?;
-    send_file(stream.as_fd(), file, offset, request.length).map(|()| true)
+/// How a connection's opening went wrong.
+enum Opening {
+    /// The peer closed or broke the connection.
+    Closed,
+    /// No hello, or not the cluster's token.
+    Refused(auth::AuthError),
+    /// The request does not parse.
+    Invalid(RequestError),
 }
 
-fn send_error(stream: &mut TcpStream, error: &Error) -> std::io::Result<()> {
+/// The status byte, length and `ErrorInfo` for `error`.
+fn error_answer(error: &Error) -> Vec<u8> {
     let encoded = error_to_proto(error).encode_to_vec();
     let mut answer = Vec::with_capacity(5 + encoded.len());
     answer.push(STATUS_ERROR);
     answer.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
     answer.extend_from_slice(&encoded);
-    stream.write_all(&answer)
+    answer
 }
 
-/// `sendfile` `length` bytes of `file` from `offset` to `socket`.
-fn send_file(
-    socket: BorrowedFd<'_>,
-    file: BorrowedFd<'_>,
+/// `sendfile` `length` bytes of `file` from `offset` to the non-blocking `socket`, waiting for
+/// room in its buffer (at most [`IO_TIMEOUT`] at a time) between calls.
+async fn send_file(
+    socket: &tokio::net::TcpStream,
+    file: RawFd,
     offset: u64,
     length: u64,
 ) -> std::io::Result<()> {
     let mut offset = libc::off_t::try_from(offset).map_err(std::io::Error::other)?;
     let mut left = length;
     while left > 0 {
+        tokio::time::timeout(IO_TIMEOUT, socket.writable())
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
         let count = usize::try_from(left.min(1 << 30)).unwrap_or(1 << 30);
-        // SAFETY: both descriptors are open for the call; `offset` is a valid off_t that
-        // sendfile advances.
-        let sent =
-            unsafe { libc::sendfile(socket.as_raw_fd(), file.as_raw_fd(), &mut offset, count) };
-        match sent {
-            n if n > 0 => left -= n as u64,
-            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            _ => {
-                let error = std::io::Error::last_os_error();
-                if error.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(error);
-                }
+        let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
+            // SAFETY: both descriptors are open for the call (the caller holds a reference to
+            // the object, so the store and its region live); `offset` is a valid off_t that
+            // sendfile advances.
+            let sent = unsafe { libc::sendfile(socket.as_raw_fd(), file, &mut offset, count) };
+            if sent < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(sent as u64)
             }
+        });
+        match sent {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => left -= n,
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(error) => return Err(error),
         }
     }
     Ok(())
 }
 
-/// Read `request`'s range from the data port at `address` into allocation `local` of `store`,
-/// at the same offset.
+/// Read `request`'s range from the data port at `address`, presenting `token`, into allocation
+/// `local` of `store`, at the same offset.
 pub fn read_range(
     address: &str,
+    token: &ClusterToken,
     request: &RangeRequest,
     store: &SharedMemoryStore,
     local: u64,
@@ -268,6 +407,18 @@ pub fn read_range(
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_nodelay(true);
+    // Only a peer that has the token gets to ask for anything.
+    auth::send_hello(&mut stream, token, ErrorCode::GetOperationFailed).map_err(|error| {
+        let error = Error::new(
+            error.code(),
+            format!("the data port at {address}: {}", error.message()),
+        );
+        if error.code() == ErrorCode::AuthorizeFailed {
+            RangeError::Refused(error)
+        } else {
+            RangeError::Transport(error.message().to_string())
+        }
+    })?;
     stream
         .write_all(&request.encode())
         .map_err(|error| transport("cannot ask", error))?;
@@ -403,14 +554,39 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
-    /// A store serving on a port of its own, and its address.
-    fn serving(capacity: u64) -> (Arc<SharedMemoryStore>, String) {
+    /// A store serving on a port of its own, with its runtime, address and token.
+    struct Serving {
+        store: Arc<SharedMemoryStore>,
+        address: String,
+        token: ClusterToken,
+        _runtime: tokio::runtime::Runtime,
+    }
+
+    fn serving_with(capacity: u64, limits: impl FnOnce(&mut DataPort)) -> Serving {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
         let store = Arc::new(SharedMemoryStore::new(capacity, "serving").expect("store"));
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let address = listener.local_addr().expect("address").to_string();
-        serve(listener, store.clone(), Arc::new(AtomicU64::new(0))).expect("serve");
-        (store, address)
+        let token = ClusterToken::generate().expect("token");
+        let mut port = DataPort::new(store.clone(), Arc::new(AtomicU64::new(0)), token.clone());
+        limits(&mut port);
+        port.serve(listener, runtime.handle()).expect("serve");
+        Serving {
+            store,
+            address,
+            token,
+            _runtime: runtime,
+        }
+    }
+
+    fn serving(capacity: u64) -> Serving {
+        serving_with(capacity, |_| {})
     }
 
     fn pattern(size: u64) -> Vec<u8> {
@@ -423,12 +599,51 @@ mod tests {
         bytes
     }
 
+    /// An object of `size` bytes on `serving`, held by process 7: its whole-object request.
+    fn object(serving: &Serving, size: u64) -> RangeRequest {
+        let (id, _) = serving.store.create(size, 7).expect("create");
+        serving
+            .store
+            .write_at(id, 0, &pattern(size))
+            .expect("write");
+        RangeRequest {
+            capability: serving.store.capability_of(id).expect("capability"),
+            allocation: id,
+            size,
+            from: 0,
+            length: size,
+        }
+    }
+
+    /// A connection that has sent the hello, or `hello`'s bytes instead.
+    fn connected(address: &str, hello: &[u8]) -> TcpStream {
+        let mut stream = TcpStream::connect(address).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        stream.write_all(hello).expect("hello");
+        stream
+    }
+
+    /// Everything the server sends until it closes.
+    fn rest(stream: &mut TcpStream) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        let _ = stream.read_to_end(&mut bytes);
+        bytes
+    }
+
+    fn remote_error(result: std::result::Result<(), RangeError>) -> Error {
+        match result {
+            Err(RangeError::Remote(error)) => error,
+            other => panic!("expected the serving node's error, got {other:?}"),
+        }
+    }
+
     #[test]
     fn ranges_of_an_object_arrive_intact_and_the_serving_reference_is_released() {
-        let (serving, address) = serving(64 << 20);
+        let serving = serving(64 << 20);
         let size = (9 << 20) + 12345;
-        let (id, _) = serving.create(size, 7).expect("create");
-        serving.write_at(id, 0, &pattern(size)).expect("write");
+        let whole = object(&serving, size);
         let pulling = SharedMemoryStore::new(64 << 20, "pulling").expect("store");
         let (local, _) = pulling.create(size, 8).expect("create");
         // Three ranges, as a parallel pull asks for them, one of them odd-sized.
@@ -439,12 +654,11 @@ mod tests {
             (2 * third + 1, size - 2 * third - 1),
         ] {
             let request = RangeRequest {
-                allocation: id,
-                size,
                 from,
                 length,
+                ..whole
             };
-            read_range(&address, &request, &pulling, local).expect("range");
+            read_range(&serving.address, &serving.token, &request, &pulling, local).expect("range");
         }
         assert!(
             read(&pulling, local, size) == pattern(size),
@@ -452,65 +666,204 @@ mod tests {
         );
         // The serving node's own reference is gone once the ranges are sent.
         std::thread::sleep(Duration::from_millis(100));
-        serving.release(&[id], 7);
-        assert_eq!(serving.stats().objects, 0);
+        serving.store.release(&[whole.allocation], 7);
+        assert_eq!(serving.store.stats().objects, 0);
     }
 
     #[test]
-    fn a_freed_object_or_a_wrong_size_is_a_clear_error_and_nothing_is_written() {
-        let (serving, address) = serving(1 << 20);
+    fn a_missing_or_wrong_token_is_refused_before_any_byte_of_an_object() {
+        let serving = serving(1 << 20);
+        let request = object(&serving, 1000);
         let pulling = SharedMemoryStore::new(1 << 20, "pulling").expect("store");
-        let (local, _) = pulling.create(100, 8).expect("create");
+        let (local, _) = pulling.create(1000, 8).expect("create");
+        let stranger = ClusterToken::generate().expect("token");
+        match read_range(&serving.address, &stranger, &request, &pulling, local) {
+            Err(RangeError::Refused(error)) => {
+                assert_eq!(error.code(), ErrorCode::AuthorizeFailed, "{error}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // On the wire: a wrong token, no hello at all, and a request sent in place of the hello
+        // each get one refusal byte and a close, and nothing of the object.
+        let mut wrong = stranger.hello();
+        wrong.extend_from_slice(&request.encode());
+        for opening in [
+            wrong,
+            request.encode().to_vec(),
+            b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        ] {
+            let mut stream = connected(&serving.address, &opening);
+            assert_eq!(rest(&mut stream), vec![HELLO_REFUSED]);
+        }
+        assert_eq!(read(&pulling, local, 1000), vec![0u8; 1000]);
+        // Nothing was retained for the refused peers.
+        serving.store.release(&[request.allocation], 7);
+        assert_eq!(serving.store.stats().objects, 0);
+    }
+
+    #[test]
+    fn a_wrong_capability_a_wrong_size_and_a_freed_object_get_one_answer_without_a_size() {
+        let serving = serving(1 << 20);
+        let request = object(&serving, 100);
+        let pulling = SharedMemoryStore::new(1 << 20, "pulling").expect("store");
+        let (local, _) = pulling.create(4096, 8).expect("create");
+        let mut capability = request.capability;
+        capability[3] ^= 1;
+        let wrong_capability = RangeRequest {
+            capability,
+            ..request
+        };
+        let wrong_size = RangeRequest {
+            size: 4096,
+            length: 4096,
+            ..request
+        };
         let freed = RangeRequest {
-            allocation: 99,
-            size: 100,
-            from: 0,
-            length: 100,
+            allocation: request.allocation + 1,
+            ..request
         };
-        match read_range(&address, &freed, &pulling, local) {
-            Err(RangeError::Remote(error)) => {
-                assert_eq!(error.code(), ErrorCode::GetOperationFailed, "{error}")
-            }
-            other => panic!("expected the serving node's error, got {other:?}"),
+        let answers: Vec<Error> = [wrong_capability, wrong_size, freed]
+            .iter()
+            .map(|asked| {
+                remote_error(read_range(
+                    &serving.address,
+                    &serving.token,
+                    asked,
+                    &pulling,
+                    local,
+                ))
+            })
+            .collect();
+        for answer in &answers {
+            assert_eq!(answer.code(), ErrorCode::GetOperationFailed, "{answer}");
+            assert_eq!(answer.message(), answers[0].message());
+            assert!(!answer.message().contains("100"), "{answer}");
         }
-        let (id, _) = serving.create(10, 7).expect("create");
-        let wrong = RangeRequest {
-            allocation: id,
-            size: 100,
-            from: 0,
-            length: 100,
-        };
-        match read_range(&address, &wrong, &pulling, local) {
-            Err(RangeError::Remote(error)) => {
-                assert_eq!(error.code(), ErrorCode::ParamInvalid, "{error}");
-                assert!(error.message().contains("10 bytes"), "{error}");
+        assert_eq!(read(&pulling, local, 4096), vec![0u8; 4096]);
+        // The right capability and size read it.
+        let right = RangeRequest { ..request };
+        read_range(&serving.address, &serving.token, &right, &pulling, local).expect("read");
+        assert_eq!(read(&pulling, local, 100)[..], pattern(100)[..]);
+    }
+
+    /// How long pulling `request` takes, at best of three.
+    fn pull_time(
+        serving: &Serving,
+        request: &RangeRequest,
+        pulling: &SharedMemoryStore,
+    ) -> Duration {
+        let (local, _) = pulling.create(request.size, 8).expect("create");
+        let best = (0..3)
+            .map(|_| {
+                let started = Instant::now();
+                read_range(&serving.address, &serving.token, request, pulling, local)
+                    .expect("pull");
+                started.elapsed()
+            })
+            .min()
+            .unwrap_or_default();
+        pulling.release(&[local], 8);
+        best
+    }
+
+    #[test]
+    fn idle_connections_that_send_nothing_do_not_delay_a_pull() {
+        let serving = serving(64 << 20);
+        let request = object(&serving, 16 << 20);
+        let pulling = SharedMemoryStore::new(64 << 20, "pulling").expect("store");
+        let alone = pull_time(&serving, &request, &pulling);
+        // More idle peers than the old fixed set of sender threads.
+        let idle: Vec<TcpStream> = (0..64)
+            .map(|_| TcpStream::connect(&serving.address).expect("connect"))
+            .collect();
+        let beside_idle = pull_time(&serving, &request, &pulling);
+        drop(idle);
+        // Generous for a busy machine: twice the time alone, plus scheduling noise.
+        let bound = alone * 2 + Duration::from_millis(250);
+        assert!(
+            beside_idle <= bound,
+            "a pull took {beside_idle:?} beside idle connections, {alone:?} alone"
+        );
+    }
+
+    #[test]
+    fn a_connection_that_sends_no_request_in_time_is_closed() {
+        let serving = serving_with(1 << 20, |port| {
+            port.idle_timeout = Duration::from_millis(300)
+        });
+        let started = Instant::now();
+        let mut silent = TcpStream::connect(&serving.address).expect("connect");
+        silent
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        assert!(rest(&mut silent).is_empty());
+        // A hello alone, with no request after it, is closed too.
+        let mut halfway = connected(&serving.address, &serving.token.hello());
+        assert_eq!(rest(&mut halfway), vec![HELLO_ACCEPTED]);
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_flood_beyond_the_connection_limit_is_refused_not_queued() {
+        let serving = serving_with(1 << 20, |port| {
+            port.max_connections = 4;
+            port.idle_timeout = Duration::from_secs(60);
+        });
+        let request = object(&serving, 1000);
+        let held: Vec<TcpStream> = (0..4)
+            .map(|_| TcpStream::connect(&serving.address).expect("connect"))
+            .collect();
+        let started = Instant::now();
+        let mut over = connected(&serving.address, &serving.token.hello());
+        assert!(
+            rest(&mut over).is_empty(),
+            "a connection over the limit got an answer"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the refusal waited for the idle timeout"
+        );
+        // Once the flood is gone, pulls are served again.
+        drop(held);
+        let pulling = SharedMemoryStore::new(1 << 20, "pulling").expect("store");
+        let (local, _) = pulling.create(1000, 8).expect("create");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match read_range(&serving.address, &serving.token, &request, &pulling, local) {
+                Ok(()) => break,
+                Err(error) if Instant::now() < deadline => {
+                    tracing::debug!(?error, "the limit is not free yet");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(error) => panic!("no pull was served after the flood: {error:?}"),
             }
-            other => panic!("expected the serving node's error, got {other:?}"),
         }
-        assert_eq!(read(&pulling, local, 100), vec![0u8; 100]);
+        assert_eq!(read(&pulling, local, 1000), pattern(1000));
     }
 
     #[test]
     fn a_port_nobody_serves_or_a_stranger_is_a_transport_error() {
         let pulling = SharedMemoryStore::new(1 << 20, "pulling").expect("store");
         let (local, _) = pulling.create(100, 8).expect("create");
+        let token = ClusterToken::generate().expect("token");
         let request = RangeRequest {
+            capability: [0; CAPABILITY_LEN],
             allocation: 1,
             size: 100,
             from: 0,
             length: 100,
         };
         // A port that was free a moment ago.
-        let closed = TcpListener::bind("127.0.0.1:0")
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
             .expect("a free port")
             .to_string();
         assert!(matches!(
-            read_range(&closed, &request, &pulling, local),
+            read_range(&closed, &token, &request, &pulling, local),
             Err(RangeError::Transport(_))
         ));
         // A server that is not a data port: it answers with garbage and hangs up.
-        let stranger = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let stranger = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let address = stranger.local_addr().expect("address").to_string();
         std::thread::spawn(move || {
             if let Ok((mut stream, _)) = stranger.accept() {
@@ -518,15 +871,18 @@ mod tests {
             }
         });
         assert!(matches!(
-            read_range(&address, &request, &pulling, local),
-            Err(RangeError::Transport(_))
+            read_range(&address, &token, &request, &pulling, local),
+            Err(RangeError::Refused(_) | RangeError::Transport(_))
         ));
     }
 
     #[test]
     fn a_request_without_the_magic_is_refused_with_an_error() {
-        let (_serving, address) = serving(1 << 20);
-        let mut stream = TcpStream::connect(&address).expect("connect");
+        let serving = serving(1 << 20);
+        let mut stream = connected(&serving.address, &serving.token.hello());
+        let mut accepted = [0u8; 1];
+        stream.read_exact(&mut accepted).expect("hello answer");
+        assert_eq!(accepted[0], HELLO_ACCEPTED);
         stream.write_all(&[0u8; REQUEST_LEN]).expect("write");
         let mut status = [0u8; 1];
         stream.read_exact(&mut status).expect("status");
@@ -534,5 +890,25 @@ mod tests {
             RangeError::Remote(error) => assert_eq!(error.code(), ErrorCode::ParamInvalid),
             other => panic!("expected an error answer, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn requests_decode_only_from_their_exact_bytes() {
+        let request = RangeRequest {
+            capability: [9; CAPABILITY_LEN],
+            allocation: 3,
+            size: 4,
+            from: 1,
+            length: 2,
+        };
+        let bytes = request.encode();
+        assert_eq!(RangeRequest::decode(&bytes), Ok(request));
+        assert_eq!(
+            RangeRequest::decode(&bytes[..REQUEST_LEN - 1]),
+            Err(RequestError::Length(REQUEST_LEN - 1))
+        );
+        let mut old = bytes;
+        old[..4].copy_from_slice(b"YRD1");
+        assert_eq!(RangeRequest::decode(&old), Err(RequestError::Magic));
     }
 }

@@ -7,12 +7,14 @@
 //! node's shared-memory region for large objects ([`shared_memory`], served as the
 //! `ObjectStore` service by [`object_service`]) with its spill directory ([`spill`]: objects
 //! moved to disk under memory pressure, and their metadata log); objects cross nodes through
-//! [`object_transfer`]; room for a process with nothing of its own to spill is reclaimed from the
+//! [`object_transfer`] (served on the node's data port, [`data_port`], to peers with the cluster
+//! token and the object's [`capability`]); room for a process with nothing of its own to spill is reclaimed from the
 //! node's other processes by [`reclaim`] (it chooses whom to ask; the node delivers the asks).
 //! It does not own the client side of KV, streams and objects (that lives in `yr-runtime`), nor
 //! the choice of which of its objects an owner gives up (that is the owner's, see
 //! `yr_runtime::object_store`).
 
+pub mod capability;
 pub mod data_port;
 pub mod kv;
 pub mod l2;
@@ -150,21 +152,49 @@ impl DataWorker {
     /// call is ignored. Without it, every stream lives here.
     pub fn join_cluster(&self, meta: Arc<dyn yr_meta::MetaStore>, address: String) {
         let _ = self.node_address.set(address.clone());
+        self.transfer.join_cluster(meta.clone());
         let _ = self
             .placement
             .set(Arc::new(stream_service::Placement::new(meta, address)));
     }
 
     /// Serve this node's shared-memory objects to other nodes' pulls on `listener`, which
-    /// they reach at `advertised` (`host:port`). Call once, before [`DataWorker::object_service`].
-    pub fn serve_objects(&self, listener: std::net::TcpListener, advertised: String) -> Result<()> {
-        self.transfer.serve(listener).map_err(|error| {
+    /// they reach at `advertised` (`host:port`), to peers that present `token` (this node's
+    /// pulls present it too). Runs on the current tokio runtime; in a cluster
+    /// ([`DataWorker::join_cluster`] first) the data port is recorded in the meta store, where
+    /// other nodes check it before they pull. Call once, before [`DataWorker::object_service`].
+    pub fn serve_objects(
+        &self,
+        listener: std::net::TcpListener,
+        advertised: String,
+        token: yr_common::auth::ClusterToken,
+    ) -> Result<()> {
+        let failed = |error: String| {
             yr_common::Error::new(
                 yr_common::ErrorCode::InnerSystemError,
                 format!("cannot start the node's data port: {error}"),
             )
-        })?;
-        let _ = self.data_address.set(advertised);
+        };
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|error| failed(format!("it runs on a tokio runtime: {error}")))?;
+        self.transfer
+            .serve(listener, token, &runtime)
+            .map_err(|error| failed(error.to_string()))?;
+        let _ = self.data_address.set(advertised.clone());
+        let transfer = self.transfer.clone();
+        let node_id = self.shared_memory.pool_id().to_string();
+        runtime.spawn(async move {
+            for attempt in 1..=5u32 {
+                match transfer.register(&node_id, &advertised).await {
+                    Ok(()) => return,
+                    Err(error) => {
+                        tracing::warn!(%error, attempt, "cannot record the data port; trying again");
+                        tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt)))
+                            .await;
+                    }
+                }
+            }
+        });
         Ok(())
     }
 

@@ -5,10 +5,17 @@
 //! which reads them from those nodes' data ports). Most calls are a few map operations under one
 //! lock and run on the IO thread; spilling, restoring and copying run on blocking threads, and a
 //! reclaim waits asynchronously for the processes it asks.
+//!
+//! It is served on the node's Unix socket only. The process that holds a reference is the
+//! caller as the socket names it ([`caller_pid`]: its peer credentials), never a pid in the
+//! request, so no process creates, retains, releases or spills for another; a hand-over to
+//! another process (`Retain` with `for_receiver`) is taken by the caller, which must hold the
+//! object, for a process of this node that uses its shared memory.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use yr_common::auth::PeerCredentials;
 use yr_common::{Error, ErrorCode, ObjectId};
 use yr_proto::ds as pb;
 
@@ -51,6 +58,40 @@ impl ObjectStoreService {
     }
 }
 
+/// The process that sent `request`, from its connection: the peer credentials of the node's
+/// Unix socket (tonic's `UdsConnectInfo`, or yr's [`PeerCredentials`] from a listener that
+/// checked them). 1014 (`unauthenticated`) for a connection that names no process (TCP).
+// A tonic handler's error is a `Status`; boxing it here would only be unboxed by the caller.
+#[allow(clippy::result_large_err)]
+pub fn caller_pid<T>(request: &Request<T>) -> Result<u32, Status> {
+    if let Some(peer) = request.extensions().get::<PeerCredentials>() {
+        return Ok(peer.pid);
+    }
+    let from_socket = request
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .and_then(|credentials| credentials.pid())
+        .and_then(|pid| u32::try_from(pid).ok())
+        .filter(|pid| *pid != 0);
+    from_socket.ok_or_else(|| {
+        let error = Error::new(
+            ErrorCode::AuthorizeFailed,
+            "the node's object store serves only processes of its machine, over the node's Unix \
+             socket; connect to the node's bus socket",
+        );
+        Status::unauthenticated(error.to_string())
+    })
+}
+
+/// A capability for the wire.
+fn capability_bytes(store: &SharedMemoryStore, allocation: u64) -> bytes::Bytes {
+    store
+        .capability_of(allocation)
+        .map(|capability| bytes::Bytes::copy_from_slice(&capability))
+        .unwrap_or_default()
+}
+
 fn object_id(bytes: &[u8]) -> Result<ObjectId, Error> {
     <[u8; 16]>::try_from(bytes)
         .map(ObjectId::from_bytes)
@@ -68,19 +109,19 @@ impl pb::object_store_server::ObjectStore for ObjectStoreService {
         &self,
         request: Request<pb::PullObjectRequest>,
     ) -> Result<Response<pb::PullObjectResponse>, Status> {
+        let pid = caller_pid(&request)?;
         let request = request.into_inner();
-        let reply = match self.transfer.pull(&request).await {
+        let reply = match self.transfer.pull(&request, pid).await {
             Ok((allocation, offset, size)) => pb::PullObjectResponse {
                 allocation,
                 offset,
                 size,
                 error: None,
+                capability: capability_bytes(&self.store, allocation),
             },
             Err(error) => pb::PullObjectResponse {
-                allocation: 0,
-                offset: 0,
-                size: 0,
                 error: Some(error_to_proto(&error)),
+                ..Default::default()
             },
         };
         Ok(Response::new(reply))
@@ -88,8 +129,12 @@ impl pb::object_store_server::ObjectStore for ObjectStoreService {
 
     async fn pool_info(
         &self,
-        _request: Request<pb::PoolInfoRequest>,
+        request: Request<pb::PoolInfoRequest>,
     ) -> Result<Response<pb::PoolInfoResponse>, Status> {
+        // Every process maps the region before it uses it: from now until it leaves the node,
+        // objects may be handed over to it.
+        let pid = caller_pid(&request)?;
+        self.store.note_client(pid);
         Ok(Response::new(pb::PoolInfoResponse {
             path: self.store.path(),
             capacity: self.store.capacity(),
@@ -102,17 +147,18 @@ impl pb::object_store_server::ObjectStore for ObjectStoreService {
         &self,
         request: Request<pb::CreateObjectRequest>,
     ) -> Result<Response<pb::CreateObjectResponse>, Status> {
+        let pid = caller_pid(&request)?;
         let request = request.into_inner();
-        let reply = match self.store.create(request.size, request.pid) {
+        let reply = match self.store.create(request.size, pid) {
             Ok((allocation, offset)) => pb::CreateObjectResponse {
                 allocation,
                 offset,
                 error: None,
+                capability: capability_bytes(&self.store, allocation),
             },
             Err(error) => pb::CreateObjectResponse {
-                allocation: 0,
-                offset: 0,
                 error: Some(error_to_proto(&error)),
+                ..Default::default()
             },
         };
         Ok(Response::new(reply))
@@ -122,22 +168,23 @@ impl pb::object_store_server::ObjectStore for ObjectStoreService {
         &self,
         request: Request<pb::RetainObjectRequest>,
     ) -> Result<Response<pb::RetainObjectResponse>, Status> {
+        let pid = caller_pid(&request)?;
         let request = request.into_inner();
         let retained = if request.for_receiver {
-            self.store.retain_for(request.allocation, request.pid)
+            self.store.retain_for(request.allocation, request.pid, pid)
         } else {
-            self.store.retain(request.allocation, request.pid)
+            self.store.retain(request.allocation, pid)
         };
         let reply = match retained {
             Ok((offset, size)) => pb::RetainObjectResponse {
                 offset,
                 size,
                 error: None,
+                capability: capability_bytes(&self.store, request.allocation),
             },
             Err(error) => pb::RetainObjectResponse {
-                offset: 0,
-                size: 0,
                 error: Some(error_to_proto(&error)),
+                ..Default::default()
             },
         };
         Ok(Response::new(reply))
@@ -147,8 +194,9 @@ impl pb::object_store_server::ObjectStore for ObjectStoreService {
         &self,
         request: Request<pb::ReleaseObjectsRequest>,
     ) -> Result<Response<pb::ReleaseObjectsResponse>, Status> {
+        let pid = caller_pid(&request)?;
         let request = request.into_inner();
-        self.store.release(&request.allocations, request.pid);
+        self.store.release(&request.allocations, pid);
         Ok(Response::new(pb::ReleaseObjectsResponse {}))
     }
 
@@ -156,11 +204,12 @@ impl pb::object_store_server::ObjectStore for ObjectStoreService {
         &self,
         request: Request<pb::SpillObjectRequest>,
     ) -> Result<Response<pb::SpillObjectResponse>, Status> {
+        let pid = caller_pid(&request)?;
         let request = request.into_inner();
         let store = self.store.clone();
         let spilled = blocking(move || {
             let object = object_id(&request.object_id)?;
-            store.spill(request.allocation, object, request.pid)
+            store.spill(request.allocation, object, pid)
         })
         .await;
         Ok(Response::new(match spilled {
@@ -179,11 +228,12 @@ impl pb::object_store_server::ObjectStore for ObjectStoreService {
         &self,
         request: Request<pb::RestoreObjectRequest>,
     ) -> Result<Response<pb::RestoreObjectResponse>, Status> {
+        let pid = caller_pid(&request)?;
         let request = request.into_inner();
         let store = self.store.clone();
         let restored = blocking(move || {
             let object = object_id(&request.object_id)?;
-            store.restore(object, request.pid)
+            store.restore(object, pid)
         })
         .await;
         Ok(Response::new(match restored {
@@ -192,6 +242,7 @@ impl pb::object_store_server::ObjectStore for ObjectStoreService {
                 offset,
                 size,
                 error: None,
+                capability: capability_bytes(&self.store, allocation),
             },
             Err(error) => pb::RestoreObjectResponse {
                 error: Some(error_to_proto(&error)),
@@ -204,13 +255,14 @@ impl pb::object_store_server::ObjectStore for ObjectStoreService {
         &self,
         request: Request<pb::DeleteSpilledRequest>,
     ) -> Result<Response<pb::DeleteSpilledResponse>, Status> {
+        let pid = caller_pid(&request)?;
         let request = request.into_inner();
         let store = self.store.clone();
         // Removing files is disk work; the caller does not wait for it.
         tokio::task::spawn_blocking(move || {
             for id in &request.object_ids {
                 if let Ok(object) = object_id(id) {
-                    store.delete_spilled(object, request.pid);
+                    store.delete_spilled(object, pid);
                 }
             }
         });
@@ -221,11 +273,9 @@ impl pb::object_store_server::ObjectStore for ObjectStoreService {
         &self,
         request: Request<pb::ReclaimRequest>,
     ) -> Result<Response<pb::ReclaimResponse>, Status> {
+        let pid = caller_pid(&request)?;
         let request = request.into_inner();
-        let reclaimed = self
-            .reclaimer
-            .reclaim(request.bytes_needed, request.pid)
-            .await;
+        let reclaimed = self.reclaimer.reclaim(request.bytes_needed, pid).await;
         Ok(Response::new(match reclaimed {
             Ok(bytes_freed) => pb::ReclaimResponse {
                 bytes_freed,

@@ -5,17 +5,29 @@
 //!
 //! If the object is gone before it is read, the reader's `get` fails with the code of a get
 //! that cannot be served (`GetOperationFailed`) and the reason, never a hang.
+//!
+//! A node pulls only from the data ports of its cluster's nodes: each node records its data
+//! port in the meta store when it starts serving ([`DATA_PORT_PREFIX`]`<node id>`), and a pull
+//! from an address not recorded there (looked up again on a miss) is refused with 1001, so a
+//! process cannot make its node connect anywhere it names. Pulls present the cluster token and
+//! the object's capability.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
+use yr_common::auth::ClusterToken;
 use yr_common::{Error, ErrorCode, Result};
+use yr_meta::MetaStore;
 use yr_proto::ds as pb;
 
-use crate::data_port::{self, RangeError, RangeRequest};
+use crate::capability::{Capability, CAPABILITY_LEN};
+use crate::data_port::{self, DataPort, RangeError, RangeRequest};
 use crate::shared_memory::SharedMemoryStore;
+
+/// Where each node records its data port in the meta store: `<prefix><node id>` → `host:port`.
+pub const DATA_PORT_PREFIX: &str = "/yr/data-port/";
 
 /// A pull reads ranges of at least this size, at most [`parallel_ranges`] at once.
 const MIN_RANGE: u64 = 16 << 20;
@@ -33,15 +45,35 @@ fn parallel_ranges() -> u64 {
 /// Copies remembered before forgotten ones (whose copy was freed) are swept.
 const SWEEP_COPIES_ABOVE: usize = 4096;
 
+/// A local copy's key: the pool, allocation and capability of the original.
+type CopyKey = (String, u64, Capability);
+
 /// Pulls objects for one node, and counts what it pulled and served.
-#[derive(Debug)]
 pub struct ObjectTransfer {
     store: Arc<SharedMemoryStore>,
-    /// Local copies of other nodes' objects: (pool id, allocation there) → allocation here.
-    copies: Mutex<HashMap<(String, u64), u64>>,
+    /// Local copies of other nodes' objects, by the original's pool, allocation and
+    /// capability (so that a copy is found only by a reader that could read the original).
+    copies: Mutex<HashMap<CopyKey, u64>>,
+    /// The cluster token, presented to other nodes' data ports (set when this node serves).
+    token: OnceLock<ClusterToken>,
+    /// The cluster's meta store, where the nodes' data ports are recorded.
+    meta: OnceLock<Arc<dyn MetaStore>>,
+    /// The data ports of the cluster's nodes, as last read from the meta store.
+    members: Mutex<HashSet<String>>,
     /// Bytes pulled from other nodes, and served to them, since the node started.
     pulled_bytes: AtomicU64,
     served_bytes: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for ObjectTransfer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectTransfer")
+            .field("pool", &self.store.pool_id())
+            .field("in_cluster", &self.meta.get().is_some())
+            .field("pulled_bytes", &self.pulled_bytes())
+            .field("served_bytes", &self.served_bytes())
+            .finish()
+    }
 }
 
 impl ObjectTransfer {
@@ -50,15 +82,90 @@ impl ObjectTransfer {
         ObjectTransfer {
             store,
             copies: Mutex::new(HashMap::new()),
+            token: OnceLock::new(),
+            meta: OnceLock::new(),
+            members: Mutex::new(HashSet::new()),
             pulled_bytes: AtomicU64::new(0),
             served_bytes: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// Serve this node's objects to other nodes' pulls on `listener` (the node's data port),
-    /// from now until the process ends.
-    pub fn serve(&self, listener: std::net::TcpListener) -> std::io::Result<()> {
-        data_port::serve(listener, self.store.clone(), self.served_bytes.clone())
+    /// Serve this node's objects to other nodes' pulls on `listener` (the node's data port)
+    /// as tasks of `runtime`, to peers that present `token`, which this node's pulls present
+    /// too.
+    pub fn serve(
+        &self,
+        listener: std::net::TcpListener,
+        token: ClusterToken,
+        runtime: &tokio::runtime::Handle,
+    ) -> std::io::Result<()> {
+        let _ = self.token.set(token.clone());
+        DataPort::new(self.store.clone(), self.served_bytes.clone(), token).serve(listener, runtime)
+    }
+
+    /// The cluster's meta store: pulls go only to the data ports recorded there.
+    pub fn join_cluster(&self, meta: Arc<dyn MetaStore>) {
+        let _ = self.meta.set(meta);
+    }
+
+    /// Record this node's data port (`advertised`) under `node_id` in the cluster's meta
+    /// store, so that other nodes pull from it. Nothing to do outside a cluster.
+    pub async fn register(&self, node_id: &str, advertised: &str) -> Result<()> {
+        let Some(meta) = self.meta.get() else {
+            return Ok(());
+        };
+        meta.put(
+            &format!("{DATA_PORT_PREFIX}{node_id}"),
+            advertised.to_string().into_bytes().into(),
+            None,
+        )
+        .await
+        .map(drop)
+        .map_err(|error| {
+            Error::new(
+                ErrorCode::EtcdOperationError,
+                format!(
+                    "cannot record this node's data port {advertised} in the meta store: {error}"
+                ),
+            )
+        })
+    }
+
+    /// Whether `address` is a data port of this cluster: known, or recorded in the meta store
+    /// now. 1001 if not, or outside a cluster.
+    async fn check_member(&self, address: &str) -> Result<()> {
+        if self.members.lock().contains(address) {
+            return Ok(());
+        }
+        let not_member = |why: &str| {
+            Error::new(
+                ErrorCode::ParamInvalid,
+                format!(
+                    "{address} is not the data port of a node of this cluster ({why}); objects \
+                     are pulled only from the nodes of this node's cluster"
+                ),
+            )
+        };
+        let Some(meta) = self.meta.get() else {
+            return Err(not_member("this node is not part of a cluster"));
+        };
+        let recorded = meta.range(DATA_PORT_PREFIX).await.map_err(|error| {
+            Error::new(
+                ErrorCode::EtcdOperationError,
+                format!("cannot read the cluster's data ports from the meta store: {error}"),
+            )
+        })?;
+        let members: HashSet<String> = recorded
+            .iter()
+            .filter_map(|kv| std::str::from_utf8(&kv.value).ok().map(str::to_string))
+            .collect();
+        let known = members.contains(address);
+        *self.members.lock() = members;
+        if known {
+            Ok(())
+        } else {
+            Err(not_member("no node recorded it in the meta store"))
+        }
     }
 
     /// Bytes of objects pulled from other nodes since the node started.
@@ -71,21 +178,38 @@ impl ObjectTransfer {
         self.served_bytes.load(Ordering::Relaxed)
     }
 
-    /// Copy another node's object here with one reference for `request.pid`, or take a
-    /// reference to the copy already here. Returns the local (allocation, offset, size).
-    pub async fn pull(&self, request: &pb::PullObjectRequest) -> Result<(u64, u64, u64)> {
-        let key = (request.pool_id.clone(), request.allocation);
+    /// Copy another node's object here with one reference for process `pid` of this node, or
+    /// take a reference to the copy already here. Returns the local (allocation, offset, size).
+    pub async fn pull(&self, request: &pb::PullObjectRequest, pid: u32) -> Result<(u64, u64, u64)> {
+        let capability = Capability::try_from(request.capability.as_ref()).map_err(|_| {
+            Error::new(
+                ErrorCode::ParamInvalid,
+                format!(
+                    "an object's capability has {CAPABILITY_LEN} bytes, got {}; pass the location \
+                     the object's owner sent",
+                    request.capability.len()
+                ),
+            )
+        })?;
+        self.check_member(&request.node_address).await?;
+        let token = self.token.get().cloned().ok_or_else(|| {
+            Error::new(
+                ErrorCode::AuthorizeFailed,
+                "this node serves no data port, so it has no cluster token to pull objects with",
+            )
+        })?;
+        let key = (request.pool_id.clone(), request.allocation, capability);
         let known = self.copies.lock().get(&key).copied();
         if let Some(local) = known {
-            if let Ok((offset, size)) = self.store.retain(local, request.pid) {
+            if let Ok((offset, size)) = self.store.retain(local, pid) {
                 return Ok((local, offset, size));
             }
             self.copies.lock().remove(&key);
         }
-        let (local, offset) = self.store.create(request.size, request.pid)?;
+        let (local, offset) = self.store.create(request.size, pid)?;
         let started = std::time::Instant::now();
-        if let Err(error) = self.copy_into(local, request).await {
-            self.store.release(&[local], request.pid);
+        if let Err(error) = self.copy_into(local, request, capability, token).await {
+            self.store.release(&[local], pid);
             return Err(error);
         }
         self.pulled_bytes.fetch_add(request.size, Ordering::Relaxed);
@@ -104,7 +228,13 @@ impl ObjectTransfer {
     }
 
     /// Read the object in ranges, several at once, each written where it belongs.
-    async fn copy_into(&self, local: u64, request: &pb::PullObjectRequest) -> Result<()> {
+    async fn copy_into(
+        &self,
+        local: u64,
+        request: &pb::PullObjectRequest,
+        capability: Capability,
+        token: ClusterToken,
+    ) -> Result<()> {
         let address = &request.node_address;
         let failed = |detail: String| {
             Error::new(
@@ -122,6 +252,7 @@ impl ObjectTransfer {
         while from < request.size || ranges.is_empty() {
             let length = range.min(request.size - from);
             let range = RangeRequest {
+                capability,
                 allocation: request.allocation,
                 size: request.size,
                 from,
@@ -129,8 +260,9 @@ impl ObjectTransfer {
             };
             let store = self.store.clone();
             let address = address.clone();
+            let token = token.clone();
             ranges.push(tokio::task::spawn_blocking(move || {
-                data_port::read_range(&address, &range, &store, local)
+                data_port::read_range(&address, &token, &range, &store, local)
             }));
             from += length;
         }
@@ -151,6 +283,7 @@ impl ObjectTransfer {
                 error.code(),
                 failed(error.message().to_string()).message(),
             )),
+            Some(RangeError::Refused(error)) => Err(error),
             Some(RangeError::Transport(detail)) => Err(failed(detail)),
             Some(RangeError::Local(error)) => Err(error),
         }

@@ -13,6 +13,12 @@
 //! nothing of its own to spill asks the node to reclaim room from the processes that alone hold
 //! objects ([`SharedMemoryStore::spill_candidates`], asked by `reclaim`). An owner that reads a
 //! spilled object asks for it back ([`SharedMemoryStore::restore`]), into a new allocation.
+//!
+//! Each allocation has a random capability ([`crate::capability`]): another node's pull must
+//! present it ([`SharedMemoryStore::retain_presented`]); allocation ids are sequential and
+//! say nothing. The processes of the node that talk to the store are known
+//! ([`SharedMemoryStore::note_client`]): an object is handed over only to one of them, by a
+//! process that holds it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -21,6 +27,7 @@ use std::os::unix::fs::FileExt;
 use parking_lot::Mutex;
 use yr_common::{Error, ErrorCode, ObjectId, Result};
 
+use crate::capability::{self, Capability, CapabilitySource};
 use crate::data_port::TRANSFER_HOLDER;
 use crate::spill::{not_spilled, SpillStore};
 
@@ -40,6 +47,8 @@ struct Allocation {
     reserved: u64,
     /// References by the process holding them.
     holders: HashMap<u32, u32>,
+    /// What another node presents to read it.
+    capability: Capability,
 }
 
 #[derive(Debug, Default)]
@@ -51,6 +60,7 @@ struct Allocator {
     used: u64,
     /// When an object was last freed, if its pages were not given back since.
     freed_since_reclaim: Option<std::time::Instant>,
+    capabilities: CapabilitySource,
 }
 
 impl Allocator {
@@ -65,6 +75,7 @@ impl Allocator {
             next_id: 1,
             used: 0,
             freed_since_reclaim: None,
+            capabilities: CapabilitySource::default(),
         }
     }
 
@@ -119,13 +130,20 @@ pub struct SharedMemoryStore {
     pool_id: String,
     allocator: Mutex<Allocator>,
     spill: Option<SpillStore>,
-    /// Processes that left the node, newest last (at most [`DEPARTED_KEPT`]): nothing may be
-    /// handed over to them any more.
-    departed: Mutex<std::collections::VecDeque<u32>>,
+    /// The node's processes that talk to the store and have not left: objects are handed
+    /// over only to them.
+    clients: Mutex<std::collections::HashSet<u32>>,
 }
 
-/// How many departed processes the store remembers.
-const DEPARTED_KEPT: usize = 1024;
+/// The answer to a read of an object that is not there, or not as presented: the same for a
+/// wrong capability, a wrong size and a freed object, and naming neither id nor size.
+pub fn no_such_object() -> Error {
+    Error::new(
+        ErrorCode::GetOperationFailed,
+        "the node holds no object that matches this read (it was freed, or the location is \
+         stale or not this object's); ask the object's owner for it again",
+    )
+}
 
 /// Whether process `pid` holds the only reference to `allocation`.
 fn only_holder(allocation: &Allocation, pid: u32) -> bool {
@@ -136,6 +154,17 @@ fn disk_error(what: &str, error: std::io::Error) -> Error {
     Error::new(
         ErrorCode::SharedMemoryLimited,
         format!("{what}: {error}; check the node's memory limits and --shared-memory-mb"),
+    )
+}
+
+/// Allocation `id` is not live.
+fn freed(id: u64) -> Error {
+    Error::new(
+        ErrorCode::GetOperationFailed,
+        format!(
+            "shared-memory object {id} was freed: its holders dropped every reference or left \
+             the node"
+        ),
     )
 }
 
@@ -188,7 +217,7 @@ impl SharedMemoryStore {
             pool_id: pool_id.into(),
             allocator: Mutex::new(Allocator::new(capacity)),
             spill,
-            departed: Mutex::new(std::collections::VecDeque::new()),
+            clients: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -325,6 +354,18 @@ impl SharedMemoryStore {
                 ),
             ));
         };
+        let capability = match allocator.capabilities.draw() {
+            Ok(capability) => capability,
+            Err(error) => {
+                allocator.give_back(offset, reserved);
+                return Err(Error::new(
+                    ErrorCode::DatasystemFailed,
+                    format!(
+                        "cannot draw a random capability for a new shared-memory object:                          {error}; check that the kernel's random source works"
+                    ),
+                ));
+            }
+        };
         let id = allocator.next_id;
         allocator.next_id += 1;
         allocator.used += reserved;
@@ -335,9 +376,49 @@ impl SharedMemoryStore {
                 size,
                 reserved,
                 holders: HashMap::from([(pid, 1)]),
+                capability,
             },
         );
         Ok((id, offset))
+    }
+
+    /// The capability of allocation `id` (4005 if it was freed).
+    pub fn capability_of(&self, id: u64) -> Result<Capability> {
+        let allocator = self.allocator.lock();
+        allocator
+            .allocations
+            .get(&id)
+            .map(|allocation| allocation.capability)
+            .ok_or_else(|| freed(id))
+    }
+
+    /// Add a reference held by `holder` to allocation `id` for a reader that presents
+    /// `capability` and expects `size` bytes (another node's pull). Returns the offset. A
+    /// freed object, a wrong capability and a wrong size are the same [`no_such_object`].
+    pub fn retain_presented(
+        &self,
+        id: u64,
+        presented: &[u8],
+        size: u64,
+        holder: u32,
+    ) -> Result<u64> {
+        let mut allocator = self.allocator.lock();
+        match allocator.allocations.get_mut(&id) {
+            Some(allocation)
+                if capability::matches(&allocation.capability, presented)
+                    && allocation.size == size =>
+            {
+                *allocation.holders.entry(holder).or_default() += 1;
+                Ok(allocation.offset)
+            }
+            _ => Err(no_such_object()),
+        }
+    }
+
+    /// Process `pid` of this node talks to the store (it connected on the node's socket):
+    /// objects may be handed over to it until it leaves ([`Self::release_process`]).
+    pub fn note_client(&self, pid: u32) {
+        self.clients.lock().insert(pid);
     }
 
     /// Add a reference held by process `pid` to an allocation. Returns its offset and size.
@@ -358,20 +439,37 @@ impl SharedMemoryStore {
         }
     }
 
-    /// Add a reference to an allocation for process `receiver`, taken by another process that
-    /// hands the object over to it (a call's result). Refused (4005) if `receiver` already left
-    /// the node: its references would never be given back. Returns the offset and size.
-    pub fn retain_for(&self, id: u64, receiver: u32) -> Result<(u64, u64)> {
-        if self.departed.lock().contains(&receiver) {
+    /// Add a reference to an allocation for process `receiver`, taken by process `giver`, which
+    /// holds the object and hands it over (a call's result). Refused (4005) unless `receiver`
+    /// is a process of this node that talks to the store and has not left ([`Self::note_client`]):
+    /// its references would never be given back. Refused (1001) if `giver` holds no reference:
+    /// nobody pins another's object for a third process. Returns the offset and size.
+    pub fn retain_for(&self, id: u64, receiver: u32, giver: u32) -> Result<(u64, u64)> {
+        if !self.clients.lock().contains(&receiver) {
             return Err(Error::new(
                 ErrorCode::GetOperationFailed,
                 format!(
-                    "process {receiver} left the node; shared-memory object {id} cannot be \
-                     handed over to it"
+                    "process {receiver} is not a process of this node that uses its shared \
+                     memory (it left the node, or never connected); shared-memory object {id} \
+                     cannot be handed over to it"
                 ),
             ));
         }
-        self.retain(id, receiver)
+        let mut allocator = self.allocator.lock();
+        match allocator.allocations.get_mut(&id) {
+            Some(allocation) if allocation.holders.contains_key(&giver) => {
+                *allocation.holders.entry(receiver).or_default() += 1;
+                Ok((allocation.offset, allocation.size))
+            }
+            Some(_) => Err(Error::new(
+                ErrorCode::ParamInvalid,
+                format!(
+                    "process {giver} holds no reference to shared-memory object {id}; only a \
+                     process that holds an object hands it over"
+                ),
+            )),
+            None => Err(freed(id)),
+        }
     }
 
     /// Drop a reference of process `pid` to each allocation; those left with none are freed.
@@ -398,13 +496,7 @@ impl SharedMemoryStore {
 
     /// Drop every reference process `pid` holds: it left the node.
     pub fn release_process(&self, pid: u32) {
-        {
-            let mut departed = self.departed.lock();
-            departed.push_back(pid);
-            if departed.len() > DEPARTED_KEPT {
-                departed.pop_front();
-            }
-        }
+        self.clients.lock().remove(&pid);
         let mut allocator = self.allocator.lock();
         let mut emptied = Vec::new();
         for (id, allocation) in allocator.allocations.iter_mut() {
@@ -638,25 +730,65 @@ mod tests {
     #[test]
     fn an_object_is_handed_over_to_a_live_process_but_not_to_a_departed_one() {
         let store = SharedMemoryStore::new(4 * ALIGNMENT, "test").unwrap();
+        store.note_client(1);
+        store.note_client(2);
         let (id, offset) = store.create(100, 1).unwrap();
         // Process 1 hands the object to process 2, then drops its own reference.
-        assert_eq!(store.retain_for(id, 2).unwrap(), (offset, 100));
+        assert_eq!(store.retain_for(id, 2, 1).unwrap(), (offset, 100));
         store.release(&[id], 1);
         assert_eq!(store.stats().objects, 1);
         store.release(&[id], 2);
         assert_eq!(store.stats().objects, 0);
 
         let (id, _) = store.create(100, 1).unwrap();
+        store.note_client(3);
         store.release_process(3);
-        let refused = store.retain_for(id, 3).unwrap_err();
+        let refused = store.retain_for(id, 3, 1).unwrap_err();
         assert_eq!(refused.code(), ErrorCode::GetOperationFailed);
         assert!(refused.message().contains("left the node"), "{refused}");
+        // A process that never connected gets nothing either.
+        let stranger = store.retain_for(id, 4242, 1).unwrap_err();
+        assert_eq!(stranger.code(), ErrorCode::GetOperationFailed);
+        // Nor does a process hand over what it does not hold.
+        let not_held = store.retain_for(id, 2, 2).unwrap_err();
+        assert_eq!(not_held.code(), ErrorCode::ParamInvalid, "{not_held}");
         store.release(&[id], 1);
         assert_eq!(
             store.stats().objects,
             0,
             "a refused hand-over holds nothing"
         );
+    }
+
+    #[test]
+    fn a_read_from_another_node_needs_the_capability_and_size_and_learns_nothing_else() {
+        let store = SharedMemoryStore::new(4 * ALIGNMENT, "test").unwrap();
+        let (id, offset) = store.create(100, 1).unwrap();
+        let capability = store.capability_of(id).unwrap();
+        let (other, _) = store.create(100, 1).unwrap();
+        assert_ne!(store.capability_of(other).unwrap(), capability);
+        let mut wrong = capability;
+        wrong[0] ^= 0x80;
+        let answers = [
+            store.retain_presented(id, &wrong, 100, 0).unwrap_err(),
+            store.retain_presented(id, &capability, 99, 0).unwrap_err(),
+            store
+                .retain_presented(id, &capability[..8], 100, 0)
+                .unwrap_err(),
+            store.retain_presented(99, &capability, 100, 0).unwrap_err(),
+        ];
+        for answer in &answers {
+            assert_eq!(answer.to_string(), answers[0].to_string());
+            assert_eq!(answer.code(), ErrorCode::GetOperationFailed);
+            assert!(!answer.message().contains("100"), "{answer}");
+        }
+        assert_eq!(
+            store.retain_presented(id, &capability, 100, 0).unwrap(),
+            offset
+        );
+        store.release(&[id], 0);
+        store.release(&[id, other], 1);
+        assert_eq!(store.stats().objects, 0);
     }
 
     #[test]

@@ -143,9 +143,17 @@ pub async fn run(
     } else {
         data_address.to_string()
     };
+    // Other nodes present the cluster's token on the data port too.
+    let data_token = yr_transport::current()
+        .token
+        .clone()
+        .ok_or_else(|| NodeError::Listen {
+            what: "the data port".into(),
+            source: std::io::Error::other("this node has no cluster token"),
+        })?;
     options
         .data_worker
-        .serve_objects(data_listener, data_advertised)
+        .serve_objects(data_listener, data_advertised, data_token)
         .map_err(|error| NodeError::Listen {
             what: "the data port".into(),
             source: std::io::Error::other(error.to_string()),
@@ -247,10 +255,10 @@ pub async fn run(
         .add_service(options.data_worker.service())
         .add_service(options.data_worker.object_service())
         .serve_with_incoming(yr_transport::incoming_unix(unix));
+    // The object store is for the node's own processes, on the Unix socket only.
     let tcp_server = tonic::transport::Server::builder()
         .add_service(service())
         .add_service(options.data_worker.service())
-        .add_service(options.data_worker.object_service())
         .add_service(
             pb::node_server::NodeServer::new(node_service::NodeService { node: node.clone() })
                 .max_decoding_message_size(yr_transport::max_message_bytes())

@@ -18,6 +18,7 @@ use std::cell::Cell;
 use std::fmt;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use parking_lot::RwLock;
 use yr_common::{Error, ErrorCode, ObjectId, Result};
 
@@ -26,8 +27,9 @@ pub const INLINE_LIMIT: usize = 100 * 1024;
 
 /// Where regions come from: the node's data worker.
 pub trait RegionAllocator: Send + Sync {
-    /// A new region of `size` bytes with one reference: its allocation id and offset.
-    fn create(&self, size: u64) -> Result<(u64, u64)>;
+    /// A new region of `size` bytes with one reference: its allocation id, offset and
+    /// capability (what another node presents to pull it, see `yr_datasystem::capability`).
+    fn create(&self, size: u64) -> Result<(u64, u64, Bytes)>;
     /// Give one reference back. Must not block: regions are dropped on any thread.
     fn release(&self, allocation: u64);
     /// Move `allocation`, which this process alone holds as object `object`, to the node's
@@ -35,8 +37,8 @@ pub trait RegionAllocator: Send + Sync {
     /// off); 4203/4204/4201 if the disk refused it.
     fn spill(&self, allocation: u64, object: ObjectId) -> Result<bool>;
     /// Bring spilled object `object` back into a new region with one reference: its allocation
-    /// id, offset and size (4202 if it does not fit now).
-    fn restore(&self, object: ObjectId) -> Result<(u64, u64, u64)>;
+    /// id, offset, size and capability (4202 if it does not fit now).
+    fn restore(&self, object: ObjectId) -> Result<(u64, u64, u64, Bytes)>;
     /// Drop spilled object `object`. Must not block, like `release`.
     fn delete_spilled(&self, object: ObjectId);
     /// Take a reference to `allocation` for process `receiver` on this node, which this
@@ -159,16 +161,16 @@ impl SharedMemory {
     /// A new region of `size` bytes for this process to fill; this process's idle objects are
     /// spilled to make room if needed.
     pub fn create(self: &Arc<Self>, size: usize) -> Result<SharedRegion> {
-        let (allocation, offset) =
+        let (allocation, offset, capability) =
             self.with_room(size as u64, |allocator| allocator.create(size as u64))?;
-        self.region(allocation, offset, size as u64)
+        self.region(allocation, offset, size as u64, capability)
     }
 
     /// Spilled object `spilled` back in a new region (spilling other idle objects if needed).
     pub fn restore(self: &Arc<Self>, spilled: &SpilledValue) -> Result<SharedRegion> {
-        let (allocation, offset, size) =
+        let (allocation, offset, size, capability) =
             self.with_room(spilled.size, |allocator| allocator.restore(spilled.object))?;
-        self.region(allocation, offset, size)
+        self.region(allocation, offset, size, capability)
     }
 
     /// Run `attempt`; while it finds no room for `size` bytes (4202, though they would fit in
@@ -239,17 +241,24 @@ impl SharedMemory {
     }
 
     /// A region another process created, for which this process already took a reference
-    /// from the node.
+    /// from the node, with its capability.
     pub fn adopt(
         self: &Arc<Self>,
         allocation: u64,
         offset: u64,
         size: u64,
+        capability: Bytes,
     ) -> Result<SharedRegion> {
-        self.region(allocation, offset, size)
+        self.region(allocation, offset, size, capability)
     }
 
-    fn region(self: &Arc<Self>, allocation: u64, offset: u64, size: u64) -> Result<SharedRegion> {
+    fn region(
+        self: &Arc<Self>,
+        allocation: u64,
+        offset: u64,
+        size: u64,
+        capability: Bytes,
+    ) -> Result<SharedRegion> {
         let end = offset
             .checked_add(size)
             .filter(|end| *end <= self.capacity as u64);
@@ -269,6 +278,7 @@ impl SharedMemory {
             allocation,
             offset: offset as usize,
             size: size as usize,
+            capability,
             held: true,
         })
     }
@@ -319,6 +329,8 @@ pub struct SharedRegion {
     allocation: u64,
     offset: usize,
     size: usize,
+    /// What another node presents to pull the region from this node's data port.
+    capability: Bytes,
     /// Whether this process still holds the node's reference (false once it was spilled).
     held: bool,
 }
@@ -368,6 +380,11 @@ impl SharedRegion {
     /// Drop the region without giving its reference back: the node already freed it.
     fn forget(mut self) {
         self.held = false;
+    }
+
+    /// The region's capability, which travels with its location to other nodes.
+    pub fn capability(&self) -> &Bytes {
+        &self.capability
     }
 
     /// The pool, allocation, offset and size, for the wire.
@@ -496,20 +513,20 @@ pub(crate) mod test_support {
     }
 
     impl RegionAllocator for ScriptedNode {
-        fn create(&self, size: u64) -> Result<(u64, u64)> {
+        fn create(&self, size: u64) -> Result<(u64, u64, Bytes)> {
             if self.reclaims.load(Ordering::SeqCst) < self.reclaims_to_fit {
                 return Err(Error::new(
                     ErrorCode::SharedMemoryLimited,
                     format!("the node's shared memory is full: {size} bytes do not fit"),
                 ));
             }
-            Ok((1, 0))
+            Ok((1, 0, Bytes::from_static(&[7; 16])))
         }
         fn release(&self, _allocation: u64) {}
         fn spill(&self, _allocation: u64, _object: ObjectId) -> Result<bool> {
             Ok(false)
         }
-        fn restore(&self, object: ObjectId) -> Result<(u64, u64, u64)> {
+        fn restore(&self, object: ObjectId) -> Result<(u64, u64, u64, Bytes)> {
             Err(Error::new(
                 ErrorCode::DatasystemFailed,
                 format!("{object} was never spilled"),

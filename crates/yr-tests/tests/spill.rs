@@ -250,9 +250,10 @@ fn driver_spilling_objects() {
     std::thread::sleep(Duration::from_secs(600));
 }
 
-/// Restore `id` from the node at `address` as this process, and read the value in place.
+/// Restore `id` from the node whose bus is at `address` (`unix:/path`: the object store
+/// serves only its machine's processes) as this process, and read the value in place.
 async fn restore(address: &str, id: u128) -> Result<ByteBuf, String> {
-    let channel = yr_transport::connect(address, yr::ErrorCode::InnerCommunication)
+    let channel = yr_transport::connect(address, yr::ErrorCode::ConnectionFailed)
         .await
         .map_err(|e| e.to_string())?;
     let mut client = pb::object_store_client::ObjectStoreClient::new(channel);
@@ -330,7 +331,7 @@ fn a_node_restarted_on_its_spill_directory_serves_what_it_had_spilled() {
         cluster.wait_metric(0, "yr_shared_memory_spilled_objects"),
         on_disk.len() as f64
     );
-    let address = cluster.node_address(0);
+    let address = cluster.node_bus_address(0);
     for (id, expected) in &on_disk {
         let value = yr_tests::block_on(restore(&address, *id))
             .unwrap_or_else(|e| panic!("object {id:032x}: {e}"));

@@ -93,6 +93,7 @@ pub fn value_to_proto_for(value: &StoredValue, pool_id: &str) -> pb::Value {
                     offset,
                     size,
                     node_address,
+                    capability: region.capability().clone(),
                 }),
             };
         }
@@ -178,6 +179,7 @@ pub fn result_to_proto(value: &StoredValue, caller_pool: &str, caller_pid: u32) 
                             offset,
                             size,
                             node_address: String::new(),
+                            capability: region.capability().clone(),
                         }),
                     }
                 }

@@ -67,7 +67,7 @@ fn disk_runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 impl RegionAllocator for NodeAllocator {
-    fn create(&self, size: u64) -> Result<(u64, u64)> {
+    fn create(&self, size: u64) -> Result<(u64, u64, bytes::Bytes)> {
         let reply = self.channel.call(client, move |mut client| async move {
             client
                 .create(pb::CreateObjectRequest {
@@ -77,7 +77,7 @@ impl RegionAllocator for NodeAllocator {
                 .await
         })?;
         check(reply.error)?;
-        Ok((reply.allocation, reply.offset))
+        Ok((reply.allocation, reply.offset, reply.capability))
     }
 
     fn release(&self, allocation: u64) {
@@ -109,7 +109,7 @@ impl RegionAllocator for NodeAllocator {
         Ok(reply.spilled)
     }
 
-    fn restore(&self, object: ObjectId) -> Result<(u64, u64, u64)> {
+    fn restore(&self, object: ObjectId) -> Result<(u64, u64, u64, bytes::Bytes)> {
         let reply = self.disk.call(client, move |mut client| async move {
             client
                 .restore(pb::RestoreObjectRequest {
@@ -119,7 +119,7 @@ impl RegionAllocator for NodeAllocator {
                 .await
         })?;
         check(reply.error)?;
-        Ok((reply.allocation, reply.offset, reply.size))
+        Ok((reply.allocation, reply.offset, reply.size, reply.capability))
     }
 
     fn hand_over(&self, allocation: u64, receiver: u32) -> Result<()> {
@@ -284,7 +284,7 @@ pub async fn open_location(
         )
     })?;
     let connected = channel.connected().await?;
-    let (allocation, offset, size) = if memory.pool_id() == location.pool_id {
+    let (allocation, offset, size, capability) = if memory.pool_id() == location.pool_id {
         let reply = client(connected)
             .retain(pb::RetainObjectRequest {
                 allocation: location.allocation,
@@ -295,7 +295,12 @@ pub async fn open_location(
             .map_err(|status| channel.failed(&status))?
             .into_inner();
         check(reply.error)?;
-        (location.allocation, reply.offset, reply.size)
+        (
+            location.allocation,
+            reply.offset,
+            reply.size,
+            reply.capability,
+        )
     } else if !location.node_address.is_empty() {
         let reply = client(connected)
             .pull_object(pb::PullObjectRequest {
@@ -304,12 +309,13 @@ pub async fn open_location(
                 allocation: location.allocation,
                 size: location.size,
                 pid: std::process::id(),
+                capability: location.capability.clone(),
             })
             .await
             .map_err(|status| channel.failed(&status))?
             .into_inner();
         check(reply.error)?;
-        (reply.allocation, reply.offset, reply.size)
+        (reply.allocation, reply.offset, reply.size, reply.capability)
     } else {
         return Err(Error::new(
             yr_common::ErrorCode::DatasystemFailed,
@@ -319,7 +325,9 @@ pub async fn open_location(
             ),
         ));
     };
-    Ok(Payload::Shared(memory.adopt(allocation, offset, size)?))
+    Ok(Payload::Shared(
+        memory.adopt(allocation, offset, size, capability)?,
+    ))
 }
 
 /// Read in place a region of this node's shared memory that another process handed over to
@@ -331,6 +339,7 @@ pub fn adopt_handed_over(location: &wire::SharedLocation) -> Result<Payload> {
             location.allocation,
             location.offset,
             location.size,
+            location.capability.clone(),
         )?)),
         _ => Err(Error::new(
             yr_common::ErrorCode::DatasystemFailed,
