@@ -7,6 +7,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
+use yr_common::backoff::Backoff;
 use yr_common::{Error, ErrorCode};
 use yr_proto::v1 as pb;
 use yr_proto::v1::master_client::MasterClient;
@@ -42,17 +43,42 @@ impl MasterLink {
 
     /// Keep registered and beating, reconnecting after master restarts, until the process ends.
     /// `allocatable` gives the node's current free resources for a fresh registration.
+    /// Attempts back off exponentially (about 100 ms doubling to 5 s, with jitter), and the link
+    /// logs when its state changes (down, up again), not at every attempt.
     pub async fn run(&self, allocatable: impl Fn() -> Amount) {
+        let mut backoff = Backoff::reconnect();
+        // Whether the link was up at the last change of state (it starts as if it were, so
+        // that the first failure is logged).
+        let mut was_up = true;
         loop {
-            if let Err(error) = self.session(&allocatable).await {
-                tracing::warn!(%error, master = %self.address, "master link down; retrying");
-            }
+            let mut registered = false;
+            let result = self.session(&allocatable, &mut registered).await;
             *self.updates.lock() = None;
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            if registered {
+                backoff.reset();
+                if !was_up {
+                    tracing::info!(master = %self.address, "master link up again");
+                }
+                was_up = true;
+            }
+            if let Err(error) = result {
+                if was_up {
+                    tracing::warn!(%error, master = %self.address,
+                        "master link down; retrying with backoff (up to {:?} apart)", Backoff::MAX);
+                    was_up = false;
+                }
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
         }
     }
 
-    async fn session(&self, allocatable: &impl Fn() -> Amount) -> Result<(), Error> {
+    /// One registration and heartbeat stream, until it breaks. Sets `registered` once the
+    /// master took the registration.
+    async fn session(
+        &self,
+        allocatable: &impl Fn() -> Amount,
+        registered: &mut bool,
+    ) -> Result<(), Error> {
         let mut client = self.client().await?;
         let mut node = self.node.clone();
         node.allocatable = Some(allocatable().to_proto());
@@ -65,6 +91,7 @@ impl MasterLink {
                     format!("the master refused registration: {}", s.message()),
                 )
             })?;
+        *registered = true;
         let (sender, receiver) = mpsc::unbounded_channel();
         *self.updates.lock() = Some(sender.clone());
         let mut commands = client
