@@ -19,6 +19,13 @@ use crate::resources::Amount;
 /// How often the node beats when nothing changes.
 const BEAT: Duration = Duration::from_millis(500);
 
+/// Where the link's reconnects stand.
+struct LinkState {
+    backoff: Backoff,
+    /// Whether the link was up at its last change of state.
+    up: bool,
+}
+
 /// The link to the master.
 pub struct MasterLink {
     address: String,
@@ -46,38 +53,30 @@ impl MasterLink {
     /// Attempts back off exponentially (about 100 ms doubling to 5 s, with jitter), and the link
     /// logs when its state changes (down, up again), not at every attempt.
     pub async fn run(&self, allocatable: impl Fn() -> Amount) {
-        let mut backoff = Backoff::reconnect();
-        // Whether the link was up at the last change of state (it starts as if it were, so
-        // that the first failure is logged).
-        let mut was_up = true;
+        let mut state = LinkState {
+            backoff: Backoff::reconnect(),
+            // As if it were up, so that the first failure is logged.
+            up: true,
+        };
         loop {
-            let mut registered = false;
-            let result = self.session(&allocatable, &mut registered).await;
+            let result = self.session(&allocatable, &mut state).await;
             *self.updates.lock() = None;
-            if registered {
-                backoff.reset();
-                if !was_up {
-                    tracing::info!(master = %self.address, "master link up again");
-                }
-                was_up = true;
-            }
             if let Err(error) = result {
-                if was_up {
+                if state.up {
                     tracing::warn!(%error, master = %self.address,
                         "master link down; retrying with backoff (up to {:?} apart)", Backoff::MAX);
-                    was_up = false;
+                    state.up = false;
                 }
             }
-            tokio::time::sleep(backoff.next_delay()).await;
+            tokio::time::sleep(state.backoff.next_delay()).await;
         }
     }
 
-    /// One registration and heartbeat stream, until it breaks. Sets `registered` once the
-    /// master took the registration.
+    /// One registration and heartbeat stream, until it breaks.
     async fn session(
         &self,
         allocatable: &impl Fn() -> Amount,
-        registered: &mut bool,
+        state: &mut LinkState,
     ) -> Result<(), Error> {
         let mut client = self.client().await?;
         let mut node = self.node.clone();
@@ -91,7 +90,11 @@ impl MasterLink {
                     format!("the master refused registration: {}", s.message()),
                 )
             })?;
-        *registered = true;
+        state.backoff.reset();
+        if !state.up {
+            tracing::info!(master = %self.address, "master link up again");
+            state.up = true;
+        }
         let (sender, receiver) = mpsc::unbounded_channel();
         *self.updates.lock() = Some(sender.clone());
         let mut commands = client

@@ -426,3 +426,43 @@ fn a_driver_whose_session_died_fails_with_4002_naming_the_session() {
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert!(!root.path().join("latest").exists());
 }
+
+#[test]
+fn a_node_whose_master_is_gone_retries_with_backoff_and_logs_it_once() {
+    let _exclusive = exclusive();
+    let mut cluster = TestCluster::start();
+    let log_path = cluster.dir().join("node0.log");
+    let downs = || {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .matches("master link down")
+            .count()
+    };
+    assert_eq!(downs(), 0);
+    cluster.kill_master();
+    assert!(
+        wait_until(TIMEOUT, || downs() >= 1),
+        "the node never said its master link is down"
+    );
+    // Retrying every 500 ms and logging each time, as it used to, would have logged four more
+    // times by now.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        downs(),
+        1,
+        "{}",
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
+    // The node comes back to a master started again.
+    cluster.restart_master();
+    let up = wait_until(TIMEOUT, || {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .contains("master link up again")
+    });
+    assert!(
+        up,
+        "{}",
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
+}
