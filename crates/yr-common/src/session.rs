@@ -219,8 +219,9 @@ pub fn latest_session() -> Option<SessionInfo> {
 
 /// Whether `pid` is a yr process that `yr start` started for the session in `session_dir`:
 /// its executable is a `yr` (this very file, or one named `yr`), and it carries the session's
-/// marker ([`ENV_SESSION_DIR`] in its environment, or `--session-dir <dir>` on its command
-/// line). A pid that a stale or planted session file names fails this check.
+/// marker ([`ENV_SESSION_DIR`] in its environment, or `--session-dir <dir>` or `--data-dir
+/// <dir>/master` on its command line). A pid that a stale or planted session file names fails
+/// this check.
 pub fn is_session_process(pid: u32, session_dir: &Path) -> bool {
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     is_yr_executable(&proc_dir) && carries_session(&proc_dir, session_dir)
@@ -267,10 +268,18 @@ fn carries_session(proc_dir: &Path, session_dir: &Path) -> bool {
     }
     if let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) {
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if args
-            .windows(2)
-            .any(|pair| pair[0] == b"--session-dir" && same(pair[1]))
-        {
+        // The node names its session; a master started before the environment mark existed
+        // names its data directory, `<session>/master`.
+        let master_of_session = |value: &[u8]| {
+            Path::new(std::ffi::OsStr::from_bytes(value))
+                .parent()
+                .is_some_and(|parent| same(parent.as_os_str().as_bytes()))
+                && value.ends_with(b"/master")
+        };
+        if args.windows(2).any(|pair| {
+            (pair[0] == b"--session-dir" && same(pair[1]))
+                || (pair[0] == b"--data-dir" && master_of_session(pair[1]))
+        }) {
             return true;
         }
     }
