@@ -562,7 +562,8 @@ fn node_alive(session: &SessionInfo) -> bool {
 /// `YR_SERVER_ADDRESS`, else the latest one on this machine if it runs, else the temporary one
 /// `yr::init` started for this process.
 fn current_session() -> Option<SessionInfo> {
-    let mut candidates: Vec<PathBuf> = vec![sessions_root().join("latest")];
+    let root = sessions_root().ok()?;
+    let mut candidates: Vec<PathBuf> = vec![root.join("latest")];
     let prefix = format!("yr-temporary-{}-", std::process::id());
     if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
         candidates.extend(
@@ -573,7 +574,7 @@ fn current_session() -> Option<SessionInfo> {
         );
     }
     if let Ok(address) = std::env::var("YR_SERVER_ADDRESS") {
-        if let Ok(entries) = std::fs::read_dir(sessions_root()) {
+        if let Ok(entries) = std::fs::read_dir(&root) {
             candidates.extend(entries.flatten().map(|e| e.path()));
         }
         return candidates

@@ -1,6 +1,7 @@
 //! `yr start`, `yr stop` and `yr status`: run a cluster's processes in the background under a
 //! session directory, stop them gracefully, and show what the master knows.
 
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -8,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args as ClapArgs;
-use yr_common::session::{sessions_root, SessionInfo};
+use yr_common::session::{
+    is_session_process, private_dir, sessions_root, SessionInfo, ENV_SESSION_DIR,
+};
 use yr_proto::v1 as pb;
 
 use crate::daemon::{CapacityArgs, DataArgs, SecurityArgs};
@@ -18,6 +21,8 @@ use yr_common::auth::ClusterToken;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `yr stop` waits for a graceful stop before killing.
 const STOP_TIMEOUT: Duration = Duration::from_secs(40);
+/// The master's port when `--port` is not given.
+const DEFAULT_PORT: u16 = 22770;
 
 /// Flags of `yr start`.
 #[derive(Debug, ClapArgs)]
@@ -28,15 +33,17 @@ pub struct StartArgs {
     /// Start a node that joins the cluster whose master is at HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
     pub master_address: Option<String>,
-    /// The master's port (shifts up when taken).
-    #[arg(long, default_value_t = 22770)]
-    pub port: u16,
+    /// The master's port (default 22770; shifts up when taken). A second cluster on this
+    /// machine needs both --port and --session-dir.
+    #[arg(long)]
+    pub port: Option<u16>,
     /// The node's bus port (shifts up when taken).
     #[arg(long, default_value_t = 22773)]
     pub node_port: u16,
     #[command(flatten)]
     pub capacity: CapacityArgs,
-    /// Session directory (default: a new one under /tmp/yr_sessions, linked as `latest`).
+    /// Session directory, private to you (default: a new one under $TMPDIR/yr-<uid>/sessions,
+    /// linked as `latest`).
     #[arg(long)]
     pub session_dir: Option<PathBuf>,
     /// Stay in the foreground; stop the cluster on SIGTERM/SIGINT or when this process dies.
@@ -118,15 +125,24 @@ fn spawn(
     token: &ClusterToken,
 ) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("cannot find the yr executable")?;
-    let logs = session.join("logs");
-    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
-    let log = std::fs::File::create(logs.join(format!("{role}.log")))
-        .with_context(|| format!("cannot create the {role} log"))?;
+    let logs = private_dir(&session.join("logs"))?;
+    let log = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(logs.join(format!("{role}.log")))
+            .with_context(|| format!("cannot create the {role} log"))?
+    };
     let mut command = Command::new(exe);
     command
         .arg(role)
         .args(args)
         .env(yr_common::auth::TOKEN_ENV, token.as_str())
+        // The mark `yr stop` checks before it signals this process.
+        .env(ENV_SESSION_DIR, session)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -191,12 +207,24 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
     }
     let capacity = args.capacity.amount()?;
     let labels = args.capacity.label_pairs()?;
+    let root = sessions_root()?;
+    let running = running_session(&root);
+    if let Some(running) = &running {
+        if args.master && !args.temporary && (args.port.is_none() || args.session_dir.is_none()) {
+            bail!(
+                "a yr cluster is already running on this machine (session {}); stop it with \
+                 `yr stop`, or start a second one with both --port and --session-dir",
+                running.display()
+            );
+        }
+    }
     let session = match &args.session_dir {
         Some(dir) => dir.clone(),
-        None => sessions_root().join(timestamp()),
+        None => root.join(timestamp()),
     };
-    std::fs::create_dir_all(&session)
-        .with_context(|| format!("cannot create {}", session.display()))?;
+    crate::limits::check(&args.capacity, &args.data, &session)?;
+    let session = private_dir(&session)?;
+    let session = session.canonicalize().unwrap_or(session);
     // The token: generated for a new cluster, given for one to join. Either way it goes into
     // the session directory (0600), where drivers on this machine find it.
     let token = match (&args.master_address, &args.token) {
@@ -234,7 +262,7 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
     let master_address = match &args.master_address {
         Some(address) => address.clone(),
         None => {
-            let port = free_port(host, args.port)?;
+            let port = free_port(host, args.port.unwrap_or(DEFAULT_PORT))?;
             let metrics = free_port(host, port + 10)?;
             let mut master_args = vec![
                 "--listen".into(),
@@ -311,34 +339,44 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
     info.node_id = node_id.clone();
     info.write(&session)
         .context("cannot write the session file")?;
-    if !args.temporary {
-        let latest = sessions_root().join("latest");
+    // A cluster that runs beside another one does not take the `latest` link from it.
+    let linked = !args.temporary && running.is_none();
+    if linked {
+        let latest = root.join("latest");
         let _ = std::fs::remove_file(&latest);
         std::os::unix::fs::symlink(&session, &latest)
             .with_context(|| format!("cannot link {}", latest.display()))?;
     }
 
-    println!("yr cluster started.");
+    let mut text = String::from("yr cluster started.\n");
     if args.master {
-        println!("  master:  {}", info.master_address);
+        text += &format!("  master:  {}\n", info.master_address);
     }
-    println!("  node:    {node_id} (bus {})", info.bus_address);
-    println!("  session: {}", session.display());
+    text += &format!("  node:    {node_id} (bus {})\n", info.bus_address);
+    text += &format!("  session: {}\n", session.display());
+    if args.master && linked {
+        text += "Drivers on this machine find the cluster by themselves (yr::init).\n";
+    }
     if args.master {
-        println!("Drivers on this machine find the cluster by themselves (yr::init).");
         if host.is_loopback() {
-            println!(
-                "It listens on {host} only; to let other machines join, start it with --host ADDR."
+            text += &format!(
+                "It listens on {host} only; to let other machines join, start it with --host ADDR.\n"
             );
         } else {
-            println!(
-                "Join another machine:  YR_TOKEN=<the token in {}/token> yr start --master-address {}",
+            text += &format!(
+                "Join another machine:  YR_TOKEN=<the token in {}/token> yr start --master-address {}\n",
                 session.display(),
                 info.master_address
             );
         }
     }
-    println!("Stop it:  yr stop");
+    if linked {
+        text += "Stop it:  yr stop\n";
+    } else {
+        text += &format!("Stop it:  yr stop --session-dir {}\n", session.display());
+    }
+    // Nobody may be reading (`yr start | head`): the cluster runs all the same.
+    let _ = std::io::stdout().write_all(text.as_bytes());
 
     if !args.block {
         return Ok(ExitCode::SUCCESS);
@@ -392,21 +430,36 @@ fn alive(pid: u32) -> bool {
     unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
 }
 
-fn read_session(dir: Option<&Path>) -> anyhow::Result<SessionInfo> {
-    let dir = dir
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| sessions_root().join("latest"));
-    SessionInfo::read(&dir).with_context(|| {
+/// The session in `dir` (default: the latest), and the directory it really is in.
+fn read_session(dir: Option<&Path>) -> anyhow::Result<(PathBuf, SessionInfo)> {
+    let dir = match dir {
+        Some(dir) => dir.to_path_buf(),
+        None => sessions_root()?.join("latest"),
+    };
+    let session = SessionInfo::read(&dir).with_context(|| {
         format!(
             "no yr cluster was started on this machine (cannot read {}/session.json)",
             dir.display()
         )
-    })
+    })?;
+    Ok((dir.canonicalize().unwrap_or(dir), session))
+}
+
+/// The directory of the latest session under `root` if one of its processes still runs.
+fn running_session(root: &Path) -> Option<PathBuf> {
+    let latest = root.join("latest");
+    let session = SessionInfo::read(&latest).ok()?;
+    let dir = latest.canonicalize().ok()?;
+    session
+        .processes
+        .iter()
+        .any(|(_, pid)| is_session_process(*pid, &dir))
+        .then_some(dir)
 }
 
 /// `yr stop`.
 pub fn stop(args: &StopArgs) -> anyhow::Result<ExitCode> {
-    let session = read_session(args.session_dir.as_deref())?;
+    let (dir, session) = read_session(args.session_dir.as_deref())?;
     let signal = if args.force {
         libc::SIGKILL
     } else {
@@ -419,7 +472,17 @@ pub fn stop(args: &StopArgs) -> anyhow::Result<ExitCode> {
         if !alive(*pid) {
             continue;
         }
-        // SAFETY: signalling a process this session started.
+        // A stale or planted session file may name any process: signal only yr processes that
+        // carry this session's mark.
+        if !is_session_process(*pid, &dir) {
+            eprintln!(
+                "yr stop: pid {pid} (the {role} in {}) is not a yr process of this session; not \
+                 signalling it",
+                dir.join(SessionInfo::FILE).display()
+            );
+            continue;
+        }
+        // SAFETY: signalling a process this session started (checked just above).
         unsafe {
             libc::kill(*pid as libc::pid_t, signal);
         }
@@ -436,10 +499,10 @@ pub fn stop(args: &StopArgs) -> anyhow::Result<ExitCode> {
                 libc::kill(*pid as libc::pid_t, libc::SIGKILL);
             }
         }
-        println!("stopped the {role} ({pid})");
+        let _ = writeln!(std::io::stdout(), "stopped the {role} ({pid})");
     }
-    let latest = sessions_root().join("latest");
-    if std::fs::read_link(&latest).ok().as_deref() == Some(session.session_dir.as_path()) {
+    let latest = sessions_root()?.join("latest");
+    if latest.canonicalize().ok().as_deref() == Some(dir.as_path()) {
         let _ = std::fs::remove_file(latest);
     }
     // Runtimes killed with their node left their sockets.
@@ -452,7 +515,7 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let (address, session_dir) = match &args.master_address {
         Some(address) => (address.clone(), None),
         None => {
-            let session = read_session(None)?;
+            let (_, session) = read_session(None)?;
             if session.master_address.is_empty() {
                 bail!("this machine runs a node only; pass --master-address");
             }
@@ -478,26 +541,36 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
             .map(|r| r.into_inner())
             .map_err(|s| anyhow::anyhow!("the master at {address} did not answer: {}", s.message()))
     })?;
+    // Written through a handle whose errors end the command: a reader that went away
+    // (`yr status | head`) ends it quietly (see main).
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&status_json(&status))?);
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&status_json(&status))?
+        )?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("Nodes");
-    println!(
+    writeln!(out, "Nodes")?;
+    writeln!(
+        out,
         "  {:<20} {:<22} {:<10} {:>18} {:>18}",
         "ID", "ADDRESS", "STATE", "CAPACITY cpu/mem", "ALLOCATABLE cpu/mem"
-    );
+    )?;
     for node in &status.nodes {
         let cap = node.capacity.clone().unwrap_or_default();
         let free = node.allocatable.clone().unwrap_or_default();
-        println!(
+        writeln!(
+            out,
             "  {:<20} {:<22} {:<10} {:>18} {:>18}",
             node.node_id,
             node.address,
             node.state,
             format!("{}m/{}MB", cap.cpu_millicores, cap.memory_mb),
             format!("{}m/{}MB", free.cpu_millicores, free.memory_mb)
-        );
+        )?;
     }
     let mut by_state = std::collections::BTreeMap::<String, usize>::new();
     for instance in &status.instances {
@@ -506,20 +579,21 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or("UNKNOWN");
         *by_state.entry(state.to_string()).or_default() += 1;
     }
-    println!("Instances by state");
+    writeln!(out, "Instances by state")?;
     if by_state.is_empty() {
-        println!("  (none)");
+        writeln!(out, "  (none)")?;
     }
     for (state, count) in by_state {
-        println!("  {state:<16} {count}");
+        writeln!(out, "  {state:<16} {count}")?;
     }
-    println!("Registered functions");
+    writeln!(out, "Registered functions")?;
     if status.functions.is_empty() {
-        println!("  (none)");
+        writeln!(out, "  (none)")?;
     }
     for function in &status.functions {
-        println!("  {function}");
+        writeln!(out, "  {function}")?;
     }
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -178,7 +178,7 @@ pub struct DataArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub l2_redis: Option<String>,
     /// The node's shared memory for objects larger than 100 KB, in MB (default: a third of the
-    /// node's memory).
+    /// node's memory, at most the host's physical memory).
     #[arg(long, value_name = "MB")]
     pub shared_memory_mb: Option<u64>,
     /// Where objects are spilled when shared memory is full (default: the data directory's
@@ -362,9 +362,12 @@ pub fn run_node(args: &NodeArgs) -> anyhow::Result<()> {
         .node_id
         .clone()
         .unwrap_or_else(|| format!("node-{}", yr_common::ids::random_hex(8)));
+    crate::limits::check(&args.capacity, &args.data, &args.session_dir)?;
     let capacity = args.capacity.amount()?;
     let data = &args.data;
-    let shared_memory_mb = data.shared_memory_mb.unwrap_or(capacity.memory / 3);
+    let shared_memory_mb = data
+        .shared_memory_mb
+        .unwrap_or_else(|| crate::limits::default_shared_memory_mb(capacity.memory));
     let data_worker = yr_datasystem::DataWorker::open(&yr_datasystem::DataWorkerOptions {
         data_dir: data
             .data_dir

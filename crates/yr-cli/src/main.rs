@@ -4,6 +4,7 @@
 mod cluster;
 mod daemon;
 mod errors;
+mod limits;
 
 use std::io;
 use std::process::ExitCode;
@@ -36,6 +37,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Everything yr writes is its user's alone: session files, logs, the master's meta store,
+    // the KV second-level files, and (inherited) the logs of the node's runtimes.
+    // SAFETY: umask only changes this process's file-creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Errors(args) => errors::run(&args),

@@ -1,5 +1,7 @@
 //! Where drivers and runtimes put their Unix sockets, and cleaning them up. Each process that
-//! joins a node listens at `<tmp>/yr-sockets/w-<pid>-<random>.sock` (its Worker service), and a
+//! joins a node listens at `<base>/sockets/w-<pid>-<random>.sock` (its Worker service; `<base>`
+//! is the user's private [`crate::session::user_base_dir`], so other users can neither connect
+//! nor squat the directory), and a
 //! runtime also at the same path with the extension `.calls` (its call socket, for direct
 //! calls). A process removes its files when it leaves; the node removes those of processes that
 //! disconnect; and [`sweep_dead`] removes those of processes that died unseen (SIGKILL, a node
@@ -8,21 +10,21 @@
 use std::path::{Path, PathBuf};
 
 use crate::ids;
+use crate::session::{private_dir, user_base_dir, DirError};
 
-/// The directory for yr's sockets, created if missing.
-pub fn socket_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join("yr-sockets");
-    let _ = std::fs::create_dir_all(&dir);
-    dir
+/// The directory for this user's yr sockets, `sockets/` in the user's base directory: created
+/// private (0700) if missing, refused if it is not private to this user.
+pub fn socket_dir() -> Result<PathBuf, DirError> {
+    private_dir(&user_base_dir()?.join("sockets"))
 }
 
 /// A new Worker socket path for this process.
-pub fn new_worker_socket() -> PathBuf {
-    socket_dir().join(format!(
+pub fn new_worker_socket() -> Result<PathBuf, DirError> {
+    Ok(socket_dir()?.join(format!(
         "w-{}-{}.sock",
         std::process::id(),
         ids::random_hex(6)
-    ))
+    )))
 }
 
 /// The call socket of the runtime whose Worker socket is `worker`.
@@ -38,7 +40,10 @@ pub fn remove(worker: &Path) {
 
 /// Remove the socket files of processes that no longer run. Returns how many were removed.
 pub fn sweep_dead() -> usize {
-    let Ok(entries) = std::fs::read_dir(socket_dir()) else {
+    let Ok(dir) = socket_dir() else {
+        return 0;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
     let mut removed = 0;
@@ -67,11 +72,11 @@ mod tests {
 
     #[test]
     fn files_of_dead_processes_are_swept_and_live_ones_kept() {
-        let mine = new_worker_socket();
+        let mine = new_worker_socket().expect("a private socket directory");
         std::fs::write(&mine, b"").expect("own file");
         std::fs::write(call_socket(&mine), b"").expect("own call file");
         // No process has pid 4194304 (above the kernel's pid_max ceiling).
-        let dead = socket_dir().join("w-4194304-abcdef.sock");
+        let dead = socket_dir().unwrap().join("w-4194304-abcdef.sock");
         std::fs::write(&dead, b"").expect("dead file");
         let dead_calls = call_socket(&dead);
         std::fs::write(&dead_calls, b"").expect("dead call file");

@@ -14,12 +14,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::sync::watch;
+use yr_common::backoff::Backoff;
 use yr_common::{ErrorCode, ModuleCode};
 use yr_meta::{put_if_version, KeyValue, MetaError, MetaStore, WatchEvent};
 use yr_proto::v1::{ErrorInfo, InstanceRecord, InstanceState, InstanceSummary};
@@ -29,9 +29,6 @@ pub const INSTANCE_PREFIX: &str = "/yr/instance/";
 
 /// How often a compare-and-swap on one record is retried when the record keeps changing.
 const MAX_CAS_ATTEMPTS: usize = 8;
-
-/// How long to wait before watching again after the meta store refused a watch.
-const WATCH_RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// The meta store key of an instance's record.
 pub fn instance_key(instance_id: &str) -> String {
@@ -113,6 +110,9 @@ impl InstanceManager {
     /// watch cannot be opened or ends (the store compacted its history, or this master fell too
     /// far behind), the view is re-synced in full and watched again from there.
     pub async fn follow(self: Arc<Self>, mut revision: u64, mut stop: watch::Receiver<bool>) {
+        // Retries back off while the store fails, and the failure is logged once per outage.
+        let mut backoff = Backoff::reconnect();
+        let mut failing = false;
         loop {
             let watch = tokio::select! {
                 _ = crate::stopped(&mut stop) => return,
@@ -125,29 +125,44 @@ impl InstanceManager {
                         event = events.recv() => event,
                     };
                     match event {
-                        Some(event) => revision = revision.max(self.apply(event)),
+                        Some(event) => {
+                            revision = revision.max(self.apply(event));
+                            backoff.reset();
+                            if failing {
+                                tracing::info!("watching instance records again");
+                                failing = false;
+                            }
+                        }
                         None => {
                             tracing::info!("instance watch ended; re-syncing instance records");
                             break;
                         }
                     }
                 },
+                Err(err) if !failing => {
+                    tracing::warn!(error = %err, "cannot watch instance records; re-syncing, retrying with backoff");
+                    failing = true;
+                }
                 Err(err) => {
-                    tracing::warn!(error = %err, "cannot watch instance records; re-syncing");
+                    tracing::debug!(error = %err, "cannot watch instance records; re-syncing");
                 }
             }
             loop {
                 tokio::select! {
                     _ = crate::stopped(&mut stop) => return,
-                    _ = tokio::time::sleep(WATCH_RETRY_DELAY) => {}
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
                 }
                 match self.sync().await {
                     Ok(synced) => {
                         revision = synced;
                         break;
                     }
+                    Err(err) if !failing => {
+                        tracing::warn!(error = %err, "cannot re-sync instance records; retrying with backoff");
+                        failing = true;
+                    }
                     Err(err) => {
-                        tracing::warn!(error = %err, "cannot re-sync instance records; retrying");
+                        tracing::debug!(error = %err, "cannot re-sync instance records; retrying");
                     }
                 }
             }
@@ -340,6 +355,7 @@ fn summary(key: &str, record: &InstanceRecord) -> InstanceSummary {
 mod tests {
     use super::*;
     use crate::test_store::FakeStore;
+    use std::time::Duration;
 
     fn record(id: &str, node: &str, state: InstanceState) -> Bytes {
         let mut record = InstanceRecord {

@@ -7,6 +7,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
+use yr_common::backoff::Backoff;
 use yr_common::{Error, ErrorCode};
 use yr_proto::v1 as pb;
 use yr_proto::v1::master_client::MasterClient;
@@ -17,6 +18,13 @@ use crate::resources::Amount;
 
 /// How often the node beats when nothing changes.
 const BEAT: Duration = Duration::from_millis(500);
+
+/// Where the link's reconnects stand.
+struct LinkState {
+    backoff: Backoff,
+    /// Whether the link was up at its last change of state.
+    up: bool,
+}
 
 /// The link to the master.
 pub struct MasterLink {
@@ -42,17 +50,34 @@ impl MasterLink {
 
     /// Keep registered and beating, reconnecting after master restarts, until the process ends.
     /// `allocatable` gives the node's current free resources for a fresh registration.
+    /// Attempts back off exponentially (about 100 ms doubling to 5 s, with jitter), and the link
+    /// logs when its state changes (down, up again), not at every attempt.
     pub async fn run(&self, allocatable: impl Fn() -> Amount) {
+        let mut state = LinkState {
+            backoff: Backoff::reconnect(),
+            // As if it were up, so that the first failure is logged.
+            up: true,
+        };
         loop {
-            if let Err(error) = self.session(&allocatable).await {
-                tracing::warn!(%error, master = %self.address, "master link down; retrying");
-            }
+            let result = self.session(&allocatable, &mut state).await;
             *self.updates.lock() = None;
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            if let Err(error) = result {
+                if state.up {
+                    tracing::warn!(%error, master = %self.address,
+                        "master link down; retrying with backoff (up to {:?} apart)", Backoff::MAX);
+                    state.up = false;
+                }
+            }
+            tokio::time::sleep(state.backoff.next_delay()).await;
         }
     }
 
-    async fn session(&self, allocatable: &impl Fn() -> Amount) -> Result<(), Error> {
+    /// One registration and heartbeat stream, until it breaks.
+    async fn session(
+        &self,
+        allocatable: &impl Fn() -> Amount,
+        state: &mut LinkState,
+    ) -> Result<(), Error> {
         let mut client = self.client().await?;
         let mut node = self.node.clone();
         node.allocatable = Some(allocatable().to_proto());
@@ -65,6 +90,11 @@ impl MasterLink {
                     format!("the master refused registration: {}", s.message()),
                 )
             })?;
+        state.backoff.reset();
+        if !state.up {
+            tracing::info!(master = %self.address, "master link up again");
+            state.up = true;
+        }
         let (sender, receiver) = mpsc::unbounded_channel();
         *self.updates.lock() = Some(sender.clone());
         let mut commands = client

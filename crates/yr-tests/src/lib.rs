@@ -131,10 +131,15 @@ pub struct TempDir {
 }
 
 impl TempDir {
-    /// A new, empty directory under `/tmp` (short paths: Unix socket paths are limited).
+    /// A new, empty directory under `/tmp` (short paths: Unix socket paths are limited),
+    /// private to this user (mode 0700), as yr wants a sessions root to be.
     pub fn new(label: &str) -> TempDir {
+        use std::os::unix::fs::DirBuilderExt;
         let path = PathBuf::from("/tmp").join(unique(&format!("yrt-{label}")));
-        std::fs::create_dir_all(&path)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&path)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
         TempDir { path }
     }

@@ -2,6 +2,7 @@
 //! capacity and allocatable, instances and registered functions; `yr stop` runs shutdown hooks
 //! and `yr stop --force` kills without them, leaving no process behind either way.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -202,6 +203,17 @@ fn stop_with(stop_flags: &[&str]) -> Vec<String> {
         TIMEOUT
     )
     .unwrap());
+    // The runtimes' logs, created by the node under the umask `yr` set, are private too.
+    let runtime_logs: Vec<_> = std::fs::read_dir(session.session_dir.join("logs"))
+        .expect("the session's logs")
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("runtime-"))
+        .collect();
+    assert!(!runtime_logs.is_empty(), "no runtime log");
+    for entry in runtime_logs {
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", entry.path().display());
+    }
     let mut everything = children_of(node_pid);
     everything.extend(session.processes.iter().map(|(_, pid)| *pid));
 

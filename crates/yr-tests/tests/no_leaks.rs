@@ -164,7 +164,7 @@ fn yr_stop_after_a_driver_leaves_no_process_of_the_session() {
 /// Socket files (Worker and call sockets) that the processes `pids` left in yr's socket
 /// directory.
 fn sockets_of(pids: &[u32]) -> Vec<String> {
-    let dir = std::env::temp_dir().join("yr-sockets");
+    let dir = yr_common::sockets::socket_dir().expect("the socket directory");
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()

@@ -1,12 +1,13 @@
 //! Finding the node to connect to: `Config::server_address` (or `YR_SERVER_ADDRESS`), else the
 //! latest session that `yr start` left on this machine, else a temporary one-machine cluster
-//! started for this driver, which dies with it.
+//! started for this driver, which dies with it. A latest session whose node is dead is an
+//! error (4002), not a reason to start a temporary cluster: the user meant that cluster.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use yr_common::session::{latest_session, SessionInfo};
+use yr_common::session::{is_session_process, sessions_root, SessionInfo};
 use yr_common::{ids, Config, Error, ErrorCode};
 
 /// How long a temporary cluster may take to come up.
@@ -17,10 +18,21 @@ pub fn find_node(config: &Config) -> Result<String, Error> {
     if let Some(address) = &config.server_address {
         return Ok(address.clone());
     }
-    if let Some(session) = latest_session() {
+    let latest = sessions_root()?.join("latest");
+    if let Ok(session) = SessionInfo::read(&latest) {
         if session_alive(&session) {
             return Ok(session.bus_address);
         }
+        let dir = std::fs::canonicalize(&latest).unwrap_or(latest);
+        return Err(Error::new(
+            ErrorCode::InitConnectionFailed,
+            format!(
+                "the yr cluster of session {} is not running (its node is gone); run `yr stop` \
+                 to clear that session (then yr::init starts a temporary cluster), or `yr start \
+                 --master` to start a cluster again",
+                dir.display()
+            ),
+        ));
     }
     // One temporary cluster per process: later `init`s after `finalize` reuse it.
     static TEMPORARY: parking_lot::Mutex<Option<PathBuf>> = parking_lot::Mutex::new(None);
@@ -37,17 +49,12 @@ pub fn find_node(config: &Config) -> Result<String, Error> {
     Ok(address)
 }
 
-fn process_alive(pid: u32) -> bool {
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
-}
-
 fn session_alive(session: &SessionInfo) -> bool {
     !session.bus_address.is_empty()
         && session
             .processes
             .iter()
-            .any(|(role, pid)| role == "node" && process_alive(*pid))
+            .any(|(role, pid)| role == "node" && is_session_process(*pid, &session.session_dir))
 }
 
 /// The `yr` executable: `$YR_BIN`, next to this executable (or one directory up, for Cargo

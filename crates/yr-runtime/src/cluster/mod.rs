@@ -243,7 +243,7 @@ impl ClusterBackend {
         let runtime_args: Vec<String> = std::env::var("YR_RUNTIME_ARGS")
             .map(|a| a.split_whitespace().map(str::to_string).collect())
             .unwrap_or_default();
-        let socket = yr_common::sockets::new_worker_socket();
+        let socket = yr_common::sockets::new_worker_socket()?;
         // Clean up after processes that died without removing their sockets; off the way.
         let _ = std::thread::Builder::new()
             .name("yr-sweep".to_string())
