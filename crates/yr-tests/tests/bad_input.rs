@@ -482,3 +482,29 @@ fn creates_beyond_the_node_rate_limit_are_create_rate_limited() {
     );
     yr::finalize().unwrap();
 }
+
+#[test]
+fn stateless_calls_on_a_cluster_without_cpu_fail_at_once_with_resource_config_error() {
+    let _exclusive = exclusive();
+    let cluster = TestCluster::with_node(NodeSpec {
+        cpu: 0,
+        ..Default::default()
+    });
+    yr::init(cluster.config()).unwrap();
+    let started = Instant::now();
+    // Several calls at once: the pool creates several instances, and none can ever be placed.
+    let refs: Vec<_> = (0..4)
+        .map(|n| yr::function(double).invoke((n,)).unwrap())
+        .collect();
+    for r in &refs {
+        let error = yr::get(r, TIMEOUT).expect_err("no node has CPU for the call");
+        assert_eq!(error.code(), ErrorCode::ResourceConfigError, "{error}");
+    }
+    // A generous bound: before, the calls waited for the get's whole timeout.
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the calls took {:?}",
+        started.elapsed()
+    );
+    yr::finalize().unwrap();
+}

@@ -166,7 +166,10 @@ impl Pool {
                 .iter()
                 .filter(|i| !i.remote.is_failed())
                 .count();
-        if alive > 0 {
+        // Every instance of a pool has its shape: one that fits no node (1006) means none
+        // will, so the calls fail now rather than wait for the other creates to fail too.
+        let hopeless = error.code() == ErrorCode::ResourceConfigError;
+        if alive > 0 && !hopeless {
             return Vec::new();
         }
         let mut failures = Vec::new();
