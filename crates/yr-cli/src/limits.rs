@@ -125,6 +125,7 @@ mod tests {
             shared_memory_mb: shared,
             spill_dir: None,
             spill_limit_mb: spill_limit,
+            kv_quota_mb: None,
         }
     }
 
