@@ -278,11 +278,15 @@ impl FrameReader {
         }
         let mut prefix = [0u8; PREFIX];
         prefix.copy_from_slice(&self.buffer[self.start..self.start + PREFIX]);
-        usize::try_from(u64::from_le_bytes(prefix))
-            .ok()
-            .and_then(|length| length.checked_add(PREFIX))
-            .map(Some)
-            .ok_or_else(|| io::Error::new(ErrorKind::InvalidData, "a frame longer than memory"))
+        let length = u64::from_le_bytes(prefix);
+        let limit = yr_transport::max_message_bytes();
+        if length > limit as u64 {
+            return Err(io::Error::new(
+                ErrorKind::InvalidData,
+                format!("a frame of {length} bytes is larger than the limit of {limit} bytes"),
+            ));
+        }
+        Ok(Some(length as usize + PREFIX))
     }
 
     /// Make room after `start` for a frame of `total` bytes, growing the buffer with what
@@ -819,6 +823,66 @@ mod tests {
         let (_, mut reader) = split(b).expect("split");
         let error = next(&mut reader).expect_err("malformed");
         assert_eq!(error.kind(), ErrorKind::InvalidData);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(64))]
+
+        /// Whatever a peer writes, the reader yields whole frames or an error: no panic, and
+        /// no buffer beyond what arrived (or the frame limit).
+        #[test]
+        fn random_bytes_give_frames_or_an_error(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..4096),
+            prefix in proptest::option::of(proptest::num::u64::ANY),
+        ) {
+            let (a, b) = UnixStream::pair().expect("socket pair");
+            let mut raw = a;
+            if let Some(prefix) = prefix {
+                raw.write_all(&prefix.to_le_bytes()).expect("prefix");
+            }
+            raw.write_all(&bytes).expect("bytes");
+            drop(raw);
+            let (_, mut reader) = split(b).expect("split");
+            loop {
+                match next(&mut reader) {
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            proptest::prop_assert!(reader.buffer.len() <= 2 * READ_CHUNK + bytes.len());
+        }
+
+        /// A hello made of random bytes is refused, reading at most a header and a token.
+        #[test]
+        fn random_hellos_are_refused(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..2048),
+        ) {
+            let token = yr_common::auth::ClusterToken::generate().expect("token");
+            let mut input = bytes.as_slice();
+            let before = input.len();
+            let checked = yr_common::auth::read_hello(&mut input, &token);
+            proptest::prop_assert!(checked.is_err());
+            let read = before - input.len();
+            proptest::prop_assert!(
+                read <= yr_common::auth::HELLO_HEADER + yr_common::auth::MAX_TOKEN_LEN
+            );
+        }
+    }
+
+    #[test]
+    fn a_frame_over_the_limit_is_refused_before_it_arrives() {
+        let (a, b) = UnixStream::pair().expect("socket pair");
+        let mut raw = a;
+        let over = yr_transport::max_message_bytes() as u64 + 1;
+        raw.write_all(&over.to_le_bytes()).expect("prefix");
+        raw.write_all(&[0u8; 1024]).expect("a little of it");
+        let (_, mut reader) = split(b).expect("split");
+        let error = next(&mut reader).expect_err("over the limit");
+        assert_eq!(error.kind(), ErrorKind::InvalidData);
+        assert!(
+            error.to_string().contains("larger than the limit"),
+            "{error}"
+        );
     }
 
     #[test]
