@@ -159,8 +159,8 @@ impl DataWorker {
     }
 
     /// Serve this node's shared-memory objects to other nodes' pulls on `listener`, which
-    /// they reach at `advertised` (`host:port`), to peers that present `token` (this node's
-    /// pulls present it too). Runs on the current tokio runtime; in a cluster
+    /// they reach at `advertised` (`host:port`), to peers that present `token`, inside a
+    /// mutual-TLS session with `tls` when given (this node's pulls present the same). Runs on the current tokio runtime; in a cluster
     /// ([`DataWorker::join_cluster`] first) the data port is recorded in the meta store, where
     /// other nodes check it before they pull. Call once, before [`DataWorker::object_service`].
     pub fn serve_objects(
@@ -168,6 +168,7 @@ impl DataWorker {
         listener: std::net::TcpListener,
         advertised: String,
         token: yr_common::auth::ClusterToken,
+        tls: Option<Arc<yr_transport::Tls>>,
     ) -> Result<()> {
         let failed = |error: String| {
             yr_common::Error::new(
@@ -178,7 +179,7 @@ impl DataWorker {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|error| failed(format!("it runs on a tokio runtime: {error}")))?;
         self.transfer
-            .serve(listener, token, &runtime)
+            .serve(listener, token, tls, &runtime)
             .map_err(|error| failed(error.to_string()))?;
         let _ = self.data_address.set(advertised.clone());
         let transfer = self.transfer.clone();

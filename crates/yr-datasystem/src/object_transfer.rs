@@ -10,7 +10,7 @@
 //! port in the meta store when it starts serving ([`DATA_PORT_PREFIX`]`<node id>`), and a pull
 //! from an address not recorded there (looked up again on a miss) is refused with 1001, so a
 //! process cannot make its node connect anywhere it names. Pulls present the cluster token and
-//! the object's capability.
+//! the object's capability, inside mutual TLS when the node has it (see `data_port`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +21,7 @@ use yr_common::auth::ClusterToken;
 use yr_common::{Error, ErrorCode, Result};
 use yr_meta::MetaStore;
 use yr_proto::ds as pb;
+use yr_transport::Tls;
 
 use crate::capability::{Capability, CAPABILITY_LEN};
 use crate::data_port::{self, DataPort, RangeError, RangeRequest};
@@ -56,6 +57,8 @@ pub struct ObjectTransfer {
     copies: Mutex<HashMap<CopyKey, u64>>,
     /// The cluster token, presented to other nodes' data ports (set when this node serves).
     token: OnceLock<ClusterToken>,
+    /// This node's TLS, with which it serves and pulls (set when this node serves with TLS).
+    tls: OnceLock<Arc<Tls>>,
     /// The cluster's meta store, where the nodes' data ports are recorded.
     meta: OnceLock<Arc<dyn MetaStore>>,
     /// The data ports of the cluster's nodes, as last read from the meta store.
@@ -83,6 +86,7 @@ impl ObjectTransfer {
             store,
             copies: Mutex::new(HashMap::new()),
             token: OnceLock::new(),
+            tls: OnceLock::new(),
             meta: OnceLock::new(),
             members: Mutex::new(HashSet::new()),
             pulled_bytes: AtomicU64::new(0),
@@ -91,16 +95,21 @@ impl ObjectTransfer {
     }
 
     /// Serve this node's objects to other nodes' pulls on `listener` (the node's data port)
-    /// as tasks of `runtime`, to peers that present `token`, which this node's pulls present
-    /// too.
+    /// as tasks of `runtime`, to peers that present `token` inside a mutual-TLS session with
+    /// `tls` when given; this node's pulls present the same.
     pub fn serve(
         &self,
         listener: std::net::TcpListener,
         token: ClusterToken,
+        tls: Option<Arc<Tls>>,
         runtime: &tokio::runtime::Handle,
     ) -> std::io::Result<()> {
         let _ = self.token.set(token.clone());
-        DataPort::new(self.store.clone(), self.served_bytes.clone(), token).serve(listener, runtime)
+        if let Some(tls) = &tls {
+            let _ = self.tls.set(tls.clone());
+        }
+        DataPort::new(self.store.clone(), self.served_bytes.clone(), token, tls)
+            .serve(listener, runtime)
     }
 
     /// The cluster's meta store: pulls go only to the data ports recorded there.
@@ -261,8 +270,9 @@ impl ObjectTransfer {
             let store = self.store.clone();
             let address = address.clone();
             let token = token.clone();
+            let tls = self.tls.get().cloned();
             ranges.push(tokio::task::spawn_blocking(move || {
-                data_port::read_range(&address, &token, &range, &store, local)
+                data_port::read_range(&address, &token, tls.as_deref(), &range, &store, local)
             }));
             from += length;
         }

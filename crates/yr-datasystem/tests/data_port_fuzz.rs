@@ -62,7 +62,12 @@ fn server() -> &'static Server {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let address = listener.local_addr().expect("address").to_string();
         let token = ClusterToken::generate().expect("token");
-        let mut port = DataPort::new(store.clone(), Arc::new(AtomicU64::new(0)), token.clone());
+        let mut port = DataPort::new(
+            store.clone(),
+            Arc::new(AtomicU64::new(0)),
+            token.clone(),
+            None,
+        );
         port.idle_timeout = Duration::from_millis(500);
         port.serve(listener, runtime.handle()).expect("serve");
         Server {

@@ -143,17 +143,21 @@ pub async fn run(
     } else {
         data_address.to_string()
     };
-    // Other nodes present the cluster's token on the data port too.
-    let data_token = yr_transport::current()
-        .token
-        .clone()
-        .ok_or_else(|| NodeError::Listen {
-            what: "the data port".into(),
-            source: std::io::Error::other("this node has no cluster token"),
-        })?;
+    // Other nodes present the cluster's token on the data port too, inside mutual TLS when
+    // this node has it.
+    let credentials = yr_transport::current();
+    let data_token = credentials.token.clone().ok_or_else(|| NodeError::Listen {
+        what: "the data port".into(),
+        source: std::io::Error::other("this node has no cluster token"),
+    })?;
     options
         .data_worker
-        .serve_objects(data_listener, data_advertised, data_token)
+        .serve_objects(
+            data_listener,
+            data_advertised,
+            data_token,
+            credentials.tls.clone(),
+        )
         .map_err(|error| NodeError::Listen {
             what: "the data port".into(),
             source: std::io::Error::other(error.to_string()),

@@ -140,3 +140,86 @@ pub fn server_name(host_port: &str) -> Result<ServerName<'static>, Error> {
         )
     })
 }
+
+/// For tests: a new CA and `N` node certificates signed by it, written as PEM files to `dir`
+/// (`ca.pem`, `node<i>.pem`, `node<i>.key`, keys mode 0600). Each node certificate names
+/// `127.0.0.1` and `localhost` and serves as both server and client certificate, as yr's
+/// processes use theirs. Returns the CA's path and each node's (certificate, key), ready for
+/// [`Tls::load`]. Two calls make two unrelated CAs. Behind the `test-certificates` feature.
+#[cfg(any(test, feature = "test-certificates"))]
+pub fn test_certificates<const N: usize>(
+    dir: &Path,
+) -> std::io::Result<(PathBuf, [(PathBuf, PathBuf); N])> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let failed = |e: rcgen::Error| std::io::Error::other(format!("rcgen: {e}"));
+    let write = |name: String, pem: String, mode: u32| -> std::io::Result<PathBuf> {
+        use std::io::Write;
+        let path = dir.join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)?
+            .write_all(pem.as_bytes())?;
+        Ok(path)
+    };
+    std::fs::create_dir_all(dir)?;
+    let ca_key = KeyPair::generate().map_err(failed)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(failed)?;
+    ca_params.distinguished_name.push(
+        DnType::CommonName,
+        format!("yr test CA in {}", dir.display()),
+    );
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = ca_params.self_signed(&ca_key).map_err(failed)?;
+    let ca_path = write("ca.pem".into(), ca.pem(), 0o644)?;
+    let mut nodes = Vec::with_capacity(N);
+    for i in 0..N {
+        let key = KeyPair::generate().map_err(failed)?;
+        let mut params =
+            CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).map_err(failed)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("yr test node {i}"));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let certificate = params.signed_by(&key, &ca, &ca_key).map_err(failed)?;
+        nodes.push((
+            write(format!("node{i}.pem"), certificate.pem(), 0o644)?,
+            write(format!("node{i}.key"), key.serialize_pem(), 0o600)?,
+        ));
+    }
+    let nodes = nodes
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("exactly N certificates were made"));
+    Ok((ca_path, nodes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_certificates_load_as_mutual_tls() {
+        let dir = std::env::temp_dir().join(format!("yr-tls-{}", std::process::id()));
+        let (ca, [(cert, key), (other_cert, other_key)]) =
+            test_certificates::<2>(&dir).expect("certificates");
+        Tls::load(&cert, &key, &ca).expect("node 0");
+        Tls::load(&other_cert, &other_key, &ca).expect("node 1");
+        assert_eq!(
+            server_name("127.0.0.1:22770").expect("name"),
+            ServerName::try_from("127.0.0.1").expect("ip")
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
