@@ -23,8 +23,9 @@ pub struct RuntimeManagerOptions {
     pub bus_address: String,
     /// The node's id, for runtime ids.
     pub node_id: String,
-    /// The cluster token runtimes present on their connections (`YR_TOKEN`).
-    pub token: String,
+    /// What runtimes present on their connections: the cluster token (`YR_TOKEN`) and the
+    /// node's TLS files (`YR_TLS_*`), as environment variables.
+    pub credentials_env: Vec<(String, String)>,
 }
 
 /// What to run.
@@ -151,7 +152,12 @@ impl RuntimeManager {
             .env("YR_BUS_ADDRESS", &self.options.bus_address)
             .env("YR_RUNTIME_ID", &runtime_id)
             .env("YR_JOB_ID", &spec.job_id)
-            .env(yr_common::auth::TOKEN_ENV, &self.options.token)
+            .envs(
+                self.options
+                    .credentials_env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
             .env_remove("YR_SERVER_ADDRESS")
             .env_remove("YR_LOCAL_MODE")
             .stdin(Stdio::null())

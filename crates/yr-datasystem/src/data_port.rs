@@ -1254,6 +1254,7 @@ mod tests {
                 .with_root_certificates(roots)
                 .with_no_client_auth(),
             ),
+            files: certificates.pulling.files.clone(),
         };
         for (who, tls) in [
             ("another cluster's node", &stranger),

@@ -1,9 +1,8 @@
-//! Health and Prometheus metrics over plain HTTP: `GET /healthz` and `GET /metrics`.
+//! The node's Prometheus metrics, served with `/healthz` by `yr_transport::http`.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use yr_datasystem::DataWorker;
@@ -75,40 +74,9 @@ pub fn metrics(node: &Node, data: &DataWorker) -> String {
     out
 }
 
-/// Serve `/healthz` and `/metrics` on `listener`.
-/// `/metrics` needs the cluster token unless `public`.
+/// Serve `/healthz` and `/metrics` on `listener`. `/metrics` needs the cluster token unless
+/// `public`.
 pub async fn serve(listener: TcpListener, node: Arc<Node>, data: Arc<DataWorker>, public: bool) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let node = node.clone();
-        let data = data.clone();
-        tokio::spawn(async move {
-            let mut buffer = [0u8; 1024];
-            let read = stream.read(&mut buffer).await.unwrap_or(0);
-            let request = String::from_utf8_lossy(&buffer[..read]);
-            let path = request.split_whitespace().nth(1).unwrap_or("/");
-            let (status, body) = match path {
-                "/healthz" => ("200 OK", "ok\n".to_string()),
-                "/metrics" if !yr_transport::metrics_allowed(&buffer[..read], public) => (
-                    "401 Unauthorized",
-                    "/metrics needs the cluster token: send Authorization: Bearer <token> (the \
-                     token file in the session directory), or start the node with \
-                     --metrics-public\n"
-                        .to_string(),
-                ),
-                "/metrics" => ("200 OK", metrics(&node, &data)),
-                _ => (
-                    "404 Not Found",
-                    "not found; try /healthz or /metrics\n".to_string(),
-                ),
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-        });
-    }
+    let render: yr_transport::http::Render = Arc::new(move || metrics(&node, &data));
+    yr_transport::http::serve_metrics(listener, public, render, std::future::pending()).await;
 }

@@ -215,11 +215,7 @@ impl Node {
                 log_dir: settings.session_dir.join("logs"),
                 bus_address: settings.bus_address.clone(),
                 node_id: settings.node_id.clone(),
-                token: yr_transport::current()
-                    .token
-                    .as_ref()
-                    .map(|t| t.as_str().to_string())
-                    .unwrap_or_default(),
+                credentials_env: runtime_credentials_env(),
             },
             events,
         );
@@ -1939,6 +1935,22 @@ fn check_driver_binary(register: &pb::RegisterClient, pid: u32) -> Result<(), Er
         )));
     }
     Ok(())
+}
+
+/// The environment that gives runtimes this node's credentials: its token and TLS files.
+fn runtime_credentials_env() -> Vec<(String, String)> {
+    let credentials = yr_transport::current();
+    let mut env = Vec::new();
+    if let Some(token) = &credentials.token {
+        env.push((
+            yr_common::auth::TOKEN_ENV.to_string(),
+            token.as_str().to_string(),
+        ));
+    }
+    if let Some(tls) = &credentials.tls {
+        env.extend(tls.env());
+    }
+    env
 }
 
 #[cfg(test)]

@@ -635,6 +635,7 @@ impl Default for NodeSpec {
 pub struct ClusterBuilder {
     nodes: Vec<NodeSpec>,
     node_timeout: f64,
+    tls: bool,
 }
 
 impl ClusterBuilder {
@@ -650,15 +651,35 @@ impl ClusterBuilder {
         self
     }
 
+    /// Run every TCP connection of the cluster (and of this test process) in mutual TLS, with
+    /// certificates made for the test: the master with one, the nodes with another, from one CA.
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
     /// Start the master and the nodes (one default node if none was added) and wait until the
     /// master lists every node as alive.
     pub fn start(self) -> TestCluster {
         let dir = TempDir::new("cluster");
+        let tls = self.tls.then(|| {
+            let certificates = dir.path().join("tls");
+            std::fs::create_dir_all(&certificates).expect("a directory for certificates");
+            let (ca, [master, node]) =
+                yr_transport::tls::test_certificates::<2>(&certificates).expect("certificates");
+            TlsFiles { ca, master, node }
+        });
         let master_port = free_port();
         let metrics_port = free_port();
         let token = yr_common::auth::ClusterToken::generate().expect("a cluster token");
         // This process talks to the master and nodes directly (status, records) with it.
-        yr_transport::install(yr_transport::Credentials::with_token(token.clone()));
+        let mut credentials = yr_transport::Credentials::with_token(token.clone());
+        if let Some(files) = &tls {
+            let tls = yr_transport::Tls::load(&files.node.0, &files.node.1, &files.ca)
+                .expect("the test certificates load");
+            credentials.tls = Some(std::sync::Arc::new(tls));
+        }
+        yr_transport::install(credentials);
         let mut cluster = TestCluster {
             master: None,
             master_port,
@@ -667,6 +688,7 @@ impl ClusterBuilder {
             nodes: Vec::new(),
             dir,
             token,
+            tls,
         };
         // A port free a moment ago may have been taken since (by any process's outgoing
         // connection): then start again on other ports.
@@ -733,6 +755,28 @@ pub struct TestCluster {
     dir: TempDir,
     /// The cluster token every component and this test process present.
     token: yr_common::auth::ClusterToken,
+    /// The TLS files, when the cluster runs TLS.
+    tls: Option<TlsFiles>,
+}
+
+/// A test cluster's certificates: the CA, and (certificate, key) of the master and the nodes.
+struct TlsFiles {
+    ca: PathBuf,
+    master: (PathBuf, PathBuf),
+    node: (PathBuf, PathBuf),
+}
+
+impl TlsFiles {
+    fn args(&self, (cert, key): &(PathBuf, PathBuf)) -> Vec<String> {
+        vec![
+            "--tls-cert".into(),
+            cert.display().to_string(),
+            "--tls-key".into(),
+            key.display().to_string(),
+            "--tls-ca".into(),
+            self.ca.display().to_string(),
+        ]
+    }
 }
 
 fn spawn_component(role: &str, args: &[String], log: &Path, env: &[(String, String)]) -> Child {
@@ -784,6 +828,7 @@ impl TestCluster {
         ClusterBuilder {
             nodes: Vec::new(),
             node_timeout: 5.0,
+            tls: false,
         }
     }
 
@@ -812,7 +857,7 @@ impl TestCluster {
 
     /// Start the master; the error (with its log's end) if it exits during start.
     fn spawn_master(&mut self) -> Result<(), String> {
-        let args = vec![
+        let mut args = vec![
             "--listen".to_string(),
             format!("127.0.0.1:{}", self.master_port),
             "--data-dir".to_string(),
@@ -823,6 +868,9 @@ impl TestCluster {
             self.node_timeout.to_string(),
         ];
         let log = self.master_log();
+        if let Some(tls) = &self.tls {
+            args.extend(tls.args(&tls.master));
+        }
         let env = [(
             yr_common::auth::TOKEN_ENV.to_string(),
             self.token.as_str().to_string(),
@@ -875,6 +923,9 @@ impl TestCluster {
         ];
         if node.spec.fetch_binaries {
             args.push("--fetch-binaries".to_string());
+        }
+        if let Some(tls) = &self.tls {
+            args.extend(tls.args(&tls.node));
         }
         if let Some(dir) = &node.spec.data_dir {
             args.extend(["--data-dir".to_string(), dir.display().to_string()]);
@@ -944,6 +995,11 @@ impl TestCluster {
     /// The cluster token.
     pub fn token(&self) -> &yr_common::auth::ClusterToken {
         &self.token
+    }
+
+    /// The CA of a TLS cluster.
+    pub fn tls_ca(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|tls| tls.ca.as_path())
     }
 
     /// The master's gRPC address.

@@ -247,11 +247,9 @@ fn http_get(address: &str, path: &str, token: Option<&ClusterToken>) -> String {
     let authorization = token
         .map(|t| format!("Authorization: {}\r\n", t.header_value()))
         .unwrap_or_default();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\n{authorization}Connection: close\r\n\r\n"
-    )
-    .expect("write");
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n{authorization}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).expect("write");
     let mut answer = String::new();
     let _ = stream.read_to_string(&mut answer);
     answer
@@ -374,4 +372,89 @@ fn a_bus_session_claiming_another_process_cannot_free_its_objects() {
     assert!(read == value, "the object is intact");
     assert!(yr::get(&again, TIMEOUT).unwrap() == other);
     yr::finalize().unwrap();
+}
+
+#[yr::instance]
+pub struct Summer {}
+
+#[yr::instance]
+impl Summer {
+    pub fn new() -> Self {
+        Summer {}
+    }
+
+    /// The sum of the bytes and the node this runs on.
+    pub fn sum(&self, bytes: Vec<u8>) -> (u64, String) {
+        (
+            bytes.iter().map(|b| u64::from(*b)).sum(),
+            std::env::var("YR_RUNTIME_ID").unwrap_or_default(),
+        )
+    }
+}
+
+#[test]
+fn a_tls_cluster_serves_calls_across_nodes_and_refuses_peers_without_its_certificates() {
+    let _exclusive = exclusive();
+    let cluster = TestCluster::builder()
+        .tls()
+        .node(yr_tests::NodeSpec {
+            cpu: 1_000,
+            ..Default::default()
+        })
+        .node(yr_tests::NodeSpec {
+            cpu: 4_000,
+            ..Default::default()
+        })
+        .start();
+    yr::init(cluster.config()).unwrap();
+    // Too big for node 0: placed on node 1 through the master, over mutual TLS.
+    let summer = yr::instance(Summer::new)
+        .options(yr::InvokeOptions {
+            cpu: 2_000,
+            ..Default::default()
+        })
+        .invoke(())
+        .unwrap();
+    // Above 100 KiB: the argument travels by reference, and node 1 pulls it from node 0's
+    // data port, in TLS.
+    let bytes: Vec<u8> = (0..(512 << 10)).map(|i| (i % 251) as u8).collect();
+    let expected: u64 = bytes.iter().map(|b| u64::from(*b)).sum();
+    let (sum, runtime) = yr::get(
+        &summer.method(Summer::sum).invoke((bytes,)).unwrap(),
+        TIMEOUT,
+    )
+    .unwrap();
+    assert_eq!(sum, expected);
+    assert!(runtime.starts_with(cluster.node_id(1)), "ran on {runtime}");
+    yr::finalize().unwrap();
+
+    // The token alone is not enough: without a certificate of the cluster's CA, nothing.
+    let master = cluster.master_address();
+    let plain = block_on(yr_tests::raw_channel(
+        &master,
+        Some(cluster.token().clone()),
+    ));
+    assert!(
+        plain.is_err(),
+        "a plain connection with the token got through"
+    );
+    let other = yr_tests::TempDir::new("other-ca");
+    let (other_ca, [(cert, key)]) =
+        yr_transport::tls::test_certificates::<1>(other.path()).expect("certificates");
+    let stranger = yr_transport::Credentials {
+        tls: Some(std::sync::Arc::new(
+            yr_transport::Tls::load(&cert, &key, &other_ca).expect("load"),
+        )),
+        ..yr_transport::Credentials::with_token(cluster.token().clone())
+    };
+    let refused = std::sync::atomic::AtomicBool::new(false);
+    let opened = block_on(yr_transport::open(
+        &yr_transport::Address::Tcp(master.clone()),
+        &stranger,
+        &refused,
+    ));
+    assert!(opened.is_err(), "a certificate of another CA got through");
+    cluster
+        .status()
+        .expect("the master still serves its members");
 }

@@ -319,6 +319,10 @@ fn yr_into_a_closed_pipe(args: &[&str]) -> Output {
     drop(reader);
     let mut command = Command::new(yr_binary());
     command.args(args).stdin(Stdio::null());
+    // `yr status --master-address` needs the cluster's token.
+    if let Some(token) = &yr_transport::current().token {
+        command.env(yr_common::auth::TOKEN_ENV, token.as_str());
+    }
     let child = command
         .stdout(Stdio::from(writer))
         .stderr(Stdio::piped())

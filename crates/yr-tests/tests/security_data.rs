@@ -50,7 +50,14 @@ impl Maker {
 
 /// The object store of the node whose bus is at `bus` (`unix:/path`), as this process.
 async fn object_store(bus: &str) -> ObjectStoreClient<tonic::transport::Channel> {
-    let channel = yr_runtime::cluster::transport::connect(bus, ErrorCode::ConnectionFailed)
+    if yr_transport::current().token.is_none() {
+        // A child process: the cluster's token comes in YR_TOKEN.
+        let token = yr_common::auth::ClusterToken::resolve(None, None)
+            .expect("a valid token")
+            .expect("YR_TOKEN");
+        yr_transport::install(yr_transport::Credentials::with_token(token));
+    }
+    let channel = yr_transport::connect(bus, ErrorCode::ConnectionFailed)
         .await
         .expect("the node's socket");
     ObjectStoreClient::new(channel)
@@ -208,9 +215,11 @@ fn the_object_store_is_not_served_on_the_nodes_tcp_port() {
         ..yr_tests::NodeSpec::default()
     });
     let status = yr_tests::block_on(async {
-        let mut client = ObjectStoreClient::connect(format!("http://{}", cluster.node_address(0)))
+        // With the token, so that the request reaches the gRPC server.
+        let channel = yr_transport::connect(&cluster.node_address(0), ErrorCode::ConnectionFailed)
             .await
             .expect("the node's TCP port");
+        let mut client = ObjectStoreClient::new(channel);
         client
             .create(pb::CreateObjectRequest {
                 size: 1 << 20,
@@ -264,7 +273,8 @@ fn a_pid_in_a_request_does_not_release_another_processs_objects() {
             let mut child = yr_tests::child_test_process("child_releasing_for_another_process");
             child
                 .env("YR_TESTS_BUS", cluster.node_bus_address(0))
-                .env("YR_TESTS_VICTIM", std::process::id().to_string());
+                .env("YR_TESTS_VICTIM", std::process::id().to_string())
+                .env(yr_common::auth::TOKEN_ENV, cluster.token().as_str());
             child
         },
         TIMEOUT,

@@ -18,6 +18,7 @@
 mod address;
 mod client;
 mod credentials;
+pub mod http;
 mod server;
 mod stream;
 pub mod tls;
@@ -30,8 +31,8 @@ pub use credentials::{
     current, install, max_message_bytes, Credentials, DEFAULT_MAX_MESSAGE_BYTES,
 };
 pub use server::{
-    check_hello, incoming_tcp, incoming_unix, metrics_allowed, peer_of, Authenticated,
-    HANDSHAKE_TIMEOUT, MAX_HANDSHAKES,
+    check_hello, incoming_tcp, incoming_unix, peer_of, Authenticated, HANDSHAKE_TIMEOUT,
+    MAX_HANDSHAKES,
 };
 pub use stream::Connection;
 pub use tls::Tls;

@@ -278,23 +278,3 @@ pub fn incoming_unix(
 pub fn peer_of<T>(request: &tonic::Request<T>) -> Option<PeerCredentials> {
     request.extensions().get::<PeerCredentials>().copied()
 }
-
-/// Whether an HTTP request head (request line and headers) may read `/metrics`: always when
-/// `public`, else only with `Authorization: Bearer <cluster token>`.
-pub fn metrics_allowed(head: &[u8], public: bool) -> bool {
-    if public {
-        return true;
-    }
-    let credentials = current();
-    let Some(token) = credentials.token.as_ref() else {
-        return false;
-    };
-    head.split(|&b| b == b'\n').any(|line| {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            return false;
-        };
-        let (name, value) = line.split_at(colon);
-        name.eq_ignore_ascii_case(b"authorization") && token.accepts_header(value[1..].trim_ascii())
-    })
-}

@@ -48,7 +48,13 @@ pub struct Tls {
     pub server: Arc<rustls::ServerConfig>,
     /// For connections this process opens: presents its certificate, trusts the CA.
     pub client: Arc<rustls::ClientConfig>,
+    /// The PEM files it was loaded from: certificate, key, CA.
+    pub files: [PathBuf; 3],
 }
+
+/// The environment variables that carry a process's TLS files: certificate, key, CA. A node
+/// gives its runtimes its own; a driver elsewhere sets them to join a TLS cluster.
+pub const ENV_FILES: [&str; 3] = ["YR_TLS_CERT", "YR_TLS_KEY", "YR_TLS_CA"];
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -123,7 +129,28 @@ impl Tls {
         Ok(Tls {
             server: Arc::new(server),
             client: Arc::new(client),
+            files: [cert.to_path_buf(), key.to_path_buf(), ca.to_path_buf()],
         })
+    }
+
+    /// TLS from [`ENV_FILES`], if all three are set.
+    pub fn from_env() -> Result<Option<Tls>, TlsError> {
+        let [cert, key, ca] = ENV_FILES.map(std::env::var_os);
+        match (cert, key, ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                Tls::load(Path::new(&cert), Path::new(&key), Path::new(&ca)).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// [`ENV_FILES`] with this configuration's files, for a child process.
+    pub fn env(&self) -> Vec<(String, String)> {
+        ENV_FILES
+            .iter()
+            .zip(&self.files)
+            .map(|(name, file)| (name.to_string(), file.display().to_string()))
+            .collect()
     }
 }
 

@@ -216,6 +216,11 @@ fn install_token(config: &Config, node_address: &str) -> Result<(), Error> {
     };
     let mut credentials = (*yr_transport::current()).clone();
     credentials.token = Some(token);
+    // TCP connections of a TLS cluster (to other nodes' data workers) need this process's
+    // certificate: a runtime has its node's, a driver elsewhere sets YR_TLS_*.
+    if let Some(tls) = yr_transport::Tls::from_env().map_err(Error::from)? {
+        credentials.tls = Some(std::sync::Arc::new(tls));
+    }
     yr_transport::install(credentials);
     Ok(())
 }
