@@ -64,7 +64,14 @@ pub fn current() -> Arc<Credentials> {
         .unwrap_or_else(|| Arc::new(Credentials::default()))
 }
 
-/// The largest gRPC message this process accepts or sends.
+/// Room in a message for what surrounds its payload (keys, ids, framing), beyond
+/// [`Credentials::max_message_bytes`]: a 64 MiB KV value still fits in one message.
+pub const MESSAGE_ENVELOPE_BYTES: usize = 1 << 20;
+
+/// The largest gRPC message (or call-socket frame) this process accepts or sends: the
+/// configured payload limit plus [`MESSAGE_ENVELOPE_BYTES`].
 pub fn max_message_bytes() -> usize {
-    current().max_message_bytes
+    current()
+        .max_message_bytes
+        .saturating_add(MESSAGE_ENVELOPE_BYTES)
 }

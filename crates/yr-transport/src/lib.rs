@@ -29,6 +29,7 @@ pub use client::{
 };
 pub use credentials::{
     current, install, max_message_bytes, Credentials, DEFAULT_MAX_MESSAGE_BYTES,
+    MESSAGE_ENVELOPE_BYTES,
 };
 pub use server::{
     check_hello, incoming_tcp, incoming_unix, peer_of, Authenticated, HANDSHAKE_TIMEOUT,

@@ -843,12 +843,7 @@ mod tests {
             raw.write_all(&bytes).expect("bytes");
             drop(raw);
             let (_, mut reader) = split(b).expect("split");
-            loop {
-                match next(&mut reader) {
-                    Ok(Some(_)) => continue,
-                    Ok(None) | Err(_) => break,
-                }
-            }
+            while let Ok(Some(_)) = next(&mut reader) {}
             proptest::prop_assert!(reader.buffer.len() <= 2 * READ_CHUNK + bytes.len());
         }
 
