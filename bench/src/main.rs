@@ -720,8 +720,18 @@ fn cross_node(args: &Args, config: &yr::Config) -> anyhow::Result<()> {
     let result = (|| -> anyhow::Result<()> {
         start(&["--master", "--cpu", "1000"], &dirs[0])?;
         let first = SessionInfo::read(&dirs[0])?;
+        // The second node joins with the first one's cluster token.
+        let token_file = dirs[0].join(yr_common::auth::TOKEN_FILE);
+        let token_file = token_file.display().to_string();
         start(
-            &["--master-address", &first.master_address, "--cpu", "4000"],
+            &[
+                "--master-address",
+                &first.master_address,
+                "--cpu",
+                "4000",
+                "--token-file",
+                &token_file,
+            ],
             &dirs[1],
         )?;
         let mut two = config.clone();

@@ -539,7 +539,13 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
             .cluster_status(pb::ClusterStatusRequest {})
             .await
             .map(|r| r.into_inner())
-            .map_err(|s| anyhow::anyhow!("the master at {address} did not answer: {}", s.message()))
+            .map_err(|s| {
+                if yr_transport::refused(&address) {
+                    anyhow::anyhow!("{}", yr_transport::token_refused(&address))
+                } else {
+                    anyhow::anyhow!("the master at {address} did not answer: {}", s.message())
+                }
+            })
     })?;
     // Written through a handle whose errors end the command: a reader that went away
     // (`yr status | head`) ends it quietly (see main).

@@ -104,6 +104,9 @@ impl RemoteStore {
     ) -> Result<T, MetaError> {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) if yr_transport::refused(&self.address) => Err(
+                MetaError::Unauthenticated(format!("{what} at {}: {}", self.address, status.message())),
+            ),
             Ok(Err(status)) => Err(wire::error_from_status(status, &self.address, what)),
             Err(_) => Err(MetaError::Unavailable(format!(
                 "{what} at meta store {} got no answer within {:?}; check that the master is running and reachable",

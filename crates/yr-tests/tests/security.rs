@@ -458,3 +458,20 @@ fn a_tls_cluster_serves_calls_across_nodes_and_refuses_peers_without_its_certifi
         .status()
         .expect("the master still serves its members");
 }
+
+#[test]
+fn a_driver_with_a_wrong_token_gets_1014_at_init_and_nothing_starts() {
+    let _exclusive = exclusive();
+    let cluster = TestCluster::start();
+    let mut config = cluster.config();
+    config.token = Some(wrong_token());
+    let error = yr::init(config).expect_err("a wrong token is refused");
+    assert_eq!(error.code(), ErrorCode::AuthorizeFailed, "{error}");
+    assert!(error.message().contains("token"), "{error}");
+    // The right token still works.
+    yr::init(cluster.config()).unwrap();
+    let counter = yr::instance(Counter::new).invoke((0,)).unwrap();
+    let one = counter.method(Counter::add).invoke((1,)).unwrap();
+    assert_eq!(yr::get(&one, TIMEOUT).unwrap(), 1);
+    yr::finalize().unwrap();
+}

@@ -2,15 +2,16 @@
 //! it (TCP only) and the cluster token's hello first, once per connection.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tonic::transport::{Channel, Endpoint, Uri};
-use yr_common::auth::{ClusterToken, HELLO_ACCEPTED};
+use yr_common::auth::{ClusterToken, HELLO_ACCEPTED, HELLO_REFUSED};
 use yr_common::{Error, ErrorCode};
 
 use crate::address::Address;
@@ -42,18 +43,148 @@ pub fn no_token(address: &str) -> Error {
     )
 }
 
-/// Open a stream to `address` and authenticate it: TLS when configured (TCP only), then the
-/// token's hello. `refused` is set when the peer turned the token down.
-pub async fn open(
+/// Addresses whose last answered connection refused this process's token (bounded).
+static REFUSED: parking_lot::Mutex<Vec<String>> = parking_lot::Mutex::new(Vec::new());
+/// The most refused addresses remembered.
+const REFUSED_REMEMBERED: usize = 64;
+
+fn note_answer(address: &str, accepted: bool) {
+    let mut refused = REFUSED.lock();
+    refused.retain(|known| known != address);
+    if !accepted {
+        if refused.len() >= REFUSED_REMEMBERED {
+            refused.remove(0);
+        }
+        refused.push(address.to_string());
+    }
+}
+
+/// Whether the yr process at `address` refused this process's token on the last connection
+/// that got an answer: a failed request to it is then 1014 ([`token_refused`]).
+pub fn refused(address: &str) -> bool {
+    match Address::parse(address) {
+        Ok(parsed) => {
+            let parsed = parsed.to_string();
+            REFUSED.lock().iter().any(|known| *known == parsed)
+        }
+        Err(_) => false,
+    }
+}
+
+/// A connection whose hello is sent and whose answer comes as the first byte the peer sends:
+/// reads take and check it first. A refusal ends the connection with `PermissionDenied`.
+pub struct Pipelined {
+    connection: Connection,
+    answer_pending: bool,
+    address: String,
+}
+
+impl AsyncRead for Pipelined {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.answer_pending {
+            let mut answer = [0u8; 1];
+            let mut answer_buf = ReadBuf::new(&mut answer);
+            match Pin::new(&mut this.connection).poll_read(cx, &mut answer_buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                // The peer closed before it answered: the end of the stream.
+                Poll::Ready(Ok(())) if answer_buf.filled().is_empty() => {
+                    return Poll::Ready(Ok(()))
+                }
+                Poll::Ready(Ok(())) => {
+                    let accepted = answer[0] == HELLO_ACCEPTED;
+                    note_answer(&this.address, accepted);
+                    if !accepted {
+                        return Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::PermissionDenied,
+                            format!(
+                                "the yr process at {} refused this process's cluster token",
+                                this.address
+                            ),
+                        )));
+                    }
+                    this.answer_pending = false;
+                }
+            }
+        }
+        Pin::new(&mut this.connection).poll_read(cx, buf)
+    }
+}
+
+impl Pipelined {
+    /// A write failed before the answer was read: if the peer's answer is there, it was a
+    /// refusal, and the error says so.
+    fn explain(&mut self, cx: &mut Context<'_>, error: std::io::Error) -> std::io::Error {
+        if !self.answer_pending {
+            return error;
+        }
+        let mut answer = [0u8; 1];
+        let mut answer_buf = ReadBuf::new(&mut answer);
+        match Pin::new(&mut self.connection).poll_read(cx, &mut answer_buf) {
+            Poll::Ready(Ok(())) if answer_buf.filled() == [HELLO_REFUSED] => {
+                note_answer(&self.address, false);
+                std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "the yr process at {} refused this process's cluster token",
+                        self.address
+                    ),
+                )
+            }
+            _ => error,
+        }
+    }
+}
+
+impl AsyncWrite for Pipelined {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.connection).poll_write(cx, buf) {
+            Poll::Ready(Err(error)) => Poll::Ready(Err(this.explain(cx, error))),
+            other => other,
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().connection).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().connection).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.connection).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Err(error)) => Poll::Ready(Err(this.explain(cx, error))),
+            other => other,
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.connection.is_write_vectored()
+    }
+}
+
+/// The stream to `address`: Unix, TCP, or TLS over TCP when this process has TLS.
+async fn connect_stream(
     address: &Address,
     credentials: &Credentials,
-    refused: &AtomicBool,
 ) -> std::io::Result<Connection> {
-    let token = credentials
-        .token
-        .as_ref()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::PermissionDenied, "no token"))?;
-    let mut connection = match address {
+    Ok(match address {
         Address::Unix(path) => Connection::Unix(UnixStream::connect(path).await?),
         Address::Tcp(host_port) => {
             let stream = TcpStream::connect(host_port.as_str()).await?;
@@ -68,7 +199,42 @@ pub async fn open(
                 }
             }
         }
-    };
+    })
+}
+
+fn token_of(credentials: &Credentials) -> std::io::Result<&ClusterToken> {
+    credentials
+        .token
+        .as_ref()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::PermissionDenied, "no token"))
+}
+
+/// Open a stream to `address` and send the token's hello without waiting for its answer,
+/// which is read with the peer's first bytes (what channels use).
+pub async fn open_pipelined(
+    address: &Address,
+    credentials: &Credentials,
+) -> std::io::Result<Pipelined> {
+    let token = token_of(credentials)?;
+    let mut connection = connect_stream(address, credentials).await?;
+    connection.write_all(&token.hello()).await?;
+    connection.flush().await?;
+    Ok(Pipelined {
+        connection,
+        answer_pending: true,
+        address: address.to_string(),
+    })
+}
+
+/// Open a stream to `address` and authenticate it: TLS when configured (TCP only), then the
+/// token's hello and its answer. `refused` is set when the peer turned the token down.
+pub async fn open(
+    address: &Address,
+    credentials: &Credentials,
+    refused: &AtomicBool,
+) -> std::io::Result<Connection> {
+    let token = token_of(credentials)?;
+    let mut connection = connect_stream(address, credentials).await?;
     match say_hello(&mut connection, token).await {
         Ok(()) => Ok(connection),
         Err(Hello::Refused) => {
@@ -123,10 +289,10 @@ pub async fn connect_with(
     code: ErrorCode,
     configure: impl FnOnce(Endpoint) -> Endpoint,
 ) -> Result<Channel, Error> {
-    let (endpoint, connector, refused) = prepare(address, code)?;
+    let (endpoint, connector) = prepare(address, code)?;
     match configure(endpoint).connect_with_connector(connector).await {
         Ok(channel) => Ok(channel),
-        Err(_) if refused.load(Ordering::Relaxed) => Err(token_refused(address)),
+        Err(_) if refused(address) => Err(token_refused(address)),
         Err(e) => Err(connect_failed(address, code, &e)),
     }
 }
@@ -138,7 +304,7 @@ pub fn connect_lazy_with(
     code: ErrorCode,
     configure: impl FnOnce(Endpoint) -> Endpoint,
 ) -> Result<Channel, Error> {
-    let (endpoint, connector, _refused) = prepare(address, code)?;
+    let (endpoint, connector) = prepare(address, code)?;
     Ok(configure(endpoint).connect_with_connector_lazy(connector))
 }
 
@@ -151,19 +317,13 @@ fn connect_failed(address: &str, code: ErrorCode, e: &dyn std::fmt::Display) -> 
 
 /// Opens one authenticated connection for a channel.
 type ConnectFn = Box<
-    dyn Fn(
-            Uri,
-        )
-            -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<TokioIo<Connection>>> + Send>>
+    dyn Fn(Uri) -> Pin<Box<dyn Future<Output = std::io::Result<TokioIo<Pipelined>>> + Send>>
         + Send
         + Sync,
 >;
 type Connector = tower::util::ServiceFn<ConnectFn>;
 
-fn prepare(
-    address: &str,
-    code: ErrorCode,
-) -> Result<(Endpoint, Connector, Arc<AtomicBool>), Error> {
+fn prepare(address: &str, code: ErrorCode) -> Result<(Endpoint, Connector), Error> {
     let parsed = Address::parse(address)?;
     let credentials = current();
     if credentials.token.is_none() {
@@ -176,21 +336,18 @@ fn prepare(
     let endpoint = Endpoint::from_shared(uri)
         .map_err(|e| connect_failed(address, code, &e))?
         .connect_timeout(CONNECT_TIMEOUT);
-    let refused = Arc::new(AtomicBool::new(false));
-    let connector_refused = refused.clone();
     let connect: ConnectFn = Box::new(move |_: Uri| {
         let parsed = parsed.clone();
         let credentials = credentials.clone();
-        let refused = connector_refused.clone();
         Box::pin(async move {
             let opened =
-                tokio::time::timeout(CONNECT_TIMEOUT, open(&parsed, &credentials, &refused))
+                tokio::time::timeout(CONNECT_TIMEOUT, open_pipelined(&parsed, &credentials))
                     .await
                     .map_err(|_| {
-                        std::io::Error::new(std::io::ErrorKind::TimedOut, "the handshake timed out")
+                        std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting timed out")
                     })??;
             Ok(TokioIo::new(opened))
         })
     });
-    Ok((endpoint, tower::service_fn(connect), refused))
+    Ok((endpoint, tower::service_fn(connect)))
 }

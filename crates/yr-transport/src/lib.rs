@@ -25,7 +25,8 @@ pub mod tls;
 
 pub use address::Address;
 pub use client::{
-    connect, connect_lazy_with, connect_with, no_token, open, token_refused, CONNECT_TIMEOUT,
+    connect, connect_lazy_with, connect_with, no_token, open, open_pipelined, refused,
+    token_refused, Pipelined, CONNECT_TIMEOUT,
 };
 pub use credentials::{
     current, install, max_message_bytes, Credentials, DEFAULT_MAX_MESSAGE_BYTES,

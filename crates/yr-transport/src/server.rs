@@ -125,7 +125,28 @@ where
     // A peer that went away hears nothing; the result stands.
     let _ = stream.write_all(&[answer]).await;
     let _ = stream.flush().await;
+    if checked.is_err() {
+        linger(stream).await;
+    }
     checked
+}
+
+/// Before closing a refused connection, take (and drop) a little of what the peer sent after
+/// its hello: closing with unread bytes resets the connection, and a reset can destroy the
+/// refusal before the peer reads it.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let mut left: usize = 64 * 1024;
+    let drained = async {
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(200), drained).await;
 }
 
 async fn authenticate_tcp(

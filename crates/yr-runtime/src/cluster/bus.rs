@@ -58,6 +58,9 @@ impl Bus {
             .session(UnboundedReceiverStream::new(receiver))
             .await
             .map_err(|status| {
+                if transport::refused(address) {
+                    return transport::token_refused(address);
+                }
                 Error::new(
                     connect_code,
                     format!(

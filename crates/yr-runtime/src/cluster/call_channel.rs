@@ -581,6 +581,39 @@ pub fn connect(worker_address: &str) -> Result<(Arc<FrameWriter>, FrameReader), 
     split(stream).map_err(failed)
 }
 
+/// Whether a whole hello frame waits in `stream` already (looked at without taking it), so
+/// that checking it cannot block.
+fn hello_arrived(stream: &UnixStream) -> bool {
+    let mut header = [0u8; yr_common::auth::HELLO_HEADER];
+    // SAFETY: `header` is valid for its length; MSG_PEEK leaves the bytes in the socket.
+    let peeked = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            header.as_mut_ptr().cast(),
+            header.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if peeked != header.len() as isize {
+        return false;
+    }
+    let Ok(length) = yr_common::auth::hello_length(&header) else {
+        // Not a hello: refused at once, without a thread.
+        return true;
+    };
+    let mut whole = vec![0u8; header.len() + length];
+    // SAFETY: as above, for `whole`.
+    let peeked = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            whole.as_mut_ptr().cast(),
+            whole.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    peeked == whole.len() as isize
+}
+
 /// Call connections authenticating at once; more are closed at once.
 const MAX_HANDSHAKES: usize = 64;
 
@@ -632,8 +665,16 @@ pub fn serve(worker_address: &str, executor: Arc<dyn CallExecutor>) -> Result<()
                         continue;
                     }
                 };
-                // Each caller authenticates on a thread of its own, so a silent one cannot
-                // hold the others up.
+                // A caller's hello is usually here already (it sends it as it connects):
+                // then it is checked on this thread. Otherwise the caller authenticates on a
+                // thread of its own, so a silent one cannot hold the others up.
+                if hello_arrived(&stream) {
+                    match authenticate(&mut stream) {
+                        Ok(()) => serve_connection(stream, executor.clone()),
+                        Err(error) => tracing::warn!(%error, "refused a call connection (1014)"),
+                    }
+                    continue;
+                }
                 static HANDSHAKES: AtomicU64 = AtomicU64::new(0);
                 if HANDSHAKES.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES as u64 {
                     HANDSHAKES.fetch_sub(1, Ordering::AcqRel);

@@ -54,6 +54,9 @@ impl DataChannel {
     /// The error for a failed call; the next call connects again.
     pub fn failed(&self, status: &tonic::Status) -> Error {
         *self.channel.lock() = None;
+        if transport::refused(&self.address) {
+            return transport::token_refused(&self.address);
+        }
         Error::new(
             ErrorCode::ConnectionFailed,
             format!(
