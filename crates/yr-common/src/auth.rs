@@ -160,16 +160,7 @@ impl ClusterToken {
 
     /// Whether `presented` is this token, compared in constant time.
     pub fn accepts(&self, presented: &[u8]) -> bool {
-        let expected = self.0.as_bytes();
-        if presented.len() != expected.len() {
-            return false;
-        }
-        let difference = expected
-            .iter()
-            .zip(presented)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        // Keep the comparison from being folded into an early exit.
-        std::hint::black_box(difference) == 0
+        constant_time_eq(self.0.as_bytes(), presented)
     }
 
     /// Check a header value, or its absence.
@@ -241,6 +232,19 @@ impl ClusterToken {
             _ => Ok(None),
         }
     }
+}
+
+/// Whether two secrets are equal, in time that depends only on their lengths.
+pub fn constant_time_eq(expected: &[u8], presented: &[u8]) -> bool {
+    if presented.len() != expected.len() {
+        return false;
+    }
+    let difference = expected
+        .iter()
+        .zip(presented)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    // Keep the comparison from being folded into an early exit.
+    std::hint::black_box(difference) == 0
 }
 
 /// Read a hello frame from `reader` and check its token. Reads at most
