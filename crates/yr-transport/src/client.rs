@@ -65,7 +65,7 @@ pub fn refused(address: &str) -> bool {
     match Address::parse(address) {
         Ok(parsed) => {
             let parsed = parsed.to_string();
-            REFUSED.lock().iter().any(|known| *known == parsed)
+            REFUSED.lock().contains(&parsed)
         }
         Err(_) => false,
     }
