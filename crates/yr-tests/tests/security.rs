@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use yr::ErrorCode;
 use yr_common::auth::ClusterToken;
@@ -51,16 +51,18 @@ fn bus_register(
 ) -> Result<pb::bus_response::Body, String> {
     block_on(async move {
         let channel = yr_tests::raw_channel(address, token).await?;
-        let (outbound, receiver) = mpsc::unbounded_channel();
+        // One message; the sender stays alive so the session stays open until the answer.
+        let (outbound, receiver) = mpsc::channel(1);
         outbound
             .send(pb::BusRequest {
                 message_id: 1,
                 body: Some(pb::bus_request::Body::Register(register)),
             })
+            .await
             .map_err(|e| e.to_string())?;
         let mut inbound = tokio::time::timeout(
             TIMEOUT,
-            pb::bus_client::BusClient::new(channel).session(UnboundedReceiverStream::new(receiver)),
+            pb::bus_client::BusClient::new(channel).session(ReceiverStream::new(receiver)),
         )
         .await
         .map_err(|_| "no answer".to_string())?
@@ -207,6 +209,8 @@ fn an_oversize_message_is_refused_and_the_node_stays_up() {
     let token = cluster.token().clone();
     let result = block_on(async {
         let channel = yr_tests::raw_channel(&bus, Some(token)).await?;
+        // The attacker skips the client-side limit, so that the server's own limit is what
+        // refuses the message.
         let mut client = yr_proto::ds::data_worker_client::DataWorkerClient::new(channel)
             .max_encoding_message_size(usize::MAX);
         let huge = client
