@@ -64,7 +64,12 @@ pub struct StartArgs {
     pub host: std::net::IpAddr,
     /// The cluster token of the cluster to join (with --master-address; default: YR_TOKEN).
     /// `yr start --master` generates one into the session directory.
-    #[arg(long, value_name = "TOKEN", requires = "master_address")]
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        requires = "master_address",
+        conflicts_with = "block"
+    )]
     pub token: Option<String>,
     #[command(flatten)]
     pub security: SecurityArgs,
@@ -225,9 +230,18 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
     crate::limits::check(&args.capacity, &args.data, &session)?;
     let session = private_dir(&session)?;
     let session = session.canonicalize().unwrap_or(session);
-    // The token: generated for a new cluster, given for one to join. Either way it goes into
-    // the session directory (0600), where drivers on this machine find it.
+    if running.as_deref() == Some(session.as_path()) {
+        bail!(
+            "{} is the session of the yr cluster running on this machine; give a second cluster \
+             a --session-dir of its own",
+            session.display()
+        );
+    }
+    // The token: generated for a new cluster (or read from --token-file), given for one to
+    // join. Either way it goes into the session directory (0600), where drivers on this
+    // machine find it; the processes started here get it in their environment.
     let token = match (&args.master_address, &args.token) {
+        (None, _) if args.security.token_file.is_some() => args.security.token()?,
         (None, _) => ClusterToken::generate()?,
         (Some(_), Some(text)) => ClusterToken::parse(text)?,
         (Some(_), None) => args.security.token().context(
@@ -235,10 +249,7 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
              master's session directory holds it in the `token` file)",
         )?,
     };
-    if ClusterToken::read_from(&session).ok().as_ref() != Some(&token) {
-        let _ = std::fs::remove_file(session.join(yr_common::auth::TOKEN_FILE));
-        token.write_to(&session)?;
-    }
+    token.store(&session)?;
     let host = args.host;
     // What other machines are told: the host itself, or this machine's address for 0.0.0.0.
     let ip = if host.is_unspecified() {
@@ -263,7 +274,7 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
         Some(address) => address.clone(),
         None => {
             let port = free_port(host, args.port.unwrap_or(DEFAULT_PORT))?;
-            let metrics = free_port(host, port + 10)?;
+            let metrics = free_port(host, port.saturating_add(10))?;
             let mut master_args = vec![
                 "--listen".into(),
                 SocketAddr::new(host, port).to_string(),
@@ -290,7 +301,7 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
     };
 
     let node_port = free_port(host, args.node_port)?;
-    let node_metrics = free_port(host, node_port + 10)?;
+    let node_metrics = free_port(host, node_port.saturating_add(10))?;
     let node_id = format!("node-{}", yr_common::ids::random_hex(8));
     let bus_socket = session.join("bus.sock");
     let mut node_args = vec![
@@ -490,7 +501,8 @@ pub fn stop(args: &StopArgs) -> anyhow::Result<ExitCode> {
         while alive(*pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-        if alive(*pid) {
+        // Checked again: in 40 s the pid may have gone to another process.
+        if alive(*pid) && is_session_process(*pid, &dir) {
             eprintln!(
                 "yr stop: the {role} ({pid}) did not stop within {STOP_TIMEOUT:?}; killing it"
             );

@@ -106,10 +106,8 @@ pub struct SecurityArgs {
 impl SecurityArgs {
     /// The same flags for a child's command line (`yr start` passes them on).
     pub fn to_args(&self) -> Vec<String> {
+        // Not the token file: `yr start` hands the token over in YR_TOKEN.
         let mut args = Vec::new();
-        if let Some(file) = &self.token_file {
-            args.extend(["--token-file".to_string(), file.display().to_string()]);
-        }
         if self.metrics_public {
             args.push("--metrics-public".into());
         }
@@ -350,12 +348,7 @@ pub fn run_node(args: &NodeArgs) -> anyhow::Result<()> {
     let token = args.security.token()?;
     // Drivers on this machine find the token beside the node's bus socket.
     if let Some(dir) = args.bus_socket.parent() {
-        if ClusterToken::read_from(dir).ok().as_ref() != Some(&token) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            let _ = std::fs::remove_file(dir.join(yr_common::auth::TOKEN_FILE));
-            token.write_to(dir)?;
-        }
+        token.store(&yr_common::session::private_dir(dir)?)?;
     }
     args.security.install(token)?;
     let node_id = args

@@ -185,8 +185,12 @@ impl ClusterToken {
     /// Write the token to `<dir>/token`, readable and writable by its owner only. Fails if the
     /// file exists.
     pub fn write_to(&self, dir: &Path) -> Result<(), TokenError> {
+        self.write_file(&dir.join(TOKEN_FILE))
+    }
+
+    /// Write the token to the new file `path`, mode 0600.
+    fn write_file(&self, path: &Path) -> Result<(), TokenError> {
         use std::os::unix::fs::OpenOptionsExt;
-        let path = dir.join(TOKEN_FILE);
         let failed = |source| TokenError::File {
             action: "write",
             path: path.display().to_string(),
@@ -196,10 +200,28 @@ impl ClusterToken {
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&path)
+            .open(path)
             .map_err(failed)?;
         file.write_all(self.0.as_bytes()).map_err(failed)?;
         file.sync_all().map_err(failed)
+    }
+
+    /// Make `<dir>/token` hold this token, replacing another one atomically (write a private
+    /// file beside it, then rename), so a reader sees the old token or the new, never none.
+    /// Nothing is written when it already holds this one.
+    pub fn store(&self, dir: &Path) -> Result<(), TokenError> {
+        if ClusterToken::read_from(dir).ok().as_ref() == Some(self) {
+            return Ok(());
+        }
+        let staging = dir.join(format!(".{TOKEN_FILE}.{}", std::process::id()));
+        let _ = std::fs::remove_file(&staging);
+        self.write_file(&staging)?;
+        let path = dir.join(TOKEN_FILE);
+        std::fs::rename(&staging, &path).map_err(|source| TokenError::File {
+            action: "write",
+            path: path.display().to_string(),
+            source,
+        })
     }
 
     /// Read `<dir>/token`.

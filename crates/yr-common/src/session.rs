@@ -227,6 +227,13 @@ pub fn is_session_process(pid: u32, session_dir: &Path) -> bool {
     is_yr_executable(&proc_dir) && carries_session(&proc_dir, session_dir)
 }
 
+/// Whether process `pid` carries the mark of `session_dir` (in its environment or on its
+/// command line), whatever its executable: enough to tell that a session still runs, since
+/// only processes `yr start` started carry it.
+pub fn carries_session_mark(pid: u32, session_dir: &Path) -> bool {
+    carries_session(&PathBuf::from(format!("/proc/{pid}")), session_dir)
+}
+
 fn is_yr_executable(proc_dir: &Path) -> bool {
     let exe = proc_dir.join("exe");
     // The same file as this executable (compared by device and inode, which survives renames).

@@ -598,21 +598,26 @@ impl Shared {
         let fits = |map: &Map| extra == 0 || map.held(job).saturating_add(extra) <= quota;
         if !fits(&map) {
             let now = Instant::now();
-            let mut candidates: Vec<(bool, u64, String)> = map
+            let mut candidates: Vec<(bool, u64, String, u64)> = map
                 .entries
                 .iter()
                 .filter(|(k, e)| {
                     e.job == *job && k.as_str() != key && (!e.live(now) || e.l2 == L2State::Stored)
                 })
-                .map(|(k, e)| (e.live(now), e.version, k.clone()))
+                .map(|(k, e)| (e.live(now), e.version, k.clone(), e.size))
                 .collect();
-            // Expired entries first, then the oldest.
-            candidates.sort_unstable();
-            for (_, _, victim) in candidates {
-                if fits(&map) {
-                    break;
+            // Evict only if that makes the write fit: a refused write changes nothing.
+            let freeable: u64 = candidates.iter().map(|c| c.3).sum();
+            let enough = map.held(job).saturating_sub(freeable).saturating_add(extra) <= quota;
+            if enough {
+                // Expired entries first, then the oldest.
+                candidates.sort_unstable();
+                for (_, _, victim, _) in candidates {
+                    if fits(&map) {
+                        break;
+                    }
+                    map.remove(&victim);
                 }
-                map.remove(&victim);
             }
         }
         if !fits(&map) {
@@ -1883,6 +1888,8 @@ mod tests {
             .set_for_job("job-a", "mem", value(60), &SetParam::default())
             .unwrap_err();
         assert_eq!(error.code(), ErrorCode::SharedMemoryLimited);
+        // A write that would not fit even after evicting changes nothing: nothing is evicted.
+        assert_eq!(store.job_bytes("job-a"), 40);
         assert_eq!(
             store.try_get(&["mid", "new"]).unwrap(),
             vec![Some(value(17)), Some(value(17))]

@@ -709,7 +709,10 @@ impl ClusterBuilder {
         };
         for (index, spec) in specs.into_iter().enumerate() {
             let session = cluster.dir.path().join(format!("node{index}"));
-            std::fs::create_dir_all(&session).expect("create the node's session directory");
+            // Private, as `yr node` requires of the directory it writes the token into.
+            std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+                .create(&session)
+                .expect("create the node's session directory");
             cluster.nodes.push(NodeProcess {
                 child: None,
                 node_id: format!("node{index}-{}", unique("t").replace('-', "")),

@@ -191,6 +191,7 @@ async fn authenticate_unix(
     let mut connection = Connection::Unix(stream);
     if let Err(error) = auth::peer_allowed(&info) {
         let _ = connection.write_all(&[HELLO_REFUSED]).await;
+        linger(&mut connection).await;
         return Err(error.to_string());
     }
     check_hello(&mut connection, token)

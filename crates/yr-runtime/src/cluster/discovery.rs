@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use yr_common::session::{is_session_process, sessions_root, SessionInfo};
+use yr_common::session::{carries_session_mark, sessions_root, SessionInfo};
 use yr_common::{ids, Config, Error, ErrorCode};
 
 /// How long a temporary cluster may take to come up.
@@ -54,7 +54,7 @@ fn session_alive(session: &SessionInfo) -> bool {
         && session
             .processes
             .iter()
-            .any(|(role, pid)| role == "node" && is_session_process(*pid, &session.session_dir))
+            .any(|(role, pid)| role == "node" && carries_session_mark(*pid, &session.session_dir))
 }
 
 /// The `yr` executable: `$YR_BIN`, next to this executable (or one directory up, for Cargo
