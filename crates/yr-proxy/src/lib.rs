@@ -11,6 +11,7 @@ mod master_link;
 mod node;
 mod node_service;
 mod rate_limit;
+mod record_writer;
 mod resources;
 mod spill_asks;
 mod state_machine;

@@ -23,25 +23,11 @@ use yr_runtime::cluster::convert::error_to_proto;
 use crate::master_link::MasterLink;
 use crate::rate_limit::TokenBucket;
 use crate::resources::{Amount, LocalResources};
+use crate::record_writer::{instance_key, named_key, RecordWriter};
 use crate::state_machine;
 
 /// How long after taking a warm runtime the node starts its replacement.
 const WARM_POOL_REFILL_DELAY: Duration = Duration::from_millis(20);
-
-/// Meta store key of an instance's record.
-pub fn instance_key(instance_id: &str) -> String {
-    format!("/yr/instance/{instance_id}")
-}
-
-/// Meta store key of a named instance.
-pub fn named_key(namespace: &str, name: &str) -> String {
-    format!("/yr/named/{namespace}/{name}")
-}
-
-/// Meta store key of a registered function.
-pub fn function_key(name: &str) -> String {
-    format!("/yr/function/{name}")
-}
 
 /// How a node behaves.
 #[derive(Clone, Debug)]
@@ -147,15 +133,6 @@ struct Instance {
     creator_address: String,
 }
 
-/// An instance's record writes: the newest record not yet written (`Some(None)`: delete it),
-/// the stored version, and whether its writer runs.
-#[derive(Default)]
-struct PendingWrites {
-    latest: Option<Option<pb::InstanceRecord>>,
-    version: u64,
-    writing: bool,
-}
-
 /// Where an instance runs.
 enum Placement {
     /// Here; resources are reserved.
@@ -183,8 +160,8 @@ pub struct Node {
     resources: Mutex<LocalResources>,
     state: Mutex<State>,
     limiter: Mutex<TokenBucket>,
-    /// Record writes waiting for each instance's writer.
-    writes: Mutex<HashMap<String, PendingWrites>>,
+    /// The only writer of instance records.
+    records: Arc<RecordWriter>,
     next_client: AtomicU64,
     creates: AtomicU64,
     /// Told the process id of each client that disconnects (the data worker drops its
@@ -222,12 +199,12 @@ impl Node {
         let (rate, burst) = settings.create_rate;
         Arc::new(Node {
             agent,
-            meta,
+            meta: meta.clone(),
             master,
             resources: Mutex::new(LocalResources::new(capacity)),
             state: Mutex::new(State::default()),
             limiter: Mutex::new(TokenBucket::new(rate, burst)),
-            writes: Mutex::new(HashMap::new()),
+            records: RecordWriter::new(meta.clone()),
             next_client: AtomicU64::new(1),
             creates: AtomicU64::new(0),
             client_gone: std::sync::OnceLock::new(),
@@ -378,16 +355,7 @@ impl Node {
             }
         }
         if kind == pb::ClientKind::Driver {
-            let node = self.clone();
-            let functions = register.functions.clone();
-            tokio::spawn(async move {
-                for name in functions {
-                    let _ = node
-                        .meta
-                        .put(&function_key(&name), bytes::Bytes::new(), None)
-                        .await;
-                }
-            });
+            self.records.write_functions(register.functions.clone());
         }
         if let Some(hash) = warm_binary {
             self.fill_warm_pool(&hash);
@@ -671,93 +639,7 @@ impl Node {
             // The node that runs it owns its record.
             return;
         }
-        self.write_record(record.instance_id.clone(), Some(record));
-    }
-
-    /// Queue `record` (or, with `None`, the deletion) of `instance_id` for its writer.
-    fn write_record(self: &Arc<Self>, instance_id: String, record: Option<pb::InstanceRecord>) {
-        let start_writer = {
-            let mut writes = self.writes.lock();
-            let pending = writes.entry(instance_id.clone()).or_default();
-            pending.latest = Some(record);
-            !std::mem::replace(&mut pending.writing, true)
-        };
-        if start_writer {
-            let node = self.clone();
-            tokio::spawn(async move { node.record_writer(instance_id).await });
-        }
-    }
-
-    async fn record_writer(self: Arc<Self>, instance_id: String) {
-        let key = instance_key(&instance_id);
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let (next, version) = {
-                let mut writes = self.writes.lock();
-                let Some(pending) = writes.get_mut(&instance_id) else {
-                    return;
-                };
-                match pending.latest.take() {
-                    Some(next) => (next, pending.version),
-                    None => {
-                        pending.writing = false;
-                        return;
-                    }
-                }
-            };
-            let result = match &next {
-                Some(record) => yr_meta::put_if_version(
-                    self.meta.as_ref(),
-                    &key,
-                    bytes::Bytes::from(record.encode_to_vec()),
-                    version,
-                )
-                .await
-                .map(|outcome| {
-                    outcome
-                        .map(|kv| kv.version)
-                        .map_err(|current| current.map(|kv| kv.version))
-                }),
-                None => self.meta.delete(&key).await.map(|_| Ok(0)),
-            };
-            let retry_later = {
-                let mut writes = self.writes.lock();
-                let Some(pending) = writes.get_mut(&instance_id) else {
-                    return;
-                };
-                match result {
-                    Ok(Ok(new_version)) => {
-                        backoff = Duration::from_millis(50);
-                        if next.is_none() {
-                            if pending.latest.is_none() {
-                                writes.remove(&instance_id);
-                                return;
-                            }
-                            pending.version = 0;
-                        } else {
-                            pending.version = new_version;
-                        }
-                        false
-                    }
-                    Ok(Err(current)) => {
-                        // This node is the record's only writer: adopt the stored version and
-                        // write the newest record again, unless a newer one is already queued.
-                        pending.version = current.unwrap_or(0);
-                        pending.latest.get_or_insert(next);
-                        false
-                    }
-                    Err(error) => {
-                        tracing::warn!(instance = %instance_id, %error, "could not persist an instance record; retrying");
-                        pending.latest.get_or_insert(next);
-                        true
-                    }
-                }
-            };
-            if retry_later {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-        }
+        self.records.write(record);
     }
 
     fn notify(&self, instance_id: &str, notify: pb::InstanceNotify) {
@@ -887,18 +769,8 @@ impl Node {
                 ..Default::default()
             };
             if let Some(key) = name.clone() {
-                state.named.insert(key.clone(), instance_id.clone());
-                let meta = self.meta.clone();
-                let id = instance_id.clone();
-                tokio::spawn(async move {
-                    let _ = meta
-                        .put(
-                            &named_key(&key.0, &key.1),
-                            bytes::Bytes::from(id.into_bytes()),
-                            None,
-                        )
-                        .await;
-                });
+                self.records.write_name(&key.0, &key.1, &instance_id);
+                state.named.insert(key, instance_id.clone());
             }
             state.instances.insert(
                 instance_id.clone(),
@@ -1680,14 +1552,11 @@ impl Node {
             let _ = waiter.send(());
         }
         if instance.forwarded_to.is_none() {
-            self.write_record(instance_id.to_string(), None);
+            self.records.delete(instance_id);
         }
         if !instance.record.name.is_empty() {
-            let meta = self.meta.clone();
-            let named = named_key(&instance.record.namespace, &instance.record.name);
-            tokio::spawn(async move {
-                let _ = meta.delete(&named).await;
-            });
+            self.records
+                .delete_name(&instance.record.namespace, &instance.record.name);
         }
         self.kill_children(instance_id);
     }
