@@ -242,3 +242,17 @@ impl RuntimeManager {
         self.running.lock().get(runtime_id).map(|r| r.pid)
     }
 }
+
+impl crate::pool::Spawner for RuntimeManager {
+    fn spawn(&self, spec: &RuntimeSpec) -> Result<(String, u32), AgentError> {
+        RuntimeManager::spawn(self, spec)
+    }
+
+    fn signal(&self, runtime_id: &str, signal: i32) -> bool {
+        RuntimeManager::signal(self, runtime_id, signal)
+    }
+
+    fn pid(&self, runtime_id: &str) -> Option<u32> {
+        RuntimeManager::pid(self, runtime_id)
+    }
+}

@@ -13,7 +13,8 @@ use yr_proto::v1 as pb;
 use yr_proto::v1::InstanceState as S;
 use yr_runtime::cluster::convert::error_to_proto;
 
-use crate::node::{Node, Subscriber};
+use crate::instance_table::Subscriber;
+use crate::node::Node;
 
 /// Binary chunks are this large.
 const CHUNK: usize = 1 << 20;

@@ -62,6 +62,10 @@ pub struct RuntimeMode {
 
 impl RuntimeMode {
     pub(crate) fn new(env: RuntimeEnv, inner: Weak<Inner>) -> Arc<RuntimeMode> {
+        crate::blocking::set_object_wait_observer(Arc::new(CpuLoan {
+            inner: inner.clone(),
+            waiting: Mutex::new(0),
+        }));
         Arc::new(RuntimeMode {
             env,
             inner,
@@ -163,6 +167,43 @@ impl RuntimeMode {
         }
         let _ = grace;
         self.finish();
+    }
+}
+
+/// Lends the instance's CPU back to the node while any of its threads waits for objects, so
+/// that the tasks it waits for can run there (nested tasks of any depth finish), and takes it
+/// back when the last wait ends. Messages go out in the order of the count's changes.
+struct CpuLoan {
+    inner: Weak<Inner>,
+    /// Threads waiting now.
+    waiting: Mutex<usize>,
+}
+
+impl CpuLoan {
+    fn tell(&self, blocked: bool) {
+        if let Some(inner) = self.inner.upgrade() {
+            inner
+                .bus
+                .send_oneway(pb::bus_request::Body::WaitState(pb::WaitState { blocked }));
+        }
+    }
+}
+
+impl crate::blocking::BlockingObserver for CpuLoan {
+    fn enter(&self) {
+        let mut waiting = self.waiting.lock();
+        *waiting += 1;
+        if *waiting == 1 {
+            self.tell(true);
+        }
+    }
+
+    fn exit(&self) {
+        let mut waiting = self.waiting.lock();
+        *waiting = waiting.saturating_sub(1);
+        if *waiting == 0 {
+            self.tell(false);
+        }
     }
 }
 
