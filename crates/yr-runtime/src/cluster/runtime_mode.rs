@@ -58,6 +58,10 @@ pub struct RuntimeMode {
     instance: OnceLock<Arc<LocalInstance>>,
     done: Mutex<bool>,
     done_changed: Condvar,
+    /// Set once the process's yr state is in place (user code may call yr): init calls wait
+    /// for it, so no caller reaches the instance before then.
+    serving: Mutex<bool>,
+    serving_changed: Condvar,
 }
 
 impl RuntimeMode {
@@ -73,11 +77,16 @@ impl RuntimeMode {
             instance: OnceLock::new(),
             done: Mutex::new(false),
             done_changed: Condvar::new(),
+            serving: Mutex::new(false),
+            serving_changed: Condvar::new(),
         })
     }
 
-    /// Serve until the node says to shut down, then exit the process.
+    /// Serve until the node says to shut down, then exit the process. Called once the
+    /// process's yr state is in place.
     pub fn serve_forever(&self) -> ! {
+        *self.serving.lock() = true;
+        self.serving_changed.notify_all();
         let mut done = self.done.lock();
         while !*done {
             self.done_changed.wait(&mut done);
@@ -120,6 +129,15 @@ impl RuntimeMode {
     }
 
     fn init(&self, init: pb::InitCall) {
+        // The node pushes the init call right after registration, which comes before the
+        // process's yr state is in place: user code (a constructor, or calls that follow the
+        // answer) must find yr initialized.
+        {
+            let mut serving = self.serving.lock();
+            while !*serving {
+                self.serving_changed.wait(&mut serving);
+            }
+        }
         tracing::debug!(instance = %init.instance_id, function = %init.function, stateless = init.stateless, "init call");
         let Some(inner) = self.inner.upgrade() else {
             return;
