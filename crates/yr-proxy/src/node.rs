@@ -16,9 +16,9 @@ use yr_agent::{RuntimeEvent, RuntimeManager, RuntimeSpec};
 use yr_common::auth::PeerCredentials;
 use yr_common::{Error, ErrorCode, InvokeOptions};
 use yr_meta::MetaStore;
+use yr_proto::error_to_proto;
 use yr_proto::v1 as pb;
 use yr_proto::v1::InstanceState as S;
-use yr_runtime::cluster::convert::error_to_proto;
 
 use crate::master_link::MasterLink;
 use crate::rate_limit::TokenBucket;
@@ -1027,7 +1027,7 @@ impl Node {
             }
         };
         if let Some(error) = result.error {
-            return Err(yr_runtime::cluster::convert::error_from_proto(&error));
+            return Err(yr_proto::error_from_proto(&error));
         }
         {
             let mut state = self.state.lock();
@@ -1150,9 +1150,7 @@ impl Node {
             }
         };
         tracing::info!(instance = %instance_id, node = %node_id, "placing the instance on another node");
-        let channel =
-            yr_runtime::cluster::transport::connect(&address, ErrorCode::InnerCommunication)
-                .await?;
+        let channel = yr_transport::connect(&address, ErrorCode::InnerCommunication).await?;
         let mut client = pb::node_client::NodeClient::new(channel)
             .max_decoding_message_size(yr_transport::max_message_bytes())
             .max_encoding_message_size(yr_transport::max_message_bytes());
@@ -1232,9 +1230,7 @@ impl Node {
             job_id: job_id.clone(),
             env: vec![("YR_BINARY_HASH".into(), hash_env.clone())],
         };
-        if !self.settings.fetch_binaries
-            && path.is_file()
-            && yr_runtime::cluster::binary_hash(&path) == hash
+        if !self.settings.fetch_binaries && path.is_file() && yr_common::binary_hash(&path) == hash
         {
             self.state.lock().binaries.insert(hash, spec(path));
             return Ok(());
@@ -1270,7 +1266,7 @@ impl Node {
         if target.is_file() {
             return Ok(target);
         }
-        let channel = yr_runtime::cluster::transport::connect(creator, ErrorCode::UserCodeLoad)
+        let channel = yr_transport::connect(creator, ErrorCode::UserCodeLoad)
             .await
             .map_err(|e| e.message().to_string())?;
         let mut client = pb::node_client::NodeClient::new(channel)
@@ -1631,8 +1627,7 @@ impl Node {
     }
 
     async fn kill_remote(&self, address: &str, instance_id: &str, wait: bool) -> Result<(), Error> {
-        let channel =
-            yr_runtime::cluster::transport::connect(address, ErrorCode::InnerCommunication).await?;
+        let channel = yr_transport::connect(address, ErrorCode::InnerCommunication).await?;
         pb::node_client::NodeClient::new(channel)
             .kill(pb::KillRequest {
                 instance_id: instance_id.to_string(),
@@ -1927,7 +1922,7 @@ fn check_driver_binary(register: &pb::RegisterClient, pid: u32) -> Result<(), Er
             "process {pid} does not run that executable"
         )));
     }
-    let hash = yr_runtime::cluster::binary_hash(path);
+    let hash = yr_common::binary_hash(path);
     if hash.is_empty() || hash != register.binary_hash {
         return Err(refused(format!(
             "its content key is {hash:?}, not the {:?} the driver sent (was it rebuilt?)",
@@ -1971,13 +1966,13 @@ mod tests {
         let me = std::env::current_exe().expect("this test's executable");
         let mut register = pb::RegisterClient {
             binary_path: me.display().to_string(),
-            binary_hash: yr_runtime::cluster::binary_hash(&me),
+            binary_hash: yr_common::binary_hash(&me),
             ..Default::default()
         };
         let pid = std::process::id();
         assert!(check_driver_binary(&register, pid).is_ok());
         register.binary_path = "/bin/sh".into();
-        register.binary_hash = yr_runtime::cluster::binary_hash(std::path::Path::new("/bin/sh"));
+        register.binary_hash = yr_common::binary_hash(std::path::Path::new("/bin/sh"));
         let error = check_driver_binary(&register, pid).expect_err("not this process's binary");
         assert_eq!(error.code(), ErrorCode::AuthorizeFailed);
         register.binary_path = me.display().to_string();
