@@ -16,7 +16,7 @@ use tonic::Status;
 use yr_common::{Error, ErrorCode, InvokeOptions};
 use yr_proto::v1 as pb;
 use yr_proto::v1::InstanceState as S;
-use yr_runtime::cluster::convert::error_to_proto;
+use yr_proto::error_to_proto;
 
 use crate::record_writer::RecordWriter;
 use crate::resources::Amount;

@@ -13,7 +13,7 @@ use yr_agent::RuntimeSpec;
 use yr_common::{Error, ErrorCode, InvokeOptions};
 use yr_proto::v1 as pb;
 use yr_proto::v1::InstanceState as S;
-use yr_runtime::cluster::convert::error_from_proto;
+use yr_proto::error_from_proto;
 
 use super::{error_notify, Node};
 use crate::instance_table::{Admitted, Instance, Subscriber};
@@ -453,7 +453,7 @@ impl Node {
             let local = path.clone();
             let same = tokio::task::spawn_blocking(move || {
                 if local.is_file() {
-                    yr_runtime::cluster::binary_hash(&local)
+                    yr_common::binary_hash(&local)
                 } else {
                     String::new()
                 }

@@ -25,7 +25,7 @@ use yr_common::Error;
 use yr_meta::MetaStore;
 use yr_proto::v1 as pb;
 use yr_proto::v1::InstanceState as S;
-use yr_runtime::cluster::convert::error_to_proto;
+use yr_proto::error_to_proto;
 
 use crate::client_bus::{ClientBus, Outbound};
 use crate::instance_table::{InstanceTable, Subscriber};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use yr_agent::RuntimeSpec;
 use yr_common::{Error, ErrorCode};
 use yr_proto::v1 as pb;
-use yr_runtime::cluster::binary_hash;
+use yr_common::binary_hash;
 
 use super::Node;
 use crate::client_bus::Identity;

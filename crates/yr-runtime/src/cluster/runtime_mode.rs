@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 use yr_common::{Error, ErrorCode, InvokeOptions};
+use yr_proto::error_to_proto;
 use yr_proto::v1 as pb;
 
 use super::call_channel::CallExecutor;
-use super::convert::{args_from_proto, error_to_proto, result_to_proto};
+use super::convert::{args_from_proto, result_to_proto};
 use super::Inner;
 use crate::function::{
     find_constructor, find_function, find_method, CreateSpec, MethodSpec, TaskSpec,
