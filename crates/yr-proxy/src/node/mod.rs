@@ -23,9 +23,9 @@ use yr_agent::{CodeCatalog, RuntimeEvent, RuntimeManager, RuntimePool};
 use yr_common::auth::PeerCredentials;
 use yr_common::Error;
 use yr_meta::MetaStore;
+use yr_proto::error_to_proto;
 use yr_proto::v1 as pb;
 use yr_proto::v1::InstanceState as S;
-use yr_proto::error_to_proto;
 
 use crate::client_bus::{ClientBus, Outbound};
 use crate::instance_table::{InstanceTable, Subscriber};
