@@ -18,7 +18,7 @@
 //! - `idle node process RSS`: VmRSS of the session's `yr node` process;
 //! - `instance creation burst of N`: creates per second when N instances are created at once
 //!   and each is then called once, all N alive at the end, on a cluster this program starts with
-//!   room for them (`--cpu 1000000 --memory 500000`); the rate per create of a burst of 3,000
+//!   room for them (`--cpu 1000000 --memory 2000000`); the rate per create of a burst of 3,000
 //!   should be that of a burst of 1,000 (nothing on the create path grows with live instances);
 //! - `cross-node get gigabytes`: on a two-node cluster this program starts, GB/s of 256 MiB
 //!   objects that node 1 holds and a driver on node 0 gets (pulled in chunks, then read in
@@ -696,11 +696,7 @@ fn creation_burst(args: &Args, config: &yr::Config) -> anyhow::Result<()> {
                 "--cpu",
                 "1000000",
                 "--memory",
-                "500000",
-                "--create-rate",
-                "100000",
-                "--create-burst",
-                "100000",
+                "2000000",
                 "--session-dir",
             ])
             .arg(&dir)
