@@ -9,9 +9,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
-use yr_common::{Error, ErrorCode, Result};
+use yr_common::{Error, Result};
 use yr_proto::ds as pb;
 
+use crate::error::DataSystemError;
 use crate::kv::{self, KvStore};
 use crate::stream::StreamStore;
 use crate::stream_service::StreamService;
@@ -50,12 +51,9 @@ impl DataWorkerService {
 pub(crate) async fn blocking<T: Send + 'static>(
     call: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    tokio::task::spawn_blocking(call).await.map_err(|e| {
-        Error::new(
-            ErrorCode::InnerSystemError,
-            format!("a call failed inside the data worker: {e}"),
-        )
-    })?
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|e| Error::from(DataSystemError::from_join(&e)))?
 }
 
 /// The values of `keys`, waiting up to `timeout` for keys not written yet.
@@ -373,6 +371,7 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use yr_common::{ErrorCode};
     use crate::kv::SetParam;
     use pb::data_worker_server::DataWorker;
 
