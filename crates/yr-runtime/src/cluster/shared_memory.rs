@@ -18,6 +18,7 @@ use super::bus::Bus;
 use super::convert::error_to_proto;
 use super::data_channel::DataChannel;
 use crate::object_store::Payload;
+use crate::error::RuntimeError;
 use crate::shared_memory::{self, RegionAllocator, SharedMemory};
 
 fn client(channel: Channel) -> ObjectStoreClient<Channel> {
@@ -58,11 +59,12 @@ fn disk_runtime() -> Result<tokio::runtime::Runtime> {
         .thread_name("yr-spill")
         .enable_all()
         .build()
-        .map_err(|e| {
-            Error::new(
-                yr_common::ErrorCode::InnerSystemError,
-                format!("cannot start the runtime of spill and restore calls: {e}"),
-            )
+        .map_err(|source| {
+            RuntimeError::Start {
+                what: "the runtime of spill and restore calls".to_string(),
+                source,
+            }
+            .into()
         })
 }
 
