@@ -293,7 +293,9 @@ mod tests {
     async fn an_unwritable_log_directory_is_a_function_agent_failure() {
         let dir = std::env::temp_dir().join(format!("yr-agent-logs-{}", std::process::id()));
         std::fs::write(&dir, b"a file, not a directory").unwrap();
-        let error = manager(dir.join("logs")).spawn(&spec("/bin/true")).unwrap_err();
+        let error = manager(dir.join("logs"))
+            .spawn(&spec("/bin/true"))
+            .unwrap_err();
         std::fs::remove_file(&dir).unwrap();
         assert!(matches!(error, AgentError::Logs { .. }), "{error}");
         let error = Error::from(error);

@@ -162,7 +162,10 @@ fn product_code(file: &Path, text: &str, test_files: &mut BTreeSet<PathBuf>) -> 
             while end < lines.len() && lines[end] != close {
                 end += 1;
             }
-            kept.extend(std::iter::repeat_n("", end.min(lines.len() - 1) + 1 - index));
+            kept.extend(std::iter::repeat_n(
+                "",
+                end.min(lines.len() - 1) + 1 - index,
+            ));
             index = end + 1;
             continue;
         }
@@ -232,7 +235,11 @@ fn raise_sites() -> BTreeMap<String, Vec<String>> {
         if test_files.contains(file) {
             continue;
         }
-        let shown = file.strip_prefix(&root).unwrap_or(file).display().to_string();
+        let shown = file
+            .strip_prefix(&root)
+            .unwrap_or(file)
+            .display()
+            .to_string();
         let mut from = 0;
         while let Some(found) = code[from..].find(PREFIX) {
             let start = from + found;

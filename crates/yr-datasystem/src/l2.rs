@@ -382,7 +382,7 @@ impl L2Store for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use yr_common::{ErrorCode};
+    use yr_common::ErrorCode;
 
     struct Scratch(PathBuf);
 

@@ -313,8 +313,8 @@ impl std::fmt::Debug for RedisClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use yr_common::{ErrorCode};
     use std::net::TcpListener;
+    use yr_common::ErrorCode;
 
     fn parse(text: &[u8]) -> std::io::Result<Reply> {
         read_reply(&mut std::io::Cursor::new(text.to_vec()))

@@ -371,9 +371,9 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use yr_common::{ErrorCode};
     use crate::kv::SetParam;
     use pb::data_worker_server::DataWorker;
+    use yr_common::ErrorCode;
 
     fn service() -> DataWorkerService {
         DataWorkerService::new(KvStore::new())

@@ -460,7 +460,11 @@ mod tests {
     async fn an_undecodable_record_is_skipped_and_the_rest_are_kept() {
         let store = Arc::new(FakeStore::default());
         store
-            .put(&instance_key("bad"), Bytes::from_static(b"\xff\xff\xff"), None)
+            .put(
+                &instance_key("bad"),
+                Bytes::from_static(b"\xff\xff\xff"),
+                None,
+            )
             .await
             .unwrap();
         store

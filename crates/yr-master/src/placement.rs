@@ -13,7 +13,6 @@
 
 use std::collections::HashMap;
 
-
 use crate::resource_view::ResourceSet;
 
 /// How many nodes a "not enough" reason describes one by one.

@@ -426,7 +426,10 @@ mod tests {
 
     #[test]
     fn a_function_registered_once_is_found_and_an_unknown_one_is_2001() {
-        assert_eq!(find_function(ONCE_FUNCTION.name).unwrap().name, ONCE_FUNCTION.name);
+        assert_eq!(
+            find_function(ONCE_FUNCTION.name).unwrap().name,
+            ONCE_FUNCTION.name
+        );
         check_unique(EntryKind::Function, ONCE_FUNCTION.name).unwrap();
         let error = find_function("yr_runtime::function::tests::nobody").unwrap_err();
         assert_eq!(error.code(), ErrorCode::UserCodeLoad);

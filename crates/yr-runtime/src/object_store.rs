@@ -145,10 +145,9 @@ fn restore_in_place(id: ObjectId, value: &mut Arc<StoredValue>) -> Result<(), Er
         return Ok(());
     }
     let Some(stored) = Arc::get_mut(value) else {
-        return Err(RuntimeError::Bug(format!(
-            "object {id} is spilled while a reader holds it"
-        ))
-        .into());
+        return Err(
+            RuntimeError::Bug(format!("object {id} is spilled while a reader holds it")).into(),
+        );
     };
     let Payload::Spilled(spilled) = &stored.bytes else {
         return Ok(());

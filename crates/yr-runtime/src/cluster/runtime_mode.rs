@@ -13,13 +13,13 @@ use yr_proto::v1 as pb;
 use super::call_channel::CallExecutor;
 use super::convert::{args_from_proto, error_to_proto, result_to_proto};
 use super::Inner;
+use crate::error::RuntimeError;
 use crate::function::{
     find_constructor, find_function, find_method, CreateSpec, MethodSpec, TaskSpec,
 };
 use crate::local::instance::{LocalInstance, Phase};
 use crate::local::pool::Pool;
 use crate::local::task::LocalTask;
-use crate::error::RuntimeError;
 use crate::object_store::{ObjectHandle, ObjectSlot, Outcome};
 
 /// Environment variables a runtime is started with.
@@ -353,11 +353,9 @@ mod tests {
     #[test]
     fn options_of_the_wrong_shape_are_not_replaced_by_defaults() {
         // Decodable MessagePack, but not InvokeOptions: a map whose `concurrency` is a string.
-        let bytes = rmp_serde::to_vec_named(&std::collections::BTreeMap::from([(
-            "concurrency",
-            "many",
-        )]))
-        .unwrap();
+        let bytes =
+            rmp_serde::to_vec_named(&std::collections::BTreeMap::from([("concurrency", "many")]))
+                .unwrap();
         let error = decode_options("instance-2", &bytes).unwrap_err();
         assert_eq!(error.code(), ErrorCode::ParamInvalid, "{error}");
     }

@@ -17,8 +17,8 @@ use yr_proto::v1 as wire;
 use super::bus::Bus;
 use super::convert::error_to_proto;
 use super::data_channel::DataChannel;
-use crate::object_store::Payload;
 use crate::error::RuntimeError;
+use crate::object_store::Payload;
 use crate::shared_memory::{self, RegionAllocator, SharedMemory};
 
 fn client(channel: Channel) -> ObjectStoreClient<Channel> {

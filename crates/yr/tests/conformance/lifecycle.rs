@@ -312,6 +312,10 @@ fn finalize_anywhere_in_a_runtime_process_fails_with_incorrect_function_usage() 
             .invoke(())
             .unwrap(),
     );
-    assert_eq!(code, ErrorCode::IncorrectFunctionUsage.number(), "{message}");
+    assert_eq!(
+        code,
+        ErrorCode::IncorrectFunctionUsage.number(),
+        "{message}"
+    );
     assert!(message.contains("runtime process"), "{message}");
 }
