@@ -16,6 +16,10 @@
 //! - `instance creation, cold`: the same latency on a cluster this program starts with
 //!   `yr start --master --warm-pool 0`, so each instance waits for a new runtime process;
 //! - `idle node process RSS`: VmRSS of the session's `yr node` process;
+//! - `instance creation burst of N`: creates per second when N instances are created at once
+//!   and each is then called once, all N alive at the end, on a cluster this program starts with
+//!   room for them (`--cpu 1000000 --memory 500000`); the rate per create of a burst of 3,000
+//!   should be that of a burst of 1,000 (nothing on the create path grows with live instances);
 //! - `cross-node get gigabytes`: on a two-node cluster this program starts, GB/s of 256 MiB
 //!   objects that node 1 holds and a driver on node 0 gets (pulled in chunks, then read in
 //!   place), with `loopback TCP gigabytes` (the same bytes over a plain loopback TCP socket)
@@ -62,6 +66,9 @@ struct Args {
     /// Skip the cold-creation measure (it starts a second cluster with `--warm-pool 0`).
     #[arg(long)]
     no_cold: bool,
+    /// Burst sizes of `instance creation burst` (each on a fresh cluster); empty skips it.
+    #[arg(long, value_delimiter = ',', default_value = "1000,3000")]
+    burst_sizes: Vec<usize>,
 }
 
 #[yr::invoke]
@@ -670,6 +677,73 @@ fn cold_creation(args: &Args, config: &yr::Config) -> anyhow::Result<()> {
     result
 }
 
+/// `instance creation burst of N`: on a cluster started here with room for every instance, N
+/// creates in one burst, then one call on each; creates per second from the first create to the
+/// last call's result. Each burst size runs on a fresh cluster.
+fn creation_burst(args: &Args, config: &yr::Config) -> anyhow::Result<()> {
+    let name = "instance creation burst";
+    if !selected(args, name) {
+        return Ok(());
+    }
+    let yr_bin = yr_binary(name)?;
+    for &size in &args.burst_sizes {
+        let dir = std::env::temp_dir().join(format!("yr-bench-burst-{}", std::process::id()));
+        let status = std::process::Command::new(&yr_bin)
+            .args([
+                "start",
+                "--master",
+                "--temporary",
+                "--cpu",
+                "1000000",
+                "--memory",
+                "500000",
+                "--create-rate",
+                "100000",
+                "--create-burst",
+                "100000",
+                "--session-dir",
+            ])
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "{name}: `yr start` failed");
+        let result = (|| -> anyhow::Result<f64> {
+            let session = SessionInfo::read(&dir)?;
+            let mut burst = config.clone();
+            burst.server_address = Some(session.bus_address.clone());
+            yr::init(burst)?;
+            let measured = (|| -> yr::Result<f64> {
+                let start = Instant::now();
+                let actors = (0..size)
+                    .map(|_| {
+                        yr::instance(Actor::new)
+                            .options(small_instance())
+                            .invoke(())
+                    })
+                    .collect::<yr::Result<Vec<_>>>()?;
+                let calls = actors
+                    .iter()
+                    .map(|actor| actor.method(Actor::peek).invoke(()))
+                    .collect::<yr::Result<Vec<_>>>()?;
+                for call in &calls {
+                    call.get(FOREVER)?;
+                }
+                Ok(size as f64 / start.elapsed().as_secs_f64())
+            })();
+            yr::finalize()?;
+            Ok(measured?)
+        })();
+        let _ = std::process::Command::new(&yr_bin)
+            .args(["stop", "--session-dir"])
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&dir);
+        println!("{name} of {size} per second {:.1}", result?);
+    }
+    Ok(())
+}
+
 /// The `yr` binary next to this one, or `$YR_BIN`.
 fn yr_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
@@ -847,6 +921,7 @@ fn main() -> anyhow::Result<()> {
     result?;
     if cluster {
         cold_creation(&args, &config)?;
+        creation_burst(&args, &config)?;
         cross_node(&args, &config)?;
     }
     Ok(())

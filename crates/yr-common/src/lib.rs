@@ -1,11 +1,13 @@
 //! yr-common: what every yr component shares. It owns the error-code contract (generated from
 //! `docs/error-codes.md`), ids, [`InvokeOptions`] with their validation, and [`Config`], and the
 //! files processes on one machine agree on (the session file, socket paths, their private
-//! directories), and the reconnect backoff. It owns no behaviour beyond that: no threads, no
-//! network.
+//! directories), the reconnect backoff, and the content key of an executable
+//! ([`binary_hash`]). It owns no behaviour beyond that: no threads, no network.
 
 pub mod auth;
 pub mod backoff;
+pub mod binary;
+pub use binary::binary_hash;
 pub mod error;
 
 pub use error::{CodeInfo, Error, ErrorCode, Lang, ModuleCode, Result, RetryPolicy};

@@ -39,11 +39,11 @@ use tokio::time::Instant;
 use tokio_rustls::rustls;
 use yr_common::auth::{self, ClusterToken, HELLO_ACCEPTED};
 use yr_common::{Error, ErrorCode};
+use yr_proto::{error_from_proto, error_to_proto};
 use yr_transport::Tls;
 
 use crate::capability::{Capability, CAPABILITY_LEN};
 use crate::shared_memory::SharedMemoryStore;
-use crate::wire::{error_from_proto, error_to_proto};
 
 /// The holder id under which a node keeps an object it is sending (no process has pid 0).
 pub const TRANSFER_HOLDER: u32 = 0;
@@ -637,7 +637,7 @@ fn read_error(stream: &mut impl Read, status: u8) -> RangeError {
     if let Err(error) = stream.read_exact(&mut encoded) {
         return RangeError::Transport(format!("the data port's error was cut short: {error}"));
     }
-    match yr_proto::ds::ErrorInfo::decode(encoded.as_slice()) {
+    match yr_proto::v1::ErrorInfo::decode(encoded.as_slice()) {
         Ok(info) => RangeError::Remote(error_from_proto(&info)),
         Err(error) => {
             RangeError::Transport(format!("the data port's error does not decode: {error}"))

@@ -1,5 +1,6 @@
-//! The KV store's second-level store (openYuanrong's "L2 cache"): where write-through and
-//! write-back values are kept so that they outlive the node's memory. Two backends:
+//! The backends of the KV store's second-level store (openYuanrong's "L2 cache", the
+//! [`L2Store`] trait of `yr_datasystem_core::l2`): where write-through and write-back values
+//! are kept so that they outlive the node's memory. Two backends:
 //!
 //! - [`DirectoryStore`] (the default, `<data dir>/kv-l2/`): one file per key, written
 //!   atomically (temporary file, fsync, rename, fsync of the directory). Disk failures are 4203
@@ -18,36 +19,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use yr_common::{Error, Result};
+use yr_datasystem_core::l2::{L2Record, L2Store};
 
 use crate::error::DataSystemError;
 use crate::redis::RedisClient;
 
 /// The prefix of the Redis keys that hold KV values: key `k` is stored as `yr:kv:k`.
 pub const REDIS_KEY_PREFIX: &str = "yr:kv:";
-
-/// A value read from the second-level store.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct L2Record {
-    /// The value.
-    pub value: Bytes,
-    /// When it expires (`None`: never).
-    pub expires_at: Option<SystemTime>,
-}
-
-/// A second-level store. Calls block (disk or network IO); async callers run them on a
-/// blocking thread.
-pub trait L2Store: Send + Sync {
-    /// What and where it is, for messages: `directory /x/kv-l2`, `redis 127.0.0.1:6379`.
-    fn describe(&self) -> String;
-    /// Store `value` under `key`, replacing any previous value, durably before returning.
-    fn put(&self, key: &str, value: &[u8], expires_at: Option<SystemTime>) -> Result<()>;
-    /// The value of `key`, unless it is missing or expired.
-    fn get(&self, key: &str) -> Result<Option<L2Record>>;
-    /// Remove `key`; removing a missing key succeeds.
-    fn delete(&self, key: &str) -> Result<()>;
-    /// Whether `key` holds a value that has not expired.
-    fn exists(&self, key: &str) -> Result<bool>;
-}
 
 // ----- directory ---------------------------------------------------------------------------
 
@@ -381,6 +359,10 @@ impl L2Store for RedisStore {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use yr_datasystem_core::kv::{KvStore, SetParam, WriteMode};
+
     use super::*;
     use yr_common::ErrorCode;
 
@@ -522,5 +504,63 @@ mod tests {
         std::fs::write(scratch.0.join(file_name("k")), b"garbage").unwrap();
         assert_eq!(store.get("k").unwrap(), None);
         assert!(!store.exists("k").unwrap());
+    }
+
+    // ----- the KV store over a directory -----
+
+    fn param(mode: WriteMode) -> SetParam {
+        SetParam {
+            write_mode: mode,
+            ..SetParam::default()
+        }
+    }
+
+    fn bytes(text: &str) -> Bytes {
+        Bytes::copy_from_slice(text.as_bytes())
+    }
+
+    const SHORT: Duration = Duration::from_millis(50);
+
+    #[test]
+    fn a_directory_store_serves_write_through_values_to_a_new_store() {
+        let dir = std::env::temp_dir().join(format!("yr-kv-restart-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let store = KvStore::with_l2(Arc::new(DirectoryStore::open(&dir).unwrap()));
+            store
+                .set(
+                    "wt",
+                    bytes("through"),
+                    &param(WriteMode::WriteThroughL2Cache),
+                )
+                .unwrap();
+            store
+                .set("wb", bytes("back"), &param(WriteMode::WriteBackL2Cache))
+                .unwrap();
+            store
+                .set("mem", bytes("memory"), &param(WriteMode::NoneL2Cache))
+                .unwrap();
+            store
+                .set(
+                    "ttl",
+                    bytes("expiring"),
+                    &SetParam {
+                        write_mode: WriteMode::WriteThroughL2Cache,
+                        ttl_second: 1,
+                        ..SetParam::default()
+                    },
+                )
+                .unwrap();
+            // Dropping the store drains its write-backs.
+        }
+        let store = KvStore::with_l2(Arc::new(DirectoryStore::open(&dir).unwrap()));
+        assert_eq!(
+            store.get(&["wt", "wb", "ttl"], SHORT).unwrap(),
+            vec![bytes("through"), bytes("back"), bytes("expiring")]
+        );
+        assert_eq!(store.exist(&["mem"]).unwrap(), vec![false]);
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(store.exist(&["ttl", "wt"]).unwrap(), vec![false, true]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

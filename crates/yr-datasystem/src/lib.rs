@@ -1,18 +1,20 @@
-//! yr-datasystem: the data worker that runs inside each node process. It owns the KV store
-//! ([`kv`]: openYuanrong's `kv_*` semantics, in memory, with a per-job memory quota) and its second-level store ([`l2`]: a
-//! directory by default, or Redis through the minimal client in [`redis`]); the streams whose
-//! home is this node ([`stream`]: producers, subscriptions, consumers, acks and back-pressure;
-//! [`stream_service`]: which node is a stream's home), both served to drivers and runtimes as
-//! the `DataWorker` gRPC service ([`service`], wire types in `yr-proto`'s `yr.ds.v1`); and the
-//! node's shared-memory region for large objects ([`shared_memory`], served as the
-//! `ObjectStore` service by [`object_service`]) with its spill directory ([`spill`]: objects
-//! moved to disk under memory pressure, and their metadata log); objects cross nodes through
-//! [`object_transfer`] (served on the node's data port, [`data_port`], to peers with the cluster
-//! token and the object's [`capability`]); room for a process with nothing of its own to spill is reclaimed from the
+//! yr-datasystem: the data worker that runs inside each node process. It serves the KV store
+//! (`yr_datasystem_core::kv`: openYuanrong's `kv_*` semantics, in memory, with a per-job memory
+//! quota) over its second-level store ([`l2`]: a directory by default, or Redis through the
+//! minimal client in [`redis`]), and the streams whose home is this node
+//! (`yr_datasystem_core::stream`: producers, subscriptions, consumers, acks and back-pressure;
+//! [`stream_service`]: which node is a stream's home), both as the `DataWorker` gRPC service
+//! ([`service`], wire types in `yr-proto`'s `yr.ds.v1`); and the node's shared-memory region
+//! for large objects ([`shared_memory`], served as the `ObjectStore` service by
+//! [`object_service`]) with its spill directory ([`spill`]: objects moved to disk under memory
+//! pressure, and their metadata log); objects cross nodes through [`object_transfer`] (served
+//! on the node's data port, [`data_port`], to peers with the cluster token and the object's
+//! [`capability`]); room for a process with nothing of its own to spill is reclaimed from the
 //! node's other processes by [`reclaim`] (it chooses whom to ask; the node delivers the asks).
-//! It does not own the client side of KV, streams and objects (that lives in `yr-runtime`), nor
-//! the choice of which of its objects an owner gives up (that is the owner's, see
-//! `yr_runtime::object_store`).
+//! It does not own the KV and stream stores themselves, which local mode runs in-process too
+//! (`yr-datasystem-core`), nor the client side of KV, streams and objects (that lives in
+//! `yr-runtime`), nor the choice of which of its objects an owner gives up (that is the
+//! owner's, see `yr_runtime::object_store`).
 //!
 //! The worker's own failures (disk, spill log, Redis, meta store, start and stop) are
 //! [`DataSystemError`]s; [`DataSystemError::code`] in [`error`] is where each gets its seed code.
@@ -20,7 +22,6 @@
 pub mod capability;
 pub mod data_port;
 pub mod error;
-pub mod kv;
 pub mod l2;
 pub mod object_service;
 pub mod object_transfer;
@@ -29,17 +30,17 @@ pub mod redis;
 pub mod service;
 pub mod shared_memory;
 pub mod spill;
-pub mod stream;
 pub mod stream_service;
-pub mod wire;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use yr_common::Result;
+use yr_datasystem_core::kv::KvStore;
+use yr_datasystem_core::l2::L2Store;
+use yr_datasystem_core::stream;
 
 pub use error::DataSystemError;
-pub use kv::{CacheType, Existence, KvStore, SetParam, WriteMode};
 
 /// How a node's data worker is set up.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -83,7 +84,7 @@ impl DataWorker {
     /// Open the data worker: its second-level store is Redis if `l2_redis` is set (3007 if it
     /// does not answer), else `<data_dir>/kv-l2/` (4203 if that is not a writable directory).
     pub fn open(options: &DataWorkerOptions) -> Result<Arc<DataWorker>> {
-        let l2: Arc<dyn l2::L2Store> = match &options.l2_redis {
+        let l2: Arc<dyn L2Store> = match &options.l2_redis {
             Some(address) => Arc::new(l2::RedisStore::connect(address)?),
             None => Arc::new(l2::DirectoryStore::open(options.data_dir.join("kv-l2"))?),
         };

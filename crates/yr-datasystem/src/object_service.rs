@@ -18,12 +18,12 @@ use tonic::{Request, Response, Status};
 use yr_common::auth::PeerCredentials;
 use yr_common::{Error, ErrorCode, ObjectId};
 use yr_proto::ds as pb;
+use yr_proto::error_to_proto;
 
 use crate::object_transfer::ObjectTransfer;
 use crate::reclaim::Reclaimer;
 use crate::service::blocking;
 use crate::shared_memory::SharedMemoryStore;
-use crate::wire::error_to_proto;
 
 /// The ObjectStore service.
 #[derive(Clone, Debug)]

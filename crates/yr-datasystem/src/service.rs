@@ -12,13 +12,15 @@ use tonic::{Request, Response, Status};
 use yr_common::{Error, Result};
 use yr_proto::ds as pb;
 
-use crate::error::DataSystemError;
-use crate::kv::{self, KvStore};
-use crate::stream::StreamStore;
-use crate::stream_service::StreamService;
-use crate::wire::{
-    error_to_proto, producer_config_from_proto, set_param_from_proto, subscription_from_proto,
+use yr_datasystem_core::kv::{self, KvStore};
+use yr_datasystem_core::stream::StreamStore;
+use yr_datasystem_core::wire::{
+    producer_config_from_proto, set_param_from_proto, subscription_from_proto,
 };
+use yr_proto::error_to_proto;
+
+use crate::error::DataSystemError;
+use crate::stream_service::StreamService;
 
 /// The DataWorker service.
 #[derive(Clone, Debug)]
@@ -110,7 +112,7 @@ pub async fn get_waiting(kv: &KvStore, keys: Vec<String>, timeout: Duration) -> 
     }
 }
 
-fn error_of<T>(result: &Result<T>) -> Option<pb::ErrorInfo> {
+fn error_of<T>(result: &Result<T>) -> Option<yr_proto::v1::ErrorInfo> {
     result.as_ref().err().map(error_to_proto)
 }
 
@@ -371,9 +373,9 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::SetParam;
     use pb::data_worker_server::DataWorker;
     use yr_common::ErrorCode;
+    use yr_datasystem_core::kv::SetParam;
 
     fn service() -> DataWorkerService {
         DataWorkerService::new(KvStore::new())
@@ -386,7 +388,9 @@ mod tests {
             .kv_set(Request::new(pb::KvSetRequest {
                 key: "k".into(),
                 value: Bytes::from_static(b"0123456789"),
-                param: Some(crate::wire::set_param_to_proto(&SetParam::default())),
+                param: Some(yr_datasystem_core::wire::set_param_to_proto(
+                    &SetParam::default(),
+                )),
                 job_id: "job-a".into(),
             }))
             .await

@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use yr_common::Result;
+use yr_datasystem_core::stream::{self, ProducerConfig, StreamStore, SubscriptionConfig};
 use yr_meta::MetaStore;
 
 use crate::error::DataSystemError;
 use crate::service::blocking;
-use crate::stream::{ProducerConfig, StreamStore, SubscriptionConfig};
 
 /// Where this node's streams are recorded, and how other nodes reach it.
 pub struct Placement {
@@ -133,7 +133,7 @@ impl StreamService {
         name: String,
         config: ProducerConfig,
     ) -> Result<(u64, Option<String>)> {
-        crate::stream::validate_stream_name(&name)?;
+        stream::validate_stream_name(&name)?;
         config.validate()?;
         let _lifecycle = self.lifecycle.lock().await;
         match self.claim(&name).await? {
@@ -148,7 +148,7 @@ impl StreamService {
         name: String,
         subscription: SubscriptionConfig,
     ) -> Result<(u64, Option<String>)> {
-        crate::stream::validate_stream_name(&name)?;
+        stream::validate_stream_name(&name)?;
         subscription.validate()?;
         let _lifecycle = self.lifecycle.lock().await;
         match self.claim(&name).await? {
@@ -176,7 +176,7 @@ impl StreamService {
         consumer: u64,
         expect_num: usize,
         timeout: Duration,
-    ) -> Result<Vec<crate::stream::Element>> {
+    ) -> Result<Vec<stream::Element>> {
         let store = self.store.clone();
         blocking(move || store.receive(&name, consumer, expect_num, timeout)).await
     }
@@ -203,7 +203,7 @@ impl StreamService {
 
     /// Delete a stream here, or answer its home.
     pub async fn delete(&self, name: String) -> Result<Option<String>> {
-        crate::stream::validate_stream_name(&name)?;
+        stream::validate_stream_name(&name)?;
         let _lifecycle = self.lifecycle.lock().await;
         match self.look_up(&name).await? {
             Home::Elsewhere(home) => Ok(Some(home)),
@@ -217,7 +217,7 @@ impl StreamService {
 
     /// The producers and consumers of a stream here, or its home.
     pub async fn query(&self, name: String) -> Result<((u64, u64), Option<String>)> {
-        crate::stream::validate_stream_name(&name)?;
+        stream::validate_stream_name(&name)?;
         match self.look_up(&name).await? {
             Home::Elsewhere(home) => Ok(((0, 0), Some(home))),
             Home::Here => Ok((self.store.counts(&name)?, None)),

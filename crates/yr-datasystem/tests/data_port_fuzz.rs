@@ -110,7 +110,7 @@ fn is_error_answer(answer: &[u8]) -> bool {
     }
     let length = u32::from_le_bytes([answer[1], answer[2], answer[3], answer[4]]) as usize;
     answer.len() == 5 + length
-        && yr_proto::ds::ErrorInfo::decode(&answer[5..]).is_ok_and(|info| !info.message.is_empty())
+        && yr_proto::v1::ErrorInfo::decode(&answer[5..]).is_ok_and(|info| !info.message.is_empty())
 }
 
 /// A request near the served one: each field right or random.

@@ -10,9 +10,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use yr_common::ErrorCode;
-use yr_datasystem::l2::{L2Store, RedisStore, REDIS_KEY_PREFIX};
+use yr_datasystem::l2::{RedisStore, REDIS_KEY_PREFIX};
 use yr_datasystem::redis::RedisClient;
-use yr_datasystem::{DataWorker, DataWorkerOptions, KvStore, SetParam, WriteMode};
+use yr_datasystem::{DataWorker, DataWorkerOptions};
+use yr_datasystem_core::kv::{KvStore, SetParam, WriteMode};
+use yr_datasystem_core::l2::L2Store;
 
 /// A `redis-server` child process, killed on drop.
 struct RedisServer {

@@ -13,8 +13,9 @@ use prost::Message;
 use tokio::sync::watch;
 use yr_common::{Error, ErrorCode};
 use yr_meta::{put_if_version, MetaError, MetaStore};
+use yr_proto::error_to_proto;
 use yr_proto::v1::{
-    ClusterStatusResponse, ErrorInfo, NodeInfo, NodeUpdate, ScheduleRequest, ScheduleResponse,
+    ClusterStatusResponse, NodeInfo, NodeUpdate, ScheduleRequest, ScheduleResponse,
 };
 
 use crate::instance_manager::InstanceManager;
@@ -232,11 +233,7 @@ impl Cluster {
                 ScheduleResponse {
                     node_id: String::new(),
                     node_address: String::new(),
-                    error: Some(ErrorInfo {
-                        code: error.code().number(),
-                        module: error.module_code().number(),
-                        message: error.message().to_string(),
-                    }),
+                    error: Some(error_to_proto(&error)),
                 }
             }
         }

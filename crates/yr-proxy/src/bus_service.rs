@@ -14,7 +14,9 @@ use yr_proto::v1 as pb;
 use yr_proto::v1::bus_request::Body;
 use yr_proto::v1::bus_server::Bus;
 
-use crate::node::{Node, Outbound, Subscriber, BUS_QUEUE};
+use crate::client_bus::{Outbound, BUS_QUEUE};
+use crate::instance_table::Subscriber;
+use crate::node::Node;
 use crate::spill_asks::SpillAsks;
 
 /// The Bus service over a node.
@@ -91,11 +93,14 @@ fn handle(node: &Arc<Node>, spill_asks: &SpillAsks, client_id: u64, message: pb:
     };
     match body {
         Body::Register(register) => {
-            let reply = node.register(client_id, register);
-            if let Err(error) = &reply {
-                tracing::warn!(client_id, %error, "refused a registration");
-            }
-            node.reply(client_id, id, reply.map(pb::bus_response::Body::Registered));
+            let node = node.clone();
+            tokio::spawn(async move {
+                let reply = node.register(client_id, register).await;
+                if let Err(error) = &reply {
+                    tracing::warn!(client_id, %error, "refused a registration");
+                }
+                node.reply(client_id, id, reply.map(pb::bus_response::Body::Registered));
+            });
         }
         Body::Create(mut create) => {
             // Only another node forwards creates (on the Node service); a client's are its own.
@@ -122,6 +127,7 @@ fn handle(node: &Arc<Node>, spill_asks: &SpillAsks, client_id: u64, message: pb:
         }
         Body::InitResult(result) => node.init_result(client_id, result),
         Body::HeartbeatAck(_) => node.heartbeat_ack(client_id),
+        Body::WaitState(state) => node.wait_state(client_id, state.blocked),
         Body::Exit(_) => {}
         Body::SpillAnswer(answer) => spill_asks.answer(answer),
         Body::GetNamed(request) => {

@@ -35,6 +35,14 @@ pub fn metrics(node: &Node, data: &DataWorker) -> String {
     let _ = writeln!(out, "yr_node_runtimes {}", node.runtime_count());
     let _ = writeln!(out, "# TYPE yr_node_creates_total counter");
     let _ = writeln!(out, "yr_node_creates_total {}", node.creates());
+    let _ = writeln!(out, "# TYPE yr_node_pending_creates gauge");
+    let _ = writeln!(out, "yr_node_pending_creates {}", node.pending_creates());
+    let _ = writeln!(out, "# TYPE yr_node_illegal_transitions_total counter");
+    let _ = writeln!(
+        out,
+        "yr_node_illegal_transitions_total {}",
+        node.illegal_transitions()
+    );
     let _ = writeln!(out, "# TYPE yr_node_instances gauge");
     for (state, count) in node.instance_counts() {
         let _ = writeln!(out, "yr_node_instances{{state=\"{state}\"}} {count}");

@@ -6,12 +6,16 @@
 //! stream them to runtimes directly.
 
 mod bus_service;
+mod client_bus;
 mod health;
+mod instance_table;
 mod master_link;
 mod node;
 mod node_service;
 mod rate_limit;
+mod record_writer;
 mod resources;
+mod scheduler;
 mod spill_asks;
 mod state_machine;
 

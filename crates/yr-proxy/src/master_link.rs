@@ -9,10 +9,9 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 use yr_common::backoff::Backoff;
 use yr_common::{Error, ErrorCode};
+use yr_proto::error_from_proto;
 use yr_proto::v1 as pb;
 use yr_proto::v1::master_client::MasterClient;
-use yr_runtime::cluster::convert::error_from_proto;
-use yr_runtime::cluster::transport;
 
 use crate::resources::Amount;
 
@@ -44,7 +43,7 @@ impl MasterLink {
     }
 
     async fn client(&self) -> Result<MasterClient<tonic::transport::Channel>, Error> {
-        let channel = transport::connect(&self.address, ErrorCode::InnerCommunication).await?;
+        let channel = yr_transport::connect(&self.address, ErrorCode::InnerCommunication).await?;
         Ok(MasterClient::new(channel))
     }
 

@@ -9,11 +9,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
+use yr_proto::error_to_proto;
 use yr_proto::v1 as pb;
 use yr_proto::v1::InstanceState as S;
-use yr_runtime::cluster::convert::error_to_proto;
 
-use crate::node::{Node, Subscriber};
+use crate::instance_table::Subscriber;
+use crate::node::Node;
 
 /// Binary chunks are this large.
 const CHUNK: usize = 1 << 20;

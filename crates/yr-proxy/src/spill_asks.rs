@@ -12,8 +12,8 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use yr_common::{Error, ErrorCode};
 use yr_datasystem::reclaim::{SpillAnswerFuture, SpillAsker};
+use yr_proto::error_from_proto;
 use yr_proto::v1 as pb;
-use yr_runtime::cluster::convert::error_from_proto;
 
 use crate::node::Node;
 

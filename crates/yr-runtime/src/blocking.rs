@@ -13,6 +13,29 @@ pub trait BlockingObserver: Send + Sync {
     fn exit(&self);
 }
 
+/// Told when any thread of this process starts or stops waiting for objects (`get`, `wait`).
+static OBJECT_WAITS: std::sync::OnceLock<Arc<dyn BlockingObserver>> = std::sync::OnceLock::new();
+
+/// Make `observer` hear about every wait for objects in this process. Set once (a runtime sets
+/// it to lend its CPU back to the node while it waits).
+pub fn set_object_wait_observer(observer: Arc<dyn BlockingObserver>) {
+    let _ = OBJECT_WAITS.set(observer);
+}
+
+/// Run `f`, a wait for objects (`get`, `wait`): a blocking wait that this thread's observer
+/// hears about, and the process's object-wait observer too.
+pub fn waiting_for_objects<R>(f: impl FnOnce() -> R) -> R {
+    match OBJECT_WAITS.get() {
+        None => blocking(f),
+        Some(observer) => {
+            observer.enter();
+            let result = blocking(f);
+            observer.exit();
+            result
+        }
+    }
+}
+
 thread_local! {
     static OBSERVER: RefCell<Option<Arc<dyn BlockingObserver>>> = const { RefCell::new(None) };
 }

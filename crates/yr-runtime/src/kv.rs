@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use yr_common::{Error, Result};
-pub use yr_datasystem::kv::{
+use yr_datasystem_core::kv::KvStore;
+pub use yr_datasystem_core::kv::{
     CacheType, Existence, SetParam, WriteMode, MAX_KEY_SIZE, MAX_VALUE_SIZE,
 };
-use yr_datasystem::KvStore;
 
 use crate::blocking;
 
@@ -47,7 +47,7 @@ impl LocalKv {
 impl KvClient for LocalKv {
     fn set(&self, key: &str, value: &[u8], param: &SetParam) -> Result<()> {
         // Check before copying a value that is too large.
-        yr_datasystem::kv::validate_set(key, value.len(), param)?;
+        yr_datasystem_core::kv::validate_set(key, value.len(), param)?;
         self.store.set(key, Bytes::copy_from_slice(value), param)
     }
 

@@ -312,7 +312,7 @@ impl Runtime {
         for handle in handles {
             let outcome = match handle.outcome() {
                 Some(outcome) => Some(outcome),
-                None => blocking::blocking(|| handle.wait_until(deadline)),
+                None => blocking::waiting_for_objects(|| handle.wait_until(deadline)),
             };
             if outcome.is_none() {
                 missing.push(handle.clone());
@@ -363,7 +363,7 @@ impl Runtime {
                 }));
             }
             let deadline = deadline_after(timeout);
-            blocking::blocking(|| {
+            blocking::waiting_for_objects(|| {
                 let mut count = signal.0.lock();
                 while *count < wait_num {
                     match deadline {

@@ -10,8 +10,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use yr_common::{Error, ErrorCode, Result};
-use yr_datasystem::stream::{validate_element, StreamStore};
-pub use yr_datasystem::stream::{Element, ProducerConfig, SubscriptionConfig, SubscriptionType};
+use yr_datasystem_core::stream::{validate_element, StreamStore};
+pub use yr_datasystem_core::stream::{
+    Element, ProducerConfig, SubscriptionConfig, SubscriptionType,
+};
 
 use crate::blocking;
 

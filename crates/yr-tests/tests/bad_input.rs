@@ -61,10 +61,9 @@ impl RawBus {
             .unwrap();
         let (outbound, receiver) = mpsc::unbounded_channel();
         let inbound = runtime.block_on(async {
-            let channel =
-                yr_runtime::cluster::transport::connect(address, ErrorCode::InnerCommunication)
-                    .await
-                    .unwrap();
+            let channel = yr_transport::connect(address, ErrorCode::InnerCommunication)
+                .await
+                .unwrap();
             pb::bus_client::BusClient::new(channel)
                 .session(UnboundedReceiverStream::new(receiver))
                 .await
@@ -110,7 +109,7 @@ impl RawBus {
             runtime_id: String::new(),
             listen_address: String::new(),
             binary_path: std::env::current_exe().unwrap().display().to_string(),
-            binary_hash: yr_runtime::cluster::binary_hash(&std::env::current_exe().unwrap()),
+            binary_hash: yr_common::binary_hash(&std::env::current_exe().unwrap()),
             pid: std::process::id(),
             instance_id: String::new(),
             runtime_args: RUNTIME_ARGS.split_whitespace().map(String::from).collect(),

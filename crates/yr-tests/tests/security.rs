@@ -85,7 +85,7 @@ fn shell_registration(proof: &std::path::Path) -> pb::RegisterClient {
         kind: pb::ClientKind::Driver as i32,
         job_id: unique("attacker"),
         binary_path: "/bin/sh".into(),
-        binary_hash: yr_runtime::cluster::binary_hash(std::path::Path::new("/bin/sh")),
+        binary_hash: yr_common::binary_hash(std::path::Path::new("/bin/sh")),
         pid: 1,
         runtime_args: vec!["-c".into(), format!("touch {}", proof.display())],
         ..Default::default()
@@ -345,7 +345,7 @@ fn a_bus_session_claiming_another_process_cannot_free_its_objects() {
             kind: pb::ClientKind::Driver as i32,
             job_id: unique("claimant"),
             binary_path: me.display().to_string(),
-            binary_hash: yr_runtime::cluster::binary_hash(&me),
+            binary_hash: yr_common::binary_hash(&me),
             pid: victim,
             ..Default::default()
         };

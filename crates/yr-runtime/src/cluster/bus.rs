@@ -11,10 +11,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 use yr_common::{Error, ErrorCode};
+use yr_proto::error_from_proto;
 use yr_proto::v1 as pb;
 use yr_proto::v1::bus_client::BusClient;
 
-use super::convert::error_from_proto;
 use super::transport;
 use crate::error::RuntimeError;
 

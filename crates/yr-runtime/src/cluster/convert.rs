@@ -1,38 +1,14 @@
-//! Between the client core's types and the wire's: errors, values with their nested
-//! references, and call arguments.
+//! Between the client core's types and the wire's: values with their nested references, and
+//! call arguments (errors: `yr_proto::error`).
 
 use std::sync::Arc;
 
-use yr_common::{Error, ErrorCode, ModuleCode, ObjectId};
+use yr_common::{Error, ErrorCode, ObjectId};
+use yr_proto::error_from_proto;
 use yr_proto::v1 as pb;
 
 use crate::function::{dependency_failed, Arg};
 use crate::object_store::{ObjectHandle, ObjectSlot, Outcome, Payload, StoredValue};
-
-/// An error for the wire.
-pub fn error_to_proto(error: &Error) -> pb::ErrorInfo {
-    pb::ErrorInfo {
-        code: error.code().number(),
-        module: error.module_code().number(),
-        message: error.message().to_string(),
-    }
-}
-
-/// An error from the wire. An unknown code is kept in the message of a 3003.
-pub fn error_from_proto(info: &pb::ErrorInfo) -> Error {
-    let module = ModuleCode::try_from_number(info.module).unwrap_or(ModuleCode::Core);
-    match ErrorCode::from_number(info.code) {
-        Some(code) => Error::with_module(code, module, info.message.clone()),
-        None => Error::with_module(
-            ErrorCode::InnerSystemError,
-            module,
-            format!(
-                "unknown error code {} from a peer: {}",
-                info.code, info.message
-            ),
-        ),
-    }
-}
 
 /// A reference for the wire. It is counted as sent out (see `borrows`): this process keeps the
 /// object (or its own borrow of it) until the receiver releases it. A borrowed reference names

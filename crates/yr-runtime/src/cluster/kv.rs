@@ -8,10 +8,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use tonic::transport::Channel;
 use yr_common::{Error, ErrorCode, Result};
-use yr_datasystem::kv::{validate_keys, validate_set};
-use yr_datasystem::wire::{error_from_proto, set_param_to_proto, timeout_to_ms};
+use yr_datasystem_core::kv::{validate_keys, validate_set};
+use yr_datasystem_core::wire::{set_param_to_proto, timeout_to_ms};
 use yr_proto::ds as pb;
 use yr_proto::ds::data_worker_client::DataWorkerClient;
+use yr_proto::error_from_proto;
 
 use super::data_channel::DataChannel;
 use super::ClusterBackend;
@@ -34,7 +35,7 @@ impl ClusterBackend {
     }
 }
 
-fn check(error: Option<pb::ErrorInfo>) -> Result<()> {
+fn check(error: Option<yr_proto::v1::ErrorInfo>) -> Result<()> {
     match error {
         Some(error) => Err(error_from_proto(&error)),
         None => Ok(()),

@@ -16,7 +16,7 @@ pub mod runtime_mode;
 mod shared_memory;
 mod stateless;
 pub mod stream;
-pub use yr_transport as transport;
+use yr_transport as transport;
 mod worker;
 
 use std::collections::HashMap;
@@ -26,6 +26,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tonic::transport::Channel;
 use yr_common::{ids, Config, Error, ErrorCode, InvokeOptions};
+use yr_proto::error_from_proto;
 use yr_proto::v1 as pb;
 use yr_proto::v1::worker_client::WorkerClient;
 
@@ -35,7 +36,7 @@ use crate::error::RuntimeError;
 use crate::function::{CreateSpec, MethodSpec, TaskSpec};
 use crate::object_store::{self, ObjectHandle};
 use bus::Bus;
-use convert::{args_to_proto, error_from_proto};
+use convert::args_to_proto;
 pub use discovery::find_node;
 use remote_instance::{InstanceObserver, OutCall, RemoteInstance};
 use stateless::StatelessSubmitter;
@@ -107,72 +108,6 @@ fn io_runtime() -> Result<
     Ok((handle, thread, stop))
 }
 
-/// The content key of the executable at `path`: a 128-bit hash of its bytes and its length, so
-/// that a node can tell whether its copy is the driver's and fetch the driver's otherwise. The
-/// hash is fast, not cryptographic: nodes trust their cluster. Results are cached per path, size
-/// and modification time.
-pub fn binary_hash(path: &std::path::Path) -> String {
-    /// (path, size, modification time) → content key.
-    type Cache = HashMap<(std::path::PathBuf, u64, u128), String>;
-    static CACHE: parking_lot::Mutex<Option<Cache>> = parking_lot::Mutex::new(None);
-    let Ok(metadata) = std::fs::metadata(path) else {
-        return String::new();
-    };
-    let modified = metadata
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let key = (path.to_path_buf(), metadata.len(), modified);
-    if let Some(hash) = CACHE.lock().get_or_insert_with(HashMap::new).get(&key) {
-        return hash.clone();
-    }
-    let Ok(bytes) = std::fs::read(path) else {
-        return String::new();
-    };
-    let hash = content_hash(&bytes);
-    CACHE
-        .lock()
-        .get_or_insert_with(HashMap::new)
-        .insert(key, hash.clone());
-    hash
-}
-
-fn content_hash(bytes: &[u8]) -> String {
-    const K1: u64 = 0x9e37_79b9_7f4a_7c15;
-    const K2: u64 = 0xc2b2_ae3d_27d4_eb4f;
-    let (mut a, mut b) = (
-        K1 ^ bytes.len() as u64,
-        K2.rotate_left(17) ^ bytes.len() as u64,
-    );
-    let mut chunks = bytes.chunks_exact(8);
-    for chunk in &mut chunks {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        let word = u64::from_le_bytes(word);
-        a = (a ^ word).wrapping_mul(K1).rotate_left(31);
-        b = (b ^ word.rotate_left(23)).wrapping_mul(K2).rotate_left(29);
-    }
-    for &byte in chunks.remainder() {
-        a = (a ^ u64::from(byte)).wrapping_mul(K1);
-        b = (b ^ u64::from(byte)).wrapping_mul(K2);
-    }
-    let mix = |mut x: u64| {
-        x ^= x >> 33;
-        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        x ^= x >> 33;
-        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-        x ^ (x >> 33)
-    };
-    format!(
-        "{:016x}{:016x}-{:x}",
-        mix(a ^ b.rotate_left(7)),
-        mix(b ^ a),
-        bytes.len()
-    )
-}
-
 /// This process's binary key: a runtime is told it by its node (`YR_BINARY_HASH`), a driver
 /// computes it.
 fn own_binary_hash(binary: &std::path::Path, is_runtime: bool) -> String {
@@ -181,7 +116,7 @@ fn own_binary_hash(binary: &std::path::Path, is_runtime: bool) -> String {
             return hash;
         }
     }
-    binary_hash(binary)
+    yr_common::binary_hash(binary)
 }
 
 /// Install the cluster token this process presents (and checks on its own sockets):

@@ -400,7 +400,7 @@ impl RemoteInstance {
                 let result = pb::CallResult {
                     call_id: call.call_id,
                     values: Vec::new(),
-                    error: Some(super::convert::error_to_proto(&error)),
+                    error: Some(yr_proto::error_to_proto(&error)),
                 };
                 if observer.on_result(call, &result) {
                     continue;

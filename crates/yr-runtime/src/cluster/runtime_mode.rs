@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 use yr_common::{Error, ErrorCode, InvokeOptions};
+use yr_proto::error_to_proto;
 use yr_proto::v1 as pb;
 
 use super::call_channel::CallExecutor;
-use super::convert::{args_from_proto, error_to_proto, result_to_proto};
+use super::convert::{args_from_proto, result_to_proto};
 use super::Inner;
 use crate::error::RuntimeError;
 use crate::function::{
@@ -59,10 +60,18 @@ pub struct RuntimeMode {
     instance: OnceLock<Arc<LocalInstance>>,
     done: Mutex<bool>,
     done_changed: Condvar,
+    /// Set once the process's yr state is in place (user code may call yr): init calls wait
+    /// for it, so no caller reaches the instance before then.
+    serving: Mutex<bool>,
+    serving_changed: Condvar,
 }
 
 impl RuntimeMode {
     pub(crate) fn new(env: RuntimeEnv, inner: Weak<Inner>) -> Arc<RuntimeMode> {
+        crate::blocking::set_object_wait_observer(Arc::new(CpuLoan {
+            inner: inner.clone(),
+            waiting: Mutex::new(0),
+        }));
         Arc::new(RuntimeMode {
             env,
             inner,
@@ -70,11 +79,16 @@ impl RuntimeMode {
             instance: OnceLock::new(),
             done: Mutex::new(false),
             done_changed: Condvar::new(),
+            serving: Mutex::new(false),
+            serving_changed: Condvar::new(),
         })
     }
 
-    /// Serve until the node says to shut down, then exit the process.
+    /// Serve until the node says to shut down, then exit the process. Called once the
+    /// process's yr state is in place.
     pub fn serve_forever(&self) -> ! {
+        *self.serving.lock() = true;
+        self.serving_changed.notify_all();
         let mut done = self.done.lock();
         while !*done {
             self.done_changed.wait(&mut done);
@@ -117,6 +131,15 @@ impl RuntimeMode {
     }
 
     fn init(&self, init: pb::InitCall) {
+        // The node pushes the init call right after registration, which comes before the
+        // process's yr state is in place: user code (a constructor, or calls that follow the
+        // answer) must find yr initialized.
+        {
+            let mut serving = self.serving.lock();
+            while !*serving {
+                self.serving_changed.wait(&mut serving);
+            }
+        }
         tracing::debug!(instance = %init.instance_id, function = %init.function, stateless = init.stateless, "init call");
         let Some(inner) = self.inner.upgrade() else {
             return;
@@ -190,6 +213,43 @@ fn decode_options(instance_id: &str, bytes: &[u8]) -> Result<InvokeOptions, Erro
         }
         .into()
     })
+}
+
+/// Lends the instance's CPU back to the node while any of its threads waits for objects, so
+/// that the tasks it waits for can run there (nested tasks of any depth finish), and takes it
+/// back when the last wait ends. Messages go out in the order of the count's changes.
+struct CpuLoan {
+    inner: Weak<Inner>,
+    /// Threads waiting now.
+    waiting: Mutex<usize>,
+}
+
+impl CpuLoan {
+    fn tell(&self, blocked: bool) {
+        if let Some(inner) = self.inner.upgrade() {
+            inner
+                .bus
+                .send_oneway(pb::bus_request::Body::WaitState(pb::WaitState { blocked }));
+        }
+    }
+}
+
+impl crate::blocking::BlockingObserver for CpuLoan {
+    fn enter(&self) {
+        let mut waiting = self.waiting.lock();
+        *waiting += 1;
+        if *waiting == 1 {
+            self.tell(true);
+        }
+    }
+
+    fn exit(&self) {
+        let mut waiting = self.waiting.lock();
+        *waiting = waiting.saturating_sub(1);
+        if *waiting == 0 {
+            self.tell(false);
+        }
+    }
 }
 
 /// Where a call's results go: the caller's shared-memory pool and pid.

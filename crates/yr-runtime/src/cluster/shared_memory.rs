@@ -9,13 +9,12 @@ use std::sync::Arc;
 
 use tonic::transport::Channel;
 use yr_common::{Error, ObjectId, Result};
-use yr_datasystem::wire::error_from_proto;
 use yr_proto::ds as pb;
 use yr_proto::ds::object_store_client::ObjectStoreClient;
 use yr_proto::v1 as wire;
+use yr_proto::{error_from_proto, error_to_proto};
 
 use super::bus::Bus;
-use super::convert::error_to_proto;
 use super::data_channel::DataChannel;
 use crate::error::RuntimeError;
 use crate::object_store::Payload;
@@ -25,7 +24,7 @@ fn client(channel: Channel) -> ObjectStoreClient<Channel> {
     ObjectStoreClient::new(channel)
 }
 
-fn check(error: Option<pb::ErrorInfo>) -> Result<()> {
+fn check(error: Option<wire::ErrorInfo>) -> Result<()> {
     match error {
         Some(error) => Err(error_from_proto(&error)),
         None => Ok(()),

@@ -371,7 +371,7 @@ impl InstanceObserver for PoolObserver {
         if task.cancelled.load(Ordering::Acquire) {
             return false;
         }
-        let error = super::convert::error_from_proto(error);
+        let error = yr_proto::error_from_proto(error);
         if !task.budget.lock().should_retry(&error) {
             return false;
         }

@@ -21,12 +21,13 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 use tonic::transport::Channel;
 use yr_common::{Error, ErrorCode, Result};
-use yr_datasystem::stream::{validate_element, validate_stream_name};
-use yr_datasystem::wire::{
-    error_from_proto, producer_config_to_proto, subscription_type_to_proto, timeout_to_ms,
+use yr_datasystem_core::stream::{validate_element, validate_stream_name};
+use yr_datasystem_core::wire::{
+    producer_config_to_proto, subscription_type_to_proto, timeout_to_ms,
 };
 use yr_proto::ds as pb;
 use yr_proto::ds::data_worker_client::DataWorkerClient;
+use yr_proto::error_from_proto;
 
 use super::{transport, ClusterBackend};
 use crate::blocking;
@@ -68,7 +69,7 @@ impl ClusterBackend {
     }
 }
 
-fn check(error: Option<pb::ErrorInfo>) -> Result<()> {
+fn check(error: Option<yr_proto::v1::ErrorInfo>) -> Result<()> {
     match error {
         Some(error) => Err(error_from_proto(&error)),
         None => Ok(()),

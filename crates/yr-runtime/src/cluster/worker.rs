@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use tonic::{Request, Response, Status};
 use yr_common::{Error, ErrorCode, ObjectId};
+use yr_proto::error_to_proto;
 use yr_proto::v1 as pb;
 use yr_proto::v1::worker_server::Worker;
 
-use super::convert::{error_to_proto, value_to_proto_for};
+use super::convert::value_to_proto_for;
 use crate::object_store::{ObjectSlot, Outcome};
 
 /// The Worker service.

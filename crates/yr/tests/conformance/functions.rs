@@ -106,6 +106,39 @@ fn double_remotely(x: i64) -> Result<i64, yr::Error> {
     yr::get(&doubled, Duration::from_secs(5))
 }
 
+/// A whole CPU per level, so that a 2-core node holds only two levels at once unless blocked
+/// levels lend their CPU back.
+fn one_cpu() -> yr::InvokeOptions {
+    yr::InvokeOptions {
+        cpu: 1000,
+        ..Default::default()
+    }
+}
+
+/// Recurses `depth` levels (through [`descend_odd`]), each waiting for the next.
+#[yr::invoke]
+fn descend_even(depth: u32) -> Result<u32, yr::Error> {
+    if depth == 0 {
+        return Ok(0);
+    }
+    let deeper = yr::function(descend_odd)
+        .options(one_cpu())
+        .invoke((depth - 1,))?;
+    Ok(yr::get(&deeper, Duration::from_secs(60))? + 1)
+}
+
+/// The other half of [`descend_even`].
+#[yr::invoke]
+fn descend_odd(depth: u32) -> Result<u32, yr::Error> {
+    if depth == 0 {
+        return Ok(0);
+    }
+    let deeper = yr::function(descend_even)
+        .options(one_cpu())
+        .invoke((depth - 1,))?;
+    Ok(yr::get(&deeper, Duration::from_secs(60))? + 1)
+}
+
 /// Stores `value` and returns the reference.
 #[yr::invoke]
 fn put_inside(value: i64) -> Result<ObjectRef<i64>, yr::Error> {
@@ -482,4 +515,14 @@ fn user_errors_are_not_confused_with_results_of_other_calls() {
             assert_eq!(get(object), i as i64);
         }
     }
+}
+
+#[test]
+fn nested_tasks_ten_deep_finish_because_blocked_tasks_lend_their_cpu() {
+    let _session = support::session();
+    let top = yr::function(descend_even)
+        .options(one_cpu())
+        .invoke((10,))
+        .unwrap();
+    assert_eq!(yr::get(&top, Duration::from_secs(120)).unwrap(), 10);
 }

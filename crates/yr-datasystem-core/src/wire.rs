@@ -1,10 +1,10 @@
 //! Between the KV and stream types and the wire's (`yr.ds.v1`): write parameters, producer
-//! and subscription configurations, and errors. Shared by the data worker's service and the
-//! client in `yr-runtime`.
+//! and subscription configurations, and timeouts (errors: `yr_proto::error`). Shared by the data
+//! worker's service and the client in `yr-runtime`.
 
 use std::time::Duration;
 
-use yr_common::{Error, ErrorCode, ModuleCode};
+use yr_common::{Error, ErrorCode};
 use yr_proto::ds as pb;
 
 use crate::kv::{CacheType, Existence, SetParam, WriteMode};
@@ -109,31 +109,6 @@ pub fn set_param_from_proto(param: &pb::SetParam) -> Result<SetParam, Error> {
     })
 }
 
-/// An error for the wire.
-pub fn error_to_proto(error: &Error) -> pb::ErrorInfo {
-    pb::ErrorInfo {
-        code: error.code().number(),
-        module: error.module_code().number(),
-        message: error.message().to_string(),
-    }
-}
-
-/// An error from the wire. An unknown code is kept in the message of a 4299.
-pub fn error_from_proto(info: &pb::ErrorInfo) -> Error {
-    let module = ModuleCode::try_from_number(info.module).unwrap_or(ModuleCode::DataSystem);
-    match ErrorCode::from_number(info.code) {
-        Some(code) => Error::with_module(code, module, info.message.clone()),
-        None => Error::with_module(
-            ErrorCode::DatasystemFailed,
-            module,
-            format!(
-                "unknown error code {} from the data worker: {}",
-                info.code, info.message
-            ),
-        ),
-    }
-}
-
 /// A timeout for the wire, in milliseconds (saturating: `Duration::MAX` waits forever).
 pub fn timeout_to_ms(timeout: Duration) -> u64 {
     u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)
@@ -174,18 +149,5 @@ mod tests {
             set_param_from_proto(&bad).unwrap_err().code(),
             ErrorCode::ParamInvalid
         );
-    }
-
-    #[test]
-    fn errors_round_trip() {
-        let error = Error::new(ErrorCode::KeyAlreadyExist, "exists");
-        assert_eq!(error_from_proto(&error_to_proto(&error)), error);
-        let unknown = error_from_proto(&pb::ErrorInfo {
-            code: 1,
-            module: 30,
-            message: "odd".into(),
-        });
-        assert_eq!(unknown.code(), ErrorCode::DatasystemFailed);
-        assert!(unknown.message().contains("odd"));
     }
 }

@@ -1,7 +1,7 @@
 //! The stream store: openYuanrong's stream semantics (named pub/sub streams with producers,
 //! subscriptions, consumers and acks) over memory, for one node's data worker or for local
-//! mode. Where a stream lives in a cluster (its home node) is decided by the service
-//! ([`crate::service`]); this module owns only the streams that live here.
+//! mode. Where a stream lives in a cluster (its home node) is decided by the data worker's
+//! service (`yr_datasystem::service`); this module owns only the streams that live here.
 //!
 //! - **Elements** get ids from one counter per stream, starting at 1, in the order they are
 //!   sent. A batch from one producer is appended at once, so elements are FIFO per producer.
@@ -42,7 +42,7 @@ pub const MAX_RECEIVE_BYTES: usize = 16 * 1024 * 1024;
 ///
 /// ```
 /// use std::time::Duration;
-/// use yr_datasystem::stream::ProducerConfig;
+/// use yr_datasystem_core::stream::ProducerConfig;
 /// let config = ProducerConfig::default();
 /// assert_eq!(config.delay_flush_time, Duration::from_millis(5));
 /// assert_eq!(config.page_size, 1024 * 1024);
@@ -117,7 +117,7 @@ impl ProducerConfig {
 /// How the consumers of one subscription share its elements.
 ///
 /// ```
-/// use yr_datasystem::stream::SubscriptionType;
+/// use yr_datasystem_core::stream::SubscriptionType;
 /// assert_eq!(SubscriptionType::default(), SubscriptionType::Stream);
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -134,7 +134,7 @@ pub enum SubscriptionType {
 /// A consumer's subscription (openYuanrong's `SubscriptionConfig`).
 ///
 /// ```
-/// use yr_datasystem::stream::{SubscriptionConfig, SubscriptionType};
+/// use yr_datasystem_core::stream::{SubscriptionConfig, SubscriptionType};
 /// let shared = SubscriptionConfig::new("workers", SubscriptionType::RoundRobin);
 /// assert!(shared.validate().is_ok());
 /// assert_eq!(SubscriptionConfig::new("", SubscriptionType::Stream).validate().unwrap_err().code().number(), 1001);
@@ -426,7 +426,7 @@ struct StoreInner {
 ///
 /// ```
 /// use std::time::Duration;
-/// use yr_datasystem::stream::{ProducerConfig, StreamStore, SubscriptionConfig, SubscriptionType};
+/// use yr_datasystem_core::stream::{ProducerConfig, StreamStore, SubscriptionConfig, SubscriptionType};
 /// let store = StreamStore::new();
 /// let consumer = store.create_consumer("s", &SubscriptionConfig::new("sub", SubscriptionType::Stream)).unwrap();
 /// let producer = store.create_producer("s", &ProducerConfig::default()).unwrap();

@@ -65,7 +65,7 @@ const WRITE_LOCKS: usize = 64;
 /// Whether a write may replace an existing key.
 ///
 /// ```
-/// use yr_datasystem::kv::{Existence, KvStore, SetParam};
+/// use yr_datasystem_core::kv::{Existence, KvStore, SetParam};
 /// let store = KvStore::new();
 /// let nx = SetParam { existence: Existence::NX, ..SetParam::default() };
 /// store.set("k", "first".into(), &nx).unwrap();
@@ -84,7 +84,7 @@ pub enum Existence {
 /// Where a written value lives (openYuanrong's `WriteMode`).
 ///
 /// ```
-/// use yr_datasystem::kv::{KvStore, SetParam, WriteMode};
+/// use yr_datasystem_core::kv::{KvStore, SetParam, WriteMode};
 /// let store = KvStore::new(); // no second-level store: every mode keeps values in memory
 /// let durable = SetParam { write_mode: WriteMode::WriteThroughL2Cache, ..SetParam::default() };
 /// store.set("k", "v".into(), &durable).unwrap();
@@ -106,7 +106,7 @@ pub enum WriteMode {
 /// openYuanrong's cache type. Accepted; values are kept in memory either way.
 ///
 /// ```
-/// use yr_datasystem::kv::{CacheType, SetParam};
+/// use yr_datasystem_core::kv::{CacheType, SetParam};
 /// let param = SetParam { cache_type: CacheType::Disk, ..SetParam::default() };
 /// assert_eq!(SetParam::default().cache_type, CacheType::Memory);
 /// # let _ = param;
@@ -125,7 +125,7 @@ pub enum CacheType {
 ///
 /// ```
 /// use std::time::Duration;
-/// use yr_datasystem::kv::{KvStore, SetParam};
+/// use yr_datasystem_core::kv::{KvStore, SetParam};
 /// let store = KvStore::new();
 /// let brief = SetParam { ttl_second: 1, ..SetParam::default() };
 /// store.set("k", "v".into(), &brief).unwrap();
@@ -402,7 +402,7 @@ impl Default for KvStore {
 }
 
 /// Stops watching keys when dropped.
-pub(crate) struct Watch {
+pub struct Watch {
     shared: Weak<Shared>,
     id: u64,
     keys: Vec<String>,
@@ -784,7 +784,7 @@ impl KvStore {
     /// (`None`: no limit, the default). Writes already stored stay.
     ///
     /// ```
-    /// use yr_datasystem::kv::{KvStore, SetParam};
+    /// use yr_datasystem_core::kv::{KvStore, SetParam};
     /// let store = KvStore::new();
     /// store.set_quota(Some(10));
     /// store.set_for_job("job-a", "k", "12345".into(), &SetParam::default()).unwrap();
@@ -927,7 +927,7 @@ impl KvStore {
     }
 
     /// Call `waker` whenever one of `keys` is written, until the returned guard is dropped.
-    pub(crate) fn watch<S: AsRef<str>>(&self, keys: &[S], waker: Waker) -> Watch {
+    pub fn watch<S: AsRef<str>>(&self, keys: &[S], waker: Waker) -> Watch {
         let shared = &self.handle.shared;
         let id = shared.next_watch.fetch_add(1, Ordering::Relaxed);
         let keys: Vec<String> = keys.iter().map(|k| k.as_ref().to_string()).collect();
@@ -1104,7 +1104,7 @@ impl Drop for Handle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::l2::{DirectoryStore, L2Record};
+    use crate::l2::L2Record;
 
     fn param(mode: WriteMode) -> SetParam {
         SetParam {
@@ -1637,49 +1637,6 @@ mod tests {
             vec![bytes("v")]
         );
         thread.join().unwrap();
-    }
-
-    #[test]
-    fn a_directory_store_serves_write_through_values_to_a_new_store() {
-        let dir = std::env::temp_dir().join(format!("yr-kv-restart-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        {
-            let store = KvStore::with_l2(Arc::new(DirectoryStore::open(&dir).unwrap()));
-            store
-                .set(
-                    "wt",
-                    bytes("through"),
-                    &param(WriteMode::WriteThroughL2Cache),
-                )
-                .unwrap();
-            store
-                .set("wb", bytes("back"), &param(WriteMode::WriteBackL2Cache))
-                .unwrap();
-            store
-                .set("mem", bytes("memory"), &param(WriteMode::NoneL2Cache))
-                .unwrap();
-            store
-                .set(
-                    "ttl",
-                    bytes("expiring"),
-                    &SetParam {
-                        write_mode: WriteMode::WriteThroughL2Cache,
-                        ttl_second: 1,
-                        ..SetParam::default()
-                    },
-                )
-                .unwrap();
-            // Dropping the store drains its write-backs.
-        }
-        let store = KvStore::with_l2(Arc::new(DirectoryStore::open(&dir).unwrap()));
-        assert_eq!(
-            store.get(&["wt", "wb", "ttl"], SHORT).unwrap(),
-            vec![bytes("through"), bytes("back"), bytes("expiring")]
-        );
-        assert_eq!(store.exist(&["mem"]).unwrap(), vec![false]);
-        std::thread::sleep(Duration::from_millis(1100));
-        assert_eq!(store.exist(&["ttl", "wt"]).unwrap(), vec![false, true]);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

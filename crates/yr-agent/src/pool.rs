@@ -1,0 +1,480 @@
+//! The runtime pool: every runtime process the node started, whom it serves, and the warm pool
+//! of idle runtimes per driver binary.
+//!
+//! It is the only owner of that bookkeeping. Taking a warm runtime and counting idle ones are
+//! constant-time (an index of idle runtimes per binary), so creating an instance costs the same
+//! whether ten or ten thousand instances live. It starts and signals processes through a
+//! [`Spawner`], so it is tested without processes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+use yr_proto::v1 as pb;
+
+use crate::manager::{AgentError, RuntimeSpec};
+
+/// Starts and signals runtime processes. [`crate::RuntimeManager`] does it with real processes.
+pub trait Spawner: Send + Sync {
+    /// Start a runtime; returns its id and pid.
+    fn spawn(&self, spec: &RuntimeSpec) -> Result<(String, u32), AgentError>;
+    /// Send `signal`; false if the runtime is not running.
+    fn signal(&self, runtime_id: &str, signal: i32) -> bool;
+    /// The pid of a running runtime.
+    fn pid(&self, runtime_id: &str) -> Option<u32>;
+}
+
+/// Why a runtime could not be used: it ended before it connected (with its stderr's tail).
+pub type Unregistered = String;
+
+/// Resolves when a runtime connected to the bus, or failed to.
+pub type Registration = oneshot::Receiver<Result<(), Unregistered>>;
+
+struct Slot {
+    binary_hash: String,
+    /// The bus client it registered as.
+    client_id: Option<u64>,
+    /// Where it listens for calls.
+    address: String,
+    /// The instance it serves; `None` while it is warm.
+    instance_id: Option<String>,
+    last_ack: Instant,
+    hung: bool,
+    registered: Vec<oneshot::Sender<Result<(), Unregistered>>>,
+    init: Option<oneshot::Sender<pb::InitResult>>,
+}
+
+/// Idle runtimes of one binary: connected ones are taken first.
+#[derive(Default)]
+struct Idle {
+    connected: BTreeSet<String>,
+    starting: BTreeSet<String>,
+}
+
+impl Idle {
+    fn len(&self) -> usize {
+        self.connected.len() + self.starting.len()
+    }
+
+    fn remove(&mut self, runtime_id: &str) {
+        self.connected.remove(runtime_id);
+        self.starting.remove(runtime_id);
+    }
+
+    fn pop(&mut self) -> Option<String> {
+        self.connected
+            .pop_first()
+            .or_else(|| self.starting.pop_first())
+    }
+}
+
+#[derive(Default)]
+struct PoolState {
+    slots: HashMap<String, Slot>,
+    idle: HashMap<String, Idle>,
+}
+
+impl PoolState {
+    fn remove_idle(&mut self, binary_hash: &str, runtime_id: &str) {
+        if let Some(idle) = self.idle.get_mut(binary_hash) {
+            idle.remove(runtime_id);
+            if idle.len() == 0 {
+                self.idle.remove(binary_hash);
+            }
+        }
+    }
+}
+
+/// A runtime taken for an instance.
+pub struct Taken {
+    /// Its id.
+    pub runtime_id: String,
+    /// Set when it has not connected yet: resolves when it does (or ends).
+    pub registration: Option<Registration>,
+}
+
+/// What the pool knew about a runtime that ended.
+#[derive(Debug, PartialEq)]
+pub struct Ended {
+    /// The instance it served, if any.
+    pub instance_id: Option<String>,
+    /// Whether it had stopped answering heartbeats.
+    pub hung: bool,
+    /// Whether it had connected to the bus.
+    pub registered: bool,
+}
+
+/// Heartbeats to send and runtimes found hung, from one heartbeat round.
+#[derive(Debug, Default, PartialEq)]
+pub struct HeartbeatRound {
+    /// Bus clients to send a heartbeat.
+    pub beat: Vec<u64>,
+    /// Runtimes that missed their heartbeats (now marked hung).
+    pub hung: Vec<String>,
+}
+
+/// Every runtime the node started, and the warm pool.
+pub struct RuntimePool {
+    spawner: Arc<dyn Spawner>,
+    warm_size: usize,
+    state: Mutex<PoolState>,
+}
+
+impl RuntimePool {
+    /// A pool keeping `warm_size` idle runtimes per binary, started by `spawner`.
+    pub fn new(spawner: Arc<dyn Spawner>, warm_size: usize) -> RuntimePool {
+        RuntimePool {
+            spawner,
+            warm_size,
+            state: Mutex::new(PoolState::default()),
+        }
+    }
+
+    /// Start a runtime of `binary_hash`; it is idle until taken.
+    pub fn start(&self, binary_hash: &str, spec: &RuntimeSpec) -> Result<String, AgentError> {
+        let (runtime_id, _pid) = self.spawner.spawn(spec)?;
+        let mut state = self.state.lock();
+        state.slots.insert(
+            runtime_id.clone(),
+            Slot {
+                binary_hash: binary_hash.to_string(),
+                client_id: None,
+                address: String::new(),
+                instance_id: None,
+                last_ack: Instant::now(),
+                hung: false,
+                registered: Vec::new(),
+                init: None,
+            },
+        );
+        state
+            .idle
+            .entry(binary_hash.to_string())
+            .or_default()
+            .starting
+            .insert(runtime_id.clone());
+        Ok(runtime_id)
+    }
+
+    /// Start idle runtimes of `binary_hash` until the warm pool is full.
+    pub fn fill(&self, binary_hash: &str, spec: &RuntimeSpec) -> Result<(), AgentError> {
+        let idle = self
+            .state
+            .lock()
+            .idle
+            .get(binary_hash)
+            .map(Idle::len)
+            .unwrap_or(0);
+        for _ in idle..self.warm_size {
+            self.start(binary_hash, spec)?;
+        }
+        Ok(())
+    }
+
+    /// Take a runtime of `binary_hash` for `instance_id`: an idle one (connected ones first),
+    /// or a new one started from `spec`.
+    pub fn take(
+        &self,
+        binary_hash: &str,
+        spec: &RuntimeSpec,
+        instance_id: &str,
+    ) -> Result<Taken, AgentError> {
+        let warm = {
+            let mut state = self.state.lock();
+            let warm = state.idle.get_mut(binary_hash).and_then(Idle::pop);
+            if let Some(id) = &warm {
+                state.remove_idle(binary_hash, id);
+            }
+            warm
+        };
+        let runtime_id = match warm {
+            Some(id) => id,
+            None => {
+                let id = self.start(binary_hash, spec)?;
+                self.state.lock().remove_idle(binary_hash, &id);
+                id
+            }
+        };
+        let mut state = self.state.lock();
+        let Some(slot) = state.slots.get_mut(&runtime_id) else {
+            // It ended between start and take; the caller starts over.
+            let (sender, registration) = oneshot::channel();
+            let _ = sender.send(Err("it ended before it was used".to_string()));
+            return Ok(Taken {
+                runtime_id,
+                registration: Some(registration),
+            });
+        };
+        slot.instance_id = Some(instance_id.to_string());
+        let registration = if slot.client_id.is_some() {
+            None
+        } else {
+            let (sender, receiver) = oneshot::channel();
+            slot.registered.push(sender);
+            Some(receiver)
+        };
+        Ok(Taken {
+            runtime_id,
+            registration,
+        })
+    }
+
+    /// Runtime `runtime_id` connected as bus client `client_id`, listening at `address`. False
+    /// if the pool does not know it.
+    pub fn registered(&self, runtime_id: &str, client_id: u64, address: &str) -> bool {
+        let mut state = self.state.lock();
+        let Some(slot) = state.slots.get_mut(runtime_id) else {
+            return false;
+        };
+        slot.client_id = Some(client_id);
+        slot.address = address.to_string();
+        slot.last_ack = Instant::now();
+        for waiter in slot.registered.drain(..) {
+            let _ = waiter.send(Ok(()));
+        }
+        let idle = slot.instance_id.is_none() && !slot.hung;
+        let hash = slot.binary_hash.clone();
+        if idle {
+            if let Some(set) = state.idle.get_mut(&hash) {
+                if set.starting.remove(runtime_id) {
+                    set.connected.insert(runtime_id.to_string());
+                }
+            }
+        }
+        true
+    }
+
+    /// Expect the init call's answer from `runtime_id`: its bus client, its call address and
+    /// where the answer arrives. `None` if it ended.
+    pub fn expect_init(
+        &self,
+        runtime_id: &str,
+    ) -> Option<(u64, String, oneshot::Receiver<pb::InitResult>)> {
+        let mut state = self.state.lock();
+        let slot = state.slots.get_mut(runtime_id)?;
+        let (sender, receiver) = oneshot::channel();
+        slot.init = Some(sender);
+        Some((slot.client_id.unwrap_or(0), slot.address.clone(), receiver))
+    }
+
+    /// The init call's answer from `runtime_id`.
+    pub fn init_result(&self, runtime_id: &str, result: pb::InitResult) {
+        let waiter = self
+            .state
+            .lock()
+            .slots
+            .get_mut(runtime_id)
+            .and_then(|slot| slot.init.take());
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(result);
+        }
+    }
+
+    /// `runtime_id` answered a heartbeat.
+    pub fn heartbeat_ack(&self, runtime_id: &str) {
+        if let Some(slot) = self.state.lock().slots.get_mut(runtime_id) {
+            slot.last_ack = Instant::now();
+        }
+    }
+
+    /// Whom to send heartbeats, and which runtimes have been silent longer than `timeout` (they
+    /// are marked hung and leave the warm pool; the caller kills them).
+    pub fn heartbeat_round(&self, timeout: Duration) -> HeartbeatRound {
+        let mut round = HeartbeatRound::default();
+        let mut state = self.state.lock();
+        let mut newly_hung = Vec::new();
+        for (runtime_id, slot) in state.slots.iter_mut() {
+            let Some(client_id) = slot.client_id else {
+                continue;
+            };
+            if slot.last_ack.elapsed() > timeout && !slot.hung {
+                slot.hung = true;
+                newly_hung.push((slot.binary_hash.clone(), runtime_id.clone()));
+            } else {
+                round.beat.push(client_id);
+            }
+        }
+        for (hash, runtime_id) in newly_hung {
+            state.remove_idle(&hash, &runtime_id);
+            round.hung.push(runtime_id);
+        }
+        round
+    }
+
+    /// The bus client of `runtime_id`, if it connected.
+    pub fn client_of(&self, runtime_id: &str) -> Option<u64> {
+        self.state
+            .lock()
+            .slots
+            .get(runtime_id)
+            .and_then(|slot| slot.client_id)
+    }
+
+    /// The instance `runtime_id` serves.
+    pub fn instance_of(&self, runtime_id: &str) -> Option<String> {
+        self.state
+            .lock()
+            .slots
+            .get(runtime_id)
+            .and_then(|slot| slot.instance_id.clone())
+    }
+
+    /// Runtime `runtime_id` ended: forget it and tell whoever waits for it to connect.
+    pub fn ended(&self, runtime_id: &str, stderr_tail: &str) -> Option<Ended> {
+        let mut state = self.state.lock();
+        let slot = state.slots.remove(runtime_id)?;
+        state.remove_idle(&slot.binary_hash, runtime_id);
+        for waiter in slot.registered {
+            let _ = waiter.send(Err(stderr_tail.to_string()));
+        }
+        Some(Ended {
+            instance_id: slot.instance_id,
+            hung: slot.hung,
+            registered: slot.client_id.is_some(),
+        })
+    }
+
+    /// Send `signal` to `runtime_id`.
+    pub fn signal(&self, runtime_id: &str, signal: i32) -> bool {
+        self.spawner.signal(runtime_id, signal)
+    }
+
+    /// The pid of `runtime_id`.
+    pub fn pid(&self, runtime_id: &str) -> Option<u32> {
+        self.spawner.pid(runtime_id)
+    }
+
+    /// Idle runtimes of `binary_hash`.
+    pub fn idle(&self, binary_hash: &str) -> usize {
+        self.state
+            .lock()
+            .idle
+            .get(binary_hash)
+            .map(Idle::len)
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    /// Hands out ids; starts nothing.
+    #[derive(Default)]
+    struct Counter {
+        next: AtomicU32,
+        signals: Mutex<Vec<(String, i32)>>,
+    }
+
+    impl Spawner for Counter {
+        fn spawn(&self, _spec: &RuntimeSpec) -> Result<(String, u32), AgentError> {
+            let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+            Ok((format!("rt{n}"), 1000 + n))
+        }
+        fn signal(&self, runtime_id: &str, signal: i32) -> bool {
+            self.signals.lock().push((runtime_id.to_string(), signal));
+            true
+        }
+        fn pid(&self, _runtime_id: &str) -> Option<u32> {
+            None
+        }
+    }
+
+    fn spec() -> RuntimeSpec {
+        RuntimeSpec {
+            binary_path: PathBuf::from("/bin/true"),
+            args: Vec::new(),
+            job_id: "job".into(),
+            env: Vec::new(),
+        }
+    }
+
+    fn pool(warm: usize) -> (RuntimePool, Arc<Counter>) {
+        let spawner = Arc::new(Counter::default());
+        (RuntimePool::new(spawner.clone(), warm), spawner)
+    }
+
+    #[test]
+    fn fill_keeps_the_warm_pool_full_and_take_prefers_connected_runtimes() {
+        let (pool, spawner) = pool(2);
+        pool.fill("h", &spec()).unwrap();
+        pool.fill("h", &spec()).unwrap();
+        assert_eq!(spawner.next.load(Ordering::Relaxed), 2);
+        assert_eq!(pool.idle("h"), 2);
+        assert!(pool.registered("rt2", 7, "unix:/w2"));
+        let taken = pool.take("h", &spec(), "i1").unwrap();
+        assert_eq!(taken.runtime_id, "rt2");
+        assert!(taken.registration.is_none(), "it is connected already");
+        assert_eq!(pool.idle("h"), 1);
+        assert_eq!(pool.instance_of("rt2").as_deref(), Some("i1"));
+    }
+
+    #[tokio::test]
+    async fn a_taken_runtime_that_is_starting_resolves_when_it_connects() {
+        let (pool, _) = pool(0);
+        let taken = pool.take("h", &spec(), "i1").unwrap();
+        let registration = taken.registration.expect("not connected yet");
+        assert_eq!(
+            pool.idle("h"),
+            0,
+            "a runtime started for an instance is not idle"
+        );
+        pool.registered(&taken.runtime_id, 3, "unix:/w");
+        assert_eq!(registration.await.unwrap(), Ok(()));
+        let (client, address, _init) = pool.expect_init(&taken.runtime_id).unwrap();
+        assert_eq!((client, address.as_str()), (3, "unix:/w"));
+    }
+
+    #[tokio::test]
+    async fn a_runtime_that_ends_before_connecting_reports_its_stderr() {
+        let (pool, _) = pool(0);
+        let taken = pool.take("h", &spec(), "i1").unwrap();
+        let ended = pool.ended(&taken.runtime_id, "boom").unwrap();
+        assert_eq!(
+            ended,
+            Ended {
+                instance_id: Some("i1".into()),
+                hung: false,
+                registered: false
+            }
+        );
+        assert_eq!(
+            taken.registration.unwrap().await.unwrap(),
+            Err("boom".to_string())
+        );
+        assert!(pool.ended(&taken.runtime_id, "").is_none());
+    }
+
+    #[test]
+    fn silent_runtimes_are_marked_hung_once_and_leave_the_warm_pool() {
+        let (pool, _) = pool(1);
+        pool.fill("h", &spec()).unwrap();
+        pool.registered("rt1", 9, "unix:/w");
+        let round = pool.heartbeat_round(Duration::from_secs(3600));
+        assert_eq!(round.beat, vec![9]);
+        assert!(round.hung.is_empty());
+        let round = pool.heartbeat_round(Duration::ZERO);
+        assert_eq!(round.hung, vec!["rt1".to_string()]);
+        assert_eq!(pool.idle("h"), 0);
+        let round = pool.heartbeat_round(Duration::ZERO);
+        assert!(round.hung.is_empty(), "a hung runtime is reported once");
+    }
+
+    #[test]
+    fn taking_costs_the_same_with_many_busy_runtimes() {
+        let (pool, _) = pool(0);
+        for i in 0..10_000 {
+            pool.take("h", &spec(), &format!("i{i}")).unwrap();
+        }
+        pool.fill("other", &spec()).unwrap();
+        // Only the idle index is consulted: nothing here walks the 10,000 busy runtimes.
+        assert_eq!(pool.idle("h"), 0);
+        let taken = pool.take("h", &spec(), "last").unwrap();
+        assert_eq!(taken.runtime_id, "rt10001");
+    }
+}

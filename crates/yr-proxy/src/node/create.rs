@@ -1,0 +1,561 @@
+//! Creating an instance: admit it to the table, reserve resources (here, or on the node the
+//! master picks), make its code available, take a runtime, run its constructor, and tell its
+//! subscribers. NEW → SCHEDULING → CREATING → RUNNING, or a failure state with the error
+//! callers get.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use yr_agent::RuntimeSpec;
+use yr_common::{Error, ErrorCode, InvokeOptions};
+use yr_proto::error_from_proto;
+use yr_proto::v1 as pb;
+use yr_proto::v1::InstanceState as S;
+
+use super::{error_notify, Node};
+use crate::instance_table::{Admitted, Instance, Subscriber};
+use crate::resources::Amount;
+
+/// How long after taking a warm runtime the node starts its replacement, so that starting the
+/// replacement process does not compete with this instance's start and first call (measured:
+/// warm creation p50 4.0-4.5 ms with an immediate refill, 2.1-2.5 ms with this delay).
+const WARM_POOL_REFILL_DELAY: Duration = Duration::from_millis(20);
+
+/// The first and the longest wait between asking the master again for a node with room.
+const MASTER_ASK_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(2));
+
+/// How long to wait for a runtime that failed to start to be reaped, for its stderr.
+const REAP_WAIT: Duration = Duration::from_secs(2);
+
+/// Where an instance runs.
+enum Placement {
+    /// Here; resources are reserved.
+    Local,
+    /// On another node.
+    Remote { node_id: String, address: String },
+}
+
+impl Node {
+    /// Handle a create: validate, record it and answer at once; the outcome is notified to
+    /// `subscriber` later.
+    pub fn create(
+        self: &Arc<Self>,
+        request: pb::CreateRequest,
+        subscriber: Subscriber,
+    ) -> Result<pb::CreateResponse, Error> {
+        let options: InvokeOptions = rmp_serde::from_slice(&request.options).map_err(|e| {
+            Error::new(
+                ErrorCode::ParamInvalid,
+                format!("the create's options cannot be decoded: {e}"),
+            )
+        })?;
+        options.validate()?;
+        // A create forwarded by another node was checked there, against its driver's functions.
+        if !request.stateless
+            && !request.function.is_empty()
+            && request.creator_node_id.is_empty()
+            && !self.code.has_function(&request.function)
+        {
+            return Err(Error::new(
+                ErrorCode::FunctionMetaNotFound,
+                format!(
+                    "function {} is not registered on node {}; annotate it with #[yr::instance] in the driver's binary",
+                    request.function, self.settings.node_id
+                ),
+            ));
+        }
+        // A client's create runs only a binary a driver registered here.
+        if request.creator_node_id.is_empty() {
+            self.check_create_binary(&request)?;
+        }
+        let instance_id = if request.designated_instance_id.is_empty() {
+            yr_common::ids::random_hex(20)
+        } else {
+            request.designated_instance_id.clone()
+        };
+        let name = options.name.clone().unwrap_or_default();
+        let namespace = if name.is_empty() {
+            String::new()
+        } else {
+            options.namespace.clone().unwrap_or_default()
+        };
+        let record = pb::InstanceRecord {
+            instance_id: instance_id.clone(),
+            function: request.function.clone(),
+            class_name: request.class_name.clone(),
+            state: S::New as i32,
+            node_id: self.settings.node_id.clone(),
+            job_id: request.job_id.clone(),
+            parent_instance_id: request.parent_instance_id.clone(),
+            detached: options.is_detached(),
+            options: request.options.clone(),
+            args: request.args,
+            stateless: request.stateless,
+            name,
+            namespace,
+            binary_path: request.binary_path,
+            binary_hash: request.binary_hash,
+            runtime_args: request.runtime_args,
+            creator_node_id: request.creator_node_id,
+            ..Default::default()
+        };
+        let instance = Instance::new(
+            record,
+            options,
+            subscriber.clone(),
+            request.creator_node_address,
+        );
+        let admitted = self.instances.admit(instance, || {
+            if self.limiter.lock().try_take() {
+                return Ok(());
+            }
+            Err(Error::new(
+                ErrorCode::CreateRateLimited,
+                format!(
+                    "create rate limited on local node {}: more than {} creates per second; retry later",
+                    self.settings.node_id, self.settings.create_rate.0
+                ),
+            ))
+        })?;
+        if let Admitted::Existing {
+            instance_id,
+            class_name,
+            record,
+        } = admitted
+        {
+            if record.state == S::Running as i32 {
+                self.notify_one(
+                    &subscriber,
+                    pb::InstanceNotify {
+                        instance_id: instance_id.clone(),
+                        state: S::Running as i32,
+                        runtime_address: record.runtime_address,
+                        error: None,
+                    },
+                );
+            }
+            return Ok(pb::CreateResponse {
+                instance_id,
+                existing: true,
+                class_name,
+            });
+        }
+        self.creates.fetch_add(1, Ordering::Relaxed);
+        self.spawn_start(instance_id.clone());
+        Ok(pb::CreateResponse {
+            instance_id,
+            existing: false,
+            class_name: request.class_name,
+        })
+    }
+
+    pub(super) fn spawn_start(self: &Arc<Self>, instance_id: String) {
+        let node = self.clone();
+        let future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            Box::pin(async move { node.schedule_and_start(instance_id).await });
+        tokio::spawn(future);
+    }
+
+    /// SCHEDULING → CREATING → RUNNING, or a failure state with the error callers get.
+    async fn schedule_and_start(self: Arc<Self>, instance_id: String) {
+        let outcome = match self.instances.transition(&instance_id, S::Scheduling, None) {
+            Ok(()) => self.try_start(&instance_id).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = outcome {
+            self.fail_instance(&instance_id, error).await;
+        }
+    }
+
+    async fn try_start(self: &Arc<Self>, instance_id: &str) -> Result<(), Error> {
+        let (request, timeout) = self
+            .instances
+            .with(instance_id, |i| {
+                (Amount::of(&i.options), i.options.schedule_timeout())
+            })
+            .ok_or_else(|| gone(instance_id))?;
+        if let Placement::Remote { node_id, address } =
+            self.place(instance_id, &request, timeout).await?
+        {
+            return self.forward(instance_id, node_id, address).await;
+        }
+        self.instances.transition(instance_id, S::Creating, None)?;
+        self.ensure_binary(instance_id).await?;
+        let (binary_hash, init) = self
+            .instances
+            .with(instance_id, |instance| {
+                let record = instance.record();
+                (
+                    record.binary_hash.clone(),
+                    pb::InitCall {
+                        instance_id: instance_id.to_string(),
+                        function: record.function.clone(),
+                        stateless: record.stateless,
+                        args: record.args.clone(),
+                        options: record.options.clone(),
+                        job_id: record.job_id.clone(),
+                    },
+                )
+            })
+            .ok_or_else(|| gone(instance_id))?;
+        let runtime_id = self.acquire_runtime(instance_id, &binary_hash).await?;
+        let pid = self.runtimes.pid(&runtime_id).unwrap_or(0);
+        self.instances.with_mut(instance_id, |instance| {
+            instance.runtime_id = Some(runtime_id.clone());
+            instance.set_runtime(String::new(), pid);
+        });
+        let (client_id, address, init_result) =
+            self.runtimes.expect_init(&runtime_id).ok_or_else(|| {
+                Error::new(
+                    ErrorCode::RuntimeManagerOperationError,
+                    format!("runtime {runtime_id} ended before it started instance {instance_id}"),
+                )
+            })?;
+        self.bus
+            .send(client_id, 0, pb::bus_response::Body::Init(init));
+        let result = match tokio::time::timeout(self.settings.init_timeout, init_result).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => {
+                return Err(Error::new(
+                    ErrorCode::UserFunctionException,
+                    format!(
+                        "the runtime of instance {instance_id} exited while its constructor ran"
+                    ),
+                ))
+            }
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorCode::InnerCommunication,
+                    format!(
+                        "the constructor of instance {instance_id} did not finish within {:?}",
+                        self.settings.init_timeout
+                    ),
+                ))
+            }
+        };
+        if let Some(error) = result.error {
+            return Err(error_from_proto(&error));
+        }
+        let killing = self
+            .instances
+            .with_mut(instance_id, |instance| {
+                instance.set_runtime(address.clone(), 0);
+                instance.killing
+            })
+            .ok_or_else(|| gone(instance_id))?;
+        if killing {
+            return Ok(());
+        }
+        self.instances.transition(instance_id, S::Running, None)?;
+        self.notify(
+            instance_id,
+            pb::InstanceNotify {
+                instance_id: instance_id.to_string(),
+                state: S::Running as i32,
+                runtime_address: address,
+                error: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Find where the instance runs: reserve resources here when they are free (the scheduler
+    /// wakes the request when they are released), or take the master's choice of another
+    /// node, asked at once and again with backoff. Waits up to `timeout` (then 1017 with the
+    /// last reason); a request larger than every node fails at once with 1006; a kill cancels
+    /// it (1017).
+    async fn place(
+        self: &Arc<Self>,
+        instance_id: &str,
+        request: &Amount,
+        timeout: Duration,
+    ) -> Result<Placement, Error> {
+        let Some((killing, cancel)) = self
+            .instances
+            .with(instance_id, |i| (i.killing, i.cancel.clone()))
+        else {
+            return Err(gone(instance_id));
+        };
+        if killing {
+            return Err(gone(instance_id));
+        }
+        let deadline = Instant::now() + timeout;
+        let mut ticket = self.scheduler.request(request);
+        let mut last_reason: Option<Error> = None;
+        let mut backoff = MASTER_ASK_BACKOFF.0;
+        let mut next_ask = Instant::now();
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                granted = &mut ticket.granted => {
+                    if granted.is_ok() {
+                        self.instances.with_mut(instance_id, |i| i.allocated = Some(request.clone()));
+                        return Ok(Placement::Local);
+                    }
+                    break Err(gone(instance_id));
+                }
+                () = cancel.notified() => break Err(gone(instance_id)),
+                () = tokio::time::sleep_until(deadline) => {
+                    let free = self.scheduler.resources().allocatable;
+                    let reason = match &last_reason {
+                        Some(error) => format!("{}: {}", error.code(), error.message()),
+                        None => format!("{}", ErrorCode::ResourceNotEnough),
+                    };
+                    break Err(Error::new(
+                        ErrorCode::ScheduleCanceled,
+                        format!(
+                            "the instance {instance_id} cannot be scheduled within {} ms: it needs {request}, node {} has {free} free; last reason: {reason}; free resources or raise schedule_timeout_ms",
+                            timeout.as_millis(),
+                            self.settings.node_id
+                        ),
+                    ));
+                }
+                () = tokio::time::sleep_until(next_ask) => {
+                    match self.master.schedule(request, vec![self.settings.node_id.clone()]).await {
+                        Ok((node_id, address)) => break Ok(Placement::Remote { node_id, address }),
+                        Err(error) if error.code() == ErrorCode::ResourceConfigError
+                            && !request.fits_in(&self.scheduler.resources().capacity) =>
+                        {
+                            break Err(error);
+                        }
+                        Err(error) => last_reason = Some(error),
+                    }
+                    next_ask = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(MASTER_ASK_BACKOFF.1);
+                }
+            }
+        };
+        // Not placed here: give the place in the queue up (or what it was granted meanwhile).
+        self.scheduler.withdraw(ticket.id, request);
+        outcome
+    }
+
+    /// Hand the instance to the node at `address`; relay its notifications to this node's
+    /// subscribers until it ends.
+    async fn forward(
+        self: &Arc<Self>,
+        instance_id: &str,
+        node_id: String,
+        address: String,
+    ) -> Result<(), Error> {
+        let request = self
+            .instances
+            .with_mut(instance_id, |instance| {
+                instance.forward_to(&node_id, &address);
+                let record = instance.record();
+                pb::CreateRequest {
+                    function: record.function.clone(),
+                    stateless: record.stateless,
+                    args: record.args.clone(),
+                    options: record.options.clone(),
+                    job_id: record.job_id.clone(),
+                    class_name: record.class_name.clone(),
+                    parent_instance_id: record.parent_instance_id.clone(),
+                    binary_path: record.binary_path.clone(),
+                    binary_hash: record.binary_hash.clone(),
+                    runtime_args: record.runtime_args.clone(),
+                    designated_instance_id: instance_id.to_string(),
+                    creator_node_id: self.settings.node_id.clone(),
+                    creator_node_address: self.settings.node_address.clone(),
+                }
+            })
+            .ok_or_else(|| gone(instance_id))?;
+        tracing::info!(instance = %instance_id, node = %node_id, "placing the instance on another node");
+        let channel = yr_transport::connect(&address, ErrorCode::InnerCommunication).await?;
+        let mut client = pb::node_client::NodeClient::new(channel)
+            .max_decoding_message_size(yr_transport::max_message_bytes())
+            .max_encoding_message_size(yr_transport::max_message_bytes());
+        let mut notifications = client
+            .create(request)
+            .await
+            .map_err(|status| {
+                Error::new(
+                    status_code(&status),
+                    format!(
+                        "node {node_id} refused instance {instance_id}: {}",
+                        status.message()
+                    ),
+                )
+            })?
+            .into_inner();
+        let node = self.clone();
+        let id = instance_id.to_string();
+        tokio::spawn(async move {
+            use tokio_stream::StreamExt;
+            loop {
+                match notifications.next().await {
+                    Some(Ok(notify)) => {
+                        let state = S::try_from(notify.state).unwrap_or(S::Fatal);
+                        node.instances.with_mut(&id, |i| i.mirror(&notify));
+                        node.notify(&id, notify.clone());
+                        if matches!(state, S::Exited | S::Fatal) {
+                            node.forget_forwarded(&id);
+                            return;
+                        }
+                    }
+                    Some(Err(_)) | None => {
+                        let error = Error::new(
+                            ErrorCode::InstanceExited,
+                            format!(
+                                "instance {id} ran on node {node_id}, which is no longer reachable"
+                            ),
+                        );
+                        node.notify(&id, error_notify(&id, S::Fatal, &error));
+                        node.forget_forwarded(&id);
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// A forwarded instance ended on the node that ran it.
+    fn forget_forwarded(&self, instance_id: &str) {
+        if let Some(instance) = self.instances.remove(instance_id) {
+            for waiter in instance.exit_waiters {
+                let _ = waiter.send(());
+            }
+        }
+    }
+
+    /// Make sure this node can start the instance's binary: known already, the same file on
+    /// this machine (hashed off the async threads), or fetched by content key from the node
+    /// that created it (2001 if not).
+    async fn ensure_binary(self: &Arc<Self>, instance_id: &str) -> Result<(), Error> {
+        let (hash, path, args, job_id, creator) = self
+            .instances
+            .with(instance_id, |instance| {
+                let record = instance.record();
+                (
+                    record.binary_hash.clone(),
+                    PathBuf::from(&record.binary_path),
+                    record.runtime_args.clone(),
+                    record.job_id.clone(),
+                    instance.creator_address.clone(),
+                )
+            })
+            .ok_or_else(|| gone(instance_id))?;
+        if self.code.has_binary(&hash) {
+            return Ok(());
+        }
+        let spec = |binary_path: PathBuf| RuntimeSpec {
+            binary_path,
+            args: args.clone(),
+            job_id: job_id.clone(),
+            env: vec![("YR_BINARY_HASH".into(), hash.clone())],
+        };
+        if !self.settings.fetch_binaries {
+            let local = path.clone();
+            let same = tokio::task::spawn_blocking(move || {
+                if local.is_file() {
+                    yr_common::binary_hash(&local)
+                } else {
+                    String::new()
+                }
+            })
+            .await
+            .unwrap_or_default();
+            if same == hash {
+                self.code.add_binary(&hash, spec(path));
+                return Ok(());
+            }
+        }
+        let dir = self.settings.session_dir.join("binaries");
+        let fetched = yr_agent::fetch_binary(&dir, &hash, &creator)
+            .await
+            .map_err(|reason| {
+                Error::new(
+                    ErrorCode::UserCodeLoad,
+                    format!(
+                        "the code of instance {instance_id} (binary {hash}) is not on node {} and could not be fetched from {creator}: {reason}",
+                        self.settings.node_id
+                    ),
+                )
+            })?;
+        self.code.add_binary(&hash, spec(fetched));
+        Ok(())
+    }
+
+    /// Start idle runtimes of `binary_hash` until the warm pool is full.
+    pub(super) fn fill_warm_pool(&self, binary_hash: &str) {
+        let Some(spec) = self.code.binary(binary_hash) else {
+            return;
+        };
+        if let Err(error) = self.runtimes.fill(binary_hash, &spec) {
+            tracing::warn!(%error, "could not start a warm runtime");
+        }
+    }
+
+    /// Take a runtime for `instance_id`: a warm one, or a new one. Waits until it is connected.
+    async fn acquire_runtime(
+        self: &Arc<Self>,
+        instance_id: &str,
+        binary_hash: &str,
+    ) -> Result<String, Error> {
+        let spec = self.code.binary(binary_hash).ok_or_else(|| {
+            Error::new(
+                ErrorCode::UserCodeLoad,
+                format!(
+                    "the binary {binary_hash} of instance {instance_id} is not known to node {}",
+                    self.settings.node_id
+                ),
+            )
+        })?;
+        let taken = self.runtimes.take(binary_hash, &spec, instance_id)?;
+        let node = self.clone();
+        let hash = binary_hash.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(WARM_POOL_REFILL_DELAY).await;
+            node.fill_warm_pool(&hash);
+        });
+        let runtime_id = taken.runtime_id;
+        let Some(mut registration) = taken.registration else {
+            return Ok(runtime_id);
+        };
+        let why = match tokio::time::timeout(self.settings.runtime_start_timeout, &mut registration)
+            .await
+        {
+            Ok(Ok(Ok(()))) => return Ok(runtime_id),
+            Ok(Ok(Err(stderr_tail))) => {
+                format!(
+                    "exited before it connected to the node; its stderr ends with:\n{stderr_tail}"
+                )
+            }
+            Ok(Err(_)) => "ended before it connected to the node".to_string(),
+            Err(_) => {
+                self.runtimes.signal(&runtime_id, libc::SIGKILL);
+                // The reaper reports the end with what the process printed.
+                let tail = match tokio::time::timeout(REAP_WAIT, registration).await {
+                    Ok(Ok(Err(tail))) => tail,
+                    _ => yr_agent::tail(&self.agent.stderr_path(&runtime_id), 20),
+                };
+                format!(
+                    "did not connect within {:?}; its stderr ends with:\n{tail}",
+                    self.settings.runtime_start_timeout
+                )
+            }
+        };
+        Err(Error::new(
+            ErrorCode::RuntimeManagerOperationError,
+            format!("the runtime {runtime_id} of instance {instance_id} failed to start: it {why}"),
+        ))
+    }
+}
+
+/// The code of a failed gRPC call to another node.
+fn status_code(_status: &tonic::Status) -> ErrorCode {
+    ErrorCode::InnerCommunication
+}
+
+/// The error of an instance whose creation a kill cancelled.
+pub(super) fn gone(instance_id: &str) -> Error {
+    Error::new(
+        ErrorCode::ScheduleCanceled,
+        format!("the creation of instance {instance_id} was cancelled: it was killed"),
+    )
+}

@@ -1,0 +1,150 @@
+//! What runtimes tell the node: heartbeats and their answers, init results, that an instance
+//! blocked in `get`/`wait` (its CPU is lent back) or resumed, and that a runtime process ended.
+
+use std::sync::Arc;
+
+use yr_agent::RuntimeEvent;
+use yr_common::{Error, ErrorCode};
+use yr_proto::v1 as pb;
+use yr_proto::v1::InstanceState as S;
+
+use super::stop::exited_error;
+use super::Node;
+
+impl Node {
+    /// A runtime answered a heartbeat.
+    pub fn heartbeat_ack(&self, client_id: u64) {
+        if let Some(runtime_id) = self.bus.runtime_id(client_id) {
+            self.runtimes.heartbeat_ack(&runtime_id);
+        }
+    }
+
+    /// A runtime answered its init call.
+    pub fn init_result(&self, client_id: u64, result: pb::InitResult) {
+        if let Some(runtime_id) = self.bus.runtime_id(client_id) {
+            self.runtimes.init_result(&runtime_id, result);
+        }
+    }
+
+    /// The instance of runtime `client_id` blocked in `get`/`wait` (`blocked`), or resumed.
+    /// While blocked, the CPU it holds goes back to the scheduler, so the tasks it waits for
+    /// can run; on resuming it takes the CPU again.
+    pub fn wait_state(&self, client_id: u64, blocked: bool) {
+        let Some(instance_id) = self
+            .bus
+            .runtime_id(client_id)
+            .and_then(|runtime_id| self.runtimes.instance_of(&runtime_id))
+        else {
+            return;
+        };
+        let change = self
+            .instances
+            .with_mut(&instance_id, |instance| {
+                let held = instance.allocated.as_ref().map(|a| a.cpu).unwrap_or(0);
+                match (blocked, instance.lent_cpu) {
+                    (true, 0) if held > 0 => {
+                        instance.lent_cpu = held;
+                        Some((true, held))
+                    }
+                    (false, lent) if lent > 0 => {
+                        instance.lent_cpu = 0;
+                        Some((false, lent))
+                    }
+                    _ => None,
+                }
+            })
+            .flatten();
+        match change {
+            Some((true, cpu)) => self.scheduler.lend_cpu(cpu),
+            Some((false, cpu)) => self.scheduler.reclaim_cpu(cpu),
+            None => {}
+        }
+    }
+
+    /// Send heartbeats; kill runtimes that stopped answering.
+    pub fn heartbeat_round(&self) {
+        let round = self
+            .runtimes
+            .heartbeat_round(self.settings.heartbeat_timeout);
+        for client_id in round.beat {
+            self.bus.send(
+                client_id,
+                0,
+                pb::bus_response::Body::Heartbeat(pb::Heartbeat {}),
+            );
+        }
+        for runtime_id in round.hung {
+            tracing::warn!(runtime = %runtime_id, "runtime missed its heartbeats; killing it");
+            self.runtimes.signal(&runtime_id, libc::SIGCONT);
+            self.runtimes.signal(&runtime_id, libc::SIGKILL);
+        }
+    }
+
+    /// A runtime process ended.
+    pub async fn on_runtime_exit(self: &Arc<Self>, event: RuntimeEvent) {
+        let Some(ended) = self.runtimes.ended(&event.runtime_id, &event.stderr_tail) else {
+            return;
+        };
+        let Some(instance_id) = ended.instance_id else {
+            if !event.cause.is_clean_exit() {
+                tracing::warn!(runtime = %event.runtime_id, cause = %event.cause, stderr = %event.stderr_tail, "a warm runtime ended");
+            }
+            return;
+        };
+        let speaks = self.instances.with(&instance_id, |instance| {
+            // Only the instance's current runtime speaks for it: a runtime the node killed
+            // itself (a failed constructor, a restart) or that never connected (its start
+            // failure is reported where it was awaited) is not news.
+            let current = instance.runtime_id.as_deref() == Some(event.runtime_id.as_str());
+            let killed_before_start = instance.killing && instance.runtime_id.is_none();
+            (current || killed_before_start).then_some((instance.killing, instance.state()))
+        });
+        let Some(Some((killing, state_now))) = speaks else {
+            return;
+        };
+        if killing {
+            self.release(&instance_id);
+            self.finish_exit(&instance_id, &exited_error(&instance_id));
+            return;
+        }
+        if state_now == S::Fatal {
+            // The instance already failed (for example its constructor), and this is the node
+            // killing its runtime: callers keep the first error.
+            return;
+        }
+        let error = if ended.hung {
+            Error::new(
+                ErrorCode::UserFunctionException,
+                format!(
+                    "the runtime of instance {instance_id} stopped answering heartbeats for {:?} and was killed; check the user code for a hang",
+                    self.settings.heartbeat_timeout
+                ),
+            )
+        } else if event.cause.is_clean_exit() && state_now == S::Running {
+            Error::new(
+                ErrorCode::InstanceExited,
+                format!(
+                    "instance {instance_id} exited (its runtime {} ); create it again to call it",
+                    event.cause
+                ),
+            )
+        } else if !ended.registered {
+            Error::new(
+                ErrorCode::RuntimeManagerOperationError,
+                format!(
+                    "the runtime of instance {instance_id} failed to start: it {}; its stderr ends with:\n{}",
+                    event.cause, event.stderr_tail
+                ),
+            )
+        } else {
+            Error::new(
+                ErrorCode::UserFunctionException,
+                format!(
+                    "the runtime of instance {instance_id} crashed: it {}; its stderr ends with:\n{}",
+                    event.cause, event.stderr_tail
+                ),
+            )
+        };
+        self.fail_instance(&instance_id, error).await;
+    }
+}

@@ -1,0 +1,278 @@
+//! Ending instances: kills (shutdown hook within the grace period, then the process), the end
+//! of a job, failures (FATAL, or FAILED and a restart within `recover_retry_times`), and what
+//! an exit leaves: the record deleted, subscribers and waiters told, resources and attached
+//! children released.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::oneshot;
+use yr_common::{Error, ErrorCode};
+use yr_proto::v1 as pb;
+use yr_proto::v1::InstanceState as S;
+
+use super::{error_notify, Node};
+use crate::record_writer::instance_key;
+
+/// How a kill finds the instance's runtime.
+struct KillPlan {
+    /// The runtime, and its bus client unless a kill already told it.
+    runtime: Option<(String, Option<u64>)>,
+    grace: Duration,
+    exited: oneshot::Receiver<()>,
+    terminal: bool,
+    already: bool,
+}
+
+impl Node {
+    /// Kill an instance: shutdown hook within its grace period, then the process.
+    pub async fn kill(self: &Arc<Self>, instance_id: &str, wait: bool) -> Result<(), Error> {
+        if instance_id.is_empty() {
+            return Err(Error::new(
+                ErrorCode::InstanceIdEmpty,
+                "the instance id is empty; pass the id of a created instance",
+            ));
+        }
+        let forwarded = self
+            .instances
+            .with(instance_id, |i| i.forwarded_to.clone())
+            .flatten();
+        if let Some(address) = forwarded {
+            return self.kill_remote(&address, instance_id, wait).await;
+        }
+        let plan = self.instances.with_mut(instance_id, |instance| {
+            let (sender, exited) = oneshot::channel();
+            instance.exit_waiters.push(sender);
+            let already = std::mem::replace(&mut instance.killing, true);
+            instance.cancel.notify_one();
+            KillPlan {
+                runtime: instance.runtime_id.clone().map(|id| (id, None)),
+                grace: instance.options.graceful_shutdown_time(),
+                exited,
+                terminal: matches!(instance.state(), S::Fatal | S::ScheduleFailed),
+                already,
+            }
+        });
+        let Some(mut plan) = plan else {
+            return self.kill_elsewhere(instance_id, wait).await;
+        };
+        if let Some((runtime_id, client)) = &mut plan.runtime {
+            if !plan.already {
+                *client = self.runtimes.client_of(runtime_id);
+            }
+        }
+        if !plan.already {
+            if let Err(error) = self.instances.transition(instance_id, S::Exiting, None) {
+                if !plan.terminal && error.code() != ErrorCode::StateMachineError {
+                    tracing::warn!(instance = %instance_id, %error, "kill");
+                }
+            }
+            match plan.runtime {
+                Some((runtime_id, client)) => {
+                    if let Some(client_id) = client {
+                        self.bus.send(
+                            client_id,
+                            0,
+                            pb::bus_response::Body::Shutdown(pb::Shutdown {
+                                grace_period_ms: plan.grace.as_millis() as u64,
+                            }),
+                        );
+                    }
+                    let node = self.clone();
+                    let instance_id = instance_id.to_string();
+                    let grace = plan.grace;
+                    tokio::spawn(async move {
+                        tokio::time::sleep(grace + Duration::from_secs(1)).await;
+                        if node.runtimes.signal(&runtime_id, libc::SIGKILL) {
+                            tracing::info!(instance = %instance_id, "runtime outlived its grace period; killed");
+                        }
+                    });
+                }
+                None => {
+                    self.release(instance_id);
+                    self.finish_exit(instance_id, &exited_error(instance_id));
+                }
+            }
+        }
+        if wait {
+            let _ = tokio::time::timeout(plan.grace + Duration::from_secs(5), plan.exited).await;
+        }
+        Ok(())
+    }
+
+    /// Kill an instance that another node runs, found through the meta store.
+    async fn kill_elsewhere(&self, instance_id: &str, wait: bool) -> Result<(), Error> {
+        let not_found = || {
+            Error::new(
+                ErrorCode::InstanceNotFound,
+                format!("instance {instance_id} is not found: it was never created or it was killed; check the id"),
+            )
+        };
+        let record = match self.meta.get(&instance_key(instance_id)).await {
+            Ok(Some(kv)) => pb::InstanceRecord::decode(kv.value).map_err(|_| not_found())?,
+            Ok(None) => return Err(not_found()),
+            Err(error) => return Err(error.into()),
+        };
+        if record.node_id == self.settings.node_id {
+            return Err(not_found());
+        }
+        let node = match self.meta.get(&format!("/yr/node/{}", record.node_id)).await {
+            Ok(Some(kv)) => pb::NodeInfo::decode(kv.value).map_err(|_| not_found())?,
+            Ok(None) => return Err(not_found()),
+            Err(error) => return Err(error.into()),
+        };
+        self.kill_remote(&node.address, instance_id, wait).await
+    }
+
+    async fn kill_remote(&self, address: &str, instance_id: &str, wait: bool) -> Result<(), Error> {
+        let channel = yr_transport::connect(address, ErrorCode::InnerCommunication).await?;
+        pb::node_client::NodeClient::new(channel)
+            .kill(pb::KillRequest {
+                instance_id: instance_id.to_string(),
+                wait,
+                job_id: String::new(),
+                force: false,
+            })
+            .await
+            .map(|_| ())
+            .map_err(|status| {
+                Error::new(
+                    ErrorCode::InnerCommunication,
+                    format!(
+                        "the node at {address} did not kill instance {instance_id}: {}",
+                        status.message()
+                    ),
+                )
+            })
+    }
+
+    /// Kill every instance of `job_id` that is not detached (`finalize`, or the driver left).
+    pub async fn kill_job(self: &Arc<Self>, job_id: &str, wait: bool) {
+        let mut waits = Vec::new();
+        for id in self.instances.attached_of_job(job_id) {
+            let node = self.clone();
+            waits.push(tokio::spawn(async move { node.kill(&id, wait).await }));
+        }
+        for handle in waits {
+            let _ = handle.await;
+        }
+    }
+
+    fn kill_children(self: &Arc<Self>, parent: &str) {
+        for child in self.instances.children(parent) {
+            let node = self.clone();
+            tokio::spawn(async move {
+                let _ = node.kill(&child, false).await;
+            });
+        }
+    }
+
+    /// Give back what the instance holds of this node's resources (less the CPU it lent while
+    /// blocked, which is back already).
+    pub(super) fn release(&self, instance_id: &str) {
+        let held = self
+            .instances
+            .with_mut(instance_id, |i| {
+                let lent = std::mem::take(&mut i.lent_cpu);
+                i.allocated.take().map(|mut amount| {
+                    amount.cpu -= lent.min(amount.cpu);
+                    amount
+                })
+            })
+            .flatten();
+        if let Some(amount) = held {
+            self.scheduler.release(&amount);
+        }
+    }
+
+    /// The instance failed: FATAL (or FAILED and restarted with `recover_retry_times`).
+    pub(super) async fn fail_instance(self: &Arc<Self>, instance_id: &str, error: Error) {
+        let Some((runtime_id, can_recover, killing)) =
+            self.instances.with_mut(instance_id, |instance| {
+                let can_recover = instance.record().restarts < instance.options.recover_retry_times
+                    && !instance.killing
+                    && instance.state() == S::Running;
+                (instance.runtime_id.take(), can_recover, instance.killing)
+            })
+        else {
+            return;
+        };
+        if let Some(runtime_id) = runtime_id {
+            self.runtimes.signal(&runtime_id, libc::SIGKILL);
+        }
+        self.release(instance_id);
+        if killing {
+            self.finish_exit(instance_id, &error);
+            return;
+        }
+        if can_recover {
+            tracing::info!(instance = %instance_id, %error, "restarting the instance (recover_retry_times)");
+            self.instances.with_mut(instance_id, |i| i.count_restart());
+            match self
+                .instances
+                .transition(instance_id, S::Failed, Some(&error))
+            {
+                Ok(()) => {
+                    self.notify(instance_id, error_notify(instance_id, S::Failed, &error));
+                    self.spawn_start(instance_id.to_string());
+                    return;
+                }
+                // Callers get the state machine's error with the failure's.
+                Err(illegal) => return self.fatal(instance_id, &with_cause(illegal, &error)),
+            }
+        }
+        tracing::info!(instance = %instance_id, %error, "instance failed");
+        self.fatal(instance_id, &error);
+    }
+
+    /// FATAL with `error`: subscribers are told, attached children killed.
+    fn fatal(self: &Arc<Self>, instance_id: &str, error: &Error) {
+        let error = match self
+            .instances
+            .transition(instance_id, S::Fatal, Some(error))
+        {
+            Ok(()) => error.clone(),
+            Err(illegal) => with_cause(illegal, error),
+        };
+        self.notify(instance_id, error_notify(instance_id, S::Fatal, &error));
+        self.kill_children(instance_id);
+    }
+
+    /// EXITING → EXITED: delete the record, tell everyone, wake the waiters.
+    pub(super) fn finish_exit(self: &Arc<Self>, instance_id: &str, error: &Error) {
+        let Some(mut instance) = self.instances.remove(instance_id) else {
+            return;
+        };
+        let notify = error_notify(instance_id, S::Exited, error);
+        for subscriber in &instance.subscribers {
+            self.notify_one(subscriber, notify.clone());
+        }
+        for waiter in instance.exit_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        if instance.forwarded_to.is_none() {
+            self.records.delete(instance_id);
+        }
+        self.kill_children(instance_id);
+    }
+}
+
+/// The error of an instance that was killed or exited.
+pub(super) fn exited_error(instance_id: &str) -> Error {
+    Error::new(
+        ErrorCode::InstanceExited,
+        format!("instance occurs fatal error, cause by: (instance {instance_id} has been killed or exited.)"),
+    )
+}
+
+/// `illegal` (a refused transition), saying which failure it was refused for.
+fn with_cause(illegal: Error, cause: &Error) -> Error {
+    Error::new(
+        illegal.code(),
+        format!(
+            "{} (while recording this failure: {cause})",
+            illegal.message()
+        ),
+    )
+}
