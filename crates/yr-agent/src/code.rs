@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 use yr_common::ErrorCode;
 use yr_proto::v1 as pb;
 
-use crate::manager::{AgentError, RuntimeSpec};
+use crate::manager::RuntimeSpec;
 
 /// Binaries and functions known to this node.
 #[derive(Default)]
@@ -75,18 +75,8 @@ pub fn valid_binary_hash(hash: &str) -> bool {
 }
 
 /// Fetch binary `hash` from the node at `creator` into `dir` (once: a binary already there is
-/// reused). Returns its path, or [`AgentError::Fetch`] (3009) saying why it could not be fetched.
-pub async fn fetch_binary(dir: &Path, hash: &str, creator: &str) -> Result<PathBuf, AgentError> {
-    fetch(dir, hash, creator)
-        .await
-        .map_err(|reason| AgentError::Fetch {
-            hash: hash.to_string(),
-            creator: creator.to_string(),
-            reason,
-        })
-}
-
-async fn fetch(dir: &Path, hash: &str, creator: &str) -> Result<PathBuf, String> {
+/// reused). Returns its path, or why it could not be fetched.
+pub async fn fetch_binary(dir: &Path, hash: &str, creator: &str) -> Result<PathBuf, String> {
     use std::os::unix::fs::PermissionsExt;
     use tokio::io::AsyncWriteExt;
     use tokio_stream::StreamExt;
@@ -103,7 +93,7 @@ async fn fetch(dir: &Path, hash: &str, creator: &str) -> Result<PathBuf, String>
     if target.is_file() {
         return Ok(target);
     }
-    let channel = yr_transport::connect(creator, ErrorCode::FunctionAgentOperationError)
+    let channel = yr_transport::connect(creator, ErrorCode::UserCodeLoad)
         .await
         .map_err(|e| e.message().to_string())?;
     let mut client = pb::node_client::NodeClient::new(channel)

@@ -53,8 +53,9 @@ pub struct RuntimeEvent {
 }
 
 /// Errors of the function agent and runtime manager. Their codes are chosen in one place,
-/// [`AgentError::code`]: preparing an instance's files and fetching its code are the function
-/// agent's steps (3009), starting the process is the runtime manager's (3012).
+/// [`AgentError::code`]: preparing an instance's files is the function agent's step (3009),
+/// starting the process is the runtime manager's (3012). (A failed code download is the
+/// proxy's `ProxyError::CodeDownload`, also 3009.)
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The process could not be started.
@@ -79,31 +80,15 @@ pub enum AgentError {
         /// Why.
         source: std::io::Error,
     },
-    /// A driver's binary could not be fetched from the node that created the instance.
-    #[error(
-        "{reason}; check that the node at {creator} is running and reachable and that this \
-         node's session directory is writable"
-    )]
-    Fetch {
-        /// The binary's content key.
-        hash: String,
-        /// The node it was fetched from.
-        creator: String,
-        /// Why it failed.
-        reason: String,
-    },
 }
 
 impl AgentError {
     /// The code callers see: 3009 (`ERR_FUNCTION_AGENT_OPERATION_ERROR`) when the agent could
-    /// not prepare the instance (its log directory and files, or its code from another node),
-    /// 3012 (`ERR_RUNTIME_MANAGER_OPERATION_ERROR`) when the runtime process could not be
-    /// started.
+    /// not prepare the instance's files (its log directory and files), 3012
+    /// (`ERR_RUNTIME_MANAGER_OPERATION_ERROR`) when the runtime process could not be started.
     pub fn code(&self) -> ErrorCode {
         match self {
-            AgentError::Logs { .. } | AgentError::Fetch { .. } => {
-                ErrorCode::FunctionAgentOperationError
-            }
+            AgentError::Logs { .. } => ErrorCode::FunctionAgentOperationError,
             AgentError::Spawn { .. } => ErrorCode::RuntimeManagerOperationError,
         }
     }
@@ -331,20 +316,6 @@ mod tests {
         let error = Error::from(error);
         assert_eq!(error.code(), ErrorCode::FunctionAgentOperationError);
         assert!(error.message().contains("runtime logs"), "{error}");
-    }
-
-    #[tokio::test]
-    async fn a_binary_that_cannot_be_fetched_is_a_function_agent_failure() {
-        let dir = std::env::temp_dir().join(format!("yr-agent-fetch-{}", std::process::id()));
-        let hash = format!("{}-10", "0".repeat(32));
-        let error = crate::fetch_binary(&dir, &hash, "").await.unwrap_err();
-        let _ = std::fs::remove_dir_all(&dir);
-        let error = Error::from(error);
-        assert_eq!(error.code(), ErrorCode::FunctionAgentOperationError);
-        assert!(
-            error.message().contains("no node to fetch it from"),
-            "{error}"
-        );
     }
 
     #[tokio::test]

@@ -13,11 +13,12 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tonic::Status;
-use yr_common::{Error, ErrorCode, InvokeOptions};
+use yr_common::{Error, InvokeOptions};
 use yr_proto::error_to_proto;
 use yr_proto::v1 as pb;
 use yr_proto::v1::InstanceState as S;
 
+use crate::error::ProxyError;
 use crate::record_writer::RecordWriter;
 use crate::resources::Amount;
 use crate::state_machine;
@@ -202,10 +203,7 @@ impl InstanceTable {
             }
         }
         if tables.instances.contains_key(&id) {
-            return Err(Error::new(
-                ErrorCode::InstanceDuplicated,
-                format!("you are not allowed to create instance with the same instance id {id}, please kill it first"),
-            ));
+            return Err(ProxyError::DuplicateId(id).into());
         }
         admission()?;
         if let Some(key) = name {
@@ -247,10 +245,7 @@ impl InstanceTable {
         let record = {
             let mut tables = self.tables.lock();
             let Some(instance) = tables.instances.get_mut(id) else {
-                return Err(Error::new(
-                    ErrorCode::InstanceNotFound,
-                    format!("instance {id} is not on this node"),
-                ));
+                return Err(ProxyError::NotHere(id.to_string()).into());
             };
             if let Err(error) = state_machine::check(id, instance.state(), to) {
                 drop(tables);
@@ -366,6 +361,7 @@ impl InstanceTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use yr_common::ErrorCode;
 
     fn table() -> InstanceTable {
         let meta: Arc<dyn yr_meta::MetaStore> = Arc::new(yr_meta::EmbeddedStore::in_memory());

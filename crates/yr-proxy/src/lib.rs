@@ -7,6 +7,7 @@
 
 mod bus_service;
 mod client_bus;
+mod error;
 mod health;
 mod instance_table;
 mod master_link;
@@ -28,6 +29,7 @@ use tokio::net::{TcpListener, UnixListener};
 use yr_common::{Error, ErrorCode};
 use yr_proto::v1 as pb;
 
+pub use error::ProxyError;
 pub use node::{Node, NodeSettings};
 pub use resources::Amount;
 pub use state_machine::{allowed as transition_allowed, check as check_transition};

@@ -16,6 +16,7 @@ use yr_proto::v1 as pb;
 use yr_proto::v1::InstanceState as S;
 
 use super::{error_notify, Node};
+use crate::error::ProxyError;
 use crate::instance_table::{Admitted, Instance, Subscriber};
 use crate::resources::Amount;
 
@@ -47,12 +48,8 @@ impl Node {
         request: pb::CreateRequest,
         subscriber: Subscriber,
     ) -> Result<pb::CreateResponse, Error> {
-        let options: InvokeOptions = rmp_serde::from_slice(&request.options).map_err(|e| {
-            Error::new(
-                ErrorCode::ParamInvalid,
-                format!("the create's options cannot be decoded: {e}"),
-            )
-        })?;
+        let options: InvokeOptions = rmp_serde::from_slice(&request.options)
+            .map_err(|e| ProxyError::OptionsUndecodable(e.to_string()))?;
         options.validate()?;
         // A create forwarded by another node was checked there, against its driver's functions.
         if !request.stateless
@@ -60,13 +57,11 @@ impl Node {
             && request.creator_node_id.is_empty()
             && !self.code.has_function(&request.function)
         {
-            return Err(Error::new(
-                ErrorCode::FunctionMetaNotFound,
-                format!(
-                    "function {} is not registered on node {}; annotate it with #[yr::instance] in the driver's binary",
-                    request.function, self.settings.node_id
-                ),
-            ));
+            return Err(ProxyError::FunctionNotRegistered {
+                function: request.function,
+                node: self.settings.node_id.clone(),
+            }
+            .into());
         }
         // A client's create runs only a binary a driver registered here.
         if request.creator_node_id.is_empty() {
@@ -113,13 +108,11 @@ impl Node {
             if self.limiter.lock().try_take() {
                 return Ok(());
             }
-            Err(Error::new(
-                ErrorCode::CreateRateLimited,
-                format!(
-                    "create rate limited on local node {}: more than {} creates per second; retry later",
-                    self.settings.node_id, self.settings.create_rate.0
-                ),
-            ))
+            Err(ProxyError::CreateRateLimited {
+                node: self.settings.node_id.clone(),
+                rate: self.settings.create_rate.0,
+            }
+            .into())
         })?;
         if let Admitted::Existing {
             instance_id,
@@ -209,32 +202,24 @@ impl Node {
             instance.set_runtime(String::new(), pid);
         });
         let (client_id, address, init_result) =
-            self.runtimes.expect_init(&runtime_id).ok_or_else(|| {
-                Error::new(
-                    ErrorCode::RuntimeManagerOperationError,
-                    format!("runtime {runtime_id} ended before it started instance {instance_id}"),
-                )
-            })?;
+            self.runtimes
+                .expect_init(&runtime_id)
+                .ok_or_else(|| ProxyError::RuntimeStart {
+                    runtime: runtime_id.clone(),
+                    instance: instance_id.to_string(),
+                    why: "ended before it started the instance".into(),
+                })?;
         self.bus
             .send(client_id, 0, pb::bus_response::Body::Init(init));
         let result = match tokio::time::timeout(self.settings.init_timeout, init_result).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => {
-                return Err(Error::new(
-                    ErrorCode::UserFunctionException,
-                    format!(
-                        "the runtime of instance {instance_id} exited while its constructor ran"
-                    ),
-                ))
-            }
+            Ok(Err(_)) => return Err(ProxyError::ConstructorExited(instance_id.to_string()).into()),
             Err(_) => {
-                return Err(Error::new(
-                    ErrorCode::InnerCommunication,
-                    format!(
-                        "the constructor of instance {instance_id} did not finish within {:?}",
-                        self.settings.init_timeout
-                    ),
-                ))
+                return Err(ProxyError::ConstructorTimeout {
+                    instance: instance_id.to_string(),
+                    timeout: self.settings.init_timeout,
+                }
+                .into())
             }
         };
         if let Some(error) = result.error {
@@ -305,14 +290,15 @@ impl Node {
                         Some(error) => format!("{}: {}", error.code(), error.message()),
                         None => format!("{}", ErrorCode::ResourceNotEnough),
                     };
-                    break Err(Error::new(
-                        ErrorCode::ScheduleCanceled,
-                        format!(
-                            "the instance {instance_id} cannot be scheduled within {} ms: it needs {request}, node {} has {free} free; last reason: {reason}; free resources or raise schedule_timeout_ms",
-                            timeout.as_millis(),
-                            self.settings.node_id
-                        ),
-                    ));
+                    break Err(ProxyError::ScheduleTimeout {
+                        instance: instance_id.to_string(),
+                        timeout_ms: timeout.as_millis(),
+                        needs: request.to_string(),
+                        node: self.settings.node_id.clone(),
+                        free: free.to_string(),
+                        reason,
+                    }
+                    .into());
                 }
                 () = tokio::time::sleep_until(next_ask) => {
                     match self.master.schedule(request, vec![self.settings.node_id.clone()]).await {
@@ -372,14 +358,11 @@ impl Node {
         let mut notifications = client
             .create(request)
             .await
-            .map_err(|status| {
-                Error::new(
-                    status_code(&status),
-                    format!(
-                        "node {node_id} refused instance {instance_id}: {}",
-                        status.message()
-                    ),
-                )
+            .map_err(|status| ProxyError::ForwardRefused {
+                node: node_id.clone(),
+                instance: instance_id.to_string(),
+                message: status.message().to_string(),
+                code: status_code(&status),
             })?
             .into_inner();
         let node = self.clone();
@@ -398,12 +381,11 @@ impl Node {
                         }
                     }
                     Some(Err(_)) | None => {
-                        let error = Error::new(
-                            ErrorCode::InstanceExited,
-                            format!(
-                                "instance {id} ran on node {node_id}, which is no longer reachable"
-                            ),
-                        );
+                        let error: Error = ProxyError::NodeUnreachable {
+                            instance: id.clone(),
+                            node: node_id.clone(),
+                        }
+                        .into();
                         node.notify(&id, error_notify(&id, S::Fatal, &error));
                         node.forget_forwarded(&id);
                         return;
@@ -468,14 +450,12 @@ impl Node {
         let dir = self.settings.session_dir.join("binaries");
         let fetched = yr_agent::fetch_binary(&dir, &hash, &creator)
             .await
-            .map_err(|reason| {
-                Error::new(
-                    ErrorCode::UserCodeLoad,
-                    format!(
-                        "the code of instance {instance_id} (binary {hash}) is not on node {} and could not be fetched from {creator}: {reason}",
-                        self.settings.node_id
-                    ),
-                )
+            .map_err(|reason| ProxyError::CodeDownload {
+                instance: instance_id.to_string(),
+                hash: hash.clone(),
+                node: self.settings.node_id.clone(),
+                creator: creator.clone(),
+                reason,
             })?;
         self.code.add_binary(&hash, spec(fetched));
         Ok(())
@@ -497,15 +477,14 @@ impl Node {
         instance_id: &str,
         binary_hash: &str,
     ) -> Result<String, Error> {
-        let spec = self.code.binary(binary_hash).ok_or_else(|| {
-            Error::new(
-                ErrorCode::UserCodeLoad,
-                format!(
-                    "the binary {binary_hash} of instance {instance_id} is not known to node {}",
-                    self.settings.node_id
-                ),
-            )
-        })?;
+        let spec = self
+            .code
+            .binary(binary_hash)
+            .ok_or_else(|| ProxyError::UnknownBinary {
+                hash: binary_hash.to_string(),
+                instance: instance_id.to_string(),
+                node: self.settings.node_id.clone(),
+            })?;
         let taken = self.runtimes.take(binary_hash, &spec, instance_id)?;
         let node = self.clone();
         let hash = binary_hash.to_string();
@@ -540,10 +519,12 @@ impl Node {
                 )
             }
         };
-        Err(Error::new(
-            ErrorCode::RuntimeManagerOperationError,
-            format!("the runtime {runtime_id} of instance {instance_id} failed to start: it {why}"),
-        ))
+        Err(ProxyError::RuntimeStart {
+            runtime: runtime_id,
+            instance: instance_id.to_string(),
+            why,
+        }
+        .into())
     }
 }
 
@@ -554,8 +535,5 @@ fn status_code(_status: &tonic::Status) -> ErrorCode {
 
 /// The error of an instance whose creation a kill cancelled.
 pub(super) fn gone(instance_id: &str) -> Error {
-    Error::new(
-        ErrorCode::ScheduleCanceled,
-        format!("the creation of instance {instance_id} was cancelled: it was killed"),
-    )
+    ProxyError::CreationCancelled(instance_id.to_string()).into()
 }

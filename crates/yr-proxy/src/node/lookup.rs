@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use prost::Message;
 use tokio::time::Instant;
-use yr_common::{Error, ErrorCode};
+use yr_common::Error;
 use yr_proto::v1 as pb;
 use yr_proto::v1::InstanceState as S;
 
 use super::Node;
+use crate::error::ProxyError;
 use crate::instance_table::Subscriber;
 use crate::record_writer::{instance_key, named_key};
 
@@ -49,10 +50,7 @@ impl Node {
                 } else {
                     request.instance_id.clone()
                 };
-                return Err(Error::new(
-                    ErrorCode::InstanceNotFound,
-                    format!("failed to get instance {what}: no live instance; create it first or check the name and namespace"),
-                ));
+                return Err(ProxyError::NoLiveInstance(what).into());
             }
             let next_look = (Instant::now() + backoff).min(deadline);
             tokio::select! {

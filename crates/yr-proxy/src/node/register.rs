@@ -13,6 +13,7 @@ use yr_proto::v1 as pb;
 
 use super::Node;
 use crate::client_bus::Identity;
+use crate::error::ProxyError;
 
 impl Node {
     /// A client registered (1014 or 1001 if it is not what it says, and nothing is
@@ -121,14 +122,11 @@ impl Node {
         if self.code.has_binary(&request.binary_hash) {
             return Ok(());
         }
-        Err(Error::new(
-            ErrorCode::ParamInvalid,
-            format!(
-                "the create names binary {:?}, which no driver registered on node {}; create \
-                 instances from a driver (or runtime) connected to this node",
-                request.binary_hash, self.settings.node_id
-            ),
-        ))
+        Err(ProxyError::BinaryNotRegistered {
+            hash: request.binary_hash.clone(),
+            node: self.settings.node_id.clone(),
+        }
+        .into())
     }
 }
 

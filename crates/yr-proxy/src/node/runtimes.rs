@@ -4,12 +4,12 @@
 use std::sync::Arc;
 
 use yr_agent::RuntimeEvent;
-use yr_common::{Error, ErrorCode};
 use yr_proto::v1 as pb;
 use yr_proto::v1::InstanceState as S;
 
 use super::stop::exited_error;
 use super::Node;
+use crate::error::ProxyError;
 
 impl Node {
     /// A runtime answered a heartbeat.
@@ -113,38 +113,31 @@ impl Node {
             return;
         }
         let error = if ended.hung {
-            Error::new(
-                ErrorCode::UserFunctionException,
-                format!(
-                    "the runtime of instance {instance_id} stopped answering heartbeats for {:?} and was killed; check the user code for a hang",
-                    self.settings.heartbeat_timeout
-                ),
-            )
+            ProxyError::RuntimeHung {
+                instance: instance_id.clone(),
+                timeout: self.settings.heartbeat_timeout,
+            }
         } else if event.cause.is_clean_exit() && state_now == S::Running {
-            Error::new(
-                ErrorCode::InstanceExited,
-                format!(
-                    "instance {instance_id} exited (its runtime {} ); create it again to call it",
-                    event.cause
-                ),
-            )
+            ProxyError::RuntimeExited {
+                instance: instance_id.clone(),
+                cause: event.cause.to_string(),
+            }
         } else if !ended.registered {
-            Error::new(
-                ErrorCode::RuntimeManagerOperationError,
-                format!(
-                    "the runtime of instance {instance_id} failed to start: it {}; its stderr ends with:\n{}",
+            ProxyError::RuntimeStart {
+                runtime: event.runtime_id.clone(),
+                instance: instance_id.clone(),
+                why: format!(
+                    "{}; its stderr ends with:\n{}",
                     event.cause, event.stderr_tail
                 ),
-            )
+            }
         } else {
-            Error::new(
-                ErrorCode::UserFunctionException,
-                format!(
-                    "the runtime of instance {instance_id} crashed: it {}; its stderr ends with:\n{}",
-                    event.cause, event.stderr_tail
-                ),
-            )
+            ProxyError::RuntimeCrashed {
+                instance: instance_id.clone(),
+                cause: event.cause.to_string(),
+                stderr: event.stderr_tail.clone(),
+            }
         };
-        self.fail_instance(&instance_id, error).await;
+        self.fail_instance(&instance_id, error.into()).await;
     }
 }

@@ -13,6 +13,7 @@ use yr_proto::v1 as pb;
 use yr_proto::v1::InstanceState as S;
 
 use super::{error_notify, Node};
+use crate::error::ProxyError;
 use crate::record_writer::instance_key;
 
 /// How a kill finds the instance's runtime.
@@ -29,10 +30,7 @@ impl Node {
     /// Kill an instance: shutdown hook within its grace period, then the process.
     pub async fn kill(self: &Arc<Self>, instance_id: &str, wait: bool) -> Result<(), Error> {
         if instance_id.is_empty() {
-            return Err(Error::new(
-                ErrorCode::InstanceIdEmpty,
-                "the instance id is empty; pass the id of a created instance",
-            ));
+            return Err(ProxyError::EmptyId.into());
         }
         let forwarded = self
             .instances
@@ -103,12 +101,7 @@ impl Node {
 
     /// Kill an instance that another node runs, found through the meta store.
     async fn kill_elsewhere(&self, instance_id: &str, wait: bool) -> Result<(), Error> {
-        let not_found = || {
-            Error::new(
-                ErrorCode::InstanceNotFound,
-                format!("instance {instance_id} is not found: it was never created or it was killed; check the id"),
-            )
-        };
+        let not_found = || Error::from(ProxyError::NotFound(instance_id.to_string()));
         let record = match self.meta.get(&instance_key(instance_id)).await {
             Ok(Some(kv)) => pb::InstanceRecord::decode(kv.value).map_err(|_| not_found())?,
             Ok(None) => return Err(not_found()),
@@ -137,13 +130,12 @@ impl Node {
             .await
             .map(|_| ())
             .map_err(|status| {
-                Error::new(
-                    ErrorCode::InnerCommunication,
-                    format!(
-                        "the node at {address} did not kill instance {instance_id}: {}",
-                        status.message()
-                    ),
-                )
+                ProxyError::RemoteKill {
+                    address: address.to_string(),
+                    instance: instance_id.to_string(),
+                    message: status.message().to_string(),
+                }
+                .into()
             })
     }
 
@@ -260,10 +252,7 @@ impl Node {
 
 /// The error of an instance that was killed or exited.
 pub(super) fn exited_error(instance_id: &str) -> Error {
-    Error::new(
-        ErrorCode::InstanceExited,
-        format!("instance occurs fatal error, cause by: (instance {instance_id} has been killed or exited.)"),
-    )
+    ProxyError::Exited(instance_id.to_string()).into()
 }
 
 /// `illegal` (a refused transition), saying which failure it was refused for.
