@@ -121,6 +121,8 @@ impl Instance {
 }
 
 /// What [`InstanceTable::admit`] did with a create.
+// One value per create, moved once: boxing the record would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Admitted {
     /// A new instance.
     New,
