@@ -6,6 +6,9 @@
 //! run, fetched from other nodes by content key ([`CodeCatalog`], [`fetch_binary`]). It does not
 //! decide what runs where (the proxy does) and does not talk to runtimes (they connect to the
 //! proxy's bus).
+//!
+//! Its failures are [`AgentError`]s; [`AgentError::code`] is where each gets its seed code
+//! (3009 for the agent's own steps, 3012 for starting a runtime process).
 
 mod code;
 mod exit;

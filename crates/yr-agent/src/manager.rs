@@ -52,11 +52,17 @@ pub struct RuntimeEvent {
     pub stderr_tail: String,
 }
 
-/// Errors of the runtime manager.
+/// Errors of the function agent and runtime manager. Their codes are chosen in one place,
+/// [`AgentError::code`]: preparing an instance's files is the function agent's step (3009),
+/// starting the process is the runtime manager's (3012). (A failed code download is the
+/// proxy's `ProxyError::CodeDownload`, also 3009.)
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The process could not be started.
-    #[error("cannot start runtime {binary}: {source}")]
+    #[error(
+        "cannot start runtime {binary}: {source}; check that the file exists and is executable \
+         and that the node may start more processes"
+    )]
     Spawn {
         /// The executable.
         binary: String,
@@ -64,7 +70,10 @@ pub enum AgentError {
         source: std::io::Error,
     },
     /// The log directory could not be used.
-    #[error("cannot write runtime logs in {dir}: {source}")]
+    #[error(
+        "cannot write runtime logs in {dir}: {source}; check the node's disk space and that the \
+         session directory is writable"
+    )]
     Logs {
         /// The directory.
         dir: String,
@@ -73,9 +82,21 @@ pub enum AgentError {
     },
 }
 
+impl AgentError {
+    /// The code callers see: 3009 (`ERR_FUNCTION_AGENT_OPERATION_ERROR`) when the agent could
+    /// not prepare the instance's files (its log directory and files), 3012
+    /// (`ERR_RUNTIME_MANAGER_OPERATION_ERROR`) when the runtime process could not be started.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            AgentError::Logs { .. } => ErrorCode::FunctionAgentOperationError,
+            AgentError::Spawn { .. } => ErrorCode::RuntimeManagerOperationError,
+        }
+    }
+}
+
 impl From<AgentError> for Error {
     fn from(error: AgentError) -> Error {
-        Error::new(ErrorCode::RuntimeManagerOperationError, error.to_string())
+        Error::new(error.code(), error.to_string())
     }
 }
 
@@ -254,5 +275,61 @@ impl crate::pool::Spawner for RuntimeManager {
 
     fn pid(&self, runtime_id: &str) -> Option<u32> {
         RuntimeManager::pid(self, runtime_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manager(log_dir: PathBuf) -> RuntimeManager {
+        let (events, _) = mpsc::unbounded_channel();
+        RuntimeManager::new(
+            RuntimeManagerOptions {
+                log_dir,
+                bus_address: "unix:/nonexistent/bus.sock".to_string(),
+                node_id: "node-test".to_string(),
+                credentials_env: Vec::new(),
+            },
+            events,
+        )
+    }
+
+    fn spec(binary: &str) -> RuntimeSpec {
+        RuntimeSpec {
+            binary_path: PathBuf::from(binary),
+            args: Vec::new(),
+            job_id: "job-test".to_string(),
+            env: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unwritable_log_directory_is_a_function_agent_failure() {
+        let dir = std::env::temp_dir().join(format!("yr-agent-logs-{}", std::process::id()));
+        std::fs::write(&dir, b"a file, not a directory").unwrap();
+        let error = manager(dir.join("logs"))
+            .spawn(&spec("/bin/true"))
+            .unwrap_err();
+        std::fs::remove_file(&dir).unwrap();
+        assert!(matches!(error, AgentError::Logs { .. }), "{error}");
+        let error = Error::from(error);
+        assert_eq!(error.code(), ErrorCode::FunctionAgentOperationError);
+        assert!(error.message().contains("runtime logs"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_binary_that_cannot_run_is_a_runtime_manager_failure() {
+        let dir = std::env::temp_dir().join(format!("yr-agent-spawn-{}", std::process::id()));
+        let error = manager(dir.clone())
+            .spawn(&spec("/nonexistent/yr-runtime-binary"))
+            .unwrap_err();
+        let _ = std::fs::remove_dir_all(&dir);
+        let error = Error::from(error);
+        assert_eq!(error.code(), ErrorCode::RuntimeManagerOperationError);
+        assert!(
+            error.message().contains("/nonexistent/yr-runtime-binary"),
+            "{error}"
+        );
     }
 }

@@ -555,7 +555,18 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
                 if yr_transport::refused(&address) {
                     anyhow::anyhow!("{}", yr_transport::token_refused(&address))
                 } else {
-                    anyhow::anyhow!("the master at {address} did not answer: {}", s.message())
+                    let code =
+                        yr_transport::status_to_code(&s, yr_common::ErrorCode::InnerCommunication);
+                    anyhow::anyhow!(
+                        "{}",
+                        yr_common::Error::new(
+                            code,
+                            format!(
+                                "the master at {address} failed the status call: {}",
+                                s.message()
+                            )
+                        )
+                    )
                 }
             })
     })?;

@@ -18,9 +18,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use yr_common::{Error, ErrorCode, Result};
+use yr_common::{Error, Result};
 use yr_datasystem_core::l2::{L2Record, L2Store};
 
+use crate::error::DataSystemError;
 use crate::redis::RedisClient;
 
 /// The prefix of the Redis keys that hold KV values: key `k` is stored as `yr:kv:k`.
@@ -47,30 +48,18 @@ pub struct DirectoryStore {
 }
 
 /// A failed disk operation: 4204 if the disk is full (with `when_full`, what to do about it),
-/// otherwise 4203 (with `otherwise`).
+/// otherwise 4203 (with `otherwise`); see [`DataSystemError::disk`].
 pub(crate) fn disk_error(
     what: &str,
     path: &Path,
-    error: &std::io::Error,
-    when_full: &str,
-    otherwise: &str,
+    error: std::io::Error,
+    when_full: &'static str,
+    otherwise: &'static str,
 ) -> Error {
-    if error.kind() == ErrorKind::StorageFull {
-        return Error::new(
-            ErrorCode::InsufficientDiskSpace,
-            format!(
-                "cannot {what} {}: the disk is full ({error}); {when_full}",
-                path.display()
-            ),
-        );
-    }
-    Error::new(
-        ErrorCode::OperateDiskFailed,
-        format!("cannot {what} {}: {error}; {otherwise}", path.display()),
-    )
+    DataSystemError::disk(what, path.to_path_buf(), error, when_full, otherwise).into()
 }
 
-fn l2_disk_error(what: &str, path: &Path, error: &std::io::Error) -> Error {
+fn l2_disk_error(what: &str, path: &Path, error: std::io::Error) -> Error {
     disk_error(
         what,
         path,
@@ -173,8 +162,8 @@ impl DirectoryStore {
     /// created or written to. Removes temporary files a crash left behind.
     pub fn open(dir: impl Into<PathBuf>) -> Result<DirectoryStore> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|e| l2_disk_error("create", &dir, &e))?;
-        let entries = std::fs::read_dir(&dir).map_err(|e| l2_disk_error("read", &dir, &e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| l2_disk_error("create", &dir, e))?;
+        let entries = std::fs::read_dir(&dir).map_err(|e| l2_disk_error("read", &dir, e))?;
         for entry in entries.flatten() {
             if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
                 let _ = std::fs::remove_file(entry.path());
@@ -186,7 +175,7 @@ impl DirectoryStore {
         };
         // Prove the directory is writable now rather than at the first write-through.
         let probe = store.tmp_path();
-        File::create(&probe).map_err(|e| l2_disk_error("write to", &store.dir, &e))?;
+        File::create(&probe).map_err(|e| l2_disk_error("write to", &store.dir, e))?;
         let _ = std::fs::remove_file(&probe);
         Ok(store)
     }
@@ -211,12 +200,12 @@ impl DirectoryStore {
     fn sync_dir(&self) -> Result<()> {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
-            .map_err(|e| l2_disk_error("sync", &self.dir, &e))
+            .map_err(|e| l2_disk_error("sync", &self.dir, e))
     }
 
     /// The header of `key`'s file if it is `key`'s and has not expired; removes an expired one.
     fn live_header(&self, key: &str, file: &mut File, path: &Path) -> Result<Option<Header>> {
-        let header = read_header(file).map_err(|e| l2_disk_error("read", path, &e))?;
+        let header = read_header(file).map_err(|e| l2_disk_error("read", path, e))?;
         match header {
             Some(header) if header.key == key.as_bytes() => {
                 if expired(header.expires_at) {
@@ -257,7 +246,7 @@ impl L2Store for DirectoryStore {
             .and_then(|()| std::fs::rename(&tmp, &path));
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
-            return Err(l2_disk_error("write", &path, &e));
+            return Err(l2_disk_error("write", &path, e));
         }
         self.sync_dir()
     }
@@ -267,14 +256,14 @@ impl L2Store for DirectoryStore {
         let mut file = match File::open(&path) {
             Ok(file) => file,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(l2_disk_error("open", &path, &e)),
+            Err(e) => return Err(l2_disk_error("open", &path, e)),
         };
         let Some(header) = self.live_header(key, &mut file, &path)? else {
             return Ok(None);
         };
         let mut value = Vec::new();
         file.read_to_end(&mut value)
-            .map_err(|e| l2_disk_error("read", &path, &e))?;
+            .map_err(|e| l2_disk_error("read", &path, e))?;
         Ok(Some(L2Record {
             value: Bytes::from(value),
             expires_at: header.expires_at,
@@ -294,7 +283,7 @@ impl L2Store for DirectoryStore {
         match std::fs::remove_file(&path) {
             Ok(()) => self.sync_dir(),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(l2_disk_error("remove", &path, &e)),
+            Err(e) => Err(l2_disk_error("remove", &path, e)),
         }
     }
 
@@ -303,7 +292,7 @@ impl L2Store for DirectoryStore {
         let mut file = match File::open(&path) {
             Ok(file) => file,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(l2_disk_error("open", &path, &e)),
+            Err(e) => return Err(l2_disk_error("open", &path, e)),
         };
         Ok(self.live_header(key, &mut file, &path)?.is_some())
     }
@@ -375,6 +364,7 @@ mod tests {
     use yr_datasystem_core::kv::{KvStore, SetParam, WriteMode};
 
     use super::*;
+    use yr_common::ErrorCode;
 
     struct Scratch(PathBuf);
 

@@ -15,9 +15,13 @@
 //! (`yr-datasystem-core`), nor the client side of KV, streams and objects (that lives in
 //! `yr-runtime`), nor the choice of which of its objects an owner gives up (that is the
 //! owner's, see `yr_runtime::object_store`).
+//!
+//! The worker's own failures (disk, spill log, Redis, meta store, start and stop) are
+//! [`DataSystemError`]s; [`DataSystemError::code`] in [`error`] is where each gets its seed code.
 
 pub mod capability;
 pub mod data_port;
+pub mod error;
 pub mod l2;
 pub mod object_service;
 pub mod object_transfer;
@@ -35,6 +39,8 @@ use yr_common::Result;
 use yr_datasystem_core::kv::KvStore;
 use yr_datasystem_core::l2::L2Store;
 use yr_datasystem_core::stream;
+
+pub use error::DataSystemError;
 
 /// How a node's data worker is set up.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -105,11 +111,9 @@ impl DataWorker {
                     std::thread::sleep(shared_memory::RECLAIM_AFTER / 2);
                 }
             })
-            .map_err(|e| {
-                yr_common::Error::new(
-                    yr_common::ErrorCode::InnerSystemError,
-                    format!("cannot start the shared-memory reclaimer: {e}"),
-                )
+            .map_err(|e| DataSystemError::Start {
+                what: "shared-memory reclaimer thread",
+                detail: e.to_string(),
             })?;
         let kv = KvStore::with_l2(l2.clone());
         kv.set_quota(options.kv_quota_bytes);
@@ -170,17 +174,17 @@ impl DataWorker {
         token: yr_common::auth::ClusterToken,
         tls: Option<Arc<yr_transport::Tls>>,
     ) -> Result<()> {
-        let failed = |error: String| {
-            yr_common::Error::new(
-                yr_common::ErrorCode::InnerSystemError,
-                format!("cannot start the node's data port: {error}"),
-            )
-        };
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|error| failed(format!("it runs on a tokio runtime: {error}")))?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|error| {
+            DataSystemError::Bug(format!(
+                "the node's data port was started outside a tokio runtime: {error}"
+            ))
+        })?;
         self.transfer
             .serve(listener, token, tls, &runtime)
-            .map_err(|error| failed(error.to_string()))?;
+            .map_err(|error| DataSystemError::Start {
+                what: "data port",
+                detail: error.to_string(),
+            })?;
         let _ = self.data_address.set(advertised.clone());
         let transfer = self.transfer.clone();
         let node_id = self.shared_memory.pool_id().to_string();

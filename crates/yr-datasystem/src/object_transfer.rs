@@ -25,6 +25,7 @@ use yr_transport::Tls;
 
 use crate::capability::{Capability, CAPABILITY_LEN};
 use crate::data_port::{self, DataPort, RangeError, RangeRequest};
+use crate::error::DataSystemError;
 use crate::shared_memory::SharedMemoryStore;
 
 /// Where each node records its data port in the meta store: `<prefix><node id>` → `host:port`.
@@ -130,13 +131,12 @@ impl ObjectTransfer {
         )
         .await
         .map(drop)
-        .map_err(|error| {
-            Error::new(
-                ErrorCode::EtcdOperationError,
-                format!(
-                    "cannot record this node's data port {advertised} in the meta store: {error}"
-                ),
-            )
+        .map_err(|source| {
+            DataSystemError::Meta {
+                what: format!("cannot record this node's data port {advertised} in the meta store"),
+                source,
+            }
+            .into()
         })
     }
 
@@ -158,12 +158,13 @@ impl ObjectTransfer {
         let Some(meta) = self.meta.get() else {
             return Err(not_member("this node is not part of a cluster"));
         };
-        let recorded = meta.range(DATA_PORT_PREFIX).await.map_err(|error| {
-            Error::new(
-                ErrorCode::EtcdOperationError,
-                format!("cannot read the cluster's data ports from the meta store: {error}"),
-            )
-        })?;
+        let recorded =
+            meta.range(DATA_PORT_PREFIX)
+                .await
+                .map_err(|source| DataSystemError::Meta {
+                    what: "cannot read the cluster's data ports from the meta store".to_string(),
+                    source,
+                })?;
         let members: HashSet<String> = recorded
             .iter()
             .filter_map(|kv| std::str::from_utf8(&kv.value).ok().map(str::to_string))

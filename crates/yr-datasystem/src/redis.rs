@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use yr_common::{Error, ErrorCode, Result};
+use yr_common::{Error, Result};
+
+use crate::error::DataSystemError;
 
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -176,13 +178,12 @@ impl RedisClient {
     }
 
     fn failed(&self, what: &str, detail: impl std::fmt::Display) -> Error {
-        Error::new(
-            ErrorCode::RedisOperationError,
-            format!(
-                "Redis at {}: {what} failed: {detail}; check that Redis is running and reachable",
-                self.address
-            ),
-        )
+        DataSystemError::Redis {
+            address: self.address.clone(),
+            what: what.to_string(),
+            detail: detail.to_string(),
+        }
+        .into()
     }
 
     /// Send `commands` in one round trip and return their replies, in order. An error reply
@@ -313,6 +314,7 @@ impl std::fmt::Debug for RedisClient {
 mod tests {
     use super::*;
     use std::net::TcpListener;
+    use yr_common::ErrorCode;
 
     fn parse(text: &[u8]) -> std::io::Result<Reply> {
         read_reply(&mut std::io::Cursor::new(text.to_vec()))

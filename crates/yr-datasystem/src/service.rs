@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
-use yr_common::{Error, ErrorCode, Result};
+use yr_common::{Error, Result};
 use yr_proto::ds as pb;
 
 use yr_datasystem_core::kv::{self, KvStore};
@@ -19,6 +19,7 @@ use yr_datasystem_core::wire::{
 };
 use yr_proto::error_to_proto;
 
+use crate::error::DataSystemError;
 use crate::stream_service::StreamService;
 
 /// The DataWorker service.
@@ -52,12 +53,9 @@ impl DataWorkerService {
 pub(crate) async fn blocking<T: Send + 'static>(
     call: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    tokio::task::spawn_blocking(call).await.map_err(|e| {
-        Error::new(
-            ErrorCode::InnerSystemError,
-            format!("a call failed inside the data worker: {e}"),
-        )
-    })?
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|e| Error::from(DataSystemError::from_join(&e)))?
 }
 
 /// The values of `keys`, waiting up to `timeout` for keys not written yet.
@@ -376,6 +374,7 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
 mod tests {
     use super::*;
     use pb::data_worker_server::DataWorker;
+    use yr_common::ErrorCode;
     use yr_datasystem_core::kv::SetParam;
 
     fn service() -> DataWorkerService {

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use parking_lot::Mutex;
 use yr_common::{Error, ErrorCode, ObjectId, Result};
 
+use crate::error::DataSystemError;
 use crate::l2::disk_error;
 
 const MAGIC: &[u8; 8] = b"YRSPILL1";
@@ -73,18 +74,16 @@ pub struct SpillStore {
     state: Mutex<State>,
 }
 
-fn metadata_error(what: &str, path: &Path, error: &std::io::Error) -> Error {
-    Error::new(
-        ErrorCode::RocksdbFailed,
-        format!(
-            "cannot {what} the spill metadata log {}: {error}; check the node's disk and that \
-             --spill-dir is writable",
-            path.display()
-        ),
-    )
+fn metadata_error(what: &'static str, path: &Path, error: std::io::Error) -> Error {
+    DataSystemError::SpillLog {
+        what,
+        path: path.to_path_buf(),
+        source: error,
+    }
+    .into()
 }
 
-fn spill_disk_error(what: &str, path: &Path, error: &std::io::Error) -> Error {
+fn spill_disk_error(what: &str, path: &Path, error: std::io::Error) -> Error {
     disk_error(
         what,
         path,
@@ -209,16 +208,10 @@ impl SpillStore {
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(error) if error.kind() == ErrorKind::NotFound => return Ok(()),
-            Err(error) => return Err(metadata_error("read", &path, &error)),
+            Err(error) => return Err(metadata_error("read", &path, error)),
         };
         if !bytes.starts_with(MAGIC) {
-            return Err(Error::new(
-                ErrorCode::RocksdbFailed,
-                format!(
-                    "{} is not a spill metadata log; move it away or choose another --spill-dir",
-                    path.display()
-                ),
-            ));
+            return Err(DataSystemError::NotASpillLog { path }.into());
         }
         let (records, parsed) = parse(&bytes[MAGIC.len()..]);
         if parsed + MAGIC.len() < bytes.len() {
@@ -279,7 +272,7 @@ impl SpillStore {
             File::open(&self.dir)?.sync_all()?;
             OpenOptions::new().append(true).open(&path)
         };
-        let log = write().map_err(|error| metadata_error("rewrite", &path, &error))?;
+        let log = write().map_err(|error| metadata_error("rewrite", &path, error))?;
         state.log = Some(log);
         tracing::info!(
             dir = %self.dir.display(),
@@ -294,28 +287,28 @@ impl SpillStore {
     fn log<'a>(&self, state: &'a mut State) -> Result<&'a mut File> {
         if state.log.is_none() {
             std::fs::create_dir_all(&self.dir).map_err(|error| {
-                spill_disk_error("create the spill directory", &self.dir, &error)
+                spill_disk_error("create the spill directory", &self.dir, error)
             })?;
             let path = self.log_path();
             let mut file = OpenOptions::new()
                 .append(true)
                 .create(true)
                 .open(&path)
-                .map_err(|error| metadata_error("create", &path, &error))?;
+                .map_err(|error| metadata_error("create", &path, error))?;
             let empty = file.metadata().map(|m| m.len() == 0).unwrap_or(false);
             if empty {
                 file.write_all(MAGIC)
                     .and_then(|()| file.sync_data())
-                    .map_err(|error| metadata_error("start", &path, &error))?;
+                    .map_err(|error| metadata_error("start", &path, error))?;
             }
             state.log = Some(file);
         }
         match state.log.as_mut() {
             Some(log) => Ok(log),
-            None => Err(Error::new(
-                ErrorCode::InnerSystemError,
-                "the spill log vanished while it was open",
-            )),
+            None => Err(DataSystemError::Bug(
+                "the spill log vanished while it was open".to_string(),
+            )
+            .into()),
         }
     }
 
@@ -324,7 +317,7 @@ impl SpillStore {
         let log = self.log(state)?;
         log.write_all(&record(op, id, size))
             .and_then(|()| if sync { log.sync_data() } else { Ok(()) })
-            .map_err(|error| metadata_error("append to", &path, &error))
+            .map_err(|error| metadata_error("append to", &path, error))
     }
 
     /// Write object `id` (`size` bytes of `source` at `offset`) to disk for process `holder`.
@@ -363,7 +356,7 @@ impl SpillStore {
             copy_range(source, offset, &file, 0, size)?;
             file.sync_data()
         })()
-        .map_err(|error| spill_disk_error("write the spilled object", &path, &error));
+        .map_err(|error| spill_disk_error("write the spilled object", &path, error));
         let mut state = self.state.lock();
         let logged = written.and_then(|()| self.append(&mut state, OP_SPILLED, id, size, true));
         if let Err(error) = logged {
@@ -396,9 +389,9 @@ impl SpillStore {
         };
         let path = self.object_path(id);
         let file = File::open(&path)
-            .map_err(|error| spill_disk_error("open the spilled object", &path, &error))?;
+            .map_err(|error| spill_disk_error("open the spilled object", &path, error))?;
         copy_range(&file, 0, target, offset, object.size)
-            .map_err(|error| spill_disk_error("read the spilled object", &path, &error))
+            .map_err(|error| spill_disk_error("read the spilled object", &path, error))
     }
 
     /// Forget object `id` and delete its file. Returns whether it was spilled.

@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use yr_common::{Error, ErrorCode, Result};
+use yr_common::Result;
 use yr_datasystem_core::stream::{self, ProducerConfig, StreamStore, SubscriptionConfig};
 use yr_meta::MetaStore;
 
+use crate::error::DataSystemError;
 use crate::service::blocking;
 
 /// Where this node's streams are recorded, and how other nodes reach it.
@@ -90,10 +91,10 @@ impl StreamService {
         match yr_meta::create_if_absent(placement.meta.as_ref(), &key(name), value).await? {
             Ok(_) => Ok(Home::Here),
             Err(Some(current)) => Ok(home_of(placement, &current.value)),
-            Err(None) => Err(Error::new(
-                ErrorCode::EtcdOperationError,
-                format!("the meta store lost the home record of stream {name:?}; retry"),
-            )),
+            Err(None) => Err(DataSystemError::StreamHomeLost {
+                name: name.to_string(),
+            }
+            .into()),
         }
     }
 

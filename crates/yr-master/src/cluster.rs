@@ -11,7 +11,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::sync::watch;
-use yr_common::{Error, ErrorCode, ModuleCode};
+use yr_common::{Error, ErrorCode};
 use yr_meta::{put_if_version, MetaError, MetaStore};
 use yr_proto::error_to_proto;
 use yr_proto::v1::{
@@ -44,16 +44,6 @@ pub enum RegisterError {
         /// The store's error.
         source: MetaError,
     },
-}
-
-impl From<RegisterError> for Error {
-    fn from(err: RegisterError) -> Error {
-        let code = match &err {
-            RegisterError::Invalid(_) => ErrorCode::ParamInvalid,
-            RegisterError::Meta { .. } => ErrorCode::EtcdOperationError,
-        };
-        Error::with_module(code, ModuleCode::Core, err.to_string())
-    }
 }
 
 /// Counters of the master's own events, for `/metrics`.
@@ -325,11 +315,8 @@ impl Cluster {
 
     async fn fail_instances(&self, node_id: &str) {
         if let Err(err) = self.instances.fail_instances_of_lost_node(node_id).await {
-            tracing::error!(
-                node_id,
-                error = %err,
-                "cannot mark the instances of a lost node FATAL; will retry after a restart"
-            );
+            let error = Error::from(err);
+            tracing::error!(node_id, %error, "will retry after a restart");
         }
     }
 
@@ -446,6 +433,7 @@ impl Cluster {
 mod tests {
     use super::*;
     use crate::test_store::FakeStore;
+    use yr_common::ModuleCode;
     use yr_proto::v1::{InstanceRecord, InstanceState, ResourceDelta, Resources};
 
     fn node(id: &str, cpu: u64) -> NodeInfo {

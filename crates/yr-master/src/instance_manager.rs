@@ -30,6 +30,33 @@ pub const INSTANCE_PREFIX: &str = "/yr/instance/";
 /// How often a compare-and-swap on one record is retried when the record keeps changing.
 const MAX_CAS_ATTEMPTS: usize = 8;
 
+/// What the instance manager failed to do (codes in `error.rs`).
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceManagerError {
+    /// The instances of a lost node could not be marked FATAL: the meta store failed.
+    #[error(
+        "the instance manager cannot mark the instances of lost node {node_id} FATAL: {source}; \
+         their callers wait until the master is restarted with a healthy meta store"
+    )]
+    MarkFatal {
+        /// The lost node.
+        node_id: String,
+        /// The store's error.
+        source: MetaError,
+    },
+    /// A value under the instance prefix is not an instance record.
+    #[error(
+        "the instance record {key} cannot be decoded ({detail}); the master ignores it: remove \
+         the key, or check that every process of the cluster runs the same yr version"
+    )]
+    BadRecord {
+        /// The record's key.
+        key: String,
+        /// The decoder's complaint.
+        detail: String,
+    },
+}
+
 /// The meta store key of an instance's record.
 pub fn instance_key(instance_id: &str) -> String {
     format!("{INSTANCE_PREFIX}{instance_id}")
@@ -240,8 +267,15 @@ impl InstanceManager {
     /// Writes FATAL (`InstanceExited`, "node X was lost") into every record of an instance on
     /// `node_id` that is not final yet, and returns how many it wrote. Reads the store rather
     /// than the view, so that records the watch has not delivered yet are not missed.
-    pub async fn fail_instances_of_lost_node(&self, node_id: &str) -> Result<usize, MetaError> {
-        let records = self.store.range(INSTANCE_PREFIX).await?;
+    pub async fn fail_instances_of_lost_node(
+        &self,
+        node_id: &str,
+    ) -> Result<usize, InstanceManagerError> {
+        let failed = |source| InstanceManagerError::MarkFatal {
+            node_id: node_id.to_string(),
+            source,
+        };
+        let records = self.store.range(INSTANCE_PREFIX).await.map_err(failed)?;
         let mut marked = 0;
         for kv in records {
             let Ok(record) = InstanceRecord::decode(kv.value.clone()) else {
@@ -252,7 +286,8 @@ impl InstanceManager {
             }
             if self
                 .mark_fatal(&kv.key, record, kv.version, node_id)
-                .await?
+                .await
+                .map_err(failed)?
             {
                 marked += 1;
             }
@@ -330,7 +365,11 @@ fn decode(kv: &KeyValue) -> Option<Cached> {
             mod_revision: kv.mod_revision,
         }),
         Err(err) => {
-            tracing::warn!(key = %kv.key, error = %err, "skipping an undecodable instance record");
+            let error = yr_common::Error::from(InstanceManagerError::BadRecord {
+                key: kv.key.clone(),
+                detail: err.to_string(),
+            });
+            tracing::warn!(%error, "skipping an undecodable instance record");
             None
         }
     }
@@ -414,6 +453,39 @@ mod tests {
         assert_eq!(
             manager.fail_instances_of_lost_node("lost").await.unwrap(),
             0
+        );
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_record_is_skipped_and_the_rest_are_kept() {
+        let store = Arc::new(FakeStore::default());
+        store
+            .put(
+                &instance_key("bad"),
+                Bytes::from_static(b"\xff\xff\xff"),
+                None,
+            )
+            .await
+            .unwrap();
+        store
+            .put(
+                &instance_key("good"),
+                record("good", "lost", InstanceState::Running),
+                None,
+            )
+            .await
+            .unwrap();
+        let manager = InstanceManager::new(store.clone());
+        manager.sync().await.unwrap();
+        let ids: Vec<String> = manager
+            .summaries()
+            .into_iter()
+            .map(|s| s.instance_id)
+            .collect();
+        assert_eq!(ids, vec!["good".to_string()]);
+        assert_eq!(
+            manager.fail_instances_of_lost_node("lost").await.unwrap(),
+            1
         );
     }
 

@@ -8,6 +8,10 @@
 //! It does not own instances: each node's proxy is the single writer of its instances' records.
 //! Nor does it run anything on the call path. Group and resource-group managers are not here yet.
 //!
+//! Its failures are [`MasterError`], [`cluster::RegisterError`], [`placement::PlacementError`] and
+//! [`instance_manager::InstanceManagerError`]; the module `error.rs` is the one place that gives
+//! each its seed code.
+//!
 //! The state is durable in the meta store (`data_dir/meta`): node records under `/yr/node/`,
 //! instance records under `/yr/instance/`, the cluster id at `/yr/cluster/id`. A master restarted
 //! on the same directory recovers the registry (every node *recovering* until it registers again
@@ -23,6 +27,7 @@
 //! ```
 
 pub mod cluster;
+mod error;
 pub mod instance_manager;
 pub mod metrics;
 pub mod placement;
@@ -41,7 +46,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use yr_common::{Error, ErrorCode, ModuleCode};
 use yr_meta::{MetaError, MetaStore};
 use yr_proto::v1::master_server::MasterServer;
 
@@ -110,21 +114,6 @@ pub enum MasterError {
     /// The master's task panicked or was cancelled.
     #[error("the master's task ended abnormally: {0}")]
     Task(String),
-}
-
-impl From<MasterError> for Error {
-    fn from(err: MasterError) -> Error {
-        let code = match &err {
-            MasterError::Listen { .. } => ErrorCode::ParamInvalid,
-            // The store's own mapping: 3005 for a failed store, 3003 for a malformed request.
-            MasterError::OpenStore { source, .. } | MasterError::Meta(source) => {
-                Error::from(source.clone()).code()
-            }
-            MasterError::Serve(_) => ErrorCode::InnerCommunication,
-            MasterError::Task(_) => ErrorCode::InnerSystemError,
-        };
-        Error::with_module(code, ModuleCode::Core, err.to_string())
-    }
 }
 
 /// Resolves when `stop` holds true (or its sender is gone).
@@ -365,29 +354,5 @@ impl Prepared {
         }
         drop(store);
         result
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn master_errors_carry_chosen_codes() {
-        let listen = MasterError::Listen {
-            address: "127.0.0.1:1".parse().unwrap(),
-            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
-        };
-        let err = Error::from(listen);
-        assert_eq!(err.code(), ErrorCode::ParamInvalid);
-        assert_eq!(err.module_code(), ModuleCode::Core);
-        assert!(err.message().contains("127.0.0.1:1"), "{}", err.message());
-        let store = MasterError::OpenStore {
-            dir: "/data/meta".into(),
-            source: MetaError::Io("fsync: EIO".into()),
-        };
-        let err = Error::from(store);
-        assert_eq!(err.code(), ErrorCode::EtcdOperationError);
-        assert!(err.message().contains("/data/meta"), "{}", err.message());
     }
 }

@@ -13,8 +13,6 @@
 
 use std::collections::HashMap;
 
-use yr_common::{Error, ErrorCode, ModuleCode};
-
 use crate::resource_view::ResourceSet;
 
 /// How many nodes a "not enough" reason describes one by one.
@@ -63,23 +61,6 @@ pub enum PlacementError {
         /// Why each node said no.
         reason: String,
     },
-}
-
-impl PlacementError {
-    /// The code callers see.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            PlacementError::NoLiveNodes | PlacementError::NotEnough { .. } => {
-                ErrorCode::ResourceNotEnough
-            }
-            PlacementError::ExceedsCapacity { .. } => ErrorCode::ResourceConfigError,
-        }
-    }
-
-    /// The error as users see it.
-    pub fn to_error(&self) -> Error {
-        Error::with_module(self.code(), ModuleCode::Core, self.to_string())
-    }
 }
 
 impl std::fmt::Display for PlacementError {
@@ -208,6 +189,7 @@ fn refusal(node: &Candidate<'_>, request: &PlacementRequest<'_>) -> Option<Strin
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+    use yr_common::{ErrorCode, ModuleCode};
 
     struct TestNode {
         id: &'static str,

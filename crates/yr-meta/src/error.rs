@@ -1,5 +1,7 @@
 //! [`MetaError`]: what can go wrong talking to a meta store, and how each kind maps to the
-//! seed error codes at the crate's boundary.
+//! seed error codes at the crate's boundary. This is the crate's one mapping to codes
+//! ([`MetaError::code`]); a gRPC status from the store's service becomes a `MetaError` in
+//! `wire.rs` (the store's own kind when the status carries one, else `yr_transport`'s table).
 //!
 //! Expected outcomes are not errors here: a missing key is `None`, a lost compare-and-swap is an
 //! `Err(current)` inside `Ok` (see [`put_if_version`](crate::put_if_version)).
@@ -54,12 +56,13 @@ impl MetaError {
     }
 }
 
-impl From<MetaError> for Error {
-    /// Every failure of the store itself is 3005 (`ERR_ETCD_OPERATION_ERROR`): the store is
-    /// down, its disk failed, its data is corrupt, or an expected lease or history is gone. A
-    /// malformed request is yr's own bug (users never build meta store requests), so it is 3003.
-    fn from(err: MetaError) -> Error {
-        let code = match &err {
+impl MetaError {
+    /// The code callers see. Every failure of the store itself is 3005
+    /// (`ERR_ETCD_OPERATION_ERROR`): the store is down, its disk failed, its data is corrupt, or
+    /// an expected lease or history is gone. A malformed request is yr's own bug (users never
+    /// build meta store requests), so it is 3003. A refused token is 1014.
+    pub fn code(&self) -> ErrorCode {
+        match self {
             MetaError::Unavailable(_)
             | MetaError::Io(_)
             | MetaError::Corrupt(_)
@@ -67,8 +70,13 @@ impl From<MetaError> for Error {
             | MetaError::Compacted { .. } => ErrorCode::EtcdOperationError,
             MetaError::InvalidArgument(_) => ErrorCode::InnerSystemError,
             MetaError::Unauthenticated(_) => ErrorCode::AuthorizeFailed,
-        };
-        Error::with_module(code, ModuleCode::Core, err.to_string())
+        }
+    }
+}
+
+impl From<MetaError> for Error {
+    fn from(err: MetaError) -> Error {
+        Error::with_module(err.code(), ModuleCode::Core, err.to_string())
     }
 }
 

@@ -11,6 +11,8 @@
 //!
 //! It does not own what the keys mean: each component owns its own key layout. An etcd backend
 //! plugs in behind the same trait next (`--etcd host:port,...`).
+//!
+//! Its failures are [`MetaError`]s; [`MetaError::code`] (in `error.rs`) gives each its seed code.
 
 pub mod client;
 pub mod embedded;

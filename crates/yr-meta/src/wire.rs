@@ -4,6 +4,7 @@
 
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
+use yr_common::ErrorCode;
 use yr_proto::meta as proto;
 
 use crate::error::MetaError;
@@ -223,12 +224,64 @@ pub(crate) fn error_from_status(status: Status, address: &str, what: &str) -> Me
         }
         _ => {}
     }
-    match status.code() {
-        Code::InvalidArgument => MetaError::InvalidArgument(status.message().to_string()),
+    // Not the store's own answer (no error kind): tonic's, or the transport's. The shared table
+    // decides what it means; everything that is not about the request is the store being
+    // unreachable.
+    match yr_transport::status_to_code(&status, ErrorCode::EtcdOperationError) {
+        ErrorCode::ParamInvalid => MetaError::InvalidArgument(status.message().to_string()),
+        ErrorCode::AuthorizeFailed => MetaError::Unauthenticated(format!(
+            "{what} at meta store {address}: {}",
+            status.message()
+        )),
         _ => MetaError::Unavailable(format!(
             "{what} at meta store {address} failed: {} ({:?}); check that the master is running and reachable",
             status.message(),
             status.code()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_error_comes_back_as_itself() {
+        for err in [
+            MetaError::Unavailable("down".into()),
+            MetaError::Io("fsync: EIO".into()),
+            MetaError::Corrupt("log-0.wal at 12".into()),
+            MetaError::InvalidArgument("empty key".into()),
+            MetaError::Unauthenticated("bad token".into()),
+            MetaError::LeaseNotFound(7),
+            MetaError::Compacted {
+                revision: 3,
+                compacted_revision: 9,
+            },
+        ] {
+            let back = error_from_status(status_from_error(err.clone()), "127.0.0.1:1", "get");
+            assert_eq!(back, err);
+        }
+    }
+
+    #[test]
+    fn a_status_that_is_not_the_stores_follows_the_shared_table() {
+        let back = |status: Status| error_from_status(status, "127.0.0.1:1", "put");
+        assert!(matches!(
+            back(Status::unavailable("connection refused")),
+            MetaError::Unavailable(message) if message.contains("put at meta store 127.0.0.1:1")
+        ));
+        assert!(matches!(
+            back(Status::deadline_exceeded("slow")),
+            MetaError::Unavailable(_)
+        ));
+        assert!(matches!(
+            back(Status::unauthenticated("who are you")),
+            MetaError::Unauthenticated(message) if message.contains("who are you")
+        ));
+        assert!(matches!(
+            back(Status::out_of_range("decoded message length too large")),
+            MetaError::InvalidArgument(_)
+        ));
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tonic::Status;
-use yr_common::{Error, ErrorCode, InvokeOptions};
+use yr_common::{Error, InvokeOptions};
 use yr_proto::error_to_proto;
 use yr_proto::v1 as pb;
 use yr_proto::v1::InstanceState as S;
@@ -121,6 +121,8 @@ impl Instance {
 }
 
 /// What [`InstanceTable::admit`] did with a create.
+// One value per create, moved once: boxing the record would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Admitted {
     /// A new instance.
     New,
@@ -361,6 +363,7 @@ impl InstanceTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use yr_common::ErrorCode;
 
     fn table() -> InstanceTable {
         let meta: Arc<dyn yr_meta::MetaStore> = Arc::new(yr_meta::EmbeddedStore::in_memory());

@@ -3,13 +3,14 @@
 //! process-wide registry of entry points that a runtime uses to find code by name.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Deref;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use yr_common::{Error, ErrorCode, InvokeOptions, Result};
 
+use crate::error::{EntryKind, RuntimeError};
 use crate::object_store::{ObjectHandle, ObjectSlot, Outcome, Payload, StoredValue};
 
 /// An instance's state, type-erased.
@@ -152,13 +153,11 @@ impl Arg {
             Arg::Ref(handle) => match handle.outcome() {
                 Some(Outcome::Ready(value)) => Ok(ArgBytes::Shared(value)),
                 Some(Outcome::Failed(error)) => Err(dependency_failed(handle, &error)),
-                None => Err(Error::new(
-                    ErrorCode::InnerSystemError,
-                    format!(
-                        "argument {} was not resolved before the call ran",
-                        handle.id()
-                    ),
-                )),
+                None => Err(RuntimeError::Bug(format!(
+                    "argument {} was not resolved before the call ran",
+                    handle.id()
+                ))
+                .into()),
             },
         }
     }
@@ -241,24 +240,66 @@ struct Registry {
     functions: HashMap<&'static str, &'static FunctionEntry>,
     constructors: HashMap<&'static str, &'static ConstructorEntry>,
     methods: HashMap<&'static str, &'static MethodEntry>,
+    /// Names registered more than once: a call by such a name is ambiguous.
+    twice: HashSet<(EntryKind, &'static str)>,
+}
+
+/// The entries by name; a name seen again goes into `twice`.
+fn index<E: 'static>(
+    entries: impl IntoIterator<Item = &'static E>,
+    name: impl Fn(&E) -> &'static str,
+    kind: EntryKind,
+    twice: &mut HashSet<(EntryKind, &'static str)>,
+) -> HashMap<&'static str, &'static E> {
+    let mut by_name = HashMap::new();
+    for entry in entries {
+        if by_name.insert(name(entry), entry).is_some() {
+            twice.insert((kind, name(entry)));
+        }
+    }
+    by_name
 }
 
 fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY.get_or_init(|| Registry {
-        functions: inventory::iter::<FunctionEntry>
-            .into_iter()
-            .map(|e| (e.name, e))
-            .collect(),
-        constructors: inventory::iter::<ConstructorEntry>
-            .into_iter()
-            .map(|e| (e.name, e))
-            .collect(),
-        methods: inventory::iter::<MethodEntry>
-            .into_iter()
-            .map(|e| (e.name, e))
-            .collect(),
+    REGISTRY.get_or_init(|| {
+        let mut twice = HashSet::new();
+        Registry {
+            functions: index(
+                inventory::iter::<FunctionEntry>,
+                |e| e.name,
+                EntryKind::Function,
+                &mut twice,
+            ),
+            constructors: index(
+                inventory::iter::<ConstructorEntry>,
+                |e| e.name,
+                EntryKind::Constructor,
+                &mut twice,
+            ),
+            methods: index(
+                inventory::iter::<MethodEntry>,
+                |e| e.name,
+                EntryKind::Method,
+                &mut twice,
+            ),
+            twice,
+        }
     })
+}
+
+/// 4007 (a constructor) or 4008 (a function or method) if `name` is registered more than once
+/// in this binary, so that a runtime could not tell which one a call means.
+pub fn check_unique(kind: EntryKind, name: &'static str) -> Result<()> {
+    let twice = &registry().twice;
+    if twice.is_empty() || !twice.contains(&(kind, name)) {
+        return Ok(());
+    }
+    Err(RuntimeError::RegisteredTwice {
+        kind,
+        name: name.to_string(),
+    }
+    .into())
 }
 
 fn not_in_binary(kind: &str, name: &str) -> Error {
@@ -271,31 +312,37 @@ fn not_in_binary(kind: &str, name: &str) -> Error {
     )
 }
 
-/// The registered function with this name, or 2001.
+/// The registered function with this name: 2001 if there is none, 4008 if there are several.
 pub fn find_function(name: &str) -> Result<&'static FunctionEntry> {
-    registry()
+    let entry = registry()
         .functions
         .get(name)
         .copied()
-        .ok_or_else(|| not_in_binary("function", name))
+        .ok_or_else(|| not_in_binary("function", name))?;
+    check_unique(EntryKind::Function, entry.name)?;
+    Ok(entry)
 }
 
-/// The registered constructor with this name, or 2001.
+/// The registered constructor with this name: 2001 if there is none, 4007 if there are several.
 pub fn find_constructor(name: &str) -> Result<&'static ConstructorEntry> {
-    registry()
+    let entry = registry()
         .constructors
         .get(name)
         .copied()
-        .ok_or_else(|| not_in_binary("constructor", name))
+        .ok_or_else(|| not_in_binary("constructor", name))?;
+    check_unique(EntryKind::Constructor, entry.name)?;
+    Ok(entry)
 }
 
-/// The registered method with this name, or 2001.
+/// The registered method with this name: 2001 if there is none, 4008 if there are several.
 pub fn find_method(name: &str) -> Result<&'static MethodEntry> {
-    registry()
+    let entry = registry()
         .methods
         .get(name)
         .copied()
-        .ok_or_else(|| not_in_binary("method", name))
+        .ok_or_else(|| not_in_binary("method", name))?;
+    check_unique(EntryKind::Method, entry.name)?;
+    Ok(entry)
 }
 
 /// The names of every registered function, constructor and method.
@@ -310,4 +357,81 @@ pub fn registered_names() -> Vec<&'static str> {
         .collect();
     names.sort_unstable();
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nothing(_: &[Arg]) -> Result<Returns> {
+        Ok(Returns::Many(Vec::new()))
+    }
+
+    fn construct(_: &[Arg]) -> Result<Box<InstanceState>> {
+        Ok(Box::new(()))
+    }
+
+    fn method(_: &InstanceState, _: &[Arg]) -> Result<Returns> {
+        Ok(Returns::Many(Vec::new()))
+    }
+
+    // Two versions of one crate linked into a binary register the same paths twice.
+    const TWICE_FUNCTION: FunctionEntry = FunctionEntry {
+        name: "yr_runtime::function::tests::twice",
+        call: nothing,
+        return_nums: 1,
+    };
+    const TWICE_CONSTRUCTOR: ConstructorEntry = ConstructorEntry {
+        name: "yr_runtime::function::tests::Twice::new",
+        class: "yr_runtime::function::tests::Twice",
+        call: construct,
+        shutdown: None,
+    };
+    const TWICE_METHOD: MethodEntry = MethodEntry {
+        name: "yr_runtime::function::tests::Twice::get",
+        class: "yr_runtime::function::tests::Twice",
+        call: MethodCall::Shared(method),
+    };
+    const ONCE_FUNCTION: FunctionEntry = FunctionEntry {
+        name: "yr_runtime::function::tests::once",
+        call: nothing,
+        return_nums: 1,
+    };
+    inventory::submit! { TWICE_FUNCTION }
+    inventory::submit! { TWICE_FUNCTION }
+    inventory::submit! { TWICE_CONSTRUCTOR }
+    inventory::submit! { TWICE_CONSTRUCTOR }
+    inventory::submit! { TWICE_METHOD }
+    inventory::submit! { TWICE_METHOD }
+    inventory::submit! { ONCE_FUNCTION }
+
+    #[test]
+    fn a_function_or_method_registered_twice_is_an_invoke_usage_error() {
+        let error = find_function(TWICE_FUNCTION.name).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::IncorrectInvokeUsage, "{error}");
+        assert!(error.message().contains(TWICE_FUNCTION.name), "{error}");
+        let error = check_unique(EntryKind::Function, TWICE_FUNCTION.name).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::IncorrectInvokeUsage);
+        let error = find_method(TWICE_METHOD.name).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::IncorrectInvokeUsage, "{error}");
+        assert!(error.message().contains("method"), "{error}");
+    }
+
+    #[test]
+    fn a_constructor_registered_twice_is_a_create_usage_error() {
+        let error = find_constructor(TWICE_CONSTRUCTOR.name).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::IncorrectCreateUsage, "{error}");
+        assert!(error.message().contains(TWICE_CONSTRUCTOR.name), "{error}");
+    }
+
+    #[test]
+    fn a_function_registered_once_is_found_and_an_unknown_one_is_2001() {
+        assert_eq!(
+            find_function(ONCE_FUNCTION.name).unwrap().name,
+            ONCE_FUNCTION.name
+        );
+        check_unique(EntryKind::Function, ONCE_FUNCTION.name).unwrap();
+        let error = find_function("yr_runtime::function::tests::nobody").unwrap_err();
+        assert_eq!(error.code(), ErrorCode::UserCodeLoad);
+    }
 }

@@ -4,6 +4,11 @@
 //! dependency resolution, retries, the registry of user code, and the
 //! [`Backend`](backend::Backend) seam with its local-mode implementation, and the client side of
 //! KV ([`kv`]). It does not own the typed user API (crate `yr`) or any server-side component.
+//!
+//! Its own failures, and the misuses of its API it detects (finalize inside a runtime, a kill
+//! of an unknown id, an entry point registered twice), are [`error::RuntimeError`]s;
+//! [`error::RuntimeError::code`] is where each gets its seed code. A failed gRPC call's code
+//! comes from `yr_transport::status_to_code`.
 
 pub mod backend;
 pub mod blocking;
@@ -11,6 +16,7 @@ pub mod borrows;
 pub mod cluster;
 pub mod codec;
 pub mod dependencies;
+pub mod error;
 pub mod function;
 pub mod kv;
 mod local;

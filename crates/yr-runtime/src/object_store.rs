@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use yr_common::{Error, ErrorCode, ObjectId};
 
+use crate::error::RuntimeError;
 use crate::shared_memory::{SharedMemory, SharedRegion, SpilledValue};
 
 /// A value as stored: its serialized bytes and the references nested inside it, which stay alive
@@ -144,10 +145,9 @@ fn restore_in_place(id: ObjectId, value: &mut Arc<StoredValue>) -> Result<(), Er
         return Ok(());
     }
     let Some(stored) = Arc::get_mut(value) else {
-        return Err(Error::new(
-            ErrorCode::InnerSystemError,
-            format!("object {id} is spilled while a reader holds it; this is a bug in yr"),
-        ));
+        return Err(
+            RuntimeError::Bug(format!("object {id} is spilled while a reader holds it")).into(),
+        );
     };
     let Payload::Spilled(spilled) = &stored.bytes else {
         return Ok(());

@@ -11,7 +11,8 @@ use crate::backend::{Backend, InstanceInfo, NamedInstance};
 use crate::blocking;
 use crate::cluster::runtime_mode::RuntimeEnv;
 use crate::cluster::ClusterBackend;
-use crate::function::{CreateSpec, MethodSpec, TaskSpec};
+use crate::error::{EntryKind, RuntimeError};
+use crate::function::{check_unique, CreateSpec, MethodSpec, TaskSpec};
 use crate::kv::{KvClient, LocalKv};
 use crate::local::LocalBackend;
 use crate::object_store::{self, ObjectHandle, ObjectSlot, Outcome, StoredValue};
@@ -36,6 +37,8 @@ static LIFECYCLE: RwLock<Lifecycle> = RwLock::new(Lifecycle::Uninitialized);
 pub struct Runtime {
     config: Config,
     job_id: String,
+    /// This process is a runtime the node started, not a driver.
+    in_runtime: bool,
     backend: Box<dyn Backend>,
     kv: Box<dyn KvClient>,
     streams: Box<dyn StreamClient>,
@@ -80,6 +83,7 @@ pub fn init(config: Config) -> Result<ClientInfo> {
     let runtime = Arc::new(Runtime {
         config,
         job_id: job_id.clone(),
+        in_runtime: false,
         backend,
         kv,
         streams,
@@ -106,6 +110,7 @@ fn run_as_runtime(config: Config, env: RuntimeEnv) -> ! {
     *LIFECYCLE.write() = Lifecycle::Running(Arc::new(Runtime {
         config,
         job_id,
+        in_runtime: true,
         kv: Box::new(backend.kv_client()),
         streams: Box::new(backend.stream_client()),
         backend: Box::new(backend),
@@ -165,10 +170,26 @@ fn init_logging(config: &Config) {
 }
 
 /// Finalize: release the job's instances, fail pending calls with 9000, and refuse new calls
-/// with 9000. Does nothing if yr is not initialized.
+/// with 9000. Does nothing if yr is not initialized. Only the driver finalizes: inside a
+/// function or method (in local mode too), or anywhere in a runtime process, it fails with 4006
+/// and changes nothing.
 pub fn finalize() -> Result<()> {
+    if crate::user_code::in_user_code() {
+        return Err(RuntimeError::FinalizeInRuntime {
+            place: "inside a function, constructor or method",
+        }
+        .into());
+    }
     let runtime = {
         let mut lifecycle = LIFECYCLE.write();
+        if let Lifecycle::Running(runtime) = &*lifecycle {
+            if runtime.in_runtime {
+                return Err(RuntimeError::FinalizeInRuntime {
+                    place: "in a runtime process (the node stops it)",
+                }
+                .into());
+            }
+        }
         match std::mem::replace(&mut *lifecycle, Lifecycle::Finalized) {
             Lifecycle::Running(runtime) => runtime,
             other => {
@@ -216,6 +237,19 @@ pub fn current() -> Result<Arc<Runtime>> {
             "yr has been finalized; call yr::init again before using yr",
         )),
     }
+}
+
+/// A kill's error: the backends look the id up first and answer 1003 for an unknown one, which
+/// for a kill is a usage error (4009: the caller passed an id that names no instance).
+fn kill_error(instance_id: &str, error: Error) -> Error {
+    if error.code() != ErrorCode::InstanceNotFound {
+        return error;
+    }
+    RuntimeError::KillUnknown {
+        instance_id: instance_id.to_string(),
+        detail: error.message().to_string(),
+    }
+    .into()
 }
 
 fn timeout_error(missing: &[ObjectHandle], timeout: Duration) -> Error {
@@ -356,6 +390,7 @@ impl Runtime {
 
     /// Submit a stateless call. Returns one pending object per return value.
     pub fn invoke_function(&self, task: TaskSpec) -> Result<Vec<ObjectHandle>> {
+        check_unique(EntryKind::Function, task.function.name)?;
         let returns: Vec<ObjectHandle> = (0..task.function.return_nums)
             .map(|_| ObjectSlot::pending())
             .collect();
@@ -365,6 +400,7 @@ impl Runtime {
 
     /// Create an instance. Returns at once; a constructor failure surfaces on its calls.
     pub fn create_instance(&self, spec: CreateSpec) -> Result<InstanceInfo> {
+        check_unique(EntryKind::Constructor, spec.constructor.name)?;
         self.backend.create_instance(spec)
     }
 
@@ -375,15 +411,19 @@ impl Runtime {
         call: MethodSpec,
         return_nums: usize,
     ) -> Result<Vec<ObjectHandle>> {
+        check_unique(EntryKind::Method, call.method.name)?;
         let returns: Vec<ObjectHandle> = (0..return_nums).map(|_| ObjectSlot::pending()).collect();
         self.backend
             .submit_method(instance_id, call, returns.clone())?;
         Ok(returns)
     }
 
-    /// Terminate an instance, running its shutdown hook; with `wait`, until it has exited.
+    /// Terminate an instance, running its shutdown hook; with `wait`, until it has exited. 4004
+    /// for an empty id, 4009 for an id no instance has.
     pub fn terminate_instance(&self, instance_id: &str, wait: bool) -> Result<()> {
-        self.backend.terminate_instance(instance_id, wait)
+        self.backend
+            .terminate_instance(instance_id, wait)
+            .map_err(|error| kill_error(instance_id, error))
     }
 
     /// The named instance, waiting up to `timeout` for it to appear; 1003 if it does not.
@@ -407,9 +447,9 @@ impl Runtime {
         self.backend.list_named_instances()
     }
 
-    /// Kill an instance by id and wait for it to exit. 4004 for an empty id, 1003 for an
-    /// unknown one.
+    /// Kill an instance by id and wait for it to exit. 4004 for an empty id, 4009 for an id no
+    /// instance has.
     pub fn kill_instance(&self, instance_id: &str) -> Result<()> {
-        self.backend.terminate_instance(instance_id, true)
+        self.terminate_instance(instance_id, true)
     }
 }

@@ -22,6 +22,8 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 use yr_common::{Error, ErrorCode, ObjectId, Result};
 
+use crate::error::RuntimeError;
+
 /// Encodings up to this size stay in the process (and travel inline): 100 KiB.
 pub const INLINE_LIMIT: usize = 100 * 1024;
 
@@ -477,11 +479,9 @@ pub fn write_encoded<E: fmt::Display>(
     let mut target = region.as_mut_slice();
     write(&mut target).map_err(EncodeError::Encode)?;
     if !target.is_empty() {
-        return Err(EncodeError::Store(Error::new(
-            ErrorCode::InnerSystemError,
-            "a value encoded to fewer bytes the second time; its Serialize impl must be \
-             deterministic",
-        )));
+        return Err(EncodeError::Store(
+            RuntimeError::NondeterministicEncoding.into(),
+        ));
     }
     Ok(Encoded::Shared(region))
 }

@@ -40,6 +40,12 @@ fn install_hook() {
     });
 }
 
+/// Whether this thread is running user code now (a function, constructor, method or shutdown
+/// hook), in local mode or in a runtime.
+pub fn in_user_code() -> bool {
+    IN_USER_CODE.with(Cell::get)
+}
+
 /// Run user code `f`. A panic becomes 2002 naming `what`, the message and the location.
 pub fn run<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     install_hook();

@@ -3,7 +3,9 @@
 //! opening gRPC channels that authenticate themselves ([`connect`]) and accepting only
 //! authenticated connections ([`incoming_tcp`], [`incoming_unix`]). The token is checked once
 //! per connection, in a hello before the first request, so calls pay nothing for it. It owns no
-//! service: the crates that serve add their services to tonic over these streams.
+//! service: the crates that serve add their services to tonic over these streams. It also owns
+//! what a failed call means: [`status_to_code`] maps a gRPC status to a yr error code, with the
+//! table in its documentation.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), yr_common::Error> {
@@ -20,6 +22,7 @@ mod client;
 mod credentials;
 pub mod http;
 mod server;
+mod status;
 mod stream;
 pub mod tls;
 
@@ -36,5 +39,6 @@ pub use server::{
     check_hello, incoming_tcp, incoming_unix, peer_of, Authenticated, HANDSHAKE_TIMEOUT,
     MAX_HANDSHAKES,
 };
+pub use status::status_to_code;
 pub use stream::Connection;
 pub use tls::Tls;

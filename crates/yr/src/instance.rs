@@ -230,7 +230,9 @@ impl<C, Args, R> MethodInvocation<C, Args, R> {
             .into_iter()
             .next()
             .ok_or_else(|| {
-                Error::new(ErrorCode::InnerSystemError, "a method call gave no result")
+                Error::from(yr_runtime::error::RuntimeError::Bug(
+                    "a method call gave no result".to_string(),
+                ))
             })?;
         Ok(ObjectRef::from_handle(handle))
     }

@@ -82,7 +82,9 @@ pub fn init(config: Config) -> Result<ClientInfo> {
 }
 
 /// Release this job's instances and objects. Pending calls and any later call fail with 9000,
-/// until `init` is called again. Does nothing if yr is not initialized.
+/// until `init` is called again. Does nothing if yr is not initialized. Only the driver
+/// finalizes: called inside a function or method, or in a runtime process, it fails with 4006
+/// (`IncorrectFunctionUsage`) and changes nothing.
 ///
 /// ```
 /// yr::init(yr::Config::local()).unwrap();
@@ -246,12 +248,13 @@ pub fn list_named_instances() -> Result<Vec<NamedInstance>> {
     yr_runtime::current()?.list_named_instances()
 }
 
-/// Kill the instance `instance_id` and wait until it has exited. 4004 for an empty id, 1003 for
-/// an unknown one.
+/// Kill the instance `instance_id` and wait until it has exited. 4004 for an empty id, 4009
+/// (`IncorrectKillUsage`) for an id that names no instance.
 ///
 /// ```
 /// # yr::init(yr::Config::local()).unwrap();
 /// assert_eq!(yr::kill_instance("").unwrap_err().code(), yr::ErrorCode::InstanceIdEmpty);
+/// assert_eq!(yr::kill_instance("nope").unwrap_err().code(), yr::ErrorCode::IncorrectKillUsage);
 /// # yr::finalize().unwrap();
 /// ```
 pub fn kill_instance(instance_id: &str) -> Result<()> {

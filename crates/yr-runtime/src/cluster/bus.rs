@@ -16,6 +16,7 @@ use yr_proto::v1 as pb;
 use yr_proto::v1::bus_client::BusClient;
 
 use super::transport;
+use crate::error::RuntimeError;
 
 /// What the node pushes (message id 0).
 pub type PushHandler = Arc<dyn Fn(pb::bus_response::Body) + Send + Sync>;
@@ -62,7 +63,7 @@ impl Bus {
                     return transport::token_refused(address);
                 }
                 Error::new(
-                    connect_code,
+                    yr_transport::status_to_code(&status, connect_code),
                     format!(
                         "the node at {address} refused the session: {}",
                         status.message()
@@ -106,10 +107,11 @@ impl Bus {
     ) -> Result<pb::RegisterReply, Error> {
         match self.request_blocking(pb::bus_request::Body::Register(register), REQUEST_TIMEOUT) {
             Ok(pb::bus_response::Body::Registered(reply)) => Ok(reply),
-            Ok(other) => Err(Error::new(
-                ErrorCode::InnerSystemError,
-                format!("the node answered a registration with {other:?}"),
-            )),
+            Ok(other) => Err(RuntimeError::UnexpectedAnswer {
+                request: "a registration",
+                answer: format!("{other:?}"),
+            }
+            .into()),
             Err(error) => Err(Error::new(
                 connect_code,
                 format!(

@@ -29,6 +29,7 @@ use yr_common::{Error, ErrorCode};
 use yr_proto::v1 as pb;
 
 use super::transport::Address;
+use crate::error::RuntimeError;
 
 /// How long a reader spins (yielding its CPU) for the next frame before it blocks.
 const READ_SPIN: Duration = Duration::from_micros(50);
@@ -375,11 +376,17 @@ fn poller() -> Result<&'static Poller, Error> {
             std::thread::Builder::new()
                 .name("yr-call-poll".to_string())
                 .spawn(move || poller.run())
-                .map_err(|e| format!("cannot start the call poller: {e}"))?;
+                .map_err(|e| format!("thread: {e}"))?;
             Ok(poller)
         })
         .clone()
-        .map_err(|message| Error::new(ErrorCode::InnerSystemError, message))
+        .map_err(|message| {
+            RuntimeError::CallSocket {
+                what: "cannot start the call poller".to_string(),
+                source: io::Error::other(message),
+            }
+            .into()
+        })
 }
 
 impl Poller {
@@ -528,11 +535,12 @@ pub fn watch<M: Message + Default + 'static>(
         }
         false
     });
-    poller()?.watch(fd, on_readable).map_err(|e| {
-        Error::new(
-            ErrorCode::InnerSystemError,
-            format!("cannot watch a call connection: {e}"),
-        )
+    poller()?.watch(fd, on_readable).map_err(|source| {
+        RuntimeError::CallSocket {
+            what: "cannot watch a call connection".to_string(),
+            source,
+        }
+        .into()
     })
 }
 
@@ -647,11 +655,9 @@ fn authenticate(stream: &mut UnixStream) -> Result<(), yr_common::auth::AuthErro
 /// The socket is bound before this returns, so callers told about this runtime can connect.
 pub fn serve(worker_address: &str, executor: Arc<dyn CallExecutor>) -> Result<(), Error> {
     let path = socket_path(worker_address)?;
-    let listener = UnixListener::bind(&path).map_err(|e| {
-        Error::new(
-            ErrorCode::InnerSystemError,
-            format!("cannot listen for calls on {}: {e}", path.display()),
-        )
+    let listener = UnixListener::bind(&path).map_err(|source| RuntimeError::CallSocket {
+        what: format!("cannot listen for calls on {}", path.display()),
+        source,
     })?;
     std::thread::Builder::new()
         .name("yr-call-accept".to_string())
@@ -700,11 +706,9 @@ pub fn serve(worker_address: &str, executor: Arc<dyn CallExecutor>) -> Result<()
                 }
             }
         })
-        .map_err(|e| {
-            Error::new(
-                ErrorCode::InnerSystemError,
-                format!("cannot start the call listener: {e}"),
-            )
+        .map_err(|source| RuntimeError::CallSocket {
+            what: "cannot start the call listener".to_string(),
+            source,
         })?;
     Ok(())
 }

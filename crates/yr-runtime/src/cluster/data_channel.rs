@@ -51,16 +51,17 @@ impl DataChannel {
         Ok(channel)
     }
 
-    /// The error for a failed call; the next call connects again.
+    /// The error for a failed call (its code from [`yr_transport::status_to_code`], 4205 when
+    /// the worker could not be reached); the next call connects again.
     pub fn failed(&self, status: &tonic::Status) -> Error {
         *self.channel.lock() = None;
         if transport::refused(&self.address) {
             return transport::token_refused(&self.address);
         }
         Error::new(
-            ErrorCode::ConnectionFailed,
+            yr_transport::status_to_code(status, ErrorCode::ConnectionFailed),
             format!(
-                "the data worker of the node at {} did not answer: {}; check that the node is \
+                "the data worker of the node at {} failed the call: {}; check that the node is \
                  running",
                 self.address,
                 status.message()

@@ -32,6 +32,7 @@ use yr_proto::v1::worker_client::WorkerClient;
 
 use crate::backend::{Backend, InstanceInfo, NamedInstance};
 use crate::dependencies;
+use crate::error::RuntimeError;
 use crate::function::{CreateSpec, MethodSpec, TaskSpec};
 use crate::object_store::{self, ObjectHandle};
 use bus::Bus;
@@ -85,11 +86,9 @@ fn io_runtime() -> Result<
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| {
-            Error::new(
-                ErrorCode::InnerSystemError,
-                format!("cannot start yr's IO runtime: {e}"),
-            )
+        .map_err(|source| RuntimeError::Start {
+            what: "yr's IO runtime".to_string(),
+            source,
         })?;
     let handle = runtime.handle().clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -102,11 +101,9 @@ fn io_runtime() -> Result<
             });
             runtime.shutdown_timeout(Duration::from_millis(100));
         })
-        .map_err(|e| {
-            Error::new(
-                ErrorCode::InnerSystemError,
-                format!("cannot start yr's IO thread: {e}"),
-            )
+        .map_err(|source| RuntimeError::Start {
+            what: "yr's IO thread".to_string(),
+            source,
         })?;
     Ok((handle, thread, stop))
 }
@@ -222,11 +219,11 @@ impl ClusterBackend {
         let closed_cell = cell.clone();
         let listen_at = socket.clone();
         let listener = io.block_on_in_thread(async move {
-            tokio::net::UnixListener::bind(&listen_at).map_err(|e| {
-                Error::new(
-                    ErrorCode::InnerSystemError,
-                    format!("cannot listen on {}: {e}", listen_at.display()),
-                )
+            tokio::net::UnixListener::bind(&listen_at).map_err(|source| {
+                Error::from(RuntimeError::Start {
+                    what: format!("listening on {}", listen_at.display()),
+                    source,
+                })
             })
         })?;
         let bus = io.block_on_in_thread(Bus::connect(
@@ -490,7 +487,7 @@ impl Inner {
                 .await
                 .map_err(|status| {
                     Error::new(
-                        ErrorCode::GetOperationFailed,
+                        yr_transport::status_to_code(&status, ErrorCode::GetOperationFailed),
                         format!(
                             "cannot fetch object {} from the process at {address}, which sent \
                              it: {}; it may have exited",
@@ -616,10 +613,11 @@ impl Inner {
             bus::REQUEST_TIMEOUT,
         )?;
         let pb::bus_response::Body::GetNamed(found) = reply else {
-            return Err(Error::new(
-                ErrorCode::InnerSystemError,
-                "unexpected answer to an instance lookup",
-            ));
+            return Err(RuntimeError::UnexpectedAnswer {
+                request: "an instance lookup",
+                answer: format!("{reply:?}"),
+            }
+            .into());
         };
         Ok(self.track(found))
     }
@@ -823,10 +821,11 @@ impl Backend for ClusterBackend {
             timeout.saturating_add(bus::REQUEST_TIMEOUT),
         )?;
         let pb::bus_response::Body::GetNamed(found) = reply else {
-            return Err(Error::new(
-                ErrorCode::InnerSystemError,
-                "unexpected answer to get_instance",
-            ));
+            return Err(RuntimeError::UnexpectedAnswer {
+                request: "get_instance",
+                answer: format!("{reply:?}"),
+            }
+            .into());
         };
         let class = found.class_name.clone();
         let instance = inner.track(found);
@@ -844,10 +843,11 @@ impl Backend for ClusterBackend {
             bus::REQUEST_TIMEOUT,
         )?;
         let pb::bus_response::Body::ListNamed(list) = reply else {
-            return Err(Error::new(
-                ErrorCode::InnerSystemError,
-                "unexpected answer to list_named_instances",
-            ));
+            return Err(RuntimeError::UnexpectedAnswer {
+                request: "list_named_instances",
+                answer: format!("{reply:?}"),
+            }
+            .into());
         };
         Ok(list
             .instances

@@ -14,6 +14,7 @@ use yr_proto::v1 as pb;
 use super::call_channel::CallExecutor;
 use super::convert::{args_from_proto, result_to_proto};
 use super::Inner;
+use crate::error::RuntimeError;
 use crate::function::{
     find_constructor, find_function, find_method, CreateSpec, MethodSpec, TaskSpec,
 };
@@ -144,21 +145,30 @@ impl RuntimeMode {
             return;
         };
         *inner.parent_instance_id.lock() = init.instance_id.clone();
-        let options: InvokeOptions = rmp_serde::from_slice(&init.options).unwrap_or_default();
-        let result = if init.stateless {
-            let _ = self
-                .pool
-                .set(Pool::new("yr-runtime", options.concurrency.max(1) as usize));
-            Ok(())
-        } else {
-            self.construct(&init, options)
-        };
+        let result = self.start(&init);
+        if let Err(error) = &result {
+            tracing::debug!(instance = %init.instance_id, %error, "init call failed");
+        }
         inner
             .bus
             .send_oneway(pb::bus_request::Body::InitResult(pb::InitResult {
                 instance_id: init.instance_id,
                 error: result.err().map(|e| error_to_proto(&e)),
             }));
+    }
+
+    /// Carry out an init call: a pool for a stateless runtime, or the instance's constructor.
+    /// Options it cannot decode fail it with 1001 before anything starts.
+    fn start(&self, init: &pb::InitCall) -> Result<(), Error> {
+        let options = decode_options(&init.instance_id, &init.options)?;
+        if init.stateless {
+            let _ = self
+                .pool
+                .set(Pool::new("yr-runtime", options.concurrency.max(1) as usize));
+            Ok(())
+        } else {
+            self.construct(init, options)
+        }
     }
 
     fn construct(&self, init: &pb::InitCall, options: InvokeOptions) -> Result<(), Error> {
@@ -187,6 +197,22 @@ impl RuntimeMode {
         let _ = grace;
         self.finish();
     }
+}
+
+/// The `InvokeOptions` of an init call (MessagePack, as the creator encoded them). No bytes
+/// means the sender set none: the defaults. Bytes that do not decode are 1001: running with
+/// defaults instead would silently drop what the creator asked for.
+fn decode_options(instance_id: &str, bytes: &[u8]) -> Result<InvokeOptions, Error> {
+    if bytes.is_empty() {
+        return Ok(InvokeOptions::default());
+    }
+    rmp_serde::from_slice(bytes).map_err(|error| {
+        RuntimeError::BadInvokeOptions {
+            instance_id: instance_id.to_string(),
+            detail: error.to_string(),
+        }
+        .into()
+    })
 }
 
 /// Lends the instance's CPU back to the node while any of its threads waits for objects, so
@@ -250,10 +276,9 @@ fn result_of(call_id: u64, returns: &[ObjectHandle], caller: &Caller) -> pb::Cal
                 return pb::CallResult {
                     call_id,
                     values: Vec::new(),
-                    error: Some(error_to_proto(&Error::new(
-                        ErrorCode::InnerSystemError,
-                        "a result was sent unfinished",
-                    ))),
+                    error: Some(error_to_proto(&Error::from(RuntimeError::Bug(
+                        "a result was sent unfinished".to_string(),
+                    )))),
                 }
             }
         }
@@ -344,5 +369,68 @@ impl CallExecutor for RuntimeMode {
                 respond(result_of(call_id, &returns, &caller))
             })),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> Arc<RuntimeMode> {
+        RuntimeMode::new(
+            RuntimeEnv {
+                bus_address: "unix:/nonexistent/bus.sock".to_string(),
+                runtime_id: "rt-test".to_string(),
+            },
+            Weak::new(),
+        )
+    }
+
+    fn init_call(stateless: bool, options: Vec<u8>) -> pb::InitCall {
+        pb::InitCall {
+            instance_id: "instance-1".to_string(),
+            function: "yr_runtime::nobody::Class::new".to_string(),
+            stateless,
+            options: options.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn options_that_do_not_decode_fail_the_init_with_param_invalid() {
+        for stateless in [true, false] {
+            let mode = runtime();
+            let error = mode
+                .start(&init_call(stateless, vec![0xc1, 0xff, 0x00]))
+                .unwrap_err();
+            assert_eq!(error.code(), ErrorCode::ParamInvalid, "{error}");
+            assert!(error.message().contains("instance-1"), "{error}");
+            assert!(error.message().contains("InvokeOptions"), "{error}");
+            assert!(mode.pool.get().is_none(), "nothing started");
+        }
+    }
+
+    #[test]
+    fn options_of_the_wrong_shape_are_not_replaced_by_defaults() {
+        // Decodable MessagePack, but not InvokeOptions: a map whose `concurrency` is a string.
+        let bytes =
+            rmp_serde::to_vec_named(&std::collections::BTreeMap::from([("concurrency", "many")]))
+                .unwrap();
+        let error = decode_options("instance-2", &bytes).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::ParamInvalid, "{error}");
+    }
+
+    #[test]
+    fn the_creators_options_arrive_and_no_options_are_the_defaults() {
+        let options = InvokeOptions {
+            concurrency: 7,
+            ..Default::default()
+        };
+        let bytes = rmp_serde::to_vec_named(&options).unwrap();
+        assert_eq!(decode_options("i", &bytes).unwrap(), options);
+        assert_eq!(decode_options("i", &[]).unwrap(), InvokeOptions::default());
+        let mode = runtime();
+        mode.start(&init_call(true, bytes)).unwrap();
+        assert!(mode.pool.get().is_some());
     }
 }

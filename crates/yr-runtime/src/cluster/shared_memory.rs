@@ -16,6 +16,7 @@ use yr_proto::{error_from_proto, error_to_proto};
 
 use super::bus::Bus;
 use super::data_channel::DataChannel;
+use crate::error::RuntimeError;
 use crate::object_store::Payload;
 use crate::shared_memory::{self, RegionAllocator, SharedMemory};
 
@@ -57,11 +58,12 @@ fn disk_runtime() -> Result<tokio::runtime::Runtime> {
         .thread_name("yr-spill")
         .enable_all()
         .build()
-        .map_err(|e| {
-            Error::new(
-                yr_common::ErrorCode::InnerSystemError,
-                format!("cannot start the runtime of spill and restore calls: {e}"),
-            )
+        .map_err(|source| {
+            RuntimeError::Start {
+                what: "the runtime of spill and restore calls".to_string(),
+                source,
+            }
+            .into()
         })
 }
 

@@ -116,10 +116,10 @@ impl Shared {
                     .map(tonic::Response::into_inner)
                     .map_err(|status| {
                         Error::new(
-                            ErrorCode::ConnectionFailed,
+                            yr_transport::status_to_code(&status, ErrorCode::ConnectionFailed),
                             format!(
-                                "the data worker at {address} did not answer a stream call: {}; \
-                                 check that the node there is running",
+                                "the data worker at {address} failed a stream call: {}; check \
+                                 that the node there is running",
                                 status.message()
                             ),
                         )

@@ -583,10 +583,10 @@ fn kill_instance_with_an_empty_id_fails_with_instance_id_empty() {
 }
 
 #[test]
-fn kill_instance_of_an_unknown_id_fails_with_instance_not_found() {
+fn kill_instance_of_an_unknown_id_fails_with_incorrect_kill_usage() {
     let _session = support::session();
     let error = unwrap_err(yr::kill_instance("nope"));
-    assert_error(&error, ErrorCode::InstanceNotFound, &["nope"]);
+    assert_error(&error, ErrorCode::IncorrectKillUsage, &["nope", "kill"]);
 }
 
 #[test]

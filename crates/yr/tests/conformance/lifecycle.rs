@@ -1,12 +1,47 @@
 //! Lifecycle: `init`, `finalize`, `is_initialized`; 4001 before `init` and on a second `init`;
-//! 9000 for pending and new calls after `finalize`.
+//! 9000 for pending and new calls after `finalize`; 4006 for `finalize` inside user code.
 
 use std::time::{Duration, Instant};
 
 use yr::{ErrorCode, InvokeOptions};
 
 use crate::instances::Counter;
-use crate::support::{self, add, assert_error, slow, unwrap_err};
+use crate::support::{self, add, assert_error, slow, unwrap_err, Backend};
+
+/// What `yr::finalize` answers where user code runs: its error's code number and message
+/// (0 and nothing if it finalized).
+fn finalize_here() -> (u32, String) {
+    match yr::finalize() {
+        Ok(()) => (0, String::new()),
+        Err(error) => (error.code().number(), error.message().to_string()),
+    }
+}
+
+#[yr::invoke]
+fn finalize_in_a_function() -> (u32, String) {
+    finalize_here()
+}
+
+/// `finalize` from a thread the function started: not user code itself, but in a cluster it
+/// runs in the runtime's process.
+#[yr::invoke]
+fn finalize_in_a_thread_of_a_function() -> (u32, String) {
+    std::thread::spawn(finalize_here).join().unwrap()
+}
+
+#[yr::instance]
+struct Finalizer;
+
+#[yr::instance]
+impl Finalizer {
+    fn new() -> Self {
+        Finalizer
+    }
+
+    fn finalize(&self) -> (u32, String) {
+        finalize_here()
+    }
+}
 
 #[test]
 fn calls_before_init_fail_with_incorrect_init_usage_telling_to_call_init() {
@@ -247,4 +282,40 @@ fn init_works_again_after_finalize() {
         assert_eq!(support::get(&value), round * 10 + 1);
         yr::finalize().unwrap();
     }
+}
+
+#[test]
+fn finalize_inside_a_function_or_method_fails_with_incorrect_function_usage() {
+    let _session = support::session();
+    let usage = ErrorCode::IncorrectFunctionUsage.number();
+    let (code, message) = support::get(&yr::function(finalize_in_a_function).invoke(()).unwrap());
+    assert_eq!(code, usage, "{message}");
+    assert!(message.contains("only the driver"), "{message}");
+    let finalizer = yr::instance(Finalizer::new).invoke(()).unwrap();
+    let (code, message) = support::get(&finalizer.method(Finalizer::finalize).invoke(()).unwrap());
+    assert_eq!(code, usage, "{message}");
+    // Nothing was finalized: the driver's yr still works.
+    assert!(yr::is_initialized());
+    assert_eq!(support::get(&yr::function(add).invoke((1, 2)).unwrap()), 3);
+}
+
+#[test]
+fn finalize_anywhere_in_a_runtime_process_fails_with_incorrect_function_usage() {
+    if support::backend() != Backend::Cluster {
+        // In local mode user code shares the driver's process: a thread of its own may
+        // finalize the driver, as any driver thread may.
+        return;
+    }
+    let _session = support::session();
+    let (code, message) = support::get(
+        &yr::function(finalize_in_a_thread_of_a_function)
+            .invoke(())
+            .unwrap(),
+    );
+    assert_eq!(
+        code,
+        ErrorCode::IncorrectFunctionUsage.number(),
+        "{message}"
+    );
+    assert!(message.contains("runtime process"), "{message}");
 }
