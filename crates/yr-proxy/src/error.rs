@@ -141,6 +141,16 @@ pub enum ProxyError {
         instance: String,
         /// What it said.
         message: String,
+        /// The code of its gRPC status.
+        code: ErrorCode,
+    },
+    /// A record in the meta store does not decode.
+    #[error("the meta store's record {key} does not decode: {reason}")]
+    BadRecord {
+        /// Its key.
+        key: String,
+        /// Why.
+        reason: String,
     },
     /// No named instance is live.
     #[error("failed to get instance {0}: no live instance; create it first or check the name and namespace")]
@@ -196,7 +206,9 @@ impl ProxyError {
             ConstructorExited(_) | RuntimeHung { .. } | RuntimeCrashed { .. } => {
                 ErrorCode::UserFunctionException
             }
-            ConstructorTimeout { .. } | RemoteKill { .. } => ErrorCode::InnerCommunication,
+            ConstructorTimeout { .. } => ErrorCode::InnerCommunication,
+            RemoteKill { code, .. } => *code,
+            BadRecord { .. } => ErrorCode::InstanceInfoInvalid,
             ForwardRefused { code, .. } => *code,
             NodeUnreachable { .. } | RuntimeExited { .. } | Exited(_) => ErrorCode::InstanceExited,
         }

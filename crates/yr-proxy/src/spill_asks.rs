@@ -89,9 +89,10 @@ impl SpillAsker for SpillAsks {
                     Some(error) if answer.bytes_freed == 0 => Err(error_from_proto(&error)),
                     _ => Ok(answer.bytes_freed),
                 },
+                // The process left before it answered.
                 Err(_) => Err(Error::new(
-                    ErrorCode::InnerSystemError,
-                    format!("the spill ask {ask_id} to process {pid} was dropped unanswered"),
+                    ErrorCode::BusDisconnection,
+                    format!("the spill ask {ask_id} to process {pid} was dropped unanswered: the process left"),
                 )),
             }
         })

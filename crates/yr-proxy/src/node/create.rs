@@ -362,7 +362,7 @@ impl Node {
                 node: node_id.clone(),
                 instance: instance_id.to_string(),
                 message: status.message().to_string(),
-                code: status_code(&status),
+                code: yr_transport::status_to_code(&status, ErrorCode::InnerCommunication),
             })?
             .into_inner();
         let node = self.clone();
@@ -526,11 +526,6 @@ impl Node {
         }
         .into())
     }
-}
-
-/// The code of a failed gRPC call to another node.
-fn status_code(_status: &tonic::Status) -> ErrorCode {
-    ErrorCode::InnerCommunication
 }
 
 /// The error of an instance whose creation a kill cancelled.

@@ -102,16 +102,24 @@ impl Node {
     /// Kill an instance that another node runs, found through the meta store.
     async fn kill_elsewhere(&self, instance_id: &str, wait: bool) -> Result<(), Error> {
         let not_found = || Error::from(ProxyError::NotFound(instance_id.to_string()));
-        let record = match self.meta.get(&instance_key(instance_id)).await {
-            Ok(Some(kv)) => pb::InstanceRecord::decode(kv.value).map_err(|_| not_found())?,
+        let bad = |key: String, e: prost::DecodeError| {
+            Error::from(ProxyError::BadRecord {
+                key,
+                reason: e.to_string(),
+            })
+        };
+        let key = instance_key(instance_id);
+        let record = match self.meta.get(&key).await {
+            Ok(Some(kv)) => pb::InstanceRecord::decode(kv.value).map_err(|e| bad(key, e))?,
             Ok(None) => return Err(not_found()),
             Err(error) => return Err(error.into()),
         };
         if record.node_id == self.settings.node_id {
             return Err(not_found());
         }
-        let node = match self.meta.get(&format!("/yr/node/{}", record.node_id)).await {
-            Ok(Some(kv)) => pb::NodeInfo::decode(kv.value).map_err(|_| not_found())?,
+        let key = format!("/yr/node/{}", record.node_id);
+        let node = match self.meta.get(&key).await {
+            Ok(Some(kv)) => pb::NodeInfo::decode(kv.value).map_err(|e| bad(key, e))?,
             Ok(None) => return Err(not_found()),
             Err(error) => return Err(error.into()),
         };
@@ -134,6 +142,7 @@ impl Node {
                     address: address.to_string(),
                     instance: instance_id.to_string(),
                     message: status.message().to_string(),
+                    code: yr_transport::status_to_code(&status, ErrorCode::InnerCommunication),
                 }
                 .into()
             })
