@@ -20,10 +20,11 @@ use yr_proto::v1 as pb;
 use yr_proto::v1::InstanceState as S;
 use yr_runtime::cluster::convert::error_to_proto;
 
+use crate::fencing::Fencing;
 use crate::master_link::MasterLink;
 use crate::rate_limit::TokenBucket;
-use crate::resources::{Amount, LocalResources};
 use crate::record_writer::{instance_key, named_key, RecordWriter};
+use crate::resources::{Amount, LocalResources};
 use crate::state_machine;
 
 /// How long after taking a warm runtime the node starts its replacement.
@@ -162,6 +163,8 @@ pub struct Node {
     limiter: Mutex<TokenBucket>,
     /// The only writer of instance records.
     records: Arc<RecordWriter>,
+    /// This node's incarnation, and losses of the nodes it forwarded instances to.
+    fencing: Arc<Fencing>,
     next_client: AtomicU64,
     creates: AtomicU64,
     /// Told the process id of each client that disconnects (the data worker drops its
@@ -186,6 +189,7 @@ impl Node {
         meta: Arc<dyn MetaStore>,
         master: Arc<MasterLink>,
         events: mpsc::UnboundedSender<RuntimeEvent>,
+        fencing: Arc<Fencing>,
     ) -> Arc<Node> {
         let agent = RuntimeManager::new(
             yr_agent::RuntimeManagerOptions {
@@ -204,7 +208,8 @@ impl Node {
             resources: Mutex::new(LocalResources::new(capacity)),
             state: Mutex::new(State::default()),
             limiter: Mutex::new(TokenBucket::new(rate, burst)),
-            records: RecordWriter::new(meta.clone()),
+            records: RecordWriter::new(meta.clone(), fencing.clone()),
+            fencing,
             next_client: AtomicU64::new(1),
             creates: AtomicU64::new(0),
             client_gone: std::sync::OnceLock::new(),
@@ -1043,10 +1048,21 @@ impl Node {
             .into_inner();
         let node = self.clone();
         let id = instance_id.to_string();
+        // A stopped node keeps its connections open: its loss comes from the meta store.
+        let lost = self.fencing.forwarded_lost(&node_id, instance_id);
         tokio::spawn(async move {
             use tokio_stream::StreamExt;
+            tokio::pin!(lost);
             loop {
-                match notifications.next().await {
+                let next = tokio::select! {
+                    next = notifications.next() => next,
+                    error = &mut lost => {
+                        node.notify(&id, error_notify(&id, S::Fatal, &error));
+                        node.forget_forwarded(&id);
+                        return;
+                    }
+                };
+                match next {
                     Some(Ok(notify)) => {
                         let state = S::try_from(notify.state).unwrap_or(S::Fatal);
                         if let Some(instance) = node.state.lock().instances.get_mut(&id) {
@@ -1732,6 +1748,60 @@ impl Node {
             let _ = handle.await;
         }
         self.stop();
+    }
+
+    // ----- fencing ---------------------------------------------------------------------------
+
+    /// The master declared this node lost: fail every instance that runs here with `error`
+    /// (1007). Instances forwarded to other nodes are theirs and stay.
+    pub fn fence_local_instances(self: &Arc<Self>, error: &Error) {
+        let ids: Vec<String> = self
+            .state
+            .lock()
+            .instances
+            .iter()
+            .filter(|(_, instance)| instance.forwarded_to.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            self.on_fenced(&id, error);
+        }
+    }
+
+    /// `instance_id`'s record is not this node's to write any more (the master wrote it FATAL,
+    /// or another incarnation of this node owns it): fail the instance with `error` (1007) for
+    /// good (no restart), kill its runtime and tell its subscribers FATAL. The instance leaves
+    /// the node once its runtime is gone; its record stays as its owner wrote it.
+    pub fn on_fenced(self: &Arc<Self>, instance_id: &str, error: &Error) {
+        let runtime_id = {
+            let mut state = self.state.lock();
+            let Some(instance) = state.instances.get_mut(instance_id) else {
+                return;
+            };
+            let ended = matches!(
+                S::try_from(instance.record.state),
+                Ok(S::Fatal | S::Exited | S::Evicted | S::ScheduleFailed)
+            );
+            if instance.forwarded_to.is_some() || instance.killing || ended {
+                return;
+            }
+            instance.killing = true;
+            instance.runtime_id.take()
+        };
+        tracing::warn!(instance = %instance_id, %error, "instance fenced: failing it and killing its runtime");
+        let _ = self.transition(instance_id, S::Fatal, Some(error));
+        self.notify(instance_id, error_notify(instance_id, S::Fatal, error));
+        // Released now, so that a registration that follows reports the room.
+        self.release(instance_id);
+        match runtime_id {
+            // Its exit ends the instance here (killing, no runtime).
+            Some(runtime_id) => {
+                self.agent.signal(&runtime_id, libc::SIGKILL);
+            }
+            // Not started (or still starting: the start sees `killing` and cancels).
+            None => self.finish_exit(instance_id, error),
+        }
+        self.kill_children(instance_id);
     }
 }
 
