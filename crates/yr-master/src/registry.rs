@@ -83,7 +83,8 @@ pub struct NodeEntry {
     pub info: NodeInfo,
     /// Liveness.
     pub state: NodeState,
-    /// When the node last registered or heartbeat (for a recovered node: when it was recovered).
+    /// When the node last registered or heartbeat (for a recovered node: when it was recovered,
+    /// plus the grace it has to register again).
     pub last_seen: Instant,
 }
 
