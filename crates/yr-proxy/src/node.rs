@@ -1120,9 +1120,11 @@ impl Node {
             job_id: job_id.clone(),
             env: vec![("YR_BINARY_HASH".into(), hash_env.clone())],
         };
+        // Hashing a large binary takes seconds on a busy machine: the worker's other tasks (the
+        // heartbeats to the master among them) move to another thread meanwhile.
         if !self.settings.fetch_binaries
             && path.is_file()
-            && yr_runtime::cluster::binary_hash(&path) == hash
+            && tokio::task::block_in_place(|| yr_runtime::cluster::binary_hash(&path)) == hash
         {
             self.state.lock().binaries.insert(hash, spec(path));
             return Ok(());
@@ -1866,7 +1868,8 @@ fn check_driver_binary(register: &pb::RegisterClient, pid: u32) -> Result<(), Er
             "process {pid} does not run that executable"
         )));
     }
-    let hash = yr_runtime::cluster::binary_hash(path);
+    // Off the worker's other tasks (see `ensure_binary`).
+    let hash = tokio::task::block_in_place(|| yr_runtime::cluster::binary_hash(path));
     if hash.is_empty() || hash != register.binary_hash {
         return Err(refused(format!(
             "its content key is {hash:?}, not the {:?} the driver sent (was it rebuilt?)",
