@@ -46,14 +46,20 @@ pub struct Incarnations {
     pub registered: u64,
 }
 
+/// Fails every local instance with the error (1007).
+pub type NodeFenced = Box<dyn Fn(&Error) + Send + Sync>;
+
+/// Fails one instance (by id) with the error (1007).
+pub type InstanceFenced = Box<dyn Fn(&str, Error) + Send + Sync>;
+
 /// What the node does when it is fenced. Set once, by the code that owns the instances.
 pub struct FenceHandlers {
     /// The master declared this node's incarnation lost: fail every local instance with this
     /// error (1007), without restarts, and kill their runtimes.
-    pub node: Box<dyn Fn(&Error) + Send + Sync>,
+    pub node: NodeFenced,
     /// An instance's record is not this node's to write any more: fail the instance with the
     /// error (1007) and kill its runtime.
-    pub instance: Box<dyn Fn(&str, Error) + Send + Sync>,
+    pub instance: InstanceFenced,
 }
 
 /// This node's incarnation and its fencing events.
