@@ -1800,7 +1800,8 @@ impl Node {
             Some(runtime_id) => {
                 self.agent.signal(&runtime_id, libc::SIGKILL);
             }
-            // Not started (or still starting: the start sees `killing` and cancels).
+            // Not started yet: it leaves now, as after a kill (a start in progress finds it
+            // gone).
             None => self.finish_exit(instance_id, error),
         }
         self.kill_children(instance_id);
