@@ -634,6 +634,7 @@ fn status_json(status: &pb::ClusterStatusResponse) -> serde_json::Value {
     serde_json::json!({
         "nodes": status.nodes.iter().map(|n| serde_json::json!({
             "id": n.node_id, "address": n.address, "state": n.state,
+            "incarnation": n.incarnation,
             "capacity": resources(&n.capacity), "allocatable": resources(&n.allocatable),
             "labels": n.labels,
         })).collect::<Vec<_>>(),

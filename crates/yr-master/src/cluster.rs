@@ -11,16 +11,20 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::sync::watch;
+use yr_common::backoff::Backoff;
 use yr_common::{Error, ErrorCode};
-use yr_meta::{put_if_version, MetaError, MetaStore};
+use yr_meta::{Compare, MetaError, MetaStore, TxnOp};
 use yr_proto::error_to_proto;
 use yr_proto::v1::{
-    ClusterStatusResponse, NodeInfo, NodeUpdate, ScheduleRequest, ScheduleResponse,
+    ClusterStatusResponse, NodeInfo, NodeUpdate, RegisterNodeResponse, ScheduleRequest,
+    ScheduleResponse,
 };
 
 use crate::instance_manager::InstanceManager;
 use crate::placement::{self, Candidate, PlacementError, PlacementRequest};
-use crate::registry::{node_key, HeartbeatOutcome, NodeState, Registry, NODE_PREFIX};
+use crate::registry::{
+    incarnation_key, node_key, HeartbeatOutcome, NodeState, Registry, NODE_PREFIX,
+};
 use crate::resource_view::{delta_is_empty, ResourceSet, ResourceView};
 
 /// The meta store key of the cluster's id, made by the first master that opens the store.
@@ -29,6 +33,11 @@ pub const CLUSTER_ID_KEY: &str = "/yr/cluster/id";
 /// The meta store prefix of registered functions (`/yr/function/{name}`); `ClusterStatus` lists
 /// their names along with the functions of known instances.
 pub const FUNCTION_PREFIX: &str = "/yr/function/";
+
+/// How much longer than `node_timeout` a node recovered after a master restart has to register
+/// again: the longest delay between a node's reconnect attempts, so that a node whose master was
+/// down for a while is not declared lost (and fenced) only because its next attempt came late.
+pub const RECOVERY_GRACE: Duration = Backoff::MAX;
 
 /// Why a registration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +68,8 @@ pub struct Counters {
     pub registrations: AtomicU64,
     /// Nodes declared lost.
     pub nodes_lost: AtomicU64,
+    /// Registrations refused because their incarnation was declared lost.
+    pub lost_incarnations_refused: AtomicU64,
 }
 
 struct Nodes {
@@ -78,7 +89,8 @@ pub struct Cluster {
 
 impl Cluster {
     /// Opens the cluster state on `store`: reads (or makes) the cluster id, recovers the node
-    /// registry (every node recovering, lost ones stay lost) and syncs the instance view.
+    /// registry (every node recovering, with [`RECOVERY_GRACE`] more to register again; lost
+    /// ones stay lost) and syncs the instance view.
     /// Returns the state and the revision to follow instance records after.
     pub async fn open(
         store: Arc<dyn MetaStore>,
@@ -95,12 +107,12 @@ impl Cluster {
             }
         };
         let mut registry = Registry::new();
-        let now = Instant::now();
+        let recovered_at = Instant::now() + RECOVERY_GRACE;
         for kv in store.range(NODE_PREFIX).await? {
             match NodeInfo::decode(kv.value.clone()) {
                 Ok(info) => {
                     let node_id = info.node_id.clone();
-                    let state = registry.recover(info, now);
+                    let state = registry.recover(info, recovered_at);
                     tracing::info!(node_id, %state, "recovered node from the meta store");
                 }
                 Err(err) => {
@@ -145,8 +157,13 @@ impl Cluster {
     }
 
     /// Registers (or re-registers) a node: it is alive from now, its resource view is reset to
-    /// what it reports, and its record is persisted.
-    pub async fn register(&self, info: Option<NodeInfo>) -> Result<String, RegisterError> {
+    /// what it reports, and its record and live incarnation are persisted together. An
+    /// incarnation this master declared lost is refused (`incarnation_lost`, nothing changes):
+    /// the node fails its instances and registers again under a new incarnation.
+    pub async fn register(
+        &self,
+        info: Option<NodeInfo>,
+    ) -> Result<RegisterNodeResponse, RegisterError> {
         let Some(mut info) = info else {
             return Err(RegisterError::Invalid(
                 "RegisterNode without a node; send the node's id, address and resources".into(),
@@ -172,10 +189,27 @@ impl Cluster {
         info.allocatable = Some(allocatable.to_proto());
         info.state = NodeState::Alive.as_str().to_string();
         let node_id = info.node_id.clone();
+        let incarnation = info.incarnation;
         // Memory first, then the store: a liveness pass that races with this registration then
         // sees the node alive, or its compare-and-swap loses to the write below.
         let previous = {
             let mut nodes = self.nodes.lock();
+            if nodes.registry.is_lost_incarnation(&node_id, incarnation) {
+                drop(nodes);
+                self.counters
+                    .lost_incarnations_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    node_id,
+                    incarnation,
+                    "refused a registration: this incarnation of the node was declared lost; \
+                     the node fails its instances and registers as a new incarnation"
+                );
+                return Ok(RegisterNodeResponse {
+                    cluster_id: self.cluster_id.clone(),
+                    incarnation_lost: true,
+                });
+            }
             let previous = nodes.registry.register(info.clone(), Instant::now());
             nodes.view.set_node(&node_id, capacity.clone(), allocatable);
             previous
@@ -183,19 +217,40 @@ impl Cluster {
         self.counters.registrations.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             node_id,
+            incarnation,
             address = %info.address,
             capacity = %capacity,
             previous = ?previous,
             "node registered"
         );
+        // The node's record and its live incarnation, which its record writes compare, change
+        // together.
         self.store
-            .put(&node_key(&node_id), Bytes::from(info.encode_to_vec()), None)
+            .txn(
+                Vec::new(),
+                vec![
+                    TxnOp::Put {
+                        key: node_key(&node_id),
+                        value: Bytes::from(info.encode_to_vec()),
+                        lease: None,
+                    },
+                    TxnOp::Put {
+                        key: incarnation_key(&node_id),
+                        value: Bytes::from(incarnation.to_string()),
+                        lease: None,
+                    },
+                ],
+                Vec::new(),
+            )
             .await
             .map_err(|source| RegisterError::Meta {
                 node_id: node_id.clone(),
                 source,
             })?;
-        Ok(self.cluster_id.clone())
+        Ok(RegisterNodeResponse {
+            cluster_id: self.cluster_id.clone(),
+            incarnation_lost: false,
+        })
     }
 
     /// Records a heartbeat and applies its delta. A node the master does not know as alive is
@@ -314,13 +369,21 @@ impl Cluster {
     }
 
     async fn fail_instances(&self, node_id: &str) {
-        if let Err(err) = self.instances.fail_instances_of_lost_node(node_id).await {
+        // A node that came back as a new incarnation meanwhile keeps that incarnation's records.
+        let live = || self.nodes.lock().registry.live_incarnation(node_id);
+        if let Err(err) = self
+            .instances
+            .fail_instances_of_lost_node(node_id, &live)
+            .await
+        {
             let error = Error::from(err);
-            tracing::error!(node_id, %error, "will retry after a restart");
+            tracing::error!(node_id, %error, "cannot mark the instances of a lost node FATAL; will retry after a restart");
         }
     }
 
-    /// Writes the node's record as lost, unless a registration got there first.
+    /// Writes the node's record as lost and deletes its live incarnation, so that none of that
+    /// incarnation's record writes lands from now on (fencing); unless a registration got there
+    /// first.
     async fn persist_lost(&self, node_id: &str) -> Result<(), MetaError> {
         let key = node_key(node_id);
         let Some(current) = self.store.get(&key).await? else {
@@ -334,10 +397,27 @@ impl Cluster {
             }
         };
         let value = Bytes::from(info.encode_to_vec());
-        if put_if_version(self.store.as_ref(), &key, value, current.version)
-            .await?
-            .is_err()
-        {
+        let response = self
+            .store
+            .txn(
+                vec![Compare::Version {
+                    key: key.clone(),
+                    version: current.version,
+                }],
+                vec![
+                    TxnOp::Put {
+                        key,
+                        value,
+                        lease: None,
+                    },
+                    TxnOp::Delete {
+                        key: incarnation_key(node_id),
+                    },
+                ],
+                Vec::new(),
+            )
+            .await?;
+        if !response.succeeded {
             tracing::debug!(node_id, "node re-registered while it was being marked lost");
         }
         Ok(())
@@ -538,5 +618,112 @@ mod tests {
             .unwrap();
         assert_eq!(reopened.cluster_id(), id);
         assert_eq!(reopened.node_counts(), [0, 0, 1]);
+    }
+
+    /// A record write as a node makes it: only while the record is still at `version` and
+    /// the node's live incarnation is `incarnation`.
+    async fn node_write(
+        store: &FakeStore,
+        record: &InstanceRecord,
+        version: u64,
+        incarnation: u64,
+    ) -> bool {
+        store
+            .txn(
+                vec![
+                    Compare::Version {
+                        key: "/yr/instance/i".into(),
+                        version,
+                    },
+                    Compare::ValueEquals {
+                        key: incarnation_key(&record.node_id),
+                        value: Bytes::from(incarnation.to_string()),
+                    },
+                ],
+                vec![TxnOp::Put {
+                    key: "/yr/instance/i".into(),
+                    value: Bytes::from(record.encode_to_vec()),
+                    lease: None,
+                }],
+                Vec::new(),
+            )
+            .await
+            .unwrap()
+            .succeeded
+    }
+
+    #[tokio::test]
+    async fn a_lost_incarnation_is_fenced_and_comes_back_only_as_a_new_one() {
+        let store = Arc::new(FakeStore::default());
+        let (cluster, _) = Cluster::open(store.clone(), Duration::from_millis(50))
+            .await
+            .unwrap();
+        let mut first = node("a", 1000);
+        first.incarnation = 7;
+        let response = cluster.register(Some(first.clone())).await.unwrap();
+        assert!(!response.incarnation_lost);
+        let live = store.get(&incarnation_key("a")).await.unwrap().unwrap();
+        assert_eq!(live.value, Bytes::from("7"));
+
+        // Incarnation 7 writes its instance's record while it is alive.
+        let mut record = InstanceRecord {
+            instance_id: "i".into(),
+            node_id: "a".into(),
+            node_incarnation: 7,
+            ..Default::default()
+        };
+        record.set_state(InstanceState::Running);
+        assert!(node_write(&store, &record, 0, 7).await);
+
+        // It stops heartbeating: lost, its live incarnation is gone, its record FATAL.
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert_eq!(cluster.check_liveness().await, vec!["a".to_string()]);
+        assert!(store.get(&incarnation_key("a")).await.unwrap().is_none());
+        let fatal = store.get("/yr/instance/i").await.unwrap().unwrap();
+        let stored = InstanceRecord::decode(fatal.value.clone()).unwrap();
+        assert_eq!(stored.state(), InstanceState::Fatal);
+        assert!(stored.written_by_master);
+
+        // Its writes are refused by the store's compare, even at the current version.
+        assert!(!node_write(&store, &record, fatal.version, 7).await);
+        // It comes back: its heartbeat is told to register again, and the registration of the
+        // lost incarnation is refused without changing anything.
+        assert_eq!(
+            cluster.heartbeat(&NodeUpdate {
+                node_id: "a".into(),
+                delta: None,
+            }),
+            HeartbeatOutcome::Reregister
+        );
+        let refused = cluster.register(Some(first.clone())).await.unwrap();
+        assert!(refused.incarnation_lost);
+        assert_eq!(cluster.node_counts(), [0, 0, 1]);
+        assert!(store.get(&incarnation_key("a")).await.unwrap().is_none());
+        assert_eq!(
+            cluster
+                .counters()
+                .lost_incarnations_refused
+                .load(Ordering::Relaxed),
+            1
+        );
+
+        // As a new incarnation it is alive again; the master's FATAL stands.
+        let mut second = first;
+        second.incarnation = 8;
+        assert!(
+            !cluster
+                .register(Some(second))
+                .await
+                .unwrap()
+                .incarnation_lost
+        );
+        assert_eq!(cluster.node_counts(), [1, 0, 0]);
+        assert_eq!(cluster.node_infos()[0].incarnation, 8);
+        let live = store.get(&incarnation_key("a")).await.unwrap().unwrap();
+        assert_eq!(live.value, Bytes::from("8"));
+        let after = store.get("/yr/instance/i").await.unwrap().unwrap();
+        assert_eq!(after, fatal, "the FATAL record is untouched");
+        // The old incarnation still cannot write.
+        assert!(!node_write(&store, &record, fatal.version, 7).await);
     }
 }

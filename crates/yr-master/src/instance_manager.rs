@@ -2,11 +2,13 @@
 //! instances of a node that was lost.
 //!
 //! Each node's proxy is the single writer of its instances' records (`/yr/instance/{id}`, prost
-//! `InstanceRecord`, written with a compare-and-swap on the record's version). The master only
-//! reads them, through a prefix watch that keeps [`InstanceManager`]'s cache current, with one
-//! exception: when a node is lost nobody else will ever move its instances on, so the master
-//! writes them FATAL with `ErrorCode::InstanceExited` ("node X was lost"), again with a
-//! compare-and-swap so a newer record is never clobbered.
+//! `InstanceRecord`, written with a compare-and-swap on the record's version and on the node's
+//! live incarnation). The master only reads them, through a prefix watch that keeps
+//! [`InstanceManager`]'s cache current, with one exception: when a node is lost nobody else will
+//! ever move its instances on, so the master writes them FATAL with `ErrorCode::InstanceExited`
+//! ("node X was lost") and `written_by_master`, again with a compare-and-swap so a newer record
+//! is never clobbered. The lost incarnation can no longer write (its live incarnation key is
+//! gone), and a node never writes over a record the master wrote: the master's FATAL stands.
 //!
 //! Not done yet: rescheduling instances of a lost node that have a `recover_retry_times` budget
 //! (openYuanrong moves them to SCHEDULING under the master's ownership); they go FATAL too.
@@ -265,11 +267,14 @@ impl InstanceManager {
     }
 
     /// Writes FATAL (`InstanceExited`, "node X was lost") into every record of an instance on
-    /// `node_id` that is not final yet, and returns how many it wrote. Reads the store rather
-    /// than the view, so that records the watch has not delivered yet are not missed.
+    /// `node_id` that is not final yet, and returns how many it wrote. Records of the node's
+    /// `live_incarnation` (a node that came back as a new incarnation meanwhile) are left
+    /// alone. Reads the store rather than the view, so that records the watch has not delivered
+    /// yet are not missed.
     pub async fn fail_instances_of_lost_node(
         &self,
         node_id: &str,
+        live_incarnation: &(dyn Fn() -> Option<u64> + Send + Sync),
     ) -> Result<usize, InstanceManagerError> {
         let failed = |source| InstanceManagerError::MarkFatal {
             node_id: node_id.to_string(),
@@ -281,11 +286,11 @@ impl InstanceManager {
             let Ok(record) = InstanceRecord::decode(kv.value.clone()) else {
                 continue;
             };
-            if record.node_id != node_id || is_final(record.state()) {
+            if !belongs_to_lost(&record, node_id, live_incarnation) {
                 continue;
             }
             if self
-                .mark_fatal(&kv.key, record, kv.version, node_id)
+                .mark_fatal(&kv.key, record, kv.version, node_id, live_incarnation)
                 .await
                 .map_err(failed)?
             {
@@ -310,6 +315,7 @@ impl InstanceManager {
         mut record: InstanceRecord,
         mut version: u64,
         node_id: &str,
+        live_incarnation: &(dyn Fn() -> Option<u64> + Send + Sync),
     ) -> Result<bool, MetaError> {
         for _ in 0..MAX_CAS_ATTEMPTS {
             let instance_id = if record.instance_id.is_empty() {
@@ -318,6 +324,7 @@ impl InstanceManager {
                 record.instance_id.clone()
             };
             record.set_state(InstanceState::Fatal);
+            record.written_by_master = true;
             record.error = Some(ErrorInfo {
                 code: ErrorCode::InstanceExited.number(),
                 module: ModuleCode::Core.number(),
@@ -340,7 +347,7 @@ impl InstanceManager {
                     let Ok(newer) = InstanceRecord::decode(current.value.clone()) else {
                         return Ok(false);
                     };
-                    if newer.node_id != node_id || is_final(newer.state()) {
+                    if !belongs_to_lost(&newer, node_id, live_incarnation) {
                         return Ok(false);
                     }
                     record = newer;
@@ -355,6 +362,18 @@ impl InstanceManager {
         );
         Ok(false)
     }
+}
+
+/// Whether `record` is an instance of the lost node `node_id` that the master must fail: not
+/// final yet, and not of the node's live incarnation (if it came back as a new one).
+fn belongs_to_lost(
+    record: &InstanceRecord,
+    node_id: &str,
+    live_incarnation: &(dyn Fn() -> Option<u64> + Send + Sync),
+) -> bool {
+    record.node_id == node_id
+        && !is_final(record.state())
+        && live_incarnation() != Some(record.node_incarnation)
 }
 
 /// The view's entry for a record, or `None` (logged) for a value that is not an instance record.
@@ -429,12 +448,16 @@ mod tests {
         let manager = InstanceManager::new(store.clone());
         manager.sync().await.unwrap();
         assert_eq!(
-            manager.fail_instances_of_lost_node("lost").await.unwrap(),
+            manager
+                .fail_instances_of_lost_node("lost", &|| None)
+                .await
+                .unwrap(),
             2
         );
         for id in ["i1", "i2"] {
             let record = read(&store, id).await;
             assert_eq!(record.state(), InstanceState::Fatal);
+            assert!(record.written_by_master, "the node never writes over it");
             let error = record.error.unwrap();
             assert_eq!(error.code, ErrorCode::InstanceExited.number());
             assert_eq!(error.module, ModuleCode::Core.number());
@@ -451,7 +474,10 @@ mod tests {
         assert_eq!(manager.marked_fatal_total(), 2);
         // A second pass finds nothing left to do.
         assert_eq!(
-            manager.fail_instances_of_lost_node("lost").await.unwrap(),
+            manager
+                .fail_instances_of_lost_node("lost", &|| None)
+                .await
+                .unwrap(),
             0
         );
     }
@@ -484,9 +510,41 @@ mod tests {
             .collect();
         assert_eq!(ids, vec!["good".to_string()]);
         assert_eq!(
-            manager.fail_instances_of_lost_node("lost").await.unwrap(),
+            manager
+                .fail_instances_of_lost_node("lost", &|| None)
+                .await
+                .unwrap(),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn records_of_the_incarnation_that_came_back_are_left_alone() {
+        let store = Arc::new(FakeStore::default());
+        for (id, incarnation) in [("old", 7), ("new", 8)] {
+            let mut record = InstanceRecord {
+                instance_id: id.to_string(),
+                node_id: "a".to_string(),
+                node_incarnation: incarnation,
+                ..Default::default()
+            };
+            record.set_state(InstanceState::Running);
+            store
+                .put(&instance_key(id), Bytes::from(record.encode_to_vec()), None)
+                .await
+                .unwrap();
+        }
+        let manager = InstanceManager::new(store.clone());
+        // Node a was lost as incarnation 7 and is alive again as 8.
+        assert_eq!(
+            manager
+                .fail_instances_of_lost_node("a", &|| Some(8))
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(read(&store, "old").await.state(), InstanceState::Fatal);
+        assert_eq!(read(&store, "new").await.state(), InstanceState::Running);
     }
 
     #[tokio::test]
@@ -505,7 +563,7 @@ mod tests {
             .unwrap();
         let decoded = InstanceRecord::decode(first.value.clone()).unwrap();
         assert!(!manager
-            .mark_fatal(&key, decoded, first.version, "lost")
+            .mark_fatal(&key, decoded, first.version, "lost", &|| None)
             .await
             .unwrap());
         assert_eq!(read(&store, "i1").await.node_id, "other");

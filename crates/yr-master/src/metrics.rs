@@ -55,6 +55,17 @@ pub fn render(cluster: &Cluster) -> String {
 
     counter_header(
         &mut out,
+        "yr_master_lost_incarnations_refused_total",
+        "Registrations refused because the master had declared that incarnation lost.",
+    );
+    let _ = writeln!(
+        out,
+        "yr_master_lost_incarnations_refused_total {}",
+        counters.lost_incarnations_refused.load(Ordering::Relaxed)
+    );
+
+    counter_header(
+        &mut out,
         "yr_master_schedule_requests_total",
         "Schedule requests answered.",
     );

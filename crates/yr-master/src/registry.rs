@@ -6,7 +6,13 @@
 //! its instances. A master that restarts recovers the registry from the meta store
 //! (`/yr/node/{node_id}`) with every node *recovering*: such a node is told to register again on
 //! its first heartbeat (the master's copy of its resources is stale) and is lost when it has not
-//! done so within `node_timeout` of the restart.
+//! done so within `node_timeout` (plus the nodes' longest reconnect delay) of the restart.
+//!
+//! Each registration carries the node's *incarnation* (`NodeInfo.incarnation`). The master
+//! keeps the live incarnation of each node at [`incarnation_key`]; every record write of the
+//! node compares it, so once a node is lost (the key is deleted with the lost record) none of
+//! that incarnation's writes land. An incarnation declared lost cannot register again: the node
+//! must fail its instances and come back under a new one.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,6 +26,15 @@ pub const NODE_PREFIX: &str = "/yr/node/";
 /// The meta store key of a node's record.
 pub fn node_key(node_id: &str) -> String {
     format!("{NODE_PREFIX}{node_id}")
+}
+
+/// The meta store prefix of the live incarnation of each node (decimal text).
+pub const INCARNATION_PREFIX: &str = "/yr/incarnation/";
+
+/// The meta store key of a node's live incarnation: present while the node is registered and
+/// not lost; every instance-record write of the node compares it.
+pub fn incarnation_key(node_id: &str) -> String {
+    format!("{INCARNATION_PREFIX}{node_id}")
 }
 
 /// A node's liveness.
@@ -68,7 +83,8 @@ pub struct NodeEntry {
     pub info: NodeInfo,
     /// Liveness.
     pub state: NodeState,
-    /// When the node last registered or heartbeat (for a recovered node: when it was recovered).
+    /// When the node last registered or heartbeat (for a recovered node: when it was recovered,
+    /// plus the grace it has to register again).
     pub last_seen: Instant,
 }
 
@@ -152,6 +168,23 @@ impl Registry {
             }
         }
         lost
+    }
+
+    /// Whether `incarnation` of `node_id` was declared lost (0, an unfenced node, never is).
+    pub fn is_lost_incarnation(&self, node_id: &str, incarnation: u64) -> bool {
+        incarnation != 0
+            && self.nodes.get(node_id).is_some_and(|entry| {
+                entry.state == NodeState::Lost && entry.info.incarnation == incarnation
+            })
+    }
+
+    /// The incarnation of `node_id` that may write records now: its registered one, unless the
+    /// node is lost.
+    pub fn live_incarnation(&self, node_id: &str) -> Option<u64> {
+        self.nodes
+            .get(node_id)
+            .filter(|entry| entry.state != NodeState::Lost)
+            .map(|entry| entry.info.incarnation)
     }
 
     /// A node's entry.
@@ -253,6 +286,30 @@ mod tests {
             vec!["alive".to_string()]
         );
         assert_eq!(registry.ids_in(NodeState::Lost).len(), 2);
+    }
+
+    #[test]
+    fn a_lost_incarnation_is_known_as_lost_and_a_new_one_is_live() {
+        let mut registry = Registry::new();
+        let now = Instant::now();
+        let mut first = info("a");
+        first.incarnation = 7;
+        registry.register(first, now);
+        assert_eq!(registry.live_incarnation("a"), Some(7));
+        assert!(!registry.is_lost_incarnation("a", 7));
+        registry.expire(now + Duration::from_secs(1), Duration::from_millis(10));
+        assert!(registry.is_lost_incarnation("a", 7));
+        assert!(!registry.is_lost_incarnation("a", 8));
+        assert!(!registry.is_lost_incarnation("a", 0), "0 is never fenced");
+        assert_eq!(registry.live_incarnation("a"), None);
+        let mut second = info("a");
+        second.incarnation = 8;
+        registry.register(second, now);
+        assert_eq!(registry.live_incarnation("a"), Some(8));
+        assert!(
+            !registry.is_lost_incarnation("a", 7),
+            "the node is alive again"
+        );
     }
 
     #[test]

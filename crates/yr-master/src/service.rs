@@ -1,11 +1,14 @@
 //! The `Master` gRPC service (`yr.v1.Master`): a thin translation between the wire and
 //! [`Cluster`](crate::cluster::Cluster).
 //!
-//! - `RegisterNode`: a node joins (or re-joins) with its id, addresses, labels, capacity and
-//!   allocatable; the answer carries the cluster id.
+//! - `RegisterNode`: a node joins (or re-joins) with its id, incarnation, addresses, labels,
+//!   capacity and allocatable; the answer carries the cluster id, or says that the incarnation
+//!   was declared lost (the node then fails its instances and registers as a new incarnation).
 //! - `NodeHeartbeat`: one bidirectional stream per node. The node sends `NodeUpdate`s (deltas to
 //!   its allocatable, or empty beats at least once a second); the master answers only when it
-//!   needs something: `MasterCommand{reregister: true}` for a node it does not know as alive.
+//!   needs something: `MasterCommand{reregister: true}` for a node it does not know as alive
+//!   (unknown, recovering after a restart, or declared lost; the registration that follows
+//!   tells a lost incarnation apart).
 //! - `Schedule`: global placement; a failure is an `ErrorInfo` in the response, not a gRPC error.
 //! - `ClusterStatus`: nodes, instances and registered functions.
 
@@ -55,12 +58,12 @@ impl Master for MasterService {
         &self,
         request: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeResponse>, Status> {
-        let cluster_id = self
+        let response: RegisterNodeResponse = self
             .cluster
             .register(request.into_inner().node)
             .await
             .map_err(register_status)?;
-        Ok(Response::new(RegisterNodeResponse { cluster_id }))
+        Ok(Response::new(response))
     }
 
     type NodeHeartbeatStream = ReceiverStream<Result<MasterCommand, Status>>;

@@ -78,6 +78,7 @@ fn node(id: &str, cpu: u64, memory: u64, labels: &[(&str, &str)]) -> NodeInfo {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         state: String::new(),
+        incarnation: 0,
     }
 }
 

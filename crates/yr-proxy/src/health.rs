@@ -7,10 +7,11 @@ use tokio::net::TcpListener;
 
 use yr_datasystem::DataWorker;
 
+use crate::fencing::Fencing;
 use crate::node::Node;
 
-/// The metrics text of `node` and its data worker.
-pub fn metrics(node: &Node, data: &DataWorker) -> String {
+/// The metrics text of `node`, its fencing and its data worker.
+pub fn metrics(node: &Node, fencing: &Fencing, data: &DataWorker) -> String {
     let resources = node.resources();
     let mut out = String::new();
     let _ = writeln!(out, "# TYPE yr_node_cpu_capacity_millicores gauge");
@@ -43,6 +44,15 @@ pub fn metrics(node: &Node, data: &DataWorker) -> String {
         "yr_node_illegal_transitions_total {}",
         node.illegal_transitions()
     );
+    let _ = writeln!(out, "# TYPE yr_node_incarnation gauge");
+    let _ = writeln!(out, "yr_node_incarnation {}", fencing.incarnation());
+    for (name, value) in [
+        ("yr_node_declared_lost_total", fencing.times_declared_lost()),
+        ("yr_node_instances_fenced_total", fencing.instances_fenced()),
+    ] {
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name} {value}");
+    }
     let _ = writeln!(out, "# TYPE yr_node_instances gauge");
     for (state, count) in node.instance_counts() {
         let _ = writeln!(out, "yr_node_instances{{state=\"{state}\"}} {count}");
@@ -84,7 +94,13 @@ pub fn metrics(node: &Node, data: &DataWorker) -> String {
 
 /// Serve `/healthz` and `/metrics` on `listener`. `/metrics` needs the cluster token unless
 /// `public`.
-pub async fn serve(listener: TcpListener, node: Arc<Node>, data: Arc<DataWorker>, public: bool) {
-    let render: yr_transport::http::Render = Arc::new(move || metrics(&node, &data));
+pub async fn serve(
+    listener: TcpListener,
+    node: Arc<Node>,
+    fencing: Arc<Fencing>,
+    data: Arc<DataWorker>,
+    public: bool,
+) {
+    let render: yr_transport::http::Render = Arc::new(move || metrics(&node, &fencing, &data));
     yr_transport::http::serve_metrics(listener, public, render, std::future::pending()).await;
 }

@@ -335,6 +335,17 @@ impl InstanceTable {
             .collect()
     }
 
+    /// Every instance that runs here (not forwarded to another node).
+    pub fn local_ids(&self) -> Vec<String> {
+        let tables = self.tables.lock();
+        tables
+            .instances
+            .iter()
+            .filter(|(_, instance)| instance.forwarded_to.is_none())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     /// Every instance id.
     pub fn ids(&self) -> Vec<String> {
         self.tables.lock().instances.keys().cloned().collect()
@@ -367,7 +378,8 @@ mod tests {
 
     fn table() -> InstanceTable {
         let meta: Arc<dyn yr_meta::MetaStore> = Arc::new(yr_meta::EmbeddedStore::in_memory());
-        InstanceTable::new(RecordWriter::new(meta))
+        let fencing = crate::fencing::Fencing::new("node".into(), meta.clone());
+        InstanceTable::new(RecordWriter::new(meta, fencing))
     }
 
     fn instance(id: &str, name: &str, parent: &str, detached: bool) -> Instance {

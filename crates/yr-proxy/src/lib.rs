@@ -1,5 +1,6 @@
 //! yr-proxy: a yr node. It owns the local scheduler (this node's resources), each local
-//! instance's state machine (the single writer of its record in the meta store), the bus proxy
+//! instance's state machine (the single writer of its record in the meta store, fenced by the
+//! node's incarnation), the bus proxy
 //! that routes create/kill/notifications between drivers, runtimes and the master, heartbeats to
 //! runtimes, the create rate limit, and the delivery of the data worker's asks to spill. It runs
 //! the function agent (`yr-agent`) in the same process. Calls do not pass through it: callers
@@ -8,10 +9,12 @@
 mod bus_service;
 mod client_bus;
 mod error;
+mod fencing;
 mod health;
 mod instance_table;
 mod master_link;
 mod node;
+mod node_losses;
 mod node_service;
 mod rate_limit;
 mod record_writer;
@@ -30,6 +33,7 @@ use yr_common::{Error, ErrorCode};
 use yr_proto::v1 as pb;
 
 pub use error::ProxyError;
+pub use fencing::Fencing;
 pub use node::{Node, NodeSettings};
 pub use resources::Amount;
 pub use state_machine::{allowed as transition_allowed, check as check_transition};
@@ -176,10 +180,15 @@ pub async fn run(
         allocatable: Some(options.capacity.to_proto()),
         labels: options.labels.iter().cloned().collect(),
         state: "ready".into(),
+        // Set per registration, from `fencing`.
+        incarnation: 0,
     };
+    let meta: Arc<dyn yr_meta::MetaStore> = Arc::new(meta);
+    let fencing = Fencing::new(options.node_id.clone(), meta.clone());
     let master = Arc::new(master_link::MasterLink::new(
         options.master_address.clone(),
         node_info,
+        fencing.clone(),
     ));
     let (events, mut event_receiver) = tokio::sync::mpsc::unbounded_channel();
     let node = Node::new(
@@ -197,10 +206,28 @@ pub async fn run(
             create_rate: options.create_rate,
         },
         options.capacity.clone(),
-        Arc::new(meta),
+        meta,
         master.clone(),
         events,
+        fencing.clone(),
     );
+    // When the master declared this node lost, or another writer owns one of its records, the
+    // node fails the instances concerned.
+    let fenced_node = Arc::downgrade(&node);
+    let fenced_instance = Arc::downgrade(&node);
+    fencing.set_handlers(fencing::FenceHandlers {
+        node: Box::new(move |error| {
+            if let Some(node) = fenced_node.upgrade() {
+                node.fence_local_instances(error);
+            }
+        }),
+        instance: Box::new(move |instance_id, error| {
+            if let Some(node) = fenced_instance.upgrade() {
+                node.on_fenced(instance_id, &error);
+            }
+        }),
+    });
+    fencing.follow_node_losses();
     // A process that goes away without dropping its objects gives its shared memory back.
     let data_worker = options.data_worker.clone();
     node.on_client_gone(Box::new(move |pid| {
@@ -247,6 +274,7 @@ pub async fn run(
         tokio::spawn(health::serve(
             listener,
             node.clone(),
+            fencing.clone(),
             options.data_worker.clone(),
             options.metrics_public,
         ));

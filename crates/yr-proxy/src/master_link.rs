@@ -1,6 +1,12 @@
 //! The node's link to the master: registration, a heartbeat stream carrying changes to this
 //! node's allocatable resources, and global placement for requests this node cannot hold.
+//!
+//! The node registers as its current incarnation ([`Fencing`]). A master that declared that
+//! incarnation lost (the node was silent past its node timeout, then came back: its heartbeat
+//! is answered with `reregister`) refuses the registration; the node then fails its local
+//! instances, becomes a new incarnation and registers again at once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -13,6 +19,7 @@ use yr_proto::error_from_proto;
 use yr_proto::v1 as pb;
 use yr_proto::v1::master_client::MasterClient;
 
+use crate::fencing::Fencing;
 use crate::resources::Amount;
 
 /// How often the node beats when nothing changes.
@@ -25,19 +32,25 @@ struct LinkState {
     up: bool,
 }
 
+/// How many times one session registers again at once after its incarnation was refused as
+/// lost (once is enough: the new incarnation was never declared lost).
+const LOST_REGISTRATIONS: usize = 3;
+
 /// The link to the master.
 pub struct MasterLink {
     address: String,
     node: pb::NodeInfo,
+    fencing: Arc<Fencing>,
     updates: Mutex<Option<mpsc::UnboundedSender<pb::NodeUpdate>>>,
 }
 
 impl MasterLink {
-    /// A link for `node` to the master at `address`.
-    pub fn new(address: String, node: pb::NodeInfo) -> MasterLink {
+    /// A link for `node` to the master at `address`, registering as `fencing`'s incarnation.
+    pub fn new(address: String, node: pb::NodeInfo, fencing: Arc<Fencing>) -> MasterLink {
         MasterLink {
             address,
             node,
+            fencing,
             updates: Mutex::new(None),
         }
     }
@@ -78,17 +91,7 @@ impl MasterLink {
         state: &mut LinkState,
     ) -> Result<(), Error> {
         let mut client = self.client().await?;
-        let mut node = self.node.clone();
-        node.allocatable = Some(allocatable().to_proto());
-        client
-            .register_node(pb::RegisterNodeRequest { node: Some(node) })
-            .await
-            .map_err(|s| {
-                Error::new(
-                    ErrorCode::InnerCommunication,
-                    format!("the master refused registration: {}", s.message()),
-                )
-            })?;
+        self.register(&mut client, allocatable).await?;
         state.backoff.reset();
         if !state.up {
             tracing::info!(master = %self.address, "master link up again");
@@ -146,6 +149,45 @@ impl MasterLink {
         };
         beats.abort();
         result
+    }
+
+    /// Register as the current incarnation. If the master declared it lost, fail the local
+    /// instances, become a new incarnation and register as that.
+    async fn register(
+        &self,
+        client: &mut MasterClient<tonic::transport::Channel>,
+        allocatable: &impl Fn() -> Amount,
+    ) -> Result<(), Error> {
+        for _ in 0..LOST_REGISTRATIONS {
+            let incarnation = self.fencing.incarnation();
+            let mut node = self.node.clone();
+            node.incarnation = incarnation;
+            node.allocatable = Some(allocatable().to_proto());
+            let reply = client
+                .register_node(pb::RegisterNodeRequest { node: Some(node) })
+                .await
+                .map_err(|s| {
+                    Error::new(
+                        ErrorCode::InnerCommunication,
+                        format!("the master refused registration: {}", s.message()),
+                    )
+                })?
+                .into_inner();
+            if !reply.incarnation_lost {
+                self.fencing.registered(incarnation);
+                return Ok(());
+            }
+            // Fails the instances first: the room they free is in the new registration's
+            // allocatable figure.
+            self.fencing.declared_lost(incarnation);
+        }
+        Err(Error::new(
+            ErrorCode::InnerCommunication,
+            format!(
+                "the master refused {LOST_REGISTRATIONS} incarnations of node {} as lost in a row",
+                self.node.node_id
+            ),
+        ))
     }
 
     /// Tell the master that this node's allocatable resources changed by `delta`.

@@ -1242,6 +1242,117 @@ impl TestCluster {
     }
 }
 
+impl TestCluster {
+    /// Follow the record of `instance_id` in the master's meta store from now on: every version
+    /// written (`None`: deleted), in order, as a watch delivers them. Returns once the watch is
+    /// open; it ends when the history is dropped.
+    pub fn watch_instance(&self, instance_id: &str) -> RecordHistory {
+        use prost::Message;
+        use yr_proto::meta::meta_service_client::MetaServiceClient;
+        use yr_proto::meta::{watch_event, CurrentRevisionRequest, WatchRequest};
+        let address = self.master_address();
+        let key = format!("/yr/instance/{instance_id}");
+        let records = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let seen = records.clone();
+        let (ready, opened) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            block_on(async move {
+                let opening = async {
+                    let channel =
+                        yr_transport::connect(&address, yr::ErrorCode::InnerCommunication)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    let mut client = MetaServiceClient::new(channel);
+                    let revision = client
+                        .current_revision(CurrentRevisionRequest {})
+                        .await
+                        .map_err(|s| s.message().to_string())?
+                        .into_inner()
+                        .revision;
+                    client
+                        .watch(WatchRequest {
+                            prefix: key,
+                            after_revision: revision,
+                        })
+                        .await
+                        .map(tonic::Response::into_inner)
+                        .map_err(|s| s.message().to_string())
+                };
+                let mut stream = match tokio::time::timeout(Duration::from_secs(10), opening).await
+                {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        let _ = ready.send(Err(error));
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = ready.send(Err("opening the watch timed out".into()));
+                        return;
+                    }
+                };
+                let _ = ready.send(Ok(()));
+                tokio::pin!(stopped);
+                loop {
+                    let message = tokio::select! {
+                        _ = &mut stopped => return,
+                        message = stream.message() => message,
+                    };
+                    let Ok(Some(message)) = message else { return };
+                    for event in message.events {
+                        let record = match event.event {
+                            Some(watch_event::Event::Put(kv)) => {
+                                pb::InstanceRecord::decode(kv.value).ok()
+                            }
+                            _ => None,
+                        };
+                        seen.lock().unwrap_or_else(|e| e.into_inner()).push(record);
+                    }
+                }
+            });
+        });
+        match opened.recv_timeout(Duration::from_secs(15)) {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => panic!("cannot watch the record of {instance_id}: {error}"),
+            Err(_) => panic!("the watch of the record of {instance_id} did not open"),
+        }
+        RecordHistory {
+            records,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+/// The versions of one instance's record that a watch delivered (see
+/// [`TestCluster::watch_instance`]).
+pub struct RecordHistory {
+    records: std::sync::Arc<Mutex<Vec<Option<pb::InstanceRecord>>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RecordHistory {
+    /// Every version written so far, in order (`None`: the record was deleted).
+    pub fn records(&self) -> Vec<Option<pb::InstanceRecord>> {
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for RecordHistory {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 impl Drop for TestCluster {
     fn drop(&mut self) {
         for node in &mut self.nodes {

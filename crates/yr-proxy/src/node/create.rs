@@ -367,10 +367,21 @@ impl Node {
             .into_inner();
         let node = self.clone();
         let id = instance_id.to_string();
+        // A stopped node keeps its connections open: its loss comes from the meta store.
+        let lost = self.fencing.forwarded_lost(&node_id, instance_id);
         tokio::spawn(async move {
             use tokio_stream::StreamExt;
+            tokio::pin!(lost);
             loop {
-                match notifications.next().await {
+                let next = tokio::select! {
+                    next = notifications.next() => next,
+                    error = &mut lost => {
+                        node.notify(&id, error_notify(&id, S::Fatal, &error));
+                        node.forget_forwarded(&id);
+                        return;
+                    }
+                };
+                match next {
                     Some(Ok(notify)) => {
                         let state = S::try_from(notify.state).unwrap_or(S::Fatal);
                         node.instances.with_mut(&id, |i| i.mirror(&notify));

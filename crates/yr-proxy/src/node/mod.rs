@@ -28,6 +28,7 @@ use yr_proto::v1 as pb;
 use yr_proto::v1::InstanceState as S;
 
 use crate::client_bus::{ClientBus, Outbound};
+use crate::fencing::Fencing;
 use crate::instance_table::{InstanceTable, Subscriber};
 use crate::master_link::MasterLink;
 use crate::rate_limit::TokenBucket;
@@ -69,6 +70,8 @@ pub struct Node {
     instances: InstanceTable,
     scheduler: Scheduler,
     records: Arc<RecordWriter>,
+    /// This node's incarnation, and losses of the nodes it forwarded instances to.
+    fencing: Arc<Fencing>,
     runtimes: RuntimePool,
     code: CodeCatalog,
     agent: Arc<RuntimeManager>,
@@ -99,6 +102,7 @@ impl Node {
         meta: Arc<dyn MetaStore>,
         master: Arc<MasterLink>,
         events: tokio::sync::mpsc::UnboundedSender<RuntimeEvent>,
+        fencing: Arc<Fencing>,
     ) -> Arc<Node> {
         let agent = Arc::new(RuntimeManager::new(
             yr_agent::RuntimeManagerOptions {
@@ -109,7 +113,7 @@ impl Node {
             },
             events,
         ));
-        let records = RecordWriter::new(meta.clone());
+        let records = RecordWriter::new(meta.clone(), fencing.clone());
         let link = master.clone();
         let (rate, burst) = settings.create_rate;
         Arc::new(Node {
@@ -120,6 +124,7 @@ impl Node {
                 Box::new(move |delta| link.resources_changed(delta)),
             ),
             records,
+            fencing,
             runtimes: RuntimePool::new(agent.clone(), settings.warm_pool_size),
             code: CodeCatalog::new(),
             agent,

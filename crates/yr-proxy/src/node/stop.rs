@@ -240,6 +240,60 @@ impl Node {
         self.kill_children(instance_id);
     }
 
+    /// The master declared this node lost: fail every instance that runs here with `error`
+    /// (1007). Instances forwarded to other nodes are theirs and stay.
+    pub fn fence_local_instances(self: &Arc<Self>, error: &Error) {
+        for id in self.instances.local_ids() {
+            self.on_fenced(&id, error);
+        }
+    }
+
+    /// `instance_id`'s record is not this node's to write any more (the master wrote it FATAL,
+    /// or another incarnation of this node owns it): fail the instance with `error` (1007) for
+    /// good (no restart), kill its runtime and tell its subscribers FATAL. The instance leaves
+    /// the node once its runtime is gone; its record stays as its owner wrote it.
+    pub fn on_fenced(self: &Arc<Self>, instance_id: &str, error: &Error) {
+        let runtime_id = self
+            .instances
+            .with_mut(instance_id, |instance| {
+                let ended = matches!(
+                    instance.state(),
+                    S::Fatal | S::Exited | S::Evicted | S::ScheduleFailed
+                );
+                if instance.forwarded_to.is_some() || instance.killing || ended {
+                    return None;
+                }
+                instance.killing = true;
+                instance.cancel.notify_one();
+                Some(instance.runtime_id.take())
+            })
+            .flatten();
+        let Some(runtime_id) = runtime_id else {
+            return;
+        };
+        tracing::warn!(instance = %instance_id, %error, "instance fenced: failing it and killing its runtime");
+        // The writer does not write it: the record stays as its owner wrote it.
+        if let Err(illegal) = self
+            .instances
+            .transition(instance_id, S::Fatal, Some(error))
+        {
+            tracing::error!(instance = %instance_id, %illegal, "fencing");
+        }
+        self.notify(instance_id, error_notify(instance_id, S::Fatal, error));
+        // Released now, so that a registration that follows reports the room.
+        self.release(instance_id);
+        match runtime_id {
+            // Its exit ends the instance here (killing, no runtime).
+            Some(runtime_id) => {
+                self.runtimes.signal(&runtime_id, libc::SIGKILL);
+            }
+            // Not started yet: it leaves now, as after a kill (a start in progress finds it
+            // gone).
+            None => self.finish_exit(instance_id, error),
+        }
+        self.kill_children(instance_id);
+    }
+
     /// EXITING → EXITED: delete the record, tell everyone, wake the waiters.
     pub(super) fn finish_exit(self: &Arc<Self>, instance_id: &str, error: &Error) {
         let Some(mut instance) = self.instances.remove(instance_id) else {
