@@ -209,6 +209,14 @@ impl CallExecutor for RuntimeMode {
     fn execute(&self, request: pb::CallRequest, respond: Box<dyn FnOnce(pb::CallResult) + Send>) {
         let call_id = request.call_id;
         tracing::debug!(call_id, function = %request.function, "call received");
+        // Fault tests: the runtime crashes on receiving a call whose function's name contains
+        // the fail point's argument (every call without one), as if killed mid-call.
+        fail::fail_point!("runtime::crash_on_call", |name: Option<String>| {
+            if name.is_none_or(|name| request.function.contains(name.as_str())) {
+                tracing::warn!(function = %request.function, "crashing (fail point)");
+                std::process::abort();
+            }
+        });
         let fail = |error: Error| pb::CallResult {
             call_id,
             values: Vec::new(),
