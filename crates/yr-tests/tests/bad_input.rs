@@ -14,15 +14,8 @@ use yr::{ErrorCode, InvokeOptions};
 use yr_proto::v1 as pb;
 use yr_proto::v1::bus_request::Body;
 use yr_tests::{
-    alive, assert_error, call_err, exclusive, unique, unwrap_err, NodeSpec, TestCluster,
-    RUNTIME_ARGS, TIMEOUT,
+    alive, assert_error, call_err, exclusive, unique, unwrap_err, NodeSpec, TestCluster, TIMEOUT,
 };
-
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
 
 #[yr::instance]
 pub struct Counter {
@@ -113,7 +106,11 @@ impl RawBus {
             binary_hash: yr_runtime::cluster::binary_hash(&std::env::current_exe().unwrap()),
             pid: std::process::id(),
             instance_id: String::new(),
-            runtime_args: RUNTIME_ARGS.split_whitespace().map(String::from).collect(),
+            runtime_args: yr_tests::runtime_args()
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(String::from)
+                .collect(),
             functions: Vec::new(),
         };
         match self.request(1, Some(Body::Register(register))) {

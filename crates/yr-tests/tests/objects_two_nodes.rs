@@ -10,12 +10,6 @@ use serde_bytes::ByteBuf;
 use yr::{ErrorCode, InvokeOptions, ObjectRef};
 use yr_tests::{exclusive, wait_until, TestCluster, TIMEOUT};
 
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
-
 fn pattern(len: usize) -> ByteBuf {
     ByteBuf::from((0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>())
 }

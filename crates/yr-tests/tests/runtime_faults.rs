@@ -11,12 +11,6 @@ use yr_tests::{
     TestCluster, TIMEOUT,
 };
 
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
-
 /// An instance whose constructor and naps leave lines in a marker file.
 #[yr::instance]
 pub struct Sleeper {

@@ -17,12 +17,6 @@ use yr_tests::{
     exclusive, pattern, wait_until, weighted_sum as sum, NodeSpec, TempDir, TestCluster, TIMEOUT,
 };
 
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
-
 const MIB: usize = 1 << 20;
 
 /// The sum of the bytes, computed in a runtime.
@@ -231,25 +225,6 @@ fn a_full_spill_limit_is_4204_and_the_node_keeps_serving() {
     yr::finalize().unwrap();
 }
 
-/// The child of `a_node_restarted_on_its_spill_directory_serves_what_it_had_spilled`: puts six
-/// objects of 16 MiB on a node with 64 MiB, prints each one's id and checksum, and waits.
-#[test]
-fn driver_spilling_objects() {
-    if !yr_tests::is_child_for("driver_spilling_objects") {
-        return;
-    }
-    let address = std::env::var("YR_TESTS_BUS").expect("the node's bus address");
-    yr::init(yr_tests::driver_config(&address)).unwrap();
-    let kept: Vec<ObjectRef<ByteBuf>> = (0..6)
-        .map(|seed| yr::put(pattern(seed, 16 * MIB)).unwrap())
-        .collect();
-    for (seed, object) in kept.iter().enumerate() {
-        println!("OBJECT {} {}", object.id(), sum(&pattern(seed, 16 * MIB)));
-    }
-    println!("DONE");
-    std::thread::sleep(Duration::from_secs(600));
-}
-
 /// Restore `id` from the node whose bus is at `address` (`unix:/path`: the object store
 /// serves only its machine's processes) as this process, and read the value in place.
 async fn restore(address: &str, id: u128) -> Result<ByteBuf, String> {
@@ -294,7 +269,7 @@ fn a_node_restarted_on_its_spill_directory_serves_what_it_had_spilled() {
     let mut objects: Vec<(u128, u64)> = Vec::new();
     {
         let mut cluster = node(64, spill.path(), None);
-        let mut child = yr_tests::child_test_process("driver_spilling_objects")
+        let mut child = yr_tests::helper_process(env!("CARGO_BIN_EXE_driver_spilling_objects"))
             .env("YR_TESTS_BUS", cluster.node_bus_address(0))
             .stdout(std::process::Stdio::piped())
             .spawn()

@@ -7,12 +7,6 @@ use std::time::{Duration, Instant};
 use yr::ObjectRef;
 use yr_tests::{exclusive, NodeSpec, TestCluster, TIMEOUT};
 
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
-
 #[yr::invoke]
 fn noop() -> u32 {
     1
