@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod codec;
 pub mod dependencies;
 pub mod function;
+pub(crate) mod handshake;
 pub mod kv;
 mod local;
 pub mod object_store;

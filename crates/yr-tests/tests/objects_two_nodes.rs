@@ -2,7 +2,8 @@
 //! TCP): a large object held on one node is pulled in chunks by the other node into its own
 //! shared memory and read there in place; the copy is reused and freed with its last reference;
 //! and if the object's owner dies around the pull, `get` gives the intact value or fails with a
-//! clear code (4005 for the object), never hangs.
+//! clear code (4005 for the object), never hangs. A transfer that breaks (the
+//! `datasystem::pull` fail point) fails that get with 4005, and the next get pulls again.
 
 use std::time::Duration;
 
@@ -143,5 +144,49 @@ fn a_get_whose_owner_dies_gives_the_value_or_4005_and_never_hangs() {
             ),
         }
     }
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn a_pull_that_breaks_fails_the_get_with_4005_and_the_next_get_pulls_again() {
+    let _lock = exclusive();
+    let node = |cpu: u64, env: Vec<(String, String)>| yr_tests::NodeSpec {
+        cpu,
+        shared_memory_mb: Some(256),
+        env,
+        ..yr_tests::NodeSpec::default()
+    };
+    // Node 0's first pull breaks.
+    let cluster = TestCluster::builder()
+        .node(node(
+            1_000,
+            vec![(
+                "FAILPOINTS".to_string(),
+                "datasystem::pull=1*return".to_string(),
+            )],
+        ))
+        .node(node(4_000, Vec::new()))
+        .start();
+    yr::init(cluster.config()).unwrap();
+    let maker = maker_on_the_other_node(&cluster);
+    let len = 40 << 20;
+    let inner: ObjectRef<ObjectRef<ByteBuf>> =
+        maker.method(Maker::make).invoke((len as u64,)).unwrap();
+    let object = yr::get(&inner, TIMEOUT).unwrap();
+
+    let error = yr::get(&object, TIMEOUT).unwrap_err();
+    assert_eq!(error.code(), ErrorCode::GetOperationFailed, "{error}");
+    assert!(error.to_string().contains("cannot pull object"), "{error}");
+    // The broken copy's room was given back.
+    assert!(
+        wait_until(TIMEOUT, || cluster
+            .wait_metric(0, "yr_shared_memory_objects")
+            == 0.0),
+        "the broken pull's allocation is still held"
+    );
+
+    let value = yr::get(&object, TIMEOUT).unwrap();
+    assert!(value == pattern(len), "the pulled object differs");
+    assert_eq!(cluster.wait_metric(0, "yr_shared_memory_objects"), 1.0);
     yr::finalize().unwrap();
 }
