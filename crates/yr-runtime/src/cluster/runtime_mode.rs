@@ -209,14 +209,10 @@ impl CallExecutor for RuntimeMode {
     fn execute(&self, request: pb::CallRequest, respond: Box<dyn FnOnce(pb::CallResult) + Send>) {
         let call_id = request.call_id;
         tracing::debug!(call_id, function = %request.function, "call received");
-        // Fault tests: the runtime crashes on receiving a call whose function's name contains
-        // the fail point's argument (every call without one), as if killed mid-call.
-        fail::fail_point!("runtime::crash_on_call", |name: Option<String>| {
-            if name.is_none_or(|name| request.function.contains(name.as_str())) {
-                tracing::warn!(function = %request.function, "crashing (fail point)");
-                std::process::abort();
-            }
-        });
+        if crash_on_call(&request.function) {
+            tracing::warn!(function = %request.function, "crashing (fail point)");
+            std::process::abort();
+        }
         let fail = |error: Error| pb::CallResult {
             call_id,
             values: Vec::new(),
@@ -293,4 +289,15 @@ impl CallExecutor for RuntimeMode {
             })),
         }
     }
+}
+
+/// Fault tests: whether this runtime crashes on receiving a call of `function`, as if killed
+/// mid-call. The `runtime::crash_on_call` fail point says so for a function whose name
+/// contains its argument (`return(name)`), or for every call (`return`).
+fn crash_on_call(function: &str) -> bool {
+    fail::fail_point!("runtime::crash_on_call", |name: Option<String>| {
+        name.is_none_or(|name| function.contains(name.as_str()))
+    });
+    let _ = function;
+    false
 }
