@@ -99,7 +99,7 @@ impl SpinSlots {
     }
 
     /// Slots held now.
-    #[cfg(any(test, feature = "loom"))]
+    #[cfg(test)]
     pub(crate) fn held(&self) -> usize {
         self.spinning.load(Ordering::Acquire)
     }
