@@ -44,6 +44,12 @@ fn main() -> ExitCode {
         libc::umask(0o077);
     }
     let cli = Cli::parse();
+    // Fault tests give a master or node its fail points in `FAILPOINTS`
+    // (docs/design/013-fail-points-and-clock.md).
+    if let Err(message) = yr_common::fail_points::setup_from_env() {
+        eprintln!("yr: {message}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Errors(args) => errors::run(&args),
         Command::Start(args) => cluster::start(&args),

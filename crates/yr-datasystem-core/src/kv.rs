@@ -34,6 +34,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::{Condvar, Mutex, MutexGuard};
+use yr_common::clock::{self, Clock};
 use yr_common::{Error, ErrorCode, Result};
 
 use crate::l2::L2Store;
@@ -367,6 +368,8 @@ struct Shared {
     closed: Mutex<Option<Error>>,
     /// The most bytes one job may hold in memory (`u64::MAX`: no quota).
     quota: AtomicU64,
+    /// The clock TTLs are measured on.
+    clock: Arc<dyn Clock>,
 }
 
 struct Handle {
@@ -433,12 +436,13 @@ fn stripe(key: &str) -> usize {
     (hash % WRITE_LOCKS as u64) as usize
 }
 
-fn instant_of(expires_at: Option<SystemTime>) -> Option<Instant> {
+/// The instant on `now`'s clock at which a key expiring at wall time `expires_at` expires.
+fn instant_of(expires_at: Option<SystemTime>, now: Instant) -> Option<Instant> {
     expires_at.map(|t| match t.duration_since(SystemTime::now()) {
-        Ok(left) => Instant::now()
+        Ok(left) => now
             .checked_add(left)
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(u64::from(u32::MAX))),
-        Err(_) => Instant::now(),
+            .unwrap_or_else(|| now + Duration::from_secs(u64::from(u32::MAX))),
+        Err(_) => now,
     })
 }
 
@@ -454,7 +458,7 @@ impl Shared {
     /// The live value of `key` in memory; removes it if it has expired.
     fn memory_get(&self, key: &str) -> Option<Bytes> {
         let mut map = self.map.lock();
-        let now = Instant::now();
+        let now = self.clock.now();
         match map.entries.get(key) {
             Some(entry) if entry.live(now) => Some(entry.value.clone()),
             Some(_) => {
@@ -502,7 +506,7 @@ impl Shared {
                 key,
                 Entry {
                     value: record.value,
-                    expires_at: instant_of(record.expires_at),
+                    expires_at: instant_of(record.expires_at, self.clock.now()),
                     version: self.version(),
                     l2: L2State::Stored,
                     job,
@@ -597,7 +601,7 @@ impl Shared {
         let extra = size.saturating_sub(replaced);
         let fits = |map: &Map| extra == 0 || map.held(job).saturating_add(extra) <= quota;
         if !fits(&map) {
-            let now = Instant::now();
+            let now = self.clock.now();
             let mut candidates: Vec<(bool, u64, String, u64)> = map
                 .entries
                 .iter()
@@ -644,7 +648,7 @@ impl Shared {
 
     /// Remove the entries that have expired (and their second-level copies).
     fn sweep(&self) {
-        let now = Instant::now();
+        let now = self.clock.now();
         let expired: Vec<(String, u64)> = self
             .map
             .lock()
@@ -676,15 +680,20 @@ impl Shared {
 impl KvStore {
     /// A store that keeps values in memory only.
     pub fn new() -> KvStore {
-        KvStore::build(None)
+        KvStore::build(None, clock::system())
     }
 
     /// A store backed by the second-level store `l2`.
     pub fn with_l2(l2: Arc<dyn L2Store>) -> KvStore {
-        KvStore::build(Some(l2))
+        KvStore::build(Some(l2), clock::system())
     }
 
-    fn build(l2: Option<Arc<dyn L2Store>>) -> KvStore {
+    /// A store in memory only whose TTLs run on `clock` (tests move a [`yr_common::ManualClock`]).
+    pub fn with_clock(clock: Arc<dyn Clock>) -> KvStore {
+        KvStore::build(None, clock)
+    }
+
+    fn build(l2: Option<Arc<dyn L2Store>>, clock: Arc<dyn Clock>) -> KvStore {
         let shared = Arc::new(Shared {
             map: Mutex::new(Map::default()),
             write_locks: (0..WRITE_LOCKS).map(|_| Mutex::new(())).collect(),
@@ -695,6 +704,7 @@ impl KvStore {
             queue_changed: Condvar::new(),
             closed: Mutex::new(None),
             quota: AtomicU64::new(u64::MAX),
+            clock,
         });
         let (jobs, writer) = if shared.l2.is_some() {
             let (sender, receiver) = crossbeam_channel::unbounded::<Job>();
@@ -859,7 +869,7 @@ impl KvStore {
         let size = entry_size(key, value.len());
         let reserved = shared.reserve(&job, key, size)?;
         let ttl = (param.ttl_second > 0).then(|| Duration::from_secs(param.ttl_second));
-        let expires_at = ttl.and_then(|t| Instant::now().checked_add(t));
+        let expires_at = ttl.and_then(|t| shared.clock.now().checked_add(t));
         let expires_at_wall = ttl.and_then(|t| SystemTime::now().checked_add(t));
         let version = shared.version();
         let previous = shared.map.lock().entries.get(key).map(|e| e.l2);
@@ -1380,7 +1390,8 @@ mod tests {
 
     #[test]
     fn keys_expire_after_their_ttl() {
-        let store = KvStore::new();
+        let clock = yr_common::ManualClock::new();
+        let store = KvStore::with_clock(clock.clone());
         store.set("short", bytes("v"), &ttl(1)).unwrap();
         store
             .set("forever", bytes("v"), &SetParam::default())
@@ -1389,8 +1400,14 @@ mod tests {
             store.exist(&["short", "forever"]).unwrap(),
             vec![true, true]
         );
-        std::thread::sleep(Duration::from_millis(1100));
-        // Lazily on read…
+        // Alive up to its last instant…
+        clock.advance(Duration::from_millis(999));
+        assert_eq!(
+            store.exist(&["short", "forever"]).unwrap(),
+            vec![true, true]
+        );
+        clock.advance(Duration::from_millis(1));
+        // …gone at its TTL, lazily on read…
         assert_eq!(
             store.exist(&["short", "forever"]).unwrap(),
             vec![false, true]
@@ -1405,16 +1422,58 @@ mod tests {
 
     #[test]
     fn the_sweeper_removes_expired_keys_nobody_reads() {
-        let store = KvStore::new();
+        let clock = yr_common::ManualClock::new();
+        let store = KvStore::with_clock(clock.clone());
         for i in 0..10 {
             store.set(&format!("k{i}"), bytes("v"), &ttl(1)).unwrap();
         }
-        assert_eq!(store.len(), 10);
-        let deadline = Instant::now() + Duration::from_secs(5);
+        store.set("kept", bytes("v"), &ttl(2)).unwrap();
+        store.handle.shared.sweep();
+        assert_eq!(store.len(), 11, "nothing has expired yet");
+        clock.advance(Duration::from_secs(1));
+        store.handle.shared.sweep();
+        assert_eq!(store.len(), 1, "the sweep removed the expired keys unread");
+        clock.advance(Duration::from_secs(1));
+        store.handle.shared.sweep();
+        assert_eq!(store.len(), 0);
+    }
+
+    #[test]
+    fn the_real_sweeper_thread_runs() {
+        let store = KvStore::new();
+        store.set("k", bytes("v"), &ttl(1)).unwrap();
+        // A bound on a hang, not a guess: the sweeper runs every SWEEP_PERIOD.
+        let deadline = Instant::now() + SWEEP_PERIOD + Duration::from_secs(5);
         while !store.is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(50));
         }
         assert_eq!(store.len(), 0);
+    }
+
+    #[test]
+    fn the_quota_evicts_expired_keys_first() {
+        let clock = yr_common::ManualClock::new();
+        let store = KvStore::with_clock(clock.clone());
+        let size = entry_size("a", 100);
+        store.set_quota(Some(2 * size));
+        store
+            .set("a", Bytes::from(vec![0u8; 100]), &ttl(1))
+            .unwrap();
+        store
+            .set("b", Bytes::from(vec![0u8; 100]), &SetParam::default())
+            .unwrap();
+        let refused = store
+            .set("c", Bytes::from(vec![0u8; 100]), &SetParam::default())
+            .unwrap_err();
+        assert_eq!(refused.code(), ErrorCode::SharedMemoryLimited);
+        clock.advance(Duration::from_secs(1));
+        store
+            .set("c", Bytes::from(vec![0u8; 100]), &SetParam::default())
+            .unwrap();
+        assert_eq!(
+            store.exist(&["a", "b", "c"]).unwrap(),
+            vec![false, true, true]
+        );
     }
 
     #[test]

@@ -256,6 +256,10 @@ impl ObjectTransfer {
                 ),
             )
         };
+        // Fault tests: the connection to the other node's data port breaks during the pull.
+        fail::fail_point!("datasystem::pull", |detail: Option<String>| Err(failed(
+            detail.unwrap_or_else(|| "the transfer broke (a fail point)".to_string())
+        )));
         let range = request.size.div_ceil(parallel_ranges()).max(MIN_RANGE);
         let mut ranges = Vec::new();
         let mut from = 0;

@@ -93,6 +93,15 @@ fn spill_disk_error(what: &str, path: &Path, error: std::io::Error) -> Error {
     )
 }
 
+/// The IO error a fail point plays: `full` is a full disk, anything else a refused write.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+fn injected_io_error(kind: Option<String>) -> std::io::Error {
+    match kind.as_deref() {
+        Some("full") => std::io::Error::new(ErrorKind::StorageFull, "injected by a fail point"),
+        _ => std::io::Error::new(ErrorKind::PermissionDenied, "injected by a fail point"),
+    }
+}
+
 /// Copy `length` bytes from `from` at `from_offset` to `to` at `to_offset`.
 pub(crate) fn copy_range(
     from: &File,
@@ -352,6 +361,11 @@ impl SpillStore {
         }
         let path = self.object_path(id);
         let written = (|| {
+            // Fault tests: the object's file cannot be written; `return(full)` plays a full
+            // disk (4204), `return` any other failure (4203).
+            fail::fail_point!("datasystem::spill_write", |kind: Option<String>| Err(
+                injected_io_error(kind)
+            ));
             let file = File::create(&path)?;
             copy_range(source, offset, &file, 0, size)?;
             file.sync_data()
@@ -388,6 +402,10 @@ impl SpillStore {
             return Err(not_spilled(id, &self.dir));
         };
         let path = self.object_path(id);
+        // Fault tests: the spilled object's file cannot be read back (4203); it stays on disk.
+        fail::fail_point!("datasystem::spill_restore", |kind: Option<String>| Err(
+            spill_disk_error("read the spilled object", &path, injected_io_error(kind))
+        ));
         let file = File::open(&path)
             .map_err(|error| spill_disk_error("open the spilled object", &path, error))?;
         copy_range(&file, 0, target, offset, object.size)

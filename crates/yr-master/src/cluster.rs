@@ -5,14 +5,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::sync::watch;
 use yr_common::backoff::Backoff;
-use yr_common::{Error, ErrorCode};
+use yr_common::{Clock, Error, ErrorCode};
 use yr_meta::{Compare, MetaError, MetaStore, TxnOp};
 use yr_proto::error_to_proto;
 use yr_proto::v1::{
@@ -85,6 +85,8 @@ pub struct Cluster {
     node_timeout: Duration,
     cluster_id: String,
     counters: Counters,
+    /// The clock heartbeats, the node timeout and reservations are measured on.
+    clock: Arc<dyn Clock>,
 }
 
 impl Cluster {
@@ -95,6 +97,16 @@ impl Cluster {
     pub async fn open(
         store: Arc<dyn MetaStore>,
         node_timeout: Duration,
+    ) -> Result<(Arc<Cluster>, u64), MetaError> {
+        Self::open_with_clock(store, node_timeout, yr_common::clock::system()).await
+    }
+
+    /// [`Cluster::open`], measuring heartbeats and the node timeout on `clock` (tests move a
+    /// [`yr_common::ManualClock`]).
+    pub async fn open_with_clock(
+        store: Arc<dyn MetaStore>,
+        node_timeout: Duration,
+        clock: Arc<dyn Clock>,
     ) -> Result<(Arc<Cluster>, u64), MetaError> {
         let cluster_id = match store.get(CLUSTER_ID_KEY).await? {
             Some(kv) => String::from_utf8_lossy(&kv.value).into_owned(),
@@ -107,7 +119,7 @@ impl Cluster {
             }
         };
         let mut registry = Registry::new();
-        let recovered_at = Instant::now() + RECOVERY_GRACE;
+        let recovered_at = clock.now() + RECOVERY_GRACE;
         for kv in store.range(NODE_PREFIX).await? {
             match NodeInfo::decode(kv.value.clone()) {
                 Ok(info) => {
@@ -132,6 +144,7 @@ impl Cluster {
             node_timeout,
             cluster_id,
             counters: Counters::default(),
+            clock,
         };
         Ok((Arc::new(cluster), revision))
     }
@@ -210,7 +223,7 @@ impl Cluster {
                     incarnation_lost: true,
                 });
             }
-            let previous = nodes.registry.register(info.clone(), Instant::now());
+            let previous = nodes.registry.register(info.clone(), self.clock.now());
             nodes.view.set_node(&node_id, capacity.clone(), allocatable);
             previous
         };
@@ -257,7 +270,7 @@ impl Cluster {
     /// told to register again.
     pub fn heartbeat(&self, update: &NodeUpdate) -> HeartbeatOutcome {
         let mut nodes = self.nodes.lock();
-        let outcome = nodes.registry.heartbeat(&update.node_id, Instant::now());
+        let outcome = nodes.registry.heartbeat(&update.node_id, self.clock.now());
         if outcome == HeartbeatOutcome::Accepted && !delta_is_empty(update.delta.as_ref()) {
             if let Some(delta) = &update.delta {
                 nodes.view.apply_delta(&update.node_id, delta);
@@ -296,7 +309,7 @@ impl Cluster {
 
     fn place(&self, request: &ScheduleRequest) -> Result<(String, String), PlacementError> {
         let resources = ResourceSet::from_proto(&request.request.clone().unwrap_or_default());
-        let now = Instant::now();
+        let now = self.clock.now();
         let mut nodes = self.nodes.lock();
         nodes.view.expire_reservations(now, self.node_timeout);
         let Nodes { registry, view } = &mut *nodes;
@@ -336,7 +349,7 @@ impl Cluster {
     pub async fn check_liveness(&self) -> Vec<String> {
         let lost = {
             let mut nodes = self.nodes.lock();
-            let now = Instant::now();
+            let now = self.clock.now();
             nodes.view.expire_reservations(now, self.node_timeout);
             let lost = nodes.registry.expire(now, self.node_timeout);
             for node_id in &lost {
@@ -513,8 +526,46 @@ impl Cluster {
 mod tests {
     use super::*;
     use crate::test_store::FakeStore;
+    use yr_common::ManualClock;
     use yr_common::ModuleCode;
     use yr_proto::v1::{InstanceRecord, InstanceState, ResourceDelta, Resources};
+
+    fn heartbeat(cluster: &Cluster, id: &str) {
+        cluster.heartbeat(&NodeUpdate {
+            node_id: id.into(),
+            delta: None,
+        });
+    }
+
+    #[tokio::test]
+    async fn a_node_is_lost_exactly_when_its_heartbeats_stop_for_the_node_timeout() {
+        let store = Arc::new(FakeStore::default());
+        let clock = ManualClock::new();
+        let timeout = Duration::from_secs(5);
+        let (cluster, _) = Cluster::open_with_clock(store, timeout, clock.clone())
+            .await
+            .unwrap();
+        cluster.register(Some(node("a", 1000))).await.unwrap();
+        cluster.register(Some(node("b", 1000))).await.unwrap();
+        // Heartbeats within the timeout keep a node alive however long it lives; b, which
+        // never heartbeats, is lost on the first pass past its timeout.
+        let mut lost = Vec::new();
+        for _ in 0..10 {
+            clock.advance(timeout - Duration::from_millis(1));
+            heartbeat(&cluster, "a");
+            lost.push(cluster.check_liveness().await);
+        }
+        assert!(lost[0].is_empty());
+        assert_eq!(lost[1], vec!["b".to_string()]);
+        assert!(lost[2..].iter().all(Vec::is_empty), "{lost:?}");
+        assert_eq!(cluster.node_counts(), [1, 0, 1]);
+        // a stops now: alive until the last instant of its timeout, lost at it.
+        clock.advance(timeout - Duration::from_millis(1));
+        assert!(cluster.check_liveness().await.is_empty());
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(cluster.check_liveness().await, vec!["a".to_string()]);
+        assert_eq!(cluster.node_counts(), [0, 0, 2]);
+    }
 
     fn node(id: &str, cpu: u64) -> NodeInfo {
         NodeInfo {
@@ -583,9 +634,11 @@ mod tests {
     #[tokio::test]
     async fn lost_node_is_persisted_and_its_instances_fail() {
         let store = Arc::new(FakeStore::default());
-        let (cluster, _) = Cluster::open(store.clone(), Duration::from_millis(50))
-            .await
-            .unwrap();
+        let clock = ManualClock::new();
+        let (cluster, _) =
+            Cluster::open_with_clock(store.clone(), Duration::from_millis(50), clock.clone())
+                .await
+                .unwrap();
         cluster.register(Some(node("a", 1000))).await.unwrap();
         let mut record = InstanceRecord {
             instance_id: "i".into(),
@@ -597,7 +650,7 @@ mod tests {
             .put("/yr/instance/i", Bytes::from(record.encode_to_vec()), None)
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(80)).await;
+        clock.advance(Duration::from_millis(50));
         assert_eq!(cluster.check_liveness().await, vec!["a".to_string()]);
         let kv = store.get(&node_key("a")).await.unwrap().unwrap();
         assert_eq!(NodeInfo::decode(kv.value).unwrap().state, "lost");

@@ -18,6 +18,7 @@ pub mod codec;
 pub mod dependencies;
 pub mod error;
 pub mod function;
+pub(crate) mod handshake;
 pub mod kv;
 mod local;
 pub mod object_store;

@@ -48,6 +48,13 @@ pub struct Runtime {
 pub fn init(config: Config) -> Result<ClientInfo> {
     config.validate()?;
     if let Some(env) = crate::cluster::runtime_mode::RuntimeEnv::from_env() {
+        // A runtime takes its fail points from `FAILPOINTS` (inherited from its node) when
+        // its binary was built with them; a user's binary, built without, ignores them.
+        if fail::has_failpoints() {
+            if let Err(message) = yr_common::fail_points::setup_from_env() {
+                tracing::warn!(%message, "ignoring FAILPOINTS");
+            }
+        }
         run_as_runtime(config, env);
     }
     let mut lifecycle = LIFECYCLE.write();

@@ -4,11 +4,16 @@
 //! CPUs the work they wait for needs, so a process lets only a few threads spin at once (one
 //! per CPU, at least two; `YR_SPIN_MAX` overrides); the others block at once.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-static SPINNING: AtomicUsize = AtomicUsize::new(0);
+use crate::handshake::SpinSlots;
+
+/// This process's spin slots.
+fn slots() -> &'static SpinSlots {
+    static SLOTS: OnceLock<SpinSlots> = OnceLock::new();
+    SLOTS.get_or_init(SpinSlots::new)
+}
 
 /// How many threads of this process may spin at once: `YR_SPIN_MAX` if set (0 turns spinning
 /// off, for machines shared with other work), else one per CPU and at least two.
@@ -32,25 +37,17 @@ fn max_spinning() -> usize {
 /// `done` returned true; false also when too many threads of this process are spinning
 /// already (then `done` is not called at all).
 pub fn spin_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let max = max_spinning();
-    if SPINNING
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < max).then_some(n + 1)
-        })
-        .is_err()
-    {
+    let Some(_slot) = slots().enter(max_spinning()) else {
         return false;
-    }
+    };
     let start = Instant::now();
-    let finished = loop {
+    loop {
         if done() {
-            break true;
+            return true;
         }
         if start.elapsed() >= limit {
-            break false;
+            return false;
         }
         std::thread::yield_now();
-    };
-    SPINNING.fetch_sub(1, Ordering::AcqRel);
-    finished
+    }
 }

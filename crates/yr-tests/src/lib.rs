@@ -6,12 +6,15 @@
 //! behaviour: every test drives the real binaries the way users do.
 //!
 //! A node runs instances in runtime processes that re-execute the driver's binary. In a test
-//! the driver is the test binary, so every test file has a `runtime_entry` test that calls
-//! [`runtime_entry`], and drivers set `YR_RUNTIME_ARGS` ([`RUNTIME_ARGS`]) so that runtimes run
-//! only that test.
+//! the driver is the test binary: drivers set `YR_RUNTIME_ARGS` ([`runtime_args`]) so that a
+//! runtime runs only the test that is running now, and that test's first act, [`exclusive`],
+//! sees `YR_RUNTIME_MODE=1` and serves the node instead ([`serve_if_runtime`]). So no test
+//! file needs a `#[test]` that is only an entry point. Drivers that must be processes of their
+//! own are helper binaries of this crate (`src/bin/`), found with `env!("CARGO_BIN_EXE_…")`.
 //!
-//! The `yr` binary is `$YR_BIN`, or `target/debug/yr` of this workspace (`cargo build -p
-//! yr-cli` first).
+//! The `yr` binary is `$YR_BIN`, or `target/debug/yr` of this workspace. Fault tests give the
+//! master and nodes fail points (`NodeSpec::env` with `FAILPOINTS`), so build it with them:
+//! `cargo build -p yr-cli --features failpoints` (docs/design/013-fail-points-and-clock.md).
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -36,11 +39,15 @@ const START_ATTEMPTS: usize = 5;
 /// What a component logs when its port is taken.
 const ADDRESS_IN_USE: &str = "Address already in use";
 
-/// The arguments runtimes re-execute a test binary with: run only its `runtime_entry` test.
-pub const RUNTIME_ARGS: &str = "runtime_entry --exact --nocapture --test-threads 1";
-
-/// Set in a test binary re-executed by [`child_test_process`] to the test it must run.
-pub const CHILD_VAR: &str = "YR_TESTS_CHILD";
+/// The arguments runtimes re-execute a test binary with: run only the test running on this
+/// thread (libtest names each test's thread after the test), which serves as a runtime from its
+/// first line ([`exclusive`]). `None` outside a test's thread (a helper binary's `main`, whose
+/// runtimes need no arguments: `yr::init` comes first there).
+pub fn runtime_args() -> Option<String> {
+    let thread = std::thread::current();
+    let test = thread.name().filter(|name| *name != "main")?;
+    Some(format!("{test} --exact --nocapture --test-threads 1"))
+}
 
 // ----- the yr binary -----------------------------------------------------------------------
 
@@ -307,21 +314,12 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// The test binary re-executed to run only `test` (a test of the same file that checks
-/// [`CHILD_VAR`]), with its output piped.
-pub fn child_test_process(test: &str) -> Command {
-    let binary = std::env::current_exe().expect("the test binary's path");
-    let mut command = Command::new(binary);
+/// One of this crate's helper binaries (`src/bin/<name>.rs`), given its path (tests pass
+/// `env!("CARGO_BIN_EXE_<name>")`), with stdin closed.
+pub fn helper_process(path: &str) -> Command {
+    let mut command = Command::new(path);
+    command.stdin(Stdio::null());
     command
-        .args([test, "--exact", "--nocapture", "--test-threads", "1"])
-        .env(CHILD_VAR, test)
-        .stdin(Stdio::null());
-    command
-}
-
-/// Whether this process is the child that [`child_test_process`] started for `test`.
-pub fn is_child_for(test: &str) -> bool {
-    std::env::var(CHILD_VAR).as_deref() == Ok(test)
 }
 
 // ----- one yr session at a time ----------------------------------------------------------------
@@ -341,23 +339,31 @@ impl Drop for Exclusive {
     }
 }
 
-/// Take the lock. Tests in one binary run one at a time whatever `--test-threads` says.
+/// Take the lock. Tests in one binary run one at a time whatever `--test-threads` says. In a
+/// runtime process, this is where the test binary becomes the runtime: it never returns.
 pub fn exclusive() -> Exclusive {
+    serve_if_runtime();
     let guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let _ = yr::finalize();
     Exclusive { _guard: guard }
 }
 
-/// Make runtimes that re-execute this test binary run only its `runtime_entry` test.
+/// Make runtimes that re-execute this test binary run only the test running on this thread
+/// ([`runtime_args`]).
 pub fn use_this_binary_as_runtime() {
-    std::env::set_var("YR_RUNTIME_ARGS", RUNTIME_ARGS);
+    match runtime_args() {
+        Some(args) => std::env::set_var("YR_RUNTIME_ARGS", args),
+        None => std::env::remove_var("YR_RUNTIME_ARGS"),
+    }
 }
 
-/// The body of every test file's `runtime_entry` test: in a runtime process (started by a node
-/// with `YR_RUNTIME_MODE=1`), `yr::init` serves the node and never returns. Otherwise nothing.
-pub fn runtime_entry() {
+/// In a runtime process (started by a node with `YR_RUNTIME_MODE=1`), serve the node:
+/// `yr::init` never returns there, and a failed start ends the process. Otherwise nothing.
+pub fn serve_if_runtime() {
     if std::env::var("YR_RUNTIME_MODE").as_deref() == Ok("1") {
-        let _ = yr::init(yr::Config::default());
+        let result = yr::init(yr::Config::default());
+        eprintln!("yr-tests: the runtime could not start: {result:?}");
+        std::process::exit(3);
     }
 }
 

@@ -10,12 +10,6 @@ use serde_bytes::ByteBuf;
 use yr::ObjectRef;
 use yr_tests::{exclusive, wait_until, NodeSpec, TestCluster, TIMEOUT};
 
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
-
 const MIB: usize = 1 << 20;
 
 fn pattern(len: usize) -> ByteBuf {

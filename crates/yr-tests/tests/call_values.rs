@@ -11,12 +11,6 @@ use yr_tests::{
     exclusive, pattern, wait_until, weighted_sum as sum, NodeSpec, TestCluster, TIMEOUT,
 };
 
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
-
 const MIB: usize = 1 << 20;
 
 /// The checksum of `bytes`, computed in a runtime.

@@ -12,12 +12,6 @@ use yr_tests::{
     TestCluster, TIMEOUT,
 };
 
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
-
 #[yr::instance]
 pub struct Counter {
     value: i64,
@@ -38,7 +32,9 @@ impl Counter {
         std::process::id()
     }
 
-    pub fn nap(&self, ms: u64) -> u64 {
+    /// Writes `napping` to `marker`, then sleeps `ms`.
+    pub fn nap(&self, marker: String, ms: u64) -> u64 {
+        record(&marker, "napping");
         std::thread::sleep(Duration::from_millis(ms));
         ms
     }
@@ -214,8 +210,12 @@ fn stopped_node_reports_its_instances() {
         .invoke((0,))
         .unwrap();
     let busy_pid = yr::get(&busy.method(Counter::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
-    let pending = busy.method(Counter::nap).invoke((60_000,)).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let napping = Marker::new("busy");
+    let pending = busy
+        .method(Counter::nap)
+        .invoke((napping.path(), 60_000))
+        .unwrap();
+    assert!(napping.wait_for("napping", 1, TIMEOUT), "the call started");
 
     let stopping = Instant::now();
     assert!(
@@ -259,8 +259,12 @@ fn killed_node_is_marked_lost_and_its_instances_fatal() {
     cluster.wait_for_status(TIMEOUT, "the master records the instance", |status| {
         status.instances.iter().any(|i| i.instance_id == id)
     });
-    let pending = counter.method(Counter::nap).invoke((60_000,)).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let napping = Marker::new("killed-node");
+    let pending = counter
+        .method(Counter::nap)
+        .invoke((napping.path(), 60_000))
+        .unwrap();
+    assert!(napping.wait_for("napping", 1, TIMEOUT), "the call started");
 
     cluster.kill_node(0);
     let killed_at = Instant::now();

@@ -12,11 +12,6 @@ use yr_tests::{
     RedisServer, TempDir, TestCluster, TIMEOUT,
 };
 
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
-
 fn mode(write_mode: WriteMode) -> SetParam {
     SetParam {
         write_mode,

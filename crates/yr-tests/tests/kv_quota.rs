@@ -6,11 +6,6 @@
 use yr::{ErrorCode, SetParam};
 use yr_tests::{assert_error, exclusive, unique, unwrap_err, wait_until, NodeSpec, TestCluster};
 
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
-
 const QUOTA_MB: u64 = 8;
 const MIB: usize = 1 << 20;
 

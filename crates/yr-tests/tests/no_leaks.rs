@@ -9,45 +9,12 @@ use std::time::Duration;
 
 use yr_common::session::SessionInfo;
 use yr_tests::{
-    alive, children_of, command_line, exclusive, is_child_for, output_within, processes_mentioning,
-    run_yr, signal, target_debug_dir, wait_until, yr_binary, KillOnDrop, TempDir, TIMEOUT,
+    alive, children_of, command_line, exclusive, output_within, processes_mentioning, run_yr,
+    signal, target_debug_dir, wait_until, yr_binary, KillOnDrop, TempDir, TIMEOUT,
 };
 
 /// How long the processes of a cluster may take to go away.
 const GONE_WITHIN: Duration = Duration::from_secs(10);
-
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
-
-#[yr::instance]
-pub struct Napper {
-    naps: u32,
-}
-
-#[yr::instance]
-impl Napper {
-    pub fn new() -> Self {
-        Napper { naps: 0 }
-    }
-
-    pub fn pid(&self) -> u32 {
-        std::process::id()
-    }
-
-    pub fn nap(&mut self, ms: u64) -> u32 {
-        std::thread::sleep(Duration::from_millis(ms));
-        self.naps += 1;
-        self.naps
-    }
-}
-
-#[yr::invoke]
-fn runtime_pid() -> u32 {
-    std::process::id()
-}
 
 #[track_caller]
 fn assert_all_gone(what: &str, needle: &str) {
@@ -177,46 +144,11 @@ fn sockets_of(pids: &[u32]) -> Vec<String> {
         .collect()
 }
 
-/// Run by the tests below in a child process: a driver with no cluster to find, which starts
-/// a temporary one. `YR_TESTS_DRIVER_MODE` says whether it then exits (`exit`, when its stdin
-/// closes) or blocks with a call in flight until it is killed (`block`).
-#[test]
-fn temporary_cluster_driver() {
-    if !is_child_for("temporary_cluster_driver") {
-        return;
-    }
-    yr_tests::use_this_binary_as_runtime();
-    let mut config = yr::Config::default();
-    config.local_mode = false;
-    config.server_address = None;
-    yr::init(config).expect("init starts a temporary cluster");
-    let napper = yr::instance(Napper::new).invoke(()).unwrap();
-    let pid = yr::get(&napper.method(Napper::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
-    println!("INSTANCE_RUNTIME {pid}");
-    let stateless = yr::get(&yr::function(runtime_pid).invoke(()).unwrap(), TIMEOUT).unwrap();
-    println!("FUNCTION_RUNTIME {stateless}");
-    if std::env::var("YR_TESTS_DRIVER_MODE").as_deref() == Ok("block") {
-        let _in_flight = napper.method(Napper::nap).invoke((600_000,)).unwrap();
-        println!("READY");
-        loop {
-            std::thread::sleep(Duration::from_secs(1));
-        }
-    }
-    assert_eq!(
-        yr::get(&napper.method(Napper::nap).invoke((10,)).unwrap(), TIMEOUT).unwrap(),
-        1
-    );
-    // Let the test look at the running cluster, then exit when it says so.
-    println!("READY");
-    let mut go = String::new();
-    let _ = std::io::stdin().read_line(&mut go);
-    yr::finalize().unwrap();
-}
-
-/// Start the driver above; returns it and the pids it printed, once it printed READY.
+/// Start the helper binary `temporary_cluster_driver` (a driver with no cluster to find, which
+/// starts a temporary one) in `mode` (`exit` or `block`); returns it and the pids it printed, once it printed READY.
 fn start_driver(mode: &str, root: &Path, tmp: &Path) -> (std::process::Child, Vec<u32>) {
     let mut command = isolated(
-        yr_tests::child_test_process("temporary_cluster_driver"),
+        yr_tests::helper_process(env!("CARGO_BIN_EXE_temporary_cluster_driver")),
         root,
     );
     command

@@ -4,12 +4,6 @@
 use yr::{ErrorCode, InvokeOptions};
 use yr_tests::{assert_error, call_err, exclusive, NodeSpec, TestCluster, TIMEOUT};
 
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
-
 #[yr::instance]
 pub struct Echo {
     value: u32,

@@ -2,19 +2,15 @@
 //! TCP): a large object held on one node is pulled in chunks by the other node into its own
 //! shared memory and read there in place; the copy is reused and freed with its last reference;
 //! and if the object's owner dies around the pull, `get` gives the intact value or fails with a
-//! clear code (4005 for the object), never hangs.
+//! clear code (4005 for the object), never hangs. A transfer that breaks (the
+//! `datasystem::pull` fail point) is tried again; a get fails with 4005 only when every
+//! attempt broke.
 
 use std::time::Duration;
 
 use serde_bytes::ByteBuf;
 use yr::{ErrorCode, InvokeOptions, ObjectRef};
 use yr_tests::{exclusive, wait_until, TestCluster, TIMEOUT};
-
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
 
 fn pattern(len: usize) -> ByteBuf {
     ByteBuf::from((0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>())
@@ -149,5 +145,59 @@ fn a_get_whose_owner_dies_gives_the_value_or_4005_and_never_hangs() {
             ),
         }
     }
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn a_pull_that_breaks_is_retried_and_a_get_fails_with_4005_only_when_every_attempt_breaks() {
+    let _lock = exclusive();
+    let node = |cpu: u64, env: Vec<(String, String)>| yr_tests::NodeSpec {
+        cpu,
+        shared_memory_mb: Some(256),
+        env,
+        ..yr_tests::NodeSpec::default()
+    };
+    // Node 0's first five pulls break. A get tries three times.
+    let cluster = TestCluster::builder()
+        .node(node(
+            1_000,
+            vec![(
+                "FAILPOINTS".to_string(),
+                "datasystem::pull=5*return".to_string(),
+            )],
+        ))
+        .node(node(4_000, Vec::new()))
+        .start();
+    yr::init(cluster.config()).unwrap();
+    let maker = maker_on_the_other_node(&cluster);
+    let len = 40 << 20;
+    let make = || -> ObjectRef<ByteBuf> {
+        let inner: ObjectRef<ObjectRef<ByteBuf>> =
+            maker.method(Maker::make).invoke((len as u64,)).unwrap();
+        yr::get(&inner, TIMEOUT).unwrap()
+    };
+
+    // Pulls 1 to 3 break: the get fails with 4005, saying what broke.
+    let first = make();
+    match yr::get(&first, TIMEOUT) {
+        Ok(_) => panic!("the get succeeded although every pull broke"),
+        Err(error) => {
+            assert_eq!(error.code(), ErrorCode::GetOperationFailed, "{error}");
+            assert!(error.to_string().contains("cannot pull object"), "{error}");
+        }
+    }
+    // The broken copies' room was given back.
+    assert!(
+        wait_until(TIMEOUT, || cluster
+            .wait_metric(0, "yr_shared_memory_objects")
+            == 0.0),
+        "a broken pull's allocation is still held"
+    );
+
+    // Pulls 4 and 5 break too; the get's third attempt brings the object, intact.
+    let second = make();
+    let value = yr::get(&second, TIMEOUT).unwrap();
+    assert!(value == pattern(len), "the pulled object differs");
+    assert_eq!(cluster.wait_metric(0, "yr_shared_memory_objects"), 1.0);
     yr::finalize().unwrap();
 }

@@ -14,12 +14,6 @@ use yr_tests::{
     Marker, NodeSpec, TestCluster, TIMEOUT,
 };
 
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
-
 #[yr::instance]
 pub struct Keeper {
     value: i64,

@@ -1,6 +1,9 @@
 //! Faults of a runtime process under a running instance: killed (SIGKILL) mid-call, with and
-//! without `recover_retry_times`; exiting by itself; hung (SIGSTOP) and found by the node's
-//! heartbeats. Callers must get the right code, never hang.
+//! without `recover_retry_times`; crashing on a call (the `runtime::crash_on_call` fail point)
+//! until the restarts run out; a replay that cannot reach the restarted runtime (the
+//! `runtime::call_replay` fail point); exiting by itself; hung (SIGSTOP) and found by the node's
+//! heartbeats. Callers must get the right code, never hang. Each fault is reached through an
+//! event (a marker line, a fail point), never a sleep that hopes a call is running.
 
 use std::time::{Duration, Instant};
 
@@ -10,12 +13,6 @@ use yr_tests::{
     alive, assert_error, call_err, exclusive, record, signal, unwrap_err, Marker, NodeSpec,
     TestCluster, TIMEOUT,
 };
-
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
 
 /// An instance whose constructor and naps leave lines in a marker file.
 #[yr::instance]
@@ -40,6 +37,25 @@ impl Sleeper {
         record(&self.marker, "nap");
         std::thread::sleep(Duration::from_millis(ms));
         ms
+    }
+
+    /// In the instance's first incarnation, blocks (until the test kills the runtime); in a
+    /// restarted one, returns `value` at once. Either way it marks that it started.
+    pub fn hold_until_restarted(&self, value: u64) -> u64 {
+        let incarnation = std::fs::read_to_string(&self.marker)
+            .map(|text| text.lines().filter(|l| *l == "constructed").count())
+            .unwrap_or(0);
+        record(&self.marker, "hold");
+        if incarnation < 2 {
+            std::thread::sleep(Duration::from_secs(600));
+        }
+        value
+    }
+
+    /// A call the `runtime::crash_on_call=return(doomed)` fail point crashes the runtime on.
+    pub fn doomed(&self) -> u64 {
+        record(&self.marker, "doomed ran");
+        0
     }
 
     /// Ends the runtime process with exit code 0.
@@ -137,14 +153,18 @@ fn runtime_killed_mid_call_replays_with_recover_retry() {
         .unwrap();
     let first_pid = yr::get(&sleeper.method(Sleeper::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
 
-    let pending = sleeper.method(Sleeper::nap).invoke((2_000,)).unwrap();
-    assert!(marker.wait_for("nap", 1, TIMEOUT), "the call started");
+    // The call blocks in the first runtime until it is killed, whatever the machine's load.
+    let pending = sleeper
+        .method(Sleeper::hold_until_restarted)
+        .invoke((2_000,))
+        .unwrap();
+    assert!(marker.wait_for("hold", 1, TIMEOUT), "the call started");
     assert!(signal(first_pid, libc::SIGKILL));
 
     // The instance restarts (its constructor runs again) and the call is replayed on it.
     assert_eq!(yr::get(&pending, TIMEOUT).unwrap(), 2_000);
     assert_eq!(marker.count("constructed"), 2, "{:?}", marker.lines());
-    assert_eq!(marker.count("nap"), 2, "{:?}", marker.lines());
+    assert_eq!(marker.count("hold"), 2, "{:?}", marker.lines());
     let second_pid = yr::get(&sleeper.method(Sleeper::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
     assert_ne!(first_pid, second_pid, "a new runtime process runs it");
     assert!(!alive(first_pid));
@@ -255,5 +275,92 @@ fn stateless_call_whose_runtime_exits_is_retried_automatically() {
     // The first attempt's runtime exits (1007); stateless calls are retried on 1007.
     assert_eq!(yr::get(&value, TIMEOUT).unwrap(), 42);
     assert_eq!(marker.count("attempt"), 2, "{:?}", marker.lines());
+    yr::finalize().unwrap();
+}
+
+/// A node whose runtimes crash on receiving a call whose function's name contains `doomed`.
+fn node_crashing_on_doomed_calls() -> TestCluster {
+    TestCluster::with_node(NodeSpec {
+        env: vec![(
+            "FAILPOINTS".to_string(),
+            "runtime::crash_on_call=return(doomed)".to_string(),
+        )],
+        ..Default::default()
+    })
+}
+
+#[test]
+fn runtime_crashing_on_every_replay_gives_up_after_recover_retry_times_with_2002() {
+    let _exclusive = exclusive();
+    let cluster = node_crashing_on_doomed_calls();
+    yr::init(cluster.config()).unwrap();
+    let marker = Marker::new("doomed");
+    let options = InvokeOptions {
+        recover_retry_times: 2,
+        ..Default::default()
+    };
+    let sleeper = yr::instance(Sleeper::new)
+        .options(options)
+        .invoke((marker.path(),))
+        .unwrap();
+    // Calls other than `doomed` run as usual.
+    yr::get(&sleeper.method(Sleeper::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
+
+    let started = Instant::now();
+    let error = unwrap_err(yr::get(
+        &sleeper.method(Sleeper::doomed).invoke(()).unwrap(),
+        TIMEOUT,
+    ));
+    assert_error(&error, &[ErrorCode::UserFunctionException], &["crashed"]);
+    assert!(started.elapsed() < Duration::from_secs(25));
+    // The call was sent once and replayed on each of the two restarts; every runtime crashed
+    // on it before user code ran.
+    assert_eq!(marker.count("constructed"), 3, "{:?}", marker.lines());
+    assert_eq!(marker.count("doomed ran"), 0, "{:?}", marker.lines());
+    let id = sleeper.id().to_string();
+    cluster.wait_for_status(TIMEOUT, "the instance is FATAL", |_| {
+        instance_state(&cluster, &id) == Some(InstanceState::Fatal)
+    });
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn call_replay_that_cannot_reach_the_restarted_runtime_fails_callers_with_3001() {
+    let _exclusive = exclusive();
+    let cluster = node_crashing_on_doomed_calls();
+    yr::init(cluster.config()).unwrap();
+    // In this process (the caller): the replay onto the restarted runtime fails.
+    let _replay_fails = fail::FailGuard::new("runtime::call_replay", "return").unwrap();
+    let marker = Marker::new("replay-fails");
+    let options = InvokeOptions {
+        recover_retry_times: 1,
+        ..Default::default()
+    };
+    let sleeper = yr::instance(Sleeper::new)
+        .options(options)
+        .invoke((marker.path(),))
+        .unwrap();
+    yr::get(&sleeper.method(Sleeper::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
+
+    let started = Instant::now();
+    let error = unwrap_err(yr::get(
+        &sleeper.method(Sleeper::doomed).invoke(()).unwrap(),
+        TIMEOUT,
+    ));
+    assert_error(
+        &error,
+        &[ErrorCode::RequestBetweenRuntimeBus],
+        &["cannot replay", sleeper.id()],
+    );
+    assert!(started.elapsed() < Duration::from_secs(25));
+    // The node did restart the instance; the caller could not replay onto it.
+    assert!(
+        marker.wait_for("constructed", 2, TIMEOUT),
+        "{:?}",
+        marker.lines()
+    );
+    // The instance stays failed for this caller: later calls fail at once, never hang.
+    let later = call_err(sleeper.method(Sleeper::pid).invoke(()), TIMEOUT);
+    assert_error(&later, &[ErrorCode::RequestBetweenRuntimeBus], &[]);
     yr::finalize().unwrap();
 }

@@ -15,12 +15,6 @@ use yr_common::auth::ClusterToken;
 use yr_proto::v1 as pb;
 use yr_tests::{block_on, exclusive, unique, wait_until, TestCluster, TIMEOUT};
 
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
-
 #[yr::instance]
 pub struct Counter {
     value: i64,
@@ -327,39 +321,15 @@ fn a_runtime_call_socket_refuses_callers_without_the_token() {
     yr::finalize().unwrap();
 }
 
-const CLAIMANT: &str = "a_bus_session_claiming_another_process_cannot_free_its_objects";
-
 #[test]
 fn a_bus_session_claiming_another_process_cannot_free_its_objects() {
-    if yr_tests::is_child_for(CLAIMANT) {
-        // The attacker: a process of this user with the token, claiming the driver's pid.
-        let bus = std::env::var("CLAIMANT_BUS").expect("bus address");
-        let victim: u32 = std::env::var("CLAIMANT_VICTIM")
-            .expect("victim")
-            .parse()
-            .expect("a pid");
-        let token =
-            ClusterToken::parse(&std::env::var("CLAIMANT_TOKEN").expect("token")).expect("a token");
-        let me = std::env::current_exe().expect("exe");
-        let register = pb::RegisterClient {
-            kind: pb::ClientKind::Driver as i32,
-            job_id: unique("claimant"),
-            binary_path: me.display().to_string(),
-            binary_hash: yr_common::binary_hash(&me),
-            pid: victim,
-            ..Default::default()
-        };
-        let answer = bus_register(&bus, Some(token), register);
-        println!("CLAIMANT {answer:?}");
-        return;
-    }
     let _exclusive = exclusive();
     let cluster = TestCluster::start();
     yr::init(cluster.config()).unwrap();
     // Above 100 KiB: the value lives in the node's shared memory, held for this process.
     let value: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
     let object = yr::put(value.clone()).unwrap();
-    let output = yr_tests::child_test_process(CLAIMANT)
+    let output = yr_tests::helper_process(env!("CARGO_BIN_EXE_claimant"))
         .env("CLAIMANT_BUS", cluster.bus_address())
         .env("CLAIMANT_VICTIM", std::process::id().to_string())
         .env("CLAIMANT_TOKEN", cluster.token().as_str())

@@ -13,15 +13,9 @@ use std::time::Duration;
 
 use yr_common::session::SessionInfo;
 use yr_tests::{
-    alive, exclusive, free_port, is_child_for, output_within, run_yr, signal, wait_until,
-    yr_binary, KillOnDrop, TempDir, TestCluster, TIMEOUT,
+    alive, exclusive, free_port, output_within, run_yr, signal, wait_until, yr_binary, KillOnDrop,
+    TempDir, TestCluster, TIMEOUT,
 };
-
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -363,23 +357,6 @@ fn yr_status_and_yr_errors_end_quietly_when_the_reader_went_away() {
     }
 }
 
-/// Run by the test below in a child process: a driver that finds the dead session through
-/// `YR_SESSION_ROOT`. Prints the error's code and message.
-#[test]
-fn dead_session_driver() {
-    if !is_child_for("dead_session_driver") {
-        return;
-    }
-    yr_tests::use_this_binary_as_runtime();
-    let mut config = yr::Config::default();
-    config.local_mode = false;
-    config.server_address = None;
-    match yr::init(config) {
-        Ok(_) => println!("INIT_OK"),
-        Err(error) => println!("INIT_ERROR {} {error}", error.code().number()),
-    }
-}
-
 #[test]
 fn a_driver_whose_session_died_fails_with_4002_naming_the_session() {
     let _exclusive = exclusive();
@@ -400,7 +377,7 @@ fn a_driver_whose_session_died_fails_with_4002_naming_the_session() {
         );
     }
 
-    let mut driver = yr_tests::child_test_process("dead_session_driver");
+    let mut driver = yr_tests::helper_process(env!("CARGO_BIN_EXE_dead_session_driver"));
     driver
         .env("YR_SESSION_ROOT", root.path())
         .env("YR_BIN", yr_binary())

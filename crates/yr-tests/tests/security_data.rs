@@ -12,12 +12,6 @@ use yr_proto::ds as pb;
 use yr_proto::ds::object_store_client::ObjectStoreClient;
 use yr_tests::{exclusive, TestCluster, TIMEOUT};
 
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
-
 /// Large enough for shared memory (over 100 KiB).
 const LEN: usize = 1 << 20;
 
@@ -232,32 +226,6 @@ fn the_object_store_is_not_served_on_the_nodes_tcp_port() {
     assert_eq!(cluster.wait_metric(0, "yr_shared_memory_objects"), 0.0);
 }
 
-/// Child: release allocations 1..=64 naming process `YR_TESTS_VICTIM` as their holder.
-#[test]
-fn child_releasing_for_another_process() {
-    if !yr_tests::is_child_for("child_releasing_for_another_process") {
-        return;
-    }
-    let bus = std::env::var("YR_TESTS_BUS").expect("bus");
-    let victim: u32 = std::env::var("YR_TESTS_VICTIM")
-        .expect("victim")
-        .parse()
-        .expect("a pid");
-    yr_tests::block_on(async {
-        let mut store = object_store(&bus).await;
-        for _ in 0..4 {
-            store
-                .release(pb::ReleaseObjectsRequest {
-                    allocations: (1..=64).collect(),
-                    pid: victim,
-                })
-                .await
-                .expect("release");
-        }
-    });
-    println!("DONE");
-}
-
 #[test]
 fn a_pid_in_a_request_does_not_release_another_processs_objects() {
     let _lock = exclusive();
@@ -270,7 +238,8 @@ fn a_pid_in_a_request_does_not_release_another_processs_objects() {
     assert_eq!(cluster.wait_metric(0, "yr_shared_memory_objects"), 1.0);
     let output = yr_tests::output_within(
         {
-            let mut child = yr_tests::child_test_process("child_releasing_for_another_process");
+            let mut child =
+                yr_tests::helper_process(env!("CARGO_BIN_EXE_releasing_for_another_process"));
             child
                 .env("YR_TESTS_BUS", cluster.node_bus_address(0))
                 .env("YR_TESTS_VICTIM", std::process::id().to_string())

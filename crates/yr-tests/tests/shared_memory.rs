@@ -8,12 +8,6 @@ use serde_bytes::ByteBuf;
 use yr::{ErrorCode, ObjectRef};
 use yr_tests::{exclusive, wait_until, NodeSpec, TestCluster, TIMEOUT};
 
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
-
 /// A sum of the bytes, so both sides can check a value without sending it back.
 #[yr::invoke]
 fn checksum(bytes: ByteBuf) -> u64 {
@@ -124,26 +118,11 @@ fn memory_returns_to_its_baseline_after_10000_put_drop_cycles_of_1_mb() {
     yr::finalize().unwrap();
 }
 
-/// The child of `a_driver_killed_with_its_objects_gives_their_memory_back`: puts two large
-/// objects, says so, and waits to be killed.
-#[test]
-fn driver_holding_large_objects() {
-    if !yr_tests::is_child_for("driver_holding_large_objects") {
-        return;
-    }
-    let address = std::env::var("YR_TESTS_BUS").expect("the node's bus address");
-    yr::init(yr_tests::driver_config(&address)).unwrap();
-    let kept: Vec<ObjectRef<ByteBuf>> =
-        (0..2).map(|_| yr::put(pattern(1 << 20)).unwrap()).collect();
-    println!("PUT {}", kept.len());
-    std::thread::sleep(Duration::from_secs(600));
-}
-
 #[test]
 fn a_driver_killed_with_its_objects_gives_their_memory_back() {
     let _lock = exclusive();
     let cluster = node_with_shared_memory(64);
-    let mut child = yr_tests::child_test_process("driver_holding_large_objects")
+    let mut child = yr_tests::helper_process(env!("CARGO_BIN_EXE_driver_holding_large_objects"))
         .env("YR_TESTS_BUS", cluster.node_bus_address(0))
         .stdout(std::process::Stdio::piped())
         .spawn()

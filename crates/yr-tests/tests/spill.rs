@@ -4,7 +4,9 @@
 //! full spill limit 4204 (and the node keeps serving after both), a node restarted on the
 //! same spill directory serves the objects it had spilled, by their ids, and memory full of
 //! another process's objects makes that process spill its idle ones when the node asks (4202
-//! only when they are all being read).
+//! only when they are all being read). Disk failures in the middle of a spill or a restore are
+//! reached through the node's fail points (`datasystem::spill_write`,
+//! `datasystem::spill_restore`).
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -16,12 +18,6 @@ use yr_proto::ds as pb;
 use yr_tests::{
     exclusive, pattern, wait_until, weighted_sum as sum, NodeSpec, TempDir, TestCluster, TIMEOUT,
 };
-
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
 
 const MIB: usize = 1 << 20;
 
@@ -83,6 +79,20 @@ fn node(shared_memory_mb: u64, spill_dir: &Path, spill_limit_mb: Option<u64>) ->
         shared_memory_mb: Some(shared_memory_mb),
         spill_dir: Some(spill_dir.to_path_buf()),
         spill_limit_mb,
+        ..NodeSpec::default()
+    })
+}
+
+/// A node like [`node`] whose process has the fail points `fail_points` (`FAILPOINTS`).
+fn node_with_fail_points(
+    shared_memory_mb: u64,
+    spill_dir: &Path,
+    fail_points: &str,
+) -> TestCluster {
+    TestCluster::with_node(NodeSpec {
+        shared_memory_mb: Some(shared_memory_mb),
+        spill_dir: Some(spill_dir.to_path_buf()),
+        env: vec![("FAILPOINTS".to_string(), fail_points.to_string())],
         ..NodeSpec::default()
     })
 }
@@ -231,25 +241,6 @@ fn a_full_spill_limit_is_4204_and_the_node_keeps_serving() {
     yr::finalize().unwrap();
 }
 
-/// The child of `a_node_restarted_on_its_spill_directory_serves_what_it_had_spilled`: puts six
-/// objects of 16 MiB on a node with 64 MiB, prints each one's id and checksum, and waits.
-#[test]
-fn driver_spilling_objects() {
-    if !yr_tests::is_child_for("driver_spilling_objects") {
-        return;
-    }
-    let address = std::env::var("YR_TESTS_BUS").expect("the node's bus address");
-    yr::init(yr_tests::driver_config(&address)).unwrap();
-    let kept: Vec<ObjectRef<ByteBuf>> = (0..6)
-        .map(|seed| yr::put(pattern(seed, 16 * MIB)).unwrap())
-        .collect();
-    for (seed, object) in kept.iter().enumerate() {
-        println!("OBJECT {} {}", object.id(), sum(&pattern(seed, 16 * MIB)));
-    }
-    println!("DONE");
-    std::thread::sleep(Duration::from_secs(600));
-}
-
 /// Restore `id` from the node whose bus is at `address` (`unix:/path`: the object store
 /// serves only its machine's processes) as this process, and read the value in place.
 async fn restore(address: &str, id: u128) -> Result<ByteBuf, String> {
@@ -294,7 +285,7 @@ fn a_node_restarted_on_its_spill_directory_serves_what_it_had_spilled() {
     let mut objects: Vec<(u128, u64)> = Vec::new();
     {
         let mut cluster = node(64, spill.path(), None);
-        let mut child = yr_tests::child_test_process("driver_spilling_objects")
+        let mut child = yr_tests::helper_process(env!("CARGO_BIN_EXE_driver_spilling_objects"))
             .env("YR_TESTS_BUS", cluster.node_bus_address(0))
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -418,5 +409,61 @@ fn objects_another_process_is_reading_are_not_spilled_and_a_create_is_4202() {
     );
     let checksums = keeper.method(Keeper::checksums).invoke(()).unwrap();
     assert_eq!(yr::get(&checksums, TIMEOUT).unwrap(), expected);
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn a_spill_whose_disk_fills_mid_write_is_4204_and_loses_nothing() {
+    let _lock = exclusive();
+    let spill = TempDir::new("fullwrite");
+    let cluster = node_with_fail_points(8, spill.path(), "datasystem::spill_write=return(full)");
+    yr::init(cluster.config()).unwrap();
+    // Two fit in memory; the third needs one of them spilled, and the disk fills on the write.
+    let kept: Vec<ObjectRef<ByteBuf>> = (0..2)
+        .map(|seed| yr::put(pattern(seed, 3 * MIB)).unwrap())
+        .collect();
+    let error = yr::put(pattern(2, 3 * MIB)).unwrap_err();
+    assert_eq!(error.code(), ErrorCode::InsufficientDiskSpace, "{error}");
+    assert!(error.to_string().contains("disk is full"), "{error}");
+    // Nothing half-written stays behind, and both objects read back intact from memory.
+    assert_eq!(spill_files(spill.path()), 0);
+    assert_eq!(
+        cluster.wait_metric(0, "yr_shared_memory_spilled_objects"),
+        0.0
+    );
+    for (seed, object) in kept.iter().enumerate() {
+        let value = yr::get(object, TIMEOUT).unwrap();
+        assert_eq!(sum(&value), sum(&pattern(seed, 3 * MIB)));
+    }
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn a_restore_that_cannot_read_its_file_is_4203_for_that_read_and_the_next_read_restores() {
+    let _lock = exclusive();
+    let spill = TempDir::new("badread");
+    let cluster = node_with_fail_points(8, spill.path(), "datasystem::spill_restore=1*return");
+    yr::init(cluster.config()).unwrap();
+    // The third object spills the first.
+    let kept: Vec<ObjectRef<ByteBuf>> = (0..3)
+        .map(|seed| yr::put(pattern(seed, 3 * MIB)).unwrap())
+        .collect();
+    assert_eq!(
+        cluster.wait_metric(0, "yr_shared_memory_spilled_objects"),
+        1.0
+    );
+    let error = yr::get(&kept[0], TIMEOUT).unwrap_err();
+    assert_eq!(error.code(), ErrorCode::OperateDiskFailed, "{error}");
+    assert!(
+        error.to_string().contains("read the spilled object"),
+        "{error}"
+    );
+    // The object stayed on disk: the next read restores it intact.
+    let value = yr::get(&kept[0], TIMEOUT).unwrap();
+    assert_eq!(sum(&value), sum(&pattern(0, 3 * MIB)));
+    for seed in [1, 2] {
+        let value = yr::get(&kept[seed], TIMEOUT).unwrap();
+        assert_eq!(sum(&value), sum(&pattern(seed, 3 * MIB)));
+    }
     yr::finalize().unwrap();
 }

@@ -1,27 +1,25 @@
 //! How stateless calls share their pool on a real cluster: a burst larger than the node runs on
 //! the instances that are running (it does not wait for instances that cannot be placed), and a
-//! call waiting for its arguments does not hold up ready calls behind it.
+//! call waiting for its arguments does not hold up ready calls behind it (the argument is
+//! held until the test releases it, so no machine is too slow for the ready calls).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use yr::ObjectRef;
 use yr_tests::{exclusive, NodeSpec, TestCluster, TIMEOUT};
-
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
 
 #[yr::invoke]
 fn noop() -> u32 {
     1
 }
 
+/// Returns `value` once the test writes `release` to `marker` (at most [`TIMEOUT`]).
 #[yr::invoke]
-fn nap(ms: u64) -> u64 {
-    std::thread::sleep(Duration::from_millis(ms));
-    ms
+fn hold(marker: String, value: u64) -> u64 {
+    let released =
+        || std::fs::read_to_string(&marker).is_ok_and(|text| text.lines().any(|l| l == "release"));
+    yr_tests::wait_until(TIMEOUT, released);
+    value
 }
 
 #[yr::invoke]
@@ -77,15 +75,18 @@ fn a_call_waiting_for_its_argument_does_not_hold_up_ready_calls() {
     let _lock = exclusive();
     let cluster = small_node();
     yr::init(cluster.config()).unwrap();
-    let slow = yr::function(nap).invoke((3_000,)).unwrap();
+    // The argument is computed until the test says so, however long the ready calls take.
+    let release = yr_tests::Marker::new("release");
+    let slow = yr::function(hold).invoke((release.path(), 3_000)).unwrap();
     let waiting = yr::function(plus_one).invoke((&slow,)).unwrap();
     let ready: Vec<ObjectRef<u32>> = (0..50)
         .map(|_| yr::function(noop).invoke(()).unwrap())
         .collect();
     assert_eq!(yr::get_all(&ready, TIMEOUT).unwrap(), vec![1; 50]);
     // The ready calls finished while the argument of `waiting` was still being computed.
-    assert!(!slow.is_ready(), "the nap ended before the ready calls");
+    assert!(!slow.is_ready(), "the argument was released by nobody");
     assert!(!waiting.is_ready());
+    yr_tests::record(&release.path(), "release");
     assert_eq!(yr::get(&waiting, TIMEOUT).unwrap(), 3_001);
     yr::finalize().unwrap();
 }

@@ -7,12 +7,6 @@ use std::time::Duration;
 use yr::{InvokeOptions, ProducerConfig, SubscriptionConfig, SubscriptionType};
 use yr_tests::{exclusive, unique, NodeSpec, TestCluster, TIMEOUT};
 
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
-
 /// A stream user that runs in a runtime on the other node.
 #[yr::instance]
 pub struct StreamPeer {

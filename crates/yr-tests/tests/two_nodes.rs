@@ -7,12 +7,6 @@ use std::time::Duration;
 use yr::{ErrorCode, InvokeOptions};
 use yr_tests::{assert_error, call_err, exclusive, NodeSpec, TestCluster, TIMEOUT};
 
-/// Not a test: the entry point of runtime processes, which re-execute this binary.
-#[test]
-fn runtime_entry() {
-    yr_tests::runtime_entry();
-}
-
 /// Reports which node's runtime it runs in.
 #[yr::instance]
 pub struct Where {

@@ -6,6 +6,9 @@
 //! YR_CONFORMANCE_BACKEND=cluster cargo test -p yr --test conformance   # a cluster
 //! ```
 //!
+//! On a cluster, runtimes re-execute this test binary running only the test that created them,
+//! and that test's first act ([`support::exclusive`]) turns the process into the runtime.
+//!
 //! yr keeps process-wide state, so every test takes one lock for its whole run
 //! ([`support::session`]); the tests therefore run one at a time whatever `--test-threads`
 //! says. Anything a test observes from inside user code (a retry counter, a shutdown hook
@@ -29,14 +32,3 @@ mod objects;
 mod options;
 #[path = "conformance/streams.rs"]
 mod streams;
-
-/// Not a test: the entry point of runtime processes in cluster runs. A node re-executes this
-/// test binary as a runtime (`YR_RUNTIME_MODE=1`) with `YR_RUNTIME_ARGS` filtering to this
-/// function, and `yr::init` then serves the node instead of returning. In a normal run it does
-/// nothing.
-#[test]
-fn runtime_entry() {
-    if std::env::var("YR_RUNTIME_MODE").as_deref() == Ok("1") {
-        let _ = yr::init(yr::Config::default());
-    }
-}

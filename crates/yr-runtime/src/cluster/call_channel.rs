@@ -19,7 +19,7 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -30,6 +30,7 @@ use yr_proto::v1 as pb;
 
 use super::transport::Address;
 use crate::error::RuntimeError;
+use crate::handshake::Doorbell;
 
 /// How long a reader spins (yielding its CPU) for the next frame before it blocks.
 const READ_SPIN: Duration = Duration::from_micros(50);
@@ -315,11 +316,11 @@ struct Poller {
     epoll: OwnedFd,
     watched: Mutex<HashMap<u64, Watched>>,
     next_token: AtomicU64,
-    /// Writers whose frames wait for the poller's next turn.
-    deferred: Mutex<Vec<Arc<FrameWriter>>>,
+    /// Writers whose frames wait for the poller's next turn, and whether it sleeps
+    /// (`crate::handshake`, model-checked with loom).
+    deferred: Doorbell<Arc<FrameWriter>>,
     /// Wakes the poller when it sleeps and a writer is deferred.
     wake: OwnedFd,
-    sleeping: AtomicBool,
 }
 
 /// The epoll token of the poller's own wake-up eventfd.
@@ -369,9 +370,8 @@ fn poller() -> Result<&'static Poller, Error> {
                 epoll,
                 watched: Mutex::new(HashMap::new()),
                 next_token: AtomicU64::new(WAKE_TOKEN + 1),
-                deferred: Mutex::new(Vec::new()),
+                deferred: Doorbell::new(),
                 wake,
-                sleeping: AtomicBool::new(false),
             }));
             std::thread::Builder::new()
                 .name("yr-call-poll".to_string())
@@ -399,17 +399,16 @@ impl Poller {
             if ready == 0 {
                 crate::spin::spin_until(READ_SPIN, || {
                     ready = self.wait(&mut events, 0);
-                    ready > 0 || !self.deferred.lock().is_empty()
+                    ready > 0 || !self.deferred.is_empty()
                 });
             }
             if ready == 0 {
                 // Announce the sleep, then look again: a writer deferred in between sees the
-                // flag and wakes us.
-                self.sleeping.store(true, Ordering::SeqCst);
-                if self.deferred.lock().is_empty() {
-                    ready = self.wait(&mut events, -1);
-                }
-                self.sleeping.store(false, Ordering::SeqCst);
+                // announcement and wakes us.
+                ready = self
+                    .deferred
+                    .sleep_unless_pending(|| self.wait(&mut events, -1))
+                    .unwrap_or(0);
             }
             for event in &events[..ready] {
                 let token = event.u64;
@@ -449,7 +448,7 @@ impl Poller {
 
     /// Write what writers deferred to this turn.
     fn write_deferred(&self) {
-        let writers = std::mem::take(&mut *self.deferred.lock());
+        let writers = self.deferred.take();
         for writer in writers {
             writer.write_deferred();
         }
@@ -457,8 +456,7 @@ impl Poller {
 
     /// Have `writer` written on the next turn, waking the poller if it sleeps.
     fn defer(&self, writer: Arc<FrameWriter>) {
-        self.deferred.lock().push(writer);
-        if self.sleeping.load(Ordering::SeqCst) {
+        if self.deferred.push(writer) {
             let one = 1u64.to_ne_bytes();
             // SAFETY: writes 8 bytes from `one`, which has 8.
             unsafe {

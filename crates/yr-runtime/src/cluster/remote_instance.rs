@@ -285,6 +285,23 @@ impl RemoteInstance {
                 return;
             }
         };
+        // Fault tests: the restarted runtime cannot be reached for the replay (`return`), or
+        // the replay waits (`pause`, no lock held) until the test lets it go.
+        fail::fail_point!(
+            "runtime::call_replay",
+            !self.state.lock().in_flight.is_empty(),
+            |_| {
+                sender.close();
+                self.on_failed(Error::new(
+                    ErrorCode::RequestBetweenRuntimeBus,
+                    format!(
+                        "cannot replay the calls in flight on the restarted instance {} (a fail \
+                     point); please retry",
+                        self.id
+                    ),
+                ));
+            }
+        );
         {
             let mut state = self.state.lock();
             if state.generation != generation || matches!(state.connection, Connection::Failed(_)) {

@@ -294,6 +294,10 @@ impl CallExecutor for RuntimeMode {
     fn execute(&self, request: pb::CallRequest, respond: Box<dyn FnOnce(pb::CallResult) + Send>) {
         let call_id = request.call_id;
         tracing::debug!(call_id, function = %request.function, "call received");
+        if crash_on_call(&request.function) {
+            tracing::warn!(function = %request.function, "crashing (fail point)");
+            std::process::abort();
+        }
         let fail = |error: Error| pb::CallResult {
             call_id,
             values: Vec::new(),
@@ -370,6 +374,17 @@ impl CallExecutor for RuntimeMode {
             })),
         }
     }
+}
+
+/// Fault tests: whether this runtime crashes on receiving a call of `function`, as if killed
+/// mid-call. The `runtime::crash_on_call` fail point says so for a function whose name
+/// contains its argument (`return(name)`), or for every call (`return`).
+fn crash_on_call(function: &str) -> bool {
+    fail::fail_point!("runtime::crash_on_call", |name: Option<String>| {
+        name.is_none_or(|name| function.contains(name.as_str()))
+    });
+    let _ = function;
+    false
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use yr_common::clock::{self, Clock};
 use yr_common::{Error, ErrorCode, InvokeOptions};
 use yr_proto::v1 as pb;
 
@@ -77,6 +78,8 @@ pub struct StatelessSubmitter {
     call_times: Mutex<HashMap<&'static str, Duration>>,
     recycle_time: Duration,
     max_instances: i64,
+    /// The clock idle times are measured on.
+    clock: Arc<dyn Clock>,
     /// Set by `finalize`: calls that become ready are not sent any more.
     stopped: AtomicBool,
 }
@@ -188,12 +191,22 @@ impl StatelessSubmitter {
     /// Pools that release instances idle for `recycle_time`, with at most `max_instances` per
     /// pool (-1: no limit).
     pub fn new(recycle_time: Duration, max_instances: i64) -> StatelessSubmitter {
+        Self::with_clock(recycle_time, max_instances, clock::system())
+    }
+
+    /// [`StatelessSubmitter::new`], measuring idle times on `clock`.
+    pub fn with_clock(
+        recycle_time: Duration,
+        max_instances: i64,
+        clock: Arc<dyn Clock>,
+    ) -> StatelessSubmitter {
         StatelessSubmitter {
             pools: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
             call_times: Mutex::new(HashMap::new()),
             recycle_time,
             max_instances,
+            clock,
             stopped: AtomicBool::new(false),
         }
     }
@@ -282,7 +295,7 @@ impl StatelessSubmitter {
                     .get(call.function)
                     .is_some_and(|time| *time < SHORT_CALL);
                 submitter.tasks.lock().insert(call_id, task.clone());
-                *instance.last_used.lock() = Instant::now();
+                *instance.last_used.lock() = submitter.clock.now();
                 if instance.remote.try_submit(call).is_err() {
                     // The instance went away in the meantime: the call waits for another.
                     submitter.tasks.lock().remove(&call_id);
@@ -301,8 +314,8 @@ impl StatelessSubmitter {
                 match created {
                     Ok(remote) => locked.instances.push(Arc::new(PooledInstance {
                         remote,
-                        started: Instant::now(),
-                        last_used: Mutex::new(Instant::now()),
+                        started: submitter.clock.now(),
+                        last_used: Mutex::new(submitter.clock.now()),
                     })),
                     Err(error) => failures.extend(locked.fail_waiting(&error)),
                 }
@@ -328,11 +341,13 @@ impl StatelessSubmitter {
         for pool in pools {
             let mut pool = pool.lock();
             let nothing_waits = pool.waiting.is_empty();
+            let now = self.clock.now();
             pool.instances.retain(|instance| {
                 let idle = instance.remote.load() == 0
                     && nothing_waits
-                    && instance.last_used.lock().elapsed() >= self.recycle_time
-                    && instance.started.elapsed() >= self.recycle_time;
+                    && now.saturating_duration_since(*instance.last_used.lock())
+                        >= self.recycle_time
+                    && now.saturating_duration_since(instance.started) >= self.recycle_time;
                 if idle {
                     instance.remote.mark_terminating();
                     released.push(instance.remote.id.clone());
@@ -424,5 +439,41 @@ impl Canceller for TaskCanceller {
             ),
         );
         task.fail(&error);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use yr_common::ManualClock;
+
+    #[test]
+    fn an_instance_is_released_once_idle_for_the_recycle_time() {
+        let clock = ManualClock::new();
+        let recycle_time = Duration::from_secs(10);
+        let submitter = StatelessSubmitter::with_clock(recycle_time, -1, clock.clone());
+        let io = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a tokio runtime");
+        let remote = RemoteInstance::new("i-1".into(), io.handle().clone(), None);
+        let pool = submitter.pool(&Arc::new(InvokeOptions::default()));
+        let pooled = Arc::new(PooledInstance {
+            remote: remote.clone(),
+            started: clock.now(),
+            last_used: Mutex::new(clock.now()),
+        });
+        pool.lock().instances.push(pooled.clone());
+        let just_short = recycle_time - Duration::from_millis(1);
+
+        clock.advance(just_short);
+        assert!(submitter.recycle_idle().is_empty(), "not idle long enough");
+        // A call now restarts the idle time.
+        *pooled.last_used.lock() = clock.now();
+        clock.advance(just_short);
+        assert!(submitter.recycle_idle().is_empty(), "used a moment ago");
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(submitter.recycle_idle(), vec!["i-1".to_string()]);
+        assert!(remote.is_terminating());
+        assert!(pool.lock().instances.is_empty());
     }
 }

@@ -52,10 +52,16 @@ pub fn config() -> yr::Config {
     match backend() {
         Backend::Local => yr::Config::local(),
         Backend::Cluster => {
-            // Runtimes re-execute this test binary and run only its runtime entry point.
+            // Runtimes re-execute this test binary running only this test, which serves as a
+            // runtime from its first act, `exclusive`.
+            let thread = std::thread::current();
+            let test = thread
+                .name()
+                .filter(|name| *name != "main")
+                .expect("a cluster session is opened on a test's own thread");
             std::env::set_var(
                 "YR_RUNTIME_ARGS",
-                "runtime_entry --exact --nocapture --test-threads 1",
+                format!("{test} --exact --nocapture --test-threads 1"),
             );
             let mut config = yr::Config::default();
             config.local_mode = false;
@@ -78,8 +84,15 @@ impl Drop for Exclusive {
     }
 }
 
-/// Take the lock; yr is finalized (not initialized) when this returns.
+/// Take the lock; yr is finalized (not initialized) when this returns. In a runtime process
+/// (a node re-executed this binary with `YR_RUNTIME_MODE=1`), `yr::init` serves the node
+/// instead, and this never returns.
 pub fn exclusive() -> Exclusive {
+    if std::env::var("YR_RUNTIME_MODE").as_deref() == Ok("1") {
+        let result = yr::init(yr::Config::default());
+        eprintln!("conformance: the runtime could not start: {result:?}");
+        std::process::exit(3);
+    }
     let guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     yr::finalize().expect("finalize a session left behind");
     Exclusive { _guard: guard }
