@@ -312,6 +312,10 @@ impl RecordWriter {
         version: u64,
         incarnation: u64,
     ) -> Result<Written, MetaError> {
+        // Fault tests: the meta store does not answer this write (it is retried with backoff).
+        fail::fail_point!("proxy::record_write", |_| Err(MetaError::Unavailable(
+            "the meta store did not answer (a fail point)".to_string()
+        )));
         let fence_key = incarnation_key(self.fencing.node_id());
         let live = incarnation_value(incarnation);
         let operation = match record {

@@ -209,6 +209,9 @@ impl Node {
                     instance: instance_id.to_string(),
                     why: "ended before it started the instance".into(),
                 })?;
+        if init_call_lost() {
+            return Err(ProxyError::ConstructorExited(instance_id.to_string()).into());
+        }
         self.bus
             .send(client_id, 0, pb::bus_response::Body::Init(init));
         let result = match tokio::time::timeout(self.settings.init_timeout, init_result).await {
@@ -351,6 +354,14 @@ impl Node {
             })
             .ok_or_else(|| gone(instance_id))?;
         tracing::info!(instance = %instance_id, node = %node_id, "placing the instance on another node");
+        // Fault tests: the other node cannot be reached.
+        fail::fail_point!("proxy::forward", |_| Err(ProxyError::ForwardRefused {
+            node: node_id.clone(),
+            instance: instance_id.to_string(),
+            message: "the node cannot be reached (a fail point)".to_string(),
+            code: ErrorCode::InnerCommunication,
+        }
+        .into()));
         let channel = yr_transport::connect(&address, ErrorCode::InnerCommunication).await?;
         let mut client = pb::node_client::NodeClient::new(channel)
             .max_decoding_message_size(yr_transport::max_message_bytes())
@@ -537,6 +548,13 @@ impl Node {
         }
         .into())
     }
+}
+
+/// Fault tests: whether the init call is lost, as if the runtime died before it answered. The
+/// `proxy::init_call` fail point says so (`return`).
+fn init_call_lost() -> bool {
+    fail::fail_point!("proxy::init_call", |_| true);
+    false
 }
 
 /// The error of an instance whose creation a kill cancelled.
