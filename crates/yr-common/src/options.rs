@@ -2,8 +2,13 @@
 //! named and retried, with openYuanrong's defaults and validation
 //! ([`InvokeOptions::validate`]).
 //!
-//! In local mode everything runs in the driver process, so the resource and scheduling fields
-//! are accepted and ignored; each field's documentation says whether local mode honours it.
+//! Every field is either honoured on both backends or refused with 1001 ("yr does not support
+//! … yet"): see [`support`] and `docs/invoke-options.md`. In local mode everything runs in the
+//! driver process, so the fields that place an instance on a node (resources, affinities, the
+//! schedule timeout) have nothing to place; each field's documentation says what local mode
+//! does with it.
+
+mod support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,6 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorCode, Result};
+pub use support::{describe_affinity, unmet_affinity, RESERVED_ENV_PREFIX};
 
 /// Smallest CPU request, in millicores (function-system flag `min_instance_cpu_size`).
 pub const MIN_CPU_MILLICORES: u32 = 300;
@@ -668,7 +674,16 @@ impl InvokeOptions {
     /// [`ErrorCode::ParamInvalid`]. The message names the field, the bad value and the valid
     /// range. Fields that local mode ignores are checked too, so options that pass here work
     /// in both modes.
+    ///
+    /// Then it refuses (1001) every field set to something yr does not support yet (see
+    /// [`support`]). A default value is never refused.
     pub fn validate(&self) -> Result<()> {
+        self.check_values()?;
+        support::check_supported(self)
+    }
+
+    /// The checks of [`InvokeOptions::validate`] on the values alone.
+    fn check_values(&self) -> Result<()> {
         check_cpu("cpu", self.cpu)?;
         if self.cpu_limit != 0 && self.cpu_limit < self.cpu {
             return Err(param_invalid(format!(
@@ -835,8 +850,10 @@ impl InvokeOptions {
 mod tests {
     use super::*;
 
+    // These tests check the rules on values (`check_values`); which fields yr refuses because
+    // it does not support them yet is tested in `support_tests`.
     fn expect_err(opts: &InvokeOptions, code: ErrorCode, needles: &[&str]) {
-        let err = opts.validate().expect_err("options should be rejected");
+        let err = opts.check_values().expect_err("options should be rejected");
         assert_eq!(err.code(), code, "wrong code for {err}");
         for needle in needles {
             assert!(
@@ -849,7 +866,7 @@ mod tests {
     }
 
     fn ok(opts: &InvokeOptions) {
-        if let Err(err) = opts.validate() {
+        if let Err(err) = opts.check_values() {
             panic!("options should be valid, got {err}");
         }
     }
