@@ -134,6 +134,16 @@ impl RuntimePool {
 
     /// Start a runtime of `binary_hash`; it is idle until taken.
     pub fn start(&self, binary_hash: &str, spec: &RuntimeSpec) -> Result<String, AgentError> {
+        self.spawn(binary_hash, spec, None)
+    }
+
+    /// Start a runtime of `binary_hash`: for `instance_id`, or idle until taken.
+    fn spawn(
+        &self,
+        binary_hash: &str,
+        spec: &RuntimeSpec,
+        instance_id: Option<&str>,
+    ) -> Result<String, AgentError> {
         let (runtime_id, _pid) = self.spawner.spawn(spec)?;
         let mut state = self.state.lock();
         state.slots.insert(
@@ -142,19 +152,21 @@ impl RuntimePool {
                 binary_hash: binary_hash.to_string(),
                 client_id: None,
                 address: String::new(),
-                instance_id: None,
+                instance_id: instance_id.map(str::to_string),
                 last_ack: Instant::now(),
                 hung: false,
                 registered: Vec::new(),
                 init: None,
             },
         );
-        state
-            .idle
-            .entry(binary_hash.to_string())
-            .or_default()
-            .starting
-            .insert(runtime_id.clone());
+        if instance_id.is_none() {
+            state
+                .idle
+                .entry(binary_hash.to_string())
+                .or_default()
+                .starting
+                .insert(runtime_id.clone());
+        }
         Ok(runtime_id)
     }
 
@@ -191,21 +203,35 @@ impl RuntimePool {
         };
         let runtime_id = match warm {
             Some(id) => id,
-            None => {
-                let id = self.start(binary_hash, spec)?;
-                self.state.lock().remove_idle(binary_hash, &id);
-                id
-            }
+            None => self.spawn(binary_hash, spec, Some(instance_id))?,
         };
+        Ok(self.claim(runtime_id, instance_id))
+    }
+
+    /// Take a new runtime of `binary_hash`, started from `spec` for `instance_id` alone, never
+    /// an idle one (for an instance whose runtime has its own environment).
+    pub fn take_new(
+        &self,
+        binary_hash: &str,
+        spec: &RuntimeSpec,
+        instance_id: &str,
+    ) -> Result<Taken, AgentError> {
+        let runtime_id = self.spawn(binary_hash, spec, Some(instance_id))?;
+        Ok(self.claim(runtime_id, instance_id))
+    }
+
+    /// Give `runtime_id` to `instance_id`, with the wait for its registration if it has not
+    /// connected yet.
+    fn claim(&self, runtime_id: String, instance_id: &str) -> Taken {
         let mut state = self.state.lock();
         let Some(slot) = state.slots.get_mut(&runtime_id) else {
             // It ended between start and take; the caller starts over.
             let (sender, registration) = oneshot::channel();
             let _ = sender.send(Err("it ended before it was used".to_string()));
-            return Ok(Taken {
+            return Taken {
                 runtime_id,
                 registration: Some(registration),
-            });
+            };
         };
         slot.instance_id = Some(instance_id.to_string());
         let registration = if slot.client_id.is_some() {
@@ -215,10 +241,10 @@ impl RuntimePool {
             slot.registered.push(sender);
             Some(receiver)
         };
-        Ok(Taken {
+        Taken {
             runtime_id,
             registration,
-        })
+        }
     }
 
     /// Runtime `runtime_id` connected as bus client `client_id`, listening at `address`. False
