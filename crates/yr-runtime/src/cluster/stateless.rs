@@ -69,11 +69,14 @@ impl Task {
     }
 }
 
+/// The options of a call and the pool of their shape.
+type LastPool = (Arc<InvokeOptions>, Arc<Mutex<Pool>>);
+
 /// The stateless pools of this process.
 pub struct StatelessSubmitter {
     pools: Mutex<HashMap<String, Arc<Mutex<Pool>>>>,
     /// The options of the last call and their pool.
-    last_pool: Mutex<Option<(Arc<InvokeOptions>, Arc<Mutex<Pool>>)>>,
+    last_pool: Mutex<Option<LastPool>>,
     /// Calls in flight on an instance, by call id, for the retry decision.
     tasks: Mutex<HashMap<u64, Arc<Task>>>,
     /// A moving average of each function's time from send to result.

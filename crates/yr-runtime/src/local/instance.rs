@@ -23,6 +23,9 @@ enum Message {
     Stop,
 }
 
+/// Told that an instance was evicted, and why.
+pub type EvictionListener = Box<dyn FnOnce(Error) + Send>;
+
 /// Where an instance is in its life.
 #[derive(Clone, Debug)]
 pub enum Phase {
@@ -65,7 +68,7 @@ pub struct LocalInstance {
     /// Why it exited, when not because it was terminated (1013 when evicted).
     exit_reason: Mutex<Option<Error>>,
     /// Told once when the instance is evicted for idleness.
-    on_evicted: Mutex<Option<Box<dyn FnOnce(Error) + Send>>>,
+    on_evicted: Mutex<Option<EvictionListener>>,
 }
 
 impl LocalInstance {
@@ -247,7 +250,7 @@ impl LocalInstance {
     }
 
     /// Call `tell` once if the instance is evicted for idleness.
-    pub fn on_evicted(&self, tell: Box<dyn FnOnce(Error) + Send>) {
+    pub fn on_evicted(&self, tell: EvictionListener) {
         *self.on_evicted.lock() = Some(tell);
     }
 
