@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorCode, Result};
-pub use support::{describe_affinity, unmet_affinity, RESERVED_ENV_PREFIX};
+pub use support::{describe_affinity, unmet_affinity, LOADER_ENV_PREFIX, RESERVED_ENV_PREFIX};
 
 /// Smallest CPU request, in millicores (function-system flag `min_instance_cpu_size`).
 pub const MIN_CPU_MILLICORES: u32 = 300;
@@ -356,7 +356,8 @@ pub struct InvokeOptions {
     /// Function-group (collective job) options. Refused unless `None`.
     pub function_group_options: Option<FunctionGroupOptions>,
     /// Environment variables of the instance's runtime process. Default empty; names must be
-    /// non-empty without `=` or NUL, and must not start with `YR_` (yr's own). Local mode (and
+    /// non-empty without `=` or NUL, and must not start with `YR_` (yr's own) or `LD_` (the
+    /// dynamic loader's: set those in the node's environment). Local mode (and
     /// `always_local_mode`): the call runs in the driver, so they are refused unless the
     /// driver's environment has them already.
     pub env_vars: BTreeMap<String, String>,

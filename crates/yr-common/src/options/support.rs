@@ -24,6 +24,12 @@ use crate::error::{Error, ErrorCode, Result};
 /// name them.
 pub const RESERVED_ENV_PREFIX: &str = "YR_";
 
+/// The prefix of the dynamic loader's variables (`LD_PRELOAD`, `LD_LIBRARY_PATH`, …), which
+/// change what code a runtime runs: a driver may start only registered binaries
+/// (docs/security.md), so `env_vars` may not name them either. A node started with them passes
+/// them on to its runtimes.
+pub const LOADER_ENV_PREFIX: &str = "LD_";
+
 /// The refusal of a field yr does not support yet: 1001, naming the field and what to do.
 fn unsupported(field: &str, what: &str, instead: &str) -> Error {
     Error::new(
@@ -242,6 +248,17 @@ pub(crate) fn check_supported(options: &InvokeOptions) -> Result<()> {
                  belong to yr, which sets them for its runtimes itself; choose another name",
                 name.escape_debug()
             ),
+        ));
+    }
+    if let Some(name) = env_vars
+        .keys()
+        .find(|name| name.starts_with(LOADER_ENV_PREFIX))
+    {
+        return Err(unsupported(
+            &format!("env_vars[\"{}\"]", name.escape_debug()),
+            "the dynamic loader's variables in env_vars (they change what code a runtime runs, \
+             and a driver may start only registered binaries)",
+            "set it in the environment of the node (yr start), whose runtimes inherit it",
         ));
     }
     if !trace_id.is_empty() {
@@ -1024,6 +1041,14 @@ mod tests {
         refused(
             options,
             &["env_vars name \"YR_RUNTIME_ID\"", "belong to yr"],
+        );
+        let mut options = InvokeOptions::default();
+        options
+            .env_vars
+            .insert("LD_PRELOAD".into(), "/tmp/x.so".into());
+        refused(
+            options,
+            &["env_vars[\"LD_PRELOAD\"]", "yr does not support"],
         );
     }
 }
