@@ -477,6 +477,21 @@ mod tests {
     }
 
     #[test]
+    fn take_new_starts_a_runtime_for_the_instance_alone_and_leaves_the_warm_pool_alone() {
+        let (pool, spawner) = pool(1);
+        pool.fill("h", &spec()).unwrap();
+        pool.registered("rt1", 1, "unix:/w1");
+        let taken = pool.take_new("h", &spec(), "with-env").unwrap();
+        assert_eq!(taken.runtime_id, "rt2", "a new runtime, not the warm one");
+        assert_eq!(spawner.next.load(Ordering::Relaxed), 2);
+        assert_eq!(pool.instance_of("rt2").as_deref(), Some("with-env"));
+        // Connected, it is still its instance's, never idle for others.
+        pool.registered("rt2", 2, "unix:/w2");
+        assert_eq!(pool.idle("h"), 1);
+        assert_eq!(pool.take("h", &spec(), "other").unwrap().runtime_id, "rt1");
+    }
+
+    #[test]
     fn silent_runtimes_are_marked_hung_once_and_leave_the_warm_pool() {
         let (pool, _) = pool(1);
         pool.fill("h", &spec()).unwrap();
