@@ -134,6 +134,16 @@ impl RuntimePool {
 
     /// Start a runtime of `binary_hash`; it is idle until taken.
     pub fn start(&self, binary_hash: &str, spec: &RuntimeSpec) -> Result<String, AgentError> {
+        self.spawn(binary_hash, spec, None)
+    }
+
+    /// Start a runtime of `binary_hash`: for `instance_id`, or idle until taken.
+    fn spawn(
+        &self,
+        binary_hash: &str,
+        spec: &RuntimeSpec,
+        instance_id: Option<&str>,
+    ) -> Result<String, AgentError> {
         let (runtime_id, _pid) = self.spawner.spawn(spec)?;
         let mut state = self.state.lock();
         state.slots.insert(
@@ -142,19 +152,21 @@ impl RuntimePool {
                 binary_hash: binary_hash.to_string(),
                 client_id: None,
                 address: String::new(),
-                instance_id: None,
+                instance_id: instance_id.map(str::to_string),
                 last_ack: Instant::now(),
                 hung: false,
                 registered: Vec::new(),
                 init: None,
             },
         );
-        state
-            .idle
-            .entry(binary_hash.to_string())
-            .or_default()
-            .starting
-            .insert(runtime_id.clone());
+        if instance_id.is_none() {
+            state
+                .idle
+                .entry(binary_hash.to_string())
+                .or_default()
+                .starting
+                .insert(runtime_id.clone());
+        }
         Ok(runtime_id)
     }
 
@@ -191,21 +203,35 @@ impl RuntimePool {
         };
         let runtime_id = match warm {
             Some(id) => id,
-            None => {
-                let id = self.start(binary_hash, spec)?;
-                self.state.lock().remove_idle(binary_hash, &id);
-                id
-            }
+            None => self.spawn(binary_hash, spec, Some(instance_id))?,
         };
+        Ok(self.claim(runtime_id, instance_id))
+    }
+
+    /// Take a new runtime of `binary_hash`, started from `spec` for `instance_id` alone, never
+    /// an idle one (for an instance whose runtime has its own environment).
+    pub fn take_new(
+        &self,
+        binary_hash: &str,
+        spec: &RuntimeSpec,
+        instance_id: &str,
+    ) -> Result<Taken, AgentError> {
+        let runtime_id = self.spawn(binary_hash, spec, Some(instance_id))?;
+        Ok(self.claim(runtime_id, instance_id))
+    }
+
+    /// Give `runtime_id` to `instance_id`, with the wait for its registration if it has not
+    /// connected yet.
+    fn claim(&self, runtime_id: String, instance_id: &str) -> Taken {
         let mut state = self.state.lock();
         let Some(slot) = state.slots.get_mut(&runtime_id) else {
             // It ended between start and take; the caller starts over.
             let (sender, registration) = oneshot::channel();
             let _ = sender.send(Err("it ended before it was used".to_string()));
-            return Ok(Taken {
+            return Taken {
                 runtime_id,
                 registration: Some(registration),
-            });
+            };
         };
         slot.instance_id = Some(instance_id.to_string());
         let registration = if slot.client_id.is_some() {
@@ -215,10 +241,10 @@ impl RuntimePool {
             slot.registered.push(sender);
             Some(receiver)
         };
-        Ok(Taken {
+        Taken {
             runtime_id,
             registration,
-        })
+        }
     }
 
     /// Runtime `runtime_id` connected as bus client `client_id`, listening at `address`. False
@@ -448,6 +474,21 @@ mod tests {
             Err("boom".to_string())
         );
         assert!(pool.ended(&taken.runtime_id, "").is_none());
+    }
+
+    #[test]
+    fn take_new_starts_a_runtime_for_the_instance_alone_and_leaves_the_warm_pool_alone() {
+        let (pool, spawner) = pool(1);
+        pool.fill("h", &spec()).unwrap();
+        pool.registered("rt1", 1, "unix:/w1");
+        let taken = pool.take_new("h", &spec(), "with-env").unwrap();
+        assert_eq!(taken.runtime_id, "rt2", "a new runtime, not the warm one");
+        assert_eq!(spawner.next.load(Ordering::Relaxed), 2);
+        assert_eq!(pool.instance_of("rt2").as_deref(), Some("with-env"));
+        // Connected, it is still its instance's, never idle for others.
+        pool.registered("rt2", 2, "unix:/w2");
+        assert_eq!(pool.idle("h"), 1);
+        assert_eq!(pool.take("h", &spec(), "other").unwrap().runtime_id, "rt1");
     }
 
     #[test]

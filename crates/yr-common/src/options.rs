@@ -2,8 +2,13 @@
 //! named and retried, with openYuanrong's defaults and validation
 //! ([`InvokeOptions::validate`]).
 //!
-//! In local mode everything runs in the driver process, so the resource and scheduling fields
-//! are accepted and ignored; each field's documentation says whether local mode honours it.
+//! Every field is either honoured on both backends or refused with 1001 ("yr does not support
+//! … yet"): see [`support`] and `docs/invoke-options.md`. In local mode everything runs in the
+//! driver process, so the fields that place an instance on a node (resources, affinities, the
+//! schedule timeout) have nothing to place; each field's documentation says what local mode
+//! does with it.
+
+mod support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,6 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorCode, Result};
+pub use support::{describe_affinity, unmet_affinity, LOADER_ENV_PREFIX, RESERVED_ENV_PREFIX};
 
 /// Smallest CPU request, in millicores (function-system flag `min_instance_cpu_size`).
 pub const MIN_CPU_MILLICORES: u32 = 300;
@@ -239,8 +245,10 @@ pub struct PortForwarding {
 /// `priority`, `max_retry_time`, `timeout` and `always_local_mode`.
 ///
 /// Fields are public; start from [`Default`] (openYuanrong's defaults) and check with
-/// [`InvokeOptions::validate`]. In local mode ([`crate::Config::local_mode`]) the resource and
-/// scheduling fields are accepted and ignored; each field says whether local mode honours it.
+/// [`InvokeOptions::validate`]. Every field is either honoured or, set to anything but its
+/// default, refused with [`ErrorCode::ParamInvalid`] naming it (`docs/invoke-options.md`). In
+/// local mode ([`crate::Config::local_mode`]) the fields that choose where something runs have
+/// nothing to choose; each field says what local mode does.
 ///
 /// ```
 /// use yr_common::{ErrorCode, InvokeOptions};
@@ -251,143 +259,163 @@ pub struct PortForwarding {
 ///
 /// let bad = InvokeOptions { cpu: 100, ..Default::default() };
 /// assert_eq!(bad.validate().unwrap_err().code(), ErrorCode::ResourceConfigError);
+///
+/// let unsupported = InvokeOptions { trace_id: "t".into(), ..Default::default() };
+/// let error = unsupported.validate().unwrap_err();
+/// assert_eq!(error.code(), ErrorCode::ParamInvalid);
+/// assert!(error.message().contains("trace_id: yr does not support tracing yet"));
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct InvokeOptions {
-    /// CPU request in millicores. Default 500; valid `[300, 16000]`
-    /// (else [`ErrorCode::ResourceConfigError`]). Ignored in local mode.
+    /// CPU request in millicores, reserved on the node that runs the instance. Default 500;
+    /// valid `[300, 16000]` (else [`ErrorCode::ResourceConfigError`]). Local mode: nothing to
+    /// place.
     pub cpu: u32,
-    /// Container CPU limit in millicores; 0 (default) = same as `cpu`, else must be ≥ `cpu`.
-    /// Ignored in local mode.
+    /// Container CPU limit in millicores. Refused unless 0: yr does not support container
+    /// limits yet.
     pub cpu_limit: u32,
-    /// Memory request in MB. Default 500; valid `[128, 1048576]` (1 TiB)
-    /// (else [`ErrorCode::ResourceConfigError`]). Ignored in local mode.
+    /// Memory request in MB, reserved like `cpu`. Default 500; valid `[128, 1048576]` (1 TiB)
+    /// (else [`ErrorCode::ResourceConfigError`]). Local mode: nothing to place.
     pub memory: u32,
-    /// Container memory limit in MB; 0 (default) = same as `memory`, else must be ≥ `memory`.
-    /// Ignored in local mode.
+    /// Container memory limit in MB. Refused unless 0: yr does not support container limits
+    /// yet.
     pub mem_limit: u32,
-    /// How many calls one instance runs at once. Default 1; valid `[1, 1000]`. Takes precedence
-    /// over `custom_extensions["Concurrency"]`. Honoured in local mode.
+    /// How many calls one instance runs at once. Default 1; valid `[1, 1000]`. Honoured on
+    /// both backends.
     pub concurrency: u32,
-    /// Extra resources by name, e.g. `"NPU/Ascend910B4/count": 1.0` or `"ssd": 1.0`
-    /// (heterogeneous form `Vendor/Model/{count|latency|stream|HBM}`). Default empty; names must
-    /// not be empty, amounts must be finite and ≥ 0. Ignored in local mode.
+    /// Extra resources by name, e.g. `"NPU/Ascend910B4/count": 1.0` or `"ssd": 1.0`, reserved
+    /// like `cpu` on nodes that have them. Default empty; names must not be empty, amounts
+    /// must be finite and ≥ 0. Local mode: nothing to place.
     pub custom_resources: BTreeMap<String, f64>,
-    /// Free-form extensions sent with the create request. Known keys: `Concurrency`
-    /// ([1, 1000]), `lifecycle` (only `detached`), `GRACEFUL_SHUTDOWN_TIME` (whole seconds ≥ 0,
-    /// default 30), `RECOVER_RETRY_TIMEOUT` (ms > 0), `DELEGATE_DIRECTORY_INFO`,
-    /// `DELEGATE_DIRECTORY_QUOTA` (MB in (0, 1048576) or -1), `YR_Metrics`. Default empty.
-    /// Local mode honours `GRACEFUL_SHUTDOWN_TIME` and ignores the rest.
+    /// Extensions sent with the create. Honoured keys: `Concurrency` (must equal
+    /// `concurrency`), `lifecycle` (only `detached`: the instance outlives its job),
+    /// `GRACEFUL_SHUTDOWN_TIME` (whole seconds ≥ 0, default 30: the shutdown hook's grace
+    /// period); the last two only for instances. Every other key (`RECOVER_RETRY_TIMEOUT`,
+    /// `DELEGATE_DIRECTORY_INFO`, `DELEGATE_DIRECTORY_QUOTA`, `YR_Metrics`, …) is refused.
+    /// Default empty.
     pub custom_extensions: BTreeMap<String, String>,
-    /// Kubernetes pod labels (Kubernetes deployments only). Default empty; at most 5; keys 1–63
-    /// and values 0–63 characters of letters, digits and `-`, not starting or ending with `-`.
-    /// Ignored in local mode.
+    /// Kubernetes pod labels. Refused unless empty: yr does not run on Kubernetes yet. At most
+    /// 5; keys 1–63 and values 0–63 characters of letters, digits and `-`, not starting or
+    /// ending with `-`.
     pub pod_labels: BTreeMap<String, String>,
-    /// Instance labels, each `"key:value"` or `"key"` with a non-empty key, matched by other
-    /// instances' affinities. Default empty. Ignored in local mode.
+    /// Instance labels, each `"key:value"` or `"key"`, matched by other instances'
+    /// affinities. Refused unless empty: yr does not support instance labels yet (to place by
+    /// node labels, use `schedule_affinities` of kind [`AffinityKind::Resource`]).
     pub labels: Vec<String>,
-    /// Legacy affinity map. Default empty. Ignored in local mode.
+    /// Legacy affinity map. Refused unless empty; use `schedule_affinities`.
     pub affinity: BTreeMap<String, String>,
-    /// Scheduling affinity conditions, see [`Affinity`]. Default empty. Ignored in local mode.
+    /// Scheduling affinity conditions, see [`Affinity`]. Honoured: kind
+    /// [`AffinityKind::Resource`] with type [`AffinityType::Required`] or
+    /// [`AffinityType::RequiredAnti`], on node labels (`yr start --labels`); every one must
+    /// admit the node. Refused: instance affinities and preferred ones. Default empty. Local
+    /// mode: nothing to place.
     pub schedule_affinities: Vec<Affinity>,
-    /// Match multiple weak affinities in order; the first that holds wins. Default `true`.
-    /// Ignored in local mode.
+    /// Match multiple weak affinities in order. Default `true`; refused when `false` (yr does
+    /// not support preferred affinities yet).
     pub preferred_priority: bool,
-    /// Match multiple strong affinities in order; fail if none holds. Default `false`.
-    /// Ignored in local mode.
+    /// Match multiple strong affinities in order (any one may hold). Default `false`; refused
+    /// when `true` (every required affinity must hold).
     pub required_priority: bool,
-    /// Fail instead of falling back to other resources when no weak (anti-)affinity holds.
-    /// Default `false`. Ignored in local mode.
+    /// Fail instead of falling back when no weak (anti-)affinity holds. Default `false`;
+    /// refused when `true`.
     pub preferred_anti_other_labels: bool,
-    /// Prefer nodes that hold the call's object arguments (data-locality scheduling).
-    /// Default `false`. Ignored in local mode.
+    /// Prefer nodes that hold the call's object arguments. Default `false`; refused when
+    /// `true` (yr does not support data-locality scheduling yet).
     pub is_data_affinity: bool,
-    /// Heterogeneous device model the function runs on; `None` (default) = CPU only.
-    /// Ignored in local mode.
+    /// Heterogeneous device model the function runs on. Default `None`; refused when set.
     pub device: Option<Device>,
     /// Expected completion time of a heterogeneous call in milliseconds. Default 5000; valid
-    /// `[0, 2147483647]`. Ignored in local mode.
+    /// `[0, 2147483647]`; refused unless 5000.
     pub max_invoke_latency_ms: u32,
-    /// Minimum number of instances of a stateless function. Default 0; valid
-    /// `[0, 2147483647]`, and ≤ `max_instances` when that is not 0. Ignored in local mode.
+    /// Minimum number of instances of a stateless function. Default 0; refused unless 0.
     pub min_instances: u32,
-    /// Maximum number of instances of a stateless function; 0 (default) = no limit; valid
-    /// `[0, 2147483647]`. Ignored in local mode.
+    /// Most instances of a stateless function of this shape (0, default = no limit; with
+    /// `Config::max_task_instance_num` the lower wins); local mode runs at most
+    /// `max_instances × concurrency` such calls at once. Valid `[0, 2147483647]`, and ≥
+    /// `min_instances`. Refused for instances.
     pub max_instances: u32,
-    /// How many times a failed stateful instance is restarted (and its calls replayed, giving
-    /// at-least-once semantics). Default 0 = never; valid `[0, 2147483647]`. Accepted in local
-    /// mode.
+    /// How many times a crashed instance (or stateless instance) is restarted, its calls in
+    /// flight replayed (at-least-once). Default 0 = never; valid `[0, 2147483647]`. Local
+    /// mode: no runtime process to restart.
     pub recover_retry_times: u32,
-    /// Whether calls to a stateful instance run in submission order; `None` (default) = auto
-    /// (ordered when the instance's concurrency is 1).
+    /// Whether calls to an instance keep submission order: `None` (default) and `Some(true)`
+    /// keep it (`Some(true)` needs `concurrency` 1); `Some(false)` sends each call once its
+    /// own arguments are ready. Refused for stateless calls.
     pub need_order: Option<bool>,
     /// Name of a named instance; its id is `namespace-name` (or `name` without namespace).
     /// Creating an instance whose name exists returns the existing one. `None` (default) =
-    /// anonymous; must not be empty. Honoured in local mode.
+    /// anonymous; must not be empty. Refused for stateless calls.
     pub name: Option<String>,
     /// Namespace of a named instance; requires `name`; must not be empty. `None` (default) =
-    /// no namespace. Honoured in local mode.
+    /// no namespace.
     pub namespace: Option<String>,
-    /// Placement in a resource group. Default: none (`bundle_index` -1). Ignored in local mode.
+    /// Placement in a resource group. Refused unless the default (no group, `bundle_index`
+    /// -1): yr does not support resource groups yet.
     pub resource_group_options: ResourceGroupOptions,
-    /// Function-group (collective job) options; `None` (default) = not a function group.
-    /// Ignored in local mode.
+    /// Function-group (collective job) options. Refused unless `None`.
     pub function_group_options: Option<FunctionGroupOptions>,
-    /// Environment variables of the instance's process (win over `runtime_env` `env_vars`).
-    /// Default empty; names must be non-empty without `=` or NUL. Ignored in local mode.
+    /// Environment variables of the instance's runtime process. Default empty; names must be
+    /// non-empty without `=` or NUL, and must not start with `YR_` (yr's own) or `LD_` (the
+    /// dynamic loader's: set those in the node's environment). Local mode (and
+    /// `always_local_mode`): the call runs in the driver, so they are refused unless the
+    /// driver's environment has them already.
     pub env_vars: BTreeMap<String, String>,
     /// How many times a failed stateless call is retried (see the error table's retry
-    /// policy). Default 0; valid `[0, 2147483647]`. Honoured in local mode.
+    /// policy). Default 0; valid `[0, 2147483647]`. Refused for instances (use
+    /// `recover_retry_times`).
     pub retry_times: u32,
-    /// Trace id of the call, for tracing. Default empty.
+    /// Trace id of the call. Refused unless empty: yr does not support tracing yet.
     pub trace_id: String,
-    /// Parameters of a rule alias when a function is called through an alias. Default empty.
+    /// Parameters of a rule alias. Refused unless empty.
     pub alias_params: BTreeMap<String, String>,
-    /// Runtime environment (`conda`, `pip`, `working_dir`, `env_vars`, `shared_dir`), each as a
-    /// string. Default empty. Ignored in local mode.
+    /// Runtime environment (`conda`, `pip`, `working_dir`, `env_vars`, `shared_dir`). Refused
+    /// unless empty; use `env_vars` for environment variables.
     pub runtime_env: BTreeMap<String, String>,
-    /// Start the instance as a debug instance. Default `false`.
+    /// Start the instance as a debug instance. Default `false`; refused when `true`.
     pub debug: bool,
-    /// Whether a higher-priority instance may preempt this one (only when the cluster's
-    /// `max_priority` > 0). Default `false`. Ignored in local mode.
+    /// Whether a higher-priority instance may preempt this one. Default `false`; refused when
+    /// `true` (yr does not support preemption yet).
     pub preempted_allowed: bool,
-    /// Instance priority for preemption, 0 (default) up to the cluster's `max_priority`.
-    /// Ignored in local mode.
+    /// Instance priority for preemption. Default 0; refused unless 0.
     pub instance_priority: u32,
-    /// How long the core tries to schedule the instance, in milliseconds, before failing the
-    /// create with [`ErrorCode::ScheduleCanceled`]. Default 30000; must be > 0. Ignored in
-    /// local mode.
+    /// How long placement waits for room, in milliseconds, before failing the create with
+    /// [`ErrorCode::ScheduleCanceled`]. Default 30000; must be > 0. Local mode: nothing to
+    /// wait for.
     pub schedule_timeout_ms: u64,
-    /// Gang group the instance belongs to (created atomically by the group). `None` (default)
-    /// = no group; must not be empty. Ignored in local mode.
+    /// Gang group the instance belongs to. `None` (default); refused when set.
     pub group_name: Option<String>,
-    /// Seconds an idle stateful instance lives before it is evicted. Default 300. Ignored in
-    /// local mode.
+    /// Seconds an instance may go without calls before it is evicted (its calls then fail
+    /// with [`ErrorCode::InstanceEvicted`]); 0 = never. Default 300. Honoured on both
+    /// backends; refused for stateless calls unless 300 (stateless instances go after
+    /// `Config::recycle_time`).
     pub idle_timeout_s: u64,
-    /// Delete the remote tensor after it is fetched. Default `false`.
+    /// Delete the remote tensor after it is fetched. Default `false`; refused when `true`.
     pub is_delete_remote_tensor: bool,
-    /// Send arguments and results inline instead of through the data system (≤ 100 MiB per
-    /// direction). Default `false`.
+    /// Send arguments and results inline instead of through the data system. Default
+    /// `false`; refused when `true`.
     pub bypass_datasystem: bool,
-    /// Pass arguments without serializing them. Default `false`.
+    /// Pass arguments without serializing them. Default `false`; refused when `true`.
     pub skip_serialize: bool,
-    /// Ports of the instance to expose. Default empty; ports must not be 0. Ignored in local
-    /// mode.
+    /// Ports of the instance to expose. Default empty; ports must not be 0; refused unless
+    /// empty.
     pub port_forwardings: Vec<PortForwarding>,
-    /// Return the existing named instance instead of failing; requires `name`. Default
-    /// `false`. Honoured in local mode.
+    /// Return the existing named instance; requires `name`. Default `false`. yr (like
+    /// openYuanrong) returns the existing instance of a name either way. Refused for
+    /// stateless calls.
     pub get_if_exists: bool,
-    /// Priority of a stateless task in its queue (C++ `priority`); higher runs first.
-    /// Default 0.
+    /// Priority of a stateless task in its queue (C++ `priority`). Default 0; refused unless
+    /// 0.
     pub priority: u32,
-    /// Bound on the framework's automatic retries of a stateless call (C++ `maxRetryTime`):
-    /// -1 (default) = unbounded, else ≥ 0.
+    /// Bound on the retries of a stateless call on codes that are always retried (C++
+    /// `maxRetryTime`): -1 (default) = 64, else ≥ 0. Refused for instances.
     pub max_retry_time: i64,
-    /// Timeout of the create or call in seconds (C++ `timeout`): -1 (default) = none, else > 0.
+    /// A stateless call not finished this many seconds after it was submitted fails with
+    /// [`ErrorCode::GetOperationFailed`] and is cancelled (C++ `timeout`): -1 (default) =
+    /// none, else > 0. Refused for instances (yr has no create timeout yet).
     pub timeout_s: i64,
-    /// Run this call on the local thread pool even in cluster mode (C++ `alwaysLocalMode`).
-    /// Default `false`.
+    /// Run the stateless call on this process's thread pool even in cluster mode (C++
+    /// `alwaysLocalMode`). Default `false`. Refused for instances.
     pub always_local_mode: bool,
 }
 
@@ -668,7 +696,16 @@ impl InvokeOptions {
     /// [`ErrorCode::ParamInvalid`]. The message names the field, the bad value and the valid
     /// range. Fields that local mode ignores are checked too, so options that pass here work
     /// in both modes.
+    ///
+    /// Then it refuses (1001) every field set to something yr does not support yet (see
+    /// [`support`]). A default value is never refused.
     pub fn validate(&self) -> Result<()> {
+        self.check_values()?;
+        support::check_supported(self)
+    }
+
+    /// The checks of [`InvokeOptions::validate`] on the values alone.
+    fn check_values(&self) -> Result<()> {
         check_cpu("cpu", self.cpu)?;
         if self.cpu_limit != 0 && self.cpu_limit < self.cpu {
             return Err(param_invalid(format!(
@@ -835,8 +872,10 @@ impl InvokeOptions {
 mod tests {
     use super::*;
 
+    // These tests check the rules on values (`check_values`); which fields yr refuses because
+    // it does not support them yet is tested in `support_tests`.
     fn expect_err(opts: &InvokeOptions, code: ErrorCode, needles: &[&str]) {
-        let err = opts.validate().expect_err("options should be rejected");
+        let err = opts.check_values().expect_err("options should be rejected");
         assert_eq!(err.code(), code, "wrong code for {err}");
         for needle in needles {
             assert!(
@@ -849,7 +888,7 @@ mod tests {
     }
 
     fn ok(opts: &InvokeOptions) {
-        if let Err(err) = opts.validate() {
+        if let Err(err) = opts.check_values() {
             panic!("options should be valid, got {err}");
         }
     }

@@ -309,6 +309,11 @@ impl Cluster {
 
     fn place(&self, request: &ScheduleRequest) -> Result<(String, String), PlacementError> {
         let resources = ResourceSet::from_proto(&request.request.clone().unwrap_or_default());
+        let affinities: Vec<yr_common::Affinity> = request
+            .required_affinities
+            .iter()
+            .map(placement::affinity_from_proto)
+            .collect();
         let now = self.clock.now();
         let mut nodes = self.nodes.lock();
         nodes.view.expire_reservations(now, self.node_timeout);
@@ -332,6 +337,7 @@ impl Cluster {
                     resources: &resources,
                     exclude_nodes: &request.exclude_nodes,
                     labels: &request.labels,
+                    affinities: &affinities,
                 },
             )?
             .to_string()

@@ -6,12 +6,17 @@
 //! 2. A request larger than every live node's *capacity* can never run:
 //!    [`PlacementError::ExceedsCapacity`] (1006), naming the request and the largest node.
 //! 3. Otherwise the candidates are the nodes that are not excluded, carry every required label
-//!    (`"k=v"`: label `k` has value `v`; `"k"`: label `k` exists) and have the request
-//!    *allocatable* now. None: [`PlacementError::NotEnough`] (1002) with a reason per node.
+//!    (`"k=v"`: label `k` has value `v`; `"k"`: label `k` exists), admit every required
+//!    affinity of the instance (`InvokeOptions::schedule_affinities` on node labels) and have
+//!    the request *allocatable* now. None: [`PlacementError::NotEnough`] (1002) with a reason
+//!    per node.
 //! 4. Among candidates, the node with the most free CPU after placement wins (spread); a tie goes
 //!    to the lowest node id.
 
 use std::collections::HashMap;
+
+use yr_common::{Affinity, AffinityKind, AffinityScope, AffinityType, LabelOp, LabelOperator};
+use yr_proto::v1 as pb;
 
 use crate::resource_view::ResourceSet;
 
@@ -40,6 +45,36 @@ pub struct PlacementRequest<'a> {
     pub exclude_nodes: &'a [String],
     /// Required node labels, `"k=v"` or `"k"`.
     pub labels: &'a [String],
+    /// Required affinities on node labels; a node must admit every one.
+    pub affinities: &'a [Affinity],
+}
+
+/// A required affinity from the wire.
+pub fn affinity_from_proto(affinity: &pb::NodeAffinity) -> Affinity {
+    Affinity {
+        affinity_kind: AffinityKind::Resource,
+        affinity_type: if affinity.anti {
+            AffinityType::RequiredAnti
+        } else {
+            AffinityType::Required
+        },
+        label_operators: affinity
+            .conditions
+            .iter()
+            .map(|condition| LabelOperator {
+                op: match pb::label_condition::Op::try_from(condition.op) {
+                    Ok(pb::label_condition::Op::In) => LabelOp::In,
+                    Ok(pb::label_condition::Op::NotIn) => LabelOp::NotIn,
+                    Ok(pb::label_condition::Op::Exists) => LabelOp::Exists,
+                    // An operator this master does not know: a condition no node meets.
+                    Ok(pb::label_condition::Op::NotExists) | Err(_) => LabelOp::NotExists,
+                },
+                key: condition.key.clone(),
+                values: condition.values.clone(),
+            })
+            .collect(),
+        affinity_scope: AffinityScope::Node,
+    }
 }
 
 /// Why no node was chosen.
@@ -172,6 +207,9 @@ fn refusal(node: &Candidate<'_>, request: &PlacementRequest<'_>) -> Option<Strin
     if !missing.is_empty() {
         return Some(format!("lacks label {}", missing.join(", ")));
     }
+    if let Some(unmet) = yr_common::options::unmet_affinity(request.affinities, node.labels) {
+        return Some(format!("does not admit {unmet}"));
+    }
     if !request.resources.fits_in(node.capacity) {
         return Some(format!(
             "capacity too small ({})",
@@ -252,6 +290,7 @@ mod tests {
             resources,
             exclude_nodes: &exclude,
             labels: &labels,
+            affinities: &[],
         };
         let found = candidates(nodes);
         place(&found, &request).map(|id| {
@@ -349,6 +388,66 @@ mod tests {
         let err = place_simple(&nodes, &request, &[], &["zone=north"]).unwrap_err();
         assert_eq!(err.code(), ErrorCode::ResourceNotEnough);
         assert!(err.to_string().contains("lacks label zone=north"), "{err}");
+    }
+
+    #[test]
+    fn required_affinities_from_the_wire_filter_nodes_by_label() {
+        let nodes = [
+            labelled(
+                node("a", res(4000, 4000), res(1000, 4000)),
+                &[("zone", "east"), ("gpu", "")],
+            ),
+            labelled(
+                node("b", res(4000, 4000), res(3000, 4000)),
+                &[("zone", "west")],
+            ),
+        ];
+        let condition =
+            |op: pb::label_condition::Op, key: &str, values: &[&str]| pb::LabelCondition {
+                op: op as i32,
+                key: key.into(),
+                values: values.iter().map(|v| v.to_string()).collect(),
+            };
+        let place_with = |affinities: Vec<pb::NodeAffinity>| {
+            let affinities: Vec<Affinity> = affinities.iter().map(affinity_from_proto).collect();
+            let request = PlacementRequest {
+                resources: &res(100, 100),
+                exclude_nodes: &[],
+                labels: &[],
+                affinities: &affinities,
+            };
+            place(&candidates(&nodes), &request).map(str::to_string)
+        };
+        use pb::label_condition::Op;
+        // b has more free CPU; affinities move the instance to a.
+        let in_east = pb::NodeAffinity {
+            anti: false,
+            conditions: vec![condition(Op::In, "zone", &["east", "north"])],
+        };
+        assert_eq!(place_with(vec![in_east]).unwrap(), "a");
+        let not_west = pb::NodeAffinity {
+            anti: true,
+            conditions: vec![condition(Op::In, "zone", &["west"])],
+        };
+        assert_eq!(place_with(vec![not_west]).unwrap(), "a");
+        let gpu = pb::NodeAffinity {
+            anti: false,
+            conditions: vec![condition(Op::Exists, "gpu", &[])],
+        };
+        assert_eq!(place_with(vec![gpu.clone()]).unwrap(), "a");
+        let no_gpu = pb::NodeAffinity {
+            anti: false,
+            conditions: vec![condition(Op::NotExists, "gpu", &[])],
+        };
+        assert_eq!(place_with(vec![no_gpu.clone()]).unwrap(), "b");
+        let error = place_with(vec![gpu, no_gpu]).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::ResourceNotEnough);
+        let message = error.to_string();
+        assert!(
+            message.contains("a: does not admit required gpu does not exist")
+                && message.contains("b: does not admit required gpu exists"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -167,6 +167,7 @@ fn schedule_request(cpu: u64, memory: u64) -> ScheduleRequest {
         request: Some(resources(cpu, memory)),
         exclude_nodes: Vec::new(),
         labels: Vec::new(),
+        required_affinities: Vec::new(),
     }
 }
 

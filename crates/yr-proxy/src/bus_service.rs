@@ -128,7 +128,7 @@ fn handle(node: &Arc<Node>, spill_asks: &SpillAsks, client_id: u64, message: pb:
         Body::InitResult(result) => node.init_result(client_id, result),
         Body::HeartbeatAck(_) => node.heartbeat_ack(client_id),
         Body::WaitState(state) => node.wait_state(client_id, state.blocked),
-        Body::Exit(_) => {}
+        Body::Exit(exit) => node.evict(client_id, crate::create_options::eviction_reason(&exit)),
         Body::SpillAnswer(answer) => spill_asks.answer(answer),
         Body::GetNamed(request) => {
             let node = node.clone();

@@ -8,6 +8,7 @@
 
 mod bus_service;
 mod client_bus;
+mod create_options;
 mod error;
 mod fencing;
 mod health;

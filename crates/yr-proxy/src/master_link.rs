@@ -55,6 +55,11 @@ impl MasterLink {
         }
     }
 
+    /// This node's labels, as registered.
+    pub fn labels(&self) -> &std::collections::HashMap<String, String> {
+        &self.node.labels
+    }
+
     async fn client(&self) -> Result<MasterClient<tonic::transport::Channel>, Error> {
         let channel = yr_transport::connect(&self.address, ErrorCode::InnerCommunication).await?;
         Ok(MasterClient::new(channel))
@@ -200,13 +205,15 @@ impl MasterLink {
         }
     }
 
-    /// Ask the master where `request` fits, skipping `exclude`. Returns the node's id and
+    /// Ask the master where `request` fits, on a node that admits every one of
+    /// `required_affinities` (node labels), skipping `exclude`. Returns the node's id and
     /// address, or the master's error (1006 when no node could ever hold it, 1002 when none can
     /// now).
     pub async fn schedule(
         &self,
         request: &Amount,
         exclude: Vec<String>,
+        required_affinities: Vec<pb::NodeAffinity>,
     ) -> Result<(String, String), Error> {
         let mut client = self.client().await?;
         let reply = client
@@ -214,6 +221,7 @@ impl MasterLink {
                 request: Some(request.to_proto()),
                 exclude_nodes: exclude,
                 labels: Vec::new(),
+                required_affinities,
             })
             .await
             .map_err(|s| {

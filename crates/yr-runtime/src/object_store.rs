@@ -360,6 +360,21 @@ impl ObjectSlot {
         self.finish(SlotState::Failed(error))
     }
 
+    /// Fail the object with `error`, then cancel the request that produces it (which then
+    /// does not run, or is not retried; its later result is dropped). Returns false if the
+    /// object was already finished.
+    pub fn fail_and_cancel(&self, error: Error) -> bool {
+        let canceller = match &*self.state.lock() {
+            SlotState::Pending { canceller, .. } => canceller.clone(),
+            _ => return false,
+        };
+        let failed = self.fail(error);
+        if let Some(canceller) = canceller {
+            canceller.cancel(false);
+        }
+        failed
+    }
+
     fn finish(&self, new_state: SlotState) -> bool {
         let waiters = {
             let mut state = self.state.lock();

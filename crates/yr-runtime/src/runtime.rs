@@ -395,19 +395,29 @@ impl Runtime {
         Ok(())
     }
 
-    /// Submit a stateless call. Returns one pending object per return value.
+    /// Submit a stateless call. Returns one pending object per return value. Options that
+    /// mean nothing for a stateless call (a name, `need_order`, …) fail it with 1001; with
+    /// `timeout_s`, the results fail with 4005 if the call has not finished by then.
     pub fn invoke_function(&self, task: TaskSpec) -> Result<Vec<ObjectHandle>> {
         check_unique(EntryKind::Function, task.function.name)?;
+        task.options.check_for_function()?;
         let returns: Vec<ObjectHandle> = (0..task.function.return_nums)
             .map(|_| ObjectSlot::pending())
             .collect();
+        let deadline = task.options.timeout().map(|t| (task.function.name, t));
         self.backend.submit_task(task, returns.clone())?;
+        if let Some((function, timeout)) = deadline {
+            crate::deadline::fail_after(function, timeout, &returns);
+        }
         Ok(returns)
     }
 
     /// Create an instance. Returns at once; a constructor failure surfaces on its calls.
+    /// Options that mean nothing for an instance (stateless retries, `timeout_s`, …) fail it
+    /// with 1001.
     pub fn create_instance(&self, spec: CreateSpec) -> Result<InstanceInfo> {
         check_unique(EntryKind::Constructor, spec.constructor.name)?;
+        spec.options.check_for_instance()?;
         self.backend.create_instance(spec)
     }
 

@@ -614,6 +614,8 @@ pub struct NodeSpec {
     pub spill_limit_mb: Option<u64>,
     /// `--kv-quota-mb`; `None` keeps the node's default (a quarter of `memory`, at most 4096).
     pub kv_quota_mb: Option<u64>,
+    /// `--labels k=v` of the node.
+    pub labels: Vec<(String, String)>,
 }
 
 impl Default for NodeSpec {
@@ -632,6 +634,7 @@ impl Default for NodeSpec {
             spill_dir: None,
             spill_limit_mb: None,
             kv_quota_mb: None,
+            labels: Vec::new(),
         }
     }
 }
@@ -950,6 +953,9 @@ impl TestCluster {
         }
         if let Some(mb) = node.spec.kv_quota_mb {
             args.extend(["--kv-quota-mb".to_string(), mb.to_string()]);
+        }
+        for (key, value) in &node.spec.labels {
+            args.extend(["--labels".to_string(), format!("{key}={value}")]);
         }
         if let Some(redis) = &node.spec.l2_redis {
             args.extend(["--l2-redis".to_string(), redis.clone()]);

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use yr::{ErrorCode, InvokeOptions};
+use yr::{Affinity, AffinityKind, AffinityType, ErrorCode, InvokeOptions, LabelOp, LabelOperator};
 use yr_tests::{assert_error, call_err, exclusive, NodeSpec, TestCluster, TIMEOUT};
 
 /// Reports which node's runtime it runs in.
@@ -159,5 +159,81 @@ fn the_drivers_binary_is_fetched_by_a_node_that_does_not_share_it() {
         .unwrap()
         .len();
     assert_eq!(size, own, "the fetched binary is the driver's");
+    yr::finalize().unwrap();
+}
+
+fn zone(affinity_type: AffinityType, zone: &str) -> InvokeOptions {
+    InvokeOptions {
+        schedule_affinities: vec![Affinity {
+            affinity_kind: AffinityKind::Resource,
+            affinity_type,
+            label_operators: vec![LabelOperator {
+                op: LabelOp::In,
+                key: "zone".into(),
+                values: vec![zone.into()],
+            }],
+            ..Default::default()
+        }],
+        schedule_timeout_ms: 2_000,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn required_affinities_place_instances_and_calls_on_the_nodes_whose_labels_admit_them() {
+    let _lock = exclusive();
+    let labelled = |zone: &str| NodeSpec {
+        labels: vec![("zone".to_string(), zone.to_string())],
+        ..NodeSpec::default()
+    };
+    let cluster = TestCluster::builder()
+        .node(labelled("east"))
+        .node(labelled("west"))
+        .start();
+    yr::init(cluster.config()).unwrap();
+    // The driver is on the east node; the instance needs the west one.
+    let west = yr::instance(Where::new)
+        .options(zone(AffinityType::Required, "west"))
+        .invoke(())
+        .unwrap();
+    let runtime = yr::get(&west.method(Where::runtime).invoke(()).unwrap(), TIMEOUT).unwrap();
+    assert!(runtime.starts_with(cluster.node_id(1)), "{runtime}");
+    // Not on east: the west node again.
+    let not_east = yr::instance(Where::new)
+        .options(zone(AffinityType::RequiredAnti, "east"))
+        .invoke(())
+        .unwrap();
+    let runtime = yr::get(
+        &not_east.method(Where::runtime).invoke(()).unwrap(),
+        TIMEOUT,
+    )
+    .unwrap();
+    assert!(runtime.starts_with(cluster.node_id(1)), "{runtime}");
+    // An east instance stays on the driver's node.
+    let east = yr::instance(Where::new)
+        .options(zone(AffinityType::Required, "east"))
+        .invoke(())
+        .unwrap();
+    let runtime = yr::get(&east.method(Where::runtime).invoke(()).unwrap(), TIMEOUT).unwrap();
+    assert!(runtime.starts_with(cluster.node_id(0)), "{runtime}");
+    // Stateless calls too.
+    let runtime = yr::function(runtime_of_function)
+        .options(zone(AffinityType::Required, "west"))
+        .invoke(())
+        .unwrap();
+    let runtime = yr::get(&runtime, TIMEOUT).unwrap();
+    assert!(runtime.starts_with(cluster.node_id(1)), "{runtime}");
+    // No node in the north: the create is cancelled after its schedule timeout, with the
+    // reason.
+    let nowhere = yr::instance(Where::new)
+        .options(zone(AffinityType::Required, "north"))
+        .invoke(())
+        .unwrap();
+    let error = call_err(nowhere.method(Where::runtime).invoke(()), TIMEOUT);
+    assert_error(
+        &error,
+        &[ErrorCode::ScheduleCanceled],
+        &["2000 ms", "does not admit required zone in [north]"],
+    );
     yr::finalize().unwrap();
 }

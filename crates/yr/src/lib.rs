@@ -57,6 +57,11 @@ pub use stream::{
     query_global_producers_num, Consumer, Element, Producer, ProducerConfig, SubscriptionConfig,
     SubscriptionType,
 };
+/// The types of [`InvokeOptions`]' fields.
+pub use yr_common::{
+    Affinity, AffinityKind, AffinityScope, AffinityType, Device, FunctionGroupOptions, LabelOp,
+    LabelOperator, PortForwarding, PortProtocol, ResourceGroupOptions, SchedulingAffinityType,
+};
 pub use yr_common::{Config, Error, ErrorCode, InvokeOptions, Lang, ModuleCode, Result};
 pub use yr_macros::{instance, invoke, shutdown};
 pub use yr_runtime::backend::NamedInstance;

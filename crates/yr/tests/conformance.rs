@@ -28,6 +28,8 @@ mod kv;
 mod lifecycle;
 #[path = "conformance/objects.rs"]
 mod objects;
+#[path = "conformance/option_fields.rs"]
+mod option_fields;
 #[path = "conformance/options.rs"]
 mod options;
 #[path = "conformance/streams.rs"]

@@ -50,7 +50,7 @@ impl Node {
     ) -> Result<pb::CreateResponse, Error> {
         let options: InvokeOptions = rmp_serde::from_slice(&request.options)
             .map_err(|e| ProxyError::OptionsUndecodable(e.to_string()))?;
-        options.validate()?;
+        crate::create_options::validate(&request, &options)?;
         // A create forwarded by another node was checked there, against its driver's functions.
         if !request.stateless
             && !request.function.is_empty()
@@ -262,9 +262,15 @@ impl Node {
         request: &Amount,
         timeout: Duration,
     ) -> Result<Placement, Error> {
-        let Some((killing, cancel)) = self
-            .instances
-            .with(instance_id, |i| (i.killing, i.cancel.clone()))
+        let Some((killing, cancel, affinities, admits_here)) =
+            self.instances.with(instance_id, |i| {
+                (
+                    i.killing,
+                    i.cancel.clone(),
+                    crate::create_options::required_affinities(&i.options),
+                    crate::create_options::admits(self.master.labels(), &i.options),
+                )
+            })
         else {
             return Err(gone(instance_id));
         };
@@ -272,14 +278,20 @@ impl Node {
             return Err(gone(instance_id));
         }
         let deadline = Instant::now() + timeout;
-        let mut ticket = self.scheduler.request(request);
+        // A node whose labels do not admit the instance asks only the master.
+        let mut ticket = admits_here.then(|| self.scheduler.request(request));
         let mut last_reason: Option<Error> = None;
         let mut backoff = MASTER_ASK_BACKOFF.0;
         let mut next_ask = Instant::now();
         let outcome = loop {
             tokio::select! {
                 biased;
-                granted = &mut ticket.granted => {
+                granted = async {
+                    match &mut ticket {
+                        Some(ticket) => (&mut ticket.granted).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
                     if granted.is_ok() {
                         self.instances.with_mut(instance_id, |i| i.allocated = Some(request.clone()));
                         return Ok(Placement::Local);
@@ -304,7 +316,8 @@ impl Node {
                     .into());
                 }
                 () = tokio::time::sleep_until(next_ask) => {
-                    match self.master.schedule(request, vec![self.settings.node_id.clone()]).await {
+                    let exclude = crate::create_options::exclude_here(admits_here, &self.settings.node_id);
+                    match self.master.schedule(request, exclude, affinities.clone()).await {
                         Ok((node_id, address)) => break Ok(Placement::Remote { node_id, address }),
                         Err(error) if error.code() == ErrorCode::ResourceConfigError
                             && !request.fits_in(&self.scheduler.resources().capacity) =>
@@ -319,7 +332,9 @@ impl Node {
             }
         };
         // Not placed here: give the place in the queue up (or what it was granted meanwhile).
-        self.scheduler.withdraw(ticket.id, request);
+        if let Some(ticket) = ticket {
+            self.scheduler.withdraw(ticket.id, request);
+        }
         outcome
     }
 
@@ -507,7 +522,19 @@ impl Node {
                 instance: instance_id.to_string(),
                 node: self.settings.node_id.clone(),
             })?;
-        let taken = self.runtimes.take(binary_hash, &spec, instance_id)?;
+        // An instance with its own env_vars gets a runtime started for it, never a warm one.
+        let env = self
+            .instances
+            .with(instance_id, |i| {
+                crate::create_options::runtime_env(&i.options)
+            })
+            .unwrap_or_default();
+        let taken = if env.is_empty() {
+            self.runtimes.take(binary_hash, &spec, instance_id)?
+        } else {
+            let spec = crate::create_options::with_env(spec, &env);
+            self.runtimes.take_new(binary_hash, &spec, instance_id)?
+        };
         let node = self.clone();
         let hash = binary_hash.to_string();
         tokio::spawn(async move {

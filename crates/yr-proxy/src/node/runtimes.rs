@@ -61,6 +61,40 @@ impl Node {
         }
     }
 
+    /// The runtime of `client_id` evicted its instance, idle for its `idle_timeout_s`:
+    /// EVICTING → EVICTED with `reason` (1013) told to its callers, then killed as usual.
+    pub fn evict(self: &Arc<Self>, client_id: u64, reason: yr_common::Error) {
+        let Some(instance_id) = self
+            .bus
+            .runtime_id(client_id)
+            .and_then(|runtime_id| self.runtimes.instance_of(&runtime_id))
+        else {
+            return;
+        };
+        // Only a running instance is evicted (one being killed meanwhile just ends).
+        let running = self.instances.with(&instance_id, |i| i.state()) == Some(S::Running);
+        if !running
+            || self
+                .instances
+                .transition(&instance_id, S::Evicting, None)
+                .is_err()
+        {
+            return;
+        }
+        tracing::info!(instance = %instance_id, %reason, "instance evicted");
+        let _ = self
+            .instances
+            .transition(&instance_id, S::Evicted, Some(&reason));
+        self.notify(
+            &instance_id,
+            super::error_notify(&instance_id, S::Evicted, &reason),
+        );
+        let node = self.clone();
+        tokio::spawn(async move {
+            let _ = node.kill(&instance_id, false).await;
+        });
+    }
+
     /// Send heartbeats; kill runtimes that stopped answering.
     pub fn heartbeat_round(&self) {
         let round = self

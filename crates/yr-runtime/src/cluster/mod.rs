@@ -73,6 +73,9 @@ pub struct ClusterBackend {
     inner: Arc<Inner>,
     io_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     shutdown_io: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// Runs the stateless calls with `always_local_mode`; started by the first.
+    local_pool: OnceLock<crate::local::pool::Pool>,
+    local_pool_size: usize,
 }
 
 fn io_runtime() -> Result<
@@ -325,6 +328,8 @@ impl ClusterBackend {
             inner,
             io_thread: Mutex::new(Some(io_thread)),
             shutdown_io: Mutex::new(Some(shutdown_io)),
+            local_pool: OnceLock::new(),
+            local_pool_size: crate::local::pool_size(config),
         })
     }
 
@@ -644,6 +649,15 @@ impl Backend for ClusterBackend {
 
     fn submit_task(&self, task: TaskSpec, returns: Vec<ObjectHandle>) -> yr_common::Result<()> {
         self.inner.check_connected()?;
+        if task.options.always_local_mode {
+            // On this process's own thread pool, in its environment.
+            crate::local::check_env_vars_here(&task.options)?;
+            let pool = self
+                .local_pool
+                .get_or_init(|| crate::local::pool::Pool::new("yr-local", self.local_pool_size));
+            crate::local::task::LocalTask::submit(pool, task, returns);
+            return Ok(());
+        }
         StatelessSubmitter::submit(&self.inner, task, returns)
     }
 
@@ -662,6 +676,9 @@ impl Backend for ClusterBackend {
                 Some(existing) if !existing.is_failed() => existing.clone(),
                 _ => {
                     let instance = RemoteInstance::new(id.clone(), inner.io.clone(), None);
+                    if !spec.options.calls_in_order() {
+                        instance.set_unordered();
+                    }
                     instances.insert(id.clone(), instance.clone());
                     instance
                 }
@@ -881,6 +898,9 @@ impl Backend for ClusterBackend {
                 }),
                 FINALIZE_TIMEOUT,
             );
+        }
+        if let Some(pool) = self.local_pool.get() {
+            pool.shutdown();
         }
         object_store::set_remote_fetcher(None);
         crate::borrows::set_messenger(None);

@@ -122,6 +122,9 @@ struct State {
     terminating: bool,
     /// This process is finalizing: nothing more is sent.
     stopped_sending: bool,
+    /// Calls keep submission order; else each is sent once its own arguments are ready
+    /// (`need_order = Some(false)`).
+    ordered: bool,
 }
 
 /// A remote instance, as seen by this caller.
@@ -150,12 +153,20 @@ impl RemoteInstance {
                 generation: 0,
                 terminating: false,
                 stopped_sending: false,
+                ordered: true,
             }),
             observer,
         })
     }
 
-    /// Submit a call. It is sent once its dependencies and every earlier call are ready. On an
+    /// Send each call once its own arguments are ready, even before earlier calls
+    /// (`need_order = Some(false)`).
+    pub fn set_unordered(&self) {
+        self.state.lock().ordered = false;
+    }
+
+    /// Submit a call. It is sent once its dependencies and every earlier call are ready (once
+    /// its own dependencies are, for an unordered instance). On an
     /// instance that failed, the call fails with the instance's error (seen on `get`, like
     /// any other failure of the call); on one this process terminates, it is refused (1007).
     pub fn submit(self: &Arc<Self>, call: OutCall) -> Result<(), Error> {
@@ -222,8 +233,21 @@ impl RemoteInstance {
             return failed;
         };
         let sender = sender.clone();
-        while state.queued.front().is_some_and(|c| c.ready) {
-            let Some(mut call) = state.queued.pop_front() else {
+        // Ordered: from the head while calls are ready. Unordered: every ready call.
+        let mut next = 0;
+        loop {
+            match state.queued.get(next) {
+                None => break,
+                Some(call) if !call.ready => {
+                    if state.ordered {
+                        break;
+                    }
+                    next += 1;
+                    continue;
+                }
+                Some(_) => {}
+            }
+            let Some(mut call) = state.queued.remove(next) else {
                 break;
             };
             match dependencies::first_failure(&call.args).and_then(|()| args_to_proto(&call.args)) {
@@ -254,7 +278,7 @@ impl RemoteInstance {
                     if sent.is_err() {
                         // Sent again later, and counted again then.
                         unsend_args(&request.args);
-                        state.queued.push_front(call);
+                        state.queued.insert(next, call);
                         return failed;
                     }
                     call.sent_at = Some(Instant::now());

@@ -183,6 +183,17 @@ impl RuntimeMode {
                 options: Arc::new(options),
             },
         )?;
+        // Evicted for idleness: the node hears it, ends the instance and tells its callers.
+        let inner = self.inner.clone();
+        instance.on_evicted(Box::new(move |error| {
+            if let Some(inner) = inner.upgrade() {
+                inner
+                    .bus
+                    .send_oneway(pb::bus_request::Body::Exit(pb::ExitRequest {
+                        reason: Some(error_to_proto(&error)),
+                    }));
+            }
+        }));
         let _ = self.instance.set(instance.clone());
         match instance.wait_started() {
             Phase::Failed(error) => Err(error),

@@ -21,6 +21,7 @@ use super::Inner;
 use crate::function::{Arg, FunctionEntry, TaskSpec};
 use crate::object_store::{Canceller, ObjectHandle};
 use crate::retry::RetryBudget;
+use crate::shape::shape_key;
 
 /// Instances of one pool that may be starting at once.
 const MAX_STARTING: usize = 2;
@@ -69,9 +70,14 @@ impl Task {
     }
 }
 
+/// The options of a call and the pool of their shape.
+type LastPool = (Arc<InvokeOptions>, Arc<Mutex<Pool>>);
+
 /// The stateless pools of this process.
 pub struct StatelessSubmitter {
     pools: Mutex<HashMap<String, Arc<Mutex<Pool>>>>,
+    /// The options of the last call and their pool.
+    last_pool: Mutex<Option<LastPool>>,
     /// Calls in flight on an instance, by call id, for the retry decision.
     tasks: Mutex<HashMap<u64, Arc<Task>>>,
     /// A moving average of each function's time from send to result.
@@ -84,16 +90,14 @@ pub struct StatelessSubmitter {
     stopped: AtomicBool,
 }
 
-fn shape_key(options: &InvokeOptions) -> String {
-    format!(
-        "{}|{}|{}|{:?}|{:?}|{:?}",
-        options.cpu,
-        options.memory,
-        options.concurrency,
-        options.custom_resources,
-        options.labels,
-        options.env_vars
-    )
+/// The most instances a pool may have: the process's limit (`Config::max_task_instance_num`,
+/// -1 = none) and the calls' `max_instances` (0 = none), whichever is lower.
+fn pool_limit(process_limit: i64, options: &InvokeOptions) -> i64 {
+    match (process_limit, i64::from(options.max_instances)) {
+        (limit, 0) => limit,
+        (limit, max) if limit < 0 => max,
+        (limit, max) => limit.min(max),
+    }
 }
 
 /// What one pass over a pool decided, carried out with the pool unlocked.
@@ -202,6 +206,7 @@ impl StatelessSubmitter {
     ) -> StatelessSubmitter {
         StatelessSubmitter {
             pools: Mutex::new(HashMap::new()),
+            last_pool: Mutex::new(None),
             tasks: Mutex::new(HashMap::new()),
             call_times: Mutex::new(HashMap::new()),
             recycle_time,
@@ -257,7 +262,14 @@ impl StatelessSubmitter {
     }
 
     fn pool(&self, options: &Arc<InvokeOptions>) -> Arc<Mutex<Pool>> {
-        self.pools
+        // Calls of one prepared function share their options: skip the key then.
+        if let Some((cached, pool)) = &*self.last_pool.lock() {
+            if Arc::ptr_eq(cached, options) {
+                return pool.clone();
+            }
+        }
+        let pool = self
+            .pools
             .lock()
             .entry(shape_key(options))
             .or_insert_with(|| {
@@ -269,7 +281,9 @@ impl StatelessSubmitter {
                     waiting: VecDeque::new(),
                 }))
             })
-            .clone()
+            .clone();
+        *self.last_pool.lock() = Some((options.clone(), pool.clone()));
+        pool
     }
 
     /// Send waiting calls to instances with room and ask for instances the pool needs. Calls
@@ -278,7 +292,11 @@ impl StatelessSubmitter {
     fn pump(inner: &Arc<Inner>, pool: &Arc<Mutex<Pool>>) {
         let submitter = &inner.stateless;
         loop {
-            let decisions = pool.lock().plan(submitter.max_instances);
+            let decisions = {
+                let mut locked = pool.lock();
+                let max_instances = pool_limit(submitter.max_instances, &locked.options);
+                locked.plan(max_instances)
+            };
             let mut failures = Vec::new();
             let mut retry = Vec::new();
             for (instance, task) in decisions.sends {

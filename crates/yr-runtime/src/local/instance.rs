@@ -1,8 +1,12 @@
 //! Stateful instances in local mode. Each instance owns an executor: one thread that runs calls
 //! in submission order, or `concurrency` threads that share the queue. `&self` methods hold a
 //! read lock on the state and `&mut self` methods a write lock, so concurrent calls are safe.
+//! With `need_order = Some(false)` a call joins the queue once its own arguments are ready, so
+//! it may overtake calls that wait for theirs. An instance without calls for `idle_timeout_s`
+//! is evicted (1013). A runtime (cluster mode) runs its instance with the same executor.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -18,6 +22,9 @@ enum Message {
     Call(MethodSpec, Vec<ObjectHandle>),
     Stop,
 }
+
+/// Told that an instance was evicted, and why.
+pub type EvictionListener = Box<dyn FnOnce(Error) + Send>;
 
 /// Where an instance is in its life.
 #[derive(Clone, Debug)]
@@ -50,6 +57,18 @@ pub struct LocalInstance {
     shutdown: Option<ShutdownFn>,
     grace: Duration,
     threads: usize,
+    /// Calls keep submission order (`need_order` is not `Some(false)`).
+    ordered: bool,
+    /// Evicted after this long without calls (`idle_timeout_s`; `None`: never).
+    idle_timeout: Option<Duration>,
+    /// Calls submitted and not finished.
+    busy: AtomicUsize,
+    /// When the last call finished (or the constructor).
+    last_active: Mutex<Instant>,
+    /// Why it exited, when not because it was terminated (1013 when evicted).
+    exit_reason: Mutex<Option<Error>>,
+    /// Told once when the instance is evicted for idleness.
+    on_evicted: Mutex<Option<EvictionListener>>,
 }
 
 impl LocalInstance {
@@ -72,6 +91,12 @@ impl LocalInstance {
             shutdown: spec.constructor.shutdown,
             grace: spec.options.graceful_shutdown_time(),
             threads: spec.options.concurrency.max(1) as usize,
+            ordered: spec.options.calls_in_order(),
+            idle_timeout: spec.options.idle_timeout(),
+            busy: AtomicUsize::new(0),
+            last_active: Mutex::new(Instant::now()),
+            exit_reason: Mutex::new(None),
+            on_evicted: Mutex::new(None),
         });
         let executor = instance.clone();
         std::thread::Builder::new()
@@ -101,6 +126,7 @@ impl LocalInstance {
         match constructed {
             Ok(state) => {
                 *self.state.write() = Some(state);
+                *self.last_active.lock() = Instant::now();
                 {
                     let mut phase = self.phase.lock();
                     if matches!(*phase, Phase::Creating) {
@@ -112,7 +138,7 @@ impl LocalInstance {
                     let worker = self.clone();
                     let spawned = std::thread::Builder::new()
                         .name(format!("yr-instance-{}-{index}", self.id))
-                        .spawn(move || worker.serve());
+                        .spawn(move || worker.serve(false));
                     if let Err(e) = spawned {
                         tracing::warn!(instance = %self.id, error = %e, "fewer executor threads than concurrency");
                     }
@@ -135,31 +161,97 @@ impl LocalInstance {
                 self.phase_changed.notify_all();
             }
         }
-        self.serve();
+        self.serve(true);
     }
 
-    fn next_message(&self) -> Result<Message, crossbeam_channel::RecvError> {
+    /// The next message: after a short spin (a wakeup costs more than it), a blocking wait,
+    /// at most `limit`. `Ok(None)` when the limit passed.
+    fn next_message(&self, limit: Option<Duration>) -> Result<Option<Message>, ()> {
         let mut received = None;
         crate::spin::spin_until(std::time::Duration::from_micros(300), || {
             match self.receiver.try_recv() {
-                Ok(message) => received = Some(Ok(message)),
+                Ok(message) => received = Some(Ok(Some(message))),
                 Err(crossbeam_channel::TryRecvError::Empty) => {}
-                Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                    received = Some(Err(crossbeam_channel::RecvError))
-                }
+                Err(crossbeam_channel::TryRecvError::Disconnected) => received = Some(Err(())),
             }
             received.is_some()
         });
-        received.unwrap_or_else(|| self.receiver.recv())
+        if let Some(received) = received {
+            return received;
+        }
+        match limit {
+            None => self.receiver.recv().map(Some).map_err(|_| ()),
+            Some(limit) => match self.receiver.recv_timeout(limit) {
+                Ok(message) => Ok(Some(message)),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(None),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(()),
+            },
+        }
     }
 
-    fn serve(&self) {
-        while let Ok(message) = self.next_message() {
-            match message {
-                Message::Stop => break,
-                Message::Call(call, returns) => self.run_call(call, returns),
+    /// Run calls until told to stop. The thread that `watches_idle` evicts the instance once
+    /// it has had no call for its idle timeout.
+    fn serve(self: &Arc<Self>, watches_idle: bool) {
+        let mut idle = self.idle_timeout.filter(|_| watches_idle);
+        loop {
+            // While calls run (on other threads) or wait for their arguments, the instance is
+            // not idle: look again a whole idle period later.
+            let limit = idle.map(|idle| {
+                if self.busy.load(Ordering::Acquire) > 0 {
+                    idle
+                } else {
+                    idle.saturating_sub(self.last_active.lock().elapsed())
+                }
+            });
+            match self.next_message(limit) {
+                Ok(None) => {
+                    if let Some(timeout) = idle {
+                        if !self.evict_if_idle(timeout) {
+                            idle = None;
+                        }
+                    }
+                }
+                Ok(Some(Message::Stop)) | Err(()) => break,
+                Ok(Some(Message::Call(call, returns))) => {
+                    self.run_call(call, returns);
+                    *self.last_active.lock() = Instant::now();
+                    self.busy.fetch_sub(1, Ordering::AcqRel);
+                }
             }
         }
+    }
+
+    /// Evict the instance (1013) if it has had no call for `idle`: new calls are refused with
+    /// 1013, its shutdown hook runs, and whoever asked (the runtime, to tell its node) hears.
+    /// Returns whether to keep watching (false once it is not running any more).
+    fn evict_if_idle(self: &Arc<Self>, idle: Duration) -> bool {
+        if self.busy.load(Ordering::Acquire) > 0 || self.last_active.lock().elapsed() < idle {
+            return true;
+        }
+        let error = Error::new(
+            ErrorCode::InstanceEvicted,
+            format!(
+                "instance {} was evicted after {} s without calls (its idle_timeout_s); create \
+                 it again, or give it a longer idle_timeout_s (0 = never evicted)",
+                self.id,
+                idle.as_secs()
+            ),
+        );
+        if !matches!(self.phase(), Phase::Running) {
+            return false;
+        }
+        tracing::info!(instance = %self.id, idle = ?idle, "evicting an idle instance");
+        if self.end(false, Some(error.clone())) {
+            if let Some(tell) = self.on_evicted.lock().take() {
+                tell(error);
+            }
+        }
+        false
+    }
+
+    /// Call `tell` once if the instance is evicted for idleness.
+    pub fn on_evicted(&self, tell: EvictionListener) {
+        *self.on_evicted.lock() = Some(tell);
     }
 
     fn run_call(&self, call: MethodSpec, returns: Vec<ObjectHandle>) {
@@ -213,24 +305,67 @@ impl LocalInstance {
     }
 
     fn exited_error(&self) -> Error {
-        crate::function::instance_exited(&self.id)
+        self.exit_reason
+            .lock()
+            .clone()
+            .unwrap_or_else(|| crate::function::instance_exited(&self.id))
     }
 
-    /// Queue a method call. Fails with 1007 if the instance is exiting or gone.
-    pub fn submit(&self, call: MethodSpec, returns: Vec<ObjectHandle>) -> Result<(), Error> {
+    /// Queue a method call: now, or (calls not in order) once its arguments are ready. Fails
+    /// with 1007 if the instance is exiting or gone (1013 if it was evicted).
+    pub fn submit(
+        self: &Arc<Self>,
+        call: MethodSpec,
+        returns: Vec<ObjectHandle>,
+    ) -> Result<(), Error> {
         let phase = self.phase.lock();
         if matches!(*phase, Phase::Exiting | Phase::Exited) {
             return Err(self.exited_error());
         }
-        self.sender
-            .send(Message::Call(call, returns))
-            .map_err(|_| self.exited_error())
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        if self.ordered {
+            return self.sender.send(Message::Call(call, returns)).map_err(|_| {
+                self.busy.fetch_sub(1, Ordering::AcqRel);
+                self.exited_error()
+            });
+        }
+        drop(phase);
+        let instance: Weak<LocalInstance> = Arc::downgrade(self);
+        let args = call.args.iter().flat_map(|a| a.dependencies()).cloned();
+        let waiting: Vec<crate::function::Arg> = args.map(crate::function::Arg::Ref).collect();
+        dependencies::when_ready(&waiting, move || {
+            let Some(instance) = instance.upgrade() else {
+                return;
+            };
+            // Under the phase lock: an exiting instance fails the call, a running one queues
+            // it before any exit drains the queue.
+            let phase = instance.phase.lock();
+            let sent = !matches!(*phase, Phase::Exiting | Phase::Exited)
+                && instance
+                    .sender
+                    .send(Message::Call(call, returns.clone()))
+                    .is_ok();
+            drop(phase);
+            if !sent {
+                instance.busy.fetch_sub(1, Ordering::AcqRel);
+                let error = instance.exited_error();
+                for handle in &returns {
+                    handle.fail(error.clone());
+                }
+            }
+        });
+        Ok(())
     }
 
     /// Terminate: refuse new calls, fail queued ones with 1007, run the shutdown hook within the
     /// grace period. With `wait`, return once the instance has exited. Returns false if it was
     /// already exiting.
     pub fn terminate(self: &Arc<Self>, wait: bool) -> bool {
+        self.end(wait, None)
+    }
+
+    /// Terminate, with `reason` as the error of later calls (1007 without one).
+    fn end(self: &Arc<Self>, wait: bool, reason: Option<Error>) -> bool {
         {
             let mut phase = self.phase.lock();
             if matches!(*phase, Phase::Exiting | Phase::Exited) {
@@ -239,6 +374,9 @@ impl LocalInstance {
                     self.wait_exited(self.grace + Duration::from_secs(1));
                 }
                 return false;
+            }
+            if reason.is_some() {
+                *self.exit_reason.lock() = reason;
             }
             *phase = Phase::Exiting;
         }
@@ -261,6 +399,7 @@ impl LocalInstance {
     fn fail_queued(&self) {
         while let Ok(message) = self.receiver.try_recv() {
             if let Message::Call(_, returns) = message {
+                self.busy.fetch_sub(1, Ordering::AcqRel);
                 let error = self.exited_error();
                 for handle in returns {
                     handle.fail(error.clone());

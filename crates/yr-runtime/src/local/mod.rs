@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use yr_common::{ids, Config, Error, ErrorCode, Result};
+use yr_common::{ids, Config, Error, ErrorCode, InvokeOptions, Result};
 
 use crate::backend::{Backend, InstanceInfo, NamedInstance};
 use crate::function::{CreateSpec, MethodSpec, TaskSpec};
@@ -41,15 +41,8 @@ impl LocalBackend {
     /// A backend whose stateless pool has `config.local_thread_pool_size` threads (0: one per
     /// core, at least 4).
     pub fn new(config: &Config) -> LocalBackend {
-        let size = match config.local_thread_pool_size {
-            0 => std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(4)
-                .max(4),
-            n => n,
-        };
         LocalBackend {
-            pool: Pool::new("yr-local", size),
+            pool: Pool::new("yr-local", pool_size(config)),
             instances: Mutex::new(Instances::default()),
             named_changed: Condvar::new(),
         }
@@ -80,6 +73,44 @@ impl LocalBackend {
     }
 }
 
+/// A call that runs in this process (local mode, or `always_local_mode`) runs in the
+/// driver's environment: its `env_vars` are honoured when that environment has them already,
+/// and refused (1001) otherwise, rather than ignored.
+pub(crate) fn check_env_vars_here(options: &InvokeOptions) -> Result<()> {
+    for (name, value) in &options.env_vars {
+        let current = std::env::var_os(name);
+        if current.as_deref() == Some(std::ffi::OsStr::new(value)) {
+            continue;
+        }
+        let now = match current {
+            None => "unset".to_string(),
+            Some(other) => format!("{:?}", other.to_string_lossy()),
+        };
+        return Err(Error::new(
+            ErrorCode::ParamInvalid,
+            format!(
+                "env_vars[\"{name}\"] = {value:?}: this call runs in the driver's process \
+                 (local mode or always_local_mode), where {name} is {now}, and yr does not \
+                 support giving such a call its own environment yet; set {name}={value} in the \
+                 driver's environment, or run the call on a cluster"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The size of a local thread pool for `config.local_thread_pool_size` (0: one thread per
+/// core, at least 4).
+pub(crate) fn pool_size(config: &Config) -> usize {
+    match config.local_thread_pool_size {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(4)
+            .max(4),
+        n => n,
+    }
+}
+
 fn not_found(instance_id: &str) -> Error {
     Error::new(
         ErrorCode::InstanceNotFound,
@@ -103,21 +134,25 @@ impl Backend for LocalBackend {
     }
 
     fn submit_task(&self, task: TaskSpec, returns: Vec<ObjectHandle>) -> Result<()> {
+        check_env_vars_here(&task.options)?;
         LocalTask::submit(&self.pool, task, returns);
         Ok(())
     }
 
     fn create_instance(&self, spec: CreateSpec) -> Result<InstanceInfo> {
+        check_env_vars_here(&spec.options)?;
         let name = spec.options.name.clone().map(|name| {
             let namespace = spec.options.namespace.clone().unwrap_or_default();
             (namespace, name)
         });
         let mut instances = self.instances.lock();
         if let Some(key) = &name {
+            // An instance that exited (evicted when idle) no longer holds its name.
             if let Some(existing) = instances
                 .by_name
                 .get(key)
                 .and_then(|id| instances.by_id.get(id))
+                .filter(|existing| !matches!(existing.phase(), Phase::Exiting | Phase::Exited))
             {
                 if existing.class != spec.constructor.class {
                     return Err(Error::new(

@@ -1,8 +1,11 @@
 //! Stateless calls in local mode: wait for dependencies, run on the pool, retry as the options
-//! allow, and honour `cancel`.
+//! allow, and honour `cancel`. Calls of one shape with `max_instances` run at most
+//! `max_instances × concurrency` at once, the calls a cluster's pool of that many instances
+//! would run.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use yr_common::{Error, ErrorCode};
@@ -25,6 +28,41 @@ pub struct LocalTask {
     state: AtomicU8,
     budget: Mutex<RetryBudget>,
     pool: Pool,
+    /// The bound of its shape, when its options set `max_instances`.
+    limit: Option<Arc<Mutex<Limit>>>,
+}
+
+/// The calls of one shape that run, and those waiting for one of them to finish.
+struct Limit {
+    most: usize,
+    running: usize,
+    waiting: VecDeque<Arc<LocalTask>>,
+}
+
+/// The bound of calls of `spec`'s shape, if its options set `max_instances`.
+fn limit_of(spec: &TaskSpec) -> Option<Arc<Mutex<Limit>>> {
+    static LIMITS: OnceLock<Mutex<HashMap<String, Arc<Mutex<Limit>>>>> = OnceLock::new();
+    let options = &spec.options;
+    if options.max_instances == 0 {
+        return None;
+    }
+    let most = options.max_instances as usize * options.concurrency.max(1) as usize;
+    let limits = LIMITS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut limits = limits.lock();
+    // Bounds nobody uses any more are dropped as others come.
+    limits.retain(|_, limit| Arc::strong_count(limit) > 1);
+    Some(
+        limits
+            .entry(crate::shape::shape_key(options))
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(Limit {
+                    most,
+                    running: 0,
+                    waiting: VecDeque::new(),
+                }))
+            })
+            .clone(),
+    )
 }
 
 impl LocalTask {
@@ -32,11 +70,12 @@ impl LocalTask {
     pub fn submit(pool: &Pool, spec: TaskSpec, returns: Vec<ObjectHandle>) {
         let budget = RetryBudget::new(&spec.options);
         let task = Arc::new(LocalTask {
-            spec,
             returns,
             state: AtomicU8::new(QUEUED),
+            limit: limit_of(&spec),
             budget: Mutex::new(budget),
             pool: pool.clone(),
+            spec,
         });
         for handle in &task.returns {
             handle.set_canceller(task.clone());
@@ -45,15 +84,51 @@ impl LocalTask {
         dependencies::when_ready(&task.spec.args, move || ready.enqueue());
     }
 
+    /// Run it on the pool, once its shape's bound lets it.
     fn enqueue(self: Arc<Self>) {
+        if let Some(limit) = &self.limit {
+            let mut limit = limit.lock();
+            if limit.running >= limit.most {
+                limit.waiting.push_back(self.clone());
+                return;
+            }
+            limit.running += 1;
+        }
+        self.execute();
+    }
+
+    fn execute(self: Arc<Self>) {
         let pool = self.pool.clone();
         let task = self.clone();
         if let Err(error) = pool.execute(Box::new(move || task.run())) {
             self.fail(error);
+            self.finished_running();
+        }
+    }
+
+    /// This call no longer runs: the next call of its shape may.
+    fn finished_running(&self) {
+        let Some(limit) = &self.limit else { return };
+        let next = {
+            let mut limit = limit.lock();
+            let next = limit.waiting.pop_front();
+            if next.is_none() {
+                limit.running -= 1;
+            }
+            next
+        };
+        if let Some(next) = next {
+            next.execute();
         }
     }
 
     fn run(self: Arc<Self>) {
+        let task = self.clone();
+        task.run_once();
+        self.finished_running();
+    }
+
+    fn run_once(self: Arc<Self>) {
         if self
             .state
             .compare_exchange(QUEUED, RUNNING, Ordering::AcqRel, Ordering::Acquire)

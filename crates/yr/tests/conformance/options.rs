@@ -175,18 +175,15 @@ fn valid_options_are_accepted_and_the_call_runs() {
     let options = InvokeOptions {
         cpu: 300,
         memory: 128,
-        labels: vec!["suite:conformance".to_string(), "plain".to_string()],
-        env_vars: BTreeMap::from([("CONFORMANCE".to_string(), "1".to_string())]),
-        retry_times: 1,
         recover_retry_times: 1,
         schedule_timeout_ms: 10_000,
-        idle_timeout_s: 60,
-        priority: 1,
-        trace_id: "conformance-trace".to_string(),
         ..Default::default()
     };
     let sum = yr::function(add)
-        .options(options.clone())
+        .options(InvokeOptions {
+            retry_times: 1,
+            ..options.clone()
+        })
         .invoke((2, 3))
         .unwrap();
     assert_eq!(get(&sum), 5);
@@ -196,6 +193,7 @@ fn valid_options_are_accepted_and_the_call_runs() {
             concurrency: 4,
             name: Some(support::unique("with-options")),
             namespace: Some("conformance".to_string()),
+            idle_timeout_s: 60,
             ..options
         })
         .invoke((1,))
