@@ -1,0 +1,86 @@
+//! Scheduling on the cluster: placing a request on a live node from the resource view and
+//! reserving it there tentatively, so concurrent schedules spread.
+
+use std::sync::atomic::Ordering;
+
+use yr_common::ErrorCode;
+use yr_proto::error_to_proto;
+use yr_proto::v1::{ScheduleRequest, ScheduleResponse};
+
+use super::{Cluster, Nodes};
+use crate::placement::{self, Candidate, PlacementError, PlacementRequest};
+use crate::registry::NodeState;
+use crate::resource_view::ResourceSet;
+
+impl Cluster {
+    /// Places a request on a live node and reserves it there tentatively.
+    pub fn schedule(&self, request: &ScheduleRequest) -> ScheduleResponse {
+        self.counters
+            .schedule_requests
+            .fetch_add(1, Ordering::Relaxed);
+        match self.place(request) {
+            Ok((node_id, node_address)) => ScheduleResponse {
+                node_id,
+                node_address,
+                error: None,
+            },
+            Err(err) => {
+                let counter = match err.code() {
+                    ErrorCode::ResourceConfigError => &self.counters.schedule_config_error,
+                    _ => &self.counters.schedule_not_enough,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %err, "schedule request not placed");
+                let error = err.to_error();
+                ScheduleResponse {
+                    node_id: String::new(),
+                    node_address: String::new(),
+                    error: Some(error_to_proto(&error)),
+                }
+            }
+        }
+    }
+
+    fn place(&self, request: &ScheduleRequest) -> Result<(String, String), PlacementError> {
+        let resources = ResourceSet::from_proto(&request.request.clone().unwrap_or_default());
+        let affinities: Vec<yr_common::Affinity> = request
+            .required_affinities
+            .iter()
+            .map(placement::affinity_from_proto)
+            .collect();
+        let now = self.clock.now();
+        let mut nodes = self.nodes.lock();
+        nodes.view.expire_reservations(now, self.node_timeout);
+        let Nodes { registry, view } = &mut *nodes;
+        let chosen = {
+            let candidates: Vec<Candidate<'_>> = registry
+                .iter()
+                .filter(|entry| entry.state == NodeState::Alive)
+                .filter_map(|entry| {
+                    view.node(&entry.info.node_id).map(|resources| Candidate {
+                        node_id: &entry.info.node_id,
+                        capacity: resources.capacity(),
+                        allocatable: resources.allocatable(),
+                        labels: &entry.info.labels,
+                    })
+                })
+                .collect();
+            placement::place(
+                &candidates,
+                &PlacementRequest {
+                    resources: &resources,
+                    exclude_nodes: &request.exclude_nodes,
+                    labels: &request.labels,
+                    affinities: &affinities,
+                },
+            )?
+            .to_string()
+        };
+        view.reserve(&chosen, &resources, now);
+        let address = registry
+            .get(&chosen)
+            .map(|entry| entry.info.address.clone())
+            .unwrap_or_default();
+        Ok((chosen, address))
+    }
+}

@@ -1,0 +1,164 @@
+//! One fenced write of an instance record: the transaction that holds only if the record is at
+//! the version this writer last wrote and the node's live incarnation is the record's, what the
+//! write did, fencing an instance whose record is not this node's any more, and resolving a
+//! version conflict from the stored record.
+
+use bytes::Bytes;
+use prost::Message;
+use yr_common::{Error, ErrorCode};
+use yr_meta::{Compare, KeyValue, MetaError, MetaStore, TxnOp};
+use yr_proto::v1 as pb;
+
+use crate::fencing::{incarnation_key, incarnation_value};
+
+use super::RecordWriter;
+
+/// What one write did.
+pub(super) enum Written {
+    /// Written; the record's new version (0: deleted).
+    Done(u64),
+    /// The node's live incarnation in the store is not the record's: not registered (yet, or
+    /// again after the master declared it lost).
+    NotLive,
+    /// The record changed since this writer's last write; it is now `current`.
+    Conflict(Option<KeyValue>),
+}
+
+/// What to do about a version conflict.
+pub(super) enum Resolution {
+    /// This node's own earlier write, or the handing node's: write again over `version`.
+    Adopt(u64),
+    /// Someone else owns the record now (the master, or another incarnation of this node): fail
+    /// the instance with this error.
+    Fenced(Error),
+    /// Another node runs the instance now (this node forwarded it): stop writing, quietly.
+    Moved(String),
+}
+
+impl RecordWriter {
+    /// Write `record` (`None`: delete it) if the stored record is still at `version` and the
+    /// node's live incarnation is `incarnation`.
+    pub(super) async fn write_once(
+        &self,
+        key: &str,
+        record: Option<&pb::InstanceRecord>,
+        version: u64,
+        incarnation: u64,
+    ) -> Result<Written, MetaError> {
+        // Fault tests: the meta store does not answer this write (it is retried with backoff).
+        fail::fail_point!("proxy::record_write", |_| Err(MetaError::Unavailable(
+            "the meta store did not answer (a fail point)".to_string()
+        )));
+        let fence_key = incarnation_key(self.fencing.node_id());
+        let live = incarnation_value(incarnation);
+        let operation = match record {
+            Some(record) => TxnOp::Put {
+                key: key.to_string(),
+                value: Bytes::from(record.encode_to_vec()),
+                lease: None,
+            },
+            None => TxnOp::Delete {
+                key: key.to_string(),
+            },
+        };
+        let response = self
+            .meta
+            .txn(
+                vec![
+                    Compare::Version {
+                        key: key.to_string(),
+                        version,
+                    },
+                    Compare::ValueEquals {
+                        key: fence_key.clone(),
+                        value: live.clone(),
+                    },
+                ],
+                vec![operation],
+                vec![
+                    TxnOp::Get {
+                        key: key.to_string(),
+                    },
+                    TxnOp::Get { key: fence_key },
+                ],
+            )
+            .await?;
+        let mut results = response.results.into_iter();
+        if response.succeeded {
+            let written = results.next().flatten();
+            return Ok(Written::Done(match record {
+                Some(_) => written.map(|kv| kv.version).ok_or_else(|| {
+                    MetaError::Unavailable(format!(
+                        "the store answered a put of {key:?} without the written record"
+                    ))
+                })?,
+                None => 0,
+            }));
+        }
+        let current = results.next().flatten();
+        let fence = results.next().flatten();
+        if fence.is_none_or(|kv| kv.value != live) {
+            return Ok(Written::NotLive);
+        }
+        Ok(Written::Conflict(current))
+    }
+
+    /// Stop writing `instance_id`'s record; with `error`, tell the node to fail the instance.
+    pub(super) fn fence(&self, instance_id: &str, error: Option<Error>) {
+        if let Some(writes) = self.pending.lock().get_mut(instance_id) {
+            writes.fenced = true;
+            writes.latest = None;
+            writes.writing = false;
+        }
+        if let Some(error) = error {
+            tracing::warn!(instance = %instance_id, %error, "instance fenced: its record is not this node's to write any more");
+            self.fencing.instance_fenced(instance_id, error);
+        }
+    }
+}
+
+/// What to do about a version conflict on `instance_id`'s record, which is now `current`, for
+/// incarnation `incarnation` of node `node_id` (handed the instance by `creator`, if any).
+pub(super) fn resolve(
+    current: Option<&KeyValue>,
+    instance_id: &str,
+    node_id: &str,
+    incarnation: u64,
+    creator: &str,
+) -> Resolution {
+    let Some(current) = current else {
+        // Deleted meanwhile (nobody else deletes records): write it again.
+        return Resolution::Adopt(0);
+    };
+    let Ok(stored) = pb::InstanceRecord::decode(current.value.clone()) else {
+        return Resolution::Adopt(current.version);
+    };
+    if stored.written_by_master {
+        let reason = stored
+            .error
+            .map(|error| error.message)
+            .unwrap_or_else(|| "the master marked it FATAL".to_string());
+        return Resolution::Fenced(Error::new(
+            ErrorCode::InstanceExited,
+            format!("instance {instance_id} was fenced: {reason}"),
+        ));
+    }
+    if stored.node_id == node_id {
+        if stored.node_incarnation == incarnation {
+            // This writer's own write, whose acknowledgement was lost.
+            return Resolution::Adopt(current.version);
+        }
+        return Resolution::Fenced(Error::new(
+            ErrorCode::InstanceExited,
+            format!(
+                "instance {instance_id} was fenced: its record was written by incarnation {} of node {node_id}, and this node is incarnation {incarnation}; create the instance again",
+                stored.node_incarnation
+            ),
+        ));
+    }
+    if !creator.is_empty() && stored.node_id == creator {
+        // The node that forwarded the instance here wrote it first.
+        return Resolution::Adopt(current.version);
+    }
+    Resolution::Moved(stored.node_id)
+}
