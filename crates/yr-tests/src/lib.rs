@@ -1433,3 +1433,43 @@ pub async fn raw_channel(
 /// A byte stream a raw channel runs over.
 pub trait RawStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> RawStream for T {}
+
+/// Open a Bus session on `address` as an outsider with `token`, send `register`, and return the
+/// node's first answer, or the error that ended the attempt.
+pub fn bus_register(
+    address: &str,
+    token: Option<yr_common::auth::ClusterToken>,
+    register: pb::RegisterClient,
+) -> Result<pb::bus_response::Body, String> {
+    block_on(async move {
+        let channel = raw_channel(address, token).await?;
+        // One message; the sender stays alive so the session stays open until the answer.
+        let (outbound, receiver) = tokio::sync::mpsc::channel(1);
+        outbound
+            .send(pb::BusRequest {
+                message_id: 1,
+                body: Some(pb::bus_request::Body::Register(register)),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut inbound = tokio::time::timeout(
+            TIMEOUT,
+            pb::bus_client::BusClient::new(channel)
+                .session(tokio_stream::wrappers::ReceiverStream::new(receiver)),
+        )
+        .await
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|s| s.to_string())?
+        .into_inner();
+        use tokio_stream::StreamExt;
+        let answer = tokio::time::timeout(TIMEOUT, inbound.next())
+            .await
+            .map_err(|_| "no answer".to_string())?
+            .ok_or("the stream ended")?
+            .map_err(|s| s.to_string())?;
+        drop(outbound);
+        answer
+            .body
+            .ok_or_else(|| "an answer without a body".to_string())
+    })
+}

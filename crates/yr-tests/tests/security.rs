@@ -7,9 +7,6 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt;
 use yr::ErrorCode;
 use yr_common::auth::ClusterToken;
 use yr_proto::v1 as pb;
@@ -36,44 +33,6 @@ fn wrong_token() -> ClusterToken {
     ClusterToken::generate().expect("a token")
 }
 
-/// Open a Bus session on `address` as an outsider with `token`, send `register`, and return the
-/// node's first answer, or the error that ended the attempt.
-fn bus_register(
-    address: &str,
-    token: Option<ClusterToken>,
-    register: pb::RegisterClient,
-) -> Result<pb::bus_response::Body, String> {
-    block_on(async move {
-        let channel = yr_tests::raw_channel(address, token).await?;
-        // One message; the sender stays alive so the session stays open until the answer.
-        let (outbound, receiver) = mpsc::channel(1);
-        outbound
-            .send(pb::BusRequest {
-                message_id: 1,
-                body: Some(pb::bus_request::Body::Register(register)),
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut inbound = tokio::time::timeout(
-            TIMEOUT,
-            pb::bus_client::BusClient::new(channel).session(ReceiverStream::new(receiver)),
-        )
-        .await
-        .map_err(|_| "no answer".to_string())?
-        .map_err(|s| s.to_string())?
-        .into_inner();
-        let answer = tokio::time::timeout(TIMEOUT, inbound.next())
-            .await
-            .map_err(|_| "no answer".to_string())?
-            .ok_or("the stream ended")?
-            .map_err(|s| s.to_string())?;
-        drop(outbound);
-        answer
-            .body
-            .ok_or_else(|| "an answer without a body".to_string())
-    })
-}
-
 fn shell_registration(proof: &std::path::Path) -> pb::RegisterClient {
     pb::RegisterClient {
         kind: pb::ClientKind::Driver as i32,
@@ -93,14 +52,15 @@ fn a_client_cannot_make_a_node_run_a_command_with_or_without_the_token() {
     let proof = std::env::temp_dir().join(unique("yr-rce-proof"));
     for address in [cluster.node_address(0), cluster.bus_address()] {
         for token in [None, Some(wrong_token())] {
-            let answer = bus_register(&address, token.clone(), shell_registration(&proof));
+            let answer =
+                yr_tests::bus_register(&address, token.clone(), shell_registration(&proof));
             assert!(
                 answer.is_err(),
                 "a session on {address} without the right token was let in: {answer:?}"
             );
         }
         // With the token, the node still runs only what a driver runs itself.
-        let answer = bus_register(
+        let answer = yr_tests::bus_register(
             &address,
             Some(cluster.token().clone()),
             shell_registration(&proof),

@@ -26,15 +26,18 @@ impl Node {
         }
     }
 
+    /// The instance that the runtime on bus session `client_id` serves.
+    fn instance_of_client(&self, client_id: u64) -> Option<String> {
+        self.bus
+            .runtime_id(client_id)
+            .and_then(|runtime_id| self.runtimes.instance_of(&runtime_id))
+    }
+
     /// The instance of runtime `client_id` blocked in `get`/`wait` (`blocked`), or resumed.
     /// While blocked, the CPU it holds goes back to the scheduler, so the tasks it waits for
     /// can run; on resuming it takes the CPU again.
     pub fn wait_state(&self, client_id: u64, blocked: bool) {
-        let Some(instance_id) = self
-            .bus
-            .runtime_id(client_id)
-            .and_then(|runtime_id| self.runtimes.instance_of(&runtime_id))
-        else {
+        let Some(instance_id) = self.instance_of_client(client_id) else {
             return;
         };
         let change = self
@@ -64,11 +67,7 @@ impl Node {
     /// The runtime of `client_id` evicted its instance, idle for its `idle_timeout_s`:
     /// EVICTING → EVICTED with `reason` (1013) told to its callers, then killed as usual.
     pub fn evict(self: &Arc<Self>, client_id: u64, reason: yr_common::Error) {
-        let Some(instance_id) = self
-            .bus
-            .runtime_id(client_id)
-            .and_then(|runtime_id| self.runtimes.instance_of(&runtime_id))
-        else {
+        let Some(instance_id) = self.instance_of_client(client_id) else {
             return;
         };
         // Only a running instance is evicted (one being killed meanwhile just ends).

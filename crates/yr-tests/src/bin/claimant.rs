@@ -3,15 +3,8 @@
 //! registers on the bus at `CLAIMANT_BUS` claiming the pid `CLAIMANT_VICTIM`. Prints
 //! `CLAIMANT <the node's answer>`.
 
-use std::time::Duration;
-
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt;
 use yr_common::auth::ClusterToken;
 use yr_proto::v1 as pb;
-
-const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() {
     let bus = std::env::var("CLAIMANT_BUS").expect("bus address");
@@ -30,34 +23,6 @@ fn main() {
         pid: victim,
         ..Default::default()
     };
-    let answer = yr_tests::block_on(async move {
-        let channel = yr_tests::raw_channel(&bus, Some(token)).await?;
-        // One message; the sender stays alive so the session stays open until the answer.
-        let (outbound, receiver) = mpsc::channel(1);
-        outbound
-            .send(pb::BusRequest {
-                message_id: 1,
-                body: Some(pb::bus_request::Body::Register(register)),
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut inbound = tokio::time::timeout(
-            TIMEOUT,
-            pb::bus_client::BusClient::new(channel).session(ReceiverStream::new(receiver)),
-        )
-        .await
-        .map_err(|_| "no answer".to_string())?
-        .map_err(|s| s.to_string())?
-        .into_inner();
-        let answer = tokio::time::timeout(TIMEOUT, inbound.next())
-            .await
-            .map_err(|_| "no answer".to_string())?
-            .ok_or("the stream ended")?
-            .map_err(|s| s.to_string())?;
-        drop(outbound);
-        answer
-            .body
-            .ok_or_else(|| "an answer without a body".to_string())
-    });
+    let answer = yr_tests::bus_register(&bus, Some(token), register);
     println!("CLAIMANT {answer:?}");
 }
