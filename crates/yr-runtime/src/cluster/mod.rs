@@ -185,9 +185,14 @@ impl ClusterBackend {
             .unwrap_or_default();
         let socket = yr_common::sockets::new_worker_socket()?;
         // Clean up after processes that died without removing their sockets; off the way.
-        let _ = std::thread::Builder::new()
-            .name("yr-sweep".to_string())
-            .spawn(yr_common::sockets::sweep_dead);
+        // Drivers only: the sweep reads the whole socket directory (two files per live
+        // process), so a runtime doing it at start would make each create cost more the more
+        // instances live; the node removes the sockets of runtimes that end.
+        if runtime.is_none() {
+            let _ = std::thread::Builder::new()
+                .name("yr-sweep".to_string())
+                .spawn(yr_common::sockets::sweep_dead);
+        }
         let worker_address = format!("unix:{}", socket.display());
         let cell: Arc<OnceLock<Weak<Inner>>> = Arc::new(OnceLock::new());
         let connect_code = if runtime.is_some() {
