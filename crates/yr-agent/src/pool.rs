@@ -329,6 +329,15 @@ impl RuntimePool {
         round
     }
 
+    /// Count every runtime as having answered now. For a node that was itself stopped (for
+    /// example SIGSTOP) longer than the heartbeat timeout: its runtimes' silence is its own.
+    pub fn forgive_silence(&self) {
+        let now = Instant::now();
+        for slot in self.state.lock().slots.values_mut() {
+            slot.last_ack = now;
+        }
+    }
+
     /// The bus client of `runtime_id`, if it connected.
     pub fn client_of(&self, runtime_id: &str) -> Option<u64> {
         self.state
@@ -504,6 +513,21 @@ mod tests {
         assert_eq!(pool.idle("h"), 0);
         let round = pool.heartbeat_round(Duration::ZERO);
         assert!(round.hung.is_empty(), "a hung runtime is reported once");
+    }
+
+    #[test]
+    fn a_node_that_was_stopped_forgives_its_runtimes_silence() {
+        let (pool, _) = pool(1);
+        pool.fill("h", &spec()).unwrap();
+        pool.registered("rt1", 9, "unix:/w");
+        std::thread::sleep(Duration::from_millis(20));
+        pool.forgive_silence();
+        let round = pool.heartbeat_round(Duration::from_millis(10));
+        assert!(
+            round.hung.is_empty(),
+            "silence while the node was stopped is not a hang"
+        );
+        assert_eq!(round.beat, vec![9]);
     }
 
     #[test]

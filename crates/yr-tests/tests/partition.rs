@@ -75,10 +75,10 @@ fn node_partitioned_past_the_node_timeout_is_fenced_and_its_instance_stays_fatal
             cpu: 1_000,
             ..NodeSpec::default()
         })
+        // The default runtime heartbeat timeout: a node that was stopped does not take its
+        // runtimes' silence for a hang, so the path taken is fencing.
         .node(NodeSpec {
             cpu: 4_000,
-            // Its runtimes must not look hung after the stop: the path under test is fencing.
-            heartbeat_timeout: 120.0,
             ..NodeSpec::default()
         })
         .start();

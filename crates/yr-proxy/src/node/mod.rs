@@ -78,6 +78,8 @@ pub struct Node {
     meta: Arc<dyn MetaStore>,
     master: Arc<MasterLink>,
     limiter: Mutex<TokenBucket>,
+    /// When the last heartbeat round ran.
+    last_heartbeat_round: Mutex<std::time::Instant>,
     creates: AtomicU64,
     /// Told the process id of each client that disconnects (the data worker drops its
     /// shared-memory references).
@@ -131,6 +133,7 @@ impl Node {
             meta,
             master,
             limiter: Mutex::new(TokenBucket::new(rate, burst)),
+            last_heartbeat_round: Mutex::new(std::time::Instant::now()),
             creates: AtomicU64::new(0),
             client_gone: OnceLock::new(),
             settings,

@@ -94,8 +94,19 @@ impl Node {
         });
     }
 
-    /// Send heartbeats; kill runtimes that stopped answering.
+    /// Send heartbeats; kill runtimes that stopped answering. A round that comes more than a
+    /// heartbeat timeout after the previous one means the node itself did not run (stopped, or
+    /// starved): its runtimes' silence is then not theirs, and they get a fresh timeout.
     pub fn heartbeat_round(&self) {
+        let now = std::time::Instant::now();
+        let previous = std::mem::replace(&mut *self.last_heartbeat_round.lock(), now);
+        if now.duration_since(previous) > self.settings.heartbeat_timeout {
+            tracing::warn!(
+                gap = ?now.duration_since(previous),
+                "the node did not run for longer than the runtime heartbeat timeout; restarting every runtime's timeout"
+            );
+            self.runtimes.forgive_silence();
+        }
         let round = self
             .runtimes
             .heartbeat_round(self.settings.heartbeat_timeout);
