@@ -283,6 +283,8 @@ mod tests {
     use super::*;
 
     fn manager(log_dir: PathBuf) -> RuntimeManager {
+        // `RuntimeManager::new` takes the node's event sender (unbounded: one event per runtime
+        // the node started, so bounded by the runtimes it runs); these tests drop the events.
         let (events, _) = mpsc::unbounded_channel();
         RuntimeManager::new(
             RuntimeManagerOptions {

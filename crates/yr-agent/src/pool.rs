@@ -531,13 +531,12 @@ mod tests {
     }
 
     #[test]
-    fn taking_costs_the_same_with_many_busy_runtimes() {
+    fn a_take_among_many_busy_runtimes_starts_a_new_one_and_leaves_other_binaries_alone() {
         let (pool, _) = pool(0);
         for i in 0..10_000 {
             pool.take("h", &spec(), &format!("i{i}")).unwrap();
         }
         pool.fill("other", &spec()).unwrap();
-        // Only the idle index is consulted: nothing here walks the 10,000 busy runtimes.
         assert_eq!(pool.idle("h"), 0);
         let taken = pool.take("h", &spec(), "last").unwrap();
         assert_eq!(taken.runtime_id, "rt10001");

@@ -191,6 +191,8 @@ pub async fn run(
         node_info,
         fencing.clone(),
     ));
+    // Unbounded on purpose: the reaper sends one event per runtime that ends, so the queue is
+    // bounded by the runtimes this node started, and a reaper must never block on it.
     let (events, mut event_receiver) = tokio::sync::mpsc::unbounded_channel();
     let node = Node::new(
         NodeSettings {

@@ -26,6 +26,8 @@ struct Setup {
 fn setup(incarnation: u64) -> Setup {
     let store = Arc::new(EmbeddedStore::in_memory());
     let fencing = Fencing::with_incarnation(NODE.into(), store.clone(), incarnation);
+    // The fencing handlers are synchronous callbacks; a test sees at most a few fence events,
+    // so these test-only channels need no bound.
     let (instance_sender, fenced) = mpsc::unbounded_channel();
     let (node_sender, nodes_fenced) = mpsc::unbounded_channel();
     fencing.set_handlers(crate::fencing::FenceHandlers {
