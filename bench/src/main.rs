@@ -66,9 +66,10 @@ struct Args {
     /// Skip the cold-creation measure (it starts a second cluster with `--warm-pool 0`).
     #[arg(long)]
     no_cold: bool,
-    /// Burst sizes of `instance creation burst` (each on a fresh cluster); empty skips it.
-    #[arg(long, value_delimiter = ',', default_value = "1000,3000")]
-    burst_sizes: Vec<usize>,
+    /// Burst sizes of `instance creation burst` (each on a fresh cluster); `--burst-sizes ""`
+    /// skips it.
+    #[arg(long, default_value = "1000,3000", value_parser = burst_sizes)]
+    burst_sizes: BurstSizes,
 }
 
 #[yr::invoke]
@@ -677,6 +678,22 @@ fn cold_creation(args: &Args, config: &yr::Config) -> anyhow::Result<()> {
     result
 }
 
+/// Sizes of `--burst-sizes`: a comma-separated list, possibly empty.
+#[derive(Clone, Debug)]
+struct BurstSizes(Vec<usize>);
+
+fn burst_sizes(text: &str) -> Result<BurstSizes, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|size| !size.is_empty())
+        .map(|size| {
+            size.parse::<usize>()
+                .map_err(|_| format!("{size:?} is not a number of instances"))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(BurstSizes)
+}
+
 /// `instance creation burst of N`: on a cluster started here with room for every instance, N
 /// creates in one burst, then one call on each; creates per second from the first create to the
 /// last call's result. Each burst size runs on a fresh cluster.
@@ -686,7 +703,7 @@ fn creation_burst(args: &Args, config: &yr::Config) -> anyhow::Result<()> {
         return Ok(());
     }
     let yr_bin = yr_binary(name)?;
-    for &size in &args.burst_sizes {
+    for &size in &args.burst_sizes.0 {
         let dir = std::env::temp_dir().join(format!("yr-bench-burst-{}", std::process::id()));
         let status = std::process::Command::new(&yr_bin)
             .args([

@@ -1,5 +1,6 @@
-//! Code distribution: the driver binaries this node may run (by content key) and the functions
-//! its drivers registered, and fetching a binary from the node that created an instance.
+//! Code distribution: the binaries this node may run (by content key): drivers' own, and
+//! executables registered for calls across languages; the functions its drivers registered;
+//! and fetching a binary from the node that created an instance.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -20,6 +21,9 @@ pub struct CodeCatalog {
 struct Catalog {
     binaries: HashMap<String, RuntimeSpec>,
     functions: HashSet<String>,
+    /// Binaries registered as executables for calls across languages and by no driver: the
+    /// node does not know their functions, so their runtimes check the names.
+    executables_only: HashSet<String>,
 }
 
 impl CodeCatalog {
@@ -31,6 +35,44 @@ impl CodeCatalog {
     /// Runtimes of binary `hash` start as `spec`.
     pub fn add_binary(&self, hash: &str, spec: RuntimeSpec) {
         self.state.lock().binaries.insert(hash.to_string(), spec);
+    }
+
+    /// A driver registered binary `hash`, whose runtimes start as `spec`: its functions are
+    /// among those registered with [`CodeCatalog::add_functions`].
+    pub fn add_driver_binary(&self, hash: &str, spec: RuntimeSpec) {
+        let mut state = self.state.lock();
+        state.executables_only.remove(hash);
+        state.binaries.insert(hash.to_string(), spec);
+    }
+
+    /// An executable `hash` was registered for calls across languages. A binary the node
+    /// knows already keeps how its runtimes start (a driver's arguments stay); a new one starts
+    /// as `spec`. Returns how its runtimes start.
+    pub fn add_executable(&self, hash: &str, spec: RuntimeSpec) -> RuntimeSpec {
+        let mut state = self.state.lock();
+        if let Some(known) = state.binaries.get(hash) {
+            return known.clone();
+        }
+        state.executables_only.insert(hash.to_string());
+        state.binaries.insert(hash.to_string(), spec.clone());
+        spec
+    }
+
+    /// Whether the node knows which functions binary `hash` has: not for an executable that
+    /// only calls across languages registered (its runtimes check the names).
+    pub fn knows_functions_of(&self, hash: &str) -> bool {
+        !self.state.lock().executables_only.contains(hash)
+    }
+
+    /// The content key and start of the binary at `path`, if one was registered from there.
+    /// Walks the catalog (a handful of binaries): for registrations, not for creates.
+    pub fn binary_at(&self, path: &Path) -> Option<(String, RuntimeSpec)> {
+        self.state
+            .lock()
+            .binaries
+            .iter()
+            .find(|(_, spec)| spec.binary_path == path)
+            .map(|(hash, spec)| (hash.clone(), spec.clone()))
     }
 
     /// How to start a runtime of binary `hash`, if it is known.
@@ -162,15 +204,39 @@ mod tests {
         catalog.add_functions(&["f".to_string()]);
         assert!(catalog.has_function("f") && !catalog.has_function("g"));
         assert!(catalog.binary("h").is_none());
-        catalog.add_binary(
-            "h",
-            RuntimeSpec {
-                binary_path: PathBuf::from("/bin/true"),
-                args: Vec::new(),
-                job_id: String::new(),
-                env: Vec::new(),
-            },
-        );
+        catalog.add_binary("h", spec("/bin/true", &[]));
         assert!(catalog.has_binary("h"));
+    }
+
+    fn spec(path: &str, args: &[&str]) -> RuntimeSpec {
+        RuntimeSpec {
+            binary_path: PathBuf::from(path),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            job_id: String::new(),
+            env: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_executable_keeps_how_a_known_binary_starts_and_its_runtimes_check_names() {
+        let catalog = CodeCatalog::new();
+        catalog.add_driver_binary("driver", spec("/bin/driver", &["--exact", "a_test"]));
+        let kept = catalog.add_executable("driver", spec("/bin/driver", &[]));
+        assert_eq!(kept.args, ["--exact", "a_test"]);
+        assert!(catalog.knows_functions_of("driver"));
+
+        let new = catalog.add_executable("rust", spec("/bin/rust", &[]));
+        assert_eq!(new.binary_path, PathBuf::from("/bin/rust"));
+        assert!(!catalog.knows_functions_of("rust"));
+        assert_eq!(
+            catalog
+                .binary_at(Path::new("/bin/rust"))
+                .map(|(hash, _)| hash),
+            Some("rust".to_string())
+        );
+        // A driver running it later registers its functions.
+        catalog.add_driver_binary("rust", spec("/bin/rust", &[]));
+        assert!(catalog.knows_functions_of("rust"));
+        assert!(catalog.knows_functions_of("never-registered"));
     }
 }

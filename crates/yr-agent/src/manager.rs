@@ -184,23 +184,24 @@ impl RuntimeManager {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
+            .env("YR_NODE_PID", std::process::id().to_string())
             .kill_on_drop(false);
-        // SAFETY: prctl is async-signal-safe; the runtime dies with its node.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        // No `pre_exec` here: without it the standard library starts the process with
+        // `posix_spawn` (a vfork), whose cost does not grow with the node's memory. A fork
+        // copies the node's page tables and makes the node take copy-on-write faults, so
+        // each start got slower as more runtimes lived. The runtime asks to die with its node
+        // itself, first thing (`yr_runtime`'s `die_with_node`, using `YR_NODE_PID`).
         let oom_before = oom_kill_count();
+        // The table stays locked from the start to the insert: the runtime may connect and
+        // ask to be checked (`pid`) before `spawn` returns here.
+        let mut running = self.running.lock();
         let mut child = command.spawn().map_err(|source| AgentError::Spawn {
             binary: spec.binary_path.display().to_string(),
             source,
         })?;
         let pid = child.id().unwrap_or(0);
-        self.running
-            .lock()
-            .insert(runtime_id.clone(), Running { pid });
+        running.insert(runtime_id.clone(), Running { pid });
+        drop(running);
         let running = self.running.clone();
         let events = self.events.clone();
         let stderr_path = self.stderr_path(&runtime_id);

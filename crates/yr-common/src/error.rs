@@ -206,7 +206,16 @@ pub struct Error {
     code: ErrorCode,
     module: ModuleCode,
     message: String,
+    /// The failure as the failing code's own language encoded it (a pickled Python exception),
+    /// for an SDK of that language to re-raise; other languages read only the message.
+    /// (Boxed: most errors have none, and an `Error` stays small to move around.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    payload: Option<Box<Payload>>,
 }
+
+/// The bytes of an error's payload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Payload(Vec<u8>);
 
 impl Error {
     /// An error with `code`, carrying the code's default module.
@@ -215,6 +224,7 @@ impl Error {
             code,
             module: code.info().module,
             message: message.into(),
+            payload: None,
         }
     }
 
@@ -224,7 +234,20 @@ impl Error {
             code,
             module,
             message: message.into(),
+            payload: None,
         }
+    }
+
+    /// This error carrying `payload`: the failure in the failing code's own encoding (a
+    /// pickled Python exception), which travels with the error to every caller.
+    pub fn with_payload(mut self, payload: Vec<u8>) -> Error {
+        self.payload = (!payload.is_empty()).then(|| Box::new(Payload(payload)));
+        self
+    }
+
+    /// The failure in the failing code's own encoding, empty if it has none.
+    pub fn payload(&self) -> &[u8] {
+        self.payload.as_deref().map_or(&[], |payload| &payload.0)
     }
 
     /// The code.

@@ -2,7 +2,7 @@
 //! `docs/error-codes.md`), ids, [`InvokeOptions`] with their validation, and [`Config`], and the
 //! files processes on one machine agree on (the session file, socket paths, their private
 //! directories), the reconnect backoff, the content key of an executable ([`binary_hash`]),
-//! the [`Clock`] that timing logic reads, and the `FAILPOINTS` set-up of fault tests. It owns
+//! the [`Clock`] that timing logic reads, the [`Waiting`] counts of parked calls, and the `FAILPOINTS` set-up of fault tests. It owns
 //! no behaviour beyond that: no threads, no network.
 
 pub mod auth;
@@ -27,3 +27,5 @@ pub use options::{
 pub mod fail_points;
 pub mod session;
 pub mod sockets;
+pub mod waiting;
+pub use waiting::{Waiting, WaitingGuard};

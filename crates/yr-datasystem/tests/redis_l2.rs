@@ -25,6 +25,12 @@ struct RedisServer {
 impl RedisServer {
     /// Start one, or `None` (with a note) when `YR_SKIP_REDIS_TESTS` is set.
     fn start() -> Option<RedisServer> {
+        RedisServer::start_with(&[])
+    }
+
+    /// [`RedisServer::start`] with more `redis-server` arguments; it answers once it is up,
+    /// even with an error reply (for example NOAUTH).
+    fn start_with(extra: &[&str]) -> Option<RedisServer> {
         if std::env::var_os("YR_SKIP_REDIS_TESTS").is_some() {
             eprintln!("YR_SKIP_REDIS_TESTS is set: skipping a test against a real Redis");
             return None;
@@ -37,6 +43,7 @@ impl RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -53,7 +60,12 @@ impl RedisServer {
         };
         let client = RedisClient::new(server.address.clone());
         let deadline = Instant::now() + Duration::from_secs(10);
-        while client.ping().is_err() {
+        let answers = || match client.ping() {
+            Ok(()) => true,
+            // Up, and refusing the unauthenticated PING.
+            Err(error) => error.message().contains("NOAUTH"),
+        };
+        while !answers() {
             assert!(
                 Instant::now() < deadline,
                 "redis-server did not answer on {}",
@@ -208,4 +220,22 @@ fn a_data_worker_on_redis_that_goes_away_fails_with_3007() {
     })
     .unwrap_err();
     assert_eq!(error.code(), ErrorCode::RedisOperationError);
+}
+
+#[test]
+fn an_error_reply_is_3007_with_the_servers_message_and_the_command() {
+    let Some(redis) = RedisServer::start_with(&["--requirepass", "not-given"]) else {
+        return;
+    };
+    let error = RedisClient::new(redis.address.clone())
+        .get(b"k")
+        .unwrap_err();
+    assert_eq!(error.code(), ErrorCode::RedisOperationError);
+    assert!(error.message().contains("NOAUTH"), "{}", error.message());
+    assert!(error.message().contains("GET"), "{}", error.message());
+    assert!(
+        error.message().contains(&redis.address),
+        "{}",
+        error.message()
+    );
 }

@@ -23,7 +23,9 @@ use syn::{
 /// ```
 ///
 /// `#[yr::invoke(return_nums = 2)]` on a function returning a 2-tuple gives two refs. A function
-/// returning `Result<T, E>` fails its call with 2002 and `E`'s text on `Err`.
+/// returning `Result<T, E>` fails its call with 2002 and `E`'s text on `Err`. An `async fn` runs
+/// on yr's async runtime. Inside its body the function's name is its handle, so a function can
+/// invoke itself: `yr::function(f).invoke(..)`.
 #[proc_macro_attribute]
 pub fn invoke(attr: TokenStream, item: TokenStream) -> TokenStream {
     let function = syn::parse_macro_input!(item as ItemFn);
@@ -35,7 +37,8 @@ pub fn invoke(attr: TokenStream, item: TokenStream) -> TokenStream {
 
 /// Declare a stateful instance class: on the struct, and on its `impl` block. Constructors
 /// (associated functions returning `Self` or `Result<Self, E>`) and methods (`&self` or
-/// `&mut self`) become `yr::Constructor` and `yr::Method` constants of the same name.
+/// `&mut self`, plain or `async`) become `yr::Constructor` and `yr::Method` constants of the
+/// same name; a method marked `#[yr::method(return_nums = N)]` becomes a `yr::MultiMethod`.
 #[proc_macro_attribute]
 pub fn instance(attr: TokenStream, item: TokenStream) -> TokenStream {
     if !attr.is_empty() {
@@ -63,10 +66,33 @@ pub fn instance(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// period.
 #[proc_macro_attribute]
 pub fn shutdown(_attr: TokenStream, item: TokenStream) -> TokenStream {
+    outside_instance_impl("shutdown", item)
+}
+
+/// Set a method's options inside a `#[yr::instance]` impl block: `#[yr::method(return_nums =
+/// N)]` on a method returning an N-tuple makes its calls give N refs (the method's constant is
+/// a `yr::MultiMethod`).
+///
+/// ```ignore
+/// #[yr::instance]
+/// impl Stats {
+///     #[yr::method(return_nums = 2)]
+///     fn min_max(&self) -> (i64, i64) { (self.min, self.max) }
+/// }
+/// let (min, max) = stats.method(Stats::min_max).invoke(())?;
+/// ```
+#[proc_macro_attribute]
+pub fn method(_attr: TokenStream, item: TokenStream) -> TokenStream {
+    outside_instance_impl("method", item)
+}
+
+/// An attribute that `#[yr::instance]` reads on the methods of its impl block, found anywhere
+/// else (which `#[yr::instance]` would have consumed): a compile error.
+fn outside_instance_impl(attribute: &str, item: TokenStream) -> TokenStream {
     let item: Tokens = item.into();
     syn::Error::new(
         item.span(),
-        "#[yr::shutdown] marks a method inside a #[yr::instance] impl block",
+        format!("#[yr::{attribute}] marks a method inside a #[yr::instance] impl block"),
     )
     .to_compile_error()
     .into()
@@ -109,7 +135,8 @@ fn return_shape(output: &ReturnType) -> ReturnShape {
     }
 }
 
-fn parse_return_nums(attr: Tokens) -> syn::Result<Option<usize>> {
+/// `return_nums = N` (the only option), for `#[yr::invoke(..)]` and `#[yr::method(..)]`.
+fn parse_return_nums(attr: Tokens, macro_name: &str) -> syn::Result<Option<usize>> {
     if attr.is_empty() {
         return Ok(None);
     }
@@ -131,7 +158,7 @@ fn parse_return_nums(attr: Tokens) -> syn::Result<Option<usize>> {
             other => {
                 return Err(syn::Error::new(
                     other.span(),
-                    "unknown option; #[yr::invoke] accepts return_nums = N",
+                    format!("unknown option; #[yr::{macro_name}] accepts return_nums = N"),
                 ))
             }
         }
@@ -163,13 +190,36 @@ fn check_plain(sig: &Signature) -> syn::Result<()> {
             "yr functions cannot be generic: a remote call needs one concrete entry point",
         ));
     }
-    if let Some(asyncness) = sig.asyncness {
-        return Err(syn::Error::new(
-            asyncness.span(),
-            "yr functions cannot be async yet",
-        ));
-    }
     Ok(())
+}
+
+/// A call of user code: awaited on yr's async runtime for an `async fn`.
+fn drive(sig: &Signature, call: Tokens) -> Tokens {
+    match sig.asyncness {
+        Some(_) => quote! { ::yr::__private::block_on(#call)? },
+        None => call,
+    }
+}
+
+/// The code that turns a call's result into `Returns`, the type of the handle, and the number
+/// of results: one value, or with `return_nums` the elements of a tuple.
+fn returns_of(return_nums: Option<usize>, value: &Type) -> (Tokens, Tokens) {
+    match return_nums {
+        None => (
+            quote! { ::yr::__private::encode_one(&__yr_result) },
+            quote! { 1 },
+        ),
+        Some(n) => (
+            quote! { ::yr::MultiReturn::encode(__yr_result) },
+            quote! {{
+                const _: () = assert!(
+                    <#value as ::yr::MultiReturn>::COUNT == #n,
+                    "return_nums must equal the number of elements of the returned tuple"
+                );
+                #n
+            }},
+        ),
+    }
 }
 
 fn doc_attrs(attrs: &[Attribute]) -> Vec<&Attribute> {
@@ -177,7 +227,7 @@ fn doc_attrs(attrs: &[Attribute]) -> Vec<&Attribute> {
 }
 
 fn expand_invoke(attr: Tokens, function: ItemFn) -> syn::Result<Tokens> {
-    let return_nums = parse_return_nums(attr)?;
+    let return_nums = parse_return_nums(attr, "invoke")?;
     check_plain(&function.sig)?;
     let name = &function.sig.ident;
     let vis = &function.vis;
@@ -189,36 +239,31 @@ fn expand_invoke(attr: Tokens, function: ItemFn) -> syn::Result<Tokens> {
     let shape = return_shape(&function.sig.output);
     let value = &shape.value;
     let entry_name = format_ident!("__YR_FUNCTION_{}", name);
-    let mut inner = function.clone();
-    inner.attrs.retain(|a| !a.path().is_ident("doc"));
-    inner.vis = syn::Visibility::Inherited;
+    // The user's function keeps its body under another name, beside the handle: inside the
+    // body, the function's own name is the handle, so it can invoke itself.
+    let user_name = format_ident!("__yr_fn_{}", name);
+    let mut user = function.clone();
+    user.attrs.retain(|a| !a.path().is_ident("doc"));
+    user.vis = syn::Visibility::Inherited;
+    user.sig.ident = user_name.clone();
 
-    let call = quote! { #name(#(#arg_names),*) };
+    let call = drive(&function.sig, quote! { #user_name(#(#arg_names),*) });
     let result = if shape.fallible {
         quote! { ::yr::__private::user_result(#entry_name.name, #call)? }
     } else {
         call
     };
-    let (encode, handle_type, count) = match return_nums {
-        None => (
-            quote! { ::yr::__private::encode_one(&__yr_result) },
-            quote! { ::yr::Function<(#(#params,)*), #value> },
-            quote! { 1 },
-        ),
-        Some(n) => (
-            quote! { ::yr::MultiReturn::encode(__yr_result) },
-            quote! { ::yr::MultiFunction<(#(#params,)*), #value> },
-            quote! {{
-                const _: () = assert!(
-                    <#value as ::yr::MultiReturn>::COUNT == #n,
-                    "return_nums must equal the number of elements of the returned tuple"
-                );
-                #n
-            }},
-        ),
+    let (encode, count) = returns_of(return_nums, value);
+    let handle_type = match return_nums {
+        None => quote! { ::yr::Function<(#(#params,)*), #value> },
+        Some(_) => quote! { ::yr::MultiFunction<(#(#params,)*), #value> },
     };
 
     Ok(quote! {
+        #[doc(hidden)]
+        #[allow(non_snake_case)]
+        #user
+
         #[doc(hidden)]
         #[allow(non_upper_case_globals)]
         const #entry_name: ::yr::__private::FunctionEntry = ::yr::__private::FunctionEntry {
@@ -227,7 +272,6 @@ fn expand_invoke(attr: Tokens, function: ItemFn) -> syn::Result<Tokens> {
                 fn __yr_call(
                     __yr_args: &[::yr::__private::Arg],
                 ) -> ::yr::Result<::yr::__private::Returns> {
-                    #inner
                     let (#(#arg_names,)*): (#(#params,)*) =
                         ::yr::FromArgs::from_args(__yr_args)?;
                     let __yr_result = #result;
@@ -315,6 +359,19 @@ fn receiver(method: &ImplItemFn) -> syn::Result<Option<Receiver>> {
     }
 }
 
+/// Whether `attribute` is `#[name]` or `#[some::path::name]` (as `#[yr::shutdown]`).
+fn is_attribute(attribute: &Attribute, name: &str) -> bool {
+    attribute
+        .path()
+        .segments
+        .last()
+        .is_some_and(|segment| segment.ident == name)
+}
+
+fn has_attribute(method: &ImplItemFn, name: &str) -> bool {
+    method.attrs.iter().any(|a| is_attribute(a, name))
+}
+
 fn returns_self(method: &ImplItemFn, class_ident: &syn::Ident) -> bool {
     let shape = return_shape(&method.sig.output);
     match &shape.value {
@@ -360,28 +417,50 @@ fn expand_instance_impl(item: ItemImpl) -> syn::Result<Tokens> {
             kept_items.push(impl_item.clone());
             continue;
         };
-        let is_shutdown = method.attrs.iter().any(|a| {
-            let segments: Vec<String> = a
-                .path()
-                .segments
-                .iter()
-                .map(|s| s.ident.to_string())
-                .collect();
-            segments.last().map(String::as_str) == Some("shutdown")
-        });
+        let is_shutdown = has_attribute(method, "shutdown");
+        let method_options = method.attrs.iter().find(|a| is_attribute(a, "method"));
         let kind = receiver(method)?;
         let is_constructor = kind.is_none() && returns_self(method, &class_ident);
         if !is_shutdown && kind.is_none() && !is_constructor {
+            if let Some(attribute) = method_options {
+                return Err(syn::Error::new(
+                    attribute.span(),
+                    "#[yr::method] goes on an instance method (one that takes &self or &mut self)",
+                ));
+            }
             kept_items.push(impl_item.clone());
             continue;
         }
         check_plain(&method.sig)?;
+        let return_nums =
+            match method_options {
+                Some(attribute) if kind.is_some() && !is_shutdown => match &attribute.meta {
+                    Meta::List(list) => parse_return_nums(list.tokens.clone(), "method")?,
+                    Meta::Path(_) => None,
+                    Meta::NameValue(other) => {
+                        return Err(syn::Error::new(
+                            other.span(),
+                            "write #[yr::method(return_nums = N)]",
+                        ))
+                    }
+                },
+                Some(attribute) => return Err(syn::Error::new(
+                    attribute.span(),
+                    "#[yr::method] goes on an instance method, not a constructor or shutdown hook",
+                )),
+                None => None,
+            };
+        if is_shutdown && method.sig.asyncness.is_some() {
+            return Err(syn::Error::new(
+                method.sig.span(),
+                "a shutdown hook cannot be async: it runs within the grace period on its own thread",
+            ));
+        }
 
         let mut moved = method.clone();
         moved.vis = syn::Visibility::Inherited;
         moved.attrs.retain(|a| {
-            let last = a.path().segments.last().map(|s| s.ident.to_string());
-            last.as_deref() != Some("shutdown") && !a.path().is_ident("doc")
+            !is_attribute(a, "shutdown") && !is_attribute(a, "method") && !a.path().is_ident("doc")
         });
         let sig = &moved.sig;
         trait_items.push(quote! { #sig; });
@@ -418,7 +497,10 @@ fn expand_instance_impl(item: ItemImpl) -> syn::Result<Tokens> {
         };
 
         if is_constructor {
-            let call = quote! { <#class as #trait_name>::#name(#(#arg_names),*) };
+            let call = drive(
+                &method.sig,
+                quote! { <#class as #trait_name>::#name(#(#arg_names),*) },
+            );
             let value = if shape.fallible {
                 quote! { ::yr::__private::user_result(#full_name, #call)? }
             } else {
@@ -461,11 +543,19 @@ fn expand_instance_impl(item: ItemImpl) -> syn::Result<Tokens> {
                 quote! { Shared },
             ),
         };
-        let call = quote! { <#class as #trait_name>::#name(__yr_this, #(#arg_names),*) };
+        let call = drive(
+            &method.sig,
+            quote! { <#class as #trait_name>::#name(__yr_this, #(#arg_names),*) },
+        );
         let result = if shape.fallible {
             quote! { ::yr::__private::user_result(#full_name, #call)? }
         } else {
             call
+        };
+        let (encode, count) = returns_of(return_nums, &value);
+        let handle_type = match return_nums {
+            None => quote! { ::yr::Method<#class, (#(#params,)*), #value> },
+            Some(_) => quote! { ::yr::MultiMethod<#class, (#(#params,)*), #value> },
         };
         handles.push(quote! {
             #[doc(hidden)]
@@ -484,7 +574,8 @@ fn expand_instance_impl(item: ItemImpl) -> syn::Result<Tokens> {
                         let (#(#arg_names,)*): (#(#params,)*) =
                             ::yr::FromArgs::from_args(__yr_args)?;
                         let __yr_result: #value = #result;
-                        ::yr::__private::encode_one(&__yr_result)
+                        let _: usize = #count;
+                        #encode
                     }
                     __yr_call
                 }),
@@ -492,11 +583,8 @@ fn expand_instance_impl(item: ItemImpl) -> syn::Result<Tokens> {
 
             #(#docs)*
             #[allow(non_upper_case_globals)]
-            #vis const #name: ::yr::Method<#class, (#(#params,)*), #value> =
-                ::yr::Method::__new(Self::#entry_name);
+            #vis const #name: #handle_type = <#handle_type>::__new(Self::#entry_name);
         });
-        handles.push(quote! {});
-        let _ = &entry_name;
     }
 
     let shutdown = match &shutdown_hook {
@@ -536,15 +624,7 @@ fn expand_instance_impl(item: ItemImpl) -> syn::Result<Tokens> {
     let mut submits = Vec::new();
     for impl_item in &item.items {
         if let ImplItem::Fn(method) = impl_item {
-            let is_shutdown = method.attrs.iter().any(|a| {
-                a.path()
-                    .segments
-                    .last()
-                    .map(|s| s.ident.to_string())
-                    .as_deref()
-                    == Some("shutdown")
-            });
-            if is_shutdown {
+            if has_attribute(method, "shutdown") {
                 continue;
             }
             let kind = receiver(method)?;
@@ -579,4 +659,94 @@ fn expand_instance_impl(item: ItemImpl) -> syn::Result<Tokens> {
 
         #(#submits)*
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn impl_error(item: Tokens) -> String {
+        let item: ItemImpl = syn::parse2(item).expect("an impl block");
+        match expand_instance_impl(item) {
+            Ok(_) => panic!("the impl block should be refused"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_function_body_sees_its_own_name_as_the_handle() {
+        let function: ItemFn = syn::parse_quote! {
+            fn fib(n: u64) -> u64 { n }
+        };
+        let expanded = expand_invoke(Tokens::new(), function).unwrap().to_string();
+        // The body lives under a hidden name, beside the handle `fib`.
+        assert!(expanded.contains("fn __yr_fn_fib"), "{expanded}");
+        assert!(expanded.contains("const fib"), "{expanded}");
+    }
+
+    #[test]
+    fn an_async_function_is_driven_by_block_on() {
+        let function: ItemFn = syn::parse_quote! {
+            async fn later(n: u64) -> u64 { n }
+        };
+        let expanded = expand_invoke(Tokens::new(), function).unwrap().to_string();
+        assert!(expanded.contains("block_on"), "{expanded}");
+    }
+
+    #[test]
+    fn a_method_with_return_nums_becomes_a_multi_method() {
+        let item: ItemImpl = syn::parse_quote! {
+            impl Stats {
+                fn new() -> Self { Stats }
+                #[yr::method(return_nums = 2)]
+                fn pair(&self) -> (u8, u8) { (1, 2) }
+                async fn later(&mut self) -> u8 { 3 }
+            }
+        };
+        let expanded = expand_instance_impl(item).unwrap().to_string();
+        assert!(expanded.contains("MultiMethod"), "{expanded}");
+        assert!(
+            !expanded.contains("yr :: method"),
+            "the attribute is consumed"
+        );
+        assert!(expanded.contains("block_on"), "{expanded}");
+    }
+
+    #[test]
+    fn method_options_go_on_methods_only_and_take_return_nums_only() {
+        let on_constructor = impl_error(quote! {
+            impl Stats {
+                #[yr::method(return_nums = 2)]
+                fn new() -> Self { Stats }
+            }
+        });
+        assert!(
+            on_constructor.contains("not a constructor"),
+            "{on_constructor}"
+        );
+        let on_helper = impl_error(quote! {
+            impl Stats {
+                #[yr::method(return_nums = 2)]
+                fn helper(x: u8) -> u8 { x }
+            }
+        });
+        assert!(on_helper.contains("instance method"), "{on_helper}");
+        let unknown = impl_error(quote! {
+            impl Stats {
+                #[yr::method(concurrency_group = 2)]
+                fn pair(&self) -> (u8, u8) { (1, 2) }
+            }
+        });
+        assert!(
+            unknown.contains("#[yr::method] accepts return_nums"),
+            "{unknown}"
+        );
+        let async_hook = impl_error(quote! {
+            impl Stats {
+                #[yr::shutdown]
+                async fn stop(&mut self, grace: std::time::Duration) {}
+            }
+        });
+        assert!(async_hook.contains("cannot be async"), "{async_hook}");
+    }
 }

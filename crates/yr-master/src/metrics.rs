@@ -1,17 +1,18 @@
 //! Health and metrics over HTTP: `GET /healthz` and `GET /metrics` (Prometheus text
-//! exposition), served on its own listener by `yr_transport::http`.
+//! exposition, built with `prometheus-client` through `yr_transport::metrics`), served on its
+//! own listener by `yr_transport::http`.
 //!
 //! Metrics: nodes by state, schedule requests and failures by code, registrations, nodes lost,
 //! instances by state, instances failed because their node was lost, and the alive nodes' total
 //! capacity and allocatable.
 
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use yr_common::ErrorCode;
+use yr_transport::metrics::Metrics;
 
 use crate::cluster::Cluster;
 use crate::instance_manager::ALL_STATES;
@@ -19,105 +20,72 @@ use crate::registry::NodeState;
 
 /// The Prometheus text exposition of the master's metrics.
 pub fn render(cluster: &Cluster) -> String {
-    let mut out = String::new();
+    let mut metrics = Metrics::default();
     let counters = cluster.counters();
-
-    gauge_header(
-        &mut out,
+    let node_counts = cluster.node_counts();
+    let node_states: Vec<String> = NodeState::ALL.iter().map(ToString::to_string).collect();
+    metrics.gauges(
         "yr_master_nodes",
         "Nodes known to the master, by state.",
+        "state",
+        node_states
+            .iter()
+            .map(String::as_str)
+            .zip(node_counts.iter().map(|&count| count as i64)),
     );
-    let node_counts = cluster.node_counts();
-    for (state, count) in NodeState::ALL.iter().zip(node_counts) {
-        let _ = writeln!(out, "yr_master_nodes{{state=\"{state}\"}} {count}");
+    for (name, help, counter) in [
+        (
+            "yr_master_node_registrations",
+            "Node registrations accepted.",
+            &counters.registrations,
+        ),
+        (
+            "yr_master_nodes_lost",
+            "Nodes declared lost after missing their heartbeats.",
+            &counters.nodes_lost,
+        ),
+        (
+            "yr_master_lost_incarnations_refused",
+            "Registrations refused because the master had declared that incarnation lost.",
+            &counters.lost_incarnations_refused,
+        ),
+        (
+            "yr_master_schedule_requests",
+            "Schedule requests answered.",
+            &counters.schedule_requests,
+        ),
+    ] {
+        metrics.counter(name, help, counter.load(Ordering::Relaxed));
     }
-
-    counter_header(
-        &mut out,
-        "yr_master_node_registrations_total",
-        "Node registrations accepted.",
-    );
-    let _ = writeln!(
-        out,
-        "yr_master_node_registrations_total {}",
-        counters.registrations.load(Ordering::Relaxed)
-    );
-    counter_header(
-        &mut out,
-        "yr_master_nodes_lost_total",
-        "Nodes declared lost after missing their heartbeats.",
-    );
-    let _ = writeln!(
-        out,
-        "yr_master_nodes_lost_total {}",
-        counters.nodes_lost.load(Ordering::Relaxed)
-    );
-
-    counter_header(
-        &mut out,
-        "yr_master_lost_incarnations_refused_total",
-        "Registrations refused because the master had declared that incarnation lost.",
-    );
-    let _ = writeln!(
-        out,
-        "yr_master_lost_incarnations_refused_total {}",
-        counters.lost_incarnations_refused.load(Ordering::Relaxed)
-    );
-
-    counter_header(
-        &mut out,
-        "yr_master_schedule_requests_total",
-        "Schedule requests answered.",
-    );
-    let _ = writeln!(
-        out,
-        "yr_master_schedule_requests_total {}",
-        counters.schedule_requests.load(Ordering::Relaxed)
-    );
-    counter_header(
-        &mut out,
-        "yr_master_schedule_failures_total",
-        "Schedule requests that found no node, by error code.",
-    );
-    for (code, counter) in [
+    let failures = [
         (ErrorCode::ResourceNotEnough, &counters.schedule_not_enough),
         (
             ErrorCode::ResourceConfigError,
             &counters.schedule_config_error,
         ),
-    ] {
-        let _ = writeln!(
-            out,
-            "yr_master_schedule_failures_total{{code=\"{}\"}} {}",
-            code.number(),
-            counter.load(Ordering::Relaxed)
-        );
-    }
-
-    gauge_header(
-        &mut out,
-        "yr_master_instances",
-        "Instances in the cluster-wide view, by state.",
+    ]
+    .map(|(code, counter)| (code.number().to_string(), counter.load(Ordering::Relaxed)));
+    metrics.counters(
+        "yr_master_schedule_failures",
+        "Schedule requests that found no node, by error code.",
+        "code",
+        failures.iter().map(|(code, count)| (code.as_str(), *count)),
     );
     let instance_counts = cluster.instances().count_by_state();
-    for (state, count) in ALL_STATES.iter().zip(instance_counts) {
-        let _ = writeln!(
-            out,
-            "yr_master_instances{{state=\"{}\"}} {count}",
-            state.as_str_name()
-        );
-    }
-    counter_header(
-        &mut out,
-        "yr_master_instances_failed_node_lost_total",
+    metrics.gauges(
+        "yr_master_instances",
+        "Instances in the cluster-wide view, by state.",
+        "state",
+        ALL_STATES
+            .iter()
+            .map(|state| state.as_str_name())
+            .zip(instance_counts.iter().map(|&count| count as i64)),
+    );
+    metrics.counter(
+        "yr_master_instances_failed_node_lost",
         "Instances the master marked FATAL because their node was lost.",
+        cluster.instances().marked_fatal_total(),
     );
-    let _ = writeln!(
-        out,
-        "yr_master_instances_failed_node_lost_total {}",
-        cluster.instances().marked_fatal_total()
-    );
-
     let (capacity, allocatable) = cluster.alive_totals();
     for (name, help, value) in [
         (
@@ -141,18 +109,9 @@ pub fn render(cluster: &Cluster) -> String {
             allocatable.memory_mb,
         ),
     ] {
-        gauge_header(&mut out, name, help);
-        let _ = writeln!(out, "{name} {value}");
+        metrics.gauge(name, help, value);
     }
-    out
-}
-
-fn gauge_header(out: &mut String, name: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-}
-
-fn counter_header(out: &mut String, name: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    metrics.encode()
 }
 
 /// Serves `/healthz` and `/metrics` on `listener` until `stop` turns true. `/metrics` needs the

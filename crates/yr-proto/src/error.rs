@@ -16,6 +16,7 @@ pub fn error_to_proto(error: &Error) -> ErrorInfo {
         code: error.code().number(),
         module: error.module_code().number(),
         message: error.message().to_string(),
+        payload: error.payload().to_vec().into(),
     }
 }
 
@@ -27,7 +28,8 @@ pub fn error_from_proto(info: &ErrorInfo) -> Error {
             code,
             module.unwrap_or(code.info().module),
             info.message.clone(),
-        ),
+        )
+        .with_payload(info.payload.to_vec()),
         None => Error::with_module(
             ErrorCode::InnerSystemError,
             module.unwrap_or(ErrorCode::InnerSystemError.info().module),
@@ -66,10 +68,20 @@ mod tests {
             code: 4321,
             module: 30,
             message: "odd".into(),
+            ..Default::default()
         });
         assert_eq!(error.code(), ErrorCode::InnerSystemError);
         assert_eq!(error.module_code(), ModuleCode::DataSystem);
         assert_eq!(error.message(), "unknown error code 4321 from a peer: odd");
+    }
+
+    #[test]
+    fn a_payload_travels_with_its_error() {
+        let error = Error::new(ErrorCode::UserFunctionException, "ValueError: bad")
+            .with_payload(b"pickled exception".to_vec());
+        let back = error_from_proto(&error_to_proto(&error));
+        assert_eq!(back.payload(), b"pickled exception");
+        assert_eq!(back, error);
     }
 
     #[test]
@@ -78,12 +90,14 @@ mod tests {
             code: ErrorCode::KeyAlreadyExist.number(),
             module: 99,
             message: "exists".into(),
+            ..Default::default()
         });
         assert_eq!(known, Error::new(ErrorCode::KeyAlreadyExist, "exists"));
         let unknown = error_from_proto(&ErrorInfo {
             code: 1,
             module: 99,
             message: String::new(),
+            ..Default::default()
         });
         assert_eq!(
             (unknown.code(), unknown.module_code()),

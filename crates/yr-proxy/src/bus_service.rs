@@ -102,6 +102,16 @@ fn handle(node: &Arc<Node>, spill_asks: &SpillAsks, client_id: u64, message: pb:
                 node.reply(client_id, id, reply.map(pb::bus_response::Body::Registered));
             });
         }
+        Body::RegisterExecutable(request) => {
+            let node = node.clone();
+            tokio::spawn(async move {
+                let reply = node.register_executable(client_id, request).await;
+                if let Err(error) = &reply {
+                    tracing::warn!(client_id, %error, "refused an executable");
+                }
+                node.reply(client_id, id, reply.map(pb::bus_response::Body::Executable));
+            });
+        }
         Body::Create(mut create) => {
             // Only another node forwards creates (on the Node service); a client's are its own.
             create.creator_node_id.clear();

@@ -66,6 +66,8 @@ struct Client {
     /// The client's process id, from the connection's peer credentials (0 over TCP: a
     /// process on another machine holds nothing in this node's shared memory).
     pid: u32,
+    /// The client's user id, from the same credentials (`None` over TCP).
+    uid: Option<u32>,
 }
 
 /// A bus session that ended, and what it leaves behind.
@@ -117,6 +119,7 @@ impl ClientBus {
                 identity: None,
                 sender,
                 pid,
+                uid: peer.map(|p| p.uid),
             },
         );
         if pid != 0 {
@@ -133,6 +136,21 @@ impl ClientBus {
             .get(&client_id)
             .map(|c| c.pid)
             .unwrap_or(0)
+    }
+
+    /// The user id of session `client_id`'s process (`None` over TCP or if it left).
+    pub fn uid(&self, client_id: u64) -> Option<u32> {
+        self.registry.lock().clients.get(&client_id)?.uid
+    }
+
+    /// What session `client_id` registered as (`None` before it registered).
+    pub fn identity(&self, client_id: u64) -> Option<Identity> {
+        self.registry
+            .lock()
+            .clients
+            .get(&client_id)?
+            .identity
+            .clone()
     }
 
     /// The runtime id session `client_id` registered with, if it is a runtime.

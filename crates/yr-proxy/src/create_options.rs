@@ -164,6 +164,7 @@ mod tests {
                 code: 1013,
                 module: 20,
                 message: "idle for 1 s".into(),
+                ..Default::default()
             }),
         });
         assert_eq!(error.code(), ErrorCode::InstanceEvicted);

@@ -28,6 +28,29 @@ pub enum ProxyError {
         /// This node.
         node: String,
     },
+    /// A client named an executable before it registered itself.
+    #[error("executable {path:?} was named before the client registered itself; register as a driver or runtime first")]
+    NotRegisteredYet {
+        /// The path named.
+        path: String,
+    },
+    /// An executable's language is not one the node knows.
+    #[error("executable {path:?} names language {language}, which this node does not know; use a yr of the same version as the node")]
+    UnknownLanguage {
+        /// The path named.
+        path: String,
+        /// The language's number.
+        language: i32,
+    },
+    /// A client over TCP named an executable for calls across languages that no client on
+    /// this machine registered.
+    #[error("a client connected over TCP named executable {path:?}, which no client on node {node} registered; the node runs only executables that a client on its own machine registered")]
+    RemoteExecutable {
+        /// The path named.
+        path: String,
+        /// This node.
+        node: String,
+    },
     /// The create rate limit refused a create.
     #[error("create rate limited on local node {node}: more than {rate} creates per second; retry later")]
     CreateRateLimited {
@@ -193,8 +216,12 @@ impl ProxyError {
     pub fn code(&self) -> ErrorCode {
         use ProxyError::*;
         match self {
-            OptionsUndecodable(_) | BinaryNotRegistered { .. } => ErrorCode::ParamInvalid,
+            OptionsUndecodable(_)
+            | BinaryNotRegistered { .. }
+            | NotRegisteredYet { .. }
+            | UnknownLanguage { .. } => ErrorCode::ParamInvalid,
             FunctionNotRegistered { .. } => ErrorCode::FunctionMetaNotFound,
+            RemoteExecutable { .. } => ErrorCode::AuthorizeFailed,
             CreateRateLimited { .. } => ErrorCode::CreateRateLimited,
             DuplicateId(_) => ErrorCode::InstanceDuplicated,
             NotHere(_) | NotFound(_) | NoLiveInstance(_) => ErrorCode::InstanceNotFound,
@@ -245,5 +272,18 @@ mod tests {
         assert_eq!(error.code(), ErrorCode::FunctionAgentOperationError);
         let error: Error = ProxyError::EmptyId.into();
         assert_eq!(error.code(), ErrorCode::InstanceIdEmpty);
+        let error: Error = ProxyError::RemoteExecutable {
+            path: "/bin/true".into(),
+            node: "n".into(),
+        }
+        .into();
+        assert_eq!(error.code(), ErrorCode::AuthorizeFailed);
+        assert!(error.message().contains("TCP"), "{error}");
+        let error: Error = ProxyError::UnknownLanguage {
+            path: "/bin/true".into(),
+            language: 9,
+        }
+        .into();
+        assert_eq!(error.code(), ErrorCode::ParamInvalid);
     }
 }

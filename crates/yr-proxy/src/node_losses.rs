@@ -243,6 +243,7 @@ mod tests {
             code: ErrorCode::InstanceExited.number(),
             module: 0,
             message: "instance x exited: node b was lost".into(),
+            ..Default::default()
         });
         put_record(&store, &fatal).await;
         // An instance on another node is not affected.

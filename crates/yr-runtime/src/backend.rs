@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use yr_common::Result;
 
+use crate::cross_language::{self, Executable};
 use crate::function::{CreateSpec, MethodSpec, TaskSpec};
 use crate::object_store::ObjectHandle;
 
@@ -40,6 +41,36 @@ pub trait Backend: Send + Sync {
     /// Create an instance. Returns its id at once; a constructor failure surfaces on the
     /// instance's calls.
     fn create_instance(&self, spec: CreateSpec) -> Result<InstanceInfo>;
+
+    /// Run a stateless call of code in `executable` (a call across languages); finish
+    /// `returns` as [`Backend::submit_task`] does. Only a cluster runs other executables: 4006
+    /// elsewhere.
+    fn submit_task_in(
+        &self,
+        executable: &Executable,
+        task: TaskSpec,
+        returns: Vec<ObjectHandle>,
+    ) -> Result<()> {
+        let _ = returns;
+        Err(cross_language::needs_cluster(
+            executable,
+            &format!("function `{}`", task.function.name),
+        ))
+    }
+
+    /// Create an instance of a class in `executable` (a call across languages), as
+    /// [`Backend::create_instance`] does. Only a cluster runs other executables: 4006
+    /// elsewhere.
+    fn create_instance_in(
+        &self,
+        executable: &Executable,
+        spec: CreateSpec,
+    ) -> Result<InstanceInfo> {
+        Err(cross_language::needs_cluster(
+            executable,
+            &format!("class `{}`", spec.constructor.class),
+        ))
+    }
 
     /// Call a method of an instance; finish `returns` with its results or its error.
     fn submit_method(

@@ -36,6 +36,45 @@ pub fn waiting_for_objects<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// A wait for objects that ends when dropped: what [`waiting_for_objects`] does around a
+/// closure, for waits that are not one call (an `async fn` call parked between polls). Made by
+/// [`begin_object_wait`], whose example shows it.
+#[must_use = "the wait ends when this is dropped"]
+pub struct ObjectWait {
+    thread: Option<Arc<dyn BlockingObserver>>,
+    process: Option<&'static Arc<dyn BlockingObserver>>,
+}
+
+/// Tell this thread's observer and the process's object-wait observer that this thread waits
+/// for objects until the returned guard is dropped (on the same thread).
+///
+/// ```
+/// let wait = yr_runtime::blocking::begin_object_wait();
+/// drop(wait); // the wait is over
+/// ```
+pub fn begin_object_wait() -> ObjectWait {
+    let process = OBJECT_WAITS.get();
+    if let Some(observer) = process {
+        observer.enter();
+    }
+    let thread = OBSERVER.with(|slot| slot.borrow().clone());
+    if let Some(observer) = &thread {
+        observer.enter();
+    }
+    ObjectWait { thread, process }
+}
+
+impl Drop for ObjectWait {
+    fn drop(&mut self) {
+        if let Some(observer) = &self.thread {
+            observer.exit();
+        }
+        if let Some(observer) = self.process {
+            observer.exit();
+        }
+    }
+}
+
 thread_local! {
     static OBSERVER: RefCell<Option<Arc<dyn BlockingObserver>>> = const { RefCell::new(None) };
 }

@@ -143,6 +143,17 @@ impl LentTable {
 
 static LENT: Mutex<Option<LentTable>> = Mutex::new(None);
 
+/// Rung when the lent table stops being empty: the lender's sweep sleeps on it meanwhile, so a
+/// process that lends nothing does not wake up for it.
+static LENT_SOMETHING: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Wait until this process lends something (at once if it does now).
+pub async fn lending() {
+    if with_table(|table| table.is_empty()) {
+        LENT_SOMETHING.notified().await;
+    }
+}
+
 fn with_table<R>(f: impl FnOnce(&mut LentTable) -> R) -> R {
     f(LENT.lock().get_or_insert_with(LentTable::default))
 }
@@ -153,7 +164,14 @@ pub fn on_send(handle: &ObjectHandle) {
     if local_owner_address().is_empty() {
         return;
     }
-    with_table(|table| table.sent(handle, 1, Instant::now()));
+    let was_empty = with_table(|table| {
+        let was_empty = table.is_empty();
+        table.sent(handle, 1, Instant::now());
+        was_empty
+    });
+    if was_empty {
+        LENT_SOMETHING.notify_one();
+    }
 }
 
 /// A reference counted by [`on_send`] was not sent after all.

@@ -43,6 +43,16 @@ pub enum RuntimeError {
         /// The operating system's error.
         source: std::io::Error,
     },
+    /// The runtime that drives `async fn` user code could not start its thread (3012, as an
+    /// instance's executor thread that cannot start).
+    #[error(
+        "cannot start the runtime for async functions and methods: {source}; the process may be \
+         out of threads or memory (check ulimit -u)"
+    )]
+    AsyncRuntime {
+        /// The operating system's error.
+        source: std::io::Error,
+    },
     /// The call sockets between callers and a runtime could not be served or watched (3001).
     #[error("{what}: {source}; the process may be out of threads or file descriptors")]
     CallSocket {
@@ -103,6 +113,42 @@ pub enum RuntimeError {
         /// Its name.
         name: String,
     },
+    /// A call names an entry point this executable does not register: a wrong name, or a
+    /// function of another program (1015).
+    #[error(
+        "{kind} `{name}` is not registered in executable {executable}; check the name (a Rust \
+         entry point is named by its path, for example `my_crate::add` or \
+         `my_crate::Counter::new`) and that it is annotated with #[yr::invoke] or \
+         #[yr::instance] in the program that runs it"
+    )]
+    NotRegistered {
+        /// What kind of entry point.
+        kind: EntryKind,
+        /// The name the call carries.
+        name: String,
+        /// This process's executable.
+        executable: String,
+    },
+    /// A call across languages in local mode, which runs only this process's code (4006).
+    #[error(
+        "{what} in executable {executable} cannot run in local mode: only a cluster runs code \
+         of another executable; initialize yr against a cluster"
+    )]
+    CrossLanguageInLocalMode {
+        /// What was called, for example "function `worker::add`".
+        what: String,
+        /// The executable named.
+        executable: String,
+    },
+    /// No Python interpreter to run Python code in (1001).
+    #[error(
+        "no Python interpreter for calls to Python: {detail}; set YR_PYTHON to an interpreter \
+         with the yr package installed, or name one on the handle"
+    )]
+    NoPythonInterpreter {
+        /// Why none was found.
+        detail: String,
+    },
     /// The node answered a request with a message of another kind: the two sides disagree on
     /// the protocol (3003).
     #[error("the node answered {request} with {answer}; this is a bug in yr (or a node of another yr version): report it with the node's log")]
@@ -123,10 +169,13 @@ impl RuntimeError {
         match self {
             RuntimeError::Start { .. } => ErrorCode::InitConnectionFailed,
             RuntimeError::CallSocket { .. } => ErrorCode::RequestBetweenRuntimeBus,
-            RuntimeError::NondeterministicEncoding | RuntimeError::BadInvokeOptions { .. } => {
-                ErrorCode::ParamInvalid
-            }
-            RuntimeError::FinalizeInRuntime { .. } => ErrorCode::IncorrectFunctionUsage,
+            RuntimeError::AsyncRuntime { .. } => ErrorCode::RuntimeManagerOperationError,
+            RuntimeError::NondeterministicEncoding
+            | RuntimeError::BadInvokeOptions { .. }
+            | RuntimeError::NoPythonInterpreter { .. } => ErrorCode::ParamInvalid,
+            RuntimeError::FinalizeInRuntime { .. }
+            | RuntimeError::CrossLanguageInLocalMode { .. } => ErrorCode::IncorrectFunctionUsage,
+            RuntimeError::NotRegistered { .. } => ErrorCode::FunctionMetaNotFound,
             RuntimeError::KillUnknown { .. } => ErrorCode::IncorrectKillUsage,
             RuntimeError::RegisteredTwice {
                 kind: EntryKind::Constructor,
@@ -172,6 +221,11 @@ mod tests {
                 },
                 ErrorCode::RequestBetweenRuntimeBus,
                 "call poller",
+            ),
+            (
+                RuntimeError::AsyncRuntime { source: io() },
+                ErrorCode::RuntimeManagerOperationError,
+                "async functions",
             ),
             (
                 RuntimeError::NondeterministicEncoding,
@@ -224,6 +278,30 @@ mod tests {
                 },
                 ErrorCode::IncorrectInvokeUsage,
                 "method `m::C::get`",
+            ),
+            (
+                RuntimeError::NotRegistered {
+                    kind: EntryKind::Function,
+                    name: "m::nobody".into(),
+                    executable: "/bin/app".into(),
+                },
+                ErrorCode::FunctionMetaNotFound,
+                "function `m::nobody` is not registered in executable /bin/app",
+            ),
+            (
+                RuntimeError::CrossLanguageInLocalMode {
+                    what: "function `m::add`".into(),
+                    executable: "/bin/app".into(),
+                },
+                ErrorCode::IncorrectFunctionUsage,
+                "local mode",
+            ),
+            (
+                RuntimeError::NoPythonInterpreter {
+                    detail: "none on PATH".into(),
+                },
+                ErrorCode::ParamInvalid,
+                "YR_PYTHON",
             ),
             (
                 RuntimeError::UnexpectedAnswer {

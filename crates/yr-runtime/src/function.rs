@@ -197,6 +197,7 @@ pub fn dependency_failed(handle: &ObjectHandle, error: &Error) -> Error {
     if error.code() == ErrorCode::Finalized {
         return error.clone();
     }
+    // The failure's own encoding (a remote exception) goes along, so an SDK can re-raise it.
     Error::new(
         ErrorCode::DependencyFailed,
         format!(
@@ -206,6 +207,7 @@ pub fn dependency_failed(handle: &ObjectHandle, error: &Error) -> Error {
             error.message()
         ),
     )
+    .with_payload(error.payload().to_vec())
 }
 
 /// A stateless call, ready to submit.
@@ -234,6 +236,9 @@ pub struct MethodSpec {
     pub method: MethodEntry,
     /// The arguments.
     pub args: Vec<Arg>,
+    /// This call's options; validated. A method call honours `timeout_s` alone
+    /// ([`InvokeOptions::check_for_method`]); the default for none.
+    pub options: Arc<InvokeOptions>,
 }
 
 struct Registry {
@@ -302,45 +307,49 @@ pub fn check_unique(kind: EntryKind, name: &'static str) -> Result<()> {
     .into())
 }
 
-fn not_in_binary(kind: &str, name: &str) -> Error {
-    Error::new(
-        ErrorCode::UserCodeLoad,
-        format!(
-            "{kind} `{name}` is not in this binary; annotate it with #[yr::invoke] or \
-             #[yr::instance] and rebuild the driver"
-        ),
-    )
+/// 1015: a call names an entry point this executable does not register (a wrong name, or a
+/// call across languages to a program without it).
+fn not_registered(kind: EntryKind, name: &str) -> Error {
+    let executable = std::env::current_exe()
+        .map(|path| path.display().to_string())
+        .unwrap_or_else(|_| "of this process".to_string());
+    RuntimeError::NotRegistered {
+        kind,
+        name: name.to_string(),
+        executable,
+    }
+    .into()
 }
 
-/// The registered function with this name: 2001 if there is none, 4008 if there are several.
+/// The registered function with this name: 1015 if there is none, 4008 if there are several.
 pub fn find_function(name: &str) -> Result<&'static FunctionEntry> {
     let entry = registry()
         .functions
         .get(name)
         .copied()
-        .ok_or_else(|| not_in_binary("function", name))?;
+        .ok_or_else(|| not_registered(EntryKind::Function, name))?;
     check_unique(EntryKind::Function, entry.name)?;
     Ok(entry)
 }
 
-/// The registered constructor with this name: 2001 if there is none, 4007 if there are several.
+/// The registered constructor with this name: 1015 if there is none, 4007 if there are several.
 pub fn find_constructor(name: &str) -> Result<&'static ConstructorEntry> {
     let entry = registry()
         .constructors
         .get(name)
         .copied()
-        .ok_or_else(|| not_in_binary("constructor", name))?;
+        .ok_or_else(|| not_registered(EntryKind::Constructor, name))?;
     check_unique(EntryKind::Constructor, entry.name)?;
     Ok(entry)
 }
 
-/// The registered method with this name: 2001 if there is none, 4008 if there are several.
+/// The registered method with this name: 1015 if there is none, 4008 if there are several.
 pub fn find_method(name: &str) -> Result<&'static MethodEntry> {
     let entry = registry()
         .methods
         .get(name)
         .copied()
-        .ok_or_else(|| not_in_binary("method", name))?;
+        .ok_or_else(|| not_registered(EntryKind::Method, name))?;
     check_unique(EntryKind::Method, entry.name)?;
     Ok(entry)
 }
@@ -425,13 +434,33 @@ mod tests {
     }
 
     #[test]
-    fn a_function_registered_once_is_found_and_an_unknown_one_is_2001() {
+    fn a_failed_dependency_keeps_the_failures_own_encoding() {
+        let handle = ObjectSlot::pending();
+        let failure = Error::new(ErrorCode::UserFunctionException, "ValueError: bad")
+            .with_payload(b"pickled exception".to_vec());
+        let error = dependency_failed(&handle, &failure);
+        assert_eq!(error.code(), ErrorCode::DependencyFailed);
+        assert!(error.message().contains("ValueError: bad"), "{error}");
+        assert_eq!(error.payload(), b"pickled exception");
+    }
+
+    #[test]
+    fn a_function_registered_once_is_found_and_an_unknown_one_is_1015_naming_it() {
         assert_eq!(
             find_function(ONCE_FUNCTION.name).unwrap().name,
             ONCE_FUNCTION.name
         );
         check_unique(EntryKind::Function, ONCE_FUNCTION.name).unwrap();
         let error = find_function("yr_runtime::function::tests::nobody").unwrap_err();
-        assert_eq!(error.code(), ErrorCode::UserCodeLoad);
+        assert_eq!(error.code(), ErrorCode::FunctionMetaNotFound);
+        assert!(
+            error
+                .message()
+                .contains("yr_runtime::function::tests::nobody"),
+            "{error}"
+        );
+        let error = find_method("nobody::Class::method").unwrap_err();
+        assert_eq!(error.code(), ErrorCode::FunctionMetaNotFound);
+        assert!(error.message().contains("method `nobody::Class::method`"));
     }
 }

@@ -71,10 +71,51 @@ impl std::ops::Deref for Payload {
     }
 }
 
+/// How to cancel a request (`yr::cancel`'s flags).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cancel {
+    /// Also a request that already runs: its results fail now (and, for a descendant on a
+    /// cluster, its runtime is ended).
+    pub force: bool,
+    /// Also the stateless calls the request submitted while it ran, and theirs
+    /// ([`crate::children`]).
+    pub recursive: bool,
+    /// The request is cancelled because its parent was, recursively: a running one that runs
+    /// alone in a runtime process is stopped by ending that process (with `force`).
+    pub descendant: bool,
+}
+
+impl Cancel {
+    /// A cancel as `yr::cancel` asks it, of the request named.
+    ///
+    /// ```
+    /// use yr_runtime::object_store::Cancel;
+    ///
+    /// let how = Cancel::new(true, true);
+    /// assert!(!how.descendant);
+    /// assert!(how.for_children().descendant);
+    /// ```
+    pub const fn new(force: bool, recursive: bool) -> Cancel {
+        Cancel {
+            force,
+            recursive,
+            descendant: false,
+        }
+    }
+
+    /// The same cancel, of the children of the request it names.
+    pub const fn for_children(self) -> Cancel {
+        Cancel {
+            descendant: true,
+            ..self
+        }
+    }
+}
+
 /// Cancels the request that will produce an object. Backends attach one to each pending result.
 pub trait Canceller: Send + Sync {
-    /// Cancel the request. `force` also stops a request that already runs, where possible.
-    fn cancel(&self, force: bool);
+    /// Cancel the request as `how` says.
+    fn cancel(&self, how: Cancel);
 }
 
 enum Waiter {
@@ -297,6 +338,12 @@ impl ObjectSlot {
             .collect()
     }
 
+    /// Whether `address` is this borrowed object's lender (a borrower that sent it on), not its
+    /// owner.
+    pub fn is_lender(&self, address: &str) -> bool {
+        self.lender.as_deref() == Some(address)
+    }
+
     /// A reference to this borrowed object arrived from its lender (or owner); it is told to
     /// release it when the slot is dropped.
     pub(crate) fn note_received(&self) {
@@ -370,7 +417,7 @@ impl ObjectSlot {
         };
         let failed = self.fail(error);
         if let Some(canceller) = canceller {
-            canceller.cancel(false);
+            canceller.cancel(Cancel::default());
         }
         failed
     }
@@ -527,14 +574,14 @@ impl ObjectSlot {
 
     /// Cancel the request producing this object, if it is still pending and cancellable.
     /// Returns whether a canceller was asked.
-    pub fn cancel(&self, force: bool) -> bool {
+    pub fn cancel(&self, how: Cancel) -> bool {
         let canceller = match &*self.state.lock() {
             SlotState::Pending { canceller, .. } => canceller.clone(),
             _ => None,
         };
         match canceller {
             Some(canceller) => {
-                canceller.cancel(force);
+                canceller.cancel(how);
                 true
             }
             None => false,

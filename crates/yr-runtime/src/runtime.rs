@@ -11,6 +11,7 @@ use crate::backend::{Backend, InstanceInfo, NamedInstance};
 use crate::blocking;
 use crate::cluster::runtime_mode::RuntimeEnv;
 use crate::cluster::ClusterBackend;
+use crate::cross_language::Executable;
 use crate::error::{EntryKind, RuntimeError};
 use crate::function::{check_unique, CreateSpec, MethodSpec, TaskSpec};
 use crate::kv::{KvClient, LocalKv};
@@ -48,6 +49,7 @@ pub struct Runtime {
 pub fn init(config: Config) -> Result<ClientInfo> {
     config.validate()?;
     if let Some(env) = crate::cluster::runtime_mode::RuntimeEnv::from_env() {
+        crate::cluster::runtime_mode::die_with_node();
         // A runtime takes its fail points from `FAILPOINTS` (inherited from its node) when
         // its binary was built with them; a user's binary, built without, ignores them.
         if fail::has_failpoints() {
@@ -391,7 +393,33 @@ impl Runtime {
 
     /// Cancel the stateless call producing `handle`. Method results are ignored silently.
     pub fn cancel(&self, handle: &ObjectHandle, force: bool) -> Result<()> {
-        handle.cancel(force);
+        self.cancel_all(std::slice::from_ref(handle), force, false)
+    }
+
+    /// Cancel the stateless calls producing `handles` (openYuanrong's `cancel(refs,
+    /// allow_force, allow_recursive)`). A queued call is dropped; with `force`, a running one's
+    /// results fail now (its code runs on). With `recursive`, the stateless calls each one
+    /// submitted while it ran are cancelled too, and theirs: a running descendant is stopped
+    /// where it runs alone in a runtime process (that process ends, with what it started), and
+    /// abandoned otherwise. Every cancelled result fails with 1017. Results of method calls and
+    /// finished calls are left alone.
+    ///
+    /// ```
+    /// use yr_runtime::object_store::StoredValue;
+    ///
+    /// yr_runtime::init(yr_common::Config::local()).unwrap();
+    /// let runtime = yr_runtime::current().unwrap();
+    /// let stored = runtime.put(StoredValue::default());
+    /// runtime.cancel_all(&[stored.clone()], true, true).unwrap();
+    /// assert!(stored.is_finished(), "a finished object keeps its value");
+    /// # drop(runtime);
+    /// yr_runtime::finalize().unwrap();
+    /// ```
+    pub fn cancel_all(&self, handles: &[ObjectHandle], force: bool, recursive: bool) -> Result<()> {
+        let how = crate::object_store::Cancel::new(force, recursive);
+        for handle in handles {
+            handle.cancel(how);
+        }
         Ok(())
     }
 
@@ -400,12 +428,37 @@ impl Runtime {
     /// `timeout_s`, the results fail with 4005 if the call has not finished by then.
     pub fn invoke_function(&self, task: TaskSpec) -> Result<Vec<ObjectHandle>> {
         check_unique(EntryKind::Function, task.function.name)?;
+        self.submit_function(task, None)
+    }
+
+    /// Submit a stateless call of code in `executable` (a call across languages, design 018),
+    /// as [`Runtime::invoke_function`] does. The task's entry only names the code
+    /// ([`crate::cross_language::function_entry`]); the callee's runtime looks the name up
+    /// (1015 if it has no such function). 4006 in local mode.
+    pub fn invoke_function_in(
+        &self,
+        executable: &Executable,
+        task: TaskSpec,
+    ) -> Result<Vec<ObjectHandle>> {
+        self.submit_function(task, Some(executable))
+    }
+
+    fn submit_function(
+        &self,
+        task: TaskSpec,
+        executable: Option<&Executable>,
+    ) -> Result<Vec<ObjectHandle>> {
         task.options.check_for_function()?;
         let returns: Vec<ObjectHandle> = (0..task.function.return_nums)
             .map(|_| ObjectSlot::pending())
             .collect();
         let deadline = task.options.timeout().map(|t| (task.function.name, t));
-        self.backend.submit_task(task, returns.clone())?;
+        match executable {
+            None => self.backend.submit_task(task, returns.clone())?,
+            Some(executable) => self
+                .backend
+                .submit_task_in(executable, task, returns.clone())?,
+        }
         if let Some((function, timeout)) = deadline {
             crate::deadline::fail_after(function, timeout, &returns);
         }
@@ -421,7 +474,23 @@ impl Runtime {
         self.backend.create_instance(spec)
     }
 
-    /// Call a method of an instance. Returns one pending object per return value.
+    /// Create an instance of a class in `executable` (a call across languages), as
+    /// [`Runtime::create_instance`] does. Its methods are called with
+    /// [`Runtime::invoke_method`] and entries from [`crate::cross_language::method_entry`].
+    /// A constructor the callee's runtime does not have fails the instance with 1015. 4006 in
+    /// local mode.
+    pub fn create_instance_in(
+        &self,
+        executable: &Executable,
+        spec: CreateSpec,
+    ) -> Result<InstanceInfo> {
+        spec.options.check_for_instance()?;
+        self.backend.create_instance_in(executable, spec)
+    }
+
+    /// Call a method of an instance. Returns one pending object per return value. Options
+    /// other than `timeout_s` fail the call with 1001 (they belong to the instance); with
+    /// `timeout_s`, the results fail with 4005 if the call has not finished by then.
     pub fn invoke_method(
         &self,
         instance_id: &str,
@@ -429,9 +498,14 @@ impl Runtime {
         return_nums: usize,
     ) -> Result<Vec<ObjectHandle>> {
         check_unique(EntryKind::Method, call.method.name)?;
+        call.options.check_for_method()?;
         let returns: Vec<ObjectHandle> = (0..return_nums).map(|_| ObjectSlot::pending()).collect();
+        let deadline = call.options.timeout().map(|t| (call.method.name, t));
         self.backend
             .submit_method(instance_id, call, returns.clone())?;
+        if let Some((method, timeout)) = deadline {
+            crate::deadline::fail_after(method, timeout, &returns);
+        }
         Ok(returns)
     }
 

@@ -79,6 +79,7 @@ fn entry_points_registered_twice_are_refused_with_create_and_invoke_usage_errors
             MethodSpec {
                 method: METHOD,
                 args: Vec::new(),
+                options: Default::default(),
             },
             1,
         )

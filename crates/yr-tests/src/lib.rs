@@ -12,7 +12,7 @@
 //! file needs a `#[test]` that is only an entry point. Drivers that must be processes of their
 //! own are helper binaries of this crate (`src/bin/`), found with `env!("CARGO_BIN_EXE_…")`.
 //!
-//! The `yr` binary is `$YR_BIN`, or `target/debug/yr` of this workspace. Fault tests give the
+//! The `yr` binary is `$YR_BIN`, or `yr` in the profile directory the test was built into (`target/debug/yr`). Fault tests give the
 //! master and nodes fail points (`NodeSpec::env` with `FAILPOINTS`), so build it with them:
 //! `cargo build -p yr-cli --features failpoints` (docs/design/013-fail-points-and-clock.md).
 
@@ -51,18 +51,17 @@ pub fn runtime_args() -> Option<String> {
 
 // ----- the yr binary -----------------------------------------------------------------------
 
-/// The `yr` executable: `$YR_BIN`, or this workspace's `target/debug/yr`.
+/// The `yr` executable: `$YR_BIN`, or `yr` in the profile directory this test binary was built
+/// into (`<target>/debug/deps/<test>` → `<target>/debug/yr`, whatever `CARGO_TARGET_DIR` is).
 pub fn yr_binary() -> PathBuf {
     let path = std::env::var_os("YR_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../target/debug/yr")
-                .canonicalize()
-                .unwrap_or_else(|_| {
-                    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/yr")
-                })
-        });
+        .or_else(|| {
+            let exe = std::env::current_exe().ok()?;
+            let profile_dir = exe.parent()?.parent()?;
+            Some(profile_dir.join("yr"))
+        })
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/yr"));
     assert!(
         path.is_file(),
         "the yr binary is not at {}; run `cargo build -p yr-cli` first or set YR_BIN",
@@ -1025,19 +1024,16 @@ impl TestCluster {
     /// The value of the Prometheus gauge or counter `name` (without labels) that node `index`
     /// reports on its /metrics endpoint.
     pub fn node_metric(&self, index: usize, name: &str) -> Option<f64> {
-        use std::io::{Read, Write};
         let address = format!("127.0.0.1:{}", self.nodes[index].metrics_port);
-        let mut stream = TcpStream::connect(&address).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {}\r\n\
-             Connection: close\r\n\r\n",
-            self.token.as_str()
-        )
+        let (status, text) = block_on(yr_transport::http::fetch(
+            &address,
+            "/metrics",
+            Duration::from_secs(5),
+        ))
         .ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).ok()?;
+        if !status.is_success() {
+            return None;
+        }
         text.lines().find_map(|line| {
             line.strip_prefix(name)?
                 .strip_prefix(' ')?

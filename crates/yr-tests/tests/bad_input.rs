@@ -1,7 +1,9 @@
 //! Bad input and admission: invalid options, unknown functions and malformed messages on the
 //! node's Bus get clear codes and the node keeps serving; garbage on its TCP port does not crash
 //! it; requests that can never fit, cannot fit in time, or come too fast are refused with 1006,
-//! 1017 (naming the last reason) and 1012.
+//! 1017 (naming the last reason) and 1012; executables named for calls across languages that
+//! name no file are 1001, and ones other users could change, or that a client over TCP names
+//! without a local client having registered them, are 1014.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -302,6 +304,76 @@ fn malformed_bus_messages_get_param_invalid_and_the_stream_stays_usable() {
 }
 
 /// Bytes that look random, the same every run.
+fn register_executable(bus: &mut RawBus, id: u64, path: &str) -> pb::bus_response::Body {
+    bus.request(
+        id,
+        Some(Body::RegisterExecutable(pb::RegisterExecutable {
+            path: path.to_string(),
+            language: pb::Language::Rust as i32,
+        })),
+    )
+}
+
+#[test]
+fn executables_named_for_calls_across_languages_are_checked_before_the_node_runs_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let _exclusive = exclusive();
+    let cluster = TestCluster::start();
+    let me = std::env::current_exe().unwrap();
+    let mut local = RawBus::connect(&cluster.bus_address());
+    expect_error(
+        register_executable(&mut local, 1, "/bin/true"),
+        ErrorCode::ParamInvalid,
+        &["register as a driver or runtime first"],
+    );
+    local.register_driver();
+    expect_error(
+        register_executable(&mut local, 2, "relative/worker"),
+        ErrorCode::ParamInvalid,
+        &["relative/worker", "absolute"],
+    );
+    let dir = yr_tests::TempDir::new("writable-executable");
+    let script = dir.path().join("worker");
+    std::fs::write(&script, "#!/bin/sh\ntouch \"$0.ran\"\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o775)).unwrap();
+    expect_error(
+        register_executable(&mut local, 3, &script.display().to_string()),
+        ErrorCode::AuthorizeFailed,
+        &["its group", "worker"],
+    );
+    // A binary a driver registered keeps how it starts (the driver's arguments).
+    let known = register_executable(&mut local, 4, &me.display().to_string());
+    let pb::bus_response::Body::Executable(registered) = known else {
+        panic!("the node refused the driver's own binary: {known:?}");
+    };
+    assert_eq!(registered.binary_hash, yr_common::binary_hash(&me));
+    assert_eq!(
+        registered.runtime_args.join(" "),
+        yr_tests::runtime_args().unwrap_or_default()
+    );
+
+    // Over TCP the node cannot tell the client's user: only what a local client registered.
+    let mut remote = RawBus::connect(&cluster.node_address(0));
+    remote.register_driver();
+    expect_error(
+        register_executable(&mut remote, 2, "/bin/true"),
+        ErrorCode::AuthorizeFailed,
+        &["/bin/true", "TCP"],
+    );
+    let answer = register_executable(&mut remote, 3, &me.display().to_string());
+    assert!(
+        matches!(answer, pb::bus_response::Body::Executable(ref r) if r.binary_hash == registered.binary_hash),
+        "{answer:?}"
+    );
+    assert!(
+        !dir.path().join("worker.ran").exists(),
+        "the refused script ran"
+    );
+    yr::init(cluster.config()).unwrap();
+    node_still_serves(&cluster);
+    yr::finalize().unwrap();
+}
+
 fn garbage(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
     (0..len)

@@ -82,18 +82,6 @@ impl Holder {
         std::mem::take(&mut self.held).len()
     }
 
-    /// Sends every held reference on to `other` without waiting for it to take them, then
-    /// drops its own.
-    pub fn send_to(&mut self, other: yr::InstanceHandle<Holder>) -> usize {
-        let held = std::mem::take(&mut self.held);
-        let count = held.len();
-        other
-            .method(Holder::hold)
-            .invoke((held,))
-            .expect("invoke hold");
-        count
-    }
-
     /// Sends every held reference on to `other`, then drops its own.
     pub fn hand_to(&mut self, other: yr::InstanceHandle<Holder>) -> usize {
         let held = std::mem::take(&mut self.held);
@@ -123,6 +111,22 @@ fn metric(cluster: &TestCluster, name: &str) -> f64 {
         value.is_some()
     });
     value.unwrap_or_else(|| panic!("node 0 reports no {name}"))
+}
+
+/// Put a probe object larger than any other the tests hold, drop it (after `release`, which
+/// passes it through whoever must release it), and wait until its memory is given back. A
+/// release that this process (or `release`'s holder) sent before the probe's has landed by
+/// then: the node frees in the order the releases come.
+fn probe_released(cluster: &TestCluster, release: impl FnOnce(ObjectRef<ByteBuf>)) {
+    const PROBE: usize = 4 * MIB;
+    let probe = yr::put(pattern(PROBE)).unwrap();
+    release(probe);
+    assert!(
+        wait_until(TIMEOUT, || metric(cluster, "yr_shared_memory_used_bytes")
+            < PROBE as f64),
+        "the probe object was never released: {} bytes used",
+        metric(cluster, "yr_shared_memory_used_bytes")
+    );
 }
 
 /// Whether the node's shared memory holds no object and no byte within `timeout`.
@@ -182,8 +186,9 @@ fn a_borrower_keeps_an_object_alive_after_its_owner_dropped_its_reference() {
     let held = holder.method(Holder::hold).invoke((vec![object.clone()],));
     assert_eq!(yr::get(&held.unwrap(), TIMEOUT).unwrap(), 1);
     drop(object);
-    // Long enough for any release to land; the borrower's reference still counts.
-    std::thread::sleep(Duration::from_secs(3));
+    // The owner's release of its own reference, had it freed the object, came before the
+    // probe's; the borrower's reference still counts.
+    probe_released(&cluster, drop);
     assert_eq!(metric(&cluster, "yr_shared_memory_objects"), 1.0);
     let checked = holder.method(Holder::checksum_held).invoke(()).unwrap();
     assert_eq!(yr::get(&checked, TIMEOUT).unwrap(), sum(&pattern(MIB)));
@@ -235,7 +240,14 @@ fn a_reference_forwarded_along_a_chain_lives_while_its_last_holder_keeps_it() {
     // through the first (its lender), which keeps its borrow for it.
     let handed = first.method(Holder::hand_to).invoke((second.clone(),));
     assert_eq!(yr::get(&handed.unwrap(), TIMEOUT).unwrap(), 1);
-    std::thread::sleep(Duration::from_secs(3));
+    // The first borrower releases a probe to the owner too, after any release of the object it
+    // might (wrongly) have sent: once the probe is freed, that one has landed.
+    probe_released(&cluster, |probe| {
+        let held = first.method(Holder::hold).invoke((vec![probe],)).unwrap();
+        assert_eq!(yr::get(&held, TIMEOUT).unwrap(), 1);
+        let dropped = first.method(Holder::drop_held).invoke(()).unwrap();
+        assert_eq!(yr::get(&dropped, TIMEOUT).unwrap(), 1);
+    });
     assert_eq!(metric(&cluster, "yr_shared_memory_objects"), 1.0);
     let checked = second.method(Holder::checksum_held).invoke(()).unwrap();
     assert_eq!(yr::get(&checked, TIMEOUT).unwrap(), sum(&pattern(MIB)));
@@ -256,38 +268,33 @@ fn a_reference_forwarded_along_a_chain_lives_while_its_last_holder_keeps_it() {
 #[test]
 fn a_borrower_whose_lender_died_before_it_fetched_gets_the_value_from_the_owner() {
     let _lock = exclusive();
-    let cluster = node_with_shared_memory(64);
+    // Every fetch from a lender on this node fails as if the lender were gone
+    // (`runtime::borrow_fetch`), whenever the borrower fetches: before the lender is killed or
+    // after.
+    let cluster = TestCluster::with_node(NodeSpec {
+        shared_memory_mb: Some(64),
+        env: vec![(
+            "FAILPOINTS".to_string(),
+            "runtime::borrow_fetch=return".to_string(),
+        )],
+        ..NodeSpec::default()
+    });
     yr::init(cluster.config()).unwrap();
     let lender = yr::instance(Holder::new).invoke(()).unwrap();
     let borrower = yr::instance(Holder::new).invoke(()).unwrap();
     let lender_pid = yr::get(&lender.method(Holder::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
-    let borrower_pid = yr::get(&borrower.method(Holder::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
-    // The lender calls the borrower once first, so its connection is open and its next call
-    // is written at once.
-    let warm = lender.method(Holder::hand_to).invoke((borrower.clone(),));
-    assert_eq!(yr::get(&warm.unwrap(), TIMEOUT).unwrap(), 0);
     let object = yr::put(pattern(MIB)).unwrap();
     let held = lender.method(Holder::hold).invoke((vec![object.clone()],));
     assert_eq!(yr::get(&held.unwrap(), TIMEOUT).unwrap(), 1);
-    // The borrower is stopped, so the reference the lender sends it waits in its socket; the
-    // lender dies before the borrower reads it.
-    assert!(yr_tests::signal(borrower_pid, libc::SIGSTOP));
-    let sent = lender.method(Holder::send_to).invoke((borrower.clone(),));
-    assert_eq!(yr::get(&sent.unwrap(), TIMEOUT).unwrap(), 1);
-    std::thread::sleep(Duration::from_millis(500));
+    // The lender sends the reference on (the borrower now holds it, lent by the lender), then
+    // dies without releasing anything.
+    let handed = lender.method(Holder::hand_to).invoke((borrower.clone(),));
+    assert_eq!(yr::get(&handed.unwrap(), TIMEOUT).unwrap(), 1);
     assert!(yr_tests::signal(lender_pid, libc::SIGKILL));
     assert!(wait_until(TIMEOUT, || !yr_tests::alive(lender_pid)));
-    assert!(yr_tests::signal(borrower_pid, libc::SIGCONT));
-    // Its lender is gone: the borrower fetches the value from the owner instead. (The calls
-    // of this driver may reach it before the dead lender's, which waits in its socket.)
-    let took_it = wait_until(TIMEOUT, || {
-        let held = borrower.method(Holder::held).invoke(()).unwrap();
-        yr::get(&held, TIMEOUT).unwrap() == 1
-    });
-    assert!(
-        took_it,
-        "the borrower never took the reference its dead lender sent"
-    );
+    // Its lender is gone: the borrower fetches the value from the owner instead.
+    let held = borrower.method(Holder::held).invoke(()).unwrap();
+    assert_eq!(yr::get(&held, TIMEOUT).unwrap(), 1);
     let checked = borrower.method(Holder::checksum_held).invoke(()).unwrap();
     assert_eq!(yr::get(&checked, TIMEOUT).unwrap(), sum(&pattern(MIB)));
     drop(object);

@@ -231,8 +231,8 @@ fn stop_with(stop_flags: &[&str]) -> Vec<String> {
         "processes remain after yr {args:?}: {:?}",
         processes_mentioning(&session_dir)
     );
-    // A late hook would have written by now.
-    std::thread::sleep(Duration::from_millis(200));
+    // Every process of the session is gone, the runtime that ran (or skipped) the hook with
+    // them, so nothing is left that could still write the marker: it is final now.
     let lines = marker.lines();
     yr::finalize().unwrap();
     lines

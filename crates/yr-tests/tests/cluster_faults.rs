@@ -169,8 +169,27 @@ fn instance_created_while_the_master_is_down_is_recorded_after_it_returns() {
         yr::get(&during.method(Counter::add).invoke((1,)).unwrap(), TIMEOUT).unwrap(),
         6
     );
-    // A master outage of some seconds (a restart by a supervisor, a slow disk).
-    std::thread::sleep(Duration::from_secs(12));
+    // A master outage of some seconds (a restart by a supervisor, a slow disk): it lasts until
+    // the node has failed to write the new instance's record 9 times, which it logs each time.
+    // Its retries wait 50 ms doubling to 2 s, so the last waits are at that cap, and the 8 waits
+    // before the 9th failure add up to at least 7.15 s: the master link's reconnects (100 ms
+    // doubling to 5 s, at most 6.3 s before the cap) are at their cap too.
+    let during_id = during.id().to_string();
+    let log_path = cluster.dir().join("node0.log");
+    let failed_writes = || {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| {
+                line.contains("could not persist an instance record") && line.contains(&during_id)
+            })
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || failed_writes() >= 9),
+        "the node did not retry the record of {during_id} while the master was down:\n{}",
+        cluster.node_log_tail(0, 30)
+    );
     cluster.restart_master();
 
     let ids = [before.id().to_string(), during.id().to_string()];

@@ -230,3 +230,61 @@ fn driver_killed_mid_run_takes_its_temporary_cluster_with_it() {
     let _ = driver.wait();
     assert_all_gone("a driver killed with SIGKILL mid-call", &tmp.display());
 }
+
+/// An instance that does nothing.
+#[yr::instance]
+pub struct Idle;
+
+#[yr::instance]
+impl Idle {
+    pub fn new() -> Self {
+        Idle
+    }
+}
+
+/// A driver that finalizes while its creates are still being placed, started or waiting for
+/// CPU kills them mid-way: every runtime started for them ends, and the node gets back every
+/// millicore and megabyte. (A kill that came while a create's runtime was starting used to
+/// leave that runtime serving nobody, and a kill that came while the scheduler granted a
+/// waiting create lost the grant.)
+#[test]
+fn a_driver_that_finalizes_while_its_instances_start_leaves_no_runtime_and_no_resources_held() {
+    let _exclusive = exclusive();
+    let warm_pool = 1;
+    let cluster = yr_tests::TestCluster::with_node(yr_tests::NodeSpec {
+        cpu: 2_000,
+        warm_pool,
+        ..yr_tests::NodeSpec::default()
+    });
+    for round in 0..3 {
+        yr::init(cluster.config()).unwrap();
+        // Four fit (500 m each): one from the warm pool, three started cold; the rest wait.
+        let handles: Vec<_> = (0..12)
+            .map(|_| yr::instance(Idle::new).invoke(()).unwrap())
+            .collect();
+        drop(handles);
+        yr::finalize().unwrap();
+        cluster.wait_for_status(
+            TIMEOUT,
+            &format!("round {round}: the node has all its resources back"),
+            |status| {
+                status
+                    .nodes
+                    .iter()
+                    .all(|node| node.allocatable == node.capacity)
+                    && status.instances.is_empty()
+            },
+        );
+        // Every runtime started for the killed creates ended: only the warm pool is left.
+        let settled = wait_until(TIMEOUT, || cluster.runtime_pids(0).len() <= warm_pool);
+        assert!(
+            settled,
+            "round {round}: runtimes left beyond the warm pool of {warm_pool}: {:?}",
+            cluster
+                .runtime_pids(0)
+                .iter()
+                .map(|pid| command_line(*pid))
+                .collect::<Vec<_>>()
+        );
+    }
+}

@@ -364,3 +364,23 @@ fn call_replay_that_cannot_reach_the_restarted_runtime_fails_callers_with_3001()
     assert_error(&later, &[ErrorCode::RequestBetweenRuntimeBus], &[]);
     yr::finalize().unwrap();
 }
+
+/// A runtime asks the kernel to kill it when its node ends, and checks that the node is still
+/// its parent: one whose node ended before that check (here: a "node" pid that is not its
+/// parent) exits at once instead of living on unowned.
+#[test]
+fn a_runtime_whose_node_has_already_ended_exits_at_once() {
+    let output = yr_tests::helper_process(env!("CARGO_BIN_EXE_dead_session_driver"))
+        .env("YR_RUNTIME_MODE", "1")
+        .env("YR_RUNTIME_ID", "orphan-rt1")
+        .env("YR_BUS_ADDRESS", "unix:/nonexistent/bus.sock")
+        .env("YR_NODE_PID", "1")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("the node (pid 1) that started this runtime has ended"),
+        "{stderr}"
+    );
+}

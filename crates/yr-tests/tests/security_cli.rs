@@ -73,6 +73,13 @@ impl Decoy {
     fn pid(&self) -> u32 {
         self.0.id()
     }
+
+    /// Send `signal`, reap the decoy, and give the signal it died of.
+    fn end_with(&mut self, signal: i32) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt;
+        assert!(yr_tests::signal(self.pid(), signal));
+        self.0.wait().expect("reap the decoy").signal()
+    }
 }
 
 impl Drop for Decoy {
@@ -98,9 +105,9 @@ fn plant_session(dir: &Path, node: u32, master: u32) {
 fn yr_stop_does_not_signal_a_process_that_a_planted_session_file_names() {
     let _exclusive = exclusive();
     let dir = TempDir::new("planted");
-    let decoy = Decoy::start();
-    plant_session(dir.path(), decoy.pid(), decoy.pid());
     for flags in [&[][..], &["--force"][..]] {
+        let mut decoy = Decoy::start();
+        plant_session(dir.path(), decoy.pid(), decoy.pid());
         let mut args = vec!["stop", "--session-dir", dir.path().to_str().unwrap()];
         args.extend_from_slice(flags);
         let output = run_yr(&args, &[], TIMEOUT);
@@ -115,8 +122,15 @@ fn yr_stop_does_not_signal_a_process_that_a_planted_session_file_names() {
             "{}",
             text(&output.stdout)
         );
-        std::thread::sleep(Duration::from_millis(200));
         assert!(alive(decoy.pid()), "yr {args:?} killed the decoy");
+        // `yr stop` has exited, so any signal it sent is already generated. The first fatal
+        // signal a process gets is the one it dies of: had `yr stop` sent one, the decoy dies of
+        // that instead of the test's SIGUSR2.
+        assert_eq!(
+            decoy.end_with(libc::SIGUSR2),
+            Some(libc::SIGUSR2),
+            "yr {args:?} signalled the decoy"
+        );
     }
 }
 

@@ -109,3 +109,58 @@ pub async fn serve_metrics(
         });
     }
 }
+
+/// `GET path` from the health and metrics endpoint at `address` (`host:port`), with this
+/// process's cluster token. Returns the status and the body. For tools and tests that read a
+/// process's metrics; fails if the endpoint cannot be reached within `timeout`.
+///
+/// ```no_run
+/// # async fn demo() -> std::io::Result<()> {
+/// let (status, text) =
+///     yr_transport::http::fetch("127.0.0.1:31510", "/metrics", std::time::Duration::from_secs(5))
+///         .await?;
+/// assert!(status.is_success(), "{text}");
+/// # Ok(()) }
+/// ```
+pub async fn fetch(
+    address: &str,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(StatusCode, String)> {
+    use http_body_util::BodyExt;
+    let io_error = |what: &str, error: &dyn std::fmt::Display| {
+        std::io::Error::other(format!("GET {path} from {address}: {what}: {error}"))
+    };
+    let request = async {
+        let stream = tokio::net::TcpStream::connect(address).await?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| io_error("handshake", &e))?;
+        tokio::spawn(connection);
+        let mut request = Request::get(path).header(hyper::header::HOST, address);
+        if let Some(token) = current().token.as_ref() {
+            request = request.header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", token.as_str()),
+            );
+        }
+        let request = request
+            .body(http_body_util::Empty::<Bytes>::new())
+            .map_err(|e| io_error("request", &e))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| io_error("send", &e))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| io_error("body", &e))?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(timeout, request)
+        .await
+        .map_err(|_| io_error("no answer", &format!("within {timeout:?}")))?
+}

@@ -21,6 +21,7 @@ mod address;
 mod client;
 mod credentials;
 pub mod http;
+pub mod metrics;
 mod server;
 mod status;
 mod stream;

@@ -3,14 +3,22 @@
 //! Run ordinary Rust functions and structs across a cluster as if on one machine.
 //!
 //! - `#[yr::invoke]` registers a stateless function; [`function`] calls it and returns an
-//!   [`ObjectRef`] at once.
+//!   [`ObjectRef`] at once. `#[yr::invoke(return_nums = N)]` gives N refs. Inside its body the
+//!   function's name is its handle, so a function can invoke itself.
 //! - `#[yr::instance]` on a struct and its `impl` block declares a stateful instance class;
 //!   [`instance`] creates one remotely and returns an [`InstanceHandle`] whose methods you call.
-//! - [`put`], [`get`], [`get_all`], [`wait`] and [`cancel`] work with objects.
+//!   `#[yr::method(return_nums = N)]` on a method gives N refs per call ([`MultiMethod`]); a
+//!   method call takes options too ([`MethodInvocation::options`]: `timeout_s`).
+//! - Functions, constructors and methods may be `async fn`: they run on yr's async runtime,
+//!   where tokio's timers and `spawn` work and an [`ObjectRef`] can be awaited; an instance's
+//!   async methods interleave up to its `concurrency`.
+//! - [`put`], [`get`], [`get_all`], [`wait`], [`cancel`] and [`cancel_all`] (several refs, and
+//!   with `recursive` the calls they submitted) work with objects.
 //! - [`kv_write`], [`kv_read`], [`kv_get_with_param`], [`kv_del`] and [`kv_exist`] use the
 //!   data system's key-value store.
 //! - [`create_stream_producer`], [`create_stream_consumer`], [`delete_stream`],
 //!   [`query_global_producers_num`] and [`query_global_consumers_num`] use its streams.
+//! - [`python_function`] and [`python_instance_class`] call Python code in the same cluster.
 //!
 //! ```
 //! #[yr::invoke]
@@ -24,10 +32,36 @@
 //! yr::finalize().unwrap();
 //! ```
 //!
+//! A function that invokes itself, and an async one:
+//!
+//! ```
+//! #[yr::invoke]
+//! fn fib(n: u64) -> Result<u64, yr::Error> {
+//!     if n < 2 {
+//!         return Ok(n);
+//!     }
+//!     let a = yr::function(fib).invoke((n - 1,))?;
+//!     let b = yr::function(fib).invoke((n - 2,))?;
+//!     Ok(yr::get(&a, yr::FOREVER)? + yr::get(&b, yr::FOREVER)?)
+//! }
+//!
+//! #[yr::invoke]
+//! async fn fib_later(n: u64) -> Result<u64, yr::Error> {
+//!     tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+//!     yr::function(fib).invoke((n,))?.await
+//! }
+//!
+//! yr::init(yr::Config::local()).unwrap();
+//! let ten = yr::function(fib_later).invoke((10,)).unwrap();
+//! assert_eq!(yr::get(&ten, yr::FOREVER).unwrap(), 55);
+//! yr::finalize().unwrap();
+//! ```
+//!
 //! Every failure is a [`Error`] with a code from yr's table (`yr errors` prints it).
 
 mod args;
 mod buffer;
+mod cross_language;
 mod function;
 mod instance;
 mod kv;
@@ -42,10 +76,14 @@ use serde::Serialize;
 
 pub use args::{FromArgs, IntoArg, IntoArgs};
 pub use buffer::{get_buffer, Buffer};
+pub use cross_language::{
+    python_function, python_instance_class, PythonArgs, PythonFunction, PythonInstance,
+    PythonInstanceClass, PythonMethod,
+};
 pub use function::{function, Function, FunctionCall, Invocable, MultiFunction, MultiReturn};
 pub use instance::{
-    get_instance, instance, Constructor, Instance, InstanceCreator, InstanceHandle, Method,
-    MethodInvocation,
+    get_instance, instance, Constructor, Instance, InstanceCreator, InstanceHandle,
+    InvocableMethod, Method, MethodInvocation, MultiMethod,
 };
 pub use kv::{
     kv_del, kv_exist, kv_get, kv_get_with_param, kv_read, kv_set, kv_write, CacheType, Existence,
@@ -63,7 +101,7 @@ pub use yr_common::{
     LabelOperator, PortForwarding, PortProtocol, ResourceGroupOptions, SchedulingAffinityType,
 };
 pub use yr_common::{Config, Error, ErrorCode, InvokeOptions, Lang, ModuleCode, Result};
-pub use yr_macros::{instance, invoke, shutdown};
+pub use yr_macros::{instance, invoke, method, shutdown};
 pub use yr_runtime::backend::NamedInstance;
 pub use yr_runtime::ClientInfo;
 
@@ -242,6 +280,43 @@ pub fn cancel<T>(object: &ObjectRef<T>, force: bool) -> Result<()> {
     yr_runtime::current()?.cancel(object.handle(), force)
 }
 
+/// Cancel the stateless calls that produce `objects`, as openYuanrong's `cancel(refs,
+/// allow_force, allow_recursive)`. Each is cancelled as by [`cancel`] with `force`; with
+/// `recursive`, so are the stateless calls it submitted while it ran (its children), and
+/// theirs, with the same `force`. On a cluster a running descendant that runs alone in its
+/// runtime (a stateless function with `concurrency` 1) is stopped: its runtime process ends,
+/// with the instances it created, and its CPU and memory return to the node. In local mode, as
+/// for a forced [`cancel`], a running call cannot be stopped: its results fail and its code
+/// runs on. Every cancelled call's `get` fails with 1017; the calls a cancelled child's parent
+/// submits later are cancelled at once. Method results and finished objects are left alone.
+///
+/// ```
+/// use std::time::Duration;
+///
+/// #[yr::invoke]
+/// fn nap(ms: u64) -> u64 {
+///     std::thread::sleep(Duration::from_millis(ms));
+///     ms
+/// }
+///
+/// #[yr::invoke]
+/// fn supervise(ms: u64) -> Result<u64, yr::Error> {
+///     let child = yr::function(nap).invoke((ms,))?;
+///     yr::get(&child, yr::FOREVER)
+/// }
+///
+/// # yr::init(yr::Config::local()).unwrap();
+/// let parent = yr::function(supervise).invoke((60_000,)).unwrap();
+/// yr::cancel_all(&[parent.clone()], true, true).unwrap();
+/// let error = yr::get(&parent, yr::FOREVER).unwrap_err();
+/// assert_eq!(error.code(), yr::ErrorCode::ScheduleCanceled);
+/// # yr::finalize().unwrap();
+/// ```
+pub fn cancel_all<T>(objects: &[ObjectRef<T>], force: bool, recursive: bool) -> Result<()> {
+    let handles: Vec<_> = objects.iter().map(|r| r.handle().clone()).collect();
+    yr_runtime::current()?.cancel_all(&handles, force, recursive)
+}
+
 /// Every named instance of this job.
 ///
 /// ```
@@ -269,6 +344,7 @@ pub fn kill_instance(instance_id: &str) -> Result<()> {
 #[doc(hidden)]
 pub mod __private {
     //! What the macros' generated code uses. Not a public API.
+    pub use yr_runtime::async_calls::block_on;
     pub use yr_runtime::function::{
         Arg, ConstructorEntry, FunctionEntry, InstanceState, MethodCall, MethodEntry, Returns,
     };

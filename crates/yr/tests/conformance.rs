@@ -18,6 +18,10 @@
 #[path = "conformance/support.rs"]
 mod support;
 
+#[path = "conformance/async_calls.rs"]
+mod async_calls;
+#[path = "conformance/cancel.rs"]
+mod cancel;
 #[path = "conformance/functions.rs"]
 mod functions;
 #[path = "conformance/instances.rs"]
@@ -26,6 +30,8 @@ mod instances;
 mod kv;
 #[path = "conformance/lifecycle.rs"]
 mod lifecycle;
+#[path = "conformance/methods.rs"]
+mod methods;
 #[path = "conformance/objects.rs"]
 mod objects;
 #[path = "conformance/option_fields.rs"]

@@ -571,6 +571,56 @@ impl InvokeOptions {
         Ok(())
     }
 
+    /// Refuse (1001) what means nothing for one call of an instance's method: everything but
+    /// `timeout_s` (a method call not finished within it fails with 4005) belongs to the
+    /// instance (set it when creating the instance) or to stateless calls. The message names
+    /// every field that is set. The options must have passed [`InvokeOptions::validate`].
+    ///
+    /// ```
+    /// use yr_common::{ErrorCode, InvokeOptions};
+    ///
+    /// let timed = InvokeOptions { timeout_s: 5, ..Default::default() };
+    /// timed.check_for_method().unwrap();
+    /// let sized = InvokeOptions { cpu: 1000, retry_times: 2, ..Default::default() };
+    /// let error = sized.check_for_method().unwrap_err();
+    /// assert_eq!(error.code(), ErrorCode::ParamInvalid);
+    /// assert!(error.message().contains("cpu, retry_times"), "{error}");
+    /// ```
+    pub fn check_for_method(&self) -> Result<()> {
+        let honoured = InvokeOptions {
+            timeout_s: self.timeout_s,
+            ..InvokeOptions::default()
+        };
+        if *self == honoured {
+            return Ok(());
+        }
+        // The fields that differ from the defaults, by name (the serialized form names them all).
+        let fields = |options: &InvokeOptions| match serde_json::to_value(options) {
+            Ok(serde_json::Value::Object(fields)) => fields,
+            _ => serde_json::Map::new(),
+        };
+        let set = fields(self);
+        let defaults = fields(&honoured);
+        let mut names: Vec<&str> = set
+            .iter()
+            .filter(|(name, value)| defaults.get(name.as_str()) != Some(value))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        names.sort_unstable();
+        let names = if names.is_empty() {
+            "a field".to_string()
+        } else {
+            names.join(", ")
+        };
+        Err(not_for(
+            &names,
+            "a method call",
+            "a method call honours timeout_s only; set resources, concurrency, names and \
+             extensions when creating the instance (yr::instance(..).options), and \
+             recover_retry_times there to restart a failed instance",
+        ))
+    }
+
     /// [`InvokeOptions::validate`], then [`InvokeOptions::check_for_function`] or
     /// [`InvokeOptions::check_for_instance`].
     pub fn validate_for(&self, stateless: bool) -> Result<()> {
@@ -1032,6 +1082,53 @@ mod tests {
         }
         .validate_for(false)
         .unwrap();
+    }
+
+    #[test]
+    fn a_method_call_takes_timeout_s_and_refuses_the_rest_by_name() {
+        InvokeOptions::default().check_for_method().unwrap();
+        InvokeOptions {
+            timeout_s: 3,
+            ..Default::default()
+        }
+        .check_for_method()
+        .unwrap();
+        let mut extended = InvokeOptions::default();
+        extended
+            .custom_extensions
+            .insert("Concurrency".into(), "2".into());
+        let cases = [
+            (
+                InvokeOptions {
+                    concurrency: 4,
+                    timeout_s: 3,
+                    ..Default::default()
+                },
+                "concurrency does not apply to a method call",
+            ),
+            (
+                InvokeOptions {
+                    retry_times: 1,
+                    max_retry_time: 3,
+                    ..Default::default()
+                },
+                "max_retry_time, retry_times",
+            ),
+            (extended, "custom_extensions"),
+            (
+                InvokeOptions {
+                    name: Some("n".into()),
+                    ..Default::default()
+                },
+                "name",
+            ),
+        ];
+        for (options, needle) in cases {
+            let error = options.check_for_method().unwrap_err();
+            assert_eq!(error.code(), ErrorCode::ParamInvalid);
+            assert!(error.message().contains(needle), "{error}");
+            assert!(error.message().contains("timeout_s only"), "{error}");
+        }
     }
 
     #[test]

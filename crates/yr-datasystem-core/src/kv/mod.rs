@@ -34,7 +34,7 @@ mod store;
 mod watch;
 mod write_back;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -72,6 +72,8 @@ struct Shared {
     quota: AtomicU64,
     /// The clock TTLs are measured on.
     clock: Arc<dyn Clock>,
+    /// Live watches: reads waiting for keys not written yet.
+    reads_waiting: AtomicUsize,
 }
 
 struct Handle {
@@ -152,6 +154,7 @@ impl KvStore {
             closed: Mutex::new(None),
             quota: AtomicU64::new(u64::MAX),
             clock,
+            reads_waiting: AtomicUsize::new(0),
         });
         let (jobs, writer) = if shared.l2.is_some() {
             let (sender, receiver) = crossbeam_channel::unbounded::<Job>();

@@ -25,6 +25,7 @@ impl Drop for Watch {
         let Some(shared) = self.shared.upgrade() else {
             return;
         };
+        shared.reads_waiting.fetch_sub(1, Ordering::Relaxed);
         let mut map = shared.map.lock();
         for key in &self.keys {
             if let Some(list) = map.watchers.get_mut(key) {
@@ -43,6 +44,7 @@ impl KvStore {
         let shared = &self.handle.shared;
         let id = shared.next_watch.fetch_add(1, Ordering::Relaxed);
         let keys: Vec<String> = keys.iter().map(|k| k.as_ref().to_string()).collect();
+        shared.reads_waiting.fetch_add(1, Ordering::Relaxed);
         {
             let mut map = shared.map.lock();
             for key in &keys {
@@ -107,6 +109,12 @@ impl KvStore {
                 return Err(timeout_error(&missing, timeout));
             }
         }
+    }
+
+    /// How many reads watch keys, waiting for them to be written (for metrics, and for tests
+    /// that wait until a read waits).
+    pub fn waiting_reads(&self) -> usize {
+        self.shared().reads_waiting.load(Ordering::Relaxed)
     }
 
     /// Part of the value of `key`: `size` bytes from `offset` (`size` 0: to the end), waiting

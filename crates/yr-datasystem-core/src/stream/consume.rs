@@ -106,7 +106,9 @@ impl StreamStore {
             if ready >= wanted {
                 break;
             }
+            let waiting = self.inner.receives_waiting.enter();
             let timed_out = wait_changed(&stream.changed, &mut state, deadline);
+            drop(waiting);
             if timed_out {
                 break;
             }

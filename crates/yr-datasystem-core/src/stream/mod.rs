@@ -158,6 +158,15 @@ impl StreamStore {
         self.stream(name).map_or(0, |s| s.state.lock().bytes)
     }
 
+    /// How many receives wait for elements, and how many sends wait for room (for metrics, and
+    /// for tests that wait until a call waits).
+    pub fn waiting(&self) -> (usize, usize) {
+        (
+            self.inner.receives_waiting.count(),
+            self.inner.sends_waiting.count(),
+        )
+    }
+
     /// Close the store: every call, and every call waiting, fails with `error` (finalize).
     pub fn close(&self, error: Error) {
         *self.inner.closed.lock() = Some(error);
@@ -183,6 +192,39 @@ mod tests {
 
     fn ids(elements: &[Element]) -> Vec<u64> {
         elements.iter().map(|e| e.id).collect()
+    }
+
+    #[test]
+    fn receives_and_sends_that_wait_are_counted_while_they_wait() {
+        let store = StreamStore::new();
+        let c = store.create_consumer("w", &sub("a")).unwrap();
+        let config = ProducerConfig {
+            page_size: 4096,
+            max_stream_size: 4096,
+            ..ProducerConfig::default()
+        };
+        let page = || vec![Bytes::from(vec![0u8; 4096])];
+        let p = store.create_producer("w", &config).unwrap();
+        let receiver = {
+            let store = store.clone();
+            std::thread::spawn(move || store.receive("w", c, 1, Duration::from_secs(10)))
+        };
+        while store.waiting() != (1, 0) {
+            std::thread::yield_now();
+        }
+        store.send("w", p, page(), Duration::ZERO).unwrap();
+        assert_eq!(ids(&receiver.join().unwrap().unwrap()), vec![1]);
+        // The stream is full until that element is acked: the next send waits for room.
+        let sender = {
+            let store = store.clone();
+            std::thread::spawn(move || store.send("w", p, page(), Duration::from_secs(10)))
+        };
+        while store.waiting() != (0, 1) {
+            std::thread::yield_now();
+        }
+        store.ack("w", c, 1).unwrap();
+        sender.join().unwrap().unwrap();
+        assert_eq!(store.waiting(), (0, 0));
     }
 
     #[test]

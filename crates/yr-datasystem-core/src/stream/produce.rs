@@ -56,7 +56,9 @@ impl StreamStore {
             if state.bytes == 0 || state.bytes.saturating_add(wanted) <= max {
                 break;
             }
+            let waiting = self.inner.sends_waiting.enter();
             let timed_out = wait_changed(&stream.changed, &mut state, deadline);
+            drop(waiting);
             if timed_out
                 && state.bytes != 0
                 && state.bytes.saturating_add(wanted) > state.config.max_stream_size

@@ -155,4 +155,8 @@ pub(super) struct StoreInner {
     pub(super) streams: Mutex<HashMap<String, Arc<Stream>>>,
     pub(super) next_id: AtomicU64,
     pub(super) closed: Mutex<Option<Error>>,
+    /// Receives waiting for elements.
+    pub(super) receives_waiting: yr_common::Waiting,
+    /// Sends waiting for room.
+    pub(super) sends_waiting: yr_common::Waiting,
 }

@@ -3,13 +3,11 @@
 //! subscribers. NEW → SCHEDULING → CREATING → RUNNING, or a failure state with the error
 //! callers get.
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use yr_agent::RuntimeSpec;
 use yr_common::{Error, ErrorCode, InvokeOptions};
 use yr_proto::error_from_proto;
 use yr_proto::v1 as pb;
@@ -51,10 +49,12 @@ impl Node {
         let options: InvokeOptions = rmp_serde::from_slice(&request.options)
             .map_err(|e| ProxyError::OptionsUndecodable(e.to_string()))?;
         crate::create_options::validate(&request, &options)?;
-        // A create forwarded by another node was checked there, against its driver's functions.
+        // A create forwarded by another node was checked there, against its driver's functions;
+        // the runtimes of an executable registered for calls across languages check the names.
         if !request.stateless
             && !request.function.is_empty()
             && request.creator_node_id.is_empty()
+            && self.code.knows_functions_of(&request.binary_hash)
             && !self.code.has_function(&request.function)
         {
             return Err(ProxyError::FunctionNotRegistered {
@@ -197,10 +197,19 @@ impl Node {
             .ok_or_else(|| gone(instance_id))?;
         let runtime_id = self.acquire_runtime(instance_id, &binary_hash).await?;
         let pid = self.runtimes.pid(&runtime_id).unwrap_or(0);
-        self.instances.with_mut(instance_id, |instance| {
-            instance.runtime_id = Some(runtime_id.clone());
-            instance.set_runtime(String::new(), pid);
+        let owned = self.instances.with_mut(instance_id, |instance| {
+            if !instance.killing {
+                instance.runtime_id = Some(runtime_id.clone());
+                instance.set_runtime(String::new(), pid);
+            }
+            !instance.killing
         });
+        if owned != Some(true) {
+            // Killed while its runtime started: the kill found no runtime to end, so this
+            // one would serve nobody and live on.
+            self.runtimes.signal(&runtime_id, libc::SIGKILL);
+            return Err(gone(instance_id));
+        }
         let (client_id, address, init_result) =
             self.runtimes
                 .expect_init(&runtime_id)
@@ -293,8 +302,19 @@ impl Node {
                     }
                 } => {
                     if granted.is_ok() {
-                        self.instances.with_mut(instance_id, |i| i.allocated = Some(request.clone()));
-                        return Ok(Placement::Local);
+                        // A kill that came first (the instance is gone, or going) never sees
+                        // this grant: give it back here, or the node loses it for good.
+                        let kept = self.instances.with_mut(instance_id, |i| {
+                            if !i.killing {
+                                i.allocated = Some(request.clone());
+                            }
+                            !i.killing
+                        });
+                        if kept == Some(true) {
+                            return Ok(Placement::Local);
+                        }
+                        self.scheduler.release(request);
+                        return Err(gone(instance_id));
                     }
                     break Err(gone(instance_id));
                 }
@@ -440,62 +460,6 @@ impl Node {
                 let _ = waiter.send(());
             }
         }
-    }
-
-    /// Make sure this node can start the instance's binary: known already, the same file on
-    /// this machine (hashed off the async threads), or fetched by content key from the node
-    /// that created it (2001 if not).
-    async fn ensure_binary(self: &Arc<Self>, instance_id: &str) -> Result<(), Error> {
-        let (hash, path, args, job_id, creator) = self
-            .instances
-            .with(instance_id, |instance| {
-                let record = instance.record();
-                (
-                    record.binary_hash.clone(),
-                    PathBuf::from(&record.binary_path),
-                    record.runtime_args.clone(),
-                    record.job_id.clone(),
-                    instance.creator_address.clone(),
-                )
-            })
-            .ok_or_else(|| gone(instance_id))?;
-        if self.code.has_binary(&hash) {
-            return Ok(());
-        }
-        let spec = |binary_path: PathBuf| RuntimeSpec {
-            binary_path,
-            args: args.clone(),
-            job_id: job_id.clone(),
-            env: vec![("YR_BINARY_HASH".into(), hash.clone())],
-        };
-        if !self.settings.fetch_binaries {
-            let local = path.clone();
-            let same = tokio::task::spawn_blocking(move || {
-                if local.is_file() {
-                    yr_common::binary_hash(&local)
-                } else {
-                    String::new()
-                }
-            })
-            .await
-            .unwrap_or_default();
-            if same == hash {
-                self.code.add_binary(&hash, spec(path));
-                return Ok(());
-            }
-        }
-        let dir = self.settings.session_dir.join("binaries");
-        let fetched = yr_agent::fetch_binary(&dir, &hash, &creator)
-            .await
-            .map_err(|reason| ProxyError::CodeDownload {
-                instance: instance_id.to_string(),
-                hash: hash.clone(),
-                node: self.settings.node_id.clone(),
-                creator: creator.clone(),
-                reason,
-            })?;
-        self.code.add_binary(&hash, spec(fetched));
-        Ok(())
     }
 
     /// Start idle runtimes of `binary_hash` until the warm pool is full.

@@ -30,6 +30,7 @@ impl Node {
     ) -> Result<pb::GetNamedResponse, Error> {
         let deadline = Instant::now() + Duration::from_millis(request.timeout_ms.min(86_400_000));
         let mut backoff = REMOTE_LOOK_BACKOFF.0;
+        let mut waiting = None;
         loop {
             // Registered before looking, so that a name added meanwhile wakes this lookup.
             let added = self.instances.named_added();
@@ -52,6 +53,7 @@ impl Node {
                 };
                 return Err(ProxyError::NoLiveInstance(what).into());
             }
+            waiting.get_or_insert_with(|| self.lookups_waiting.enter());
             let next_look = (Instant::now() + backoff).min(deadline);
             tokio::select! {
                 () = added => {}

@@ -5,9 +5,11 @@
 //! resources and the requests waiting for them, the [`RecordWriter`] what is persisted, and the
 //! agent's [`RuntimePool`] and [`CodeCatalog`] the runtime processes and the code they run.
 //! `Node` holds them and runs the flows that involve several: registration here, creation in
-//! [`create`], kills in [`stop`], runtime events in [`runtimes`], lookups in [`lookup`].
+//! [`create`], the binaries instances run in [`executables`], kills in [`stop`], runtime events
+//! in [`runtimes`], lookups in [`lookup`].
 
 mod create;
+mod executables;
 mod lookup;
 mod register;
 mod runtimes;
@@ -79,8 +81,10 @@ pub struct Node {
     master: Arc<MasterLink>,
     limiter: Mutex<TokenBucket>,
     /// When the last heartbeat round ran.
-    last_heartbeat_round: Mutex<std::time::Instant>,
+    heartbeat_rounds: runtimes::HeartbeatRounds,
     creates: AtomicU64,
+    /// Named-instance lookups waiting for a name not created yet.
+    lookups_waiting: yr_common::Waiting,
     /// Told the process id of each client that disconnects (the data worker drops its
     /// shared-memory references).
     client_gone: OnceLock<Box<dyn Fn(u32) + Send + Sync>>,
@@ -133,8 +137,9 @@ impl Node {
             meta,
             master,
             limiter: Mutex::new(TokenBucket::new(rate, burst)),
-            last_heartbeat_round: Mutex::new(std::time::Instant::now()),
+            heartbeat_rounds: runtimes::HeartbeatRounds::new(yr_common::clock::system()),
             creates: AtomicU64::new(0),
+            lookups_waiting: yr_common::Waiting::default(),
             client_gone: OnceLock::new(),
             settings,
         })
@@ -235,6 +240,11 @@ impl Node {
     /// Illegal state transitions refused (3010), for metrics.
     pub fn illegal_transitions(&self) -> u64 {
         self.instances.illegal_transitions()
+    }
+
+    /// Named-instance lookups waiting for their name, for metrics.
+    pub fn waiting_lookups(&self) -> usize {
+        self.lookups_waiting.count()
     }
 
     /// Create requests waiting for resources, for metrics.

@@ -71,7 +71,7 @@ impl Node {
                     job_id: register.job_id.clone(),
                     env: vec![("YR_BINARY_HASH".into(), register.binary_hash.clone())],
                 };
-                self.code.add_binary(&register.binary_hash, spec);
+                self.code.add_driver_binary(&register.binary_hash, spec);
                 self.code.add_functions(&register.functions);
                 self.records.write_functions(register.functions.clone());
                 self.fill_warm_pool(&register.binary_hash);

@@ -2,14 +2,46 @@
 //! blocked in `get`/`wait` (its CPU is lent back) or resumed, and that a runtime process ended.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use yr_agent::RuntimeEvent;
+use yr_common::Clock;
 use yr_proto::v1 as pb;
 use yr_proto::v1::InstanceState as S;
 
 use super::stop::exited_error;
 use super::Node;
 use crate::error::ProxyError;
+
+/// When the node's heartbeat rounds ran, on a [`Clock`]: a round that comes more than a
+/// runtime heartbeat timeout after the previous one shows that the node itself did not run.
+pub(super) struct HeartbeatRounds {
+    clock: Arc<dyn Clock>,
+    last: Mutex<Instant>,
+}
+
+impl HeartbeatRounds {
+    /// Rounds timed by `clock`, the first counted from now.
+    pub(super) fn new(clock: Arc<dyn Clock>) -> HeartbeatRounds {
+        let last = Mutex::new(clock.now());
+        HeartbeatRounds { clock, last }
+    }
+
+    /// A round runs now: the gap since the previous round if it is longer than `timeout`
+    /// (the node did not run for that long), else `None`.
+    pub(super) fn round(&self, timeout: Duration) -> Option<Duration> {
+        let now = self.clock.now();
+        let previous = std::mem::replace(&mut *self.last.lock(), now);
+        let gap = now.saturating_duration_since(previous);
+        (gap > timeout).then_some(gap)
+    }
+
+    /// The time on the rounds' clock.
+    pub(super) fn now(&self) -> Instant {
+        self.clock.now()
+    }
+}
 
 impl Node {
     /// A runtime answered a heartbeat.
@@ -98,18 +130,18 @@ impl Node {
     /// heartbeat timeout after the previous one means the node itself did not run (stopped, or
     /// starved): its runtimes' silence is then not theirs, and they get a fresh timeout.
     pub fn heartbeat_round(&self) {
-        let now = std::time::Instant::now();
-        let previous = std::mem::replace(&mut *self.last_heartbeat_round.lock(), now);
-        if now.duration_since(previous) > self.settings.heartbeat_timeout {
+        if let Some(gap) = self.heartbeat_rounds.round(self.settings.heartbeat_timeout) {
             tracing::warn!(
-                gap = ?now.duration_since(previous),
+                ?gap,
                 "the node did not run for longer than the runtime heartbeat timeout; restarting every runtime's timeout"
             );
             self.runtimes.forgive_silence();
         }
-        let round = self
-            .runtimes
-            .heartbeat_round(self.settings.heartbeat_timeout);
+        let round = self.runtimes.heartbeat_round(
+            self.heartbeat_rounds.now(),
+            self.settings.heartbeat_timeout,
+            heartbeat_turns(self.settings.heartbeat_interval),
+        );
         for client_id in round.beat {
             self.bus.send(
                 client_id,
@@ -183,5 +215,56 @@ impl Node {
             }
         };
         self.fail_instance(&instance_id, error.into()).await;
+    }
+}
+
+/// How many heartbeats the node sends in a second at most, to all its runtimes together. Each
+/// costs the node a message and the runtime a wakeup, so with more runtimes than this each is
+/// asked less often than every round, and bursts of creates are not slowed by the runtimes
+/// already living.
+pub const HEARTBEATS_PER_SECOND: f64 = 500.0;
+
+/// Heartbeats in one round every `interval`.
+fn heartbeat_turns(interval: Duration) -> usize {
+    (HEARTBEATS_PER_SECOND * interval.as_secs_f64())
+        .ceil()
+        .max(1.0) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use yr_common::clock::ManualClock;
+
+    use super::HeartbeatRounds;
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn rounds_within_the_timeout_of_each_other_show_no_gap() {
+        let clock = ManualClock::new();
+        let rounds = HeartbeatRounds::new(clock.clone());
+        for _ in 0..10 {
+            clock.advance(Duration::from_secs(1));
+            assert_eq!(rounds.round(TIMEOUT), None);
+        }
+        // Exactly the timeout is not yet a gap.
+        clock.advance(TIMEOUT);
+        assert_eq!(rounds.round(TIMEOUT), None);
+    }
+
+    #[test]
+    fn a_round_later_than_the_timeout_shows_the_node_did_not_run_once() {
+        let clock = ManualClock::new();
+        let rounds = HeartbeatRounds::new(clock.clone());
+        clock.advance(TIMEOUT + Duration::from_millis(1));
+        assert_eq!(
+            rounds.round(TIMEOUT),
+            Some(TIMEOUT + Duration::from_millis(1))
+        );
+        // The next round is timed from that one.
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(rounds.round(TIMEOUT), None);
     }
 }

@@ -23,6 +23,8 @@ struct KillPlan {
     grace: Duration,
     exited: oneshot::Receiver<()>,
     terminal: bool,
+    /// NEW: created, its start not run yet.
+    not_started: bool,
     already: bool,
 }
 
@@ -49,6 +51,7 @@ impl Node {
                 grace: instance.options.graceful_shutdown_time(),
                 exited,
                 terminal: matches!(instance.state(), S::Fatal | S::ScheduleFailed),
+                not_started: instance.state() == S::New,
                 already,
             }
         });
@@ -61,9 +64,13 @@ impl Node {
             }
         }
         if !plan.already {
-            if let Err(error) = self.instances.transition(instance_id, S::Exiting, None) {
-                if !plan.terminal && error.code() != ErrorCode::StateMachineError {
-                    tracing::warn!(instance = %instance_id, %error, "kill");
+            // An instance whose start has not run yet (NEW) has no state to move through: it
+            // leaves the table, and its start finds it gone.
+            if !plan.not_started {
+                if let Err(error) = self.instances.transition(instance_id, S::Exiting, None) {
+                    if !plan.terminal && error.code() != ErrorCode::StateMachineError {
+                        tracing::warn!(instance = %instance_id, %error, "kill");
+                    }
                 }
             }
             match plan.runtime {

@@ -170,6 +170,7 @@ async fn a_record_the_master_wrote_is_never_written_over() {
         code: ErrorCode::InstanceExited.number(),
         module: 0,
         message: "instance i exited: node b was lost".into(),
+        ..Default::default()
     });
     let master_write = setup.put(&fatal).await;
 

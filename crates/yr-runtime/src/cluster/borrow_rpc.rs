@@ -95,6 +95,18 @@ impl BorrowMessenger for Messenger {
     }
 }
 
+/// Fault tests: whether a borrower's fetch from its lender at `lender` fails as if the lender
+/// were gone (`runtime::borrow_fetch=return`), so the borrower asks the owner instead. A small
+/// function of its own: the fail point returns from it, not from the fetch.
+pub(super) fn lender_unreachable(lender: &str) -> Option<yr_common::Error> {
+    let _ = lender;
+    fail::fail_point!("runtime::borrow_fetch", |_| Some(yr_common::Error::new(
+        ErrorCode::GetOperationFailed,
+        format!("cannot reach the lender at {lender} (a fail point); it may have exited"),
+    )));
+    None
+}
+
 /// Whether a process still serves its Worker socket.
 async fn reachable(address: &str) -> bool {
     transport::connect(address, ErrorCode::GetOperationFailed)
@@ -102,11 +114,12 @@ async fn reachable(address: &str) -> bool {
         .is_ok()
 }
 
-/// The lender's sweep: every [`SWEEP_PERIOD`], drop the counts that have not changed for
-/// `borrows::STALE_AFTER` and whose known borrowers are all unreachable (or that no borrower
-/// ever fetched: the reference was lost on the way).
+/// The lender's sweep: every [`SWEEP_PERIOD`] while this process lends objects, drop the counts
+/// that have not changed for `borrows::STALE_AFTER` and whose known borrowers are all
+/// unreachable (or that no borrower ever fetched: the reference was lost on the way).
 pub(super) async fn sweep(inner: Weak<Inner>) {
     loop {
+        borrows::lending().await;
         tokio::time::sleep(SWEEP_PERIOD).await;
         if inner.upgrade().is_none() {
             return;

@@ -31,6 +31,7 @@ use yr_proto::v1 as pb;
 use super::transport::Address;
 use crate::error::RuntimeError;
 use crate::handshake::Doorbell;
+use crate::object_store::Cancel;
 
 /// How long a reader spins (yielding its CPU) for the next frame before it blocks.
 const READ_SPIN: Duration = Duration::from_micros(50);
@@ -43,8 +44,20 @@ const PREFIX: usize = 8;
 
 /// Runs the calls a runtime receives.
 pub trait CallExecutor: Send + Sync + 'static {
-    /// Run `request`; `respond` gets its result exactly once, on any thread.
-    fn execute(&self, request: pb::CallRequest, respond: Box<dyn FnOnce(pb::CallResult) + Send>);
+    /// Run `request`, which came on the caller's connection `connection` (a number unique in
+    /// this process); `respond` gets its result exactly once, on any thread.
+    fn execute(
+        &self,
+        connection: u64,
+        request: pb::CallRequest,
+        respond: Box<dyn FnOnce(pb::CallResult) + Send>,
+    );
+
+    /// Cancel the call `call_id` that came on `connection` (a `CANCEL` frame), as `how` says.
+    fn cancel(&self, connection: u64, call_id: u64, how: Cancel);
+
+    /// The caller's connection `connection` ended.
+    fn disconnected(&self, connection: u64);
 }
 
 /// The call socket of the runtime whose Worker service listens at `worker_address`.
@@ -712,6 +725,8 @@ pub fn serve(worker_address: &str, executor: Arc<dyn CallExecutor>) -> Result<()
 }
 
 fn serve_connection(stream: UnixStream, executor: Arc<dyn CallExecutor>) {
+    static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
+    let connection = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
     let (writer, reader) = match split(stream) {
         Ok(halves) => halves,
         Err(error) => {
@@ -720,11 +735,18 @@ fn serve_connection(stream: UnixStream, executor: Arc<dyn CallExecutor>) {
         }
     };
     let responder = writer.clone();
+    let ending = executor.clone();
     let watched = watch(
         reader,
         move |request: pb::CallRequest| {
+            if request.kind == pb::CallKind::Cancel as i32 {
+                let how = Cancel::new(request.force, request.recursive);
+                executor.cancel(connection, request.call_id, how);
+                return;
+            }
             let writer = responder.clone();
             executor.execute(
+                connection,
                 request,
                 Box::new(move |result| {
                     // A failed write means the caller is gone; it hears from the node.
@@ -734,6 +756,7 @@ fn serve_connection(stream: UnixStream, executor: Arc<dyn CallExecutor>) {
         },
         move |reason| {
             tracing::debug!(%reason, "a caller's connection ended");
+            ending.disconnected(connection);
             writer.close();
         },
     );

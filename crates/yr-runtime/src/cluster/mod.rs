@@ -9,6 +9,7 @@ mod call_channel;
 pub mod convert;
 mod data_channel;
 mod discovery;
+mod executables;
 pub mod kv;
 pub mod memory;
 mod remote_instance;
@@ -31,6 +32,7 @@ use yr_proto::v1 as pb;
 use yr_proto::v1::worker_client::WorkerClient;
 
 use crate::backend::{Backend, InstanceInfo, NamedInstance};
+use crate::cross_language::Executable;
 use crate::dependencies;
 use crate::error::RuntimeError;
 use crate::function::{CreateSpec, MethodSpec, TaskSpec};
@@ -38,6 +40,7 @@ use crate::object_store::{self, ObjectHandle};
 use bus::Bus;
 use convert::args_to_proto;
 pub use discovery::find_node;
+use executables::Binary;
 use remote_instance::{InstanceObserver, OutCall, RemoteInstance};
 use stateless::StatelessSubmitter;
 
@@ -51,9 +54,10 @@ pub struct Inner {
     io: tokio::runtime::Handle,
     bus: Arc<Bus>,
     job_id: String,
-    binary_path: String,
-    binary_hash: String,
-    runtime_args: Vec<String>,
+    /// This process's own binary, which its creates name unless they call across languages.
+    own_binary: Arc<Binary>,
+    /// Executables registered with the node for calls across languages.
+    executables: Mutex<HashMap<Executable, Arc<Binary>>>,
     /// In a runtime: the instance it runs, parent of the instances it creates.
     parent_instance_id: Mutex<String>,
     instances: Mutex<HashMap<String, Arc<RemoteInstance>>>,
@@ -160,6 +164,52 @@ fn install_token(config: &Config, node_address: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// How runtimes of this driver start, when not as its own executable re-executed: set by an
+/// SDK whose driver is an interpreter ([`set_runtime_command`]).
+static RUNTIME_COMMAND: OnceLock<(std::path::PathBuf, Vec<String>)> = OnceLock::new();
+
+/// Runtimes of this driver run `executable` with `args` (for example a virtual environment's
+/// `python` link, which the resolved executable would lose, and `-m yr._runtime`). The node
+/// still checks that `executable` is the file this process runs. Set once, before `init`;
+/// later calls change nothing and return false.
+pub fn set_runtime_command(executable: std::path::PathBuf, args: Vec<String>) -> bool {
+    RUNTIME_COMMAND.set((executable, args)).is_ok()
+}
+
+/// The executable runtimes of this driver run and their extra arguments: the command an SDK
+/// set, else this process's own executable with `YR_RUNTIME_ARGS` (test harness filters).
+fn runtime_command() -> Result<(std::path::PathBuf, Vec<String>), Error> {
+    if let Some(command) = RUNTIME_COMMAND.get() {
+        return Ok(command.clone());
+    }
+    let binary = std::env::current_exe().map_err(|e| {
+        Error::new(
+            ErrorCode::IncorrectInitUsage,
+            format!("cannot find this executable: {e}"),
+        )
+    })?;
+    let args = std::env::var("YR_RUNTIME_ARGS")
+        .map(|a| a.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+    Ok((binary, args))
+}
+
+/// The session directory of the node this process last connected to (see [`session_dir`]).
+static SESSION_DIR: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
+
+/// The session directory of the node this process is (or was last) connected to: its logs,
+/// its `session.json` (addresses, including the `/metrics` endpoints) and its token. `None`
+/// before a cluster `init`, or for a node reached over TCP.
+///
+/// ```no_run
+/// yr_runtime::init(yr_common::Config::default()).unwrap();
+/// let dir = yr_runtime::cluster::session_dir().expect("a node on this machine");
+/// println!("logs: {}", dir.join("logs").display());
+/// ```
+pub fn session_dir() -> Option<std::path::PathBuf> {
+    SESSION_DIR.lock().clone()
+}
+
 impl ClusterBackend {
     /// Connect to the node, as a driver or (with `runtime`) as a runtime.
     pub fn connect(
@@ -172,17 +222,13 @@ impl ClusterBackend {
             None => find_node(config)?,
         };
         install_token(config, &node_address)?;
+        *SESSION_DIR.lock() = match transport::Address::parse(&node_address) {
+            Ok(transport::Address::Unix(socket)) => socket.parent().map(Into::into),
+            _ => None,
+        };
         let (io, io_thread, shutdown_io) = io_runtime()?;
-        let binary = std::env::current_exe().map_err(|e| {
-            Error::new(
-                ErrorCode::IncorrectInitUsage,
-                format!("cannot find this executable: {e}"),
-            )
-        })?;
+        let (binary, runtime_args) = runtime_command()?;
         let own_hash = own_binary_hash(&binary, runtime.is_some());
-        let runtime_args: Vec<String> = std::env::var("YR_RUNTIME_ARGS")
-            .map(|a| a.split_whitespace().map(str::to_string).collect())
-            .unwrap_or_default();
         let socket = yr_common::sockets::new_worker_socket()?;
         // Clean up after processes that died without removing their sockets; off the way.
         // Drivers only: the sweep reads the whole socket directory (two files per live
@@ -252,9 +298,12 @@ impl ClusterBackend {
             io: io.clone(),
             bus,
             job_id: job_id.to_string(),
-            binary_path: binary.display().to_string(),
-            binary_hash: own_hash,
-            runtime_args,
+            own_binary: Arc::new(Binary {
+                path: binary.display().to_string(),
+                hash: own_hash,
+                args: runtime_args,
+            }),
+            executables: Mutex::new(HashMap::new()),
             parent_instance_id: Mutex::new(String::new()),
             instances: Mutex::new(HashMap::new()),
             stateless: StatelessSubmitter::new(config.recycle_time, config.max_task_instance_num),
@@ -315,11 +364,18 @@ impl ClusterBackend {
             return Err(error);
         }
         io.spawn(borrow_rpc::sweep(Arc::downgrade(&inner)));
-        // Release idle stateless instances.
+        // Release idle stateless instances, looking while there are any.
         let recycle_inner = Arc::downgrade(&inner);
         let period = (config.recycle_time / 2).max(Duration::from_millis(100));
+        let instance_added = inner.stateless.instance_added();
         io.spawn(async move {
             loop {
+                let none = recycle_inner
+                    .upgrade()
+                    .is_some_and(|inner| !inner.stateless.has_instances());
+                if none {
+                    instance_added.notified().await;
+                }
                 tokio::time::sleep(period).await;
                 let Some(inner) = recycle_inner.upgrade() else {
                     return;
@@ -341,6 +397,133 @@ impl ClusterBackend {
     /// The state shared with the IO tasks.
     pub fn inner(&self) -> &Arc<Inner> {
         &self.inner
+    }
+
+    /// Create an instance whose runtime runs `binary`: this process's own, or an executable
+    /// registered for calls across languages.
+    fn create_with_binary(
+        &self,
+        spec: CreateSpec,
+        binary: Arc<Binary>,
+    ) -> yr_common::Result<InstanceInfo> {
+        let inner = &self.inner;
+        inner.check_connected()?;
+        let id = spec
+            .options
+            .instance_id_for_name()
+            .unwrap_or_else(|| ids::random_hex(20));
+        let class = spec.constructor.class;
+        // A named instance this process already knows keeps its connection and queued calls.
+        let instance = {
+            let mut instances = inner.instances.lock();
+            match instances.get(&id) {
+                Some(existing) if !existing.is_failed() => existing.clone(),
+                _ => {
+                    let instance = RemoteInstance::new(id.clone(), inner.io.clone(), None);
+                    if !spec.options.calls_in_order() {
+                        instance.set_unordered();
+                    }
+                    instances.insert(id.clone(), instance.clone());
+                    instance
+                }
+            }
+        };
+        let args = spec.args;
+        let deps_ready = args
+            .iter()
+            .flat_map(|a| a.dependencies())
+            .all(|h| h.is_finished());
+        let send = {
+            let inner = inner.clone();
+            let options = spec.options.clone();
+            let constructor = spec.constructor;
+            let id = id.clone();
+            let binary = binary.clone();
+            move |args: Vec<crate::function::Arg>| -> Result<pb::CreateRequest, Error> {
+                dependencies::first_failure(&args)?;
+                let args = args_to_proto(&args)?;
+                inner.create_request(
+                    constructor.name,
+                    constructor.class,
+                    false,
+                    args,
+                    &options,
+                    &id,
+                    &binary,
+                )
+            }
+        };
+        if deps_ready {
+            let request = send(args)?;
+            let reply = inner
+                .bus
+                .request_blocking(pb::bus_request::Body::Create(request), CREATE_ACK_TIMEOUT);
+            match reply {
+                Ok(pb::bus_response::Body::Create(ack)) => {
+                    tracing::debug!(?ack, class, "create acknowledged");
+                    if ack.existing && !ack.class_name.is_empty() && ack.class_name != class {
+                        return Err(Error::new(
+                            ErrorCode::InstanceDuplicated,
+                            format!(
+                                "the name of instance {id} is taken by an instance of {}; choose another name or kill it first",
+                                ack.class_name
+                            ),
+                        ));
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    let mut instances = inner.instances.lock();
+                    if instances
+                        .get(&id)
+                        .is_some_and(|i| Arc::ptr_eq(i, &instance))
+                    {
+                        instances.remove(&id);
+                    }
+                    return Err(error);
+                }
+            }
+        } else {
+            // Send the create once its arguments exist; a failure surfaces on the first call.
+            let failed = instance.clone();
+            let bus = inner.bus.clone();
+            let args = Arc::new(Mutex::new(Some(args)));
+            let waiting = args
+                .lock()
+                .as_ref()
+                .map(|a| {
+                    a.iter()
+                        .flat_map(|x| x.dependencies())
+                        .cloned()
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default();
+            let fake: Vec<crate::function::Arg> =
+                waiting.into_iter().map(crate::function::Arg::Ref).collect();
+            dependencies::when_ready(&fake, move || {
+                let Some(args) = args.lock().take() else {
+                    return;
+                };
+                match send(args) {
+                    Err(error) => failed.on_failed(error),
+                    Ok(request) => {
+                        let failed = failed.clone();
+                        bus.send_request(
+                            pb::bus_request::Body::Create(request),
+                            Box::new(move |reply| {
+                                if let Err(error) = reply {
+                                    failed.on_failed(error);
+                                }
+                            }),
+                        );
+                    }
+                }
+            });
+        }
+        Ok(InstanceInfo {
+            instance_id: id,
+            class: class.to_string(),
+        })
     }
 }
 
@@ -459,6 +642,12 @@ impl Inner {
                 format!("object {} names no process to fetch it from", handle.id()),
             ));
             for address in handle.fetch_addresses() {
+                if handle.is_lender(&address) {
+                    if let Some(error) = borrow_rpc::lender_unreachable(&address) {
+                        result = Err(error);
+                        continue;
+                    }
+                }
                 result = inner.fetch_from(&handle, &address).await;
                 if result.is_ok() {
                     break;
@@ -535,6 +724,7 @@ impl Inner {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn create_request(
         &self,
         spec_function: &str,
@@ -543,6 +733,7 @@ impl Inner {
         args: Vec<pb::Arg>,
         options: &InvokeOptions,
         id: &str,
+        binary: &Binary,
     ) -> Result<pb::CreateRequest, Error> {
         let options = rmp_serde::to_vec_named(options).map_err(|e| {
             Error::new(
@@ -558,26 +749,27 @@ impl Inner {
             job_id: self.job_id.clone(),
             class_name: class.to_string(),
             parent_instance_id: self.parent_instance_id.lock().clone(),
-            binary_path: self.binary_path.clone(),
-            binary_hash: self.binary_hash.clone(),
-            runtime_args: self.runtime_args.clone(),
+            binary_path: binary.path.clone(),
+            binary_hash: binary.hash.clone(),
+            runtime_args: binary.args.clone(),
             designated_instance_id: id.to_string(),
             creator_node_id: String::new(),
             creator_node_address: String::new(),
         })
     }
 
-    /// Ask the node for a stateless instance of `options`' shape.
+    /// Ask the node for a stateless instance of `options`' shape, running `binary`.
     fn create_stateless(
         self: &Arc<Self>,
         options: &InvokeOptions,
+        binary: &Binary,
         observer: Arc<dyn InstanceObserver>,
     ) -> Result<Arc<RemoteInstance>, Error> {
         self.check_connected()?;
         let id = format!("stateless-{}", ids::random_hex(16));
         let instance = RemoteInstance::new(id.clone(), self.io.clone(), Some(observer));
         self.instances.lock().insert(id.clone(), instance.clone());
-        let request = self.create_request("", "", true, Vec::new(), options, &id)?;
+        let request = self.create_request("", "", true, Vec::new(), options, &id, binary)?;
         let failed = instance.clone();
         self.bus.send_request(
             pb::bus_request::Body::Create(request),
@@ -663,126 +855,32 @@ impl Backend for ClusterBackend {
             crate::local::task::LocalTask::submit(pool, task, returns);
             return Ok(());
         }
-        StatelessSubmitter::submit(&self.inner, task, returns)
+        StatelessSubmitter::submit(&self.inner, task, self.inner.own_binary.clone(), returns)
+    }
+
+    fn submit_task_in(
+        &self,
+        executable: &Executable,
+        task: TaskSpec,
+        returns: Vec<ObjectHandle>,
+    ) -> yr_common::Result<()> {
+        self.inner.check_connected()?;
+        let binary = self.inner.binary_of(executable)?;
+        StatelessSubmitter::submit(&self.inner, task, binary, returns)
     }
 
     fn create_instance(&self, spec: CreateSpec) -> yr_common::Result<InstanceInfo> {
-        let inner = &self.inner;
-        inner.check_connected()?;
-        let id = spec
-            .options
-            .instance_id_for_name()
-            .unwrap_or_else(|| ids::random_hex(20));
-        let class = spec.constructor.class;
-        // A named instance this process already knows keeps its connection and queued calls.
-        let instance = {
-            let mut instances = inner.instances.lock();
-            match instances.get(&id) {
-                Some(existing) if !existing.is_failed() => existing.clone(),
-                _ => {
-                    let instance = RemoteInstance::new(id.clone(), inner.io.clone(), None);
-                    if !spec.options.calls_in_order() {
-                        instance.set_unordered();
-                    }
-                    instances.insert(id.clone(), instance.clone());
-                    instance
-                }
-            }
-        };
-        let args = spec.args;
-        let deps_ready = args
-            .iter()
-            .flat_map(|a| a.dependencies())
-            .all(|h| h.is_finished());
-        let send = {
-            let inner = inner.clone();
-            let options = spec.options.clone();
-            let constructor = spec.constructor;
-            let id = id.clone();
-            move |args: Vec<crate::function::Arg>| -> Result<pb::CreateRequest, Error> {
-                dependencies::first_failure(&args)?;
-                let args = args_to_proto(&args)?;
-                inner.create_request(
-                    constructor.name,
-                    constructor.class,
-                    false,
-                    args,
-                    &options,
-                    &id,
-                )
-            }
-        };
-        if deps_ready {
-            let request = send(args)?;
-            let reply = inner
-                .bus
-                .request_blocking(pb::bus_request::Body::Create(request), CREATE_ACK_TIMEOUT);
-            match reply {
-                Ok(pb::bus_response::Body::Create(ack)) => {
-                    tracing::debug!(?ack, class, "create acknowledged");
-                    if ack.existing && !ack.class_name.is_empty() && ack.class_name != class {
-                        return Err(Error::new(
-                            ErrorCode::InstanceDuplicated,
-                            format!(
-                                "the name of instance {id} is taken by an instance of {}; choose another name or kill it first",
-                                ack.class_name
-                            ),
-                        ));
-                    }
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    let mut instances = inner.instances.lock();
-                    if instances
-                        .get(&id)
-                        .is_some_and(|i| Arc::ptr_eq(i, &instance))
-                    {
-                        instances.remove(&id);
-                    }
-                    return Err(error);
-                }
-            }
-        } else {
-            // Send the create once its arguments exist; a failure surfaces on the first call.
-            let failed = instance.clone();
-            let bus = inner.bus.clone();
-            let args = Arc::new(Mutex::new(Some(args)));
-            let waiting = args
-                .lock()
-                .as_ref()
-                .map(|a| {
-                    a.iter()
-                        .flat_map(|x| x.dependencies())
-                        .cloned()
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default();
-            let fake: Vec<crate::function::Arg> =
-                waiting.into_iter().map(crate::function::Arg::Ref).collect();
-            dependencies::when_ready(&fake, move || {
-                let Some(args) = args.lock().take() else {
-                    return;
-                };
-                match send(args) {
-                    Err(error) => failed.on_failed(error),
-                    Ok(request) => {
-                        let failed = failed.clone();
-                        bus.send_request(
-                            pb::bus_request::Body::Create(request),
-                            Box::new(move |reply| {
-                                if let Err(error) = reply {
-                                    failed.on_failed(error);
-                                }
-                            }),
-                        );
-                    }
-                }
-            });
-        }
-        Ok(InstanceInfo {
-            instance_id: id,
-            class: class.to_string(),
-        })
+        self.create_with_binary(spec, self.inner.own_binary.clone())
+    }
+
+    fn create_instance_in(
+        &self,
+        executable: &Executable,
+        spec: CreateSpec,
+    ) -> yr_common::Result<InstanceInfo> {
+        self.inner.check_connected()?;
+        let binary = self.inner.binary_of(executable)?;
+        self.create_with_binary(spec, binary)
     }
 
     fn submit_method(

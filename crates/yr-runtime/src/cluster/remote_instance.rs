@@ -16,7 +16,7 @@ use super::call_channel::{self, FrameWriter};
 use super::convert::{args_to_proto, discard_result, finish_returns, unsend_args};
 use crate::dependencies;
 use crate::function::Arg;
-use crate::object_store::ObjectHandle;
+use crate::object_store::{Cancel, ObjectHandle};
 
 /// How long calls whose connection broke wait for the node to say what happened.
 const VERDICT_WAIT: Duration = Duration::from_secs(5);
@@ -262,6 +262,8 @@ impl RemoteInstance {
                         return_nums: call.returns.len() as u32,
                         reply_pool_id: super::shared_memory::pool_id(),
                         reply_pid: std::process::id(),
+                        force: false,
+                        recursive: false,
                     };
                     tracing::debug!(
                         call_id = call.call_id,
@@ -448,6 +450,37 @@ impl RemoteInstance {
                 }
             }
             call.fail(&error);
+        }
+    }
+
+    /// `yr::cancel` of the call `call_id`, whose results are failed already: a call not sent
+    /// yet is never sent; one in flight is cancelled in the runtime as `how` says (dropped
+    /// there if it has not started; its children cancelled with `recursive`), and its result
+    /// still comes back when it ends.
+    pub fn cancel_call(&self, call_id: u64, how: Cancel) {
+        let mut state = self.state.lock();
+        if let Some(position) = state.queued.iter().position(|c| c.call_id == call_id) {
+            let unsent = state.queued.remove(position);
+            drop(state);
+            drop(unsent);
+            return;
+        }
+        if !state.in_flight.contains_key(&call_id) {
+            return;
+        }
+        let Connection::Open { sender } = &state.connection else {
+            // Replayed on a new connection, if any, and then cancelled no more.
+            return;
+        };
+        let request = pb::CallRequest {
+            call_id,
+            kind: pb::CallKind::Cancel as i32,
+            force: how.force,
+            recursive: how.recursive,
+            ..Default::default()
+        };
+        if let Err(error) = sender.send(&request) {
+            tracing::debug!(instance = %self.id, call_id, %error, "the cancel of a call was not sent");
         }
     }
 

@@ -6,6 +6,8 @@
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use parking_lot::{Condvar, Mutex};
 use yr_common::{Error, ErrorCode, InvokeOptions};
 use yr_proto::error_to_proto;
@@ -21,7 +23,7 @@ use crate::function::{
 use crate::local::instance::{LocalInstance, Phase};
 use crate::local::pool::Pool;
 use crate::local::task::LocalTask;
-use crate::object_store::{ObjectHandle, ObjectSlot, Outcome};
+use crate::object_store::{Cancel, ObjectHandle, ObjectSlot, Outcome};
 
 /// Environment variables a runtime is started with.
 pub const ENV_RUNTIME_MODE: &str = "YR_RUNTIME_MODE";
@@ -29,6 +31,29 @@ pub const ENV_RUNTIME_MODE: &str = "YR_RUNTIME_MODE";
 pub const ENV_BUS_ADDRESS: &str = "YR_BUS_ADDRESS";
 /// The runtime's id, given by the runtime manager.
 pub const ENV_RUNTIME_ID: &str = "YR_RUNTIME_ID";
+
+/// The pid of the node that started this runtime.
+pub const ENV_NODE_PID: &str = "YR_NODE_PID";
+
+/// Make this runtime die with the node that started it: the kernel sends it SIGKILL when the
+/// node ends. The node starts runtimes with `posix_spawn`, so this runs here, first thing,
+/// rather than between fork and exec. A node that already ended before this call is no longer
+/// the parent, and the runtime exits at once.
+pub fn die_with_node() {
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and touches no memory.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    let node_pid = std::env::var(ENV_NODE_PID)
+        .ok()
+        .and_then(|pid| pid.parse::<u32>().ok());
+    if let Some(node_pid) = node_pid {
+        if std::os::unix::process::parent_id() != node_pid {
+            eprintln!("yr runtime: the node (pid {node_pid}) that started this runtime has ended; exiting");
+            std::process::exit(1);
+        }
+    }
+}
 
 /// What a runtime was started with.
 #[derive(Clone, Debug)]
@@ -52,11 +77,17 @@ impl RuntimeEnv {
     }
 }
 
+/// The stateless calls a runtime runs, by the caller's connection and call id.
+type RunningCalls = HashMap<(u64, u64), Weak<LocalTask>>;
+
 /// The runtime's state.
 pub struct RuntimeMode {
     env: RuntimeEnv,
     inner: Weak<Inner>,
     pool: OnceLock<Pool>,
+    /// The stateless calls not finished, by the caller's connection and call id, for the
+    /// callers' cancels.
+    calls: Arc<Mutex<RunningCalls>>,
     instance: OnceLock<Arc<LocalInstance>>,
     done: Mutex<bool>,
     done_changed: Condvar,
@@ -76,6 +107,7 @@ impl RuntimeMode {
             env,
             inner,
             pool: OnceLock::new(),
+            calls: Arc::new(Mutex::new(HashMap::new())),
             instance: OnceLock::new(),
             done: Mutex::new(false),
             done_changed: Condvar::new(),
@@ -302,7 +334,28 @@ fn result_of(call_id: u64, returns: &[ObjectHandle], caller: &Caller) -> pb::Cal
 }
 
 impl CallExecutor for RuntimeMode {
-    fn execute(&self, request: pb::CallRequest, respond: Box<dyn FnOnce(pb::CallResult) + Send>) {
+    fn cancel(&self, connection: u64, call_id: u64, how: Cancel) {
+        let task = self
+            .calls
+            .lock()
+            .get(&(connection, call_id))
+            .and_then(Weak::upgrade);
+        if let Some(task) = task {
+            tracing::debug!(call_id, ?how, "call cancelled by its caller");
+            task.cancel_for_caller(how);
+        }
+    }
+
+    fn disconnected(&self, connection: u64) {
+        self.calls.lock().retain(|(from, _), _| *from != connection);
+    }
+
+    fn execute(
+        &self,
+        connection: u64,
+        request: pb::CallRequest,
+        respond: Box<dyn FnOnce(pb::CallResult) + Send>,
+    ) {
         let call_id = request.call_id;
         tracing::debug!(call_id, function = %request.function, "call received");
         if crash_on_call(&request.function) {
@@ -338,7 +391,7 @@ impl CallExecutor for RuntimeMode {
                     "this runtime runs an instance, not functions",
                 )),
                 (Ok(function), Some(pool)) => {
-                    LocalTask::submit(
+                    let task = LocalTask::submit(
                         pool,
                         TaskSpec {
                             function: *function,
@@ -347,6 +400,11 @@ impl CallExecutor for RuntimeMode {
                         },
                         returns.clone(),
                     );
+                    if !returns.is_empty() {
+                        self.calls
+                            .lock()
+                            .insert((connection, call_id), Arc::downgrade(&task));
+                    }
                     Ok(())
                 }
             },
@@ -361,11 +419,14 @@ impl CallExecutor for RuntimeMode {
                     MethodSpec {
                         method: *method,
                         args,
+                        // The caller keeps the call's deadline.
+                        options: Arc::default(),
                     },
                     returns.clone(),
                 ),
             },
-            Err(_) => Err(Error::new(
+            // Cancels are answered by `cancel`, never run.
+            Ok(pb::CallKind::Cancel) | Err(_) => Err(Error::new(
                 ErrorCode::ExtensionMetaError,
                 format!("unknown call kind {}", request.kind),
             )),
@@ -380,9 +441,15 @@ impl CallExecutor for RuntimeMode {
                 values: Vec::new(),
                 error: None,
             }),
-            Some(last) => last.on_finished(Box::new(move || {
-                respond(result_of(call_id, &returns, &caller))
-            })),
+            Some(last) => {
+                let calls = Arc::downgrade(&self.calls);
+                last.on_finished(Box::new(move || {
+                    if let Some(calls) = calls.upgrade() {
+                        calls.lock().remove(&(connection, call_id));
+                    }
+                    respond(result_of(call_id, &returns, &caller))
+                }))
+            }
         }
     }
 }

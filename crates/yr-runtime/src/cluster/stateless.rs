@@ -1,10 +1,13 @@
 //! Stateless calls in a cluster (openYuanrong's task submitter). Calls of one resource shape
-//! share a pool of stateless instances. A call waits for its arguments, then goes to the
+//! and binary (this process's own, or another executable's for calls across languages) share a
+//! pool of stateless instances. A call waits for its arguments, then goes to the
 //! least-loaded running instance with room; when none has room it waits in the pool's queue,
 //! and the pool starts a few more instances at a time. A running instance may also take a few
 //! calls beyond its `concurrency` (a short pipeline, which hides the round trip) once the pool
 //! cannot grow. Instances idle for `recycle_time` are released. Failed calls are retried per
-//! the code's retry policy.
+//! the code's retry policy. A cancelled call that was sent is cancelled in its runtime too
+//! (its children with `recursive`), and a descendant of a recursive, forced cancel that runs
+//! alone on its instance ends that instance (design 017).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,10 +19,11 @@ use yr_common::clock::{self, Clock};
 use yr_common::{Error, ErrorCode, InvokeOptions};
 use yr_proto::v1 as pb;
 
+use super::executables::Binary;
 use super::remote_instance::{InstanceObserver, OutCall, RemoteInstance};
 use super::Inner;
 use crate::function::{Arg, FunctionEntry, TaskSpec};
-use crate::object_store::{Canceller, ObjectHandle};
+use crate::object_store::{Cancel, Canceller, ObjectHandle};
 use crate::retry::RetryBudget;
 use crate::shape::shape_key;
 
@@ -40,9 +44,11 @@ struct PooledInstance {
     last_used: Mutex<Instant>,
 }
 
-/// The instances of one resource shape and the calls waiting for one of them.
+/// The instances of one resource shape and binary, and the calls waiting for one of them.
 struct Pool {
     options: Arc<InvokeOptions>,
+    /// What its instances run.
+    binary: Arc<Binary>,
     concurrency: usize,
     instances: Vec<Arc<PooledInstance>>,
     /// Instances being asked for, not in `instances` yet.
@@ -56,10 +62,25 @@ struct Task {
     function: FunctionEntry,
     args: Arc<Vec<Arg>>,
     options: Arc<InvokeOptions>,
+    /// What runs it.
+    binary: Arc<Binary>,
     returns: Vec<ObjectHandle>,
     budget: Mutex<RetryBudget>,
     /// Set by `yr::cancel`: the results are failed and the call is not retried.
     cancelled: AtomicBool,
+    /// Where it was last sent, while it may still run there.
+    sent: Mutex<Option<Sent>>,
+    /// For the kill of the instance that runs it, when a cancel ends it.
+    inner: Weak<Inner>,
+}
+
+/// Where a call was sent.
+struct Sent {
+    instance: Weak<RemoteInstance>,
+    call_id: u64,
+    /// The instance takes one call at a time (`concurrency` 1): ending it ends only this call
+    /// (and calls queued behind it, which are retried elsewhere).
+    alone: bool,
 }
 
 impl Task {
@@ -70,12 +91,53 @@ impl Task {
     }
 }
 
-/// The options of a call and the pool of their shape.
-type LastPool = (Arc<InvokeOptions>, Arc<Mutex<Pool>>);
+impl Canceller for Task {
+    /// Fail the results with 1017 and retry no more. A call that was sent is cancelled in its
+    /// runtime too: dropped there if it has not started, its children cancelled with
+    /// `recursive`. A running descendant of a forced recursive cancel that runs alone on its
+    /// instance is stopped by ending that instance: its node ends the runtime process and the
+    /// instances it created.
+    fn cancel(&self, how: Cancel) {
+        self.cancelled.store(true, Ordering::Release);
+        let error = Error::new(
+            ErrorCode::ScheduleCanceled,
+            format!(
+                "the call to {} was cancelled by yr::cancel and has no value",
+                self.function.name
+            ),
+        );
+        self.fail(&error);
+        let Some(sent) = self.sent.lock().take() else {
+            return;
+        };
+        let inner = self.inner.upgrade();
+        if let Some(inner) = &inner {
+            // Its result, if it comes, is not retried and finishes nothing.
+            inner.stateless.tasks.lock().remove(&sent.call_id);
+        }
+        let Some(instance) = sent.instance.upgrade() else {
+            return;
+        };
+        instance.cancel_call(sent.call_id, how);
+        if how.descendant && how.force && sent.alone {
+            if let Some(inner) = inner {
+                tracing::debug!(instance = %instance.id, function = self.function.name, "ending the instance of a cancelled call");
+                instance.mark_terminating();
+                inner.kill(&instance.id, false);
+            }
+        }
+    }
+}
 
-/// The stateless pools of this process.
+/// A pool's key: its binary's content key and its shape.
+type PoolKey = (String, String);
+
+/// The options and binary of a call and the pool of their shape.
+type LastPool = (Arc<InvokeOptions>, Arc<Binary>, Arc<Mutex<Pool>>);
+
+/// The stateless pools of this process, by binary (its content key) and shape.
 pub struct StatelessSubmitter {
-    pools: Mutex<HashMap<String, Arc<Mutex<Pool>>>>,
+    pools: Mutex<HashMap<PoolKey, Arc<Mutex<Pool>>>>,
     /// The options of the last call and their pool.
     last_pool: Mutex<Option<LastPool>>,
     /// Calls in flight on an instance, by call id, for the retry decision.
@@ -88,6 +150,9 @@ pub struct StatelessSubmitter {
     clock: Arc<dyn Clock>,
     /// Set by `finalize`: calls that become ready are not sent any more.
     stopped: AtomicBool,
+    /// Rung when a pool gets an instance: the recycle loop sleeps on it while there is none,
+    /// so a process without stateless instances does not wake up for them.
+    instance_added: Arc<tokio::sync::Notify>,
 }
 
 /// The most instances a pool may have: the process's limit (`Config::max_task_instance_num`,
@@ -213,28 +278,48 @@ impl StatelessSubmitter {
             max_instances,
             clock,
             stopped: AtomicBool::new(false),
+            instance_added: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
-    /// Submit a stateless call. It goes to an instance once its arguments exist.
-    pub fn submit(
+    /// Whether any pool has an instance.
+    pub fn has_instances(&self) -> bool {
+        self.pools
+            .lock()
+            .values()
+            .any(|pool| !pool.lock().instances.is_empty())
+    }
+
+    /// Rung when a pool gets an instance (with a permit, so a ring before the wait counts).
+    pub fn instance_added(&self) -> Arc<tokio::sync::Notify> {
+        self.instance_added.clone()
+    }
+
+    /// Submit a stateless call that runs in `binary`. It goes to an instance once its
+    /// arguments exist.
+    pub(crate) fn submit(
         inner: &Arc<Inner>,
         spec: TaskSpec,
+        binary: Arc<Binary>,
         returns: Vec<ObjectHandle>,
     ) -> Result<(), Error> {
         let task = Arc::new(Task {
             function: spec.function,
+            binary,
             budget: Mutex::new(RetryBudget::new(&spec.options)),
             args: Arc::new(spec.args),
             options: spec.options,
             returns,
             cancelled: AtomicBool::new(false),
+            sent: Mutex::new(None),
+            inner: Arc::downgrade(inner),
         });
         for handle in &task.returns {
             handle.set_canceller(Arc::new(TaskCanceller {
                 task: Arc::downgrade(&task),
             }));
         }
+        crate::children::record(task.clone());
         let weak = Arc::downgrade(inner);
         let args = task.args.clone();
         crate::dependencies::when_ready(&args, move || {
@@ -256,25 +341,30 @@ impl StatelessSubmitter {
         {
             return;
         }
-        let pool = inner.stateless.pool(&task.options);
+        let pool = inner.stateless.pool(&task.options, &task.binary);
         pool.lock().waiting.push_back(task);
         Self::pump(inner, &pool);
     }
 
-    fn pool(&self, options: &Arc<InvokeOptions>) -> Arc<Mutex<Pool>> {
-        // Calls of one prepared function share their options: skip the key then.
-        if let Some((cached, pool)) = &*self.last_pool.lock() {
-            if Arc::ptr_eq(cached, options) {
+    fn pool(&self, options: &Arc<InvokeOptions>, binary: &Arc<Binary>) -> Arc<Mutex<Pool>> {
+        // Calls of one prepared function share their options, and calls one after another
+        // mostly have equal ones (the defaults): skip the key then. Comparing is a few tens of
+        // nanoseconds; the key formats every shape field, a few microseconds.
+        if let Some((cached, cached_binary, pool)) = &*self.last_pool.lock() {
+            if Arc::ptr_eq(cached_binary, binary)
+                && (Arc::ptr_eq(cached, options) || **cached == **options)
+            {
                 return pool.clone();
             }
         }
         let pool = self
             .pools
             .lock()
-            .entry(shape_key(options))
+            .entry((binary.hash.clone(), shape_key(options)))
             .or_insert_with(|| {
                 Arc::new(Mutex::new(Pool {
                     options: options.clone(),
+                    binary: binary.clone(),
                     concurrency: options.concurrency.max(1) as usize,
                     instances: Vec::new(),
                     requesting: 0,
@@ -282,7 +372,7 @@ impl StatelessSubmitter {
                 }))
             })
             .clone();
-        *self.last_pool.lock() = Some((options.clone(), pool.clone()));
+        *self.last_pool.lock() = Some((options.clone(), binary.clone(), pool.clone()));
         pool
     }
 
@@ -292,10 +382,10 @@ impl StatelessSubmitter {
     fn pump(inner: &Arc<Inner>, pool: &Arc<Mutex<Pool>>) {
         let submitter = &inner.stateless;
         loop {
-            let decisions = {
+            let (decisions, concurrency) = {
                 let mut locked = pool.lock();
                 let max_instances = pool_limit(submitter.max_instances, &locked.options);
-                locked.plan(max_instances)
+                (locked.plan(max_instances), locked.concurrency)
             };
             let mut failures = Vec::new();
             let mut retry = Vec::new();
@@ -314,27 +404,42 @@ impl StatelessSubmitter {
                     .is_some_and(|time| *time < SHORT_CALL);
                 submitter.tasks.lock().insert(call_id, task.clone());
                 *instance.last_used.lock() = submitter.clock.now();
+                *task.sent.lock() = Some(Sent {
+                    instance: Arc::downgrade(&instance.remote),
+                    call_id,
+                    alone: concurrency == 1,
+                });
                 if instance.remote.try_submit(call).is_err() {
                     // The instance went away in the meantime: the call waits for another.
                     submitter.tasks.lock().remove(&call_id);
+                    *task.sent.lock() = None;
                     retry.push(task);
+                } else if task.cancelled.load(Ordering::Acquire) {
+                    // Cancelled while it was being sent: it is not run after all.
+                    instance.remote.cancel_call(call_id, Cancel::default());
                 }
             }
             if decisions.create {
-                let options = pool.lock().options.clone();
+                let (options, binary) = {
+                    let locked = pool.lock();
+                    (locked.options.clone(), locked.binary.clone())
+                };
                 let observer = Arc::new(PoolObserver {
                     inner: Arc::downgrade(inner),
                     pool: Arc::downgrade(pool),
                 });
-                let created = inner.create_stateless(&options, observer);
+                let created = inner.create_stateless(&options, &binary, observer);
                 let mut locked = pool.lock();
                 locked.requesting -= 1;
                 match created {
-                    Ok(remote) => locked.instances.push(Arc::new(PooledInstance {
-                        remote,
-                        started: submitter.clock.now(),
-                        last_used: Mutex::new(submitter.clock.now()),
-                    })),
+                    Ok(remote) => {
+                        locked.instances.push(Arc::new(PooledInstance {
+                            remote,
+                            started: submitter.clock.now(),
+                            last_used: Mutex::new(submitter.clock.now()),
+                        }));
+                        submitter.instance_added.notify_one();
+                    }
                     Err(error) => failures.extend(locked.fail_waiting(&error)),
                 }
             }
@@ -444,19 +549,10 @@ struct TaskCanceller {
 }
 
 impl Canceller for TaskCanceller {
-    fn cancel(&self, _force: bool) {
-        let Some(task) = self.task.upgrade() else {
-            return;
-        };
-        task.cancelled.store(true, Ordering::Release);
-        let error = Error::new(
-            ErrorCode::ScheduleCanceled,
-            format!(
-                "the call to {} was cancelled by yr::cancel and has no value",
-                task.function.name
-            ),
-        );
-        task.fail(&error);
+    fn cancel(&self, how: Cancel) {
+        if let Some(task) = self.task.upgrade() {
+            task.cancel(how);
+        }
     }
 }
 
@@ -464,6 +560,53 @@ impl Canceller for TaskCanceller {
 mod tests {
     use super::*;
     use yr_common::ManualClock;
+
+    fn binary(hash: &str) -> Arc<Binary> {
+        Arc::new(Binary {
+            path: format!("/bin/{hash}"),
+            hash: hash.to_string(),
+            args: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn equal_options_share_a_pool_and_other_shapes_do_not() {
+        let submitter = StatelessSubmitter::new(Duration::from_secs(10), -1);
+        let own = binary("own");
+        let first = submitter.pool(&Arc::new(InvokeOptions::default()), &own);
+        let equal = submitter.pool(&Arc::new(InvokeOptions::default()), &own);
+        assert!(Arc::ptr_eq(&first, &equal));
+        let bigger = submitter.pool(
+            &Arc::new(InvokeOptions {
+                cpu: 1000,
+                ..Default::default()
+            }),
+            &own,
+        );
+        assert!(!Arc::ptr_eq(&first, &bigger));
+        let retried = submitter.pool(
+            &Arc::new(InvokeOptions {
+                retry_times: 3,
+                ..Default::default()
+            }),
+            &own,
+        );
+        assert!(
+            Arc::ptr_eq(&first, &retried),
+            "retries do not change the shape"
+        );
+    }
+
+    #[test]
+    fn calls_into_another_executable_have_pools_of_their_own() {
+        let submitter = StatelessSubmitter::new(Duration::from_secs(10), -1);
+        let options = Arc::new(InvokeOptions::default());
+        let own = submitter.pool(&options, &binary("own"));
+        let other = submitter.pool(&options, &binary("other"));
+        assert!(!Arc::ptr_eq(&own, &other));
+        assert_eq!(other.lock().binary.hash, "other");
+        assert!(Arc::ptr_eq(&own, &submitter.pool(&options, &binary("own"))));
+    }
 
     #[test]
     fn an_instance_is_released_once_idle_for_the_recycle_time() {
@@ -474,7 +617,7 @@ mod tests {
             .build()
             .expect("a tokio runtime");
         let remote = RemoteInstance::new("i-1".into(), io.handle().clone(), None);
-        let pool = submitter.pool(&Arc::new(InvokeOptions::default()));
+        let pool = submitter.pool(&Arc::new(InvokeOptions::default()), &binary("own"));
         let pooled = Arc::new(PooledInstance {
             remote: remote.clone(),
             started: clock.now(),

@@ -225,7 +225,8 @@ impl Backend for LocalBackend {
                     return Ok(info(instance));
                 }
             }
-            let timed_out = match deadline {
+            // A blocking wait: a pool thread waiting here tells its pool.
+            let timed_out = crate::blocking::blocking(|| match deadline {
                 Some(deadline) => self
                     .named_changed
                     .wait_until(&mut instances, deadline)
@@ -234,7 +235,7 @@ impl Backend for LocalBackend {
                     self.named_changed.wait(&mut instances);
                     false
                 }
-            };
+            });
             if timed_out {
                 return Err(Error::new(
                     ErrorCode::InstanceNotFound,

@@ -1,5 +1,5 @@
 //! Stateless calls in local mode: wait for dependencies, run on the pool, retry as the options
-//! allow, and honour `cancel`. Calls of one shape with `max_instances` run at most
+//! allow, and honour `cancel` (with `recursive`, also of the calls each one submitted). Calls of one shape with `max_instances` run at most
 //! `max_instances × concurrency` at once, the calls a cluster's pool of that many instances
 //! would run.
 
@@ -11,9 +11,10 @@ use parking_lot::Mutex;
 use yr_common::{Error, ErrorCode};
 
 use super::pool::Pool;
+use crate::children::{self, Children};
 use crate::dependencies;
 use crate::function::TaskSpec;
-use crate::object_store::{Canceller, ObjectHandle};
+use crate::object_store::{Cancel, Canceller, ObjectHandle};
 use crate::retry::RetryBudget;
 use crate::user_code;
 
@@ -30,6 +31,8 @@ pub struct LocalTask {
     pool: Pool,
     /// The bound of its shape, when its options set `max_instances`.
     limit: Option<Arc<Mutex<Limit>>>,
+    /// The stateless calls it submitted while it ran.
+    children: Arc<Children>,
 }
 
 /// The calls of one shape that run, and those waiting for one of them to finish.
@@ -66,8 +69,9 @@ fn limit_of(spec: &TaskSpec) -> Option<Arc<Mutex<Limit>>> {
 }
 
 impl LocalTask {
-    /// Submit `spec`: it runs on `pool` once its dependencies are finished.
-    pub fn submit(pool: &Pool, spec: TaskSpec, returns: Vec<ObjectHandle>) {
+    /// Submit `spec`: it runs on `pool` once its dependencies are finished. It is a child of
+    /// the call this thread runs, if any.
+    pub fn submit(pool: &Pool, spec: TaskSpec, returns: Vec<ObjectHandle>) -> Arc<LocalTask> {
         let budget = RetryBudget::new(&spec.options);
         let task = Arc::new(LocalTask {
             returns,
@@ -75,13 +79,16 @@ impl LocalTask {
             limit: limit_of(&spec),
             budget: Mutex::new(budget),
             pool: pool.clone(),
+            children: Children::new(),
             spec,
         });
         for handle in &task.returns {
             handle.set_canceller(task.clone());
         }
+        children::record(task.clone());
         let ready = task.clone();
         dependencies::when_ready(&task.spec.args, move || ready.enqueue());
+        task
     }
 
     /// Run it on the pool, once its shape's bound lets it.
@@ -141,7 +148,9 @@ impl LocalTask {
             return;
         }
         let function = self.spec.function;
-        let result = user_code::run(function.name, || (function.call)(&self.spec.args));
+        let result = self
+            .children
+            .run_as_parent(|| user_code::run(function.name, || (function.call)(&self.spec.args)));
         match result {
             Ok(values) => {
                 if values.len() != self.returns.len() {
@@ -185,8 +194,21 @@ impl LocalTask {
     }
 }
 
+impl LocalTask {
+    /// A cancel that this call's caller sent to the runtime running it: the caller has failed
+    /// the results already. A queued call is dropped; a running one keeps running and answers
+    /// when it ends (so that its caller counts the instance busy until then); with `how`'s
+    /// `recursive`, its children are cancelled as `how` says.
+    pub fn cancel_for_caller(&self, how: Cancel) {
+        self.cancel(Cancel::default());
+        if how.recursive {
+            self.children.cancel(how);
+        }
+    }
+}
+
 impl Canceller for LocalTask {
-    fn cancel(&self, force: bool) {
+    fn cancel(&self, how: Cancel) {
         let cancelled = || {
             Error::new(
                 ErrorCode::ScheduleCanceled,
@@ -208,11 +230,16 @@ impl Canceller for LocalTask {
             for handle in &self.returns {
                 handle.fail(cancelled());
             }
-        } else if force && self.state.load(Ordering::Acquire) == RUNNING {
+        } else if how.force && self.state.load(Ordering::Acquire) == RUNNING {
             // A local thread cannot be killed: the call's result is discarded instead.
             for handle in &self.returns {
                 handle.fail(cancelled());
             }
+        }
+        // After its own results: a call whose child fails may finish at once, and the cancel
+        // must be what its results say.
+        if how.recursive {
+            self.children.cancel(how);
         }
     }
 }

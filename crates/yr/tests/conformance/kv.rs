@@ -29,8 +29,10 @@ fn write_key(key: String, value: String) -> bool {
     yr::kv_write(&key, value.as_bytes(), SetParam::default()).is_ok()
 }
 
+/// Marks `marker`, then reads `key` (waiting for it).
 #[yr::invoke]
-fn read_key(key: String) -> String {
+fn read_key(key: String, marker: String) -> String {
+    support::hit(&marker);
     let values = yr::kv_read(&[&key], Duration::from_secs(10)).expect("the key is written");
     String::from_utf8_lossy(&values[0]).into_owned()
 }
@@ -99,17 +101,17 @@ fn a_key_expires_after_its_ttl() {
 fn a_read_waits_for_a_key_written_later_by_another_thread() {
     let _session = support::session();
     let k = key("later");
-    let writer_key = k.clone();
-    let writer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
-        yr::kv_write(&writer_key, b"arrived", SetParam::default()).unwrap();
-    });
+    let reader_key = k.clone();
     let started = Instant::now();
-    let values = yr::kv_read(&[&k], TIMEOUT).unwrap();
+    // Returns once the reader waits for its answer (on a cluster: once the node parks it).
+    let reader = support::spawn_until_parked(support::Parked::KvRead, move || {
+        yr::kv_read(&[&reader_key], TIMEOUT)
+    });
+    // The write comes after the read waits.
+    yr::kv_write(&k, b"arrived", SetParam::default()).unwrap();
+    let values = reader.join().unwrap().unwrap();
     assert_eq!(values, vec![b"arrived".to_vec()]);
-    assert!(started.elapsed() >= Duration::from_millis(250));
     assert!(started.elapsed() < TIMEOUT);
-    writer.join().unwrap();
 }
 
 #[test]
@@ -288,11 +290,14 @@ fn user_code_and_the_driver_share_the_store() {
         yr::kv_read(&[&from_function], TIMEOUT).unwrap(),
         vec![b"written remotely".to_vec()]
     );
-    // A function that waits for a key the driver writes afterwards.
+    // A function that waits for a key the driver writes once the function is about to read.
+    // (That the read waits is `a_read_waits_for_a_key_written_later_by_another_thread`; here
+    // the value is the same whether the write or the read reaches the store first.)
+    let reading = support::Marker::new("reading");
     let read = yr::function(read_key)
-        .invoke((from_driver.clone(),))
+        .invoke((from_driver.clone(), reading.path()))
         .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(reading.wait_for(1, TIMEOUT), "the function never started");
     yr::kv_write(&from_driver, b"written locally", SetParam::default()).unwrap();
     assert_eq!(support::get(&read), "written locally");
 }
@@ -319,8 +324,8 @@ fn a_read_waiting_when_finalize_runs_fails_with_9000() {
     let _exclusive = support::exclusive();
     yr::init(support::config()).unwrap();
     let k = key("never-written");
-    let reader = std::thread::spawn(move || yr::kv_read(&[&k], yr::FOREVER));
-    std::thread::sleep(Duration::from_millis(300));
+    // Finalize runs once the read is issued and waits for its answer.
+    let reader = support::spawn_until_blocked(move || yr::kv_read(&[&k], yr::FOREVER));
     let finalized_at = Instant::now();
     yr::finalize().unwrap();
     let error = unwrap_err(reader.join().unwrap());

@@ -172,12 +172,11 @@ fn finalize_fails_pending_calls_with_finalized() {
     yr::init(support::config()).unwrap();
     let pending = yr::function(slow).invoke((1, 3_000)).unwrap();
     let waited = pending.clone();
-    let waiter = std::thread::spawn(move || {
+    // Finalize runs once the waiter blocks in get.
+    let waiter = support::spawn_until_blocked(move || {
         let result = yr::get(&waited, Duration::from_secs(30));
         (result, Instant::now())
     });
-    // Let the waiter block in get (if it has not yet, it fails at once all the same).
-    std::thread::sleep(Duration::from_millis(100));
     let finalized_at = Instant::now();
     yr::finalize().unwrap();
 

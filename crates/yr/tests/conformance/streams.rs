@@ -115,15 +115,15 @@ fn a_receive_waits_for_elements_and_a_timeout_returns_what_is_ready() {
     // Expecting two, only one comes: the timeout returns it.
     let got = consumer.receive(Duration::from_millis(300), 2).unwrap();
     assert_eq!(values(&got), vec![b"one".to_vec()]);
-    // expect_num 0 returns as soon as anything is there.
-    let sender = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(100));
-        producer.send(b"two", TIMEOUT).unwrap();
-        producer
+    // expect_num 0 returns as soon as anything is there: the element is sent once the receive
+    // waits (on a cluster: once the node parks it).
+    let receiver = support::spawn_until_parked(support::Parked::StreamReceive, move || {
+        consumer.receive(TIMEOUT, 0)
     });
-    let got = consumer.receive(TIMEOUT, 0).unwrap();
+    producer.send(b"two", TIMEOUT).unwrap();
+    let got = receiver.join().unwrap().unwrap();
     assert_eq!(values(&got), vec![b"two".to_vec()]);
-    sender.join().unwrap().close().unwrap();
+    producer.close().unwrap();
 }
 
 #[test]
@@ -171,14 +171,15 @@ fn a_full_stream_blocks_send_until_acks_make_room_else_4202() {
         .receive(Duration::from_millis(100), 1)
         .unwrap()
         .is_empty());
-    // A blocked send goes through once the consumer acks.
-    let acker = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(200));
-        consumer.ack(got[3].id).unwrap();
-        consumer
+    // A blocked send goes through once the consumer acks: the ack comes once the send waits
+    // for room (on a cluster: once the node parks it).
+    let sender = support::spawn_until_parked(support::Parked::StreamSend, move || {
+        let sent = producer.send(b"after", TIMEOUT);
+        (sent, producer)
     });
-    producer.send(b"after", TIMEOUT).unwrap();
-    let consumer = acker.join().unwrap();
+    consumer.ack(got[3].id).unwrap();
+    let (sent, _producer) = sender.join().unwrap();
+    sent.unwrap();
     assert_eq!(values(&receive_n(&consumer, 1)), vec![b"after".to_vec()]);
 }
 
@@ -443,8 +444,8 @@ fn a_receive_waiting_when_finalize_runs_fails_with_9000() {
     let _exclusive = support::exclusive();
     yr::init(support::config()).unwrap();
     let consumer = yr::create_stream_consumer(&name("waiting"), sub("a")).unwrap();
-    let reader = std::thread::spawn(move || consumer.receive(yr::FOREVER, 1));
-    std::thread::sleep(Duration::from_millis(300));
+    // Finalize runs once the receive is issued and waits for its answer.
+    let reader = support::spawn_until_blocked(move || consumer.receive(yr::FOREVER, 1));
     let finalized_at = Instant::now();
     yr::finalize().unwrap();
     let error = unwrap_err(reader.join().unwrap());

@@ -266,6 +266,117 @@ pub fn hit(path: &str) -> usize {
     record(path, "hit")
 }
 
+/// Tells the test when its thread blocks in a yr call.
+struct BlockedSignal(Mutex<Option<std::sync::mpsc::Sender<()>>>);
+
+impl yr_runtime::blocking::BlockingObserver for BlockedSignal {
+    fn enter(&self) {
+        if let Some(sender) = self.0.lock().unwrap().take() {
+            let _ = sender.send(());
+        }
+    }
+
+    fn exit(&self) {}
+}
+
+/// Run `body` on a new thread and return once that thread blocks in a yr call: its backend
+/// issued the call (a `get`, a KV read, a stream receive, a send waiting for room) and waits
+/// for the answer. Panics if it does not block within [`TIMEOUT`].
+pub fn spawn_until_blocked<T: Send + 'static>(
+    body: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let (sender, blocked) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        yr_runtime::blocking::set_observer(Arc::new(BlockedSignal(Mutex::new(Some(sender)))));
+        body()
+    });
+    blocked
+        .recv_timeout(TIMEOUT)
+        .expect("the thread did not block in a yr call");
+    thread
+}
+
+/// What the node parks until something happens, as its `yr_node_waiting_requests` metric
+/// counts them.
+#[derive(Clone, Copy, Debug)]
+pub enum Parked {
+    /// A named-instance lookup for a name not created yet.
+    NamedLookup,
+    /// A KV read for a key not written yet.
+    KvRead,
+    /// A stream receive waiting for elements.
+    StreamReceive,
+    /// A stream send waiting for room.
+    StreamSend,
+}
+
+impl Parked {
+    fn label(self) -> &'static str {
+        match self {
+            Parked::NamedLookup => "named_lookup",
+            Parked::KvRead => "kv_read",
+            Parked::StreamReceive => "stream_receive",
+            Parked::StreamSend => "stream_send",
+        }
+    }
+}
+
+/// [`spawn_until_blocked`], and on a cluster also until the node has taken the call in and
+/// parks it (its `yr_node_waiting_requests{kind}` metric counts it): the event after which
+/// whatever the call waits for may happen. Local mode has no node: blocking is that event.
+pub fn spawn_until_parked<T: Send + 'static>(
+    what: Parked,
+    body: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let thread = spawn_until_blocked(body);
+    if backend() == Backend::Cluster {
+        wait_until_node_parks(what);
+    }
+    thread
+}
+
+/// Wait until the node of this session reports at least one parked call of `what`. Panics
+/// after [`TIMEOUT`].
+fn wait_until_node_parks(what: Parked) {
+    let dir = yr_runtime::cluster::session_dir().expect("a cluster session on this machine");
+    let session = yr_common::session::SessionInfo::read(&dir).expect("the session's file");
+    let (_, address) = session
+        .metrics
+        .iter()
+        .find(|(role, _)| role == "node")
+        .expect("the node serves metrics");
+    let needle = format!("yr_node_waiting_requests{{kind=\"{}\"}} ", what.label());
+    let io = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime for the metrics requests");
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let (status, text) = io
+            .block_on(yr_transport::http::fetch(address, "/metrics", TIMEOUT))
+            .expect("the node's metrics");
+        assert!(status.is_success(), "the node's metrics: {status}: {text}");
+        let parked = text
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(needle.as_str())?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0);
+        if parked > 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node never parked a {what:?}"
+        );
+        // Polls for the event; how long it takes does not change what the test sees.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 struct ThreadWaker(Thread);
 
 impl Wake for ThreadWaker {

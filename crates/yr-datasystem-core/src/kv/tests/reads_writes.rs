@@ -229,3 +229,22 @@ fn del_and_exist() {
         vec![false, true, false]
     );
 }
+
+#[test]
+fn a_read_waiting_for_a_key_is_counted_until_the_key_arrives() {
+    let store = KvStore::new();
+    assert_eq!(store.waiting_reads(), 0);
+    let reader = {
+        let store = store.clone();
+        std::thread::spawn(move || store.get(&["later"], Duration::from_secs(10)))
+    };
+    // The event the node's metric reports: the read is parked on its key.
+    while store.waiting_reads() == 0 {
+        std::thread::yield_now();
+    }
+    store
+        .set("later", bytes("here"), &SetParam::default())
+        .unwrap();
+    assert_eq!(reader.join().unwrap().unwrap(), vec![bytes("here")]);
+    assert_eq!(store.waiting_reads(), 0);
+}

@@ -13,6 +13,8 @@
 //! Failures: the directory or an object's file cannot be written is 4203, a full disk or a
 //! full `--spill-limit-mb` is 4204, and the log cannot be written is 4201. This module does not
 //! own shared memory: [`crate::shared_memory`] decides what to spill and where it goes back.
+//!
+//! The log's records and its replay are `log`; this module writes, reads and removes objects.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -25,6 +27,10 @@ use yr_common::{Error, ErrorCode, ObjectId, Result};
 
 use crate::error::DataSystemError;
 use crate::l2::disk_error;
+
+mod log;
+#[cfg(test)]
+mod tests;
 
 const MAGIC: &[u8; 8] = b"YRSPILL1";
 const LOG_NAME: &str = "objects.log";
@@ -121,37 +127,6 @@ pub(crate) fn copy_range(
     Ok(())
 }
 
-fn record(op: u8, id: ObjectId, size: u64) -> [u8; RECORD] {
-    let mut out = [0u8; RECORD];
-    out[0] = op;
-    out[1..17].copy_from_slice(&id.to_bytes());
-    out[17..25].copy_from_slice(&size.to_le_bytes());
-    let crc = yr_meta::crc32(&out[..25]);
-    out[25..].copy_from_slice(&crc.to_le_bytes());
-    out
-}
-
-/// The records of a log's bytes (after the magic), up to the first torn or damaged one.
-fn parse(bytes: &[u8]) -> (Vec<(u8, ObjectId, u64)>, usize) {
-    let mut records = Vec::new();
-    let mut offset = 0;
-    while offset + RECORD <= bytes.len() {
-        let raw = &bytes[offset..offset + RECORD];
-        let mut crc = [0u8; 4];
-        crc.copy_from_slice(&raw[25..]);
-        if yr_meta::crc32(&raw[..25]) != u32::from_le_bytes(crc) {
-            break;
-        }
-        let mut id = [0u8; 16];
-        id.copy_from_slice(&raw[1..17]);
-        let mut size = [0u8; 8];
-        size.copy_from_slice(&raw[17..25]);
-        records.push((raw[0], ObjectId::from_bytes(id), u64::from_le_bytes(size)));
-        offset += RECORD;
-    }
-    (records, offset)
-}
-
 /// Free bytes on the disk of `path`, or of its nearest existing ancestor.
 fn free_space(path: &Path) -> Option<u64> {
     let mut candidate = Some(path);
@@ -209,124 +184,6 @@ impl SpillStore {
     /// Where object `id` is spilled.
     pub fn object_path(&self, id: ObjectId) -> PathBuf {
         self.dir.join(format!("{id}.obj"))
-    }
-
-    /// Replay the log, keep whole objects, drop the rest, and rewrite the log compacted.
-    fn recover(&self) -> Result<()> {
-        let path = self.log_path();
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(error) if error.kind() == ErrorKind::NotFound => return Ok(()),
-            Err(error) => return Err(metadata_error("read", &path, error)),
-        };
-        if !bytes.starts_with(MAGIC) {
-            return Err(DataSystemError::NotASpillLog { path }.into());
-        }
-        let (records, parsed) = parse(&bytes[MAGIC.len()..]);
-        if parsed + MAGIC.len() < bytes.len() {
-            tracing::warn!(
-                log = %path.display(),
-                offset = parsed + MAGIC.len(),
-                "the spill metadata log ends in a torn or damaged record; cut it off"
-            );
-        }
-        let mut objects = HashMap::new();
-        for (op, id, size) in records {
-            match op {
-                OP_SPILLED => {
-                    objects.insert(id, size);
-                }
-                _ => {
-                    objects.remove(&id);
-                }
-            }
-        }
-        let mut state = self.state.lock();
-        for (id, size) in objects {
-            let whole = std::fs::metadata(self.object_path(id)).is_ok_and(|m| m.len() == size);
-            if whole {
-                state
-                    .objects
-                    .insert(id, SpilledObject { size, holder: None });
-                state.bytes += size;
-            } else {
-                tracing::warn!(object = %id, "a spilled object's file is missing or torn; dropped");
-            }
-        }
-        // Files no record names: objects whose spill did not finish.
-        if let Ok(entries) = std::fs::read_dir(&self.dir) {
-            for entry in entries.flatten() {
-                let name = entry.file_name();
-                let name = name.to_string_lossy();
-                let Some(stem) = name.strip_suffix(".obj") else {
-                    continue;
-                };
-                let known = state.objects.keys().any(|id| id.to_string() == stem);
-                if !known {
-                    let _ = std::fs::remove_file(entry.path());
-                }
-            }
-        }
-        // The compacted log, written aside and renamed into place.
-        let temporary = self.dir.join(format!("{LOG_NAME}.tmp"));
-        let write = || -> std::io::Result<File> {
-            let mut file = File::create(&temporary)?;
-            let mut out = MAGIC.to_vec();
-            for (id, object) in &state.objects {
-                out.extend_from_slice(&record(OP_SPILLED, *id, object.size));
-            }
-            file.write_all(&out)?;
-            file.sync_data()?;
-            std::fs::rename(&temporary, &path)?;
-            File::open(&self.dir)?.sync_all()?;
-            OpenOptions::new().append(true).open(&path)
-        };
-        let log = write().map_err(|error| metadata_error("rewrite", &path, error))?;
-        state.log = Some(log);
-        tracing::info!(
-            dir = %self.dir.display(),
-            objects = state.objects.len(),
-            bytes = state.bytes,
-            "spilled objects recovered"
-        );
-        Ok(())
-    }
-
-    /// The open log, created (with the directory) on first use.
-    fn log<'a>(&self, state: &'a mut State) -> Result<&'a mut File> {
-        if state.log.is_none() {
-            std::fs::create_dir_all(&self.dir).map_err(|error| {
-                spill_disk_error("create the spill directory", &self.dir, error)
-            })?;
-            let path = self.log_path();
-            let mut file = OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(&path)
-                .map_err(|error| metadata_error("create", &path, error))?;
-            let empty = file.metadata().map(|m| m.len() == 0).unwrap_or(false);
-            if empty {
-                file.write_all(MAGIC)
-                    .and_then(|()| file.sync_data())
-                    .map_err(|error| metadata_error("start", &path, error))?;
-            }
-            state.log = Some(file);
-        }
-        match state.log.as_mut() {
-            Some(log) => Ok(log),
-            None => Err(DataSystemError::Bug(
-                "the spill log vanished while it was open".to_string(),
-            )
-            .into()),
-        }
-    }
-
-    fn append(&self, state: &mut State, op: u8, id: ObjectId, size: u64, sync: bool) -> Result<()> {
-        let path = self.log_path();
-        let log = self.log(state)?;
-        log.write_all(&record(op, id, size))
-            .and_then(|()| if sync { log.sync_data() } else { Ok(()) })
-            .map_err(|error| metadata_error("append to", &path, error))
     }
 
     /// Write object `id` (`size` bytes of `source` at `offset`) to disk for process `holder`.
@@ -473,155 +330,4 @@ pub(crate) fn not_spilled(id: ObjectId, dir: &Path) -> Error {
             dir.display()
         ),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn temp_dir(label: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "yr-spill-{label}-{}-{}",
-            std::process::id(),
-            yr_common::ids::random_hex(6)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    fn source(bytes: &[u8]) -> File {
-        let path = temp_dir("source").join("data");
-        std::fs::write(&path, bytes).unwrap();
-        File::open(path).unwrap()
-    }
-
-    #[test]
-    fn a_spilled_object_reads_back_and_its_file_goes_when_removed() {
-        let dir = temp_dir("roundtrip");
-        let store = SpillStore::open(dir.clone(), Some(1 << 20));
-        let id = ObjectId::generate();
-        let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
-        store.write(id, &source(&data), 0, 5000, 7).unwrap();
-        assert_eq!(store.stats().bytes, 5000);
-        assert_eq!(std::fs::read(store.object_path(id)).unwrap(), data);
-        let target_path = temp_dir("target").join("data");
-        std::fs::write(&target_path, [0u8; 6000]).unwrap();
-        let target = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(target_path)
-            .unwrap();
-        store.read_into(id, &target, 0).unwrap();
-        let mut back = vec![0u8; 5000];
-        target.read_exact_at(&mut back, 0).unwrap();
-        assert_eq!(back, data);
-        assert!(
-            !store.remove_held(id, 8),
-            "another process cannot remove it"
-        );
-        assert!(store.remove_held(id, 7));
-        assert!(!store.object_path(id).exists());
-        assert_eq!(
-            store.stats(),
-            SpillStats {
-                bytes: 0,
-                objects: 0,
-                limit: 1 << 20
-            }
-        );
-    }
-
-    #[test]
-    fn a_full_limit_is_4204_and_an_unwritable_directory_4203() {
-        let dir = temp_dir("limit");
-        let store = SpillStore::open(dir.join("spill"), Some(4096));
-        let error = store
-            .write(ObjectId::generate(), &source(&[1u8; 8192]), 0, 8192, 1)
-            .unwrap_err();
-        assert_eq!(error.code(), ErrorCode::InsufficientDiskSpace);
-        assert!(error.message().contains("4096"), "{error}");
-        assert_eq!(store.stats().bytes, 0);
-        // A directory below a regular file cannot be created, even by root.
-        std::fs::write(dir.join("file"), b"x").unwrap();
-        let store = SpillStore::open(dir.join("file").join("spill"), Some(1 << 20));
-        let error = store
-            .write(ObjectId::generate(), &source(&[1u8; 10]), 0, 10, 1)
-            .unwrap_err();
-        assert_eq!(error.code(), ErrorCode::OperateDiskFailed);
-        assert!(error.message().contains("--spill-dir"), "{error}");
-        assert_eq!(store.stats().bytes, 0);
-    }
-
-    #[test]
-    fn a_log_that_cannot_be_written_is_4201_and_leaves_no_object_behind() {
-        let dir = temp_dir("log");
-        // A directory where the metadata log goes: the log cannot be opened, even by root.
-        std::fs::create_dir_all(dir.join(LOG_NAME)).unwrap();
-        let store = SpillStore::open(dir.clone(), Some(1 << 20));
-        let id = ObjectId::generate();
-        let error = store
-            .write(id, &source(&[1u8; 100]), 0, 100, 1)
-            .unwrap_err();
-        assert_eq!(error.code(), ErrorCode::RocksdbFailed, "{error}");
-        assert!(error.message().contains(LOG_NAME), "{error}");
-        assert!(
-            !store.object_path(id).exists(),
-            "the object's file was left behind"
-        );
-        assert_eq!(store.stats().bytes, 0);
-    }
-
-    #[test]
-    fn a_reopened_store_finds_its_objects_and_drops_unfinished_ones() {
-        let dir = temp_dir("reopen");
-        let kept = ObjectId::generate();
-        let removed = ObjectId::generate();
-        {
-            let store = SpillStore::open(dir.clone(), Some(1 << 20));
-            store.write(kept, &source(&[3u8; 100]), 0, 100, 1).unwrap();
-            store
-                .write(removed, &source(&[4u8; 100]), 0, 100, 1)
-                .unwrap();
-            store.remove(removed);
-        }
-        // A file whose spill did not finish, and a torn record at the end of the log.
-        std::fs::write(dir.join(format!("{}.obj", ObjectId::generate())), b"half").unwrap();
-        let mut log = OpenOptions::new()
-            .append(true)
-            .open(dir.join(LOG_NAME))
-            .unwrap();
-        log.write_all(&[1, 2, 3]).unwrap();
-        let store = SpillStore::open(dir.clone(), Some(1 << 20));
-        assert_eq!(
-            store.get(kept),
-            Some(SpilledObject {
-                size: 100,
-                holder: None
-            })
-        );
-        assert_eq!(store.get(removed), None);
-        let files = std::fs::read_dir(&dir)
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".obj"))
-            })
-            .count();
-        assert_eq!(files, 1);
-        // Any process may claim an object recovered from disk.
-        assert!(store.remove_held(kept, 99));
-        let store = SpillStore::open(dir, Some(1 << 20));
-        assert_eq!(store.stats().objects, 0);
-    }
-
-    #[test]
-    fn a_departed_process_loses_its_spilled_objects() {
-        let store = SpillStore::open(temp_dir("departed"), Some(1 << 20));
-        let (mine, theirs) = (ObjectId::generate(), ObjectId::generate());
-        store.write(mine, &source(&[1u8; 10]), 0, 10, 1).unwrap();
-        store.write(theirs, &source(&[1u8; 10]), 0, 10, 2).unwrap();
-        assert_eq!(store.release_process(1), 1);
-        assert_eq!(store.get(mine), None);
-        assert!(store.get(theirs).is_some());
-    }
 }

@@ -5,8 +5,12 @@
 //! constant-time (an index of idle runtimes per binary), so creating an instance costs the same
 //! whether ten or ten thousand instances live. It starts and signals processes through a
 //! [`Spawner`], so it is tested without processes.
+//!
+//! Heartbeats go round the runtimes in turn, at most a fixed number per round, so the node and
+//! its idle runtimes spend the same on them whether ten or ten thousand runtimes live; with
+//! many runtimes each is asked less often (see [`RuntimePool::heartbeat_round`]).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,7 +44,8 @@ struct Slot {
     address: String,
     /// The instance it serves; `None` while it is warm.
     instance_id: Option<String>,
-    last_ack: Instant,
+    /// When the heartbeat it has not answered yet was sent.
+    unanswered_since: Option<Instant>,
     hung: bool,
     registered: Vec<oneshot::Sender<Result<(), Unregistered>>>,
     init: Option<oneshot::Sender<pb::InitResult>>,
@@ -74,6 +79,9 @@ impl Idle {
 struct PoolState {
     slots: HashMap<String, Slot>,
     idle: HashMap<String, Idle>,
+    /// Runtimes in the order their next heartbeat turn comes. Ended runtimes leave it when
+    /// their turn comes.
+    beat_order: VecDeque<String>,
 }
 
 impl PoolState {
@@ -120,6 +128,9 @@ pub struct RuntimePool {
     spawner: Arc<dyn Spawner>,
     warm_size: usize,
     state: Mutex<PoolState>,
+    /// Held through a fill, so two fills at once do not both count the same gap and start
+    /// twice the runtimes missing.
+    filling: Mutex<()>,
 }
 
 impl RuntimePool {
@@ -129,6 +140,7 @@ impl RuntimePool {
             spawner,
             warm_size,
             state: Mutex::new(PoolState::default()),
+            filling: Mutex::new(()),
         }
     }
 
@@ -153,12 +165,13 @@ impl RuntimePool {
                 client_id: None,
                 address: String::new(),
                 instance_id: instance_id.map(str::to_string),
-                last_ack: Instant::now(),
+                unanswered_since: None,
                 hung: false,
                 registered: Vec::new(),
                 init: None,
             },
         );
+        state.beat_order.push_back(runtime_id.clone());
         if instance_id.is_none() {
             state
                 .idle
@@ -172,6 +185,7 @@ impl RuntimePool {
 
     /// Start idle runtimes of `binary_hash` until the warm pool is full.
     pub fn fill(&self, binary_hash: &str, spec: &RuntimeSpec) -> Result<(), AgentError> {
+        let _filling = self.filling.lock();
         let idle = self
             .state
             .lock()
@@ -256,7 +270,6 @@ impl RuntimePool {
         };
         slot.client_id = Some(client_id);
         slot.address = address.to_string();
-        slot.last_ack = Instant::now();
         for waiter in slot.registered.drain(..) {
             let _ = waiter.send(Ok(()));
         }
@@ -301,26 +314,51 @@ impl RuntimePool {
     /// `runtime_id` answered a heartbeat.
     pub fn heartbeat_ack(&self, runtime_id: &str) {
         if let Some(slot) = self.state.lock().slots.get_mut(runtime_id) {
-            slot.last_ack = Instant::now();
+            slot.unanswered_since = None;
         }
     }
 
-    /// Whom to send heartbeats, and which runtimes have been silent longer than `timeout` (they
-    /// are marked hung and leave the warm pool; the caller kills them).
-    pub fn heartbeat_round(&self, timeout: Duration) -> HeartbeatRound {
+    /// One heartbeat round, at `now`: the next `max_turns` runtimes in turn get a heartbeat,
+    /// unless they have not answered the previous one yet; one that has not answered for
+    /// longer than `timeout` is marked hung and leaves the warm pool (the caller kills it).
+    ///
+    /// A round costs `max_turns` at most, however many runtimes live. With more than
+    /// `max_turns` runtimes, each gets its turn every `runtimes / max_turns` rounds, so a hung
+    /// runtime is found within that many rounds plus `timeout`.
+    pub fn heartbeat_round(
+        &self,
+        now: Instant,
+        timeout: Duration,
+        max_turns: usize,
+    ) -> HeartbeatRound {
         let mut round = HeartbeatRound::default();
         let mut state = self.state.lock();
         let mut newly_hung = Vec::new();
-        for (runtime_id, slot) in state.slots.iter_mut() {
-            let Some(client_id) = slot.client_id else {
+        let turns = max_turns.min(state.beat_order.len());
+        for _ in 0..turns {
+            let Some(runtime_id) = state.beat_order.pop_front() else {
+                break;
+            };
+            let Some(slot) = state.slots.get_mut(&runtime_id) else {
                 continue;
             };
-            if slot.last_ack.elapsed() > timeout && !slot.hung {
-                slot.hung = true;
-                newly_hung.push((slot.binary_hash.clone(), runtime_id.clone()));
-            } else {
-                round.beat.push(client_id);
+            if slot.hung {
+                continue;
             }
+            match (slot.client_id, slot.unanswered_since) {
+                (None, _) => {}
+                (Some(_), Some(sent)) if now.saturating_duration_since(sent) > timeout => {
+                    slot.hung = true;
+                    newly_hung.push((slot.binary_hash.clone(), runtime_id));
+                    continue;
+                }
+                (Some(_), Some(_)) => {}
+                (Some(client_id), None) => {
+                    slot.unanswered_since = Some(now);
+                    round.beat.push(client_id);
+                }
+            }
+            state.beat_order.push_back(runtime_id);
         }
         for (hash, runtime_id) in newly_hung {
             state.remove_idle(&hash, &runtime_id);
@@ -329,12 +367,11 @@ impl RuntimePool {
         round
     }
 
-    /// Count every runtime as having answered now. For a node that was itself stopped (for
+    /// Count every runtime as having answered. For a node that was itself stopped (for
     /// example SIGSTOP) longer than the heartbeat timeout: its runtimes' silence is its own.
     pub fn forgive_silence(&self) {
-        let now = Instant::now();
         for slot in self.state.lock().slots.values_mut() {
-            slot.last_ack = now;
+            slot.unanswered_since = None;
         }
     }
 
@@ -393,152 +430,4 @@ impl RuntimePool {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::path::PathBuf;
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    use super::*;
-
-    /// Hands out ids; starts nothing.
-    #[derive(Default)]
-    struct Counter {
-        next: AtomicU32,
-        signals: Mutex<Vec<(String, i32)>>,
-    }
-
-    impl Spawner for Counter {
-        fn spawn(&self, _spec: &RuntimeSpec) -> Result<(String, u32), AgentError> {
-            let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-            Ok((format!("rt{n}"), 1000 + n))
-        }
-        fn signal(&self, runtime_id: &str, signal: i32) -> bool {
-            self.signals.lock().push((runtime_id.to_string(), signal));
-            true
-        }
-        fn pid(&self, _runtime_id: &str) -> Option<u32> {
-            None
-        }
-    }
-
-    fn spec() -> RuntimeSpec {
-        RuntimeSpec {
-            binary_path: PathBuf::from("/bin/true"),
-            args: Vec::new(),
-            job_id: "job".into(),
-            env: Vec::new(),
-        }
-    }
-
-    fn pool(warm: usize) -> (RuntimePool, Arc<Counter>) {
-        let spawner = Arc::new(Counter::default());
-        (RuntimePool::new(spawner.clone(), warm), spawner)
-    }
-
-    #[test]
-    fn fill_keeps_the_warm_pool_full_and_take_prefers_connected_runtimes() {
-        let (pool, spawner) = pool(2);
-        pool.fill("h", &spec()).unwrap();
-        pool.fill("h", &spec()).unwrap();
-        assert_eq!(spawner.next.load(Ordering::Relaxed), 2);
-        assert_eq!(pool.idle("h"), 2);
-        assert!(pool.registered("rt2", 7, "unix:/w2"));
-        let taken = pool.take("h", &spec(), "i1").unwrap();
-        assert_eq!(taken.runtime_id, "rt2");
-        assert!(taken.registration.is_none(), "it is connected already");
-        assert_eq!(pool.idle("h"), 1);
-        assert_eq!(pool.instance_of("rt2").as_deref(), Some("i1"));
-    }
-
-    #[tokio::test]
-    async fn a_taken_runtime_that_is_starting_resolves_when_it_connects() {
-        let (pool, _) = pool(0);
-        let taken = pool.take("h", &spec(), "i1").unwrap();
-        let registration = taken.registration.expect("not connected yet");
-        assert_eq!(
-            pool.idle("h"),
-            0,
-            "a runtime started for an instance is not idle"
-        );
-        pool.registered(&taken.runtime_id, 3, "unix:/w");
-        assert_eq!(registration.await.unwrap(), Ok(()));
-        let (client, address, _init) = pool.expect_init(&taken.runtime_id).unwrap();
-        assert_eq!((client, address.as_str()), (3, "unix:/w"));
-    }
-
-    #[tokio::test]
-    async fn a_runtime_that_ends_before_connecting_reports_its_stderr() {
-        let (pool, _) = pool(0);
-        let taken = pool.take("h", &spec(), "i1").unwrap();
-        let ended = pool.ended(&taken.runtime_id, "boom").unwrap();
-        assert_eq!(
-            ended,
-            Ended {
-                instance_id: Some("i1".into()),
-                hung: false,
-                registered: false
-            }
-        );
-        assert_eq!(
-            taken.registration.unwrap().await.unwrap(),
-            Err("boom".to_string())
-        );
-        assert!(pool.ended(&taken.runtime_id, "").is_none());
-    }
-
-    #[test]
-    fn take_new_starts_a_runtime_for_the_instance_alone_and_leaves_the_warm_pool_alone() {
-        let (pool, spawner) = pool(1);
-        pool.fill("h", &spec()).unwrap();
-        pool.registered("rt1", 1, "unix:/w1");
-        let taken = pool.take_new("h", &spec(), "with-env").unwrap();
-        assert_eq!(taken.runtime_id, "rt2", "a new runtime, not the warm one");
-        assert_eq!(spawner.next.load(Ordering::Relaxed), 2);
-        assert_eq!(pool.instance_of("rt2").as_deref(), Some("with-env"));
-        // Connected, it is still its instance's, never idle for others.
-        pool.registered("rt2", 2, "unix:/w2");
-        assert_eq!(pool.idle("h"), 1);
-        assert_eq!(pool.take("h", &spec(), "other").unwrap().runtime_id, "rt1");
-    }
-
-    #[test]
-    fn silent_runtimes_are_marked_hung_once_and_leave_the_warm_pool() {
-        let (pool, _) = pool(1);
-        pool.fill("h", &spec()).unwrap();
-        pool.registered("rt1", 9, "unix:/w");
-        let round = pool.heartbeat_round(Duration::from_secs(3600));
-        assert_eq!(round.beat, vec![9]);
-        assert!(round.hung.is_empty());
-        let round = pool.heartbeat_round(Duration::ZERO);
-        assert_eq!(round.hung, vec!["rt1".to_string()]);
-        assert_eq!(pool.idle("h"), 0);
-        let round = pool.heartbeat_round(Duration::ZERO);
-        assert!(round.hung.is_empty(), "a hung runtime is reported once");
-    }
-
-    #[test]
-    fn a_node_that_was_stopped_forgives_its_runtimes_silence() {
-        let (pool, _) = pool(1);
-        pool.fill("h", &spec()).unwrap();
-        pool.registered("rt1", 9, "unix:/w");
-        std::thread::sleep(Duration::from_millis(20));
-        pool.forgive_silence();
-        let round = pool.heartbeat_round(Duration::from_millis(10));
-        assert!(
-            round.hung.is_empty(),
-            "silence while the node was stopped is not a hang"
-        );
-        assert_eq!(round.beat, vec![9]);
-    }
-
-    #[test]
-    fn a_take_among_many_busy_runtimes_starts_a_new_one_and_leaves_other_binaries_alone() {
-        let (pool, _) = pool(0);
-        for i in 0..10_000 {
-            pool.take("h", &spec(), &format!("i{i}")).unwrap();
-        }
-        pool.fill("other", &spec()).unwrap();
-        assert_eq!(pool.idle("h"), 0);
-        let taken = pool.take("h", &spec(), "last").unwrap();
-        assert_eq!(taken.runtime_id, "rt10001");
-    }
-}
+mod tests;
