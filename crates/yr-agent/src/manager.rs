@@ -3,16 +3,16 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::process::Command;
 use tokio::sync::mpsc;
 use yr_common::{Error, ErrorCode};
 
 use crate::exit::{oom_kill_count, ExitCause};
+use crate::launcher::{wait_for_exit, LaunchError, Launcher};
 
 /// What the runtime manager needs to know.
 #[derive(Clone, Debug)]
@@ -110,6 +110,7 @@ pub struct RuntimeManager {
     running: Arc<Mutex<HashMap<String, Running>>>,
     events: mpsc::UnboundedSender<RuntimeEvent>,
     next_id: AtomicU64,
+    launcher: Launcher,
 }
 
 /// The last `lines` lines of the file at `path`.
@@ -130,6 +131,7 @@ impl RuntimeManager {
             running: Arc::new(Mutex::new(HashMap::new())),
             events,
             next_id: AtomicU64::new(1),
+            launcher: Launcher::start(),
         }
     }
 
@@ -148,23 +150,16 @@ impl RuntimeManager {
             self.options.node_id,
             self.next_id.fetch_add(1, Ordering::Relaxed)
         );
+        let log_dir = || self.options.log_dir.display().to_string();
         std::fs::create_dir_all(&self.options.log_dir).map_err(|source| AgentError::Logs {
-            dir: self.options.log_dir.display().to_string(),
+            dir: log_dir(),
             source,
         })?;
-        let open = |suffix: &str| {
-            std::fs::File::create(
-                self.options
-                    .log_dir
-                    .join(format!("runtime-{runtime_id}.{suffix}")),
-            )
-            .map_err(|source| AgentError::Logs {
-                dir: self.options.log_dir.display().to_string(),
-                source,
-            })
+        let log_file = |suffix: &str| {
+            self.options
+                .log_dir
+                .join(format!("runtime-{runtime_id}.{suffix}"))
         };
-        let stdout = open("out")?;
-        let stderr = open("err")?;
         let mut command = Command::new(&spec.binary_path);
         command
             .args(&spec.args)
@@ -181,25 +176,26 @@ impl RuntimeManager {
             )
             .env_remove("YR_SERVER_ADDRESS")
             .env_remove("YR_LOCAL_MODE")
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .env("YR_NODE_PID", std::process::id().to_string())
-            .kill_on_drop(false);
-        // No `pre_exec` here: without it the standard library starts the process with
-        // `posix_spawn` (a vfork), whose cost does not grow with the node's memory. A fork
-        // copies the node's page tables and makes the node take copy-on-write faults, so
-        // each start got slower as more runtimes lived. The runtime asks to die with its node
-        // itself, first thing (`yr_runtime`'s `die_with_node`, using `YR_NODE_PID`).
+            // The runtime asks to die with its node itself, first thing (`yr_runtime`'s
+            // `die_with_node`): a `pre_exec` would make the start a fork.
+            .env("YR_NODE_PID", std::process::id().to_string());
         let oom_before = oom_kill_count();
         // The table stays locked from the start to the insert: the runtime may connect and
         // ask to be checked (`pid`) before `spawn` returns here.
         let mut running = self.running.lock();
-        let mut child = command.spawn().map_err(|source| AgentError::Spawn {
-            binary: spec.binary_path.display().to_string(),
-            source,
-        })?;
-        let pid = child.id().unwrap_or(0);
+        let pid = self
+            .launcher
+            .launch(command, log_file("out"), log_file("err"))
+            .map_err(|error| match error {
+                LaunchError::Logs(source) => AgentError::Logs {
+                    dir: log_dir(),
+                    source,
+                },
+                LaunchError::Spawn(source) => AgentError::Spawn {
+                    binary: spec.binary_path.display().to_string(),
+                    source,
+                },
+            })?;
         running.insert(runtime_id.clone(), Running { pid });
         drop(running);
         let running = self.running.clone();
@@ -207,7 +203,7 @@ impl RuntimeManager {
         let stderr_path = self.stderr_path(&runtime_id);
         let id = runtime_id.clone();
         tokio::spawn(async move {
-            let status = child.wait().await;
+            let status = wait_for_exit(pid).await;
             running.lock().remove(&id);
             let oom = match (oom_before, oom_kill_count()) {
                 (Some(before), Some(after)) => after > before,
