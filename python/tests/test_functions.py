@@ -38,6 +38,19 @@ def fail_with_value_error(x):
     raise ValueError("bad value {}".format(x))
 
 
+_INITIALIZED = 0
+
+
+def _initialize():
+    global _INITIALIZED
+    _INITIALIZED += 1
+
+
+@yr.invoke(initializer=_initialize)
+def times_initialized():
+    return _INITIALIZED
+
+
 class Unpicklable(Exception):
     def __init__(self):
         super().__init__("cannot cross")
@@ -93,6 +106,15 @@ def test_return_nums(backend):
     quotient, remainder = divmod_remote.invoke(17, 5)
     assert yr.get([quotient, remainder]) == [3, 2]
     assert returns_nothing.invoke() is None
+
+
+def test_an_initializer_runs_once_in_each_runtime_before_the_first_call(backend):
+    # Calls one after the other reuse one runtime (or the driver, in local mode); each saw the
+    # initializer run exactly once in its process.
+    counts = [yr.get(times_initialized.invoke()) for _ in range(5)]
+    assert counts == [1] * 5
+    with pytest.raises(YRTypeError):
+        yr.invoke(initializer=42)
 
 
 def test_calling_a_decorated_function_directly_fails():

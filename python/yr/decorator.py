@@ -4,6 +4,8 @@ return: ``FunctionProxy``, ``InstanceCreator``, ``InstanceProxy`` and ``MethodPr
 
 import functools
 import inspect
+import threading
+import types
 
 from yr import _yr, apis
 from yr._code import Code
@@ -80,12 +82,15 @@ class FunctionProxy:
     them with ``return_nums > 1``, ``None`` with 0) at once; ``f.options(...)`` sets
     options for the calls of the proxy it returns."""
 
-    def __init__(self, func, invoke_options=None, return_nums=1, code=None):
+    def __init__(self, func, invoke_options=None, return_nums=1, code=None, initializer=None):
         self._func = func
         self._options = invoke_options if invoke_options is not None else InvokeOptions()
         self._core_options = _CoreOptions(self._options)
         self._return_nums = _return_nums(return_nums)
-        self._code = code if code is not None else Code(func)
+        self._initializer = initializer
+        if code is None:
+            code = Code(func if initializer is None else _Initialized(func, initializer))
+        self._code = code
         functools.update_wrapper(self, func)
 
     def __call__(self, *args, **kwargs):
@@ -95,7 +100,7 @@ class FunctionProxy:
     def options(self, invoke_options=None, **fields):
         """A proxy whose calls use these options (an ``InvokeOptions``, and/or its fields)."""
         return FunctionProxy(self._func, _options(invoke_options or self._options, fields),
-                             self._return_nums, self._code)
+                             self._return_nums, self._code, self._initializer)
 
     def invoke(self, *args, **kwargs):
         """Call the function remotely; returns its ``ObjectRef``(s) at once."""
@@ -117,20 +122,67 @@ class FunctionProxy:
         return self._func
 
     def __reduce__(self):
-        return (FunctionProxy, (self._func, self._options, self._return_nums))
+        return (FunctionProxy, (self._func, self._options, self._return_nums, None,
+                                self._initializer))
+
+
+class _Initialized:
+    """A stateless function with an ``initializer``: the initializer runs once in each process
+    that runs the function (each runtime, or the driver in local mode), before the function's
+    first call there. If it raises, the call fails with its exception (2002) and the next call
+    runs it again."""
+
+    def __init__(self, func, initializer):
+        self.func = func
+        self.initializer = initializer
+        self.__module__ = getattr(func, "__module__", "?")
+        self.__qualname__ = getattr(func, "__qualname__", "?")
+        self._done = False
+        self._lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        if not self._done:
+            with self._lock:
+                if not self._done:
+                    self._in_function_globals()()
+                    self._done = True
+        return self.func(*args, **kwargs)
+
+    def _in_function_globals(self):
+        """The initializer, reading and writing the globals the function reads: cloudpickle
+        gives a function it pickles by value (a decorated one) a globals dict of its own, so an
+        initializer of the same module that sets a global would otherwise set it where the
+        function does not look."""
+        init, func = self.initializer, self.func
+        if (isinstance(init, types.FunctionType) and isinstance(func, types.FunctionType)
+                and init.__module__ == func.__module__):
+            return types.FunctionType(init.__code__, func.__globals__, init.__name__,
+                                      init.__defaults__, init.__closure__)
+        return init
+
+    def __reduce__(self):
+        return (_Initialized, (self.func, self.initializer))
 
 
 def invoke(func=None, *, invoke_options=None, return_nums=1, initializer=None):
     """Decorate a function as a stateless yr function: ``@yr.invoke`` or
-    ``@yr.invoke(invoke_options=..., return_nums=N)``."""
-    if initializer is not None:
-        raise YRValueError("yr does not support invoke(initializer=...) yet")
+    ``@yr.invoke(invoke_options=..., return_nums=N, initializer=f)``. ``initializer`` (a
+    function of no arguments) runs once in each runtime before the function's first call
+    there, for example to load a model::
+
+        @yr.invoke(initializer=load_model)
+        def predict(x):
+            return MODEL(x)
+    """
+    if initializer is not None and not callable(initializer):
+        raise YRTypeError("initializer must be a function of no arguments, got {!r}".format(
+            initializer))
 
     def wrap(f):
         if isinstance(f, type):
             raise YRTypeError("@yr.invoke decorates functions; use @yr.instance for a class")
         options = invoke_options.validate() if invoke_options is not None else None
-        return FunctionProxy(f, options, return_nums)
+        return FunctionProxy(f, options, return_nums, initializer=initializer)
 
     return wrap(func) if func is not None else wrap
 

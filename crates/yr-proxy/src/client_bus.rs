@@ -4,7 +4,7 @@
 //! It is the only owner of the registry. Lookups by session, by process and by job are indexed,
 //! so nothing here walks every client.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -90,6 +90,8 @@ struct Registry {
     by_pid: HashMap<u32, Vec<u64>>,
     /// Registered drivers of each job.
     drivers: HashMap<String, usize>,
+    /// Sessions that created stateless instances here: they hear of the scheduler's pressure.
+    stateless_owners: HashSet<u64>,
 }
 
 /// The registry of bus clients.
@@ -208,9 +210,34 @@ impl ClientBus {
         })
     }
 
+    /// Session `client_id` created a stateless instance. True if it had not before.
+    pub fn add_stateless_owner(&self, client_id: u64) -> bool {
+        let mut registry = self.registry.lock();
+        registry.clients.contains_key(&client_id) && registry.stateless_owners.insert(client_id)
+    }
+
+    /// Tell every session that created stateless instances here whether creates of other
+    /// sessions wait for resources (`waiting_owners`: the sessions whose creates wait).
+    pub fn push_pressure(&self, waiting_owners: &[u64]) {
+        let registry = self.registry.lock();
+        for id in &registry.stateless_owners {
+            let Some(client) = registry.clients.get(id) else {
+                continue;
+            };
+            let creates_waiting = waiting_owners.iter().any(|owner| owner != id);
+            client.sender.push(pb::BusResponse {
+                message_id: 0,
+                body: Some(pb::bus_response::Body::Pressure(pb::ResourcePressure {
+                    creates_waiting,
+                })),
+            });
+        }
+    }
+
     /// Session `client_id` ended.
     pub fn disconnect(&self, client_id: u64) -> Option<Departure> {
         let mut registry = self.registry.lock();
+        registry.stateless_owners.remove(&client_id);
         let client = registry.clients.remove(&client_id)?;
         let mut last_of_process = false;
         if client.pid != 0 {

@@ -5,9 +5,11 @@
 //! the queue and is granted when resources are released (no polling). An instance blocked in
 //! `get` or `wait` lends its CPU back, and takes it again when it resumes, even if that briefly
 //! oversubscribes the node: nested tasks then finish instead of waiting for each other. Every
-//! change of the free resources is reported through `changed` (the master's view).
+//! change of the free resources is reported through `changed` (the master's view), and every
+//! change of the set of clients whose requests wait through `pressure` (the other clients that
+//! hold idle stateless instances then release them at once).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
@@ -18,6 +20,8 @@ use crate::resources::{Amount, LocalResources};
 /// A request waiting in the queue.
 struct Waiter {
     request: Amount,
+    /// The bus client the request is for (0: none on this node).
+    owner: u64,
     grant: oneshot::Sender<()>,
 }
 
@@ -29,6 +33,39 @@ struct State {
     /// CPU taken back by resumed instances beyond what was free (oversubscription), paid back
     /// first when CPU is released.
     owed_cpu: u64,
+    /// Waiting requests of each owner.
+    waiting_owners: HashMap<u64, usize>,
+    /// The owners with waiting requests changed since `pressure` was last told.
+    owners_changed: bool,
+}
+
+impl State {
+    fn enqueue(&mut self, id: u64, waiter: Waiter) {
+        let count = self.waiting_owners.entry(waiter.owner).or_insert(0);
+        *count += 1;
+        self.owners_changed |= *count == 1;
+        self.queue.insert(id, waiter);
+    }
+
+    fn dequeue(&mut self, id: u64) -> Option<Waiter> {
+        let waiter = self.queue.remove(&id)?;
+        if let Some(count) = self.waiting_owners.get_mut(&waiter.owner) {
+            *count -= 1;
+            if *count == 0 {
+                self.waiting_owners.remove(&waiter.owner);
+                self.owners_changed = true;
+            }
+        }
+        Some(waiter)
+    }
+
+    /// The owners with waiting requests, if they changed since `pressure` was last told.
+    fn pressure_changed(&mut self) -> Option<Vec<u64>> {
+        if !std::mem::take(&mut self.owners_changed) {
+            return None;
+        }
+        Some(self.waiting_owners.keys().copied().collect())
+    }
 }
 
 /// A place in the queue. Resolves when the request is granted.
@@ -43,20 +80,34 @@ pub struct Ticket {
 pub struct Scheduler {
     state: Mutex<State>,
     changed: Box<dyn Fn(pb::ResourceDelta) + Send + Sync>,
+    pressure: Box<dyn Fn(Vec<u64>) + Send + Sync>,
 }
 
 impl Scheduler {
-    /// A scheduler over `capacity`, telling `changed` every change of the free resources.
-    pub fn new(capacity: Amount, changed: Box<dyn Fn(pb::ResourceDelta) + Send + Sync>) -> Self {
+    /// A scheduler over `capacity`, telling `changed` every change of the free resources and
+    /// `pressure` the owners whose requests wait, each time that set changes.
+    pub fn new(
+        capacity: Amount,
+        changed: Box<dyn Fn(pb::ResourceDelta) + Send + Sync>,
+        pressure: Box<dyn Fn(Vec<u64>) + Send + Sync>,
+    ) -> Self {
         Scheduler {
             state: Mutex::new(State {
                 resources: LocalResources::new(capacity),
                 queue: BTreeMap::new(),
                 next_ticket: 1,
                 owed_cpu: 0,
+                waiting_owners: HashMap::new(),
+                owners_changed: false,
             }),
             changed,
+            pressure,
         }
+    }
+
+    /// The owners whose requests wait now.
+    pub fn waiting_owners(&self) -> Vec<u64> {
+        self.state.lock().waiting_owners.keys().copied().collect()
     }
 
     /// Capacity and free resources now.
@@ -69,9 +120,9 @@ impl Scheduler {
         self.state.lock().queue.len()
     }
 
-    /// Reserve `request`: at once if it fits (the ticket is already granted), else when
-    /// resources are released.
-    pub fn request(&self, request: &Amount) -> Ticket {
+    /// Reserve `request` for bus client `owner` (0: none): at once if it fits (the ticket is
+    /// already granted), else when resources are released.
+    pub fn request(&self, request: &Amount, owner: u64) -> Ticket {
         let (grant, granted) = oneshot::channel();
         let mut state = self.state.lock();
         let id = state.next_ticket;
@@ -81,13 +132,19 @@ impl Scheduler {
             drop(state);
             (self.changed)(request.delta(true));
         } else {
-            state.queue.insert(
+            state.enqueue(
                 id,
                 Waiter {
                     request: request.clone(),
+                    owner,
                     grant,
                 },
             );
+            let changed = state.pressure_changed();
+            drop(state);
+            if let Some(owners) = changed {
+                (self.pressure)(owners);
+            }
         }
         Ticket { id, granted }
     }
@@ -95,7 +152,14 @@ impl Scheduler {
     /// Give up ticket `id` for `request`: it leaves the queue, or, if it was granted already,
     /// its resources are released.
     pub fn withdraw(&self, id: u64, request: &Amount) {
-        let waiting = self.state.lock().queue.remove(&id).is_some();
+        let (waiting, changed) = {
+            let mut state = self.state.lock();
+            let waiting = state.dequeue(id).is_some();
+            (waiting, state.pressure_changed())
+        };
+        if let Some(owners) = changed {
+            (self.pressure)(owners);
+        }
         if !waiting {
             self.release(request);
         }
@@ -105,7 +169,7 @@ impl Scheduler {
     pub fn release(&self, amount: &Amount) {
         let mut amount = amount.clone();
         let mut granted = Vec::new();
-        {
+        let pressure = {
             let mut state = self.state.lock();
             let paid = state.owed_cpu.min(amount.cpu);
             state.owed_cpu -= paid;
@@ -120,11 +184,15 @@ impl Scheduler {
                 if !fits {
                     continue;
                 }
-                if let Some(waiter) = state.queue.remove(&id) {
+                if let Some(waiter) = state.dequeue(id) {
                     state.resources.try_allocate(&waiter.request);
                     granted.push(waiter);
                 }
             }
+            state.pressure_changed()
+        };
+        if let Some(owners) = pressure {
+            (self.pressure)(owners);
         }
         (self.changed)(amount.delta(false));
         for waiter in granted {
@@ -180,19 +248,59 @@ mod tests {
     }
 
     fn scheduler(capacity: u64) -> (Scheduler, Arc<Mutex<i64>>) {
+        let (scheduler, reported, _) = scheduler_with_pressure(capacity);
+        (scheduler, reported)
+    }
+
+    /// What a scheduler told `pressure`, in order.
+    type Told = Arc<Mutex<Vec<Vec<u64>>>>;
+
+    /// A scheduler, the free CPU it reported, and what it told `pressure`.
+    fn scheduler_with_pressure(capacity: u64) -> (Scheduler, Arc<Mutex<i64>>, Told) {
         let reported = Arc::new(Mutex::new(capacity as i64));
         let sink = reported.clone();
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let pressure = told.clone();
         let scheduler = Scheduler::new(
             cpu(capacity),
             Box::new(move |delta| *sink.lock() += delta.cpu_millicores),
+            Box::new(move |mut owners: Vec<u64>| {
+                owners.sort();
+                pressure.lock().push(owners)
+            }),
         );
-        (scheduler, reported)
+        (scheduler, reported, told)
+    }
+
+    #[test]
+    fn pressure_is_told_the_owners_whose_requests_wait_when_they_change() {
+        let (scheduler, _, told) = scheduler_with_pressure(1000);
+        let _all = scheduler.request(&cpu(1000), 7);
+        assert!(told.lock().is_empty(), "nothing waits");
+        let first = scheduler.request(&cpu(500), 1);
+        let _second = scheduler.request(&cpu(500), 1);
+        assert_eq!(
+            *told.lock(),
+            vec![vec![1]],
+            "told once, when client 1 starts waiting"
+        );
+        let _third = scheduler.request(&cpu(600), 2);
+        assert_eq!(told.lock().last(), Some(&vec![1, 2]));
+        assert_eq!(scheduler.waiting_owners().len(), 2);
+        scheduler.withdraw(first.id, &cpu(500));
+        assert_eq!(told.lock().len(), 2, "client 1 still waits");
+        // 500 free: client 1's request fits, client 2's does not.
+        scheduler.release(&cpu(500));
+        assert_eq!(told.lock().last(), Some(&vec![2]));
+        scheduler.release(&cpu(1000));
+        assert_eq!(told.lock().last(), Some(&Vec::new()), "none waits");
+        assert!(scheduler.waiting_owners().is_empty());
     }
 
     #[test]
     fn a_request_that_fits_is_granted_at_once() {
         let (scheduler, reported) = scheduler(1000);
-        let mut ticket = scheduler.request(&cpu(600));
+        let mut ticket = scheduler.request(&cpu(600), 0);
         assert!(ticket.granted.try_recv().is_ok());
         assert_eq!(scheduler.resources().allocatable.cpu, 400);
         assert_eq!(*reported.lock(), 400, "the master's view follows");
@@ -201,9 +309,9 @@ mod tests {
     #[test]
     fn a_waiting_request_is_woken_by_a_release() {
         let (scheduler, reported) = scheduler(1000);
-        let mut first = scheduler.request(&cpu(1000));
+        let mut first = scheduler.request(&cpu(1000), 0);
         assert!(first.granted.try_recv().is_ok());
-        let mut second = scheduler.request(&cpu(500));
+        let mut second = scheduler.request(&cpu(500), 0);
         assert!(second.granted.try_recv().is_err(), "waits");
         assert_eq!(scheduler.waiting(), 1);
         scheduler.release(&cpu(1000));
@@ -215,9 +323,9 @@ mod tests {
     #[test]
     fn a_large_request_does_not_block_smaller_ones_behind_it() {
         let (scheduler, _) = scheduler(1000);
-        let _all = scheduler.request(&cpu(1000));
-        let mut large = scheduler.request(&cpu(900));
-        let mut small = scheduler.request(&cpu(200));
+        let _all = scheduler.request(&cpu(1000), 0);
+        let mut large = scheduler.request(&cpu(900), 0);
+        let mut small = scheduler.request(&cpu(200), 0);
         scheduler.release(&cpu(300));
         assert!(large.granted.try_recv().is_err());
         assert!(small.granted.try_recv().is_ok());
@@ -226,8 +334,8 @@ mod tests {
     #[test]
     fn withdrawing_leaves_the_queue_or_releases_what_was_granted() {
         let (scheduler, _) = scheduler(1000);
-        let granted = scheduler.request(&cpu(1000));
-        let waiting = scheduler.request(&cpu(1000));
+        let granted = scheduler.request(&cpu(1000), 0);
+        let waiting = scheduler.request(&cpu(1000), 0);
         scheduler.withdraw(waiting.id, &cpu(1000));
         assert_eq!(scheduler.waiting(), 0);
         assert_eq!(scheduler.resources().allocatable.cpu, 0);
@@ -238,8 +346,8 @@ mod tests {
     #[test]
     fn a_dropped_asker_does_not_leak_its_grant() {
         let (scheduler, _) = scheduler(1000);
-        let _all = scheduler.request(&cpu(1000));
-        drop(scheduler.request(&cpu(400)));
+        let _all = scheduler.request(&cpu(1000), 0);
+        drop(scheduler.request(&cpu(400), 0));
         scheduler.release(&cpu(1000));
         assert_eq!(scheduler.resources().allocatable.cpu, 1000);
     }
@@ -247,8 +355,8 @@ mod tests {
     #[test]
     fn blocked_instances_lend_their_cpu_and_take_it_back_even_beyond_capacity() {
         let (scheduler, reported) = scheduler(1000);
-        let _parent = scheduler.request(&cpu(1000));
-        let mut child = scheduler.request(&cpu(1000));
+        let _parent = scheduler.request(&cpu(1000), 0);
+        let mut child = scheduler.request(&cpu(1000), 0);
         assert!(child.granted.try_recv().is_err());
         scheduler.lend_cpu(1000);
         assert!(

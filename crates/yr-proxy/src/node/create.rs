@@ -72,6 +72,7 @@ impl Node {
         } else {
             request.designated_instance_id.clone()
         };
+        let record_stateless = request.stateless;
         let name = options.name.clone().unwrap_or_default();
         let namespace = if name.is_empty() {
             String::new()
@@ -136,6 +137,22 @@ impl Node {
                 existing: true,
                 class_name,
             });
+        }
+        if let (true, Subscriber::Client(client_id)) = (record_stateless, &subscriber) {
+            // It hears when other clients' creates wait for resources, to release its idle
+            // instances at once; a new owner is told if they wait already.
+            if self.bus.add_stateless_owner(*client_id) {
+                let waiting = self.scheduler.waiting_owners();
+                if waiting.iter().any(|owner| owner != client_id) {
+                    self.bus.send(
+                        *client_id,
+                        0,
+                        pb::bus_response::Body::Pressure(pb::ResourcePressure {
+                            creates_waiting: true,
+                        }),
+                    );
+                }
+            }
         }
         self.creates.fetch_add(1, Ordering::Relaxed);
         self.spawn_start(instance_id.clone());
@@ -271,13 +288,18 @@ impl Node {
         request: &Amount,
         timeout: Duration,
     ) -> Result<Placement, Error> {
-        let Some((killing, cancel, affinities, admits_here)) =
+        let Some((killing, cancel, affinities, admits_here, owner)) =
             self.instances.with(instance_id, |i| {
+                let owner = match i.subscribers.first() {
+                    Some(Subscriber::Client(client_id)) => *client_id,
+                    _ => 0,
+                };
                 (
                     i.killing,
                     i.cancel.clone(),
                     crate::create_options::required_affinities(&i.options),
                     crate::create_options::admits(self.master.labels(), &i.options),
+                    owner,
                 )
             })
         else {
@@ -288,7 +310,7 @@ impl Node {
         }
         let deadline = Instant::now() + timeout;
         // A node whose labels do not admit the instance asks only the master.
-        let mut ticket = admits_here.then(|| self.scheduler.request(request));
+        let mut ticket = admits_here.then(|| self.scheduler.request(request, owner));
         let mut last_reason: Option<Error> = None;
         let mut backoff = MASTER_ASK_BACKOFF.0;
         let mut next_ask = Instant::now();

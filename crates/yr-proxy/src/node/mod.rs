@@ -122,26 +122,35 @@ impl Node {
         let records = RecordWriter::new(meta.clone(), fencing.clone());
         let link = master.clone();
         let (rate, burst) = settings.create_rate;
-        Arc::new(Node {
-            bus: ClientBus::new(),
-            instances: InstanceTable::new(records.clone()),
-            scheduler: Scheduler::new(
-                capacity,
-                Box::new(move |delta| link.resources_changed(delta)),
-            ),
-            records,
-            fencing,
-            runtimes: RuntimePool::new(agent.clone(), settings.warm_pool_size),
-            code: CodeCatalog::new(),
-            agent,
-            meta,
-            master,
-            limiter: Mutex::new(TokenBucket::new(rate, burst)),
-            heartbeat_rounds: runtimes::HeartbeatRounds::new(yr_common::clock::system()),
-            creates: AtomicU64::new(0),
-            lookups_waiting: yr_common::Waiting::default(),
-            client_gone: OnceLock::new(),
-            settings,
+        Arc::new_cyclic(|node: &std::sync::Weak<Node>| {
+            let node = node.clone();
+            let pressure = move |waiting_owners: Vec<u64>| {
+                if let Some(node) = node.upgrade() {
+                    node.bus.push_pressure(&waiting_owners);
+                }
+            };
+            Node {
+                bus: ClientBus::new(),
+                instances: InstanceTable::new(records.clone()),
+                scheduler: Scheduler::new(
+                    capacity,
+                    Box::new(move |delta| link.resources_changed(delta)),
+                    Box::new(pressure),
+                ),
+                records,
+                fencing,
+                runtimes: RuntimePool::new(agent.clone(), settings.warm_pool_size),
+                code: CodeCatalog::new(),
+                agent,
+                meta,
+                master,
+                limiter: Mutex::new(TokenBucket::new(rate, burst)),
+                heartbeat_rounds: runtimes::HeartbeatRounds::new(yr_common::clock::system()),
+                creates: AtomicU64::new(0),
+                lookups_waiting: yr_common::Waiting::default(),
+                client_gone: OnceLock::new(),
+                settings,
+            }
         })
     }
 

@@ -582,6 +582,11 @@ impl Inner {
             pb::bus_response::Body::SpillAsk(ask) => {
                 shared_memory::answer_spill_ask(self.bus.clone(), ask);
             }
+            pb::bus_response::Body::Pressure(pressure) => {
+                for id in self.stateless.set_pressure(pressure.creates_waiting) {
+                    self.kill(&id, false);
+                }
+            }
             other => {
                 if let Some(runtime) = self.runtime.get() {
                     runtime.on_push(other);

@@ -4,7 +4,10 @@
 //! least-loaded running instance with room; when none has room it waits in the pool's queue,
 //! and the pool starts a few more instances at a time. A running instance may also take a few
 //! calls beyond its `concurrency` (a short pipeline, which hides the round trip) once the pool
-//! cannot grow. Instances idle for `recycle_time` are released. Failed calls are retried per
+//! cannot grow. Instances idle for `recycle_time` are released; while the node says creates
+//! wait for resources (`ResourcePressure`), an instance is released as soon as it is idle and
+//! its pool has nothing queued, so that one caller's idle instances do not hold the CPU another
+//! caller waits for. Failed calls are retried per
 //! the code's retry policy. A cancelled call that was sent is cancelled in its runtime too
 //! (its children with `recursive`), and a descendant of a recursive, forced cancel that runs
 //! alone on its instance ends that instance (design 017).
@@ -150,6 +153,8 @@ pub struct StatelessSubmitter {
     clock: Arc<dyn Clock>,
     /// Set by `finalize`: calls that become ready are not sent any more.
     stopped: AtomicBool,
+    /// The node has creates waiting for resources: idle instances are released at once.
+    pressure: AtomicBool,
     /// Rung when a pool gets an instance: the recycle loop sleeps on it while there is none,
     /// so a process without stateless instances does not wake up for them.
     instance_added: Arc<tokio::sync::Notify>,
@@ -278,6 +283,7 @@ impl StatelessSubmitter {
             max_instances,
             clock,
             stopped: AtomicBool::new(false),
+            pressure: AtomicBool::new(false),
             instance_added: Arc::new(tokio::sync::Notify::new()),
         }
     }
@@ -459,25 +465,48 @@ impl StatelessSubmitter {
     /// Release instances idle for longer than the recycle time, and instances still waiting
     /// for resources when their pool has no more calls. Returns their ids.
     pub fn recycle_idle(&self) -> Vec<String> {
+        self.release_idle(self.recycle_time)
+    }
+
+    /// The node's scheduler has creates waiting for resources (`waiting`), or no longer has.
+    /// While they wait, idle instances are released at once. Returns the instances released
+    /// now.
+    pub fn set_pressure(&self, waiting: bool) -> Vec<String> {
+        self.pressure.store(waiting, Ordering::Release);
+        if waiting {
+            self.release_idle(Duration::ZERO)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Release the instances of every pool that have been idle for `min_idle` (and are as old),
+    /// in pools with nothing queued. Returns their ids.
+    fn release_idle(&self, min_idle: Duration) -> Vec<String> {
         let mut released = Vec::new();
         let pools: Vec<Arc<Mutex<Pool>>> = self.pools.lock().values().cloned().collect();
         for pool in pools {
-            let mut pool = pool.lock();
-            let nothing_waits = pool.waiting.is_empty();
-            let now = self.clock.now();
-            pool.instances.retain(|instance| {
-                let idle = instance.remote.load() == 0
-                    && nothing_waits
-                    && now.saturating_duration_since(*instance.last_used.lock())
-                        >= self.recycle_time
-                    && now.saturating_duration_since(instance.started) >= self.recycle_time;
-                if idle {
-                    instance.remote.mark_terminating();
-                    released.push(instance.remote.id.clone());
-                }
-                !idle
-            });
+            released.extend(self.release_idle_in(&mut pool.lock(), min_idle));
         }
+        released
+    }
+
+    fn release_idle_in(&self, pool: &mut Pool, min_idle: Duration) -> Vec<String> {
+        let mut released = Vec::new();
+        if !pool.waiting.is_empty() {
+            return released;
+        }
+        let now = self.clock.now();
+        pool.instances.retain(|instance| {
+            let idle = instance.remote.load() == 0
+                && now.saturating_duration_since(*instance.last_used.lock()) >= min_idle
+                && now.saturating_duration_since(instance.started) >= min_idle;
+            if idle {
+                instance.remote.mark_terminating();
+                released.push(instance.remote.id.clone());
+            }
+            !idle
+        });
         released
     }
 }
@@ -523,6 +552,15 @@ impl InstanceObserver for PoolObserver {
             return;
         };
         if pool.lock().waiting.is_empty() {
+            if inner.stateless.pressure.load(Ordering::Acquire) {
+                // Creates wait on the node: an idle instance gives its resources back now.
+                let released = inner
+                    .stateless
+                    .release_idle_in(&mut pool.lock(), Duration::ZERO);
+                for id in released {
+                    inner.kill(&id, false);
+                }
+            }
             return;
         }
         StatelessSubmitter::pump(&inner, &pool);
@@ -636,5 +674,34 @@ mod tests {
         assert_eq!(submitter.recycle_idle(), vec!["i-1".to_string()]);
         assert!(remote.is_terminating());
         assert!(pool.lock().instances.is_empty());
+    }
+
+    #[test]
+    fn while_creates_wait_on_the_node_an_idle_instance_is_released_at_once() {
+        let clock = ManualClock::new();
+        let submitter = StatelessSubmitter::with_clock(Duration::from_secs(10), -1, clock.clone());
+        let io = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a tokio runtime");
+        let pool = submitter.pool(&Arc::new(InvokeOptions::default()), &binary("own"));
+        for id in ["i-1", "i-2"] {
+            pool.lock().instances.push(Arc::new(PooledInstance {
+                remote: RemoteInstance::new(id.into(), io.handle().clone(), None),
+                started: clock.now(),
+                last_used: Mutex::new(clock.now()),
+            }));
+        }
+        let mut released = submitter.set_pressure(true);
+        released.sort();
+        assert_eq!(released, vec!["i-1".to_string(), "i-2".to_string()]);
+        assert!(pool.lock().instances.is_empty());
+        // Without pressure, idle instances wait for the recycle time again.
+        assert!(submitter.set_pressure(false).is_empty());
+        pool.lock().instances.push(Arc::new(PooledInstance {
+            remote: RemoteInstance::new("i-3".into(), io.handle().clone(), None),
+            started: clock.now(),
+            last_used: Mutex::new(clock.now()),
+        }));
+        assert!(submitter.recycle_idle().is_empty());
     }
 }
