@@ -248,7 +248,8 @@ pub fn stale() -> (Instant, Vec<(ObjectId, Vec<String>)>) {
 pub fn forget_stale(id: ObjectId, stale_since: Instant) {
     let dropped = with_table(|table| table.forget_stale(id, stale_since));
     if dropped.is_some() {
-        tracing::info!(
+        // Routine: borrowers are released stateless instances and finished runtimes.
+        tracing::debug!(
             object = %id,
             "no borrower of the object is reachable: the references they held are dropped"
         );
