@@ -454,6 +454,15 @@ impl ClusterBackend {
             }
         };
         if deps_ready {
+            // A dependency that failed already fails the instance, not the invoke: the failure
+            // surfaces on the first call, as it does when the dependency fails later.
+            if let Err(error) = dependencies::first_failure(&args) {
+                instance.on_failed(error);
+                return Ok(InstanceInfo {
+                    instance_id: id,
+                    class: class.to_string(),
+                });
+            }
             let request = send(args)?;
             let reply = inner
                 .bus

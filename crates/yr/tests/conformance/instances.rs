@@ -318,6 +318,24 @@ fn constructor_with_a_failed_ref_argument_surfaces_dependency_failed() {
 }
 
 #[test]
+fn a_constructor_ref_argument_that_failed_already_fails_the_first_call_not_the_invoke() {
+    let _session = support::session();
+    let failed = yr::function(support::fail_with)
+        .invoke(("failed before the create",))
+        .unwrap();
+    // The failure is in before the create is invoked.
+    assert!(yr::get(&failed, support::TIMEOUT).is_err());
+    let counter = yr::instance(Counter::new).invoke((&failed,)).unwrap();
+    let error = call_err(counter.method(Counter::value).invoke(()));
+    let failed_id = failed.id().to_string();
+    assert_error(
+        &error,
+        ErrorCode::DependencyFailed,
+        &[&failed_id, "failed before the create"],
+    );
+}
+
+#[test]
 fn method_arguments_may_be_object_refs_and_failed_ones_give_dependency_failed() {
     let _session = support::session();
     let counter = yr::instance(Counter::new).invoke((1,)).unwrap();
