@@ -221,16 +221,17 @@ impl ClientBus {
     pub fn push_pressure(&self, waiting_owners: &[u64]) {
         let registry = self.registry.lock();
         for id in &registry.stateless_owners {
-            let Some(client) = registry.clients.get(id) else {
-                continue;
-            };
-            let creates_waiting = waiting_owners.iter().any(|owner| owner != id);
-            client.sender.push(pb::BusResponse {
-                message_id: 0,
-                body: Some(pb::bus_response::Body::Pressure(pb::ResourcePressure {
-                    creates_waiting,
-                })),
-            });
+            if let Some(client) = registry.clients.get(id) {
+                client.sender.push(pressure_for(*id, waiting_owners));
+            }
+        }
+    }
+
+    /// Tell session `client_id` whether creates of other sessions wait for resources.
+    pub fn push_pressure_to(&self, client_id: u64, waiting_owners: &[u64]) {
+        let registry = self.registry.lock();
+        if let Some(client) = registry.clients.get(&client_id) {
+            client.sender.push(pressure_for(client_id, waiting_owners));
         }
     }
 
@@ -260,6 +261,17 @@ impl ClientBus {
             orphaned_job,
             socket: identity.socket,
         })
+    }
+}
+
+/// The pressure push for session `id`: creates wait if any of `waiting_owners` is another
+/// session's.
+fn pressure_for(id: u64, waiting_owners: &[u64]) -> pb::BusResponse {
+    pb::BusResponse {
+        message_id: 0,
+        body: Some(pb::bus_response::Body::Pressure(pb::ResourcePressure {
+            creates_waiting: waiting_owners.iter().any(|owner| *owner != id),
+        })),
     }
 }
 

@@ -142,16 +142,8 @@ impl Node {
             // It hears when other clients' creates wait for resources, to release its idle
             // instances at once; a new owner is told if they wait already.
             if self.bus.add_stateless_owner(*client_id) {
-                let waiting = self.scheduler.waiting_owners();
-                if waiting.iter().any(|owner| owner != client_id) {
-                    self.bus.send(
-                        *client_id,
-                        0,
-                        pb::bus_response::Body::Pressure(pb::ResourcePressure {
-                            creates_waiting: true,
-                        }),
-                    );
-                }
+                self.bus
+                    .push_pressure_to(*client_id, &self.scheduler.waiting_owners());
             }
         }
         self.creates.fetch_add(1, Ordering::Relaxed);

@@ -7,10 +7,10 @@
 //! cannot grow. Instances idle for `recycle_time` are released; while the node says creates
 //! wait for resources (`ResourcePressure`), an instance is released as soon as it is idle and
 //! its pool has nothing queued, so that one caller's idle instances do not hold the CPU another
-//! caller waits for. Failed calls are retried per
-//! the code's retry policy. A cancelled call that was sent is cancelled in its runtime too
-//! (its children with `recursive`), and a descendant of a recursive, forced cancel that runs
-//! alone on its instance ends that instance (design 017).
+//! caller waits for. Failed calls are retried per the code's retry policy. A cancelled call
+//! that was sent is cancelled in its runtime too (its children with `recursive`), and a
+//! descendant of a recursive, forced cancel that runs alone on its instance ends that instance
+//! (design 017).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
