@@ -75,6 +75,49 @@ fn config_from(fields: &Bound<'_, PyDict>) -> PyResult<Config> {
             "rpc_timeout" => config.rpc_timeout = duration(Some(value.extract()?)),
             "max_task_instance_num" => config.max_task_instance_num = value.extract()?,
             "local_thread_pool_size" => config.local_thread_pool_size = value.extract()?,
+            "tls" => {
+                let tls: &Bound<'_, PyDict> = value.downcast()?;
+                let path = |name: &str| -> PyResult<std::path::PathBuf> {
+                    Ok(tls
+                        .get_item(name)?
+                        .map(|v| v.extract::<String>())
+                        .transpose()?
+                        .unwrap_or_default()
+                        .into())
+                };
+                config.tls = Some(yr_common::config::TlsFiles {
+                    certificate: path("certificate")?,
+                    private_key: path("private_key")?,
+                    ca: path("ca")?,
+                    server_name: tls
+                        .get_item("server_name")?
+                        .map(|v| v.extract::<Option<String>>())
+                        .transpose()?
+                        .flatten(),
+                });
+            }
+            "deployment" => {
+                let deployment: &Bound<'_, PyDict> = value.downcast()?;
+                let number = |name: &str| -> PyResult<Option<u64>> {
+                    Ok(deployment
+                        .get_item(name)?
+                        .map(|v| v.extract::<Option<u64>>())
+                        .transpose()?
+                        .flatten())
+                };
+                config.deployment = Some(yr_common::config::Deployment {
+                    cpu_millicores: number("cpu_millicores")?,
+                    memory_mb: number("memory_mb")?,
+                    shared_memory_mb: number("shared_memory_mb")?,
+                    spill_dir: deployment
+                        .get_item("spill_dir")?
+                        .map(|v| v.extract::<Option<String>>())
+                        .transpose()?
+                        .flatten()
+                        .map(Into::into),
+                    spill_limit_mb: number("spill_limit_mb")?,
+                });
+            }
             "token" => {
                 let text: String = value.extract()?;
                 let token = yr_common::auth::ClusterToken::parse(&text)
@@ -294,18 +337,23 @@ fn invoke_function(
     Ok(refs(returns))
 }
 
-/// Create an instance. `args[0]` is the class's descriptor. Returns the instance id.
+/// Create an instance. `args[0]` is the class's descriptor; `class_name` its
+/// `module.QualName`, which `yr status` shows and a named create compares. Returns the
+/// instance id.
 #[pyfunction]
+#[pyo3(signature = (args, options, class_name = None))]
 fn create_instance(
     py: Python<'_>,
     args: &Bound<'_, PyList>,
     options: &CallOptions,
+    class_name: Option<String>,
 ) -> PyResult<String> {
     let runtime = runtime(py)?;
     let spec = CreateSpec {
         constructor: CONSTRUCTOR_ENTRY,
         args: call_args(args)?,
         options: options.options.clone(),
+        class_name,
     };
     let info = py
         .allow_threads(|| runtime.create_instance(spec))

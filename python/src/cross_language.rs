@@ -82,6 +82,7 @@ fn create_rust_instance(
         constructor: cross_language::constructor_entry(constructor, class_name),
         args: foreign_args(constructor, args)?,
         options: options_from(options).py_err(py, prefix)?,
+        class_name: None,
     };
     let executable = Executable::rust(executable);
     let info = py

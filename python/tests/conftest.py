@@ -61,6 +61,16 @@ class Cluster:
                 " ".join(args), done.returncode, done.stdout, done.stderr))
         return done.stdout
 
+    def status(self, *args):
+        """``yr status`` of this cluster, with its token."""
+        token = (self.session / "token").read_text().strip()
+        done = subprocess.run([self.binary, "status", *args], capture_output=True, text=True,
+                              timeout=120, env=dict(os.environ, YR_TOKEN=token))
+        if done.returncode != 0:
+            raise RuntimeError("yr status failed ({}): {}{}".format(
+                done.returncode, done.stdout, done.stderr))
+        return done.stdout
+
     def runtime_logs(self):
         return "\n".join(p.read_text(errors="replace")
                          for p in sorted(self.session.rglob("runtime-*.err")))

@@ -1,6 +1,7 @@
 """``yr.Config``'s environment fields: ``runtime_env``, ``env_file`` and ``auth_token``. Each
 program runs in its own interpreter, since ``yr.init`` takes a ``Config`` once per process."""
 
+import json
 import os
 import subprocess
 import sys
@@ -83,3 +84,80 @@ def test_runtime_env_reaches_the_runtimes_and_auth_token_is_the_token(cluster):
             print(error.code)
     """)
     assert out.strip() == "1014"
+
+
+def test_fields_without_a_counterpart_warn_and_wiring_fields_are_1001():
+    with pytest.raises(YRValueError, match="function_id is not supported: yr names functions") \
+            as caught:
+        yr.Config(function_id="sn:cn:yrk:12345678901234561234567890123456:function:0-x:$latest")
+    assert caught.value.code == 1001
+    with pytest.raises(YRValueError, match="log_to_driver=True is not supported"):
+        yr.Config(log_to_driver=True)
+    with pytest.raises(YRValueError, match="connection_nums must be int"):
+        yr.Config(connection_nums="many")
+    with pytest.raises(YRValueError, match="enable_tls needs certificate_file_path"):
+        yr.Config(enable_tls=True, verify_file_path="ca.pem")._core_fields()
+    with pytest.raises(YRValueError, match="deployment_config takes effect with auto=True"):
+        yr.Config(deployment_config=yr.DeploymentConfig(cpu=1000))._core_fields()
+    with pytest.raises(YRValueError, match="DeploymentConfig.mem must be an int >= 0"):
+        yr.DeploymentConfig(mem=-1)
+    out = run_program("""
+        import warnings, yr
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yr.init(yr.Config(local_mode=True, connection_nums=100, log_to_driver=False,
+                              invoke_timeout=900))
+        print(sorted(str(w.message).split(":")[0] for w in caught))
+        yr.finalize()
+    """)
+    assert out.strip() == str(["yr.Config.connection_nums has no effect in yr",
+                               "yr.Config.invoke_timeout has no effect in yr"])
+
+
+def test_load_paths_come_first_on_the_import_path_of_runtimes_and_local_mode(cluster, tmp_path):
+    library = tmp_path / "library"
+    library.mkdir()
+    (library / "yr_py_loaded_module.py").write_text("WHERE = 'from load_paths'\n")
+    for conf in ("local_mode=True", f"server_address={cluster.server_address!r}"):
+        out = run_program(f"""
+            import yr
+
+            @yr.invoke
+            def where():
+                import yr_py_loaded_module
+                return yr_py_loaded_module.WHERE
+
+            yr.init(yr.Config({conf}, load_paths=[{str(library)!r}]))
+            print(yr.get(where.invoke(), timeout=60))
+            yr.finalize()
+        """)
+        assert out.strip() == "from load_paths", conf
+
+
+def test_auto_starts_a_cluster_of_the_drivers_own_with_its_resources_and_finalize_stops_it():
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import json, os, subprocess, sys, yr
+
+        @yr.invoke
+        def double(x):
+            return 2 * x
+
+        yr.init(yr.Config(auto=True,
+                          deployment_config=yr.DeploymentConfig(cpu=3000, mem=3072)))
+        # 3,000 millicores fit only on the node the deployment asked for (the default has 2,000).
+        print(yr.get(double.options(yr.InvokeOptions(cpu=3000)).invoke(21), timeout=60))
+        yr.finalize()
+    """)], capture_output=True, text=True, timeout=180, env=dict(os.environ))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "42"
+    started = [line for line in done.stderr.splitlines()
+               if line.startswith("Starting a cluster for this driver in ")]
+    assert len(started) == 1, done.stderr
+    assert "--cpu 3000 --memory 3072" in started[0]
+    session = started[0][len("Starting a cluster for this driver in "):].split(" (")[0]
+    with open(os.path.join(session, "session.json")) as info:
+        processes = json.load(info)["processes"]
+    assert processes, session
+    for _role, pid in processes:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

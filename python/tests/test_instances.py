@@ -1,6 +1,7 @@
 """Stateful instances: creation, ordered method calls, named instances, termination."""
 
 import asyncio
+import json
 import os
 import tempfile
 
@@ -247,3 +248,22 @@ def test_method_options_bound_a_call_and_refuse_the_instances_fields(backend):
         sleeper.nap.options(yr.InvokeOptions(cpu=2000)).invoke(0)
     assert caught.value.code == 1001 and "cpu" in str(caught.value)
     sleeper.terminate()
+
+
+def test_a_name_held_by_another_class_is_1004_and_status_names_the_class(backend, request):
+    counter_class = "{}.Counter".format(Counter.__module__)
+    held = Counter.options(name="held-by-a-counter", namespace="tests").invoke(0)
+    assert yr.get(held.incr.invoke(), timeout=60) == 1
+    with pytest.raises(YRError) as caught:
+        Object.options(name="held-by-a-counter", namespace="tests").invoke()
+    assert caught.value.code == 1004
+    assert counter_class in str(caught.value)
+    if backend == "cluster":
+        cluster = request.getfixturevalue("cluster")
+        with open(os.path.join(cluster.session, "session.json")) as info:
+            master = json.load(info)["master_address"]
+        status = json.loads(cluster.status("--json", "--master-address", master))
+        classes = {i["id"]: i["class"] for i in status["instances"]}
+        assert classes[held.instance_id] == counter_class
+        assert "Instances by class" in cluster.status("--master-address", master)
+    yr.kill_instance(held.instance_id)

@@ -18,7 +18,7 @@ from yr import exception
 from yr._yr import ObjectRef
 from yr.apis import (cancel, finalize, get, get_instance, init, is_initialized, kill_instance,
                      list_named_instances, put, wait)
-from yr.config import ClientInfo, Config, InvokeOptions
+from yr.config import ClientInfo, Config, DeploymentConfig, InvokeOptions, UserTLSConfig
 from yr.kv import (CacheType, ExistenceOpt, GetParam, GetParams, SetParam, WriteMode, kv_del,
                    kv_exist, kv_get, kv_get_with_param, kv_read, kv_set, kv_write,
                    kv_write_with_param)
@@ -33,7 +33,8 @@ from yr.cross_language import (RustFunctionProxy, RustInstanceCreator, RustInsta
 __all__ = [
     "init", "finalize", "is_initialized", "put", "get", "wait", "cancel",
     "get_instance", "list_named_instances", "kill_instance",
-    "invoke", "instance", "method", "Config", "InvokeOptions", "ClientInfo", "ObjectRef",
+    "invoke", "instance", "method", "Config", "InvokeOptions", "ClientInfo", "DeploymentConfig",
+    "UserTLSConfig", "ObjectRef",
     "FunctionProxy", "InstanceCreator", "InstanceProxy", "MethodProxy", "exception",
     "kv_write", "kv_write_with_param", "kv_set", "kv_read", "kv_get", "kv_get_with_param",
     "kv_del", "kv_exist", "SetParam", "GetParam", "GetParams", "ExistenceOpt", "WriteMode",

@@ -8,6 +8,8 @@ from yr import exception as exception
 from yr._yr import ObjectRef as ObjectRef
 from yr.config import ClientInfo as ClientInfo
 from yr.config import Config as Config
+from yr.config import DeploymentConfig as DeploymentConfig
+from yr.config import UserTLSConfig as UserTLSConfig
 from yr.config import InvokeOptions as InvokeOptions
 from yr.kv import CacheType as CacheType
 from yr.kv import ExistenceOpt as ExistenceOpt

@@ -57,11 +57,13 @@ class Code:
 
 
 def _driver_path():
-    """The driver's ``sys.path`` (its working directory in place of ``''``) and working
-    directory, for the runtime to import what the code imports. ``Config.working_dir`` (or
-    ``runtime_env["working_dir"]``) replaces the working directory."""
+    """``Config.load_paths`` and the driver's ``sys.path`` (its working directory in place of
+    ``''``), and the working directory, for the runtime to import what the code imports.
+    ``Config.working_dir`` (or ``runtime_env["working_dir"]``) replaces the working
+    directory."""
     from yr import apis
 
     config = apis.config()
     cwd = (config.runtime_working_dir() if config is not None else None) or os.getcwd()
-    return ([entry or cwd for entry in sys.path], cwd)
+    loaded = config.load_path_list() if config is not None else []
+    return (loaded + [entry or cwd for entry in sys.path], cwd)

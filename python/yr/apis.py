@@ -42,7 +42,12 @@ def init(conf=None):
         raise YRTypeError("yr.init takes a yr.Config, got {!r}".format(type(conf).__name__))
     with _lock:
         conf._load_env_file()
+        conf._warn_no_effect()
         job_id = _yr.init(conf._core_fields(), sys.executable)
+        if conf.local_mode:
+            for path in reversed(conf.load_path_list()):
+                if path not in sys.path:
+                    sys.path.insert(0, path)
         _generation += 1
         _config = conf
         if not _atexit_registered:

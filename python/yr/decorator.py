@@ -238,6 +238,8 @@ class InstanceCreator:
         self._core_options = _CoreOptions(self._options)
         self._code = code if code is not None else Code(cls)
         self._methods = _method_kinds(cls)
+        self._class_name = "{}.{}".format(getattr(cls, "__module__", "?"),
+                                          getattr(cls, "__qualname__", cls.__name__))
         functools.update_wrapper(self, cls, updated=())
 
     def __call__(self, *args, **kwargs):
@@ -257,7 +259,7 @@ class InstanceCreator:
         names, values = _split(kwargs)
         descriptor = self._code.descriptor(tuple(names))
         instance_id = _yr.create_instance([descriptor, *args, *values],
-                                          self._core_options.get())
+                                          self._core_options.get(), self._class_name)
         return InstanceProxy(instance_id, self._methods)
 
     def get_instance(self, name, namespace="", timeout=60):

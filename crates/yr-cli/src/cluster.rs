@@ -615,6 +615,18 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     for (state, count) in by_state {
         writeln!(out, "  {state:<16} {count}")?;
     }
+    let mut by_class = std::collections::BTreeMap::<&str, usize>::new();
+    for instance in &status.instances {
+        if !instance.class_name.is_empty() {
+            *by_class.entry(instance.class_name.as_str()).or_default() += 1;
+        }
+    }
+    if !by_class.is_empty() {
+        writeln!(out, "Instances by class")?;
+        for (class, count) in by_class {
+            writeln!(out, "  {class:<40} {count}")?;
+        }
+    }
     writeln!(out, "Registered functions")?;
     if status.functions.is_empty() {
         writeln!(out, "  (none)")?;
@@ -639,7 +651,8 @@ fn status_json(status: &pb::ClusterStatusResponse) -> serde_json::Value {
             "labels": n.labels,
         })).collect::<Vec<_>>(),
         "instances": status.instances.iter().map(|i| serde_json::json!({
-            "id": i.instance_id, "function": i.function, "node": i.node_id, "job": i.job_id,
+            "id": i.instance_id, "function": i.function, "class": i.class_name,
+            "node": i.node_id, "job": i.job_id,
             "state": pb::InstanceState::try_from(i.state).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
         })).collect::<Vec<_>>(),
         "functions": status.functions,

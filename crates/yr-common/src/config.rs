@@ -41,6 +41,96 @@ pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(1800);
 /// Longest [`Config::job_id`].
 pub const MAX_JOB_ID_LEN: usize = 64;
 
+/// The PEM files of [`Config::tls`]: this process's certificate and key, and the CA that signed
+/// the cluster's certificates.
+///
+/// ```
+/// use yr_common::config::TlsFiles;
+///
+/// let mut cfg = yr_common::Config::builtin();
+/// cfg.tls = Some(TlsFiles::new("driver.pem", "driver.key", "ca.pem"));
+/// cfg.validate().unwrap();
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// This process's certificate chain.
+    pub certificate: PathBuf,
+    /// The certificate's private key.
+    pub private_key: PathBuf,
+    /// The CA the cluster's certificates are signed by.
+    pub ca: PathBuf,
+    /// The name the servers' certificates are checked against. `None` (default) = the host of
+    /// the address connected to.
+    pub server_name: Option<String>,
+}
+
+impl TlsFiles {
+    /// The three files, checking server certificates against the host connected to.
+    pub fn new(
+        certificate: impl Into<PathBuf>,
+        private_key: impl Into<PathBuf>,
+        ca: impl Into<PathBuf>,
+    ) -> TlsFiles {
+        TlsFiles {
+            certificate: certificate.into(),
+            private_key: private_key.into(),
+            ca: ca.into(),
+            server_name: None,
+        }
+    }
+}
+
+/// The resources of the cluster [`Config::deployment`] starts (openYuanrong's
+/// `DeploymentConfig`). Each `None` takes `yr start`'s default.
+///
+/// ```
+/// use yr_common::config::Deployment;
+///
+/// let mut cfg = yr_common::Config::builtin();
+/// cfg.deployment = Some(Deployment { cpu_millicores: Some(4000), ..Deployment::default() });
+/// cfg.validate().unwrap();
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Deployment {
+    /// The node's CPU, in millicores (`yr start --cpu`).
+    pub cpu_millicores: Option<u64>,
+    /// The node's memory, in MB (`yr start --memory`).
+    pub memory_mb: Option<u64>,
+    /// The node's shared memory for objects, in MB (`yr start --shared-memory-mb`).
+    pub shared_memory_mb: Option<u64>,
+    /// Where idle objects spill (`yr start --spill-dir`).
+    pub spill_dir: Option<PathBuf>,
+    /// The most the node spills, in MB (`yr start --spill-limit-mb`).
+    pub spill_limit_mb: Option<u64>,
+}
+
+impl Deployment {
+    /// The `yr start` arguments that give a node these resources.
+    ///
+    /// ```
+    /// let d = yr_common::config::Deployment { memory_mb: Some(2048), ..Default::default() };
+    /// assert_eq!(d.start_args(), ["--memory", "2048"]);
+    /// ```
+    pub fn start_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        let numbers = [
+            ("--cpu", self.cpu_millicores),
+            ("--memory", self.memory_mb),
+            ("--shared-memory-mb", self.shared_memory_mb),
+            ("--spill-limit-mb", self.spill_limit_mb),
+        ];
+        for (flag, value) in numbers {
+            if let Some(value) = value {
+                args.extend([flag.to_string(), value.to_string()]);
+            }
+        }
+        if let Some(dir) = &self.spill_dir {
+            args.extend(["--spill-dir".to_string(), dir.display().to_string()]);
+        }
+        args
+    }
+}
+
 /// How `yr::init` sets up the process (openYuanrong's `yr.Config`, the fields yr supports).
 ///
 /// [`Config::default`] is the built-in defaults overlaid with the `YR_*` environment variables
@@ -107,6 +197,14 @@ pub struct Config {
     /// token file of the session whose node this driver connects to (`<session>/token`, beside
     /// the node's bus socket); env `YR_TOKEN`. Ignored in local mode.
     pub token: Option<crate::auth::ClusterToken>,
+    /// Mutual TLS for this process's TCP connections to a cluster started with `--tls-*`.
+    /// `None` (default) = the files named by `YR_TLS_CERT`, `YR_TLS_KEY` and `YR_TLS_CA` when all
+    /// three are set, else plain TCP. Ignored in local mode.
+    pub tls: Option<TlsFiles>,
+    /// Start a cluster of this driver's own at `init`, with these resources, and stop it at
+    /// `finalize` (openYuanrong's `auto` with its `deployment_config`). `None` (default) = use
+    /// `server_address`, the cluster started on this machine, or a temporary one.
+    pub deployment: Option<Deployment>,
     /// Environment variables that had invalid values, reported by `validate`.
     env_errors: Vec<String>,
 }
@@ -156,6 +254,8 @@ impl Config {
             rpc_timeout: DEFAULT_RPC_TIMEOUT,
             working_dir: None,
             token: None,
+            tls: None,
+            deployment: None,
             env_errors: Vec::new(),
         }
     }
@@ -310,6 +410,44 @@ impl Config {
             return Err(param_invalid(
                 "rpc_timeout 0s is invalid. It must be greater than 0",
             ));
+        }
+        if let Some(tls) = &self.tls {
+            for (field, path) in [
+                ("certificate", &tls.certificate),
+                ("private_key", &tls.private_key),
+                ("ca", &tls.ca),
+            ] {
+                if path.as_os_str().is_empty() {
+                    return Err(param_invalid(format!(
+                        "tls.{field} is an empty path. Give the PEM file's path, or leave tls \
+                         unset for plain TCP"
+                    )));
+                }
+            }
+            if tls
+                .server_name
+                .as_deref()
+                .is_some_and(|name| name.trim().is_empty())
+            {
+                return Err(param_invalid(
+                    "tls.server_name is an empty string. Give the name in the servers' \
+                     certificates, or leave it unset (the host connected to)",
+                ));
+            }
+        }
+        if let Some(deployment) = &self.deployment {
+            if deployment.cpu_millicores == Some(0) || deployment.memory_mb == Some(0) {
+                return Err(param_invalid(
+                    "deployment cpu and memory must be greater than 0 when given; leave them \
+                     unset for yr start's defaults",
+                ));
+            }
+            if self.server_address.is_some() {
+                return Err(param_invalid(
+                    "deployment starts a cluster of this driver's own, so it cannot be combined \
+                     with server_address; set one of them",
+                ));
+            }
         }
         Ok(())
     }
@@ -490,5 +628,43 @@ mod tests {
         let mut cfg = Config::builtin();
         cfg.rpc_timeout = Duration::ZERO;
         expect_err(&cfg, &["rpc_timeout"]);
+    }
+
+    #[test]
+    fn tls_files_must_name_files() {
+        let mut cfg = Config::builtin();
+        cfg.tls = Some(TlsFiles::new("", "k.pem", "ca.pem"));
+        expect_err(&cfg, &["tls.certificate is an empty path"]);
+        cfg.tls = Some(TlsFiles {
+            server_name: Some(" ".into()),
+            ..TlsFiles::new("c.pem", "k.pem", "ca.pem")
+        });
+        expect_err(&cfg, &["tls.server_name is an empty string"]);
+    }
+
+    #[test]
+    fn a_deployment_needs_positive_resources_and_no_server_address() {
+        let mut cfg = Config::builtin();
+        cfg.deployment = Some(Deployment {
+            cpu_millicores: Some(0),
+            ..Deployment::default()
+        });
+        expect_err(&cfg, &["deployment cpu and memory must be greater than 0"]);
+        cfg.deployment = Some(Deployment {
+            cpu_millicores: Some(2000),
+            spill_dir: Some("/tmp/spill".into()),
+            ..Deployment::default()
+        });
+        cfg.validate().unwrap();
+        assert_eq!(
+            cfg.deployment.as_ref().map(Deployment::start_args),
+            Some(
+                ["--cpu", "2000", "--spill-dir", "/tmp/spill"]
+                    .map(String::from)
+                    .to_vec()
+            )
+        );
+        cfg.server_address = Some("127.0.0.1:22770".into());
+        expect_err(&cfg, &["cannot be combined with server_address"]);
     }
 }

@@ -68,7 +68,7 @@ pub trait Backend: Send + Sync {
     ) -> Result<InstanceInfo> {
         Err(cross_language::needs_cluster(
             executable,
-            &format!("class `{}`", spec.constructor.class),
+            &format!("class `{}`", spec.class()),
         ))
     }
 

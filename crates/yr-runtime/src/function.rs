@@ -228,6 +228,18 @@ pub struct CreateSpec {
     pub args: Vec<Arg>,
     /// The options; validated.
     pub options: Arc<InvokeOptions>,
+    /// The class as its users name it, when one constructor entry serves many classes (every
+    /// Python class, `module.QualName`): what `yr status` shows, and what a named create
+    /// compares with the class of the instance that holds the name. `None`: the
+    /// constructor's class.
+    pub class_name: Option<String>,
+}
+
+impl CreateSpec {
+    /// The class as its users name it: [`CreateSpec::class_name`], else the constructor's.
+    pub fn class(&self) -> &str {
+        self.class_name.as_deref().unwrap_or(self.constructor.class)
+    }
 }
 
 /// A method call, ready to submit.

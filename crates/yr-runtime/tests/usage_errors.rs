@@ -68,6 +68,7 @@ fn entry_points_registered_twice_are_refused_with_create_and_invoke_usage_errors
             constructor: CONSTRUCTOR,
             args: Vec::new(),
             options,
+            class_name: None,
         })
         .unwrap_err();
     assert_eq!(error.code(), ErrorCode::IncorrectCreateUsage, "{error}");

@@ -1016,6 +1016,14 @@ impl TestCluster {
         self.tls.as_ref().map(|tls| tls.ca.as_path())
     }
 
+    /// A client's TLS files for a TLS cluster (a certificate its CA signed, naming
+    /// `127.0.0.1` and `localhost`), for [`yr::Config::tls`].
+    pub fn client_tls(&self) -> Option<yr::TlsFiles> {
+        self.tls
+            .as_ref()
+            .map(|tls| yr::TlsFiles::new(&tls.node.0, &tls.node.1, &tls.ca))
+    }
+
     /// The master's gRPC address.
     pub fn master_address(&self) -> String {
         format!("127.0.0.1:{}", self.master_port)

@@ -409,3 +409,60 @@ fn a_driver_with_a_wrong_token_gets_1014_at_init_and_nothing_starts() {
     assert_eq!(yr::get(&one, TIMEOUT).unwrap(), 1);
     yr::finalize().unwrap();
 }
+
+#[test]
+fn a_driver_elsewhere_joins_a_tls_cluster_through_config_tls() {
+    let _exclusive = exclusive();
+    let cluster = TestCluster::builder().tls().start();
+    // A node runs only binaries a driver on its machine registered: this process, through the
+    // node's socket, first.
+    yr::init(cluster.config()).unwrap();
+    yr::finalize().unwrap();
+    // This process as a machine of its own: the token, and no TLS until the config gives it.
+    yr_transport::install(yr_transport::Credentials::with_token(
+        cluster.token().clone(),
+    ));
+    let remote = || {
+        let mut config = cluster.config();
+        config.server_address = Some(cluster.node_address(0));
+        config.token = Some(cluster.token().clone());
+        config
+    };
+
+    let error = yr::init(remote()).expect_err("a plain connection to a TLS node is refused");
+    assert_eq!(error.code(), ErrorCode::InitConnectionFailed, "{error}");
+    assert!(error.message().contains("serves TLS"), "{error}");
+
+    let mut missing = remote();
+    missing.tls = Some(yr::TlsFiles::new(
+        "/nonexistent/driver.pem",
+        "/nonexistent/driver.key",
+        "/nonexistent/ca.pem",
+    ));
+    let error = yr::init(missing).expect_err("unreadable TLS files are refused");
+    assert_eq!(error.code(), ErrorCode::ParamInvalid, "{error}");
+    assert!(
+        error.message().contains("/nonexistent/driver.pem"),
+        "{error}"
+    );
+
+    let files = cluster.client_tls().expect("a TLS cluster");
+    let mut misnamed = remote();
+    misnamed.tls = Some(yr::TlsFiles {
+        server_name: Some("not-the-node.example".into()),
+        ..files.clone()
+    });
+    let error = yr::init(misnamed).expect_err("a certificate of another name is refused");
+    assert_eq!(error.code(), ErrorCode::InitConnectionFailed, "{error}");
+
+    let mut config = remote();
+    config.tls = Some(yr::TlsFiles {
+        server_name: Some("localhost".into()),
+        ..files
+    });
+    yr::init(config).unwrap();
+    let counter = yr::instance(Counter::new).invoke((40,)).unwrap();
+    let sum = counter.method(Counter::add).invoke((2,)).unwrap();
+    assert_eq!(yr::get(&sum, TIMEOUT).unwrap(), 42);
+    yr::finalize().unwrap();
+}

@@ -43,6 +43,67 @@ pub fn no_token(address: &str) -> Error {
     )
 }
 
+/// What the first byte a server sends after a hello means.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    Accepted,
+    Refused,
+    /// A TLS record (alert or handshake): the server expects TLS and this process sent none.
+    Tls,
+    /// Anything else: not a yr process, or one of another protocol version.
+    Unknown(u8),
+}
+
+fn answer_meaning(byte: u8) -> Answer {
+    match byte {
+        HELLO_ACCEPTED => Answer::Accepted,
+        HELLO_REFUSED => Answer::Refused,
+        // TLS record content types: change_cipher_spec, alert, handshake, application_data.
+        0x14..=0x17 => Answer::Tls,
+        other => Answer::Unknown(other),
+    }
+}
+
+/// The error of an answer that is neither an acceptance nor a refusal.
+fn unexpected_answer(address: &str, answer: Answer) -> std::io::Error {
+    match answer {
+        Answer::Tls => std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            format!(
+                "the yr process at {address} serves TLS and this process connected without it; \
+                 give it the cluster's certificates (Config::tls, or YR_TLS_CERT, YR_TLS_KEY and \
+                 YR_TLS_CA)"
+            ),
+        ),
+        other => std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "the process at {address} answered the hello with {other:?}: it is not a yr \
+                 process of this version"
+            ),
+        ),
+    }
+}
+
+/// The peer closed the connection before it answered the hello. A yr process always answers,
+/// so the peer is something else, or a TLS server this process spoke plain TCP to.
+fn closed_without_answer(address: &str, connection: &Connection) -> std::io::Error {
+    let hint = match connection {
+        Connection::Tcp(_) => {
+            " or it serves TLS and this process connected without it (give it the cluster's \
+             certificates: Config::tls, or YR_TLS_CERT, YR_TLS_KEY and YR_TLS_CA)"
+        }
+        _ => "",
+    };
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        format!(
+            "the process at {address} closed the connection without answering this process's \
+             hello: it is not a yr process{hint}"
+        ),
+    )
+}
+
 /// Addresses whose last answered connection refused this process's token (bounded).
 static REFUSED: parking_lot::Mutex<Vec<String>> = parking_lot::Mutex::new(Vec::new());
 /// The most refused addresses remembered.
@@ -92,14 +153,17 @@ impl AsyncRead for Pipelined {
             match Pin::new(&mut this.connection).poll_read(cx, &mut answer_buf) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-                // The peer closed before it answered: the end of the stream.
+                // The peer closed before it answered.
                 Poll::Ready(Ok(())) if answer_buf.filled().is_empty() => {
-                    return Poll::Ready(Ok(()))
+                    return Poll::Ready(Err(this.closed_without_answer()))
                 }
-                Poll::Ready(Ok(())) => {
-                    let accepted = answer[0] == HELLO_ACCEPTED;
-                    note_answer(&this.address, accepted);
-                    if !accepted {
+                Poll::Ready(Ok(())) => match answer_meaning(answer[0]) {
+                    Answer::Accepted => {
+                        note_answer(&this.address, true);
+                        this.answer_pending = false;
+                    }
+                    Answer::Refused => {
+                        note_answer(&this.address, false);
                         return Poll::Ready(Err(std::io::Error::new(
                             std::io::ErrorKind::PermissionDenied,
                             format!(
@@ -108,8 +172,8 @@ impl AsyncRead for Pipelined {
                             ),
                         )));
                     }
-                    this.answer_pending = false;
-                }
+                    other => return Poll::Ready(Err(unexpected_answer(&this.address, other))),
+                },
             }
         }
         Pin::new(&mut this.connection).poll_read(cx, buf)
@@ -126,18 +190,28 @@ impl Pipelined {
         let mut answer = [0u8; 1];
         let mut answer_buf = ReadBuf::new(&mut answer);
         match Pin::new(&mut self.connection).poll_read(cx, &mut answer_buf) {
-            Poll::Ready(Ok(())) if answer_buf.filled() == [HELLO_REFUSED] => {
-                note_answer(&self.address, false);
-                std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    format!(
-                        "the yr process at {} refused this process's cluster token",
-                        self.address
-                    ),
-                )
-            }
-            _ => error,
+            Poll::Ready(Ok(())) => match answer_buf.filled().first().map(|b| answer_meaning(*b)) {
+                Some(Answer::Refused) => {
+                    note_answer(&self.address, false);
+                    std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        format!(
+                            "the yr process at {} refused this process's cluster token",
+                            self.address
+                        ),
+                    )
+                }
+                Some(Answer::Accepted) => error,
+                Some(other) => unexpected_answer(&self.address, other),
+                None => self.closed_without_answer(),
+            },
+            Poll::Ready(Err(_)) => self.closed_without_answer(),
+            Poll::Pending => error,
         }
+    }
+
+    fn closed_without_answer(&self) -> std::io::Error {
+        closed_without_answer(&self.address, &self.connection)
     }
 }
 
@@ -192,7 +266,8 @@ async fn connect_stream(
             match &credentials.tls {
                 None => Connection::Tcp(stream),
                 Some(tls) => {
-                    let name = crate::tls::server_name(host_port)
+                    let name = tls
+                        .server_name_for(host_port)
                         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
                     let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
                     Connection::TlsClient(Box::new(connector.connect(name, stream).await?))
@@ -235,7 +310,7 @@ pub async fn open(
 ) -> std::io::Result<Connection> {
     let token = token_of(credentials)?;
     let mut connection = connect_stream(address, credentials).await?;
-    match say_hello(&mut connection, token).await {
+    match say_hello(&mut connection, token, &address.to_string()).await {
         Ok(()) => Ok(connection),
         Err(Hello::Refused) => {
             refused.store(true, Ordering::Relaxed);
@@ -258,21 +333,29 @@ enum Hello {
 }
 
 /// Send the token's hello and read the answer.
-async fn say_hello(connection: &mut Connection, token: &ClusterToken) -> Result<(), Hello> {
+async fn say_hello(
+    connection: &mut Connection,
+    token: &ClusterToken,
+    address: &str,
+) -> Result<(), Hello> {
     connection
         .write_all(&token.hello())
         .await
         .map_err(Hello::Failed)?;
     connection.flush().await.map_err(Hello::Failed)?;
     let mut answer = [0u8; 1];
-    connection
-        .read_exact(&mut answer)
-        .await
-        .map_err(Hello::Failed)?;
-    if answer[0] == HELLO_ACCEPTED {
-        Ok(())
-    } else {
-        Err(Hello::Refused)
+    if let Err(error) = connection.read_exact(&mut answer).await {
+        return Err(Hello::Failed(match error.kind() {
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+                closed_without_answer(address, connection)
+            }
+            _ => error,
+        }));
+    }
+    match answer_meaning(answer[0]) {
+        Answer::Accepted => Ok(()),
+        Answer::Refused => Err(Hello::Refused),
+        other => Err(Hello::Failed(unexpected_answer(address, other))),
     }
 }
 

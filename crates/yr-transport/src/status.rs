@@ -5,6 +5,30 @@
 use tonic::{Code, Status};
 use yr_common::ErrorCode;
 
+/// A status's message followed by the innermost cause behind it, when there is one: a
+/// connection that failed before any request carries only "transport error" in its message,
+/// and the reason (refused, TLS required, …) in its sources.
+///
+/// ```
+/// let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "the peer serves TLS");
+/// let status = tonic::Status::from_error(Box::new(io));
+/// assert!(yr_transport::status_detail(&status).contains("the peer serves TLS"));
+/// ```
+pub fn status_detail(status: &Status) -> String {
+    let mut innermost: Option<&(dyn std::error::Error + 'static)> = None;
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        innermost = Some(error);
+        source = error.source();
+    }
+    match innermost.map(ToString::to_string) {
+        Some(cause) if !status.message().contains(&cause) => {
+            format!("{} ({cause})", status.message())
+        }
+        _ => status.message().to_string(),
+    }
+}
+
 /// The yr code of a gRPC call that failed with `status`.
 ///
 /// `link` is the caller's code for "the peer could not be reached or the link broke", the same

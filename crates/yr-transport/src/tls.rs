@@ -50,6 +50,8 @@ pub struct Tls {
     pub client: Arc<rustls::ClientConfig>,
     /// The PEM files it was loaded from: certificate, key, CA.
     pub files: [PathBuf; 3],
+    /// The name servers' certificates are checked against; `None` = the host connected to.
+    pub server_name: Option<String>,
 }
 
 /// The environment variables that carry a process's TLS files: certificate, key, CA. A node
@@ -130,7 +132,24 @@ impl Tls {
             server: Arc::new(server),
             client: Arc::new(client),
             files: [cert.to_path_buf(), key.to_path_buf(), ca.to_path_buf()],
+            server_name: None,
         })
+    }
+
+    /// These settings, checking every server's certificate against `name` instead of the host
+    /// connected to (for servers reached through an address their certificates do not name).
+    pub fn with_server_name(mut self, name: Option<String>) -> Tls {
+        self.server_name = name;
+        self
+    }
+
+    /// The name the certificate of the server at `host_port` must carry: the configured
+    /// server name, else the host.
+    pub fn server_name_for(&self, host_port: &str) -> Result<ServerName<'static>, Error> {
+        match &self.server_name {
+            Some(name) => server_name(name),
+            None => server_name(host_port),
+        }
     }
 
     /// TLS from [`ENV_FILES`], if all three are set.

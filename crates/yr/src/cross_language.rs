@@ -284,6 +284,7 @@ impl PythonInstanceClass {
             constructor: cross_language::constructor_entry(python::CONSTRUCTOR, python::CLASS),
             args: with_descriptor(&self.descriptor(), args)?,
             options: self.options.clone()?,
+            class_name: None,
         };
         let info = runtime.create_instance_in(&executable, spec)?;
         Ok(PythonInstance {

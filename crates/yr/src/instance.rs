@@ -255,6 +255,7 @@ impl<C: Instance, Args> InstanceCreator<C, Args> {
             constructor: self.constructor.entry,
             args: args.into_args()?,
             options: self.options.clone()?,
+            class_name: None,
         };
         let info = runtime.create_instance(spec)?;
         Ok(InstanceHandle::from_id(info.instance_id))

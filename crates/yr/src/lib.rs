@@ -95,6 +95,7 @@ pub use stream::{
     query_global_producers_num, Consumer, Element, Producer, ProducerConfig, SubscriptionConfig,
     SubscriptionType,
 };
+pub use yr_common::config::{Deployment, TlsFiles};
 /// The types of [`InvokeOptions`]' fields.
 pub use yr_common::{
     Affinity, AffinityKind, AffinityScope, AffinityType, Device, FunctionGroupOptions, LabelOp,

@@ -74,7 +74,8 @@ pub fn read_range(
         return splice_into(stream.as_fd(), file, offset, request.length)
             .map_err(|error| transport("the range broke off from", error));
     };
-    let name = yr_transport::tls::server_name(address)
+    let name = tls
+        .server_name_for(address)
         .map_err(|error| RangeError::Transport(error.message().to_string()))?;
     let session = rustls::ClientConnection::new(tls.client.clone(), name)
         .map_err(|error| tls_refused(address, &error))?;

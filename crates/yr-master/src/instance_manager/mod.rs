@@ -407,6 +407,7 @@ fn summary(key: &str, record: &InstanceRecord) -> InstanceSummary {
         state: record.state,
         node_id: record.node_id.clone(),
         job_id: record.job_id.clone(),
+        class_name: record.class_name.clone(),
     }
 }
 

@@ -66,7 +66,7 @@ impl Bus {
                     yr_transport::status_to_code(&status, connect_code),
                     format!(
                         "the node at {address} refused the session: {}",
-                        status.message()
+                        yr_transport::status_detail(&status)
                     ),
                 )
             })?;

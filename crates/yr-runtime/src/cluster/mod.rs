@@ -156,8 +156,16 @@ fn install_token(config: &Config, node_address: &str) -> Result<(), Error> {
     let mut credentials = (*yr_transport::current()).clone();
     credentials.token = Some(token);
     // TCP connections of a TLS cluster (to other nodes' data workers) need this process's
-    // certificate: a runtime has its node's, a driver elsewhere sets YR_TLS_*.
-    if let Some(tls) = yr_transport::Tls::from_env().map_err(Error::from)? {
+    // certificate: a runtime has its node's, a driver elsewhere sets Config::tls or YR_TLS_*.
+    let tls = match &config.tls {
+        Some(files) => Some(
+            yr_transport::Tls::load(&files.certificate, &files.private_key, &files.ca)
+                .map_err(Error::from)?
+                .with_server_name(files.server_name.clone()),
+        ),
+        None => yr_transport::Tls::from_env().map_err(Error::from)?,
+    };
+    if let Some(tls) = tls {
         credentials.tls = Some(std::sync::Arc::new(tls));
     }
     yr_transport::install(credentials);
@@ -412,7 +420,7 @@ impl ClusterBackend {
             .options
             .instance_id_for_name()
             .unwrap_or_else(|| ids::random_hex(20));
-        let class = spec.constructor.class;
+        let class = spec.class().to_string();
         // A named instance this process already knows keeps its connection and queued calls.
         let instance = {
             let mut instances = inner.instances.lock();
@@ -437,6 +445,7 @@ impl ClusterBackend {
             let inner = inner.clone();
             let options = spec.options.clone();
             let constructor = spec.constructor;
+            let class = class.clone();
             let id = id.clone();
             let binary = binary.clone();
             move |args: Vec<crate::function::Arg>| -> Result<pb::CreateRequest, Error> {
@@ -444,7 +453,7 @@ impl ClusterBackend {
                 let args = args_to_proto(&args)?;
                 inner.create_request(
                     constructor.name,
-                    constructor.class,
+                    &class,
                     false,
                     args,
                     &options,
@@ -1030,5 +1039,6 @@ impl Backend for ClusterBackend {
         if let Some(thread) = self.io_thread.lock().take() {
             let _ = thread.join();
         }
+        discovery::stop_own_cluster();
     }
 }

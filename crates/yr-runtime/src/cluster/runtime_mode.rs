@@ -213,6 +213,7 @@ impl RuntimeMode {
                 constructor,
                 args,
                 options: Arc::new(options),
+                class_name: None,
             },
         )?;
         // Evicted for idleness: the node hears it, ends the instance and tells its callers.

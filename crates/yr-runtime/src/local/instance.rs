@@ -45,8 +45,10 @@ pub enum Phase {
 pub struct LocalInstance {
     /// The instance id.
     pub id: String,
-    /// The class's path.
+    /// The class's path (its constructor's: methods of this class are called on it).
     pub class: &'static str,
+    /// The class as its users name it ([`CreateSpec::class`]).
+    pub class_name: String,
     /// `(namespace, name)` for a named instance.
     pub name: Option<(String, String)>,
     sender: Sender<Message>,
@@ -82,6 +84,7 @@ impl LocalInstance {
         let instance = Arc::new(LocalInstance {
             id,
             class: spec.constructor.class,
+            class_name: spec.class().to_string(),
             name,
             sender,
             receiver,

@@ -124,7 +124,7 @@ fn not_found(instance_id: &str) -> Error {
 fn info(instance: &LocalInstance) -> InstanceInfo {
     InstanceInfo {
         instance_id: instance.id.clone(),
-        class: instance.class.to_string(),
+        class: instance.class_name.clone(),
     }
 }
 
@@ -154,13 +154,13 @@ impl Backend for LocalBackend {
                 .and_then(|id| instances.by_id.get(id))
                 .filter(|existing| !matches!(existing.phase(), Phase::Exiting | Phase::Exited))
             {
-                if existing.class != spec.constructor.class {
+                if existing.class_name != spec.class() {
                     return Err(Error::new(
                         ErrorCode::InstanceDuplicated,
                         format!(
                             "the name {:?} in namespace {:?} is taken by an instance of {}; \
                              choose another name or kill instance {} first",
-                            key.1, key.0, existing.class, existing.id
+                            key.1, key.0, existing.class_name, existing.id
                         ),
                     ));
                 }

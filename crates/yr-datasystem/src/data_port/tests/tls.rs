@@ -127,6 +127,7 @@ fn a_pull_without_a_certificate_of_the_cluster_gets_nothing_and_a_clear_refusal(
             .with_no_client_auth(),
         ),
         files: certificates.pulling.files.clone(),
+        server_name: None,
     };
     for (who, tls) in [
         ("another cluster's node", &stranger),
