@@ -178,8 +178,6 @@ pub struct Config {
     pub log_level: String,
     /// Directory of log files. `None` (default) = the current directory; env `YR_LOG_DIR`.
     pub log_dir: Option<PathBuf>,
-    /// Forward the output of the job's remote processes to the driver. Default `true`.
-    pub log_to_driver: bool,
     /// Threads of the local-mode pool; 0 (default) = one per available CPU. Env
     /// `YR_LOCAL_THREADS` (a non-negative integer).
     pub local_thread_pool_size: usize,
@@ -247,7 +245,6 @@ impl Config {
             namespace: None,
             log_level: DEFAULT_LOG_LEVEL.to_string(),
             log_dir: None,
-            log_to_driver: true,
             local_thread_pool_size: 0,
             recycle_time: DEFAULT_RECYCLE_TIME,
             max_task_instance_num: -1,
@@ -494,7 +491,6 @@ mod tests {
         assert_eq!(cfg.namespace, None);
         assert_eq!(cfg.log_level, "info");
         assert_eq!(cfg.log_dir, None);
-        assert!(cfg.log_to_driver);
         assert_eq!(cfg.local_thread_pool_size, 0);
         assert_eq!(cfg.recycle_time, Duration::from_secs(2));
         assert_eq!(cfg.max_task_instance_num, -1);
