@@ -292,10 +292,7 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
             ];
             master_args.extend(args.security.to_args());
             master_args.extend(args.meta.to_args());
-            info.meta_store = args
-                .meta
-                .backend()
-                .describe(&session.join("master"));
+            info.meta_store = args.meta.backend().describe(&session.join("master"));
             let mut child = spawn("master", &master_args, &session, args.block, &token)?;
             let local = if host.is_unspecified() {
                 format!("127.0.0.1:{port}")

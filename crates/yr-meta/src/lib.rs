@@ -18,8 +18,8 @@
 
 pub mod client;
 pub mod embedded;
-pub mod etcd;
 mod error;
+pub mod etcd;
 pub mod service;
 pub mod store;
 mod wal;
@@ -31,7 +31,7 @@ pub use error::MetaError;
 pub use etcd::{EtcdOptions, EtcdStore};
 pub use service::{serve, MetaService};
 pub use store::{
-    create_if_absent, delete_if_version, put_if_mod_revision, put_if_version, Compare, KeyValue, LeaseId, MetaStore,
-    TxnOp, TxnResponse, WatchEvent,
+    create_if_absent, delete_if_version, put_if_mod_revision, put_if_version, Compare, KeyValue,
+    LeaseId, MetaStore, TxnOp, TxnResponse, WatchEvent,
 };
 pub use wal::crc32;

@@ -251,7 +251,12 @@ async fn losing_one_member_of_three_loses_no_write_and_no_event() {
     let mut rx = store.watch_prefix("ha/", 0).await.unwrap();
     let mut written = Vec::new();
     for i in 0..5 {
-        written.push(store.put(&format!("ha/{i}"), b("before"), None).await.unwrap());
+        written.push(
+            store
+                .put(&format!("ha/{i}"), b("before"), None)
+                .await
+                .unwrap(),
+        );
     }
     let lease = store.grant_lease(Duration::from_secs(30)).await.unwrap();
     store.put("ha/leased", b("l"), Some(lease)).await.unwrap();

@@ -346,7 +346,9 @@ fn branch_results(
             TxnOp::Put { .. } => {
                 responses.next().ok_or_else(short)?;
                 match responses.next().ok_or_else(short)? {
-                    TxnOpResponse::Get(get) => get.kvs().first().and_then(|kv| store.kv_from_etcd(kv)),
+                    TxnOpResponse::Get(get) => {
+                        get.kvs().first().and_then(|kv| store.kv_from_etcd(kv))
+                    }
                     _ => return Err(short()),
                 }
             }
@@ -372,11 +374,16 @@ impl MetaStore for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, MetaError> {
         check_key(key)?;
         let etcd_key = self.etcd_key(key);
-        let response = with_retry(self.budget, Retry::Idempotent, self.context("get", None), || {
-            let mut kv = self.kv.clone();
-            let key = etcd_key.clone();
-            async move { kv.get(key, None).await }
-        })
+        let response = with_retry(
+            self.budget,
+            Retry::Idempotent,
+            self.context("get", None),
+            || {
+                let mut kv = self.kv.clone();
+                let key = etcd_key.clone();
+                async move { kv.get(key, None).await }
+            },
+        )
         .await?;
         Ok(response.kvs().first().and_then(|kv| self.kv_from_etcd(kv)))
     }
@@ -409,16 +416,21 @@ impl MetaStore for EtcdStore {
     ) -> Result<KeyValue, MetaError> {
         check_key(key)?;
         let etcd_key = self.etcd_key(key);
-        let response = with_retry(self.budget, Retry::Write, self.context("put", lease), || {
-            let mut kv = self.kv.clone();
-            let key = etcd_key.clone();
-            let value = value.to_vec();
-            let mut options = PutOptions::new().with_prev_key();
-            if let Some(lease) = lease {
-                options = options.with_lease(lease);
-            }
-            async move { kv.put(key, value, Some(options)).await }
-        })
+        let response = with_retry(
+            self.budget,
+            Retry::Write,
+            self.context("put", lease),
+            || {
+                let mut kv = self.kv.clone();
+                let key = etcd_key.clone();
+                let value = value.to_vec();
+                let mut options = PutOptions::new().with_prev_key();
+                if let Some(lease) = lease {
+                    options = options.with_lease(lease);
+                }
+                async move { kv.put(key, value, Some(options)).await }
+            },
+        )
         .await?;
         // etcd answers a put with its revision and the previous record: the new record is
         // one version past it (or version 1), at the put's revision.
@@ -437,11 +449,16 @@ impl MetaStore for EtcdStore {
     async fn delete(&self, key: &str) -> Result<bool, MetaError> {
         check_key(key)?;
         let etcd_key = self.etcd_key(key);
-        let response = with_retry(self.budget, Retry::Write, self.context("delete", None), || {
-            let mut kv = self.kv.clone();
-            let key = etcd_key.clone();
-            async move { kv.delete(key, None).await }
-        })
+        let response = with_retry(
+            self.budget,
+            Retry::Write,
+            self.context("delete", None),
+            || {
+                let mut kv = self.kv.clone();
+                let key = etcd_key.clone();
+                async move { kv.delete(key, None).await }
+            },
+        )
         .await?;
         Ok(response.deleted() > 0)
     }
@@ -592,10 +609,7 @@ impl MetaStore for EtcdStore {
             || {
                 let mut kv = self.kv.clone();
                 let key = etcd_key.clone();
-                async move {
-                    kv.get(key, Some(GetOptions::new().with_count_only()))
-                        .await
-                }
+                async move { kv.get(key, Some(GetOptions::new().with_count_only())).await }
             },
         )
         .await?;

@@ -115,9 +115,8 @@ pub(super) fn classify(err: etcd_client::Error, context: Context<'_>) -> Failure
         }
         etcd_client::Error::TransportError(err) => etcd(format!("transport: {err}"), true, true),
         etcd_client::Error::IoError(err) => etcd(format!("I/O: {err}"), false, true),
-        etcd_client::Error::WatchError(message) | etcd_client::Error::LeaseKeepAliveError(message) => {
-            etcd(message, false, true)
-        }
+        etcd_client::Error::WatchError(message)
+        | etcd_client::Error::LeaseKeepAliveError(message) => etcd(message, false, true),
         etcd_client::Error::InvalidArgs(message) | etcd_client::Error::EndpointError(message) => {
             Failure {
                 error: MetaError::InvalidArgument(format!(

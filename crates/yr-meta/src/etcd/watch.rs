@@ -132,7 +132,10 @@ async fn compacted_revision(store: &EtcdStore, etcd_prefix: &str, start: i64) ->
         }
         None
     };
-    tokio::time::timeout(COMPACTION_ANSWER, ask).await.ok().flatten()
+    tokio::time::timeout(COMPACTION_ANSWER, ask)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Forwards the watch's events until the receiver goes away or etcd compacted what the watch

@@ -13,8 +13,8 @@ use tokio::task::JoinHandle;
 pub mod etcd;
 
 use yr_meta::{
-    create_if_absent, delete_if_version, put_if_mod_revision, put_if_version, serve, Compare, KeyValue, MetaError,
-    MetaStore, TxnOp, WatchEvent,
+    create_if_absent, delete_if_version, put_if_mod_revision, put_if_version, serve, Compare,
+    KeyValue, MetaError, MetaStore, TxnOp, WatchEvent,
 };
 
 /// Shows the crate's logs in a test's output (run with `--nocapture` to see them live).
