@@ -14,7 +14,7 @@ use yr_common::session::{
 };
 use yr_proto::v1 as pb;
 
-use crate::daemon::{CapacityArgs, DataArgs, SecurityArgs};
+use crate::daemon::{CapacityArgs, DataArgs, MetaStoreArgs, SecurityArgs};
 use yr_common::auth::ClusterToken;
 
 /// How long components may take to come up.
@@ -73,6 +73,10 @@ pub struct StartArgs {
     pub token: Option<String>,
     #[command(flatten)]
     pub security: SecurityArgs,
+    /// With --master: where the master keeps the cluster's state (default: the embedded store
+    /// in the session directory; --etcd for etcd).
+    #[command(flatten)]
+    pub meta: MetaStoreArgs,
 }
 
 /// Flags of `yr stop`.
@@ -210,6 +214,9 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
     if !args.master && args.master_address.is_none() {
         bail!("say what to start: --master for a new cluster, or --master-address HOST:PORT to join one");
     }
+    if !args.master && !args.meta.etcd.is_empty() {
+        bail!("--etcd chooses the master's store: use it with --master (nodes that join reach the store through the master)");
+    }
     let capacity = args.capacity.amount()?;
     let labels = args.capacity.label_pairs()?;
     let root = sessions_root()?;
@@ -284,6 +291,8 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
                 format!("127.0.0.1:{metrics}"),
             ];
             master_args.extend(args.security.to_args());
+            master_args.extend(args.meta.to_args());
+            info.meta_store = args.meta.backend().describe(&session.join("master"));
             let mut child = spawn("master", &master_args, &session, args.block, &token)?;
             let local = if host.is_unspecified() {
                 format!("127.0.0.1:{port}")
@@ -582,6 +591,9 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         )?;
         return Ok(ExitCode::SUCCESS);
     }
+    if !status.meta_store.is_empty() {
+        writeln!(out, "Meta store: {}", status.meta_store)?;
+    }
     writeln!(out, "Nodes")?;
     writeln!(
         out,
@@ -656,5 +668,6 @@ fn status_json(status: &pb::ClusterStatusResponse) -> serde_json::Value {
             "state": pb::InstanceState::try_from(i.state).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
         })).collect::<Vec<_>>(),
         "functions": status.functions,
+        "meta_store": status.meta_store,
     })
 }

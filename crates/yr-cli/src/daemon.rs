@@ -26,7 +26,49 @@ pub struct MasterArgs {
     #[arg(long, default_value_t = 5.0)]
     pub node_timeout: f64,
     #[command(flatten)]
+    pub meta: MetaStoreArgs,
+    #[command(flatten)]
     pub security: SecurityArgs,
+}
+
+/// Where the master keeps its state: the embedded store in its data directory (the default),
+/// or etcd. Flags of `yr master` and `yr start --master`.
+#[derive(Clone, Debug, Default, ClapArgs)]
+pub struct MetaStoreArgs {
+    /// Keep the cluster's state in etcd (v3 API, e.g. Debian's etcd-server) at these client
+    /// endpoints instead of the embedded store. Nodes still reach it through the master.
+    #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// The prefix every etcd key is stored under; clusters sharing one etcd need different
+    /// prefixes. A master restarted with the same etcd and prefix recovers the cluster.
+    #[arg(long, value_name = "PREFIX", default_value = yr_meta::EtcdOptions::DEFAULT_PREFIX, requires = "etcd")]
+    pub etcd_prefix: String,
+}
+
+impl MetaStoreArgs {
+    /// The flags again, for the `yr master` that `yr start` spawns.
+    pub fn to_args(&self) -> Vec<String> {
+        if self.etcd.is_empty() {
+            return Vec::new();
+        }
+        vec![
+            "--etcd".into(),
+            self.etcd.join(","),
+            "--etcd-prefix".into(),
+            self.etcd_prefix.clone(),
+        ]
+    }
+
+    /// The master's store.
+    pub fn backend(&self) -> yr_master::MetaBackend {
+        if self.etcd.is_empty() {
+            yr_master::MetaBackend::Embedded
+        } else {
+            yr_master::MetaBackend::Etcd(
+                yr_meta::EtcdOptions::new(&self.etcd).with_prefix(self.etcd_prefix.clone()),
+            )
+        }
+    }
 }
 
 /// Flags of `yr node`.
@@ -338,6 +380,7 @@ pub fn run_master(args: &MasterArgs) -> anyhow::Result<()> {
     options.metrics_listen = args.metrics_listen;
     options.node_timeout = Duration::from_secs_f64(args.node_timeout.max(0.1));
     options.metrics_public = args.security.metrics_public;
+    options.meta = args.meta.backend();
     runtime()?.block_on(yr_master::run(options, terminated()))?;
     Ok(())
 }

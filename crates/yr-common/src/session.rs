@@ -165,6 +165,10 @@ pub struct SessionInfo {
     pub metrics: Vec<(String, String)>,
     /// Whether the cluster dies with the driver that started it.
     pub temporary: bool,
+    /// The master's meta store: `embedded <dir>` or `etcd <endpoints> prefix <prefix>` (empty
+    /// on a node that only joined, and in sessions written before it was recorded).
+    #[serde(default)]
+    pub meta_store: String,
 }
 
 impl SessionInfo {

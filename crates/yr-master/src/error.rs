@@ -107,7 +107,7 @@ mod tests {
         assert_eq!(err.module_code(), ModuleCode::Core);
         assert!(err.message().contains("127.0.0.1:1"), "{}", err.message());
         let store = MasterError::OpenStore {
-            dir: "/data/meta".into(),
+            store: "embedded /data/meta".into(),
             source: MetaError::Io("fsync: EIO".into()),
         };
         let err = Error::from(store);

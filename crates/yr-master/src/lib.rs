@@ -2,7 +2,7 @@
 //! liveness), the cluster resource view (nodes report changes, not snapshots), global placement
 //! for requests a node cannot place locally, the instance manager (the cluster-wide view of
 //! instances; it fails the instances of a lost node) and cluster status. It serves the `Master`
-//! gRPC service and the embedded meta store's service on one port, and health and Prometheus
+//! gRPC service and the meta store's service on one port, and health and Prometheus
 //! metrics over HTTP on another.
 //!
 //! It does not own instances: each node's proxy is the single writer of its instances' records.
@@ -12,10 +12,13 @@
 //! [`instance_manager::InstanceManagerError`]; the module `error.rs` is the one place that gives
 //! each its seed code.
 //!
-//! The state is durable in the meta store (`data_dir/meta`): node records under `/yr/node/`,
-//! instance records under `/yr/instance/`, the cluster id at `/yr/cluster/id`. A master restarted
-//! on the same directory recovers the registry (every node *recovering* until it registers again
-//! within `node_timeout`, else *lost*) and the instance view.
+//! The state is durable in the meta store: the embedded store in `data_dir/meta` by default, or
+//! etcd ([`MetaBackend::Etcd`], `yr start --master --etcd host:port,...`), whose keys all live
+//! under a prefix. Node records are under `/yr/node/`, instance records under `/yr/instance/`,
+//! the cluster id at `/yr/cluster/id`. A master restarted on the same directory (or the same etcd
+//! and prefix) recovers the registry (every node *recovering* until it registers again within
+//! `node_timeout`, else *lost*) and the instance view. Either way nodes reach the store through
+//! the master's meta service.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), yr_master::MasterError> {
@@ -68,6 +71,41 @@ pub struct MasterOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// Serve `/metrics` without the cluster token.
     pub metrics_public: bool,
+    /// Which store keeps the state.
+    pub meta: MetaBackend,
+}
+
+/// Which meta store the master keeps its state in and serves to nodes.
+///
+/// ```
+/// let backend = yr_master::MetaBackend::Etcd(yr_meta::EtcdOptions::new(["127.0.0.1:2379"]));
+/// assert_eq!(backend.describe(std::path::Path::new("/tmp/m")), "etcd 127.0.0.1:2379 prefix /yr/default");
+/// assert_eq!(
+///     yr_master::MetaBackend::Embedded.describe(std::path::Path::new("/tmp/m")),
+///     "embedded /tmp/m/meta"
+/// );
+/// ```
+#[derive(Clone, Debug, Default)]
+pub enum MetaBackend {
+    /// The embedded store in `data_dir/meta` (the default).
+    #[default]
+    Embedded,
+    /// etcd, every key under the options' prefix.
+    Etcd(yr_meta::EtcdOptions),
+}
+
+impl MetaBackend {
+    /// One line naming the store, for logs, `yr status` and `session.json`.
+    pub fn describe(&self, data_dir: &std::path::Path) -> String {
+        match self {
+            MetaBackend::Embedded => format!("embedded {}", data_dir.join("meta").display()),
+            MetaBackend::Etcd(options) => format!(
+                "etcd {} prefix {}",
+                options.endpoints.join(","),
+                options.prefix.trim_end_matches('/')
+            ),
+        }
+    }
 }
 
 impl MasterOptions {
@@ -82,6 +120,7 @@ impl MasterOptions {
             node_timeout: Self::DEFAULT_NODE_TIMEOUT,
             metrics_listen: None,
             metrics_public: false,
+            meta: MetaBackend::Embedded,
         }
     }
 }
@@ -98,10 +137,10 @@ pub enum MasterError {
         source: std::io::Error,
     },
     /// The meta store could not be opened.
-    #[error("cannot open the meta store in {dir}: {source}")]
+    #[error("cannot open the meta store ({store}): {source}")]
     OpenStore {
-        /// The store's directory.
-        dir: PathBuf,
+        /// The store (`embedded <dir>` or `etcd <endpoints> prefix <prefix>`).
+        store: String,
         /// The store's error.
         source: MetaError,
     },
@@ -127,13 +166,18 @@ async fn bind(address: SocketAddr) -> Result<TcpListener, MasterError> {
         .map_err(|source| MasterError::Listen { address, source })
 }
 
-/// Opens the meta store in `data_dir/meta`.
-async fn open_store(options: &MasterOptions) -> Result<Arc<yr_meta::EmbeddedStore>, MasterError> {
-    let dir = options.data_dir.join("meta");
-    let store = yr_meta::EmbeddedStore::open(&dir)
-        .await
-        .map_err(|source| MasterError::OpenStore { dir, source })?;
-    Ok(Arc::new(store))
+/// Opens the meta store: the embedded one in `data_dir/meta`, or etcd.
+async fn open_store(options: &MasterOptions) -> Result<Arc<dyn MetaStore>, MasterError> {
+    let store = options.meta.describe(&options.data_dir);
+    let opened: Result<Arc<dyn MetaStore>, MetaError> = match &options.meta {
+        MetaBackend::Embedded => yr_meta::EmbeddedStore::open(&options.data_dir.join("meta"))
+            .await
+            .map(|store| Arc::new(store) as Arc<dyn MetaStore>),
+        MetaBackend::Etcd(etcd) => yr_meta::EtcdStore::connect(etcd.clone())
+            .await
+            .map(|store| Arc::new(store) as Arc<dyn MetaStore>),
+    };
+    opened.map_err(|source| MasterError::OpenStore { store, source })
 }
 
 /// Runs the master until `shutdown` resolves: binds `options.listen` (and
@@ -242,7 +286,8 @@ impl Drop for MasterHandle {
 
 /// A master whose store is open and whose state is recovered, ready to serve.
 struct Prepared {
-    store: Arc<yr_meta::EmbeddedStore>,
+    store: Arc<dyn MetaStore>,
+    meta_store: String,
     cluster: Arc<Cluster>,
     revision: u64,
     metrics_public: bool,
@@ -250,16 +295,17 @@ struct Prepared {
 
 async fn prepare(options: &MasterOptions) -> Result<Prepared, MasterError> {
     let store = open_store(options).await?;
-    let dyn_store: Arc<dyn MetaStore> = store.clone();
-    let (cluster, revision) = Cluster::open(dyn_store, options.node_timeout).await?;
+    let (cluster, revision) = Cluster::open(store.clone(), options.node_timeout).await?;
     tracing::info!(
         cluster_id = cluster.cluster_id(),
         data_dir = %options.data_dir.display(),
+        meta_store = %options.meta.describe(&options.data_dir),
         node_timeout = ?options.node_timeout,
         "master state recovered"
     );
     Ok(Prepared {
         store,
+        meta_store: options.meta.describe(&options.data_dir),
         cluster,
         revision,
         metrics_public: options.metrics_public,
@@ -275,6 +321,7 @@ impl Prepared {
     ) -> Result<(), MasterError> {
         let Prepared {
             store,
+            meta_store,
             cluster,
             revision,
             metrics_public,
@@ -308,9 +355,10 @@ impl Prepared {
             tracing::info!(%address, cluster_id = cluster.cluster_id(), "master serving gRPC");
         }
 
-        let master = MasterServer::new(MasterService::new(cluster.clone(), stop_rx.clone()));
-        let dyn_store: Arc<dyn MetaStore> = store.clone();
-        let meta = yr_meta::MetaService::new(dyn_store);
+        let master = MasterServer::new(
+            MasterService::new(cluster.clone(), stop_rx.clone()).with_meta_store(meta_store),
+        );
+        let meta = yr_meta::MetaService::new(store.clone());
         let meta_closer = meta.clone();
         let mut server_stop = stop_rx.clone();
         let server = tonic::transport::Server::builder()

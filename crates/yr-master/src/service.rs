@@ -33,12 +33,23 @@ const COMMAND_BUFFER: usize = 8;
 pub struct MasterService {
     cluster: Arc<Cluster>,
     stop: watch::Receiver<bool>,
+    meta_store: String,
 }
 
 impl MasterService {
     /// A service over `cluster`; heartbeat streams end when `stop` turns true.
     pub fn new(cluster: Arc<Cluster>, stop: watch::Receiver<bool>) -> MasterService {
-        MasterService { cluster, stop }
+        MasterService {
+            cluster,
+            stop,
+            meta_store: String::new(),
+        }
+    }
+
+    /// The same service, naming its meta store in cluster status (`yr status`).
+    pub fn with_meta_store(mut self, meta_store: String) -> MasterService {
+        self.meta_store = meta_store;
+        self
     }
 }
 
@@ -118,6 +129,8 @@ impl Master for MasterService {
         &self,
         _request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        Ok(Response::new(self.cluster.status().await))
+        let mut status = self.cluster.status().await;
+        status.meta_store = self.meta_store.clone();
+        Ok(Response::new(status))
     }
 }

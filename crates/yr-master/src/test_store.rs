@@ -105,6 +105,9 @@ impl MetaStore for FakeStore {
             Compare::Version { key, version } => {
                 inner.data.get(key).map_or(0, |kv| kv.version) == *version
             }
+            Compare::ModRevision { key, mod_revision } => {
+                inner.data.get(key).map_or(0, |kv| kv.mod_revision) == *mod_revision
+            }
             Compare::ValueEquals { key, value } => {
                 inner.data.get(key).is_some_and(|kv| kv.value == *value)
             }

@@ -17,6 +17,11 @@ pub enum MetaError {
     /// outcome of a write that failed this way is unknown: read the key again before retrying.
     #[error("meta store unavailable: {0}")]
     Unavailable(String),
+    /// etcd (the store behind [`EtcdStore`](crate::EtcdStore)) failed the request or could not
+    /// be reached after a bounded retry: the message names the endpoints and etcd's own error.
+    /// As with `Unavailable`, the outcome of a write that failed this way may be unknown.
+    #[error("etcd access error: {0}")]
+    Etcd(String),
     /// The store's disk failed (write, fsync, rename...). A store whose log could not be synced
     /// refuses every later operation and must be restarted.
     #[error("meta store disk I/O failed: {0}")]
@@ -58,12 +63,14 @@ impl MetaError {
 
 impl MetaError {
     /// The code callers see. Every failure of the store itself is 3005
-    /// (`ERR_ETCD_OPERATION_ERROR`): the store is down, its disk failed, its data is corrupt, or
+    /// (`ERR_ETCD_OPERATION_ERROR`, "etcd access error"): etcd failed or cannot be reached, the
+    /// store is down, its disk failed, its data is corrupt, or
     /// an expected lease or history is gone. A malformed request is yr's own bug (users never
     /// build meta store requests), so it is 3003. A refused token is 1014.
     pub fn code(&self) -> ErrorCode {
         match self {
             MetaError::Unavailable(_)
+            | MetaError::Etcd(_)
             | MetaError::Io(_)
             | MetaError::Corrupt(_)
             | MetaError::LeaseNotFound(_)
@@ -95,6 +102,9 @@ mod tests {
         let err: Error = MetaError::LeaseNotFound(7).into();
         assert_eq!(err.code(), ErrorCode::EtcdOperationError);
         assert!(err.message().contains("lease 7"));
+        let err: Error = MetaError::Etcd("etcdserver: no leader (127.0.0.1:2379)".into()).into();
+        assert_eq!(err.code(), ErrorCode::EtcdOperationError);
+        assert!(err.message().contains("etcd access error"));
         let err: Error = MetaError::InvalidArgument("empty key".into()).into();
         assert_eq!(err.code(), ErrorCode::InnerSystemError);
     }

@@ -1,5 +1,5 @@
 //! The [`MetaStore`] trait every backend implements (the embedded store, its remote client, and
-//! etcd next), its data types, and the compare-and-swap helpers built on [`MetaStore::txn`].
+//! etcd), its data types, and the compare-and-swap helpers built on [`MetaStore::txn`].
 //!
 //! The model is etcd's. Each key has a `version`: 1 when created, +1 per write, and 1 again when
 //! a deleted key is created anew. Every write moves one store-wide `revision` forward by one and
@@ -62,6 +62,15 @@ pub enum Compare {
         key: String,
         /// The expected version.
         version: u64,
+    },
+    /// The key's `mod_revision` (the store revision of its last write) equals `mod_revision`;
+    /// 0 means "the key is absent". This is etcd's compare-and-swap: a writer that read the key
+    /// at `mod_revision` wins only if nobody wrote it since.
+    ModRevision {
+        /// The key to check.
+        key: String,
+        /// The expected mod revision.
+        mod_revision: u64,
     },
     /// The key exists and its value equals `value`.
     ValueEquals {
@@ -145,7 +154,7 @@ impl WatchEvent {
 /// yr's durable control state: a key-value store with per-key versions, a store-wide revision,
 /// atomic transactions, prefix watches and leases. Implemented by
 /// [`EmbeddedStore`](crate::EmbeddedStore) (in the master) and [`RemoteStore`](crate::RemoteStore)
-/// (its client); etcd plugs in behind the same trait.
+/// (its client) and [`EtcdStore`](crate::EtcdStore) (etcd).
 ///
 /// Every write is durable when its call returns.
 #[async_trait]
@@ -266,6 +275,57 @@ pub async fn put_if_version<S: MetaStore + ?Sized>(
             vec![Compare::Version {
                 key: key.to_string(),
                 version: expected_version,
+            }],
+            vec![TxnOp::Put {
+                key: key.to_string(),
+                value,
+                lease: None,
+            }],
+            vec![TxnOp::Get {
+                key: key.to_string(),
+            }],
+        )
+        .await?;
+    let result = response.results.into_iter().next().flatten();
+    if response.succeeded {
+        result.map(Ok).ok_or_else(|| {
+            MetaError::Unavailable(format!(
+                "the store answered a put of {key:?} without the written record"
+            ))
+        })
+    } else {
+        Ok(Err(result))
+    }
+}
+
+/// Writes `key` only if its `mod_revision` is still `expected_mod_revision` (0: only if absent),
+/// keeping no lease: the compare-and-swap etcd users know. `Ok(Ok(new))`: written.
+/// `Ok(Err(current))`: someone else wrote or deleted it first; `current` is the record now.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use yr_meta::{put_if_mod_revision, EmbeddedStore, MetaStore};
+/// let store = EmbeddedStore::in_memory();
+/// let read = store.put("/yr/node/n1", "ALIVE".into(), None).await?;
+/// let won = put_if_mod_revision(&store, "/yr/node/n1", "DRAINING".into(), read.mod_revision).await?;
+/// assert!(won.is_ok());
+/// // The same stale read loses the second time.
+/// let lost = put_if_mod_revision(&store, "/yr/node/n1", "LOST".into(), read.mod_revision).await?;
+/// assert_eq!(lost.unwrap_err().unwrap().value, "DRAINING");
+/// # Ok::<(), yr_meta::MetaError>(())
+/// # }).unwrap();
+/// ```
+pub async fn put_if_mod_revision<S: MetaStore + ?Sized>(
+    store: &S,
+    key: &str,
+    value: Bytes,
+    expected_mod_revision: u64,
+) -> Result<Result<KeyValue, Option<KeyValue>>, MetaError> {
+    let response = store
+        .txn(
+            vec![Compare::ModRevision {
+                key: key.to_string(),
+                mod_revision: expected_mod_revision,
             }],
             vec![TxnOp::Put {
                 key: key.to_string(),

@@ -41,6 +41,10 @@ pub(crate) fn compare_to_proto(compare: Compare) -> proto::Compare {
             key,
             target: Some(proto::compare::Target::Version(version)),
         },
+        Compare::ModRevision { key, mod_revision } => proto::Compare {
+            key,
+            target: Some(proto::compare::Target::ModRevision(mod_revision)),
+        },
         Compare::ValueEquals { key, value } => proto::Compare {
             key,
             target: Some(proto::compare::Target::Value(value)),
@@ -53,6 +57,10 @@ pub(crate) fn compare_from_proto(compare: proto::Compare) -> Result<Compare, Met
         Some(proto::compare::Target::Version(version)) => Ok(Compare::Version {
             key: compare.key,
             version,
+        }),
+        Some(proto::compare::Target::ModRevision(mod_revision)) => Ok(Compare::ModRevision {
+            key: compare.key,
+            mod_revision,
         }),
         Some(proto::compare::Target::Value(value)) => Ok(Compare::ValueEquals {
             key: compare.key,
@@ -148,6 +156,7 @@ pub(crate) fn status_from_error(err: MetaError) -> Status {
     let message = err.to_string();
     let (code, kind) = match &err {
         MetaError::Unavailable(_) => (Code::Unavailable, "unavailable"),
+        MetaError::Etcd(_) => (Code::Unavailable, "etcd"),
         MetaError::Io(_) => (Code::Internal, "io"),
         MetaError::Corrupt(_) => (Code::DataLoss, "corrupt"),
         MetaError::LeaseNotFound(_) => (Code::NotFound, "lease-not-found"),
@@ -176,6 +185,7 @@ fn detail(status: &Status) -> String {
     let message = status.message();
     for prefix in [
         "meta store unavailable: ",
+        "etcd access error: ",
         "meta store disk I/O failed: ",
         "meta store data is corrupt: ",
         "invalid meta store request: ",
@@ -202,6 +212,7 @@ pub(crate) fn error_from_status(status: Status, address: &str, what: &str) -> Me
         .map(str::to_string);
     match kind.as_deref() {
         Some("unavailable") => return MetaError::Unavailable(detail(&status)),
+        Some("etcd") => return MetaError::Etcd(detail(&status)),
         Some("io") => return MetaError::Io(detail(&status)),
         Some("corrupt") => return MetaError::Corrupt(detail(&status)),
         Some("invalid-argument") => return MetaError::InvalidArgument(detail(&status)),
@@ -249,6 +260,7 @@ mod tests {
     fn a_store_error_comes_back_as_itself() {
         for err in [
             MetaError::Unavailable("down".into()),
+            MetaError::Etcd("etcdserver: no leader".into()),
             MetaError::Io("fsync: EIO".into()),
             MetaError::Corrupt("log-0.wal at 12".into()),
             MetaError::InvalidArgument("empty key".into()),

@@ -26,6 +26,13 @@ async fn put_if_version_wins_once_and_losers_see_the_current_record() {
 }
 
 #[tokio::test]
+async fn a_stale_mod_revision_loses_the_compare_and_swap() {
+    compare_and_swap_on_mod_revision(&EmbeddedStore::in_memory()).await;
+    let (_dir, store) = durable("modrev").await;
+    compare_and_swap_on_mod_revision(&store).await;
+}
+
+#[tokio::test]
 async fn a_failed_compare_applies_only_the_failure_branch() {
     transactions_are_atomic(&EmbeddedStore::in_memory()).await;
     let (_dir, store) = durable("txn").await;

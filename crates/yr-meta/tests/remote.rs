@@ -29,6 +29,7 @@ async fn versions_and_revisions_through_the_service() {
 async fn compare_and_swap_through_the_service() {
     let (_server, remote) = remote_in_memory().await;
     compare_and_swap(&remote).await;
+    compare_and_swap_on_mod_revision(&remote).await;
 }
 
 #[tokio::test]

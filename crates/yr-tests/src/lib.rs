@@ -644,6 +644,7 @@ pub struct ClusterBuilder {
     nodes: Vec<NodeSpec>,
     node_timeout: f64,
     tls: bool,
+    master_args: Vec<String>,
 }
 
 impl ClusterBuilder {
@@ -656,6 +657,13 @@ impl ClusterBuilder {
     /// The master's `--node-timeout` in seconds.
     pub fn node_timeout(mut self, seconds: f64) -> Self {
         self.node_timeout = seconds;
+        self
+    }
+
+    /// More flags for `yr master` (for example `--etcd` and `--etcd-prefix`), also when it is
+    /// restarted.
+    pub fn master_args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.master_args.extend(args.into_iter().map(Into::into));
         self
     }
 
@@ -690,6 +698,7 @@ impl ClusterBuilder {
         yr_transport::install(credentials);
         let mut cluster = TestCluster {
             master: None,
+            master_args: self.master_args,
             master_port,
             metrics_port,
             node_timeout: self.node_timeout,
@@ -759,6 +768,7 @@ struct NodeProcess {
 /// when the test panics; then the directory is kept and its path printed.
 pub struct TestCluster {
     master: Option<Child>,
+    master_args: Vec<String>,
     master_port: u16,
     metrics_port: u16,
     node_timeout: f64,
@@ -840,6 +850,7 @@ impl TestCluster {
             nodes: Vec::new(),
             node_timeout: 5.0,
             tls: false,
+            master_args: Vec::new(),
         }
     }
 
@@ -878,6 +889,7 @@ impl TestCluster {
             "--node-timeout".to_string(),
             self.node_timeout.to_string(),
         ];
+        args.extend(self.master_args.iter().cloned());
         let log = self.master_log();
         if let Some(tls) = &self.tls {
             args.extend(tls.args(&tls.master));

@@ -29,6 +29,7 @@ impl Cluster {
             nodes,
             instances,
             functions: functions.into_iter().collect(),
+            meta_store: String::new(),
         }
     }
 

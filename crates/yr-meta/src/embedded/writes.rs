@@ -27,6 +27,10 @@ impl State {
                     check_key(key)?;
                     self.kvs.get(key).map_or(0, |e| e.version) == *version
                 }
+                Compare::ModRevision { key, mod_revision } => {
+                    check_key(key)?;
+                    self.kvs.get(key).map_or(0, |e| e.mod_revision) == *mod_revision
+                }
                 Compare::ValueEquals { key, value } => {
                     check_key(key)?;
                     self.kvs.get(key).is_some_and(|e| e.value == *value)

@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+pub mod etcd;
+
 use yr_meta::{
-    create_if_absent, delete_if_version, put_if_version, serve, Compare, KeyValue, MetaError,
-    MetaStore, TxnOp, WatchEvent,
+    create_if_absent, delete_if_version, put_if_mod_revision, put_if_version, serve, Compare,
+    KeyValue, MetaError, MetaStore, TxnOp, WatchEvent,
 };
 
 /// Shows the crate's logs in a test's output (run with `--nocapture` to see them live).
@@ -230,6 +232,42 @@ pub async fn compare_and_swap(store: &dyn MetaStore) {
         .unwrap()
         .unwrap();
     assert_eq!(again.version, 1);
+}
+
+pub async fn compare_and_swap_on_mod_revision(store: &dyn MetaStore) {
+    // Absent: mod revision 0.
+    let created = put_if_mod_revision(store, "modrev/n", b("ALIVE"), 0)
+        .await
+        .unwrap()
+        .unwrap();
+    let lost = put_if_mod_revision(store, "modrev/n", b("again"), 0)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(lost, Some(created.clone()));
+
+    // A writer that read the record at its mod revision wins once.
+    let draining = put_if_mod_revision(store, "modrev/n", b("DRAINING"), created.mod_revision)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(draining.mod_revision > created.mod_revision);
+    assert_eq!(draining.version, 2);
+    // A write elsewhere moves the store's revision, not this key's mod revision.
+    store.put("modrev/other", b("x"), None).await.unwrap();
+    // The stale mod revision is refused, and the loser learns the current record.
+    let stale = put_if_mod_revision(store, "modrev/n", b("LOST"), created.mod_revision)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(stale, Some(draining.clone()));
+    assert_eq!(store.get("modrev/n").await.unwrap(), Some(draining.clone()));
+    // The current one still wins.
+    let lost = put_if_mod_revision(store, "modrev/n", b("LOST"), draining.mod_revision)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lost.version, 3);
 }
 
 pub async fn transactions_are_atomic(store: &dyn MetaStore) {

@@ -1,0 +1,652 @@
+//! [`EtcdStore`]: the [`MetaStore`] kept in etcd (v3 API, etcd 3.4 or later), through the
+//! `etcd-client` crate. It owns the mapping of yr's store model onto etcd's:
+//!
+//! - **Keys** live under a prefix ([`EtcdOptions::prefix`], `/yr/default` unless set): the key
+//!   `k` is stored as `<prefix>/k`, so the master's instance record `/yr/instance/a` is
+//!   `/yr/default//yr/instance/a` in etcd. Callers never see the prefix; two clusters with
+//!   different prefixes share one etcd without seeing each other's keys.
+//! - **Revisions** are etcd's own: a key's `version` and `mod_revision` are etcd's `version` and
+//!   `mod_revision`, a transaction's revision is the header's revision, and watches resume with
+//!   etcd's `start_revision`. The revision is etcd-wide, so other users of the same etcd move
+//!   it too; it only ever grows.
+//! - **Compare-and-swap** is an etcd transaction: [`Compare::Version`] and
+//!   [`Compare::ModRevision`] compare etcd's version and mod revision. A branch's put is followed
+//!   inside the same transaction by a read of the key, so the written record comes back exactly
+//!   as etcd stored it.
+//! - **Leases** are etcd leases: a TTL is rounded up to whole seconds (etcd may raise it to its
+//!   own minimum), a renewal is one keep-alive round trip, and an ended lease's keys are deleted
+//!   by etcd in one revision.
+//! - **Compaction**: a watch from a revision etcd has compacted fails with
+//!   [`MetaError::Compacted`], as on the embedded store.
+//!
+//! Every call has a timeout and a bounded retry with backoff (`retry.rs`); a failure of etcd is
+//! [`MetaError::Etcd`] (3005). Watches reconnect by themselves (`watch.rs`).
+
+mod retry;
+mod watch;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use etcd_client::{
+    Client, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KvClient, LeaseClient,
+    PutOptions, TxnOpResponse, WatchClient,
+};
+use tokio::sync::mpsc;
+
+use crate::error::MetaError;
+use crate::store::{Compare, KeyValue, LeaseId, MetaStore, TxnOp, TxnResponse, WatchEvent};
+use retry::{with_retry, Budget, Context, Retry};
+
+/// How an [`EtcdStore`] reaches etcd.
+///
+/// ```
+/// let options = yr_meta::EtcdOptions::new(["127.0.0.1:2379"]).with_prefix("/yr/prod");
+/// assert_eq!(options.prefix, "/yr/prod");
+/// assert_eq!(yr_meta::EtcdOptions::new(["127.0.0.1:2379"]).prefix, "/yr/default");
+/// ```
+#[derive(Clone, Debug)]
+pub struct EtcdOptions {
+    /// etcd's client endpoints, `host:port` or `http://host:port`.
+    pub endpoints: Vec<String>,
+    /// The prefix every key is stored under.
+    pub prefix: String,
+    /// The longest one attempt of a call may take.
+    pub attempt_timeout: Duration,
+    /// The longest the attempts of one call may take together before it fails with 3005.
+    pub retry_budget: Duration,
+}
+
+impl EtcdOptions {
+    /// The prefix unless one is given: one cluster per etcd needs no other.
+    pub const DEFAULT_PREFIX: &'static str = "/yr/default";
+
+    /// Options for `endpoints` with the default prefix, a 3 s attempt timeout and a 4 s retry
+    /// budget (below the 5 s that a node waits for the master's meta service).
+    pub fn new<S: AsRef<str>>(endpoints: impl IntoIterator<Item = S>) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: endpoints
+                .into_iter()
+                .map(|e| e.as_ref().trim().to_string())
+                .filter(|e| !e.is_empty())
+                .collect(),
+            prefix: Self::DEFAULT_PREFIX.to_string(),
+            attempt_timeout: Duration::from_secs(3),
+            retry_budget: Duration::from_secs(4),
+        }
+    }
+
+    /// The same options with another prefix.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> EtcdOptions {
+        self.prefix = prefix.into();
+        self
+    }
+}
+
+/// A [`MetaStore`] in etcd. Cheap to clone; clones share the connection.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), yr_meta::MetaError> {
+/// use yr_meta::{EtcdOptions, EtcdStore, MetaStore};
+/// let store = EtcdStore::connect(EtcdOptions::new(["127.0.0.1:2379"])).await?;
+/// let kv = store.put("/yr/cluster/id", "c1".into(), None).await?;
+/// // etcd holds it as /yr/default//yr/cluster/id; the store shows the caller's key.
+/// assert_eq!(kv.key, "/yr/cluster/id");
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct EtcdStore {
+    kv: KvClient,
+    watch: WatchClient,
+    lease: LeaseClient,
+    /// The stored form of the empty key: the prefix and a `/`.
+    prefix: Arc<str>,
+    endpoints: Arc<str>,
+    budget: Budget,
+}
+
+impl EtcdStore {
+    /// Connects to etcd and checks that it answers. Fails with [`MetaError::InvalidArgument`]
+    /// for no endpoint or a malformed one, and with [`MetaError::Etcd`] if etcd does not answer
+    /// within the retry budget.
+    pub async fn connect(options: EtcdOptions) -> Result<EtcdStore, MetaError> {
+        if options.endpoints.is_empty() {
+            return Err(MetaError::InvalidArgument(
+                "no etcd endpoint given: pass --etcd host:port[,host:port...]".to_string(),
+            ));
+        }
+        let prefix = normalize_prefix(&options.prefix)?;
+        let endpoints: Vec<String> = options
+            .endpoints
+            .iter()
+            .map(|e| {
+                if e.starts_with("http://") || e.starts_with("https://") {
+                    e.clone()
+                } else {
+                    format!("http://{e}")
+                }
+            })
+            .collect();
+        let described = options.endpoints.join(",");
+        let connect = ConnectOptions::new()
+            .with_connect_timeout(options.attempt_timeout)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        let client = Client::connect(&endpoints, Some(connect))
+            .await
+            .map_err(|err| {
+                retry::classify(
+                    err,
+                    Context {
+                        what: "connect",
+                        endpoints: &described,
+                        lease: None,
+                    },
+                )
+                .error
+            })?;
+        let max = yr_transport::max_message_bytes();
+        let store = EtcdStore {
+            kv: client
+                .kv_client()
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+            watch: client.watch_client().max_decoding_message_size(max),
+            lease: client.lease_client(),
+            prefix: prefix.into(),
+            endpoints: described.into(),
+            budget: Budget {
+                attempt: options.attempt_timeout,
+                total: options.retry_budget,
+            },
+        };
+        let revision = store.current_revision().await.map_err(|err| match err {
+            MetaError::Etcd(message) => MetaError::Etcd(format!(
+                "{message}; check that etcd runs at {} (Debian: apt-get install etcd-server)",
+                store.endpoints
+            )),
+            other => other,
+        })?;
+        tracing::info!(
+            endpoints = %store.endpoints,
+            prefix = %store.prefix,
+            revision,
+            "connected to etcd"
+        );
+        Ok(store)
+    }
+
+    /// The endpoints this store talks to, comma-separated as given.
+    pub fn endpoints(&self) -> &str {
+        &self.endpoints
+    }
+
+    /// The prefix its keys are stored under (as normalized: no trailing `/`).
+    pub fn prefix(&self) -> &str {
+        self.prefix.trim_end_matches('/')
+    }
+
+    /// The etcd key that holds `key`.
+    ///
+    /// ```no_run
+    /// # async fn example(store: yr_meta::EtcdStore) {
+    /// assert_eq!(store.etcd_key("/yr/instance/a"), "/yr/default//yr/instance/a");
+    /// # }
+    /// ```
+    pub fn etcd_key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    fn context<'a>(&'a self, what: &'a str, lease: Option<LeaseId>) -> Context<'a> {
+        Context {
+            what,
+            endpoints: &self.endpoints,
+            lease,
+        }
+    }
+
+    fn key_from_etcd(&self, key: &[u8]) -> Option<String> {
+        let key = std::str::from_utf8(key).ok()?;
+        key.strip_prefix(&*self.prefix).map(str::to_string)
+    }
+
+    fn kv_from_etcd(&self, kv: &etcd_client::KeyValue) -> Option<KeyValue> {
+        let key = self.key_from_etcd(kv.key())?;
+        Some(KeyValue {
+            key,
+            value: Bytes::copy_from_slice(kv.value()),
+            version: u64::try_from(kv.version()).unwrap_or(0),
+            mod_revision: u64::try_from(kv.mod_revision()).unwrap_or(0),
+            lease: (kv.lease() != 0).then_some(kv.lease()),
+        })
+    }
+
+    /// Finds which of `leases` etcd no longer knows, after etcd refused a transaction for a
+    /// missing lease.
+    async fn missing_lease(&self, leases: &BTreeSet<LeaseId>) -> Option<LeaseId> {
+        if leases.len() == 1 {
+            return leases.iter().next().copied();
+        }
+        for &lease in leases {
+            let mut client = self.lease.clone();
+            if let Ok(response) = client.time_to_live(lease, None).await {
+                if response.ttl() < 0 {
+                    return Some(lease);
+                }
+            }
+        }
+        leases.iter().next().copied()
+    }
+}
+
+/// `/yr/default/` from `/yr/default` or `/yr/default/`: the stored prefix ends with one `/`.
+fn normalize_prefix(prefix: &str) -> Result<String, MetaError> {
+    let trimmed = prefix.trim().trim_end_matches('/');
+    if !trimmed.is_empty() && !trimmed.starts_with('/') {
+        return Err(MetaError::InvalidArgument(format!(
+            "the etcd prefix {prefix:?} must start with '/' (for example /yr/default)"
+        )));
+    }
+    Ok(format!("{trimmed}/"))
+}
+
+fn check_key(key: &str) -> Result<(), MetaError> {
+    if key.is_empty() {
+        return Err(MetaError::InvalidArgument("the key is empty".to_string()));
+    }
+    Ok(())
+}
+
+fn revision_of(header: Option<&etcd_client::ResponseHeader>) -> u64 {
+    header
+        .map(|h| u64::try_from(h.revision()).unwrap_or(0))
+        .unwrap_or(0)
+}
+
+fn etcd_i64(value: u64, what: &str) -> Result<i64, MetaError> {
+    i64::try_from(value)
+        .map_err(|_| MetaError::InvalidArgument(format!("{what} {value} is beyond etcd's range")))
+}
+
+/// Checks a branch the way the embedded store does: keys are not empty, and no key is written
+/// twice. Returns the leases its puts attach to.
+fn check_branch(ops: &[TxnOp], leases: &mut BTreeSet<LeaseId>) -> Result<(), MetaError> {
+    let mut written = BTreeSet::new();
+    for op in ops {
+        match op {
+            TxnOp::Get { key } => check_key(key)?,
+            TxnOp::Put { key, lease, .. } => {
+                check_key(key)?;
+                leases.extend(lease);
+                if !written.insert(key.as_str()) {
+                    return Err(MetaError::InvalidArgument(format!(
+                        "key {key:?} is written twice in one transaction branch"
+                    )));
+                }
+            }
+            TxnOp::Delete { key } => {
+                check_key(key)?;
+                if !written.insert(key.as_str()) {
+                    return Err(MetaError::InvalidArgument(format!(
+                        "key {key:?} is written twice in one transaction branch"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The etcd operations of a branch: each put is followed by a read of its key, so the branch's
+/// results carry the records as written.
+fn etcd_ops(store: &EtcdStore, ops: &[TxnOp]) -> Vec<etcd_client::TxnOp> {
+    let mut out = Vec::with_capacity(ops.len() * 2);
+    for op in ops {
+        match op {
+            TxnOp::Put { key, value, lease } => {
+                let key = store.etcd_key(key);
+                let options = lease.map(|lease| PutOptions::new().with_lease(lease));
+                out.push(etcd_client::TxnOp::put(
+                    key.clone(),
+                    value.to_vec(),
+                    options,
+                ));
+                out.push(etcd_client::TxnOp::get(key, None));
+            }
+            TxnOp::Delete { key } => out.push(etcd_client::TxnOp::delete(
+                store.etcd_key(key),
+                Some(DeleteOptions::new().with_prev_key()),
+            )),
+            TxnOp::Get { key } => out.push(etcd_client::TxnOp::get(store.etcd_key(key), None)),
+        }
+    }
+    out
+}
+
+/// The results of a branch from etcd's responses (see [`etcd_ops`]).
+fn branch_results(
+    store: &EtcdStore,
+    ops: &[TxnOp],
+    responses: Vec<TxnOpResponse>,
+) -> Result<Vec<Option<KeyValue>>, MetaError> {
+    let mut responses = responses.into_iter();
+    let mut results = Vec::with_capacity(ops.len());
+    let short = || {
+        MetaError::Etcd(format!(
+            "etcd {} answered a transaction with fewer results than operations",
+            store.endpoints
+        ))
+    };
+    for op in ops {
+        let result = match op {
+            TxnOp::Put { .. } => {
+                responses.next().ok_or_else(short)?;
+                match responses.next().ok_or_else(short)? {
+                    TxnOpResponse::Get(get) => {
+                        get.kvs().first().and_then(|kv| store.kv_from_etcd(kv))
+                    }
+                    _ => return Err(short()),
+                }
+            }
+            TxnOp::Delete { .. } => match responses.next().ok_or_else(short)? {
+                TxnOpResponse::Delete(delete) => delete
+                    .prev_kvs()
+                    .first()
+                    .and_then(|kv| store.kv_from_etcd(kv)),
+                _ => return Err(short()),
+            },
+            TxnOp::Get { .. } => match responses.next().ok_or_else(short)? {
+                TxnOpResponse::Get(get) => get.kvs().first().and_then(|kv| store.kv_from_etcd(kv)),
+                _ => return Err(short()),
+            },
+        };
+        results.push(result);
+    }
+    Ok(results)
+}
+
+#[async_trait]
+impl MetaStore for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, MetaError> {
+        check_key(key)?;
+        let etcd_key = self.etcd_key(key);
+        let response = with_retry(
+            self.budget,
+            Retry::Idempotent,
+            self.context("get", None),
+            || {
+                let mut kv = self.kv.clone();
+                let key = etcd_key.clone();
+                async move { kv.get(key, None).await }
+            },
+        )
+        .await?;
+        Ok(response.kvs().first().and_then(|kv| self.kv_from_etcd(kv)))
+    }
+
+    async fn range(&self, prefix: &str) -> Result<Vec<KeyValue>, MetaError> {
+        let etcd_prefix = self.etcd_key(prefix);
+        let response = with_retry(
+            self.budget,
+            Retry::Idempotent,
+            self.context("range", None),
+            || {
+                let mut kv = self.kv.clone();
+                let key = etcd_prefix.clone();
+                async move { kv.get(key, Some(GetOptions::new().with_prefix())).await }
+            },
+        )
+        .await?;
+        Ok(response
+            .kvs()
+            .iter()
+            .filter_map(|kv| self.kv_from_etcd(kv))
+            .collect())
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: Bytes,
+        lease: Option<LeaseId>,
+    ) -> Result<KeyValue, MetaError> {
+        check_key(key)?;
+        let etcd_key = self.etcd_key(key);
+        let response = with_retry(
+            self.budget,
+            Retry::Write,
+            self.context("put", lease),
+            || {
+                let mut kv = self.kv.clone();
+                let key = etcd_key.clone();
+                let value = value.to_vec();
+                let mut options = PutOptions::new().with_prev_key();
+                if let Some(lease) = lease {
+                    options = options.with_lease(lease);
+                }
+                async move { kv.put(key, value, Some(options)).await }
+            },
+        )
+        .await?;
+        // etcd answers a put with its revision and the previous record: the new record is
+        // one version past it (or version 1), at the put's revision.
+        let version = response.prev_key().map_or(1, |prev| {
+            u64::try_from(prev.version()).unwrap_or(0).saturating_add(1)
+        });
+        Ok(KeyValue {
+            key: key.to_string(),
+            value,
+            version,
+            mod_revision: revision_of(response.header()),
+            lease,
+        })
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, MetaError> {
+        check_key(key)?;
+        let etcd_key = self.etcd_key(key);
+        let response = with_retry(
+            self.budget,
+            Retry::Write,
+            self.context("delete", None),
+            || {
+                let mut kv = self.kv.clone();
+                let key = etcd_key.clone();
+                async move { kv.delete(key, None).await }
+            },
+        )
+        .await?;
+        Ok(response.deleted() > 0)
+    }
+
+    async fn txn(
+        &self,
+        compares: Vec<Compare>,
+        success: Vec<TxnOp>,
+        failure: Vec<TxnOp>,
+    ) -> Result<TxnResponse, MetaError> {
+        let mut leases = BTreeSet::new();
+        check_branch(&success, &mut leases)?;
+        check_branch(&failure, &mut leases)?;
+        let mut etcd_compares = Vec::with_capacity(compares.len());
+        for compare in &compares {
+            etcd_compares.push(match compare {
+                Compare::Version { key, version } => {
+                    check_key(key)?;
+                    etcd_client::Compare::version(
+                        self.etcd_key(key),
+                        CompareOp::Equal,
+                        etcd_i64(*version, "version")?,
+                    )
+                }
+                Compare::ModRevision { key, mod_revision } => {
+                    check_key(key)?;
+                    etcd_client::Compare::mod_revision(
+                        self.etcd_key(key),
+                        CompareOp::Equal,
+                        etcd_i64(*mod_revision, "mod revision")?,
+                    )
+                }
+                Compare::ValueEquals { key, value } => {
+                    check_key(key)?;
+                    etcd_client::Compare::value(
+                        self.etcd_key(key),
+                        CompareOp::Equal,
+                        value.to_vec(),
+                    )
+                }
+            });
+        }
+        let success_ops = etcd_ops(self, &success);
+        let failure_ops = etcd_ops(self, &failure);
+        let result = with_retry(self.budget, Retry::Write, self.context("txn", None), || {
+            let mut kv = self.kv.clone();
+            let txn = etcd_client::Txn::new()
+                .when(etcd_compares.clone())
+                .and_then(success_ops.clone())
+                .or_else(failure_ops.clone());
+            async move { kv.txn(txn).await }
+        })
+        .await;
+        let response = match result {
+            Ok(response) => response,
+            Err(MetaError::Etcd(message))
+                if message.contains("lease not found") && !leases.is_empty() =>
+            {
+                let lease = self.missing_lease(&leases).await;
+                return Err(lease.map_or(MetaError::Etcd(message), MetaError::LeaseNotFound));
+            }
+            Err(err) => return Err(err),
+        };
+        let succeeded = response.succeeded();
+        let ops = if succeeded { &success } else { &failure };
+        let results = branch_results(self, ops, response.op_responses())?;
+        Ok(TxnResponse {
+            succeeded,
+            revision: revision_of(response.header()),
+            results,
+        })
+    }
+
+    async fn watch_prefix(
+        &self,
+        prefix: &str,
+        after_revision: u64,
+    ) -> Result<mpsc::Receiver<WatchEvent>, MetaError> {
+        watch::start(self.clone(), prefix, after_revision).await
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, MetaError> {
+        if ttl.is_zero() {
+            return Err(MetaError::InvalidArgument(
+                "a lease TTL must be positive".to_string(),
+            ));
+        }
+        // etcd's TTLs are whole seconds: round up, so a lease never ends before its TTL.
+        let seconds = i64::try_from(ttl.as_secs())
+            .unwrap_or(i64::MAX)
+            .saturating_add(i64::from(ttl.subsec_nanos() > 0))
+            .max(1);
+        let response = with_retry(
+            self.budget,
+            Retry::Idempotent,
+            self.context("lease grant", None),
+            || {
+                let mut lease = self.lease.clone();
+                async move { lease.grant(seconds, None).await }
+            },
+        )
+        .await?;
+        if !response.error().is_empty() {
+            return Err(MetaError::Etcd(format!(
+                "lease grant at etcd {}: {}",
+                self.endpoints,
+                response.error()
+            )));
+        }
+        Ok(response.id())
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), MetaError> {
+        with_retry(
+            self.budget,
+            Retry::Idempotent,
+            self.context("lease keep-alive", Some(lease)),
+            || {
+                let mut client = self.lease.clone();
+                // One round trip on a keep-alive stream: etcd-client waits for the renewal's
+                // answer and fails with "lease not found" for a lease etcd no longer knows.
+                async move { client.keep_alive(lease).await.map(drop) }
+            },
+        )
+        .await
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), MetaError> {
+        with_retry(
+            self.budget,
+            Retry::Write,
+            self.context("lease revoke", Some(lease)),
+            || {
+                let mut client = self.lease.clone();
+                async move { client.revoke(lease).await }
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn current_revision(&self) -> Result<u64, MetaError> {
+        let etcd_key = self.prefix.to_string();
+        let response = with_retry(
+            self.budget,
+            Retry::Idempotent,
+            self.context("current revision", None),
+            || {
+                let mut kv = self.kv.clone();
+                let key = etcd_key.clone();
+                async move { kv.get(key, Some(GetOptions::new().with_count_only())).await }
+            },
+        )
+        .await?;
+        Ok(revision_of(response.header()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_ends_with_one_slash_and_starts_with_one() {
+        assert_eq!(normalize_prefix("/yr/default").unwrap(), "/yr/default/");
+        assert_eq!(normalize_prefix("/yr/c1//").unwrap(), "/yr/c1/");
+        assert_eq!(normalize_prefix("").unwrap(), "/");
+        assert!(matches!(
+            normalize_prefix("yr"),
+            Err(MetaError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn a_branch_that_writes_a_key_twice_is_refused() {
+        let put = |key: &str| TxnOp::Put {
+            key: key.into(),
+            value: Bytes::new(),
+            lease: Some(3),
+        };
+        let mut leases = BTreeSet::new();
+        check_branch(&[put("a"), put("b")], &mut leases).unwrap();
+        assert_eq!(leases.into_iter().collect::<Vec<_>>(), [3]);
+        let err = check_branch(
+            &[put("a"), TxnOp::Delete { key: "a".into() }],
+            &mut BTreeSet::new(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, MetaError::InvalidArgument(_)));
+    }
+}
