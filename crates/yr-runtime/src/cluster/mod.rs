@@ -184,9 +184,12 @@ pub fn set_runtime_command(executable: std::path::PathBuf, args: Vec<String>) ->
     RUNTIME_COMMAND.set((executable, args)).is_ok()
 }
 
-/// The executable runtimes of this driver run and their extra arguments: the command an SDK
-/// set, else this process's own executable with `YR_RUNTIME_ARGS` (test harness filters).
-fn runtime_command() -> Result<(std::path::PathBuf, Vec<String>), Error> {
+/// The executable runtimes of this process's creates run and their extra arguments: the command
+/// an SDK set, else this process's own executable with `YR_RUNTIME_ARGS` (test harness
+/// filters). A runtime (`is_runtime`) passes on the arguments its node started it with, so that
+/// an instance it creates on a node where no driver registered the binary starts the same way
+/// (not with none, which would run a whole test binary).
+fn runtime_command(is_runtime: bool) -> Result<(std::path::PathBuf, Vec<String>), Error> {
     if let Some(command) = RUNTIME_COMMAND.get() {
         return Ok(command.clone());
     }
@@ -196,9 +199,16 @@ fn runtime_command() -> Result<(std::path::PathBuf, Vec<String>), Error> {
             format!("cannot find this executable: {e}"),
         )
     })?;
-    let args = std::env::var("YR_RUNTIME_ARGS")
-        .map(|a| a.split_whitespace().map(str::to_string).collect())
-        .unwrap_or_default();
+    let args = if is_runtime {
+        std::env::args_os()
+            .skip(1)
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect()
+    } else {
+        std::env::var("YR_RUNTIME_ARGS")
+            .map(|a| a.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default()
+    };
     Ok((binary, args))
 }
 
@@ -235,7 +245,7 @@ impl ClusterBackend {
             _ => None,
         };
         let (io, io_thread, shutdown_io) = io_runtime()?;
-        let (binary, runtime_args) = runtime_command()?;
+        let (binary, runtime_args) = runtime_command(runtime.is_some())?;
         let own_hash = own_binary_hash(&binary, runtime.is_some());
         let socket = yr_common::sockets::new_worker_socket()?;
         // Clean up after processes that died without removing their sockets; off the way.
