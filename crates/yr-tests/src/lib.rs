@@ -27,11 +27,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use yr_proto::v1 as pb;
 
+pub mod hosts;
+
 /// How long a test waits for something that should happen (generous: it only bounds a hang).
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a component may take to come up.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How often a component is started again when a port it was given was taken meanwhile.
 const START_ATTEMPTS: usize = 5;

@@ -1,0 +1,242 @@
+//! Hosts for multi-machine tests: each "machine" is a Linux network namespace with an address of
+//! its own on a private bridge (10.77.0.0/24), made and removed by `scripts/netns`. A
+//! [`Hosts`] guard creates them and removes them when dropped (also when the test panics),
+//! killing every process that still runs in them. [`HostCluster`] runs `yr start` in them the
+//! way an operator would on real machines: the master and a node on host 0, a node on every
+//! other host joining it with `--master-address` and the cluster token in `YR_TOKEN`, each
+//! listening on its host's address (`--host`).
+//!
+//! Each host has its own `TMPDIR` and `YR_SESSION_ROOT` (under `/tmp/yr-netns/h<i>`), so the
+//! sessions and sockets of one host are never paths that another host uses, and a driver run
+//! in host `i` finds host `i`'s node by itself. Processes still share the machine's file system
+//! and process table; `YR_NETNS_ISOLATE_FS=1` hides every other host's directory from a host's
+//! processes (see `scripts/netns`).
+//!
+//! Namespaces need root and `ip`. Without them [`Hosts::up`] says why ([`Unavailable`]), and a
+//! test reports itself skipped, loudly, with [`skip_or_fail`]; `YR_TESTS_REQUIRE_NETNS=1`
+//! (CI, as root) turns that skip into a failure.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::{output_within, wait_until, yr_binary, START_TIMEOUT};
+
+/// The master's port on host 0 (`yr start`'s default: each host has its own ports).
+pub const MASTER_PORT: u16 = 22770;
+
+/// Set to 1 where multi-machine tests must run (CI runs as root): a missing `ip netns` fails.
+pub const REQUIRE_VAR: &str = "YR_TESTS_REQUIRE_NETNS";
+
+/// Why the hosts cannot be made on this machine.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    /// Network namespaces need root.
+    #[error("network namespaces need root (this test runs as uid {0})")]
+    NotRoot(u32),
+    /// `ip netns` does not work here.
+    #[error("`ip netns list` does not work here ({0}); install iproute2")]
+    NoIpNetns(String),
+}
+
+/// The `scripts/netns` of this repository.
+pub fn netns_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/netns")
+}
+
+/// Say loudly that `test` was skipped because `why`, and return; or panic when
+/// [`REQUIRE_VAR`] says the hosts must be available.
+pub fn skip_or_fail(test: &str, why: &Unavailable) {
+    if std::env::var(REQUIRE_VAR).as_deref() == Ok("1") {
+        panic!("{test} cannot run: {why} ({REQUIRE_VAR}=1)");
+    }
+    eprintln!();
+    eprintln!("=================================================================");
+    eprintln!("SKIPPED {test}: {why}");
+    eprintln!("It needs root and `ip netns`; run it as root (CI does).");
+    eprintln!("=================================================================");
+    eprintln!();
+}
+
+/// `count` network namespaces made by `scripts/netns up`, removed (with every process left in
+/// them) when dropped.
+pub struct Hosts {
+    count: usize,
+}
+
+impl Hosts {
+    /// Whether this machine can make hosts.
+    pub fn available() -> Result<(), Unavailable> {
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        if uid != 0 {
+            return Err(Unavailable::NotRoot(uid));
+        }
+        match Command::new("ip").args(["netns", "list"]).output() {
+            Ok(output) if output.status.success() => Ok(()),
+            Ok(output) => Err(Unavailable::NoIpNetns(
+                String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            )),
+            Err(error) => Err(Unavailable::NoIpNetns(error.to_string())),
+        }
+    }
+
+    /// Make `count` hosts, after removing any that a killed run left behind.
+    pub fn up(count: usize) -> Result<Hosts, Unavailable> {
+        Self::available()?;
+        let _ = run_script(&["down"]);
+        let output = run_script(&["up", &count.to_string()]);
+        assert!(
+            output.status.success(),
+            "scripts/netns up {count} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(Hosts { count })
+    }
+
+    /// How many hosts there are.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Host `index`'s address.
+    pub fn address(&self, index: usize) -> String {
+        format!("10.77.0.{}", 10 + index)
+    }
+
+    /// Host `index`'s own directory (its `TMPDIR` and session root are inside).
+    pub fn dir(&self, index: usize) -> PathBuf {
+        let base = std::env::var_os("YR_NETNS_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/tmp/yr-netns"));
+        base.join(format!("h{index}"))
+    }
+
+    /// A command that runs `program` in host `index`, with the host's `TMPDIR` and
+    /// `YR_SESSION_ROOT`, stdin closed.
+    pub fn command(&self, index: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        assert!(index < self.count, "there is no host {index}");
+        let mut command = Command::new(netns_script());
+        command
+            .arg("exec")
+            .arg(index.to_string())
+            .arg(program)
+            .stdin(Stdio::null());
+        command
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        if std::env::var_os("YR_TESTS_KEEP").is_some() {
+            eprintln!("yr-tests: kept the hosts (scripts/netns down removes them)");
+            return;
+        }
+        let output = run_script(&["down"]);
+        if !output.status.success() {
+            eprintln!(
+                "yr-tests: scripts/netns down failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+}
+
+fn run_script(args: &[&str]) -> Output {
+    let mut command = Command::new(netns_script());
+    command.args(args).stdin(Stdio::null());
+    output_within(command, Duration::from_secs(60))
+}
+
+/// A cluster started with `yr start` across [`Hosts`]: the master and a node on host 0, a node
+/// on each other host. Each node has the label `host=h<i>`. Stopped with the hosts.
+pub struct HostCluster {
+    token: String,
+    master_address: String,
+}
+
+impl HostCluster {
+    /// Start it and wait until the master lists every host's node as alive. `extra(i)` gives
+    /// host `i`'s node more `yr start` flags.
+    pub fn start(hosts: &Hosts, extra: impl Fn(usize) -> Vec<String>) -> HostCluster {
+        let yr = yr_binary();
+        let master_address = format!("{}:{MASTER_PORT}", hosts.address(0));
+        let mut token = String::new();
+        for index in 0..hosts.count() {
+            let mut command = hosts.command(index, &yr);
+            command.arg("start");
+            if index == 0 {
+                command.args(["--master", "--port", &MASTER_PORT.to_string()]);
+            } else {
+                command
+                    .args(["--master-address", &master_address])
+                    .env(yr_common::auth::TOKEN_ENV, &token);
+            }
+            command
+                .args(["--host", &hosts.address(index)])
+                .args(["--labels", &format!("host=h{index}")])
+                .args(extra(index));
+            let output = output_within(command, START_TIMEOUT);
+            assert!(
+                output.status.success(),
+                "yr start on host {index} failed: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            if index == 0 {
+                // The operator copies the token from the master's session; the other hosts
+                // get it in YR_TOKEN, never through a shared file.
+                let file = hosts.dir(0).join("sessions/latest/token");
+                token = std::fs::read_to_string(&file)
+                    .unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()))
+                    .trim()
+                    .to_string();
+            }
+        }
+        let cluster = HostCluster {
+            token,
+            master_address,
+        };
+        let mut last = None;
+        let all_alive = wait_until(START_TIMEOUT, || {
+            let status = cluster.status(hosts, hosts.count() - 1);
+            let alive = status.as_ref().is_ok_and(|status| {
+                status["nodes"].as_array().is_some_and(|nodes| {
+                    nodes.iter().filter(|n| n["state"] == "alive").count() == hosts.count()
+                })
+            });
+            last = Some(status);
+            alive
+        });
+        assert!(
+            all_alive,
+            "the master did not list {} alive nodes within {START_TIMEOUT:?}: {last:?}",
+            hosts.count()
+        );
+        cluster
+    }
+
+    /// The cluster token, as the other hosts were given it.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The master's address (`host:port` on host 0).
+    pub fn master_address(&self) -> &str {
+        &self.master_address
+    }
+
+    /// `yr status --json` run on host `index` against the master, with the token in
+    /// `YR_TOKEN`.
+    pub fn status(&self, hosts: &Hosts, index: usize) -> Result<serde_json::Value, String> {
+        let mut command = hosts.command(index, yr_binary());
+        command
+            .args(["status", "--json", "--master-address", &self.master_address])
+            .env(yr_common::auth::TOKEN_ENV, &self.token);
+        let output = output_within(command, Duration::from_secs(30));
+        if !output.status.success() {
+            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+        }
+        serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())
+    }
+}
