@@ -9,8 +9,8 @@
 //! Each host has its own `TMPDIR` and `YR_SESSION_ROOT` (under `/tmp/yr-netns/h<i>`), so the
 //! sessions and sockets of one host are never paths that another host uses, and a driver run
 //! in host `i` finds host `i`'s node by itself. Processes still share the machine's file system
-//! and process table; `YR_NETNS_ISOLATE_FS=1` hides every other host's directory from a host's
-//! processes (see `scripts/netns`).
+//! and process table; with [`Isolation::PrivateFileSystems`] every other host's directory is
+//! hidden from a host's processes (`YR_NETNS_ISOLATE_FS=1`, see `scripts/netns`).
 //!
 //! Namespaces need root and `ip`. Without them [`Hosts::up`] says why ([`Unavailable`]), and a
 //! test reports itself skipped, loudly, with [`skip_or_fail`]; `YR_TESTS_REQUIRE_NETNS=1`
@@ -45,23 +45,37 @@ pub fn netns_script() -> PathBuf {
 }
 
 /// Say loudly that `test` was skipped because `why`, and return; or panic when
-/// [`REQUIRE_VAR`] says the hosts must be available.
+/// [`REQUIRE_VAR`] says the hosts must be available. The notice goes straight to the process's
+/// standard error, past libtest's capture, so it shows even when the test "passes".
 pub fn skip_or_fail(test: &str, why: &Unavailable) {
+    use std::io::Write;
     if std::env::var(REQUIRE_VAR).as_deref() == Ok("1") {
         panic!("{test} cannot run: {why} ({REQUIRE_VAR}=1)");
     }
-    eprintln!();
-    eprintln!("=================================================================");
-    eprintln!("SKIPPED {test}: {why}");
-    eprintln!("It needs root and `ip netns`; run it as root (CI does).");
-    eprintln!("=================================================================");
-    eprintln!();
+    let rule = "=".repeat(72);
+    let _ = write!(
+        std::io::stderr().lock(),
+        "\n{rule}\nSKIPPED {test}: {why}.\nIt needs root and `ip netns`: run it as root (CI \
+         does), or set {REQUIRE_VAR}=1 to make this a failure.\n{rule}\n\n"
+    );
+}
+
+/// What the hosts' processes share of the machine's file system.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isolation {
+    /// Each host has its own directories, but a process could still reach a path of another
+    /// host's (a Unix socket it was told about).
+    SharedFileSystem,
+    /// Every other host's directory is hidden from a host's processes
+    /// (`YR_NETNS_ISOLATE_FS=1`), as on real machines.
+    PrivateFileSystems,
 }
 
 /// `count` network namespaces made by `scripts/netns up`, removed (with every process left in
 /// them) when dropped.
 pub struct Hosts {
     count: usize,
+    isolation: Isolation,
 }
 
 impl Hosts {
@@ -82,7 +96,7 @@ impl Hosts {
     }
 
     /// Make `count` hosts, after removing any that a killed run left behind.
-    pub fn up(count: usize) -> Result<Hosts, Unavailable> {
+    pub fn up(count: usize, isolation: Isolation) -> Result<Hosts, Unavailable> {
         Self::available()?;
         let _ = run_script(&["down"]);
         let output = run_script(&["up", &count.to_string()]);
@@ -91,7 +105,7 @@ impl Hosts {
             "scripts/netns up {count} failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        Ok(Hosts { count })
+        Ok(Hosts { count, isolation })
     }
 
     /// How many hosts there are.
@@ -113,7 +127,8 @@ impl Hosts {
     }
 
     /// A command that runs `program` in host `index`, with the host's `TMPDIR` and
-    /// `YR_SESSION_ROOT`, stdin closed.
+    /// `YR_SESSION_ROOT` (and only its own directory in sight with
+    /// [`Isolation::PrivateFileSystems`]), stdin closed.
     pub fn command(&self, index: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
         assert!(index < self.count, "there is no host {index}");
         let mut command = Command::new(netns_script());
@@ -121,6 +136,13 @@ impl Hosts {
             .arg("exec")
             .arg(index.to_string())
             .arg(program)
+            .env(
+                "YR_NETNS_ISOLATE_FS",
+                match self.isolation {
+                    Isolation::SharedFileSystem => "0",
+                    Isolation::PrivateFileSystems => "1",
+                },
+            )
             .stdin(Stdio::null());
         command
     }
