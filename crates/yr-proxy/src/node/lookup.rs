@@ -1,7 +1,9 @@
 //! Finding instances by name or id for drivers and runtimes: here first, then in the meta
 //! store for instances other nodes run. A lookup by name waits (up to its timeout) for the
 //! name to appear: woken at once when it is created here, and checking other nodes' records
-//! with backoff.
+//! with backoff. A lookup by id (a handle passed to another process) also waits, up to
+//! [`STARTING_WAIT`] whatever its timeout, while another node's record says the instance is
+//! still starting: the handle's receiver may run before the instance does.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +23,21 @@ use crate::record_writer::{instance_key, named_key};
 const REMOTE_LOOK_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(20), Duration::from_secs(1));
 
+/// How long a lookup by id waits for an instance that another node is still starting (an id
+/// comes from a create, so the instance runs or fails soon); below the 60 s a client gives a
+/// request.
+const STARTING_WAIT: Duration = Duration::from_secs(30);
+
+/// What the meta store says of an instance that this node does not hold.
+enum Elsewhere {
+    /// Running on another node.
+    Running(pb::GetNamedResponse),
+    /// Not running yet: new, scheduling or creating.
+    Starting,
+    /// No record, or one in another state.
+    Absent,
+}
+
 impl Node {
     /// Find an instance by name (waiting up to the timeout) or id; subscribe the asker.
     pub async fn lookup(
@@ -28,7 +45,8 @@ impl Node {
         client_id: u64,
         request: pb::GetNamedRequest,
     ) -> Result<pb::GetNamedResponse, Error> {
-        let deadline = Instant::now() + Duration::from_millis(request.timeout_ms.min(86_400_000));
+        let started = Instant::now();
+        let mut deadline = started + Duration::from_millis(request.timeout_ms.min(86_400_000));
         let mut backoff = REMOTE_LOOK_BACKOFF.0;
         let mut waiting = None;
         loop {
@@ -39,8 +57,12 @@ impl Node {
             if let Some(found) = self.lookup_here(client_id, &request) {
                 return Ok(found);
             }
-            if let Some(found) = self.lookup_elsewhere(&request).await {
-                return Ok(found);
+            match self.lookup_elsewhere(&request).await {
+                Elsewhere::Running(found) => return Ok(found),
+                Elsewhere::Starting if !request.instance_id.is_empty() => {
+                    deadline = deadline.max(started + STARTING_WAIT);
+                }
+                Elsewhere::Starting | Elsewhere::Absent => {}
             }
             if Instant::now() >= deadline {
                 let what = if request.instance_id.is_empty() {
@@ -91,11 +113,29 @@ impl Node {
             .flatten()
     }
 
-    /// A running instance that another node owns, from the meta store.
-    async fn lookup_elsewhere(
-        &self,
-        request: &pb::GetNamedRequest,
-    ) -> Option<pb::GetNamedResponse> {
+    /// An instance that another node owns, as the meta store records it.
+    async fn lookup_elsewhere(&self, request: &pb::GetNamedRequest) -> Elsewhere {
+        self.record_elsewhere(request)
+            .await
+            .map_or(Elsewhere::Absent, |record| {
+                let state = S::try_from(record.state).unwrap_or(S::Fatal);
+                match state {
+                    S::Running if record.node_id != self.settings.node_id => {
+                        Elsewhere::Running(pb::GetNamedResponse {
+                            instance_id: record.instance_id,
+                            class_name: record.class_name,
+                            runtime_address: record.runtime_address,
+                            state: record.state,
+                        })
+                    }
+                    S::New | S::Scheduling | S::Creating => Elsewhere::Starting,
+                    _ => Elsewhere::Absent,
+                }
+            })
+    }
+
+    /// The meta store's record of the instance that `request` names.
+    async fn record_elsewhere(&self, request: &pb::GetNamedRequest) -> Option<pb::InstanceRecord> {
         let id = if request.instance_id.is_empty() {
             let kv = self
                 .meta
@@ -107,15 +147,7 @@ impl Node {
             request.instance_id.clone()
         };
         let kv = self.meta.get(&instance_key(&id)).await.ok()??;
-        let record = pb::InstanceRecord::decode(kv.value).ok()?;
-        (record.state == S::Running as i32 && record.node_id != self.settings.node_id).then_some(
-            pb::GetNamedResponse {
-                instance_id: record.instance_id,
-                class_name: record.class_name,
-                runtime_address: record.runtime_address,
-                state: record.state,
-            },
-        )
+        pb::InstanceRecord::decode(kv.value).ok()
     }
 
     /// Every named instance on this node.
