@@ -61,6 +61,9 @@ impl Node {
             pb::ClientKind::Runtime => {
                 self.runtimes
                     .registered(&register.runtime_id, client_id, &register.listen_address);
+                // A runtime runs a binary this node started, perhaps for another node's driver:
+                // the instances its user code creates here name functions of that binary.
+                self.code.add_functions(&register.functions);
             }
             // A remote driver uses a binary a local driver registered; it changes nothing.
             pb::ClientKind::Driver if pid == 0 => self.code.add_functions(&register.functions),
