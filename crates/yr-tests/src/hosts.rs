@@ -35,7 +35,7 @@ pub enum Unavailable {
     #[error("network namespaces need root (this test runs as uid {0})")]
     NotRoot(u32),
     /// `ip netns` does not work here.
-    #[error("`ip netns list` does not work here ({0}); install iproute2")]
+    #[error("`ip netns add` does not work here ({0}); it needs iproute2 and CAP_SYS_ADMIN")]
     NoIpNetns(String),
 }
 
@@ -86,7 +86,11 @@ impl Hosts {
         if uid != 0 {
             return Err(Unavailable::NotRoot(uid));
         }
-        match Command::new("ip").args(["netns", "list"]).output() {
+        // Root in a container may still lack the right to make namespaces: make one to see.
+        let probe = format!("yr-probe-{}", std::process::id());
+        let made = Command::new("ip").args(["netns", "add", &probe]).output();
+        let _ = Command::new("ip").args(["netns", "del", &probe]).output();
+        match made {
             Ok(output) if output.status.success() => Ok(()),
             Ok(output) => Err(Unavailable::NoIpNetns(
                 String::from_utf8_lossy(&output.stderr).trim().to_string(),

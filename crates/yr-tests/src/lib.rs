@@ -2,7 +2,8 @@
 //! harness, which starts a real master and real nodes as processes through the `yr` CLI (on free
 //! ports and temporary directories) and kills everything it started when dropped, and the
 //! helpers the tests in `tests/` share: one yr session at a time per test binary, marker files
-//! that user code writes to, and process scans that prove nothing leaked. It owns no yr
+//! that user code writes to, and process scans that prove nothing leaked; and [`hosts`], which
+//! makes "machines" out of network namespaces for tests across hosts. It owns no yr
 //! behaviour: every test drives the real binaries the way users do.
 //!
 //! A node runs instances in runtime processes that re-execute the driver's binary. In a test

@@ -3,7 +3,8 @@
 //! joined with the token in `YR_TOKEN`, as on real machines. A driver on every host makes real
 //! calls across them: stateless tasks placed on another host, a stateful instance created from
 //! one host on a second and called from the third by name, objects above 100 KiB passed both
-//! ways, an instance created by user code on a host where no driver ever ran, and KV.
+//! ways, an instance that user code creates on a host this driver's binary never ran on
+//! (started with the driver's runtime arguments), and KV.
 //!
 //! Needs root and `ip netns`; elsewhere the test says loudly that it was skipped
 //! (`YR_TESTS_REQUIRE_NETNS=1` makes that a failure).
@@ -48,6 +49,12 @@ impl Keeper {
         this_host()
     }
 
+    /// Whether its runtime was started to run one test (`--exact`), as the driver's runtimes
+    /// are, not the whole test binary.
+    pub fn runs_one_test(&self) -> bool {
+        std::env::args().any(|arg| arg == "--exact")
+    }
+
     /// Echoes a large value back with its checksum.
     pub fn echo(&self, value: ByteBuf) -> (ByteBuf, u64) {
         let sum = weighted_sum(&value);
@@ -79,9 +86,10 @@ fn make_large(seed: usize) -> (String, ByteBuf) {
     (this_host(), pattern(seed, LARGE))
 }
 
-/// From user code on one host: create an instance on `target` and call it.
+/// From user code on one host: create an instance on `target` and call it. Returns
+/// `here->there:total:runs_one_test`.
 #[yr::invoke]
-fn create_on(target: String) -> (String, String, i64) {
+fn create_on(target: String) -> String {
     let instance = yr::instance(Keeper::new)
         .options(on(&target))
         .invoke(())
@@ -90,7 +98,12 @@ fn create_on(target: String) -> (String, String, i64) {
         .expect("the nested instance's host");
     let total = yr::get(&instance.method(Keeper::add).invoke((7,)).unwrap(), TIMEOUT)
         .expect("a call of the nested instance");
-    (this_host(), there, total)
+    let alone = yr::get(
+        &instance.method(Keeper::runs_one_test).invoke(()).unwrap(),
+        TIMEOUT,
+    )
+    .expect("the nested instance's arguments");
+    format!("{}->{there}:{total}:{alone}", this_host())
 }
 
 /// Placement on host `host` (`h0`, `h1`, …) by the node label `yr start --labels` gave it.
@@ -185,6 +198,18 @@ fn tasks_objects_and_kv(me: &str) {
 /// The driver on host 0: creates the shared instance on host 1, then waits for stdin to close
 /// (the others call it meanwhile) and reports its total.
 fn owner() {
+    // First of all, so that host 2's node learns of this binary from a runtime's create: user
+    // code on host 1 creates an instance on host 2, started with the driver's arguments.
+    report(
+        "nested",
+        get(
+            &yr::function(create_on)
+                .options(on("h1"))
+                .invoke(("h2".to_string(),))
+                .unwrap(),
+            "a nested create",
+        ),
+    );
     let keeper = yr::instance(Keeper::new)
         .options(InvokeOptions {
             name: Some(KEEPER.into()),
@@ -241,18 +266,6 @@ fn caller(me: &str, add: i64) {
         get(&keeper.method(Keeper::add).invoke((add,)).unwrap(), "add"),
     );
     tasks_objects_and_kv(me);
-    if me == "h2" {
-        // User code on host 0 creates an instance on host 2, where this binary's first
-        // runtime was started for another node's create.
-        let (ran, there, total) = get(
-            &yr::function(create_on)
-                .options(on("h0"))
-                .invoke(("h2".to_string(),))
-                .unwrap(),
-            "a nested create",
-        );
-        report("nested", format!("{ran}->{there}:{total}"));
-    }
 }
 
 fn run_driver(part: &str) {
@@ -391,6 +404,7 @@ fn every_host_calls_every_other(test: &str, isolation: Isolation) {
         &owner_reports,
         "owner",
         &[
+            ("nested", "h1->h2:7:true"),
             ("keeper-host", "h1"),
             ("keeper-add", "5"),
             ("keeper-echo", "true"),
@@ -420,7 +434,6 @@ fn every_host_calls_every_other(test: &str, isolation: Isolation) {
             ("large-ref", "h0:true"),
             ("large-result", "h0:true"),
             ("kv", "from h2"),
-            ("nested", "h0->h2:7"),
         ],
     );
     let mut second = spawn_driver(&hosts, test, 1, "caller-h1");
