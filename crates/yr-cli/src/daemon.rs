@@ -422,10 +422,13 @@ pub fn run_node(args: &NodeArgs) -> anyhow::Result<()> {
         master_address: args.master_address.clone(),
         listen: args.listen,
         fetch_binaries: args.fetch_binaries,
-        advertise_host: args
-            .advertise_host
-            .clone()
-            .unwrap_or_else(crate::cluster::local_ip),
+        // Only a node that listens on 0.0.0.0 advertises a host; one that listens on an
+        // address advertises that address.
+        advertise_host: match &args.advertise_host {
+            Some(host) => host.clone(),
+            None if args.listen.ip().is_unspecified() => crate::cluster::local_ip()?,
+            None => args.listen.ip().to_string(),
+        },
         bus_socket: args.bus_socket.clone(),
         metrics_listen: args.metrics_listen,
         metrics_public: args.security.metrics_public,

@@ -4,7 +4,8 @@
 //! calls across them: stateless tasks placed on another host, a stateful instance created from
 //! one host on a second and called from the third by name, objects above 100 KiB passed both
 //! ways, an instance that user code creates on a host this driver's binary never ran on
-//! (started with the driver's runtime arguments), and KV.
+//! (started with the driver's runtime arguments), and KV. And `yr start --host 0.0.0.0`
+//! advertises the host's own address.
 //!
 //! Needs root and `ip netns`; elsewhere the test says loudly that it was skipped
 //! (`YR_TESTS_REQUIRE_NETNS=1` makes that a failure).
@@ -461,4 +462,69 @@ fn every_host_calls_every_other(test: &str, isolation: Isolation) {
     owner_reports.extend(read_reports(&mut owner_out, None));
     finish(owner, "owner", TIMEOUT);
     expect(&owner_reports, "owner", &[("keeper-final", "16")]);
+}
+
+/// On machines with no route to a private address (these namespaces have none), `yr start
+/// --host 0.0.0.0` advertises the address of the host's interface, not 127.0.0.1, which every
+/// other host would take for itself.
+#[test]
+fn yr_start_on_every_interface_advertises_the_hosts_address() {
+    let _lock = exclusive();
+    let test = "yr_start_on_every_interface_advertises_the_hosts_address";
+    let hosts = match Hosts::up(2, Isolation::SharedFileSystem) {
+        Ok(hosts) => hosts,
+        Err(why) => return skip_or_fail(test, &why),
+    };
+    let yr = yr_tests::yr_binary();
+    let start = |index: usize, token: &str| {
+        let mut command = hosts.command(index, &yr);
+        command.args(["start", "--host", "0.0.0.0"]);
+        if index == 0 {
+            command.arg("--master");
+        } else {
+            command
+                .args(["--master-address", &format!("{}:22770", hosts.address(0))])
+                .env("YR_TOKEN", token);
+        }
+        let output = yr_tests::output_within(command, TIMEOUT);
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "yr start on host {index}: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    };
+    let started = start(0, "");
+    assert!(
+        started.contains(&format!("master:  {}:22770", hosts.address(0))),
+        "{started}"
+    );
+    let token = std::fs::read_to_string(hosts.dir(0).join("sessions/latest/token")).unwrap();
+    start(1, token.trim());
+    let master = format!("{}:22770", hosts.address(0));
+    let addresses = || -> Vec<String> {
+        let mut command = hosts.command(1, &yr);
+        command
+            .args(["status", "--json", "--master-address", &master])
+            .env("YR_TOKEN", token.trim());
+        let output = yr_tests::output_within(command, TIMEOUT);
+        let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        let mut addresses: Vec<String> = status["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|node| node["address"].as_str().unwrap_or_default().to_string())
+            .collect();
+        addresses.sort();
+        addresses
+    };
+    yr_tests::wait_until(TIMEOUT, || addresses().len() == 2);
+    assert_eq!(
+        addresses(),
+        vec![
+            format!("{}:22773", hosts.address(0)),
+            format!("{}:22773", hosts.address(1)),
+        ]
+    );
 }
