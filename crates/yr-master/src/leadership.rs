@@ -15,6 +15,7 @@
 //! assert_eq!(status.code(), tonic::Code::Unavailable);
 //! assert!(status.message().contains("the leader is at 127.0.0.1:1"));
 //! assert_eq!(status.metadata().get(LEADER_METADATA).unwrap(), "127.0.0.1:1");
+//! assert_eq!(yr_transport::leader_redirect(&status), Some(Some("127.0.0.1:1".into())));
 //! ```
 
 use std::sync::Arc;
@@ -25,8 +26,9 @@ use tokio::sync::watch;
 use crate::cluster::Cluster;
 use crate::election::Election;
 
-/// The gRPC response header in which a standby names the leader (`host:port`).
-pub const LEADER_METADATA: &str = "yr-leader";
+/// The gRPC response header in which a standby names the leader (`host:port`; empty while no
+/// master leads). Clients read it with [`yr_transport::leader_redirect`].
+pub use yr_transport::LEADER_METADATA;
 
 /// A call reached a master that does not lead.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -55,11 +57,11 @@ impl NotLeader {
     pub fn to_status(&self) -> tonic::Status {
         let message = yr_common::Error::from(self.clone()).to_string();
         let mut status = tonic::Status::unavailable(message);
-        if let Some(leader) = &self.leader {
-            if let Ok(value) = leader.parse() {
-                status.metadata_mut().insert(LEADER_METADATA, value);
-            }
-        }
+        let leader = self.leader.as_deref().unwrap_or_default();
+        let value = leader
+            .parse()
+            .unwrap_or_else(|_| tonic::metadata::MetadataValue::from_static(""));
+        status.metadata_mut().insert(LEADER_METADATA, value);
         status
     }
 }
