@@ -32,6 +32,10 @@ use crate::resources::Amount;
 /// How often the node beats when nothing changes.
 const BEAT: Duration = Duration::from_millis(500);
 
+/// How often the link pings the master's connection, and how long it waits for the answer.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How soon the link asks again when a standby said that no master leads yet.
 pub const ELECTION_RETRY: Duration = Duration::from_millis(200);
 
@@ -123,7 +127,14 @@ impl MasterLink {
         &self,
         address: &str,
     ) -> Result<MasterClient<tonic::transport::Channel>, Error> {
-        let channel = yr_transport::connect(address, ErrorCode::InnerCommunication).await?;
+        // HTTP/2 pings find a master that hangs (paused, or cut off) with its connection open:
+        // the heartbeat stream breaks within about three seconds and the link moves on.
+        let channel = yr_transport::connect_with(address, ErrorCode::InnerCommunication, |e| {
+            e.http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+                .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
+        })
+        .await?;
         Ok(MasterClient::new(channel))
     }
 
