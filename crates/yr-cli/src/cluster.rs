@@ -30,8 +30,9 @@ pub struct StartArgs {
     /// Start the master and a node on this machine.
     #[arg(long, conflicts_with = "master_address")]
     pub master: bool,
-    /// Start a node that joins the cluster whose master is at HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Start a node that joins the cluster whose master is at HOST:PORT (for a cluster on etcd
+    /// with standby masters, all of them, comma-separated: the node follows the leader).
+    #[arg(long, value_name = "HOST:PORT,...")]
     pub master_address: Option<String>,
     /// The master's port (default 22770; shifts up when taken). A second cluster on this
     /// machine needs both --port and --session-dir.
@@ -96,8 +97,9 @@ pub struct StatusArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
-    /// The master to ask (default: the latest session's).
-    #[arg(long, value_name = "HOST:PORT")]
+    /// The master to ask (default: the latest session's); several, comma-separated, for a
+    /// cluster with standby masters: a standby's answer is followed to the leader.
+    #[arg(long, value_name = "HOST:PORT,...")]
     pub master_address: Option<String>,
 }
 
@@ -349,6 +351,10 @@ pub fn start(args: &StartArgs) -> anyhow::Result<ExitCode> {
             ];
             master_args.extend(args.security.to_args());
             master_args.extend(args.meta.to_args());
+            if !args.meta.etcd.is_empty() {
+                // The leader's address in the election, as other machines reach it.
+                master_args.extend(["--advertise".into(), format!("{ip}:{port}")]);
+            }
             info.meta_store = args.meta.backend().describe(&session.join("master"));
             let mut child = spawn("master", &master_args, &session, args.block, &token)?;
             let local = if host.is_unspecified() {
@@ -610,32 +616,13 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let status = runtime.block_on(async {
-        let channel =
-            yr_transport::connect(&address, yr_common::ErrorCode::InnerCommunication).await?;
-        pb::master_client::MasterClient::new(channel)
-            .cluster_status(pb::ClusterStatusRequest {})
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| {
-                if yr_transport::refused(&address) {
-                    anyhow::anyhow!("{}", yr_transport::token_refused(&address))
-                } else {
-                    let code =
-                        yr_transport::status_to_code(&s, yr_common::ErrorCode::InnerCommunication);
-                    anyhow::anyhow!(
-                        "{}",
-                        yr_common::Error::new(
-                            code,
-                            format!(
-                                "the master at {address} failed the status call: {}",
-                                s.message()
-                            )
-                        )
-                    )
-                }
-            })
-    })?;
+    let addresses: Vec<String> = address
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_string)
+        .collect();
+    let status = runtime.block_on(leader_status(&addresses))?;
     // Written through a handle whose errors end the command: a reader that went away
     // (`yr status | head`) ends it quietly (see main).
     let stdout = std::io::stdout();
@@ -650,6 +637,13 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     }
     if !status.meta_store.is_empty() {
         writeln!(out, "Meta store: {}", status.meta_store)?;
+    }
+    if !status.leader.is_empty() {
+        writeln!(out, "Masters")?;
+        writeln!(out, "  {:<22} leader", status.leader)?;
+        for master in status.masters.iter().filter(|m| **m != status.leader) {
+            writeln!(out, "  {master:<22} standby")?;
+        }
     }
     writeln!(out, "Nodes")?;
     writeln!(
@@ -707,6 +701,63 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The status from the leading master: asks `addresses` in turn, following a standby's answer
+/// to the leader it names (and waiting a moment while an election is under way).
+async fn leader_status(addresses: &[String]) -> anyhow::Result<pb::ClusterStatusResponse> {
+    const ELECTION_WAIT: Duration = Duration::from_secs(10);
+    let deadline = Instant::now() + ELECTION_WAIT;
+    let mut queue: std::collections::VecDeque<String> = addresses.iter().cloned().collect();
+    let mut last_error = anyhow::anyhow!("no master address to ask");
+    let mut followed = 0;
+    while let Some(address) = queue.pop_front() {
+        let answer = async {
+            let channel =
+                yr_transport::connect(&address, yr_common::ErrorCode::InnerCommunication).await?;
+            Ok::<_, yr_common::Error>(
+                pb::master_client::MasterClient::new(channel)
+                    .cluster_status(pb::ClusterStatusRequest {})
+                    .await,
+            )
+        }
+        .await;
+        let status = match answer {
+            Ok(Ok(response)) => return Ok(response.into_inner()),
+            Ok(Err(status)) => status,
+            Err(error) => {
+                last_error = anyhow::anyhow!("{error}");
+                continue;
+            }
+        };
+        if yr_transport::refused(&address) {
+            bail!("{}", yr_transport::token_refused(&address));
+        }
+        let code = yr_transport::status_to_code(&status, yr_common::ErrorCode::InnerCommunication);
+        last_error = anyhow::anyhow!(
+            "{}",
+            yr_common::Error::new(
+                code,
+                format!(
+                    "the master at {address} failed the status call: {}",
+                    status.message()
+                )
+            )
+        );
+        match yr_transport::leader_redirect(&status) {
+            Some(Some(leader)) if followed < 4 => {
+                followed += 1;
+                queue.push_front(leader);
+            }
+            Some(_) if Instant::now() < deadline => {
+                // No master leads yet: ask this one again shortly.
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                queue.push_back(address);
+            }
+            _ => {}
+        }
+    }
+    Err(last_error)
+}
+
 fn status_json(status: &pb::ClusterStatusResponse) -> serde_json::Value {
     let resources = |r: &Option<pb::Resources>| {
         let r = r.clone().unwrap_or_default();
@@ -726,5 +777,7 @@ fn status_json(status: &pb::ClusterStatusResponse) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "functions": status.functions,
         "meta_store": status.meta_store,
+        "leader": status.leader,
+        "standbys": status.masters.iter().filter(|m| **m != status.leader).collect::<Vec<_>>(),
     })
 }

@@ -25,6 +25,14 @@ pub struct MasterArgs {
     /// Seconds without heartbeats after which a node is lost.
     #[arg(long, default_value_t = 5.0)]
     pub node_timeout: f64,
+    /// The address nodes and other masters reach this master at (the leader's address in the
+    /// election on etcd); default: the listen address.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+    /// Seconds of the leader lease on etcd: a dead leader is replaced about this long after it
+    /// died (etcd raises it to its minimum, 2 s with its default election timeout).
+    #[arg(long, default_value_t = 2.0)]
+    pub leader_lease: f64,
     #[command(flatten)]
     pub meta: MetaStoreArgs,
     #[command(flatten)]
@@ -74,9 +82,15 @@ impl MetaStoreArgs {
 /// Flags of `yr node`.
 #[derive(Debug, ClapArgs)]
 pub struct NodeArgs {
-    /// The master's address (host:port).
-    #[arg(long)]
-    pub master_address: String,
+    /// The master's address (host:port); for a cluster on etcd with standby masters, all of
+    /// them, comma-separated: the node follows the leader among them.
+    #[arg(
+        long,
+        value_name = "HOST:PORT,...",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub master_address: Vec<String>,
     /// TCP address of this node's bus.
     #[arg(long, default_value = "127.0.0.1:22773")]
     pub listen: SocketAddr,
@@ -381,6 +395,8 @@ pub fn run_master(args: &MasterArgs) -> anyhow::Result<()> {
     options.node_timeout = Duration::from_secs_f64(args.node_timeout.max(0.1));
     options.metrics_public = args.security.metrics_public;
     options.meta = args.meta.backend();
+    options.advertise = args.advertise.clone();
+    options.leader_lease = Duration::from_secs_f64(args.leader_lease.max(1.0));
     runtime()?.block_on(yr_master::run(options, terminated()))?;
     Ok(())
 }
@@ -419,7 +435,7 @@ pub fn run_node(args: &NodeArgs) -> anyhow::Result<()> {
     .context("cannot start the node's data worker")?;
     let options = yr_proxy::NodeOptions {
         node_id,
-        master_address: args.master_address.clone(),
+        master_addresses: args.master_address.clone(),
         listen: args.listen,
         fetch_binaries: args.fetch_binaries,
         // Only a node that listens on 0.0.0.0 advertises a host; one that listens on an

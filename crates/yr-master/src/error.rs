@@ -16,11 +16,13 @@
 //! | a request larger than every node | 1006 |
 //! | the instance manager cannot mark a lost node's instances FATAL | 3013 |
 //! | an instance record that cannot be decoded | 1016 |
+//! | a master call that reached a standby ([`NotLeader`]: "not the leader; the leader is at X") | 3002 (a link to follow, retried) |
 
 use yr_common::{Error, ErrorCode, ModuleCode};
 
 use crate::cluster::RegisterError;
 use crate::instance_manager::InstanceManagerError;
+use crate::leadership::NotLeader;
 use crate::placement::PlacementError;
 use crate::MasterError;
 
@@ -70,6 +72,20 @@ impl InstanceManagerError {
             InstanceManagerError::MarkFatal { .. } => ErrorCode::InstanceManagerOperationError,
             InstanceManagerError::BadRecord { .. } => ErrorCode::InstanceInfoInvalid,
         }
+    }
+}
+
+impl NotLeader {
+    /// The code callers see: 3002, communication between components, which they retry (at the
+    /// leader the message names).
+    pub fn code(&self) -> ErrorCode {
+        ErrorCode::InnerCommunication
+    }
+}
+
+impl From<NotLeader> for Error {
+    fn from(err: NotLeader) -> Error {
+        Error::with_module(err.code(), ModuleCode::Core, err.to_string())
     }
 }
 
@@ -126,6 +142,21 @@ mod tests {
             source: MetaError::Unavailable("down".into()),
         };
         assert_eq!(Error::from(meta).code(), ErrorCode::EtcdOperationError);
+    }
+
+    #[test]
+    fn a_standby_answers_3002_naming_the_leader() {
+        let err = Error::from(NotLeader {
+            leader: Some("10.0.0.1:22770".into()),
+        });
+        assert_eq!(err.code(), ErrorCode::InnerCommunication);
+        assert!(
+            err.message()
+                .contains("not the leader; the leader is at 10.0.0.1:22770"),
+            "{err}"
+        );
+        let none = Error::from(NotLeader { leader: None });
+        assert!(none.message().contains("election"), "{none}");
     }
 
     #[test]

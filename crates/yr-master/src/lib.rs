@@ -20,6 +20,14 @@
 //! `node_timeout`, else *lost*) and the instance view. Either way nodes reach the store through
 //! the master's meta service.
 //!
+//! On etcd, two or more masters on the same etcd and prefix elect a leader through a lease
+//! ([`election`]); only the leader serves the `Master` service (registry, placement, instance
+//! manager, liveness), and its writes are fenced by its term ([`fenced`]). A standby answers
+//! with [`leadership::NotLeader`] (3002, naming the leader) and campaigns; when it wins, it
+//! rebuilds its view from etcd and from the nodes, which register again with it. Every master
+//! serves the meta store's service: etcd orders its writes, and the nodes' own record writes are
+//! fenced by their incarnations.
+//!
 //! ```no_run
 //! # async fn example() -> Result<(), yr_master::MasterError> {
 //! let options = yr_master::MasterOptions::new("127.0.0.1:0".parse().unwrap(), "/tmp/yr-master".into());
@@ -30,8 +38,11 @@
 //! ```
 
 pub mod cluster;
+pub mod election;
 mod error;
+pub mod fenced;
 pub mod instance_manager;
+pub mod leadership;
 pub mod metrics;
 pub mod placement;
 pub mod registry;
@@ -48,11 +59,14 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
+use yr_common::backoff::Backoff;
 use yr_meta::{MetaError, MetaStore};
 use yr_proto::v1::master_server::MasterServer;
 
 pub use cluster::Cluster;
+pub use election::Election;
+pub use leadership::Leadership;
 pub use service::MasterService;
 
 /// How long in-flight RPCs may take to finish once shutdown starts; then connections are cut.
@@ -73,6 +87,11 @@ pub struct MasterOptions {
     pub metrics_public: bool,
     /// Which store keeps the state.
     pub meta: MetaBackend,
+    /// The address other masters and nodes reach this master at (the leader key's value on
+    /// etcd); `None`: the bound listen address.
+    pub advertise: Option<String>,
+    /// The TTL of the leader lease on etcd ([`election::DEFAULT_LEASE_TTL`]).
+    pub leader_lease: Duration,
 }
 
 /// Which meta store the master keeps its state in and serves to nodes.
@@ -121,6 +140,8 @@ impl MasterOptions {
             metrics_listen: None,
             metrics_public: false,
             meta: MetaBackend::Embedded,
+            advertise: None,
+            leader_lease: election::DEFAULT_LEASE_TTL,
         }
     }
 }
@@ -284,32 +305,124 @@ impl Drop for MasterHandle {
     }
 }
 
-/// A master whose store is open and whose state is recovered, ready to serve.
+/// A master whose store is open, ready to serve: with the embedded store its state is
+/// recovered; on etcd it campaigns once it serves.
 struct Prepared {
     store: Arc<dyn MetaStore>,
     meta_store: String,
-    cluster: Arc<Cluster>,
-    revision: u64,
+    /// The embedded store's state, recovered; `None` on etcd, where each term recovers it.
+    recovered: Option<(Arc<Cluster>, u64)>,
+    node_timeout: Duration,
     metrics_public: bool,
+    advertise: Option<String>,
+    leader_lease: Duration,
 }
 
 async fn prepare(options: &MasterOptions) -> Result<Prepared, MasterError> {
     let store = open_store(options).await?;
-    let (cluster, revision) = Cluster::open(store.clone(), options.node_timeout).await?;
-    tracing::info!(
-        cluster_id = cluster.cluster_id(),
-        data_dir = %options.data_dir.display(),
-        meta_store = %options.meta.describe(&options.data_dir),
-        node_timeout = ?options.node_timeout,
-        "master state recovered"
-    );
+    let recovered = match options.meta {
+        MetaBackend::Embedded => {
+            let (cluster, revision) = Cluster::open(store.clone(), options.node_timeout).await?;
+            tracing::info!(
+                cluster_id = cluster.cluster_id(),
+                data_dir = %options.data_dir.display(),
+                node_timeout = ?options.node_timeout,
+                "master state recovered"
+            );
+            Some((cluster, revision))
+        }
+        MetaBackend::Etcd(_) => None,
+    };
     Ok(Prepared {
         store,
         meta_store: options.meta.describe(&options.data_dir),
-        cluster,
-        revision,
+        recovered,
+        node_timeout: options.node_timeout,
         metrics_public: options.metrics_public,
+        advertise: options.advertise.clone(),
+        leader_lease: options.leader_lease,
     })
+}
+
+/// Starts the tasks of a term: following instance records, liveness, and finishing what a
+/// previous leader left half-done (failing the instances of nodes it declared lost).
+fn spawn_term_tasks(
+    tasks: &mut JoinSet<()>,
+    cluster: &Arc<Cluster>,
+    revision: u64,
+    term_ended: &watch::Receiver<bool>,
+) {
+    tasks.spawn(
+        cluster
+            .instances()
+            .clone()
+            .follow(revision, term_ended.clone()),
+    );
+    tasks.spawn(cluster.clone().watch_liveness(term_ended.clone()));
+    let cluster = cluster.clone();
+    tasks.spawn(async move { cluster.fail_instances_of_lost_nodes().await });
+}
+
+/// Campaigns, leads while the term lasts, and campaigns again, until `stop` turns true. Each
+/// term rebuilds the cluster state from the store through a [`fenced::FencedStore`], so a
+/// deposed term writes nothing.
+async fn lead_terms(
+    election: Arc<Election>,
+    store: Arc<dyn MetaStore>,
+    leadership: Arc<Leadership>,
+    node_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::reconnect();
+    loop {
+        let Some(term) = election.campaign(&mut stop).await else {
+            return;
+        };
+        let won_at = std::time::Instant::now();
+        let fenced = Arc::new(fenced::FencedStore::new(store.clone(), term));
+        let (cluster, revision) = match Cluster::open(fenced.clone(), node_timeout).await {
+            Ok(opened) => opened,
+            Err(err) => {
+                tracing::warn!(error = %err, "won the election but cannot recover the cluster state; resigning");
+                election.resign(term).await;
+                tokio::select! {
+                    _ = stopped(&mut stop) => return,
+                    _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                }
+            }
+        };
+        backoff.reset();
+        let (term_tx, term_ended) = watch::channel(false);
+        let mut term_tasks = JoinSet::new();
+        spawn_term_tasks(&mut term_tasks, &cluster, revision, &term_ended);
+        leadership.begin(cluster.clone(), term_ended);
+        tracing::info!(
+            term = term.mod_revision,
+            cluster_id = cluster.cluster_id(),
+            recovered_in = ?won_at.elapsed(),
+            "leading: cluster state rebuilt from the store; nodes register again"
+        );
+        let end = election.hold(term, &fenced.fenced(), &mut stop).await;
+        leadership.end();
+        let _ = term_tx.send(true);
+        term_tasks.shutdown().await;
+        drop(cluster);
+        match end {
+            election::TermEnd::Stopped => {
+                election.resign(term).await;
+                return;
+            }
+            election::TermEnd::Lost(reason) => {
+                election.deposed();
+                tracing::warn!(
+                    term = term.mod_revision,
+                    reason,
+                    fenced_writes = fenced.refused(),
+                    "leadership lost; standing by"
+                );
+            }
+        }
+    }
 }
 
 impl Prepared {
@@ -322,41 +435,64 @@ impl Prepared {
         let Prepared {
             store,
             meta_store,
-            cluster,
-            revision,
+            recovered,
+            node_timeout,
             metrics_public,
+            advertise,
+            leader_lease,
         } = self;
+        let address = match advertise {
+            Some(address) => address,
+            None => listener
+                .local_addr()
+                .map(|address| address.to_string())
+                .unwrap_or_default(),
+        };
         let (stop_tx, stop_rx) = watch::channel(false);
-        let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(
-            cluster
-                .instances()
-                .clone()
-                .follow(revision, stop_rx.clone()),
-        );
-        tasks.spawn(cluster.clone().watch_liveness(stop_rx.clone()));
-        {
-            // Finish what a previous master may have left half-done.
-            let cluster = cluster.clone();
-            tasks.spawn(async move { cluster.fail_instances_of_lost_nodes().await });
-        }
+        let mut tasks = JoinSet::new();
+        let leadership = match recovered {
+            Some((cluster, revision)) => {
+                let leadership = Arc::new(Leadership::new(address.clone(), None));
+                spawn_term_tasks(&mut tasks, &cluster, revision, &stop_rx);
+                leadership.begin(cluster, stop_rx.clone());
+                leadership
+            }
+            None => {
+                let election =
+                    Arc::new(Election::new(store.clone(), address.clone(), leader_lease));
+                let leadership = Arc::new(Leadership::new(address.clone(), Some(election.clone())));
+                {
+                    let election = election.clone();
+                    let stop = stop_rx.clone();
+                    tasks.spawn(async move { election.keep_membership(stop).await });
+                }
+                tasks.spawn(lead_terms(
+                    election,
+                    store.clone(),
+                    leadership.clone(),
+                    node_timeout,
+                    stop_rx.clone(),
+                ));
+                leadership
+            }
+        };
         if let Some(metrics) = metrics {
             if let Ok(address) = metrics.local_addr() {
                 tracing::info!(%address, "master serving /healthz and /metrics");
             }
             tasks.spawn(metrics::serve(
                 metrics,
-                cluster.clone(),
+                leadership.clone(),
                 stop_rx.clone(),
                 metrics_public,
             ));
         }
-        if let Ok(address) = listener.local_addr() {
-            tracing::info!(%address, cluster_id = cluster.cluster_id(), "master serving gRPC");
+        if let Ok(bound) = listener.local_addr() {
+            tracing::info!(address = %bound, advertised = %address, meta_store, "master serving gRPC");
         }
 
         let master = MasterServer::new(
-            MasterService::new(cluster.clone(), stop_rx.clone()).with_meta_store(meta_store),
+            MasterService::new(leadership.clone(), stop_rx.clone()).with_meta_store(meta_store),
         );
         let meta = yr_meta::MetaService::new(store.clone());
         let meta_closer = meta.clone();
@@ -387,7 +523,8 @@ impl Prepared {
         meta_closer.close_watches();
         while tasks.join_next().await.is_some() {}
         drop(meta_closer);
-        drop(cluster);
+        leadership.end();
+        drop(leadership);
         // The store holds its directory's lock until the last handle is gone; give the tasks
         // that still hold one (streams ending, metrics responses) a moment to finish, so that a
         // master restarted on the same directory can open it.

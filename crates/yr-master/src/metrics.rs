@@ -4,7 +4,8 @@
 //!
 //! Metrics: nodes by state, schedule requests and failures by code, registrations, nodes lost,
 //! instances by state, instances failed because their node was lost, and the alive nodes' total
-//! capacity and allocatable.
+//! capacity and allocatable; and whether this master leads (`yr_master_leader`, 1 or 0). A
+//! standby reports only that.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,11 +17,25 @@ use yr_transport::metrics::Metrics;
 
 use crate::cluster::Cluster;
 use crate::instance_manager::ALL_STATES;
+use crate::leadership::Leadership;
 use crate::registry::NodeState;
 
-/// The Prometheus text exposition of the master's metrics.
-pub fn render(cluster: &Cluster) -> String {
+/// The Prometheus text exposition of the master's metrics: the cluster's while it leads, and
+/// whether it leads.
+pub fn render(cluster: Option<&Cluster>) -> String {
     let mut metrics = Metrics::default();
+    metrics.gauge(
+        "yr_master_leader",
+        "Whether this master leads (1) or stands by (0).",
+        i64::from(cluster.is_some()),
+    );
+    if let Some(cluster) = cluster {
+        cluster_metrics(&mut metrics, cluster);
+    }
+    metrics.encode()
+}
+
+fn cluster_metrics(metrics: &mut Metrics, cluster: &Cluster) {
     let counters = cluster.counters();
     let node_counts = cluster.node_counts();
     let node_states: Vec<String> = NodeState::ALL.iter().map(ToString::to_string).collect();
@@ -111,18 +126,18 @@ pub fn render(cluster: &Cluster) -> String {
     ] {
         metrics.gauge(name, help, value);
     }
-    metrics.encode()
 }
 
 /// Serves `/healthz` and `/metrics` on `listener` until `stop` turns true. `/metrics` needs the
 /// cluster token unless `public`.
 pub async fn serve(
     listener: TcpListener,
-    cluster: Arc<Cluster>,
+    leadership: Arc<Leadership>,
     mut stop: watch::Receiver<bool>,
     public: bool,
 ) {
-    let render: yr_transport::http::Render = Arc::new(move || render(&cluster));
+    let render: yr_transport::http::Render =
+        Arc::new(move || render(leadership.leader().ok().as_deref()));
     yr_transport::http::serve_metrics(listener, public, render, async move {
         crate::stopped(&mut stop).await
     })

@@ -10,7 +10,12 @@
 //!   (unknown, recovering after a restart, or declared lost; the registration that follows
 //!   tells a lost incarnation apart).
 //! - `Schedule`: global placement; a failure is an `ErrorInfo` in the response, not a gRPC error.
-//! - `ClusterStatus`: nodes, instances and registered functions.
+//! - `ClusterStatus`: nodes, instances and registered functions, the leader and the masters.
+//!
+//! Every call needs this master to lead ([`Leadership`]); a standby answers with
+//! [`NotLeader`](crate::leadership::NotLeader) (3002, "not the leader; the leader is at X").
+//! A heartbeat stream belongs to the term it was opened in and ends with it, so the node
+//! reconnects (and finds the new leader).
 
 use std::sync::Arc;
 
@@ -23,7 +28,8 @@ use yr_proto::v1::{
     RegisterNodeResponse, ScheduleRequest, ScheduleResponse,
 };
 
-use crate::cluster::{Cluster, RegisterError};
+use crate::cluster::RegisterError;
+use crate::leadership::Leadership;
 use crate::registry::HeartbeatOutcome;
 
 /// How many commands may wait for a node that does not read its heartbeat stream.
@@ -31,16 +37,17 @@ const COMMAND_BUFFER: usize = 8;
 
 /// The tonic implementation of `yr.v1.Master`.
 pub struct MasterService {
-    cluster: Arc<Cluster>,
+    leadership: Arc<Leadership>,
     stop: watch::Receiver<bool>,
     meta_store: String,
 }
 
 impl MasterService {
-    /// A service over `cluster`; heartbeat streams end when `stop` turns true.
-    pub fn new(cluster: Arc<Cluster>, stop: watch::Receiver<bool>) -> MasterService {
+    /// A service over the cluster of the term `leadership` holds; heartbeat streams end when
+    /// `stop` turns true or their term ends.
+    pub fn new(leadership: Arc<Leadership>, stop: watch::Receiver<bool>) -> MasterService {
         MasterService {
-            cluster,
+            leadership,
             stop,
             meta_store: String::new(),
         }
@@ -69,8 +76,8 @@ impl Master for MasterService {
         &self,
         request: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeResponse>, Status> {
-        let response: RegisterNodeResponse = self
-            .cluster
+        let cluster = self.leadership.leader().map_err(|e| e.to_status())?;
+        let response: RegisterNodeResponse = cluster
             .register(request.into_inner().node)
             .await
             .map_err(register_status)?;
@@ -83,15 +90,18 @@ impl Master for MasterService {
         &self,
         request: Request<Streaming<NodeUpdate>>,
     ) -> Result<Response<Self::NodeHeartbeatStream>, Status> {
+        let led = self.leadership.led().map_err(|e| e.to_status())?;
+        let cluster = led.cluster;
+        let mut term_ended = led.term_ended;
         let mut updates = request.into_inner();
         let (commands, receiver) = mpsc::channel(COMMAND_BUFFER);
-        let cluster = self.cluster.clone();
         let mut stop = self.stop.clone();
         tokio::spawn(async move {
             let mut node_id = String::new();
             loop {
                 let update = tokio::select! {
                     _ = crate::stopped(&mut stop) => break,
+                    _ = crate::stopped(&mut term_ended) => break,
                     update = updates.message() => update,
                 };
                 match update {
@@ -122,15 +132,19 @@ impl Master for MasterService {
         &self,
         request: Request<ScheduleRequest>,
     ) -> Result<Response<ScheduleResponse>, Status> {
-        Ok(Response::new(self.cluster.schedule(request.get_ref())))
+        let cluster = self.leadership.leader().map_err(|e| e.to_status())?;
+        Ok(Response::new(cluster.schedule(request.get_ref())))
     }
 
     async fn cluster_status(
         &self,
         _request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        let mut status = self.cluster.status().await;
+        let cluster = self.leadership.leader().map_err(|e| e.to_status())?;
+        let mut status = cluster.status().await;
         status.meta_store = self.meta_store.clone();
+        status.leader = self.leadership.address().to_string();
+        status.masters = self.leadership.masters().await;
         Ok(Response::new(status))
     }
 }

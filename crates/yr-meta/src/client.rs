@@ -5,12 +5,18 @@
 //! fails with [`MetaError::Unavailable`], and the outcome of such a write is unknown: read the
 //! key again before retrying. The channel reconnects by itself on the next call.
 //!
+//! A store may be given several servers ([`RemoteStore::connect_any`]: every master of a
+//! cluster on etcd serves the same store). Calls go to one of them; when it cannot be reached,
+//! the next call goes to the next. A read that fails that way is sent again to the next server
+//! at once, and so is a write whose connection was refused (it was never sent).
+//!
 //! Watches survive the server going away: when the stream breaks, a task reconnects with
 //! backoff (50 ms doubling to 2 s) and resumes after the last revision it received, so the
 //! receiver sees every event once and in order. If the server no longer remembers that revision
 //! the channel closes, and a new `watch_prefix` from it fails with [`MetaError::Compacted`].
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,12 +37,28 @@ const WATCH_BUFFER: usize = 1024;
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
-/// A [`MetaStore`] reached over gRPC. Cheap to clone; clones share the connection.
+/// A [`MetaStore`] reached over gRPC. Cheap to clone; clones share the connections.
 #[derive(Clone)]
 pub struct RemoteStore {
+    servers: Arc<[Server]>,
+    /// The server calls go to.
+    current: Arc<AtomicUsize>,
+    timeout: Duration,
+}
+
+/// One server of the store.
+struct Server {
     client: MetaServiceClient<Channel>,
     address: Arc<str>,
-    timeout: Duration,
+}
+
+/// Whether a call may be sent again to another server after a failure.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    /// A read: whenever the server could not be reached or did not answer.
+    Read,
+    /// A write: only when it certainly never reached the server.
+    Write,
 }
 
 impl RemoteStore {
@@ -61,7 +83,65 @@ impl RemoteStore {
                 ))
             })?
             .map_err(connect_error)?;
-        Ok(RemoteStore::from_channel(channel, address))
+        Ok(RemoteStore::from_channels(vec![(
+            channel,
+            address.to_string(),
+        )]))
+    }
+
+    /// Connects to the first of `addresses` that answers (each `"http://host:port"`), keeping
+    /// the others for when it goes away. Fails as [`connect`](Self::connect) does when none can
+    /// be reached.
+    ///
+    /// ```no_run
+    /// # async fn example() -> Result<(), yr_meta::MetaError> {
+    /// let store = yr_meta::RemoteStore::connect_any(&[
+    ///     "http://10.0.0.1:22770".to_string(),
+    ///     "http://10.0.0.2:22770".to_string(),
+    /// ]).await?;
+    /// println!("talking to {}", store.address());
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_any(addresses: &[String]) -> Result<RemoteStore, MetaError> {
+        let mut channels = Vec::with_capacity(addresses.len());
+        let mut first = None;
+        let mut last_error = MetaError::InvalidArgument("no meta store address given".into());
+        for address in addresses {
+            if first.is_none() {
+                match Self::connect(address).await {
+                    Ok(store) => {
+                        first = Some(channels.len());
+                        let server = &store.servers[0];
+                        channels.push((server.client.clone(), address.clone()));
+                        continue;
+                    }
+                    Err(err @ MetaError::InvalidArgument(_)) => return Err(err),
+                    Err(err) => last_error = err,
+                }
+            }
+            let channel = yr_transport::connect_lazy_with(
+                address,
+                yr_common::ErrorCode::EtcdOperationError,
+                keep_alive,
+            )
+            .map_err(connect_error)?;
+            channels.push((Self::client_of(channel), address.clone()));
+        }
+        let Some(first) = first else {
+            return Err(last_error);
+        };
+        let servers: Vec<Server> = channels
+            .into_iter()
+            .map(|(client, address)| Server {
+                client,
+                address: address.into(),
+            })
+            .collect();
+        Ok(RemoteStore {
+            servers: servers.into(),
+            current: Arc::new(AtomicUsize::new(first)),
+            timeout: Self::DEFAULT_TIMEOUT,
+        })
     }
 
     /// A store whose connection is made on the first call, so it can be built before the
@@ -73,15 +153,29 @@ impl RemoteStore {
             keep_alive,
         )
         .map_err(connect_error)?;
-        Ok(RemoteStore::from_channel(channel, address))
+        Ok(RemoteStore::from_channels(vec![(
+            channel,
+            address.to_string(),
+        )]))
     }
 
-    fn from_channel(channel: Channel, address: &str) -> RemoteStore {
+    fn client_of(channel: Channel) -> MetaServiceClient<Channel> {
+        MetaServiceClient::new(channel)
+            .max_decoding_message_size(yr_transport::max_message_bytes())
+            .max_encoding_message_size(yr_transport::max_message_bytes())
+    }
+
+    fn from_channels(channels: Vec<(Channel, String)>) -> RemoteStore {
+        let servers: Vec<Server> = channels
+            .into_iter()
+            .map(|(channel, address)| Server {
+                client: Self::client_of(channel),
+                address: address.into(),
+            })
+            .collect();
         RemoteStore {
-            client: MetaServiceClient::new(channel)
-                .max_decoding_message_size(yr_transport::max_message_bytes())
-                .max_encoding_message_size(yr_transport::max_message_bytes()),
-            address: address.into(),
+            servers: servers.into(),
+            current: Arc::new(AtomicUsize::new(0)),
             timeout: Self::DEFAULT_TIMEOUT,
         }
     }
@@ -92,26 +186,66 @@ impl RemoteStore {
         self
     }
 
-    /// The address this store talks to.
+    /// The address this store talks to now.
     pub fn address(&self) -> &str {
-        &self.address
+        &self.servers[self.current.load(Ordering::Relaxed) % self.servers.len()].address
     }
 
-    async fn call<T>(
-        &self,
-        what: &str,
-        call: impl Future<Output = Result<Response<T>, Status>>,
-    ) -> Result<T, MetaError> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) if yr_transport::refused(&self.address) => Err(
-                MetaError::Unauthenticated(format!("{what} at {}: {}", self.address, status.message())),
-            ),
-            Ok(Err(status)) => Err(wire::error_from_status(status, &self.address, what)),
-            Err(_) => Err(MetaError::Unavailable(format!(
-                "{what} at meta store {} got no answer within {:?}; check that the master is running and reachable",
-                self.address, self.timeout
-            ))),
+    /// Sends a call to the current server; when that server cannot be reached, the next call
+    /// goes to the next one, and this one is sent there at once if `resend` allows.
+    async fn call<T, F, Fut>(&self, what: &str, resend: Resend, call: F) -> Result<T, MetaError>
+    where
+        F: Fn(MetaServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let mut attempts = self.servers.len();
+        loop {
+            let index = self.current.load(Ordering::Relaxed) % self.servers.len();
+            let server = &self.servers[index];
+            let address = &server.address;
+            let (error, again) = match tokio::time::timeout(self.timeout, call(server.client.clone())).await {
+                Ok(Ok(response)) => return Ok(response.into_inner()),
+                Ok(Err(status)) if yr_transport::refused(address) => {
+                    return Err(MetaError::Unauthenticated(format!(
+                        "{what} at {address}: {}",
+                        status.message()
+                    )))
+                }
+                Ok(Err(status)) => {
+                    let unreachable = matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                    );
+                    let again = unreachable
+                        && (resend == Resend::Read || yr_transport::never_sent(&status));
+                    let error = wire::error_from_status(status, address, what);
+                    if !unreachable {
+                        return Err(error);
+                    }
+                    (error, again)
+                }
+                Err(_) => (
+                    MetaError::Unavailable(format!(
+                        "{what} at meta store {address} got no answer within {:?}; check that the master is running and reachable",
+                        self.timeout
+                    )),
+                    resend == Resend::Read,
+                ),
+            };
+            if self.servers.len() > 1 {
+                let next = (index + 1) % self.servers.len();
+                if self
+                    .current
+                    .compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    tracing::info!(from = %address, to = %self.servers[next].address, %error, "meta store server unreachable; switching");
+                }
+            }
+            attempts -= 1;
+            if !again || attempts == 0 {
+                return Err(error);
+            }
         }
     }
 
@@ -120,14 +254,14 @@ impl RemoteStore {
         prefix: &str,
         after_revision: u64,
     ) -> Result<Streaming<proto::WatchResponse>, MetaError> {
-        let mut client = self.client.clone();
-        self.call(
-            "watch",
-            client.watch(proto::WatchRequest {
-                prefix: prefix.to_string(),
-                after_revision,
-            }),
-        )
+        let request = proto::WatchRequest {
+            prefix: prefix.to_string(),
+            after_revision,
+        };
+        self.call("watch", Resend::Read, |mut client| {
+            let request = request.clone();
+            async move { client.watch(request).await }
+        })
         .await
     }
 }
@@ -200,7 +334,7 @@ async fn resume_watch(
             }
             match store.open_watch(&prefix, last_revision).await {
                 Ok(resumed) => {
-                    tracing::info!(%prefix, last_revision, address = %store.address, "meta store watch resumed");
+                    tracing::info!(%prefix, last_revision, address = %store.address(), "meta store watch resumed");
                     stream = resumed;
                     break;
                 }
@@ -220,27 +354,27 @@ async fn resume_watch(
 #[async_trait]
 impl MetaStore for RemoteStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, MetaError> {
-        let mut client = self.client.clone();
+        let request = proto::GetRequest {
+            key: key.to_string(),
+        };
         let response = self
-            .call(
-                "get",
-                client.get(proto::GetRequest {
-                    key: key.to_string(),
-                }),
-            )
+            .call("get", Resend::Read, |mut client| {
+                let request = request.clone();
+                async move { client.get(request).await }
+            })
             .await?;
         Ok(response.kv.map(wire::kv_from_proto))
     }
 
     async fn range(&self, prefix: &str) -> Result<Vec<KeyValue>, MetaError> {
-        let mut client = self.client.clone();
+        let request = proto::RangeRequest {
+            prefix: prefix.to_string(),
+        };
         let response = self
-            .call(
-                "range",
-                client.range(proto::RangeRequest {
-                    prefix: prefix.to_string(),
-                }),
-            )
+            .call("range", Resend::Read, |mut client| {
+                let request = request.clone();
+                async move { client.range(request).await }
+            })
             .await?;
         Ok(response.kvs.into_iter().map(wire::kv_from_proto).collect())
     }
@@ -251,34 +385,34 @@ impl MetaStore for RemoteStore {
         value: Bytes,
         lease: Option<LeaseId>,
     ) -> Result<KeyValue, MetaError> {
-        let mut client = self.client.clone();
+        let request = proto::PutRequest {
+            key: key.to_string(),
+            value,
+            lease,
+        };
         let response = self
-            .call(
-                "put",
-                client.put(proto::PutRequest {
-                    key: key.to_string(),
-                    value,
-                    lease,
-                }),
-            )
+            .call("put", Resend::Write, |mut client| {
+                let request = request.clone();
+                async move { client.put(request).await }
+            })
             .await?;
         response.kv.map(wire::kv_from_proto).ok_or_else(|| {
             MetaError::Unavailable(format!(
                 "meta store {} answered a put of {key:?} without the written record",
-                self.address
+                self.address()
             ))
         })
     }
 
     async fn delete(&self, key: &str) -> Result<bool, MetaError> {
-        let mut client = self.client.clone();
+        let request = proto::DeleteRequest {
+            key: key.to_string(),
+        };
         let response = self
-            .call(
-                "delete",
-                client.delete(proto::DeleteRequest {
-                    key: key.to_string(),
-                }),
-            )
+            .call("delete", Resend::Write, |mut client| {
+                let request = request.clone();
+                async move { client.delete(request).await }
+            })
             .await?;
         Ok(response.deleted)
     }
@@ -289,13 +423,17 @@ impl MetaStore for RemoteStore {
         success: Vec<TxnOp>,
         failure: Vec<TxnOp>,
     ) -> Result<TxnResponse, MetaError> {
-        let mut client = self.client.clone();
         let request = proto::TxnRequest {
             compares: compares.into_iter().map(wire::compare_to_proto).collect(),
             success: success.into_iter().map(wire::op_to_proto).collect(),
             failure: failure.into_iter().map(wire::op_to_proto).collect(),
         };
-        let response = self.call("txn", client.txn(request)).await?;
+        let response = self
+            .call("txn", Resend::Write, |mut client| {
+                let request = request.clone();
+                async move { client.txn(request).await }
+            })
+            .await?;
         Ok(wire::txn_response_from_proto(response))
     }
 
@@ -329,43 +467,43 @@ impl MetaStore for RemoteStore {
                 "a lease TTL must be at least 1 ms".to_string(),
             ));
         }
-        let mut client = self.client.clone();
         let response = self
-            .call(
-                "lease grant",
-                client.lease_grant(proto::LeaseGrantRequest { ttl_ms }),
-            )
+            .call("lease grant", Resend::Write, |mut client| async move {
+                client
+                    .lease_grant(proto::LeaseGrantRequest { ttl_ms })
+                    .await
+            })
             .await?;
         Ok(response.lease)
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), MetaError> {
-        let mut client = self.client.clone();
-        self.call(
-            "lease keep-alive",
-            client.lease_keep_alive(proto::LeaseKeepAliveRequest { lease }),
-        )
+        self.call("lease keep-alive", Resend::Read, |mut client| async move {
+            client
+                .lease_keep_alive(proto::LeaseKeepAliveRequest { lease })
+                .await
+        })
         .await?;
         Ok(())
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), MetaError> {
-        let mut client = self.client.clone();
-        self.call(
-            "lease revoke",
-            client.lease_revoke(proto::LeaseRevokeRequest { lease }),
-        )
+        self.call("lease revoke", Resend::Read, |mut client| async move {
+            client
+                .lease_revoke(proto::LeaseRevokeRequest { lease })
+                .await
+        })
         .await?;
         Ok(())
     }
 
     async fn current_revision(&self) -> Result<u64, MetaError> {
-        let mut client = self.client.clone();
         let response = self
-            .call(
-                "current revision",
-                client.current_revision(proto::CurrentRevisionRequest {}),
-            )
+            .call("current revision", Resend::Read, |mut client| async move {
+                client
+                    .current_revision(proto::CurrentRevisionRequest {})
+                    .await
+            })
             .await?;
         Ok(response.revision)
     }

@@ -44,8 +44,9 @@ pub use state_machine::{allowed as transition_allowed, check as check_transition
 pub struct NodeOptions {
     /// The node's id.
     pub node_id: String,
-    /// The master's gRPC address (`host:port`).
-    pub master_address: String,
+    /// The masters' gRPC addresses (`host:port`): one, or every master of a cluster on etcd
+    /// (the node follows the leader among them).
+    pub master_addresses: Vec<String>,
     /// TCP address for the bus (remote drivers) and the Node service (other nodes).
     pub listen: SocketAddr,
     /// The host other nodes use to reach this one when `listen` is a wildcard address.
@@ -107,10 +108,15 @@ pub async fn run(
     options: NodeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
-    let meta = yr_meta::RemoteStore::connect(&format!("http://{}", options.master_address))
+    let meta_addresses: Vec<String> = options
+        .master_addresses
+        .iter()
+        .map(|address| format!("http://{address}"))
+        .collect();
+    let meta = yr_meta::RemoteStore::connect_any(&meta_addresses)
         .await
         .map_err(|e| NodeError::Meta {
-            address: options.master_address.clone(),
+            address: options.master_addresses.join(","),
             message: e.to_string(),
         })?;
     let _ = std::fs::remove_file(&options.bus_socket);
@@ -187,7 +193,7 @@ pub async fn run(
     let meta: Arc<dyn yr_meta::MetaStore> = Arc::new(meta);
     let fencing = Fencing::new(options.node_id.clone(), meta.clone());
     let master = Arc::new(master_link::MasterLink::new(
-        options.master_address.clone(),
+        options.master_addresses.clone(),
         node_info,
         fencing.clone(),
     ));

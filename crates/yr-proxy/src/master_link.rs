@@ -5,6 +5,13 @@
 //! incarnation lost (the node was silent past its node timeout, then came back: its heartbeat
 //! is answered with `reregister`) refuses the registration; the node then fails its local
 //! instances, becomes a new incarnation and registers again at once.
+//!
+//! The node may know several masters (a cluster on etcd with standbys). It talks to one at a
+//! time. A master that cannot be reached sends the link to the next address, with backoff. A
+//! standby answers "not the leader; the leader is at X" ([`yr_transport::leader_redirect`]):
+//! the link goes to X at once, or, while no master leads (an election), asks again every
+//! [`ELECTION_RETRY`] without growing its backoff. At the new leader it registers as the same
+//! incarnation, which the leader accepts unless it declared that incarnation lost.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +32,13 @@ use crate::resources::Amount;
 /// How often the node beats when nothing changes.
 const BEAT: Duration = Duration::from_millis(500);
 
+/// How often the link pings the master's connection, and how long it waits for the answer.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How soon the link asks again when a standby said that no master leads yet.
+pub const ELECTION_RETRY: Duration = Duration::from_millis(200);
+
 /// Where the link's reconnects stand.
 struct LinkState {
     backoff: Backoff,
@@ -36,22 +50,71 @@ struct LinkState {
 /// lost (once is enough: the new incarnation was never declared lost).
 const LOST_REGISTRATIONS: usize = 3;
 
+/// What the link learned from a failed call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Followed {
+    /// A standby named the leader: the link now points there.
+    Leader,
+    /// A standby said that no master leads yet.
+    Election,
+    /// The master could not be reached or failed: the link now points at the next address.
+    Next,
+}
+
 /// The link to the master.
 pub struct MasterLink {
-    address: String,
+    addresses: Vec<String>,
+    /// The master calls go to: one of `addresses`, or a leader a standby named.
+    current: Mutex<String>,
     node: pb::NodeInfo,
     fencing: Arc<Fencing>,
     updates: Mutex<Option<mpsc::UnboundedSender<pb::NodeUpdate>>>,
 }
 
 impl MasterLink {
-    /// A link for `node` to the master at `address`, registering as `fencing`'s incarnation.
-    pub fn new(address: String, node: pb::NodeInfo, fencing: Arc<Fencing>) -> MasterLink {
+    /// A link for `node` to the masters at `addresses` (one, or a cluster's masters on etcd),
+    /// registering as `fencing`'s incarnation.
+    pub fn new(addresses: Vec<String>, node: pb::NodeInfo, fencing: Arc<Fencing>) -> MasterLink {
+        let first = addresses.first().cloned().unwrap_or_default();
         MasterLink {
-            address,
+            addresses,
+            current: Mutex::new(first),
             node,
             fencing,
             updates: Mutex::new(None),
+        }
+    }
+
+    /// The master the link talks to now.
+    pub fn current(&self) -> String {
+        self.current.lock().clone()
+    }
+
+    /// Points the link where a failed call says: the leader a standby named, or the next
+    /// address.
+    fn follow(&self, failed_at: &str, status: Option<&tonic::Status>) -> Followed {
+        let mut current = self.current.lock();
+        if *current != failed_at {
+            // Another call moved the link already.
+            return Followed::Leader;
+        }
+        match status.and_then(yr_transport::leader_redirect) {
+            Some(Some(leader)) if leader != failed_at => {
+                tracing::info!(from = failed_at, to = %leader, "following the master's answer to the leader");
+                *current = leader;
+                Followed::Leader
+            }
+            Some(_) => Followed::Election,
+            None => {
+                let position = self.addresses.iter().position(|a| a == failed_at);
+                let next = match position {
+                    Some(index) => self.addresses[(index + 1) % self.addresses.len()].clone(),
+                    // A named leader that went away: start over from the list.
+                    None => self.addresses.first().cloned().unwrap_or_default(),
+                };
+                *current = next;
+                Followed::Next
+            }
         }
     }
 
@@ -60,8 +123,18 @@ impl MasterLink {
         &self.node.labels
     }
 
-    async fn client(&self) -> Result<MasterClient<tonic::transport::Channel>, Error> {
-        let channel = yr_transport::connect(&self.address, ErrorCode::InnerCommunication).await?;
+    async fn client(
+        &self,
+        address: &str,
+    ) -> Result<MasterClient<tonic::transport::Channel>, Error> {
+        // HTTP/2 pings find a master that hangs (paused, or cut off) with its connection open:
+        // the heartbeat stream breaks within about three seconds and the link moves on.
+        let channel = yr_transport::connect_with(address, ErrorCode::InnerCommunication, |e| {
+            e.http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+                .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
+        })
+        .await?;
         Ok(MasterClient::new(channel))
     }
 
@@ -76,30 +149,42 @@ impl MasterLink {
             up: true,
         };
         loop {
-            let result = self.session(&allocatable, &mut state).await;
+            let address = self.current();
+            let result = self.session(&address, &allocatable, &mut state).await;
             *self.updates.lock() = None;
-            if let Err(error) = result {
-                if state.up {
-                    tracing::warn!(%error, master = %self.address,
-                        "master link down; retrying with backoff (up to {:?} apart)", Backoff::MAX);
-                    state.up = false;
+            let followed = match result {
+                Ok(()) => self.follow(&address, None),
+                Err((error, status)) => {
+                    if state.up {
+                        tracing::warn!(%error, master = %address,
+                            "master link down; retrying with backoff (up to {:?} apart)", Backoff::MAX);
+                        state.up = false;
+                    }
+                    self.follow(&address, status.as_ref())
                 }
-            }
-            tokio::time::sleep(state.backoff.next_delay()).await;
+            };
+            let delay = match followed {
+                Followed::Leader => Duration::ZERO,
+                Followed::Election => ELECTION_RETRY,
+                Followed::Next => state.backoff.next_delay(),
+            };
+            tokio::time::sleep(delay).await;
         }
     }
 
-    /// One registration and heartbeat stream, until it breaks.
+    /// One registration and heartbeat stream with the master at `address`, until it breaks;
+    /// the error, with the master's status when it answered.
     async fn session(
         &self,
+        address: &str,
         allocatable: &impl Fn() -> Amount,
         state: &mut LinkState,
-    ) -> Result<(), Error> {
-        let mut client = self.client().await?;
+    ) -> Result<(), (Error, Option<tonic::Status>)> {
+        let mut client = self.client(address).await.map_err(|e| (e, None))?;
         self.register(&mut client, allocatable).await?;
         state.backoff.reset();
         if !state.up {
-            tracing::info!(master = %self.address, "master link up again");
+            tracing::info!(master = %address, "master link up again");
             state.up = true;
         }
         let (sender, receiver) = mpsc::unbounded_channel();
@@ -108,9 +193,12 @@ impl MasterLink {
             .node_heartbeat(UnboundedReceiverStream::new(receiver))
             .await
             .map_err(|s| {
-                Error::new(
-                    ErrorCode::InnerCommunication,
-                    format!("the master refused heartbeats: {}", s.message()),
+                (
+                    Error::new(
+                        ErrorCode::InnerCommunication,
+                        format!("the master refused heartbeats: {}", s.message()),
+                    ),
+                    Some(s),
                 )
             })?
             .into_inner();
@@ -153,7 +241,7 @@ impl MasterLink {
             }
         };
         beats.abort();
-        result
+        result.map_err(|e| (e, None))
     }
 
     /// Register as the current incarnation. If the master declared it lost, fail the local
@@ -162,7 +250,7 @@ impl MasterLink {
         &self,
         client: &mut MasterClient<tonic::transport::Channel>,
         allocatable: &impl Fn() -> Amount,
-    ) -> Result<(), Error> {
+    ) -> Result<(), (Error, Option<tonic::Status>)> {
         for _ in 0..LOST_REGISTRATIONS {
             let incarnation = self.fencing.incarnation();
             let mut node = self.node.clone();
@@ -172,9 +260,12 @@ impl MasterLink {
                 .register_node(pb::RegisterNodeRequest { node: Some(node) })
                 .await
                 .map_err(|s| {
-                    Error::new(
-                        ErrorCode::InnerCommunication,
-                        format!("the master refused registration: {}", s.message()),
+                    (
+                        Error::new(
+                            ErrorCode::InnerCommunication,
+                            format!("the master refused registration: {}", s.message()),
+                        ),
+                        Some(s),
                     )
                 })?
                 .into_inner();
@@ -186,12 +277,15 @@ impl MasterLink {
             // allocatable figure.
             self.fencing.declared_lost(incarnation);
         }
-        Err(Error::new(
-            ErrorCode::InnerCommunication,
-            format!(
-                "the master refused {LOST_REGISTRATIONS} incarnations of node {} as lost in a row",
-                self.node.node_id
+        Err((
+            Error::new(
+                ErrorCode::InnerCommunication,
+                format!(
+                    "the master refused {LOST_REGISTRATIONS} incarnations of node {} as lost in a row",
+                    self.node.node_id
+                ),
             ),
+            None,
         ))
     }
 
@@ -208,32 +302,47 @@ impl MasterLink {
     /// Ask the master where `request` fits, on a node that admits every one of
     /// `required_affinities` (node labels), skipping `exclude`. Returns the node's id and
     /// address, or the master's error (1006 when no node could ever hold it, 1002 when none can
-    /// now).
+    /// now). A standby's answer is followed to the leader it names, and a master that cannot
+    /// be reached is skipped for the next address (placement is a read: sending it again is
+    /// safe).
     pub async fn schedule(
         &self,
         request: &Amount,
         exclude: Vec<String>,
         required_affinities: Vec<pb::NodeAffinity>,
     ) -> Result<(String, String), Error> {
-        let mut client = self.client().await?;
-        let reply = client
-            .schedule(pb::ScheduleRequest {
-                request: Some(request.to_proto()),
-                exclude_nodes: exclude,
-                labels: Vec::new(),
-                required_affinities,
-            })
-            .await
-            .map_err(|s| {
-                Error::new(
-                    ErrorCode::InnerCommunication,
-                    format!("the master did not schedule: {}", s.message()),
-                )
-            })?
-            .into_inner();
-        match reply.error {
-            Some(error) => Err(error_from_proto(&error)),
-            None => Ok((reply.node_id, reply.node_address)),
+        let request = pb::ScheduleRequest {
+            request: Some(request.to_proto()),
+            exclude_nodes: exclude,
+            labels: Vec::new(),
+            required_affinities,
+        };
+        let mut attempts = self.addresses.len() + 1;
+        loop {
+            attempts -= 1;
+            let address = self.current();
+            let (error, status) = match self.client(&address).await {
+                Ok(mut client) => match client.schedule(request.clone()).await {
+                    Ok(reply) => {
+                        let reply = reply.into_inner();
+                        return match reply.error {
+                            Some(error) => Err(error_from_proto(&error)),
+                            None => Ok((reply.node_id, reply.node_address)),
+                        };
+                    }
+                    Err(s) => (
+                        Error::new(
+                            ErrorCode::InnerCommunication,
+                            format!("the master at {address} did not schedule: {}", s.message()),
+                        ),
+                        Some(s),
+                    ),
+                },
+                Err(error) => (error, None),
+            };
+            if self.follow(&address, status.as_ref()) == Followed::Election || attempts == 0 {
+                return Err(error);
+            }
         }
     }
 }

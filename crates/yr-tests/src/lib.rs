@@ -648,6 +648,7 @@ pub struct ClusterBuilder {
     node_timeout: f64,
     tls: bool,
     master_args: Vec<String>,
+    standby_masters: usize,
 }
 
 impl ClusterBuilder {
@@ -667,6 +668,13 @@ impl ClusterBuilder {
     /// restarted.
     pub fn master_args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
         self.master_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Start `count` more masters with the same flags (give `--etcd`: they stand by while the
+    /// first leads). Nodes are given every master's address.
+    pub fn standby_masters(mut self, count: usize) -> Self {
+        self.standby_masters = count;
         self
     }
 
@@ -701,6 +709,7 @@ impl ClusterBuilder {
         yr_transport::install(credentials);
         let mut cluster = TestCluster {
             master: None,
+            standbys: Vec::new(),
             master_args: self.master_args,
             master_port,
             metrics_port,
@@ -721,6 +730,23 @@ impl ClusterBuilder {
             );
             cluster.master_port = free_port();
             cluster.metrics_port = free_port();
+        }
+        for index in 0..self.standby_masters {
+            cluster.standbys.push(StandbyMaster {
+                child: None,
+                port: free_port(),
+                metrics_port: free_port(),
+            });
+            let mut attempt = 0;
+            while let Err(error) = cluster.spawn_standby(index) {
+                attempt += 1;
+                assert!(
+                    error.contains(ADDRESS_IN_USE) && attempt < START_ATTEMPTS,
+                    "{error}"
+                );
+                cluster.standbys[index].port = free_port();
+                cluster.standbys[index].metrics_port = free_port();
+            }
         }
         let specs = if self.nodes.is_empty() {
             vec![NodeSpec::default()]
@@ -766,11 +792,19 @@ struct NodeProcess {
     spec: NodeSpec,
 }
 
+/// A master started next to the first one ([`ClusterBuilder::standby_masters`]).
+struct StandbyMaster {
+    child: Option<Child>,
+    port: u16,
+    metrics_port: u16,
+}
+
 /// A master and nodes running as real processes (`yr master`, `yr node`) on free ports, with
 /// their state and logs in a temporary directory. Everything is killed when it is dropped, also
 /// when the test panics; then the directory is kept and its path printed.
 pub struct TestCluster {
     master: Option<Child>,
+    standbys: Vec<StandbyMaster>,
     master_args: Vec<String>,
     master_port: u16,
     metrics_port: u16,
@@ -854,6 +888,7 @@ impl TestCluster {
             node_timeout: 5.0,
             tls: false,
             master_args: Vec::new(),
+            standby_masters: 0,
         }
     }
 
@@ -882,18 +917,50 @@ impl TestCluster {
 
     /// Start the master; the error (with its log's end) if it exits during start.
     fn spawn_master(&mut self) -> Result<(), String> {
+        let child = self.spawn_master_process(0, self.master_port, self.metrics_port)?;
+        self.master = Some(child);
+        Ok(())
+    }
+
+    /// Start standby master `index`; the error (with its log's end) if it exits during start.
+    fn spawn_standby(&mut self, index: usize) -> Result<(), String> {
+        let (port, metrics_port) = (self.standbys[index].port, self.standbys[index].metrics_port);
+        let child = self.spawn_master_process(index + 1, port, metrics_port)?;
+        self.standbys[index].child = Some(child);
+        Ok(())
+    }
+
+    /// The log of master `index` (0: the first, then the standbys).
+    pub fn master_log_at(&self, index: usize) -> PathBuf {
+        match index {
+            0 => self.master_log(),
+            _ => self.dir.path().join(format!("master{index}.log")),
+        }
+    }
+
+    /// Start master process `index` on `port`, waiting until it listens.
+    fn spawn_master_process(
+        &self,
+        index: usize,
+        port: u16,
+        metrics_port: u16,
+    ) -> Result<Child, String> {
+        let data_dir = match index {
+            0 => "master".to_string(),
+            _ => format!("master{index}"),
+        };
         let mut args = vec![
             "--listen".to_string(),
-            format!("127.0.0.1:{}", self.master_port),
+            format!("127.0.0.1:{port}"),
             "--data-dir".to_string(),
-            self.dir.path().join("master").display().to_string(),
+            self.dir.path().join(data_dir).display().to_string(),
             "--metrics-listen".to_string(),
-            format!("127.0.0.1:{}", self.metrics_port),
+            format!("127.0.0.1:{metrics_port}"),
             "--node-timeout".to_string(),
             self.node_timeout.to_string(),
         ];
         args.extend(self.master_args.iter().cloned());
-        let log = self.master_log();
+        let log = self.master_log_at(index);
         if let Some(tls) = &self.tls {
             args.extend(tls.args(&tls.master));
         }
@@ -902,7 +969,7 @@ impl TestCluster {
             self.token.as_str().to_string(),
         )];
         let mut child = spawn_component("master", &args, &log, &env);
-        let address = self.master_address();
+        let address = format!("127.0.0.1:{port}");
         let ready = wait_until(START_TIMEOUT, || {
             connects(&address) || matches!(child.try_wait(), Ok(Some(_)))
         });
@@ -917,13 +984,12 @@ impl TestCluster {
             "yr master did not listen on {address} within {START_TIMEOUT:?}; log: {}",
             log.display()
         );
-        self.master = Some(child);
-        Ok(())
+        Ok(child)
     }
 
     /// Start node `index`; the error (with its log's end) if it exits during start.
     fn spawn_node(&mut self, index: usize) -> Result<(), String> {
-        let master_address = self.master_address();
+        let master_address = self.master_addresses().join(",");
         let node = &self.nodes[index];
         let mut args = vec![
             "--master-address".to_string(),
@@ -1044,6 +1110,37 @@ impl TestCluster {
         format!("127.0.0.1:{}", self.master_port)
     }
 
+    /// Every master's address: the first, then the standbys ([`ClusterBuilder::standby_masters`]).
+    pub fn master_addresses(&self) -> Vec<String> {
+        std::iter::once(self.master_address())
+            .chain(
+                self.standbys
+                    .iter()
+                    .map(|standby| format!("127.0.0.1:{}", standby.port)),
+            )
+            .collect()
+    }
+
+    /// The pid of master `index` (0: the first, then the standbys), if it runs.
+    pub fn master_pid_at(&self, index: usize) -> Option<u32> {
+        match index {
+            0 => self.master_pid(),
+            _ => self.standbys[index - 1].child.as_ref().map(Child::id),
+        }
+    }
+
+    /// SIGKILL master `index` (0: the first, then the standbys) and reap it.
+    pub fn kill_master_at(&mut self, index: usize) {
+        let child = match index {
+            0 => self.master.take(),
+            _ => self.standbys[index - 1].child.take(),
+        };
+        if let Some(mut child) = child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// The value of the Prometheus gauge or counter `name` (without labels) that node `index`
     /// reports on its /metrics endpoint.
     pub fn node_metric(&self, index: usize, name: &str) -> Option<f64> {
@@ -1132,9 +1229,22 @@ impl TestCluster {
         driver_config(&self.bus_address())
     }
 
-    /// What the master says about the cluster.
+    /// What the master says about the cluster: the first master that answers (with standbys,
+    /// the leader; a standby answers every call with "not the leader").
     pub fn status(&self) -> Result<pb::ClusterStatusResponse, String> {
-        let address = self.master_address();
+        let mut errors = Vec::new();
+        for address in self.master_addresses() {
+            match self.status_at(&address) {
+                Ok(status) => return Ok(status),
+                Err(error) => errors.push(format!("{address}: {error}")),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    /// What the master at `address` says about the cluster.
+    pub fn status_at(&self, address: &str) -> Result<pb::ClusterStatusResponse, String> {
+        let address = address.to_string();
         block_on(async move {
             let channel = tokio::time::timeout(
                 Duration::from_secs(5),
@@ -1396,6 +1506,12 @@ impl Drop for TestCluster {
             }
         }
         self.kill_master();
+        for standby in &mut self.standbys {
+            if let Some(mut child) = standby.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
         // Runtimes die with their node (parent-death signal); make sure of it.
         let dir = self.dir.display();
         wait_until(Duration::from_secs(5), || {

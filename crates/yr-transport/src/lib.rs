@@ -40,6 +40,6 @@ pub use server::{
     check_hello, incoming_tcp, incoming_unix, peer_of, Authenticated, HANDSHAKE_TIMEOUT,
     MAX_HANDSHAKES,
 };
-pub use status::{status_detail, status_to_code};
+pub use status::{leader_redirect, never_sent, status_detail, status_to_code, LEADER_METADATA};
 pub use stream::Connection;
 pub use tls::Tls;

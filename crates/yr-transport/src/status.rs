@@ -29,6 +29,47 @@ pub fn status_detail(status: &Status) -> String {
     }
 }
 
+/// The gRPC response header in which a master that does not lead (a standby) names the leader
+/// (`host:port`, empty while no master leads).
+pub const LEADER_METADATA: &str = "yr-leader";
+
+/// Whether `status` is a standby master's "not the leader" answer, and if so the leader it
+/// names: `None` for any other status, `Some(None)` while no master leads (an election is under
+/// way), `Some(Some(address))` to follow.
+///
+/// ```
+/// let mut status = tonic::Status::unavailable("not the leader; the leader is at 127.0.0.1:1");
+/// status.metadata_mut().insert(yr_transport::LEADER_METADATA, "127.0.0.1:1".parse().unwrap());
+/// assert_eq!(yr_transport::leader_redirect(&status), Some(Some("127.0.0.1:1".to_string())));
+/// assert_eq!(yr_transport::leader_redirect(&tonic::Status::unavailable("down")), None);
+/// ```
+pub fn leader_redirect(status: &Status) -> Option<Option<String>> {
+    let value = status.metadata().get(LEADER_METADATA)?;
+    let leader = value.to_str().unwrap_or_default().trim();
+    Some((!leader.is_empty()).then(|| leader.to_string()))
+}
+
+/// Whether a call that failed with `status` certainly never reached its peer: the connection
+/// was refused. Such a call may be sent again elsewhere, even a write.
+///
+/// ```
+/// let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+/// assert!(yr_transport::never_sent(&tonic::Status::from_error(Box::new(io))));
+/// assert!(!yr_transport::never_sent(&tonic::Status::unavailable("reset")));
+/// ```
+pub fn never_sent(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        source = error.source();
+    }
+    false
+}
+
 /// The yr code of a gRPC call that failed with `status`.
 ///
 /// `link` is the caller's code for "the peer could not be reached or the link broke", the same

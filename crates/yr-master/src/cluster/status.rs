@@ -30,6 +30,8 @@ impl Cluster {
             instances,
             functions: functions.into_iter().collect(),
             meta_store: String::new(),
+            leader: String::new(),
+            masters: Vec::new(),
         }
     }
 
