@@ -1200,6 +1200,99 @@ mod tests {
         assert!(reason.contains("closed"), "{reason}");
     }
 
+    /// Answers every call with its id.
+    struct Echo;
+
+    impl CallExecutor for Echo {
+        fn execute(
+            &self,
+            _connection: u64,
+            request: pb::CallRequest,
+            respond: Box<dyn FnOnce(pb::CallResult) + Send>,
+        ) {
+            respond(pb::CallResult {
+                call_id: request.call_id,
+                values: Vec::new(),
+                error: None,
+            });
+        }
+
+        fn cancel(&self, _connection: u64, _call_id: u64, _how: Cancel) {}
+
+        fn disconnected(&self, _connection: u64) {}
+    }
+
+    /// Write `bytes`, then read what the peer answers until it closes (or 5 s pass).
+    fn exchange(address: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
+        let mut stream = TcpStream::connect(address).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let _ = stream.write_all(bytes);
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        answer
+    }
+
+    fn frame(message: &impl Message) -> Vec<u8> {
+        let mut bytes = (message.encoded_len() as u64).to_le_bytes().to_vec();
+        message.encode(&mut bytes).expect("encode");
+        bytes
+    }
+
+    #[test]
+    fn a_tcp_call_listener_refuses_a_connection_without_the_token() {
+        use yr_common::auth::{ClusterToken, HELLO_REFUSED};
+        let token = ClusterToken::generate().expect("token");
+        yr_transport::install(yr_transport::Credentials::with_token(token.clone()));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let io = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        std::thread::spawn(move || {
+            io.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                serve_tcp(listener, Arc::new(Echo)).await;
+            })
+        });
+        let call = frame(&pb::CallRequest {
+            call_id: 7,
+            ..Default::default()
+        });
+
+        // A call with no hello first: refused, and never run.
+        let answer = exchange(address, &call);
+        assert_eq!(answer, vec![HELLO_REFUSED], "no hello");
+
+        // Another cluster's token: refused.
+        let other = ClusterToken::generate().expect("another token");
+        let mut bytes = other.hello();
+        bytes.extend_from_slice(&call);
+        assert_eq!(
+            exchange(address, &bytes),
+            vec![HELLO_REFUSED],
+            "wrong token"
+        );
+
+        // The cluster's token: accepted, and the call is answered on the same connection.
+        let mut stream = TcpStream::connect(address).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        yr_common::auth::send_hello(&mut stream, &token, ErrorCode::RequestBetweenRuntimeBus)
+            .expect("the token is accepted");
+        stream.write_all(&call).expect("call");
+        let mut prefix = [0u8; PREFIX];
+        stream.read_exact(&mut prefix).expect("a result");
+        let mut body = vec![0u8; u64::from_le_bytes(prefix) as usize];
+        stream.read_exact(&mut body).expect("its body");
+        let result = pb::CallResult::decode(body.as_slice()).expect("decode");
+        assert_eq!(result.call_id, 7);
+    }
+
     #[test]
     fn the_call_socket_sits_beside_the_worker_socket() {
         assert_eq!(
