@@ -357,10 +357,10 @@ fn a_driver_on_every_host_calls_tasks_instances_objects_and_kv_across_hosts() {
 }
 
 /// The same with each host's processes unable to see the other hosts' directories, as on real
-/// machines. It fails today with 3001 at the first call across hosts: the caller connects to
-/// the runtime's call socket, a Unix socket path on the other host.
+/// machines: calls and object fetches across hosts go over TCP (the runtimes' call listeners
+/// and the owners' Worker services on their hosts' addresses), never through a Unix socket path
+/// of another host.
 #[test]
-#[ignore = "calls across hosts go to the runtime's Unix call socket (issue 12: runtimes on TCP)"]
 fn with_no_file_system_shared_a_driver_on_every_host_calls_across_hosts() {
     let _lock = exclusive();
     every_host_calls_every_other(

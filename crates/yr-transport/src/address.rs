@@ -43,9 +43,48 @@ impl std::fmt::Display for Address {
     }
 }
 
+/// The host of a TCP `host:port` (without the brackets of an IPv6 literal); `None` when the
+/// text has no port.
+pub fn host_of(host_port: &str) -> Option<&str> {
+    let (host, port) = host_port.rsplit_once(':')?;
+    if port.is_empty() || host.is_empty() {
+        return None;
+    }
+    Some(
+        host.strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host),
+    )
+}
+
+/// Whether `host` names this machine's loopback (`127.0.0.0/8`, `::1`, `localhost`): an address
+/// no other machine can reach.
+pub fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 fn invalid(text: &str) -> Error {
     Error::new(
         ErrorCode::ParamInvalid,
         format!("{text:?} is not a yr address; use unix:/path/to.sock or host:port"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_of_addresses() {
+        assert_eq!(host_of("10.0.0.1:80"), Some("10.0.0.1"));
+        assert_eq!(host_of("[::1]:80"), Some("::1"));
+        assert_eq!(host_of("name"), None);
+        assert!(is_loopback_host("127.0.0.1"));
+        assert!(is_loopback_host("::1"));
+        assert!(is_loopback_host("localhost"));
+        assert!(!is_loopback_host("10.77.0.11"));
+    }
 }

@@ -27,7 +27,7 @@ mod status;
 mod stream;
 pub mod tls;
 
-pub use address::Address;
+pub use address::{host_of, is_loopback_host, Address};
 pub use client::{
     connect, connect_lazy_with, connect_with, no_token, open, open_pipelined, refused,
     token_refused, Pipelined, CONNECT_TIMEOUT,

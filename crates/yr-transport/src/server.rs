@@ -37,6 +37,19 @@ pub struct Authenticated<Info> {
     info: Info,
 }
 
+impl<Info> Authenticated<Info> {
+    /// The authenticated stream itself, for a server that speaks its own protocol on it (a
+    /// runtime's call frames) rather than gRPC.
+    pub fn into_connection(self) -> Connection {
+        self.connection
+    }
+
+    /// Who the peer is (its TCP addresses, or its Unix credentials).
+    pub fn info(&self) -> &Info {
+        &self.info
+    }
+}
+
 impl Connected for Authenticated<TcpConnectInfo> {
     type ConnectInfo = TcpConnectInfo;
 

@@ -115,7 +115,7 @@ impl Node {
                 log_dir: settings.session_dir.join("logs"),
                 bus_address: settings.bus_address.clone(),
                 node_id: settings.node_id.clone(),
-                credentials_env: runtime_credentials_env(),
+                credentials_env: runtime_env(&settings.node_address),
             },
             events,
         ));
@@ -288,6 +288,19 @@ impl Node {
         }
         self.stop();
     }
+}
+
+/// The environment that gives runtimes this node's credentials (its token and TLS files) and
+/// the host it advertises (`YR_HOST`, unless loopback), on which runtimes listen for callers on
+/// other hosts.
+fn runtime_env(node_address: &str) -> Vec<(String, String)> {
+    let mut env = runtime_credentials_env();
+    if let Some(host) = yr_transport::host_of(node_address) {
+        if !yr_transport::is_loopback_host(host) {
+            env.push(("YR_HOST".to_string(), host.to_string()));
+        }
+    }
+    env
 }
 
 /// The environment that gives runtimes this node's credentials: its token and TLS files.

@@ -51,9 +51,13 @@ impl Node {
                 kind,
                 job_id: register.job_id.clone(),
                 runtime_id: register.runtime_id.clone(),
+                // The Unix socket: the address's first part (`;tcp=…` and `;calls=…` follow
+                // for callers on other hosts).
                 socket: register
                     .listen_address
-                    .strip_prefix("unix:")
+                    .split(';')
+                    .next()
+                    .and_then(|base| base.strip_prefix("unix:"))
                     .map(PathBuf::from),
             },
         );

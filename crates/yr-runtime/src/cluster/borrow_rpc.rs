@@ -107,11 +107,15 @@ pub(super) fn lender_unreachable(lender: &str) -> Option<yr_common::Error> {
     None
 }
 
-/// Whether a process still serves its Worker socket.
+/// Whether a process still serves its Worker service (its socket on this host, its TCP
+/// listener on another).
 async fn reachable(address: &str) -> bool {
-    transport::connect(address, ErrorCode::GetOperationFailed)
-        .await
-        .is_ok()
+    transport::connect(
+        super::endpoints::worker_route(address),
+        ErrorCode::GetOperationFailed,
+    )
+    .await
+    .is_ok()
 }
 
 /// The lender's sweep: every [`SWEEP_PERIOD`] while this process lends objects, drop the counts

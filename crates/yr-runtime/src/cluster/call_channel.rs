@@ -1,7 +1,9 @@
 //! Direct calls: the channel on which a caller streams calls to an instance's runtime and reads
 //! their results back. It is a Unix socket beside the runtime's Worker socket
-//! (`w-….sock` → `w-….calls`), carrying length-prefixed protobuf frames: `CallRequest` one way,
-//! `CallResult` the other (8-byte little-endian length, then the message).
+//! (`w-….sock` → `w-….calls`) for callers on the runtime's host, and a TCP listener on the
+//! host's advertised address for callers on other hosts (`cluster::endpoints`), both carrying
+//! length-prefixed protobuf frames: `CallRequest` one way, `CallResult` the other (8-byte
+//! little-endian length, then the message).
 //!
 //! Why not the gRPC stream: a call's cost is its wakeups. Through tonic, a call woke the
 //! caller's IO thread to write it, the runtime's IO thread to read it, the runtime's IO thread
@@ -13,12 +15,19 @@
 //! Writes never block the writer: a frame is written without blocking while the socket takes
 //! it, and the rest is left to a flusher thread started for that moment. So a thread holding a
 //! caller's lock never waits on a peer, and two peers writing to each other cannot deadlock.
+//!
+//! A TCP connection is authenticated like every TCP connection of the cluster (TLS when the
+//! cluster runs it, then the token's hello; `yr_transport`). Plain TCP is read and written
+//! directly, like a Unix socket; a TLS connection is bridged to a socket pair by a task on the
+//! IO runtime, so the frame reader and writer stay the same. See
+//! docs/design/021-calls-across-hosts.md.
 
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
+use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -28,6 +37,7 @@ use prost::Message;
 use yr_common::{Error, ErrorCode};
 use yr_proto::v1 as pb;
 
+use super::endpoints::{self, CallRoute};
 use super::transport::Address;
 use crate::error::RuntimeError;
 use crate::handshake::Doorbell;
@@ -60,9 +70,10 @@ pub trait CallExecutor: Send + Sync + 'static {
     fn disconnected(&self, connection: u64);
 }
 
-/// The call socket of the runtime whose Worker service listens at `worker_address`.
+/// The call socket of the runtime whose Worker service listens at `worker_address` (the Unix
+/// part of its address).
 pub fn socket_path(worker_address: &str) -> Result<PathBuf, Error> {
-    match Address::parse(worker_address)? {
+    match Address::parse(endpoints::parse(worker_address).base)? {
         Address::Unix(path) => Ok(yr_common::sockets::call_socket(&path)),
         Address::Tcp(_) => Err(Error::new(
             ErrorCode::RequestBetweenRuntimeBus,
@@ -74,9 +85,83 @@ pub fn socket_path(worker_address: &str) -> Result<PathBuf, Error> {
     }
 }
 
+/// A call connection's socket: Unix (same host) or TCP (another host).
+pub enum Socket {
+    /// A Unix socket (or one end of the socket pair a TLS connection is bridged to).
+    Unix(UnixStream),
+    /// Plain TCP.
+    Tcp(TcpStream),
+}
+
+impl From<UnixStream> for Socket {
+    fn from(stream: UnixStream) -> Socket {
+        Socket::Unix(stream)
+    }
+}
+
+impl From<TcpStream> for Socket {
+    fn from(stream: TcpStream) -> Socket {
+        Socket::Tcp(stream)
+    }
+}
+
+impl Socket {
+    fn try_clone(&self) -> io::Result<Socket> {
+        Ok(match self {
+            Socket::Unix(stream) => Socket::Unix(stream.try_clone()?),
+            Socket::Tcp(stream) => Socket::Tcp(stream.try_clone()?),
+        })
+    }
+
+    fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        match self {
+            Socket::Unix(stream) => stream.set_nonblocking(nonblocking),
+            Socket::Tcp(stream) => stream.set_nonblocking(nonblocking),
+        }
+    }
+
+    fn shutdown(&self) -> io::Result<()> {
+        match self {
+            Socket::Unix(stream) => stream.shutdown(std::net::Shutdown::Both),
+            Socket::Tcp(stream) => stream.shutdown(std::net::Shutdown::Both),
+        }
+    }
+}
+
+impl AsRawFd for Socket {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Socket::Unix(stream) => stream.as_raw_fd(),
+            Socket::Tcp(stream) => stream.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for &Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Unix(stream) => (&*stream).read(buf),
+            Socket::Tcp(stream) => (&*stream).read(buf),
+        }
+    }
+}
+
+impl Write for &Socket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Socket::Unix(stream) => (&*stream).write(buf),
+            Socket::Tcp(stream) => (&*stream).write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Writes frames to one socket, in the order `send` is called.
 pub struct FrameWriter {
-    stream: UnixStream,
+    stream: Socket,
     outgoing: Mutex<Outgoing>,
     drained: Condvar,
 }
@@ -94,7 +179,7 @@ struct Outgoing {
 }
 
 impl FrameWriter {
-    fn new(stream: UnixStream) -> Arc<FrameWriter> {
+    fn new(stream: Socket) -> Arc<FrameWriter> {
         Arc::new(FrameWriter {
             stream,
             outgoing: Mutex::new(Outgoing {
@@ -219,20 +304,20 @@ impl FrameWriter {
 
     /// Close the connection for both directions; the peer reads its end.
     pub fn close(&self) {
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        let _ = self.stream.shutdown();
     }
 }
 
 /// Reads frames from one socket, as they arrive.
 pub struct FrameReader {
-    stream: UnixStream,
+    stream: Socket,
     buffer: Vec<u8>,
     start: usize,
     end: usize,
 }
 
 impl FrameReader {
-    fn new(stream: UnixStream) -> FrameReader {
+    fn new(stream: Socket) -> FrameReader {
         FrameReader {
             stream,
             buffer: vec![0; READ_CHUNK],
@@ -556,7 +641,7 @@ pub fn watch<M: Message + Default + 'static>(
 }
 
 /// Block until `stream` is ready for `events` (or failed, which the next read or write sees).
-fn wait_for(stream: &UnixStream, events: libc::c_short) {
+fn wait_for(stream: &impl AsRawFd, events: libc::c_short) {
     let mut poll = libc::pollfd {
         fd: stream.as_raw_fd(),
         events,
@@ -568,26 +653,37 @@ fn wait_for(stream: &UnixStream, events: libc::c_short) {
     }
 }
 
-fn split(stream: UnixStream) -> io::Result<(Arc<FrameWriter>, FrameReader)> {
+fn split(stream: impl Into<Socket>) -> io::Result<(Arc<FrameWriter>, FrameReader)> {
+    let stream = stream.into();
     stream.set_nonblocking(true)?;
     let reading = stream.try_clone()?;
     Ok((FrameWriter::new(stream), FrameReader::new(reading)))
 }
 
-/// Connect to the runtime whose Worker service listens at `worker_address`. Fails with 3001.
+/// Connect to the calls of the runtime at `worker_address`: its call socket when it is on this
+/// host, else its TCP call listener. Fails with 3001 (1014 if the runtime refuses this process's
+/// token). A TCP connection may take a network round trip: do not call it on the IO thread.
 pub fn connect(worker_address: &str) -> Result<(Arc<FrameWriter>, FrameReader), Error> {
-    let path = socket_path(worker_address)?;
-    let failed = |e: io::Error| {
-        Error::new(
-            ErrorCode::RequestBetweenRuntimeBus,
-            format!(
-                "failed to connect to the runtime's call socket {}: {e}; the runtime may have \
-                 exited",
-                path.display()
-            ),
-        )
-    };
-    let mut stream = UnixStream::connect(&path).map_err(failed)?;
+    match endpoints::call_route(worker_address)? {
+        CallRoute::Unix(path) => connect_unix(worker_address, &path),
+        CallRoute::Tcp(host_port) => connect_tcp(&host_port),
+    }
+}
+
+fn connect_failed(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::new(
+        ErrorCode::RequestBetweenRuntimeBus,
+        format!("failed to connect to the runtime's {what}: {e}; the runtime may have exited"),
+    )
+}
+
+fn connect_unix(
+    worker_address: &str,
+    path: &Path,
+) -> Result<(Arc<FrameWriter>, FrameReader), Error> {
+    let what = format!("call socket {}", path.display());
+    let failed = |e: io::Error| connect_failed(&what, e);
+    let mut stream = UnixStream::connect(path).map_err(failed)?;
     let token = yr_transport::current()
         .token
         .clone()
@@ -598,6 +694,137 @@ pub fn connect(worker_address: &str) -> Result<(Arc<FrameWriter>, FrameReader), 
     yr_common::auth::send_hello(&mut stream, &token, ErrorCode::RequestBetweenRuntimeBus)?;
     stream.set_read_timeout(None).map_err(failed)?;
     split(stream).map_err(failed)
+}
+
+/// The IO runtime that bridges TLS call connections (set by the cluster backend).
+static IO: Mutex<Option<tokio::runtime::Handle>> = Mutex::new(None);
+
+/// Give the call channel the IO runtime on which TLS connections are bridged.
+pub fn set_io(handle: Option<tokio::runtime::Handle>) {
+    *IO.lock() = handle;
+}
+
+/// Connect to a runtime's TCP call listener at `host_port`, on another host: TLS when this
+/// process has it, then the token's hello.
+fn connect_tcp(host_port: &str) -> Result<(Arc<FrameWriter>, FrameReader), Error> {
+    let what = format!("call listener {host_port}");
+    let failed = |e: io::Error| connect_failed(&what, e);
+    let credentials = yr_transport::current();
+    let token = credentials
+        .token
+        .clone()
+        .ok_or_else(|| yr_transport::no_token(host_port))?;
+    if credentials.tls.is_some() {
+        return connect_tls(host_port, credentials).and_then(|near| split(near).map_err(failed));
+    }
+    let target = std::net::ToSocketAddrs::to_socket_addrs(host_port)
+        .map_err(failed)?
+        .next()
+        .ok_or_else(|| failed(io::Error::other("the address resolves to nothing")))?;
+    let mut stream =
+        TcpStream::connect_timeout(&target, yr_transport::CONNECT_TIMEOUT).map_err(failed)?;
+    stream.set_nodelay(true).map_err(failed)?;
+    stream
+        .set_read_timeout(Some(yr_transport::HANDSHAKE_TIMEOUT))
+        .map_err(failed)?;
+    yr_common::auth::send_hello(&mut stream, &token, ErrorCode::RequestBetweenRuntimeBus)?;
+    stream.set_read_timeout(None).map_err(failed)?;
+    split(stream).map_err(failed)
+}
+
+/// Open a TLS connection to `host_port` on the IO runtime and bridge it to a socket pair;
+/// the near end is returned, to be read and written like a Unix call socket.
+fn connect_tls(
+    host_port: &str,
+    credentials: Arc<yr_transport::Credentials>,
+) -> Result<UnixStream, Error> {
+    let what = format!("call listener {host_port}");
+    let io = IO
+        .lock()
+        .clone()
+        .ok_or_else(|| connect_failed(&what, "this process has no IO runtime to run TLS on"))?;
+    let (near, far) = UnixStream::pair().map_err(|e| connect_failed(&what, e))?;
+    far.set_nonblocking(true)
+        .map_err(|e| connect_failed(&what, e))?;
+    let address = Address::Tcp(host_port.to_string());
+    let (opened, outcome) = crossbeam_channel::bounded(1);
+    io.spawn(async move {
+        let refused = std::sync::atomic::AtomicBool::new(false);
+        let connecting = tokio::time::timeout(
+            yr_transport::CONNECT_TIMEOUT + yr_transport::HANDSHAKE_TIMEOUT,
+            yr_transport::open(&address, &credentials, &refused),
+        )
+        .await;
+        let connection = match connecting {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(error)) => {
+                let _ = opened.send(Err((error.to_string(), refused.into_inner())));
+                return;
+            }
+            Err(_) => {
+                let _ = opened.send(Err(("connecting timed out".to_string(), false)));
+                return;
+            }
+        };
+        match tokio::net::UnixStream::from_std(far) {
+            Ok(far) => {
+                let _ = opened.send(Ok(()));
+                bridge(connection, far).await;
+            }
+            Err(error) => {
+                let _ = opened.send(Err((error.to_string(), false)));
+            }
+        }
+    });
+    match outcome.recv() {
+        Ok(Ok(())) => Ok(near),
+        Ok(Err((_, true))) => Err(yr_transport::token_refused(host_port)),
+        Ok(Err((error, false))) => Err(connect_failed(&what, error)),
+        Err(_) => Err(connect_failed(&what, "the IO runtime stopped")),
+    }
+}
+
+/// Copy bytes both ways between an authenticated TLS connection and the far end of the socket
+/// pair whose near end the frame reader and writer use, until either side closes.
+async fn bridge(mut connection: yr_transport::Connection, mut far: tokio::net::UnixStream) {
+    if let Err(error) = tokio::io::copy_bidirectional(&mut connection, &mut far).await {
+        tracing::debug!(%error, "a TLS call connection ended");
+    }
+}
+
+/// Serve calls on `listener` (TCP, on this host's advertised address), for callers on other
+/// hosts: every connection is authenticated like the node's TCP port (`yr_transport`:
+/// bounded handshakes, TLS when configured, the token's hello), then served like a Unix call
+/// connection. Runs on the IO runtime until the process ends.
+pub async fn serve_tcp(listener: tokio::net::TcpListener, executor: Arc<dyn CallExecutor>) {
+    use tokio_stream::StreamExt;
+    let mut incoming = yr_transport::incoming_tcp(listener);
+    while let Some(accepted) = incoming.next().await {
+        let Ok(accepted) = accepted else {
+            continue;
+        };
+        match accepted.into_connection() {
+            yr_transport::Connection::Tcp(stream) => match stream.into_std() {
+                Ok(stream) => serve_connection(Socket::Tcp(stream), executor.clone()),
+                Err(error) => tracing::warn!(%error, "a TCP call connection could not be set up"),
+            },
+            connection => {
+                let pair = UnixStream::pair().and_then(|(near, far)| {
+                    far.set_nonblocking(true)?;
+                    Ok((near, tokio::net::UnixStream::from_std(far)?))
+                });
+                match pair {
+                    Ok((near, far)) => {
+                        tokio::spawn(bridge(connection, far));
+                        serve_connection(Socket::Unix(near), executor.clone());
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "a TLS call connection could not be set up")
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Whether a whole hello frame waits in `stream` already (looked at without taking it), so
@@ -724,7 +951,7 @@ pub fn serve(worker_address: &str, executor: Arc<dyn CallExecutor>) -> Result<()
     Ok(())
 }
 
-fn serve_connection(stream: UnixStream, executor: Arc<dyn CallExecutor>) {
+fn serve_connection(stream: impl Into<Socket>, executor: Arc<dyn CallExecutor>) {
     static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
     let connection = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
     let (writer, reader) = match split(stream) {
@@ -971,6 +1198,99 @@ mod tests {
         writer.close();
         let reason = ended.recv_timeout(wait).expect("the end");
         assert!(reason.contains("closed"), "{reason}");
+    }
+
+    /// Answers every call with its id.
+    struct Echo;
+
+    impl CallExecutor for Echo {
+        fn execute(
+            &self,
+            _connection: u64,
+            request: pb::CallRequest,
+            respond: Box<dyn FnOnce(pb::CallResult) + Send>,
+        ) {
+            respond(pb::CallResult {
+                call_id: request.call_id,
+                values: Vec::new(),
+                error: None,
+            });
+        }
+
+        fn cancel(&self, _connection: u64, _call_id: u64, _how: Cancel) {}
+
+        fn disconnected(&self, _connection: u64) {}
+    }
+
+    /// Write `bytes`, then read what the peer answers until it closes (or 5 s pass).
+    fn exchange(address: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
+        let mut stream = TcpStream::connect(address).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let _ = stream.write_all(bytes);
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        answer
+    }
+
+    fn frame(message: &impl Message) -> Vec<u8> {
+        let mut bytes = (message.encoded_len() as u64).to_le_bytes().to_vec();
+        message.encode(&mut bytes).expect("encode");
+        bytes
+    }
+
+    #[test]
+    fn a_tcp_call_listener_refuses_a_connection_without_the_token() {
+        use yr_common::auth::{ClusterToken, HELLO_REFUSED};
+        let token = ClusterToken::generate().expect("token");
+        yr_transport::install(yr_transport::Credentials::with_token(token.clone()));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let io = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        std::thread::spawn(move || {
+            io.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                serve_tcp(listener, Arc::new(Echo)).await;
+            })
+        });
+        let call = frame(&pb::CallRequest {
+            call_id: 7,
+            ..Default::default()
+        });
+
+        // A call with no hello first: refused, and never run.
+        let answer = exchange(address, &call);
+        assert_eq!(answer, vec![HELLO_REFUSED], "no hello");
+
+        // Another cluster's token: refused.
+        let other = ClusterToken::generate().expect("another token");
+        let mut bytes = other.hello();
+        bytes.extend_from_slice(&call);
+        assert_eq!(
+            exchange(address, &bytes),
+            vec![HELLO_REFUSED],
+            "wrong token"
+        );
+
+        // The cluster's token: accepted, and the call is answered on the same connection.
+        let mut stream = TcpStream::connect(address).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        yr_common::auth::send_hello(&mut stream, &token, ErrorCode::RequestBetweenRuntimeBus)
+            .expect("the token is accepted");
+        stream.write_all(&call).expect("call");
+        let mut prefix = [0u8; PREFIX];
+        stream.read_exact(&mut prefix).expect("a result");
+        let mut body = vec![0u8; u64::from_le_bytes(prefix) as usize];
+        stream.read_exact(&mut body).expect("its body");
+        let result = pb::CallResult::decode(body.as_slice()).expect("decode");
+        assert_eq!(result.call_id, 7);
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod call_channel;
 pub mod convert;
 mod data_channel;
 mod discovery;
+pub mod endpoints;
 mod executables;
 pub mod kv;
 pub mod memory;
@@ -257,7 +258,31 @@ impl ClusterBackend {
                 .name("yr-sweep".to_string())
                 .spawn(yr_common::sockets::sweep_dead);
         }
-        let worker_address = format!("unix:{}", socket.display());
+        let unix_address = format!("unix:{}", socket.display());
+        // Callers on other hosts reach this process over TCP on its host's advertised address;
+        // on a single-machine cluster there is none, and nothing more is bound.
+        let own_host = endpoints::find_own_host(&node_address);
+        endpoints::set_own_host(own_host.clone());
+        call_channel::set_io(Some(io.clone()));
+        let (worker_tcp, calls_tcp) = match &own_host {
+            Some(host) => {
+                let host = host.clone();
+                let for_calls = runtime.is_some();
+                io.block_on_in_thread(async move { bind_tcp(&host, for_calls).await })
+            }
+            None => (None, None),
+        };
+        let address_of = |listener: &Option<tokio::net::TcpListener>| {
+            listener
+                .as_ref()
+                .and_then(|l| l.local_addr().ok())
+                .map(|a| a.to_string())
+        };
+        let worker_address = endpoints::compose(
+            &unix_address,
+            address_of(&worker_tcp).as_deref(),
+            address_of(&calls_tcp).as_deref(),
+        );
         let cell: Arc<OnceLock<Weak<Inner>>> = Arc::new(OnceLock::new());
         let connect_code = if runtime.is_some() {
             ErrorCode::RequestBetweenRuntimeBus
@@ -347,11 +372,17 @@ impl ClusterBackend {
         // in a runtime the call socket.
         if let Some(runtime) = inner.runtime.get() {
             call_channel::serve(&worker_address, runtime.clone())?;
+            if let Some(calls_tcp) = calls_tcp {
+                io.spawn(call_channel::serve_tcp(calls_tcp, runtime.clone()));
+            }
         }
-        io.spawn(async move {
-            let service = yr_proto::v1::worker_server::WorkerServer::new(worker::WorkerService)
+        let worker_service = || {
+            yr_proto::v1::worker_server::WorkerServer::new(worker::WorkerService)
                 .max_decoding_message_size(yr_transport::max_message_bytes())
-                .max_encoding_message_size(yr_transport::max_message_bytes());
+                .max_encoding_message_size(yr_transport::max_message_bytes())
+        };
+        let service = worker_service();
+        io.spawn(async move {
             let incoming = yr_transport::incoming_unix(listener);
             if let Err(e) = tonic::transport::Server::builder()
                 .add_service(service)
@@ -361,6 +392,19 @@ impl ClusterBackend {
                 tracing::error!(error = %e, "the worker service stopped");
             }
         });
+        if let Some(worker_tcp) = worker_tcp {
+            let service = worker_service();
+            io.spawn(async move {
+                let incoming = yr_transport::incoming_tcp(worker_tcp);
+                if let Err(e) = tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(incoming)
+                    .await
+                {
+                    tracing::error!(error = %e, "the worker service's TCP listener stopped");
+                }
+            });
+        }
         object_store::set_local_owner_address(&worker_address);
         let fetch_inner = Arc::downgrade(&inner);
         object_store::set_remote_fetcher(Some(Box::new(move |handle: ObjectHandle| {
@@ -555,6 +599,42 @@ impl ClusterBackend {
     }
 }
 
+/// Bind this process's TCP listeners on `host` (port 0): the Worker service's, and with
+/// `for_calls` a runtime's call listener. A host this machine cannot bind (an address behind
+/// NAT) leaves the process without them: callers on other hosts then fail to connect (3001),
+/// and the warning says why.
+async fn bind_tcp(
+    host: &str,
+    for_calls: bool,
+) -> (
+    Option<tokio::net::TcpListener>,
+    Option<tokio::net::TcpListener>,
+) {
+    let bind = |what: &'static str| async move {
+        let ip: std::net::IpAddr = match host.parse() {
+            Ok(ip) => ip,
+            Err(error) => {
+                tracing::warn!(%host, %error, "the advertised host is not an IP address; no TCP {what}");
+                return None;
+            }
+        };
+        match tokio::net::TcpListener::bind((ip, 0)).await {
+            Ok(listener) => Some(listener),
+            Err(error) => {
+                tracing::warn!(%host, %error, "cannot listen on the advertised host; callers on other hosts cannot reach this process's {what}");
+                None
+            }
+        }
+    };
+    let worker = bind("Worker service").await;
+    let calls = if for_calls && worker.is_some() {
+        bind("call listener").await
+    } else {
+        None
+    };
+    (worker, calls)
+}
+
 /// Running a future to completion from a non-IO thread.
 trait BlockOnInThread {
     fn block_on_in_thread<F: std::future::Future + Send + 'static>(&self, future: F) -> F::Output
@@ -651,12 +731,14 @@ impl Inner {
         self.channels.lock().get(address).cloned()
     }
 
-    /// A client of the Worker service at `address`, on a cached connection.
+    /// A client of the Worker service of the process at `address` (its Unix socket on this
+    /// host, its TCP listener on another), on a cached connection.
     async fn worker_client(&self, address: &str) -> Result<WorkerClient<Channel>, Error> {
         let channel = match self.channel(address) {
             Some(channel) => channel,
             None => {
-                let channel = transport::connect(address, ErrorCode::GetOperationFailed).await?;
+                let route = endpoints::worker_route(address);
+                let channel = transport::connect(route, ErrorCode::GetOperationFailed).await?;
                 self.channels
                     .lock()
                     .insert(address.to_string(), channel.clone());

@@ -292,9 +292,32 @@ impl RemoteInstance {
     }
 
     /// The node says the instance runs at `address`: connect and send what waits, replaying
-    /// calls that were in flight on a previous connection.
+    /// calls that were in flight on a previous connection. A runtime on another host is
+    /// connected to from a thread of its own: a TCP connection (and TLS) may take a network
+    /// round trip, which must not hold the IO thread that delivered the news.
     pub fn on_running(self: &Arc<Self>, address: String) {
         tracing::debug!(instance = %self.id, %address, "instance running");
+        let remote = super::endpoints::call_route(&address).is_ok_and(|route| route.is_remote());
+        if remote {
+            let instance = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("yr-call-connect".to_string())
+                .spawn(move || instance.connect_to(address));
+            if let Err(error) = spawned {
+                self.on_failed(Error::new(
+                    ErrorCode::RequestBetweenRuntimeBus,
+                    format!(
+                        "cannot start a thread to connect to instance {}: {error}",
+                        self.id
+                    ),
+                ));
+            }
+            return;
+        }
+        self.connect_to(address);
+    }
+
+    fn connect_to(self: &Arc<Self>, address: String) {
         let generation = {
             let mut state = self.state.lock();
             if matches!(state.connection, Connection::Failed(_)) {
