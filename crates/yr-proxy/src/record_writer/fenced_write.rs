@@ -118,7 +118,9 @@ impl RecordWriter {
 }
 
 /// What to do about a version conflict on `instance_id`'s record, which is now `current`, for
-/// incarnation `incarnation` of node `node_id` (handed the instance by `creator`, if any).
+/// incarnation `incarnation` of node `node_id` (handed the instance by `creator`, if any). The
+/// master's records are never written over, except the SCHEDULING it wrote to re-create the
+/// instance of a lost node on this node (`rescheduled_to`).
 pub(super) fn resolve(
     current: Option<&KeyValue>,
     instance_id: &str,
@@ -134,6 +136,12 @@ pub(super) fn resolve(
         return Resolution::Adopt(current.version);
     };
     if stored.written_by_master {
+        if stored.rescheduled_to == node_id && stored.state == pb::InstanceState::Scheduling as i32
+        {
+            // The master re-creates the instance of a lost node here: this node takes the
+            // record over (docs/design/023-node-loss-recovery.md).
+            return Resolution::Adopt(current.version);
+        }
         let reason = stored
             .error
             .map(|error| error.message)
