@@ -6,7 +6,8 @@
 //!   and queued when the node died complete there (replayed; the state is the constructor's, as
 //!   after any restart), later calls work, and a lookup by its name finds it.
 //! - Without `recover_retry_times`, its callers get 1007, never a hang.
-//! - An object whose only copy was on the lost node fails its get with 4005, within a bound.
+//! - An object held only on the lost node (its owner ran there, and it was still being
+//!   computed) fails its get with 4005, within a bound.
 
 use std::time::{Duration, Instant};
 
@@ -58,12 +59,19 @@ impl Survivor {
         ms
     }
 
-    /// A new object of `len` bytes owned by this instance (so held only on its node).
-    pub fn stash(&mut self, len: u64) -> ObjectRef<ByteBuf> {
-        let object = yr::put(ByteBuf::from(vec![7u8; len as usize])).expect("put");
+    /// An object this instance owns (so held only on its node) that is still being computed:
+    /// the result of a task that takes `ms`.
+    pub fn pending(&mut self, ms: u64) -> ObjectRef<ByteBuf> {
+        let object = yr::function(slow_bytes).invoke((ms,)).expect("submit");
         self.kept.push(object.clone());
         object
     }
+}
+
+#[yr::invoke]
+fn slow_bytes(ms: u64) -> ByteBuf {
+    std::thread::sleep(Duration::from_millis(ms));
+    ByteBuf::from(vec![7u8; 1024])
 }
 
 /// Node 0 (the driver's) is too small for the instance; node 1 has the most room, so the
@@ -119,9 +127,10 @@ fn an_instance_with_restarts_left_runs_again_on_another_node_and_its_calls_compl
         1
     );
     assert!(node_of(&keeper).starts_with(&lost), "it runs on node 1");
-    // An object only node 1 holds (above 100 KiB: in node 1's shared memory).
-    let stashed = yr::get(
-        &keeper.method(Survivor::stash).invoke((300 * 1024,)).unwrap(),
+    // An object only node 1 holds, still pending there: this driver's fetch of it waits on
+    // its owner, the instance's runtime on node 1.
+    let stranded = yr::get(
+        &keeper.method(Survivor::pending).invoke((120_000,)).unwrap(),
         TIMEOUT,
     )
     .unwrap();
@@ -169,7 +178,7 @@ fn an_instance_with_restarts_left_runs_again_on_another_node_and_its_calls_compl
 
     // The object lived only on the lost node: its get fails with 4005, within a bound.
     let started = Instant::now();
-    let error = unwrap_err(yr::get(&stashed, TIMEOUT));
+    let error = unwrap_err(yr::get(&stranded, TIMEOUT));
     assert_error(&error, &[ErrorCode::GetOperationFailed], &[]);
     assert!(
         started.elapsed() < Duration::from_secs(20),
