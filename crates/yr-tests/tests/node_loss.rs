@@ -107,7 +107,11 @@ fn survivor(recover_retry_times: u32, name: &str) -> InstanceHandle<Survivor> {
 }
 
 fn node_of(instance: &InstanceHandle<Survivor>) -> String {
-    yr::get(&instance.method(Survivor::node).invoke(()).unwrap(), TIMEOUT).unwrap()
+    yr::get(
+        &instance.method(Survivor::node).invoke(()).unwrap(),
+        TIMEOUT,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -157,7 +161,10 @@ fn an_instance_with_restarts_left_runs_again_on_another_node_and_its_calls_compl
         killed.elapsed()
     );
     assert_eq!(marker.count("napping"), 2, "the nap was replayed once");
-    assert!(node_of(&keeper).starts_with(&spare), "it runs on node 2 now");
+    assert!(
+        node_of(&keeper).starts_with(&spare),
+        "it runs on node 2 now"
+    );
     assert_eq!(
         yr::get(&keeper.method(Survivor::add).invoke((5,)).unwrap(), TIMEOUT).unwrap(),
         15
@@ -221,8 +228,11 @@ fn an_instance_without_restarts_fails_its_callers_with_1007_when_its_node_is_los
     );
     // The master's verdict: FATAL, never re-created.
     assert!(
-        wait_until(TIMEOUT, || cluster.stored_instance(&id).is_ok_and(|r| r
-            .is_some_and(|r| r.state() == InstanceState::Fatal && r.written_by_master))),
+        wait_until(TIMEOUT, || cluster
+            .stored_instance(&id)
+            .is_ok_and(|r| r.is_some_and(|r| r.state()
+                == InstanceState::Fatal
+                && r.written_by_master))),
         "the master marks it FATAL: {:?}",
         cluster.stored_instance(&id)
     );

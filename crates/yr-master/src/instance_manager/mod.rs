@@ -326,7 +326,7 @@ impl InstanceManager {
                 .map_err(failed)?
             {
                 Some(Settled::Fatal) => recovered.fatal += 1,
-                Some(Settled::Rescheduled(rescheduled)) => recovered.rescheduled.push(rescheduled),
+                Some(Settled::Rescheduled(rescheduled)) => recovered.rescheduled.push(*rescheduled),
                 None => {}
             }
         }
@@ -462,11 +462,11 @@ impl InstanceManager {
                                 restarts = record.restarts,
                                 "instance of a lost node rescheduled"
                             );
-                            Settled::Rescheduled(Rescheduled {
+                            Settled::Rescheduled(Box::new(Rescheduled {
                                 record,
                                 node_id: target,
                                 address,
-                            })
+                            }))
                         }
                         None => {
                             self.marked_fatal.fetch_add(1, Ordering::Relaxed);
@@ -553,7 +553,7 @@ pub struct Rescheduled {
 
 enum Settled {
     Fatal,
-    Rescheduled(Rescheduled),
+    Rescheduled(Box<Rescheduled>),
 }
 
 /// The options of an instance of lost node `lost` that the master re-creates elsewhere, or
