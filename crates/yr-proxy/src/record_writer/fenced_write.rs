@@ -170,3 +170,45 @@ pub(super) fn resolve(
     }
     Resolution::Moved(stored.node_id)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(record: &pb::InstanceRecord) -> KeyValue {
+        KeyValue {
+            key: "/yr/instance/x".into(),
+            value: Bytes::from(record.encode_to_vec()),
+            version: 4,
+            mod_revision: 10,
+            lease: None,
+        }
+    }
+
+    #[test]
+    fn only_the_chosen_node_takes_over_the_masters_reschedule() {
+        let mut record = pb::InstanceRecord {
+            instance_id: "x".into(),
+            node_id: "c".into(),
+            written_by_master: true,
+            rescheduled_to: "c".into(),
+            ..Default::default()
+        };
+        record.set_state(pb::InstanceState::Scheduling);
+        let kv = stored(&record);
+        assert!(matches!(
+            resolve(Some(&kv), "x", "c", 9, ""),
+            Resolution::Adopt(4)
+        ));
+        assert!(matches!(
+            resolve(Some(&kv), "x", "b", 9, ""),
+            Resolution::Fenced(_)
+        ));
+        // The master's FATAL is never taken over, not even by the node it once chose.
+        record.set_state(pb::InstanceState::Fatal);
+        assert!(matches!(
+            resolve(Some(&stored(&record)), "x", "c", 9, ""),
+            Resolution::Fenced(_)
+        ));
+    }
+}
