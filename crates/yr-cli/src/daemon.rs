@@ -22,8 +22,8 @@ pub struct MasterArgs {
     /// Address of the health and Prometheus metrics endpoint (/healthz, /metrics).
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
-    /// Seconds without heartbeats after which a node is lost.
-    #[arg(long, default_value_t = 5.0)]
+    /// Seconds without heartbeats after which a node is lost (nodes beat every second).
+    #[arg(long, default_value_t = 3.0)]
     pub node_timeout: f64,
     /// The address nodes and other masters reach this master at (the leader's address in the
     /// election on etcd); default: the listen address.

@@ -60,6 +60,11 @@ fn cluster_metrics(metrics: &mut Metrics, cluster: &Cluster) {
             &counters.nodes_lost,
         ),
         (
+            "yr_master_instances_rescheduled",
+            "Instances of lost nodes re-created on other nodes (recover_retry_times).",
+            &counters.instances_rescheduled,
+        ),
+        (
             "yr_master_lost_incarnations_refused",
             "Registrations refused because the master had declared that incarnation lost.",
             &counters.lost_incarnations_refused,

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use yr_common::{Error, ErrorCode};
 use yr_meta::MetaStore;
 
-use crate::node_losses::NodeLosses;
+use crate::node_losses::{LossVerdict, NodeLosses};
 
 /// The meta store key of `node_id`'s live incarnation (written by the master at registration,
 /// deleted when it declares the node lost). The master's `yr_master::registry::incarnation_key`
@@ -188,14 +188,15 @@ impl Fencing {
         }
     }
 
-    /// Resolves with the error (1007) to give callers of `instance_id`, which this node
-    /// forwarded to node `node_id`, once the master declares that node lost (as the incarnation
-    /// that holds the instance). Pending until then; drop it when the instance ends otherwise.
+    /// Resolves once the master declares node `node_id` lost (as the incarnation that holds
+    /// `instance_id`, which this node forwarded there): with the error (1007) to give its
+    /// callers, or [`LossVerdict::Rescheduled`] when the master re-creates it elsewhere.
+    /// Pending until then; drop it when the instance ends otherwise.
     pub fn forwarded_lost(
         &self,
         node_id: &str,
         instance_id: &str,
-    ) -> impl Future<Output = Error> + Send + 'static {
+    ) -> impl Future<Output = LossVerdict> + Send + 'static {
         self.node_losses.forwarded_lost(node_id, instance_id)
     }
 

@@ -116,7 +116,7 @@ impl NodeLosses {
         &self,
         node_id: &str,
         instance_id: &str,
-    ) -> impl Future<Output = Error> + Send + 'static {
+    ) -> impl Future<Output = LossVerdict> + Send + 'static {
         // Subscribed now, so that a loss from here on is not missed.
         let mut losses = self
             .nodes
@@ -136,49 +136,84 @@ impl NodeLosses {
                 let Some(lost) = *losses.borrow_and_update() else {
                     continue;
                 };
-                if let Some(error) = verdict(meta.as_ref(), &node_id, &instance_id, lost).await {
-                    return error;
+                if let Some(verdict) = verdict(meta.as_ref(), &node_id, &instance_id, lost).await {
+                    return verdict;
                 }
             }
         }
     }
 }
 
+/// What a node learns of an instance it forwarded to a node the master declared lost.
+#[derive(Debug)]
+pub enum LossVerdict {
+    /// The instance is gone: its callers get this error (1007).
+    Failed(Error),
+    /// The master re-creates it on another node (`recover_retry_times`, design 023): its
+    /// callers wait for it to run there.
+    Rescheduled,
+}
+
+/// How long a verdict waits for the master to settle a record that still shows the lost
+/// incarnation (the master writes the node lost first, then its instances' records).
+const SETTLE_WAIT: Duration = Duration::from_secs(10);
+
+/// How often a verdict reads such a record again.
+const SETTLE_POLL: Duration = Duration::from_millis(50);
+
 /// What callers of `instance_id` get now that incarnation `lost` of `node_id` was declared
-/// lost: the FATAL error of its record (the master's, usually), 1007 saying the node was lost,
+/// lost: the FATAL error of its record (the master's, usually), [`LossVerdict::Rescheduled`]
+/// when the record shows the master re-creating it elsewhere, 1007 saying the node was lost,
 /// or `None` if the record shows the instance on a newer incarnation of the node.
 async fn verdict(
     meta: &dyn MetaStore,
     node_id: &str,
     instance_id: &str,
     lost: u64,
-) -> Option<Error> {
-    let record = tokio::time::timeout(Duration::from_secs(5), meta.get(&instance_key(instance_id)))
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .flatten()
-        .and_then(|kv| pb::InstanceRecord::decode(kv.value).ok());
-    if let Some(record) = record {
+) -> Option<LossVerdict> {
+    let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
+    loop {
+        let record =
+            tokio::time::timeout(Duration::from_secs(5), meta.get(&instance_key(instance_id)))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten()
+                .and_then(|kv| pb::InstanceRecord::decode(kv.value).ok());
+        let Some(record) = record else {
+            break;
+        };
         if record.state == S::Fatal as i32 {
             if let Some(error) = &record.error {
-                return Some(error_from_proto(error));
+                return Some(LossVerdict::Failed(error_from_proto(error)));
             }
+            break;
         }
-        if record.node_id == node_id
-            && record.node_incarnation != 0
-            && record.node_incarnation != lost
-        {
+        if record.node_id != node_id && !record.node_id.is_empty() {
+            // The master wrote it SCHEDULING on another node, or that node took it over.
+            return Some(LossVerdict::Rescheduled);
+        }
+        if record.node_incarnation != 0 && record.node_incarnation != lost {
             return None;
         }
+        if matches!(
+            S::try_from(record.state),
+            Ok(S::Exited | S::Evicted | S::ScheduleFailed)
+        ) || tokio::time::Instant::now() >= deadline
+        {
+            break;
+        }
+        // Still the lost incarnation's record: the master settles it right after it writes
+        // the node lost.
+        tokio::time::sleep(SETTLE_POLL).await;
     }
-    Some(Error::new(
+    Some(LossVerdict::Failed(Error::new(
         ErrorCode::InstanceExited,
         format!(
             "instance {instance_id} exited: it ran on node {node_id}, which the master declared \
              lost (no heartbeat within the master's node timeout); create it again"
         ),
-    ))
+    )))
 }
 
 #[cfg(test)]
@@ -251,9 +286,11 @@ mod tests {
         let lost_x = losses.forwarded_lost("b", "x");
         let lost_y = losses.forwarded_lost("c", "y");
         put_node(&store, "b", "lost", 3).await;
-        let error = tokio::time::timeout(Duration::from_secs(5), lost_x)
-            .await
-            .expect("the loss is relayed");
+        let error = failed(
+            tokio::time::timeout(Duration::from_secs(5), lost_x)
+                .await
+                .expect("the loss is relayed"),
+        );
         assert_eq!(error.code(), ErrorCode::InstanceExited);
         assert!(
             error.message().contains("node b was lost"),
@@ -266,6 +303,36 @@ mod tests {
                 .is_err(),
             "node c was not lost"
         );
+    }
+
+    fn failed(verdict: LossVerdict) -> Error {
+        match verdict {
+            LossVerdict::Failed(error) => error,
+            LossVerdict::Rescheduled => panic!("not rescheduled"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_instance_the_master_reschedules_is_not_failed() {
+        let store = Arc::new(yr_meta::EmbeddedStore::in_memory());
+        let losses = Arc::new(NodeLosses::new(store.clone()));
+        put_record(&store, &running("x", "b", 3)).await;
+        let lost_x = losses.forwarded_lost("b", "x");
+        put_node(&store, "b", "lost", 3).await;
+        for kv in store.range(NODE_PREFIX).await.unwrap() {
+            losses.apply(&kv);
+        }
+        // The master settles the record after it wrote the node lost.
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        let mut rescheduled = running("x", "c", 0);
+        rescheduled.state = S::Scheduling as i32;
+        rescheduled.written_by_master = true;
+        rescheduled.rescheduled_to = "c".into();
+        put_record(&store, &rescheduled).await;
+        let verdict = tokio::time::timeout(Duration::from_secs(5), lost_x)
+            .await
+            .expect("the verdict comes");
+        assert!(matches!(verdict, LossVerdict::Rescheduled), "{verdict:?}");
     }
 
     #[tokio::test]
@@ -281,9 +348,12 @@ mod tests {
         for kv in store.range(NODE_PREFIX).await.unwrap() {
             losses.apply(&kv);
         }
-        let error = tokio::time::timeout(Duration::from_secs(5), lost_z)
-            .await
-            .expect("the instance of the lost incarnation fails");
+        // The master does not settle z's record here: the verdict gives up waiting for it.
+        let error = failed(
+            tokio::time::timeout(SETTLE_WAIT + Duration::from_secs(5), lost_z)
+                .await
+                .expect("the instance of the lost incarnation fails"),
+        );
         assert_eq!(error.code(), ErrorCode::InstanceExited);
         assert!(
             error.message().contains("declared lost"),

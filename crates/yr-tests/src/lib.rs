@@ -1163,6 +1163,27 @@ impl TestCluster {
         })
     }
 
+    /// The value of the Prometheus gauge or counter `name` (without labels) that the master
+    /// reports on its /metrics endpoint.
+    pub fn master_metric(&self, name: &str) -> Option<f64> {
+        let (status, text) = block_on(yr_transport::http::fetch(
+            &self.master_metrics_address(),
+            "/metrics",
+            Duration::from_secs(5),
+        ))
+        .ok()?;
+        if !status.is_success() {
+            return None;
+        }
+        text.lines().find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
     /// [`TestCluster::node_metric`], waiting up to [`TIMEOUT`] for the node to report it;
     /// panics if it never does.
     pub fn wait_metric(&self, index: usize, name: &str) -> f64 {

@@ -66,6 +66,8 @@ pub struct Counters {
     pub registrations: AtomicU64,
     /// Nodes declared lost.
     pub nodes_lost: AtomicU64,
+    /// Instances of lost nodes re-created on other nodes (design 023).
+    pub instances_rescheduled: AtomicU64,
     /// Registrations refused because their incarnation was declared lost.
     pub lost_incarnations_refused: AtomicU64,
 }

@@ -41,13 +41,66 @@ impl Cluster {
         }
     }
 
+    /// Places an instance of `options`' resources and required label affinities (as a node
+    /// asks for it) on a live node, and reserves it there tentatively.
+    pub(super) fn place_instance(
+        &self,
+        options: &yr_common::InvokeOptions,
+    ) -> Result<(String, String), PlacementError> {
+        use yr_common::{AffinityKind, AffinityType};
+        let request = ScheduleRequest {
+            request: Some(yr_proto::v1::Resources {
+                cpu_millicores: u64::from(options.cpu),
+                memory_mb: u64::from(options.memory),
+                custom: options
+                    .custom_resources
+                    .iter()
+                    .map(|(name, amount)| (name.clone(), *amount))
+                    .collect(),
+            }),
+            exclude_nodes: Vec::new(),
+            labels: Vec::new(),
+            required_affinities: Vec::new(),
+        };
+        // The affinities a node asks the master to honour (`create_options::required_affinities`
+        // in the proxy): every one of kind RESOURCE, anti or not.
+        let affinities: Vec<yr_common::Affinity> = options
+            .schedule_affinities
+            .iter()
+            .filter(|affinity| affinity.affinity_kind == AffinityKind::Resource)
+            .map(|affinity| {
+                let anti = matches!(
+                    affinity.affinity_type,
+                    AffinityType::RequiredAnti | AffinityType::PreferredAnti
+                );
+                yr_common::Affinity {
+                    affinity_type: if anti {
+                        AffinityType::RequiredAnti
+                    } else {
+                        AffinityType::Required
+                    },
+                    ..affinity.clone()
+                }
+            })
+            .collect();
+        self.place_with(&request, &affinities)
+    }
+
     fn place(&self, request: &ScheduleRequest) -> Result<(String, String), PlacementError> {
-        let resources = ResourceSet::from_proto(&request.request.clone().unwrap_or_default());
         let affinities: Vec<yr_common::Affinity> = request
             .required_affinities
             .iter()
             .map(placement::affinity_from_proto)
             .collect();
+        self.place_with(request, &affinities)
+    }
+
+    fn place_with(
+        &self,
+        request: &ScheduleRequest,
+        affinities: &[yr_common::Affinity],
+    ) -> Result<(String, String), PlacementError> {
+        let resources = ResourceSet::from_proto(&request.request.clone().unwrap_or_default());
         let now = self.clock.now();
         let mut nodes = self.nodes.lock();
         nodes.view.expire_reservations(now, self.node_timeout);
@@ -71,7 +124,7 @@ impl Cluster {
                     resources: &resources,
                     exclude_nodes: &request.exclude_nodes,
                     labels: &request.labels,
-                    affinities: &affinities,
+                    affinities,
                 },
             )?
             .to_string()

@@ -10,8 +10,11 @@
 //! is never clobbered. The lost incarnation can no longer write (its live incarnation key is
 //! gone), and a node never writes over a record the master wrote: the master's FATAL stands.
 //!
-//! Not done yet: rescheduling instances of a lost node that have a `recover_retry_times` budget
-//! (openYuanrong moves them to SCHEDULING under the master's ownership); they go FATAL too.
+//! An instance of a lost node with restarts left of its `recover_retry_times` (and an owner
+//! that outlives the node) is not failed but re-created: the master places it on an alive node
+//! and writes its record SCHEDULING there (`written_by_master`, `rescheduled_to`, one more
+//! restart), then sends that node a create with the same instance id; the chosen node, and only
+//! it, takes the record over (docs/design/023-node-loss-recovery.md).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +25,7 @@ use parking_lot::Mutex;
 use prost::Message;
 use tokio::sync::watch;
 use yr_common::backoff::Backoff;
-use yr_common::{ErrorCode, ModuleCode};
+use yr_common::{ErrorCode, InvokeOptions, ModuleCode};
 use yr_meta::{put_if_version, KeyValue, MetaError, MetaStore, WatchEvent};
 use yr_proto::v1::{ErrorInfo, InstanceRecord, InstanceState, InstanceSummary};
 
@@ -97,6 +100,8 @@ pub const ALL_STATES: [InstanceState; 14] = [
 struct Cached {
     summary: InstanceSummary,
     mod_revision: u64,
+    /// The node the master re-creates it on, while the master's SCHEDULING stands.
+    rescheduled_to: Option<String>,
 }
 
 /// The cluster-wide view of instances, kept current by a watch on [`INSTANCE_PREFIX`].
@@ -267,21 +272,40 @@ impl InstanceManager {
     }
 
     /// Writes FATAL (`InstanceExited`, "node X was lost") into every record of an instance on
-    /// `node_id` that is not final yet, and returns how many it wrote. Records of the node's
-    /// `live_incarnation` (a node that came back as a new incarnation meanwhile) are left
-    /// alone. Reads the store rather than the view, so that records the watch has not delivered
-    /// yet are not missed.
+    /// `node_id` that is not final yet, and returns how many it wrote; no instance is
+    /// re-created (see [`InstanceManager::recover_instances_of_lost_node`]).
     pub async fn fail_instances_of_lost_node(
         &self,
         node_id: &str,
         live_incarnation: &(dyn Fn() -> Option<u64> + Send + Sync),
     ) -> Result<usize, InstanceManagerError> {
+        let recovered = self
+            .recover_instances_of_lost_node(node_id, live_incarnation, &|_, _| {
+                Err("the master does not re-create instances here".to_string())
+            })
+            .await?;
+        Ok(recovered.fatal + recovered.rescheduled.len())
+    }
+
+    /// Settles every record of an instance on `node_id` that is not final yet: an instance with
+    /// restarts left (`recover_retry_times`, see [`recovery_options`]) that `place` finds a
+    /// node for is written SCHEDULING on that node (`written_by_master`, `rescheduled_to`,
+    /// one more restart), for the caller to send the create; every other one is written FATAL
+    /// (`InstanceExited`, "node X was lost"). Records of the node's `live_incarnation` (a node
+    /// that came back as a new incarnation meanwhile) are left alone. Reads the store rather
+    /// than the view, so that records the watch has not delivered yet are not missed.
+    pub async fn recover_instances_of_lost_node(
+        &self,
+        node_id: &str,
+        live_incarnation: &(dyn Fn() -> Option<u64> + Send + Sync),
+        place: Placer<'_>,
+    ) -> Result<Recovered, InstanceManagerError> {
         let failed = |source| InstanceManagerError::MarkFatal {
             node_id: node_id.to_string(),
             source,
         };
         let records = self.store.range(INSTANCE_PREFIX).await.map_err(failed)?;
-        let mut marked = 0;
+        let mut recovered = Recovered::default();
         for kv in records {
             let Ok(record) = InstanceRecord::decode(kv.value.clone()) else {
                 continue;
@@ -289,67 +313,179 @@ impl InstanceManager {
             if !belongs_to_lost(&record, node_id, live_incarnation) {
                 continue;
             }
-            if self
-                .mark_fatal(&kv.key, record, kv.version, node_id, live_incarnation)
+            match self
+                .settle(
+                    &kv.key,
+                    record,
+                    kv.version,
+                    node_id,
+                    live_incarnation,
+                    place,
+                )
                 .await
                 .map_err(failed)?
             {
-                marked += 1;
+                Some(Settled::Fatal) => recovered.fatal += 1,
+                Some(Settled::Rescheduled(rescheduled)) => recovered.rescheduled.push(*rescheduled),
+                None => {}
             }
         }
-        if marked > 0 {
+        if recovered.fatal > 0 || !recovered.rescheduled.is_empty() {
             tracing::warn!(
                 node_id,
-                instances = marked,
-                "instances of a lost node were marked FATAL"
+                fatal = recovered.fatal,
+                rescheduled = recovered.rescheduled.len(),
+                "instances of a lost node were settled"
             );
         }
-        Ok(marked)
+        Ok(recovered)
     }
 
-    /// Moves one record to FATAL with a compare-and-swap; re-reads and retries while a newer
-    /// record is still on the lost node and not final. True when this call wrote it.
-    async fn mark_fatal(
+    /// Writes FATAL (with `reason`) over the master's SCHEDULING of `instance_id` for node
+    /// `target`, unless the record moved on (the node took it over, or it was settled again).
+    /// True when this call wrote it.
+    pub async fn fail_reschedule(
+        &self,
+        instance_id: &str,
+        target: &str,
+        reason: &str,
+    ) -> Result<bool, MetaError> {
+        let key = instance_key(instance_id);
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let Some(kv) = self.store.get(&key).await? else {
+                return Ok(false);
+            };
+            let Ok(mut record) = InstanceRecord::decode(kv.value.clone()) else {
+                return Ok(false);
+            };
+            if !(record.written_by_master
+                && record.rescheduled_to == target
+                && record.state() == InstanceState::Scheduling)
+            {
+                return Ok(false);
+            }
+            record.set_state(InstanceState::Fatal);
+            record.rescheduled_to.clear();
+            record.error = Some(ErrorInfo {
+                code: ErrorCode::InstanceExited.number(),
+                module: ModuleCode::Core.number(),
+                message: format!(
+                    "instance {instance_id} exited: its node was lost and the master could not                      re-create it on node {target}: {reason}; create it again"
+                ),
+                ..Default::default()
+            });
+            let value = Bytes::from(record.encode_to_vec());
+            if let Ok(written) =
+                put_if_version(self.store.as_ref(), &key, value, kv.version).await?
+            {
+                self.marked_fatal.fetch_add(1, Ordering::Relaxed);
+                self.apply(WatchEvent::Put(written));
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Moves one record to SCHEDULING on another node, or to FATAL, with a compare-and-swap;
+    /// re-reads and retries while a newer record is still on the lost node and not final.
+    /// What this call wrote, if anything.
+    async fn settle(
         &self,
         key: &str,
         mut record: InstanceRecord,
         mut version: u64,
         node_id: &str,
         live_incarnation: &(dyn Fn() -> Option<u64> + Send + Sync),
-    ) -> Result<bool, MetaError> {
+        place: Placer<'_>,
+    ) -> Result<Option<Settled>, MetaError> {
         for _ in 0..MAX_CAS_ATTEMPTS {
             let instance_id = if record.instance_id.is_empty() {
                 key.trim_start_matches(INSTANCE_PREFIX).to_string()
             } else {
                 record.instance_id.clone()
             };
-            record.set_state(InstanceState::Fatal);
+            let placed = recovery_options(&record, node_id)
+                .map(|options| place(&record, &options).map(|target| (target, options)));
+            let mut rescheduled = None;
             record.written_by_master = true;
-            record.error = Some(ErrorInfo {
-                code: ErrorCode::InstanceExited.number(),
-                module: ModuleCode::Core.number(),
-                message: format!(
-                    "instance {instance_id} exited: node {node_id} was lost (it stopped \
-                     heartbeating to the master); the instance was not rescheduled, create it \
-                     again"
-                ),
-                ..Default::default()
-            });
+            match placed {
+                Some(Ok(((target, address), options))) => {
+                    record.set_state(InstanceState::Scheduling);
+                    record.restarts += 1;
+                    record.node_id.clone_from(&target);
+                    record.node_incarnation = 0;
+                    record.runtime_address.clear();
+                    record.runtime_pid = 0;
+                    record.rescheduled_to.clone_from(&target);
+                    record.error = Some(ErrorInfo {
+                        code: ErrorCode::InstanceExited.number(),
+                        module: ModuleCode::Core.number(),
+                        message: format!(
+                            "instance {instance_id} is re-created on node {target}: node                              {node_id} was lost (restart {} of {})",
+                            record.restarts, options.recover_retry_times
+                        ),
+                        ..Default::default()
+                    });
+                    rescheduled = Some((target, address));
+                }
+                placed => {
+                    let why = match placed {
+                        Some(Err(reason)) => format!(
+                            "; it could not be re-created on another node ({reason}), create it again"
+                        ),
+                        _ => "; the instance was not rescheduled (no recover_retry_times left), create it again"
+                            .to_string(),
+                    };
+                    record.set_state(InstanceState::Fatal);
+                    record.rescheduled_to.clear();
+                    record.error = Some(ErrorInfo {
+                        code: ErrorCode::InstanceExited.number(),
+                        module: ModuleCode::Core.number(),
+                        message: format!(
+                            "instance {instance_id} exited: node {node_id} was lost (it stopped \
+                             heartbeating to the master){why}"
+                        ),
+                        ..Default::default()
+                    });
+                }
+            }
             let value = Bytes::from(record.encode_to_vec());
             match put_if_version(self.store.as_ref(), key, value, version).await? {
                 Ok(kv) => {
-                    self.marked_fatal.fetch_add(1, Ordering::Relaxed);
                     self.apply(WatchEvent::Put(kv));
-                    tracing::info!(instance_id, node_id, "instance marked FATAL: node lost");
-                    return Ok(true);
+                    return Ok(Some(match rescheduled {
+                        Some((target, address)) => {
+                            tracing::info!(
+                                instance_id,
+                                node_id,
+                                target,
+                                restarts = record.restarts,
+                                "instance of a lost node rescheduled"
+                            );
+                            Settled::Rescheduled(Box::new(Rescheduled {
+                                record,
+                                node_id: target,
+                                address,
+                            }))
+                        }
+                        None => {
+                            self.marked_fatal.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(
+                                instance_id,
+                                node_id,
+                                "instance marked FATAL: node lost"
+                            );
+                            Settled::Fatal
+                        }
+                    }));
                 }
-                Err(None) => return Ok(false),
+                Err(None) => return Ok(None),
                 Err(Some(current)) => {
                     let Ok(newer) = InstanceRecord::decode(current.value.clone()) else {
-                        return Ok(false);
+                        return Ok(None);
                     };
                     if !belongs_to_lost(&newer, node_id, live_incarnation) {
-                        return Ok(false);
+                        return Ok(None);
                     }
                     record = newer;
                     version = current.version;
@@ -359,10 +495,88 @@ impl InstanceManager {
         tracing::warn!(
             key,
             node_id,
-            "instance record kept changing; gave up marking it FATAL"
+            "instance record kept changing; gave up settling it"
         );
-        Ok(false)
+        Ok(None)
     }
+
+    /// Every record the master wrote SCHEDULING for a node that has not taken it over yet
+    /// (a master that took over finishes what its predecessor started), with the node.
+    pub fn pending_reschedules(&self) -> Vec<(String, String)> {
+        self.instances
+            .lock()
+            .values()
+            .filter(|cached| cached.rescheduled_to.is_some())
+            .filter_map(|cached| {
+                cached
+                    .rescheduled_to
+                    .clone()
+                    .map(|node| (cached.summary.instance_id.clone(), node))
+            })
+            .collect()
+    }
+
+    /// The stored record of `instance_id`, read from the store.
+    pub async fn record(&self, instance_id: &str) -> Result<Option<InstanceRecord>, MetaError> {
+        Ok(self
+            .store
+            .get(&instance_key(instance_id))
+            .await?
+            .and_then(|kv| InstanceRecord::decode(kv.value).ok()))
+    }
+}
+
+/// Where the master re-creates an instance of a lost node (its record and decoded options):
+/// `Ok((node_id, node_address))`, or why no node fits.
+pub type Placer<'a> =
+    &'a (dyn Fn(&InstanceRecord, &InvokeOptions) -> Result<(String, String), String> + Send + Sync);
+
+/// What the master did with the instances of a lost node.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// How many it wrote FATAL.
+    pub fatal: usize,
+    /// The instances it wrote SCHEDULING on another node; their creates are to be sent.
+    pub rescheduled: Vec<Rescheduled>,
+}
+
+/// An instance of a lost node that the master re-creates elsewhere.
+#[derive(Clone, Debug)]
+pub struct Rescheduled {
+    /// Its record as the master wrote it (SCHEDULING, `rescheduled_to`).
+    pub record: InstanceRecord,
+    /// The node chosen.
+    pub node_id: String,
+    /// That node's Node service address.
+    pub address: String,
+}
+
+enum Settled {
+    Fatal,
+    Rescheduled(Box<Rescheduled>),
+}
+
+/// The options of an instance of lost node `lost` that the master re-creates elsewhere, or
+/// `None` if it goes FATAL: a stateful instance with restarts left of its
+/// `recover_retry_times`, not being killed, whose owner outlives the node (it is detached, or
+/// another node created it).
+pub fn recovery_options(record: &InstanceRecord, lost: &str) -> Option<InvokeOptions> {
+    if record.stateless
+        || matches!(
+            record.state(),
+            InstanceState::Exiting | InstanceState::Evicting
+        )
+    {
+        return None;
+    }
+    let options: InvokeOptions = rmp_serde::from_slice(&record.options).ok()?;
+    if record.restarts >= options.recover_retry_times {
+        return None;
+    }
+    let owner_outlives = record.detached
+        || options.is_detached()
+        || (!record.creator_node_id.is_empty() && record.creator_node_id != lost);
+    owner_outlives.then_some(options)
 }
 
 /// Whether `record` is an instance of the lost node `node_id` that the master must fail: not
@@ -383,6 +597,10 @@ fn decode(kv: &KeyValue) -> Option<Cached> {
         Ok(record) => Some(Cached {
             summary: summary(&kv.key, &record),
             mod_revision: kv.mod_revision,
+            rescheduled_to: (record.written_by_master
+                && record.state() == InstanceState::Scheduling
+                && !record.rescheduled_to.is_empty())
+            .then(|| record.rescheduled_to.clone()),
         }),
         Err(err) => {
             let error = yr_common::Error::from(InstanceManagerError::BadRecord {

@@ -151,10 +151,13 @@ async fn a_record_moved_elsewhere_concurrently_is_not_clobbered() {
         .await
         .unwrap();
     let decoded = InstanceRecord::decode(first.value.clone()).unwrap();
-    assert!(!manager
-        .mark_fatal(&key, decoded, first.version, "lost", &|| None)
+    let settled = manager
+        .settle(&key, decoded, first.version, "lost", &|| None, &|_, _| {
+            Err("no node".into())
+        })
         .await
-        .unwrap());
+        .unwrap();
+    assert!(settled.is_none());
     assert_eq!(read(&store, "i1").await.node_id, "other");
 }
 
@@ -200,4 +203,97 @@ async fn the_watch_keeps_the_view_current() {
         .await
         .unwrap()
         .unwrap();
+}
+
+fn recoverable(id: &str, node: &str, retries: u32, restarts: u32, creator: &str) -> Bytes {
+    let options = InvokeOptions {
+        recover_retry_times: retries,
+        ..Default::default()
+    };
+    let mut record = InstanceRecord {
+        instance_id: id.to_string(),
+        function: "f".to_string(),
+        node_id: node.to_string(),
+        node_incarnation: 7,
+        runtime_address: "unix:/gone".to_string(),
+        restarts,
+        creator_node_id: creator.to_string(),
+        options: rmp_serde::to_vec_named(&options).unwrap().into(),
+        ..Default::default()
+    };
+    record.set_state(InstanceState::Running);
+    Bytes::from(record.encode_to_vec())
+}
+
+#[tokio::test]
+async fn instances_with_restarts_left_are_rescheduled_and_the_others_go_fatal() {
+    let store = Arc::new(FakeStore::default());
+    for (id, value) in [
+        // Restarts left, created by a node that outlives the lost one.
+        ("again", recoverable("again", "lost", 2, 1, "creator")),
+        // No restarts left.
+        ("spent", recoverable("spent", "lost", 1, 1, "creator")),
+        // Attached, created on the lost node itself: its owner went with it.
+        ("orphan", recoverable("orphan", "lost", 3, 0, "")),
+        // Restarts left, but no node has room.
+        ("nowhere", recoverable("nowhere", "lost", 3, 0, "creator")),
+    ] {
+        store.put(&instance_key(id), value, None).await.unwrap();
+    }
+    let manager = InstanceManager::new(store.clone());
+    manager.sync().await.unwrap();
+    let recovered = manager
+        .recover_instances_of_lost_node("lost", &|| None, &|record, _| {
+            if record.instance_id == "nowhere" {
+                Err("no node has room".into())
+            } else {
+                Ok(("fresh".into(), "127.0.0.1:9".into()))
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(recovered.fatal, 3);
+    assert_eq!(recovered.rescheduled.len(), 1);
+    let moved = &recovered.rescheduled[0];
+    assert_eq!(
+        (moved.node_id.as_str(), moved.address.as_str()),
+        ("fresh", "127.0.0.1:9")
+    );
+    let stored = read(&store, "again").await;
+    assert_eq!(stored.state(), InstanceState::Scheduling);
+    assert!(stored.written_by_master);
+    assert_eq!(stored.rescheduled_to, "fresh");
+    assert_eq!(stored.node_id, "fresh");
+    assert_eq!(stored.node_incarnation, 0);
+    assert_eq!(stored.restarts, 2, "the move counts as a restart");
+    assert!(stored.runtime_address.is_empty());
+    assert_eq!(
+        manager.pending_reschedules(),
+        vec![("again".to_string(), "fresh".to_string())]
+    );
+    for (id, why) in [
+        ("spent", "no recover_retry_times left"),
+        ("orphan", "no recover_retry_times left"),
+        ("nowhere", "no node has room"),
+    ] {
+        let stored = read(&store, id).await;
+        assert_eq!(stored.state(), InstanceState::Fatal, "{id}");
+        let error = stored.error.unwrap();
+        assert_eq!(error.code, ErrorCode::InstanceExited.number());
+        assert!(error.message.contains(why), "{id}: {}", error.message);
+    }
+
+    // The chosen node refuses the create: the master's SCHEDULING becomes FATAL; a record the
+    // node took over is left alone.
+    assert!(manager
+        .fail_reschedule("again", "fresh", "refused")
+        .await
+        .unwrap());
+    let stored = read(&store, "again").await;
+    assert_eq!(stored.state(), InstanceState::Fatal);
+    assert!(stored.error.unwrap().message.contains("refused"));
+    assert!(!manager
+        .fail_reschedule("again", "fresh", "refused")
+        .await
+        .unwrap());
 }

@@ -13,7 +13,7 @@ use yr_proto::error_from_proto;
 use yr_proto::v1 as pb;
 use yr_proto::v1::InstanceState as S;
 
-use super::{error_notify, Node};
+use super::Node;
 use crate::error::ProxyError;
 use crate::instance_table::{Admitted, Instance, Subscriber};
 use crate::resources::Amount;
@@ -54,6 +54,7 @@ impl Node {
         if !request.stateless
             && !request.function.is_empty()
             && request.creator_node_id.is_empty()
+            && !request.rescheduled
             && self.code.knows_functions_of(&request.binary_hash)
             && !self.code.has_function(&request.function)
         {
@@ -63,8 +64,9 @@ impl Node {
             }
             .into());
         }
-        // A client's create runs only a binary a driver registered here.
-        if request.creator_node_id.is_empty() {
+        // A client's create runs only a binary a driver registered here; the master's
+        // re-create of a lost node's instance runs the binary its creator registered.
+        if request.creator_node_id.is_empty() && !request.rescheduled {
             self.check_create_binary(&request)?;
         }
         let instance_id = if request.designated_instance_id.is_empty() {
@@ -97,6 +99,12 @@ impl Node {
             binary_hash: request.binary_hash,
             runtime_args: request.runtime_args,
             creator_node_id: request.creator_node_id,
+            // A re-create after a node loss keeps the restarts used (the master counted this one).
+            restarts: if request.rescheduled {
+                request.restarts
+            } else {
+                0
+            },
             ..Default::default()
         };
         let instance = Instance::new(
@@ -399,6 +407,8 @@ impl Node {
                     designated_instance_id: instance_id.to_string(),
                     creator_node_id: self.settings.node_id.clone(),
                     creator_node_address: self.settings.node_address.clone(),
+                    rescheduled: false,
+                    restarts: 0,
                 }
             })
             .ok_or_else(|| gone(instance_id))?;
@@ -415,7 +425,7 @@ impl Node {
         let mut client = pb::node_client::NodeClient::new(channel)
             .max_decoding_message_size(yr_transport::max_message_bytes())
             .max_encoding_message_size(yr_transport::max_message_bytes());
-        let mut notifications = client
+        let notifications = client
             .create(request)
             .await
             .map_err(|status| ProxyError::ForwardRefused {
@@ -425,50 +435,19 @@ impl Node {
                 code: yr_transport::status_to_code(&status, ErrorCode::InnerCommunication),
             })?
             .into_inner();
-        let node = self.clone();
-        let id = instance_id.to_string();
         // A stopped node keeps its connections open: its loss comes from the meta store.
         let lost = self.fencing.forwarded_lost(&node_id, instance_id);
-        tokio::spawn(async move {
-            use tokio_stream::StreamExt;
-            tokio::pin!(lost);
-            loop {
-                let next = tokio::select! {
-                    next = notifications.next() => next,
-                    error = &mut lost => {
-                        node.notify(&id, error_notify(&id, S::Fatal, &error));
-                        node.forget_forwarded(&id);
-                        return;
-                    }
-                };
-                match next {
-                    Some(Ok(notify)) => {
-                        let state = S::try_from(notify.state).unwrap_or(S::Fatal);
-                        node.instances.with_mut(&id, |i| i.mirror(&notify));
-                        node.notify(&id, notify.clone());
-                        if matches!(state, S::Exited | S::Fatal) {
-                            node.forget_forwarded(&id);
-                            return;
-                        }
-                    }
-                    Some(Err(_)) | None => {
-                        let error: Error = ProxyError::NodeUnreachable {
-                            instance: id.clone(),
-                            node: node_id.clone(),
-                        }
-                        .into();
-                        node.notify(&id, error_notify(&id, S::Fatal, &error));
-                        node.forget_forwarded(&id);
-                        return;
-                    }
-                }
-            }
-        });
+        tokio::spawn(self.clone().relay_forwarded(
+            instance_id.to_string(),
+            node_id,
+            notifications,
+            lost,
+        ));
         Ok(())
     }
 
     /// A forwarded instance ended on the node that ran it.
-    fn forget_forwarded(&self, instance_id: &str) {
+    pub(super) fn forget_forwarded(&self, instance_id: &str) {
         if let Some(instance) = self.instances.remove(instance_id) {
             for waiter in instance.exit_waiters {
                 let _ = waiter.send(());

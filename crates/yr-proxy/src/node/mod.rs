@@ -10,6 +10,7 @@
 
 mod create;
 mod executables;
+mod forwarded;
 mod lookup;
 mod register;
 mod runtimes;

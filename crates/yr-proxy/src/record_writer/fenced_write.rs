@@ -118,7 +118,9 @@ impl RecordWriter {
 }
 
 /// What to do about a version conflict on `instance_id`'s record, which is now `current`, for
-/// incarnation `incarnation` of node `node_id` (handed the instance by `creator`, if any).
+/// incarnation `incarnation` of node `node_id` (handed the instance by `creator`, if any). The
+/// master's records are never written over, except the SCHEDULING it wrote to re-create the
+/// instance of a lost node on this node (`rescheduled_to`).
 pub(super) fn resolve(
     current: Option<&KeyValue>,
     instance_id: &str,
@@ -134,6 +136,12 @@ pub(super) fn resolve(
         return Resolution::Adopt(current.version);
     };
     if stored.written_by_master {
+        if stored.rescheduled_to == node_id && stored.state == pb::InstanceState::Scheduling as i32
+        {
+            // The master re-creates the instance of a lost node here: this node takes the
+            // record over (docs/design/023-node-loss-recovery.md).
+            return Resolution::Adopt(current.version);
+        }
         let reason = stored
             .error
             .map(|error| error.message)
@@ -161,4 +169,46 @@ pub(super) fn resolve(
         return Resolution::Adopt(current.version);
     }
     Resolution::Moved(stored.node_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(record: &pb::InstanceRecord) -> KeyValue {
+        KeyValue {
+            key: "/yr/instance/x".into(),
+            value: Bytes::from(record.encode_to_vec()),
+            version: 4,
+            mod_revision: 10,
+            lease: None,
+        }
+    }
+
+    #[test]
+    fn only_the_chosen_node_takes_over_the_masters_reschedule() {
+        let mut record = pb::InstanceRecord {
+            instance_id: "x".into(),
+            node_id: "c".into(),
+            written_by_master: true,
+            rescheduled_to: "c".into(),
+            ..Default::default()
+        };
+        record.set_state(pb::InstanceState::Scheduling);
+        let kv = stored(&record);
+        assert!(matches!(
+            resolve(Some(&kv), "x", "c", 9, ""),
+            Resolution::Adopt(4)
+        ));
+        assert!(matches!(
+            resolve(Some(&kv), "x", "b", 9, ""),
+            Resolution::Fenced(_)
+        ));
+        // The master's FATAL is never taken over, not even by the node it once chose.
+        record.set_state(pb::InstanceState::Fatal);
+        assert!(matches!(
+            resolve(Some(&stored(&record)), "x", "c", 9, ""),
+            Resolution::Fenced(_)
+        ));
+    }
 }

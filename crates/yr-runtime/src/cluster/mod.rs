@@ -708,9 +708,8 @@ impl Inner {
         let Some(instance) = instance else { return };
         match pb::InstanceState::try_from(notify.state) {
             Ok(pb::InstanceState::Running) => instance.on_running(notify.runtime_address),
-            Ok(pb::InstanceState::Failed)
-            | Ok(pb::InstanceState::Scheduling)
-            | Ok(pb::InstanceState::Creating) => {}
+            Ok(pb::InstanceState::Failed) => instance.on_restarting(),
+            Ok(pb::InstanceState::Scheduling) | Ok(pb::InstanceState::Creating) => {}
             _ => {
                 let error = notify
                     .error
@@ -870,6 +869,8 @@ impl Inner {
             designated_instance_id: id.to_string(),
             creator_node_id: String::new(),
             creator_node_address: String::new(),
+            rescheduled: false,
+            restarts: 0,
         })
     }
 

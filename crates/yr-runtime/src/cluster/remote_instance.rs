@@ -1,7 +1,9 @@
 //! An instance as its callers see it: calls queue until it runs, then stream straight to its
 //! runtime (direct routing), in submission order. If the connection breaks, calls in flight wait
-//! for the node's verdict: replayed on the restarted instance (`recover_retry_times`), or failed
-//! with the code the node gives (2002 crash, 1007 exit), or 3001 if the node says nothing.
+//! for the node's verdict: replayed on the restarted instance (`recover_retry_times`; FAILED,
+//! then RUNNING at the same or a new address, also on another node after a node loss), or
+//! failed with the code the node gives (2002 crash, 1007 exit), or 3001 if the node says
+//! nothing.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +22,11 @@ use crate::object_store::{Cancel, ObjectHandle};
 
 /// How long calls whose connection broke wait for the node to say what happened.
 const VERDICT_WAIT: Duration = Duration::from_secs(5);
+
+/// How long calls wait for an instance the node says is being restarted (FAILED: restarted on
+/// its node within `recover_retry_times`, or re-created on another node after its node was
+/// lost) to run again; the node says FATAL when it gives up, so this only bounds a silent node.
+const RESTART_WAIT: Duration = Duration::from_secs(90);
 
 /// What a caller that pools instances (the stateless submitter) hears about one of them.
 /// Observers are called with no lock of the instance held.
@@ -122,6 +129,9 @@ struct State {
     terminating: bool,
     /// This process is finalizing: nothing more is sent.
     stopped_sending: bool,
+    /// The node said FAILED: the instance is being restarted (here or on another node), so
+    /// calls wait up to [`RESTART_WAIT`] for it to run again.
+    restarting: bool,
     /// Calls keep submission order; else each is sent once its own arguments are ready
     /// (`need_order = Some(false)`).
     ordered: bool,
@@ -153,6 +163,7 @@ impl RemoteInstance {
                 generation: 0,
                 terminating: false,
                 stopped_sending: false,
+                restarting: false,
                 ordered: true,
             }),
             observer,
@@ -325,6 +336,7 @@ impl RemoteInstance {
             }
             state.generation += 1;
             state.connection = Connection::Waiting;
+            state.restarting = false;
             state.generation
         };
         let (sender, results) = match call_channel::connect(&address) {
@@ -417,28 +429,59 @@ impl RemoteInstance {
                 return;
             }
         }
-        // Wait for the node's verdict; without one, the calls fail with 3001.
+        // Wait for the node's verdict; without one, the calls fail with 3001. A restart the
+        // node announced (FAILED) is waited for longer.
         let instance = Arc::downgrade(self);
         let id = self.id.clone();
         self.io.spawn(async move {
             tokio::time::sleep(VERDICT_WAIT).await;
-            let Some(instance) = Weak::upgrade(&instance) else {
-                return;
-            };
-            let still_waiting = {
-                let state = instance.state.lock();
-                state.generation == generation && matches!(state.connection, Connection::Waiting)
-            };
-            if still_waiting {
-                instance.on_failed(Error::new(
-                    ErrorCode::RequestBetweenRuntimeBus,
+            let mut waited = VERDICT_WAIT;
+            loop {
+                let Some(instance) = Weak::upgrade(&instance) else {
+                    return;
+                };
+                let (still_waiting, restarting) = {
+                    let state = instance.state.lock();
+                    (
+                        state.generation == generation
+                            && matches!(state.connection, Connection::Waiting),
+                        state.restarting,
+                    )
+                };
+                if !still_waiting {
+                    return;
+                }
+                if restarting && waited < RESTART_WAIT {
+                    drop(instance);
+                    tokio::time::sleep(VERDICT_WAIT).await;
+                    waited += VERDICT_WAIT;
+                    continue;
+                }
+                let error = if restarting {
+                    format!(
+                        "instance {id} was being restarted and did not run again within \
+                         {RESTART_WAIT:?} ({reason}); please retry"
+                    )
+                } else {
                     format!(
                         "connection with the runtime of instance {id} was interrupted ({reason}); \
                          please retry"
-                    ),
-                ));
+                    )
+                };
+                instance.on_failed(Error::new(ErrorCode::RequestBetweenRuntimeBus, error));
+                return;
             }
         });
+    }
+
+    /// The node says the instance FAILED and is being restarted (on its node, or on another
+    /// after its node was lost): calls in flight and queued wait for it to run again, and are
+    /// replayed there.
+    pub fn on_restarting(&self) {
+        let mut state = self.state.lock();
+        if !matches!(state.connection, Connection::Failed(_)) {
+            state.restarting = true;
+        }
     }
 
     /// The node says the instance is gone: fail everything with `error`.

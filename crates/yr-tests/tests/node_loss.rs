@@ -1,0 +1,241 @@
+//! A node lost for good (SIGKILL of its node process, which takes its runtimes with it), on a
+//! real three-node cluster with a fast node timeout (docs/design/023-node-loss-recovery.md).
+//!
+//! - A stateful instance with `recover_retry_times = 1`, created by a driver on the first node
+//!   and running on the second, runs again on the third under the same id: the calls in flight
+//!   and queued when the node died complete there (replayed; the state is the constructor's, as
+//!   after any restart), later calls work, and a lookup by its name finds it.
+//! - Without `recover_retry_times`, its callers get 1007, never a hang.
+//! - An object held only on the lost node (its owner ran there, and it was still being
+//!   computed) fails its get with 4005, within a bound.
+
+use std::time::{Duration, Instant};
+
+use serde_bytes::ByteBuf;
+use yr::{ErrorCode, InstanceHandle, InvokeOptions, ObjectRef};
+use yr_proto::v1::InstanceState;
+use yr_tests::{
+    assert_error, call_err, exclusive, record, unwrap_err, wait_until, Marker, NodeSpec,
+    TestCluster, TIMEOUT,
+};
+
+/// The master's node timeout in these tests, in seconds.
+const NODE_TIMEOUT: f64 = 1.5;
+
+/// How long after the node's death the callers hear the outcome, at most: the node timeout, a
+/// liveness pass, the re-create (a runtime start and the constructor) and the replay, with
+/// room for a loaded machine.
+const RECOVERY_BOUND: Duration = Duration::from_secs(30);
+
+#[yr::instance]
+pub struct Survivor {
+    value: i64,
+    kept: Vec<ObjectRef<ByteBuf>>,
+}
+
+#[yr::instance]
+impl Survivor {
+    pub fn new() -> Self {
+        Survivor {
+            value: 0,
+            kept: Vec::new(),
+        }
+    }
+
+    pub fn add(&mut self, n: i64) -> i64 {
+        self.value += n;
+        self.value
+    }
+
+    /// The runtime's id (which starts with its node's id).
+    pub fn node(&self) -> String {
+        std::env::var("YR_RUNTIME_ID").unwrap_or_default()
+    }
+
+    /// Writes `napping` to `marker`, then sleeps.
+    pub fn nap(&self, marker: String, ms: u64) -> u64 {
+        record(&marker, "napping");
+        std::thread::sleep(Duration::from_millis(ms));
+        ms
+    }
+
+    /// An object this instance owns (so held only on its node) that is still being computed:
+    /// the result of a task that takes `ms`.
+    pub fn pending(&mut self, ms: u64) -> ObjectRef<ByteBuf> {
+        let object = yr::function(slow_bytes).invoke((ms,)).expect("submit");
+        self.kept.push(object.clone());
+        object
+    }
+}
+
+#[yr::invoke]
+fn slow_bytes(ms: u64) -> ByteBuf {
+    std::thread::sleep(Duration::from_millis(ms));
+    ByteBuf::from(vec![7u8; 1024])
+}
+
+/// Node 0 (the driver's) is too small for the instance; node 1 has the most room, so the
+/// master places it there first; node 2 has room for it after node 1 is gone.
+fn three_nodes() -> TestCluster {
+    TestCluster::builder()
+        .node_timeout(NODE_TIMEOUT)
+        .node(NodeSpec {
+            cpu: 1_000,
+            ..NodeSpec::default()
+        })
+        .node(NodeSpec {
+            cpu: 8_000,
+            ..NodeSpec::default()
+        })
+        .node(NodeSpec {
+            cpu: 4_000,
+            ..NodeSpec::default()
+        })
+        .start()
+}
+
+fn survivor(recover_retry_times: u32, name: &str) -> InstanceHandle<Survivor> {
+    yr::instance(Survivor::new)
+        .options(InvokeOptions {
+            cpu: 2_000,
+            recover_retry_times,
+            name: Some(name.to_string()),
+            ..Default::default()
+        })
+        .invoke(())
+        .unwrap()
+}
+
+fn node_of(instance: &InstanceHandle<Survivor>) -> String {
+    yr::get(
+        &instance.method(Survivor::node).invoke(()).unwrap(),
+        TIMEOUT,
+    )
+    .unwrap()
+}
+
+#[test]
+fn an_instance_with_restarts_left_runs_again_on_another_node_and_its_calls_complete() {
+    let _exclusive = exclusive();
+    let mut cluster = three_nodes();
+    let (lost, spare) = (
+        cluster.node_id(1).to_string(),
+        cluster.node_id(2).to_string(),
+    );
+    yr::init(cluster.config()).unwrap();
+
+    let keeper = survivor(1, "survivor");
+    let id = keeper.id().to_string();
+    assert_eq!(
+        yr::get(&keeper.method(Survivor::add).invoke((1,)).unwrap(), TIMEOUT).unwrap(),
+        1
+    );
+    assert!(node_of(&keeper).starts_with(&lost), "it runs on node 1");
+    // An object only node 1 holds, still pending there: this driver's fetch of it waits on
+    // its owner, the instance's runtime on node 1.
+    let stranded = yr::get(
+        &keeper.method(Survivor::pending).invoke((120_000,)).unwrap(),
+        TIMEOUT,
+    )
+    .unwrap();
+
+    // A call in flight when the node dies, and one queued behind it.
+    let marker = Marker::new("node-loss-nap");
+    let napping = keeper
+        .method(Survivor::nap)
+        .invoke((marker.path(), 1_000))
+        .unwrap();
+    let behind = keeper.method(Survivor::add).invoke((10,)).unwrap();
+    assert!(marker.wait_for("napping", 1, TIMEOUT), "the nap started");
+
+    cluster.kill_node(1);
+    let killed = Instant::now();
+
+    // The calls complete on the instance re-created on node 2: the nap ran again there, and
+    // the add ran on the constructor's state.
+    assert_eq!(yr::get(&napping, RECOVERY_BOUND).unwrap(), 1_000);
+    assert_eq!(yr::get(&behind, RECOVERY_BOUND).unwrap(), 10);
+    assert!(
+        killed.elapsed() < RECOVERY_BOUND,
+        "recovered after {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(marker.count("napping"), 2, "the nap was replayed once");
+    assert!(
+        node_of(&keeper).starts_with(&spare),
+        "it runs on node 2 now"
+    );
+    assert_eq!(
+        yr::get(&keeper.method(Survivor::add).invoke((5,)).unwrap(), TIMEOUT).unwrap(),
+        15
+    );
+    let stored = cluster.stored_instance(&id).unwrap().expect("the record");
+    assert_eq!(stored.state(), InstanceState::Running);
+    assert_eq!(stored.node_id, spare);
+    assert_eq!(stored.restarts, 1, "the move counts as the one restart");
+    assert!(!stored.written_by_master, "node 2 took the record over");
+
+    // The name still finds it.
+    let found = yr::get_instance::<Survivor>("survivor", "", TIMEOUT).unwrap();
+    assert_eq!(found.id(), id);
+    assert_eq!(
+        yr::get(&found.method(Survivor::add).invoke((1,)).unwrap(), TIMEOUT).unwrap(),
+        16
+    );
+
+    // The object lived only on the lost node: its get fails with 4005, within a bound.
+    let started = Instant::now();
+    let error = unwrap_err(yr::get(&stranded, TIMEOUT));
+    assert_error(&error, &[ErrorCode::GetOperationFailed], &[]);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the get failed after {:?}",
+        started.elapsed()
+    );
+
+    let counted = cluster
+        .master_metric("yr_master_instances_rescheduled_total")
+        .unwrap_or_default();
+    assert_eq!(counted, 1.0, "the master counts the reschedule");
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn an_instance_without_restarts_fails_its_callers_with_1007_when_its_node_is_lost() {
+    let _exclusive = exclusive();
+    let mut cluster = three_nodes();
+    yr::init(cluster.config()).unwrap();
+    let keeper = survivor(0, "mortal");
+    let id = keeper.id().to_string();
+    assert!(node_of(&keeper).starts_with(cluster.node_id(1)));
+    let marker = Marker::new("node-loss-mortal");
+    let napping = keeper
+        .method(Survivor::nap)
+        .invoke((marker.path(), 60_000))
+        .unwrap();
+    assert!(marker.wait_for("napping", 1, TIMEOUT), "the nap started");
+
+    cluster.kill_node(1);
+    let killed = Instant::now();
+    let error = unwrap_err(yr::get(&napping, RECOVERY_BOUND));
+    assert_error(&error, &[ErrorCode::InstanceExited], &[]);
+    let error = call_err(keeper.method(Survivor::add).invoke((1,)), TIMEOUT);
+    assert_error(&error, &[ErrorCode::InstanceExited], &[]);
+    assert!(
+        killed.elapsed() < RECOVERY_BOUND,
+        "the callers heard after {:?}",
+        killed.elapsed()
+    );
+    // The master's verdict: FATAL, never re-created.
+    assert!(
+        wait_until(TIMEOUT, || cluster
+            .stored_instance(&id)
+            .is_ok_and(|r| r.is_some_and(|r| r.state()
+                == InstanceState::Fatal
+                && r.written_by_master))),
+        "the master marks it FATAL: {:?}",
+        cluster.stored_instance(&id)
+    );
+    assert_eq!(marker.count("napping"), 1, "never run again");
+    yr::finalize().unwrap();
+}
