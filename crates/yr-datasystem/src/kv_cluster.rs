@@ -62,6 +62,8 @@ const MAX_REROUTES: usize = 4;
 /// The most deleted keys remembered while moves may be in flight, and for how long.
 const MAX_TOMBSTONES: usize = 65_536;
 const TOMBSTONE_LIFE: Duration = Duration::from_secs(120);
+/// How long a request that arrives before the node records were read waits for them.
+const FIRST_VIEW_WAIT: Duration = Duration::from_secs(5);
 /// How long connecting to another node's data worker may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -160,6 +162,20 @@ impl KvCluster {
     /// What this node knows of the ring now.
     pub fn view(&self) -> Arc<View> {
         self.view.borrow().clone()
+    }
+
+    /// Wait (up to [`FIRST_VIEW_WAIT`]) until this node read the node records once: a node
+    /// that just started serves requests only once it knows the ring, and so which keys may
+    /// still be at their previous owners.
+    async fn first_view(&self) {
+        if self.view.borrow().epoch == 0 {
+            let deadline = tokio::time::Instant::now() + FIRST_VIEW_WAIT;
+            if !self.ring_changed(0, Some(deadline)).await {
+                tracing::warn!(
+                    "no node records read yet; serving KV requests from this node alone"
+                );
+            }
+        }
     }
 
     // ----- membership ------------------------------------------------------------------------
@@ -282,11 +298,12 @@ impl KvCluster {
         }
     }
 
-    /// The owners of `key` under the previous rings that may still hold it: not this node, not
-    /// lost, still on the ring.
+    /// The other nodes that may hold `key` while keys move: its owners under the previous
+    /// rings, and its owner under this ring when that is not this node (a request served here
+    /// because another node's ring still named this one); not lost, still on the ring.
     fn previous_owners(&self, view: &View, key: &str) -> Vec<Member> {
         let mut owners: Vec<Member> = Vec::new();
-        for ring in &view.previous {
+        for ring in std::iter::once(&view.ring).chain(&view.previous) {
             if let Some(owner) = ring.owner(key) {
                 if owner.node_id != self.node_id
                     && !view.lost.contains(&owner.node_id)
@@ -423,6 +440,7 @@ impl KvCluster {
 
     /// A write, at the key's owner.
     pub async fn set(self: &Arc<Self>, request: pb::KvSetRequest) -> Result<()> {
+        self.first_view().await;
         let route = route_of(request.route);
         let param = set_param_from_proto(&request.param.unwrap_or_default())?;
         kv::validate_set(&request.key, request.value.len(), &param)?;
@@ -508,6 +526,7 @@ impl KvCluster {
         route: pb::KvRoute,
     ) -> Result<Vec<Option<Bytes>>> {
         kv::validate_keys(&keys)?;
+        self.first_view().await;
         if route == pb::KvRoute::Local {
             let kv = self.kv.clone();
             return blocking(move || kv.try_get(&keys)).await;
@@ -515,6 +534,7 @@ impl KvCluster {
         let deadline = tokio::time::Instant::now().checked_add(timeout);
         let mut values: Vec<Option<Bytes>> = vec![None; keys.len()];
         let mut unreachable: Option<Error> = None;
+        let mut late_rounds = 0;
         loop {
             let missing: Vec<(usize, &String)> = keys
                 .iter()
@@ -566,9 +586,16 @@ impl KvCluster {
             if values.iter().all(Option::is_some) {
                 break;
             }
+            // A part that came back early because the ring changed is asked again at its new
+            // owner, also past the deadline (a read with no timeout during a move).
+            let rerouted = self.view().epoch != view.epoch;
             let expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
-            if expired {
+            if expired && !(rerouted && late_rounds < MAX_REROUTES) {
                 break;
+            }
+            if expired {
+                late_rounds += 1;
+                continue;
             }
             if failed {
                 // The owner died or is cut off: route again once the ring changes.
@@ -780,6 +807,7 @@ impl KvCluster {
     /// Delete `keys` at their owners (and at their previous owners while keys move).
     pub async fn del(self: &Arc<Self>, keys: Vec<String>, route: pb::KvRoute) -> Result<()> {
         kv::validate_keys(&keys)?;
+        self.first_view().await;
         self.fan_out(
             &keys,
             route,
@@ -873,6 +901,7 @@ impl KvCluster {
         route: pb::KvRoute,
     ) -> Result<Vec<bool>> {
         kv::validate_keys(&keys)?;
+        self.first_view().await;
         self.fan_out(
             &keys,
             route,
