@@ -29,4 +29,9 @@ pub trait L2Store: Send + Sync {
     fn delete(&self, key: &str) -> Result<()>;
     /// Whether `key` holds a value that has not expired.
     fn exists(&self, key: &str) -> Result<bool>;
+    /// Whether every node of a cluster reaches this same store (Redis), so that a value one
+    /// node wrote through is read through by another; a directory is one node's own.
+    fn shared(&self) -> bool {
+        false
+    }
 }

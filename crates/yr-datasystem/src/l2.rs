@@ -329,6 +329,10 @@ impl L2Store for RedisStore {
         format!("redis {}", self.client.address())
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
     fn put(&self, key: &str, value: &[u8], expires_at: Option<SystemTime>) -> Result<()> {
         let ttl_ms = expires_at.map(|t| {
             t.duration_since(SystemTime::now())

@@ -22,6 +22,8 @@
 pub mod capability;
 pub mod data_port;
 pub mod error;
+pub mod kv_cluster;
+pub mod kv_ring;
 pub mod l2;
 pub mod object_service;
 pub mod object_transfer;
@@ -71,6 +73,8 @@ pub struct DataWorker {
     shared_memory: Arc<shared_memory::SharedMemoryStore>,
     streams: stream::StreamStore,
     placement: OnceLock<Arc<stream_service::Placement>>,
+    /// In a cluster: the owners of KV keys, and the moves between them.
+    kv_cluster: OnceLock<Arc<kv_cluster::KvCluster>>,
     transfer: Arc<object_transfer::ObjectTransfer>,
     /// Asks the node's processes to spill for one another.
     reclaimer: Arc<reclaim::Reclaimer>,
@@ -136,14 +140,20 @@ impl DataWorker {
             shared_memory,
             streams: stream::StreamStore::new(),
             placement: OnceLock::new(),
+            kv_cluster: OnceLock::new(),
             node_address: OnceLock::new(),
             data_address: OnceLock::new(),
         }))
     }
 
-    /// The KV store.
+    /// The KV store (this node's share of the keys, in a cluster).
     pub fn kv(&self) -> &KvStore {
         &self.kv
+    }
+
+    /// The cluster side of the KV store, once the node joined a cluster.
+    pub fn kv_cluster(&self) -> Option<&Arc<kv_cluster::KvCluster>> {
+        self.kv_cluster.get()
     }
 
     /// The streams whose home is this node.
@@ -151,11 +161,24 @@ impl DataWorker {
         &self.streams
     }
 
-    /// Join the cluster: streams are claimed in `meta`, and other nodes' clients reach this
-    /// node's streams at `address` (`host:port`). Call before [`DataWorker::service`]; a second
-    /// call is ignored. Without it, every stream lives here.
-    pub fn join_cluster(&self, meta: Arc<dyn yr_meta::MetaStore>, address: String) {
+    /// Join the cluster as node `node_id`: streams are claimed in `meta`, and other nodes'
+    /// clients reach this node's streams at `address` (`host:port`); KV keys are spread over
+    /// the nodes that `meta` lists as not lost ([`kv_cluster`]), which needs a tokio runtime
+    /// (without one, this node keeps its own keys). Call before [`DataWorker::service`]; a
+    /// second call is ignored. Without it, every stream and key lives here.
+    pub fn join_cluster(
+        &self,
+        meta: Arc<dyn yr_meta::MetaStore>,
+        node_id: String,
+        address: String,
+    ) {
         let _ = self.node_address.set(address.clone());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let cluster = kv_cluster::KvCluster::new(self.kv.clone(), node_id, meta.clone());
+            if self.kv_cluster.set(cluster.clone()).is_ok() {
+                cluster.start(&runtime);
+            }
+        }
         self.transfer.join_cluster(meta.clone());
         let _ = self
             .placement
@@ -209,7 +232,9 @@ impl DataWorker {
     ) -> yr_proto::ds::data_worker_server::DataWorkerServer<service::DataWorkerService> {
         let streams =
             stream_service::StreamService::new(self.streams.clone(), self.placement.get().cloned());
-        service::DataWorkerService::with_streams(self.kv.clone(), streams).server()
+        service::DataWorkerService::with_streams(self.kv.clone(), streams)
+            .in_cluster(self.kv_cluster.get().cloned())
+            .server()
     }
 
     /// The node's shared-memory object store.

@@ -20,6 +20,7 @@ use yr_datasystem_core::wire::{
 use yr_proto::error_to_proto;
 
 use crate::error::DataSystemError;
+use crate::kv_cluster::{found_response, KvCluster};
 use crate::stream_service::StreamService;
 
 /// The DataWorker service.
@@ -27,6 +28,8 @@ use crate::stream_service::StreamService;
 pub struct DataWorkerService {
     kv: KvStore,
     streams: StreamService,
+    /// In a cluster: routes KV requests to their keys' owners.
+    cluster: Option<Arc<KvCluster>>,
 }
 
 impl DataWorkerService {
@@ -37,7 +40,17 @@ impl DataWorkerService {
 
     /// The service over `kv` and `streams`.
     pub fn with_streams(kv: KvStore, streams: StreamService) -> DataWorkerService {
-        DataWorkerService { kv, streams }
+        DataWorkerService {
+            kv,
+            streams,
+            cluster: None,
+        }
+    }
+
+    /// The same service, routing each KV request to its key's owner through `cluster`.
+    pub fn in_cluster(mut self, cluster: Option<Arc<KvCluster>>) -> DataWorkerService {
+        self.cluster = cluster;
+        self
     }
 
     /// The tonic server for this service, accepting messages of any size (KV values are up to
@@ -151,6 +164,12 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
         request: Request<pb::KvSetRequest>,
     ) -> Result<Response<pb::KvSetResponse>, Status> {
         let request = request.into_inner();
+        if let Some(cluster) = &self.cluster {
+            let result = cluster.set(request).await;
+            return Ok(Response::new(pb::KvSetResponse {
+                error: error_of(&result),
+            }));
+        }
         let kv = self.kv.clone();
         let result = match set_param_from_proto(&request.param.unwrap_or_default()) {
             Ok(param) => {
@@ -172,15 +191,22 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
     ) -> Result<Response<pb::KvGetResponse>, Status> {
         let request = request.into_inner();
         let timeout = Duration::from_millis(request.timeout_ms);
+        if let Some(cluster) = &self.cluster {
+            let route = pb::KvRoute::try_from(request.route).unwrap_or(pb::KvRoute::Client);
+            let result = cluster.get(request.keys, timeout, route).await;
+            return Ok(Response::new(found_response(result, route)));
+        }
         let result = get_waiting(&self.kv, request.keys, timeout).await;
         Ok(Response::new(match result {
             Ok(values) => pb::KvGetResponse {
                 values,
                 error: None,
+                found: Vec::new(),
             },
             Err(error) => pb::KvGetResponse {
                 values: Vec::new(),
                 error: Some(error_to_proto(&error)),
+                found: Vec::new(),
             },
         }))
     }
@@ -191,12 +217,17 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
     ) -> Result<Response<pb::KvGetRangeResponse>, Status> {
         let request = request.into_inner();
         let timeout = Duration::from_millis(request.timeout_ms);
-        let result = get_waiting(&self.kv, vec![request.key.clone()], timeout)
-            .await
-            .and_then(|mut values| {
-                let value = values.pop().unwrap_or_default();
-                kv::slice_range(&request.key, &value, request.offset, request.size)
-            });
+        let values = match &self.cluster {
+            Some(cluster) => cluster
+                .get(vec![request.key.clone()], timeout, pb::KvRoute::Client)
+                .await
+                .map(|values| values.into_iter().flatten().collect()),
+            None => get_waiting(&self.kv, vec![request.key.clone()], timeout).await,
+        };
+        let result = values.and_then(|mut values: Vec<Bytes>| {
+            let value = values.pop().unwrap_or_default();
+            kv::slice_range(&request.key, &value, request.offset, request.size)
+        });
         Ok(Response::new(match result {
             Ok(value) => pb::KvGetRangeResponse { value, error: None },
             Err(error) => pb::KvGetRangeResponse {
@@ -210,9 +241,18 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
         &self,
         request: Request<pb::KvDelRequest>,
     ) -> Result<Response<pb::KvDelResponse>, Status> {
-        let keys = request.into_inner().keys;
-        let kv = self.kv.clone();
-        let result = blocking(move || kv.del(&keys)).await;
+        let request = request.into_inner();
+        let keys = request.keys;
+        let result = match &self.cluster {
+            Some(cluster) => {
+                let route = pb::KvRoute::try_from(request.route).unwrap_or(pb::KvRoute::Client);
+                cluster.del(keys, route).await
+            }
+            None => {
+                let kv = self.kv.clone();
+                blocking(move || kv.del(&keys)).await
+            }
+        };
         Ok(Response::new(pb::KvDelResponse {
             error: error_of(&result),
         }))
@@ -222,9 +262,18 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
         &self,
         request: Request<pb::KvExistRequest>,
     ) -> Result<Response<pb::KvExistResponse>, Status> {
-        let keys = request.into_inner().keys;
-        let kv = self.kv.clone();
-        let result = blocking(move || kv.exist(&keys)).await;
+        let request = request.into_inner();
+        let keys = request.keys;
+        let result = match &self.cluster {
+            Some(cluster) => {
+                let route = pb::KvRoute::try_from(request.route).unwrap_or(pb::KvRoute::Client);
+                cluster.exist(keys, route).await
+            }
+            None => {
+                let kv = self.kv.clone();
+                blocking(move || kv.exist(&keys)).await
+            }
+        };
         Ok(Response::new(match result {
             Ok(exists) => pb::KvExistResponse {
                 exists,
@@ -232,6 +281,27 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
             },
             Err(error) => pb::KvExistResponse {
                 exists: Vec::new(),
+                error: Some(error_to_proto(&error)),
+            },
+        }))
+    }
+
+    async fn kv_adopt(
+        &self,
+        request: Request<pb::KvAdoptRequest>,
+    ) -> Result<Response<pb::KvAdoptResponse>, Status> {
+        let entries = request.into_inner().entries;
+        let result = match &self.cluster {
+            Some(cluster) => cluster.adopt(entries).await,
+            None => Err(Error::new(
+                yr_common::ErrorCode::ParamInvalid,
+                "this data worker is not in a cluster, so no KV keys move to it",
+            )),
+        };
+        Ok(Response::new(match result {
+            Ok(taken) => pb::KvAdoptResponse { taken, error: None },
+            Err(error) => pb::KvAdoptResponse {
+                taken: Vec::new(),
                 error: Some(error_to_proto(&error)),
             },
         }))
@@ -392,6 +462,7 @@ mod tests {
                     &SetParam::default(),
                 )),
                 job_id: "job-a".into(),
+                route: pb::KvRoute::Client as i32,
             }))
             .await
             .unwrap()
@@ -403,6 +474,7 @@ mod tests {
             .kv_get(Request::new(pb::KvGetRequest {
                 keys: vec!["k".into()],
                 timeout_ms: 0,
+                route: pb::KvRoute::Client as i32,
             }))
             .await
             .unwrap()
@@ -414,6 +486,7 @@ mod tests {
                 offset: 3,
                 size: 2,
                 timeout_ms: 0,
+                route: pb::KvRoute::Client as i32,
             }))
             .await
             .unwrap()
@@ -422,6 +495,7 @@ mod tests {
         let exist = service
             .kv_exist(Request::new(pb::KvExistRequest {
                 keys: vec!["k".into(), "no".into()],
+                route: pb::KvRoute::Client as i32,
             }))
             .await
             .unwrap()
@@ -430,6 +504,7 @@ mod tests {
         let del = service
             .kv_del(Request::new(pb::KvDelRequest {
                 keys: vec!["k".into()],
+                route: pb::KvRoute::Client as i32,
             }))
             .await
             .unwrap()
@@ -447,6 +522,7 @@ mod tests {
                 value: Bytes::new(),
                 param: None,
                 job_id: String::new(),
+                route: pb::KvRoute::Client as i32,
             }))
             .await
             .unwrap()
@@ -456,6 +532,7 @@ mod tests {
             .kv_get(Request::new(pb::KvGetRequest {
                 keys: vec!["never".into()],
                 timeout_ms: 100,
+                route: pb::KvRoute::Client as i32,
             }))
             .await
             .unwrap()

@@ -144,9 +144,11 @@ pub async fn run(
         tcp_address.to_string()
     };
     // Streams whose home is this node are claimed in the meta store under this address.
-    options
-        .data_worker
-        .join_cluster(Arc::new(meta.clone()), advertised.clone());
+    options.data_worker.join_cluster(
+        Arc::new(meta.clone()),
+        options.node_id.clone(),
+        advertised.clone(),
+    );
     // Other nodes pull this node's objects from its data port, on the same interface.
     let data_listen = std::net::SocketAddr::new(tcp_address.ip(), 0);
     let data_port = std::net::TcpListener::bind(data_listen)

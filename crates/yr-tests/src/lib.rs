@@ -753,7 +753,20 @@ impl ClusterBuilder {
         } else {
             self.nodes
         };
-        for (index, spec) in specs.into_iter().enumerate() {
+        for spec in specs {
+            cluster.add_node(spec);
+        }
+        cluster
+    }
+}
+
+impl TestCluster {
+    /// Start one more node made from `spec` and wait until the master lists it as alive;
+    /// returns its index.
+    pub fn add_node(&mut self, spec: NodeSpec) -> usize {
+        let cluster = self;
+        let index = cluster.nodes.len();
+        {
             let session = cluster.dir.path().join(format!("node{index}"));
             // Private, as `yr node` requires of the directory it writes the token into.
             std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
@@ -778,7 +791,7 @@ impl ClusterBuilder {
                 cluster.nodes[index].port = free_port();
             }
         }
-        cluster
+        index
     }
 }
 

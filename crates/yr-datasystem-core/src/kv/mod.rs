@@ -22,12 +22,18 @@
 //!   (oldest first; a later read reads them through again). A read-through that does not fit
 //!   is served without being kept in memory.
 //!
+//! - **Moves** ([`KvStore::moving_entries`], [`KvStore::adopt`], [`KvStore::forget_moved`]):
+//!   in a cluster each key has one owner node; when the owners change, the previous owner
+//!   hands its entries (value, time left, job, second-level state) to the new one, which keeps
+//!   them unless it holds a newer write.
+//!
 //! Writes to one key are serialized (openYuanrong's causal consistency for KV): a write, a
 //! delete, a read-through and the background writer each hold the key's write lock while they
 //! touch the second-level store, so a late write-back never resurrects a deleted key.
 
 mod expiry;
 mod map;
+mod moves;
 mod params;
 mod quota;
 mod store;
@@ -46,6 +52,7 @@ use crate::l2::L2Store;
 
 use expiry::SWEEP_PERIOD;
 use map::Map;
+pub use moves::MovingEntry;
 pub use params::{
     slice_range, timeout_error, validate_key, validate_keys, validate_set, CacheType, Existence,
     SetParam, WriteMode, MAX_KEY_SIZE, MAX_MESSAGE_SIZE, MAX_TTL_SECOND, MAX_VALUE_SIZE,

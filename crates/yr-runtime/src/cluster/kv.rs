@@ -71,6 +71,7 @@ impl KvClient for ClusterKv {
             value: Bytes::copy_from_slice(value),
             param: Some(set_param_to_proto(param)),
             job_id: self.job_id.clone(),
+            route: pb::KvRoute::Client as i32,
         };
         check(
             self.call(move |mut client| async move { client.kv_set(request).await })?
@@ -83,6 +84,7 @@ impl KvClient for ClusterKv {
         let request = pb::KvGetRequest {
             keys: keys.iter().map(|k| k.to_string()).collect(),
             timeout_ms: timeout_to_ms(timeout),
+            route: pb::KvRoute::Client as i32,
         };
         let reply = self.call(move |mut client| async move { client.kv_get(request).await })?;
         check(reply.error)?;
@@ -106,6 +108,7 @@ impl KvClient for ClusterKv {
             offset,
             size,
             timeout_ms: timeout_to_ms(timeout),
+            route: pb::KvRoute::Client as i32,
         };
         let reply =
             self.call(move |mut client| async move { client.kv_get_range(request).await })?;
@@ -117,6 +120,7 @@ impl KvClient for ClusterKv {
         validate_keys(keys)?;
         let request = pb::KvDelRequest {
             keys: keys.iter().map(|k| k.to_string()).collect(),
+            route: pb::KvRoute::Client as i32,
         };
         check(
             self.call(move |mut client| async move { client.kv_del(request).await })?
@@ -128,6 +132,7 @@ impl KvClient for ClusterKv {
         validate_keys(keys)?;
         let request = pb::KvExistRequest {
             keys: keys.iter().map(|k| k.to_string()).collect(),
+            route: pb::KvRoute::Client as i32,
         };
         let reply = self.call(move |mut client| async move { client.kv_exist(request).await })?;
         check(reply.error)?;
