@@ -302,7 +302,7 @@ impl MasterLink {
     /// Ask the master where `request` fits, on a node that admits every one of
     /// `required_affinities` (node labels), skipping `exclude`. Returns the node's id and
     /// address, or the master's error (1006 when no node could ever hold it, 1002 when none can
-    /// now). A standby's answer is followed to the leader it names, and a master that cannot
+    /// now, 3005 when no master leads: they cannot reach etcd, or an election is under way). A standby's answer is followed to the leader it names, and a master that cannot
     /// be reached is skipped for the next address (placement is a read: sending it again is
     /// safe).
     pub async fn schedule(
@@ -340,8 +340,21 @@ impl MasterLink {
                 },
                 Err(error) => (error, None),
             };
-            if self.follow(&address, status.as_ref()) == Followed::Election || attempts == 0 {
-                return Err(error);
+            match self.follow(&address, status.as_ref()) {
+                // Masters on etcd that cannot reach it lose their lease: none leads until it
+                // returns (or an election ends). 3005 tells the caller it is the meta store.
+                Followed::Election => {
+                    return Err(Error::new(
+                        ErrorCode::EtcdOperationError,
+                        format!(
+                            "no master leads, so nothing can be placed: the masters cannot \
+                             reach the meta store (etcd), or an election is under way ({})",
+                            error.message()
+                        ),
+                    ))
+                }
+                _ if attempts == 0 => return Err(error),
+                _ => {}
             }
         }
     }

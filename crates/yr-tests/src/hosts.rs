@@ -12,6 +12,12 @@
 //! and process table; with [`Isolation::PrivateFileSystems`] every other host's directory is
 //! hidden from a host's processes (`YR_NETNS_ISOLATE_FS=1`, see `scripts/netns`).
 //!
+//! A test cuts a host off the others with [`Hosts::cut`] (its port on the bridge goes down, so
+//! its packets to the other hosts, and theirs to it, are dropped silently, as when a cable is
+//! pulled: open connections hang rather than fail) and restores it with [`Hosts::restore`].
+//! [`Hosts::in_host`] runs code of the test process itself inside a host's network namespace
+//! (a thread of its own enters it), for example to read the master's meta store on host 0.
+//!
 //! Namespaces need root and `ip`. Without them [`Hosts::up`] says why ([`Unavailable`]), and a
 //! test reports itself skipped, loudly, with [`skip_or_fail`]; `YR_TESTS_REQUIRE_NETNS=1`
 //! (CI, as root) turns that skip into a failure.
@@ -152,6 +158,68 @@ impl Hosts {
     }
 }
 
+impl Hosts {
+    /// Cuts host `index` off every other host: its port on the bridge (`yr-h<index>` in the
+    /// hub namespace) goes down. Its own interface stays up and keeps its address, so the
+    /// host's processes see no error: their packets to the other hosts are lost, as theirs to
+    /// it. Only the test's own namespaces are touched.
+    pub fn cut(&self, index: usize) {
+        self.set_link(index, "down");
+    }
+
+    /// Undoes [`Hosts::cut`]: host `index`'s port on the bridge comes up again.
+    pub fn restore(&self, index: usize) {
+        self.set_link(index, "up");
+    }
+
+    fn set_link(&self, index: usize, state: &str) {
+        assert!(index < self.count, "there is no host {index}");
+        let port = format!("yr-h{index}");
+        let mut command = Command::new("ip");
+        command
+            .args(["-n", "yr-hub", "link", "set", &port, state])
+            .stdin(Stdio::null());
+        let output = output_within(command, Duration::from_secs(30));
+        assert!(
+            output.status.success(),
+            "ip -n yr-hub link set {port} {state} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Runs `work` on a thread of this process that has entered host `index`'s network
+    /// namespace, so that every connection it makes (and every thread it starts) is made from
+    /// that host. Returns what `work` returns.
+    pub fn in_host<T: Send>(&self, index: usize, work: impl FnOnce() -> T + Send) -> T {
+        assert!(index < self.count, "there is no host {index}");
+        let path = format!("/var/run/netns/yr-h{index}");
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    let namespace = std::fs::File::open(&path)
+                        .unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
+                    // SAFETY: setns on a namespace file descriptor this thread holds open; it
+                    // changes only this thread's network namespace.
+                    let entered = unsafe {
+                        libc::setns(
+                            std::os::fd::AsRawFd::as_raw_fd(&namespace),
+                            libc::CLONE_NEWNET,
+                        )
+                    };
+                    assert_eq!(
+                        entered,
+                        0,
+                        "cannot enter {path}: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    work()
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+}
+
 impl Drop for Hosts {
     fn drop(&mut self) {
         if std::env::var_os("YR_TESTS_KEEP").is_some() {
@@ -219,6 +287,10 @@ impl HostCluster {
                     .to_string();
             }
         }
+        // This process reads the master's meta store from host 0 with it.
+        if let Ok(parsed) = yr_common::auth::ClusterToken::parse(&token) {
+            yr_transport::install(yr_transport::Credentials::with_token(parsed));
+        }
         let cluster = HostCluster {
             token,
             master_address,
@@ -250,6 +322,23 @@ impl HostCluster {
     /// The master's address (`host:port` on host 0).
     pub fn master_address(&self) -> &str {
         &self.master_address
+    }
+
+    /// The record of `instance_id` in the master's meta store, read from host 0.
+    pub fn stored_instance(
+        &self,
+        hosts: &Hosts,
+        instance_id: &str,
+    ) -> Result<Option<yr_proto::v1::InstanceRecord>, String> {
+        hosts.in_host(0, || {
+            crate::stored_record(&self.master_address, instance_id)
+        })
+    }
+
+    /// Follow the record of `instance_id` in the master's meta store from now on, from host 0
+    /// (see [`crate::watch_record`]).
+    pub fn watch_instance(&self, hosts: &Hosts, instance_id: &str) -> crate::RecordHistory {
+        hosts.in_host(0, || crate::watch_record(&self.master_address, instance_id))
     }
 
     /// `yr status --json` run on host `index` against the master, with the token in

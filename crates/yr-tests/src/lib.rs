@@ -1302,27 +1302,7 @@ impl TestCluster {
     /// The record of `instance_id` as its node stored it in the master's meta store
     /// (`/yr/instance/<id>`); `None` if there is none.
     pub fn stored_instance(&self, instance_id: &str) -> Result<Option<pb::InstanceRecord>, String> {
-        use prost::Message;
-        let address = self.master_address();
-        let key = format!("/yr/instance/{instance_id}");
-        block_on(async move {
-            let channel = yr_transport::connect(&address, yr::ErrorCode::InnerCommunication)
-                .await
-                .map_err(|e| e.to_string())?;
-            let reply = tokio::time::timeout(
-                Duration::from_secs(5),
-                yr_proto::meta::meta_service_client::MetaServiceClient::new(channel)
-                    .get(yr_proto::meta::GetRequest { key }),
-            )
-            .await
-            .map_err(|_| format!("the meta store at {address} did not answer within 5 s"))?
-            .map_err(|s| s.message().to_string())?
-            .into_inner();
-            reply
-                .kv
-                .map(|kv| pb::InstanceRecord::decode(kv.value).map_err(|e| e.to_string()))
-                .transpose()
-        })
+        stored_record(&self.master_address(), instance_id)
     }
 
     /// Poll the master's status until `condition` holds; returns the status that satisfied it,
@@ -1422,81 +1402,121 @@ impl TestCluster {
     /// written (`None`: deleted), in order, as a watch delivers them. Returns once the watch is
     /// open; it ends when the history is dropped.
     pub fn watch_instance(&self, instance_id: &str) -> RecordHistory {
-        use prost::Message;
-        use yr_proto::meta::meta_service_client::MetaServiceClient;
-        use yr_proto::meta::{watch_event, CurrentRevisionRequest, WatchRequest};
-        let address = self.master_address();
-        let key = format!("/yr/instance/{instance_id}");
-        let records = std::sync::Arc::new(Mutex::new(Vec::new()));
-        let seen = records.clone();
-        let (ready, opened) = std::sync::mpsc::channel::<Result<(), String>>();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            block_on(async move {
-                let opening = async {
-                    let channel =
-                        yr_transport::connect(&address, yr::ErrorCode::InnerCommunication)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    let mut client = MetaServiceClient::new(channel);
-                    let revision = client
-                        .current_revision(CurrentRevisionRequest {})
-                        .await
-                        .map_err(|s| s.message().to_string())?
-                        .into_inner()
-                        .revision;
-                    client
-                        .watch(WatchRequest {
-                            prefix: key,
-                            after_revision: revision,
-                        })
-                        .await
-                        .map(tonic::Response::into_inner)
-                        .map_err(|s| s.message().to_string())
-                };
-                let mut stream = match tokio::time::timeout(Duration::from_secs(10), opening).await
-                {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(error)) => {
-                        let _ = ready.send(Err(error));
-                        return;
-                    }
-                    Err(_) => {
-                        let _ = ready.send(Err("opening the watch timed out".into()));
-                        return;
-                    }
-                };
-                let _ = ready.send(Ok(()));
-                tokio::pin!(stopped);
-                loop {
-                    let message = tokio::select! {
-                        _ = &mut stopped => return,
-                        message = stream.message() => message,
-                    };
-                    let Ok(Some(message)) = message else { return };
-                    for event in message.events {
-                        let record = match event.event {
-                            Some(watch_event::Event::Put(kv)) => {
-                                pb::InstanceRecord::decode(kv.value).ok()
-                            }
-                            _ => None,
-                        };
-                        seen.lock().unwrap_or_else(|e| e.into_inner()).push(record);
-                    }
-                }
-            });
-        });
-        match opened.recv_timeout(Duration::from_secs(15)) {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => panic!("cannot watch the record of {instance_id}: {error}"),
-            Err(_) => panic!("the watch of the record of {instance_id} did not open"),
-        }
-        RecordHistory {
-            records,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
+        watch_record(&self.master_address(), instance_id)
     }
+}
+
+/// Follow the record of `instance_id` in the meta store of the master at `address` from now on:
+/// every version written (`None`: deleted), in order, as a watch delivers them. Returns once the
+/// watch is open; it ends when the history is dropped. The connection is made from the calling
+/// thread's network namespace.
+pub fn watch_record(address: &str, instance_id: &str) -> RecordHistory {
+    use prost::Message;
+    use yr_proto::meta::meta_service_client::MetaServiceClient;
+    use yr_proto::meta::{watch_event, CurrentRevisionRequest, WatchRequest};
+    let address = address.to_string();
+    let key = format!("/yr/instance/{instance_id}");
+    let records = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let seen = records.clone();
+    let (ready, opened) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        block_on(async move {
+            let opening = async {
+                let channel = yr_transport::connect(&address, yr::ErrorCode::InnerCommunication)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut client = MetaServiceClient::new(channel);
+                let revision = client
+                    .current_revision(CurrentRevisionRequest {})
+                    .await
+                    .map_err(|s| s.message().to_string())?
+                    .into_inner()
+                    .revision;
+                client
+                    .watch(WatchRequest {
+                        prefix: key,
+                        after_revision: revision,
+                    })
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(|s| s.message().to_string())
+            };
+            let mut stream = match tokio::time::timeout(Duration::from_secs(10), opening).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    let _ = ready.send(Err(error));
+                    return;
+                }
+                Err(_) => {
+                    let _ = ready.send(Err("opening the watch timed out".into()));
+                    return;
+                }
+            };
+            let _ = ready.send(Ok(()));
+            tokio::pin!(stopped);
+            loop {
+                let message = tokio::select! {
+                    _ = &mut stopped => return,
+                    message = stream.message() => message,
+                };
+                let Ok(Some(message)) = message else { return };
+                for event in message.events {
+                    let record = match event.event {
+                        Some(watch_event::Event::Put(kv)) => {
+                            pb::InstanceRecord::decode(kv.value).ok()
+                        }
+                        _ => None,
+                    };
+                    seen.lock().unwrap_or_else(|e| e.into_inner()).push(record);
+                }
+            }
+        });
+    });
+    match opened.recv_timeout(Duration::from_secs(15)) {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => panic!("cannot watch the record of {instance_id}: {error}"),
+        Err(_) => panic!("the watch of the record of {instance_id} did not open"),
+    }
+    RecordHistory {
+        records,
+        stop: Some(stop),
+        thread: Some(thread),
+    }
+}
+
+/// The record of `instance_id` in the meta store of the master at `address`
+/// (`/yr/instance/<id>`); `None` if there is none. The connection is made from the calling
+/// thread's network namespace.
+pub fn stored_record(
+    address: &str,
+    instance_id: &str,
+) -> Result<Option<pb::InstanceRecord>, String> {
+    use prost::Message;
+    let address = address.to_string();
+    let key = format!("/yr/instance/{instance_id}");
+    block_on(async move {
+        let channel = tokio::time::timeout(
+            Duration::from_secs(5),
+            yr_transport::connect(&address, yr::ErrorCode::InnerCommunication),
+        )
+        .await
+        .map_err(|_| format!("connecting to the meta store at {address} timed out"))?
+        .map_err(|e| e.to_string())?;
+        let reply = tokio::time::timeout(
+            Duration::from_secs(5),
+            yr_proto::meta::meta_service_client::MetaServiceClient::new(channel)
+                .get(yr_proto::meta::GetRequest { key }),
+        )
+        .await
+        .map_err(|_| format!("the meta store at {address} did not answer within 5 s"))?
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+        reply
+            .kv
+            .map(|kv| pb::InstanceRecord::decode(kv.value).map_err(|e| e.to_string()))
+            .transpose()
+    })
 }
 
 /// The versions of one instance's record that a watch delivered (see

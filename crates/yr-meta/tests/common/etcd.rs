@@ -22,6 +22,8 @@ pub struct EtcdMember {
     pub peer_port: u16,
     child: Option<Child>,
     pub log: PathBuf,
+    /// The binary and arguments it was started with, to start it again on its data dir.
+    command: (PathBuf, Vec<String>),
 }
 
 impl EtcdMember {
@@ -41,6 +43,50 @@ impl EtcdMember {
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
+
+    /// The member's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts the member again (after [`EtcdMember::kill`]) on the same ports and data dir,
+    /// appending to its log, and waits until it is healthy.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Some(spawn_member(
+            &self.command.0,
+            &self.command.1,
+            &self.log,
+            true,
+        ));
+        let started = Instant::now();
+        while !health(self.client_port) {
+            assert!(
+                started.elapsed() < READY_DEADLINE,
+                "etcd member {} not healthy {READY_DEADLINE:?} after its restart",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn spawn_member(binary: &Path, args: &[String], log: &Path, append: bool) -> Child {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(append)
+        .write(true)
+        .truncate(!append)
+        .open(log)
+        .expect("an etcd log file");
+    let log_err = log_file.try_clone().expect("an etcd log file");
+    Command::new(binary)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log_file))
+        .stderr(Stdio::from(log_err))
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()))
 }
 
 impl Drop for EtcdMember {
@@ -112,44 +158,40 @@ impl Etcd {
         for (i, (client, peer)) in ports.into_iter().enumerate() {
             let member = format!("m{i}");
             let log = dir.join(format!("{member}.log"));
-            let log_file = std::fs::File::create(&log).expect("an etcd log file");
-            let log_err = log_file.try_clone().expect("an etcd log file");
-            let child = Command::new(&binary)
-                .arg("--name")
-                .arg(&member)
-                .arg("--data-dir")
-                .arg(dir.join(&member))
-                .arg("--listen-client-urls")
-                .arg(format!("http://127.0.0.1:{client}"))
-                .arg("--advertise-client-urls")
-                .arg(format!("http://127.0.0.1:{client}"))
-                .arg("--listen-peer-urls")
-                .arg(format!("http://127.0.0.1:{peer}"))
-                .arg("--initial-advertise-peer-urls")
-                .arg(format!("http://127.0.0.1:{peer}"))
-                .arg("--initial-cluster")
-                .arg(&initial_cluster)
-                .arg("--initial-cluster-state")
-                .arg("new")
-                .arg("--initial-cluster-token")
-                .arg(&token)
+            let args: Vec<String> = vec![
+                "--name".into(),
+                member.clone(),
+                "--data-dir".into(),
+                dir.join(&member).display().to_string(),
+                "--listen-client-urls".into(),
+                format!("http://127.0.0.1:{client}"),
+                "--advertise-client-urls".into(),
+                format!("http://127.0.0.1:{client}"),
+                "--listen-peer-urls".into(),
+                format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls".into(),
+                format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster".into(),
+                initial_cluster.clone(),
+                "--initial-cluster-state".into(),
+                "new".into(),
+                "--initial-cluster-token".into(),
+                token.clone(),
                 // Quick elections on loopback, so that losing a member costs little time, and a
                 // minimum lease TTL of one second.
-                .arg("--heartbeat-interval")
-                .arg("50")
-                .arg("--election-timeout")
-                .arg("500")
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(log_file))
-                .stderr(Stdio::from(log_err))
-                .spawn()
-                .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
+                "--heartbeat-interval".into(),
+                "50".into(),
+                "--election-timeout".into(),
+                "500".into(),
+            ];
+            let child = spawn_member(&binary, &args, &log, false);
             members.push(EtcdMember {
                 name: member,
                 client_port: client,
                 peer_port: peer,
                 child: Some(child),
                 log,
+                command: (binary.clone(), args),
             });
         }
         let etcd = Etcd { members, dir };

@@ -24,6 +24,12 @@ use crate::resources::Amount;
 const WARM_POOL_REFILL_DELAY: Duration = Duration::from_millis(20);
 
 /// The first and the longest wait between asking the master again for a node with room.
+/// How long a create that needs the master's placement waits while no master leads (every
+/// master says so: they cannot reach the meta store) before it fails with 3005. Longer than a
+/// failover (a standby leads within 5 s of the leader's death), so an election never fails a
+/// create; an etcd outage does, after this bound (docs/design/024-partitions-and-etcd-outage.md).
+const LEADERLESS_BUDGET: Duration = Duration::from_secs(10);
+
 const MASTER_ASK_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(2));
 
@@ -314,6 +320,8 @@ impl Node {
         let mut last_reason: Option<Error> = None;
         let mut backoff = MASTER_ASK_BACKOFF.0;
         let mut next_ask = Instant::now();
+        // Since when every master has said that none leads (they cannot reach the meta store).
+        let mut leaderless_since: Option<Instant> = None;
         let outcome = loop {
             tokio::select! {
                 biased;
@@ -366,7 +374,20 @@ impl Node {
                         {
                             break Err(error);
                         }
-                        Err(error) => last_reason = Some(error),
+                        Err(error) if error.code() == ErrorCode::EtcdOperationError => {
+                            // No master leads: an election, or an outage of the meta store.
+                            // Past the budget that covers a failover, the create fails (3005).
+                            let since = *leaderless_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() >= LEADERLESS_BUDGET {
+                                tracing::warn!(instance = %instance_id, error = %error, "no master led for the leaderless budget; the create fails");
+                                break Err(error);
+                            }
+                            last_reason = Some(error);
+                        }
+                        Err(error) => {
+                            leaderless_since = None;
+                            last_reason = Some(error);
+                        }
                     }
                     next_ask = Instant::now() + backoff;
                     backoff = (backoff * 2).min(MASTER_ASK_BACKOFF.1);

@@ -1,0 +1,440 @@
+//! A real partition across hosts (docs/design/024-partitions-and-etcd-outage.md): three network
+//! namespaces (`scripts/netns`), the master and a node on host 0, nodes on hosts 1 and 2, and a
+//! driver on host 0. A stateful instance runs on host 1; the test cuts host 1's link
+//! ([`Hosts::cut`]: its bridge port goes down, packets are dropped silently) past the node
+//! timeout, then restores it.
+//!
+//! - With `recover_retry_times = 1` the master declares node 1 lost and the instance runs again
+//!   on host 2 under its id; the driver's calls are served there. When the link returns, node 1
+//!   registers as a new incarnation and kills its old copy's runtime; the record is never
+//!   written by the stale incarnation.
+//! - With `recover_retry_times = 0` the driver's calls fail with 1007, never a hang, and the
+//!   instance stays FATAL after the link returns.
+//!
+//! Needs root and `ip netns`; elsewhere the test says loudly that it was skipped
+//! (`YR_TESTS_REQUIRE_NETNS=1` makes that a failure). The driver is this test binary run again
+//! in host 0, with `YR_PARTITION_DRIVER` giving its `recover_retry_times`; it creates the
+//! instance, then makes one call per line it reads on stdin, and prints what it saw as
+//! `yr-partition: key=value` lines.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
+use std::time::{Duration, Instant};
+
+use yr::{Affinity, AffinityKind, AffinityType, InvokeOptions, LabelOp, LabelOperator};
+use yr_proto::v1::InstanceState;
+use yr_tests::hosts::{skip_or_fail, HostCluster, Hosts, Isolation};
+use yr_tests::{alive, exclusive, use_this_binary_as_runtime, wait_until};
+
+/// Set in the driver process: the instance's `recover_retry_times`.
+const DRIVER_VAR: &str = "YR_PARTITION_DRIVER";
+
+/// Generous: the node timeout (3 s) and a liveness pass, a runtime start and a constructor on
+/// a loaded machine, or a node's reconnect backoff after the link returns.
+const BOUND: Duration = Duration::from_secs(60);
+
+/// How long the driver waits on one call's result.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[yr::instance]
+pub struct Counter {
+    value: i64,
+}
+
+#[yr::instance]
+impl Counter {
+    pub fn new() -> Self {
+        Counter { value: 0 }
+    }
+
+    pub fn add(&mut self, n: i64) -> i64 {
+        self.value += n;
+        self.value
+    }
+
+    /// Its host (`h<i>`) and its runtime's process id.
+    pub fn whereabouts(&self) -> (String, u32) {
+        let host = std::env::var("YR_NETNS_HOST")
+            .map(|i| format!("h{i}"))
+            .unwrap_or_else(|_| "unknown".into());
+        (host, std::process::id())
+    }
+}
+
+fn report(key: &str, value: impl std::fmt::Display) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "yr-partition: {key}={value}");
+    let _ = out.flush();
+}
+
+/// Placement on host 1 or 2 (never host 0): host 1 has the most room, so the instance goes
+/// there first, and to host 2 once host 1 is lost.
+fn on_host_1_or_2(recover_retry_times: u32) -> InvokeOptions {
+    InvokeOptions {
+        cpu: 2_000,
+        recover_retry_times,
+        schedule_affinities: vec![Affinity {
+            affinity_kind: AffinityKind::Resource,
+            affinity_type: AffinityType::Required,
+            label_operators: vec![LabelOperator {
+                op: LabelOp::In,
+                key: "host".into(),
+                values: vec!["h1".into(), "h2".into()],
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The driver: creates the instance, reports where it runs, then calls it once per stdin line:
+/// `call=ok:<host>:<pid>:<value>` or `call=err:<code>:<milliseconds>`.
+fn run_driver(retries: &str) {
+    use_this_binary_as_runtime();
+    let retries: u32 = retries.parse().expect("recover_retry_times");
+    let mut config = yr::Config::default();
+    config.local_mode = false;
+    yr::init(config).expect("yr::init on host 0");
+    let counter = yr::instance(Counter::new)
+        .options(on_host_1_or_2(retries))
+        .invoke(())
+        .expect("the create");
+    let value = yr::get(
+        &counter.method(Counter::add).invoke((1,)).unwrap(),
+        CALL_TIMEOUT,
+    )
+    .expect("the first call");
+    let (host, pid) = yr::get(
+        &counter.method(Counter::whereabouts).invoke(()).unwrap(),
+        CALL_TIMEOUT,
+    )
+    .expect("whereabouts");
+    report("created", format!("{}:{host}:{pid}:{value}", counter.id()));
+    let mut line = String::new();
+    while std::io::stdin()
+        .read_line(&mut line)
+        .map(|n| n > 0)
+        .unwrap_or(false)
+    {
+        line.clear();
+        let started = Instant::now();
+        let outcome = counter
+            .method(Counter::whereabouts)
+            .invoke(())
+            .and_then(|whereabouts| yr::get(&whereabouts, CALL_TIMEOUT))
+            .and_then(|(host, pid)| {
+                let value = yr::get(&counter.method(Counter::add).invoke((1,))?, CALL_TIMEOUT)?;
+                Ok(format!("ok:{host}:{pid}:{value}"))
+            });
+        match outcome {
+            Ok(seen) => report("call", seen),
+            Err(error) => report(
+                "call",
+                format!(
+                    "err:{}:{}:{}",
+                    error.code().number(),
+                    started.elapsed().as_millis(),
+                    error.message().replace('\n', " ")
+                ),
+            ),
+        }
+    }
+    yr::finalize().unwrap();
+}
+
+/// The driver process, its stdin and its reports.
+struct Driver {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Driver {
+    fn spawn(hosts: &Hosts, test: &str, retries: u32) -> Driver {
+        let exe = std::env::current_exe().expect("this test binary");
+        let mut child = hosts
+            .command(0, exe)
+            .args([test, "--exact", "--nocapture", "--test-threads", "1"])
+            .env(DRIVER_VAR, retries.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the driver: {e}"));
+        Driver {
+            stdin: child.stdin.take(),
+            stdout: BufReader::new(child.stdout.take().expect("the driver's stdout")),
+            child,
+        }
+    }
+
+    /// The value of the next report `key` (the driver ending first fails the test).
+    fn next(&mut self, key: &str) -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let read = self.stdout.read_line(&mut line).unwrap_or(0);
+            assert!(read > 0, "the driver ended before it reported {key}");
+            // libtest may have begun the line before the driver's report.
+            if let Some((k, value)) = line
+                .trim_end()
+                .split_once("yr-partition: ")
+                .and_then(|(_, report)| report.split_once('='))
+            {
+                if k == key {
+                    return value.to_string();
+                }
+            }
+        }
+    }
+
+    /// One call through the driver: its `call` report.
+    fn call(&mut self) -> String {
+        let stdin = self.stdin.as_mut().expect("the driver's stdin");
+        writeln!(stdin, "call").expect("write to the driver");
+        stdin.flush().expect("write to the driver");
+        self.next("call")
+    }
+
+    fn finish(mut self) {
+        drop(self.stdin.take());
+        let mut status = None;
+        wait_until(BOUND, || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        match status {
+            Some(status) => assert!(status.success(), "the driver failed: {status}"),
+            None => {
+                let _ = self.child.kill();
+                panic!("the driver did not end within {BOUND:?}");
+            }
+        }
+    }
+}
+
+/// The id, state and incarnation of the node on host `index`, as the master lists it.
+fn node_on(cluster: &HostCluster, hosts: &Hosts, index: usize) -> Option<(String, String, u64)> {
+    let address = format!("{}:22773", hosts.address(index));
+    let status = cluster.status(hosts, 0).ok()?;
+    status["nodes"].as_array()?.iter().find_map(|node| {
+        (node["address"] == address.as_str()).then(|| {
+            (
+                node["id"].as_str().unwrap_or_default().to_string(),
+                node["state"].as_str().unwrap_or_default().to_string(),
+                node["incarnation"].as_u64().unwrap_or_default(),
+            )
+        })
+    })
+}
+
+/// The cluster, the driver, and the instance created on host 1: (id, runtime pid on host 1).
+fn set_up(test: &str, retries: u32) -> Option<(Hosts, HostCluster, Driver, String, u32)> {
+    let hosts = match Hosts::up(3, Isolation::SharedFileSystem) {
+        Ok(hosts) => hosts,
+        Err(why) => {
+            skip_or_fail(test, &why);
+            return None;
+        }
+    };
+    let cluster = HostCluster::start(&hosts, |index| match index {
+        1 => vec!["--cpu".into(), "8000".into()],
+        2 => vec!["--cpu".into(), "4000".into()],
+        _ => Vec::new(),
+    });
+    let mut driver = Driver::spawn(&hosts, test, retries);
+    let created = driver.next("created");
+    let parts: Vec<&str> = created.split(':').collect();
+    assert_eq!(parts.len(), 4, "{created}");
+    assert_eq!(parts[1], "h1", "the instance runs on host 1: {created}");
+    assert_eq!(parts[3], "1", "{created}");
+    let pid: u32 = parts[2].parse().expect("a pid");
+    Some((hosts, cluster, driver, parts[0].to_string(), pid))
+}
+
+/// Cuts host 1 and waits for the master to declare its node lost. Returns the node's id and
+/// incarnation before the cut.
+fn cut_host_1_until_lost(hosts: &Hosts, cluster: &HostCluster) -> (String, u64) {
+    let (far, state, incarnation) = node_on(cluster, hosts, 1).expect("node 1 listed");
+    assert_eq!(state, "alive");
+    assert_ne!(incarnation, 0, "a node registers with an incarnation");
+    hosts.cut(1);
+    let cut = Instant::now();
+    assert!(
+        wait_until(BOUND, || node_on(cluster, hosts, 1)
+            .is_some_and(|(_, state, _)| state == "lost")),
+        "the master did not declare node 1 lost within {BOUND:?}: {:?}",
+        cluster.status(hosts, 0)
+    );
+    eprintln!(
+        "partition: node 1 declared lost {:?} after the cut",
+        cut.elapsed()
+    );
+    (far, incarnation)
+}
+
+/// Restores host 1 and waits until its node registers again as a new incarnation; returns it.
+fn restore_host_1(hosts: &Hosts, cluster: &HostCluster, old: u64) -> u64 {
+    hosts.restore(1);
+    let restored = Instant::now();
+    let mut new = 0;
+    assert!(
+        wait_until(BOUND, || node_on(cluster, hosts, 1).is_some_and(
+            |(_, state, incarnation)| {
+                new = incarnation;
+                state == "alive" && incarnation != old && incarnation != 0
+            }
+        )),
+        "node 1 did not register again as a new incarnation within {BOUND:?}: {:?}",
+        cluster.status(hosts, 0)
+    );
+    eprintln!(
+        "partition: node 1 registered again {:?} after the link returned",
+        restored.elapsed()
+    );
+    new
+}
+
+#[test]
+fn a_cut_off_node_is_fenced_its_instance_runs_again_on_another_host_and_the_stale_copy_dies() {
+    let test =
+        "a_cut_off_node_is_fenced_its_instance_runs_again_on_another_host_and_the_stale_copy_dies";
+    if let Ok(retries) = std::env::var(DRIVER_VAR) {
+        return run_driver(&retries);
+    }
+    let _lock = exclusive();
+    let Some((hosts, cluster, mut driver, id, old_pid)) = set_up(test, 1) else {
+        return;
+    };
+    let spare = node_on(&cluster, &hosts, 2).expect("node 2 listed").0;
+    let record = cluster
+        .stored_instance(&hosts, &id)
+        .unwrap()
+        .expect("the record");
+    assert_eq!(record.state(), InstanceState::Running);
+    let history = cluster.watch_instance(&hosts, &id);
+
+    let (far, old_incarnation) = cut_host_1_until_lost(&hosts, &cluster);
+    assert_eq!(record.node_id, far);
+    assert_eq!(record.node_incarnation, old_incarnation);
+
+    // The master re-creates it on host 2 under its id; the driver's calls are served there.
+    assert!(
+        wait_until(BOUND, || cluster.stored_instance(&hosts, &id).is_ok_and(
+            |r| r.is_some_and(|r| r.state() == InstanceState::Running && r.node_id == spare)
+        )),
+        "the instance was not re-created on host 2: {:?}",
+        cluster.stored_instance(&hosts, &id)
+    );
+    let seen = driver.call();
+    let parts: Vec<&str> = seen.splitn(4, ':').collect();
+    assert_eq!(parts[..2], ["ok", "h2"], "served on host 2: {seen}");
+    let new_pid: u32 = parts[2].parse().expect("a pid");
+    assert_ne!(new_pid, old_pid);
+    assert_eq!(
+        parts[3], "1",
+        "the constructor's state, as after any restart: {seen}"
+    );
+    eprintln!(
+        "partition: the stale copy's runtime on host 1 is {} during the partition",
+        if alive(old_pid) {
+            "still running"
+        } else {
+            "gone"
+        }
+    );
+
+    // The link returns: node 1 is a new incarnation and kills its stale copy.
+    let new_incarnation = restore_host_1(&hosts, &cluster, old_incarnation);
+    assert_ne!(new_incarnation, old_incarnation);
+    assert!(
+        wait_until(BOUND, || !alive(old_pid)),
+        "node 1 did not kill the stale copy's runtime (pid {old_pid})"
+    );
+    let seen = driver.call();
+    assert!(seen.starts_with(&format!("ok:h2:{new_pid}:2")), "{seen}");
+
+    // No write of the stale incarnation ever landed: after the loss, every version of the
+    // record is the master's or host 2's.
+    let versions = history.records();
+    let first_moved = versions
+        .iter()
+        .position(|r| r.as_ref().is_some_and(|r| r.written_by_master))
+        .unwrap_or_else(|| panic!("the watch saw the master's reschedule: {versions:?}"));
+    for version in &versions[first_moved..] {
+        let version = version.as_ref().expect("never deleted");
+        assert!(
+            version.written_by_master || version.node_id == spare,
+            "a write after the loss came from {} (incarnation {}): {versions:?}",
+            version.node_id,
+            version.node_incarnation
+        );
+    }
+    let stored = cluster
+        .stored_instance(&hosts, &id)
+        .unwrap()
+        .expect("the record");
+    assert_eq!(stored.state(), InstanceState::Running);
+    assert_eq!(stored.node_id, spare);
+    assert_eq!(stored.restarts, 1);
+    driver.finish();
+}
+
+#[test]
+fn a_cut_off_nodes_instance_without_restarts_fails_with_1007_and_stays_fatal_after_healing() {
+    let test =
+        "a_cut_off_nodes_instance_without_restarts_fails_with_1007_and_stays_fatal_after_healing";
+    if let Ok(retries) = std::env::var(DRIVER_VAR) {
+        return run_driver(&retries);
+    }
+    let _lock = exclusive();
+    let Some((hosts, cluster, mut driver, id, old_pid)) = set_up(test, 0) else {
+        return;
+    };
+    let history = cluster.watch_instance(&hosts, &id);
+    let (_, old_incarnation) = cut_host_1_until_lost(&hosts, &cluster);
+    assert!(
+        wait_until(BOUND, || cluster.stored_instance(&hosts, &id).is_ok_and(
+            |r| r.is_some_and(|r| r.state() == InstanceState::Fatal && r.written_by_master)
+        )),
+        "the master marks the instance FATAL: {:?}",
+        cluster.stored_instance(&hosts, &id)
+    );
+    // The caller gets 1007, not a hang, while host 1 is still cut off.
+    let seen = driver.call();
+    assert!(seen.starts_with("err:1007:"), "{seen}");
+    let millis: u64 = seen
+        .split(':')
+        .nth(2)
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(millis < 20_000, "the call failed after {millis} ms: {seen}");
+
+    restore_host_1(&hosts, &cluster, old_incarnation);
+    assert!(
+        wait_until(BOUND, || !alive(old_pid)),
+        "node 1 did not kill the fenced instance's runtime (pid {old_pid})"
+    );
+    let seen = driver.call();
+    assert!(seen.starts_with("err:1007:"), "{seen}");
+    // The master's FATAL stands: nothing was written after it.
+    let versions = history.records();
+    let first_fatal = versions
+        .iter()
+        .position(|r| {
+            r.as_ref()
+                .is_some_and(|r| r.state() == InstanceState::Fatal)
+        })
+        .unwrap_or_else(|| panic!("the watch saw the FATAL record: {versions:?}"));
+    assert_eq!(
+        versions.len(),
+        first_fatal + 1,
+        "nothing was written after the master's FATAL: {versions:?}"
+    );
+    let stored = cluster
+        .stored_instance(&hosts, &id)
+        .unwrap()
+        .expect("the record");
+    assert_eq!(stored.state(), InstanceState::Fatal);
+    assert_eq!(stored.node_incarnation, old_incarnation);
+    driver.finish();
+}
