@@ -227,9 +227,7 @@ async fn wait_registered(
             return Ok(start.elapsed());
         }
         if start.elapsed() > deadline {
-            bail!(
-                "{what}: only {registered} of {nodes} nodes registered within {deadline:?}"
-            );
+            bail!("{what}: only {registered} of {nodes} nodes registered within {deadline:?}");
         }
         if last_print.elapsed() >= Duration::from_secs(1) {
             eprintln!("  {what}: {registered}/{nodes} registered");
@@ -248,10 +246,20 @@ async fn measure(
 ) -> anyhow::Result<SizeReport> {
     eprintln!("== {nodes} simulated nodes");
     let node_timeout = Duration::from_secs_f64(args.node_timeout.max(0.1));
-    let mut master = Master::start(&work_dir.join(format!("master-{nodes}")), token, node_timeout, &[])
-        .await?;
+    let mut master = Master::start(
+        &work_dir.join(format!("master-{nodes}")),
+        token,
+        node_timeout,
+        &[],
+    )
+    .await?;
     let pid = master.pid().context("the master is not running")?;
-    let fleet = Fleet::start(fleet_config(args, nodes, vec![master.address.clone()], "sim"))?;
+    let fleet = Fleet::start(fleet_config(
+        args,
+        nodes,
+        vec![master.address.clone()],
+        "sim",
+    ))?;
     let mut report = SizeReport {
         nodes,
         ..SizeReport::default()
@@ -262,7 +270,10 @@ async fn measure(
     })
     .await?;
     report.register_seconds = elapsed.as_secs_f64();
-    eprintln!("  all {nodes} registered in {:.2} s", report.register_seconds);
+    eprintln!(
+        "  all {nodes} registered in {:.2} s",
+        report.register_seconds
+    );
 
     // Idle: heartbeats only, after a beat interval for every stream to be open.
     tokio::time::sleep(Duration::from_millis(args.beat_ms.max(500) * 2)).await;
@@ -276,12 +287,13 @@ async fn measure(
     report.heartbeats_per_second = beats as f64 / idle_start.elapsed().as_secs_f64();
     report.idle_cpu_percent = cpu_after.cpu_percent_since(&cpu_before);
     report.idle_rss_mb = process::rss_mb(pid)?;
-    report.alive_after_idle = master
-        .metric("yr_master_nodes", Some("\"alive\""))
-        .await?;
+    report.alive_after_idle = master.metric("yr_master_nodes", Some("\"alive\"")).await?;
     eprintln!(
         "  idle: master CPU {:.1}% of a core, RSS {:.1} MB, {:.0} beats/s, {} alive",
-        report.idle_cpu_percent, report.idle_rss_mb, report.heartbeats_per_second, report.alive_after_idle
+        report.idle_cpu_percent,
+        report.idle_rss_mb,
+        report.heartbeats_per_second,
+        report.alive_after_idle
     );
 
     eprintln!(
@@ -320,9 +332,7 @@ async fn measure(
     // After the load, one node timeout more: a node whose beats the load delayed is lost now.
     tokio::time::sleep(node_timeout + Duration::from_secs(1)).await;
     report.nodes_lost = master.metric("yr_master_nodes_lost", None).await?;
-    report.alive_at_end = master
-        .metric("yr_master_nodes", Some("\"alive\""))
-        .await?;
+    report.alive_at_end = master.metric("yr_master_nodes", Some("\"alive\"")).await?;
     report.reregister_commands = fleet.stats.reregister_commands.load(Ordering::Relaxed);
     report.incarnations_lost = fleet.stats.incarnations_lost.load(Ordering::Relaxed);
     fleet.shutdown();
@@ -355,7 +365,10 @@ async fn failover(
     let lead_deadline = Instant::now() + Duration::from_secs(30);
     while !first.leads().await {
         if Instant::now() > lead_deadline {
-            bail!("the first master did not lead within 30 s; see {}", first.log.display());
+            bail!(
+                "the first master did not lead within 30 s; see {}",
+                first.log.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -381,11 +394,17 @@ async fn failover(
             break killed.elapsed();
         }
         if killed.elapsed() > deadline {
-            bail!("the standby did not lead within {deadline:?}; see {}", second.log.display());
+            bail!(
+                "the standby did not lead within {deadline:?}; see {}",
+                second.log.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    eprintln!("  standby leads {:.2} s after the SIGKILL", leads.as_secs_f64());
+    eprintln!(
+        "  standby leads {:.2} s after the SIGKILL",
+        leads.as_secs_f64()
+    );
     let all = wait_registered("registration with the new leader", nodes, deadline, || {
         fleet.registered_since(killed)
     })
@@ -409,7 +428,10 @@ async fn failover(
     };
     // Then one node timeout more, for any late loss to show.
     tokio::time::sleep(node_timeout + Duration::from_secs(1)).await;
-    let nodes_lost = second.metric("yr_master_nodes_lost", None).await.unwrap_or(f64::NAN);
+    let nodes_lost = second
+        .metric("yr_master_nodes_lost", None)
+        .await
+        .unwrap_or(f64::NAN);
     eprintln!(
         "  every node registered with the new leader {:.2} s after the SIGKILL; {} lost",
         all_seconds.as_secs_f64(),

@@ -292,7 +292,10 @@ impl Etcd {
             .args(["--name", "sim"])
             .arg("--data-dir")
             .arg(dir.join("data"))
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}")])
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+            ])
             .args([
                 "--advertise-client-urls",
                 &format!("http://127.0.0.1:{client}"),
