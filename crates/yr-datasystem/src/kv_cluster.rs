@@ -126,6 +126,24 @@ fn transport_error(member: &Member, status: &tonic::Status) -> Error {
     )
 }
 
+/// The error of a call to `member`'s data worker that got no answer within [`REROUTE_WAIT`].
+fn no_answer(member: &Member) -> Error {
+    transport_error(member, &tonic::Status::deadline_exceeded("no answer"))
+}
+
+/// The reply of `call` to `member`'s data worker, awaited for up to [`REROUTE_WAIT`]; no answer
+/// or a failed call is a transport error naming the member.
+async fn answer_of<T>(
+    member: &Member,
+    call: impl std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T> {
+    let reply = tokio::time::timeout(REROUTE_WAIT, call)
+        .await
+        .map_err(|_| no_answer(member))?
+        .map_err(|status| transport_error(member, &status))?;
+    Ok(reply.into_inner())
+}
+
 fn check(error: Option<yr_proto::v1::ErrorInfo>) -> Result<()> {
     match error {
         Some(error) => Err(error_from_proto(&error)),
@@ -773,9 +791,7 @@ impl KvCluster {
         let reply = if route == pb::KvRoute::Local {
             tokio::time::timeout(REROUTE_WAIT, call)
                 .await
-                .map_err(|_| {
-                    transport_error(member, &tonic::Status::deadline_exceeded("no answer"))
-                })?
+                .map_err(|_| no_answer(member))?
         } else {
             tokio::select! {
                 reply = call => reply,
@@ -848,19 +864,15 @@ impl KvCluster {
         for (owner, keys) in previous {
             let result = async {
                 let mut client = self.client(&owner)?;
-                let reply = tokio::time::timeout(
-                    REROUTE_WAIT,
+                let reply = answer_of(
+                    &owner,
                     client.kv_del(pb::KvDelRequest {
                         keys,
                         route: pb::KvRoute::Local as i32,
                     }),
                 )
-                .await
-                .map_err(|_| {
-                    transport_error(&owner, &tonic::Status::deadline_exceeded("no answer"))
-                })?
-                .map_err(|status| transport_error(&owner, &status))?;
-                check(reply.into_inner().error)
+                .await?;
+                check(reply.error)
             }
             .await;
             if let Err(error) = result {
@@ -963,17 +975,14 @@ impl KvCluster {
     /// What node `member` holds of `keys` now.
     async fn exist_at(&self, member: &Member, keys: Vec<String>) -> Result<Vec<bool>> {
         let mut client = self.client(member)?;
-        let reply = tokio::time::timeout(
-            REROUTE_WAIT,
+        let reply = answer_of(
+            member,
             client.kv_exist(pb::KvExistRequest {
                 keys,
                 route: pb::KvRoute::Local as i32,
             }),
         )
-        .await
-        .map_err(|_| transport_error(member, &tonic::Status::deadline_exceeded("no answer")))?
-        .map_err(|status| transport_error(member, &status))?
-        .into_inner();
+        .await?;
         check(reply.error)?;
         Ok(reply.exists)
     }

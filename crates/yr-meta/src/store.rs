@@ -270,32 +270,11 @@ pub async fn put_if_version<S: MetaStore + ?Sized>(
     value: Bytes,
     expected_version: u64,
 ) -> Result<Result<KeyValue, Option<KeyValue>>, MetaError> {
-    let response = store
-        .txn(
-            vec![Compare::Version {
-                key: key.to_string(),
-                version: expected_version,
-            }],
-            vec![TxnOp::Put {
-                key: key.to_string(),
-                value,
-                lease: None,
-            }],
-            vec![TxnOp::Get {
-                key: key.to_string(),
-            }],
-        )
-        .await?;
-    let result = response.results.into_iter().next().flatten();
-    if response.succeeded {
-        result.map(Ok).ok_or_else(|| {
-            MetaError::Unavailable(format!(
-                "the store answered a put of {key:?} without the written record"
-            ))
-        })
-    } else {
-        Ok(Err(result))
-    }
+    let compare = Compare::Version {
+        key: key.to_string(),
+        version: expected_version,
+    };
+    put_if(store, compare, key, value).await
 }
 
 /// Writes `key` only if its `mod_revision` is still `expected_mod_revision` (0: only if absent),
@@ -321,12 +300,25 @@ pub async fn put_if_mod_revision<S: MetaStore + ?Sized>(
     value: Bytes,
     expected_mod_revision: u64,
 ) -> Result<Result<KeyValue, Option<KeyValue>>, MetaError> {
+    let compare = Compare::ModRevision {
+        key: key.to_string(),
+        mod_revision: expected_mod_revision,
+    };
+    put_if(store, compare, key, value).await
+}
+
+/// Writes `key` (keeping no lease) only if `compare` holds: `Ok(Ok(new))` if written,
+/// `Ok(Err(current))` with the record as it is now otherwise. The body of [`put_if_version`]
+/// and [`put_if_mod_revision`].
+async fn put_if<S: MetaStore + ?Sized>(
+    store: &S,
+    compare: Compare,
+    key: &str,
+    value: Bytes,
+) -> Result<Result<KeyValue, Option<KeyValue>>, MetaError> {
     let response = store
         .txn(
-            vec![Compare::ModRevision {
-                key: key.to_string(),
-                mod_revision: expected_mod_revision,
-            }],
+            vec![compare],
             vec![TxnOp::Put {
                 key: key.to_string(),
                 value,

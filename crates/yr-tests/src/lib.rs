@@ -2,7 +2,8 @@
 //! harness, which starts a real master and real nodes as processes through the `yr` CLI (on free
 //! ports and temporary directories) and kills everything it started when dropped, and the
 //! helpers the tests in `tests/` share: one yr session at a time per test binary, marker files
-//! that user code writes to, and process scans that prove nothing leaked; and [`hosts`], which
+//! that user code writes to, process scans that prove nothing leaked, and user code several
+//! tests run (the [`Tally`] instance class); and [`hosts`], which
 //! makes "machines" out of network namespaces for tests across hosts. It owns no yr
 //! behaviour: every test drives the real binaries the way users do.
 //!
@@ -387,6 +388,58 @@ pub fn weighted_sum(bytes: &[u8]) -> u64 {
         .sum()
 }
 
+/// Placement only on nodes whose label `key` (`yr start --labels`) is `value`.
+pub fn on_label(key: &str, value: &str) -> yr::InvokeOptions {
+    yr::InvokeOptions {
+        schedule_affinities: vec![yr::Affinity {
+            affinity_kind: yr::AffinityKind::Resource,
+            affinity_type: yr::AffinityType::Required,
+            label_operators: vec![yr::LabelOperator {
+                op: yr::LabelOp::In,
+                key: key.into(),
+                values: vec![value.into()],
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// In a driver process that a test steers through its stdin: call `per_line` once for each
+/// line read, until stdin closes (or cannot be read).
+pub fn for_each_stdin_line(mut per_line: impl FnMut()) {
+    let mut line = String::new();
+    while std::io::stdin()
+        .read_line(&mut line)
+        .map(|n| n > 0)
+        .unwrap_or(false)
+    {
+        line.clear();
+        per_line();
+    }
+}
+
+/// A stateful instance class the tests share: a running total, starting where its creator
+/// says.
+#[yr::instance]
+pub struct Tally {
+    value: i64,
+}
+
+#[yr::instance]
+impl Tally {
+    /// A total of `start`.
+    pub fn new(start: i64) -> Self {
+        Tally { value: start }
+    }
+
+    /// Add `n`; the new total.
+    pub fn add(&mut self, n: i64) -> i64 {
+        self.value += n;
+        self.value
+    }
+}
+
 /// Two nodes with `shared_memory_mb` of shared memory each: node 0 with 1 CPU, where the
 /// driver connects, and node 1 with 4, where a call asking for 2 CPUs runs.
 pub fn two_nodes_with_shared_memory(shared_memory_mb: u64) -> TestCluster {
@@ -656,6 +709,19 @@ impl ClusterBuilder {
     pub fn node(mut self, spec: NodeSpec) -> Self {
         self.nodes.push(spec);
         self
+    }
+
+    /// Add two nodes: one with 1 CPU, where the driver connects (the first added), and one with
+    /// 4, where the master places what asks for more than 1 CPU.
+    pub fn small_and_large_node(self) -> Self {
+        self.node(NodeSpec {
+            cpu: 1_000,
+            ..NodeSpec::default()
+        })
+        .node(NodeSpec {
+            cpu: 4_000,
+            ..NodeSpec::default()
+        })
     }
 
     /// The master's `--node-timeout` in seconds.
@@ -1158,43 +1224,13 @@ impl TestCluster {
     /// reports on its /metrics endpoint.
     pub fn node_metric(&self, index: usize, name: &str) -> Option<f64> {
         let address = format!("127.0.0.1:{}", self.nodes[index].metrics_port);
-        let (status, text) = block_on(yr_transport::http::fetch(
-            &address,
-            "/metrics",
-            Duration::from_secs(5),
-        ))
-        .ok()?;
-        if !status.is_success() {
-            return None;
-        }
-        text.lines().find_map(|line| {
-            line.strip_prefix(name)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
+        metric_at(&address, name)
     }
 
     /// The value of the Prometheus gauge or counter `name` (without labels) that the master
     /// reports on its /metrics endpoint.
     pub fn master_metric(&self, name: &str) -> Option<f64> {
-        let (status, text) = block_on(yr_transport::http::fetch(
-            &self.master_metrics_address(),
-            "/metrics",
-            Duration::from_secs(5),
-        ))
-        .ok()?;
-        if !status.is_success() {
-            return None;
-        }
-        text.lines().find_map(|line| {
-            line.strip_prefix(name)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
+        metric_at(&self.master_metrics_address(), name)
     }
 
     /// [`TestCluster::node_metric`], waiting up to [`TIMEOUT`] for the node to report it;
@@ -1261,6 +1297,12 @@ impl TestCluster {
     /// A driver configuration for node 0.
     pub fn config(&self) -> yr::Config {
         driver_config(&self.bus_address())
+    }
+
+    /// The incarnation under which the leading master lists node `index` now.
+    pub fn node_incarnation(&self, index: usize) -> u64 {
+        node_incarnation(&self.status().unwrap(), self.node_id(index))
+            .expect("the master lists the node")
     }
 
     /// What the master says about the cluster: the first master that answers (with standbys,
@@ -1395,6 +1437,36 @@ impl TestCluster {
     pub fn processes(&self) -> Vec<u32> {
         processes_mentioning(&self.dir.display())
     }
+}
+
+/// The value of the Prometheus gauge or counter `name` (without labels) on the /metrics
+/// endpoint at `address`; `None` if it does not answer or does not report it.
+fn metric_at(address: &str, name: &str) -> Option<f64> {
+    let (status, text) = block_on(yr_transport::http::fetch(
+        address,
+        "/metrics",
+        Duration::from_secs(5),
+    ))
+    .ok()?;
+    if !status.is_success() {
+        return None;
+    }
+    text.lines().find_map(|line| {
+        line.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// The incarnation under which `status` lists node `node_id`; `None` if it does not list it.
+pub fn node_incarnation(status: &pb::ClusterStatusResponse, node_id: &str) -> Option<u64> {
+    status
+        .nodes
+        .iter()
+        .find(|n| n.node_id == node_id)
+        .map(|n| n.incarnation)
 }
 
 impl TestCluster {
@@ -1534,6 +1606,26 @@ impl RecordHistory {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Assert that the watch saw a FATAL version and that nothing was written after the first
+    /// one: the master's FATAL stands. Returns the FATAL version's index.
+    #[track_caller]
+    pub fn assert_fatal_is_last(&self) -> usize {
+        let versions = self.records();
+        let first_fatal = versions
+            .iter()
+            .position(|r| {
+                r.as_ref()
+                    .is_some_and(|r| r.state() == pb::InstanceState::Fatal)
+            })
+            .unwrap_or_else(|| panic!("the watch saw the FATAL record: {versions:?}"));
+        assert_eq!(
+            versions.len(),
+            first_fatal + 1,
+            "nothing was written after the master's FATAL: {versions:?}"
+        );
+        first_fatal
     }
 }
 

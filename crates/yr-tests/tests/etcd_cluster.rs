@@ -10,24 +10,7 @@ use std::time::Duration;
 
 use etcd::Etcd;
 use yr_common::session::SessionInfo;
-use yr_tests::{exclusive, run_yr, unique, TempDir, TestCluster, TIMEOUT};
-
-#[yr::instance]
-pub struct Tally {
-    value: i64,
-}
-
-#[yr::instance]
-impl Tally {
-    pub fn new(start: i64) -> Self {
-        Tally { value: start }
-    }
-
-    pub fn add(&mut self, n: i64) -> i64 {
-        self.value += n;
-        self.value
-    }
-}
+use yr_tests::{exclusive, run_yr, unique, Tally, TempDir, TestCluster, TIMEOUT};
 
 #[yr::invoke]
 fn square(n: i64) -> i64 {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use etcd::Etcd;
 use yr::{ErrorCode, InstanceHandle, InvokeOptions};
 use yr_proto::v1::InstanceState;
-use yr_tests::{exclusive, unique, wait_until, NodeSpec, TestCluster, TIMEOUT};
+use yr_tests::{exclusive, unique, wait_until, Tally, TestCluster, TIMEOUT};
 
 /// How long a control operation may take to fail while etcd is down: the meta store's retry
 /// budget (4 s) for each of the few store calls a create makes, with room for a loaded machine.
@@ -26,23 +26,6 @@ const CONTROL_BOUND: Duration = Duration::from_secs(30);
 /// How long etcd stays down while the instance is called: past the leader lease (2 s) and the
 /// node timeout (3 s), so that any path that needs etcd to keep a node or a master alive shows.
 const OUTAGE: Duration = Duration::from_secs(8);
-
-#[yr::instance]
-pub struct Tally {
-    value: i64,
-}
-
-#[yr::instance]
-impl Tally {
-    pub fn new(start: i64) -> Self {
-        Tally { value: start }
-    }
-
-    pub fn add(&mut self, n: i64) -> i64 {
-        self.value += n;
-        self.value
-    }
-}
 
 fn add(tally: &InstanceHandle<Tally>, n: i64) -> yr::Result<i64> {
     yr::get(&tally.method(Tally::add).invoke((n,))?, TIMEOUT)
@@ -73,24 +56,10 @@ fn calls_keep_working_while_etcd_is_down_and_control_operations_fail_with_3005_u
     let cluster = TestCluster::builder()
         .master_args(["--etcd", &etcd.endpoint(), "--etcd-prefix", &prefix])
         .node_timeout(3.0)
-        .node(NodeSpec {
-            cpu: 1_000,
-            ..NodeSpec::default()
-        })
-        .node(NodeSpec {
-            cpu: 4_000,
-            ..NodeSpec::default()
-        })
+        .small_and_large_node()
         .start();
     let node_id = cluster.node_id(1).to_string();
-    let incarnation = cluster
-        .status()
-        .unwrap()
-        .nodes
-        .iter()
-        .find(|n| n.node_id == node_id)
-        .map(|n| n.incarnation)
-        .expect("the master lists the node");
+    let incarnation = cluster.node_incarnation(1);
     yr::init(cluster.config()).unwrap();
 
     let tally = yr::instance(Tally::new)

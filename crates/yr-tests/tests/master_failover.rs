@@ -12,27 +12,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use etcd::Etcd;
-use yr_tests::{exclusive, run_yr, signal, unique, wait_until, TestCluster, TIMEOUT};
+use yr_tests::{
+    exclusive, node_incarnation, run_yr, signal, unique, wait_until, Tally, TestCluster, TIMEOUT,
+};
 
 /// The generous bound of the tests; the goal (5 s) is reported, not asserted.
 const TAKEOVER_BOUND: Duration = Duration::from_secs(15);
-
-#[yr::instance]
-pub struct Tally {
-    value: i64,
-}
-
-#[yr::instance]
-impl Tally {
-    pub fn new(start: i64) -> Self {
-        Tally { value: start }
-    }
-
-    pub fn add(&mut self, n: i64) -> i64 {
-        self.value += n;
-        self.value
-    }
-}
 
 fn failover_cluster(etcd: &Etcd, label: &str) -> TestCluster {
     let prefix = format!("/yr/{}", unique(label));
@@ -70,12 +55,7 @@ fn the_standby_takes_over_when_the_leader_is_killed_and_no_instance_is_lost() {
     let node_id = cluster.node_id(0).to_string();
     let (leader_index, before) = leader(&cluster);
     let standby = cluster.master_addresses()[1 - leader_index].clone();
-    let incarnation = before
-        .nodes
-        .iter()
-        .find(|n| n.node_id == node_id)
-        .map(|n| n.incarnation)
-        .expect("the node is registered");
+    let incarnation = node_incarnation(&before, &node_id).expect("the node is registered");
     // The standby answers "not the leader", naming the leader.
     let refused = cluster.status_at(&standby).unwrap_err();
     assert!(
@@ -169,12 +149,7 @@ fn a_leader_paused_past_its_lease_writes_nothing_when_it_resumes() {
     let (leader_index, before) = leader(&cluster);
     let old = before.leader.clone();
     let standby = cluster.master_addresses()[1 - leader_index].clone();
-    let incarnation = before
-        .nodes
-        .iter()
-        .find(|n| n.node_id == node_id)
-        .map(|n| n.incarnation)
-        .expect("the node is registered");
+    let incarnation = node_incarnation(&before, &node_id).expect("the node is registered");
     let pid = cluster
         .master_pid_at(leader_index)
         .expect("the leader runs");

@@ -11,7 +11,7 @@ use yr::{ErrorCode, InvokeOptions};
 use yr_proto::v1::InstanceState;
 use yr_tests::{
     alive, assert_error, call_err, exclusive, record, signal, stopped, unwrap_err, wait_until,
-    Marker, NodeSpec, TestCluster, TIMEOUT,
+    Marker, TestCluster, TIMEOUT,
 };
 
 #[yr::instance]
@@ -54,37 +54,18 @@ fn too_big_for_the_first_node() -> InvokeOptions {
     }
 }
 
-fn incarnation_of(cluster: &TestCluster, index: usize) -> u64 {
-    let node_id = cluster.node_id(index);
-    cluster
-        .status()
-        .unwrap()
-        .nodes
-        .iter()
-        .find(|n| n.node_id == node_id)
-        .map(|n| n.incarnation)
-        .expect("the master lists the node")
-}
-
 #[test]
 fn node_partitioned_past_the_node_timeout_is_fenced_and_its_instance_stays_fatal() {
     let _exclusive = exclusive();
     let cluster = TestCluster::builder()
         .node_timeout(3.0)
-        .node(NodeSpec {
-            cpu: 1_000,
-            ..NodeSpec::default()
-        })
-        // The default runtime heartbeat timeout: a node that was stopped does not take its
-        // runtimes' silence for a hang, so the path taken is fencing.
-        .node(NodeSpec {
-            cpu: 4_000,
-            ..NodeSpec::default()
-        })
+        // The default runtime heartbeat timeout on the second node: a node that was stopped
+        // does not take its runtimes' silence for a hang, so the path taken is fencing.
+        .small_and_large_node()
         .start();
     let far = cluster.node_id(1).to_string();
     let far_pid = cluster.node_pid(1).unwrap();
-    let old_incarnation = incarnation_of(&cluster, 1);
+    let old_incarnation = cluster.node_incarnation(1);
     assert_ne!(old_incarnation, 0, "a node registers with an incarnation");
     yr::init(cluster.config()).unwrap();
 
@@ -191,19 +172,7 @@ fn node_partitioned_past_the_node_timeout_is_fenced_and_its_instance_stays_fatal
     );
 
     // The master's FATAL stands: the record was never written RUNNING (or anything) again.
-    let versions = history.records();
-    let first_fatal = versions
-        .iter()
-        .position(|r| {
-            r.as_ref()
-                .is_some_and(|r| r.state() == InstanceState::Fatal)
-        })
-        .unwrap_or_else(|| panic!("the watch saw the FATAL record: {versions:?}"));
-    assert_eq!(
-        versions.len(),
-        first_fatal + 1,
-        "nothing was written after the master's FATAL: {versions:?}"
-    );
+    let first_fatal = history.assert_fatal_is_last();
     let stored = cluster.stored_instance(&id).unwrap().expect("the record");
     assert_eq!(stored.state(), InstanceState::Fatal);
     assert!(stored.written_by_master);

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use yr::{Affinity, AffinityKind, AffinityType, InvokeOptions, LabelOp, LabelOperator};
 use yr_proto::v1::InstanceState;
 use yr_tests::hosts::{skip_or_fail, HostCluster, Hosts, Isolation};
-use yr_tests::{alive, exclusive, use_this_binary_as_runtime, wait_until};
+use yr_tests::{alive, exclusive, for_each_stdin_line, use_this_binary_as_runtime, wait_until};
 
 /// Set in the driver process: the instance's `recover_retry_times`.
 const DRIVER_VAR: &str = "YR_PARTITION_DRIVER";
@@ -110,13 +110,7 @@ fn run_driver(retries: &str) {
     )
     .expect("whereabouts");
     report("created", format!("{}:{host}:{pid}:{value}", counter.id()));
-    let mut line = String::new();
-    while std::io::stdin()
-        .read_line(&mut line)
-        .map(|n| n > 0)
-        .unwrap_or(false)
-    {
-        line.clear();
+    for_each_stdin_line(|| {
         let started = Instant::now();
         let outcome = counter
             .method(Counter::whereabouts)
@@ -138,7 +132,7 @@ fn run_driver(retries: &str) {
                 ),
             ),
         }
-    }
+    });
     yr::finalize().unwrap();
 }
 
@@ -417,19 +411,7 @@ fn a_cut_off_nodes_instance_without_restarts_fails_with_1007_and_stays_fatal_aft
     let seen = driver.call();
     assert!(seen.starts_with("err:1007:"), "{seen}");
     // The master's FATAL stands: nothing was written after it.
-    let versions = history.records();
-    let first_fatal = versions
-        .iter()
-        .position(|r| {
-            r.as_ref()
-                .is_some_and(|r| r.state() == InstanceState::Fatal)
-        })
-        .unwrap_or_else(|| panic!("the watch saw the FATAL record: {versions:?}"));
-    assert_eq!(
-        versions.len(),
-        first_fatal + 1,
-        "nothing was written after the master's FATAL: {versions:?}"
-    );
+    history.assert_fatal_is_last();
     let stored = cluster
         .stored_instance(&hosts, &id)
         .unwrap()

@@ -18,9 +18,12 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use serde_bytes::ByteBuf;
-use yr::{Affinity, AffinityKind, AffinityType, InvokeOptions, LabelOp, LabelOperator};
+use yr::InvokeOptions;
 use yr_tests::hosts::{skip_or_fail, HostCluster, Hosts, Isolation};
-use yr_tests::{exclusive, pattern, use_this_binary_as_runtime, weighted_sum, TIMEOUT};
+use yr_tests::{
+    exclusive, for_each_stdin_line, on_label, pattern, use_this_binary_as_runtime, weighted_sum,
+    TIMEOUT,
+};
 
 /// Which part a driver process plays.
 const DRIVER_VAR: &str = "YR_HOSTS_DRIVER";
@@ -109,19 +112,7 @@ fn create_on(target: String) -> String {
 
 /// Placement on host `host` (`h0`, `h1`, …) by the node label `yr start --labels` gave it.
 fn on(host: &str) -> InvokeOptions {
-    InvokeOptions {
-        schedule_affinities: vec![Affinity {
-            affinity_kind: AffinityKind::Resource,
-            affinity_type: AffinityType::Required,
-            label_operators: vec![LabelOperator {
-                op: LabelOp::In,
-                key: "host".into(),
-                values: vec![host.into()],
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
+    on_label("host", host)
 }
 
 fn report(key: &str, value: impl std::fmt::Display) {
@@ -241,14 +232,7 @@ fn owner() {
     tasks_objects_and_kv("h0");
     report("ready", true);
     // The others call the keeper now; stdin closes when they are done.
-    let mut line = String::new();
-    while std::io::stdin()
-        .read_line(&mut line)
-        .map(|n| n > 0)
-        .unwrap_or(false)
-    {
-        line.clear();
-    }
+    for_each_stdin_line(|| {});
     report(
         "keeper-final",
         get(&keeper.method(Keeper::add).invoke((0,)).unwrap(), "add"),

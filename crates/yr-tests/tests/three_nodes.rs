@@ -7,10 +7,8 @@
 
 use std::time::Duration;
 
-use yr::{
-    Affinity, AffinityKind, AffinityType, InstanceHandle, InvokeOptions, LabelOp, LabelOperator,
-};
-use yr_tests::{exclusive, NodeSpec, TestCluster, TIMEOUT};
+use yr::{InstanceHandle, InvokeOptions};
+use yr_tests::{exclusive, on_label, NodeSpec, TestCluster, TIMEOUT};
 
 #[yr::instance]
 pub struct Slow {
@@ -63,19 +61,7 @@ fn add_through(slow: InstanceHandle<Slow>, n: i64) -> Result<i64, yr::Error> {
 }
 
 fn in_zone(zone: &str) -> InvokeOptions {
-    InvokeOptions {
-        schedule_affinities: vec![Affinity {
-            affinity_kind: AffinityKind::Resource,
-            affinity_type: AffinityType::Required,
-            label_operators: vec![LabelOperator {
-                op: LabelOp::In,
-                key: "zone".into(),
-                values: vec![zone.into()],
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
+    on_label("zone", zone)
 }
 
 /// Three nodes labelled `zone=driver`, `zone=instance` and `zone=function`; the driver

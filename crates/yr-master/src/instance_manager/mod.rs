@@ -364,16 +364,12 @@ impl InstanceManager {
             {
                 return Ok(false);
             }
-            record.set_state(InstanceState::Fatal);
-            record.rescheduled_to.clear();
-            record.error = Some(ErrorInfo {
-                code: ErrorCode::InstanceExited.number(),
-                module: ModuleCode::Core.number(),
-                message: format!(
+            mark_fatal(
+                &mut record,
+                format!(
                     "instance {instance_id} exited: its node was lost and the master could not                      re-create it on node {target}: {reason}; create it again"
                 ),
-                ..Default::default()
-            });
+            );
             let value = Bytes::from(record.encode_to_vec());
             if let Ok(written) =
                 put_if_version(self.store.as_ref(), &key, value, kv.version).await?
@@ -436,17 +432,13 @@ impl InstanceManager {
                         _ => "; the instance was not rescheduled (no recover_retry_times left), create it again"
                             .to_string(),
                     };
-                    record.set_state(InstanceState::Fatal);
-                    record.rescheduled_to.clear();
-                    record.error = Some(ErrorInfo {
-                        code: ErrorCode::InstanceExited.number(),
-                        module: ModuleCode::Core.number(),
-                        message: format!(
+                    mark_fatal(
+                        &mut record,
+                        format!(
                             "instance {instance_id} exited: node {node_id} was lost (it stopped \
                              heartbeating to the master){why}"
                         ),
-                        ..Default::default()
-                    });
+                    );
                 }
             }
             let value = Bytes::from(record.encode_to_vec());
@@ -581,6 +573,19 @@ pub fn recovery_options(record: &InstanceRecord, lost: &str) -> Option<InvokeOpt
 
 /// Whether `record` is an instance of the lost node `node_id` that the master must fail: not
 /// final yet, and not of the node's live incarnation (if it came back as a new one).
+/// Marks `record` FATAL (no longer rescheduled anywhere), its error an "instance exited" that
+/// says why in `message`.
+fn mark_fatal(record: &mut InstanceRecord, message: String) {
+    record.set_state(InstanceState::Fatal);
+    record.rescheduled_to.clear();
+    record.error = Some(ErrorInfo {
+        code: ErrorCode::InstanceExited.number(),
+        module: ModuleCode::Core.number(),
+        message,
+        ..Default::default()
+    });
+}
+
 fn belongs_to_lost(
     record: &InstanceRecord,
     node_id: &str,

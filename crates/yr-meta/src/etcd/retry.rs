@@ -248,14 +248,15 @@ mod tests {
         assert!(failure.transient && !failure.not_applied);
     }
 
-    #[tokio::test]
-    async fn a_write_whose_outcome_is_unknown_is_not_sent_again() {
+    /// An operation of kind `retry` whose every try times out ("request timed out": the
+    /// outcome is unknown), under a short budget: how many tries were made, and the error.
+    async fn timing_out(retry: Retry) -> (u32, MetaError) {
         let budget = Budget {
             attempt: Duration::from_millis(500),
             total: Duration::from_secs(2),
         };
         let mut tries = 0;
-        let err = with_retry(budget, Retry::Write, context(), || {
+        let err = with_retry(budget, retry, context(), || {
             tries += 1;
             async {
                 Err::<(), _>(etcd_client::Error::GRpcStatus(tonic::Status::unavailable(
@@ -265,20 +266,16 @@ mod tests {
         })
         .await
         .unwrap_err();
+        (tries, err)
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_outcome_is_unknown_is_not_sent_again() {
+        let (tries, err) = timing_out(Retry::Write).await;
         assert_eq!(tries, 1);
         assert_eq!(err.code(), yr_common::ErrorCode::EtcdOperationError);
 
-        let mut tries = 0;
-        let err = with_retry(budget, Retry::Idempotent, context(), || {
-            tries += 1;
-            async {
-                Err::<(), _>(etcd_client::Error::GRpcStatus(tonic::Status::unavailable(
-                    "etcdserver: request timed out",
-                )))
-            }
-        })
-        .await
-        .unwrap_err();
+        let (tries, err) = timing_out(Retry::Idempotent).await;
         assert!(tries > 1, "a read is retried ({tries} tries)");
         assert!(matches!(err, MetaError::Etcd(ref m) if m.contains("tries")));
     }
