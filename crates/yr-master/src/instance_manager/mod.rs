@@ -367,7 +367,7 @@ impl InstanceManager {
             mark_fatal(
                 &mut record,
                 format!(
-                    "instance {instance_id} exited: its node was lost and the master could not                      re-create it on node {target}: {reason}; create it again"
+                    "instance {instance_id} exited: its node was lost and the master could not re-create it on node {target}: {reason}; create it again"
                 ),
             );
             let value = Bytes::from(record.encode_to_vec());
@@ -417,7 +417,7 @@ impl InstanceManager {
                         code: ErrorCode::InstanceExited.number(),
                         module: ModuleCode::Core.number(),
                         message: format!(
-                            "instance {instance_id} is re-created on node {target}: node                              {node_id} was lost (restart {} of {})",
+                            "instance {instance_id} is re-created on node {target}: node {node_id} was lost (restart {} of {})",
                             record.restarts, options.recover_retry_times
                         ),
                         ..Default::default()
