@@ -11,6 +11,7 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -468,6 +469,31 @@ impl Default for InvokeOptions {
             timeout_s: -1,
             always_local_mode: false,
         }
+    }
+}
+
+impl InvokeOptions {
+    /// The default options, allocated once for the process and shared: a call without options
+    /// of its own takes a reference to these rather than a fresh `InvokeOptions` (some 700
+    /// bytes to allocate, compare and free per call), and the checks of its options pass at
+    /// once ([`InvokeOptions::check_for_method`]).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use yr_common::InvokeOptions;
+    ///
+    /// let shared = InvokeOptions::shared_default();
+    /// assert_eq!(**shared, InvokeOptions::default());
+    /// assert!(Arc::ptr_eq(shared, InvokeOptions::shared_default()));
+    /// ```
+    pub fn shared_default() -> &'static Arc<InvokeOptions> {
+        static DEFAULT: OnceLock<Arc<InvokeOptions>> = OnceLock::new();
+        DEFAULT.get_or_init(|| Arc::new(InvokeOptions::default()))
+    }
+
+    /// Whether these are [`InvokeOptions::shared_default`] itself (not merely equal to it).
+    pub(crate) fn is_shared_default(&self) -> bool {
+        std::ptr::eq(self, &**InvokeOptions::shared_default())
     }
 }
 

@@ -2,7 +2,7 @@
 //! `yr::function(f).options(opts).invoke(args)`.
 
 use std::marker::PhantomData;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use yr_common::{InvokeOptions, Result};
 use yr_runtime::function::{FunctionEntry, Returns, TaskSpec};
@@ -140,10 +140,7 @@ multi_return!(7; A 0, B 1, C 2, D 3, E 4, F 5, G 6);
 multi_return!(8; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7);
 
 pub(crate) fn default_options() -> Arc<InvokeOptions> {
-    static DEFAULT: OnceLock<Arc<InvokeOptions>> = OnceLock::new();
-    DEFAULT
-        .get_or_init(|| Arc::new(InvokeOptions::default()))
-        .clone()
+    InvokeOptions::shared_default().clone()
 }
 
 /// Validate `options` once, for every later call that uses them.

@@ -587,6 +587,10 @@ impl InvokeOptions {
     /// assert!(error.message().contains("cpu, retry_times"), "{error}");
     /// ```
     pub fn check_for_method(&self) -> Result<()> {
+        // The common case, on every method call's path: no options of its own.
+        if self.is_shared_default() {
+            return Ok(());
+        }
         let honoured = InvokeOptions {
             timeout_s: self.timeout_s,
             ..InvokeOptions::default()

@@ -383,6 +383,9 @@ impl CallExecutor for RuntimeMode {
         let returns: Vec<ObjectHandle> = (0..request.return_nums as usize)
             .map(|_| ObjectSlot::pending())
             .collect();
+        // Whether the call is in `self.calls` (a stateless call with results), to be removed
+        // when it finishes.
+        let mut tracked = false;
         let submitted = match pb::CallKind::try_from(request.kind) {
             Ok(pb::CallKind::Function) => match (find_function(&request.function), self.pool.get())
             {
@@ -397,7 +400,7 @@ impl CallExecutor for RuntimeMode {
                         TaskSpec {
                             function: *function,
                             args,
-                            options: Arc::new(InvokeOptions::default()),
+                            options: InvokeOptions::shared_default().clone(),
                         },
                         returns.clone(),
                     );
@@ -405,6 +408,7 @@ impl CallExecutor for RuntimeMode {
                         self.calls
                             .lock()
                             .insert((connection, call_id), Arc::downgrade(&task));
+                        tracked = true;
                     }
                     Ok(())
                 }
@@ -420,8 +424,9 @@ impl CallExecutor for RuntimeMode {
                     MethodSpec {
                         method: *method,
                         args,
-                        // The caller keeps the call's deadline.
-                        options: Arc::default(),
+                        // The caller keeps the call's deadline. The shared default: no
+                        // allocation per call.
+                        options: InvokeOptions::shared_default().clone(),
                     },
                     returns.clone(),
                 ),
@@ -442,7 +447,7 @@ impl CallExecutor for RuntimeMode {
                 values: Vec::new(),
                 error: None,
             }),
-            Some(last) => {
+            Some(last) if tracked => {
                 let calls = Arc::downgrade(&self.calls);
                 last.on_finished(Box::new(move || {
                     if let Some(calls) = calls.upgrade() {
@@ -451,6 +456,10 @@ impl CallExecutor for RuntimeMode {
                     respond(result_of(call_id, &returns, &caller))
                 }))
             }
+            // A method call: never in `self.calls`.
+            Some(last) => last.on_finished(Box::new(move || {
+                respond(result_of(call_id, &returns, &caller))
+            })),
         }
     }
 }
