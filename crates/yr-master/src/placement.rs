@@ -12,6 +12,11 @@
 //!    per node.
 //! 4. Among candidates, the node with the most free CPU after placement wins (spread); a tie goes
 //!    to the lowest node id.
+//!
+//! [`place`] scores every node it is given. [`first_fit`] is the fast path for the same policy:
+//! given the nodes most free CPU first (the order the resource view keeps), the first candidate
+//! is the node [`place`] would choose, so it stops there; it says nothing when no node fits,
+//! and the caller then asks [`place`] for the error.
 
 use std::collections::HashMap;
 
@@ -158,10 +163,16 @@ pub fn place<'a>(
     }
 
     let mut best: Option<(&'a str, i64)> = None;
+    // Only the reasons shown are written out; the rest are counted.
     let mut refusals = Vec::new();
+    let mut refused = 0usize;
     for node in nodes {
-        if let Some(reason) = refusal(node, request) {
-            refusals.push(format!("{}: {reason}", node.node_id));
+        if !admits(node, request) {
+            if refusals.len() < MAX_NODES_IN_REASON {
+                let reason = refusal(node, request).unwrap_or_default();
+                refusals.push(format!("{}: {reason}", node.node_id));
+            }
+            refused += 1;
             continue;
         }
         let free_cpu_after = node.allocatable.cpu_millicores - resources.cpu_millicores;
@@ -179,18 +190,45 @@ pub fn place<'a>(
     match best {
         Some((node_id, _)) => Ok(node_id),
         None => {
-            let shown = refusals.len().min(MAX_NODES_IN_REASON);
             let mut reason = format!(
                 "no node can take request {resources} now ({} live nodes): {}",
                 nodes.len(),
-                refusals[..shown].join("; ")
+                refusals.join("; ")
             );
-            if refusals.len() > shown {
-                reason.push_str(&format!("; and {} more", refusals.len() - shown));
+            if refused > refusals.len() {
+                reason.push_str(&format!("; and {} more", refused - refusals.len()));
             }
             Err(PlacementError::NotEnough { reason })
         }
     }
+}
+
+/// The first of `ordered` that can take `request` now. Given the live nodes most free CPU
+/// first and the lowest id first on a tie, that is the node [`place`] chooses; `None` when no
+/// node can take it (ask [`place`] why).
+pub fn first_fit<'a>(
+    ordered: impl IntoIterator<Item = Candidate<'a>>,
+    request: &PlacementRequest<'_>,
+) -> Option<&'a str> {
+    ordered
+        .into_iter()
+        .find(|node| admits(node, request))
+        .map(|node| node.node_id)
+}
+
+/// Whether `node` can take `request` now: [`refusal`] without the text.
+fn admits(node: &Candidate<'_>, request: &PlacementRequest<'_>) -> bool {
+    !request.exclude_nodes.iter().any(|id| id == node.node_id)
+        && request
+            .labels
+            .iter()
+            .all(|label| label_matches(node.labels, label))
+        && request
+            .affinities
+            .iter()
+            .all(|affinity| affinity.admits(node.labels))
+        && request.resources.fits_in(node.capacity)
+        && request.resources.fits_in(node.allocatable)
 }
 
 /// Why `node` cannot take `request` now, or `None` when it can.
@@ -560,6 +598,91 @@ mod tests {
         let err = place_simple(&nodes, &res(100, 0), &[], &[]).unwrap_err();
         assert_eq!(err.code(), ErrorCode::ResourceNotEnough);
         assert!(err.to_string().contains("cpu 0m of 100m"), "{err}");
+    }
+
+    /// A small deterministic generator (an LCG), so the test needs no crate and repeats.
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    #[test]
+    fn first_fit_in_free_cpu_order_chooses_what_place_chooses() {
+        let mut rng = Lcg(7);
+        let ids: Vec<&'static str> = (0..40)
+            .map(|i| &*Box::leak(format!("n{i:02}").into_boxed_str()))
+            .collect();
+        let zones = ["east", "west", "north"];
+        for round in 0..2000 {
+            let count = 1 + rng.below(40) as usize;
+            let nodes: Vec<TestNode> = ids[..count]
+                .iter()
+                .map(|id| {
+                    // Coarse amounts, so ties and near misses are common.
+                    let mut capacity = res(4000, 4000);
+                    let mut allocatable =
+                        res(rng.below(9) as i64 * 500 - 500, rng.below(5) as i64 * 1000);
+                    if rng.below(4) == 0 {
+                        capacity.custom.insert("gpu".into(), 2.0);
+                        allocatable.custom.insert("gpu".into(), rng.below(3) as f64);
+                    }
+                    let zone = zones[rng.below(3) as usize];
+                    let mut labels = vec![("zone", zone)];
+                    if rng.below(3) == 0 {
+                        labels.push(("ssd", ""));
+                    }
+                    labelled(node(id, capacity, allocatable), &labels)
+                })
+                .collect();
+            let mut resources = res(rng.below(6) as i64 * 500, rng.below(4) as i64 * 1000);
+            if rng.below(4) == 0 {
+                resources.custom.insert("gpu".into(), 1.0);
+            }
+            let exclude: Vec<String> = (0..rng.below(3))
+                .map(|_| ids[rng.below(count as u64) as usize].to_string())
+                .collect();
+            let labels: Vec<String> = match rng.below(4) {
+                0 => vec![format!("zone={}", zones[rng.below(3) as usize])],
+                1 => vec!["ssd".into()],
+                _ => Vec::new(),
+            };
+            let affinities: Vec<Affinity> = if rng.below(4) == 0 {
+                vec![affinity_from_proto(&pb::NodeAffinity {
+                    anti: rng.below(2) == 0,
+                    conditions: vec![pb::LabelCondition {
+                        op: pb::label_condition::Op::In as i32,
+                        key: "zone".into(),
+                        values: vec![zones[rng.below(3) as usize].into()],
+                    }],
+                })]
+            } else {
+                Vec::new()
+            };
+            let request = PlacementRequest {
+                resources: &resources,
+                exclude_nodes: &exclude,
+                labels: &labels,
+                affinities: &affinities,
+            };
+            let all = candidates(&nodes);
+            let mut ordered = all.clone();
+            ordered.sort_by(|a, b| {
+                b.allocatable
+                    .cpu_millicores
+                    .cmp(&a.allocatable.cpu_millicores)
+                    .then_with(|| a.node_id.cmp(b.node_id))
+            });
+            let fast = first_fit(ordered, &request);
+            let full = place(&all, &request).ok();
+            assert_eq!(fast, full, "round {round}");
+        }
     }
 
     #[test]

@@ -8,8 +8,15 @@
 //! what it really took in its next delta, so the next non-empty delta from a node replaces all of
 //! its reservations ("trust the node"). A reservation the node never answers (it refused the
 //! request and nothing changed) expires after a time-to-live.
+//!
+//! The view keeps its nodes in the order placement prefers them: most free CPU first, the
+//! lowest node id first on a tie. Every change to a node's allocatable (registration, delta,
+//! reservation, expiry, removal) moves the node in that order at once, so placement reads the
+//! best nodes first without scoring the fleet. Reservations are also kept oldest first, so
+//! expiring them costs the expired ones, not a walk over every node.
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -92,8 +99,13 @@ impl ResourceSet {
     }
 
     /// Whether a request of these amounts fits into `available`.
+    /// It agrees with [`ResourceSet::shortfalls`] being empty, without building the text.
     pub fn fits_in(&self, available: &ResourceSet) -> bool {
-        self.shortfalls(available).is_empty()
+        self.cpu_millicores <= available.cpu_millicores
+            && self.memory_mb <= available.memory_mb
+            && self.custom.iter().all(|(name, amount)| {
+                *amount <= EPSILON || *amount <= available.custom_amount(name) + EPSILON
+            })
     }
 
     /// What `available` lacks for a request of these amounts, one entry per resource, for
@@ -232,10 +244,16 @@ impl NodeResources {
     }
 }
 
-/// Every live node's resources, by node id.
+/// Every live node's resources, by node id, with the placement order and the reservations by
+/// age.
 #[derive(Debug, Default)]
 pub struct ResourceView {
     nodes: BTreeMap<String, NodeResources>,
+    /// Every node in `nodes` as (free CPU, id), most free CPU first, lowest id first on a tie.
+    by_free_cpu: BTreeSet<(Reverse<i64>, String)>,
+    /// (when, node) of every reservation made, oldest first. An entry whose reservation a delta
+    /// already dropped stays until its time-to-live passes and then changes nothing.
+    reserved_at: BTreeSet<(Instant, String)>,
 }
 
 impl ResourceView {
@@ -246,6 +264,9 @@ impl ResourceView {
 
     /// Sets a node's figures from a registration, replacing whatever the view had.
     pub fn set_node(&mut self, node_id: &str, capacity: ResourceSet, allocatable: ResourceSet) {
+        self.remove_node(node_id);
+        self.by_free_cpu
+            .insert((Reverse(allocatable.cpu_millicores), node_id.to_string()));
         self.nodes.insert(
             node_id.to_string(),
             NodeResources::new(capacity, allocatable),
@@ -254,7 +275,12 @@ impl ResourceView {
 
     /// Forgets a node (it was lost).
     pub fn remove_node(&mut self, node_id: &str) -> Option<NodeResources> {
-        self.nodes.remove(node_id)
+        let node = self.nodes.remove(node_id)?;
+        self.by_free_cpu.remove(&(
+            Reverse(node.allocatable.cpu_millicores),
+            node_id.to_string(),
+        ));
+        Some(node)
     }
 
     /// A node's figures.
@@ -262,38 +288,62 @@ impl ResourceView {
         self.nodes.get(node_id)
     }
 
+    /// Changes a node's figures with `change` and moves it in the placement order; false when
+    /// the view does not know the node.
+    fn update(&mut self, node_id: &str, change: impl FnOnce(&mut NodeResources)) -> bool {
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return false;
+        };
+        let before = node.allocatable.cpu_millicores;
+        change(node);
+        let after = node.allocatable.cpu_millicores;
+        if before != after {
+            self.by_free_cpu
+                .remove(&(Reverse(before), node_id.to_string()));
+            self.by_free_cpu
+                .insert((Reverse(after), node_id.to_string()));
+        }
+        true
+    }
+
     /// Applies a node's delta; false when the view does not know the node.
     pub fn apply_delta(&mut self, node_id: &str, delta: &ResourceDelta) -> bool {
-        match self.nodes.get_mut(node_id) {
-            Some(node) => {
-                node.apply_delta(delta);
-                true
-            }
-            None => false,
-        }
+        self.update(node_id, |node| node.apply_delta(delta))
     }
 
     /// Tentatively takes `amount` from a node; false when the view does not know the node.
     pub fn reserve(&mut self, node_id: &str, amount: &ResourceSet, now: Instant) -> bool {
-        match self.nodes.get_mut(node_id) {
-            Some(node) => {
-                node.reserve(amount, now);
-                true
-            }
-            None => false,
+        let known = self.update(node_id, |node| node.reserve(amount, now));
+        if known {
+            self.reserved_at.insert((now, node_id.to_string()));
         }
+        known
     }
 
-    /// Gives back every reservation older than `ttl`.
+    /// Gives back every reservation older than `ttl`. Costs the reservations that expire.
     pub fn expire_reservations(&mut self, now: Instant, ttl: Duration) {
-        for node in self.nodes.values_mut() {
-            node.expire_reservations(now, ttl);
+        while let Some((at, _)) = self.reserved_at.first() {
+            if now.saturating_duration_since(*at) < ttl {
+                break;
+            }
+            let Some((_, node_id)) = self.reserved_at.pop_first() else {
+                break;
+            };
+            self.update(&node_id, |node| node.expire_reservations(now, ttl));
         }
     }
 
     /// Every node, in node id order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &NodeResources)> {
         self.nodes.iter().map(|(id, node)| (id.as_str(), node))
+    }
+
+    /// Every node in the order placement prefers: most free CPU first, the lowest node id
+    /// first on a tie.
+    pub fn by_free_cpu(&self) -> impl Iterator<Item = (&str, &NodeResources)> {
+        self.by_free_cpu
+            .iter()
+            .filter_map(|(_, id)| self.nodes.get(id).map(|node| (id.as_str(), node)))
     }
 }
 
@@ -355,6 +405,116 @@ mod tests {
         assert_eq!(view.node("a").unwrap().allocatable(), &set(3500, 8000));
         view.expire_reservations(start + Duration::from_secs(10), Duration::from_secs(2));
         assert_eq!(view.node("a").unwrap().allocatable(), &set(4000, 8000));
+    }
+
+    /// The placement order is exactly the nodes sorted by most free CPU, then lowest id.
+    fn assert_order_matches(view: &ResourceView) {
+        let mut expected: Vec<(i64, String)> = view
+            .iter()
+            .map(|(id, node)| (node.allocatable().cpu_millicores, id.to_string()))
+            .collect();
+        expected.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        let ordered: Vec<(i64, String)> = view
+            .by_free_cpu()
+            .map(|(id, node)| (node.allocatable().cpu_millicores, id.to_string()))
+            .collect();
+        assert_eq!(ordered, expected);
+        assert_eq!(view.by_free_cpu.len(), view.nodes.len());
+    }
+
+    fn order(view: &ResourceView) -> Vec<&str> {
+        view.by_free_cpu().map(|(id, _)| id).collect()
+    }
+
+    #[test]
+    fn every_resource_change_moves_the_node_in_the_placement_order() {
+        let mut view = ResourceView::new();
+        let start = Instant::now();
+        let ttl = Duration::from_secs(5);
+        view.set_node("a", set(4000, 8000), set(4000, 8000));
+        view.set_node("b", set(4000, 8000), set(3000, 8000));
+        view.set_node("c", set(4000, 8000), set(4000, 8000));
+        assert_eq!(order(&view), ["a", "c", "b"], "ties go to the lowest id");
+        assert_order_matches(&view);
+        // A reservation moves a down.
+        view.reserve("a", &set(1500, 0), start);
+        assert_eq!(order(&view), ["c", "b", "a"]);
+        assert_order_matches(&view);
+        // A delta replaces the reservation and moves it again.
+        view.apply_delta("a", &delta(-500, 0));
+        assert_eq!(order(&view), ["c", "a", "b"]);
+        assert_order_matches(&view);
+        // An expired reservation gives its CPU back.
+        view.reserve("c", &set(3500, 0), start + Duration::from_secs(1));
+        assert_eq!(order(&view), ["a", "b", "c"]);
+        view.expire_reservations(start + Duration::from_secs(5), ttl);
+        assert_eq!(order(&view), ["a", "b", "c"], "not yet expired");
+        view.expire_reservations(start + Duration::from_secs(6), ttl);
+        assert_eq!(order(&view), ["c", "a", "b"]);
+        assert_order_matches(&view);
+        // A registration replaces the node's place; removal takes it out.
+        view.set_node("b", set(8000, 8000), set(8000, 8000));
+        assert_eq!(order(&view), ["b", "c", "a"]);
+        assert_order_matches(&view);
+        assert!(view.remove_node("c").is_some());
+        assert_eq!(order(&view), ["b", "a"]);
+        assert_order_matches(&view);
+        assert!(!view.reserve("c", &set(1, 1), start));
+        assert_order_matches(&view);
+    }
+
+    #[test]
+    fn expiry_costs_only_the_expired_and_ignores_reservations_a_delta_dropped() {
+        let mut view = ResourceView::new();
+        let start = Instant::now();
+        let ttl = Duration::from_secs(2);
+        view.set_node("a", set(4000, 8000), set(4000, 8000));
+        view.set_node("b", set(4000, 8000), set(4000, 8000));
+        view.reserve("a", &set(1000, 0), start);
+        view.reserve("b", &set(1000, 0), start + Duration::from_secs(1));
+        // a's node reports; its reservation is gone, its queue entry stays.
+        view.apply_delta("a", &delta(-1000, 0));
+        view.reserve("a", &set(500, 0), start + Duration::from_secs(1));
+        view.expire_reservations(start + Duration::from_secs(2), ttl);
+        assert_eq!(
+            view.reserved_at.len(),
+            2,
+            "only the oldest entry is consumed"
+        );
+        assert_eq!(view.node("a").unwrap().allocatable(), &set(2500, 8000));
+        assert_eq!(view.node("b").unwrap().allocatable(), &set(3000, 8000));
+        view.expire_reservations(start + Duration::from_secs(3), ttl);
+        assert!(view.reserved_at.is_empty());
+        assert_eq!(view.node("a").unwrap().allocatable(), &set(3000, 8000));
+        assert_eq!(view.node("b").unwrap().allocatable(), &set(4000, 8000));
+        assert_order_matches(&view);
+        // A removed node's entries are skipped.
+        view.reserve("b", &set(1000, 0), start + Duration::from_secs(3));
+        view.remove_node("b");
+        view.expire_reservations(start + Duration::from_secs(10), ttl);
+        assert!(view.reserved_at.is_empty());
+        assert_order_matches(&view);
+    }
+
+    #[test]
+    fn fits_in_agrees_with_shortfalls() {
+        let mut request = set(100, 100);
+        request.custom.insert("gpu".into(), 1.0);
+        request.custom.insert("none".into(), 0.0);
+        for (cpu, memory, gpu) in [
+            (100, 100, 1.0),
+            (99, 100, 1.0),
+            (100, 99, 1.0),
+            (100, 100, 0.5),
+        ] {
+            let mut available = set(cpu, memory);
+            available.custom.insert("gpu".into(), gpu);
+            assert_eq!(
+                request.fits_in(&available),
+                request.shortfalls(&available).is_empty(),
+                "{available}"
+            );
+        }
     }
 
     #[test]

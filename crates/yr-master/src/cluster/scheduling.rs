@@ -1,5 +1,10 @@
 //! Scheduling on the cluster: placing a request on a live node from the resource view and
 //! reserving it there tentatively, so concurrent schedules spread.
+//!
+//! A placement reads the view's nodes most free CPU first and takes the first that fits: it
+//! costs the nodes it passes over (excluded, lacking a label or an affinity, or short of
+//! memory or a custom resource), not the fleet, and it holds the cluster lock that briefly. When
+//! no node fits, it scores every node to say why, as [`placement::place`] does.
 
 use std::sync::atomic::Ordering;
 
@@ -9,8 +14,8 @@ use yr_proto::v1::{ScheduleRequest, ScheduleResponse};
 
 use super::{Cluster, Nodes};
 use crate::placement::{self, Candidate, PlacementError, PlacementRequest};
-use crate::registry::NodeState;
-use crate::resource_view::ResourceSet;
+use crate::registry::{NodeState, Registry};
+use crate::resource_view::{NodeResources, ResourceSet};
 
 impl Cluster {
     /// Places a request on a live node and reserves it there tentatively.
@@ -101,33 +106,33 @@ impl Cluster {
         affinities: &[yr_common::Affinity],
     ) -> Result<(String, String), PlacementError> {
         let resources = ResourceSet::from_proto(&request.request.clone().unwrap_or_default());
+        let request = PlacementRequest {
+            resources: &resources,
+            exclude_nodes: &request.exclude_nodes,
+            labels: &request.labels,
+            affinities,
+        };
         let now = self.clock.now();
         let mut nodes = self.nodes.lock();
         nodes.view.expire_reservations(now, self.node_timeout);
         let Nodes { registry, view } = &mut *nodes;
-        let chosen = {
-            let candidates: Vec<Candidate<'_>> = registry
-                .iter()
-                .filter(|entry| entry.state == NodeState::Alive)
-                .filter_map(|entry| {
-                    view.node(&entry.info.node_id).map(|resources| Candidate {
-                        node_id: &entry.info.node_id,
-                        capacity: resources.capacity(),
-                        allocatable: resources.allocatable(),
-                        labels: &entry.info.labels,
-                    })
-                })
-                .collect();
-            placement::place(
-                &candidates,
-                &PlacementRequest {
-                    resources: &resources,
-                    exclude_nodes: &request.exclude_nodes,
-                    labels: &request.labels,
-                    affinities,
-                },
-            )?
-            .to_string()
+        // The view keeps the nodes most free CPU first: the first that fits is the choice, and
+        // usually one of the first few. Only when none fits are all nodes scored, for the reason.
+        let fit = placement::first_fit(
+            view.by_free_cpu()
+                .filter_map(|(node_id, resources)| alive(registry, node_id, resources)),
+            &request,
+        )
+        .map(str::to_string);
+        let chosen = match fit {
+            Some(node_id) => node_id,
+            None => {
+                let candidates: Vec<Candidate<'_>> = view
+                    .iter()
+                    .filter_map(|(node_id, resources)| alive(registry, node_id, resources))
+                    .collect();
+                placement::place(&candidates, &request)?.to_string()
+            }
         };
         view.reserve(&chosen, &resources, now);
         let address = registry
@@ -136,4 +141,21 @@ impl Cluster {
             .unwrap_or_default();
         Ok((chosen, address))
     }
+}
+
+/// A node of the view as placement sees it, when the registry holds it alive.
+fn alive<'a>(
+    registry: &'a Registry,
+    node_id: &str,
+    resources: &'a NodeResources,
+) -> Option<Candidate<'a>> {
+    registry
+        .get(node_id)
+        .filter(|entry| entry.state == NodeState::Alive)
+        .map(|entry| Candidate {
+            node_id: &entry.info.node_id,
+            capacity: resources.capacity(),
+            allocatable: resources.allocatable(),
+            labels: &entry.info.labels,
+        })
 }

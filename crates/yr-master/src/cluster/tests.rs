@@ -257,3 +257,114 @@ async fn a_lost_incarnation_is_fenced_and_comes_back_only_as_a_new_one() {
     // The old incarnation still cannot write.
     assert!(!node_write(&store, &record, fatal.version, 7).await);
 }
+
+fn labelled_node(id: &str, cpu: u64, memory: u64, labels: &[(&str, &str)]) -> NodeInfo {
+    let mut info = node(id, cpu);
+    if let Some(capacity) = info.capacity.as_mut() {
+        capacity.memory_mb = memory;
+    }
+    info.labels = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    info
+}
+
+fn delta_update(id: &str, cpu: i64) -> NodeUpdate {
+    NodeUpdate {
+        node_id: id.into(),
+        delta: Some(ResourceDelta {
+            cpu_millicores: cpu,
+            memory_mb: 0,
+            custom: Default::default(),
+        }),
+    }
+}
+
+#[tokio::test]
+async fn placement_finds_the_one_fit_behind_roomier_nodes_that_cannot_take_the_request() {
+    let store = Arc::new(FakeStore::default());
+    let (cluster, _) = Cluster::open(store, Duration::from_secs(5)).await.unwrap();
+    // 40 roomy nodes short of memory, 40 in the wrong zone, one that fits and has the least CPU.
+    for i in 0..40 {
+        let short = labelled_node(&format!("m{i:02}"), 64_000, 10, &[("zone", "east")]);
+        cluster.register(Some(short)).await.unwrap();
+        let elsewhere = labelled_node(&format!("w{i:02}"), 64_000, 4096, &[("zone", "west")]);
+        cluster.register(Some(elsewhere)).await.unwrap();
+    }
+    let fit = labelled_node("z", 1000, 4096, &[("zone", "east")]);
+    cluster.register(Some(fit)).await.unwrap();
+    let ask = |labels: &[&str], exclude: &[&str]| {
+        let mut schedule = request(500);
+        if let Some(resources) = schedule.request.as_mut() {
+            resources.memory_mb = 512;
+        }
+        schedule.labels = labels.iter().map(|l| l.to_string()).collect();
+        schedule.exclude_nodes = exclude.iter().map(|n| n.to_string()).collect();
+        cluster.schedule(&schedule)
+    };
+    assert_eq!(ask(&["zone=east"], &[]).node_id, "z");
+    // Without the label, the roomiest node with memory wins, lowest id first.
+    assert_eq!(ask(&[], &[]).node_id, "w00");
+    assert_eq!(ask(&[], &["w00"]).node_id, "w01");
+    // The asking node excluded and nowhere else to go: the full reason, as before.
+    let refused = ask(&["zone=east"], &["z"]);
+    let error = refused.error.unwrap();
+    assert_eq!(error.code, ErrorCode::ResourceNotEnough.number());
+    assert!(
+        error.message.contains("(81 live nodes)") && error.message.ends_with("and 73 more"),
+        "{}",
+        error.message
+    );
+}
+
+#[tokio::test]
+async fn heartbeat_deltas_and_registrations_move_nodes_in_placement() {
+    let store = Arc::new(FakeStore::default());
+    let (cluster, _) = Cluster::open(store, Duration::from_secs(5)).await.unwrap();
+    cluster.register(Some(node("a", 4000))).await.unwrap();
+    cluster.register(Some(node("b", 3000))).await.unwrap();
+    assert_eq!(cluster.schedule(&request(100)).node_id, "a");
+    // a reports that it took 2,000m (which replaces the reservation): b is roomier now.
+    assert_eq!(
+        cluster.heartbeat(&delta_update("a", -2000)),
+        HeartbeatOutcome::Accepted
+    );
+    assert_eq!(cluster.schedule(&request(100)).node_id, "b");
+    // a gives it back and more; b registers again, smaller.
+    cluster.heartbeat(&delta_update("a", 2000));
+    cluster.register(Some(node("b", 1000))).await.unwrap();
+    assert_eq!(cluster.schedule(&request(100)).node_id, "a");
+    // A request only b's old size could take has nowhere to go.
+    cluster.heartbeat(&delta_update("a", -3000));
+    let error = cluster.schedule(&request(2000)).error.unwrap();
+    assert_eq!(error.code, ErrorCode::ResourceNotEnough.number());
+}
+
+#[tokio::test]
+async fn lost_and_recovering_nodes_are_never_chosen() {
+    let store = Arc::new(FakeStore::default());
+    let clock = ManualClock::new();
+    let timeout = Duration::from_secs(5);
+    let (cluster, _) = Cluster::open_with_clock(store.clone(), timeout, clock.clone())
+        .await
+        .unwrap();
+    cluster.register(Some(node("big", 64_000))).await.unwrap();
+    cluster.register(Some(node("small", 1000))).await.unwrap();
+    assert_eq!(cluster.schedule(&request(100)).node_id, "big");
+    clock.advance(timeout - Duration::from_millis(1));
+    heartbeat(&cluster, "small");
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(cluster.check_liveness().await, vec!["big".to_string()]);
+    for _ in 0..3 {
+        assert_eq!(cluster.schedule(&request(100)).node_id, "small");
+    }
+    // After a restart both are recovering, not alive: nothing to place on until they register.
+    let (reopened, _) = Cluster::open_with_clock(store, timeout, clock.clone())
+        .await
+        .unwrap();
+    let error = reopened.schedule(&request(100)).error.unwrap();
+    assert_eq!(error.code, ErrorCode::ResourceNotEnough.number());
+    reopened.register(Some(node("small", 1000))).await.unwrap();
+    assert_eq!(reopened.schedule(&request(100)).node_id, "small");
+}
