@@ -782,6 +782,9 @@ impl KvCluster {
             None => u64::MAX,
         };
         let mut client = self.client(member)?;
+        // A waiting read forwarded for a client counts here too, where the client waits on it.
+        let _waiting =
+            (timeout_ms > 0 && route != pb::KvRoute::Local).then(|| self.kv.forwarded_read());
         let request = pb::KvGetRequest {
             keys,
             timeout_ms,

@@ -38,7 +38,31 @@ impl Drop for Watch {
     }
 }
 
+/// A read this node forwarded to its keys' owner, where it waits: counted among this node's
+/// waiting reads ([`KvStore::waiting_reads`]) until dropped, so the node's metric shows the
+/// reads its clients wait on wherever the keys live.
+pub struct ForwardedRead {
+    shared: Weak<Shared>,
+}
+
+impl Drop for ForwardedRead {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.reads_waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 impl KvStore {
+    /// Count a read forwarded to another node, where it waits, until the guard is dropped.
+    pub fn forwarded_read(&self) -> ForwardedRead {
+        let shared = &self.handle.shared;
+        shared.reads_waiting.fetch_add(1, Ordering::Relaxed);
+        ForwardedRead {
+            shared: Arc::downgrade(shared),
+        }
+    }
+
     /// Call `waker` whenever one of `keys` is written, until the returned guard is dropped.
     pub fn watch<S: AsRef<str>>(&self, keys: &[S], waker: Waker) -> Watch {
         let shared = &self.handle.shared;
@@ -111,7 +135,8 @@ impl KvStore {
         }
     }
 
-    /// How many reads watch keys, waiting for them to be written (for metrics, and for tests
+    /// How many reads wait for keys to be written: those that watch keys here, and those
+    /// forwarded to the keys' owner ([`KvStore::forwarded_read`]) (for metrics, and for tests
     /// that wait until a read waits).
     pub fn waiting_reads(&self) -> usize {
         self.shared().reads_waiting.load(Ordering::Relaxed)
