@@ -114,6 +114,9 @@ fn free_port(host: std::net::IpAddr, start: u16) -> anyhow::Result<u16> {
 /// interface that is up and not loopback. Never 127.0.0.1, which every other machine would
 /// take for itself (a node advertising it would have other nodes forward to themselves).
 pub fn local_ip() -> anyhow::Result<String> {
+    // Not a listener: an unconnected UDP socket that "connects" (no packet is sent) only to
+    // learn which local address the kernel routes a private address from; 0.0.0.0 lets the
+    // kernel choose that address.
     let routed = UdpSocket::bind("0.0.0.0:0")
         .and_then(|socket| {
             socket.connect("10.255.255.255:1")?;

@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use yr_common::backoff::Backoff;
@@ -33,6 +33,9 @@ const ELECTION_RETRY: Duration = Duration::from_millis(200);
 
 /// How many times a node registers at once after its incarnation was refused as lost.
 const LOST_REGISTRATIONS: usize = 3;
+
+/// The most updates (beats and resource deltas) queued on one node's heartbeat stream.
+const UPDATES_QUEUED: usize = 1024;
 
 /// What the simulated fleet looks like.
 #[derive(Clone, Debug)]
@@ -81,7 +84,7 @@ pub struct SimNode {
     /// The master its calls go to now.
     current: Mutex<String>,
     /// Its heartbeat stream's sender while a session is up.
-    updates: Mutex<Option<mpsc::UnboundedSender<pb::NodeUpdate>>>,
+    updates: Mutex<Option<mpsc::Sender<pb::NodeUpdate>>>,
     /// Resources its accepted placements hold: (millicores, MB).
     used: Mutex<(u64, u64)>,
     /// When it last registered.
@@ -131,7 +134,9 @@ impl SimNode {
                     custom: HashMap::new(),
                 }),
             };
-            if sender.send(update).is_ok() {
+            // A full stream means the master stopped reading this node: the delta is lost, as
+            // a real node's would be, and its next registration reports its resources anew.
+            if sender.try_send(update).is_ok() {
                 stats.deltas.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -295,12 +300,9 @@ impl Fleet {
             return status;
         }
         backoff.reset();
-        let (sender, receiver) = mpsc::unbounded_channel();
+        let (sender, receiver) = mpsc::channel(UPDATES_QUEUED);
         *node.updates.lock() = Some(sender.clone());
-        let mut commands = match client
-            .node_heartbeat(UnboundedReceiverStream::new(receiver))
-            .await
-        {
+        let mut commands = match client.node_heartbeat(ReceiverStream::new(receiver)).await {
             Ok(response) => response.into_inner(),
             Err(status) => return Some(status),
         };
@@ -317,7 +319,7 @@ impl Fleet {
                     node_id: node_id.clone(),
                     delta: None,
                 };
-                if sender.send(update).is_err() {
+                if sender.send(update).await.is_err() {
                     return;
                 }
                 stats.beats.fetch_add(1, Ordering::Relaxed);

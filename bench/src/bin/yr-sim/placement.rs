@@ -69,6 +69,10 @@ impl PlacementResult {
     }
 }
 
+/// The most releases waiting for their instance's lifetime to end (a second of placements at
+/// well above the rates measured).
+const RELEASES_QUEUED: usize = 65_536;
+
 struct Release {
     due: Instant,
     node: String,
@@ -77,7 +81,9 @@ struct Release {
 /// Sends placements for `config.duration`; returns once every worker finished (the instances'
 /// releases go on in the background while the fleet runs).
 pub async fn drive(fleet: &Arc<Fleet>, config: &PlacementConfig) -> PlacementResult {
-    let (releases, mut due) = mpsc::unbounded_channel::<Release>();
+    // Bounded: when the releases fall this far behind, workers wait for room, which slows
+    // the placements down rather than queueing without end.
+    let (releases, mut due) = mpsc::channel::<Release>(RELEASES_QUEUED);
     {
         // Lifetimes are all the same, so releases come due in the order they were queued.
         let fleet = fleet.clone();
@@ -122,7 +128,7 @@ async fn work(
     fleet: &Arc<Fleet>,
     config: &PlacementConfig,
     deadline: Instant,
-    releases: mpsc::UnboundedSender<Release>,
+    releases: mpsc::Sender<Release>,
 ) -> PlacementResult {
     let mut result = PlacementResult::default();
     let mut random = XorShift(0x9e37_79b9_7f4a_7c15 ^ ((worker as u64 + 1) << 17));
@@ -166,10 +172,12 @@ async fn work(
                 match fleet.node(&reply.node_id) {
                     Some(target) => {
                         target.accept(config.cpu_millicores, config.memory_mb, &fleet.stats);
-                        let _ = releases.send(Release {
-                            due: Instant::now() + config.lifetime,
-                            node: reply.node_id,
-                        });
+                        let _ = releases
+                            .send(Release {
+                                due: Instant::now() + config.lifetime,
+                                node: reply.node_id,
+                            })
+                            .await;
                         result.placed += 1;
                     }
                     None => result.unknown_targets += 1,

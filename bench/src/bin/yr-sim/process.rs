@@ -9,7 +9,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long a master or etcd may take to come up.
 const READY_DEADLINE: Duration = Duration::from_secs(30);
@@ -183,34 +182,14 @@ pub fn metric(text: &str, name: &str, label: Option<&str>) -> f64 {
         .sum()
 }
 
-/// A plain HTTP/1.1 GET of `path` at `address`; the body.
+/// The body of a GET of `path` at `address` (yr's own HTTP client, with the cluster token);
+/// anything but 200 is an error.
 async fn http_get(address: &str, path: &str) -> anyhow::Result<String> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(address).await?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        anyhow::Ok(response)
-    };
-    let response = tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .context("GET timed out")??;
-    let text = String::from_utf8_lossy(&response);
-    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        bail!("a malformed HTTP answer from {address}");
-    };
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!(
-            "GET {path} at {address}: {}",
-            head.lines().next().unwrap_or_default()
-        );
+    let (status, body) = yr_transport::http::fetch(address, path, Duration::from_secs(5)).await?;
+    if !status.is_success() {
+        bail!("GET {path} at {address}: {status}");
     }
-    Ok(body.to_string())
+    Ok(body)
 }
 
 /// CPU time and memory of a process, read from /proc.
