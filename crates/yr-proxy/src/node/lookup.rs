@@ -48,6 +48,13 @@ enum Elsewhere {
     Absent,
 }
 
+/// Sleep `delay`, unless `deadline` comes first: false then.
+async fn pause_before(deadline: Instant, delay: Duration) -> bool {
+    tokio::time::timeout_at(deadline, tokio::time::sleep(delay))
+        .await
+        .is_ok()
+}
+
 impl Node {
     /// Find an instance by name (waiting up to the timeout) or id; subscribe the asker.
     pub async fn lookup(
@@ -185,10 +192,7 @@ impl Node {
                 Ok(Ok(read)) => read,
                 Ok(Err(error)) => {
                     tracing::debug!(instance = %id, %error, "cannot read the record of an instance whose caller lost it");
-                    if tokio::time::timeout_at(deadline, tokio::time::sleep(backoff.next_delay()))
-                        .await
-                        .is_err()
-                    {
+                    if !pause_before(deadline, backoff.next_delay()).await {
                         return Err(timed_out());
                     }
                     continue;
@@ -202,10 +206,7 @@ impl Node {
                 Ok(events) => events,
                 Err(error) => {
                     tracing::debug!(instance = %id, %error, "cannot watch the record of an instance whose caller lost it");
-                    if tokio::time::timeout_at(deadline, tokio::time::sleep(backoff.next_delay()))
-                        .await
-                        .is_err()
-                    {
+                    if !pause_before(deadline, backoff.next_delay()).await {
                         return Err(timed_out());
                     }
                     continue;
