@@ -181,6 +181,39 @@ impl Hosts {
         self.set_link(index, "up");
     }
 
+    /// Cuts hosts `a` and `b` off each other only: each drops the other's packets (a blackhole
+    /// route to the other's address in its namespace), while both still reach every other
+    /// host. Connections between them hang, as across a broken switch port between two racks.
+    pub fn cut_between(&self, a: usize, b: usize) {
+        self.set_route(a, b, "add");
+        self.set_route(b, a, "add");
+    }
+
+    /// Undoes [`Hosts::cut_between`].
+    pub fn restore_between(&self, a: usize, b: usize) {
+        self.set_route(a, b, "del");
+        self.set_route(b, a, "del");
+    }
+
+    fn set_route(&self, from: usize, to: usize, action: &str) {
+        assert!(
+            from < self.count && to < self.count,
+            "there is no such host"
+        );
+        let namespace = format!("{}-h{from}", set_name());
+        let target = format!("{}/32", self.address(to));
+        let mut command = Command::new("ip");
+        command
+            .args(["-n", &namespace, "route", action, "blackhole", &target])
+            .stdin(Stdio::null());
+        let output = output_within(command, Duration::from_secs(30));
+        assert!(
+            output.status.success(),
+            "ip -n {namespace} route {action} blackhole {target} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
     fn set_link(&self, index: usize, state: &str) {
         assert!(index < self.count, "there is no host {index}");
         let name = set_name();
