@@ -22,6 +22,7 @@ mod config;
 mod consume;
 mod error;
 mod produce;
+mod replica;
 mod state;
 
 use std::sync::atomic::Ordering;
@@ -36,6 +37,7 @@ pub use config::{
     MAX_RETAIN_FOR_NUM_CONSUMERS, PAGE_ALIGNMENT,
 };
 pub use error::StreamError;
+pub use replica::{Replica, ReplicaUpdate, Sent};
 use state::{StoreInner, Stream, StreamState};
 
 /// The streams that live here. Cheap to clone: clones share the streams.
@@ -57,9 +59,16 @@ pub struct StreamStore {
 }
 
 impl StreamStore {
-    /// An empty store.
+    /// An empty store. Its producer and consumer ids start at a random multiple of 2^24, so
+    /// that ids resumed from another node's store (an adopted stream's) do not meet new ones.
     pub fn new() -> StreamStore {
-        StreamStore::default()
+        let store = StreamStore::default();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos() as u64);
+        let seed = (nanos ^ u64::from(std::process::id()).rotate_left(32)) & 0xF_FFFF_FFFF;
+        store.inner.next_id.store(seed << 24, Ordering::Relaxed);
+        store
     }
 
     fn check_open(&self) -> Result<()> {
