@@ -32,6 +32,7 @@ pub mod redis;
 pub mod service;
 pub mod shared_memory;
 pub mod spill;
+pub mod stream_failover;
 pub mod stream_service;
 
 use std::path::PathBuf;
@@ -173,16 +174,23 @@ impl DataWorker {
         address: String,
     ) {
         let _ = self.node_address.set(address.clone());
+        let mut failover = None;
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let cluster = kv_cluster::KvCluster::new(self.kv.clone(), node_id, meta.clone());
             if self.kv_cluster.set(cluster.clone()).is_ok() {
                 cluster.start(&runtime);
+                failover = Some(stream_failover::Failover::new(
+                    cluster,
+                    meta.clone(),
+                    self.streams.clone(),
+                    address.clone(),
+                ));
             }
         }
         self.transfer.join_cluster(meta.clone());
-        let _ = self
-            .placement
-            .set(Arc::new(stream_service::Placement::new(meta, address)));
+        let _ = self.placement.set(Arc::new(stream_service::Placement::new(
+            meta, address, failover,
+        )));
     }
 
     /// Serve this node's shared-memory objects to other nodes' pulls on `listener`, which

@@ -115,16 +115,26 @@ pub enum Sent {
 }
 
 impl StreamStore {
-    /// Everything stream `name` holds here, as one update (None if it does not live here).
-    pub fn snapshot(&self, name: &str) -> Option<ReplicaUpdate> {
+    /// Everything stream `name` holds here, as one update (None if it does not live here);
+    /// without its elements unless `with_elements`.
+    pub fn snapshot(&self, name: &str, with_elements: bool) -> Option<ReplicaUpdate> {
         let stream = self.stream(name)?;
         let state = stream.state.lock();
+        let (first_id, elements, holes) = if with_elements {
+            (
+                state.first_id,
+                state.elements.iter().cloned().collect(),
+                state.holes.iter().copied().collect(),
+            )
+        } else {
+            (state.next_id, Vec::new(), Vec::new())
+        };
         let mut update = ReplicaUpdate {
             config: Some(state.config.clone()),
             low: state.first_id,
-            first_id: state.first_id,
-            elements: state.elements.iter().cloned().collect(),
-            holes: state.holes.iter().copied().collect(),
+            first_id,
+            elements,
+            holes,
             next_id: state.next_id,
             producers: state.producers.iter().map(|(p, b)| (*p, *b)).collect(),
             subscriptions: Vec::new(),
@@ -203,15 +213,18 @@ impl StreamStore {
         self.inner.streams.lock().keys().cloned().collect()
     }
 
-    /// Producer `id` of a lost home carries on here (its stream must live here).
-    pub fn resume_producer(&self, name: &str, id: u64) -> Result<()> {
+    /// Producer `id` of a lost home carries on here, with `config` if its stream is new here.
+    pub fn resume_producer(&self, name: &str, id: u64, config: &ProducerConfig) -> Result<()> {
         self.check_open()?;
-        let stream = self
-            .stream(name)
-            .ok_or_else(|| Self::closed_error(name, "producer", id))?;
-        let mut state = stream.state.lock();
-        state.producers.entry(id).or_insert(0);
-        Ok(())
+        loop {
+            let stream = self.stream_or_create(name, config);
+            let mut state = stream.state.lock();
+            if state.removed {
+                continue;
+            }
+            state.producers.entry(id).or_insert(0);
+            return Ok(());
+        }
     }
 
     /// Consumer `id` of a lost home carries on here in `subscription`, having received every
@@ -227,10 +240,11 @@ impl StreamStore {
     ) -> Result<()> {
         self.check_open()?;
         subscription.validate()?;
-        let stream = self
-            .stream(name)
-            .ok_or_else(|| Self::closed_error(name, "consumer", id))?;
+        let stream = self.stream_or_create(name, &ProducerConfig::default());
         let mut state = stream.state.lock();
+        if state.removed {
+            return Err(Self::closed_error(name, "consumer", id));
+        }
         if state.consumers.contains_key(&id) {
             return Ok(());
         }
@@ -339,7 +353,7 @@ mod tests {
             .create_producer("s", &ProducerConfig::default())
             .unwrap();
         let mut backup = Replica::default();
-        backup.apply(home.snapshot("s").unwrap());
+        backup.apply(home.snapshot("s", true).unwrap());
         for batch in 1..=3u64 {
             let elements: Vec<Bytes> = vec![Bytes::from(vec![batch as u8; 2]); 2];
             let sent = home
@@ -363,7 +377,9 @@ mod tests {
         // The home is lost: the backup adopts, the consumer resumes after id 4.
         let taken = StreamStore::new();
         taken.adopt("s", backup, Duration::from_secs(60)).unwrap();
-        taken.resume_producer("s", p).unwrap();
+        taken
+            .resume_producer("s", p, &ProducerConfig::default())
+            .unwrap();
         // The producer's retry of batch 3 (its ack was lost) is not appended again.
         assert_eq!(
             taken
@@ -401,7 +417,7 @@ mod tests {
         let got = store.receive("x", 9, 0, Duration::ZERO).unwrap();
         assert_eq!(got.iter().map(|e| e.id).collect::<Vec<_>>(), [3]);
         // A snapshot of the adopted stream carries the hole to the next backup.
-        let snapshot = store.snapshot("x").unwrap();
+        let snapshot = store.snapshot("x", true).unwrap();
         let mut next = Replica::default();
         next.apply(snapshot);
         assert_eq!(next.elements.keys().copied().collect::<Vec<_>>(), [3]);
