@@ -52,9 +52,7 @@ impl Placement {
         failover: Option<Arc<Failover>>,
     ) -> Placement {
         let lifecycle = Arc::new(tokio::sync::Mutex::new(()));
-        if let (Some(failover), Ok(runtime)) =
-            (&failover, tokio::runtime::Handle::try_current())
-        {
+        if let (Some(failover), Ok(runtime)) = (&failover, tokio::runtime::Handle::try_current()) {
             runtime.spawn(failover.clone().follow(lifecycle.clone()));
         }
         Placement {
@@ -359,7 +357,6 @@ impl StreamService {
         }
         Ok(())
     }
-
 
     /// Delete a stream here, or answer its home.
     pub async fn delete(&self, name: String) -> Result<Option<String>> {

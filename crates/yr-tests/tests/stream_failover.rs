@@ -152,11 +152,7 @@ fn sender_on_node_1(cluster: &TestCluster, stream: &str) -> yr::InstanceHandle<S
         })
         .invoke(())
         .unwrap();
-    let runtime = yr::get(
-        &sender.method(Sender::runtime).invoke(()).unwrap(),
-        TIMEOUT,
-    )
-    .unwrap();
+    let runtime = yr::get(&sender.method(Sender::runtime).invoke(()).unwrap(), TIMEOUT).unwrap();
     assert!(runtime.starts_with(cluster.node_id(1)), "{runtime}");
     let opened = sender
         .method(Sender::open)
@@ -226,8 +222,15 @@ fn acknowledged_elements_survive_a_sigkill_of_the_streams_home() {
     let later = send(&sender, 100, 200);
     receive_all(&consumer, &mut seen, 200, RECOVERY_BOUND);
     assert_eq!(yr::get(&later, RECOVERY_BOUND).unwrap(), "");
-    eprintln!("all 200 elements arrived {:?} after the kill", killed.elapsed());
-    assert_eq!(seen, (0..200).collect::<Vec<_>>(), "each element once, in order");
+    eprintln!(
+        "all 200 elements arrived {:?} after the kill",
+        killed.elapsed()
+    );
+    assert_eq!(
+        seen,
+        (0..200).collect::<Vec<_>>(),
+        "each element once, in order"
+    );
     // Nothing more comes (no element twice).
     assert!(consumer
         .receive(Duration::from_millis(500), 0)
@@ -273,7 +276,17 @@ fn a_stopped_home_that_comes_back_is_fenced_and_the_stream_goes_on_at_its_succes
     let last = send(&sender, 150, 200);
     receive_all(&consumer, &mut seen, 200, RECOVERY_BOUND);
     assert_eq!(yr::get(&last, RECOVERY_BOUND).unwrap(), "");
-    assert_eq!(seen, (0..200).collect::<Vec<_>>(), "each element once, in order");
-    assert_eq!(node_0.home_of(&stream).as_deref().map(|h| h.is_empty() || h == new_home), Some(true));
+    assert_eq!(
+        seen,
+        (0..200).collect::<Vec<_>>(),
+        "each element once, in order"
+    );
+    assert_eq!(
+        node_0
+            .home_of(&stream)
+            .as_deref()
+            .map(|h| h.is_empty() || h == new_home),
+        Some(true)
+    );
     yr::finalize().unwrap();
 }

@@ -93,9 +93,8 @@ impl StreamStore {
                 .into());
             }
         }
-        let keep = !state.subscriptions.is_empty()
-            || state.retaining()
-            || !state.awaiting.is_empty();
+        let keep =
+            !state.subscriptions.is_empty() || state.retaining() || !state.awaiting.is_empty();
         if batch != 0 {
             state.producers.insert(producer, batch);
         }

@@ -268,7 +268,9 @@ impl StreamStore {
                 if kind != subscription.subscription_type {
                     return Err(wrong_type(name, sub_name, kind));
                 }
-                let from = start.max(last_received.saturating_add(1)).max(state.first_id);
+                let from = start
+                    .max(last_received.saturating_add(1))
+                    .max(state.first_id);
                 for at in from..state.next_id {
                     if state.holes.binary_search(&at).is_err() {
                         insert_sorted(&mut consumer.pending, at);
@@ -395,7 +397,11 @@ mod tests {
         assert_eq!(got.iter().map(|e| e.id).collect::<Vec<_>>(), [5, 6, 7]);
         assert_eq!(
             values(&got),
-            [Bytes::from(vec![3u8; 2]), Bytes::from(vec![3u8; 2]), "new".into()]
+            [
+                Bytes::from(vec![3u8; 2]),
+                Bytes::from(vec![3u8; 2]),
+                "new".into()
+            ]
         );
         taken.ack("s", c, 7).unwrap();
         assert_eq!(taken.used_bytes("s"), 0);
@@ -434,7 +440,9 @@ mod tests {
             ..ReplicaUpdate::default()
         });
         let store = StreamStore::new();
-        store.adopt("held", replica.clone(), Duration::from_secs(60)).unwrap();
+        store
+            .adopt("held", replica.clone(), Duration::from_secs(60))
+            .unwrap();
         let p = store
             .create_producer("held", &ProducerConfig::default())
             .unwrap();

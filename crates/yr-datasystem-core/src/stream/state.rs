@@ -138,7 +138,10 @@ impl StreamState {
             return;
         }
         if !self.awaiting.is_empty() {
-            if self.awaiting_until.is_none_or(|until| Instant::now() < until) {
+            if self
+                .awaiting_until
+                .is_none_or(|until| Instant::now() < until)
+            {
                 return;
             }
             self.awaiting.clear();

@@ -143,18 +143,16 @@ impl Shared {
                         ),
                     ));
                 };
-                answer
-                    .map(tonic::Response::into_inner)
-                    .map_err(|status| {
-                        Error::new(
-                            yr_transport::status_to_code(&status, ErrorCode::ConnectionFailed),
-                            format!(
-                                "the data worker at {address} failed a stream call: {}; check \
+                answer.map(tonic::Response::into_inner).map_err(|status| {
+                    Error::new(
+                        yr_transport::status_to_code(&status, ErrorCode::ConnectionFailed),
+                        format!(
+                            "the data worker at {address} failed a stream call: {}; check \
                                  that the node there is running",
-                                status.message()
-                            ),
-                        )
-                    })
+                            status.message()
+                        ),
+                    )
+                })
             }
             .await;
             let _ = sender.send(result);
@@ -859,7 +857,9 @@ impl ConsumerClient for ClusterConsumer {
                 let request = request.clone();
                 async move { client.stream_ack(request).await }
             },
-            |mut reply: pb::StreamResponse| (std::mem::take(&mut reply.home), reply.error.take(), reply),
+            |mut reply: pb::StreamResponse| {
+                (std::mem::take(&mut reply.home), reply.error.take(), reply)
+            },
         )
         .map(drop)
     }
@@ -878,7 +878,9 @@ impl ConsumerClient for ClusterConsumer {
                 let request = request.clone();
                 async move { client.stream_close_consumer(request).await }
             },
-            |mut reply: pb::StreamResponse| (std::mem::take(&mut reply.home), reply.error.take(), reply),
+            |mut reply: pb::StreamResponse| {
+                (std::mem::take(&mut reply.home), reply.error.take(), reply)
+            },
         )
         .map(drop)
     }
