@@ -36,6 +36,8 @@ use crate::kv_ring::{HashRing, Member};
 /// How long the backup waits for an update's answer before the send fails with 3002 (and the
 /// producer retries it).
 const REPLICATE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most bytes of elements one update carries (a snapshot goes in parts).
+pub const REPLICA_BATCH_BYTES: usize = 8 << 20;
 /// How long an adopted stream keeps elements for subscriptions whose consumers have not
 /// resumed.
 pub const RESUME_GRACE: Duration = Duration::from_secs(60);
@@ -152,8 +154,15 @@ impl Failover {
                 None => return Ok(Replicated::Held),
             },
         };
-        let request = replica_update_to_proto(name, &self.address, update);
-        match self.send(&backup, request).await {
+        let mut outcome = Ok(Replicated::Held);
+        for part in update.split(REPLICA_BATCH_BYTES) {
+            let request = replica_update_to_proto(name, &self.address, part);
+            outcome = self.send(&backup, request).await;
+            if !matches!(outcome, Ok(Replicated::Held)) {
+                break;
+            }
+        }
+        match outcome {
             Ok(Replicated::Held) => {
                 if fresh {
                     self.replicated_to

@@ -41,6 +41,47 @@ pub struct ReplicaUpdate {
     pub subscriptions: Vec<(String, SubscriptionType, u64)>,
 }
 
+impl ReplicaUpdate {
+    /// This update as parts of at most about `max_bytes` of elements each (one element may
+    /// exceed it alone), which the backup may apply in any order with the same result.
+    pub fn split(self, max_bytes: usize) -> Vec<ReplicaUpdate> {
+        let total: usize = self.elements.iter().map(Bytes::len).sum();
+        if total <= max_bytes {
+            return vec![self];
+        }
+        let mut parts = Vec::new();
+        let mut part = ReplicaUpdate {
+            elements: Vec::new(),
+            ..self.clone()
+        };
+        let mut bytes = 0;
+        for (offset, element) in self.elements.into_iter().enumerate() {
+            if bytes > 0 && bytes + element.len() > max_bytes {
+                let next_first = self.first_id + offset as u64;
+                let full = std::mem::replace(
+                    &mut part,
+                    ReplicaUpdate {
+                        config: None,
+                        low: self.low,
+                        first_id: next_first,
+                        elements: Vec::new(),
+                        holes: self.holes.clone(),
+                        next_id: self.next_id,
+                        producers: Vec::new(),
+                        subscriptions: Vec::new(),
+                    },
+                );
+                parts.push(full);
+                bytes = 0;
+            }
+            bytes += element.len();
+            part.elements.push(element);
+        }
+        parts.push(part);
+        parts
+    }
+}
+
 /// A backup's copy of one stream.
 #[derive(Clone, Debug, Default)]
 pub struct Replica {
@@ -348,6 +389,33 @@ mod tests {
     }
 
     #[test]
+    fn a_large_update_splits_into_parts_that_add_up_to_it() {
+        let update = ReplicaUpdate {
+            config: Some(ProducerConfig::default()),
+            low: 3,
+            first_id: 3,
+            elements: (0..10u8).map(|i| Bytes::from(vec![i; 4])).collect(),
+            next_id: 13,
+            producers: vec![(1, 2)],
+            subscriptions: vec![("s".into(), SubscriptionType::Stream, 3)],
+            ..ReplicaUpdate::default()
+        };
+        let parts = update.clone().split(10);
+        assert_eq!(parts.len(), 5);
+        assert!(parts.iter().all(|p| p.elements.len() == 2));
+        let mut whole = Replica::default();
+        whole.apply(update);
+        let mut pieces = Replica::default();
+        for part in parts.into_iter().rev() {
+            pieces.apply(part);
+        }
+        assert_eq!(pieces.elements, whole.elements);
+        assert_eq!(pieces.next_id, 13);
+        assert_eq!(pieces.producers, whole.producers);
+        assert_eq!(pieces.subscriptions, whole.subscriptions);
+    }
+
+    #[test]
     fn an_adopted_stream_resumes_its_consumer_after_what_it_received_and_dedups_batches() {
         let home = StreamStore::new();
         let c = home.create_consumer("s", &sub("a")).unwrap();
@@ -409,24 +477,31 @@ mod tests {
 
     #[test]
     fn a_hole_left_by_an_unreplicated_batch_is_never_delivered() {
+        // Batches 1 and 3 reached the backup; batch 2 (id 2) never did, so it was never
+        // acknowledged, and its producer sends it again to the new home.
         let mut replica = Replica::default();
-        replica.apply(ReplicaUpdate {
-            low: 1,
-            first_id: 3,
-            elements: vec!["c".into()],
-            subscriptions: vec![("s".into(), SubscriptionType::Stream, 1)],
-            ..ReplicaUpdate::default()
-        });
+        for (id, value) in [(1, "a"), (3, "c")] {
+            replica.apply(ReplicaUpdate {
+                low: 1,
+                first_id: id,
+                elements: vec![value.into()],
+                subscriptions: vec![("s".into(), SubscriptionType::Stream, 1)],
+                ..ReplicaUpdate::default()
+            });
+        }
         let store = StreamStore::new();
         store.adopt("x", replica, Duration::from_secs(60)).unwrap();
         store.resume_consumer("x", 9, &sub("s"), 0).unwrap();
         let got = store.receive("x", 9, 0, Duration::ZERO).unwrap();
-        assert_eq!(got.iter().map(|e| e.id).collect::<Vec<_>>(), [3]);
+        assert_eq!(got.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 3]);
         // A snapshot of the adopted stream carries the hole to the next backup.
-        let snapshot = store.snapshot("x", true).unwrap();
         let mut next = Replica::default();
-        next.apply(snapshot);
-        assert_eq!(next.elements.keys().copied().collect::<Vec<_>>(), [3]);
+        next.apply(store.snapshot("x", true).unwrap());
+        assert_eq!(next.elements.keys().copied().collect::<Vec<_>>(), [1, 3]);
+        // Once acked, the hole is reclaimed with its neighbours.
+        store.ack("x", 9, 3).unwrap();
+        assert_eq!(store.used_bytes("x"), 0);
+        assert_eq!(store.snapshot("x", true).unwrap().holes, Vec::<u64>::new());
     }
 
     #[test]
