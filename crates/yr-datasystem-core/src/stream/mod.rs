@@ -14,6 +14,8 @@
 //!   the stream's `max_stream_size`: a send waits for room and fails with 4202 after its
 //!   timeout. With no subscription, elements are dropped at once, unless the producer asked to
 //!   retain them for the first `retain_for_num_consumers` subscriptions.
+//! - **Failover.** A stream's copy on its backup node, and the backup's adoption of it when the
+//!   home is lost, are in `replica.rs` (docs/design/025-stream-home-failover.md).
 //! - **Lifetime.** A stream is created by its first producer or consumer. `delete` refuses a
 //!   stream that still has producers or consumers; `auto_clean_up` removes it when its last
 //!   producer or consumer closes.
