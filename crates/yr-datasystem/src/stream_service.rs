@@ -146,6 +146,16 @@ impl StreamService {
         })
     }
 
+    /// Producer or consumer `id` of stream `name` was created (or resumed) here: its answer,
+    /// once the stream's backup knows it.
+    async fn created(&self, name: &str, id: u64) -> Result<(u64, Option<String>)> {
+        let update = self.store.snapshot(name, false);
+        match self.replicate(name, update).await? {
+            Some(home) => Ok((0, Some(home))),
+            None => Ok((id, None)),
+        }
+    }
+
     /// The home of stream `name` when `error` says its producer or consumer is unknown here
     /// because the stream lives elsewhere (it was taken over).
     async fn moved(&self, name: &str, error: &yr_common::Error) -> Option<String> {
@@ -211,11 +221,7 @@ impl StreamService {
                 Home::Here => self.store.create_producer(&name, &config)?,
             }
         };
-        let update = self.store.snapshot(&name, false);
-        match self.replicate(&name, update).await? {
-            Some(home) => Ok((0, Some(home))),
-            None => Ok((id, None)),
-        }
+        self.created(&name, id).await
     }
 
     /// A new consumer (or consumer `resume` of a lost home, which received every element up
@@ -241,11 +247,7 @@ impl StreamService {
                 Home::Here => self.store.create_consumer(&name, &subscription)?,
             }
         };
-        let update = self.store.snapshot(&name, false);
-        match self.replicate(&name, update).await? {
-            Some(home) => Ok((0, Some(home))),
-            None => Ok((id, None)),
-        }
+        self.created(&name, id).await
     }
 
     /// Append the producer's batch number `batch`, waiting up to `timeout` for room; the

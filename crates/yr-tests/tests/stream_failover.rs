@@ -91,20 +91,8 @@ struct NodeStreams {
 
 impl NodeStreams {
     fn of(cluster: &TestCluster, index: usize) -> NodeStreams {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        let channel = runtime
-            .block_on(yr_tests::raw_channel(
-                &cluster.node_bus_address(index),
-                Some(cluster.token().clone()),
-            ))
-            .expect("a channel to the node");
-        NodeStreams {
-            runtime,
-            client: DataWorkerClient::new(channel),
-        }
+        let (runtime, client) = yr_tests::data_worker_client(cluster, index);
+        NodeStreams { runtime, client }
     }
 
     /// Make this node the home of `stream` (a producer that stays open).

@@ -262,21 +262,6 @@ impl Shared {
     }
 }
 
-impl ClusterStreams {
-    fn routed<R, F>(
-        &self,
-        name: &str,
-        make: impl Fn(DataWorkerClient<Channel>) -> F + Send + Sync + Clone + 'static,
-        home_of: impl Fn(&R) -> Option<String>,
-    ) -> Result<(String, R)>
-    where
-        R: Send + 'static,
-        F: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>> + Send,
-    {
-        self.shared.routed(name, make, home_of)
-    }
-}
-
 impl StreamClient for ClusterStreams {
     fn create_producer(
         &self,
@@ -290,7 +275,7 @@ impl StreamClient for ClusterStreams {
             config: Some(producer_config_to_proto(config)),
             resume_id: 0,
         };
-        let (address, reply) = self.routed(
+        let (address, reply) = self.shared.routed(
             name,
             move |mut client| {
                 let request = request.clone();
@@ -316,7 +301,7 @@ impl StreamClient for ClusterStreams {
         validate_stream_name(name)?;
         subscription.validate()?;
         let request = consumer_request(name, subscription, 0, 0);
-        let (address, reply) = self.routed(
+        let (address, reply) = self.shared.routed(
             name,
             move |mut client| {
                 let request = request.clone();
@@ -342,7 +327,7 @@ impl StreamClient for ClusterStreams {
         let request = pb::StreamNameRequest {
             stream: name.to_string(),
         };
-        let (_, reply) = self.routed(
+        let (_, reply) = self.shared.routed(
             name,
             move |mut client| {
                 let request = request.clone();
@@ -358,7 +343,7 @@ impl StreamClient for ClusterStreams {
         let request = pb::StreamNameRequest {
             stream: name.to_string(),
         };
-        let (_, reply) = self.routed(
+        let (_, reply) = self.shared.routed(
             name,
             move |mut client| {
                 let request = request.clone();
@@ -852,16 +837,10 @@ impl ConsumerClient for ClusterConsumer {
             consumer_id: self.id,
             element_id: id,
         };
-        self.at_home(
-            move |mut client| {
-                let request = request.clone();
-                async move { client.stream_ack(request).await }
-            },
-            |mut reply: pb::StreamResponse| {
-                (std::mem::take(&mut reply.home), reply.error.take(), reply)
-            },
-        )
-        .map(drop)
+        self.answered_at_home(move |mut client| {
+            let request = request.clone();
+            async move { client.stream_ack(request).await }
+        })
     }
 
     fn close(&self) -> Result<()> {
@@ -873,15 +852,26 @@ impl ConsumerClient for ClusterConsumer {
             stream: self.stream.clone(),
             id: self.id,
         };
-        self.at_home(
-            move |mut client| {
-                let request = request.clone();
-                async move { client.stream_close_consumer(request).await }
-            },
-            |mut reply: pb::StreamResponse| {
-                (std::mem::take(&mut reply.home), reply.error.take(), reply)
-            },
-        )
+        self.answered_at_home(move |mut client| {
+            let request = request.clone();
+            async move { client.stream_close_consumer(request).await }
+        })
+    }
+}
+
+impl ClusterConsumer {
+    /// A call answered with a [`pb::StreamResponse`] at the stream's home, following it.
+    fn answered_at_home<F>(
+        &self,
+        send: impl Fn(DataWorkerClient<Channel>) -> F + Send + Sync + Clone + 'static,
+    ) -> Result<()>
+    where
+        F: Future<Output = std::result::Result<tonic::Response<pb::StreamResponse>, tonic::Status>>
+            + Send,
+    {
+        self.at_home(send, |mut reply: pb::StreamResponse| {
+            (std::mem::take(&mut reply.home), reply.error.take(), reply)
+        })
         .map(drop)
     }
 }
