@@ -377,21 +377,36 @@ fn consumer_request(
     }
 }
 
-/// Re-register a producer or consumer of stream `name` on its home, through this process's
-/// node: the home's address.
-fn resume_at<R, F>(
+/// Re-register a producer or consumer of stream `name` on its home (`make` sends its create
+/// with `resume_id`), through this process's node: the home's address.
+fn resume_at<F>(
     shared: &Shared,
     name: &str,
     make: impl Fn(DataWorkerClient<Channel>) -> F + Send + Sync + Clone + 'static,
-    reply_of: impl Fn(&R) -> (Option<String>, Option<yr_proto::v1::ErrorInfo>),
 ) -> Result<String>
 where
-    R: Send + 'static,
-    F: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>> + Send,
+    F: Future<
+            Output = std::result::Result<tonic::Response<pb::StreamCreateResponse>, tonic::Status>,
+        > + Send,
 {
-    let (address, reply) = shared.routed(name, make, |reply: &R| reply_of(reply).0)?;
-    check(reply_of(&reply).1)?;
+    let (address, reply) = shared.routed(name, make, |reply: &pb::StreamCreateResponse| {
+        home(reply.home.clone())
+    })?;
+    check(reply.error)?;
     Ok(address)
+}
+
+/// What a call at the stream's home came to: `Ok(Err(home))` if the node says the stream
+/// lives at `home` now.
+fn followed<R>(
+    moved: String,
+    error: Option<yr_proto::v1::ErrorInfo>,
+    reply: R,
+) -> Result<std::result::Result<R, String>> {
+    match home(moved) {
+        Some(moved) => Ok(Err(moved)),
+        None => check(error).map(|()| Ok(reply)),
+    }
 }
 
 #[derive(Default)]
@@ -441,15 +456,10 @@ impl ProducerShared {
             config: Some(producer_config_to_proto(&self.config)),
             resume_id: self.id,
         };
-        resume_at(
-            &self.client,
-            &self.stream,
-            move |mut client| {
-                let request = request.clone();
-                async move { client.stream_create_producer(request).await }
-            },
-            |reply: &pb::StreamCreateResponse| (home(reply.home.clone()), reply.error.clone()),
-        )
+        resume_at(&self.client, &self.stream, move |mut client| {
+            let request = request.clone();
+            async move { client.stream_create_producer(request).await }
+        })
     }
 
     /// Send batch number `batch` to the stream's home, following it.
@@ -469,10 +479,7 @@ impl ProducerShared {
                 let reply = self.client.call(at, move |mut client| async move {
                     client.stream_send(request).await
                 })?;
-                match home(reply.home) {
-                    Some(moved) => Ok(Err(moved)),
-                    None => check(reply.error).map(Ok),
-                }
+                followed(reply.home, reply.error, ())
             },
         )
     }
@@ -698,10 +705,7 @@ impl ProducerClient for ClusterProducer {
                 let reply = shared.client.call(at, move |mut client| async move {
                     client.stream_close_producer(request).await
                 })?;
-                match home(reply.home) {
-                    Some(moved) => Ok(Err(moved)),
-                    None => check(reply.error).map(Ok),
-                }
+                followed(reply.home, reply.error, ())
             },
         );
         flushed.and(closed)
@@ -739,15 +743,10 @@ impl ClusterConsumer {
             self.id,
             self.last_received.load(Ordering::Acquire),
         );
-        resume_at(
-            &self.shared,
-            &self.stream,
-            move |mut client| {
-                let request = request.clone();
-                async move { client.stream_create_consumer(request).await }
-            },
-            |reply: &pb::StreamCreateResponse| (home(reply.home.clone()), reply.error.clone()),
-        )
+        resume_at(&self.shared, &self.stream, move |mut client| {
+            let request = request.clone();
+            async move { client.stream_create_consumer(request).await }
+        })
     }
 
     /// A call (`send`, answering `home` and `error`) at the stream's home, following it.
@@ -766,10 +765,7 @@ impl ClusterConsumer {
             || self.resume(),
             |at| {
                 let (moved, error, reply) = reply_of(self.shared.call(at, send.clone())?);
-                match home(moved) {
-                    Some(moved) => Ok(Err(moved)),
-                    None => check(error).map(|()| Ok(reply)),
-                }
+                followed(moved, error, reply)
             },
         )
     }
