@@ -360,3 +360,83 @@ impl Failover {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+    use yr_datasystem_core::kv::KvStore;
+    use yr_datasystem_core::stream::{SubscriptionConfig, SubscriptionType};
+    use yr_meta::EmbeddedStore;
+
+    async fn record_node(meta: &dyn MetaStore, id: &str, address: &str, state: &str) {
+        let info = yr_proto::v1::NodeInfo {
+            node_id: id.into(),
+            address: address.into(),
+            state: state.into(),
+            ..Default::default()
+        };
+        meta.put(
+            &format!("/yr/node/{id}"),
+            Bytes::from(info.encode_to_vec()),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+
+    fn update_from(home: &str, first_id: u64, values: &[&str]) -> pb::StreamReplicateRequest {
+        let update = ReplicaUpdate {
+            low: 1,
+            first_id,
+            elements: values.iter().map(|v| Bytes::from(v.to_string())).collect(),
+            subscriptions: vec![("s".into(), SubscriptionType::Stream, 1)],
+            ..ReplicaUpdate::default()
+        };
+        replica_update_to_proto("x", home, update)
+    }
+
+    /// Node b backs up stream x of node a; a is lost: b takes the home over with a
+    /// compare-and-swap, refuses a's later updates (fenced), and a stale take-over with the
+    /// old record's revision does not win the record back.
+    #[tokio::test]
+    async fn the_backup_takes_a_lost_home_over_and_fences_the_old_one() {
+        let meta: Arc<dyn MetaStore> = Arc::new(EmbeddedStore::in_memory());
+        record_node(meta.as_ref(), "a", "a:1", "lost").await;
+        record_node(meta.as_ref(), "b", "b:1", "ready").await;
+        let cluster = KvCluster::new(KvStore::new(), "b".into(), meta.clone());
+        cluster.start(&tokio::runtime::Handle::current());
+        let mut changes = cluster.watch();
+        changes.wait_for(|view| view.epoch > 0).await.unwrap();
+        let store = StreamStore::new();
+        let failover = Failover::new(cluster, meta.clone(), store.clone(), "b:1".into());
+        assert!(failover.is_lost("a:1"));
+        assert_eq!(failover.successor("x").unwrap().address, "b:1");
+
+        assert_eq!(
+            failover.receive(update_from("a:1", 1, &["e1", "e2"])),
+            Ok(None)
+        );
+        let record = meta
+            .put(&home_key("x"), Bytes::from_static(b"a:1"), None)
+            .await
+            .unwrap();
+        assert_eq!(failover.take_over("x", &record).await.unwrap(), "b:1");
+        let current = meta.get(&home_key("x")).await.unwrap().unwrap();
+        assert_eq!(current.value, Bytes::from_static(b"b:1"));
+
+        // The consumer resumes here and gets what the lost home acknowledged.
+        let subscription = SubscriptionConfig::new("s", SubscriptionType::Stream);
+        store.resume_consumer("x", 42, &subscription, 0).unwrap();
+        let got = store.receive("x", 42, 0, Duration::ZERO).unwrap();
+        assert_eq!(got.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 2]);
+
+        // The old home comes back: its update is refused with the new home's address.
+        assert_eq!(
+            failover.receive(update_from("a:1", 3, &["e3"])),
+            Ok(Some("b:1".into()))
+        );
+        // A take-over from the stale record loses the compare-and-swap.
+        assert_eq!(failover.take_over("x", &record).await.unwrap(), "b:1");
+    }
+}

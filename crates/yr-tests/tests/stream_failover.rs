@@ -156,14 +156,24 @@ fn send(sender: &yr::InstanceHandle<Sender>, from: u32, to: u32) -> yr::ObjectRe
 
 /// Receive (and ack) until `count` elements in all arrived, within `bound`, adding their
 /// numbers to `seen` in the order they came.
-fn receive_all(consumer: &yr::Consumer, seen: &mut Vec<u32>, count: usize, bound: Duration) {
+fn receive_all(
+    cluster: &TestCluster,
+    consumer: &yr::Consumer,
+    seen: &mut Vec<u32>,
+    count: usize,
+    bound: Duration,
+) {
     let deadline = Instant::now() + bound;
     while seen.len() < count {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {count} elements arrived within {bound:?}",
-            seen.len()
-        );
+        if Instant::now() >= deadline {
+            for node in 0..3 {
+                eprintln!("--- node {node}:\n{}", cluster.node_log_tail(node, 40));
+            }
+            panic!(
+                "only {} of {count} elements arrived within {bound:?}",
+                seen.len()
+            );
+        }
         let elements = consumer
             .receive(Duration::from_secs(1), count - seen.len())
             .expect("a receive never fails: the consumer resumes on the new home");
@@ -194,7 +204,7 @@ fn stream_homed_on_node_2(
     let sender = sender_on_node_1(cluster, &stream);
     assert_eq!(yr::get(&send(&sender, 0, 100), TIMEOUT).unwrap(), "");
     let mut seen = Vec::new();
-    receive_all(&consumer, &mut seen, 40, TIMEOUT);
+    receive_all(cluster, &consumer, &mut seen, 40, TIMEOUT);
     (stream, consumer, sender, seen)
 }
 
@@ -208,7 +218,7 @@ fn acknowledged_elements_survive_a_sigkill_of_the_streams_home() {
     cluster.kill_node(2);
     // Sends after the kill wait for the take-over, then go on.
     let later = send(&sender, 100, 200);
-    receive_all(&consumer, &mut seen, 200, RECOVERY_BOUND);
+    receive_all(&cluster, &consumer, &mut seen, 200, RECOVERY_BOUND);
     assert_eq!(yr::get(&later, RECOVERY_BOUND).unwrap(), "");
     eprintln!(
         "all 200 elements arrived {:?} after the kill",
@@ -238,7 +248,7 @@ fn a_stopped_home_that_comes_back_is_fenced_and_the_stream_goes_on_at_its_succes
     let pid = cluster.node_pid(2).expect("node 2 runs");
     assert!(signal(pid, libc::SIGSTOP));
     let later = send(&sender, 100, 150);
-    receive_all(&consumer, &mut seen, 150, RECOVERY_BOUND);
+    receive_all(&cluster, &consumer, &mut seen, 150, RECOVERY_BOUND);
     assert_eq!(yr::get(&later, RECOVERY_BOUND).unwrap(), "");
     let mut node_0 = NodeStreams::of(&cluster, 0);
     let new_home = node_0.home_of(&stream).expect("node 0 answers");
@@ -262,7 +272,7 @@ fn a_stopped_home_that_comes_back_is_fenced_and_the_stream_goes_on_at_its_succes
     );
     // The stream goes on at the new home.
     let last = send(&sender, 150, 200);
-    receive_all(&consumer, &mut seen, 200, RECOVERY_BOUND);
+    receive_all(&cluster, &consumer, &mut seen, 200, RECOVERY_BOUND);
     assert_eq!(yr::get(&last, RECOVERY_BOUND).unwrap(), "");
     assert_eq!(
         seen,
