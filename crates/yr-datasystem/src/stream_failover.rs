@@ -206,19 +206,20 @@ impl Failover {
         backup: &Member,
         request: pb::StreamReplicateRequest,
     ) -> Result<Replicated> {
+        let stream = request.stream.clone();
         let unreachable = |detail: String| {
             Error::new(
                 ErrorCode::InnerCommunication,
                 format!(
-                    "the backup of stream {:?} (node {} at {}) did not take the elements: \
+                    "the backup of stream {stream:?} (node {} at {}) did not take the elements: \
                      {detail}; they are not acknowledged, and the producer retries them once a \
                      backup holds them",
-                    request.stream, backup.node_id, backup.address
+                    backup.node_id, backup.address
                 ),
             )
         };
         let mut client = self.cluster.client(backup)?;
-        let call = client.stream_replicate(request.clone());
+        let call = client.stream_replicate(request);
         let reply = match tokio::time::timeout(REPLICATE_TIMEOUT, call).await {
             Ok(Ok(reply)) => reply.into_inner(),
             Ok(Err(status)) => return Err(unreachable(status.message().to_string())),
