@@ -298,9 +298,9 @@ impl Failover {
         }
     }
 
-    /// After a ring change: take over the streams this node backs up whose home was lost,
-    /// forget the streams here whose record names another node, and give the streams here
-    /// their (new) backups.
+    /// After a ring change: take over the streams this node backs up whose home was lost, drop
+    /// the copies of streams it no longer backs up, forget the streams here whose record names
+    /// another node, and give the streams here their (new) backups.
     pub async fn ring_changed(&self, lifecycle: &tokio::sync::Mutex<()>) {
         let lifecycle = lifecycle.lock().await;
         let backed_up: Vec<(String, String)> = self
@@ -309,10 +309,24 @@ impl Failover {
             .iter()
             .map(|(name, (home, _))| (name.clone(), home.clone()))
             .collect();
+        let view = self.cluster.view();
+        let mut rings_without: HashMap<String, HashRing> = HashMap::new();
         for (name, home) in backed_up {
-            if !self.is_lost(&home)
-                || self.successor(&name).map(|m| m.address) != Some(self.address.clone())
-            {
+            if !self.is_lost(&home) {
+                // A home that is alive: keep the copy only while this node is its backup.
+                let Some(home_node) = view.ring.members().iter().find(|m| m.address == home)
+                else {
+                    continue;
+                };
+                let ring = rings_without
+                    .entry(home_node.node_id.clone())
+                    .or_insert_with(|| view.ring.without(&home_node.node_id));
+                if ring.owner(&name).map(|m| m.address.as_str()) != Some(self.address.as_str()) {
+                    self.replicas.lock().remove(&name);
+                }
+                continue;
+            }
+            if self.successor(&name).map(|m| m.address) != Some(self.address.clone()) {
                 continue;
             }
             match self.meta.get(&home_key(&name)).await {
