@@ -314,8 +314,7 @@ impl Failover {
         for (name, home) in backed_up {
             if !self.is_lost(&home) {
                 // A home that is alive: keep the copy only while this node is its backup.
-                let Some(home_node) = view.ring.members().iter().find(|m| m.address == home)
-                else {
+                let Some(home_node) = view.ring.members().iter().find(|m| m.address == home) else {
                     continue;
                 };
                 let ring = rings_without

@@ -8,19 +8,23 @@
 //! - SIGSTOP of node 2 past the node timeout, then SIGCONT: the stream goes on at the node that
 //!   took it over, and the old home, running again, does not serve it any more (it answers
 //!   with the new home's address).
+//! - With the master gone too, no node can take the home over: the consumer's receive fails
+//!   with a code and a message that says so, within its resume budget, never hangs.
 
 use std::time::{Duration, Instant};
 
 use yr::{InvokeOptions, ProducerConfig, SubscriptionConfig, SubscriptionType};
 use yr_proto::ds as pb;
 use yr_proto::ds::data_worker_client::DataWorkerClient;
-use yr_tests::{exclusive, on_label, signal, unique, wait_until, NodeSpec, TestCluster, TIMEOUT};
+use yr_tests::{
+    assert_error, exclusive, on_label, signal, unique, wait_until, NodeSpec, TestCluster, TIMEOUT,
+};
 
 /// The master's node timeout in these tests, in seconds.
 const NODE_TIMEOUT: f64 = 1.5;
 /// How long the elements may take to arrive after the home's loss: the node timeout, a
 /// liveness pass, the take-over and the clients' resumes, with room for a loaded machine.
-const RECOVERY_BOUND: Duration = Duration::from_secs(60);
+const RECOVERY_BOUND: Duration = Duration::from_secs(90);
 
 /// The stream's producer, in a runtime on node 1.
 #[yr::instance]
@@ -287,4 +291,37 @@ fn a_stopped_home_that_comes_back_is_fenced_and_the_stream_goes_on_at_its_succes
         Some(true)
     );
     yr::finalize().unwrap();
+}
+
+#[test]
+fn a_receive_whose_home_no_node_can_take_over_fails_with_a_code_and_never_hangs() {
+    let _exclusive = exclusive();
+    let mut cluster = three_nodes();
+    yr::init(cluster.config()).unwrap();
+    let (_stream, consumer, _sender, mut seen) = stream_homed_on_node_2(&cluster, "orphan");
+    receive_all(&cluster, &consumer, &mut seen, 100, TIMEOUT);
+    // No master declares node 2 lost, and the meta store is gone with it.
+    cluster.kill_master();
+    cluster.kill_node(2);
+    let started = Instant::now();
+    let error = consumer
+        .receive(Duration::from_secs(600), 1)
+        .expect_err("no node can serve the stream");
+    assert!(
+        started.elapsed() < RECOVERY_BOUND,
+        "the receive failed only after {:?}",
+        started.elapsed()
+    );
+    assert_error(
+        &error,
+        &[
+            yr::ErrorCode::ConnectionFailed,
+            yr::ErrorCode::InnerCommunication,
+            yr::ErrorCode::EtcdOperationError,
+        ],
+        &["orphan"],
+    );
+    eprintln!("failed after {:?}: {error}", started.elapsed());
+    let _ = yr::finalize();
+    drop(consumer);
 }

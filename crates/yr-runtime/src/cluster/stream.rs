@@ -15,8 +15,9 @@
 //! stream's home (3002 or 4205, or no answer within [`CALL_LIMIT`]), or the node answers that
 //! the stream lives elsewhere now, the producer or consumer resumes: it asks its own node for
 //! the stream's home again (which the lost home's successor takes over) and re-registers there
-//! under the same id, then repeats the call, for up to [`RESUME_BUDGET`] with backoff; after
-//! that the call fails with the last code and says so. A producer's batches are numbered, so a
+//! under the same id, then repeats the call, for up to [`RESUME_BUDGET`] with backoff (also
+//! while the meta store answers 3005); after that the call fails with the last code and says
+//! so. A producer's batches are numbered, so a
 //! batch whose answer was lost is appended once; a consumer resumes after the highest element
 //! id it received, so it gets each element once.
 
@@ -251,11 +252,25 @@ impl Shared {
                         *home.lock() = new_home;
                         break;
                     }
-                    Err(error) if unreachable_home(&error) => {
+                    // The meta store may be failing over too (3005): keep trying.
+                    Err(error)
+                        if unreachable_home(&error)
+                            || error.code() == ErrorCode::EtcdOperationError =>
+                    {
                         failure = error;
                         std::thread::sleep(backoff.next_delay());
                     }
-                    Err(error) => return Err(error),
+                    Err(error) => {
+                        return Err(Error::new(
+                            error.code(),
+                            format!(
+                                "stream {stream:?}: its home at {at} could not be reached ({}), \
+                                 and asking for its new home failed: {}",
+                                failure.message(),
+                                error.message()
+                            ),
+                        ))
+                    }
                 }
             }
         }
