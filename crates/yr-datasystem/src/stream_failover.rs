@@ -112,7 +112,7 @@ impl Failover {
 
     /// The backup of stream `name` that lives here: the owner of its name among the other
     /// nodes (None when this node is alone).
-    fn backup(&self, name: &str) -> Option<Member> {
+    pub fn backup(&self, name: &str) -> Option<Member> {
         let view = self.cluster.view();
         let ring = {
             let mut others = self.others.lock();

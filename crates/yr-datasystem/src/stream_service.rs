@@ -262,11 +262,13 @@ impl StreamService {
         timeout: Duration,
     ) -> Result<Option<String>> {
         let store = self.store.clone();
+        // Kept for the backup (a cluster of one node has none).
         let copy = self
             .placement
             .as_ref()
-            .is_some_and(|p| p.failover.is_some())
-            .then(|| elements.clone());
+            .and_then(|p| p.failover.as_ref())
+            .and_then(|failover| failover.backup(&name))
+            .map(|_| elements.clone());
         let stream = name.clone();
         let sent =
             blocking(move || store.send_batch(&stream, producer, batch, elements, timeout)).await;
