@@ -162,6 +162,13 @@ impl DataWorker {
         &self.streams
     }
 
+    /// How this node's streams survive it, once it joined a cluster.
+    pub fn stream_failover(&self) -> Option<&Arc<stream_failover::Failover>> {
+        self.placement
+            .get()
+            .and_then(|placement| placement.failover())
+    }
+
     /// Join the cluster as node `node_id`: streams are claimed in `meta`, and other nodes'
     /// clients reach this node's streams at `address` (`host:port`); KV keys are spread over
     /// the nodes that `meta` lists as not lost ([`kv_cluster`]), which needs a tokio runtime

@@ -18,6 +18,7 @@
 //!   of its streams still name it, and forgets those that do not.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,6 +69,8 @@ pub struct Failover {
     replicated_to: Mutex<HashMap<String, String>>,
     /// The ring without this node, by the epoch of the view it came from.
     others: Mutex<(u64, Arc<HashRing>)>,
+    /// Streams this node took over (for metrics).
+    takeovers: AtomicU64,
 }
 
 impl std::fmt::Debug for Failover {
@@ -102,7 +105,18 @@ impl Failover {
             replicas: Mutex::new(HashMap::new()),
             replicated_to: Mutex::new(HashMap::new()),
             others: Mutex::new((u64::MAX, Arc::new(HashRing::default()))),
+            takeovers: AtomicU64::new(0),
         })
+    }
+
+    /// How many streams this node took over from lost homes.
+    pub fn takeovers(&self) -> u64 {
+        self.takeovers.load(Ordering::Relaxed)
+    }
+
+    /// The bytes of elements this node holds as other streams' backup.
+    pub fn replica_bytes(&self) -> usize {
+        self.replicas.lock().values().map(|(_, r)| r.bytes).sum()
     }
 
     /// This node's address.
@@ -281,6 +295,7 @@ impl Failover {
                     replica.map(|(_, r)| r).unwrap_or_default(),
                     RESUME_GRACE,
                 )?;
+                self.takeovers.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     stream = name,
                     from = %String::from_utf8_lossy(&record.value),

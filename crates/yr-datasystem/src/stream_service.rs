@@ -62,6 +62,11 @@ impl Placement {
             lifecycle,
         }
     }
+
+    /// The failover of this node's streams, in a cluster of nodes.
+    pub fn failover(&self) -> Option<&Arc<Failover>> {
+        self.failover.as_ref()
+    }
 }
 
 /// Either here, or the home's address.

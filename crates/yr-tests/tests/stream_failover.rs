@@ -233,6 +233,14 @@ fn acknowledged_elements_survive_a_sigkill_of_the_streams_home() {
         (0..200).collect::<Vec<_>>(),
         "each element once, in order"
     );
+    let takeovers: f64 = (0..2)
+        .map(|node| {
+            cluster
+                .node_metric(node, "yr_stream_takeovers_total")
+                .unwrap_or(0.0)
+        })
+        .sum();
+    assert_eq!(takeovers, 1.0, "one node took the stream over");
     // Nothing more comes (no element twice).
     assert!(consumer
         .receive(Duration::from_millis(500), 0)
