@@ -152,7 +152,7 @@ pub fn metrics(node: &Node, fencing: &Fencing, data: &DataWorker) -> String {
             count(failover.replica_bytes()),
         );
         metrics.counter(
-            "yr_stream_takeovers_total",
+            "yr_stream_takeovers",
             "Streams this node took over from a lost home.",
             failover.takeovers(),
         );
