@@ -17,9 +17,8 @@
 //! the stream's home again (which the lost home's successor takes over) and re-registers there
 //! under the same id, then repeats the call, for up to [`RESUME_BUDGET`] with backoff (also
 //! while the meta store answers 3005); after that the call fails with the last code and says
-//! so. A producer's batches are numbered, so a
-//! batch whose answer was lost is appended once; a consumer resumes after the highest element
-//! id it received, so it gets each element once.
+//! so. A producer's batches are numbered, so a batch whose answer was lost is appended once; a
+//! consumer resumes after the highest element id it received, so it gets each element once.
 
 use std::collections::HashMap;
 use std::future::Future;
