@@ -8,7 +8,7 @@ use yr_common::{Error, ErrorCode};
 use yr_proto::ds as pb;
 
 use crate::kv::{CacheType, Existence, SetParam, WriteMode};
-use crate::stream::{ProducerConfig, SubscriptionConfig, SubscriptionType};
+use crate::stream::{ProducerConfig, ReplicaUpdate, SubscriptionConfig, SubscriptionType};
 
 /// A producer configuration for the wire.
 pub fn producer_config_to_proto(config: &ProducerConfig) -> pb::ProducerConfig {
@@ -112,6 +112,68 @@ pub fn set_param_from_proto(param: &pb::SetParam) -> Result<SetParam, Error> {
 /// A timeout for the wire, in milliseconds (saturating: `Duration::MAX` waits forever).
 pub fn timeout_to_ms(timeout: Duration) -> u64 {
     u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A home's update of stream `stream` for its backup, from the home at `home`.
+pub fn replica_update_to_proto(
+    stream: &str,
+    home: &str,
+    update: ReplicaUpdate,
+) -> pb::StreamReplicateRequest {
+    pb::StreamReplicateRequest {
+        stream: stream.to_string(),
+        home: home.to_string(),
+        config: update.config.as_ref().map(producer_config_to_proto),
+        low: update.low,
+        first_id: update.first_id,
+        elements: update.elements,
+        holes: update.holes,
+        next_id: update.next_id,
+        producers: update
+            .producers
+            .into_iter()
+            .map(|(id, batch)| pb::StreamReplicaProducer { id, batch })
+            .collect(),
+        subscriptions: update
+            .subscriptions
+            .into_iter()
+            .map(|(name, kind, start)| pb::StreamReplicaSubscription {
+                name,
+                subscription_type: subscription_type_to_proto(kind) as i32,
+                start,
+            })
+            .collect(),
+        removed: false,
+    }
+}
+
+/// A home's update from the wire; 1001 for an unknown subscription type.
+pub fn replica_update_from_proto(
+    request: pb::StreamReplicateRequest,
+) -> Result<ReplicaUpdate, Error> {
+    let mut subscriptions = Vec::with_capacity(request.subscriptions.len());
+    for subscription in request.subscriptions {
+        let config = subscription_from_proto(subscription.name, subscription.subscription_type)?;
+        subscriptions.push((
+            config.subscription_name,
+            config.subscription_type,
+            subscription.start,
+        ));
+    }
+    Ok(ReplicaUpdate {
+        config: request.config.as_ref().map(producer_config_from_proto),
+        low: request.low,
+        first_id: request.first_id,
+        elements: request.elements,
+        holes: request.holes,
+        next_id: request.next_id,
+        producers: request
+            .producers
+            .into_iter()
+            .map(|producer| (producer.id, producer.batch))
+            .collect(),
+        subscriptions,
+    })
 }
 
 #[cfg(test)]

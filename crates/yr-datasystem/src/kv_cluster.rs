@@ -182,6 +182,24 @@ impl KvCluster {
         self.view.borrow().clone()
     }
 
+    /// The ring's changes from now on (streams follow them too: design 025).
+    pub fn watch(&self) -> watch::Receiver<Arc<View>> {
+        self.view.subscribe()
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Whether the node records name the node at `address` lost.
+    pub fn is_lost_address(&self, address: &str) -> bool {
+        self.records
+            .lock()
+            .values()
+            .any(|(at, state)| at == address && state == LOST)
+    }
+
     /// Wait (up to [`FIRST_VIEW_WAIT`]) until this node read the node records once: a node
     /// that just started serves requests only once it knows the ring, and so which keys may
     /// still be at their previous owners.
@@ -352,7 +370,7 @@ impl KvCluster {
         groups
     }
 
-    fn client(&self, member: &Member) -> Result<DataWorkerClient<Channel>> {
+    pub(crate) fn client(&self, member: &Member) -> Result<DataWorkerClient<Channel>> {
         let channel = {
             let mut channels = self.channels.lock();
             match channels.get(&member.address) {

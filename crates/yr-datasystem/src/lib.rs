@@ -32,6 +32,7 @@ pub mod redis;
 pub mod service;
 pub mod shared_memory;
 pub mod spill;
+pub mod stream_failover;
 pub mod stream_service;
 
 use std::path::PathBuf;
@@ -161,6 +162,13 @@ impl DataWorker {
         &self.streams
     }
 
+    /// How this node's streams survive it, once it joined a cluster.
+    pub fn stream_failover(&self) -> Option<&Arc<stream_failover::Failover>> {
+        self.placement
+            .get()
+            .and_then(|placement| placement.failover())
+    }
+
     /// Join the cluster as node `node_id`: streams are claimed in `meta`, and other nodes'
     /// clients reach this node's streams at `address` (`host:port`); KV keys are spread over
     /// the nodes that `meta` lists as not lost ([`kv_cluster`]), which needs a tokio runtime
@@ -173,16 +181,23 @@ impl DataWorker {
         address: String,
     ) {
         let _ = self.node_address.set(address.clone());
+        let mut failover = None;
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let cluster = kv_cluster::KvCluster::new(self.kv.clone(), node_id, meta.clone());
             if self.kv_cluster.set(cluster.clone()).is_ok() {
                 cluster.start(&runtime);
+                failover = Some(stream_failover::Failover::new(
+                    cluster,
+                    meta.clone(),
+                    self.streams.clone(),
+                    address.clone(),
+                ));
             }
         }
         self.transfer.join_cluster(meta.clone());
-        let _ = self
-            .placement
-            .set(Arc::new(stream_service::Placement::new(meta, address)));
+        let _ = self.placement.set(Arc::new(stream_service::Placement::new(
+            meta, address, failover,
+        )));
     }
 
     /// Serve this node's shared-memory objects to other nodes' pulls on `listener`, which

@@ -314,7 +314,9 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
         let request = request.into_inner();
         let config = producer_config_from_proto(&request.config.unwrap_or_default());
         Ok(create_response(
-            self.streams.create_producer(request.stream, config).await,
+            self.streams
+                .create_producer(request.stream, config, request.resume_id)
+                .await,
         ))
     }
 
@@ -327,7 +329,12 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
             match subscription_from_proto(request.subscription_name, request.subscription_type) {
                 Ok(subscription) => {
                     self.streams
-                        .create_consumer(request.stream, subscription)
+                        .create_consumer(
+                            request.stream,
+                            subscription,
+                            request.resume_id,
+                            request.resume_after,
+                        )
                         .await
                 }
                 Err(error) => Err(error),
@@ -346,11 +353,12 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
             .send(
                 request.stream,
                 request.producer_id,
+                request.batch,
                 request.elements,
                 timeout,
             )
             .await;
-        Ok(stream_response(result.map(|()| None)))
+        Ok(stream_response(result))
     }
 
     async fn stream_receive(
@@ -365,18 +373,20 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
             .receive(request.stream, request.consumer_id, expect_num, timeout)
             .await;
         Ok(Response::new(match result {
-            Ok(elements) => {
+            Ok((elements, home)) => {
                 let (ids, values) = elements.into_iter().map(|e| (e.id, e.value)).unzip();
                 pb::StreamReceiveResponse {
                     ids,
                     values,
                     error: None,
+                    home: home.unwrap_or_default(),
                 }
             }
             Err(error) => pb::StreamReceiveResponse {
                 ids: Vec::new(),
                 values: Vec::new(),
                 error: Some(error_to_proto(&error)),
+                home: String::new(),
             },
         }))
     }
@@ -388,8 +398,18 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
         let request = request.into_inner();
         let result = self
             .streams
-            .ack(&request.stream, request.consumer_id, request.element_id);
-        Ok(stream_response(result.map(|()| None)))
+            .ack(&request.stream, request.consumer_id, request.element_id)
+            .await;
+        Ok(stream_response(result))
+    }
+
+    async fn stream_replicate(
+        &self,
+        request: Request<pb::StreamReplicateRequest>,
+    ) -> Result<Response<pb::StreamResponse>, Status> {
+        Ok(stream_response(
+            self.streams.replica_update(request.into_inner()),
+        ))
     }
 
     async fn stream_close_producer(

@@ -14,17 +14,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use yr_common::Result;
-use yr_datasystem_core::stream::{self, ProducerConfig, StreamStore, SubscriptionConfig};
+use yr_common::{ErrorCode, Result};
+use yr_datasystem_core::stream::{
+    self, ProducerConfig, ReplicaUpdate, Sent, StreamStore, SubscriptionConfig,
+};
 use yr_meta::MetaStore;
+use yr_proto::ds as pb;
 
 use crate::error::DataSystemError;
 use crate::service::blocking;
+use crate::stream_failover::{home_key as key, Failover, Replicated};
 
 /// Where this node's streams are recorded, and how other nodes reach it.
 pub struct Placement {
     meta: Arc<dyn MetaStore>,
     address: String,
+    failover: Option<Arc<Failover>>,
+    /// Serializes creating, removing and taking over streams on this node (held across meta
+    /// store calls: a tokio mutex, made for that).
+    lifecycle: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Placement {
@@ -36,14 +44,29 @@ impl std::fmt::Debug for Placement {
 }
 
 impl Placement {
-    /// Streams claimed in `meta`, this node reached at `address` (`host:port`).
-    pub fn new(meta: Arc<dyn MetaStore>, address: String) -> Placement {
-        Placement { meta, address }
+    /// Streams claimed in `meta`, this node reached at `address` (`host:port`); with
+    /// `failover`, they survive this node (started on the current tokio runtime).
+    pub fn new(
+        meta: Arc<dyn MetaStore>,
+        address: String,
+        failover: Option<Arc<Failover>>,
+    ) -> Placement {
+        let lifecycle = Arc::new(tokio::sync::Mutex::new(()));
+        if let (Some(failover), Ok(runtime)) = (&failover, tokio::runtime::Handle::try_current()) {
+            runtime.spawn(failover.clone().follow(lifecycle.clone()));
+        }
+        Placement {
+            meta,
+            address,
+            failover,
+            lifecycle,
+        }
     }
-}
 
-fn key(stream: &str) -> String {
-    format!("/yr/stream/{stream}")
+    /// The failover of this node's streams, in a cluster of nodes.
+    pub fn failover(&self) -> Option<&Arc<Failover>> {
+        self.failover.as_ref()
+    }
 }
 
 /// Either here, or the home's address.
@@ -59,18 +82,21 @@ pub enum Home {
 pub struct StreamService {
     store: StreamStore,
     placement: Option<Arc<Placement>>,
-    /// Serializes creating and removing streams on this node (held across meta store calls:
-    /// a tokio mutex, made for that).
+    /// The placement's lifecycle lock (or this service's own, without one).
     lifecycle: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl StreamService {
     /// The service over `store`, placing streams through `placement` (None: all here).
     pub fn new(store: StreamStore, placement: Option<Arc<Placement>>) -> StreamService {
+        let lifecycle = placement.as_ref().map_or_else(
+            || Arc::new(tokio::sync::Mutex::new(())),
+            |placement| placement.lifecycle.clone(),
+        );
         StreamService {
             store,
             placement,
-            lifecycle: Arc::new(tokio::sync::Mutex::new(())),
+            lifecycle,
         }
     }
 
@@ -90,11 +116,60 @@ impl StreamService {
         let value = Bytes::from(placement.address.clone().into_bytes());
         match yr_meta::create_if_absent(placement.meta.as_ref(), &key(name), value).await? {
             Ok(_) => Ok(Home::Here),
-            Err(Some(current)) => Ok(home_of(placement, &current.value)),
+            Err(Some(current)) => {
+                let home = String::from_utf8_lossy(&current.value).into_owned();
+                let Some(failover) = placement.failover.as_ref().filter(|f| f.is_lost(&home))
+                else {
+                    return Ok(home_of(placement, &current.value));
+                };
+                // The home's node was lost: its successor takes the stream over.
+                match failover.successor(name) {
+                    Some(successor) if successor.address == placement.address => {
+                        let home = failover.take_over(name, &current).await?;
+                        Ok(home_of(placement, home.as_bytes()))
+                    }
+                    Some(successor) => Ok(Home::Elsewhere(successor.address)),
+                    None => Ok(home_of(placement, &current.value)),
+                }
+            }
             Err(None) => Err(DataSystemError::StreamHomeLost {
                 name: name.to_string(),
             }
             .into()),
+        }
+    }
+
+    /// Tell the stream's backup about `update` (see [`Failover::replicate`]): `Some(home)` if
+    /// another node took the stream over.
+    async fn replicate(&self, name: &str, update: Option<ReplicaUpdate>) -> Result<Option<String>> {
+        let Some(failover) = self.placement.as_ref().and_then(|p| p.failover.as_ref()) else {
+            return Ok(None);
+        };
+        Ok(match failover.replicate(name, update).await? {
+            Replicated::Held => None,
+            Replicated::TakenOver(home) => Some(home),
+        })
+    }
+
+    /// Producer or consumer `id` of stream `name` was created (or resumed) here: its answer,
+    /// once the stream's backup knows it.
+    async fn created(&self, name: &str, id: u64) -> Result<(u64, Option<String>)> {
+        let update = self.store.snapshot(name, false);
+        match self.replicate(name, update).await? {
+            Some(home) => Ok((0, Some(home))),
+            None => Ok((id, None)),
+        }
+    }
+
+    /// The home of stream `name` when `error` says its producer or consumer is unknown here
+    /// because the stream lives elsewhere (it was taken over).
+    async fn moved(&self, name: &str, error: &yr_common::Error) -> Option<String> {
+        if error.code() != ErrorCode::ClientAlreadyClosed || self.store.contains(name) {
+            return None;
+        }
+        match self.look_up(name).await {
+            Ok(Home::Elsewhere(home)) => Some(home),
+            _ => None,
         }
     }
 
@@ -124,66 +199,157 @@ impl StreamService {
                     .await?;
             }
         }
+        if let Some(failover) = &placement.failover {
+            failover.removed(name).await;
+        }
         Ok(())
     }
 
-    /// A new producer, or the stream's home.
+    /// A new producer (or producer `resume` of a lost home, carrying on), or the stream's
+    /// home.
     pub async fn create_producer(
         &self,
         name: String,
         config: ProducerConfig,
+        resume: u64,
     ) -> Result<(u64, Option<String>)> {
         stream::validate_stream_name(&name)?;
         config.validate()?;
-        let _lifecycle = self.lifecycle.lock().await;
-        match self.claim(&name).await? {
-            Home::Elsewhere(home) => Ok((0, Some(home))),
-            Home::Here => Ok((self.store.create_producer(&name, &config)?, None)),
-        }
+        let id = {
+            let _lifecycle = self.lifecycle.lock().await;
+            match self.claim(&name).await? {
+                Home::Elsewhere(home) => return Ok((0, Some(home))),
+                Home::Here if resume != 0 => {
+                    self.store.resume_producer(&name, resume, &config)?;
+                    resume
+                }
+                Home::Here => self.store.create_producer(&name, &config)?,
+            }
+        };
+        self.created(&name, id).await
     }
 
-    /// A new consumer, or the stream's home.
+    /// A new consumer (or consumer `resume` of a lost home, which received every element up
+    /// to `after`, carrying on), or the stream's home.
     pub async fn create_consumer(
         &self,
         name: String,
         subscription: SubscriptionConfig,
+        resume: u64,
+        after: u64,
     ) -> Result<(u64, Option<String>)> {
         stream::validate_stream_name(&name)?;
         subscription.validate()?;
-        let _lifecycle = self.lifecycle.lock().await;
-        match self.claim(&name).await? {
-            Home::Elsewhere(home) => Ok((0, Some(home))),
-            Home::Here => Ok((self.store.create_consumer(&name, &subscription)?, None)),
-        }
+        let id = {
+            let _lifecycle = self.lifecycle.lock().await;
+            match self.claim(&name).await? {
+                Home::Elsewhere(home) => return Ok((0, Some(home))),
+                Home::Here if resume != 0 => {
+                    self.store
+                        .resume_consumer(&name, resume, &subscription, after)?;
+                    resume
+                }
+                Home::Here => self.store.create_consumer(&name, &subscription)?,
+            }
+        };
+        self.created(&name, id).await
     }
 
-    /// Append a batch, waiting up to `timeout` for room.
+    /// Append the producer's batch number `batch`, waiting up to `timeout` for room; the
+    /// answer waits until the stream's backup holds it. `Some(home)` (nothing appended) if
+    /// the stream lives on another node now.
     pub async fn send(
         &self,
         name: String,
         producer: u64,
+        batch: u64,
         elements: Vec<Bytes>,
         timeout: Duration,
-    ) -> Result<()> {
+    ) -> Result<Option<String>> {
         let store = self.store.clone();
-        blocking(move || store.send(&name, producer, elements, timeout)).await
+        // Kept for the backup (a cluster of one node has none).
+        let copy = self
+            .placement
+            .as_ref()
+            .and_then(|p| p.failover.as_ref())
+            .and_then(|failover| failover.backup(&name))
+            .map(|_| elements.clone());
+        let stream = name.clone();
+        let sent =
+            blocking(move || store.send_batch(&stream, producer, batch, elements, timeout)).await;
+        let sent = match sent {
+            Ok(sent) => sent,
+            Err(error) => {
+                return match self.moved(&name, &error).await {
+                    Some(home) => Ok(Some(home)),
+                    None => Err(error),
+                }
+            }
+        };
+        let Some(elements) = copy else {
+            return Ok(None);
+        };
+        let update = match sent {
+            Sent::Duplicate => None,
+            Sent::Appended {
+                first_id,
+                low,
+                kept,
+            } => Some(ReplicaUpdate {
+                low,
+                first_id,
+                next_id: first_id + elements.len() as u64,
+                elements: if kept { elements } else { Vec::new() },
+                producers: vec![(producer, batch)],
+                ..ReplicaUpdate::default()
+            }),
+        };
+        self.replicate(&name, update).await
     }
 
-    /// Receive, waiting up to `timeout`.
+    /// Receive, waiting up to `timeout`; `Some(home)` if the stream lives elsewhere now.
     pub async fn receive(
         &self,
         name: String,
         consumer: u64,
         expect_num: usize,
         timeout: Duration,
-    ) -> Result<Vec<stream::Element>> {
+    ) -> Result<(Vec<stream::Element>, Option<String>)> {
         let store = self.store.clone();
-        blocking(move || store.receive(&name, consumer, expect_num, timeout)).await
+        let stream = name.clone();
+        match blocking(move || store.receive(&stream, consumer, expect_num, timeout)).await {
+            Ok(elements) => Ok((elements, None)),
+            Err(error) => match self.moved(&name, &error).await {
+                Some(home) => Ok((Vec::new(), Some(home))),
+                None => Err(error),
+            },
+        }
     }
 
-    /// Ack up to `id`.
-    pub fn ack(&self, name: &str, consumer: u64, id: u64) -> Result<()> {
-        self.store.ack(name, consumer, id)
+    /// Ack up to `id`; `Some(home)` if the stream lives elsewhere now.
+    pub async fn ack(&self, name: &str, consumer: u64, id: u64) -> Result<Option<String>> {
+        match self.store.ack(name, consumer, id) {
+            Ok(()) => Ok(None),
+            Err(error) => match self.moved(name, &error).await {
+                Some(home) => Ok(Some(home)),
+                None => Err(error),
+            },
+        }
+    }
+
+    /// An update from the home of a stream this node backs up: `Some(this node)` if the
+    /// stream lives here (the sender was taken over).
+    pub fn replica_update(&self, request: pb::StreamReplicateRequest) -> Result<Option<String>> {
+        match self.placement.as_ref().and_then(|p| p.failover.as_ref()) {
+            Some(failover) => failover.receive(request),
+            None => Err(yr_common::Error::new(
+                ErrorCode::DatasystemFailed,
+                format!(
+                    "stream {:?}: this data worker is not in a cluster and backs up no stream",
+                    request.stream
+                ),
+            )),
+        }
     }
 
     /// Close a producer (`consumer` false) or a consumer; a stream that `auto_clean_up`

@@ -145,6 +145,18 @@ pub fn metrics(node: &Node, fencing: &Fencing, data: &DataWorker) -> String {
         "The most KV bytes one job may hold in memory (0: no quota).",
         count(kv.quota().unwrap_or(0)),
     );
+    if let Some(failover) = data.stream_failover() {
+        metrics.gauge(
+            "yr_stream_replica_bytes",
+            "Bytes of stream elements this node holds as the backup of other nodes' streams.",
+            count(failover.replica_bytes()),
+        );
+        metrics.counter(
+            "yr_stream_takeovers",
+            "Streams this node took over from a lost home.",
+            failover.takeovers(),
+        );
+    }
     let transfer = data.transfer();
     metrics.counter(
         "yr_object_pulled_bytes",

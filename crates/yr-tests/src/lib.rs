@@ -1669,6 +1669,31 @@ impl Drop for TestCluster {
 
 // ----- speaking the wire protocol directly -------------------------------------------------------
 
+/// A DataWorker client of node `index`'s bus socket (with the cluster's token), and the
+/// runtime to drive it on, for tests that play a node's client.
+pub fn data_worker_client(
+    cluster: &TestCluster,
+    index: usize,
+) -> (
+    tokio::runtime::Runtime,
+    yr_proto::ds::data_worker_client::DataWorkerClient<tonic::transport::Channel>,
+) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let channel = runtime
+        .block_on(raw_channel(
+            &cluster.node_bus_address(index),
+            Some(cluster.token().clone()),
+        ))
+        .expect("a channel to the node");
+    (
+        runtime,
+        yr_proto::ds::data_worker_client::DataWorkerClient::new(channel),
+    )
+}
+
 /// A gRPC channel to `address` (`host:port` or `unix:/path`) as an outsider would open it: with
 /// `token`'s hello first, or with no hello at all (`None`), so that tests can play a client that
 /// lacks the token or has a wrong one. Fails as the connection fails.

@@ -22,19 +22,8 @@ struct NodeKv {
 
 impl NodeKv {
     fn of(cluster: &TestCluster, index: usize) -> NodeKv {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        let address = cluster.node_bus_address(index);
-        let token = cluster.token().clone();
-        let channel = runtime
-            .block_on(yr_tests::raw_channel(&address, Some(token)))
-            .expect("a channel to the node");
-        NodeKv {
-            runtime,
-            client: DataWorkerClient::new(channel),
-        }
+        let (runtime, client) = yr_tests::data_worker_client(cluster, index);
+        NodeKv { runtime, client }
     }
 
     fn set_with(

@@ -26,6 +26,13 @@ impl StreamStore {
             if state.removed {
                 continue;
             }
+            if state.awaiting.contains_key(&subscription.subscription_name) {
+                // The subscription of an adopted stream: this consumer carries it on.
+                drop(state);
+                let id = self.new_id();
+                self.resume_consumer(name, id, subscription, 0)?;
+                return Ok(id);
+            }
             let id = self.new_id();
             let sub_name = &subscription.subscription_name;
             let start = match state.subscriptions.get_mut(sub_name) {
@@ -62,6 +69,7 @@ impl StreamStore {
                             kind: subscription.subscription_type,
                             consumers: vec![id],
                             turn: 0,
+                            start,
                         },
                     );
                     Some(start)

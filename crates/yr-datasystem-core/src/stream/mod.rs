@@ -14,6 +14,8 @@
 //!   the stream's `max_stream_size`: a send waits for room and fails with 4202 after its
 //!   timeout. With no subscription, elements are dropped at once, unless the producer asked to
 //!   retain them for the first `retain_for_num_consumers` subscriptions.
+//! - **Failover.** A stream's copy on its backup node, and the backup's adoption of it when the
+//!   home is lost, are in `replica.rs` (docs/design/025-stream-home-failover.md).
 //! - **Lifetime.** A stream is created by its first producer or consumer. `delete` refuses a
 //!   stream that still has producers or consumers; `auto_clean_up` removes it when its last
 //!   producer or consumer closes.
@@ -22,6 +24,7 @@ mod config;
 mod consume;
 mod error;
 mod produce;
+mod replica;
 mod state;
 
 use std::sync::atomic::Ordering;
@@ -36,6 +39,7 @@ pub use config::{
     MAX_RETAIN_FOR_NUM_CONSUMERS, PAGE_ALIGNMENT,
 };
 pub use error::StreamError;
+pub use replica::{Replica, ReplicaUpdate, Sent};
 use state::{StoreInner, Stream, StreamState};
 
 /// The streams that live here. Cheap to clone: clones share the streams.
@@ -57,9 +61,16 @@ pub struct StreamStore {
 }
 
 impl StreamStore {
-    /// An empty store.
+    /// An empty store. Its producer and consumer ids start at a random multiple of 2^24, so
+    /// that ids resumed from another node's store (an adopted stream's) do not meet new ones.
     pub fn new() -> StreamStore {
-        StreamStore::default()
+        let store = StreamStore::default();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos() as u64);
+        let seed = (nanos ^ u64::from(std::process::id()).rotate_left(32)) & 0xF_FFFF_FFFF;
+        store.inner.next_id.store(seed << 24, Ordering::Relaxed);
+        store
     }
 
     fn check_open(&self) -> Result<()> {

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use yr_common::Result;
 
 use super::state::wait_changed;
-use super::{validate_stream_name, ProducerConfig, StreamError, StreamStore};
+use super::{validate_stream_name, ProducerConfig, Sent, StreamError, StreamStore};
 
 impl StreamStore {
     /// A new producer of stream `name` (created if it does not exist). The first producer's
@@ -26,7 +26,7 @@ impl StreamStore {
                 state.config = config.clone();
             }
             let id = self.new_id();
-            state.producers.insert(id, ());
+            state.producers.insert(id, 0);
             return Ok(id);
         }
     }
@@ -40,6 +40,21 @@ impl StreamStore {
         elements: Vec<Bytes>,
         timeout: Duration,
     ) -> Result<()> {
+        self.send_batch(name, producer, 0, elements, timeout)
+            .map(|_| ())
+    }
+
+    /// [`StreamStore::send`] of the producer's batch number `batch` (from 1; 0: unnumbered): a
+    /// batch whose number is not above the last one appended is a retry, and is not appended
+    /// again. Says what it appended, for the stream's backup.
+    pub fn send_batch(
+        &self,
+        name: &str,
+        producer: u64,
+        batch: u64,
+        elements: Vec<Bytes>,
+        timeout: Duration,
+    ) -> Result<Sent> {
         self.check_open()?;
         let stream = self
             .stream(name)
@@ -49,8 +64,13 @@ impl StreamStore {
         let mut state = stream.state.lock();
         loop {
             self.check_open()?;
-            if state.removed || !state.producers.contains_key(&producer) {
-                return Err(Self::closed_error(name, "producer", producer));
+            match state.producers.get(&producer) {
+                Some(_) if state.removed => {
+                    return Err(Self::closed_error(name, "producer", producer))
+                }
+                Some(last) if batch != 0 && batch <= *last => return Ok(Sent::Duplicate),
+                Some(_) => {}
+                None => return Err(Self::closed_error(name, "producer", producer)),
             }
             let max = state.config.max_stream_size;
             if state.bytes == 0 || state.bytes.saturating_add(wanted) <= max {
@@ -73,7 +93,12 @@ impl StreamStore {
                 .into());
             }
         }
-        let keep = !state.subscriptions.is_empty() || state.retaining();
+        let keep =
+            !state.subscriptions.is_empty() || state.retaining() || !state.awaiting.is_empty();
+        if batch != 0 {
+            state.producers.insert(producer, batch);
+        }
+        let first_id = state.next_id;
         for element in elements {
             let id = state.next_id;
             state.next_id += 1;
@@ -84,9 +109,14 @@ impl StreamStore {
             }
         }
         state.reclaim();
+        let low = state.first_id;
         drop(state);
         stream.changed.notify_all();
-        Ok(())
+        Ok(Sent::Appended {
+            first_id,
+            low,
+            kept: keep,
+        })
     }
 
     /// Close `producer`. Returns whether that removed the stream (`auto_clean_up`).

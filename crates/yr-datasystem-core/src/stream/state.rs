@@ -66,6 +66,8 @@ pub(super) struct Subscription {
     pub(super) consumers: Vec<u64>,
     /// The next consumer (index into `consumers`) to deal to.
     pub(super) turn: usize,
+    /// The first element id it gets.
+    pub(super) start: u64,
 }
 
 #[derive(Debug)]
@@ -76,12 +78,20 @@ pub(super) struct StreamState {
     pub(super) first_id: u64,
     pub(super) next_id: u64,
     pub(super) bytes: usize,
-    pub(super) producers: HashMap<u64, ()>,
+    /// Ids in `first_id..next_id` that hold no element (an adopted stream's gaps: batches the
+    /// lost home appended but never replicated, so never acknowledged), ascending.
+    pub(super) holes: VecDeque<u64>,
+    /// Producers, with the number of the last batch of theirs appended (0: none numbered).
+    pub(super) producers: HashMap<u64, u64>,
     pub(super) subscriptions: HashMap<String, Subscription>,
     pub(super) consumers: HashMap<u64, (String, ConsumerState)>,
     /// Subscriptions ever created (for `retain_for_num_consumers`).
     pub(super) subscriptions_created: u32,
     pub(super) removed: bool,
+    /// An adopted stream's subscriptions whose consumers have not resumed yet (type, first
+    /// id); nothing is reclaimed until they do or `awaiting_until` passes.
+    pub(super) awaiting: HashMap<String, (SubscriptionType, u64)>,
+    pub(super) awaiting_until: Option<Instant>,
 }
 
 impl StreamState {
@@ -92,11 +102,14 @@ impl StreamState {
             first_id: 1,
             next_id: 1,
             bytes: 0,
+            holes: VecDeque::new(),
             producers: HashMap::new(),
             subscriptions: HashMap::new(),
             consumers: HashMap::new(),
             subscriptions_created: 0,
             removed: false,
+            awaiting: HashMap::new(),
+            awaiting_until: None,
         }
     }
 
@@ -124,6 +137,15 @@ impl StreamState {
         if self.retaining() {
             return;
         }
+        if !self.awaiting.is_empty() {
+            if self
+                .awaiting_until
+                .is_none_or(|until| Instant::now() < until)
+            {
+                return;
+            }
+            self.awaiting.clear();
+        }
         let low = self
             .consumers
             .values()
@@ -134,6 +156,9 @@ impl StreamState {
             match self.elements.pop_front() {
                 Some(element) => {
                     self.bytes -= element.len();
+                    if self.holes.front() == Some(&self.first_id) {
+                        self.holes.pop_front();
+                    }
                     self.first_id += 1;
                 }
                 None => break,

@@ -10,16 +10,26 @@
 //! within its timeout fails with 4202 and its element is not sent. Long waits (a receive, a
 //! flush into a full stream) are cut into calls of at most [`MAX_CALL_WAIT`], so no data
 //! worker thread waits long for a client that may be gone.
+//!
+//! **A lost home** (docs/design/025-stream-home-failover.md). When a call cannot reach the
+//! stream's home (3002 or 4205, or no answer within [`CALL_LIMIT`]), or the node answers that
+//! the stream lives elsewhere now, the producer or consumer resumes: it asks its own node for
+//! the stream's home again (which the lost home's successor takes over) and re-registers there
+//! under the same id, then repeats the call, for up to [`RESUME_BUDGET`] with backoff (also
+//! while the meta store answers 3005); after that the call fails with the last code and says
+//! so. A producer's batches are numbered, so a batch whose answer was lost is appended once; a
+//! consumer resumes after the highest element id it received, so it gets each element once.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 use tonic::transport::Channel;
+use yr_common::backoff::Backoff;
 use yr_common::{Error, ErrorCode, Result};
 use yr_datasystem_core::stream::{validate_element, validate_stream_name};
 use yr_datasystem_core::wire::{
@@ -42,6 +52,19 @@ pub const MAX_CALL_WAIT: Duration = Duration::from_secs(2);
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 /// The most redirects one call follows.
 const MAX_HOPS: usize = 4;
+/// The longest a call waits for its answer: its wait at the data worker, the home's update of
+/// the stream's backup, and room for a loaded machine. No answer by then counts as a lost home.
+pub const CALL_LIMIT: Duration = Duration::from_secs(15);
+/// How long a producer or consumer keeps trying to resume on a stream's new home.
+pub const RESUME_BUDGET: Duration = Duration::from_secs(30);
+
+/// Whether `error` says the stream's home could not be reached (or could not reach its backup).
+fn unreachable_home(error: &Error) -> bool {
+    matches!(
+        error.code(),
+        ErrorCode::ConnectionFailed | ErrorCode::InnerCommunication
+    )
+}
 
 struct Shared {
     io: tokio::runtime::Handle,
@@ -111,19 +134,25 @@ impl Shared {
                 let client = DataWorkerClient::new(channel)
                     .max_decoding_message_size(yr_transport::max_message_bytes())
                     .max_encoding_message_size(yr_transport::max_message_bytes());
-                make(client)
-                    .await
-                    .map(tonic::Response::into_inner)
-                    .map_err(|status| {
-                        Error::new(
-                            yr_transport::status_to_code(&status, ErrorCode::ConnectionFailed),
-                            format!(
-                                "the data worker at {address} failed a stream call: {}; check \
+                let Ok(answer) = tokio::time::timeout(CALL_LIMIT, make(client)).await else {
+                    return Err(Error::new(
+                        ErrorCode::ConnectionFailed,
+                        format!(
+                            "the data worker at {address} did not answer a stream call within \
+                             {CALL_LIMIT:?}; check that the node there is running"
+                        ),
+                    ));
+                };
+                answer.map(tonic::Response::into_inner).map_err(|status| {
+                    Error::new(
+                        yr_transport::status_to_code(&status, ErrorCode::ConnectionFailed),
+                        format!(
+                            "the data worker at {address} failed a stream call: {}; check \
                                  that the node there is running",
-                                status.message()
-                            ),
-                        )
-                    })
+                            status.message()
+                        ),
+                    )
+                })
             }
             .await;
             let _ = sender.send(result);
@@ -150,7 +179,7 @@ impl Shared {
     }
 }
 
-impl ClusterStreams {
+impl Shared {
     /// Send a call to this node, then to the home it names, until one answers for itself.
     fn routed<R, F>(
         &self,
@@ -162,9 +191,9 @@ impl ClusterStreams {
         R: Send + 'static,
         F: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>> + Send,
     {
-        let mut address = self.shared.local.clone();
+        let mut address = self.local.clone();
         for _ in 0..MAX_HOPS {
-            let reply = self.shared.call(&address, make.clone())?;
+            let reply = self.call(&address, make.clone())?;
             match home_of(&reply) {
                 Some(next) => address = next,
                 None => return Ok((address, reply)),
@@ -176,6 +205,74 @@ impl ClusterStreams {
                 "the home of stream {name:?} kept moving (last seen at {address}); retry the call"
             ),
         ))
+    }
+
+    /// Run `attempt` at the stream's home (`home`), resuming on the stream's new home with
+    /// `resume` (which answers the new home's address) while the home cannot be reached or
+    /// says the stream moved, within [`RESUME_BUDGET`]. `attempt` answers `Ok(Err(home))`
+    /// when the node says the stream lives at `home` now.
+    fn at_home<R>(
+        &self,
+        stream: &str,
+        home: &Mutex<String>,
+        resume: impl Fn() -> Result<String>,
+        mut attempt: impl FnMut(&str) -> Result<std::result::Result<R, String>>,
+    ) -> Result<R> {
+        let mut deadline: Option<Instant> = None;
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+        loop {
+            let at = home.lock().clone();
+            let mut failure = match attempt(&at) {
+                Ok(Ok(reply)) => return Ok(reply),
+                Ok(Err(moved)) => Error::new(
+                    ErrorCode::ConnectionFailed,
+                    format!("its home moved from {at} to {moved}"),
+                ),
+                Err(error) if unreachable_home(&error) => error,
+                Err(error) => return Err(error),
+            };
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + RESUME_BUDGET);
+            tracing::info!(stream, home = %at, error = %failure, "resuming on the stream's home");
+            loop {
+                self.finalized.check()?;
+                if Instant::now() >= deadline {
+                    return Err(Error::new(
+                        failure.code(),
+                        format!(
+                            "stream {stream:?}: its home at {at} was lost, and no node took it \
+                             over within {RESUME_BUDGET:?} ({}); check the cluster's nodes with \
+                             `yr status`, then create the producer or consumer again",
+                            failure.message()
+                        ),
+                    ));
+                }
+                match resume() {
+                    Ok(new_home) => {
+                        *home.lock() = new_home;
+                        break;
+                    }
+                    // The meta store may be failing over too (3005): keep trying.
+                    Err(error)
+                        if unreachable_home(&error)
+                            || error.code() == ErrorCode::EtcdOperationError =>
+                    {
+                        failure = error;
+                        std::thread::sleep(backoff.next_delay());
+                    }
+                    Err(error) => {
+                        return Err(Error::new(
+                            error.code(),
+                            format!(
+                                "stream {stream:?}: its home at {at} could not be reached ({}), \
+                                 and asking for its new home failed: {}",
+                                failure.message(),
+                                error.message()
+                            ),
+                        ))
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -190,8 +287,9 @@ impl StreamClient for ClusterStreams {
         let request = pb::StreamCreateProducerRequest {
             stream: name.to_string(),
             config: Some(producer_config_to_proto(config)),
+            resume_id: 0,
         };
-        let (address, reply) = self.routed(
+        let (address, reply) = self.shared.routed(
             name,
             move |mut client| {
                 let request = request.clone();
@@ -216,12 +314,8 @@ impl StreamClient for ClusterStreams {
     ) -> Result<Box<dyn ConsumerClient>> {
         validate_stream_name(name)?;
         subscription.validate()?;
-        let request = pb::StreamCreateConsumerRequest {
-            stream: name.to_string(),
-            subscription_name: subscription.subscription_name.clone(),
-            subscription_type: subscription_type_to_proto(subscription.subscription_type) as i32,
-        };
-        let (address, reply) = self.routed(
+        let request = consumer_request(name, subscription, 0, 0);
+        let (address, reply) = self.shared.routed(
             name,
             move |mut client| {
                 let request = request.clone();
@@ -232,9 +326,11 @@ impl StreamClient for ClusterStreams {
         check(reply.error)?;
         Ok(Box::new(ClusterConsumer {
             shared: self.shared.clone(),
-            home: address,
+            home: Mutex::new(address),
             stream: name.to_string(),
+            subscription: subscription.clone(),
             id: reply.id,
+            last_received: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             calls: Mutex::new(()),
         }))
@@ -245,7 +341,7 @@ impl StreamClient for ClusterStreams {
         let request = pb::StreamNameRequest {
             stream: name.to_string(),
         };
-        let (_, reply) = self.routed(
+        let (_, reply) = self.shared.routed(
             name,
             move |mut client| {
                 let request = request.clone();
@@ -261,7 +357,7 @@ impl StreamClient for ClusterStreams {
         let request = pb::StreamNameRequest {
             stream: name.to_string(),
         };
-        let (_, reply) = self.routed(
+        let (_, reply) = self.shared.routed(
             name,
             move |mut client| {
                 let request = request.clone();
@@ -280,6 +376,53 @@ impl StreamClient for ClusterStreams {
     }
 }
 
+fn consumer_request(
+    name: &str,
+    subscription: &SubscriptionConfig,
+    resume_id: u64,
+    resume_after: u64,
+) -> pb::StreamCreateConsumerRequest {
+    pb::StreamCreateConsumerRequest {
+        stream: name.to_string(),
+        subscription_name: subscription.subscription_name.clone(),
+        subscription_type: subscription_type_to_proto(subscription.subscription_type) as i32,
+        resume_id,
+        resume_after,
+    }
+}
+
+/// Re-register a producer or consumer of stream `name` on its home (`make` sends its create
+/// with `resume_id`), through this process's node: the home's address.
+fn resume_at<F>(
+    shared: &Shared,
+    name: &str,
+    make: impl Fn(DataWorkerClient<Channel>) -> F + Send + Sync + Clone + 'static,
+) -> Result<String>
+where
+    F: Future<
+            Output = std::result::Result<tonic::Response<pb::StreamCreateResponse>, tonic::Status>,
+        > + Send,
+{
+    let (address, reply) = shared.routed(name, make, |reply: &pb::StreamCreateResponse| {
+        home(reply.home.clone())
+    })?;
+    check(reply.error)?;
+    Ok(address)
+}
+
+/// What a call at the stream's home came to: `Ok(Err(home))` if the node says the stream
+/// lives at `home` now.
+fn followed<R>(
+    moved: String,
+    error: Option<yr_proto::v1::ErrorInfo>,
+    reply: R,
+) -> Result<std::result::Result<R, String>> {
+    match home(moved) {
+        Some(moved) => Ok(Err(moved)),
+        None => check(error).map(|()| Ok(reply)),
+    }
+}
+
 #[derive(Default)]
 struct Pending {
     elements: Vec<Bytes>,
@@ -290,9 +433,11 @@ struct Pending {
 
 struct ProducerShared {
     client: Arc<Shared>,
-    home: String,
+    home: Mutex<String>,
     stream: String,
     id: u64,
+    /// The number of the last batch flushed.
+    batches: AtomicU64,
     config: ProducerConfig,
     pending: Mutex<Pending>,
     pending_changed: Condvar,
@@ -318,6 +463,41 @@ fn full_error(stream: &str, config: &ProducerConfig, timeout: Duration) -> Error
 }
 
 impl ProducerShared {
+    /// Re-register on the stream's home: its address.
+    fn resume(&self) -> Result<String> {
+        let request = pb::StreamCreateProducerRequest {
+            stream: self.stream.clone(),
+            config: Some(producer_config_to_proto(&self.config)),
+            resume_id: self.id,
+        };
+        resume_at(&self.client, &self.stream, move |mut client| {
+            let request = request.clone();
+            async move { client.stream_create_producer(request).await }
+        })
+    }
+
+    /// Send batch number `batch` to the stream's home, following it.
+    fn send_batch(&self, batch: u64, elements: &[Bytes], wait: Duration) -> Result<()> {
+        self.client.at_home(
+            &self.stream,
+            &self.home,
+            || self.resume(),
+            |at| {
+                let request = pb::StreamSendRequest {
+                    stream: self.stream.clone(),
+                    producer_id: self.id,
+                    elements: elements.to_vec(),
+                    timeout_ms: timeout_to_ms(wait),
+                    batch,
+                };
+                let reply = self.client.call(at, move |mut client| async move {
+                    client.stream_send(request).await
+                })?;
+                followed(reply.home, reply.error, ())
+            },
+        )
+    }
+
     fn check(&self) -> Result<()> {
         self.client.finalized.check()?;
         if self.closed.load(Ordering::Acquire) {
@@ -356,25 +536,14 @@ impl ProducerShared {
         if batch.is_empty() {
             return Ok(());
         }
+        let number = self.batches.fetch_add(1, Ordering::Relaxed) + 1;
         loop {
             let wait = match deadline {
                 Some(deadline) => deadline.saturating_duration_since(Instant::now()),
                 None => MAX_CALL_WAIT,
             }
             .min(MAX_CALL_WAIT);
-            let request = pb::StreamSendRequest {
-                stream: self.stream.clone(),
-                producer_id: self.id,
-                elements: batch.clone(),
-                timeout_ms: timeout_to_ms(wait),
-            };
-            let result = self
-                .client
-                .call(&self.home, move |mut client| async move {
-                    client.stream_send(request).await
-                })
-                .and_then(|reply| check(reply.error));
-            match result {
+            match self.send_batch(number, &batch, wait) {
                 Ok(()) => return Ok(()),
                 Err(error)
                     if error.code() == ErrorCode::SharedMemoryLimited
@@ -460,9 +629,10 @@ impl ClusterProducer {
     ) -> ClusterProducer {
         let shared = Arc::new(ProducerShared {
             client,
-            home,
+            home: Mutex::new(home),
             stream,
             id,
+            batches: AtomicU64::new(0),
             config,
             pending: Mutex::new(Pending::default()),
             pending_changed: Condvar::new(),
@@ -537,16 +707,21 @@ impl ProducerClient for ClusterProducer {
             Instant::now().checked_add(CLOSE_FLUSH_TIMEOUT),
             CLOSE_FLUSH_TIMEOUT,
         );
-        let request = pb::StreamCloseRequest {
-            stream: shared.stream.clone(),
-            id: shared.id,
-        };
-        let closed = shared
-            .client
-            .call(&shared.home, move |mut client| async move {
-                client.stream_close_producer(request).await
-            })
-            .and_then(|reply| check(reply.error));
+        let closed = shared.client.at_home(
+            &shared.stream,
+            &shared.home,
+            || shared.resume(),
+            |at| {
+                let request = pb::StreamCloseRequest {
+                    stream: shared.stream.clone(),
+                    id: shared.id,
+                };
+                let reply = shared.client.call(at, move |mut client| async move {
+                    client.stream_close_producer(request).await
+                })?;
+                followed(reply.home, reply.error, ())
+            },
+        );
         flushed.and(closed)
     }
 }
@@ -563,14 +738,52 @@ impl Drop for ClusterProducer {
 
 struct ClusterConsumer {
     shared: Arc<Shared>,
-    home: String,
+    home: Mutex<String>,
     stream: String,
+    subscription: SubscriptionConfig,
     id: u64,
+    /// The highest element id received.
+    last_received: AtomicU64,
     closed: AtomicBool,
     calls: Mutex<()>,
 }
 
 impl ClusterConsumer {
+    /// Re-register on the stream's home, after the last element received: its address.
+    fn resume(&self) -> Result<String> {
+        let request = consumer_request(
+            &self.stream,
+            &self.subscription,
+            self.id,
+            self.last_received.load(Ordering::Acquire),
+        );
+        resume_at(&self.shared, &self.stream, move |mut client| {
+            let request = request.clone();
+            async move { client.stream_create_consumer(request).await }
+        })
+    }
+
+    /// A call (`send`, answering `home` and `error`) at the stream's home, following it.
+    fn at_home<R, F>(
+        &self,
+        send: impl Fn(DataWorkerClient<Channel>) -> F + Send + Sync + Clone + 'static,
+        reply_of: impl Fn(R) -> (String, Option<yr_proto::v1::ErrorInfo>, R),
+    ) -> Result<R>
+    where
+        R: Send + 'static,
+        F: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>> + Send,
+    {
+        self.shared.at_home(
+            &self.stream,
+            &self.home,
+            || self.resume(),
+            |at| {
+                let (moved, error, reply) = reply_of(self.shared.call(at, send.clone())?);
+                followed(moved, error, reply)
+            },
+        )
+    }
+
     fn check(&self) -> Result<()> {
         self.shared.finalized.check()?;
         if self.closed.load(Ordering::Acquire) {
@@ -602,17 +815,19 @@ impl ConsumerClient for ClusterConsumer {
                 },
                 timeout_ms: timeout_to_ms(wait),
             };
-            let reply = self.shared.call(&self.home, move |mut client| async move {
-                client.stream_receive(request).await
-            })?;
-            check(reply.error)?;
-            out.extend(
-                reply
-                    .ids
-                    .into_iter()
-                    .zip(reply.values)
-                    .map(|(id, value)| Element { id, value }),
-            );
+            let reply = self.at_home(
+                move |mut client| {
+                    let request = request.clone();
+                    async move { client.stream_receive(request).await }
+                },
+                |mut reply: pb::StreamReceiveResponse| {
+                    (std::mem::take(&mut reply.home), reply.error.take(), reply)
+                },
+            )?;
+            for (id, value) in reply.ids.into_iter().zip(reply.values) {
+                self.last_received.fetch_max(id, Ordering::AcqRel);
+                out.push(Element { id, value });
+            }
             let enough = if expect_num == 0 {
                 !out.is_empty()
             } else {
@@ -632,10 +847,10 @@ impl ConsumerClient for ClusterConsumer {
             consumer_id: self.id,
             element_id: id,
         };
-        let reply = self.shared.call(&self.home, move |mut client| async move {
-            client.stream_ack(request).await
-        })?;
-        check(reply.error)
+        self.answered_at_home(move |mut client| {
+            let request = request.clone();
+            async move { client.stream_ack(request).await }
+        })
     }
 
     fn close(&self) -> Result<()> {
@@ -647,10 +862,27 @@ impl ConsumerClient for ClusterConsumer {
             stream: self.stream.clone(),
             id: self.id,
         };
-        let reply = self.shared.call(&self.home, move |mut client| async move {
-            client.stream_close_consumer(request).await
-        })?;
-        check(reply.error)
+        self.answered_at_home(move |mut client| {
+            let request = request.clone();
+            async move { client.stream_close_consumer(request).await }
+        })
+    }
+}
+
+impl ClusterConsumer {
+    /// A call answered with a [`pb::StreamResponse`] at the stream's home, following it.
+    fn answered_at_home<F>(
+        &self,
+        send: impl Fn(DataWorkerClient<Channel>) -> F + Send + Sync + Clone + 'static,
+    ) -> Result<()>
+    where
+        F: Future<Output = std::result::Result<tonic::Response<pb::StreamResponse>, tonic::Status>>
+            + Send,
+    {
+        self.at_home(send, |mut reply: pb::StreamResponse| {
+            (std::mem::take(&mut reply.home), reply.error.take(), reply)
+        })
+        .map(drop)
     }
 }
 

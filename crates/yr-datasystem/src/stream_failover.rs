@@ -1,0 +1,471 @@
+//! Streams survive their home node (docs/design/025-stream-home-failover.md). This module owns
+//! a node's side of it:
+//!
+//! - **Backup.** A stream's backup is the owner of its name on the KV ring without the home
+//!   ([`crate::kv_ring`], the same ring the KV keys use). Before the home answers a send, it
+//!   tells the backup what it appended ([`Failover::replicate`], over the authenticated
+//!   node-to-node channel of [`KvCluster`]); creates of producers and subscriptions are told
+//!   too. When the backup changes (a ring change), the next update is a full snapshot.
+//! - **Replicas.** The backup keeps its copy of each stream ([`Replica`]) until the home
+//!   removes the stream or the backup takes it over.
+//! - **Take-over.** Once the master declares the home's node lost, the owner of the stream's
+//!   name on the ring (its backup) swaps the home record from the lost node's address to its
+//!   own with a compare-and-swap on the record's revision, and adopts its replica. It does so
+//!   when it sees the loss, and also when a client asks about the stream first.
+//! - **Fencing.** A node that is the home of a stream refuses updates for it and answers with
+//!   its own address: an old home that comes back learns it was taken over at its next send,
+//!   and forgets the stream. On every ring change, each node also checks that the home records
+//!   of its streams still name it, and forgets those that do not.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use yr_common::{Error, ErrorCode, Result};
+use yr_datasystem_core::stream::{Replica, ReplicaUpdate, StreamStore};
+use yr_datasystem_core::wire::{replica_update_from_proto, replica_update_to_proto};
+use yr_meta::{KeyValue, MetaStore};
+use yr_proto::ds as pb;
+use yr_proto::error_from_proto;
+
+use crate::kv_cluster::KvCluster;
+use crate::kv_ring::{HashRing, Member};
+
+/// How long the backup waits for an update's answer before the send fails with 3002 (and the
+/// producer retries it).
+const REPLICATE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most bytes of elements one update carries (a snapshot goes in parts).
+pub const REPLICA_BATCH_BYTES: usize = 8 << 20;
+/// How long an adopted stream keeps elements for subscriptions whose consumers have not
+/// resumed.
+pub const RESUME_GRACE: Duration = Duration::from_secs(60);
+
+/// The meta store key of stream `name`'s home record.
+pub fn home_key(stream: &str) -> String {
+    format!("/yr/stream/{stream}")
+}
+
+/// What an update's backup answered.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Replicated {
+    /// The backup holds the update (or there is no other node to hold it).
+    Held,
+    /// The backup is the stream's home now, at this address: this node was taken over.
+    TakenOver(String),
+}
+
+/// A node's side of stream failover.
+pub struct Failover {
+    cluster: Arc<KvCluster>,
+    meta: Arc<dyn MetaStore>,
+    store: StreamStore,
+    address: String,
+    /// The replicas this node holds as a backup, with their home's address.
+    replicas: Mutex<HashMap<String, (String, Replica)>>,
+    /// The backup (node id) that holds all of each stream that lives here.
+    replicated_to: Mutex<HashMap<String, String>>,
+    /// The ring without this node, by the epoch of the view it came from.
+    others: Mutex<(u64, Arc<HashRing>)>,
+    /// Streams this node took over (for metrics).
+    takeovers: AtomicU64,
+}
+
+impl std::fmt::Debug for Failover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Failover")
+            .field("address", &self.address)
+            .field("replicas", &self.replicas.lock().len())
+            .finish()
+    }
+}
+
+fn check(error: Option<yr_proto::v1::ErrorInfo>) -> Result<()> {
+    match error {
+        Some(error) => Err(error_from_proto(&error)),
+        None => Ok(()),
+    }
+}
+
+impl Failover {
+    /// Failover for the streams of `store`, which live at `address` and are recorded in `meta`.
+    pub fn new(
+        cluster: Arc<KvCluster>,
+        meta: Arc<dyn MetaStore>,
+        store: StreamStore,
+        address: String,
+    ) -> Arc<Failover> {
+        Arc::new(Failover {
+            cluster,
+            meta,
+            store,
+            address,
+            replicas: Mutex::new(HashMap::new()),
+            replicated_to: Mutex::new(HashMap::new()),
+            others: Mutex::new((u64::MAX, Arc::new(HashRing::default()))),
+            takeovers: AtomicU64::new(0),
+        })
+    }
+
+    /// How many streams this node took over from lost homes.
+    pub fn takeovers(&self) -> u64 {
+        self.takeovers.load(Ordering::Relaxed)
+    }
+
+    /// The bytes of elements this node holds as other streams' backup.
+    pub fn replica_bytes(&self) -> usize {
+        self.replicas.lock().values().map(|(_, r)| r.bytes).sum()
+    }
+
+    /// This node's address.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The backup of stream `name` that lives here: the owner of its name among the other
+    /// nodes (None when this node is alone).
+    pub fn backup(&self, name: &str) -> Option<Member> {
+        let view = self.cluster.view();
+        let ring = {
+            let mut others = self.others.lock();
+            if others.0 != view.epoch {
+                *others = (
+                    view.epoch,
+                    Arc::new(view.ring.without(self.cluster.node_id())),
+                );
+            }
+            others.1.clone()
+        };
+        ring.owner(name).cloned()
+    }
+
+    /// The node that takes over stream `name` from its lost home: the owner of its name on
+    /// the ring of the alive nodes (which no longer has the home).
+    pub fn successor(&self, name: &str) -> Option<Member> {
+        self.cluster.view().ring.owner(name).cloned()
+    }
+
+    /// Whether the node at `address` was declared lost.
+    pub fn is_lost(&self, address: &str) -> bool {
+        address != self.address && self.cluster.is_lost_address(address)
+    }
+
+    /// Tell stream `name`'s backup about `update` before the home answers; the whole stream
+    /// instead when the backup does not hold it yet (`None`: only then). `Err` (3002) when the
+    /// backup cannot be reached: the caller's call fails and its client retries it.
+    pub async fn replicate(&self, name: &str, update: Option<ReplicaUpdate>) -> Result<Replicated> {
+        let Some(backup) = self.backup(name) else {
+            return Ok(Replicated::Held);
+        };
+        let fresh = self.replicated_to.lock().get(name) != Some(&backup.node_id);
+        let update = match (fresh, update) {
+            (false, None) => return Ok(Replicated::Held),
+            (false, Some(update)) => update,
+            (true, _) => match self.store.snapshot(name, true) {
+                Some(snapshot) => snapshot,
+                None => return Ok(Replicated::Held),
+            },
+        };
+        let mut outcome = Ok(Replicated::Held);
+        for part in update.split(REPLICA_BATCH_BYTES) {
+            let request = replica_update_to_proto(name, &self.address, part);
+            outcome = self.send(&backup, request).await;
+            if !matches!(outcome, Ok(Replicated::Held)) {
+                break;
+            }
+        }
+        match outcome {
+            Ok(Replicated::Held) => {
+                if fresh {
+                    self.replicated_to
+                        .lock()
+                        .insert(name.to_string(), backup.node_id);
+                }
+                Ok(Replicated::Held)
+            }
+            Ok(Replicated::TakenOver(home)) => {
+                tracing::warn!(stream = name, %home, "this node was taken over as the stream's home; forgetting it");
+                self.store.forget(name);
+                self.replicated_to.lock().remove(name);
+                Ok(Replicated::TakenOver(home))
+            }
+            Err(error) => {
+                self.replicated_to.lock().remove(name);
+                Err(error)
+            }
+        }
+    }
+
+    /// Tell stream `name`'s backup that it is gone (best effort).
+    pub async fn removed(&self, name: &str) {
+        self.replicated_to.lock().remove(name);
+        let Some(backup) = self.backup(name) else {
+            return;
+        };
+        let request = pb::StreamReplicateRequest {
+            stream: name.to_string(),
+            home: self.address.clone(),
+            removed: true,
+            ..pb::StreamReplicateRequest::default()
+        };
+        if let Err(error) = self.send(&backup, request).await {
+            tracing::debug!(stream = name, %error, "cannot tell the backup that the stream is gone");
+        }
+    }
+
+    async fn send(
+        &self,
+        backup: &Member,
+        request: pb::StreamReplicateRequest,
+    ) -> Result<Replicated> {
+        let stream = request.stream.clone();
+        let unreachable = |detail: String| {
+            Error::new(
+                ErrorCode::InnerCommunication,
+                format!(
+                    "the backup of stream {stream:?} (node {} at {}) did not take the elements: \
+                     {detail}; they are not acknowledged, and the producer retries them once a \
+                     backup holds them",
+                    backup.node_id, backup.address
+                ),
+            )
+        };
+        let mut client = self.cluster.client(backup)?;
+        let call = client.stream_replicate(request);
+        let reply = match tokio::time::timeout(REPLICATE_TIMEOUT, call).await {
+            Ok(Ok(reply)) => reply.into_inner(),
+            Ok(Err(status)) => return Err(unreachable(status.message().to_string())),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "no answer within {REPLICATE_TIMEOUT:?}"
+                )))
+            }
+        };
+        check(reply.error)?;
+        Ok(if reply.home.is_empty() {
+            Replicated::Held
+        } else {
+            Replicated::TakenOver(reply.home)
+        })
+    }
+
+    /// An update from a stream's home: kept, unless the stream lives here (then this node
+    /// took it over, and answers its own address).
+    pub fn receive(&self, request: pb::StreamReplicateRequest) -> Result<Option<String>> {
+        if self.store.contains(&request.stream) {
+            return Ok(Some(self.address.clone()));
+        }
+        let mut replicas = self.replicas.lock();
+        if request.removed {
+            replicas.remove(&request.stream);
+            return Ok(None);
+        }
+        let name = request.stream.clone();
+        let home = request.home.clone();
+        let update = replica_update_from_proto(request)?;
+        let entry = replicas
+            .entry(name)
+            .or_insert_with(|| (home.clone(), Replica::default()));
+        if entry.0 != home {
+            // A new home's first update (a take-over elsewhere): start again from it.
+            *entry = (home, Replica::default());
+        }
+        entry.1.apply(update);
+        Ok(None)
+    }
+
+    /// Take stream `name` over from its lost home, whose record is `record`; call with the
+    /// streams' lifecycle lock held. The home after the attempt: this node's address, or the
+    /// node that won the record.
+    pub async fn take_over(&self, name: &str, record: &KeyValue) -> Result<String> {
+        let key = home_key(name);
+        let value = Bytes::from(self.address.clone().into_bytes());
+        match yr_meta::put_if_mod_revision(self.meta.as_ref(), &key, value, record.mod_revision)
+            .await?
+        {
+            Ok(_) => {
+                let replica = self.replicas.lock().remove(name);
+                let (elements, bytes) = replica
+                    .as_ref()
+                    .map_or((0, 0), |(_, r)| (r.elements.len(), r.bytes));
+                self.store.adopt(
+                    name,
+                    replica.map(|(_, r)| r).unwrap_or_default(),
+                    RESUME_GRACE,
+                )?;
+                self.takeovers.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    stream = name,
+                    from = %String::from_utf8_lossy(&record.value),
+                    elements,
+                    bytes,
+                    "took over the home of a stream whose node was lost"
+                );
+                Ok(self.address.clone())
+            }
+            Err(Some(current)) => Ok(String::from_utf8_lossy(&current.value).into_owned()),
+            Err(None) => Err(Error::new(
+                ErrorCode::EtcdOperationError,
+                format!("the home record of stream {name:?} vanished during a take-over; retry"),
+            )),
+        }
+    }
+
+    /// After a ring change: take over the streams this node backs up whose home was lost, drop
+    /// the copies of streams it no longer backs up, forget the streams here whose record names
+    /// another node, and give the streams here their (new) backups.
+    pub async fn ring_changed(&self, lifecycle: &tokio::sync::Mutex<()>) {
+        let lifecycle = lifecycle.lock().await;
+        let backed_up: Vec<(String, String)> = self
+            .replicas
+            .lock()
+            .iter()
+            .map(|(name, (home, _))| (name.clone(), home.clone()))
+            .collect();
+        let view = self.cluster.view();
+        let mut rings_without: HashMap<String, HashRing> = HashMap::new();
+        for (name, home) in backed_up {
+            if !self.is_lost(&home) {
+                // A home that is alive: keep the copy only while this node is its backup.
+                let Some(home_node) = view.ring.members().iter().find(|m| m.address == home) else {
+                    continue;
+                };
+                let ring = rings_without
+                    .entry(home_node.node_id.clone())
+                    .or_insert_with(|| view.ring.without(&home_node.node_id));
+                if ring.owner(&name).map(|m| m.address.as_str()) != Some(self.address.as_str()) {
+                    self.replicas.lock().remove(&name);
+                }
+                continue;
+            }
+            if self.successor(&name).map(|m| m.address) != Some(self.address.clone()) {
+                continue;
+            }
+            match self.meta.get(&home_key(&name)).await {
+                Ok(Some(record)) if record.value == home.as_bytes() => {
+                    if let Err(error) = self.take_over(&name, &record).await {
+                        tracing::warn!(stream = %name, %error, "cannot take over a stream's home");
+                    }
+                }
+                Ok(_) => {
+                    // Removed, or another node's now.
+                    self.replicas.lock().remove(&name);
+                }
+                Err(error) => {
+                    tracing::warn!(stream = %name, %error, "cannot read a stream's home record")
+                }
+            }
+        }
+        let mut kept = Vec::new();
+        for name in self.store.names() {
+            match self.meta.get(&home_key(&name)).await {
+                Ok(Some(record)) if record.value != self.address.as_bytes() => {
+                    tracing::warn!(stream = %name, home = %String::from_utf8_lossy(&record.value), "another node took this node's stream over; forgetting it");
+                    self.store.forget(&name);
+                    self.replicated_to.lock().remove(&name);
+                    continue;
+                }
+                Ok(_) => kept.push(name),
+                Err(error) => {
+                    tracing::warn!(stream = %name, %error, "cannot read a stream's home record");
+                }
+            }
+        }
+        drop(lifecycle);
+        for name in kept {
+            if let Err(error) = self.replicate(&name, None).await {
+                tracing::debug!(stream = %name, %error, "cannot give a stream its new backup yet");
+            }
+        }
+    }
+
+    /// Follow the ring's changes until the process ends.
+    pub async fn follow(self: Arc<Self>, lifecycle: Arc<tokio::sync::Mutex<()>>) {
+        let mut changes = self.cluster.watch();
+        while changes.changed().await.is_ok() {
+            self.ring_changed(&lifecycle).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+    use yr_datasystem_core::kv::KvStore;
+    use yr_datasystem_core::stream::{SubscriptionConfig, SubscriptionType};
+    use yr_meta::EmbeddedStore;
+
+    async fn record_node(meta: &dyn MetaStore, id: &str, address: &str, state: &str) {
+        let info = yr_proto::v1::NodeInfo {
+            node_id: id.into(),
+            address: address.into(),
+            state: state.into(),
+            ..Default::default()
+        };
+        meta.put(
+            &format!("/yr/node/{id}"),
+            Bytes::from(info.encode_to_vec()),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+
+    fn update_from(home: &str, first_id: u64, values: &[&str]) -> pb::StreamReplicateRequest {
+        let update = ReplicaUpdate {
+            low: 1,
+            first_id,
+            elements: values.iter().map(|v| Bytes::from(v.to_string())).collect(),
+            subscriptions: vec![("s".into(), SubscriptionType::Stream, 1)],
+            ..ReplicaUpdate::default()
+        };
+        replica_update_to_proto("x", home, update)
+    }
+
+    /// Node b backs up stream x of node a; a is lost: b takes the home over with a
+    /// compare-and-swap, refuses a's later updates (fenced), and a stale take-over with the
+    /// old record's revision does not win the record back.
+    #[tokio::test]
+    async fn the_backup_takes_a_lost_home_over_and_fences_the_old_one() {
+        let meta: Arc<dyn MetaStore> = Arc::new(EmbeddedStore::in_memory());
+        record_node(meta.as_ref(), "a", "a:1", "lost").await;
+        record_node(meta.as_ref(), "b", "b:1", "ready").await;
+        let cluster = KvCluster::new(KvStore::new(), "b".into(), meta.clone());
+        cluster.start(&tokio::runtime::Handle::current());
+        let mut changes = cluster.watch();
+        changes.wait_for(|view| view.epoch > 0).await.unwrap();
+        let store = StreamStore::new();
+        let failover = Failover::new(cluster, meta.clone(), store.clone(), "b:1".into());
+        assert!(failover.is_lost("a:1"));
+        assert_eq!(failover.successor("x").unwrap().address, "b:1");
+
+        assert_eq!(
+            failover.receive(update_from("a:1", 1, &["e1", "e2"])),
+            Ok(None)
+        );
+        let record = meta
+            .put(&home_key("x"), Bytes::from_static(b"a:1"), None)
+            .await
+            .unwrap();
+        assert_eq!(failover.take_over("x", &record).await.unwrap(), "b:1");
+        let current = meta.get(&home_key("x")).await.unwrap().unwrap();
+        assert_eq!(current.value, Bytes::from_static(b"b:1"));
+
+        // The consumer resumes here and gets what the lost home acknowledged.
+        let subscription = SubscriptionConfig::new("s", SubscriptionType::Stream);
+        store.resume_consumer("x", 42, &subscription, 0).unwrap();
+        let got = store.receive("x", 42, 0, Duration::ZERO).unwrap();
+        assert_eq!(got.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 2]);
+
+        // The old home comes back: its update is refused with the new home's address.
+        assert_eq!(
+            failover.receive(update_from("a:1", 3, &["e3"])),
+            Ok(Some("b:1".into()))
+        );
+        // A take-over from the stale record loses the compare-and-swap.
+        assert_eq!(failover.take_over("x", &record).await.unwrap(), "b:1");
+    }
+}
