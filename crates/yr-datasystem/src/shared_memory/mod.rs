@@ -68,7 +68,18 @@ pub struct SharedMemoryStore {
     /// The node's processes that talk to the store and have not left: objects are handed
     /// over only to them.
     clients: Mutex<std::collections::HashSet<u32>>,
+    /// Allocations the node holds for owners on other nodes (call results not pulled yet),
+    /// oldest first, at most [`MAX_REMOTE_HOLDS`].
+    remote_holds: Mutex<std::collections::VecDeque<u64>>,
 }
+
+/// The most results a node holds for owners on other nodes at once. A newer hold pushes out
+/// the oldest one (its owner's get finds it gone: recomputed from its lineage, or 4005).
+pub const MAX_REMOTE_HOLDS: usize = 4096;
+
+/// The holder id under which a node keeps results for owners on other nodes (no process has
+/// this pid).
+pub const REMOTE_HOLDER: u32 = u32::MAX;
 
 /// The answer to a read of an object that is not there, or not as presented: the same for a
 /// wrong capability, a wrong size and a freed object, and naming neither id nor size.
@@ -148,6 +159,7 @@ impl SharedMemoryStore {
             allocator: Mutex::new(Allocator::new(capacity)),
             spill,
             clients: Mutex::new(std::collections::HashSet::new()),
+            remote_holds: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
