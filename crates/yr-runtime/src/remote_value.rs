@@ -119,7 +119,7 @@ impl RemoteValue {
             }
             Err(error) => error,
         };
-        tracing::info!(object = %id, node = %self.location.node_address, error = %lost, "a result held on another node cannot be pulled");
+        tracing::debug!(object = %id, node = %self.location.node_address, error = %lost, "a result held on another node cannot be pulled");
         match &self.recovery {
             Recovery::Recompute(lineage, index) => {
                 let value = lineage.recompute(*index, &lost)?;
