@@ -159,15 +159,14 @@ pub fn args_to_proto(args: &[Arg]) -> Result<Vec<pb::Arg>, Error> {
 pub fn result_to_proto(value: &StoredValue, caller_pool: &str, caller_pid: u32) -> pb::Value {
     if let Payload::Shared(region) = &value.bytes {
         let (pool, allocation, offset, size) = region.location();
-        let node_address = super::shared_memory::node_address();
         let kept = if caller_pool.is_empty() {
             None
         } else if pool == caller_pool {
             Some(region.hand_over(caller_pid).map(|()| String::new()))
-        } else if !node_address.is_empty() {
-            Some(region.hold_for_remote().map(|()| node_address))
         } else {
-            None
+            Some(super::shared_memory::node_address())
+                .filter(|address| !address.is_empty())
+                .map(|address| region.hold_for_remote().map(|()| address))
         };
         match kept {
             Some(Ok(node_address)) => {
