@@ -193,3 +193,27 @@ impl Drop for LineageBudget {
         LINEAGE_BYTES.fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_owner_keeps_lineage_within_its_bound_of_records_and_argument_bytes() {
+        // Arguments above the byte bound never fit.
+        assert!(LineageBudget::take(MAX_LINEAGE_BYTES + 1).is_none());
+        let half = LineageBudget::take(MAX_LINEAGE_BYTES / 2).expect("room");
+        assert!(LineageBudget::take(MAX_LINEAGE_BYTES / 2 + 1).is_none());
+        drop(half);
+        // At most MAX_LINEAGE_RECORDS records; room comes back as records are dropped.
+        let mut kept: Vec<LineageBudget> = (0..MAX_LINEAGE_RECORDS)
+            .map(|_| LineageBudget::take(0).expect("room"))
+            .collect();
+        assert_eq!(LineageBudget::records(), MAX_LINEAGE_RECORDS);
+        assert!(LineageBudget::take(0).is_none());
+        kept.pop();
+        assert!(LineageBudget::take(0).is_some());
+        drop(kept);
+        assert_eq!(LineageBudget::records(), 0);
+    }
+}

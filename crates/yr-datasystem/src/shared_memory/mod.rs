@@ -238,6 +238,37 @@ mod tests {
     }
 
     #[test]
+    fn a_node_keeps_at_most_its_bound_of_holds_for_other_nodes_and_pushes_out_the_oldest() {
+        let store =
+            SharedMemoryStore::new((MAX_REMOTE_HOLDS as u64 + 2) * ALIGNMENT, "test").unwrap();
+        // Only a holder asks the node to keep an object.
+        let (first, _) = store.create(1, 1).unwrap();
+        assert_eq!(
+            store.hold_for_remote(first, 2).unwrap_err().code(),
+            ErrorCode::ParamInvalid
+        );
+        let mut held = Vec::new();
+        for _ in 0..=MAX_REMOTE_HOLDS {
+            let (id, _) = store.create(1, 1).unwrap();
+            store.hold_for_remote(id, 1).unwrap();
+            store.release(&[id], 1);
+            held.push(id);
+        }
+        // One more than the bound: the oldest was pushed out and freed.
+        assert_eq!(store.remote_holds(), MAX_REMOTE_HOLDS);
+        assert!(!store.holds(held[0]));
+        assert!(store.holds(held[1]));
+        // A release needs the capability and the size; a second one changes nothing.
+        let capability = store.capability_of(held[1]).unwrap();
+        store.release_remote_hold(held[1], &capability, 2);
+        assert!(store.holds(held[1]));
+        store.release_remote_hold(held[1], &capability, 1);
+        assert!(!store.holds(held[1]));
+        store.release_remote_hold(held[1], &capability, 1);
+        assert_eq!(store.remote_holds(), MAX_REMOTE_HOLDS - 1);
+    }
+
+    #[test]
     fn an_allocation_lives_until_its_last_reference_is_released() {
         let store = SharedMemoryStore::new(4 * ALIGNMENT, "test").unwrap();
         let (id, offset) = store.create(100, 1).unwrap();
