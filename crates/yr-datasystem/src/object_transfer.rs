@@ -50,6 +50,20 @@ const SWEEP_COPIES_ABOVE: usize = 4096;
 /// A local copy's key: the pool, allocation and capability of the original.
 type CopyKey = (String, u64, Capability);
 
+/// A capability from the wire (1001 if it has the wrong length).
+fn capability_of(bytes: &[u8]) -> Result<Capability> {
+    Capability::try_from(bytes).map_err(|_| {
+        Error::new(
+            ErrorCode::ParamInvalid,
+            format!(
+                "an object's capability has {CAPABILITY_LEN} bytes, got {}; pass the location \
+                 the object's owner sent",
+                bytes.len()
+            ),
+        )
+    })
+}
+
 /// Pulls objects for one node, and counts what it pulled and served.
 pub struct ObjectTransfer {
     store: Arc<SharedMemoryStore>,
@@ -191,16 +205,7 @@ impl ObjectTransfer {
     /// Copy another node's object here with one reference for process `pid` of this node, or
     /// take a reference to the copy already here. Returns the local (allocation, offset, size).
     pub async fn pull(&self, request: &pb::PullObjectRequest, pid: u32) -> Result<(u64, u64, u64)> {
-        let capability = Capability::try_from(request.capability.as_ref()).map_err(|_| {
-            Error::new(
-                ErrorCode::ParamInvalid,
-                format!(
-                    "an object's capability has {CAPABILITY_LEN} bytes, got {}; pass the location \
-                     the object's owner sent",
-                    request.capability.len()
-                ),
-            )
-        })?;
+        let capability = capability_of(&request.capability)?;
         self.check_member(&request.node_address).await?;
         let token = self.token.get().cloned().ok_or_else(|| {
             Error::new(
@@ -250,15 +255,7 @@ impl ObjectTransfer {
     /// node to drop its hold (see `SharedMemoryStore::hold_for_remote`). 1001 for a node that
     /// is not of this cluster.
     pub async fn drop_remote(&self, request: &pb::DropRemoteRequest) -> Result<()> {
-        let capability = Capability::try_from(request.capability.as_ref()).map_err(|_| {
-            Error::new(
-                ErrorCode::ParamInvalid,
-                format!(
-                    "an object's capability has {CAPABILITY_LEN} bytes, got {}",
-                    request.capability.len()
-                ),
-            )
-        })?;
+        let capability = capability_of(&request.capability)?;
         self.check_member(&request.node_address).await?;
         let Some(token) = self.token.get().cloned() else {
             return Ok(());

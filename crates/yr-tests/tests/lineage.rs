@@ -132,10 +132,7 @@ fn lose_node_1(cluster: &mut TestCluster) {
 fn lost_stateless_results_are_recomputed_from_their_lineage_and_others_fail_with_4005() {
     let _exclusive = exclusive();
     let mut cluster = three_nodes();
-    let (lost, spare) = (
-        cluster.node_id(1).to_string(),
-        cluster.node_id(2).to_string(),
-    );
+    let spare = cluster.node_id(2).to_string();
     yr::init(cluster.config()).unwrap();
     let marker = Marker::new("lineage");
 
@@ -225,6 +222,5 @@ fn lost_stateless_results_are_recomputed_from_their_lineage_and_others_fail_with
         "recovered after {:?}",
         lost_at.elapsed()
     );
-    assert!(!lost.is_empty());
     yr::finalize().unwrap();
 }

@@ -65,12 +65,7 @@ pub fn read_range(
         return splice_into(stream.as_fd(), file, offset, request.length)
             .map_err(|error| transport("the range broke off from", error));
     };
-    let name = tls
-        .server_name_for(address)
-        .map_err(|error| RangeError::Transport(error.message().to_string()))?;
-    let session = rustls::ClientConnection::new(tls.client.clone(), name)
-        .map_err(|error| tls_refused(address, &error))?;
-    let mut stream = rustls::StreamOwned::new(session, stream);
+    let mut stream = within_tls(address, tls, stream)?;
     ask(&mut stream, address, token, request, Ask::Range)?;
     store
         .file_range(local, request.from, request.length)
@@ -121,13 +116,22 @@ pub fn release_hold(
     let Some(tls) = tls else {
         return ask(&mut stream, address, token, request, Ask::Release);
     };
+    let mut stream = within_tls(address, tls, stream)?;
+    ask(&mut stream, address, token, request, Ask::Release)
+}
+
+/// `stream` to the data port at `address`, inside a TLS session with `tls`'s certificate.
+fn within_tls(
+    address: &str,
+    tls: &Tls,
+    stream: TcpStream,
+) -> std::result::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, RangeError> {
     let name = tls
         .server_name_for(address)
         .map_err(|error| RangeError::Transport(error.message().to_string()))?;
     let session = rustls::ClientConnection::new(tls.client.clone(), name)
         .map_err(|error| tls_refused(address, &error))?;
-    let mut stream = rustls::StreamOwned::new(session, stream);
-    ask(&mut stream, address, token, request, Ask::Release)
+    Ok(rustls::StreamOwned::new(session, stream))
 }
 
 /// Present the token, send the request and read the status: `Ok` when the bytes follow.

@@ -10,6 +10,7 @@ use yr_proto::v1 as pb;
 use crate::function::{dependency_failed, Arg};
 use crate::object_store::{ObjectHandle, ObjectSlot, Outcome, Payload, StoredValue};
 use crate::remote_value::{Recovery, RemoteValue, STATEFUL};
+use crate::shared_memory::SharedRegion;
 
 /// A reference for the wire. It is counted as sent out (see `borrows`): this process keeps the
 /// object (or its own borrow of it) until the receiver releases it. A borrowed reference names
@@ -66,7 +67,7 @@ pub fn value_to_proto_for(value: &StoredValue, pool_id: &str) -> pb::Value {
         };
     }
     if let Payload::Shared(region) = &value.bytes {
-        let (pool, allocation, offset, size) = region.location();
+        let (pool, ..) = region.location();
         // The same node reads in place; another node with shared memory pulls from ours.
         let node_address = if pool == pool_id {
             Some(String::new())
@@ -77,14 +78,7 @@ pub fn value_to_proto_for(value: &StoredValue, pool_id: &str) -> pb::Value {
             return pb::Value {
                 data: Default::default(),
                 nested,
-                shared: Some(pb::SharedLocation {
-                    pool_id: pool.to_string(),
-                    allocation,
-                    offset,
-                    size,
-                    node_address,
-                    capability: region.capability().clone(),
-                }),
+                shared: Some(located(region, node_address)),
             };
         }
     }
@@ -119,6 +113,20 @@ pub fn value_with_payload(
             .map(reference_from_proto)
             .collect::<Result<_, _>>()?,
     })
+}
+
+/// The location of `region` for the wire, read from the node at `node_address` ("": this
+/// node).
+fn located(region: &SharedRegion, node_address: String) -> pb::SharedLocation {
+    let (pool, allocation, offset, size) = region.location();
+    pb::SharedLocation {
+        pool_id: pool.to_string(),
+        allocation,
+        offset,
+        size,
+        node_address,
+        capability: region.capability().clone(),
+    }
 }
 
 /// Arguments for the wire; they must be finished. A reference whose value is in shared memory
@@ -158,7 +166,7 @@ pub fn args_to_proto(args: &[Arg]) -> Result<Vec<pb::Arg>, Error> {
 /// hold the node refused, travels inline.
 pub fn result_to_proto(value: &StoredValue, caller_pool: &str, caller_pid: u32) -> pb::Value {
     if let Payload::Shared(region) = &value.bytes {
-        let (pool, allocation, offset, size) = region.location();
+        let (pool, ..) = region.location();
         let kept = if caller_pool.is_empty() {
             None
         } else if pool == caller_pool {
@@ -173,14 +181,7 @@ pub fn result_to_proto(value: &StoredValue, caller_pool: &str, caller_pid: u32) 
                 return pb::Value {
                     data: Default::default(),
                     nested: value.nested.iter().map(reference_to_proto).collect(),
-                    shared: Some(pb::SharedLocation {
-                        pool_id: pool.to_string(),
-                        allocation,
-                        offset,
-                        size,
-                        node_address,
-                        capability: region.capability().clone(),
-                    }),
+                    shared: Some(located(region, node_address)),
                 }
             }
             Some(Err(error)) => {
