@@ -45,6 +45,12 @@ pub enum Unavailable {
     NoIpNetns(String),
 }
 
+/// The name of this run's set of hosts (`YR_NETNS_NAME`, default `yr`; see `scripts/netns`):
+/// its namespaces are `<name>-hub` and `<name>-h<i>`, so runs with different names do not meet.
+pub fn set_name() -> String {
+    std::env::var("YR_NETNS_NAME").unwrap_or_else(|_| "yr".to_string())
+}
+
 /// The `scripts/netns` of this repository.
 pub fn netns_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/netns")
@@ -132,7 +138,10 @@ impl Hosts {
     pub fn dir(&self, index: usize) -> PathBuf {
         let base = std::env::var_os("YR_NETNS_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/tmp/yr-netns"));
+            .unwrap_or_else(|| match set_name().as_str() {
+                "yr" => PathBuf::from("/tmp/yr-netns"),
+                name => PathBuf::from(format!("/tmp/yr-netns-{name}")),
+            });
         base.join(format!("h{index}"))
     }
 
@@ -159,8 +168,8 @@ impl Hosts {
 }
 
 impl Hosts {
-    /// Cuts host `index` off every other host: its port on the bridge (`yr-h<index>` in the
-    /// hub namespace) goes down. Its own interface stays up and keeps its address, so the
+    /// Cuts host `index` off every other host: its port on the bridge (`<name>-h<index>` in
+    /// the hub namespace) goes down. Its own interface stays up and keeps its address, so the
     /// host's processes see no error: their packets to the other hosts are lost, as theirs to
     /// it. Only the test's own namespaces are touched.
     pub fn cut(&self, index: usize) {
@@ -172,17 +181,51 @@ impl Hosts {
         self.set_link(index, "up");
     }
 
-    fn set_link(&self, index: usize, state: &str) {
-        assert!(index < self.count, "there is no host {index}");
-        let port = format!("yr-h{index}");
+    /// Cuts hosts `a` and `b` off each other only: each drops the other's packets (a blackhole
+    /// route to the other's address in its namespace), while both still reach every other
+    /// host. Connections between them hang, as across a broken switch port between two racks.
+    pub fn cut_between(&self, a: usize, b: usize) {
+        self.set_route(a, b, "add");
+        self.set_route(b, a, "add");
+    }
+
+    /// Undoes [`Hosts::cut_between`].
+    pub fn restore_between(&self, a: usize, b: usize) {
+        self.set_route(a, b, "del");
+        self.set_route(b, a, "del");
+    }
+
+    fn set_route(&self, from: usize, to: usize, action: &str) {
+        assert!(
+            from < self.count && to < self.count,
+            "there is no such host"
+        );
+        let namespace = format!("{}-h{from}", set_name());
+        let target = format!("{}/32", self.address(to));
         let mut command = Command::new("ip");
         command
-            .args(["-n", "yr-hub", "link", "set", &port, state])
+            .args(["-n", &namespace, "route", action, "blackhole", &target])
             .stdin(Stdio::null());
         let output = output_within(command, Duration::from_secs(30));
         assert!(
             output.status.success(),
-            "ip -n yr-hub link set {port} {state} failed: {}",
+            "ip -n {namespace} route {action} blackhole {target} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    fn set_link(&self, index: usize, state: &str) {
+        assert!(index < self.count, "there is no host {index}");
+        let name = set_name();
+        let (hub, port) = (format!("{name}-hub"), format!("{name}-h{index}"));
+        let mut command = Command::new("ip");
+        command
+            .args(["-n", &hub, "link", "set", &port, state])
+            .stdin(Stdio::null());
+        let output = output_within(command, Duration::from_secs(30));
+        assert!(
+            output.status.success(),
+            "ip -n {hub} link set {port} {state} failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
     }
@@ -192,7 +235,7 @@ impl Hosts {
     /// that host. Returns what `work` returns.
     pub fn in_host<T: Send>(&self, index: usize, work: impl FnOnce() -> T + Send) -> T {
         assert!(index < self.count, "there is no host {index}");
-        let path = format!("/var/run/netns/yr-h{index}");
+        let path = format!("/var/run/netns/{}-h{index}", set_name());
         std::thread::scope(|scope| {
             scope
                 .spawn(move || {

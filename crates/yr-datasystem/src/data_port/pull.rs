@@ -99,7 +99,7 @@ fn dial(address: &str) -> std::result::Result<TcpStream, RangeError> {
         .map_err(|error| transport("cannot connect to", error))?;
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_nodelay(true);
+    yr_transport::tcp::tune(&stream);
     Ok(stream)
 }
 
