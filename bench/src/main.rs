@@ -23,7 +23,9 @@
 //! - `cross-node get gigabytes`: on a two-node cluster this program starts, GB/s of 256 MiB
 //!   objects that node 1 holds and a driver on node 0 gets (pulled in chunks, then read in
 //!   place), with `loopback TCP gigabytes` (the same bytes over a plain loopback TCP socket)
-//!   measured right after as the limit.
+//!   measured right after as the limit; and `cross-node 1:1 actor calls with a 16 MiB result
+//!   gigabytes`, an instance on node 1 returning 16 MiB results to the driver on node 0, read
+//!   in place with `get_buffer`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -139,6 +141,11 @@ impl Far {
         self.kept.clear();
         self.kept.push(object.clone());
         Ok((object, seconds))
+    }
+
+    /// A new value of `len` bytes, returned as the call's result.
+    fn result(&mut self, len: u64) -> ByteBuf {
+        ByteBuf::from(vec![7u8; len as usize])
     }
 }
 
@@ -824,7 +831,7 @@ fn cross_node(args: &Args, config: &yr::Config) -> anyhow::Result<()> {
         let mut two = config.clone();
         two.server_address = Some(first.bus_address.clone());
         yr::init(two)?;
-        let measured = (|| -> yr::Result<Vec<f64>> {
+        let measured = (|| -> yr::Result<(Vec<f64>, Vec<f64>)> {
             // Too big for node 0 (1000 millicores): it runs on node 1.
             let far = yr::instance(Far::new)
                 .options(yr::InvokeOptions {
@@ -842,10 +849,30 @@ fn cross_node(args: &Args, config: &yr::Config) -> anyhow::Result<()> {
                 rates.push(SIZE as f64 / started.elapsed().as_secs_f64() / 1e9);
             }
             rates.remove(0); // warm-up
-            Ok(rates)
+                             // Results of 16 MiB from node 1, read here in place with `get_buffer`.
+            const RESULT: usize = 16 << 20;
+            let mut results = Vec::new();
+            for _ in 0..=args.gigabyte_trials {
+                let started = Instant::now();
+                let mut calls = 0;
+                while started.elapsed().as_secs_f64() < args.seconds {
+                    let made = far.method(Far::result).invoke((RESULT as u64,))?;
+                    let buffer = yr::get_buffer(&made, FOREVER)?;
+                    std::hint::black_box(buffer.bytes().map(|b| b.len()));
+                    calls += 1;
+                }
+                results.push((calls * RESULT) as f64 / started.elapsed().as_secs_f64() / 1e9);
+            }
+            results.remove(0); // warm-up
+            Ok((rates, results))
         })();
         yr::finalize()?;
-        print_rates(name, &measured?);
+        let (measured, results) = measured?;
+        print_rates(name, &measured);
+        print_rates(
+            "cross-node 1:1 actor calls with a 16 MiB result gigabytes",
+            &results,
+        );
         print_rates(
             "loopback TCP gigabytes",
             &loopback_tcp(SIZE, args.gigabyte_trials)?,

@@ -170,6 +170,19 @@ impl pb::object_store_server::ObjectStore for ObjectStoreService {
     ) -> Result<Response<pb::RetainObjectResponse>, Status> {
         let pid = caller_pid(&request)?;
         let request = request.into_inner();
+        if request.for_remote_owner {
+            let reply = match self.store.hold_for_remote(request.allocation, pid) {
+                Ok(()) => pb::RetainObjectResponse {
+                    capability: capability_bytes(&self.store, request.allocation),
+                    ..Default::default()
+                },
+                Err(error) => pb::RetainObjectResponse {
+                    error: Some(error_to_proto(&error)),
+                    ..Default::default()
+                },
+            };
+            return Ok(Response::new(reply));
+        }
         let retained = if request.for_receiver {
             self.store.retain_for(request.allocation, request.pid, pid)
         } else {
@@ -188,6 +201,20 @@ impl pb::object_store_server::ObjectStore for ObjectStoreService {
             },
         };
         Ok(Response::new(reply))
+    }
+
+    async fn drop_remote(
+        &self,
+        request: Request<pb::DropRemoteRequest>,
+    ) -> Result<Response<pb::DropRemoteResponse>, Status> {
+        caller_pid(&request)?;
+        let error = self
+            .transfer
+            .drop_remote(request.get_ref())
+            .await
+            .err()
+            .map(|error| error_to_proto(&error));
+        Ok(Response::new(pb::DropRemoteResponse { error }))
     }
 
     async fn release(

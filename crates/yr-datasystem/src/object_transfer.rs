@@ -50,6 +50,20 @@ const SWEEP_COPIES_ABOVE: usize = 4096;
 /// A local copy's key: the pool, allocation and capability of the original.
 type CopyKey = (String, u64, Capability);
 
+/// A capability from the wire (1001 if it has the wrong length).
+fn capability_of(bytes: &[u8]) -> Result<Capability> {
+    Capability::try_from(bytes).map_err(|_| {
+        Error::new(
+            ErrorCode::ParamInvalid,
+            format!(
+                "an object's capability has {CAPABILITY_LEN} bytes, got {}; pass the location \
+                 the object's owner sent",
+                bytes.len()
+            ),
+        )
+    })
+}
+
 /// Pulls objects for one node, and counts what it pulled and served.
 pub struct ObjectTransfer {
     store: Arc<SharedMemoryStore>,
@@ -191,16 +205,7 @@ impl ObjectTransfer {
     /// Copy another node's object here with one reference for process `pid` of this node, or
     /// take a reference to the copy already here. Returns the local (allocation, offset, size).
     pub async fn pull(&self, request: &pb::PullObjectRequest, pid: u32) -> Result<(u64, u64, u64)> {
-        let capability = Capability::try_from(request.capability.as_ref()).map_err(|_| {
-            Error::new(
-                ErrorCode::ParamInvalid,
-                format!(
-                    "an object's capability has {CAPABILITY_LEN} bytes, got {}; pass the location \
-                     the object's owner sent",
-                    request.capability.len()
-                ),
-            )
-        })?;
+        let capability = capability_of(&request.capability)?;
         self.check_member(&request.node_address).await?;
         let token = self.token.get().cloned().ok_or_else(|| {
             Error::new(
@@ -212,15 +217,24 @@ impl ObjectTransfer {
         let known = self.copies.lock().get(&key).copied();
         if let Some(local) = known {
             if let Ok((offset, size)) = self.store.retain(local, pid) {
+                if request.release_source {
+                    self.release_source(request, capability, token);
+                }
                 return Ok((local, offset, size));
             }
             self.copies.lock().remove(&key);
         }
         let (local, offset) = self.store.create(request.size, pid)?;
         let started = std::time::Instant::now();
-        if let Err(error) = self.copy_into(local, request, capability, token).await {
+        if let Err(error) = self
+            .copy_into(local, request, capability, token.clone())
+            .await
+        {
             self.store.release(&[local], pid);
             return Err(error);
+        }
+        if request.release_source {
+            self.release_source(request, capability, token);
         }
         self.pulled_bytes.fetch_add(request.size, Ordering::Relaxed);
         tracing::debug!(
@@ -235,6 +249,50 @@ impl ObjectTransfer {
         }
         copies.insert(key, local);
         Ok((local, offset, request.size))
+    }
+
+    /// A result another node holds for a process of this node was dropped unread: ask that
+    /// node to drop its hold (see `SharedMemoryStore::hold_for_remote`). 1001 for a node that
+    /// is not of this cluster.
+    pub async fn drop_remote(&self, request: &pb::DropRemoteRequest) -> Result<()> {
+        let capability = capability_of(&request.capability)?;
+        self.check_member(&request.node_address).await?;
+        let Some(token) = self.token.get().cloned() else {
+            return Ok(());
+        };
+        let pull = pb::PullObjectRequest {
+            node_address: request.node_address.clone(),
+            allocation: request.allocation,
+            size: request.size,
+            ..Default::default()
+        };
+        self.release_source(&pull, capability, token);
+        Ok(())
+    }
+
+    /// Ask the node `request` pulled from to drop the hold it keeps on the object for this
+    /// node's owner, in the background: a failure only leaves the hold to be pushed out there.
+    fn release_source(
+        &self,
+        request: &pb::PullObjectRequest,
+        capability: Capability,
+        token: ClusterToken,
+    ) {
+        let address = request.node_address.clone();
+        let tls = self.tls.get().cloned();
+        let release = RangeRequest {
+            capability,
+            allocation: request.allocation,
+            size: request.size,
+            from: 0,
+            length: 0,
+        };
+        tokio::task::spawn_blocking(move || {
+            if let Err(error) = data_port::release_hold(&address, &token, tls.as_deref(), &release)
+            {
+                tracing::debug!(?error, %address, "cannot release a result held by another node");
+            }
+        });
     }
 
     /// Read the object in ranges, several at once, each written where it belongs.

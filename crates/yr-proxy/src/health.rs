@@ -131,6 +131,11 @@ pub fn metrics(node: &Node, fencing: &Fencing, data: &DataWorker) -> String {
             "Objects spilled to disk.",
             count(stats.spilled_objects),
         ),
+        (
+            "yr_object_remote_holds",
+            "Call results this node holds for owners on other nodes, not pulled yet.",
+            count(shared.remote_holds() as u64),
+        ),
     ] {
         metrics.gauge(name, help, value);
     }

@@ -29,6 +29,7 @@ pub(crate) mod handshake;
 pub mod kv;
 mod local;
 pub mod object_store;
+pub mod remote_value;
 pub mod retry;
 pub mod runtime;
 pub mod shape;

@@ -23,6 +23,7 @@ use parking_lot::{Condvar, Mutex};
 use yr_common::{Error, ErrorCode, ObjectId};
 
 use crate::error::RuntimeError;
+use crate::remote_value::RemoteValue;
 use crate::shared_memory::{SharedMemory, SharedRegion, SpilledValue};
 
 /// A value as stored: its serialized bytes and the references nested inside it, which stay alive
@@ -46,6 +47,9 @@ pub enum Payload {
     /// On the node's disk. Only a slot holds such a payload, and it restores it before
     /// handing the value out, so readers never see one.
     Spilled(SpilledValue),
+    /// Only on another node (a call's result held there for this process). Like a spilled
+    /// payload, only a slot holds one, and it brings the value here before handing it out.
+    Remote(RemoteValue),
 }
 
 impl Default for Payload {
@@ -66,7 +70,7 @@ impl std::ops::Deref for Payload {
         match self {
             Payload::Inline(bytes) => bytes,
             Payload::Shared(region) => region.as_slice(),
-            Payload::Spilled(_) => &[],
+            Payload::Spilled(_) | Payload::Remote(_) => &[],
         }
     }
 }
@@ -470,18 +474,67 @@ impl ObjectSlot {
         }
     }
 
-    /// Whether the object has a value that lies in the node's shared memory or was spilled
-    /// from there. Unlike [`ObjectSlot::outcome`] it never restores a spilled value.
+    /// Whether the object has a value that lies in shared memory: this node's, spilled from
+    /// there, or another node's. Unlike [`ObjectSlot::outcome`] it never restores or pulls
+    /// a value.
     pub fn is_in_shared_memory(&self) -> bool {
         matches!(
             &*self.state.lock(),
-            SlotState::Ready(value) if matches!(value.bytes, Payload::Shared(_) | Payload::Spilled(_))
+            SlotState::Ready(value) if matches!(value.bytes, Payload::Shared(_) | Payload::Spilled(_) | Payload::Remote(_))
         )
     }
 
-    /// The outcome, if the object is finished (a spilled value is restored first).
+    /// Whether the object's value lies only on another node (not brought here yet).
+    pub fn is_remote(&self) -> bool {
+        matches!(
+            &*self.state.lock(),
+            SlotState::Ready(value) if matches!(value.bytes, Payload::Remote(_))
+        )
+    }
+
+    /// The outcome, if the object is finished (a spilled value is restored first, a value on
+    /// another node brought here).
     pub fn outcome(&self) -> Option<Outcome> {
+        if let Err(error) = self.bring_here() {
+            return Some(Outcome::Failed(error));
+        }
         self.readable(&mut self.state.lock())
+    }
+
+    /// Bring a value that lies only on another node here (see `remote_value`), outside the
+    /// slot's lock: a pull, or a recompute, takes a while. One reader brings it; the others
+    /// wait for it. A failure is this read's error, and the next read tries again.
+    fn bring_here(&self) -> Result<(), Error> {
+        let value = match &*self.state.lock() {
+            SlotState::Ready(value) if matches!(value.bytes, Payload::Remote(_)) => value.clone(),
+            _ => return Ok(()),
+        };
+        let Payload::Remote(remote) = &value.bytes else {
+            return Ok(());
+        };
+        let mut settled = remote.bringing();
+        let current =
+            |state: &SlotState| matches!(state, SlotState::Ready(now) if Arc::ptr_eq(now, &value));
+        if *settled || !current(&self.state.lock()) {
+            return Ok(());
+        }
+        let here = remote.bring_here(&mut settled, self.id, &value.nested)?;
+        let mut state = self.state.lock();
+        if current(&state) {
+            *state = SlotState::Ready(here);
+        }
+        Ok(())
+    }
+
+    /// `outcome` as read under the lock, with a value that lies on another node brought here.
+    fn brought_here(&self, outcome: Option<Outcome>) -> Option<Outcome> {
+        match &outcome {
+            Some(Outcome::Ready(value)) if matches!(value.bytes, Payload::Remote(_)) => {
+                drop(outcome);
+                self.outcome()
+            }
+            _ => outcome,
+        }
     }
 
     /// Spill this object's value to the node's disk if it is idle: ready, in `memory`, owned by
@@ -528,6 +581,14 @@ impl ObjectSlot {
 
     /// Wait until the object is finished or `deadline` passes (`None` waits forever).
     pub fn wait_until(&self, deadline: Option<Instant>) -> Option<Outcome> {
+        let outcome = self.wait_as_held(deadline);
+        self.brought_here(outcome)
+    }
+
+    /// [`ObjectSlot::wait_until`], without bringing a value that lies only on another node
+    /// here: its outcome may hold a [`Payload::Remote`] (for an owner that passes the location
+    /// on to a borrower, which reads it from there).
+    pub fn wait_as_held(&self, deadline: Option<Instant>) -> Option<Outcome> {
         crate::spin::spin_until(SPIN_BEFORE_SLEEP, || self.is_finished());
         let mut state = self.state.lock();
         loop {
@@ -557,7 +618,9 @@ impl ObjectSlot {
             }
             return None;
         }
-        self.readable(&mut state)
+        let outcome = self.readable(&mut state);
+        drop(state);
+        self.brought_here(outcome)
     }
 
     /// Run `callback` once the object is finished: now if it already is, otherwise on the thread

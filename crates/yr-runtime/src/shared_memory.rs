@@ -52,6 +52,15 @@ pub trait RegionAllocator: Send + Sync {
     /// disk refused. Blocks for as long as they take; never called on the IO thread (see
     /// [`mark_io_thread`]).
     fn reclaim(&self, bytes: u64) -> Result<u64>;
+    /// Ask the node to keep `allocation`, which this process holds, for an owner on another
+    /// node (a call's result for a caller there), until that owner's node pulls or drops it.
+    /// A node without a data port keeps nothing for other nodes.
+    fn hold_for_remote(&self, allocation: u64) -> Result<()> {
+        Err(Error::new(
+            ErrorCode::DatasystemFailed,
+            format!("this node keeps no objects for other nodes (allocation {allocation})"),
+        ))
+    }
 }
 
 thread_local! {
@@ -377,6 +386,12 @@ impl SharedRegion {
     /// [`SharedMemory::adopt`]). Blocks for one round trip to the node.
     pub fn hand_over(&self, receiver: u32) -> Result<()> {
         self.memory.allocator.hand_over(self.allocation, receiver)
+    }
+
+    /// Ask the node to keep the region for an owner on another node (see
+    /// [`RegionAllocator::hold_for_remote`]).
+    pub fn hold_for_remote(&self) -> Result<()> {
+        self.memory.allocator.hold_for_remote(self.allocation)
     }
 
     /// Drop the region without giving its reference back: the node already freed it.

@@ -4,7 +4,8 @@
 //! and if the object's owner dies around the pull, `get` gives the intact value or fails with a
 //! clear code (4005 for the object), never hangs. A transfer that breaks (the
 //! `datasystem::pull` fail point) is tried again; a get fails with 4005 only when every
-//! attempt broke.
+//! attempt broke. A call's result above 100 KiB for the driver on the other node stays on the
+//! node that made it until the driver reads it, and is pulled then (design 026).
 
 use std::time::Duration;
 
@@ -47,6 +48,11 @@ impl Maker {
 
     pub fn node(&self) -> String {
         std::env::var("YR_RUNTIME_ID").unwrap_or_default()
+    }
+
+    /// `len` bytes as the call's result.
+    pub fn bytes(&self, len: u64) -> ByteBuf {
+        pattern(len as usize)
     }
 }
 
@@ -199,5 +205,107 @@ fn a_pull_that_breaks_is_retried_and_a_get_fails_with_4005_only_when_every_attem
     let value = yr::get(&second, TIMEOUT).unwrap();
     assert!(value == pattern(len), "the pulled object differs");
     assert_eq!(cluster.wait_metric(0, "yr_shared_memory_objects"), 1.0);
+    yr::finalize().unwrap();
+}
+
+/// A result of `len` bytes, made where the call runs.
+#[yr::invoke]
+fn large_result(len: u64) -> ByteBuf {
+    pattern(len as usize)
+}
+
+/// Room for a call that asks for 2 CPUs only on node 1.
+fn on_the_other_node() -> InvokeOptions {
+    InvokeOptions {
+        cpu: 2_000,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_large_result_for_a_caller_on_another_node_stays_there_until_read_and_is_pulled_then() {
+    // Stateless calls and an instance method on node 1 return 1 MiB to this driver on node 0.
+    let _lock = exclusive();
+    let cluster = two_nodes();
+    yr::init(cluster.config()).unwrap();
+    let len = 1 << 20;
+    let served = cluster.wait_metric(1, "yr_object_served_bytes_total");
+    for round in 0..2 {
+        let result: ObjectRef<ByteBuf> = yr::function(large_result)
+            .options(on_the_other_node())
+            .invoke((len as u64,))
+            .unwrap();
+        assert_eq!(
+            yr::wait(std::slice::from_ref(&result), 1, TIMEOUT)
+                .unwrap()
+                .0
+                .len(),
+            1
+        );
+        // The reply carried its location, not its bytes: node 1 keeps it for this driver,
+        // and nothing of it is on node 0 yet.
+        assert_eq!(cluster.wait_metric(1, "yr_object_remote_holds"), 1.0);
+        assert_eq!(cluster.wait_metric(0, "yr_shared_memory_objects"), 0.0);
+
+        // The get pulls it through node 1's data port; node 1 drops its hold.
+        let value = yr::get(&result, TIMEOUT).unwrap();
+        assert!(value == pattern(len), "the pulled result differs");
+        assert!(
+            cluster.wait_metric(1, "yr_object_served_bytes_total")
+                >= served + ((round + 1) * len) as f64
+        );
+        assert_eq!(cluster.wait_metric(0, "yr_shared_memory_objects"), 1.0);
+        assert!(
+            wait_until(TIMEOUT, || cluster.wait_metric(1, "yr_object_remote_holds")
+                == 0.0),
+            "node 1 still holds the result after it was pulled"
+        );
+        drop((value, result));
+        assert!(
+            wait_until(TIMEOUT, || cluster
+                .wait_metric(0, "yr_shared_memory_objects")
+                == 0.0),
+            "the pulled copy outlived its last reference"
+        );
+    }
+
+    // An instance method's result goes the same way.
+    let maker = maker_on_the_other_node(&cluster);
+    let result = maker.method(Maker::bytes).invoke((len as u64,)).unwrap();
+    assert_eq!(
+        yr::wait(std::slice::from_ref(&result), 1, TIMEOUT)
+            .unwrap()
+            .0
+            .len(),
+        1
+    );
+    assert_eq!(cluster.wait_metric(1, "yr_object_remote_holds"), 1.0);
+    assert!(yr::get(&result, TIMEOUT).unwrap() == pattern(len));
+    assert!(
+        wait_until(TIMEOUT, || cluster.wait_metric(1, "yr_object_remote_holds")
+            == 0.0),
+        "node 1 still holds the method's result after it was pulled"
+    );
+    drop(result);
+
+    // A result dropped unread: node 1 drops its hold when told.
+    let unread: ObjectRef<ByteBuf> = yr::function(large_result)
+        .options(on_the_other_node())
+        .invoke((len as u64,))
+        .unwrap();
+    assert_eq!(
+        yr::wait(std::slice::from_ref(&unread), 1, TIMEOUT)
+            .unwrap()
+            .0
+            .len(),
+        1
+    );
+    assert_eq!(cluster.wait_metric(1, "yr_object_remote_holds"), 1.0);
+    drop(unread);
+    assert!(
+        wait_until(TIMEOUT, || cluster.wait_metric(1, "yr_object_remote_holds")
+            == 0.0),
+        "node 1 still holds a result its owner dropped"
+    );
     yr::finalize().unwrap();
 }

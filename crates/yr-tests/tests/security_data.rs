@@ -112,6 +112,7 @@ fn a_process_cannot_read_another_nodes_object_by_guessing_its_allocation_id() {
                         size: (LEN + 16) as u64,
                         pid: 0,
                         capability: capability.into(),
+                        release_source: false,
                     })
                     .await
                     .expect("an answer")
@@ -175,6 +176,7 @@ fn a_pull_from_an_address_outside_the_cluster_is_refused_without_connecting() {
                     size: 1 << 20,
                     pid: 0,
                     capability: vec![0u8; 16].into(),
+                    release_source: false,
                 })
                 .await
                 .expect("an answer")

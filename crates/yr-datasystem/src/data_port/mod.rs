@@ -18,6 +18,9 @@
 //! of bytes. The answer is one status byte: [`STATUS_OK`] followed by exactly the bytes asked
 //! for, or [`STATUS_ERROR`] followed by a `u32` length and an `ErrorInfo` (protobuf) saying why.
 //! A wrong capability, a wrong size and a freed object get the same answer, which names no size.
+//! A request with the magic `YRDR` instead (same layout) drops the hold the serving node keeps
+//! on a call's result for an owner on the asking node (`SharedMemoryStore::hold_for_remote`),
+//! and is answered with [`STATUS_OK`] alone; a hold that does not match is left alone.
 //!
 //! Connections are tokio tasks on the node's runtime, at most [`MAX_CONNECTIONS`] at once (more
 //! are closed at once); the TLS handshake, the hello and the request must arrive within
@@ -34,8 +37,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-pub use protocol::{RangeRequest, RequestError, REQUEST_LEN, STATUS_ERROR, STATUS_OK};
-pub use pull::{read_range, RangeError};
+pub use protocol::{Ask, RangeRequest, RequestError, REQUEST_LEN, STATUS_ERROR, STATUS_OK};
+pub use pull::{read_range, release_hold, RangeError};
 pub use server::{DataPort, IDLE_TIMEOUT, MAX_CONNECTIONS};
 
 /// The holder id under which a node keeps an object it is sending (no process has pid 0).

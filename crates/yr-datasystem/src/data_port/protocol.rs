@@ -8,8 +8,20 @@ use yr_proto::error_to_proto;
 
 use crate::capability::{Capability, CAPABILITY_LEN};
 
-/// Opens every request.
+/// Opens every request for a range.
 const MAGIC: &[u8; 4] = b"YRD2";
+/// Opens a request to drop the hold the serving node keeps on an object for an owner on the
+/// asking node (the same layout; `from` and `length` are 0). Answered with [`STATUS_OK`] alone.
+const RELEASE_MAGIC: &[u8; 4] = b"YRDR";
+
+/// What a request asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ask {
+    /// The bytes of a range.
+    Range,
+    /// Drop the hold kept for the asking node's owner (see `SharedMemoryStore::hold_for_remote`).
+    Release,
+}
 /// Bytes in a request.
 pub const REQUEST_LEN: usize = 4 + CAPABILITY_LEN + 4 * 8;
 /// The range follows.
@@ -57,8 +69,16 @@ impl From<RequestError> for Error {
 impl RangeRequest {
     /// The request's bytes.
     pub fn encode(&self) -> [u8; REQUEST_LEN] {
+        self.encode_as(Ask::Range)
+    }
+
+    /// The request's bytes, asking for `ask`.
+    pub fn encode_as(&self, ask: Ask) -> [u8; REQUEST_LEN] {
         let mut bytes = [0u8; REQUEST_LEN];
-        bytes[..4].copy_from_slice(MAGIC);
+        bytes[..4].copy_from_slice(match ask {
+            Ask::Range => MAGIC,
+            Ask::Release => RELEASE_MAGIC,
+        });
         bytes[4..4 + CAPABILITY_LEN].copy_from_slice(&self.capability);
         let words = 4 + CAPABILITY_LEN;
         for (i, field) in [self.allocation, self.size, self.from, self.length]
@@ -72,12 +92,22 @@ impl RangeRequest {
 
     /// A request from its bytes (any bytes: they come from the network).
     pub fn decode(bytes: &[u8]) -> Result<RangeRequest, RequestError> {
+        match Self::decode_ask(bytes)? {
+            (Ask::Range, request) => Ok(request),
+            (Ask::Release, _) => Err(RequestError::Magic),
+        }
+    }
+
+    /// A request and what it asks for, from its bytes (any bytes: they come from the network).
+    pub fn decode_ask(bytes: &[u8]) -> Result<(Ask, RangeRequest), RequestError> {
         if bytes.len() != REQUEST_LEN {
             return Err(RequestError::Length(bytes.len()));
         }
-        if &bytes[..4] != MAGIC {
-            return Err(RequestError::Magic);
-        }
+        let ask = match &bytes[..4] {
+            magic if magic == MAGIC => Ask::Range,
+            magic if magic == RELEASE_MAGIC => Ask::Release,
+            _ => return Err(RequestError::Magic),
+        };
         let mut capability = [0u8; CAPABILITY_LEN];
         capability.copy_from_slice(&bytes[4..4 + CAPABILITY_LEN]);
         let words = 4 + CAPABILITY_LEN;
@@ -86,13 +116,16 @@ impl RangeRequest {
             word.copy_from_slice(&bytes[words + i * 8..words + 8 + i * 8]);
             u64::from_le_bytes(word)
         };
-        Ok(RangeRequest {
-            capability,
-            allocation: field(0),
-            size: field(1),
-            from: field(2),
-            length: field(3),
-        })
+        Ok((
+            ask,
+            RangeRequest {
+                capability,
+                allocation: field(0),
+                size: field(1),
+                from: field(2),
+                length: field(3),
+            },
+        ))
     }
 }
 

@@ -18,7 +18,7 @@ use yr_transport::Tls;
 
 use crate::shared_memory::SharedMemoryStore;
 
-use super::protocol::{RangeRequest, MAX_ERROR_LEN, STATUS_ERROR, STATUS_OK};
+use super::protocol::{Ask, RangeRequest, MAX_ERROR_LEN, STATUS_ERROR, STATUS_OK};
 use super::{chunk, IO_TIMEOUT, TLS_CHUNK};
 
 /// How long a pull waits to connect.
@@ -56,31 +56,17 @@ pub fn read_range(
     let transport = |what: &str, error: std::io::Error| {
         RangeError::Transport(format!("{what} {address}: {error}"))
     };
-    let target = address
-        .to_socket_addrs()
-        .map_err(|error| transport("cannot resolve", error))?
-        .next()
-        .ok_or_else(|| RangeError::Transport(format!("{address} resolves to no address")))?;
-    let mut stream = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)
-        .map_err(|error| transport("cannot connect to", error))?;
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    yr_transport::tcp::tune(&stream);
+    let mut stream = dial(address)?;
     let Some(tls) = tls else {
-        ask(&mut stream, address, token, request)?;
+        ask(&mut stream, address, token, request, Ask::Range)?;
         let (file, offset) = store
             .file_range(local, request.from, request.length)
             .map_err(RangeError::Local)?;
         return splice_into(stream.as_fd(), file, offset, request.length)
             .map_err(|error| transport("the range broke off from", error));
     };
-    let name = tls
-        .server_name_for(address)
-        .map_err(|error| RangeError::Transport(error.message().to_string()))?;
-    let session = rustls::ClientConnection::new(tls.client.clone(), name)
-        .map_err(|error| tls_refused(address, &error))?;
-    let mut stream = rustls::StreamOwned::new(session, stream);
-    ask(&mut stream, address, token, request)?;
+    let mut stream = within_tls(address, tls, stream)?;
+    ask(&mut stream, address, token, request, Ask::Range)?;
     store
         .file_range(local, request.from, request.length)
         .map_err(RangeError::Local)?;
@@ -99,12 +85,62 @@ pub fn read_range(
     Ok(())
 }
 
+/// A connection to the data port at `address`, with the transfer's timeouts.
+fn dial(address: &str) -> std::result::Result<TcpStream, RangeError> {
+    let transport = |what: &str, error: std::io::Error| {
+        RangeError::Transport(format!("{what} {address}: {error}"))
+    };
+    let target = address
+        .to_socket_addrs()
+        .map_err(|error| transport("cannot resolve", error))?
+        .next()
+        .ok_or_else(|| RangeError::Transport(format!("{address} resolves to no address")))?;
+    let stream = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)
+        .map_err(|error| transport("cannot connect to", error))?;
+    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    yr_transport::tcp::tune(&stream);
+    Ok(stream)
+}
+
+/// Ask the data port at `address` to drop the hold it keeps on `request`'s object for an
+/// owner on this node (inside a mutual-TLS session with `tls`'s certificate when given),
+/// presenting `token`.
+pub fn release_hold(
+    address: &str,
+    token: &ClusterToken,
+    tls: Option<&Tls>,
+    request: &RangeRequest,
+) -> std::result::Result<(), RangeError> {
+    let mut stream = dial(address)?;
+    let Some(tls) = tls else {
+        return ask(&mut stream, address, token, request, Ask::Release);
+    };
+    let mut stream = within_tls(address, tls, stream)?;
+    ask(&mut stream, address, token, request, Ask::Release)
+}
+
+/// `stream` to the data port at `address`, inside a TLS session with `tls`'s certificate.
+fn within_tls(
+    address: &str,
+    tls: &Tls,
+    stream: TcpStream,
+) -> std::result::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, RangeError> {
+    let name = tls
+        .server_name_for(address)
+        .map_err(|error| RangeError::Transport(error.message().to_string()))?;
+    let session = rustls::ClientConnection::new(tls.client.clone(), name)
+        .map_err(|error| tls_refused(address, &error))?;
+    Ok(rustls::StreamOwned::new(session, stream))
+}
+
 /// Present the token, send the request and read the status: `Ok` when the bytes follow.
 fn ask(
     stream: &mut (impl Read + Write),
     address: &str,
     token: &ClusterToken,
     request: &RangeRequest,
+    what: Ask,
 ) -> std::result::Result<(), RangeError> {
     // Only a peer that has the token gets to ask for anything.
     stream
@@ -141,7 +177,7 @@ fn ask(
         }
     }
     stream
-        .write_all(&request.encode())
+        .write_all(&request.encode_as(what))
         .and_then(|()| stream.flush())
         .map_err(|error| broken(address, "cannot ask", error))?;
     let mut status = [0u8; 1];

@@ -18,7 +18,7 @@ use yr_transport::Tls;
 
 use crate::shared_memory::SharedMemoryStore;
 
-use super::protocol::{error_answer, RangeRequest, RequestError, REQUEST_LEN, STATUS_OK};
+use super::protocol::{error_answer, Ask, RangeRequest, RequestError, REQUEST_LEN, STATUS_OK};
 use super::{chunk, send, within, IO_TIMEOUT, TLS_CHUNK, TRANSFER_HOLDER};
 
 /// How long the serving node waits for a connection's hello and request.
@@ -139,7 +139,16 @@ impl DataPort {
                 let _ = self.send_error(&mut stream, &error.into()).await;
                 return;
             }
-            Ok(Ok(request)) => request,
+            Ok(Ok((Ask::Release, request))) => {
+                self.store.release_remote_hold(
+                    request.allocation,
+                    &request.capability,
+                    request.size,
+                );
+                let _ = send(&mut stream, &[STATUS_OK], IO_TIMEOUT).await;
+                return;
+            }
+            Ok(Ok((Ask::Range, request))) => request,
         };
         let store = &self.store;
         if let Err(error) = store.retain_presented(
@@ -165,7 +174,10 @@ impl DataPort {
     }
 
     /// Check the hello and answer it (as every yr listener does), then read the request.
-    async fn open<S: RangeConnection>(&self, stream: &mut S) -> Result<RangeRequest, Opening> {
+    async fn open<S: RangeConnection>(
+        &self,
+        stream: &mut S,
+    ) -> Result<(Ask, RangeRequest), Opening> {
         yr_transport::check_hello(stream, &self.token)
             .await
             .map_err(Opening::Refused)?;
@@ -174,7 +186,7 @@ impl DataPort {
             .read_exact(&mut bytes)
             .await
             .map_err(|_| Opening::Closed)?;
-        RangeRequest::decode(&bytes).map_err(Opening::Invalid)
+        RangeRequest::decode_ask(&bytes).map_err(Opening::Invalid)
     }
 
     /// Check `request`'s range against the object, then send the status and the bytes.

@@ -68,7 +68,18 @@ pub struct SharedMemoryStore {
     /// The node's processes that talk to the store and have not left: objects are handed
     /// over only to them.
     clients: Mutex<std::collections::HashSet<u32>>,
+    /// Allocations the node holds for owners on other nodes (call results not pulled yet),
+    /// oldest first, at most [`MAX_REMOTE_HOLDS`].
+    remote_holds: Mutex<std::collections::VecDeque<u64>>,
 }
+
+/// The most results a node holds for owners on other nodes at once. A newer hold pushes out
+/// the oldest one (its owner's get finds it gone: recomputed from its lineage, or 4005).
+pub const MAX_REMOTE_HOLDS: usize = 4096;
+
+/// The holder id under which a node keeps results for owners on other nodes (no process has
+/// this pid).
+pub const REMOTE_HOLDER: u32 = u32::MAX;
 
 /// The answer to a read of an object that is not there, or not as presented: the same for a
 /// wrong capability, a wrong size and a freed object, and naming neither id nor size.
@@ -148,6 +159,7 @@ impl SharedMemoryStore {
             allocator: Mutex::new(Allocator::new(capacity)),
             spill,
             clients: Mutex::new(std::collections::HashSet::new()),
+            remote_holds: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -223,6 +235,37 @@ mod tests {
         store.release(&[ids[1]], 1);
         assert_eq!(store.stats().used, 0);
         assert_eq!(store.create(3 * ALIGNMENT, 1).unwrap().1, 0);
+    }
+
+    #[test]
+    fn a_node_keeps_at_most_its_bound_of_holds_for_other_nodes_and_pushes_out_the_oldest() {
+        let store =
+            SharedMemoryStore::new((MAX_REMOTE_HOLDS as u64 + 2) * ALIGNMENT, "test").unwrap();
+        // Only a holder asks the node to keep an object.
+        let (first, _) = store.create(1, 1).unwrap();
+        assert_eq!(
+            store.hold_for_remote(first, 2).unwrap_err().code(),
+            ErrorCode::ParamInvalid
+        );
+        let mut held = Vec::new();
+        for _ in 0..=MAX_REMOTE_HOLDS {
+            let (id, _) = store.create(1, 1).unwrap();
+            store.hold_for_remote(id, 1).unwrap();
+            store.release(&[id], 1);
+            held.push(id);
+        }
+        // One more than the bound: the oldest was pushed out and freed.
+        assert_eq!(store.remote_holds(), MAX_REMOTE_HOLDS);
+        assert!(!store.holds(held[0]));
+        assert!(store.holds(held[1]));
+        // A release needs the capability and the size; a second one changes nothing.
+        let capability = store.capability_of(held[1]).unwrap();
+        store.release_remote_hold(held[1], &capability, 2);
+        assert!(store.holds(held[1]));
+        store.release_remote_hold(held[1], &capability, 1);
+        assert!(!store.holds(held[1]));
+        store.release_remote_hold(held[1], &capability, 1);
+        assert_eq!(store.remote_holds(), MAX_REMOTE_HOLDS - 1);
     }
 
     #[test]

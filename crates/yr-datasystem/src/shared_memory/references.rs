@@ -9,7 +9,7 @@ use yr_common::{Error, ErrorCode, Result};
 use crate::capability::{self, Capability};
 
 use super::allocator::{Allocation, Allocator};
-use super::{freed, no_such_object, SharedMemoryStore, ALIGNMENT};
+use super::{freed, no_such_object, SharedMemoryStore, ALIGNMENT, MAX_REMOTE_HOLDS, REMOTE_HOLDER};
 
 impl SharedMemoryStore {
     /// Reserve `size` bytes with one reference held by process `pid`. Returns the
@@ -156,6 +156,79 @@ impl SharedMemoryStore {
             )),
             None => Err(freed(id)),
         }
+    }
+
+    /// Keep allocation `id` for an owner on another node (a call's result for a caller
+    /// there), taken by process `giver`, which must hold it (1001 otherwise, 4005 if it was
+    /// freed). The hold lasts until [`Self::release_remote_hold`], or until
+    /// [`MAX_REMOTE_HOLDS`] newer holds push it out.
+    pub fn hold_for_remote(&self, id: u64, giver: u32) -> Result<()> {
+        {
+            let mut allocator = self.allocator.lock();
+            match allocator.allocations.get_mut(&id) {
+                Some(allocation) if allocation.holders.contains_key(&giver) => {
+                    *allocation.holders.entry(REMOTE_HOLDER).or_default() += 1;
+                }
+                Some(_) => {
+                    return Err(Error::new(
+                        ErrorCode::ParamInvalid,
+                        format!(
+                            "process {giver} holds no reference to shared-memory object {id}; \
+                             only a process that holds an object asks the node to keep it"
+                        ),
+                    ))
+                }
+                None => return Err(freed(id)),
+            }
+        }
+        let pushed_out = {
+            let mut holds = self.remote_holds.lock();
+            holds.push_back(id);
+            if holds.len() > MAX_REMOTE_HOLDS {
+                holds.pop_front()
+            } else {
+                None
+            }
+        };
+        if let Some(oldest) = pushed_out {
+            tracing::warn!(
+                allocation = oldest,
+                limit = MAX_REMOTE_HOLDS,
+                "dropped the oldest result held for another node's owner: too many held"
+            );
+            self.release(&[oldest], REMOTE_HOLDER);
+        }
+        Ok(())
+    }
+
+    /// Drop the hold kept for another node's owner on allocation `id`, for a peer that
+    /// presents its capability and size. Nothing happens if there is no such hold (it was
+    /// pushed out, or dropped already), or the presentation does not match.
+    pub fn release_remote_hold(&self, id: u64, presented: &[u8], size: u64) {
+        let matches = {
+            let allocator = self.allocator.lock();
+            allocator.allocations.get(&id).is_some_and(|allocation| {
+                capability::matches(&allocation.capability, presented) && allocation.size == size
+            })
+        };
+        if !matches {
+            return;
+        }
+        let held = {
+            let mut holds = self.remote_holds.lock();
+            match holds.iter().position(|held| *held == id) {
+                Some(position) => holds.remove(position).is_some(),
+                None => false,
+            }
+        };
+        if held {
+            self.release(&[id], REMOTE_HOLDER);
+        }
+    }
+
+    /// How many results the node holds for owners on other nodes.
+    pub fn remote_holds(&self) -> usize {
+        self.remote_holds.lock().len()
     }
 
     /// Drop a reference of process `pid` to each allocation; those left with none are freed.

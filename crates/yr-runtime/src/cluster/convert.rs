@@ -9,6 +9,8 @@ use yr_proto::v1 as pb;
 
 use crate::function::{dependency_failed, Arg};
 use crate::object_store::{ObjectHandle, ObjectSlot, Outcome, Payload, StoredValue};
+use crate::remote_value::{Recovery, RemoteValue, STATEFUL};
+use crate::shared_memory::SharedRegion;
 
 /// A reference for the wire. It is counted as sent out (see `borrows`): this process keeps the
 /// object (or its own borrow of it) until the receiver releases it. A borrowed reference names
@@ -51,8 +53,21 @@ pub fn value_to_proto(value: &StoredValue) -> pb::Value {
 /// another); the rest, and anything for a receiver without shared memory, inline.
 pub fn value_to_proto_for(value: &StoredValue, pool_id: &str) -> pb::Value {
     let nested = value.nested.iter().map(reference_to_proto).collect();
+    if let Payload::Remote(remote) = &value.bytes {
+        // Kept by another node for this process: the receiver reads it from there, in place
+        // on that node. Only a receiver with shared memory is sent one (`Worker.GetObject`).
+        let mut location = remote.location().clone();
+        if location.pool_id == pool_id {
+            location.node_address = String::new();
+        }
+        return pb::Value {
+            data: Default::default(),
+            nested,
+            shared: Some(location),
+        };
+    }
     if let Payload::Shared(region) = &value.bytes {
-        let (pool, allocation, offset, size) = region.location();
+        let (pool, ..) = region.location();
         // The same node reads in place; another node with shared memory pulls from ours.
         let node_address = if pool == pool_id {
             Some(String::new())
@@ -63,14 +78,7 @@ pub fn value_to_proto_for(value: &StoredValue, pool_id: &str) -> pb::Value {
             return pb::Value {
                 data: Default::default(),
                 nested,
-                shared: Some(pb::SharedLocation {
-                    pool_id: pool.to_string(),
-                    allocation,
-                    offset,
-                    size,
-                    node_address,
-                    capability: region.capability().clone(),
-                }),
+                shared: Some(located(region, node_address)),
             };
         }
     }
@@ -107,6 +115,20 @@ pub fn value_with_payload(
     })
 }
 
+/// The location of `region` for the wire, read from the node at `node_address` ("": this
+/// node).
+fn located(region: &SharedRegion, node_address: String) -> pb::SharedLocation {
+    let (pool, allocation, offset, size) = region.location();
+    pb::SharedLocation {
+        pool_id: pool.to_string(),
+        allocation,
+        offset,
+        size,
+        node_address,
+        capability: region.capability().clone(),
+    }
+}
+
 /// Arguments for the wire; they must be finished. A reference whose value is in shared memory
 /// (or spilled from there) travels as a reference: the callee fetches it from its owner, which
 /// answers with its location, and reads it in place on this node or pulls it into its own
@@ -138,54 +160,80 @@ pub fn args_to_proto(args: &[Arg]) -> Result<Vec<pb::Arg>, Error> {
 
 /// A call's result value for its caller. A value in shared memory, for a caller on the same
 /// node (`caller_pool`), is handed over: the caller gets a reference of its own and the
-/// value's location, and reads it in place. Anything else, or a hand-over the node refused,
-/// travels inline.
+/// value's location, and reads it in place. For a caller on another node with shared memory,
+/// this node keeps it (`hold_for_remote`) and the caller gets its location and this node's
+/// data port, to pull it from when it is read (design 026). Anything else, or a hand-over or
+/// hold the node refused, travels inline.
 pub fn result_to_proto(value: &StoredValue, caller_pool: &str, caller_pid: u32) -> pb::Value {
     if let Payload::Shared(region) = &value.bytes {
-        let (pool, allocation, offset, size) = region.location();
-        if !caller_pool.is_empty() && pool == caller_pool {
-            match region.hand_over(caller_pid) {
-                Ok(()) => {
-                    return pb::Value {
-                        data: Default::default(),
-                        nested: value.nested.iter().map(reference_to_proto).collect(),
-                        shared: Some(pb::SharedLocation {
-                            pool_id: pool.to_string(),
-                            allocation,
-                            offset,
-                            size,
-                            node_address: String::new(),
-                            capability: region.capability().clone(),
-                        }),
-                    }
-                }
-                Err(error) => {
-                    tracing::debug!(%error, "a result is sent inline: its hand-over failed")
+        let (pool, ..) = region.location();
+        let kept = if caller_pool.is_empty() {
+            None
+        } else if pool == caller_pool {
+            Some(region.hand_over(caller_pid).map(|()| String::new()))
+        } else {
+            Some(super::shared_memory::node_address())
+                .filter(|address| !address.is_empty())
+                .map(|address| region.hold_for_remote().map(|()| address))
+        };
+        match kept {
+            Some(Ok(node_address)) => {
+                return pb::Value {
+                    data: Default::default(),
+                    nested: value.nested.iter().map(reference_to_proto).collect(),
+                    shared: Some(located(region, node_address)),
                 }
             }
+            Some(Err(error)) => {
+                tracing::debug!(%error, "a result is sent inline: the node refused to keep it")
+            }
+            None => {}
         }
     }
     value_to_proto(value)
 }
 
-/// A result value from the wire: its bytes inline, or a region of this node's shared memory
-/// that the callee handed over to this process (see [`result_to_proto`]).
-fn result_from_proto(value: pb::Value) -> Result<StoredValue, Error> {
-    match &value.shared {
+/// A result value from the wire: its bytes inline, a region of this node's shared memory
+/// that the callee handed over to this process, or the location of a region another node
+/// keeps for this process (see [`result_to_proto`]), recovered as `recovery` says should that
+/// node lose it.
+fn result_from_proto(
+    value: pb::Value,
+    recovery: impl FnOnce() -> Recovery,
+) -> Result<StoredValue, Error> {
+    match value.shared {
         None => value_from_proto(value),
+        Some(location) if !location.node_address.is_empty() => value_with_payload(
+            Payload::Remote(RemoteValue::new(location, recovery())),
+            &value.nested,
+        ),
         Some(location) => {
-            let payload = super::shared_memory::adopt_handed_over(location)?;
+            let payload = super::shared_memory::adopt_handed_over(&location)?;
             value_with_payload(payload, &value.nested)
         }
     }
 }
 
+/// Whether a call's result has a value that another node keeps for this process.
+pub fn has_remote_values(result: &pb::CallResult) -> bool {
+    result.values.iter().any(|value| {
+        value
+            .shared
+            .as_ref()
+            .is_some_and(|location| !location.node_address.is_empty())
+    })
+}
+
 /// A call result nobody waits for any more (its call was already answered, or cancelled):
-/// the regions handed over with it are given back.
+/// the regions handed over with it are given back, and those kept by other nodes dropped.
 pub fn discard_result(result: pb::CallResult) {
     for value in result.values {
-        if let Some(location) = &value.shared {
-            drop(super::shared_memory::adopt_handed_over(location));
+        if let Some(location) = value.shared {
+            if location.node_address.is_empty() {
+                drop(super::shared_memory::adopt_handed_over(&location));
+            } else {
+                drop(RemoteValue::new(location, Recovery::Not(STATEFUL)));
+            }
         }
     }
 }
@@ -226,8 +274,20 @@ pub fn args_from_proto(args: Vec<pb::Arg>) -> Result<Vec<Arg>, Error> {
         .collect()
 }
 
-/// Finish `returns` with a call's result from the wire.
+/// Finish `returns` with a call's result from the wire. Values another node keeps for this
+/// process are not recomputed if that node loses them (an instance method's results; see
+/// [`finish_returns_with`]).
 pub fn finish_returns(returns: &[ObjectHandle], result: pb::CallResult) {
+    finish_returns_with(returns, result, |_| Recovery::Not(STATEFUL));
+}
+
+/// Finish `returns` with a call's result from the wire; a value another node keeps for this
+/// process is recovered as `recovery(index)` says should that node lose it.
+pub fn finish_returns_with(
+    returns: &[ObjectHandle],
+    result: pb::CallResult,
+    recovery: impl Fn(usize) -> Recovery,
+) {
     if let Some(error) = &result.error {
         let error = error_from_proto(error);
         for handle in returns {
@@ -250,8 +310,8 @@ pub fn finish_returns(returns: &[ObjectHandle], result: pb::CallResult) {
         discard_result(result);
         return;
     }
-    for (handle, value) in returns.iter().zip(result.values) {
-        match result_from_proto(value) {
+    for (index, (handle, value)) in returns.iter().zip(result.values).enumerate() {
+        match result_from_proto(value, || recovery(index)) {
             Ok(value) => {
                 handle.complete(Arc::new(value));
             }

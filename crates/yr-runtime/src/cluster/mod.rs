@@ -420,6 +420,7 @@ impl ClusterBackend {
         // Register only now: the node may push (an init call) right after.
         if let Err(error) = inner.bus.register(register, connect_code) {
             object_store::set_remote_fetcher(None);
+            crate::remote_value::set_puller(None);
             object_store::set_local_owner_address("");
             crate::borrows::set_messenger(None);
             inner.remove_sockets();
@@ -1170,6 +1171,7 @@ impl Backend for ClusterBackend {
             pool.shutdown();
         }
         object_store::set_remote_fetcher(None);
+        crate::remote_value::set_puller(None);
         crate::borrows::set_messenger(None);
         object_store::set_local_owner_address("");
         inner.remove_sockets();

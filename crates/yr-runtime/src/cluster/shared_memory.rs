@@ -130,6 +130,20 @@ impl RegionAllocator for NodeAllocator {
                     allocation,
                     pid: receiver,
                     for_receiver: true,
+                    for_remote_owner: false,
+                })
+                .await
+        })?;
+        check(reply.error)
+    }
+
+    fn hold_for_remote(&self, allocation: u64) -> Result<()> {
+        let reply = self.disk.call(client, move |mut client| async move {
+            client
+                .retain(pb::RetainObjectRequest {
+                    allocation,
+                    for_remote_owner: true,
+                    ..Default::default()
                 })
                 .await
         })?;
@@ -243,13 +257,18 @@ pub fn connect(channel: DataChannel) -> Result<()> {
     }
     *NODE_ADDRESS.lock() = info.node_address.clone();
     let disk = disk_runtime()?;
+    let disk_channel = DataChannel::new(disk.handle().clone(), channel.address().to_string());
+    crate::remote_value::set_puller(Some(Arc::new(NodePuller {
+        channel: channel.clone(),
+        disk: disk_channel.clone(),
+    })));
     let memory = SharedMemory::map(
         &info.path,
         info.capacity,
         info.pool_id,
         Box::new(NodeAllocator {
             channel: channel.clone(),
-            disk: DataChannel::new(disk.handle().clone(), channel.address().to_string()),
+            disk: disk_channel,
             _disk_runtime: DiskRuntime(Some(disk)),
         }),
     )?;
@@ -269,13 +288,51 @@ pub fn pool_id() -> String {
         .unwrap_or_default()
 }
 
-/// Take a reference to a region another process sent, and read it in place: in this node's
-/// memory directly, in another node's after this node pulled a copy.
-pub async fn open_location(
-    channel: &DataChannel,
-    location: &wire::SharedLocation,
-) -> Result<Payload> {
-    let memory = shared_memory::current().ok_or_else(|| {
+/// Pulls results held on other nodes for this process into this node (see
+/// `crate::remote_value`), on the channel of spill and restore calls: a read may happen on the
+/// IO thread, which must not wait for itself.
+struct NodePuller {
+    channel: DataChannel,
+    disk: DataChannel,
+}
+
+impl crate::remote_value::RemotePuller for NodePuller {
+    fn pull(&self, location: &wire::SharedLocation) -> Result<Payload> {
+        let memory = mapped(location)?;
+        let request = pull_request(location, true);
+        let reply = self.disk.call(client, move |mut client| async move {
+            client.pull_object(request).await
+        })?;
+        check(reply.error)?;
+        Ok(Payload::Shared(memory.adopt(
+            reply.allocation,
+            reply.offset,
+            reply.size,
+            reply.capability,
+        )?))
+    }
+
+    fn drop_hold(&self, location: &wire::SharedLocation) {
+        let channel = self.channel.clone();
+        let request = pb::DropRemoteRequest {
+            node_address: location.node_address.clone(),
+            allocation: location.allocation,
+            size: location.size,
+            capability: location.capability.clone(),
+        };
+        self.channel.io().spawn(async move {
+            if let Ok(connected) = channel.connected().await {
+                if let Err(status) = client(connected).drop_remote(request).await {
+                    tracing::debug!(error = %status.message(), "the drop of a result held on another node failed");
+                }
+            }
+        });
+    }
+}
+
+/// This process's shared memory, for a value at `location`.
+fn mapped(location: &wire::SharedLocation) -> Result<Arc<SharedMemory>> {
+    shared_memory::current().ok_or_else(|| {
         Error::new(
             yr_common::ErrorCode::DatasystemFailed,
             format!(
@@ -283,7 +340,30 @@ pub async fn open_location(
                 location.pool_id
             ),
         )
-    })?;
+    })
+}
+
+/// The pull of the value at `location` into this node; `release_source`: the holding node
+/// drops the hold it keeps for this process afterwards.
+fn pull_request(location: &wire::SharedLocation, release_source: bool) -> pb::PullObjectRequest {
+    pb::PullObjectRequest {
+        node_address: location.node_address.clone(),
+        pool_id: location.pool_id.clone(),
+        allocation: location.allocation,
+        size: location.size,
+        pid: std::process::id(),
+        capability: location.capability.clone(),
+        release_source,
+    }
+}
+
+/// Take a reference to a region another process sent, and read it in place: in this node's
+/// memory directly, in another node's after this node pulled a copy.
+pub async fn open_location(
+    channel: &DataChannel,
+    location: &wire::SharedLocation,
+) -> Result<Payload> {
+    let memory = mapped(location)?;
     let connected = channel.connected().await?;
     let (allocation, offset, size, capability) = if memory.pool_id() == location.pool_id {
         let reply = client(connected)
@@ -291,6 +371,7 @@ pub async fn open_location(
                 allocation: location.allocation,
                 pid: std::process::id(),
                 for_receiver: false,
+                for_remote_owner: false,
             })
             .await
             .map_err(|status| channel.failed(&status))?
@@ -304,14 +385,7 @@ pub async fn open_location(
         )
     } else if !location.node_address.is_empty() {
         let reply = client(connected)
-            .pull_object(pb::PullObjectRequest {
-                node_address: location.node_address.clone(),
-                pool_id: location.pool_id.clone(),
-                allocation: location.allocation,
-                size: location.size,
-                pid: std::process::id(),
-                capability: location.capability.clone(),
-            })
+            .pull_object(pull_request(location, false))
             .await
             .map_err(|status| channel.failed(&status))?
             .into_inner();

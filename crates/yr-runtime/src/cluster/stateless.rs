@@ -22,11 +22,13 @@ use yr_common::clock::{self, Clock};
 use yr_common::{Error, ErrorCode, InvokeOptions};
 use yr_proto::v1 as pb;
 
+use super::convert::{finish_returns_with, has_remote_values};
 use super::executables::Binary;
 use super::remote_instance::{InstanceObserver, OutCall, RemoteInstance};
 use super::Inner;
 use crate::function::{Arg, FunctionEntry, TaskSpec};
-use crate::object_store::{Cancel, Canceller, ObjectHandle};
+use crate::object_store::{Cancel, Canceller, ObjectHandle, ObjectSlot, Outcome, StoredValue};
+use crate::remote_value::{Lineage, LineageBudget, Recovery, LINEAGE_FULL};
 use crate::retry::RetryBudget;
 use crate::shape::shape_key;
 
@@ -75,6 +77,8 @@ struct Task {
     sent: Mutex<Option<Sent>>,
     /// For the kill of the instance that runs it, when a cancel ends it.
     inner: Weak<Inner>,
+    /// How many times its results may still be recomputed when lost with their node.
+    recomputes_left: u32,
 }
 
 /// Where a call was sent.
@@ -309,17 +313,27 @@ impl StatelessSubmitter {
         binary: Arc<Binary>,
         returns: Vec<ObjectHandle>,
     ) -> Result<(), Error> {
-        let task = Arc::new(Task {
-            function: spec.function,
-            binary,
-            budget: Mutex::new(RetryBudget::new(&spec.options)),
-            args: Arc::new(spec.args),
-            options: spec.options,
-            returns,
-            cancelled: AtomicBool::new(false),
-            sent: Mutex::new(None),
-            inner: Arc::downgrade(inner),
-        });
+        let recomputes_left = max_recomputes(&spec.options);
+        Self::submit_task(
+            inner,
+            Task {
+                function: spec.function,
+                binary,
+                budget: Mutex::new(RetryBudget::new(&spec.options)),
+                args: Arc::new(spec.args),
+                options: spec.options,
+                returns,
+                cancelled: AtomicBool::new(false),
+                sent: Mutex::new(None),
+                inner: Arc::downgrade(inner),
+                recomputes_left,
+            },
+        );
+        Ok(())
+    }
+
+    fn submit_task(inner: &Arc<Inner>, task: Task) {
+        let task = Arc::new(task);
         for handle in &task.returns {
             handle.set_canceller(Arc::new(TaskCanceller {
                 task: Arc::downgrade(&task),
@@ -333,7 +347,6 @@ impl StatelessSubmitter {
                 Self::dispatch(&inner, task);
             }
         });
-        Ok(())
     }
 
     /// Send no more calls (`finalize`); what has not been sent is failed by `finalize`.
@@ -533,7 +546,17 @@ impl InstanceObserver for PoolObserver {
             *average = (*average * 3 + took) / 4;
         }
         let Some(error) = &result.error else {
-            return false;
+            if !has_remote_values(result) {
+                return false;
+            }
+            // Results another node keeps for this process: recomputed from the call should
+            // that node lose them.
+            let lineage = TaskLineage::of(&task);
+            finish_returns_with(&call.returns, result.clone(), |index| match &lineage {
+                Some(lineage) => Recovery::Recompute(lineage.clone(), index),
+                None => Recovery::Not(LINEAGE_FULL),
+            });
+            return true;
         };
         if task.cancelled.load(Ordering::Acquire) {
             return false;
@@ -579,6 +602,137 @@ impl InstanceObserver for PoolObserver {
             task.fail(&error);
         }
         StatelessSubmitter::pump(&inner, &pool);
+    }
+}
+
+/// How many times a stateless call's lost results may be recomputed: its `retry_times` when
+/// set, else 3 (Ray's default `max_retries` for tasks).
+fn max_recomputes(options: &InvokeOptions) -> u32 {
+    if options.retry_times > 0 {
+        options.retry_times
+    } else {
+        DEFAULT_RECOMPUTES
+    }
+}
+
+/// Recomputes of a stateless call's lost results when its options set no `retry_times`.
+const DEFAULT_RECOMPUTES: u32 = 3;
+
+/// How long a recompute waits for the call's new result.
+const RECOMPUTE_WAIT: Duration = Duration::from_secs(300);
+
+/// The lineage of a stateless call whose results another node keeps for this process (design
+/// 026): what runs it again. It holds the call's arguments (and so the objects they refer to)
+/// while any of those results lives here unread, within the owner's bound
+/// ([`LineageBudget`]).
+struct TaskLineage {
+    function: FunctionEntry,
+    args: Arc<Vec<Arg>>,
+    options: Arc<InvokeOptions>,
+    binary: Arc<Binary>,
+    returns: usize,
+    inner: Weak<Inner>,
+    /// Recomputes left, shared by the results of the call and by those of its recomputes.
+    recomputes_left: Mutex<u32>,
+    _budget: LineageBudget,
+}
+
+impl TaskLineage {
+    /// The lineage of `task`, if the owner's bound has room for it.
+    fn of(task: &Task) -> Option<Arc<dyn Lineage>> {
+        let inline_bytes = task
+            .args
+            .iter()
+            .map(|arg| match arg {
+                Arg::Value(value) => value.bytes.len(),
+                Arg::Ref(_) => 0,
+            })
+            .sum();
+        let budget = LineageBudget::take(inline_bytes)?;
+        Some(Arc::new(TaskLineage {
+            function: task.function,
+            args: task.args.clone(),
+            options: task.options.clone(),
+            binary: task.binary.clone(),
+            returns: task.returns.len(),
+            inner: task.inner.clone(),
+            recomputes_left: Mutex::new(task.recomputes_left),
+            _budget: budget,
+        }))
+    }
+}
+
+impl Lineage for TaskLineage {
+    /// Its arguments are brought here first (an argument lost with its node and recomputable
+    /// is recomputed, recursively); then the call runs again through its pool, which places
+    /// new instances on live nodes, and its result is brought here.
+    fn recompute(&self, index: usize, lost: &Error) -> Result<Arc<StoredValue>, Error> {
+        let function = self.function.name;
+        let cannot = |why: String| {
+            Error::new(
+                ErrorCode::GetOperationFailed,
+                format!(
+                    "a result of {function} was lost with the node that held it ({}), and it                      cannot be recomputed: {why}",
+                    lost.message()
+                ),
+            )
+        };
+        let left = {
+            let mut left = self.recomputes_left.lock();
+            if *left == 0 {
+                return Err(cannot(format!(
+                    "its {} recomputes are spent (the call's retry_times, or 3)",
+                    max_recomputes(&self.options)
+                )));
+            }
+            *left -= 1;
+            *left
+        };
+        let Some(inner) = self.inner.upgrade() else {
+            return Err(cannot("yr was finalized".to_string()));
+        };
+        for arg in self.args.iter() {
+            if let Arg::Ref(handle) = arg {
+                if let Some(Outcome::Failed(error)) = handle.outcome() {
+                    return Err(cannot(format!(
+                        "its argument {} is gone too: {}",
+                        handle.id(),
+                        error.message()
+                    )));
+                }
+            }
+        }
+        tracing::info!(
+            function,
+            recomputes_left = left,
+            "recomputing a lost result from its lineage"
+        );
+        let returns: Vec<ObjectHandle> = (0..self.returns).map(|_| ObjectSlot::pending()).collect();
+        let Some(result) = returns.get(index).cloned() else {
+            return Err(cannot(format!("it has no result number {index}")));
+        };
+        StatelessSubmitter::submit_task(
+            &inner,
+            Task {
+                function: self.function,
+                binary: self.binary.clone(),
+                budget: Mutex::new(RetryBudget::new(&self.options)),
+                args: self.args.clone(),
+                options: self.options.clone(),
+                returns,
+                cancelled: AtomicBool::new(false),
+                sent: Mutex::new(None),
+                inner: self.inner.clone(),
+                recomputes_left: left,
+            },
+        );
+        match result.wait_until(Instant::now().checked_add(RECOMPUTE_WAIT)) {
+            Some(Outcome::Ready(value)) => Ok(value),
+            Some(Outcome::Failed(error)) => Err(error),
+            None => Err(cannot(format!(
+                "its new run gave no result within {RECOMPUTE_WAIT:?}"
+            ))),
+        }
     }
 }
 

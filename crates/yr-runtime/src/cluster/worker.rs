@@ -41,8 +41,16 @@ impl Worker for WorkerService {
                     Some(handle) => {
                         crate::borrows::on_fetched(id, &request.borrower_address);
                         let timeout = Duration::from_millis(request.timeout_ms.max(1));
+                        // A result another node keeps for this process is read from there
+                        // by a borrower with shared memory; one without gets it from here.
+                        let here = request.pool_id.is_empty();
                         let outcome = tokio::task::spawn_blocking(move || {
-                            handle.wait_until(Instant::now().checked_add(timeout))
+                            let deadline = Instant::now().checked_add(timeout);
+                            if here {
+                                handle.wait_until(deadline)
+                            } else {
+                                handle.wait_as_held(deadline)
+                            }
                         })
                         .await
                         .ok()

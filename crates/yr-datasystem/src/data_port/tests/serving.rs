@@ -278,3 +278,34 @@ fn requests_decode_only_from_their_exact_bytes() {
     old[..4].copy_from_slice(b"YRD1");
     assert_eq!(RangeRequest::decode(&old), Err(RequestError::Magic));
 }
+
+#[test]
+fn a_release_request_drops_the_hold_kept_for_another_node_only_with_the_capability() {
+    let serving = serving(1 << 20);
+    let whole = object(&serving, 4096);
+    // Process 7 made it and asks the node to keep it for an owner on another node.
+    serving
+        .store
+        .hold_for_remote(whole.allocation, 7)
+        .expect("hold");
+    serving.store.release(&[whole.allocation], 7);
+    assert_eq!(serving.store.remote_holds(), 1);
+    // A release with a wrong capability changes nothing, and is answered like any other.
+    let forged = RangeRequest {
+        capability: [0u8; CAPABILITY_LEN],
+        ..whole
+    };
+    release_hold(&serving.address, &serving.token, None, &forged).expect("answered");
+    assert_eq!(serving.store.remote_holds(), 1);
+    assert_eq!(serving.store.stats().objects, 1);
+    // With the capability, the hold goes, and with it the object.
+    release_hold(&serving.address, &serving.token, None, &whole).expect("released");
+    assert_eq!(serving.store.remote_holds(), 0);
+    assert_eq!(serving.store.stats().objects, 0);
+    // A release without the token is refused.
+    let stranger = ClusterToken::generate().expect("token");
+    assert!(matches!(
+        release_hold(&serving.address, &stranger, None, &whole),
+        Err(RangeError::Refused(_))
+    ));
+}
