@@ -23,7 +23,13 @@
 //! - `cross-node get gigabytes`: on a two-node cluster this program starts, GB/s of 256 MiB
 //!   objects that node 1 holds and a driver on node 0 gets (pulled in chunks, then read in
 //!   place), with `loopback TCP gigabytes` (the same bytes over a plain loopback TCP socket)
-//!   measured right after as the limit.
+//!   measured right after as the limit;
+//! - the cross-host cases (`cross_host`): on two hosts made of network namespaces,
+//!   `cross-host get gigabytes` beside `raw TCP stream gigabytes between hosts`, and
+//!   `cross-host 1:1 actor call round trip` beside `raw TCP ping-pong round trip between hosts`,
+//!   with their ratios. They need root and `ip netns`, and are skipped with a message without.
+
+mod cross_host;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -70,6 +76,12 @@ struct Args {
     /// skips it.
     #[arg(long, default_value = "1000,3000", value_parser = burst_sizes)]
     burst_sizes: BurstSizes,
+    /// Round trips sampled by each cross-host round-trip case.
+    #[arg(long, default_value_t = 5000)]
+    rtt_samples: usize,
+    /// Run the yr side of the cross-host cases (started by yr-bench itself in host 0).
+    #[arg(long, hide = true)]
+    host_driver: bool,
 }
 
 #[yr::invoke]
@@ -904,6 +916,9 @@ fn print_rates(name: &str, rates: &[f64]) {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.host_driver {
+        return cross_host::driver(&args);
+    }
     let mut config = yr::Config::default();
     config.local_mode = args.local || config.local_mode;
     if !config.local_mode {
@@ -936,6 +951,8 @@ fn main() -> anyhow::Result<()> {
         cold_creation(&args, &config)?;
         creation_burst(&args, &config)?;
         cross_node(&args, &config)?;
+        // Last: it catches SIGINT and SIGTERM for the rest of the run.
+        cross_host::run(&args)?;
     }
     Ok(())
 }

@@ -251,7 +251,7 @@ fn cut_host_1_until_lost(hosts: &Hosts, cluster: &HostCluster) -> (String, u64) 
     let (far, state, incarnation) = node_on(cluster, hosts, 1).expect("node 1 listed");
     assert_eq!(state, "alive");
     assert_ne!(incarnation, 0, "a node registers with an incarnation");
-    hosts.cut(1);
+    hosts.cut(1).expect("cut host 1 off");
     let cut = Instant::now();
     assert!(
         wait_until(BOUND, || node_on(cluster, hosts, 1)
@@ -268,7 +268,7 @@ fn cut_host_1_until_lost(hosts: &Hosts, cluster: &HostCluster) -> (String, u64) 
 
 /// Restores host 1 and waits until its node registers again as a new incarnation; returns it.
 fn restore_host_1(hosts: &Hosts, cluster: &HostCluster, old: u64) -> u64 {
-    hosts.restore(1);
+    hosts.restore(1).expect("restore host 1");
     let restored = Instant::now();
     let mut new = 0;
     assert!(
