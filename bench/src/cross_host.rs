@@ -5,7 +5,9 @@
 //! - `cross-host get gigabytes`: a driver on host 0 gets 256 MiB objects that an instance on
 //!   host 1 puts (pulled through the data ports into host 0's shared memory, read in place),
 //!   against `raw TCP stream gigabytes between hosts` (the same bytes, one connection, 4 MiB
-//!   writes, timed to the receiver's acknowledgement);
+//!   writes, timed to the receiver's acknowledgement), and the same bytes split over 4
+//!   connections at once (`raw TCP stream gigabytes between hosts, 4 connections`), as many as
+//!   a pull of a large object uses;
 //! - `cross-host 1:1 actor call round trip`: sync calls of a small method of an instance on
 //!   host 1 from the driver on host 0 (p50, p99), against `raw TCP ping-pong round trip between
 //!   hosts` (a 64-byte message echoed over one connection with `TCP_NODELAY`, blocking reads),
@@ -35,10 +37,14 @@ const GET: &str = "cross-host get gigabytes";
 const STREAM: &str = "raw TCP stream gigabytes between hosts";
 const CALL: &str = "cross-host 1:1 actor call round trip";
 const PING: &str = "raw TCP ping-pong round trip between hosts";
+const PARALLEL_STREAMS: &str = "raw TCP stream gigabytes between hosts, 4 connections";
 const SPIN: &str = "raw TCP ping-pong round trip between hosts, spinning reads";
 
 /// Bytes of each object and of each raw stream trial.
 const SIZE: usize = 256 << 20;
+/// Connections of the parallel raw stream: as many as a pull of a large object uses
+/// (`yr_datasystem`'s transfer splits it into at most 4 ranges).
+const PARALLEL: usize = 4;
 /// Bytes of each write and read of the raw stream.
 const CHUNK: usize = 4 << 20;
 /// Bytes of each ping-pong message.
@@ -110,12 +116,20 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         );
     };
     let yr: DriverReport = serde_json::from_str(&report)?;
-    if selected(args, GET) || selected(args, STREAM) {
+    if [GET, STREAM, PARALLEL_STREAMS]
+        .iter()
+        .any(|case| selected(args, case))
+    {
         print_rates(GET, &yr.get);
         print_rates(STREAM, &raw.stream);
+        print_rates(PARALLEL_STREAMS, &raw.parallel);
         println!(
             "cross-host get / raw TCP stream between hosts {:.2} (goal >= 0.80)",
             mean(&yr.get) / mean(&raw.stream)
+        );
+        println!(
+            "cross-host get / raw TCP stream between hosts, 4 connections {:.2}",
+            mean(&yr.get) / mean(&raw.parallel)
         );
     }
     if [CALL, PING, SPIN].iter().any(|case| selected(args, case)) {
@@ -206,8 +220,10 @@ pub(crate) fn driver(args: &Args) -> anyhow::Result<()> {
 
 /// What plain TCP between the hosts measured.
 struct RawTcp {
-    /// GB/s of each stream trial.
+    /// GB/s of each stream trial, one connection.
     stream: Vec<f64>,
+    /// GB/s of each trial over [`PARALLEL`] connections.
+    parallel: Vec<f64>,
     /// Microseconds of each sampled ping-pong round trip, blocking reads.
     ping: Vec<f64>,
     /// The same with spinning reads.
@@ -226,7 +242,8 @@ fn raw_tcp(hosts: &Hosts, args: &Args) -> anyhow::Result<RawTcp> {
             let listener = TcpListener::bind(address)?;
             // The sender learns where to connect, or the server's failure.
             let _ = bound.send(listener.local_addr());
-            receive(&listener, trials)?;
+            receive(&listener, trials, 1)?;
+            receive(&listener, trials, PARALLEL)?;
             echo(&listener, Reads::Blocking)?;
             echo(&listener, Reads::Spinning)
         });
@@ -234,7 +251,8 @@ fn raw_tcp(hosts: &Hosts, args: &Args) -> anyhow::Result<RawTcp> {
             hosts.enter(0)?;
             let server = port.recv()??;
             Ok(RawTcp {
-                stream: send(server, trials)?,
+                stream: send(server, trials, 1)?,
+                parallel: send(server, trials, PARALLEL)?,
                 ping: ping(server, samples, Reads::Blocking)?,
                 spin: ping(server, samples, Reads::Spinning)?,
             })
@@ -250,36 +268,77 @@ fn raw_tcp(hosts: &Hosts, args: &Args) -> anyhow::Result<RawTcp> {
     })
 }
 
-/// Receives `trials + 1` streams of [`SIZE`] bytes on one connection, answering each with one
-/// byte once it has all of it.
-fn receive(listener: &TcpListener, trials: usize) -> anyhow::Result<()> {
-    let (mut stream, _) = listener.accept()?;
-    let mut buffer = vec![0u8; CHUNK];
-    for _ in 0..=trials {
-        let mut left = SIZE;
-        while left > 0 {
-            let read = stream.read(&mut buffer[..CHUNK.min(left)])?;
-            anyhow::ensure!(read > 0, "the raw TCP sender closed mid-stream");
-            left -= read;
-        }
-        stream.write_all(&[1])?;
-    }
-    Ok(())
+/// Receives `trials + 1` rounds of [`SIZE`] bytes split over `connections` connections, each
+/// connection answering its share with one byte once it has all of it.
+fn receive(listener: &TcpListener, trials: usize, connections: usize) -> anyhow::Result<()> {
+    let streams = (0..connections)
+        .map(|_| listener.accept().map(|(stream, _)| stream))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    std::thread::scope(|scope| {
+        let readers: Vec<_> = streams
+            .into_iter()
+            .map(|mut stream| {
+                scope.spawn(move || -> anyhow::Result<()> {
+                    let mut buffer = vec![0u8; CHUNK];
+                    for _ in 0..=trials {
+                        let mut left = SIZE / connections;
+                        while left > 0 {
+                            let read = stream.read(&mut buffer[..CHUNK.min(left)])?;
+                            anyhow::ensure!(read > 0, "the raw TCP sender closed mid-stream");
+                            left -= read;
+                        }
+                        stream.write_all(&[1])?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        readers.into_iter().try_for_each(|reader| {
+            reader
+                .join()
+                .map_err(|_| anyhow::anyhow!("a raw TCP reader panicked"))?
+        })
+    })
 }
 
-/// GB/s of `trials` streams of [`SIZE`] bytes (after one warm-up stream), each timed from the
-/// first write to the receiver's acknowledgement.
-fn send(server: SocketAddr, trials: usize) -> anyhow::Result<Vec<f64>> {
-    let mut stream = TcpStream::connect(server)?;
-    stream.set_nodelay(true)?;
+/// GB/s of `trials` rounds of [`SIZE`] bytes split over `connections` connections (after one
+/// warm-up round), each timed from the first write to the last acknowledgement.
+fn send(server: SocketAddr, trials: usize, connections: usize) -> anyhow::Result<Vec<f64>> {
+    let streams = (0..connections)
+        .map(|_| {
+            let stream = TcpStream::connect(server)?;
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
     let chunk = vec![7u8; CHUNK];
     let mut rates = Vec::with_capacity(trials);
     for _ in 0..=trials {
         let started = Instant::now();
-        for _ in 0..SIZE / CHUNK {
-            stream.write_all(&chunk)?;
-        }
-        stream.read_exact(&mut [0u8])?;
+        std::thread::scope(|scope| {
+            let writers: Vec<_> = streams
+                .iter()
+                .map(|stream| {
+                    let chunk = &chunk;
+                    scope.spawn(move || -> std::io::Result<()> {
+                        let mut stream = stream;
+                        let mut left = SIZE / connections;
+                        while left > 0 {
+                            let part = CHUNK.min(left);
+                            stream.write_all(&chunk[..part])?;
+                            left -= part;
+                        }
+                        stream.read_exact(&mut [0u8])
+                    })
+                })
+                .collect();
+            writers.into_iter().try_for_each(|writer| {
+                writer
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a raw TCP writer panicked"))?
+                    .map_err(anyhow::Error::from)
+            })
+        })?;
         rates.push(SIZE as f64 / started.elapsed().as_secs_f64() / 1e9);
     }
     rates.remove(0); // warm-up
