@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use yr::FOREVER;
 use yr_netns::{Hosts, Isolation};
 
-use crate::{print_rates, quantile, selected, yr_binary, Actor, Args, Far};
+use crate::{far_get_rates, print_rates, quantile, selected, yr_binary, Actor, Args};
 
 /// The case names, as `--case` selects them.
 const GET: &str = "cross-host get gigabytes";
@@ -186,20 +186,7 @@ fn on_host(host: &str) -> yr::InvokeOptions {
 pub(crate) fn driver(args: &Args) -> anyhow::Result<()> {
     yr::init(yr::Config::default())?;
     let measured = (|| -> yr::Result<DriverReport> {
-        let far = yr::instance(Far::new)
-            .options(on_host("h1"))
-            .invoke((SIZE as u64,))?;
-        let mut get = Vec::new();
-        for _ in 0..=args.gigabyte_trials {
-            let (object, _put_seconds) = yr::get(&far.method(Far::make).invoke(())?, FOREVER)?;
-            // The pull starts as the reference arrives, a few microseconds before this.
-            let started = Instant::now();
-            let buffer = yr::get_buffer(&object, FOREVER)?;
-            std::hint::black_box(buffer.bytes().map(|b| b.len()));
-            get.push(SIZE as f64 / started.elapsed().as_secs_f64() / 1e9);
-        }
-        get.remove(0); // warm-up
-        far.terminate()?;
+        let get = far_get_rates(on_host("h1"), SIZE, args.gigabyte_trials)?;
         let actor = yr::instance(Actor::new).options(on_host("h1")).invoke(())?;
         for _ in 0..WARM_UP {
             actor.method(Actor::ping).invoke(())?.get(FOREVER)?;

@@ -838,23 +838,11 @@ fn cross_node(args: &Args, config: &yr::Config) -> anyhow::Result<()> {
         yr::init(two)?;
         let measured = (|| -> yr::Result<Vec<f64>> {
             // Too big for node 0 (1000 millicores): it runs on node 1.
-            let far = yr::instance(Far::new)
-                .options(yr::InvokeOptions {
-                    cpu: 2_000,
-                    ..Default::default()
-                })
-                .invoke((SIZE as u64,))?;
-            let mut rates = Vec::new();
-            for _ in 0..=args.gigabyte_trials {
-                let (object, _put_seconds) = yr::get(&far.method(Far::make).invoke(())?, FOREVER)?;
-                // The pull starts as the reference arrives, a few microseconds before this.
-                let started = Instant::now();
-                let buffer = yr::get_buffer(&object, FOREVER)?;
-                std::hint::black_box(buffer.bytes().map(|b| b.len()));
-                rates.push(SIZE as f64 / started.elapsed().as_secs_f64() / 1e9);
-            }
-            rates.remove(0); // warm-up
-            Ok(rates)
+            let options = yr::InvokeOptions {
+                cpu: 2_000,
+                ..Default::default()
+            };
+            far_get_rates(options, SIZE, args.gigabyte_trials)
         })();
         yr::finalize()?;
         print_rates(name, &measured?);
@@ -873,6 +861,27 @@ fn cross_node(args: &Args, config: &yr::Config) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(&root);
     result
+}
+
+/// GB/s of `trials` gets of `size`-byte objects that a [`Far`] instance placed by `options`
+/// puts (after one warm-up get); each is pulled to this driver's node and read in place. The
+/// instance is terminated at the end.
+fn far_get_rates(options: yr::InvokeOptions, size: usize, trials: usize) -> yr::Result<Vec<f64>> {
+    let far = yr::instance(Far::new)
+        .options(options)
+        .invoke((size as u64,))?;
+    let mut rates = Vec::with_capacity(trials + 1);
+    for _ in 0..=trials {
+        let (object, _put_seconds) = yr::get(&far.method(Far::make).invoke(())?, FOREVER)?;
+        // The pull starts as the reference arrives, a few microseconds before this.
+        let started = Instant::now();
+        let buffer = yr::get_buffer(&object, FOREVER)?;
+        std::hint::black_box(buffer.bytes().map(|b| b.len()));
+        rates.push(size as f64 / started.elapsed().as_secs_f64() / 1e9);
+    }
+    rates.remove(0); // warm-up
+    far.terminate()?;
+    Ok(rates)
 }
 
 /// GB/s of `size` bytes sent over a loopback TCP connection in 4 MiB writes, `trials` times.
