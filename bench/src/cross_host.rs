@@ -7,7 +7,7 @@
 //!   against `raw TCP stream gigabytes between hosts` (the same bytes, one connection, 4 MiB
 //!   writes, timed to the receiver's acknowledgement), and the same bytes split over 4
 //!   connections at once (`raw TCP stream gigabytes between hosts, 4 connections`), as many as
-//!   a pull of a large object uses;
+//!   a pull of a large object uses at most (one per two CPUs);
 //! - `cross-host 1:1 actor call round trip`: sync calls of a small method of an instance on
 //!   host 1 from the driver on host 0 (p50, p99), against `raw TCP ping-pong round trip between
 //!   hosts` (a 64-byte message echoed over one connection with `TCP_NODELAY`, blocking reads),
@@ -17,7 +17,9 @@
 //!
 //! The bench makes hosts `yr-h0` and `yr-h1` (`scripts/netns up 2`), starts `yr start --master`
 //! and a node on host 0 and a node on host 1 (each on its host's address, labelled `host=h<i>`),
-//! and runs the yr measures in a child, itself run again in host 0 (`--host-driver`), which
+//! and runs the yr measures in a child, itself run again in host 0 (`--host-driver`) with
+//! every other host's directory hidden (`Isolation::PrivateFileSystems`, so that nothing
+//! crosses between the hosts but the network), which
 //! prints its samples as one JSON line. The raw TCP ends are threads of this process that
 //! entered the two namespaces. The hosts, and every process in them, are removed at the end,
 //! on failure, and on SIGINT or SIGTERM. Without root or `ip netns` the cases are skipped with
@@ -42,8 +44,8 @@ const SPIN: &str = "raw TCP ping-pong round trip between hosts, spinning reads";
 
 /// Bytes of each object and of each raw stream trial.
 const SIZE: usize = 256 << 20;
-/// Connections of the parallel raw stream: as many as a pull of a large object uses
-/// (`yr_datasystem`'s transfer splits it into at most 4 ranges).
+/// Connections of the parallel raw stream: as many as a pull of a large object uses at most
+/// (`yr_datasystem`'s transfer reads one range per two CPUs, at most 4; one on 2 CPUs).
 const PARALLEL: usize = 4;
 /// Bytes of each write and read of the raw stream.
 const CHUNK: usize = 4 << 20;
@@ -81,7 +83,9 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let yr = yr_binary(GET)?;
-    let hosts = Hosts::up(2, Isolation::SharedFileSystem)?;
+    // Private file systems: nothing reaches the other host through a path (a Unix socket),
+    // only through the network, as between real machines.
+    let hosts = Hosts::up(2, Isolation::PrivateFileSystems)?;
     let _interrupted = RemoveHostsOnSignal::install()?;
     // Host 1's node has room for the instances; both nodes hold two objects at once.
     let cluster = hosts.start_cluster(&yr, |index| {
