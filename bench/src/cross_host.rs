@@ -101,12 +101,26 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         .map(String::from)
         .to_vec()
     })?;
-    let raw = raw_tcp(&hosts, args)?;
+    // What is measured: the transfers, the round trips, or both (0 skips a side).
+    let trials = if [GET, STREAM, PARALLEL_STREAMS]
+        .iter()
+        .any(|case| selected(args, case))
+    {
+        args.gigabyte_trials
+    } else {
+        0
+    };
+    let samples = if [CALL, PING, SPIN].iter().any(|case| selected(args, case)) {
+        args.rtt_samples
+    } else {
+        0
+    };
+    let raw = raw_tcp(&hosts, trials, samples)?;
     let mut driver = hosts.command(0, std::env::current_exe()?);
     driver
         .arg("--host-driver")
-        .args(["--gigabyte-trials", &args.gigabyte_trials.to_string()])
-        .args(["--rtt-samples", &args.rtt_samples.to_string()])
+        .args(["--gigabyte-trials", &trials.to_string()])
+        .args(["--rtt-samples", &samples.to_string()])
         .env(yr_common::auth::TOKEN_ENV, &cluster.token);
     let output = yr_netns::output_within(driver, DRIVER_TIMEOUT)?;
     let report = String::from_utf8_lossy(&output.stdout)
@@ -136,7 +150,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             mean(&yr.get) / mean(&raw.parallel)
         );
     }
-    if [CALL, PING, SPIN].iter().any(|case| selected(args, case)) {
+    if samples > 0 {
         let (mut call, mut ping, mut spin) = (yr.call, raw.ping, raw.spin);
         call.sort_by(f64::total_cmp);
         ping.sort_by(f64::total_cmp);
@@ -190,18 +204,23 @@ fn on_host(host: &str) -> yr::InvokeOptions {
 pub(crate) fn driver(args: &Args) -> anyhow::Result<()> {
     yr::init(yr::Config::default())?;
     let measured = (|| -> yr::Result<DriverReport> {
-        let get = far_get_rates(on_host("h1"), SIZE, args.gigabyte_trials)?;
-        let actor = yr::instance(Actor::new).options(on_host("h1")).invoke(())?;
-        for _ in 0..WARM_UP {
-            actor.method(Actor::ping).invoke(())?.get(FOREVER)?;
-        }
+        let get = match args.gigabyte_trials {
+            0 => Vec::new(),
+            trials => far_get_rates(on_host("h1"), SIZE, trials)?,
+        };
         let mut call = Vec::with_capacity(args.rtt_samples);
-        for _ in 0..args.rtt_samples {
-            let started = Instant::now();
-            actor.method(Actor::ping).invoke(())?.get(FOREVER)?;
-            call.push(started.elapsed().as_secs_f64() * 1e6);
+        if args.rtt_samples > 0 {
+            let actor = yr::instance(Actor::new).options(on_host("h1")).invoke(())?;
+            for _ in 0..WARM_UP {
+                actor.method(Actor::ping).invoke(())?.get(FOREVER)?;
+            }
+            for _ in 0..args.rtt_samples {
+                let started = Instant::now();
+                actor.method(Actor::ping).invoke(())?.get(FOREVER)?;
+                call.push(started.elapsed().as_secs_f64() * 1e6);
+            }
+            actor.terminate()?;
         }
-        actor.terminate()?;
         Ok(DriverReport { get, call })
     })();
     yr::finalize()?;
@@ -222,10 +241,10 @@ struct RawTcp {
 }
 
 /// The raw TCP measures: a receiver and echo server on a thread in host 1, a sender and pinger
-/// on a thread in host 0.
-fn raw_tcp(hosts: &Hosts, args: &Args) -> anyhow::Result<RawTcp> {
+/// on a thread in host 0. `trials` of the streams and `samples` of the ping-pongs; 0 skips
+/// them.
+fn raw_tcp(hosts: &Hosts, trials: usize, samples: usize) -> anyhow::Result<RawTcp> {
     let address: SocketAddr = format!("{}:0", hosts.address(1)).parse()?;
-    let (trials, samples) = (args.gigabyte_trials, args.rtt_samples);
     std::thread::scope(|scope| {
         let (bound, port) = std::sync::mpsc::sync_channel(1);
         let server = scope.spawn(move || -> anyhow::Result<()> {
@@ -233,20 +252,34 @@ fn raw_tcp(hosts: &Hosts, args: &Args) -> anyhow::Result<RawTcp> {
             let listener = TcpListener::bind(address)?;
             // The sender learns where to connect, or the server's failure.
             let _ = bound.send(listener.local_addr());
-            receive(&listener, trials, 1)?;
-            receive(&listener, trials, PARALLEL)?;
-            echo(&listener, Reads::Blocking)?;
-            echo(&listener, Reads::Spinning)
+            if trials > 0 {
+                receive(&listener, trials, 1)?;
+                receive(&listener, trials, PARALLEL)?;
+            }
+            if samples > 0 {
+                echo(&listener, Reads::Blocking)?;
+                echo(&listener, Reads::Spinning)?;
+            }
+            Ok(())
         });
         let client = scope.spawn(move || -> anyhow::Result<RawTcp> {
             hosts.enter(0)?;
             let server = port.recv()??;
-            Ok(RawTcp {
-                stream: send(server, trials, 1)?,
-                parallel: send(server, trials, PARALLEL)?,
-                ping: ping(server, samples, Reads::Blocking)?,
-                spin: ping(server, samples, Reads::Spinning)?,
-            })
+            let mut raw = RawTcp {
+                stream: Vec::new(),
+                parallel: Vec::new(),
+                ping: Vec::new(),
+                spin: Vec::new(),
+            };
+            if trials > 0 {
+                raw.stream = send(server, trials, 1)?;
+                raw.parallel = send(server, trials, PARALLEL)?;
+            }
+            if samples > 0 {
+                raw.ping = ping(server, samples, Reads::Blocking)?;
+                raw.spin = ping(server, samples, Reads::Spinning)?;
+            }
+            Ok(raw)
         });
         let measured = client
             .join()
