@@ -83,10 +83,11 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let yr = yr_binary(GET)?;
+    // Caught before the hosts exist, so that no signal falls between making them and watching.
+    let _interrupted = RemoveHostsOnSignal::install()?;
     // Private file systems: nothing reaches the other host through a path (a Unix socket),
     // only through the network, as between real machines.
     let hosts = Hosts::up(2, Isolation::PrivateFileSystems)?;
-    let _interrupted = RemoveHostsOnSignal::install()?;
     // Host 1's node has room for the instances; both nodes hold two objects at once.
     let cluster = hosts.start_cluster(&yr, |index| {
         let cpu = if index == 0 { "1000" } else { "4000" };
