@@ -9,7 +9,9 @@
 //! other work's turn: on a 2-CPU machine whose CPUs other builds held, a call round trip took
 //! 340–850 µs spinning and 41 µs with spinning off (docs/benchmarks.md, "Across hosts"). A
 //! yield that takes longer than [`CONTENDED_YIELD`] gave the CPU to such work, so the process
-//! stops spinning for [`CONTENDED_BACKOFF`] and its threads block at once meanwhile.
+//! stops spinning for [`CONTENDED_BACKOFF`] and its threads block at once meanwhile. A process
+//! at a real-time priority (`chrt`) never yields to ordinary work, and a long yield there is
+//! the kernel's throttling of real-time work: it keeps spinning as before.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -57,6 +59,16 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
+/// Whether this process runs at a real-time priority (`SCHED_FIFO` or `SCHED_RR`).
+fn real_time() -> bool {
+    static REAL_TIME: OnceLock<bool> = OnceLock::new();
+    *REAL_TIME.get_or_init(|| {
+        // SAFETY: sched_getscheduler has no preconditions; 0 is this thread.
+        let policy = unsafe { libc::sched_getscheduler(0) };
+        policy == libc::SCHED_FIFO || policy == libc::SCHED_RR
+    })
+}
+
 fn nanos_since_epoch(now: Instant) -> u64 {
     u64::try_from(now.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
 }
@@ -83,7 +95,7 @@ pub fn spin_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::yield_now();
-        if now.elapsed() > CONTENDED_YIELD {
+        if now.elapsed() > CONTENDED_YIELD && !real_time() {
             QUIET_UNTIL.store(
                 nanos_since_epoch(Instant::now() + CONTENDED_BACKOFF),
                 Ordering::Relaxed,
