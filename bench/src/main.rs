@@ -836,14 +836,12 @@ fn cross_node(args: &Args, config: &yr::Config) -> anyhow::Result<()> {
         let mut two = config.clone();
         two.server_address = Some(first.bus_address.clone());
         yr::init(two)?;
-        let measured = (|| -> yr::Result<Vec<f64>> {
-            // Too big for node 0 (1000 millicores): it runs on node 1.
-            let options = yr::InvokeOptions {
-                cpu: 2_000,
-                ..Default::default()
-            };
-            far_get_rates(options, SIZE, args.gigabyte_trials)
-        })();
+        // Too big for node 0 (1000 millicores): it runs on node 1.
+        let options = yr::InvokeOptions {
+            cpu: 2_000,
+            ..Default::default()
+        };
+        let measured = far_get_rates(options, SIZE, args.gigabyte_trials);
         yr::finalize()?;
         print_rates(name, &measured?);
         print_rates(
