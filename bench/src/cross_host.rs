@@ -15,15 +15,15 @@
 //!   reads`: non-blocking, yielding the CPU until the message is in, as yr's call reader does
 //!   for its first 50 µs), the floor of a round trip without the wakeups.
 //!
-//! The bench makes hosts `yr-h0` and `yr-h1` (`scripts/netns up 2`), starts `yr start --master`
-//! and a node on host 0 and a node on host 1 (each on its host's address, labelled `host=h<i>`),
-//! and runs the yr measures in a child, itself run again in host 0 (`--host-driver`) with
-//! every other host's directory hidden (`Isolation::PrivateFileSystems`, so that nothing
-//! crosses between the hosts but the network), which
-//! prints its samples as one JSON line. The raw TCP ends are threads of this process that
-//! entered the two namespaces. The hosts, and every process in them, are removed at the end,
-//! on failure, and on SIGINT or SIGTERM. Without root or `ip netns` the cases are skipped with
-//! a message saying why.
+//! The bench makes hosts `yr-h0` and `yr-h1` (`scripts/netns up 2`; `<name>-h0` and
+//! `<name>-h1` with `YR_NETNS_NAME`), starts `yr start --master` and a node on host 0 and a
+//! node on host 1 (each on its host's address, labelled `host=h<i>`), and runs the yr measures
+//! in a child, itself run again in host 0 (`--host-driver`) with every other host's directory
+//! hidden (`Isolation::PrivateFileSystems`, so that nothing crosses between the hosts but the
+//! network), which prints its samples as one JSON line. The raw TCP ends are threads of this
+//! process that entered the two namespaces. The hosts, and every process in them, are removed
+//! at the end, on failure, and on SIGINT or SIGTERM. Without root or `ip netns` the cases are
+//! skipped with a message saying why.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -60,6 +60,12 @@ impl Error {
     }
 }
 
+/// The name of this run's set of hosts (`YR_NETNS_NAME`, default `yr`; see `scripts/netns`):
+/// its namespaces are `<name>-hub` and `<name>-h<i>`, so runs with different names do not meet.
+pub fn set_name() -> String {
+    std::env::var("YR_NETNS_NAME").unwrap_or_else(|_| "yr".to_string())
+}
+
 /// The `scripts/netns` of this repository.
 pub fn netns_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/netns")
@@ -132,7 +138,10 @@ impl Hosts {
     pub fn dir(&self, index: usize) -> PathBuf {
         let base = std::env::var_os("YR_NETNS_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/tmp/yr-netns"));
+            .unwrap_or_else(|| match set_name().as_str() {
+                "yr" => PathBuf::from("/tmp/yr-netns"),
+                name => PathBuf::from(format!("/tmp/yr-netns-{name}")),
+            });
         base.join(format!("h{index}"))
     }
 
@@ -157,8 +166,8 @@ impl Hosts {
         command
     }
 
-    /// Cuts host `index` off every other host: its port on the bridge (`yr-h<index>` in the
-    /// hub namespace) goes down. Its own interface stays up and keeps its address, so the
+    /// Cuts host `index` off every other host: its port on the bridge (`<name>-h<index>` in
+    /// the hub namespace) goes down. Its own interface stays up and keeps its address, so the
     /// host's processes see no error: their packets to the other hosts are lost, as theirs to
     /// it. Only the hosts' own namespaces are touched.
     pub fn cut(&self, index: usize) -> Result<(), Error> {
@@ -170,12 +179,41 @@ impl Hosts {
         self.set_link(index, "up")
     }
 
-    fn set_link(&self, index: usize, state: &str) -> Result<(), Error> {
-        assert!(index < self.count, "there is no host {index}");
-        let port = format!("yr-h{index}");
+    /// Cuts hosts `a` and `b` off each other only: each drops the other's packets (a blackhole
+    /// route to the other's address in its namespace), while both still reach every other
+    /// host. Connections between them hang, as across a broken switch port between two racks.
+    pub fn cut_between(&self, a: usize, b: usize) -> Result<(), Error> {
+        self.set_route(a, b, "add")?;
+        self.set_route(b, a, "add")
+    }
+
+    /// Undoes [`Hosts::cut_between`].
+    pub fn restore_between(&self, a: usize, b: usize) -> Result<(), Error> {
+        self.set_route(a, b, "del")?;
+        self.set_route(b, a, "del")
+    }
+
+    fn set_route(&self, from: usize, to: usize, action: &str) -> Result<(), Error> {
+        assert!(
+            from < self.count && to < self.count,
+            "there is no such host"
+        );
+        let namespace = format!("{}-h{from}", set_name());
+        let target = format!("{}/32", self.address(to));
         let mut command = Command::new("ip");
         command
-            .args(["-n", "yr-hub", "link", "set", &port, state])
+            .args(["-n", &namespace, "route", action, "blackhole", &target])
+            .stdin(Stdio::null());
+        checked(command, Duration::from_secs(30))
+    }
+
+    fn set_link(&self, index: usize, state: &str) -> Result<(), Error> {
+        assert!(index < self.count, "there is no host {index}");
+        let name = set_name();
+        let (hub, port) = (format!("{name}-hub"), format!("{name}-h{index}"));
+        let mut command = Command::new("ip");
+        command
+            .args(["-n", &hub, "link", "set", &port, state])
             .stdin(Stdio::null());
         checked(command, Duration::from_secs(30))
     }
@@ -185,7 +223,7 @@ impl Hosts {
     /// process stays where it is.
     pub fn enter(&self, index: usize) -> std::io::Result<()> {
         assert!(index < self.count, "there is no host {index}");
-        let namespace = std::fs::File::open(format!("/var/run/netns/yr-h{index}"))?;
+        let namespace = std::fs::File::open(format!("/var/run/netns/{}-h{index}", set_name()))?;
         // SAFETY: setns on a namespace file descriptor this thread holds open; it changes only
         // this thread's network namespace.
         let entered = unsafe {

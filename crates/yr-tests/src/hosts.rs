@@ -9,14 +9,14 @@
 //! every other host's directory is hidden from a host's processes.
 //!
 //! A test cuts a host off the others with [`Hosts::cut`] and restores it with
-//! [`Hosts::restore`]; [`Hosts::in_host`] runs code of the test process itself inside a host's
+//! [`Hosts::restore`], or two hosts off each other only with [`Hosts::cut_between`]; [`Hosts::in_host`] runs code of the test process itself inside a host's
 //! network namespace.
 //!
 //! Namespaces need root and `ip`. Without them [`Hosts::up`] says why ([`Unavailable`]), and a
 //! test reports itself skipped, loudly, with [`skip_or_fail`]; `YR_TESTS_REQUIRE_NETNS=1`
 //! (CI, as root) turns that skip into a failure.
 
-pub use yr_netns::{netns_script, Error as Unavailable, Hosts, Isolation, MASTER_PORT};
+pub use yr_netns::{netns_script, set_name, Error as Unavailable, Hosts, Isolation, MASTER_PORT};
 
 use crate::yr_binary;
 
