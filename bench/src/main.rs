@@ -25,7 +25,13 @@
 //!   place), with `loopback TCP gigabytes` (the same bytes over a plain loopback TCP socket)
 //!   measured right after as the limit; and `cross-node 1:1 actor calls with a 16 MiB result
 //!   gigabytes`, an instance on node 1 returning 16 MiB results to the driver on node 0, read
-//!   in place with `get_buffer`.
+//!   in place with `get_buffer`;
+//! - the cross-host cases (`cross_host`): on two hosts made of network namespaces,
+//!   `cross-host get gigabytes` beside `raw TCP stream gigabytes between hosts`, and
+//!   `cross-host 1:1 actor call round trip` beside `raw TCP ping-pong round trip between hosts`,
+//!   with their ratios. They need root and `ip netns`, and are skipped with a message without.
+
+mod cross_host;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -72,6 +78,12 @@ struct Args {
     /// skips it.
     #[arg(long, default_value = "1000,3000", value_parser = burst_sizes)]
     burst_sizes: BurstSizes,
+    /// Round trips sampled by each cross-host round-trip case.
+    #[arg(long, default_value_t = 5000)]
+    rtt_samples: usize,
+    /// Run the yr side of the cross-host cases (started by yr-bench itself in host 0).
+    #[arg(long, hide = true)]
+    host_driver: bool,
 }
 
 #[yr::invoke]
@@ -831,26 +843,16 @@ fn cross_node(args: &Args, config: &yr::Config) -> anyhow::Result<()> {
         let mut two = config.clone();
         two.server_address = Some(first.bus_address.clone());
         yr::init(two)?;
+        // Too big for node 0 (1000 millicores): it runs on node 1.
+        let options = yr::InvokeOptions {
+            cpu: 2_000,
+            ..Default::default()
+        };
         let measured = (|| -> yr::Result<(Vec<f64>, Vec<f64>)> {
-            // Too big for node 0 (1000 millicores): it runs on node 1.
-            let far = yr::instance(Far::new)
-                .options(yr::InvokeOptions {
-                    cpu: 2_000,
-                    ..Default::default()
-                })
-                .invoke((SIZE as u64,))?;
-            let mut rates = Vec::new();
-            for _ in 0..=args.gigabyte_trials {
-                let (object, _put_seconds) = yr::get(&far.method(Far::make).invoke(())?, FOREVER)?;
-                // The pull starts as the reference arrives, a few microseconds before this.
-                let started = Instant::now();
-                let buffer = yr::get_buffer(&object, FOREVER)?;
-                std::hint::black_box(buffer.bytes().map(|b| b.len()));
-                rates.push(SIZE as f64 / started.elapsed().as_secs_f64() / 1e9);
-            }
-            rates.remove(0); // warm-up
-                             // Results of 16 MiB from node 1, read here in place with `get_buffer`.
+            let rates = far_get_rates(options.clone(), SIZE, args.gigabyte_trials)?;
+            // Results of 16 MiB from node 1, read here in place with `get_buffer`.
             const RESULT: usize = 16 << 20;
+            let far = yr::instance(Far::new).options(options).invoke((0u64,))?;
             let mut results = Vec::new();
             for _ in 0..=args.gigabyte_trials {
                 let started = Instant::now();
@@ -864,6 +866,7 @@ fn cross_node(args: &Args, config: &yr::Config) -> anyhow::Result<()> {
                 results.push((calls * RESULT) as f64 / started.elapsed().as_secs_f64() / 1e9);
             }
             results.remove(0); // warm-up
+            far.terminate()?;
             Ok((rates, results))
         })();
         yr::finalize()?;
@@ -888,6 +891,27 @@ fn cross_node(args: &Args, config: &yr::Config) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(&root);
     result
+}
+
+/// GB/s of `trials` gets of `size`-byte objects that a [`Far`] instance placed by `options`
+/// puts (after one warm-up get); each is pulled to this driver's node and read in place. The
+/// instance is terminated at the end.
+fn far_get_rates(options: yr::InvokeOptions, size: usize, trials: usize) -> yr::Result<Vec<f64>> {
+    let far = yr::instance(Far::new)
+        .options(options)
+        .invoke((size as u64,))?;
+    let mut rates = Vec::with_capacity(trials + 1);
+    for _ in 0..=trials {
+        let (object, _put_seconds) = yr::get(&far.method(Far::make).invoke(())?, FOREVER)?;
+        // The pull starts as the reference arrives, a few microseconds before this.
+        let started = Instant::now();
+        let buffer = yr::get_buffer(&object, FOREVER)?;
+        std::hint::black_box(buffer.bytes().map(|b| b.len()));
+        rates.push(size as f64 / started.elapsed().as_secs_f64() / 1e9);
+    }
+    rates.remove(0); // warm-up
+    far.terminate()?;
+    Ok(rates)
 }
 
 /// GB/s of `size` bytes sent over a loopback TCP connection in 4 MiB writes, `trials` times.
@@ -931,6 +955,9 @@ fn print_rates(name: &str, rates: &[f64]) {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.host_driver {
+        return cross_host::driver(&args);
+    }
     let mut config = yr::Config::default();
     config.local_mode = args.local || config.local_mode;
     if !config.local_mode {
@@ -963,6 +990,8 @@ fn main() -> anyhow::Result<()> {
         cold_creation(&args, &config)?;
         creation_burst(&args, &config)?;
         cross_node(&args, &config)?;
+        // Last: it catches SIGINT and SIGTERM for the rest of the run.
+        cross_host::run(&args)?;
     }
     Ok(())
 }

@@ -97,25 +97,8 @@ pub fn run_yr(args: &[&str], envs: &[(&str, &Path)], timeout: Duration) -> Outpu
 }
 
 /// Run `command` to its end, at most `timeout`; panics (after killing it) if it takes longer.
-pub fn output_within(mut command: Command, timeout: Duration) -> Output {
-    let description = format!("{command:?}");
-    let child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {description}: {e}"));
-    let pid = child.id();
-    let (sender, receiver) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = sender.send(child.wait_with_output());
-    });
-    match receiver.recv_timeout(timeout) {
-        Ok(output) => output.unwrap_or_else(|e| panic!("{description} failed: {e}")),
-        Err(_) => {
-            signal(pid, libc::SIGKILL);
-            panic!("{description} did not finish within {timeout:?}");
-        }
-    }
+pub fn output_within(command: Command, timeout: Duration) -> Output {
+    yr_netns::output_within(command, timeout).unwrap_or_else(|e| panic!("{e}"))
 }
 
 // ----- temporary directories and unique names ----------------------------------------------

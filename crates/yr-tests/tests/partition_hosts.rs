@@ -266,7 +266,7 @@ fn cut_host_1_until_lost(hosts: &Hosts, cluster: &HostCluster) -> (String, u64) 
     let (far, state, incarnation) = node_on(cluster, hosts, 1).expect("node 1 listed");
     assert_eq!(state, "alive");
     assert_ne!(incarnation, 0, "a node registers with an incarnation");
-    hosts.cut(1);
+    hosts.cut(1).expect("cut host 1 off");
     let cut = Instant::now();
     assert!(
         wait_until(BOUND, || node_on(cluster, hosts, 1)
@@ -283,7 +283,7 @@ fn cut_host_1_until_lost(hosts: &Hosts, cluster: &HostCluster) -> (String, u64) 
 
 /// Restores host 1 and waits until its node registers again as a new incarnation; returns it.
 fn restore_host_1(hosts: &Hosts, cluster: &HostCluster, old: u64) -> u64 {
-    hosts.restore(1);
+    hosts.restore(1).expect("restore host 1");
     let restored = Instant::now();
     let mut new = 0;
     assert!(
@@ -457,7 +457,9 @@ fn a_cut_between_two_hosts_fails_a_call_across_it_with_a_code_never_a_hang() {
     );
     assert!(driver.call().starts_with("ok:h1:"), "served before the cut");
 
-    hosts.cut_between(1, 2);
+    hosts
+        .cut_between(1, 2)
+        .expect("cut hosts 1 and 2 off each other");
     let seen = driver.call();
     eprintln!("partition between hosts 1 and 2: the call saw {seen}");
     let parts: Vec<&str> = seen.splitn(4, ':').collect();
@@ -479,6 +481,6 @@ fn a_cut_between_two_hosts_fails_a_call_across_it_with_a_code_never_a_hang() {
         let (_, state, _) = node_on(&cluster, &hosts, index).expect("the node is listed");
         assert_eq!(state, "alive", "node {index}");
     }
-    hosts.restore_between(1, 2);
+    hosts.restore_between(1, 2).expect("restore hosts 1 and 2");
     driver.finish();
 }
