@@ -29,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use yr_proto::v1 as pb;
 
+pub mod chaos;
 pub mod hosts;
 
 /// How long a test waits for something that should happen (generous: it only bounds a hang).
@@ -1320,25 +1321,7 @@ impl TestCluster {
 
     /// What the master at `address` says about the cluster.
     pub fn status_at(&self, address: &str) -> Result<pb::ClusterStatusResponse, String> {
-        let address = address.to_string();
-        block_on(async move {
-            let channel = tokio::time::timeout(
-                Duration::from_secs(5),
-                yr_transport::connect(&address, yr::ErrorCode::InnerCommunication),
-            )
-            .await
-            .map_err(|_| format!("connecting to the master at {address} timed out"))?
-            .map_err(|e| e.to_string())?;
-            tokio::time::timeout(
-                Duration::from_secs(5),
-                pb::master_client::MasterClient::new(channel)
-                    .cluster_status(pb::ClusterStatusRequest {}),
-            )
-            .await
-            .map_err(|_| format!("the master at {address} did not answer within 5 s"))?
-            .map(|r| r.into_inner())
-            .map_err(|s| s.message().to_string())
-        })
+        master_status(address)
     }
 
     /// The record of `instance_id` as its node stored it in the master's meta store
@@ -1441,7 +1424,7 @@ impl TestCluster {
 
 /// The value of the Prometheus gauge or counter `name` (without labels) on the /metrics
 /// endpoint at `address`; `None` if it does not answer or does not report it.
-fn metric_at(address: &str, name: &str) -> Option<f64> {
+pub fn metric_at(address: &str, name: &str) -> Option<f64> {
     let (status, text) = block_on(yr_transport::http::fetch(
         address,
         "/metrics",
@@ -1458,6 +1441,30 @@ fn metric_at(address: &str, name: &str) -> Option<f64> {
             .parse()
             .ok()
     })
+}
+
+/// What the master at `address` says about the cluster (a standby answers "not the leader",
+/// naming it). The connection is made from the calling thread's network namespace.
+pub fn master_status(address: &str) -> Result<pb::ClusterStatusResponse, String> {
+    let address = address.to_string();
+        block_on(async move {
+            let channel = tokio::time::timeout(
+                Duration::from_secs(5),
+                yr_transport::connect(&address, yr::ErrorCode::InnerCommunication),
+            )
+            .await
+            .map_err(|_| format!("connecting to the master at {address} timed out"))?
+            .map_err(|e| e.to_string())?;
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                pb::master_client::MasterClient::new(channel)
+                    .cluster_status(pb::ClusterStatusRequest {}),
+            )
+            .await
+            .map_err(|_| format!("the master at {address} did not answer within 5 s"))?
+            .map(|r| r.into_inner())
+            .map_err(|s| s.message().to_string())
+        })
 }
 
 /// The incarnation under which `status` lists node `node_id`; `None` if it does not list it.
