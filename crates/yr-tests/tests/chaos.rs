@@ -247,17 +247,19 @@ impl Soak {
 
     /// Wait until a master leads and lists every node alive (and, with `both_masters`, the
     /// other master stands by); panics with the seed after [`RECOVERY_BOUND`].
-    fn wait_whole(&self, why: &str, both_masters: bool) {
+    fn wait_whole(&self, why: &str, after: &Before) {
         let mut last = None;
         let whole = wait_until(RECOVERY_BOUND, || {
             let status = self.status();
             let ok = status.as_ref().is_ok_and(|status| {
                 (0..NODE_HOSTS).all(|host| {
-                    status
-                        .nodes
-                        .iter()
-                        .any(|n| n.node_id == Self::node_id(host) && n.state == "alive")
-                }) && (!both_masters || status.masters.len() == MASTER_HOSTS.len())
+                    status.nodes.iter().any(|n| {
+                        n.node_id == Self::node_id(host)
+                            && n.state == "alive"
+                            && after.restarted_node != Some((host, n.incarnation))
+                    })
+                }) && status.masters.len() == MASTER_HOSTS.len()
+                    && after.killed_leader.as_ref() != Some(&status.leader)
             });
             last = Some(status);
             ok
@@ -283,12 +285,14 @@ impl Soak {
         found
     }
 
+    /// Node `host`'s anonymous resident memory (its heap: the shared memory it maps is checked
+    /// through its own metric).
     fn node_rss_kb(&self, host: usize) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.nodes[host].pid()?))
             .ok()?;
         status
             .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .find_map(|line| line.strip_prefix("RssAnon:"))
             .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
@@ -300,6 +304,15 @@ impl Soak {
             )
         })
     }
+}
+
+/// What must have changed before the cluster counts as whole again after a fault.
+#[derive(Default)]
+struct Before {
+    /// A node that was started again, and its incarnation before: it registers anew.
+    restarted_node: Option<(usize, u64)>,
+    /// The leader that was killed: another master leads.
+    killed_leader: Option<String>,
 }
 
 /// A driver process and the reports it printed so far.
@@ -409,10 +422,19 @@ fn inject(soak: &mut Soak, rng: &mut StdRng) -> Fault {
         }
         35..=59 => {
             eprintln!("chaos: SIGKILL node on h{host}, back in {pause:?}");
+            let incarnation = soak.status().ok().and_then(|status| {
+                yr_tests::node_incarnation(&status, &Soak::node_id(host))
+            });
             soak.nodes[host].kill();
             std::thread::sleep(pause);
             soak.start_node(host);
-            soak.wait_whole("a node's SIGKILL", false);
+            soak.wait_whole(
+                "a node's SIGKILL",
+                &Before {
+                    restarted_node: incarnation.map(|i| (host, i)),
+                    ..Before::default()
+                },
+            );
             (FaultKind::NodeKill, host)
         }
         60..=74 => {
@@ -426,7 +448,13 @@ fn inject(soak: &mut Soak, rng: &mut StdRng) -> Fault {
             soak.masters[index].kill();
             std::thread::sleep(pause);
             soak.start_master(index);
-            soak.wait_whole("the leading master's SIGKILL", true);
+            soak.wait_whole(
+                "the leading master's SIGKILL",
+                &Before {
+                    killed_leader: Some(leader),
+                    ..Before::default()
+                },
+            );
             (FaultKind::MasterKill, MASTER_HOSTS[index])
         }
         _ => {
@@ -435,7 +463,7 @@ fn inject(soak: &mut Soak, rng: &mut StdRng) -> Fault {
             soak.hosts.cut(host);
             std::thread::sleep(cut);
             soak.hosts.restore(host);
-            soak.wait_whole("a cut link's restore", true);
+            soak.wait_whole("a cut link's restore", &Before::default());
             (FaultKind::Cut, host)
         }
     };
@@ -478,10 +506,15 @@ fn a_seeded_workload_survives_killed_runtimes_nodes_and_masters_and_cut_links() 
     for index in 0..MASTER_HOSTS.len() {
         soak.start_master(index);
     }
+    let led = wait_until(RECOVERY_BOUND, || {
+        soak.status()
+            .is_ok_and(|status| status.masters.len() == MASTER_HOSTS.len())
+    });
+    assert!(led, "seed {seed}: no master led within {RECOVERY_BOUND:?}");
     for host in 0..NODE_HOSTS {
         soak.start_node(host);
     }
-    soak.wait_whole("the start", true);
+    soak.wait_whole("the start", &Before::default());
     let baseline_shm: Vec<f64> = (0..NODE_HOSTS)
         .map(|host| soak.shared_memory_used(host).unwrap_or(0.0))
         .collect();
@@ -531,9 +564,11 @@ fn a_seeded_workload_survives_killed_runtimes_nodes_and_masters_and_cut_links() 
         }
         let fault = inject(&mut soak, &mut rng);
         eprintln!(
-            "chaos: {} on h{} over after {} ms",
+            "chaos: {} on h{} from {} to {} ({} ms)",
             fault.kind.name(),
             fault.host,
+            fault.start_ms,
+            fault.end_ms,
             fault.end_ms - fault.start_ms
         );
         if matches!(fault.kind, FaultKind::NodeKill) {

@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_bytes::ByteBuf;
-use yr::{Affinity, AffinityKind, AffinityType, InvokeOptions, LabelOp, LabelOperator};
+use yr::InvokeOptions;
 use yr_tests::chaos::{
     now_ms, OpKind, OpReport, Outcome, DIR_VAR, DRIVER_VAR, HOSTS_VAR, LARGE, OP_DEADLINE,
     REPORT_PREFIX, SEED_VAR,
 };
-use yr_tests::{pattern, weighted_sum};
+use yr_tests::{on_label, pattern, weighted_sum};
 
 /// How long a KV read waits for its key.
 const KV_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,6 +76,9 @@ impl Keeper {
     }
 }
 
+/// The message of the last error an operation got, for its report.
+static LAST_ERROR: Mutex<String> = Mutex::new(String::new());
+
 /// What the watchdog sees: the operation running now and since when.
 static CURRENT: Mutex<Option<(Instant, OpKind, String)>> = Mutex::new(None);
 
@@ -117,21 +120,18 @@ struct Driver {
     lost_bus: bool,
 }
 
-/// Placement preferring host `h<host>` (the master falls back to others when it is gone).
-fn prefer(host: usize) -> InvokeOptions {
-    InvokeOptions {
-        schedule_affinities: vec![Affinity {
-            affinity_kind: AffinityKind::Resource,
-            affinity_type: AffinityType::Preferred,
-            label_operators: vec![LabelOperator {
-                op: LabelOp::In,
-                key: "host".into(),
-                values: vec![format!("h{host}")],
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
+/// Placement on host `h<host>` (required: the call waits for it while that host is gone), or
+/// wherever the master chooses.
+fn place(host: Option<usize>) -> InvokeOptions {
+    match host {
+        Some(host) => on_label("host", &format!("h{host}")),
+        None => InvokeOptions::default(),
     }
+}
+
+/// Where `host` places, for messages.
+fn where_(host: Option<usize>) -> String {
+    host.map_or_else(|| "any host".to_string(), |host| format!("h{host}"))
 }
 
 /// The outcome of `result` got by an operation that started at `started`: an error that came
@@ -149,7 +149,10 @@ fn judge<T>(
         Err(error) if started.elapsed() + Duration::from_secs(1) >= OP_DEADLINE => {
             Outcome::Hang(format!("{}: {}", error.code().number(), error.message()))
         }
-        Err(error) => Outcome::Code(error.code().number()),
+        Err(error) => {
+            *LAST_ERROR.lock().unwrap_or_else(|e| e.into_inner()) = error.message().to_string();
+            Outcome::Code(error.code().number())
+        }
     }
 }
 
@@ -167,6 +170,13 @@ impl Driver {
             self.lost_bus = true;
         }
         self.seq += 1;
+        let detail = match outcome {
+            Outcome::Code(_) => format!(
+                "{detail} error: {}",
+                LAST_ERROR.lock().unwrap_or_else(|e| e.into_inner())
+            ),
+            _ => detail,
+        };
         let report = OpReport {
             driver: self.index,
             seq: self.seq,
@@ -185,17 +195,19 @@ impl Driver {
         (Instant::now(), now_ms())
     }
 
-    fn host(&mut self) -> usize {
-        self.rng.gen_range(0..self.hosts)
+    /// A host for placement (one time in three, none: the master chooses).
+    fn host(&mut self) -> Option<usize> {
+        let host = self.rng.gen_range(0..self.hosts + self.hosts / 2);
+        (host < self.hosts).then_some(host)
     }
 
     fn task(&mut self) {
         let x = self.rng.gen_range(-1_000_000..1_000_000i64);
         let host = self.host();
-        let detail = format!("square({x}) on h{host}");
+        let detail = format!("square({x}) on {}", where_(host));
         let (started, since) = self.begin(OpKind::Task, &detail);
         let result = yr::function(square)
-            .options(prefer(host))
+            .options(place(host))
             .invoke((x,))
             .and_then(|object| yr::get(&object, OP_DEADLINE));
         let outcome = judge(result, started, |got| expect_eq(got, x * x));
@@ -207,10 +219,10 @@ impl Driver {
         let host = self.host();
         let expected = weighted_sum(&pattern(seed, LARGE));
         if self.rng.gen_bool(0.5) {
-            let detail = format!("make_large({seed}) on h{host}");
+            let detail = format!("make_large({seed}) on {}", where_(host));
             let (started, since) = self.begin(OpKind::LargeTask, &detail);
             let result = yr::function(make_large)
-                .options(prefer(host))
+                .options(place(host))
                 .invoke((seed,))
                 .and_then(|object| yr::get(&object, OP_DEADLINE));
             let outcome = judge(result, started, |got| {
@@ -218,11 +230,11 @@ impl Driver {
             });
             self.report(OpKind::LargeTask, since, outcome, detail);
         } else {
-            let detail = format!("checksum(&put(pattern {seed})) on h{host}");
+            let detail = format!("checksum(&put(pattern {seed})) on {}", where_(host));
             let (started, since) = self.begin(OpKind::LargeTask, &detail);
             let result = yr::put(pattern(seed, LARGE)).and_then(|object| {
                 let sum = yr::function(checksum)
-                    .options(prefer(host))
+                    .options(place(host))
                     .invoke((&object,))?;
                 yr::get(&sum, OP_DEADLINE)
             });
@@ -264,11 +276,11 @@ impl Driver {
         let retries = if self.rng.gen_bool(0.5) { 2 } else { 0 };
         let host = self.host();
         let n = self.rng.gen_range(1..100i64);
-        let detail = format!("{label} recover_retry_times={retries} on h{host}");
+        let detail = format!("{label} recover_retry_times={retries} on {}", where_(host));
         let (started, since) = self.begin(OpKind::Create, &detail);
         let options = InvokeOptions {
             recover_retry_times: retries,
-            ..prefer(host)
+            ..place(host)
         };
         let created = yr::instance(Keeper::new)
             .options(options)
