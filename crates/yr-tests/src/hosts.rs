@@ -12,6 +12,10 @@
 //! and process table; with [`Isolation::PrivateFileSystems`] every other host's directory is
 //! hidden from a host's processes (`YR_NETNS_ISOLATE_FS=1`, see `scripts/netns`).
 //!
+//! [`Hosts::up`] makes the set named `yr` (`yr-h0` …); [`Hosts::up_named`] makes a set of
+//! another name (`YR_NETNS_NAME`), which the set named `yr` of another test on the machine
+//! never touches (a long soak beside the other tests).
+//!
 //! A test cuts a host off the others with [`Hosts::cut`] (its port on the bridge goes down, so
 //! its packets to the other hosts, and theirs to it, are dropped silently, as when a cable is
 //! pulled: open connections hang rather than fail) and restores it with [`Hosts::restore`].
@@ -33,6 +37,9 @@ pub const MASTER_PORT: u16 = 22770;
 
 /// Set to 1 where multi-machine tests must run (CI runs as root): a missing `ip netns` fails.
 pub const REQUIRE_VAR: &str = "YR_TESTS_REQUIRE_NETNS";
+
+/// The variable `scripts/netns` takes the name of a set of hosts from.
+const NAME_VAR: &str = "YR_NETNS_NAME";
 
 /// Why the hosts cannot be made on this machine.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +89,7 @@ pub enum Isolation {
 pub struct Hosts {
     count: usize,
     isolation: Isolation,
+    name: String,
 }
 
 impl Hosts {
@@ -107,15 +115,26 @@ impl Hosts {
 
     /// Make `count` hosts, after removing any that a killed run left behind.
     pub fn up(count: usize, isolation: Isolation) -> Result<Hosts, Unavailable> {
+        Self::up_named("yr", count, isolation)
+    }
+
+    /// Make `count` hosts of the set named `name` (1 to 6 of `[a-z0-9]`: namespaces
+    /// `<name>-h<i>`, directories under `/tmp/<name>-netns`), after removing any of that set
+    /// that a killed run left behind.
+    pub fn up_named(name: &str, count: usize, isolation: Isolation) -> Result<Hosts, Unavailable> {
         Self::available()?;
-        let _ = run_script(&["down"]);
-        let output = run_script(&["up", &count.to_string()]);
+        let _ = run_script(name, &["down"]);
+        let output = run_script(name, &["up", &count.to_string()]);
         assert!(
             output.status.success(),
             "scripts/netns up {count} failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        Ok(Hosts { count, isolation })
+        Ok(Hosts {
+            count,
+            isolation,
+            name: name.to_string(),
+        })
     }
 
     /// How many hosts there are.
@@ -132,7 +151,7 @@ impl Hosts {
     pub fn dir(&self, index: usize) -> PathBuf {
         let base = std::env::var_os("YR_NETNS_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/tmp/yr-netns"));
+            .unwrap_or_else(|| PathBuf::from(format!("/tmp/{}-netns", self.name)));
         base.join(format!("h{index}"))
     }
 
@@ -146,6 +165,7 @@ impl Hosts {
             .arg("exec")
             .arg(index.to_string())
             .arg(program)
+            .env(NAME_VAR, &self.name)
             .env(
                 "YR_NETNS_ISOLATE_FS",
                 match self.isolation {
@@ -159,6 +179,11 @@ impl Hosts {
 }
 
 impl Hosts {
+    /// Host `index`'s network namespace (`yr-h<index>` in the set named `yr`).
+    pub fn namespace(&self, index: usize) -> String {
+        format!("{}-h{index}", self.name)
+    }
+
     /// Cuts host `index` off every other host: its port on the bridge (`yr-h<index>` in the
     /// hub namespace) goes down. Its own interface stays up and keeps its address, so the
     /// host's processes see no error: their packets to the other hosts are lost, as theirs to
@@ -174,15 +199,16 @@ impl Hosts {
 
     fn set_link(&self, index: usize, state: &str) {
         assert!(index < self.count, "there is no host {index}");
-        let port = format!("yr-h{index}");
+        let port = self.namespace(index);
+        let hub = format!("{}-hub", self.name);
         let mut command = Command::new("ip");
         command
-            .args(["-n", "yr-hub", "link", "set", &port, state])
+            .args(["-n", &hub, "link", "set", &port, state])
             .stdin(Stdio::null());
         let output = output_within(command, Duration::from_secs(30));
         assert!(
             output.status.success(),
-            "ip -n yr-hub link set {port} {state} failed: {}",
+            "ip -n {hub} link set {port} {state} failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
     }
@@ -192,7 +218,7 @@ impl Hosts {
     /// that host. Returns what `work` returns.
     pub fn in_host<T: Send>(&self, index: usize, work: impl FnOnce() -> T + Send) -> T {
         assert!(index < self.count, "there is no host {index}");
-        let path = format!("/var/run/netns/yr-h{index}");
+        let path = format!("/var/run/netns/{}", self.namespace(index));
         std::thread::scope(|scope| {
             scope
                 .spawn(move || {
@@ -226,7 +252,7 @@ impl Drop for Hosts {
             eprintln!("yr-tests: kept the hosts (scripts/netns down removes them)");
             return;
         }
-        let output = run_script(&["down"]);
+        let output = run_script(&self.name, &["down"]);
         if !output.status.success() {
             eprintln!(
                 "yr-tests: scripts/netns down failed: {}",
@@ -236,9 +262,9 @@ impl Drop for Hosts {
     }
 }
 
-fn run_script(args: &[&str]) -> Output {
+fn run_script(name: &str, args: &[&str]) -> Output {
     let mut command = Command::new(netns_script());
-    command.args(args).stdin(Stdio::null());
+    command.args(args).env(NAME_VAR, name).stdin(Stdio::null());
     output_within(command, Duration::from_secs(60))
 }
 

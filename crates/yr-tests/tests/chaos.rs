@@ -482,7 +482,8 @@ fn a_seeded_workload_survives_killed_runtimes_nodes_and_masters_and_cut_links() 
     let seed = seed();
     let soak_for = Duration::from_secs_f64(minutes() * 60.0);
     eprintln!("chaos: seed {seed} (replay with YR_CHAOS_SEED={seed}), {soak_for:?} of faults");
-    let hosts = match Hosts::up(NODE_HOSTS + 1, Isolation::SharedFileSystem) {
+    // A set of hosts of its own: the other tests' hosts (named `yr`) never touch it.
+    let hosts = match Hosts::up_named("yrc", NODE_HOSTS + 1, Isolation::SharedFileSystem) {
         Ok(hosts) => hosts,
         Err(why) => return skip_or_fail(test, &why),
     };
@@ -561,6 +562,15 @@ fn a_seeded_workload_survives_killed_runtimes_nodes_and_masters_and_cut_links() 
             .is_none_or(|cut| now_ms().saturating_sub(cut.end_ms) > SETTLE.as_millis() as u64);
         if settled {
             two_places.extend(instances_in_two_places(&marks));
+        }
+        eprintln!(
+            "chaos: nodes' RssAnon {:?} kB",
+            (0..NODE_HOSTS)
+                .map(|host| soak.node_rss_kb(host))
+                .collect::<Vec<_>>()
+        );
+        if std::env::var_os("YR_CHAOS_NO_FAULTS").is_some() {
+            continue;
         }
         let fault = inject(&mut soak, &mut rng);
         eprintln!(
@@ -721,7 +731,7 @@ fn a_seeded_workload_survives_killed_runtimes_nodes_and_masters_and_cut_links() 
     }
     for host in 0..=ETCD_HOST {
         let output = std::process::Command::new("ip")
-            .args(["netns", "pids", &format!("yr-h{host}")])
+            .args(["netns", "pids", &soak.hosts.namespace(host)])
             .output();
         if let Ok(output) = output {
             let pids = String::from_utf8_lossy(&output.stdout).trim().to_string();
