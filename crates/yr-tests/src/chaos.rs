@@ -261,10 +261,10 @@ pub const ACCEPTED: &[Rule] = &[
         fault: FaultKind::RuntimeKill,
         scope: Scope::AnyHost,
         ops: STATEFUL,
-        codes: &[1007],
+        codes: &[1007, 2002],
         grace: Duration::from_secs(10),
         why: "an instance without restarts (recover_retry_times = 0) whose runtime was killed \
-              is FATAL",
+              is FATAL: its runtime crashed (2002), or it exited (1007)",
     },
     Rule {
         fault: FaultKind::RuntimeKill,
@@ -279,10 +279,11 @@ pub const ACCEPTED: &[Rule] = &[
         fault: FaultKind::NodeKill,
         scope: Scope::DriverHost,
         ops: EVERY_OP,
-        codes: &[3006, 4002, 9000, 4005, 1007, 3002],
+        codes: &[3006, 4002, 4205, 9000, 4005, 1007, 3002],
         grace: Duration::from_secs(20),
         why: "the driver's own node died: its bus is gone (3006) until it is back and the \
-              driver connects again; what the driver owned is gone with it",
+              driver connects again, and its data worker with it (4205); what the driver owned \
+              is gone with it",
     },
     Rule {
         fault: FaultKind::NodeKill,
@@ -306,7 +307,7 @@ pub const ACCEPTED: &[Rule] = &[
         fault: FaultKind::Cut,
         scope: Scope::DriverHost,
         ops: EVERY_OP,
-        codes: &[3006, 4002, 9000, 4005, 1007, 3002, 4299, 1002],
+        codes: &[3006, 4002, 4205, 9000, 4005, 1007, 3002, 4299, 1002],
         grace: Duration::from_secs(30),
         why: "the driver's host was cut off: its node was declared lost and fenced, so what \
               the driver owned there is gone",

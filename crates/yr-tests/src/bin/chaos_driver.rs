@@ -324,7 +324,8 @@ impl Driver {
         for (n, call) in args.iter().zip(submitted) {
             let result = call.and_then(|object| yr::get(&object, OP_DEADLINE));
             let outcome = judge(result, started, |(pid, value)| actor.check(*n, pid, value));
-            if outcome == Outcome::Code(1007) {
+            if outcome == Outcome::Code(1007) || outcome == Outcome::Code(2002) {
+                // Exited, or its runtime crashed with no restarts left.
                 fatal = true;
             }
             if matches!(outcome, Outcome::Code(_)) {
