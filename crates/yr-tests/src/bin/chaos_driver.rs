@@ -32,7 +32,7 @@ use yr_tests::{on_label, pattern, weighted_sum};
 const KV_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the driver tries to connect again after its node died.
-const RECONNECT_BOUND: Duration = Duration::from_secs(180);
+const RECONNECT_BOUND: Duration = OP_DEADLINE;
 
 /// Stateful instances each driver keeps.
 const ACTOR_SLOTS: usize = 3;
