@@ -335,7 +335,11 @@ pub const ACCEPTED: &[Rule] = &[
 
 /// Whether `report`, made by a driver on `driver_host`, failed in a way the table accepts
 /// given `faults`; `Some(rule)` names the row that accepts it.
-pub fn accepted_by(report: &OpReport, driver_host: usize, faults: &[Fault]) -> Option<&'static Rule> {
+pub fn accepted_by(
+    report: &OpReport,
+    driver_host: usize,
+    faults: &[Fault],
+) -> Option<&'static Rule> {
     let Outcome::Code(code) = report.outcome else {
         return None;
     };
@@ -398,13 +402,21 @@ mod tests {
             start_ms,
             end_ms,
         };
-        assert!(accepted_by(&report, 0, &[]).is_none(), "no fault, no excuse");
-        assert!(accepted_by(&report, 0, &[fault(FaultKind::RuntimeKill, 99_000, 99_500)]).is_some());
+        assert!(
+            accepted_by(&report, 0, &[]).is_none(),
+            "no fault, no excuse"
+        );
+        assert!(
+            accepted_by(&report, 0, &[fault(FaultKind::RuntimeKill, 99_000, 99_500)]).is_some()
+        );
         // A fault long before the operation or after it excuses nothing.
         assert!(accepted_by(&report, 0, &[fault(FaultKind::RuntimeKill, 0, 10)]).is_none());
-        assert!(
-            accepted_by(&report, 0, &[fault(FaultKind::RuntimeKill, 102_000, 102_100)]).is_none()
-        );
+        assert!(accepted_by(
+            &report,
+            0,
+            &[fault(FaultKind::RuntimeKill, 102_000, 102_100)]
+        )
+        .is_none());
         // A master kill does not excuse a failed call.
         assert!(accepted_by(&report, 0, &[fault(FaultKind::MasterKill, 99_000, 99_500)]).is_none());
         // 3006 only when the driver's own node died.

@@ -1447,24 +1447,24 @@ pub fn metric_at(address: &str, name: &str) -> Option<f64> {
 /// naming it). The connection is made from the calling thread's network namespace.
 pub fn master_status(address: &str) -> Result<pb::ClusterStatusResponse, String> {
     let address = address.to_string();
-        block_on(async move {
-            let channel = tokio::time::timeout(
-                Duration::from_secs(5),
-                yr_transport::connect(&address, yr::ErrorCode::InnerCommunication),
-            )
-            .await
-            .map_err(|_| format!("connecting to the master at {address} timed out"))?
-            .map_err(|e| e.to_string())?;
-            tokio::time::timeout(
-                Duration::from_secs(5),
-                pb::master_client::MasterClient::new(channel)
-                    .cluster_status(pb::ClusterStatusRequest {}),
-            )
-            .await
-            .map_err(|_| format!("the master at {address} did not answer within 5 s"))?
-            .map(|r| r.into_inner())
-            .map_err(|s| s.message().to_string())
-        })
+    block_on(async move {
+        let channel = tokio::time::timeout(
+            Duration::from_secs(5),
+            yr_transport::connect(&address, yr::ErrorCode::InnerCommunication),
+        )
+        .await
+        .map_err(|_| format!("connecting to the master at {address} timed out"))?
+        .map_err(|e| e.to_string())?;
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            pb::master_client::MasterClient::new(channel)
+                .cluster_status(pb::ClusterStatusRequest {}),
+        )
+        .await
+        .map_err(|_| format!("the master at {address} did not answer within 5 s"))?
+        .map(|r| r.into_inner())
+        .map_err(|s| s.message().to_string())
+    })
 }
 
 /// The incarnation under which `status` lists node `node_id`; `None` if it does not list it.

@@ -41,8 +41,7 @@ use yr_tests::chaos::{
 };
 use yr_tests::hosts::{skip_or_fail, Hosts, Isolation};
 use yr_tests::{
-    alive, children_of, exclusive, master_status, metric_at, signal, wait_until, yr_binary,
-    TempDir,
+    alive, children_of, exclusive, master_status, metric_at, signal, wait_until, yr_binary, TempDir,
 };
 
 /// Hosts with a node.
@@ -139,11 +138,10 @@ impl Soak {
     fn spawn(&mut self, host: usize, name: &str, mut command: std::process::Command) -> Proc {
         let log = self.log(name);
         let err = log.try_clone().expect("a log handle");
-        let child = command
-            .stdout(log)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("seed {}: cannot start {name} on h{host}: {e}", self.seed));
+        let child =
+            command.stdout(log).stderr(err).spawn().unwrap_or_else(|e| {
+                panic!("seed {}: cannot start {name} on h{host}: {e}", self.seed)
+            });
         self.started.insert(child.id());
         Proc { child: Some(child) }
     }
@@ -220,7 +218,10 @@ impl Soak {
             .arg("--session-dir")
             .arg(&session)
             .args(["--node-id", &Self::node_id(host)])
-            .args(["--metrics-listen", &format!("127.0.0.1:{NODE_METRICS_PORT}")])
+            .args([
+                "--metrics-listen",
+                &format!("127.0.0.1:{NODE_METRICS_PORT}"),
+            ])
             .args(["--cpu", "16000", "--memory", "8192", "--warm-pool", "1"])
             .args(["--labels", &format!("host=h{host}")])
             .env(yr_common::auth::TOKEN_ENV, &self.token)
@@ -287,8 +288,8 @@ impl Soak {
     /// Node `host`'s anonymous resident memory (its heap: the shared memory it maps is checked
     /// through its own metric).
     fn node_rss_kb(&self, host: usize) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.nodes[host].pid()?))
-            .ok()?;
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.nodes[host].pid()?)).ok()?;
         status
             .lines()
             .find_map(|line| line.strip_prefix("RssAnon:"))
@@ -394,7 +395,9 @@ fn instances_in_two_places(marks: &Path) -> Vec<(String, Vec<u32>)> {
             }
         }
     }
-    live.into_iter().filter(|(_, pids)| pids.len() > 1).collect()
+    live.into_iter()
+        .filter(|(_, pids)| pids.len() > 1)
+        .collect()
 }
 
 /// Inject one fault chosen by `rng`; returns it once the cluster is whole again.
@@ -420,9 +423,10 @@ fn inject(soak: &mut Soak, rng: &mut StdRng) -> Fault {
         }
         35..=59 => {
             eprintln!("chaos: SIGKILL node on h{host}, back in {pause:?}");
-            let incarnation = soak.status().ok().and_then(|status| {
-                yr_tests::node_incarnation(&status, &Soak::node_id(host))
-            });
+            let incarnation = soak
+                .status()
+                .ok()
+                .and_then(|status| yr_tests::node_incarnation(&status, &Soak::node_id(host)));
             soak.nodes[host].kill();
             std::thread::sleep(pause);
             soak.start_node(host);
@@ -613,7 +617,12 @@ fn a_seeded_workload_survives_killed_runtimes_nodes_and_masters_and_cut_links() 
     let mut rules_used: BTreeMap<&'static str, usize> = BTreeMap::new();
     for driver in &drivers {
         let host = driver.host;
-        for line in driver.lines.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for line in driver
+            .lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             let Some(report) = OpReport::parse(line) else {
                 continue;
             };
@@ -622,9 +631,8 @@ fn a_seeded_workload_survives_killed_runtimes_nodes_and_masters_and_cut_links() 
                 Outcome::Code(code) => {
                     match accepted_by(&report, host, &faults) {
                         Some(rule) => *rules_used.entry(rule.why).or_default() += 1,
-                        None => findings.push(format!(
-                            "code {code} with no fault that accepts it: {line}"
-                        )),
+                        None => findings
+                            .push(format!("code {code} with no fault that accepts it: {line}")),
                     }
                     format!("code {code}")
                 }
@@ -657,7 +665,9 @@ fn a_seeded_workload_survives_killed_runtimes_nodes_and_masters_and_cut_links() 
         "every rule names its codes"
     );
     assert!(
-        counts.keys().any(|(kind, outcome)| *kind == OpKind::Call && outcome == "ok"),
+        counts
+            .keys()
+            .any(|(kind, outcome)| *kind == OpKind::Call && outcome == "ok"),
         "seed {seed}: the workload ran: {counts:?}"
     );
 
@@ -667,7 +677,9 @@ fn a_seeded_workload_survives_killed_runtimes_nodes_and_masters_and_cut_links() 
         two_places.extend(instances_in_two_places(&marks));
     }
     for (label, pids) in &two_places {
-        findings.push(format!("instance {label} runs in processes {pids:?} at once"));
+        findings.push(format!(
+            "instance {label} runs in processes {pids:?} at once"
+        ));
     }
 
     // Memory back at baseline: the drivers released everything.
@@ -699,7 +711,9 @@ fn a_seeded_workload_survives_killed_runtimes_nodes_and_masters_and_cut_links() 
     soak.runtimes();
     for host in 0..NODE_HOSTS {
         if !soak.nodes[host].stop(Duration::from_secs(60)) {
-            findings.push(format!("node on h{host} did not stop on SIGTERM within 60 s"));
+            findings.push(format!(
+                "node on h{host} did not stop on SIGTERM within 60 s"
+            ));
         }
     }
     for master in &mut soak.masters {

@@ -466,11 +466,16 @@ fn a_node_declared_lost_forgets_its_keys_and_reads_after_the_heal_return_the_new
 
     // The heal: node 2 registers as a new incarnation, the keys move back to it, and the nodes
     // that held them meanwhile forget them once it took them.
-    cluster.wait_for_status(TIMEOUT, "node 2 registered as a new incarnation", |status| {
-        status.nodes.iter().any(|n| {
-            n.node_id == far && n.state == "alive" && n.incarnation != old_incarnation
-        })
-    });
+    cluster.wait_for_status(
+        TIMEOUT,
+        "node 2 registered as a new incarnation",
+        |status| {
+            status
+                .nodes
+                .iter()
+                .any(|n| n.node_id == far && n.state == "alive" && n.incarnation != old_incarnation)
+        },
+    );
     assert!(
         wait_until(TIMEOUT, || (0..2).all(|node| cluster
             .node_metric(node, "yr_kv_memory_bytes")

@@ -250,11 +250,7 @@ impl Driver {
         } else {
             self.rng.gen_range(1..4096)
         };
-        let kind = if large {
-            OpKind::LargePut
-        } else {
-            OpKind::Put
-        };
+        let kind = if large { OpKind::LargePut } else { OpKind::Put };
         let detail = format!("put {len} bytes of pattern {seed}");
         let value = pattern(seed, len);
         let (started, since) = self.begin(kind, &detail);
@@ -300,7 +296,10 @@ impl Driver {
             });
             expect_eq(value, n)
         });
-        let detail = format!("{detail} id={}", made.as_ref().map(|a| a.handle.id()).unwrap_or(""));
+        let detail = format!(
+            "{detail} id={}",
+            made.as_ref().map(|a| a.handle.id()).unwrap_or("")
+        );
         self.report(OpKind::Create, since, outcome.clone(), detail);
         if outcome == Outcome::Ok {
             self.actors[slot] = made;
@@ -576,7 +575,9 @@ fn main() {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .is_some_and(|(started, _, _)| started.elapsed() > OP_DEADLINE + Duration::from_secs(30));
+            .is_some_and(|(started, _, _)| {
+                started.elapsed() > OP_DEADLINE + Duration::from_secs(30)
+            });
         if stuck {
             hang("no answer within the operation's deadline");
         }
