@@ -138,8 +138,9 @@ pub struct OpReport {
     pub seq: u64,
     /// What it was.
     pub kind: OpKind,
-    /// Since when its result depended on the cluster (ms since the epoch): its start, or for
-    /// a read of a KV key, when the key was written.
+    /// Since when its result depended on the cluster (ms since the epoch): its start; for a
+    /// read of a KV key, when the key was written; for a call of an instance, when a call of
+    /// it last succeeded.
     pub since_ms: u64,
     /// When it ended (ms since the epoch).
     pub end_ms: u64,

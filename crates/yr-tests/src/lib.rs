@@ -1443,18 +1443,23 @@ pub fn metric_at(address: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// A channel to the `what` at `address`, connected within 5 s.
+async fn connect_within(address: &str, what: &str) -> Result<tonic::transport::Channel, String> {
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        yr_transport::connect(address, yr::ErrorCode::InnerCommunication),
+    )
+    .await
+    .map_err(|_| format!("connecting to the {what} at {address} timed out"))?
+    .map_err(|e| e.to_string())
+}
+
 /// What the master at `address` says about the cluster (a standby answers "not the leader",
 /// naming it). The connection is made from the calling thread's network namespace.
 pub fn master_status(address: &str) -> Result<pb::ClusterStatusResponse, String> {
     let address = address.to_string();
     block_on(async move {
-        let channel = tokio::time::timeout(
-            Duration::from_secs(5),
-            yr_transport::connect(&address, yr::ErrorCode::InnerCommunication),
-        )
-        .await
-        .map_err(|_| format!("connecting to the master at {address} timed out"))?
-        .map_err(|e| e.to_string())?;
+        let channel = connect_within(&address, "master").await?;
         tokio::time::timeout(
             Duration::from_secs(5),
             pb::master_client::MasterClient::new(channel)
@@ -1575,13 +1580,7 @@ pub fn stored_record(
     let address = address.to_string();
     let key = format!("/yr/instance/{instance_id}");
     block_on(async move {
-        let channel = tokio::time::timeout(
-            Duration::from_secs(5),
-            yr_transport::connect(&address, yr::ErrorCode::InnerCommunication),
-        )
-        .await
-        .map_err(|_| format!("connecting to the meta store at {address} timed out"))?
-        .map_err(|e| e.to_string())?;
+        let channel = connect_within(&address, "meta store").await?;
         let reply = tokio::time::timeout(
             Duration::from_secs(5),
             yr_proto::meta::meta_service_client::MetaServiceClient::new(channel)

@@ -287,6 +287,12 @@ impl Soak {
 
     /// Node `host`'s anonymous resident memory (its heap: the shared memory it maps is checked
     /// through its own metric).
+    /// How many file descriptors node `host` has open.
+    fn node_fds(&self, host: usize) -> Option<usize> {
+        let pid = self.nodes[host].pid()?;
+        Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+    }
+
     fn node_rss_kb(&self, host: usize) -> Option<u64> {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", self.nodes[host].pid()?)).ok()?;
@@ -561,9 +567,12 @@ fn a_seeded_workload_survives_killed_runtimes_nodes_and_masters_and_cut_links() 
             two_places.extend(instances_in_two_places(&marks));
         }
         eprintln!(
-            "chaos: nodes' RssAnon {:?} kB",
+            "chaos: nodes' RssAnon {:?} kB, open files {:?}",
             (0..NODE_HOSTS)
                 .map(|host| soak.node_rss_kb(host))
+                .collect::<Vec<_>>(),
+            (0..NODE_HOSTS)
+                .map(|host| soak.node_fds(host))
                 .collect::<Vec<_>>()
         );
         if std::env::var_os("YR_CHAOS_NO_FAULTS").is_some() {
@@ -609,6 +618,26 @@ fn a_seeded_workload_survives_killed_runtimes_nodes_and_masters_and_cut_links() 
             driver.host,
             last_lines(driver, 10)
         );
+    }
+
+    let rss_now = |soak: &Soak| {
+        (0..NODE_HOSTS)
+            .map(|host| soak.node_rss_kb(host))
+            .collect::<Vec<_>>()
+    };
+    eprintln!(
+        "chaos: the drivers finished; nodes' RssAnon {:?} kB, open files {:?}",
+        rss_now(&soak),
+        (0..NODE_HOSTS)
+            .map(|host| soak.node_fds(host))
+            .collect::<Vec<_>>()
+    );
+    for driver in &drivers {
+        for line in driver.lines.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if line.contains("cleanup ") || line.contains("done ") {
+                eprintln!("chaos: h{}: {line}", driver.host);
+            }
+        }
     }
 
     // Judge every operation.
@@ -695,6 +724,7 @@ fn a_seeded_workload_survives_killed_runtimes_nodes_and_masters_and_cut_links() 
             ));
         }
     }
+    eprintln!("chaos: shared memory checked; nodes' RssAnon {:?} kB", rss_now(&soak));
     for (host, baseline) in baseline_rss.iter().enumerate() {
         let (Some(baseline), Some(now)) = (baseline, soak.node_rss_kb(host)) else {
             continue;

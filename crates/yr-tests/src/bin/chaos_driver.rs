@@ -99,6 +99,9 @@ struct Actor {
     /// The sum of the arguments of calls that failed since the last one that succeeded (they
     /// may or may not have run).
     unsure: i64,
+    /// When a call last succeeded (ms since the epoch): a call's failure may come from any
+    /// fault since.
+    last_ok_ms: u64,
 }
 
 /// What a KV key may hold: the values of the writes that may have landed, and since when.
@@ -293,6 +296,7 @@ impl Driver {
                 current: Some((pid, value)),
                 abandoned: Vec::new(),
                 unsure: 0,
+                last_ok_ms: now_ms(),
             });
             expect_eq(value, n)
         });
@@ -314,7 +318,7 @@ impl Driver {
         let count = self.rng.gen_range(1..=4);
         let args: Vec<i64> = (0..count).map(|_| self.rng.gen_range(1..100)).collect();
         let detail = format!("{} id={} add{args:?}", actor.label, actor.handle.id());
-        let (started, since) = self.begin(OpKind::Call, &detail);
+        let (started, _) = self.begin(OpKind::Call, &detail);
         let submitted: Vec<_> = args
             .iter()
             .map(|n| actor.handle.method(Keeper::add).invoke((*n,)))
@@ -322,7 +326,11 @@ impl Driver {
         let mut fatal = false;
         for (n, call) in args.iter().zip(submitted) {
             let result = call.and_then(|object| yr::get(&object, OP_DEADLINE));
+            let since = actor.last_ok_ms;
             let outcome = judge(result, started, |(pid, value)| actor.check(*n, pid, value));
+            if outcome == Outcome::Ok {
+                actor.last_ok_ms = now_ms();
+            }
             if outcome == Outcome::Code(1007) || outcome == Outcome::Code(2002) {
                 // Exited, or its runtime crashed with no restarts left.
                 fatal = true;
@@ -473,11 +481,24 @@ impl Driver {
         if self.lost_bus {
             self.reconnect();
         }
+        let step = |what: &str, started: Instant, result: yr::Result<()>| {
+            emit(&format!(
+                "{REPORT_PREFIX}cleanup {what} {} ms {}",
+                started.elapsed().as_millis(),
+                result.map_or_else(|e| format!("code {}", e.code().number()), |()| "ok".into())
+            ));
+        };
         for actor in self.actors.iter_mut().filter_map(Option::take) {
-            let _ = actor.handle.terminate_sync();
+            let started = Instant::now();
+            step(
+                &format!("terminate {}", actor.handle.id()),
+                started,
+                actor.handle.terminate_sync(),
+            );
         }
         let keys: Vec<&str> = self.kv.keys().map(String::as_str).collect();
-        let _ = yr::kv_del(&keys);
+        let started = Instant::now();
+        step("kv_del", started, yr::kv_del(&keys));
     }
 }
 
@@ -604,6 +625,11 @@ fn main() {
         driver.step();
     }
     driver.clean_up();
-    emit(&format!("{REPORT_PREFIX}done {index} {}", driver.seq));
-    let _ = yr::finalize();
+    let started = Instant::now();
+    let finalized = yr::finalize();
+    emit(&format!(
+        "{REPORT_PREFIX}done {index} {} (finalize {} ms: {finalized:?})",
+        driver.seq,
+        started.elapsed().as_millis()
+    ));
 }
