@@ -51,6 +51,17 @@ pub struct MetaStoreArgs {
     /// prefixes. A master restarted with the same etcd and prefix recovers the cluster.
     #[arg(long, value_name = "PREFIX", default_value = yr_meta::EtcdOptions::DEFAULT_PREFIX, requires = "etcd")]
     pub etcd_prefix: String,
+    /// Speak TLS to etcd (https endpoints): the CA certificate (PEM) that etcd's certificate
+    /// chains to.
+    #[arg(long, value_name = "FILE", requires = "etcd")]
+    pub etcd_ca: Option<PathBuf>,
+    /// The master's certificate (PEM) for an etcd that authenticates clients by certificate
+    /// (`etcd --client-cert-auth`); with --etcd-ca and --etcd-key.
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_ca", "etcd_key"])]
+    pub etcd_cert: Option<PathBuf>,
+    /// The key (PEM) of --etcd-cert.
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_ca", "etcd_cert"])]
+    pub etcd_key: Option<PathBuf>,
 }
 
 impl MetaStoreArgs {
@@ -59,12 +70,29 @@ impl MetaStoreArgs {
         if self.etcd.is_empty() {
             return Vec::new();
         }
-        vec![
+        let mut args = vec![
             "--etcd".into(),
             self.etcd.join(","),
             "--etcd-prefix".into(),
             self.etcd_prefix.clone(),
-        ]
+        ];
+        // Absolute, so that the spawned master reads the same files from any directory.
+        let absolute = |path: &PathBuf| {
+            std::path::absolute(path)
+                .unwrap_or_else(|_| path.clone())
+                .display()
+                .to_string()
+        };
+        for (flag, path) in [
+            ("--etcd-ca", &self.etcd_ca),
+            ("--etcd-cert", &self.etcd_cert),
+            ("--etcd-key", &self.etcd_key),
+        ] {
+            if let Some(path) = path {
+                args.extend([flag.to_string(), absolute(path)]);
+            }
+        }
+        args
     }
 
     /// The master's store.
@@ -72,9 +100,16 @@ impl MetaStoreArgs {
         if self.etcd.is_empty() {
             yr_master::MetaBackend::Embedded
         } else {
-            yr_master::MetaBackend::Etcd(
-                yr_meta::EtcdOptions::new(&self.etcd).with_prefix(self.etcd_prefix.clone()),
-            )
+            let mut options =
+                yr_meta::EtcdOptions::new(&self.etcd).with_prefix(self.etcd_prefix.clone());
+            if let Some(ca) = &self.etcd_ca {
+                options = options.with_tls(yr_meta::EtcdTls {
+                    ca: ca.clone(),
+                    client: self.etcd_cert.clone().zip(self.etcd_key.clone()),
+                    server_name: None,
+                });
+            }
+            yr_master::MetaBackend::Etcd(options)
         }
     }
 }

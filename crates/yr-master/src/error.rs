@@ -31,7 +31,7 @@ impl MasterError {
     pub fn code(&self) -> ErrorCode {
         match self {
             MasterError::Listen { .. } => ErrorCode::ParamInvalid,
-            MasterError::OpenStore { source, .. } | MasterError::Meta(source) => source.code(),
+            MasterError::OpenStore { error, .. } | MasterError::Meta(error) => error.code(),
             MasterError::Serve(_) => ErrorCode::InnerCommunication,
             MasterError::Task(_) => ErrorCode::InnerSystemError,
         }
@@ -116,7 +116,7 @@ mod tests {
     fn master_errors_carry_chosen_codes() {
         let listen = MasterError::Listen {
             address: "127.0.0.1:1".parse().unwrap(),
-            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+            error: std::io::Error::from(std::io::ErrorKind::AddrInUse),
         };
         let err = Error::from(listen);
         assert_eq!(err.code(), ErrorCode::ParamInvalid);
@@ -124,7 +124,7 @@ mod tests {
         assert!(err.message().contains("127.0.0.1:1"), "{}", err.message());
         let store = MasterError::OpenStore {
             store: "embedded /data/meta".into(),
-            source: MetaError::Io("fsync: EIO".into()),
+            error: MetaError::Io("fsync: EIO".into()),
         };
         let err = Error::from(store);
         assert_eq!(err.code(), ErrorCode::EtcdOperationError);

@@ -151,20 +151,22 @@ impl MasterOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
     /// A listener could not be bound.
-    #[error("cannot listen on {address}: {source}; choose a free port or stop what uses it")]
+    // The causes are in the messages, and not `source` fields, so that a chain printed with
+    // `{:#}` says them once.
+    #[error("cannot listen on {address}: {error}; choose a free port or stop what uses it")]
     Listen {
         /// The address.
         address: SocketAddr,
         /// The bind error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The meta store could not be opened.
-    #[error("cannot open the meta store ({store}): {source}")]
+    #[error("cannot open the meta store ({store}): {error}")]
     OpenStore {
         /// The store (`embedded <dir>` or `etcd <endpoints> prefix <prefix>`).
         store: String,
         /// The store's error.
-        source: MetaError,
+        error: MetaError,
     },
     /// The meta store failed while the master recovered its state.
     #[error("meta store failed while recovering the cluster state: {0}")]
@@ -185,7 +187,7 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
 async fn bind(address: SocketAddr) -> Result<TcpListener, MasterError> {
     TcpListener::bind(address)
         .await
-        .map_err(|source| MasterError::Listen { address, source })
+        .map_err(|error| MasterError::Listen { address, error })
 }
 
 /// Opens the meta store: the embedded one in `data_dir/meta`, or etcd.
@@ -199,7 +201,7 @@ async fn open_store(options: &MasterOptions) -> Result<Arc<dyn MetaStore>, Maste
             .await
             .map(|store| Arc::new(store) as Arc<dyn MetaStore>),
     };
-    opened.map_err(|source| MasterError::OpenStore { store, source })
+    opened.map_err(|error| MasterError::OpenStore { store, error })
 }
 
 /// Runs the master until `shutdown` resolves: binds `options.listen` (and
@@ -230,21 +232,17 @@ pub async fn run_with_listener(
 /// bound (port 0 picks a free port), the store is open and the state is recovered.
 pub async fn start(options: MasterOptions) -> Result<MasterHandle, MasterError> {
     let listener = bind(options.listen).await?;
-    let address = listener
-        .local_addr()
-        .map_err(|source| MasterError::Listen {
-            address: options.listen,
-            source,
-        })?;
+    let address = listener.local_addr().map_err(|error| MasterError::Listen {
+        address: options.listen,
+        error,
+    })?;
     let metrics = match options.metrics_listen {
         Some(requested) => {
             let listener = bind(requested).await?;
-            let bound = listener
-                .local_addr()
-                .map_err(|source| MasterError::Listen {
-                    address: requested,
-                    source,
-                })?;
+            let bound = listener.local_addr().map_err(|error| MasterError::Listen {
+                address: requested,
+                error,
+            })?;
             Some((listener, bound))
         }
         None => None,

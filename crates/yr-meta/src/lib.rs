@@ -28,7 +28,7 @@ mod wire;
 pub use client::RemoteStore;
 pub use embedded::{EmbeddedOptions, EmbeddedStore};
 pub use error::MetaError;
-pub use etcd::{EtcdOptions, EtcdStore};
+pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
 pub use service::{serve, MetaService};
 pub use store::{
     create_if_absent, delete_if_version, put_if_mod_revision, put_if_version, Compare, KeyValue,

@@ -1,16 +1,17 @@
 //! The `MetaStore` behaviours on `EtcdStore` against real etcd processes (Debian's
 //! `etcd-server`, started by each test on free loopback ports): the same shared behaviours as the
 //! embedded store, directly and through the meta service, plus what is etcd's own: keys under a
-//! prefix, compaction, an unreachable etcd, and losing a member of a 3-member cluster.
+//! prefix, compaction, an unreachable etcd, losing a member of a 3-member cluster, and an etcd
+//! that speaks TLS and authenticates its clients by certificate.
 
 mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::etcd::Etcd;
+use common::etcd::{Etcd, ServerTls};
 use common::*;
-use yr_meta::{EtcdOptions, EtcdStore, MetaError, MetaStore, RemoteStore, WatchEvent};
+use yr_meta::{EtcdOptions, EtcdStore, EtcdTls, MetaError, MetaStore, RemoteStore, WatchEvent};
 
 /// A single-member etcd and a store on it, under `prefix`.
 async fn etcd_store(name: &str, prefix: &str) -> (Etcd, EtcdStore) {
@@ -239,6 +240,89 @@ async fn an_unreachable_etcd_fails_with_3005_after_a_bounded_retry() {
         EtcdStore::connect(EtcdOptions::new(Vec::<String>::new())).await,
         Err(MetaError::InvalidArgument(_))
     ));
+}
+
+#[tokio::test]
+async fn an_etcd_with_client_certificates_admits_only_a_store_with_its_cas_certificate() {
+    init_logs();
+    let dir = std::env::temp_dir().join(format!("yr-etcd-tls-{}", std::process::id()));
+    let (ca, [(server_cert, server_key), (client_cert, client_key)]) =
+        yr_transport::tls::test_certificates::<2>(&dir.join("cluster")).unwrap();
+    let (_, [(stranger_cert, stranger_key)]) =
+        yr_transport::tls::test_certificates::<1>(&dir.join("stranger")).unwrap();
+    let etcd = Etcd::single_tls(
+        "tls",
+        &ServerTls {
+            certificate: server_cert,
+            key: server_key,
+            ca: ca.clone(),
+        },
+    );
+    let fast = |options: EtcdOptions| EtcdOptions {
+        attempt_timeout: Duration::from_millis(500),
+        retry_budget: Duration::from_secs(1),
+        ..options
+    };
+    let tls = |client: Option<(std::path::PathBuf, std::path::PathBuf)>| EtcdTls {
+        ca: ca.clone(),
+        client,
+        server_name: None,
+    };
+
+    // The CA's client certificate: the store works over TLS.
+    let store = EtcdStore::connect(
+        EtcdOptions::new(etcd.endpoints()).with_tls(tls(Some((client_cert, client_key)))),
+    )
+    .await
+    .expect("a store with the CA's client certificate");
+    store.put("/tls/key", "value".into(), None).await.unwrap();
+    let read = store.get("/tls/key").await.unwrap().expect("the key");
+    assert_eq!(&read.value[..], b"value");
+
+    // No client certificate, one from another CA, or plain HTTP/2: refused with 3005.
+    for (what, options) in [
+        (
+            "no client certificate",
+            fast(EtcdOptions::new(etcd.endpoints()).with_tls(tls(None))),
+        ),
+        (
+            "another CA's certificate",
+            fast(
+                EtcdOptions::new(etcd.endpoints())
+                    .with_tls(tls(Some((stranger_cert.clone(), stranger_key.clone())))),
+            ),
+        ),
+        ("plain HTTP/2", fast(EtcdOptions::new(etcd.endpoints()))),
+    ] {
+        let error = EtcdStore::connect(options)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{what}: etcd admitted the store"));
+        assert!(matches!(error, MetaError::Etcd(_)), "{what}: {error:?}");
+        let error: yr_common::Error = error.into();
+        assert_eq!(
+            error.code(),
+            yr_common::ErrorCode::EtcdOperationError,
+            "{what}"
+        );
+    }
+
+    // A file that cannot be read is named.
+    let missing = dir.join("no-such-ca.pem");
+    let error = EtcdStore::connect(EtcdOptions::new(etcd.endpoints()).with_tls(EtcdTls {
+        ca: missing.clone(),
+        client: None,
+        server_name: None,
+    }))
+    .await
+    .err()
+    .expect("a missing CA file fails");
+    assert!(matches!(error, MetaError::InvalidArgument(_)), "{error:?}");
+    assert!(
+        error.to_string().contains(&missing.display().to_string()),
+        "{error}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

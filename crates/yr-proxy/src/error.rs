@@ -178,6 +178,14 @@ pub enum ProxyError {
     /// No named instance is live.
     #[error("failed to get instance {0}: no live instance; create it first or check the name and namespace")]
     NoLiveInstance(String),
+    /// An instance whose caller lost its runtime did not run again at another address in time.
+    #[error("instance {instance} did not run again within {waited:?} after its caller lost its runtime (its node may still be starting it again); please retry")]
+    NotRunningAgain {
+        /// The instance.
+        instance: String,
+        /// How long the caller waited.
+        waited: Duration,
+    },
     /// A runtime's process stopped answering heartbeats.
     #[error("the runtime of instance {instance} stopped answering heartbeats for {timeout:?} and was killed; check the user code for a hang")]
     RuntimeHung {
@@ -234,6 +242,7 @@ impl ProxyError {
                 ErrorCode::UserFunctionException
             }
             ConstructorTimeout { .. } => ErrorCode::InnerCommunication,
+            NotRunningAgain { .. } => ErrorCode::RequestBetweenRuntimeBus,
             RemoteKill { code, .. } => *code,
             BadRecord { .. } => ErrorCode::InstanceInfoInvalid,
             ForwardRefused { code, .. } => *code,

@@ -12,10 +12,6 @@
 //! and process table; with [`Isolation::PrivateFileSystems`] every other host's directory is
 //! hidden from a host's processes (`YR_NETNS_ISOLATE_FS=1`, see `scripts/netns`).
 //!
-//! [`Hosts::up`] makes the set named `yr` (`yr-h0` …); [`Hosts::up_named`] makes a set of
-//! another name (`YR_NETNS_NAME`), which the set named `yr` of another test on the machine
-//! never touches (a long soak beside the other tests).
-//!
 //! A test cuts a host off the others with [`Hosts::cut`] (its port on the bridge goes down, so
 //! its packets to the other hosts, and theirs to it, are dropped silently, as when a cable is
 //! pulled: open connections hang rather than fail) and restores it with [`Hosts::restore`].
@@ -38,9 +34,6 @@ pub const MASTER_PORT: u16 = 22770;
 /// Set to 1 where multi-machine tests must run (CI runs as root): a missing `ip netns` fails.
 pub const REQUIRE_VAR: &str = "YR_TESTS_REQUIRE_NETNS";
 
-/// The variable `scripts/netns` takes the name of a set of hosts from.
-const NAME_VAR: &str = "YR_NETNS_NAME";
-
 /// Why the hosts cannot be made on this machine.
 #[derive(Debug, thiserror::Error)]
 pub enum Unavailable {
@@ -50,6 +43,12 @@ pub enum Unavailable {
     /// `ip netns` does not work here.
     #[error("`ip netns add` does not work here ({0}); it needs iproute2 and CAP_SYS_ADMIN")]
     NoIpNetns(String),
+}
+
+/// The name of this run's set of hosts (`YR_NETNS_NAME`, default `yr`; see `scripts/netns`):
+/// its namespaces are `<name>-hub` and `<name>-h<i>`, so runs with different names do not meet.
+pub fn set_name() -> String {
+    std::env::var("YR_NETNS_NAME").unwrap_or_else(|_| "yr".to_string())
 }
 
 /// The `scripts/netns` of this repository.
@@ -89,7 +88,6 @@ pub enum Isolation {
 pub struct Hosts {
     count: usize,
     isolation: Isolation,
-    name: String,
 }
 
 impl Hosts {
@@ -115,26 +113,15 @@ impl Hosts {
 
     /// Make `count` hosts, after removing any that a killed run left behind.
     pub fn up(count: usize, isolation: Isolation) -> Result<Hosts, Unavailable> {
-        Self::up_named("yr", count, isolation)
-    }
-
-    /// Make `count` hosts of the set named `name` (1 to 6 of `[a-z0-9]`: namespaces
-    /// `<name>-h<i>`, directories under `/tmp/<name>-netns`), after removing any of that set
-    /// that a killed run left behind.
-    pub fn up_named(name: &str, count: usize, isolation: Isolation) -> Result<Hosts, Unavailable> {
         Self::available()?;
-        let _ = run_script(name, &["down"]);
-        let output = run_script(name, &["up", &count.to_string()]);
+        let _ = run_script(&["down"]);
+        let output = run_script(&["up", &count.to_string()]);
         assert!(
             output.status.success(),
             "scripts/netns up {count} failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        Ok(Hosts {
-            count,
-            isolation,
-            name: name.to_string(),
-        })
+        Ok(Hosts { count, isolation })
     }
 
     /// How many hosts there are.
@@ -151,7 +138,10 @@ impl Hosts {
     pub fn dir(&self, index: usize) -> PathBuf {
         let base = std::env::var_os("YR_NETNS_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(format!("/tmp/{}-netns", self.name)));
+            .unwrap_or_else(|| match set_name().as_str() {
+                "yr" => PathBuf::from("/tmp/yr-netns"),
+                name => PathBuf::from(format!("/tmp/yr-netns-{name}")),
+            });
         base.join(format!("h{index}"))
     }
 
@@ -165,7 +155,6 @@ impl Hosts {
             .arg("exec")
             .arg(index.to_string())
             .arg(program)
-            .env(NAME_VAR, &self.name)
             .env(
                 "YR_NETNS_ISOLATE_FS",
                 match self.isolation {
@@ -179,13 +168,8 @@ impl Hosts {
 }
 
 impl Hosts {
-    /// Host `index`'s network namespace (`yr-h<index>` in the set named `yr`).
-    pub fn namespace(&self, index: usize) -> String {
-        format!("{}-h{index}", self.name)
-    }
-
-    /// Cuts host `index` off every other host: its port on the bridge (`yr-h<index>` in the
-    /// hub namespace) goes down. Its own interface stays up and keeps its address, so the
+    /// Cuts host `index` off every other host: its port on the bridge (`<name>-h<index>` in
+    /// the hub namespace) goes down. Its own interface stays up and keeps its address, so the
     /// host's processes see no error: their packets to the other hosts are lost, as theirs to
     /// it. Only the test's own namespaces are touched.
     pub fn cut(&self, index: usize) {
@@ -197,10 +181,43 @@ impl Hosts {
         self.set_link(index, "up");
     }
 
+    /// Cuts hosts `a` and `b` off each other only: each drops the other's packets (a blackhole
+    /// route to the other's address in its namespace), while both still reach every other
+    /// host. Connections between them hang, as across a broken switch port between two racks.
+    pub fn cut_between(&self, a: usize, b: usize) {
+        self.set_route(a, b, "add");
+        self.set_route(b, a, "add");
+    }
+
+    /// Undoes [`Hosts::cut_between`].
+    pub fn restore_between(&self, a: usize, b: usize) {
+        self.set_route(a, b, "del");
+        self.set_route(b, a, "del");
+    }
+
+    fn set_route(&self, from: usize, to: usize, action: &str) {
+        assert!(
+            from < self.count && to < self.count,
+            "there is no such host"
+        );
+        let namespace = format!("{}-h{from}", set_name());
+        let target = format!("{}/32", self.address(to));
+        let mut command = Command::new("ip");
+        command
+            .args(["-n", &namespace, "route", action, "blackhole", &target])
+            .stdin(Stdio::null());
+        let output = output_within(command, Duration::from_secs(30));
+        assert!(
+            output.status.success(),
+            "ip -n {namespace} route {action} blackhole {target} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
     fn set_link(&self, index: usize, state: &str) {
         assert!(index < self.count, "there is no host {index}");
-        let port = self.namespace(index);
-        let hub = format!("{}-hub", self.name);
+        let name = set_name();
+        let (hub, port) = (format!("{name}-hub"), format!("{name}-h{index}"));
         let mut command = Command::new("ip");
         command
             .args(["-n", &hub, "link", "set", &port, state])
@@ -218,7 +235,7 @@ impl Hosts {
     /// that host. Returns what `work` returns.
     pub fn in_host<T: Send>(&self, index: usize, work: impl FnOnce() -> T + Send) -> T {
         assert!(index < self.count, "there is no host {index}");
-        let path = format!("/var/run/netns/{}", self.namespace(index));
+        let path = format!("/var/run/netns/{}-h{index}", set_name());
         std::thread::scope(|scope| {
             scope
                 .spawn(move || {
@@ -252,7 +269,7 @@ impl Drop for Hosts {
             eprintln!("yr-tests: kept the hosts (scripts/netns down removes them)");
             return;
         }
-        let output = run_script(&self.name, &["down"]);
+        let output = run_script(&["down"]);
         if !output.status.success() {
             eprintln!(
                 "yr-tests: scripts/netns down failed: {}",
@@ -262,9 +279,9 @@ impl Drop for Hosts {
     }
 }
 
-fn run_script(name: &str, args: &[&str]) -> Output {
+fn run_script(args: &[&str]) -> Output {
     let mut command = Command::new(netns_script());
-    command.args(args).env(NAME_VAR, name).stdin(Stdio::null());
+    command.args(args).stdin(Stdio::null());
     output_within(command, Duration::from_secs(60))
 }
 

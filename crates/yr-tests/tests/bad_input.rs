@@ -286,9 +286,25 @@ fn malformed_bus_messages_get_param_invalid_and_the_stream_stays_usable() {
                 namespace: String::new(),
                 timeout_ms: 0,
                 instance_id: "no-such-instance".into(),
+                moved_from: String::new(),
             })),
         ),
         ErrorCode::InstanceNotFound,
+        &["no-such-instance"],
+    );
+    // A caller that says it lost an instance that has no record: it ended (1007), at once.
+    expect_error(
+        bus.request(
+            12,
+            Some(Body::GetNamed(pb::GetNamedRequest {
+                name: String::new(),
+                namespace: String::new(),
+                timeout_ms: 60_000,
+                instance_id: "no-such-instance".into(),
+                moved_from: "unix:/nowhere".into(),
+            })),
+        ),
+        ErrorCode::InstanceExited,
         &["no-such-instance"],
     );
 

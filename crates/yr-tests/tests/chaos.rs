@@ -40,7 +40,7 @@ use yr_tests::chaos::{
     accepted_by, now_ms, Fault, FaultKind, OpKind, OpReport, Outcome, ACCEPTED, DIR_VAR,
     DRIVER_VAR, HOSTS_VAR, REPORT_PREFIX, SEED_VAR,
 };
-use yr_tests::hosts::{skip_or_fail, Hosts, Isolation};
+use yr_tests::hosts::{set_name, skip_or_fail, Hosts, Isolation};
 use yr_tests::{
     alive, children_of, exclusive, master_status, metric_at, signal, wait_until, yr_binary, TempDir,
 };
@@ -489,8 +489,12 @@ fn a_seeded_workload_survives_killed_runtimes_nodes_and_masters_and_cut_links() 
     let seed = seed();
     let soak_for = Duration::from_secs_f64(minutes() * 60.0);
     eprintln!("chaos: seed {seed} (replay with YR_CHAOS_SEED={seed}), {soak_for:?} of faults");
-    // A set of hosts of its own: the other tests' hosts (named `yr`) never touch it.
-    let hosts = match Hosts::up_named("yrc", NODE_HOSTS + 1, Isolation::SharedFileSystem) {
+    // A set of hosts of its own (unless the run names one): another test's hosts, named `yr`,
+    // never touch it.
+    if std::env::var_os("YR_NETNS_NAME").is_none() {
+        std::env::set_var("YR_NETNS_NAME", "yrc");
+    }
+    let hosts = match Hosts::up(NODE_HOSTS + 1, Isolation::SharedFileSystem) {
         Ok(hosts) => hosts,
         Err(why) => return skip_or_fail(test, &why),
     };
@@ -780,7 +784,7 @@ fn a_seeded_workload_survives_killed_runtimes_nodes_and_masters_and_cut_links() 
     }
     for host in 0..=ETCD_HOST {
         let output = std::process::Command::new("ip")
-            .args(["netns", "pids", &soak.hosts.namespace(host)])
+            .args(["netns", "pids", &format!("{}-h{host}", set_name())])
             .output();
         if let Ok(output) = output {
             let pids = String::from_utf8_lossy(&output.stdout).trim().to_string();

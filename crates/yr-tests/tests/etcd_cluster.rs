@@ -1,14 +1,16 @@
 //! A cluster whose master keeps its state in etcd (`--etcd`): a stateful instance and a task
 //! run, their records are in etcd under the prefix, a master restarted on the same etcd sees the
 //! previous instance records, and `yr start --master --etcd` shows the store in `session.json`
-//! and `yr status`. Each test starts its own etcd (Debian's `etcd-server`) on loopback ports.
+//! and `yr status`. A master reaches an etcd that speaks TLS and authenticates clients by
+//! certificate with `--etcd-ca`, `--etcd-cert` and `--etcd-key`. Each test starts its own etcd
+//! (Debian's `etcd-server`) on loopback ports.
 
 #[path = "../../yr-meta/tests/common/etcd.rs"]
 mod etcd;
 
 use std::time::Duration;
 
-use etcd::Etcd;
+use etcd::{Etcd, ServerTls};
 use yr_common::session::SessionInfo;
 use yr_tests::{exclusive, run_yr, unique, Tally, TempDir, TestCluster, TIMEOUT};
 
@@ -97,6 +99,76 @@ fn a_cluster_on_etcd_keeps_its_records_there_and_a_restarted_master_sees_them() 
     );
     assert_eq!(add(1).unwrap(), 43);
     yr::finalize().unwrap();
+}
+
+#[test]
+fn a_master_reaches_an_etcd_that_wants_tls_and_client_certificates() {
+    let _exclusive = exclusive();
+    let dir = TempDir::new("etcd-tls");
+    let (ca, [(server_cert, server_key), (client_cert, client_key)]) =
+        yr_transport::tls::test_certificates::<2>(dir.path()).expect("certificates");
+    let etcd = Etcd::single_tls(
+        "cluster-tls",
+        &ServerTls {
+            certificate: server_cert,
+            key: server_key,
+            ca: ca.clone(),
+        },
+    );
+    let prefix = format!("/yr/{}", unique("etcd-tls"));
+    let path = |p: &std::path::Path| p.display().to_string();
+    let cluster = TestCluster::builder()
+        .master_args([
+            "--etcd",
+            &etcd.endpoint(),
+            "--etcd-prefix",
+            &prefix,
+            "--etcd-ca",
+            &path(&ca),
+            "--etcd-cert",
+            &path(&client_cert),
+            "--etcd-key",
+            &path(&client_key),
+        ])
+        .start();
+    yr::init(cluster.config()).unwrap();
+    let tally = yr::instance(Tally::new).invoke((1,)).unwrap();
+    assert_eq!(
+        yr::get(&tally.method(Tally::add).invoke((1,)).unwrap(), TIMEOUT).unwrap(),
+        2
+    );
+    let id = tally.id().to_string();
+    cluster.wait_for_status(TIMEOUT, "the master records the instance", |status| {
+        status.instances.iter().any(|i| i.instance_id == id)
+    });
+    yr::finalize().unwrap();
+
+    // Without its certificate, the master cannot start on that etcd, and says why.
+    let token = dir.path().join("token");
+    std::fs::write(&token, "etcd-tls-test-token").expect("a token file");
+    let refused = run_yr(
+        &[
+            "master",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &path(&dir.path().join("refused")),
+            "--etcd",
+            &etcd.endpoint(),
+            "--etcd-ca",
+            &path(&ca),
+            "--token-file",
+            &path(&token),
+        ],
+        &[],
+        Duration::from_secs(60),
+    );
+    assert!(
+        !refused.status.success(),
+        "a master without a certificate started"
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("etcd"), "{stderr}");
 }
 
 #[test]

@@ -5,6 +5,9 @@
 //!   and running on the second, runs again on the third under the same id: the calls in flight
 //!   and queued when the node died complete there (replayed; the state is the constructor's, as
 //!   after any restart), later calls work, and a lookup by its name finds it.
+//! - A caller that looked the instance up by its name, from another node (so no node tells it
+//!   of the instance's moves), follows it too: its call in flight is replayed on the new node
+//!   and its later calls go there. Without restarts, it gets 1007 as the creator does.
 //! - Without `recover_retry_times`, its callers get 1007, never a hang.
 //! - An object held only on the lost node (its owner ran there, and it was still being
 //!   computed) fails its get with 4005, within a bound.
@@ -15,7 +18,7 @@ use serde_bytes::ByteBuf;
 use yr::{ErrorCode, InstanceHandle, InvokeOptions, ObjectRef};
 use yr_proto::v1::InstanceState;
 use yr_tests::{
-    assert_error, call_err, exclusive, record, unwrap_err, wait_until, Marker, NodeSpec,
+    assert_error, call_err, exclusive, on_label, record, unwrap_err, wait_until, Marker, NodeSpec,
     TestCluster, TIMEOUT,
 };
 
@@ -68,6 +71,60 @@ impl Survivor {
     }
 }
 
+/// A caller on the spare node that finds the survivor by its name, as a process that did not
+/// create it would.
+#[yr::instance]
+pub struct Lookup {
+    name: String,
+}
+
+#[yr::instance]
+impl Lookup {
+    pub fn new(name: String) -> Self {
+        Lookup { name }
+    }
+
+    fn survivor(&self) -> Result<InstanceHandle<Survivor>, yr::Error> {
+        yr::get_instance::<Survivor>(&self.name, "", TIMEOUT)
+    }
+
+    /// The survivor's nap, called through a lookup (`asked` goes to `marker` once it is
+    /// submitted) and waited for.
+    pub fn nap(&self, marker: String, ms: u64) -> Result<u64, yr::Error> {
+        let napping = self
+            .survivor()?
+            .method(Survivor::nap)
+            .invoke((marker.clone(), ms))?;
+        record(&marker, "asked");
+        yr::get(&napping, RECOVERY_BOUND)
+    }
+
+    /// The code the survivor's nap, called through a lookup, fails with (0: it did not fail).
+    pub fn nap_code(&self, marker: String, ms: u64) -> u32 {
+        match self.nap(marker, ms) {
+            Ok(_) => 0,
+            Err(error) => error.code().number(),
+        }
+    }
+
+    /// The survivor's add, called through a lookup.
+    pub fn add(&self, n: i64) -> Result<i64, yr::Error> {
+        let total = self.survivor()?.method(Survivor::add).invoke((n,))?;
+        yr::get(&total, TIMEOUT)
+    }
+}
+
+/// The lookup caller, on node 2 (labelled `role=spare`).
+fn lookup_caller(name: &str) -> InstanceHandle<Lookup> {
+    yr::instance(Lookup::new)
+        .options(InvokeOptions {
+            cpu: 500,
+            ..on_label("role", "spare")
+        })
+        .invoke((name.to_string(),))
+        .unwrap()
+}
+
 #[yr::invoke]
 fn slow_bytes(ms: u64) -> ByteBuf {
     std::thread::sleep(Duration::from_millis(ms));
@@ -89,6 +146,7 @@ fn three_nodes() -> TestCluster {
         })
         .node(NodeSpec {
             cpu: 4_000,
+            labels: vec![("role".to_string(), "spare".to_string())],
             ..NodeSpec::default()
         })
         .start()
@@ -201,6 +259,53 @@ fn an_instance_with_restarts_left_runs_again_on_another_node_and_its_calls_compl
 }
 
 #[test]
+fn a_caller_that_looked_the_instance_up_on_another_node_follows_it_to_its_new_node() {
+    let _exclusive = exclusive();
+    let mut cluster = three_nodes();
+    let (lost, spare) = (
+        cluster.node_id(1).to_string(),
+        cluster.node_id(2).to_string(),
+    );
+    yr::init(cluster.config()).unwrap();
+    let keeper = survivor(1, "followed");
+    assert!(node_of(&keeper).starts_with(&lost), "it runs on node 1");
+    let caller = lookup_caller("followed");
+    assert_eq!(
+        yr::get(&caller.method(Lookup::add).invoke((1,)).unwrap(), TIMEOUT).unwrap(),
+        1
+    );
+
+    // The lookup caller's call is in flight when the node dies.
+    let marker = Marker::new("node-loss-followed");
+    let napping = caller
+        .method(Lookup::nap)
+        .invoke((marker.path(), 1_000))
+        .unwrap();
+    assert!(marker.wait_for("napping", 1, TIMEOUT), "the nap started");
+    cluster.kill_node(1);
+    let killed = Instant::now();
+
+    // Replayed on the instance re-created on node 2, where the caller's later calls go too.
+    assert_eq!(yr::get(&napping, RECOVERY_BOUND).unwrap(), 1_000);
+    assert!(
+        killed.elapsed() < RECOVERY_BOUND,
+        "the lookup caller's call completed after {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(marker.count("napping"), 2, "the nap was replayed once");
+    assert_eq!(
+        yr::get(&caller.method(Lookup::add).invoke((5,)).unwrap(), TIMEOUT).unwrap(),
+        5,
+        "the re-created instance starts from the constructor's state"
+    );
+    assert!(
+        node_of(&keeper).starts_with(&spare),
+        "it runs on node 2 now"
+    );
+    yr::finalize().unwrap();
+}
+
+#[test]
 fn an_instance_without_restarts_fails_its_callers_with_1007_when_its_node_is_lost() {
     let _exclusive = exclusive();
     let mut cluster = three_nodes();
@@ -208,17 +313,32 @@ fn an_instance_without_restarts_fails_its_callers_with_1007_when_its_node_is_los
     let keeper = survivor(0, "mortal");
     let id = keeper.id().to_string();
     assert!(node_of(&keeper).starts_with(cluster.node_id(1)));
+    let caller = lookup_caller("mortal");
     let marker = Marker::new("node-loss-mortal");
     let napping = keeper
         .method(Survivor::nap)
         .invoke((marker.path(), 60_000))
         .unwrap();
+    let looked_up_nap = caller
+        .method(Lookup::nap_code)
+        .invoke((marker.path(), 60_000))
+        .unwrap();
+    // The lookup caller's nap waits behind the creator's.
     assert!(marker.wait_for("napping", 1, TIMEOUT), "the nap started");
+    assert!(
+        marker.wait_for("asked", 1, TIMEOUT),
+        "the lookup caller called"
+    );
 
     cluster.kill_node(1);
     let killed = Instant::now();
     let error = unwrap_err(yr::get(&napping, RECOVERY_BOUND));
     assert_error(&error, &[ErrorCode::InstanceExited], &[]);
+    // The caller that looked it up on another node hears the master's verdict too.
+    assert_eq!(
+        yr::get(&looked_up_nap, RECOVERY_BOUND).unwrap(),
+        ErrorCode::InstanceExited.number()
+    );
     let error = call_err(keeper.method(Survivor::add).invoke((1,)), TIMEOUT);
     assert_error(&error, &[ErrorCode::InstanceExited], &[]);
     assert!(

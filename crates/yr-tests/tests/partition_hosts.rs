@@ -10,6 +10,11 @@
 //!   written by the stale incarnation.
 //! - With `recover_retry_times = 0` the driver's calls fail with 1007, never a hang, and the
 //!   instance stays FATAL after the link returns.
+//! - A cut between two hosts only ([`Hosts::cut_between`]: the master still sees both): a
+//!   driver on host 2 whose instance runs on host 1 gets a code for its call, within a bound,
+//!   never a hang. Its connection to the runtime and its node's stream to host 1's node close
+//!   when the peer has been silent for 20 s (`yr_transport::tcp`), and its node tells it the
+//!   instance is unreachable (1007).
 //!
 //! Needs root and `ip netns`; elsewhere the test says loudly that it was skipped
 //! (`YR_TESTS_REQUIRE_NETNS=1` makes that a failure). The driver is this test binary run again
@@ -28,6 +33,9 @@ use yr_tests::{alive, exclusive, for_each_stdin_line, use_this_binary_as_runtime
 
 /// Set in the driver process: the instance's `recover_retry_times`.
 const DRIVER_VAR: &str = "YR_PARTITION_DRIVER";
+
+/// Set in the driver process: the hosts the instance may run on (default `h1,h2`).
+const PLACES_VAR: &str = "YR_PARTITION_PLACES";
 
 /// Generous: the node timeout (3 s) and a liveness pass, a runtime start and a constructor on
 /// a loaded machine, or a node's reconnect backoff after the link returns.
@@ -67,9 +75,10 @@ fn report(key: &str, value: impl std::fmt::Display) {
     let _ = out.flush();
 }
 
-/// Placement on host 1 or 2 (never host 0): host 1 has the most room, so the instance goes
-/// there first, and to host 2 once host 1 is lost.
+/// Placement on host 1 or 2 (never host 0), or on the hosts `YR_PARTITION_PLACES` names: host
+/// 1 has the most room, so the instance goes there first, and to host 2 once host 1 is lost.
 fn on_host_1_or_2(recover_retry_times: u32) -> InvokeOptions {
+    let places = std::env::var(PLACES_VAR).unwrap_or_else(|_| "h1,h2".to_string());
     InvokeOptions {
         cpu: 2_000,
         recover_retry_times,
@@ -79,7 +88,7 @@ fn on_host_1_or_2(recover_retry_times: u32) -> InvokeOptions {
             label_operators: vec![LabelOperator {
                 op: LabelOp::In,
                 key: "host".into(),
-                values: vec!["h1".into(), "h2".into()],
+                values: places.split(',').map(str::to_string).collect(),
             }],
             ..Default::default()
         }],
@@ -145,11 +154,17 @@ struct Driver {
 
 impl Driver {
     fn spawn(hosts: &Hosts, test: &str, retries: u32) -> Driver {
+        Driver::spawn_on(hosts, 0, test, retries, "h1,h2")
+    }
+
+    /// The driver on host `host`, its instance on one of `places` (`h1,h2`).
+    fn spawn_on(hosts: &Hosts, host: usize, test: &str, retries: u32, places: &str) -> Driver {
         let exe = std::env::current_exe().expect("this test binary");
         let mut child = hosts
-            .command(0, exe)
+            .command(host, exe)
             .args([test, "--exact", "--nocapture", "--test-threads", "1"])
             .env(DRIVER_VAR, retries.to_string())
+            .env(PLACES_VAR, places)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -418,5 +433,52 @@ fn a_cut_off_nodes_instance_without_restarts_fails_with_1007_and_stays_fatal_aft
         .expect("the record");
     assert_eq!(stored.state(), InstanceState::Fatal);
     assert_eq!(stored.node_incarnation, old_incarnation);
+    driver.finish();
+}
+
+#[test]
+fn a_cut_between_two_hosts_fails_a_call_across_it_with_a_code_never_a_hang() {
+    let test = "a_cut_between_two_hosts_fails_a_call_across_it_with_a_code_never_a_hang";
+    if let Ok(retries) = std::env::var(DRIVER_VAR) {
+        return run_driver(&retries);
+    }
+    let _lock = exclusive();
+    let hosts = match Hosts::up(3, Isolation::SharedFileSystem) {
+        Ok(hosts) => hosts,
+        Err(why) => return skip_or_fail(test, &why),
+    };
+    let cluster = HostCluster::start(&hosts, |_| Vec::new());
+    // The driver on host 2, its instance on host 1 (created through host 2's node).
+    let mut driver = Driver::spawn_on(&hosts, 2, test, 0, "h1");
+    let created = driver.next("created");
+    assert!(
+        created.contains(":h1:"),
+        "the instance runs on host 1: {created}"
+    );
+    assert!(driver.call().starts_with("ok:h1:"), "served before the cut");
+
+    hosts.cut_between(1, 2);
+    let seen = driver.call();
+    eprintln!("partition between hosts 1 and 2: the call saw {seen}");
+    let parts: Vec<&str> = seen.splitn(4, ':').collect();
+    assert_eq!(
+        parts[0], "err",
+        "a call across the cut cannot succeed: {seen}"
+    );
+    let millis: u64 = parts[2].parse().unwrap_or(u64::MAX);
+    assert!(
+        millis < 45_000,
+        "the call failed only after {millis} ms (its get waits 60 s): {seen}"
+    );
+    assert!(
+        parts[1] == "1007" || parts[1] == "3001",
+        "the instance is unreachable (1007) or its connection broke (3001): {seen}"
+    );
+    // The master saw no node lost: the cut was between two nodes only.
+    for index in [1, 2] {
+        let (_, state, _) = node_on(&cluster, &hosts, index).expect("the node is listed");
+        assert_eq!(state, "alive", "node {index}");
+    }
+    hosts.restore_between(1, 2);
     driver.finish();
 }

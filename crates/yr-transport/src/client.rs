@@ -262,7 +262,7 @@ async fn connect_stream(
         Address::Unix(path) => Connection::Unix(UnixStream::connect(path).await?),
         Address::Tcp(host_port) => {
             let stream = TcpStream::connect(host_port.as_str()).await?;
-            stream.set_nodelay(true)?;
+            crate::tcp::tune(&stream);
             match &credentials.tls {
                 None => Connection::Tcp(stream),
                 Some(tls) => {

@@ -25,6 +25,7 @@ pub mod metrics;
 mod server;
 mod status;
 mod stream;
+pub mod tcp;
 pub mod tls;
 
 pub use address::{host_of, is_loopback_host, Address};

@@ -170,7 +170,7 @@ async fn authenticate_tcp(
         .token
         .as_ref()
         .ok_or("this process has no cluster token")?;
-    let _ = stream.set_nodelay(true);
+    crate::tcp::tune(&stream);
     let info = TcpConnectInfo {
         local_addr: stream.local_addr().ok(),
         remote_addr: stream.peer_addr().ok(),

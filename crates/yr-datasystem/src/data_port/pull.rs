@@ -65,7 +65,7 @@ pub fn read_range(
         .map_err(|error| transport("cannot connect to", error))?;
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_nodelay(true);
+    yr_transport::tcp::tune(&stream);
     let Some(tls) = tls else {
         ask(&mut stream, address, token, request)?;
         let (file, offset) = store

@@ -105,7 +105,7 @@ impl DataPort {
     /// Answer one connection: its TLS handshake when this port has TLS, then its hello and
     /// its request, all within the idle timeout.
     async fn serve_one(&self, stream: tokio::net::TcpStream) {
-        let _ = stream.set_nodelay(true);
+        yr_transport::tcp::tune(&stream);
         let deadline = Instant::now() + self.idle_timeout;
         let Some(tls) = &self.tls else {
             return self.answer(stream, deadline).await;

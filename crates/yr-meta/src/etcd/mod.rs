@@ -26,14 +26,15 @@ mod retry;
 mod watch;
 
 use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use etcd_client::{
-    Client, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KvClient, LeaseClient,
-    PutOptions, TxnOpResponse, WatchClient,
+    Certificate, Client, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity, KvClient,
+    LeaseClient, PutOptions, TlsOptions, TxnOpResponse, WatchClient,
 };
 use tokio::sync::mpsc;
 
@@ -58,6 +59,59 @@ pub struct EtcdOptions {
     pub attempt_timeout: Duration,
     /// The longest the attempts of one call may take together before it fails with 3005.
     pub retry_budget: Duration,
+    /// TLS to etcd; `None` speaks plain HTTP/2.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd (its `--cert-file`/`--key-file`, `https://` client URLs): the CA that signed
+/// etcd's certificate and, for an etcd that authenticates its clients by certificate
+/// (`--client-cert-auth`), this process's certificate and key (PEM files).
+///
+/// ```
+/// let tls = yr_meta::EtcdTls {
+///     ca: "/etc/yr/etcd-ca.pem".into(),
+///     client: Some(("/etc/yr/etcd-client.pem".into(), "/etc/yr/etcd-client.key".into())),
+///     server_name: None,
+/// };
+/// let options = yr_meta::EtcdOptions::new(["10.0.0.5:2379"]).with_tls(tls);
+/// assert!(options.tls.is_some());
+/// ```
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    /// The CA certificate that etcd's certificate must chain to.
+    pub ca: PathBuf,
+    /// This process's certificate and key, for etcd's `--client-cert-auth`.
+    pub client: Option<(PathBuf, PathBuf)>,
+    /// The name etcd's certificate must carry; default: each endpoint's host.
+    pub server_name: Option<String>,
+}
+
+impl EtcdTls {
+    /// The TLS settings of the etcd client, with the files read; [`MetaError::InvalidArgument`]
+    /// names a file that cannot be read.
+    fn load(&self) -> Result<TlsOptions, MetaError> {
+        let read = |path: &Path, what: &str| {
+            std::fs::read(path).map_err(|error| {
+                MetaError::InvalidArgument(format!(
+                    "cannot read the etcd {what} {}: {error}; check --etcd-ca, --etcd-cert and \
+                     --etcd-key",
+                    path.display()
+                ))
+            })
+        };
+        let mut tls = TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(read(&self.ca, "CA certificate")?));
+        if let Some((certificate, key)) = &self.client {
+            tls = tls.identity(Identity::from_pem(
+                read(certificate, "client certificate")?,
+                read(key, "client key")?,
+            ));
+        }
+        if let Some(name) = &self.server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        Ok(tls)
+    }
 }
 
 impl EtcdOptions {
@@ -76,7 +130,14 @@ impl EtcdOptions {
             prefix: Self::DEFAULT_PREFIX.to_string(),
             attempt_timeout: Duration::from_secs(3),
             retry_budget: Duration::from_secs(4),
+            tls: None,
         }
+    }
+
+    /// The same options over TLS.
+    pub fn with_tls(mut self, tls: EtcdTls) -> EtcdOptions {
+        self.tls = Some(tls);
+        self
     }
 
     /// The same options with another prefix.
@@ -120,6 +181,11 @@ impl EtcdStore {
             ));
         }
         let prefix = normalize_prefix(&options.prefix)?;
+        let scheme = if options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let endpoints: Vec<String> = options
             .endpoints
             .iter()
@@ -127,15 +193,24 @@ impl EtcdStore {
                 if e.starts_with("http://") || e.starts_with("https://") {
                     e.clone()
                 } else {
-                    format!("http://{e}")
+                    format!("{scheme}://{e}")
                 }
             })
             .collect();
+        if options.tls.is_some() && endpoints.iter().any(|e| e.starts_with("http://")) {
+            return Err(MetaError::InvalidArgument(format!(
+                "TLS to etcd needs https:// endpoints, not {}; drop the http:// scheme",
+                options.endpoints.join(",")
+            )));
+        }
         let described = options.endpoints.join(",");
-        let connect = ConnectOptions::new()
+        let mut connect = ConnectOptions::new()
             .with_connect_timeout(options.attempt_timeout)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(true);
+        if let Some(tls) = &options.tls {
+            connect = connect.with_tls(tls.load()?);
+        }
         let client = Client::connect(&endpoints, Some(connect))
             .await
             .map_err(|err| {

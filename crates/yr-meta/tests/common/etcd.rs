@@ -19,6 +19,9 @@ const READY_DEADLINE: Duration = Duration::from_secs(60);
 pub struct EtcdMember {
     pub name: String,
     pub client_port: u16,
+    /// Where `/health` answers over plain HTTP: the client port, or a metrics port of its own
+    /// when the client port speaks TLS.
+    pub health_port: u16,
     pub peer_port: u16,
     child: Option<Child>,
     pub log: PathBuf,
@@ -60,7 +63,7 @@ impl EtcdMember {
             true,
         ));
         let started = Instant::now();
-        while !health(self.client_port) {
+        while !health(self.health_port) {
             assert!(
                 started.elapsed() < READY_DEADLINE,
                 "etcd member {} not healthy {READY_DEADLINE:?} after its restart",
@@ -93,6 +96,14 @@ impl Drop for EtcdMember {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The PEM files of an etcd member that serves TLS: its certificate and key, and the CA its
+/// clients' certificates must chain to.
+pub struct ServerTls {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 /// A set of etcd members forming one cluster, with their data dirs (removed on drop).
@@ -138,6 +149,16 @@ impl Etcd {
 
     /// `size` members on 127.0.0.1 forming one cluster, all ready.
     pub fn cluster(name: &str, size: usize) -> Etcd {
+        Etcd::start(name, size, None)
+    }
+
+    /// One member whose clients must speak TLS and show a certificate that `tls.ca` signed
+    /// (`--client-cert-auth`), ready.
+    pub fn single_tls(name: &str, tls: &ServerTls) -> Etcd {
+        Etcd::start(name, 1, Some(tls))
+    }
+
+    fn start(name: &str, size: usize, tls: Option<&ServerTls>) -> Etcd {
         let binary = etcd_binary();
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -155,18 +176,19 @@ impl Etcd {
             .join(",");
         let token = format!("yr-test-{name}-{nanos}");
         let mut members = Vec::new();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         for (i, (client, peer)) in ports.into_iter().enumerate() {
             let member = format!("m{i}");
             let log = dir.join(format!("{member}.log"));
-            let args: Vec<String> = vec![
+            let mut args: Vec<String> = vec![
                 "--name".into(),
                 member.clone(),
                 "--data-dir".into(),
                 dir.join(&member).display().to_string(),
                 "--listen-client-urls".into(),
-                format!("http://127.0.0.1:{client}"),
+                format!("{scheme}://127.0.0.1:{client}"),
                 "--advertise-client-urls".into(),
-                format!("http://127.0.0.1:{client}"),
+                format!("{scheme}://127.0.0.1:{client}"),
                 "--listen-peer-urls".into(),
                 format!("http://127.0.0.1:{peer}"),
                 "--initial-advertise-peer-urls".into(),
@@ -184,10 +206,26 @@ impl Etcd {
                 "--election-timeout".into(),
                 "500".into(),
             ];
+            let mut health_port = client;
+            if let Some(tls) = tls {
+                health_port = free_port();
+                args.extend([
+                    "--cert-file".into(),
+                    tls.certificate.display().to_string(),
+                    "--key-file".into(),
+                    tls.key.display().to_string(),
+                    "--trusted-ca-file".into(),
+                    tls.ca.display().to_string(),
+                    "--client-cert-auth".into(),
+                    "--listen-metrics-urls".into(),
+                    format!("http://127.0.0.1:{health_port}"),
+                ]);
+            }
             let child = spawn_member(&binary, &args, &log, false);
             members.push(EtcdMember {
                 name: member,
                 client_port: client,
+                health_port,
                 peer_port: peer,
                 child: Some(child),
                 log,
@@ -204,7 +242,7 @@ impl Etcd {
     fn wait_healthy(&self, member: &EtcdMember) {
         let started = Instant::now();
         loop {
-            if health(member.client_port) {
+            if health(member.health_port) {
                 return;
             }
             if started.elapsed() > READY_DEADLINE {

@@ -28,6 +28,10 @@ struct KillPlan {
     already: bool,
 }
 
+/// How long a waiting kill of a forwarded instance waits, after the other node's answer, for
+/// the relay to say the instance exited.
+const RELAYED_EXIT_WAIT: Duration = Duration::from_secs(5);
+
 impl Node {
     /// Kill an instance: shutdown hook within its grace period, then the process.
     pub async fn kill(self: &Arc<Self>, instance_id: &str, wait: bool) -> Result<(), Error> {
@@ -39,7 +43,23 @@ impl Node {
             .with(instance_id, |i| i.forwarded_to.clone())
             .flatten();
         if let Some(address) = forwarded {
-            return self.kill_remote(&address, instance_id, wait).await;
+            // The relay forgets the mirror here when the other node says the instance exited:
+            // a kill that waits also waits for that (bounded), so that a lookup or a list on
+            // this node right after it does not find the instance.
+            let relayed = wait
+                .then(|| {
+                    self.instances.with_mut(instance_id, |instance| {
+                        let (sender, relayed) = oneshot::channel();
+                        instance.exit_waiters.push(sender);
+                        relayed
+                    })
+                })
+                .flatten();
+            self.kill_remote(&address, instance_id, wait).await?;
+            if let Some(relayed) = relayed {
+                let _ = tokio::time::timeout(RELAYED_EXIT_WAIT, relayed).await;
+            }
+            return Ok(());
         }
         let plan = self.instances.with_mut(instance_id, |instance| {
             let (sender, exited) = oneshot::channel();

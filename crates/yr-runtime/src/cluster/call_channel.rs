@@ -723,7 +723,7 @@ fn connect_tcp(host_port: &str) -> Result<(Arc<FrameWriter>, FrameReader), Error
         .ok_or_else(|| failed(io::Error::other("the address resolves to nothing")))?;
     let mut stream =
         TcpStream::connect_timeout(&target, yr_transport::CONNECT_TIMEOUT).map_err(failed)?;
-    stream.set_nodelay(true).map_err(failed)?;
+    yr_transport::tcp::tune(&stream);
     stream
         .set_read_timeout(Some(yr_transport::HANDSHAKE_TIMEOUT))
         .map_err(failed)?;

@@ -42,7 +42,7 @@ use bus::Bus;
 use convert::args_to_proto;
 pub use discovery::find_node;
 use executables::Binary;
-use remote_instance::{InstanceObserver, OutCall, RemoteInstance};
+use remote_instance::{InstanceObserver, OutCall, Relocate, RemoteInstance};
 use stateless::StatelessSubmitter;
 
 /// How long `finalize` waits for the node to release the job's instances.
@@ -910,7 +910,7 @@ impl Inner {
         );
     }
 
-    fn instance(&self, instance_id: &str) -> Result<Arc<RemoteInstance>, Error> {
+    fn instance(self: &Arc<Self>, instance_id: &str) -> Result<Arc<RemoteInstance>, Error> {
         if instance_id.is_empty() {
             return Err(Error::new(
                 ErrorCode::InstanceIdEmpty,
@@ -927,6 +927,7 @@ impl Inner {
                 namespace: String::new(),
                 timeout_ms: 0,
                 instance_id: instance_id.to_string(),
+                moved_from: String::new(),
             }),
             bus::REQUEST_TIMEOUT,
         )?;
@@ -940,18 +941,64 @@ impl Inner {
         Ok(self.track(found))
     }
 
-    fn track(&self, found: pb::GetNamedResponse) -> Arc<RemoteInstance> {
+    fn track(self: &Arc<Self>, found: pb::GetNamedResponse) -> Arc<RemoteInstance> {
         let mut instances = self.instances.lock();
         if let Some(existing) = instances.get(&found.instance_id) {
             return existing.clone();
         }
         let instance = RemoteInstance::new(found.instance_id.clone(), self.io.clone(), None);
+        if !found.notifies {
+            instance.set_relocator(Some(Arc::new(Relocator {
+                inner: Arc::downgrade(self),
+            })));
+        }
         instances.insert(found.instance_id.clone(), instance.clone());
         drop(instances);
         if found.state == pb::InstanceState::Running as i32 && !found.runtime_address.is_empty() {
             instance.on_running(found.runtime_address);
         }
         instance
+    }
+}
+
+/// How long a node follows a looked-up instance whose caller lost its runtime: less than
+/// calls wait for a restart, so the node's answer (or its timeout, 3001) comes first.
+const RELOCATE_WAIT: Duration = Duration::from_secs(80);
+
+/// Asks this process's node where an instance looked up on another node runs now that the
+/// caller's connection to it broke (the node follows its record: design 023).
+struct Relocator {
+    inner: Weak<Inner>,
+}
+
+impl Relocate for Relocator {
+    fn relocate(&self, instance: Arc<RemoteInstance>, moved_from: String) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        tracing::debug!(instance = %instance.id, %moved_from, "lost the runtime of a looked-up instance; asking where it runs now");
+        inner.bus.send_request(
+            pb::bus_request::Body::GetNamed(pb::GetNamedRequest {
+                name: String::new(),
+                namespace: String::new(),
+                timeout_ms: RELOCATE_WAIT.as_millis() as u64,
+                instance_id: instance.id.clone(),
+                moved_from,
+            }),
+            Box::new(move |reply| match reply {
+                Ok(pb::bus_response::Body::GetNamed(found)) => {
+                    instance.relocated(found.runtime_address, found.notifies)
+                }
+                Ok(other) => instance.on_failed(
+                    RuntimeError::UnexpectedAnswer {
+                        request: "an instance's new address",
+                        answer: format!("{other:?}"),
+                    }
+                    .into(),
+                ),
+                Err(error) => instance.on_failed(error),
+            }),
+        );
     }
 }
 
@@ -1053,6 +1100,7 @@ impl Backend for ClusterBackend {
                 namespace: namespace.to_string(),
                 timeout_ms,
                 instance_id: String::new(),
+                moved_from: String::new(),
             }),
             timeout.saturating_add(bus::REQUEST_TIMEOUT),
         )?;

@@ -3,7 +3,8 @@
 //! for the node's verdict: replayed on the restarted instance (`recover_retry_times`; FAILED,
 //! then RUNNING at the same or a new address, also on another node after a node loss), or
 //! failed with the code the node gives (2002 crash, 1007 exit), or 3001 if the node says
-//! nothing.
+//! nothing. An instance this process looked up on another node has no node to tell it: when
+//! its connection breaks, its [`Relocate`] asks the node where it runs again.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +39,14 @@ pub trait InstanceObserver: Send + Sync {
     fn on_ready(&self);
     /// The instance is gone for good with `error`.
     fn on_gone(&self, error: &Error);
+}
+
+/// Finds an instance again for a caller that no node tells of its restarts and moves (one it
+/// looked up on another node), when the caller's connection to its runtime breaks.
+pub trait Relocate: Send + Sync {
+    /// Find where `instance`, whose runtime at `moved_from` is gone, runs now, and answer with
+    /// [`RemoteInstance::relocated`] or [`RemoteInstance::on_failed`].
+    fn relocate(&self, instance: Arc<RemoteInstance>, moved_from: String);
 }
 
 /// A call on its way to an instance.
@@ -135,6 +144,12 @@ struct State {
     /// Calls keep submission order; else each is sent once its own arguments are ready
     /// (`need_order = Some(false)`).
     ordered: bool,
+    /// The runtime address of the latest connection.
+    address: Option<String>,
+    /// Finds the instance again when no node tells this caller what became of it.
+    relocator: Option<Arc<dyn Relocate>>,
+    /// The relocator is asking where the instance runs.
+    relocating: bool,
 }
 
 /// A remote instance, as seen by this caller.
@@ -165,6 +180,9 @@ impl RemoteInstance {
                 stopped_sending: false,
                 restarting: false,
                 ordered: true,
+                address: None,
+                relocator: None,
+                relocating: false,
             }),
             observer,
         })
@@ -174,6 +192,25 @@ impl RemoteInstance {
     /// (`need_order = Some(false)`).
     pub fn set_unordered(&self) {
         self.state.lock().ordered = false;
+    }
+
+    /// No node tells this caller of the instance's restarts and moves: `relocator` finds it
+    /// again when the connection breaks (`None`: a node tells it now).
+    pub fn set_relocator(&self, relocator: Option<Arc<dyn Relocate>>) {
+        self.state.lock().relocator = relocator;
+    }
+
+    /// The relocator's answer: the instance runs at `address` now (or, when `notifies`, the
+    /// node tells this caller about it from now on).
+    pub fn relocated(self: &Arc<Self>, address: String, notifies: bool) {
+        {
+            let mut state = self.state.lock();
+            state.relocating = false;
+            if notifies {
+                state.relocator = None;
+            }
+        }
+        self.on_running(address);
     }
 
     /// Submit a call. It is sent once its dependencies and every earlier call are ready (once
@@ -337,6 +374,7 @@ impl RemoteInstance {
             state.generation += 1;
             state.connection = Connection::Waiting;
             state.restarting = false;
+            state.address = Some(address.clone());
             state.generation
         };
         let (sender, results) = match call_channel::connect(&address) {
@@ -425,7 +463,26 @@ impl RemoteInstance {
             if let Connection::Open { .. } = state.connection {
                 state.connection = Connection::Waiting;
             }
-            if state.in_flight.is_empty() && state.queued.is_empty() {
+            // No node tells this caller what became of the instance: ask where it runs now,
+            // whether or not calls wait (later calls need the answer too).
+            let relocate = match (&state.relocator, &state.address) {
+                (Some(relocator), Some(address))
+                    if !state.relocating && !state.terminating && !state.stopped_sending =>
+                {
+                    Some((relocator.clone(), address.clone()))
+                }
+                _ => None,
+            };
+            if relocate.is_some() {
+                state.relocating = true;
+                state.restarting = true;
+            }
+            let idle = state.in_flight.is_empty() && state.queued.is_empty();
+            drop(state);
+            if let Some((relocator, address)) = relocate {
+                relocator.relocate(self.clone(), address);
+            }
+            if idle {
                 return;
             }
         }

@@ -81,7 +81,7 @@ fn sum_refs(refs: Vec<ObjectRef<i64>>) -> Result<(bool, i64), yr::Error> {
     let all_ready = refs.iter().all(ObjectRef::is_ready);
     let mut sum = 0;
     for object in &refs {
-        sum += yr::get(object, Duration::from_secs(5))?;
+        sum += yr::get(object, crate::support::TIMEOUT)?;
     }
     Ok((all_ready, sum))
 }
@@ -95,7 +95,7 @@ struct Job {
 #[yr::invoke]
 fn run_job(job: Job) -> Result<String, yr::Error> {
     let ready = job.input.is_ready();
-    let value = yr::get(&job.input, Duration::from_secs(5))?;
+    let value = yr::get(&job.input, crate::support::TIMEOUT)?;
     Ok(format!("{}={value} ready={ready}", job.label))
 }
 
@@ -103,7 +103,7 @@ fn run_job(job: Job) -> Result<String, yr::Error> {
 #[yr::invoke]
 fn double_remotely(x: i64) -> Result<i64, yr::Error> {
     let doubled = yr::function(double).invoke((x,))?;
-    yr::get(&doubled, Duration::from_secs(5))
+    yr::get(&doubled, crate::support::TIMEOUT)
 }
 
 /// A whole CPU per level, so that a 2-core node holds only two levels at once unless blocked

@@ -157,7 +157,7 @@ impl Graceful {
 #[yr::invoke]
 fn add_through(counter: InstanceHandle<Counter>, n: i64) -> Result<i64, yr::Error> {
     let value = counter.method(Counter::add).invoke((n,))?;
-    yr::get(&value, Duration::from_secs(5))
+    yr::get(&value, crate::support::TIMEOUT)
 }
 
 fn named(name: &str, namespace: Option<&str>) -> InvokeOptions {

@@ -198,9 +198,11 @@ pub fn assert_error(error: &Error, code: ErrorCode, needles: &[&str]) {
     }
 }
 
-/// A file that user code appends lines to, wherever it runs on this host, so that a test can
-/// see what happened inside a call (how many attempts ran, whether a hook ran). Removed on
-/// drop; user code never creates it, so a late write after the test is dropped.
+/// A file that user code appends lines to, wherever it runs, so that a test can see what
+/// happened inside a call (how many attempts ran, whether a hook ran). It lives in the
+/// temporary directory, or in `YR_TEST_SHARED_DIR` when the hosts of a multi-host run share
+/// one for the tests' instrumentation (`scripts/netns`). Removed on drop; user code never
+/// creates it, so a late write after the test is dropped.
 pub struct Marker {
     path: PathBuf,
 }
@@ -208,7 +210,10 @@ pub struct Marker {
 impl Marker {
     /// A new, empty marker.
     pub fn new(label: &str) -> Marker {
-        let path = std::env::temp_dir().join(format!("yr-conformance-{}", unique(label)));
+        let dir = std::env::var_os("YR_TEST_SHARED_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let path = dir.join(format!("yr-conformance-{}", unique(label)));
         std::fs::write(&path, b"").expect("create a marker file");
         Marker { path }
     }
