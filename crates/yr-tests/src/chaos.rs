@@ -270,6 +270,15 @@ pub const ACCEPTED: &[Rule] = &[
     Rule {
         fault: FaultKind::RuntimeKill,
         scope: Scope::AnyHost,
+        ops: &[OpKind::Task, OpKind::LargeTask],
+        codes: &[2002],
+        grace: Duration::from_secs(10),
+        why: "a task whose runtime was killed while it ran fails with 2002: the workload's \
+              tasks have no retry_times, and 2002 is retried only within that budget",
+    },
+    Rule {
+        fault: FaultKind::RuntimeKill,
+        scope: Scope::AnyHost,
         ops: &[OpKind::Stream, OpKind::LargeTask],
         codes: &[4005],
         grace: Duration::from_secs(10),
