@@ -224,13 +224,21 @@ pub async fn run(
     );
     // When the master declared this node lost, or another writer owns one of its records, the
     // node fails the instances concerned.
+    // Its memory-only KV values go too: their keys were owned elsewhere meanwhile and may have
+    // been written again there, so the newer values must win when the keys move back.
     let fenced_node = Arc::downgrade(&node);
     let fenced_instance = Arc::downgrade(&node);
+    let fenced_kv = options.data_worker.clone();
     fencing.set_handlers(fencing::FenceHandlers {
         node: Box::new(move |error| {
             if let Some(node) = fenced_node.upgrade() {
                 node.fence_local_instances(error);
             }
+            let forgotten = fenced_kv.kv().forget_memory_only();
+            tracing::warn!(
+                keys = forgotten,
+                "declared lost: forgot the memory-only KV values this node held"
+            );
         }),
         instance: Box::new(move |instance_id, error| {
             if let Some(node) = fenced_instance.upgrade() {

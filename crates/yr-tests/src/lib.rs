@@ -29,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use yr_proto::v1 as pb;
 
+pub mod chaos;
 pub mod hosts;
 
 /// How long a test waits for something that should happen (generous: it only bounds a hang).
@@ -1303,25 +1304,7 @@ impl TestCluster {
 
     /// What the master at `address` says about the cluster.
     pub fn status_at(&self, address: &str) -> Result<pb::ClusterStatusResponse, String> {
-        let address = address.to_string();
-        block_on(async move {
-            let channel = tokio::time::timeout(
-                Duration::from_secs(5),
-                yr_transport::connect(&address, yr::ErrorCode::InnerCommunication),
-            )
-            .await
-            .map_err(|_| format!("connecting to the master at {address} timed out"))?
-            .map_err(|e| e.to_string())?;
-            tokio::time::timeout(
-                Duration::from_secs(5),
-                pb::master_client::MasterClient::new(channel)
-                    .cluster_status(pb::ClusterStatusRequest {}),
-            )
-            .await
-            .map_err(|_| format!("the master at {address} did not answer within 5 s"))?
-            .map(|r| r.into_inner())
-            .map_err(|s| s.message().to_string())
-        })
+        master_status(address)
     }
 
     /// The record of `instance_id` as its node stored it in the master's meta store
@@ -1424,7 +1407,7 @@ impl TestCluster {
 
 /// The value of the Prometheus gauge or counter `name` (without labels) on the /metrics
 /// endpoint at `address`; `None` if it does not answer or does not report it.
-fn metric_at(address: &str, name: &str) -> Option<f64> {
+pub fn metric_at(address: &str, name: &str) -> Option<f64> {
     let (status, text) = block_on(yr_transport::http::fetch(
         address,
         "/metrics",
@@ -1440,6 +1423,35 @@ fn metric_at(address: &str, name: &str) -> Option<f64> {
             .trim()
             .parse()
             .ok()
+    })
+}
+
+/// A channel to the `what` at `address`, connected within 5 s.
+async fn connect_within(address: &str, what: &str) -> Result<tonic::transport::Channel, String> {
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        yr_transport::connect(address, yr::ErrorCode::InnerCommunication),
+    )
+    .await
+    .map_err(|_| format!("connecting to the {what} at {address} timed out"))?
+    .map_err(|e| e.to_string())
+}
+
+/// What the master at `address` says about the cluster (a standby answers "not the leader",
+/// naming it). The connection is made from the calling thread's network namespace.
+pub fn master_status(address: &str) -> Result<pb::ClusterStatusResponse, String> {
+    let address = address.to_string();
+    block_on(async move {
+        let channel = connect_within(&address, "master").await?;
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            pb::master_client::MasterClient::new(channel)
+                .cluster_status(pb::ClusterStatusRequest {}),
+        )
+        .await
+        .map_err(|_| format!("the master at {address} did not answer within 5 s"))?
+        .map(|r| r.into_inner())
+        .map_err(|s| s.message().to_string())
     })
 }
 
@@ -1551,13 +1563,7 @@ pub fn stored_record(
     let address = address.to_string();
     let key = format!("/yr/instance/{instance_id}");
     block_on(async move {
-        let channel = tokio::time::timeout(
-            Duration::from_secs(5),
-            yr_transport::connect(&address, yr::ErrorCode::InnerCommunication),
-        )
-        .await
-        .map_err(|_| format!("connecting to the meta store at {address} timed out"))?
-        .map_err(|e| e.to_string())?;
+        let channel = connect_within(&address, "meta store").await?;
         let reply = tokio::time::timeout(
             Duration::from_secs(5),
             yr_proto::meta::meta_service_client::MetaServiceClient::new(channel)

@@ -409,6 +409,80 @@ fn write_through_keys_outlive_their_owners_sigkill_and_memory_only_keys_are_repo
     );
 }
 
+/// Found by the chaos soak (seed 2): a node cut off past the node timeout still held the keys
+/// it owned; meanwhile they were written again at their new owner. When it came back as a new
+/// incarnation the keys moved back to it, and it kept its stale values over the pushed newer
+/// ones, so reads returned a value older than an acknowledged write. A node the master
+/// declared lost forgets its memory-only keys: after the heal every read returns the newer
+/// value.
+#[test]
+fn a_node_declared_lost_forgets_its_keys_and_reads_after_the_heal_return_the_newer_writes() {
+    let _lock = exclusive();
+    let cluster = TestCluster::builder()
+        .node_timeout(2.0)
+        .node(NodeSpec::default())
+        .node(NodeSpec::default())
+        .node(NodeSpec::default())
+        .start();
+    let ring = ring(&cluster, 3);
+    let keys = keys_owned_by(&ring, &cluster, 2, "partitioned", 10);
+    let mut writer = NodeKv::of(&cluster, 0);
+    for key in &keys {
+        writer.set(key, b"old");
+    }
+    let far = cluster.node_id(2).to_string();
+    let old_incarnation = cluster.node_incarnation(2);
+    let pid = cluster.node_pid(2).expect("node 2 runs");
+
+    // A partition: node 2 stops past the node timeout and is declared lost; the keys are
+    // written again at their new owners.
+    assert!(yr_tests::signal(pid, libc::SIGSTOP));
+    let resumed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cluster.wait_for_status(TIMEOUT, "node 2 declared lost", |status| {
+            status
+                .nodes
+                .iter()
+                .any(|n| n.node_id == far && n.state == "lost")
+        });
+        for key in &keys {
+            writer.set(key, b"new");
+        }
+    }));
+    assert!(yr_tests::signal(pid, libc::SIGCONT));
+    if let Err(panic) = resumed {
+        std::panic::resume_unwind(panic);
+    }
+
+    // The heal: node 2 registers as a new incarnation, the keys move back to it, and the nodes
+    // that held them meanwhile forget them once it took them.
+    cluster.wait_for_status(
+        TIMEOUT,
+        "node 2 registered as a new incarnation",
+        |status| {
+            status
+                .nodes
+                .iter()
+                .any(|n| n.node_id == far && n.state == "alive" && n.incarnation != old_incarnation)
+        },
+    );
+    assert!(
+        wait_until(TIMEOUT, || (0..2).all(|node| cluster
+            .node_metric(node, "yr_kv_memory_bytes")
+            == Some(0.0))),
+        "the keys moved back to node 2"
+    );
+    for node in 0..3 {
+        let values = NodeKv::of(&cluster, node)
+            .get(&keys, Duration::ZERO)
+            .unwrap_or_else(|e| panic!("read through node {node}: {e:?}"));
+        assert_eq!(
+            values,
+            vec![Bytes::from_static(b"new"); keys.len()],
+            "read through node {node}"
+        );
+    }
+}
+
 // ----- user code on another node ----------------------------------------------------------------
 
 #[yr::invoke]

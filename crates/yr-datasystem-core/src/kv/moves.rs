@@ -3,7 +3,9 @@
 //! ([`KvStore::moving_entries`] to list them, [`KvStore::adopt`] on the new owner,
 //! [`KvStore::forget_moved`] on the previous one once the new one took it). A move never
 //! replaces a value the new owner already holds (a write that reached it first is newer), and
-//! the new owner's own check refuses keys it deleted during the move.
+//! the new owner's own check refuses keys it deleted during the move. A node the master declared
+//! lost forgets its memory-only values ([`KvStore::forget_memory_only`]) before it joins the ring
+//! again, since the keys may have been written again at their owners meanwhile.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -130,6 +132,44 @@ impl KvStore {
             reserved,
         );
         Ok(true)
+    }
+
+    /// Forget every value held only in memory here, and return how many: the node was declared
+    /// lost, so its keys were owned elsewhere meanwhile and may have been written again there.
+    /// Values the second-level store holds stay. Called before the node is back on the ring,
+    /// so the newer values its successors push are adopted, not refused in favour of these.
+    ///
+    /// ```
+    /// use yr_datasystem_core::kv::{KvStore, SetParam};
+    /// let store = KvStore::new();
+    /// store.set_for_job("job", "k", "stale".into(), &SetParam::default()).unwrap();
+    /// assert_eq!(store.forget_memory_only(), 1);
+    /// assert_eq!(store.try_get(&["k"]).unwrap(), vec![None]);
+    /// ```
+    pub fn forget_memory_only(&self) -> usize {
+        let shared = self.shared();
+        let keys: Vec<String> = {
+            let map = shared.map.lock();
+            map.entries
+                .iter()
+                .filter(|(_, entry)| entry.l2 == L2State::Absent)
+                .map(|(key, _)| key.clone())
+                .collect()
+        };
+        let mut forgotten = 0;
+        for key in keys {
+            let _lock = shared.write_lock(&key);
+            let mut map = shared.map.lock();
+            if map
+                .entries
+                .get(&key)
+                .is_some_and(|entry| entry.l2 == L2State::Absent)
+            {
+                map.remove(&key);
+                forgotten += 1;
+            }
+        }
+        forgotten
     }
 
     /// Forget `key` after its new owner took it: remove it from memory if it still has
