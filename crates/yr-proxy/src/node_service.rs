@@ -14,7 +14,7 @@ use yr_proto::v1 as pb;
 use yr_proto::v1::InstanceState as S;
 
 use crate::instance_table::Subscriber;
-use crate::node::Node;
+use crate::node::{KillReach, Node};
 
 /// Binary chunks are this large.
 const CHUNK: usize = 1 << 20;
@@ -62,8 +62,9 @@ impl pb::node_server::Node for NodeService {
         request: Request<pb::KillRequest>,
     ) -> Result<Response<pb::KillResponse>, Status> {
         let request = request.into_inner();
+        // From another node: never sent on again (a kill makes one hop at most).
         self.node
-            .kill(&request.instance_id, request.wait)
+            .kill_within(&request.instance_id, request.wait, KillReach::HereOnly)
             .await
             .map(|()| Response::new(pb::KillResponse {}))
             .map_err(|error| Status::not_found(error.to_string()))

@@ -1309,6 +1309,29 @@ impl TestCluster {
 
     /// The record of `instance_id` as its node stored it in the master's meta store
     /// (`/yr/instance/<id>`); `None` if there is none.
+    /// Send node `index` a `Node.Kill` of `instance_id` (waiting for the exit), as another node
+    /// of the cluster sends it; the node's answer, or its refusal's message.
+    pub fn kill_through_node(&self, index: usize, instance_id: &str) -> Result<(), String> {
+        let address = self.node_address(index);
+        let request = pb::KillRequest {
+            instance_id: instance_id.to_string(),
+            wait: true,
+            job_id: String::new(),
+            force: false,
+        };
+        block_on(async move {
+            let channel = connect_within(&address, "node").await?;
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                pb::node_client::NodeClient::new(channel).kill(request),
+            )
+            .await
+            .map_err(|_| format!("the node at {address} did not answer a kill within 30 s"))?
+            .map(|_| ())
+            .map_err(|status| status.message().to_string())
+        })
+    }
+
     pub fn stored_instance(&self, instance_id: &str) -> Result<Option<pb::InstanceRecord>, String> {
         stored_record(&self.master_address(), instance_id)
     }

@@ -113,3 +113,37 @@ fn user_code_on_a_node_without_a_driver_creates_instances_there_and_on_a_third_n
     assert_eq!(yr::get(&created, TIMEOUT).unwrap(), (2, 3, true));
     yr::finalize().unwrap();
 }
+
+#[test]
+fn a_kill_from_another_node_is_never_sent_on() {
+    let _lock = exclusive();
+    let cluster = three_zones();
+    yr::init(cluster.config()).unwrap();
+    // Created through the driver's node (node 0), which forwards it; it runs on node 1.
+    let slow = yr::instance(Slow::new)
+        .options(in_zone("instance"))
+        .invoke((0u64,))
+        .unwrap();
+    assert_eq!(
+        yr::get(&slow.method(Slow::add).invoke((1,)).unwrap(), TIMEOUT).unwrap(),
+        1
+    );
+    // A node's kill reaches the node that runs the instance; one that reaches the forwarding
+    // node instead is refused there, not sent on (two nodes' stale views could otherwise send
+    // it back and forth).
+    let refused = cluster
+        .kill_through_node(0, slow.id())
+        .expect_err("node 0 only forwards the instance");
+    assert!(refused.contains("is not on this node"), "{refused}");
+    assert_eq!(
+        yr::get(&slow.method(Slow::add).invoke((1,)).unwrap(), TIMEOUT).unwrap(),
+        2,
+        "the instance runs on"
+    );
+    cluster
+        .kill_through_node(1, slow.id())
+        .expect("node 1 runs it and kills it");
+    let error = yr::get(&slow.method(Slow::add).invoke((1,)).unwrap(), TIMEOUT).unwrap_err();
+    assert_eq!(error.code(), yr::ErrorCode::InstanceExited, "{error}");
+    yr::finalize().unwrap();
+}

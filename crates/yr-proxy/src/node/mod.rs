@@ -16,6 +16,8 @@ mod register;
 mod runtimes;
 mod stop;
 
+pub use stop::KillReach;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};

@@ -32,9 +32,31 @@ struct KillPlan {
 /// the relay to say the instance exited.
 const RELAYED_EXIT_WAIT: Duration = Duration::from_secs(5);
 
+/// Where a kill may go from this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KillReach {
+    /// A client's kill: to the node that runs the instance, if another does.
+    AnyNode,
+    /// A kill that another node sent here: only an instance that runs here. A kill is forwarded
+    /// at most once, so stale views of two nodes (each thinking the other runs it) cannot send
+    /// it back and forth.
+    HereOnly,
+}
+
 impl Node {
     /// Kill an instance: shutdown hook within its grace period, then the process.
     pub async fn kill(self: &Arc<Self>, instance_id: &str, wait: bool) -> Result<(), Error> {
+        self.kill_within(instance_id, wait, KillReach::AnyNode)
+            .await
+    }
+
+    /// [`Node::kill`], forwarding it to another node only as `reach` allows.
+    pub async fn kill_within(
+        self: &Arc<Self>,
+        instance_id: &str,
+        wait: bool,
+        reach: KillReach,
+    ) -> Result<(), Error> {
         if instance_id.is_empty() {
             return Err(ProxyError::EmptyId.into());
         }
@@ -42,6 +64,9 @@ impl Node {
             .instances
             .with(instance_id, |i| i.forwarded_to.clone())
             .flatten();
+        if forwarded.is_some() && reach == KillReach::HereOnly {
+            return Err(ProxyError::NotHere(instance_id.to_string()).into());
+        }
         if let Some(address) = forwarded {
             // The relay forgets the mirror here when the other node says the instance exited:
             // a kill that waits also waits for that (bounded), so that a lookup or a list on
@@ -76,6 +101,9 @@ impl Node {
             }
         });
         let Some(mut plan) = plan else {
+            if reach == KillReach::HereOnly {
+                return Err(ProxyError::NotHere(instance_id.to_string()).into());
+            }
             return self.kill_elsewhere(instance_id, wait).await;
         };
         if let Some((runtime_id, client)) = &mut plan.runtime {
