@@ -71,6 +71,10 @@ struct Shared {
     local: String,
     channels: Mutex<HashMap<String, Channel>>,
     finalized: Finalized,
+    /// The backend: once this process has lost its node (3006), stream calls fail with that
+    /// too, rather than resuming through a node that may have been started again at the same
+    /// address and knows nothing of this process.
+    backend: std::sync::Weak<super::Inner>,
 }
 
 /// The stream client of a cluster backend.
@@ -87,6 +91,7 @@ impl ClusterBackend {
                 local: self.inner.data.address().to_string(),
                 channels: Mutex::new(HashMap::new()),
                 finalized: Finalized::default(),
+                backend: Arc::downgrade(&self.inner),
             }),
         }
     }
@@ -115,6 +120,9 @@ impl Shared {
         F: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>> + Send,
     {
         self.finalized.check()?;
+        if let Some(backend) = self.backend.upgrade() {
+            backend.check_connected()?;
+        }
         let key = address.to_string();
         let address = key.clone();
         let cached = self.channels.lock().get(&key).cloned();
