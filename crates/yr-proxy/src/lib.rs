@@ -299,6 +299,10 @@ pub async fn run(
         ));
     }
 
+    // Large request bodies (a stream's 1 MiB page, its replicate to the backup) arrive in a
+    // few frames and without waiting for a window update halfway.
+    const BODY_WINDOW: u32 = 8 << 20;
+    const BODY_FRAME: u32 = 1 << 20;
     let service = || {
         pb::bus_server::BusServer::new(bus_service::BusService {
             node: node.clone(),
@@ -308,12 +312,18 @@ pub async fn run(
         .max_encoding_message_size(yr_transport::max_message_bytes())
     };
     let unix_server = tonic::transport::Server::builder()
+        .initial_stream_window_size(BODY_WINDOW)
+        .initial_connection_window_size(2 * BODY_WINDOW)
+        .max_frame_size(BODY_FRAME)
         .add_service(service())
         .add_service(options.data_worker.service())
         .add_service(options.data_worker.object_service())
         .serve_with_incoming(yr_transport::incoming_unix(unix));
     // The object store is for the node's own processes, on the Unix socket only.
     let tcp_server = tonic::transport::Server::builder()
+        .initial_stream_window_size(BODY_WINDOW)
+        .initial_connection_window_size(2 * BODY_WINDOW)
+        .max_frame_size(BODY_FRAME)
         .add_service(service())
         .add_service(options.data_worker.service())
         .add_service(
