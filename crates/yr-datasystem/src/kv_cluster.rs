@@ -644,12 +644,7 @@ impl KvCluster {
         if route != pb::KvRoute::Client || values.iter().all(Option::is_some) {
             return Ok(values);
         }
-        let missing: Vec<&str> = keys
-            .iter()
-            .zip(&values)
-            .filter(|(_, v)| v.is_none())
-            .map(|(k, _)| k.as_str())
-            .collect();
+        let missing = crate::service::missing_keys(&keys, &values);
         if let Some(error) = unreachable {
             if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                 return Err(error);

@@ -88,12 +88,7 @@ pub async fn get_waiting(kv: &KvStore, keys: Vec<String>, timeout: Duration) -> 
             let (kv, keys) = (kv.clone(), keys.clone());
             blocking(move || kv.try_get(&keys)).await?
         };
-        let missing: Vec<&str> = keys
-            .iter()
-            .zip(&values)
-            .filter(|(_, v)| v.is_none())
-            .map(|(k, _)| k.as_str())
-            .collect();
+        let missing = missing_keys(&keys, &values);
         if missing.is_empty() {
             return Ok(values.into_iter().flatten().collect());
         }
@@ -114,12 +109,7 @@ pub async fn get_waiting(kv: &KvStore, keys: Vec<String>, timeout: Duration) -> 
             if values.iter().all(Option::is_some) {
                 return Ok(values.into_iter().flatten().collect());
             }
-            let missing: Vec<&str> = keys
-                .iter()
-                .zip(&values)
-                .filter(|(_, v)| v.is_none())
-                .map(|(k, _)| k.as_str())
-                .collect();
+            let missing = missing_keys(&keys, &values);
             return Err(kv::timeout_error(&missing, timeout));
         }
     }
@@ -458,6 +448,15 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
             },
         }))
     }
+}
+
+/// The keys of `keys` whose value in `values` (in the same order) is missing.
+pub(crate) fn missing_keys<'a, T>(keys: &'a [String], values: &[Option<T>]) -> Vec<&'a str> {
+    keys.iter()
+        .zip(values)
+        .filter(|(_, v)| v.is_none())
+        .map(|(k, _)| k.as_str())
+        .collect()
 }
 
 #[cfg(test)]
