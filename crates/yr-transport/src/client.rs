@@ -134,10 +134,17 @@ pub fn refused(address: &str) -> bool {
 
 /// A connection whose hello is sent and whose answer comes as the first byte the peer sends:
 /// reads take and check it first. A refusal ends the connection with `PermissionDenied`.
+///
+/// A write that fails before the answer is read is held back: the peer that refused (or that
+/// speaks TLS) has answered and closed, so its answer, read next, says why the write failed.
+/// HTTP/2 reports a failed write to its requests only as a broken pipe, so the error has to
+/// come from the read side to reach the caller.
 pub struct Pipelined {
     connection: Connection,
     answer_pending: bool,
     address: String,
+    /// A write error held back until the answer is read.
+    write_failed: Option<std::io::Error>,
 }
 
 impl AsyncRead for Pipelined {
@@ -152,6 +159,9 @@ impl AsyncRead for Pipelined {
             let mut answer_buf = ReadBuf::new(&mut answer);
             match Pin::new(&mut this.connection).poll_read(cx, &mut answer_buf) {
                 Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) if this.write_failed.is_some() => {
+                    return Poll::Ready(Err(this.closed_without_answer()))
+                }
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                 // The peer closed before it answered.
                 Poll::Ready(Ok(())) if answer_buf.filled().is_empty() => {
@@ -176,42 +186,41 @@ impl AsyncRead for Pipelined {
                 },
             }
         }
+        if let Some(error) = this.write_failed.take() {
+            // Accepted, but a write after the hello failed: the connection is broken.
+            return Poll::Ready(Err(error));
+        }
         Pin::new(&mut this.connection).poll_read(cx, buf)
     }
 }
 
 impl Pipelined {
-    /// A write failed before the answer was read: if the peer's answer is there, it was a
-    /// refusal, and the error says so.
-    fn explain(&mut self, cx: &mut Context<'_>, error: std::io::Error) -> std::io::Error {
-        if !self.answer_pending {
-            return error;
-        }
-        let mut answer = [0u8; 1];
-        let mut answer_buf = ReadBuf::new(&mut answer);
-        match Pin::new(&mut self.connection).poll_read(cx, &mut answer_buf) {
-            Poll::Ready(Ok(())) => match answer_buf.filled().first().map(|b| answer_meaning(*b)) {
-                Some(Answer::Refused) => {
-                    note_answer(&self.address, false);
-                    std::io::Error::new(
-                        std::io::ErrorKind::PermissionDenied,
-                        format!(
-                            "the yr process at {} refused this process's cluster token",
-                            self.address
-                        ),
-                    )
-                }
-                Some(Answer::Accepted) => error,
-                Some(other) => unexpected_answer(&self.address, other),
-                None => self.closed_without_answer(),
-            },
-            Poll::Ready(Err(_)) => self.closed_without_answer(),
-            Poll::Pending => error,
+    fn closed_without_answer(&self) -> std::io::Error {
+        closed_without_answer(&self.address, &self.connection)
+    }
+
+    /// What a write's outcome becomes: before the answer, a failure is held back and the write
+    /// reported done, so that the reader learns why from the answer.
+    fn after_write<T>(
+        &mut self,
+        outcome: Poll<std::io::Result<T>>,
+        done: T,
+    ) -> Poll<std::io::Result<T>> {
+        match outcome {
+            Poll::Ready(Err(error)) if self.answer_pending => {
+                self.write_failed.get_or_insert(error);
+                Poll::Ready(Ok(done))
+            }
+            other => other,
         }
     }
 
-    fn closed_without_answer(&self) -> std::io::Error {
-        closed_without_answer(&self.address, &self.connection)
+    /// A write error held back while the answer was pending, once the answer is read.
+    fn held_back(&mut self) -> Option<std::io::Error> {
+        if self.answer_pending {
+            return None;
+        }
+        self.write_failed.take()
     }
 }
 
@@ -222,14 +231,26 @@ impl AsyncWrite for Pipelined {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.connection).poll_write(cx, buf) {
-            Poll::Ready(Err(error)) => Poll::Ready(Err(this.explain(cx, error))),
-            other => other,
+        if let Some(error) = this.held_back() {
+            return Poll::Ready(Err(error));
         }
+        if this.write_failed.is_some() {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        let outcome = Pin::new(&mut this.connection).poll_write(cx, buf);
+        this.after_write(outcome, buf.len())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().connection).poll_flush(cx)
+        let this = self.get_mut();
+        if let Some(error) = this.held_back() {
+            return Poll::Ready(Err(error));
+        }
+        if this.write_failed.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        let outcome = Pin::new(&mut this.connection).poll_flush(cx);
+        this.after_write(outcome, ())
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -242,10 +263,15 @@ impl AsyncWrite for Pipelined {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.connection).poll_write_vectored(cx, bufs) {
-            Poll::Ready(Err(error)) => Poll::Ready(Err(this.explain(cx, error))),
-            other => other,
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if let Some(error) = this.held_back() {
+            return Poll::Ready(Err(error));
         }
+        if this.write_failed.is_some() {
+            return Poll::Ready(Ok(len));
+        }
+        let outcome = Pin::new(&mut this.connection).poll_write_vectored(cx, bufs);
+        this.after_write(outcome, len)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -298,6 +324,7 @@ pub async fn open_pipelined(
         connection,
         answer_pending: true,
         address: address.to_string(),
+        write_failed: None,
     })
 }
 

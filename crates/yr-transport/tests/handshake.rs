@@ -121,3 +121,46 @@ async fn a_peer_that_never_says_hello_is_dropped_after_the_handshake_timeout() {
     assert!(read.is_ok(), "the server closed the silent connection");
     assert!(answer.is_empty(), "it got no answer: {answer:?}");
 }
+
+/// A TLS server that got a plain hello answers with an alert and resets the connection. A
+/// write that fails on the reset before the answer is read must not hide the answer: the
+/// caller learns that the peer serves TLS, not only that a pipe broke.
+#[tokio::test]
+async fn a_write_that_fails_before_the_answer_still_reports_why() {
+    let token = ClusterToken::generate().expect("token");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = Address::Tcp(listener.local_addr().expect("address").to_string());
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut peer, _) = listener.accept().await.expect("accept");
+        let mut hello = [0u8; 8];
+        peer.read_exact(&mut hello).await.expect("the hello");
+        // A TLS alert record's first byte, then an abortive close.
+        peer.write_all(&[0x15, 0x03, 0x03]).await.expect("alert");
+        // A zero linger resets at once and never blocks the drop.
+        #[allow(deprecated)]
+        peer.set_linger(Some(Duration::ZERO)).expect("linger");
+        drop(peer);
+        let _ = closed_tx.send(());
+    });
+    let mut client = yr_transport::open_pipelined(&address, &credentials(&token))
+        .await
+        .expect("connected");
+    closed_rx.await.expect("the peer closed");
+    // The reset has arrived: the socket's writes fail, and this one is held back.
+    client
+        .write_all(&[0u8; 64 * 1024])
+        .await
+        .expect("a write before the answer is held back");
+    client.flush().await.expect("so is its flush");
+    let mut byte = [0u8; 1];
+    let error = client.read(&mut byte).await.expect_err("the answer is TLS");
+    assert_eq!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{error}"
+    );
+    assert!(error.to_string().contains("serves TLS"), "{error}");
+}
