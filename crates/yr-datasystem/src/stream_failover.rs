@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use yr_common::backoff::Backoff;
 use yr_common::{Error, ErrorCode, Result};
 use yr_datasystem_core::stream::{Replica, ReplicaUpdate, StreamStore};
 use yr_datasystem_core::wire::{replica_update_from_proto, replica_update_to_proto};
@@ -37,6 +38,17 @@ use crate::kv_ring::{HashRing, Member};
 /// How long the backup waits for an update's answer before the send fails with 3002 (and the
 /// producer retries it).
 const REPLICATE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an update waits for a backup that cannot be reached to come back or be replaced
+/// (the master's node timeout, 3 s by default, and the ring's change fit within it).
+pub const BACKUP_WAIT: Duration = Duration::from_secs(8);
+
+/// Whether `error` says the backup could not be reached (rather than refused the update).
+fn backup_unreachable(error: &Error) -> bool {
+    matches!(
+        error.code(),
+        ErrorCode::InnerCommunication | ErrorCode::ConnectionFailed
+    )
+}
 /// The most bytes of elements one update carries (a snapshot goes in parts).
 pub const REPLICA_BATCH_BYTES: usize = 8 << 20;
 /// How long an adopted stream keeps elements for subscriptions whose consumers have not
@@ -153,9 +165,55 @@ impl Failover {
     }
 
     /// Tell stream `name`'s backup about `update` before the home answers; the whole stream
-    /// instead when the backup does not hold it yet (`None`: only then). `Err` (3002) when the
-    /// backup cannot be reached: the caller's call fails and its client retries it.
+    /// instead when the backup does not hold it yet (`None`: only then).
+    ///
+    /// A backup that cannot be reached is waited for, up to [`BACKUP_WAIT`]: it comes back (a
+    /// restarted node gets the whole stream), or the master declares it lost and the ring
+    /// names another backup, which gets the whole stream. The wait ends early at each change
+    /// of the ring, and otherwise retries with backoff. `Err` (3002) after that: the caller's
+    /// call fails and its client retries it.
     pub async fn replicate(&self, name: &str, update: Option<ReplicaUpdate>) -> Result<Replicated> {
+        let mut outcome = self.replicate_once(name, update).await;
+        let Err(first) = &outcome else {
+            return outcome;
+        };
+        if !backup_unreachable(first) {
+            return outcome;
+        }
+        let deadline = tokio::time::Instant::now() + BACKUP_WAIT;
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+        let mut ring = self.cluster.watch();
+        ring.borrow_and_update();
+        while matches!(&outcome, Err(error) if backup_unreachable(error)) {
+            let delay = backoff.next_delay();
+            let wake = std::cmp::min(tokio::time::Instant::now() + delay, deadline);
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => {}
+                changed = ring.changed() => {
+                    if changed.is_err() {
+                        return outcome;
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return outcome;
+            }
+            tracing::debug!(
+                stream = name,
+                "the stream's backup could not be reached; trying again"
+            );
+            // The backup no longer holds it as far as this node knows: the whole stream goes.
+            outcome = self.replicate_once(name, None).await;
+        }
+        outcome
+    }
+
+    /// One attempt of [`Failover::replicate`].
+    async fn replicate_once(
+        &self,
+        name: &str,
+        update: Option<ReplicaUpdate>,
+    ) -> Result<Replicated> {
         let Some(backup) = self.backup(name) else {
             return Ok(Replicated::Held);
         };

@@ -10,6 +10,9 @@
 //!   with the new home's address).
 //! - With the master gone too, no node can take the home over: the consumer's receive fails
 //!   with a code and a message that says so, within its resume budget, never hangs.
+//! - SIGKILL of the stream's backup: a subscription created next waits until the master
+//!   declares the backup lost and the ring names another, instead of failing with 3002; the
+//!   new backup then keeps the elements through a kill of the home.
 
 use std::time::{Duration, Instant};
 
@@ -332,4 +335,66 @@ fn a_receive_whose_home_no_node_can_take_over_fails_with_a_code_and_never_hangs(
     eprintln!("failed after {:?}: {error}", started.elapsed());
     let _ = yr::finalize();
     drop(consumer);
+}
+
+/// A name for a stream homed on node 2 whose backup is node 1: the owner of the name on the
+/// ring of the other nodes (ring positions depend only on node ids).
+fn stream_backed_up_on_node_1(cluster: &TestCluster, label: &str) -> String {
+    use yr_datasystem::kv_ring::{HashRing, Member};
+    let member = |index: usize| Member {
+        node_id: cluster.node_id(index).to_string(),
+        address: String::new(),
+    };
+    let others = HashRing::new([member(0), member(1)]);
+    (0..)
+        .map(|n| unique(&format!("{label}-{n}")))
+        .find(|name| others.owner(name).map(|m| m.node_id.as_str()) == Some(cluster.node_id(1)))
+        .expect("some name is owned by node 1")
+}
+
+#[test]
+fn a_subscription_created_while_the_backup_is_down_waits_for_a_new_backup_and_works() {
+    let _exclusive = exclusive();
+    let mut cluster = three_nodes();
+    yr::init(cluster.config()).unwrap();
+    let stream = stream_backed_up_on_node_1(&cluster, "lost-backup");
+    NodeStreams::of(&cluster, 2).claim(&stream);
+    // The backup dies; the home learns it only when the master declares node 1 lost.
+    cluster.kill_node(1);
+    let started = Instant::now();
+    let consumer = yr::create_stream_consumer(
+        &stream,
+        SubscriptionConfig::new("driver", SubscriptionType::Stream),
+    )
+    .expect("the create waits for a backup instead of failing");
+    eprintln!(
+        "the subscription was created {:?} after the backup's kill",
+        started.elapsed()
+    );
+    let producer = yr::create_stream_producer(
+        &stream,
+        ProducerConfig {
+            delay_flush_time: Duration::ZERO,
+            ..ProducerConfig::default()
+        },
+    )
+    .unwrap();
+    for i in 0..10u32 {
+        producer.send(&i.to_le_bytes(), TIMEOUT).unwrap();
+    }
+    let mut seen = Vec::new();
+    receive_all(&cluster, &consumer, &mut seen, 10, TIMEOUT);
+    assert_eq!(seen, (0..10).collect::<Vec<_>>());
+    // The new backup holds the stream: the home's loss now keeps every element.
+    cluster.kill_node(2);
+    producer
+        .send(&10u32.to_le_bytes(), RECOVERY_BOUND)
+        .expect("the producer resumes on the backup that took the stream over");
+    receive_all(&cluster, &consumer, &mut seen, 11, RECOVERY_BOUND);
+    assert_eq!(
+        seen,
+        (0..11).collect::<Vec<_>>(),
+        "each element once, in order"
+    );
+    yr::finalize().unwrap();
 }
