@@ -70,6 +70,12 @@ fn cluster_metrics(metrics: &mut Metrics, cluster: &Cluster) {
             &counters.lost_incarnations_refused,
         ),
         (
+            "yr_master_incarnations_replaced",
+            "Registrations of a new incarnation of a node whose previous one was still held \
+             alive (the node restarted within its timeout): the previous one was settled as lost.",
+            &counters.incarnations_replaced,
+        ),
+        (
             "yr_master_schedule_requests",
             "Schedule requests answered.",
             &counters.schedule_requests,

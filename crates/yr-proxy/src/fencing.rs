@@ -189,15 +189,17 @@ impl Fencing {
     }
 
     /// Resolves once the master declares node `node_id` lost (as the incarnation that holds
-    /// `instance_id`, which this node forwarded there): with the error (1007) to give its
-    /// callers, or [`LossVerdict::Rescheduled`] when the master re-creates it elsewhere.
-    /// Pending until then; drop it when the instance ends otherwise.
+    /// `instance_id`, which this node forwarded there when its record counted `restarts`):
+    /// with the error (1007) to give its callers, or [`LossVerdict::Rescheduled`] when the
+    /// master re-creates it. Pending until then; drop it when the instance ends otherwise.
     pub fn forwarded_lost(
         &self,
         node_id: &str,
         instance_id: &str,
+        restarts: u32,
     ) -> impl Future<Output = LossVerdict> + Send + 'static {
-        self.node_losses.forwarded_lost(node_id, instance_id)
+        self.node_losses
+            .forwarded_lost(node_id, instance_id, restarts)
     }
 
     /// Instances whose records this node stopped writing because someone else owns them now.

@@ -116,6 +116,7 @@ impl NodeLosses {
         &self,
         node_id: &str,
         instance_id: &str,
+        restarts: u32,
     ) -> impl Future<Output = LossVerdict> + Send + 'static {
         // Subscribed now, so that a loss from here on is not missed.
         let mut losses = self
@@ -136,7 +137,9 @@ impl NodeLosses {
                 let Some(lost) = *losses.borrow_and_update() else {
                     continue;
                 };
-                if let Some(verdict) = verdict(meta.as_ref(), &node_id, &instance_id, lost).await {
+                if let Some(verdict) =
+                    verdict(meta.as_ref(), &node_id, &instance_id, restarts, lost).await
+                {
                     return verdict;
                 }
             }
@@ -161,14 +164,17 @@ const SETTLE_WAIT: Duration = Duration::from_secs(10);
 /// How often a verdict reads such a record again.
 const SETTLE_POLL: Duration = Duration::from_millis(50);
 
-/// What callers of `instance_id` get now that incarnation `lost` of `node_id` was declared
-/// lost: the FATAL error of its record (the master's, usually), [`LossVerdict::Rescheduled`]
-/// when the record shows the master re-creating it elsewhere, 1007 saying the node was lost,
-/// or `None` if the record shows the instance on a newer incarnation of the node.
+/// What callers of `instance_id` (forwarded when its record had `restarts` restarts) get now
+/// that incarnation `lost` of `node_id` was declared lost: the FATAL error of its record (the
+/// master's, usually), [`LossVerdict::Rescheduled`] when the record shows the master
+/// re-creating it (elsewhere, or on a newer incarnation of the same node: more restarts than
+/// when it was forwarded), 1007 saying the node was lost, or `None` if the record shows the
+/// instance, as it was forwarded, on a newer incarnation of the node.
 async fn verdict(
     meta: &dyn MetaStore,
     node_id: &str,
     instance_id: &str,
+    restarts: u32,
     lost: u64,
 ) -> Option<LossVerdict> {
     let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
@@ -191,6 +197,11 @@ async fn verdict(
         }
         if record.node_id != node_id && !record.node_id.is_empty() {
             // The master wrote it SCHEDULING on another node, or that node took it over.
+            return Some(LossVerdict::Rescheduled);
+        }
+        if record.restarts > restarts {
+            // Re-created since it was forwarded: on the node's new incarnation (a node that
+            // restarted within its timeout), where it runs again under the same id.
             return Some(LossVerdict::Rescheduled);
         }
         if record.node_incarnation != 0 && record.node_incarnation != lost {
@@ -283,8 +294,8 @@ mod tests {
         put_record(&store, &fatal).await;
         // An instance on another node is not affected.
         put_record(&store, &running("y", "c", 1)).await;
-        let lost_x = losses.forwarded_lost("b", "x");
-        let lost_y = losses.forwarded_lost("c", "y");
+        let lost_x = losses.forwarded_lost("b", "x", 0);
+        let lost_y = losses.forwarded_lost("c", "y", 0);
         put_node(&store, "b", "lost", 3).await;
         let error = failed(
             tokio::time::timeout(Duration::from_secs(5), lost_x)
@@ -317,7 +328,7 @@ mod tests {
         let store = Arc::new(yr_meta::EmbeddedStore::in_memory());
         let losses = Arc::new(NodeLosses::new(store.clone()));
         put_record(&store, &running("x", "b", 3)).await;
-        let lost_x = losses.forwarded_lost("b", "x");
+        let lost_x = losses.forwarded_lost("b", "x", 0);
         put_node(&store, "b", "lost", 3).await;
         for kv in store.range(NODE_PREFIX).await.unwrap() {
             losses.apply(&kv);
@@ -336,13 +347,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_instance_re_created_on_the_same_nodes_new_incarnation_is_rescheduled() {
+        let store = Arc::new(yr_meta::EmbeddedStore::in_memory());
+        let losses = Arc::new(NodeLosses::new(store.clone()));
+        // Forwarded to incarnation 3 of b with no restarts; b restarted as incarnation 4
+        // within its timeout, and the master re-created the instance there (restarts 1).
+        let mut moved = running("x", "b", 4);
+        moved.restarts = 1;
+        put_record(&store, &moved).await;
+        let lost_x = losses.forwarded_lost("b", "x", 0);
+        put_node(&store, "b", "lost", 3).await;
+        for kv in store.range(NODE_PREFIX).await.unwrap() {
+            losses.apply(&kv);
+        }
+        let verdict = tokio::time::timeout(Duration::from_secs(5), lost_x)
+            .await
+            .expect("the verdict comes at once");
+        assert!(matches!(verdict, LossVerdict::Rescheduled), "{verdict:?}");
+    }
+
+    #[tokio::test]
     async fn an_instance_of_a_newer_incarnation_is_not_failed_by_an_old_loss() {
         let store = Arc::new(yr_meta::EmbeddedStore::in_memory());
         let losses = Arc::new(NodeLosses::new(store.clone()));
         put_record(&store, &running("x", "b", 4)).await;
         put_record(&store, &running("z", "b", 3)).await;
-        let lost_x = losses.forwarded_lost("b", "x");
-        let lost_z = losses.forwarded_lost("b", "z");
+        let lost_x = losses.forwarded_lost("b", "x", 0);
+        let lost_z = losses.forwarded_lost("b", "z", 0);
         // The record of a loss of incarnation 3, read back after a watch gap.
         put_node(&store, "b", "lost", 3).await;
         for kv in store.range(NODE_PREFIX).await.unwrap() {

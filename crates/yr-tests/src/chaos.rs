@@ -245,18 +245,11 @@ pub struct Rule {
 
 const EVERY_OP: &[OpKind] = &OpKind::ALL;
 const STATEFUL: &[OpKind] = &[OpKind::Create, OpKind::Call];
-const DATA: &[OpKind] = &[
-    OpKind::Task,
-    OpKind::LargeTask,
-    OpKind::Put,
-    OpKind::LargePut,
-    OpKind::Kv,
-    OpKind::Stream,
-];
 
 /// What may fail with which codes after which fault. Everything else that fails is a finding.
-/// Tighten a row when yr learns to hide the fault (lineage recompute of lost results, streams
-/// that survive their home node).
+/// Lost results are recomputed from their lineage and streams survive their home and their
+/// backup, so a node's loss elsewhere fails no put, no stream and no computed result: only what
+/// ran or lived on that node.
 pub const ACCEPTED: &[Rule] = &[
     Rule {
         fault: FaultKind::RuntimeKill,
@@ -275,15 +268,6 @@ pub const ACCEPTED: &[Rule] = &[
         grace: Duration::from_secs(10),
         why: "a task whose runtime was killed while it ran fails with 2002: the workload's \
               tasks have no retry_times, and 2002 is retried only within that budget",
-    },
-    Rule {
-        fault: FaultKind::RuntimeKill,
-        scope: Scope::AnyHost,
-        ops: &[OpKind::Stream, OpKind::LargeTask],
-        codes: &[4005],
-        grace: Duration::from_secs(10),
-        why: "an object only the killed runtime held (a stateless result owned there) is lost \
-              until lineage recompute lands",
     },
     Rule {
         fault: FaultKind::NodeKill,
@@ -306,12 +290,21 @@ pub const ACCEPTED: &[Rule] = &[
     Rule {
         fault: FaultKind::NodeKill,
         scope: Scope::AnyHost,
-        ops: DATA,
-        codes: &[4005, 3002, 4299, 1007],
+        ops: &[OpKind::Task, OpKind::LargeTask],
+        codes: &[3002, 1007],
         grace: Duration::from_secs(20),
-        why: "an object or KV key held only on the lost node fails with 4005 (no lineage \
-              recompute yet); a stream whose home node died fails with an error code (streams \
-              do not survive their home yet)",
+        why: "a task placed on the lost node's host, or running there when it died, fails: the \
+              workload's tasks have no retry_times (a result lost after it was computed is \
+              recomputed from its lineage instead)",
+    },
+    Rule {
+        fault: FaultKind::NodeKill,
+        scope: Scope::AnyHost,
+        ops: &[OpKind::Kv],
+        codes: &[4005, 3002],
+        grace: Duration::from_secs(20),
+        why: "a KV key owned by the lost node cannot be reached until the master declares it \
+              lost (3002), and its memory-only value is gone with it (4005 on the read)",
     },
     Rule {
         fault: FaultKind::Cut,

@@ -1412,6 +1412,19 @@ impl TestCluster {
         }
     }
 
+    /// Start node `index` again (after [`TestCluster::kill_node`] or
+    /// [`TestCluster::stop_node`]): the same node id, ports and session directory, a new
+    /// process (so a new incarnation). Waits until it is started, as [`TestCluster::add_node`].
+    pub fn restart_node(&mut self, index: usize) {
+        assert!(
+            self.nodes[index].child.is_none(),
+            "node {index} is still running"
+        );
+        if let Err(error) = self.spawn_node(index) {
+            panic!("node {index} did not start again: {error}");
+        }
+    }
+
     /// The last `lines` lines of node `index`'s log.
     pub fn node_log_tail(&self, index: usize, lines: usize) -> String {
         log_tail(&self.node_log(index), lines)

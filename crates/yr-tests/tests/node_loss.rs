@@ -258,6 +258,60 @@ fn an_instance_with_restarts_left_runs_again_on_another_node_and_its_calls_compl
     yr::finalize().unwrap();
 }
 
+/// A node process that dies and is started again before its node timeout registers as a new
+/// incarnation: the master settles the old one's instances at once, so a caller's call is
+/// replayed on the instance re-created elsewhere, never left to fail after a 30 s wait.
+#[test]
+fn a_node_restarted_within_its_timeout_gives_its_instances_restarts_not_1007() {
+    let _exclusive = exclusive();
+    // A node timeout far longer than the restart: only the registration can settle the old
+    // incarnation's instances in time.
+    let mut cluster = TestCluster::builder()
+        .node_timeout(60.0)
+        .node(NodeSpec {
+            cpu: 1_000,
+            ..NodeSpec::default()
+        })
+        .node(NodeSpec {
+            cpu: 8_000,
+            ..NodeSpec::default()
+        })
+        .start();
+    yr::init(cluster.config()).unwrap();
+    let keeper = survivor(1, "quick-restart");
+    assert_eq!(
+        yr::get(&keeper.method(Survivor::add).invoke((1,)).unwrap(), TIMEOUT).unwrap(),
+        1
+    );
+    assert!(
+        node_of(&keeper).starts_with(cluster.node_id(1)),
+        "it runs on node 1"
+    );
+    let old_incarnation = cluster.node_incarnation(1);
+
+    cluster.kill_node(1);
+    cluster.restart_node(1);
+    let restarted = Instant::now();
+    assert_ne!(
+        cluster.node_incarnation(1),
+        old_incarnation,
+        "a new incarnation"
+    );
+    // The call is replayed on the instance re-created from its constructor.
+    let after = keeper.method(Survivor::add).invoke((10,)).unwrap();
+    assert_eq!(yr::get(&after, RECOVERY_BOUND).unwrap(), 10);
+    assert!(
+        restarted.elapsed() < Duration::from_secs(25),
+        "the call waited {:?}: the old incarnation was not settled at the registration",
+        restarted.elapsed()
+    );
+    let replaced = cluster
+        .master_metric("yr_master_incarnations_replaced_total")
+        .unwrap_or_default();
+    assert_eq!(replaced, 1.0, "the master counts the replaced incarnation");
+    yr::finalize().unwrap();
+}
+
 #[test]
 fn a_caller_that_looked_the_instance_up_on_another_node_follows_it_to_its_new_node() {
     let _exclusive = exclusive();

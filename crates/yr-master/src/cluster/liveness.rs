@@ -65,7 +65,7 @@ impl Cluster {
     /// are written FATAL.
     ///
     /// [`InstanceManager::recover_instances_of_lost_node`]: crate::instance_manager::InstanceManager::recover_instances_of_lost_node
-    async fn fail_instances(&self, node_id: &str) {
+    pub(super) async fn fail_instances(&self, node_id: &str) {
         // A node that came back as a new incarnation meanwhile keeps that incarnation's records.
         let live = || self.nodes.lock().registry.live_incarnation(node_id);
         let place = |_: &yr_proto::v1::InstanceRecord, options: &yr_common::InvokeOptions| {

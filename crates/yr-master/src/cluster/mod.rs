@@ -70,6 +70,9 @@ pub struct Counters {
     pub instances_rescheduled: AtomicU64,
     /// Registrations refused because their incarnation was declared lost.
     pub lost_incarnations_refused: AtomicU64,
+    /// Registrations of a new incarnation of a node whose previous one the master still held
+    /// as alive (a node process restarted within the node timeout): the previous one is lost.
+    pub incarnations_replaced: AtomicU64,
 }
 
 struct Nodes {
@@ -223,10 +226,46 @@ impl Cluster {
                     incarnation_lost: true,
                 });
             }
+            // A node process that restarted before its node timeout registers as a new
+            // incarnation while the old one is still held alive (or recovering, after a
+            // master's restart): the old one is lost, as if it had missed its heartbeats.
+            let replaced = nodes
+                .registry
+                .get(&node_id)
+                .filter(|entry| {
+                    entry.state != NodeState::Lost
+                        && entry.info.incarnation != 0
+                        && entry.info.incarnation != incarnation
+                })
+                .map(|entry| entry.info.clone());
             let previous = nodes.registry.register(info.clone(), self.clock.now());
             nodes.view.set_node(&node_id, capacity.clone(), allocatable);
-            previous
+            (previous, replaced)
         };
+        let (previous, replaced) = previous;
+        if let Some(old) = &replaced {
+            self.counters
+                .incarnations_replaced
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                node_id,
+                old = old.incarnation,
+                new = incarnation,
+                "a node registered as a new incarnation before its old one timed out: the old \
+                 one is lost, and its instances are settled"
+            );
+            // Nodes that forwarded instances to the old incarnation learn of its loss from its
+            // record written as lost (they follow the node records), before the new one.
+            let mut lost = old.clone();
+            lost.state = NodeState::Lost.as_str().to_string();
+            if let Err(error) = self
+                .store
+                .put(&node_key(&node_id), Bytes::from(lost.encode_to_vec()), None)
+                .await
+            {
+                tracing::warn!(node_id, %error, "cannot record that the old incarnation was lost");
+            }
+        }
         self.counters.registrations.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             node_id,
@@ -260,6 +299,11 @@ impl Cluster {
                 node_id: node_id.clone(),
                 source,
             })?;
+        if replaced.is_some() {
+            // The new incarnation is live now: the records of the old one are settled
+            // (re-created elsewhere with restarts left, FATAL otherwise).
+            self.fail_instances(&node_id).await;
+        }
         Ok(RegisterNodeResponse {
             cluster_id: self.cluster_id.clone(),
             incarnation_lost: false,

@@ -258,6 +258,80 @@ async fn a_lost_incarnation_is_fenced_and_comes_back_only_as_a_new_one() {
     assert!(!node_write(&store, &record, fatal.version, 7).await);
 }
 
+#[tokio::test]
+async fn a_node_restarted_within_its_timeout_settles_its_old_incarnations_instances() {
+    let store = Arc::new(FakeStore::default());
+    let (cluster, _) = Cluster::open(store.clone(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut first = node("a", 1000);
+    first.incarnation = 7;
+    cluster.register(Some(first.clone())).await.unwrap();
+    let record = |id: &str, incarnation: u64| {
+        let mut record = InstanceRecord {
+            instance_id: id.into(),
+            node_id: "a".into(),
+            node_incarnation: incarnation,
+            ..Default::default()
+        };
+        record.set_state(InstanceState::Running);
+        record
+    };
+    let old = record("i", 7);
+    store
+        .put("/yr/instance/i", Bytes::from(old.encode_to_vec()), None)
+        .await
+        .unwrap();
+
+    // The node's process restarts at once, as incarnation 8, long before its timeout.
+    let mut second = first;
+    second.incarnation = 8;
+    assert!(
+        !cluster
+            .register(Some(second))
+            .await
+            .unwrap()
+            .incarnation_lost
+    );
+    // The old incarnation's instance is settled (no restarts: FATAL, by the master).
+    let settled = store.get("/yr/instance/i").await.unwrap().unwrap();
+    let settled = InstanceRecord::decode(settled.value).unwrap();
+    assert_eq!(settled.state(), InstanceState::Fatal);
+    assert!(settled.written_by_master);
+    assert_eq!(
+        cluster
+            .counters()
+            .incarnations_replaced
+            .load(Ordering::Relaxed),
+        1
+    );
+    // The new incarnation is live and alive, and its own records are not touched.
+    assert_eq!(cluster.node_counts(), [1, 0, 0]);
+    let live = store.get(&incarnation_key("a")).await.unwrap().unwrap();
+    assert_eq!(live.value, Bytes::from("8"));
+    let new = record("j", 8);
+    store
+        .put("/yr/instance/j", Bytes::from(new.encode_to_vec()), None)
+        .await
+        .unwrap();
+    // Registering again as the same incarnation (a master failover) settles nothing.
+    let mut again = node("a", 1000);
+    again.incarnation = 8;
+    cluster.register(Some(again)).await.unwrap();
+    let kept = store.get("/yr/instance/j").await.unwrap().unwrap();
+    assert_eq!(
+        InstanceRecord::decode(kept.value).unwrap().state(),
+        InstanceState::Running
+    );
+    assert_eq!(
+        cluster
+            .counters()
+            .incarnations_replaced
+            .load(Ordering::Relaxed),
+        1
+    );
+}
+
 fn labelled_node(id: &str, cpu: u64, memory: u64, labels: &[(&str, &str)]) -> NodeInfo {
     let mut info = node(id, cpu);
     if let Some(capacity) = info.capacity.as_mut() {

@@ -457,7 +457,11 @@ impl Node {
             })?
             .into_inner();
         // A stopped node keeps its connections open: its loss comes from the meta store.
-        let lost = self.fencing.forwarded_lost(&node_id, instance_id);
+        let restarts = self
+            .instances
+            .with(instance_id, |instance| instance.record().restarts)
+            .unwrap_or(0);
+        let lost = self.fencing.forwarded_lost(&node_id, instance_id, restarts);
         tokio::spawn(self.clone().relay_forwarded(
             instance_id.to_string(),
             node_id,
