@@ -114,6 +114,7 @@ impl Heartbeat {
                 let beat = NodeUpdate {
                     node_id: id.clone(),
                     delta: None,
+                    beat: 0,
                 };
                 if beats.send(beat).await.is_err() {
                     return;
@@ -137,6 +138,7 @@ impl Heartbeat {
                     memory_mb: memory,
                     custom: HashMap::new(),
                 }),
+                beat: 0,
             })
             .await
             .expect("send delta");

@@ -12,6 +12,12 @@
 //! the link goes to X at once, or, while no master leads (an election), asks again every
 //! [`ELECTION_RETRY`] without growing its backoff. At the new leader it registers as the same
 //! incarnation, which the leader accepts unless it declared that incarnation lost.
+//!
+//! Beats are numbered; the leader acknowledges each one it accepted and tells the node its node
+//! timeout at registration. The link keeps when each recent beat was sent ([`BeatLog`]) and
+//! renews the node's [`Leases`] with the send instant of each acknowledged beat (and of each
+//! accepted registration): the node fences itself when the lease runs out
+//! ([`crate::self_fence`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +34,7 @@ use yr_proto::v1::master_client::MasterClient;
 
 use crate::fencing::Fencing;
 use crate::resources::Amount;
+use crate::self_fence::{BeatLog, Lease, Leases};
 
 /// How often the node beats when nothing changes.
 const BEAT: Duration = Duration::from_millis(500);
@@ -69,6 +76,10 @@ pub struct MasterLink {
     node: pb::NodeInfo,
     fencing: Arc<Fencing>,
     updates: Mutex<Option<mpsc::UnboundedSender<pb::NodeUpdate>>>,
+    /// When the recent beats were sent (shared with each session's beating task).
+    beats: Arc<Mutex<BeatLog>>,
+    /// The node's lease, renewed by what the leader accepts.
+    leases: Leases,
 }
 
 impl MasterLink {
@@ -82,7 +93,14 @@ impl MasterLink {
             node,
             fencing,
             updates: Mutex::new(None),
+            beats: Arc::new(Mutex::new(BeatLog::new())),
+            leases: Leases::new(),
         }
+    }
+
+    /// The node's lease and its renewals, for [`crate::self_fence::guard`].
+    pub fn leases(&self) -> tokio::sync::watch::Receiver<Option<Lease>> {
+        self.leases.subscribe()
     }
 
     /// The master the link talks to now.
@@ -181,7 +199,7 @@ impl MasterLink {
         state: &mut LinkState,
     ) -> Result<(), (Error, Option<tonic::Status>)> {
         let mut client = self.client(address).await.map_err(|e| (e, None))?;
-        self.register(&mut client, allocatable).await?;
+        let node_timeout = self.register(&mut client, allocatable).await?;
         state.backoff.reset();
         if !state.up {
             tracing::info!(master = %address, "master link up again");
@@ -203,12 +221,15 @@ impl MasterLink {
             })?
             .into_inner();
         let node_id = self.node.node_id.clone();
+        let log = self.beats.clone();
         let beats = tokio::spawn(async move {
             loop {
+                let beat = log.lock().send(tokio::time::Instant::now());
                 if sender
                     .send(pb::NodeUpdate {
                         node_id: node_id.clone(),
                         delta: None,
+                        beat,
                     })
                     .is_err()
                 {
@@ -224,6 +245,12 @@ impl MasterLink {
                         ErrorCode::InnerCommunication,
                         "the master asked this node to register again",
                     ))
+                }
+                Some(Ok(command)) if command.beat != 0 => {
+                    let sent = self.beats.lock().acked(command.beat);
+                    if let (Some(sent), Some(node_timeout)) = (sent, node_timeout) {
+                        self.leases.renew(Lease { sent, node_timeout });
+                    }
                 }
                 Some(Ok(_)) => {}
                 Some(Err(status)) => {
@@ -245,13 +272,16 @@ impl MasterLink {
     }
 
     /// Register as the current incarnation. If the master declared it lost, fail the local
-    /// instances, become a new incarnation and register as that.
+    /// instances, become a new incarnation and register as that. Returns the master's node
+    /// timeout (`None` from a master that does not acknowledge beats), and renews the lease
+    /// from the registration's send instant.
     async fn register(
         &self,
         client: &mut MasterClient<tonic::transport::Channel>,
         allocatable: &impl Fn() -> Amount,
-    ) -> Result<(), (Error, Option<tonic::Status>)> {
+    ) -> Result<Option<Duration>, (Error, Option<tonic::Status>)> {
         for _ in 0..LOST_REGISTRATIONS {
+            let sent = tokio::time::Instant::now();
             let incarnation = self.fencing.incarnation();
             let mut node = self.node.clone();
             node.incarnation = incarnation;
@@ -271,7 +301,16 @@ impl MasterLink {
                 .into_inner();
             if !reply.incarnation_lost {
                 self.fencing.registered(incarnation);
-                return Ok(());
+                let node_timeout = (reply.node_timeout_ms > 0)
+                    .then(|| Duration::from_millis(reply.node_timeout_ms));
+                match node_timeout {
+                    Some(node_timeout) => self.leases.renew(Lease { sent, node_timeout }),
+                    None => tracing::warn!(
+                        "the master does not acknowledge beats (an older version): this node \
+                         does not fence itself while cut off from it"
+                    ),
+                }
+                return Ok(node_timeout);
             }
             // Fails the instances first: the room they free is in the new registration's
             // allocatable figure.
@@ -295,6 +334,7 @@ impl MasterLink {
             let _ = sender.send(pb::NodeUpdate {
                 node_id: self.node.node_id.clone(),
                 delta: Some(delta),
+                beat: 0,
             });
         }
     }
