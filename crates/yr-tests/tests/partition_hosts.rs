@@ -91,7 +91,7 @@ fn report(key: &str, value: impl std::fmt::Display) {
 /// 1 has the most room, so the instance goes there first, and to host 2 once host 1 is lost.
 fn on_host_1_or_2(recover_retry_times: u32) -> InvokeOptions {
     let places = std::env::var(PLACES_VAR).unwrap_or_else(|_| "h1,h2".to_string());
-    let mut custom_extensions = std::collections::HashMap::new();
+    let mut custom_extensions = std::collections::BTreeMap::new();
     if std::env::var(DETACHED_VAR).is_ok_and(|v| v == "1") {
         custom_extensions.insert("lifecycle".to_string(), "detached".to_string());
     }
