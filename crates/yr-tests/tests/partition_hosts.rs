@@ -5,7 +5,8 @@
 //! timeout, then restores it.
 //!
 //! - With `recover_retry_times = 1` the master declares node 1 lost and the instance runs again
-//!   on host 2 under its id; the driver's calls are served there. When the link returns, node 1
+//!   on host 2 under its id; the driver's calls are served there. Node 1 paused its copy before
+//!   that (it fences itself when its beats go unacknowledged). When the link returns, node 1
 //!   registers as a new incarnation and kills its old copy's runtime; the record is never
 //!   written by the stale incarnation.
 //! - With `recover_retry_times = 0` the driver's calls fail with 1007, never a hang, and the
@@ -394,13 +395,10 @@ fn a_cut_off_node_is_fenced_its_instance_runs_again_on_another_host_and_the_stal
         parts[3], "1",
         "the constructor's state, as after any restart: {seen}"
     );
-    eprintln!(
-        "partition: the stale copy's runtime on host 1 is {} during the partition",
-        if alive(old_pid) {
-            "still running"
-        } else {
-            "gone"
-        }
+    // Node 1 fenced itself before the master re-created the instance: the stale copy is paused.
+    assert!(
+        stopped(old_pid),
+        "the stale copy's runtime (pid {old_pid}) on host 1 is not paused during the partition"
     );
 
     // The link returns: node 1 is a new incarnation and kills its stale copy.
