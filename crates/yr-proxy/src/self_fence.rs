@@ -232,8 +232,14 @@ mod tests {
     #[test]
     fn the_margin_is_a_third_of_the_timeout_and_at_most_a_second() {
         assert_eq!(Lease::margin(TIMEOUT), Duration::from_millis(500));
-        assert_eq!(Lease::margin(Duration::from_secs(3)), Duration::from_secs(1));
-        assert_eq!(Lease::margin(Duration::from_secs(30)), Duration::from_secs(1));
+        assert_eq!(
+            Lease::margin(Duration::from_secs(3)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            Lease::margin(Duration::from_secs(30)),
+            Duration::from_secs(1)
+        );
     }
 
     #[test]

@@ -224,7 +224,10 @@ impl Driver {
             let line = match self.lines.recv_timeout(BOUND + CALL_TIMEOUT) {
                 Ok(line) => line,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    panic!("the driver reported no {key} within {:?}", BOUND + CALL_TIMEOUT)
+                    panic!(
+                        "the driver reported no {key} within {:?}",
+                        BOUND + CALL_TIMEOUT
+                    )
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     panic!("the driver ended before it reported {key}")
@@ -439,7 +442,8 @@ fn a_cut_off_node_is_fenced_its_instance_runs_again_on_another_host_and_the_stal
 
 #[test]
 fn a_cut_off_node_pauses_an_instance_the_master_moves_so_it_never_serves_in_two_places() {
-    let test = "a_cut_off_node_pauses_an_instance_the_master_moves_so_it_never_serves_in_two_places";
+    let test =
+        "a_cut_off_node_pauses_an_instance_the_master_moves_so_it_never_serves_in_two_places";
     if let Ok(retries) = std::env::var(DRIVER_VAR) {
         return run_driver(&retries);
     }

@@ -450,6 +450,15 @@ impl RuntimePool {
         resumed
     }
 
+    /// Whether `runtime_id` is paused.
+    pub fn is_paused(&self, runtime_id: &str) -> bool {
+        self.state
+            .lock()
+            .slots
+            .get(runtime_id)
+            .is_some_and(|slot| slot.paused)
+    }
+
     /// How many runtimes are paused.
     pub fn paused(&self) -> usize {
         self.state

@@ -210,8 +210,7 @@ fn a_take_among_many_busy_runtimes_starts_a_new_one_and_leaves_other_binaries_al
 }
 
 #[test]
-fn a_paused_runtime_is_stopped_gets_no_heartbeats_is_never_hung_and_resumes_with_a_fresh_timeout()
-{
+fn a_paused_runtime_is_stopped_gets_no_heartbeats_is_never_hung_and_resumes_with_a_fresh_timeout() {
     let (pool, spawner) = pool(0);
     pool.fill("h", &spec()).unwrap();
     let taken = pool.take("h", &spec(), "i1").unwrap();
@@ -223,12 +222,18 @@ fn a_paused_runtime_is_stopped_gets_no_heartbeats_is_never_hung_and_resumes_with
     assert!(!pool.pause("rt1"), "paused once");
     assert!(!pool.pause("nobody"));
     assert_eq!(pool.paused(), 1);
+    assert!(pool.is_paused("rt1"));
     for round in 1..10 {
         let round = pool.heartbeat_round(start + TIMEOUT * round, TIMEOUT, 100);
-        assert_eq!(round, HeartbeatRound::default(), "paused: not beaten, not hung");
+        assert_eq!(
+            round,
+            HeartbeatRound::default(),
+            "paused: not beaten, not hung"
+        );
     }
     assert_eq!(pool.resume_all(), vec!["rt1".to_string()]);
     assert_eq!(pool.paused(), 0);
+    assert!(!pool.is_paused("rt1"));
     let signals = spawner.signals.lock().clone();
     assert_eq!(
         signals,

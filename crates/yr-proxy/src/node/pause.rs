@@ -11,7 +11,8 @@
 //! not moved. A runtime taken for such an instance while the node is fenced is paused at once
 //! (before its constructor runs). If the master declared the node lost, the paused runtimes
 //! are killed with SIGKILL (which ends a stopped process) by the usual path
-//! ([`Node::fence_local_instances`]).
+//! ([`Node::fence_local_instances`]); a kill of a paused instance sends SIGKILL at once, since
+//! its shutdown hook cannot run while it is paused.
 //!
 //! The runtime pool owns which runtimes are paused (paused ones get no heartbeats and are not
 //! hung); [`SelfFenced`] owns whether the node is fenced, and every pause and resume happens
@@ -49,8 +50,7 @@ impl Node {
             let runtime = self
                 .instances
                 .with(&instance_id, |instance| {
-                    self.may_move(instance)
-                        .then(|| instance.runtime_id.clone())
+                    self.may_move(instance).then(|| instance.runtime_id.clone())
                 })
                 .flatten()
                 .flatten();
