@@ -36,8 +36,21 @@ use crate::fencing::Fencing;
 use crate::resources::Amount;
 use crate::self_fence::{BeatLog, Lease, Leases};
 
-/// How often the node beats when nothing changes.
+/// How often the node beats when nothing changes, at most: a sixth of the master's node
+/// timeout when that is shorter, so that the lease ([`crate::self_fence`]) spans several beats
+/// and one late acknowledgement does not fence the node.
 const BEAT: Duration = Duration::from_millis(500);
+
+/// The shortest beat period, whatever the node timeout.
+const MIN_BEAT: Duration = Duration::from_millis(50);
+
+/// The beat period for a master whose node timeout is `node_timeout` (`None`: unknown).
+fn beat_period(node_timeout: Option<Duration>) -> Duration {
+    match node_timeout {
+        Some(timeout) => (timeout / 6).clamp(MIN_BEAT, BEAT),
+        None => BEAT,
+    }
+}
 
 /// How often the link pings the master's connection, and how long it waits for the answer.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
@@ -222,6 +235,7 @@ impl MasterLink {
             .into_inner();
         let node_id = self.node.node_id.clone();
         let log = self.beats.clone();
+        let period = beat_period(node_timeout);
         let beats = tokio::spawn(async move {
             loop {
                 let beat = log.lock().send(tokio::time::Instant::now());
@@ -235,7 +249,7 @@ impl MasterLink {
                 {
                     return;
                 }
-                tokio::time::sleep(BEAT).await;
+                tokio::time::sleep(period).await;
             }
         });
         let result = loop {
@@ -397,5 +411,21 @@ impl MasterLink {
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn beats_come_at_least_six_times_per_node_timeout() {
+        assert_eq!(beat_period(None), BEAT);
+        assert_eq!(beat_period(Some(Duration::from_secs(3))), BEAT);
+        assert_eq!(
+            beat_period(Some(Duration::from_millis(1500))),
+            Duration::from_millis(250)
+        );
+        assert_eq!(beat_period(Some(Duration::from_millis(60))), MIN_BEAT);
     }
 }
