@@ -8,6 +8,10 @@
 //! - When etcd returns, creates succeed again, and nothing is lost: the instance created
 //!   before the outage keeps its record (RUNNING, same node and incarnation) and its state,
 //!   and the node is still registered as the same incarnation, never declared lost.
+//! - An instance the master could re-create elsewhere (stateful, a restart left, detached) is
+//!   paused by its node while no master leads (no one acknowledges its beats: the node fences
+//!   itself), and resumes with its state when etcd returns and a master leads again: a call
+//!   made during the outage waits and is served then.
 
 #[path = "../../yr-meta/tests/common/etcd.rs"]
 mod etcd;
@@ -17,7 +21,29 @@ use std::time::{Duration, Instant};
 use etcd::Etcd;
 use yr::{ErrorCode, InstanceHandle, InvokeOptions};
 use yr_proto::v1::InstanceState;
-use yr_tests::{exclusive, unique, wait_until, Tally, TestCluster, TIMEOUT};
+use yr_tests::{exclusive, stopped, unique, wait_until, Tally, TestCluster, TIMEOUT};
+
+/// A tally that tells its runtime's process id.
+#[yr::instance]
+pub struct Keeper {
+    value: i64,
+}
+
+#[yr::instance]
+impl Keeper {
+    pub fn new(start: i64) -> Self {
+        Keeper { value: start }
+    }
+
+    pub fn add(&mut self, n: i64) -> i64 {
+        self.value += n;
+        self.value
+    }
+
+    pub fn pid(&self) -> u32 {
+        std::process::id()
+    }
+}
 
 /// How long a control operation may take to fail while etcd is down: the meta store's retry
 /// budget (4 s) for each of the few store calls a create makes, with room for a loaded machine.
@@ -183,5 +209,84 @@ fn calls_keep_working_while_etcd_is_down_and_control_operations_fail_with_3005_u
         0.0,
         "no node was declared lost"
     );
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn a_movable_instance_pauses_during_an_etcd_outage_and_resumes_with_its_state() {
+    let _exclusive = exclusive();
+    let mut etcd = Etcd::single("outage-pause");
+    let prefix = format!("/yr/{}", unique("outage-pause"));
+    let cluster = TestCluster::builder()
+        .master_args(["--etcd", &etcd.endpoint(), "--etcd-prefix", &prefix])
+        .node_timeout(3.0)
+        .start();
+    let node_id = cluster.node_id(0).to_string();
+    let incarnation = cluster.node_incarnation(0);
+    yr::init(cluster.config()).unwrap();
+    let mut options = InvokeOptions {
+        recover_retry_times: 1,
+        ..Default::default()
+    };
+    options
+        .custom_extensions
+        .insert("lifecycle".into(), "detached".into());
+    let keeper = yr::instance(Keeper::new)
+        .options(options)
+        .invoke((0,))
+        .unwrap();
+    let id = keeper.id().to_string();
+    let add = |n: i64| yr::get(&keeper.method(Keeper::add).invoke((n,)).unwrap(), TIMEOUT);
+    assert_eq!(add(1).unwrap(), 1);
+    let pid = yr::get(&keeper.method(Keeper::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
+
+    // The outage: the master steps down, no one acknowledges the node's beats, and the node
+    // pauses the instance.
+    etcd.members[0].kill();
+    let down = Instant::now();
+    assert!(
+        wait_until(TIMEOUT, || stopped(pid)),
+        "the node did not pause the movable instance (pid {pid}) during the outage"
+    );
+    eprintln!(
+        "etcd-outage: the movable instance was paused {:?} after etcd went down",
+        down.elapsed()
+    );
+    let pending = keeper.method(Keeper::add).invoke((1,)).unwrap();
+
+    // etcd returns: a master leads, the node registers as the same incarnation and resumes it.
+    etcd.members[0].restart();
+    let back = Instant::now();
+    assert_eq!(
+        yr::get(&pending, Duration::from_secs(60)).unwrap(),
+        2,
+        "the call made during the outage is served after it, with the state intact"
+    );
+    eprintln!(
+        "etcd-outage: the call made during the outage was served {:?} after etcd's return",
+        back.elapsed()
+    );
+    assert!(!stopped(pid));
+    assert_eq!(add(1).unwrap(), 3);
+    assert_eq!(
+        yr::get(&keeper.method(Keeper::pid).invoke(()).unwrap(), TIMEOUT).unwrap(),
+        pid,
+        "the same runtime: paused, not restarted"
+    );
+    let status = cluster.wait_for_status(TIMEOUT, "the node alive", |status| {
+        status
+            .nodes
+            .iter()
+            .any(|n| n.node_id == node_id && n.state == "alive")
+    });
+    let node = status
+        .nodes
+        .iter()
+        .find(|n| n.node_id == node_id)
+        .expect("the node");
+    assert_eq!(node.incarnation, incarnation, "never declared lost");
+    let record = cluster.stored_instance(&id).unwrap().expect("the record");
+    assert_eq!(record.state(), InstanceState::Running, "{record:?}");
+    assert_eq!(record.restarts, 0, "{record:?}");
     yr::finalize().unwrap();
 }
