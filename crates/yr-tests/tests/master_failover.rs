@@ -324,6 +324,19 @@ fn a_movable_instance_pauses_while_no_master_leads_and_resumes_with_its_state_wh
         pid,
         "the same runtime: paused, not restarted"
     );
+    assert!(
+        cluster
+            .node_metric(0, "yr_node_self_fences_total")
+            .is_some_and(|n| n >= 1.0),
+        "the fence is counted"
+    );
+    assert!(
+        cluster
+            .node_metric(0, "yr_node_runtimes_paused_total")
+            .is_some_and(|n| n >= 1.0),
+        "the paused runtime is counted"
+    );
+    assert_eq!(cluster.node_metric(0, "yr_node_self_fenced"), Some(0.0));
     let status = cluster.wait_for_status(
         TAKEOVER_BOUND,
         "the node registered with the new leader as the same incarnation",
