@@ -50,7 +50,7 @@ impl Node {
             let runtime = self
                 .instances
                 .with(&instance_id, |instance| {
-                    self.may_move(instance).then(|| instance.runtime_id.clone())
+                    may_move(instance, &self.settings.node_id).then(|| instance.runtime_id.clone())
                 })
                 .flatten()
                 .flatten();
@@ -94,34 +94,17 @@ impl Node {
         if !*fenced {
             return;
         }
-        let may_move = self
+        let movable = self
             .instances
-            .with(instance_id, |instance| self.may_move(instance))
+            .with(instance_id, |instance| {
+                may_move(instance, &self.settings.node_id)
+            })
             .unwrap_or(false);
-        if may_move && self.runtimes.pause(runtime_id) {
+        if movable && self.runtimes.pause(runtime_id) {
             self.self_fence.paused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(instance = %instance_id, runtime = %runtime_id,
                 "fenced: pausing a runtime taken for an instance the master may re-create elsewhere");
         }
-    }
-
-    /// Whether the master may re-create `instance` elsewhere if it declares this node lost (as
-    /// `yr_master::instance_manager::recovery_options` decides).
-    fn may_move(&self, instance: &Instance) -> bool {
-        let record = instance.record();
-        let owner_outlives = record.detached
-            || instance.options.is_detached()
-            || (!record.creator_node_id.is_empty()
-                && record.creator_node_id != self.settings.node_id);
-        instance.forwarded_to.is_none()
-            && !record.stateless
-            && !instance.killing
-            && !matches!(
-                instance.state(),
-                S::Exiting | S::Evicting | S::Fatal | S::Exited | S::Evicted | S::ScheduleFailed
-            )
-            && record.restarts < instance.options.recover_retry_times
-            && owner_outlives
     }
 
     /// Whether the node is fenced now, for metrics.
@@ -137,5 +120,92 @@ impl Node {
     /// Runtimes paused by self-fences, for metrics.
     pub fn runtimes_paused(&self) -> u64 {
         self.self_fence.paused.load(Ordering::Relaxed)
+    }
+}
+
+/// Whether the master may re-create `instance` elsewhere if it declares node `node_id` (where
+/// it runs) lost, as `yr_master::instance_manager::recovery_options` decides: stateful, not
+/// being killed or ended, with restarts left, its owner outliving the node.
+fn may_move(instance: &Instance, node_id: &str) -> bool {
+    let record = instance.record();
+    let owner_outlives = record.detached
+        || instance.options.is_detached()
+        || (!record.creator_node_id.is_empty() && record.creator_node_id != node_id);
+    instance.forwarded_to.is_none()
+        && !record.stateless
+        && !instance.killing
+        && !matches!(
+            instance.state(),
+            S::Exiting | S::Evicting | S::Fatal | S::Exited | S::Evicted | S::ScheduleFailed
+        )
+        && record.restarts < instance.options.recover_retry_times
+        && owner_outlives
+}
+
+#[cfg(test)]
+mod tests {
+    use yr_common::InvokeOptions;
+    use yr_proto::v1 as pb;
+
+    use super::*;
+    use crate::instance_table::Subscriber;
+
+    /// A stateful RUNNING instance on node `here`, created from `creator`, with
+    /// `recover_retry_times` restarts of which `restarts` are spent.
+    fn instance(creator: &str, recover_retry_times: u32, restarts: u32) -> Instance {
+        Instance::new(
+            pb::InstanceRecord {
+                instance_id: "i".into(),
+                creator_node_id: creator.into(),
+                restarts,
+                state: S::Running as i32,
+                ..Default::default()
+            },
+            InvokeOptions {
+                recover_retry_times,
+                ..Default::default()
+            },
+            Subscriber::Client(1),
+            String::new(),
+        )
+    }
+
+    #[test]
+    fn only_what_the_master_would_re_create_elsewhere_is_paused() {
+        // Created from another node, a restart left: the master re-creates it.
+        assert!(may_move(&instance("there", 1, 0), "here"));
+        // No restart left, or none asked for: the master marks it FATAL, it keeps running.
+        assert!(!may_move(&instance("there", 1, 1), "here"));
+        assert!(!may_move(&instance("there", 0, 0), "here"));
+        // Created here and not detached: its owner goes with the node, it is not re-created.
+        assert!(!may_move(&instance("here", 1, 0), "here"));
+        let mut detached = instance("here", 1, 0);
+        detached
+            .options
+            .custom_extensions
+            .insert("lifecycle".into(), "detached".into());
+        assert!(may_move(&detached, "here"));
+        // Being killed, forwarded to another node, or stateless: left alone.
+        let mut killing = instance("there", 1, 0);
+        killing.killing = true;
+        assert!(!may_move(&killing, "here"));
+        let mut forwarded = instance("there", 1, 0);
+        forwarded.forward_to("other", "10.0.0.2:1");
+        assert!(!may_move(&forwarded, "here"));
+        let stateless = Instance::new(
+            pb::InstanceRecord {
+                creator_node_id: "there".into(),
+                stateless: true,
+                state: S::Running as i32,
+                ..Default::default()
+            },
+            InvokeOptions {
+                recover_retry_times: 1,
+                ..Default::default()
+            },
+            Subscriber::Client(1),
+            String::new(),
+        );
+        assert!(!may_move(&stateless, "here"));
     }
 }
