@@ -56,6 +56,9 @@ fn beat_period(node_timeout: Option<Duration>) -> Duration {
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long the link waits for a master to say whether it leads.
+const LEADER_QUESTION_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How soon the link asks again when a standby said that no master leads yet.
 pub const ELECTION_RETRY: Duration = Duration::from_millis(200);
 
@@ -196,10 +199,44 @@ impl MasterLink {
             };
             let delay = match followed {
                 Followed::Leader => Duration::ZERO,
-                Followed::Election => ELECTION_RETRY,
+                Followed::Election => {
+                    self.ask_whether_any_master_leads().await;
+                    ELECTION_RETRY
+                }
                 Followed::Next => state.backoff.next_delay(),
             };
             tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// While a master said that no master leads: ask every master this node knows, and if
+    /// every one answers that it does not lead, no master leads now, so no master can declare
+    /// this node lost soon: the lease is extended, if it still runs
+    /// ([`Leases::extend_while_no_master_leads`]). An etcd outage, in which every master steps
+    /// down, then pauses nothing. A master that leads, or does not answer within
+    /// [`LEADER_QUESTION_TIMEOUT`], extends nothing.
+    async fn ask_whether_any_master_leads(&self) {
+        let sent = tokio::time::Instant::now();
+        let answers =
+            futures_util::future::join_all(self.addresses.iter().map(|address| async move {
+                let Ok(mut client) = self.client(address).await else {
+                    return false;
+                };
+                let asked = client.cluster_status(pb::ClusterStatusRequest {});
+                match tokio::time::timeout(LEADER_QUESTION_TIMEOUT, asked).await {
+                    // Refused as "not the leader" (whoever it names as the leader).
+                    Ok(Err(status)) => yr_transport::leader_redirect(&status).is_some(),
+                    _ => false,
+                }
+            }))
+            .await;
+        if !answers.is_empty()
+            && answers.iter().all(|not_leading| *not_leading)
+            && self
+                .leases
+                .extend_while_no_master_leads(sent, tokio::time::Instant::now())
+        {
+            tracing::debug!("every master says it does not lead: the lease is extended");
         }
     }
 

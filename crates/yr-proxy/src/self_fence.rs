@@ -13,9 +13,11 @@
 //! The master link owns the [`BeatLog`] (when each recent beat was sent) and the [`Leases`]
 //! (the newest lease, published on a `watch`). [`guard`] follows the leases and calls
 //! [`Fence::fence`] when the newest runs out, [`Fence::unfence`] when a newer one comes. Only
-//! a leader answers beats (a standby refuses the heartbeat stream), so while no master leads,
-//! the lease runs out too: a standby's "no master leads" is its own view, which need not be
-//! the truth (a master cut off from etcd says so while another may lead).
+//! a leader answers beats (a standby refuses the heartbeat stream). While no master leads, the
+//! link asks every master it knows: when all of them answer that they do not lead, no master
+//! leads, and the lease is extended as long as it has not run out
+//! ([`Leases::extend_while_no_master_leads`]). One standby's "no master leads" alone proves
+//! nothing (a master cut off from etcd says so while another may lead); all of them do.
 //!
 //! The instants are [`tokio::time::Instant`]s, so the tests drive them with paused time.
 
@@ -137,6 +139,35 @@ impl Leases {
         });
     }
 
+    /// Every master the node knows refused questions sent at `sent` as not leading, and `now`
+    /// is after the last answer. No master that led after `sent` can declare the node lost
+    /// before `sent + node_timeout` (a new leader waits at least the node timeout after it
+    /// took over). And none declared it lost before: that needs the node silent for the node
+    /// timeout at a leader, so it cannot happen while the newest lease still runs. So a lease
+    /// that still runs at `now` is extended from `sent`, with its node timeout; an expired one
+    /// is not (the node may have been declared lost meanwhile: only a leader's answer lifts a
+    /// fence). True if the lease was extended.
+    ///
+    /// This keeps an etcd outage, in which every master steps down, from pausing instances
+    /// that no one can move while it lasts.
+    pub fn extend_while_no_master_leads(&self, sent: Instant, now: Instant) -> bool {
+        self.newest.send_if_modified(|newest| match newest {
+            Some(current) if current.fence_at() > now => {
+                let lease = Lease {
+                    sent,
+                    node_timeout: current.node_timeout,
+                };
+                if lease.fence_at() > current.fence_at() {
+                    *newest = Some(lease);
+                    true
+                } else {
+                    false
+                }
+            }
+            _ => false,
+        })
+    }
+
     /// The newest lease and its changes.
     pub fn subscribe(&self) -> watch::Receiver<Option<Lease>> {
         self.newest.subscribe()
@@ -214,6 +245,33 @@ mod tests {
         fn unfence(&self, _: Lease) {
             self.0.lock().push(Event::Unfence(Instant::now()));
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_lease_that_still_runs_is_extended_while_no_master_leads() {
+        let leases = Leases::new();
+        let start = Instant::now();
+        // No lease yet: nothing to extend.
+        assert!(!leases.extend_while_no_master_leads(start, start));
+        leases.renew(Lease {
+            sent: start,
+            node_timeout: TIMEOUT,
+        });
+        let fence_at = leases.subscribe().borrow().unwrap().fence_at();
+        // Every master said it does not lead, to questions sent 500 ms later: extended.
+        tokio::time::advance(Duration::from_millis(600)).await;
+        let asked = start + Duration::from_millis(500);
+        assert!(leases.extend_while_no_master_leads(asked, Instant::now()));
+        let extended = leases.subscribe().borrow().unwrap();
+        assert_eq!(extended.sent, asked);
+        assert_eq!(extended.fence_at(), fence_at + Duration::from_millis(500));
+        // An older question does not shorten it.
+        assert!(!leases.extend_while_no_master_leads(start, Instant::now()));
+        // Once the lease ran out, the answers do not lift the fence: only a leader's may.
+        tokio::time::advance(TIMEOUT).await;
+        let late = Instant::now();
+        assert!(!leases.extend_while_no_master_leads(late, late));
+        assert_eq!(leases.subscribe().borrow().unwrap().sent, asked);
     }
 
     impl Recorder {
