@@ -22,28 +22,6 @@ use yr::{ErrorCode, InstanceHandle, InvokeOptions};
 use yr_proto::v1::InstanceState;
 use yr_tests::{exclusive, stopped, unique, wait_until, Tally, TestCluster, TIMEOUT};
 
-/// A tally that tells its runtime's process id.
-#[yr::instance]
-pub struct Keeper {
-    value: i64,
-}
-
-#[yr::instance]
-impl Keeper {
-    pub fn new(start: i64) -> Self {
-        Keeper { value: start }
-    }
-
-    pub fn add(&mut self, n: i64) -> i64 {
-        self.value += n;
-        self.value
-    }
-
-    pub fn pid(&self) -> u32 {
-        std::process::id()
-    }
-}
-
 /// How long a control operation may take to fail while etcd is down: the meta store's retry
 /// budget (4 s) for each of the few store calls a create makes, with room for a loaded machine.
 const CONTROL_BOUND: Duration = Duration::from_secs(30);
@@ -230,14 +208,14 @@ fn a_movable_instance_keeps_serving_through_an_etcd_outage_since_no_master_can_m
     options
         .custom_extensions
         .insert("lifecycle".into(), "detached".into());
-    let keeper = yr::instance(Keeper::new)
+    let keeper = yr::instance(Tally::new)
         .options(options)
         .invoke((0,))
         .unwrap();
     let id = keeper.id().to_string();
-    let add = |n: i64| yr::get(&keeper.method(Keeper::add).invoke((n,)).unwrap(), TIMEOUT);
+    let add = |n: i64| yr::get(&keeper.method(Tally::add).invoke((n,)).unwrap(), TIMEOUT);
     assert_eq!(add(1).unwrap(), 1);
-    let pid = yr::get(&keeper.method(Keeper::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
+    let pid = yr::get(&keeper.method(Tally::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
 
     // The outage: the master steps down and acknowledges no beat. But it answers that it does
     // not lead, and it is every master the node knows: no one can move the instance, so the
@@ -275,7 +253,7 @@ fn a_movable_instance_keeps_serving_through_an_etcd_outage_since_no_master_can_m
     etcd.members[0].restart();
     assert_eq!(add(1).unwrap(), total + 1);
     assert_eq!(
-        yr::get(&keeper.method(Keeper::pid).invoke(()).unwrap(), TIMEOUT).unwrap(),
+        yr::get(&keeper.method(Tally::pid).invoke(()).unwrap(), TIMEOUT).unwrap(),
         pid,
         "the same runtime"
     );

@@ -21,28 +21,6 @@ use yr_tests::{
     TIMEOUT,
 };
 
-/// A tally that tells its runtime's process id.
-#[yr::instance]
-pub struct Keeper {
-    value: i64,
-}
-
-#[yr::instance]
-impl Keeper {
-    pub fn new(start: i64) -> Self {
-        Keeper { value: start }
-    }
-
-    pub fn add(&mut self, n: i64) -> i64 {
-        self.value += n;
-        self.value
-    }
-
-    pub fn pid(&self) -> u32 {
-        std::process::id()
-    }
-}
-
 /// The generous bound of the tests; the goal (5 s) is reported, not asserted.
 const TAKEOVER_BOUND: Duration = Duration::from_secs(15);
 
@@ -268,13 +246,13 @@ fn a_movable_instance_pauses_while_no_master_leads_and_resumes_with_its_state_wh
     options
         .custom_extensions
         .insert("lifecycle".into(), "detached".into());
-    let keeper = yr::instance(Keeper::new)
+    let keeper = yr::instance(Tally::new)
         .options(options)
         .invoke((0,))
         .unwrap();
-    let add = |n: i64| yr::get(&keeper.method(Keeper::add).invoke((n,)).unwrap(), TIMEOUT);
+    let add = |n: i64| yr::get(&keeper.method(Tally::add).invoke((n,)).unwrap(), TIMEOUT);
     assert_eq!(add(1).unwrap(), 1);
-    let pid = yr::get(&keeper.method(Keeper::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
+    let pid = yr::get(&keeper.method(Tally::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
     let node_id = cluster.node_id(0).to_string();
     let (leader_index, before) = leader(&cluster);
     let standby = cluster.master_addresses()[1 - leader_index].clone();
@@ -298,7 +276,7 @@ fn a_movable_instance_pauses_while_no_master_leads_and_resumes_with_its_state_wh
             killed_at.elapsed()
         );
         // A call made now waits for the pause to end.
-        keeper.method(Keeper::add).invoke((1,)).unwrap()
+        keeper.method(Tally::add).invoke((1,)).unwrap()
     }));
     assert!(signal(standby_pid, libc::SIGCONT));
     let pending = match during {
@@ -320,7 +298,7 @@ fn a_movable_instance_pauses_while_no_master_leads_and_resumes_with_its_state_wh
     assert!(!stopped(pid), "resumed");
     assert_eq!(add(1).unwrap(), 3);
     assert_eq!(
-        yr::get(&keeper.method(Keeper::pid).invoke(()).unwrap(), TIMEOUT).unwrap(),
+        yr::get(&keeper.method(Tally::pid).invoke(()).unwrap(), TIMEOUT).unwrap(),
         pid,
         "the same runtime: paused, not restarted"
     );
