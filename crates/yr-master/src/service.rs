@@ -5,10 +5,13 @@
 //!   capacity and allocatable; the answer carries the cluster id, or says that the incarnation
 //!   was declared lost (the node then fails its instances and registers as a new incarnation).
 //! - `NodeHeartbeat`: one bidirectional stream per node. The node sends `NodeUpdate`s (deltas to
-//!   its allocatable, or empty beats at least once a second); the master answers only when it
-//!   needs something: `MasterCommand{reregister: true}` for a node it does not know as alive
-//!   (unknown, recovering after a restart, or declared lost; the registration that follows
-//!   tells a lost incarnation apart).
+//!   its allocatable, or numbered empty beats at least once a second). The master acknowledges
+//!   each numbered beat of a node it knows as alive with `MasterCommand{beat}` (the node's
+//!   lease: without acknowledgements it pauses the instances the master could re-create
+//!   elsewhere, before the master can declare it lost), and answers
+//!   `MasterCommand{reregister: true}` for a node it does not know as alive (unknown,
+//!   recovering after a restart, or declared lost; the registration that follows tells a lost
+//!   incarnation apart). A standby answers no beat: it refuses the stream.
 //! - `Schedule`: global placement; a failure is an `ErrorInfo` in the response, not a gRPC error.
 //! - `ClusterStatus`: nodes, instances and registered functions, the leader and the masters.
 //!
@@ -107,13 +110,30 @@ impl Master for MasterService {
                 match update {
                     Ok(Some(update)) => {
                         node_id.clone_from(&update.node_id);
-                        if cluster.heartbeat(&update) == HeartbeatOutcome::Reregister {
-                            tracing::debug!(node_id, "heartbeat from an unknown node: reregister");
-                            let command = MasterCommand { reregister: true };
-                            match commands.try_send(Ok(command)) {
-                                Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
-                                Err(mpsc::error::TrySendError::Closed(_)) => break,
+                        let command = match cluster.heartbeat(&update) {
+                            HeartbeatOutcome::Reregister => {
+                                tracing::debug!(
+                                    node_id,
+                                    "heartbeat from an unknown node: reregister"
+                                );
+                                MasterCommand {
+                                    reregister: true,
+                                    beat: 0,
+                                }
                             }
+                            // The node's lease: it fences itself unless beats are acknowledged
+                            // (crates/yr-proxy/src/self_fence.rs).
+                            HeartbeatOutcome::Accepted if update.beat != 0 => MasterCommand {
+                                reregister: false,
+                                beat: update.beat,
+                            },
+                            HeartbeatOutcome::Accepted => continue,
+                        };
+                        // A full channel drops the command: a node that does not read its
+                        // stream misses an acknowledgement, and is only more careful.
+                        match commands.try_send(Ok(command)) {
+                            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                            Err(mpsc::error::TrySendError::Closed(_)) => break,
                         }
                     }
                     Ok(None) => break,

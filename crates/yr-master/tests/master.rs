@@ -114,6 +114,7 @@ impl Heartbeat {
                 let beat = NodeUpdate {
                     node_id: id.clone(),
                     delta: None,
+                    beat: 0,
                 };
                 if beats.send(beat).await.is_err() {
                     return;
@@ -137,6 +138,7 @@ impl Heartbeat {
                     memory_mb: memory,
                     custom: HashMap::new(),
                 }),
+                beat: 0,
             })
             .await
             .expect("send delta");
@@ -448,6 +450,73 @@ async fn heartbeat_from_an_unknown_node_is_told_to_reregister() {
     })
     .await;
     drop(stranger);
+    master.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_leader_tells_its_node_timeout_and_acknowledges_each_numbered_beat_of_an_alive_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = start_master(dir.path(), Duration::from_millis(1500)).await;
+    let mut client = connect(&master).await;
+    let reply = client
+        .register_node(RegisterNodeRequest {
+            node: Some(node("beating", 1000, 1024, &[])),
+        })
+        .await
+        .expect("register node")
+        .into_inner();
+    assert_eq!(reply.node_timeout_ms, 1500, "the node fences itself by it");
+    // A stream of its own, so that the only beats are numbered ones.
+    let (updates, receiver) = mpsc::channel(16);
+    let mut commands = client
+        .node_heartbeat(ReceiverStream::new(receiver))
+        .await
+        .expect("open heartbeat stream")
+        .into_inner();
+    for beat in [1, 2, 7] {
+        updates
+            .send(NodeUpdate {
+                node_id: "beating".into(),
+                delta: None,
+                beat,
+            })
+            .await
+            .unwrap();
+        let command = tokio::time::timeout(DEADLINE, commands.message())
+            .await
+            .expect("an answer within the deadline")
+            .expect("heartbeat stream healthy")
+            .expect("heartbeat stream open");
+        assert_eq!(
+            command,
+            MasterCommand {
+                reregister: false,
+                beat
+            }
+        );
+    }
+    // An unknown node's numbered beat is not acknowledged: it is told to register.
+    updates
+        .send(NodeUpdate {
+            node_id: "stranger".into(),
+            delta: None,
+            beat: 8,
+        })
+        .await
+        .unwrap();
+    let command = tokio::time::timeout(DEADLINE, commands.message())
+        .await
+        .expect("an answer within the deadline")
+        .expect("heartbeat stream healthy")
+        .expect("heartbeat stream open");
+    assert_eq!(
+        command,
+        MasterCommand {
+            reregister: true,
+            beat: 0
+        }
+    );
+    drop(updates);
     master.shutdown().await.unwrap();
 }
 

@@ -47,6 +47,12 @@ pub fn metrics(node: &Node, fencing: &Fencing, data: &DataWorker) -> String {
             count(node.pending_creates()),
         ),
         (
+            "yr_node_self_fenced",
+            "1 while this node is fenced (no master accepted its beats for its lease) and its \
+             movable instances are paused, else 0.",
+            i64::from(node.self_fenced()),
+        ),
+        (
             "yr_node_incarnation",
             "This node's incarnation (it grows each time the master declared it lost).",
             count(fencing.incarnation()),
@@ -89,6 +95,16 @@ pub fn metrics(node: &Node, fencing: &Fencing, data: &DataWorker) -> String {
             "yr_node_declared_lost",
             "Times the master declared this node lost.",
             fencing.times_declared_lost(),
+        ),
+        (
+            "yr_node_self_fences",
+            "Times this node fenced itself because no master accepted its beats for its lease.",
+            node.self_fences(),
+        ),
+        (
+            "yr_node_runtimes_paused",
+            "Runtimes paused (SIGSTOP) while this node was fenced.",
+            node.runtimes_paused(),
         ),
         (
             "yr_node_instances_fenced",

@@ -21,6 +21,7 @@ mod rate_limit;
 mod record_writer;
 mod resources;
 mod scheduler;
+mod self_fence;
 mod spill_asks;
 mod state_machine;
 
@@ -100,6 +101,23 @@ pub enum NodeError {
 impl From<NodeError> for Error {
     fn from(error: NodeError) -> Error {
         Error::new(ErrorCode::LocalSchedulerOperationError, error.to_string())
+    }
+}
+
+/// The node's [`self_fence::Fence`]: it pauses and resumes the node's movable instances.
+struct PauseInstances(std::sync::Weak<Node>);
+
+impl self_fence::Fence for PauseInstances {
+    fn fence(&self, expired: self_fence::Lease) {
+        if let Some(node) = self.0.upgrade() {
+            node.self_fence(expired);
+        }
+    }
+
+    fn unfence(&self, lease: self_fence::Lease) {
+        if let Some(node) = self.0.upgrade() {
+            node.self_unfence(lease);
+        }
     }
 }
 
@@ -265,6 +283,12 @@ pub async fn run(
     let spill_asks = Arc::new(spill_asks::SpillAsks::new(node.clone()));
     options.data_worker.install_spill_asker(spill_asks.clone());
 
+    // The node fences itself before the master can declare it lost: it pauses the instances
+    // the master may re-create elsewhere while no master accepts its beats.
+    tokio::spawn(self_fence::guard(
+        master.leases(),
+        PauseInstances(Arc::downgrade(&node)),
+    ));
     let link_node = node.clone();
     tokio::spawn(async move {
         master.run(move || link_node.resources().allocatable).await;

@@ -12,6 +12,12 @@
 //! the link goes to X at once, or, while no master leads (an election), asks again every
 //! [`ELECTION_RETRY`] without growing its backoff. At the new leader it registers as the same
 //! incarnation, which the leader accepts unless it declared that incarnation lost.
+//!
+//! Beats are numbered; the leader acknowledges each one it accepted and tells the node its node
+//! timeout at registration. The link keeps when each recent beat was sent ([`BeatLog`]) and
+//! renews the node's [`Leases`] with the send instant of each acknowledged beat (and of each
+//! accepted registration): the node fences itself when the lease runs out
+//! ([`crate::self_fence`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,13 +34,30 @@ use yr_proto::v1::master_client::MasterClient;
 
 use crate::fencing::Fencing;
 use crate::resources::Amount;
+use crate::self_fence::{BeatLog, Lease, Leases};
 
-/// How often the node beats when nothing changes.
+/// How often the node beats when nothing changes, at most: a sixth of the master's node
+/// timeout when that is shorter, so that the lease ([`crate::self_fence`]) spans several beats
+/// and one late acknowledgement does not fence the node.
 const BEAT: Duration = Duration::from_millis(500);
+
+/// The shortest beat period, whatever the node timeout.
+const MIN_BEAT: Duration = Duration::from_millis(50);
+
+/// The beat period for a master whose node timeout is `node_timeout` (`None`: unknown).
+fn beat_period(node_timeout: Option<Duration>) -> Duration {
+    match node_timeout {
+        Some(timeout) => (timeout / 6).clamp(MIN_BEAT, BEAT),
+        None => BEAT,
+    }
+}
 
 /// How often the link pings the master's connection, and how long it waits for the answer.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the link waits for a master to say whether it leads.
+const LEADER_QUESTION_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How soon the link asks again when a standby said that no master leads yet.
 pub const ELECTION_RETRY: Duration = Duration::from_millis(200);
@@ -69,6 +92,10 @@ pub struct MasterLink {
     node: pb::NodeInfo,
     fencing: Arc<Fencing>,
     updates: Mutex<Option<mpsc::UnboundedSender<pb::NodeUpdate>>>,
+    /// When the recent beats were sent (shared with each session's beating task).
+    beats: Arc<Mutex<BeatLog>>,
+    /// The node's lease, renewed by what the leader accepts.
+    leases: Leases,
 }
 
 impl MasterLink {
@@ -82,7 +109,14 @@ impl MasterLink {
             node,
             fencing,
             updates: Mutex::new(None),
+            beats: Arc::new(Mutex::new(BeatLog::new())),
+            leases: Leases::new(),
         }
+    }
+
+    /// The node's lease and its renewals, for [`crate::self_fence::guard`].
+    pub fn leases(&self) -> tokio::sync::watch::Receiver<Option<Lease>> {
+        self.leases.subscribe()
     }
 
     /// The master the link talks to now.
@@ -165,10 +199,44 @@ impl MasterLink {
             };
             let delay = match followed {
                 Followed::Leader => Duration::ZERO,
-                Followed::Election => ELECTION_RETRY,
+                Followed::Election => {
+                    self.ask_whether_any_master_leads().await;
+                    ELECTION_RETRY
+                }
                 Followed::Next => state.backoff.next_delay(),
             };
             tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// While a master said that no master leads: ask every master this node knows, and if
+    /// every one answers that it does not lead, no master leads now, so no master can declare
+    /// this node lost soon: the lease is extended, if it still runs
+    /// ([`Leases::extend_while_no_master_leads`]). An etcd outage, in which every master steps
+    /// down, then pauses nothing. A master that leads, or does not answer within
+    /// [`LEADER_QUESTION_TIMEOUT`], extends nothing.
+    async fn ask_whether_any_master_leads(&self) {
+        let sent = tokio::time::Instant::now();
+        let answers =
+            futures_util::future::join_all(self.addresses.iter().map(|address| async move {
+                let Ok(mut client) = self.client(address).await else {
+                    return false;
+                };
+                let asked = client.cluster_status(pb::ClusterStatusRequest {});
+                match tokio::time::timeout(LEADER_QUESTION_TIMEOUT, asked).await {
+                    // Refused as "not the leader" (whoever it names as the leader).
+                    Ok(Err(status)) => yr_transport::leader_redirect(&status).is_some(),
+                    _ => false,
+                }
+            }))
+            .await;
+        if !answers.is_empty()
+            && answers.iter().all(|not_leading| *not_leading)
+            && self
+                .leases
+                .extend_while_no_master_leads(sent, tokio::time::Instant::now())
+        {
+            tracing::debug!("every master says it does not lead: the lease is extended");
         }
     }
 
@@ -181,7 +249,7 @@ impl MasterLink {
         state: &mut LinkState,
     ) -> Result<(), (Error, Option<tonic::Status>)> {
         let mut client = self.client(address).await.map_err(|e| (e, None))?;
-        self.register(&mut client, allocatable).await?;
+        let node_timeout = self.register(&mut client, allocatable).await?;
         state.backoff.reset();
         if !state.up {
             tracing::info!(master = %address, "master link up again");
@@ -203,18 +271,22 @@ impl MasterLink {
             })?
             .into_inner();
         let node_id = self.node.node_id.clone();
+        let log = self.beats.clone();
+        let period = beat_period(node_timeout);
         let beats = tokio::spawn(async move {
             loop {
+                let beat = log.lock().send(tokio::time::Instant::now());
                 if sender
                     .send(pb::NodeUpdate {
                         node_id: node_id.clone(),
                         delta: None,
+                        beat,
                     })
                     .is_err()
                 {
                     return;
                 }
-                tokio::time::sleep(BEAT).await;
+                tokio::time::sleep(period).await;
             }
         });
         let result = loop {
@@ -224,6 +296,12 @@ impl MasterLink {
                         ErrorCode::InnerCommunication,
                         "the master asked this node to register again",
                     ))
+                }
+                Some(Ok(command)) if command.beat != 0 => {
+                    let sent = self.beats.lock().acked(command.beat);
+                    if let (Some(sent), Some(node_timeout)) = (sent, node_timeout) {
+                        self.leases.renew(Lease { sent, node_timeout });
+                    }
                 }
                 Some(Ok(_)) => {}
                 Some(Err(status)) => {
@@ -245,13 +323,16 @@ impl MasterLink {
     }
 
     /// Register as the current incarnation. If the master declared it lost, fail the local
-    /// instances, become a new incarnation and register as that.
+    /// instances, become a new incarnation and register as that. Returns the master's node
+    /// timeout (`None` from a master that does not acknowledge beats), and renews the lease
+    /// from the registration's send instant.
     async fn register(
         &self,
         client: &mut MasterClient<tonic::transport::Channel>,
         allocatable: &impl Fn() -> Amount,
-    ) -> Result<(), (Error, Option<tonic::Status>)> {
+    ) -> Result<Option<Duration>, (Error, Option<tonic::Status>)> {
         for _ in 0..LOST_REGISTRATIONS {
+            let sent = tokio::time::Instant::now();
             let incarnation = self.fencing.incarnation();
             let mut node = self.node.clone();
             node.incarnation = incarnation;
@@ -271,7 +352,16 @@ impl MasterLink {
                 .into_inner();
             if !reply.incarnation_lost {
                 self.fencing.registered(incarnation);
-                return Ok(());
+                let node_timeout = (reply.node_timeout_ms > 0)
+                    .then(|| Duration::from_millis(reply.node_timeout_ms));
+                match node_timeout {
+                    Some(node_timeout) => self.leases.renew(Lease { sent, node_timeout }),
+                    None => tracing::warn!(
+                        "the master does not acknowledge beats (an older version): this node \
+                         does not fence itself while cut off from it"
+                    ),
+                }
+                return Ok(node_timeout);
             }
             // Fails the instances first: the room they free is in the new registration's
             // allocatable figure.
@@ -295,6 +385,7 @@ impl MasterLink {
             let _ = sender.send(pb::NodeUpdate {
                 node_id: self.node.node_id.clone(),
                 delta: Some(delta),
+                beat: 0,
             });
         }
     }
@@ -357,5 +448,21 @@ impl MasterLink {
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn beats_come_at_least_six_times_per_node_timeout() {
+        assert_eq!(beat_period(None), BEAT);
+        assert_eq!(beat_period(Some(Duration::from_secs(3))), BEAT);
+        assert_eq!(
+            beat_period(Some(Duration::from_millis(1500))),
+            Duration::from_millis(250)
+        );
+        assert_eq!(beat_period(Some(Duration::from_millis(60))), MIN_BEAT);
     }
 }

@@ -422,6 +422,11 @@ impl Tally {
         self.value += n;
         self.value
     }
+
+    /// The process id of the runtime that holds the total.
+    pub fn pid(&self) -> u32 {
+        std::process::id()
+    }
 }
 
 /// Two nodes with `shared_memory_mb` of shared memory each: node 0 with 1 CPU, where the

@@ -8,6 +8,9 @@
 //! - When etcd returns, creates succeed again, and nothing is lost: the instance created
 //!   before the outage keeps its record (RUNNING, same node and incarnation) and its state,
 //!   and the node is still registered as the same incarnation, never declared lost.
+//! - An instance the master could re-create elsewhere (stateful, a restart left, detached)
+//!   keeps serving too: no master acknowledges the node's beats, but every master answers that
+//!   it does not lead, so no one can move the instance and the node does not fence itself.
 
 #[path = "../../yr-meta/tests/common/etcd.rs"]
 mod etcd;
@@ -17,7 +20,7 @@ use std::time::{Duration, Instant};
 use etcd::Etcd;
 use yr::{ErrorCode, InstanceHandle, InvokeOptions};
 use yr_proto::v1::InstanceState;
-use yr_tests::{exclusive, unique, wait_until, Tally, TestCluster, TIMEOUT};
+use yr_tests::{exclusive, stopped, unique, wait_until, Tally, TestCluster, TIMEOUT};
 
 /// How long a control operation may take to fail while etcd is down: the meta store's retry
 /// budget (4 s) for each of the few store calls a create makes, with room for a loaded machine.
@@ -183,5 +186,91 @@ fn calls_keep_working_while_etcd_is_down_and_control_operations_fail_with_3005_u
         0.0,
         "no node was declared lost"
     );
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn a_movable_instance_keeps_serving_through_an_etcd_outage_since_no_master_can_move_it() {
+    let _exclusive = exclusive();
+    let mut etcd = Etcd::single("outage-pause");
+    let prefix = format!("/yr/{}", unique("outage-pause"));
+    let cluster = TestCluster::builder()
+        .master_args(["--etcd", &etcd.endpoint(), "--etcd-prefix", &prefix])
+        .node_timeout(3.0)
+        .start();
+    let node_id = cluster.node_id(0).to_string();
+    let incarnation = cluster.node_incarnation(0);
+    yr::init(cluster.config()).unwrap();
+    let mut options = InvokeOptions {
+        recover_retry_times: 1,
+        ..Default::default()
+    };
+    options
+        .custom_extensions
+        .insert("lifecycle".into(), "detached".into());
+    let keeper = yr::instance(Tally::new)
+        .options(options)
+        .invoke((0,))
+        .unwrap();
+    let id = keeper.id().to_string();
+    let add = |n: i64| yr::get(&keeper.method(Tally::add).invoke((n,)).unwrap(), TIMEOUT);
+    assert_eq!(add(1).unwrap(), 1);
+    let pid = yr::get(&keeper.method(Tally::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
+
+    // The outage: the master steps down and acknowledges no beat. But it answers that it does
+    // not lead, and it is every master the node knows: no one can move the instance, so the
+    // node does not pause it.
+    etcd.members[0].kill();
+    assert!(
+        wait_until(Duration::from_secs(30), || cluster.status().is_err()),
+        "the master stepped down"
+    );
+    // Well past the moment an unanswered lease would have paused it (2 s after the last
+    // acknowledged beat): every call is served at once, by the same runtime.
+    let window = Instant::now();
+    let mut total = 1;
+    while window.elapsed() < Duration::from_secs(6) {
+        let started = Instant::now();
+        total = add(1).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a call during the outage took {:?}: the instance was paused",
+            started.elapsed()
+        );
+        assert!(
+            !stopped(pid),
+            "the node paused the instance during the outage"
+        );
+    }
+    eprintln!("etcd-outage: the movable instance served calls through the outage ({total})");
+    assert_eq!(
+        cluster.node_metric(0, "yr_node_self_fences_total"),
+        Some(0.0),
+        "the node never fenced itself"
+    );
+
+    // etcd returns: a master leads again, and the node registers as the same incarnation.
+    etcd.members[0].restart();
+    assert_eq!(add(1).unwrap(), total + 1);
+    assert_eq!(
+        yr::get(&keeper.method(Tally::pid).invoke(()).unwrap(), TIMEOUT).unwrap(),
+        pid,
+        "the same runtime"
+    );
+    let status = cluster.wait_for_status(TIMEOUT, "the node alive", |status| {
+        status
+            .nodes
+            .iter()
+            .any(|n| n.node_id == node_id && n.state == "alive")
+    });
+    let node = status
+        .nodes
+        .iter()
+        .find(|n| n.node_id == node_id)
+        .expect("the node");
+    assert_eq!(node.incarnation, incarnation, "never declared lost");
+    let record = cluster.stored_instance(&id).unwrap().expect("the record");
+    assert_eq!(record.state(), InstanceState::Running, "{record:?}");
+    assert_eq!(record.restarts, 0, "{record:?}");
     yr::finalize().unwrap();
 }

@@ -3,7 +3,10 @@
 //! the bound, calls to the instance keep working during and after the takeover, the node
 //! registers again with the new leader as the same incarnation, and a new create and
 //! `yr status` work. A leader SIGSTOPped past its lease and then resumed writes nothing: the
-//! node stays alive in etcd and the resumed master stands by. Each test starts its own etcd.
+//! node stays alive in etcd and the resumed master stands by. While no master leads (the
+//! leader killed, the standby stopped), the node fences itself: it pauses an instance the
+//! master could re-create elsewhere, and resumes it with its state when the standby leads and
+//! accepts the node again. Each test starts its own etcd.
 
 #[path = "../../yr-meta/tests/common/etcd.rs"]
 mod etcd;
@@ -12,8 +15,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use etcd::Etcd;
+use yr::InvokeOptions;
 use yr_tests::{
-    exclusive, node_incarnation, run_yr, signal, unique, wait_until, Tally, TestCluster, TIMEOUT,
+    exclusive, node_incarnation, run_yr, signal, stopped, unique, wait_until, Tally, TestCluster,
+    TIMEOUT,
 };
 
 /// The generous bound of the tests; the goal (5 s) is reported, not asserted.
@@ -224,5 +229,105 @@ fn a_leader_paused_past_its_lease_writes_nothing_when_it_resumes() {
         log.contains("leadership lost"),
         "the resumed master stepped down"
     );
+    yr::finalize().unwrap();
+}
+
+#[test]
+fn a_movable_instance_pauses_while_no_master_leads_and_resumes_with_its_state_when_one_does() {
+    let _exclusive = exclusive();
+    let etcd = Etcd::single("pause");
+    let mut cluster = failover_cluster(&etcd, "pause");
+    yr::init(cluster.config()).unwrap();
+    // Movable: stateful, a restart left, detached (it outlives its creator's node).
+    let mut options = InvokeOptions {
+        recover_retry_times: 1,
+        ..Default::default()
+    };
+    options
+        .custom_extensions
+        .insert("lifecycle".into(), "detached".into());
+    let keeper = yr::instance(Tally::new)
+        .options(options)
+        .invoke((0,))
+        .unwrap();
+    let add = |n: i64| yr::get(&keeper.method(Tally::add).invoke((n,)).unwrap(), TIMEOUT);
+    assert_eq!(add(1).unwrap(), 1);
+    let pid = yr::get(&keeper.method(Tally::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
+    let node_id = cluster.node_id(0).to_string();
+    let (leader_index, before) = leader(&cluster);
+    let standby = cluster.master_addresses()[1 - leader_index].clone();
+    let incarnation = node_incarnation(&before, &node_id).expect("the node is registered");
+    let standby_pid = cluster
+        .master_pid_at(1 - leader_index)
+        .expect("the standby runs");
+
+    // No master leads: the standby is stopped and the leader killed. No beat is acknowledged,
+    // so the node pauses the instance before anyone could declare the node lost.
+    assert!(signal(standby_pid, libc::SIGSTOP));
+    let killed_at = Instant::now();
+    cluster.kill_master_at(leader_index);
+    let during = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert!(
+            wait_until(TAKEOVER_BOUND, || stopped(pid)),
+            "the node did not pause the instance's runtime (pid {pid}) while no master led"
+        );
+        eprintln!(
+            "self-fence: the runtime was paused {:?} after the leader's SIGKILL",
+            killed_at.elapsed()
+        );
+        // A call made now waits for the pause to end.
+        keeper.method(Tally::add).invoke((1,)).unwrap()
+    }));
+    assert!(signal(standby_pid, libc::SIGCONT));
+    let pending = match during {
+        Ok(pending) => pending,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
+
+    // The standby leads; the node registers as the same incarnation and resumes the instance,
+    // which serves the waiting call with its state intact.
+    assert_eq!(
+        yr::get(&pending, TIMEOUT).unwrap(),
+        2,
+        "the call made during the pause"
+    );
+    eprintln!(
+        "self-fence: the call made during the pause was served {:?} after the leader's SIGKILL",
+        killed_at.elapsed()
+    );
+    assert!(!stopped(pid), "resumed");
+    assert_eq!(add(1).unwrap(), 3);
+    assert_eq!(
+        yr::get(&keeper.method(Tally::pid).invoke(()).unwrap(), TIMEOUT).unwrap(),
+        pid,
+        "the same runtime: paused, not restarted"
+    );
+    assert!(
+        cluster
+            .node_metric(0, "yr_node_self_fences_total")
+            .is_some_and(|n| n >= 1.0),
+        "the fence is counted"
+    );
+    assert!(
+        cluster
+            .node_metric(0, "yr_node_runtimes_paused_total")
+            .is_some_and(|n| n >= 1.0),
+        "the paused runtime is counted"
+    );
+    assert_eq!(cluster.node_metric(0, "yr_node_self_fenced"), Some(0.0));
+    let status = cluster.wait_for_status(
+        TAKEOVER_BOUND,
+        "the node registered with the new leader as the same incarnation",
+        |status| {
+            status.leader == standby
+                && status.nodes.iter().any(|n| {
+                    n.node_id == node_id && n.state == "alive" && n.incarnation == incarnation
+                })
+        },
+    );
+    assert!(status
+        .instances
+        .iter()
+        .any(|i| i.instance_id == keeper.id()));
     yr::finalize().unwrap();
 }

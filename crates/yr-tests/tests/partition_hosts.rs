@@ -5,11 +5,17 @@
 //! timeout, then restores it.
 //!
 //! - With `recover_retry_times = 1` the master declares node 1 lost and the instance runs again
-//!   on host 2 under its id; the driver's calls are served there. When the link returns, node 1
+//!   on host 2 under its id; the driver's calls are served there. Node 1 paused its copy before
+//!   that (it fences itself when its beats go unacknowledged). When the link returns, node 1
 //!   registers as a new incarnation and kills its old copy's runtime; the record is never
 //!   written by the stale incarnation.
 //! - With `recover_retry_times = 0` the driver's calls fail with 1007, never a hang, and the
 //!   instance stays FATAL after the link returns.
+//! - A driver on host 1 with a detached instance there (`recover_retry_times = 1`): when host 1
+//!   is cut off, its node pauses the runtime (it fences itself when no master acknowledged its
+//!   beats for its lease) before the master declares it lost and re-creates the instance on
+//!   host 2, so the cut-off driver's call is never served by the old copy; when the link
+//!   returns the paused copy is killed and the call ends with a code or the new copy's value.
 //! - A cut between two hosts only ([`Hosts::cut_between`]: the master still sees both): a
 //!   driver on host 2 whose instance runs on host 1 gets a code for its call, within a bound,
 //!   never a hang. Its connection to the runtime and its node's stream to host 1's node close
@@ -23,19 +29,26 @@
 //! `yr-partition: key=value` lines.
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Stdio};
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use yr::{Affinity, AffinityKind, AffinityType, InvokeOptions, LabelOp, LabelOperator};
 use yr_proto::v1::InstanceState;
 use yr_tests::hosts::{skip_or_fail, HostCluster, Hosts, Isolation};
-use yr_tests::{alive, exclusive, for_each_stdin_line, use_this_binary_as_runtime, wait_until};
+use yr_tests::{
+    alive, exclusive, for_each_stdin_line, stopped, use_this_binary_as_runtime, wait_until,
+};
 
 /// Set in the driver process: the instance's `recover_retry_times`.
 const DRIVER_VAR: &str = "YR_PARTITION_DRIVER";
 
 /// Set in the driver process: the hosts the instance may run on (default `h1,h2`).
 const PLACES_VAR: &str = "YR_PARTITION_PLACES";
+
+/// Set (to `1`) in the driver process: the instance is detached (it outlives its creator, so
+/// the master re-creates it elsewhere even when its creator's node is the one lost).
+const DETACHED_VAR: &str = "YR_PARTITION_DETACHED";
 
 /// Generous: the node timeout (3 s) and a liveness pass, a runtime start and a constructor on
 /// a loaded machine, or a node's reconnect backoff after the link returns.
@@ -79,7 +92,12 @@ fn report(key: &str, value: impl std::fmt::Display) {
 /// 1 has the most room, so the instance goes there first, and to host 2 once host 1 is lost.
 fn on_host_1_or_2(recover_retry_times: u32) -> InvokeOptions {
     let places = std::env::var(PLACES_VAR).unwrap_or_else(|_| "h1,h2".to_string());
+    let mut custom_extensions = std::collections::BTreeMap::new();
+    if std::env::var(DETACHED_VAR).is_ok_and(|v| v == "1") {
+        custom_extensions.insert("lifecycle".to_string(), "detached".to_string());
+    }
     InvokeOptions {
+        custom_extensions,
         cpu: 2_000,
         recover_retry_times,
         schedule_affinities: vec![Affinity {
@@ -145,11 +163,11 @@ fn run_driver(retries: &str) {
     yr::finalize().unwrap();
 }
 
-/// The driver process, its stdin and its reports.
+/// The driver process, its stdin and its reports (read by a thread, line by line).
 struct Driver {
     child: Child,
     stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
+    lines: mpsc::Receiver<String>,
 }
 
 impl Driver {
@@ -159,30 +177,62 @@ impl Driver {
 
     /// The driver on host `host`, its instance on one of `places` (`h1,h2`).
     fn spawn_on(hosts: &Hosts, host: usize, test: &str, retries: u32, places: &str) -> Driver {
+        Driver::start(hosts, host, test, retries, places, false)
+    }
+
+    /// [`Driver::spawn_on`], its instance detached when `detached`.
+    fn start(
+        hosts: &Hosts,
+        host: usize,
+        test: &str,
+        retries: u32,
+        places: &str,
+        detached: bool,
+    ) -> Driver {
         let exe = std::env::current_exe().expect("this test binary");
         let mut child = hosts
             .command(host, exe)
             .args([test, "--exact", "--nocapture", "--test-threads", "1"])
             .env(DRIVER_VAR, retries.to_string())
             .env(PLACES_VAR, places)
+            .env(DETACHED_VAR, if detached { "1" } else { "0" })
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start the driver: {e}"));
+        let stdout = BufReader::new(child.stdout.take().expect("the driver's stdout"));
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines() {
+                let Ok(line) = line else { return };
+                if sender.send(line).is_err() {
+                    return;
+                }
+            }
+        });
         Driver {
             stdin: child.stdin.take(),
-            stdout: BufReader::new(child.stdout.take().expect("the driver's stdout")),
+            lines,
             child,
         }
     }
 
-    /// The value of the next report `key` (the driver ending first fails the test).
+    /// The value of the next report `key` (the driver ending first, or reporting nothing for
+    /// longer than a call may take, fails the test).
     fn next(&mut self, key: &str) -> String {
-        let mut line = String::new();
         loop {
-            line.clear();
-            let read = self.stdout.read_line(&mut line).unwrap_or(0);
-            assert!(read > 0, "the driver ended before it reported {key}");
+            let line = match self.lines.recv_timeout(BOUND + CALL_TIMEOUT) {
+                Ok(line) => line,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "the driver reported no {key} within {:?}",
+                        BOUND + CALL_TIMEOUT
+                    )
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("the driver ended before it reported {key}")
+                }
+            };
             // libtest may have begun the line before the driver's report.
             if let Some((k, value)) = line
                 .trim_end()
@@ -198,10 +248,15 @@ impl Driver {
 
     /// One call through the driver: its `call` report.
     fn call(&mut self) -> String {
+        self.start_call();
+        self.next("call")
+    }
+
+    /// Starts one call through the driver; [`Driver::next`]`("call")` reads its report.
+    fn start_call(&mut self) {
         let stdin = self.stdin.as_mut().expect("the driver's stdin");
         writeln!(stdin, "call").expect("write to the driver");
         stdin.flush().expect("write to the driver");
-        self.next("call")
     }
 
     fn finish(mut self) {
@@ -343,13 +398,10 @@ fn a_cut_off_node_is_fenced_its_instance_runs_again_on_another_host_and_the_stal
         parts[3], "1",
         "the constructor's state, as after any restart: {seen}"
     );
-    eprintln!(
-        "partition: the stale copy's runtime on host 1 is {} during the partition",
-        if alive(old_pid) {
-            "still running"
-        } else {
-            "gone"
-        }
+    // Node 1 fenced itself before the master re-created the instance: the stale copy is paused.
+    assert!(
+        stopped(old_pid),
+        "the stale copy's runtime (pid {old_pid}) on host 1 is not paused during the partition"
     );
 
     // The link returns: node 1 is a new incarnation and kills its stale copy.
@@ -385,6 +437,114 @@ fn a_cut_off_node_is_fenced_its_instance_runs_again_on_another_host_and_the_stal
     assert_eq!(stored.state(), InstanceState::Running);
     assert_eq!(stored.node_id, spare);
     assert_eq!(stored.restarts, 1);
+    driver.finish();
+}
+
+#[test]
+fn a_cut_off_node_pauses_an_instance_the_master_moves_so_it_never_serves_in_two_places() {
+    let test =
+        "a_cut_off_node_pauses_an_instance_the_master_moves_so_it_never_serves_in_two_places";
+    if let Ok(retries) = std::env::var(DRIVER_VAR) {
+        return run_driver(&retries);
+    }
+    let _lock = exclusive();
+    let hosts = match Hosts::up(3, Isolation::SharedFileSystem) {
+        Ok(hosts) => hosts,
+        Err(why) => return skip_or_fail(test, &why),
+    };
+    let cluster = HostCluster::start(&hosts, |index| match index {
+        1 => vec!["--cpu".into(), "8000".into()],
+        2 => vec!["--cpu".into(), "4000".into()],
+        _ => Vec::new(),
+    });
+    // The driver on host 1, and its instance (detached: it outlives its creator's node, so the
+    // master re-creates it when node 1 is lost) on host 1 too.
+    let mut driver = Driver::start(&hosts, 1, test, 1, "h1,h2", true);
+    let created = driver.next("created");
+    let parts: Vec<&str> = created.split(':').collect();
+    assert_eq!(parts.len(), 4, "{created}");
+    assert_eq!(parts[1], "h1", "the instance runs on host 1: {created}");
+    let id = parts[0].to_string();
+    let old_pid: u32 = parts[2].parse().expect("a pid");
+    assert!(
+        driver.call().starts_with(&format!("ok:h1:{old_pid}:2")),
+        "served on host 1 before the cut"
+    );
+    let spare = node_on(&cluster, &hosts, 2).expect("node 2 listed").0;
+    let (far, state, old_incarnation) = node_on(&cluster, &hosts, 1).expect("node 1 listed");
+    assert_eq!(state, "alive");
+
+    // Cut host 1 off: its node fences itself (pauses the runtime) before the master declares it
+    // lost and re-creates the instance on host 2.
+    hosts.cut(1).expect("cut host 1 off");
+    let cut = Instant::now();
+    let mut paused_after = None;
+    let mut lost_after = None;
+    assert!(
+        wait_until(BOUND, || {
+            if paused_after.is_none() && stopped(old_pid) {
+                paused_after = Some(cut.elapsed());
+            }
+            if lost_after.is_none()
+                && node_on(&cluster, &hosts, 1).is_some_and(|(_, state, _)| state == "lost")
+            {
+                lost_after = Some(cut.elapsed());
+            }
+            lost_after.is_some()
+        }),
+        "the master did not declare node 1 lost within {BOUND:?}: {:?}",
+        cluster.status(&hosts, 0)
+    );
+    eprintln!(
+        "self-fence: node 1 paused the instance {paused_after:?} after the cut; the master \
+         declared it lost by {lost_after:?}"
+    );
+    assert!(
+        wait_until(BOUND, || cluster.stored_instance(&hosts, &id).is_ok_and(
+            |r| r.is_some_and(|r| r.state() == InstanceState::Running && r.node_id == spare)
+        )),
+        "the instance was not re-created on host 2: {:?}",
+        cluster.stored_instance(&hosts, &id)
+    );
+    // It runs on host 2 now: the old copy must not be serving.
+    let paused_while_moved = stopped(old_pid);
+
+    // The cut-off driver calls: its node holds the old copy, which must not answer.
+    driver.start_call();
+    // The link returns: node 1 is declared lost, kills the paused copy and registers again.
+    let new_incarnation = restore_host_1(&hosts, &cluster, old_incarnation);
+    assert_ne!(new_incarnation, old_incarnation);
+    let seen = driver.next("call");
+    eprintln!("self-fence: the cut-off driver's call saw {seen}");
+    assert!(
+        !seen.starts_with(&format!("ok:h1:{old_pid}:")),
+        "the old copy on host 1 served a call while the instance ran on host 2: {seen}"
+    );
+    assert!(
+        seen.starts_with("ok:h2:") || seen.starts_with("err:"),
+        "a value from the new copy or a code: {seen}"
+    );
+    assert!(
+        paused_while_moved,
+        "the old copy's runtime (pid {old_pid}) was not paused while the instance ran on host 2"
+    );
+    let paused_after = paused_after.expect("paused");
+    let lost_after = lost_after.expect("lost");
+    assert!(
+        paused_after < lost_after,
+        "paused {paused_after:?} after the cut, not before the loss was seen ({lost_after:?})"
+    );
+    assert!(
+        wait_until(BOUND, || !alive(old_pid)),
+        "node 1 did not kill the paused copy's runtime (pid {old_pid})"
+    );
+    let stored = cluster
+        .stored_instance(&hosts, &id)
+        .unwrap()
+        .expect("the record");
+    assert_eq!(stored.state(), InstanceState::Running);
+    assert_eq!(stored.node_id, spare);
+    assert_ne!(stored.node_id, far);
     driver.finish();
 }
 

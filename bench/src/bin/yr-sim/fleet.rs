@@ -133,6 +133,7 @@ impl SimNode {
                     memory_mb: memory,
                     custom: HashMap::new(),
                 }),
+                beat: 0,
             };
             // A full stream means the master stopped reading this node: the delta is lost, as
             // a real node's would be, and its next registration reports its resources anew.
@@ -312,12 +313,16 @@ impl Fleet {
         let node_id = node.id.clone();
         let stats = self.stats.clone();
         let beats = tokio::spawn(async move {
+            // Numbered, as a real node's: the master acknowledges each one (the node's lease).
+            let mut number = 0;
             let mut ticker = tokio::time::interval_at(Instant::now() + phase, beat);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
+                number += 1;
                 let update = pb::NodeUpdate {
                     node_id: node_id.clone(),
                     delta: None,
+                    beat: number,
                 };
                 if sender.send(update).await.is_err() {
                     return;

@@ -47,6 +47,8 @@ struct Slot {
     /// When the heartbeat it has not answered yet was sent.
     unanswered_since: Option<Instant>,
     hung: bool,
+    /// Stopped (SIGSTOP) by [`RuntimePool::pause`]: it gets no heartbeats and is not hung.
+    paused: bool,
     registered: Vec<oneshot::Sender<Result<(), Unregistered>>>,
     init: Option<oneshot::Sender<pb::InitResult>>,
 }
@@ -167,6 +169,7 @@ impl RuntimePool {
                 instance_id: instance_id.map(str::to_string),
                 unanswered_since: None,
                 hung: false,
+                paused: false,
                 registered: Vec::new(),
                 init: None,
             },
@@ -345,6 +348,10 @@ impl RuntimePool {
             if slot.hung {
                 continue;
             }
+            if slot.paused {
+                state.beat_order.push_back(runtime_id);
+                continue;
+            }
             match (slot.client_id, slot.unanswered_since) {
                 (None, _) => {}
                 (Some(_), Some(sent)) if now.saturating_duration_since(sent) > timeout => {
@@ -411,6 +418,55 @@ impl RuntimePool {
     /// Send `signal` to `runtime_id`.
     pub fn signal(&self, runtime_id: &str, signal: i32) -> bool {
         self.spawner.signal(runtime_id, signal)
+    }
+
+    /// Stop `runtime_id` (SIGSTOP) until [`RuntimePool::resume_all`]: it serves nothing, keeps
+    /// its memory, gets no heartbeats and does not count as hung. False if it is not running
+    /// (or was paused already).
+    pub fn pause(&self, runtime_id: &str) -> bool {
+        let mut state = self.state.lock();
+        let Some(slot) = state.slots.get_mut(runtime_id) else {
+            return false;
+        };
+        if slot.paused || !self.spawner.signal(runtime_id, libc::SIGSTOP) {
+            return false;
+        }
+        slot.paused = true;
+        true
+    }
+
+    /// Continue (SIGCONT) every paused runtime, with a fresh heartbeat timeout; returns them.
+    pub fn resume_all(&self) -> Vec<String> {
+        let mut state = self.state.lock();
+        let mut resumed = Vec::new();
+        for (runtime_id, slot) in state.slots.iter_mut() {
+            if slot.paused {
+                slot.paused = false;
+                slot.unanswered_since = None;
+                self.spawner.signal(runtime_id, libc::SIGCONT);
+                resumed.push(runtime_id.clone());
+            }
+        }
+        resumed
+    }
+
+    /// Whether `runtime_id` is paused.
+    pub fn is_paused(&self, runtime_id: &str) -> bool {
+        self.state
+            .lock()
+            .slots
+            .get(runtime_id)
+            .is_some_and(|slot| slot.paused)
+    }
+
+    /// How many runtimes are paused.
+    pub fn paused(&self) -> usize {
+        self.state
+            .lock()
+            .slots
+            .values()
+            .filter(|slot| slot.paused)
+            .count()
     }
 
     /// The pid of `runtime_id`.

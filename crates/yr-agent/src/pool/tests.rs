@@ -208,3 +208,42 @@ fn a_take_among_many_busy_runtimes_starts_a_new_one_and_leaves_other_binaries_al
     let taken = pool.take("h", &spec(), "last").unwrap();
     assert_eq!(taken.runtime_id, "rt10001");
 }
+
+#[test]
+fn a_paused_runtime_is_stopped_gets_no_heartbeats_is_never_hung_and_resumes_with_a_fresh_timeout() {
+    let (pool, spawner) = pool(0);
+    pool.fill("h", &spec()).unwrap();
+    let taken = pool.take("h", &spec(), "i1").unwrap();
+    assert_eq!(taken.runtime_id, "rt1");
+    pool.registered("rt1", 9, "unix:/w");
+    let start = Instant::now();
+    assert_eq!(pool.heartbeat_round(start, TIMEOUT, 100).beat, vec![9]);
+    assert!(pool.pause("rt1"));
+    assert!(!pool.pause("rt1"), "paused once");
+    assert!(!pool.pause("nobody"));
+    assert_eq!(pool.paused(), 1);
+    assert!(pool.is_paused("rt1"));
+    for round in 1..10 {
+        let round = pool.heartbeat_round(start + TIMEOUT * round, TIMEOUT, 100);
+        assert_eq!(
+            round,
+            HeartbeatRound::default(),
+            "paused: not beaten, not hung"
+        );
+    }
+    assert_eq!(pool.resume_all(), vec!["rt1".to_string()]);
+    assert_eq!(pool.paused(), 0);
+    assert!(!pool.is_paused("rt1"));
+    let signals = spawner.signals.lock().clone();
+    assert_eq!(
+        signals,
+        vec![
+            ("rt1".to_string(), libc::SIGSTOP),
+            ("rt1".to_string(), libc::SIGCONT)
+        ]
+    );
+    // Its silence while paused was the node's doing: it gets a heartbeat again.
+    let round = pool.heartbeat_round(start + TIMEOUT * 11, TIMEOUT, 100);
+    assert_eq!(round.beat, vec![9]);
+    assert!(round.hung.is_empty());
+}

@@ -172,6 +172,14 @@ impl Cluster {
         self.node_timeout
     }
 
+    /// [`Cluster::node_timeout`] in whole milliseconds, as registrations tell nodes (at least
+    /// 1: 0 would tell a node that this master does not acknowledge beats).
+    fn node_timeout_ms(&self) -> u64 {
+        u64::try_from(self.node_timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
     /// Registers (or re-registers) a node: it is alive from now, its resource view is reset to
     /// what it reports, and its record and live incarnation are persisted together. An
     /// incarnation this master declared lost is refused (`incarnation_lost`, nothing changes):
@@ -224,6 +232,7 @@ impl Cluster {
                 return Ok(RegisterNodeResponse {
                     cluster_id: self.cluster_id.clone(),
                     incarnation_lost: true,
+                    node_timeout_ms: self.node_timeout_ms(),
                 });
             }
             // A node process that restarted before its node timeout registers as a new
@@ -307,6 +316,7 @@ impl Cluster {
         Ok(RegisterNodeResponse {
             cluster_id: self.cluster_id.clone(),
             incarnation_lost: false,
+            node_timeout_ms: self.node_timeout_ms(),
         })
     }
 

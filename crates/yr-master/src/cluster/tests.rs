@@ -12,6 +12,7 @@ fn heartbeat(cluster: &Cluster, id: &str) {
     cluster.heartbeat(&NodeUpdate {
         node_id: id.into(),
         delta: None,
+        beat: 0,
     });
 }
 
@@ -89,6 +90,7 @@ async fn tentative_reservations_spread_concurrent_schedules() {
                 memory_mb: 0,
                 custom: Default::default(),
             }),
+            beat: 0,
         });
     }
     let infos = cluster.node_infos();
@@ -223,6 +225,7 @@ async fn a_lost_incarnation_is_fenced_and_comes_back_only_as_a_new_one() {
         cluster.heartbeat(&NodeUpdate {
             node_id: "a".into(),
             delta: None,
+            beat: 0,
         }),
         HeartbeatOutcome::Reregister
     );
@@ -352,6 +355,7 @@ fn delta_update(id: &str, cpu: i64) -> NodeUpdate {
             memory_mb: 0,
             custom: Default::default(),
         }),
+        beat: 0,
     }
 }
 

@@ -233,6 +233,9 @@ impl Node {
             self.runtimes.signal(&runtime_id, libc::SIGKILL);
             return Err(gone(instance_id));
         }
+        // A node that fenced itself does not let an instance the master may re-create
+        // elsewhere start serving here.
+        self.pause_if_fenced(instance_id, &runtime_id);
         let (client_id, address, init_result) =
             self.runtimes
                 .expect_init(&runtime_id)

@@ -6,12 +6,13 @@
 //! agent's [`RuntimePool`] and [`CodeCatalog`] the runtime processes and the code they run.
 //! `Node` holds them and runs the flows that involve several: registration here, creation in
 //! [`create`], the binaries instances run in [`executables`], kills in [`stop`], runtime events
-//! in [`runtimes`], lookups in [`lookup`].
+//! in [`runtimes`], lookups in [`lookup`], the self-fence's pauses in [`pause`].
 
 mod create;
 mod executables;
 mod forwarded;
 mod lookup;
+mod pause;
 mod register;
 mod runtimes;
 mod stop;
@@ -91,6 +92,8 @@ pub struct Node {
     /// Told the process id of each client that disconnects (the data worker drops its
     /// shared-memory references).
     client_gone: OnceLock<Box<dyn Fn(u32) + Send + Sync>>,
+    /// Whether the node fenced itself (its lease with the master ran out), and its counts.
+    self_fence: pause::SelfFenced,
 }
 
 /// A notification that `instance_id` is in `state` because of `error`.
@@ -152,6 +155,7 @@ impl Node {
                 creates: AtomicU64::new(0),
                 lookups_waiting: yr_common::Waiting::default(),
                 client_gone: OnceLock::new(),
+                self_fence: pause::SelfFenced::default(),
                 settings,
             }
         })

@@ -122,6 +122,13 @@ impl Node {
                 }
             }
             match plan.runtime {
+                // A runtime paused by the self-fence cannot run its shutdown hook, and must not
+                // be resumed to (the instance may run elsewhere by now): it is killed at once.
+                Some((runtime_id, _)) if self.runtimes.is_paused(&runtime_id) => {
+                    tracing::info!(instance = %instance_id, runtime = %runtime_id,
+                        "killing a paused runtime (the node is fenced) without its shutdown hook");
+                    self.runtimes.signal(&runtime_id, libc::SIGKILL);
+                }
                 Some((runtime_id, client)) => {
                     if let Some(client_id) = client {
                         self.bus.send(
