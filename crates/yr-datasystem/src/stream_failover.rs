@@ -42,6 +42,9 @@ const REPLICATE_TIMEOUT: Duration = Duration::from_secs(5);
 /// (the master's node timeout, 3 s by default, and the ring's change fit within it).
 pub const BACKUP_WAIT: Duration = Duration::from_secs(8);
 
+/// How many taken-over streams a node remembers the new home of.
+pub const MOVED_REMEMBERED: usize = 4096;
+
 /// Whether `error` says the backup could not be reached (rather than refused the update).
 fn backup_unreachable(error: &Error) -> bool {
     matches!(
@@ -79,6 +82,11 @@ pub struct Failover {
     replicas: Mutex<HashMap<String, (String, Replica)>>,
     /// The backup (node id) that holds all of each stream that lives here.
     replicated_to: Mutex<HashMap<String, String>>,
+    /// Where the streams that lived here and were taken over went (at most
+    /// [`MOVED_REMEMBERED`]): a producer or consumer that calls this old home after it forgot
+    /// the stream is sent there without a meta store read, which may fail right after a
+    /// partition heals.
+    moved: Mutex<HashMap<String, String>>,
     /// The ring without this node, by the epoch of the view it came from.
     others: Mutex<(u64, Arc<HashRing>)>,
     /// Streams this node took over (for metrics).
@@ -116,9 +124,33 @@ impl Failover {
             address,
             replicas: Mutex::new(HashMap::new()),
             replicated_to: Mutex::new(HashMap::new()),
+            moved: Mutex::new(HashMap::new()),
             others: Mutex::new((u64::MAX, Arc::new(HashRing::default()))),
             takeovers: AtomicU64::new(0),
         })
+    }
+
+    /// Where stream `name` went when another node took it over from this one, if this node
+    /// forgot it for that (and has not been its home again since).
+    pub fn moved_home(&self, name: &str) -> Option<String> {
+        self.moved.lock().get(name).cloned()
+    }
+
+    /// This node is stream `name`'s home (again): it did not move away.
+    pub fn homed_here(&self, name: &str) {
+        self.moved.lock().remove(name);
+    }
+
+    /// Forget stream `name`, which node `home` took over from this one.
+    fn forget_taken_over(&self, name: &str, home: &str) {
+        self.store.forget(name);
+        self.replicated_to.lock().remove(name);
+        let mut moved = self.moved.lock();
+        if moved.len() >= MOVED_REMEMBERED && !moved.contains_key(name) {
+            // Bounded: a client of a stream forgotten that long ago reads the record instead.
+            moved.clear();
+        }
+        moved.insert(name.to_string(), home.to_string());
     }
 
     /// How many streams this node took over from lost homes.
@@ -245,8 +277,7 @@ impl Failover {
             }
             Ok(Replicated::TakenOver(home)) => {
                 tracing::warn!(stream = name, %home, "this node was taken over as the stream's home; forgetting it");
-                self.store.forget(name);
-                self.replicated_to.lock().remove(name);
+                self.forget_taken_over(name, &home);
                 Ok(Replicated::TakenOver(home))
             }
             Err(error) => {
@@ -344,6 +375,7 @@ impl Failover {
             .await?
         {
             Ok(_) => {
+                self.homed_here(name);
                 let replica = self.replicas.lock().remove(name);
                 let (elements, bytes) = replica
                     .as_ref()
@@ -420,9 +452,9 @@ impl Failover {
         for name in self.store.names() {
             match self.meta.get(&home_key(&name)).await {
                 Ok(Some(record)) if record.value != self.address.as_bytes() => {
-                    tracing::warn!(stream = %name, home = %String::from_utf8_lossy(&record.value), "another node took this node's stream over; forgetting it");
-                    self.store.forget(&name);
-                    self.replicated_to.lock().remove(&name);
+                    let home = String::from_utf8_lossy(&record.value).into_owned();
+                    tracing::warn!(stream = %name, %home, "another node took this node's stream over; forgetting it");
+                    self.forget_taken_over(&name, &home);
                     continue;
                 }
                 Ok(_) => kept.push(name),
@@ -525,5 +557,32 @@ mod tests {
         );
         // A take-over from the stale record loses the compare-and-swap.
         assert_eq!(failover.take_over("x", &record).await.unwrap(), "b:1");
+    }
+
+    /// Node a was stream x's home and was taken over by b while it was cut off: at the ring
+    /// change it forgets x and remembers that x went to b, so a client that still calls a is
+    /// sent to b without a meta store read; once a is x's home again, that is forgotten.
+    #[tokio::test]
+    async fn an_old_home_remembers_where_its_taken_over_stream_went() {
+        let meta: Arc<dyn MetaStore> = Arc::new(EmbeddedStore::in_memory());
+        record_node(meta.as_ref(), "a", "a:1", "ready").await;
+        record_node(meta.as_ref(), "b", "b:1", "ready").await;
+        let cluster = KvCluster::new(KvStore::new(), "a".into(), meta.clone());
+        cluster.start(&tokio::runtime::Handle::current());
+        let mut changes = cluster.watch();
+        changes.wait_for(|view| view.epoch > 0).await.unwrap();
+        let store = StreamStore::new();
+        let subscription = SubscriptionConfig::new("s", SubscriptionType::Stream);
+        store.create_consumer("x", &subscription).unwrap();
+        let failover = Failover::new(cluster, meta.clone(), store.clone(), "a:1".into());
+        meta.put(&home_key("x"), Bytes::from_static(b"b:1"), None)
+            .await
+            .unwrap();
+        assert_eq!(failover.moved_home("x"), None);
+        failover.ring_changed(&tokio::sync::Mutex::new(())).await;
+        assert!(!store.contains("x"), "the old home forgot the stream");
+        assert_eq!(failover.moved_home("x").as_deref(), Some("b:1"));
+        failover.homed_here("x");
+        assert_eq!(failover.moved_home("x"), None);
     }
 }

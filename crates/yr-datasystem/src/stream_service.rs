@@ -115,7 +115,12 @@ impl StreamService {
         }
         let value = Bytes::from(placement.address.clone().into_bytes());
         match yr_meta::create_if_absent(placement.meta.as_ref(), &key(name), value).await? {
-            Ok(_) => Ok(Home::Here),
+            Ok(_) => {
+                if let Some(failover) = &placement.failover {
+                    failover.homed_here(name);
+                }
+                Ok(Home::Here)
+            }
             Err(Some(current)) => {
                 let home = String::from_utf8_lossy(&current.value).into_owned();
                 let Some(failover) = placement.failover.as_ref().filter(|f| f.is_lost(&home))
@@ -166,6 +171,10 @@ impl StreamService {
     async fn moved(&self, name: &str, error: &yr_common::Error) -> Option<String> {
         if error.code() != ErrorCode::ClientAlreadyClosed || self.store.contains(name) {
             return None;
+        }
+        let failover = self.placement.as_ref().and_then(|p| p.failover.as_ref());
+        if let Some(home) = failover.and_then(|failover| failover.moved_home(name)) {
+            return Some(home);
         }
         match self.look_up(name).await {
             Ok(Home::Elsewhere(home)) => Some(home),
