@@ -429,6 +429,23 @@ impl Tally {
     }
 }
 
+/// A [`Tally`] the master re-creates elsewhere if its node is lost, and that a node cut off
+/// from the master pauses (design 024): stateful, one restart, detached (it outlives its
+/// creator's node). Call it after `yr::init`.
+pub fn movable_tally(start: i64) -> yr::InstanceHandle<Tally> {
+    let mut options = yr::InvokeOptions {
+        recover_retry_times: 1,
+        ..Default::default()
+    };
+    options
+        .custom_extensions
+        .insert("lifecycle".into(), "detached".into());
+    yr::instance(Tally::new)
+        .options(options)
+        .invoke((start,))
+        .expect("create a movable tally")
+}
+
 /// Two nodes with `shared_memory_mb` of shared memory each: node 0 with 1 CPU, where the
 /// driver connects, and node 1 with 4, where a call asking for 2 CPUs runs.
 pub fn two_nodes_with_shared_memory(shared_memory_mb: u64) -> TestCluster {

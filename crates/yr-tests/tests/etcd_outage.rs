@@ -201,17 +201,7 @@ fn a_movable_instance_keeps_serving_through_an_etcd_outage_since_no_master_can_m
     let node_id = cluster.node_id(0).to_string();
     let incarnation = cluster.node_incarnation(0);
     yr::init(cluster.config()).unwrap();
-    let mut options = InvokeOptions {
-        recover_retry_times: 1,
-        ..Default::default()
-    };
-    options
-        .custom_extensions
-        .insert("lifecycle".into(), "detached".into());
-    let keeper = yr::instance(Tally::new)
-        .options(options)
-        .invoke((0,))
-        .unwrap();
+    let keeper = yr_tests::movable_tally(0);
     let id = keeper.id().to_string();
     let add = |n: i64| yr::get(&keeper.method(Tally::add).invoke((n,)).unwrap(), TIMEOUT);
     assert_eq!(add(1).unwrap(), 1);

@@ -15,7 +15,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use etcd::Etcd;
-use yr::InvokeOptions;
 use yr_tests::{
     exclusive, node_incarnation, run_yr, signal, stopped, unique, wait_until, Tally, TestCluster,
     TIMEOUT,
@@ -238,18 +237,7 @@ fn a_movable_instance_pauses_while_no_master_leads_and_resumes_with_its_state_wh
     let etcd = Etcd::single("pause");
     let mut cluster = failover_cluster(&etcd, "pause");
     yr::init(cluster.config()).unwrap();
-    // Movable: stateful, a restart left, detached (it outlives its creator's node).
-    let mut options = InvokeOptions {
-        recover_retry_times: 1,
-        ..Default::default()
-    };
-    options
-        .custom_extensions
-        .insert("lifecycle".into(), "detached".into());
-    let keeper = yr::instance(Tally::new)
-        .options(options)
-        .invoke((0,))
-        .unwrap();
+    let keeper = yr_tests::movable_tally(0);
     let add = |n: i64| yr::get(&keeper.method(Tally::add).invoke((n,)).unwrap(), TIMEOUT);
     assert_eq!(add(1).unwrap(), 1);
     let pid = yr::get(&keeper.method(Tally::pid).invoke(()).unwrap(), TIMEOUT).unwrap();
