@@ -226,13 +226,22 @@ impl StreamService {
         config.validate()?;
         let id = {
             let _lifecycle = self.lifecycle.lock().await;
-            match self.claim(&name).await? {
+            let made = match self.claim(&name).await? {
                 Home::Elsewhere(home) => return Ok((0, Some(home))),
-                Home::Here if resume != 0 => {
-                    self.store.resume_producer(&name, resume, &config)?;
-                    resume
-                }
-                Home::Here => self.store.create_producer(&name, &config)?,
+                Home::Here if resume != 0 => self
+                    .store
+                    .resume_producer(&name, resume, &config)
+                    .map(|()| resume),
+                Home::Here => self.store.create_producer(&name, &config),
+            };
+            match made {
+                Ok(id) => id,
+                // Taken over while this create ran (a concurrent update learnt it from the
+                // backup, and forgot the stream): the create goes to the new home.
+                Err(error) => match self.moved(&name, &error).await {
+                    Some(home) => return Ok((0, Some(home))),
+                    None => return Err(error),
+                },
             }
         };
         self.created(&name, id).await
@@ -251,14 +260,21 @@ impl StreamService {
         subscription.validate()?;
         let id = {
             let _lifecycle = self.lifecycle.lock().await;
-            match self.claim(&name).await? {
+            let made = match self.claim(&name).await? {
                 Home::Elsewhere(home) => return Ok((0, Some(home))),
-                Home::Here if resume != 0 => {
-                    self.store
-                        .resume_consumer(&name, resume, &subscription, after)?;
-                    resume
-                }
-                Home::Here => self.store.create_consumer(&name, &subscription)?,
+                Home::Here if resume != 0 => self
+                    .store
+                    .resume_consumer(&name, resume, &subscription, after)
+                    .map(|()| resume),
+                Home::Here => self.store.create_consumer(&name, &subscription),
+            };
+            match made {
+                Ok(id) => id,
+                // As for producers: the stream was taken over and forgotten meanwhile.
+                Err(error) => match self.moved(&name, &error).await {
+                    Some(home) => return Ok((0, Some(home))),
+                    None => return Err(error),
+                },
             }
         };
         self.created(&name, id).await
