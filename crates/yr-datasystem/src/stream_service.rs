@@ -182,6 +182,23 @@ impl StreamService {
         }
     }
 
+    /// What a create or resume of a producer or consumer of stream `name` here came to: its
+    /// id, or (`Ok(Err(home))`) the new home if the stream was taken over and forgotten while
+    /// the call ran (a concurrent update learnt it from the backup).
+    async fn made_here(
+        &self,
+        name: &str,
+        made: Result<u64>,
+    ) -> Result<std::result::Result<u64, String>> {
+        match made {
+            Ok(id) => Ok(Ok(id)),
+            Err(error) => match self.moved(name, &error).await {
+                Some(home) => Ok(Err(home)),
+                None => Err(error),
+            },
+        }
+    }
+
     /// Where stream `name` lives, without claiming it (Here when no node has it).
     async fn look_up(&self, name: &str) -> Result<Home> {
         let Some(placement) = &self.placement else {
@@ -234,14 +251,9 @@ impl StreamService {
                     .map(|()| resume),
                 Home::Here => self.store.create_producer(&name, &config),
             };
-            match made {
+            match self.made_here(&name, made).await? {
                 Ok(id) => id,
-                // Taken over while this create ran (a concurrent update learnt it from the
-                // backup, and forgot the stream): the create goes to the new home.
-                Err(error) => match self.moved(&name, &error).await {
-                    Some(home) => return Ok((0, Some(home))),
-                    None => return Err(error),
-                },
+                Err(home) => return Ok((0, Some(home))),
             }
         };
         self.created(&name, id).await
@@ -268,13 +280,9 @@ impl StreamService {
                     .map(|()| resume),
                 Home::Here => self.store.create_consumer(&name, &subscription),
             };
-            match made {
+            match self.made_here(&name, made).await? {
                 Ok(id) => id,
-                // As for producers: the stream was taken over and forgotten meanwhile.
-                Err(error) => match self.moved(&name, &error).await {
-                    Some(home) => return Ok((0, Some(home))),
-                    None => return Err(error),
-                },
+                Err(home) => return Ok((0, Some(home))),
             }
         };
         self.created(&name, id).await

@@ -216,7 +216,7 @@ impl Cluster {
         let incarnation = info.incarnation;
         // Memory first, then the store: a liveness pass that races with this registration then
         // sees the node alive, or its compare-and-swap loses to the write below.
-        let previous = {
+        let (previous, replaced) = {
             let mut nodes = self.nodes.lock();
             if nodes.registry.is_lost_incarnation(&node_id, incarnation) {
                 drop(nodes);
@@ -251,7 +251,6 @@ impl Cluster {
             nodes.view.set_node(&node_id, capacity.clone(), allocatable);
             (previous, replaced)
         };
-        let (previous, replaced) = previous;
         if let Some(old) = &replaced {
             self.counters
                 .incarnations_replaced
