@@ -91,6 +91,10 @@ pub struct Failover {
     others: Mutex<(u64, Arc<HashRing>)>,
     /// Streams this node took over (for metrics).
     takeovers: AtomicU64,
+    /// Serializes creating, removing, taking over and forgetting the streams that live here
+    /// (held across meta store calls: a tokio mutex, made for that). A create or resume that
+    /// found its stream here therefore never runs on a stream forgotten under it.
+    lifecycle: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Failover {
@@ -127,7 +131,13 @@ impl Failover {
             moved: Mutex::new(HashMap::new()),
             others: Mutex::new((u64::MAX, Arc::new(HashRing::default()))),
             takeovers: AtomicU64::new(0),
+            lifecycle: Arc::new(tokio::sync::Mutex::new(())),
         })
+    }
+
+    /// The lock that serializes the lifecycle of the streams that live here.
+    pub fn lifecycle(&self) -> Arc<tokio::sync::Mutex<()>> {
+        self.lifecycle.clone()
     }
 
     /// Where stream `name` went when another node took it over from this one, if this node
@@ -141,7 +151,15 @@ impl Failover {
         self.moved.lock().remove(name);
     }
 
-    /// Forget stream `name`, which node `home` took over from this one.
+    /// Stream `name`'s backup says node `home` took it over from this one: forget it, once no
+    /// create, resume or removal of a stream runs here.
+    async fn learnt_taken_over(&self, name: &str, home: &str) {
+        let _lifecycle = self.lifecycle.lock().await;
+        self.forget_taken_over(name, home);
+    }
+
+    /// Forget stream `name`, which node `home` took over from this one; call with the
+    /// lifecycle lock held.
     fn forget_taken_over(&self, name: &str, home: &str) {
         self.store.forget(name);
         self.replicated_to.lock().remove(name);
@@ -277,7 +295,7 @@ impl Failover {
             }
             Ok(Replicated::TakenOver(home)) => {
                 tracing::warn!(stream = name, %home, "this node was taken over as the stream's home; forgetting it");
-                self.forget_taken_over(name, &home);
+                self.learnt_taken_over(name, &home).await;
                 Ok(Replicated::TakenOver(home))
             }
             Err(error) => {
@@ -366,7 +384,7 @@ impl Failover {
     }
 
     /// Take stream `name` over from its lost home, whose record is `record`; call with the
-    /// streams' lifecycle lock held. The home after the attempt: this node's address, or the
+    /// lifecycle lock held. The home after the attempt: this node's address, or the
     /// node that won the record.
     pub async fn take_over(&self, name: &str, record: &KeyValue) -> Result<String> {
         let key = home_key(name);
@@ -406,8 +424,8 @@ impl Failover {
     /// After a ring change: take over the streams this node backs up whose home was lost, drop
     /// the copies of streams it no longer backs up, forget the streams here whose record names
     /// another node, and give the streams here their (new) backups.
-    pub async fn ring_changed(&self, lifecycle: &tokio::sync::Mutex<()>) {
-        let lifecycle = lifecycle.lock().await;
+    pub async fn ring_changed(&self) {
+        let lifecycle = self.lifecycle.lock().await;
         let backed_up: Vec<(String, String)> = self
             .replicas
             .lock()
@@ -472,117 +490,13 @@ impl Failover {
     }
 
     /// Follow the ring's changes until the process ends.
-    pub async fn follow(self: Arc<Self>, lifecycle: Arc<tokio::sync::Mutex<()>>) {
+    pub async fn follow(self: Arc<Self>) {
         let mut changes = self.cluster.watch();
         while changes.changed().await.is_ok() {
-            self.ring_changed(&lifecycle).await;
+            self.ring_changed().await;
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use prost::Message;
-    use yr_datasystem_core::kv::KvStore;
-    use yr_datasystem_core::stream::{SubscriptionConfig, SubscriptionType};
-    use yr_meta::EmbeddedStore;
-
-    async fn record_node(meta: &dyn MetaStore, id: &str, address: &str, state: &str) {
-        let info = yr_proto::v1::NodeInfo {
-            node_id: id.into(),
-            address: address.into(),
-            state: state.into(),
-            ..Default::default()
-        };
-        meta.put(
-            &format!("/yr/node/{id}"),
-            Bytes::from(info.encode_to_vec()),
-            None,
-        )
-        .await
-        .unwrap();
-    }
-
-    fn update_from(home: &str, first_id: u64, values: &[&str]) -> pb::StreamReplicateRequest {
-        let update = ReplicaUpdate {
-            low: 1,
-            first_id,
-            elements: values.iter().map(|v| Bytes::from(v.to_string())).collect(),
-            subscriptions: vec![("s".into(), SubscriptionType::Stream, 1)],
-            ..ReplicaUpdate::default()
-        };
-        replica_update_to_proto("x", home, update)
-    }
-
-    /// Node b backs up stream x of node a; a is lost: b takes the home over with a
-    /// compare-and-swap, refuses a's later updates (fenced), and a stale take-over with the
-    /// old record's revision does not win the record back.
-    #[tokio::test]
-    async fn the_backup_takes_a_lost_home_over_and_fences_the_old_one() {
-        let meta: Arc<dyn MetaStore> = Arc::new(EmbeddedStore::in_memory());
-        record_node(meta.as_ref(), "a", "a:1", "lost").await;
-        record_node(meta.as_ref(), "b", "b:1", "ready").await;
-        let cluster = KvCluster::new(KvStore::new(), "b".into(), meta.clone());
-        cluster.start(&tokio::runtime::Handle::current());
-        let mut changes = cluster.watch();
-        changes.wait_for(|view| view.epoch > 0).await.unwrap();
-        let store = StreamStore::new();
-        let failover = Failover::new(cluster, meta.clone(), store.clone(), "b:1".into());
-        assert!(failover.is_lost("a:1"));
-        assert_eq!(failover.successor("x").unwrap().address, "b:1");
-
-        assert_eq!(
-            failover.receive(update_from("a:1", 1, &["e1", "e2"])),
-            Ok(None)
-        );
-        let record = meta
-            .put(&home_key("x"), Bytes::from_static(b"a:1"), None)
-            .await
-            .unwrap();
-        assert_eq!(failover.take_over("x", &record).await.unwrap(), "b:1");
-        let current = meta.get(&home_key("x")).await.unwrap().unwrap();
-        assert_eq!(current.value, Bytes::from_static(b"b:1"));
-
-        // The consumer resumes here and gets what the lost home acknowledged.
-        let subscription = SubscriptionConfig::new("s", SubscriptionType::Stream);
-        store.resume_consumer("x", 42, &subscription, 0).unwrap();
-        let got = store.receive("x", 42, 0, Duration::ZERO).unwrap();
-        assert_eq!(got.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 2]);
-
-        // The old home comes back: its update is refused with the new home's address.
-        assert_eq!(
-            failover.receive(update_from("a:1", 3, &["e3"])),
-            Ok(Some("b:1".into()))
-        );
-        // A take-over from the stale record loses the compare-and-swap.
-        assert_eq!(failover.take_over("x", &record).await.unwrap(), "b:1");
-    }
-
-    /// Node a was stream x's home and was taken over by b while it was cut off: at the ring
-    /// change it forgets x and remembers that x went to b, so a client that still calls a is
-    /// sent to b without a meta store read; once a is x's home again, that is forgotten.
-    #[tokio::test]
-    async fn an_old_home_remembers_where_its_taken_over_stream_went() {
-        let meta: Arc<dyn MetaStore> = Arc::new(EmbeddedStore::in_memory());
-        record_node(meta.as_ref(), "a", "a:1", "ready").await;
-        record_node(meta.as_ref(), "b", "b:1", "ready").await;
-        let cluster = KvCluster::new(KvStore::new(), "a".into(), meta.clone());
-        cluster.start(&tokio::runtime::Handle::current());
-        let mut changes = cluster.watch();
-        changes.wait_for(|view| view.epoch > 0).await.unwrap();
-        let store = StreamStore::new();
-        let subscription = SubscriptionConfig::new("s", SubscriptionType::Stream);
-        store.create_consumer("x", &subscription).unwrap();
-        let failover = Failover::new(cluster, meta.clone(), store.clone(), "a:1".into());
-        meta.put(&home_key("x"), Bytes::from_static(b"b:1"), None)
-            .await
-            .unwrap();
-        assert_eq!(failover.moved_home("x"), None);
-        failover.ring_changed(&tokio::sync::Mutex::new(())).await;
-        assert!(!store.contains("x"), "the old home forgot the stream");
-        assert_eq!(failover.moved_home("x").as_deref(), Some("b:1"));
-        failover.homed_here("x");
-        assert_eq!(failover.moved_home("x"), None);
-    }
-}
+mod tests;

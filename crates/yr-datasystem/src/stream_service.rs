@@ -30,8 +30,8 @@ pub struct Placement {
     meta: Arc<dyn MetaStore>,
     address: String,
     failover: Option<Arc<Failover>>,
-    /// Serializes creating, removing and taking over streams on this node (held across meta
-    /// store calls: a tokio mutex, made for that).
+    /// Serializes creating, removing and taking over streams on this node: the failover's
+    /// lock ([`Failover::lifecycle`]), or this placement's own without one.
     lifecycle: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -51,9 +51,12 @@ impl Placement {
         address: String,
         failover: Option<Arc<Failover>>,
     ) -> Placement {
-        let lifecycle = Arc::new(tokio::sync::Mutex::new(()));
+        let lifecycle = failover.as_ref().map_or_else(
+            || Arc::new(tokio::sync::Mutex::new(())),
+            |failover| failover.lifecycle(),
+        );
         if let (Some(failover), Ok(runtime)) = (&failover, tokio::runtime::Handle::try_current()) {
-            runtime.spawn(failover.clone().follow(lifecycle.clone()));
+            runtime.spawn(failover.clone().follow());
         }
         Placement {
             meta,
@@ -67,6 +70,14 @@ impl Placement {
     pub fn failover(&self) -> Option<&Arc<Failover>> {
         self.failover.as_ref()
     }
+}
+
+/// A stream was found (or claimed) here, and a create or resume of its producer or consumer
+/// runs next. Fail point `datasystem::stream_claimed` lets a test act at this moment, as a
+/// concurrent update that learns the stream was taken over would (only non-returning actions:
+/// `pause`, `sleep`, a callback).
+fn claimed() {
+    fail::fail_point!("datasystem::stream_claimed");
 }
 
 /// Either here, or the home's address.
@@ -245,11 +256,16 @@ impl StreamService {
             let _lifecycle = self.lifecycle.lock().await;
             let made = match self.claim(&name).await? {
                 Home::Elsewhere(home) => return Ok((0, Some(home))),
-                Home::Here if resume != 0 => self
-                    .store
-                    .resume_producer(&name, resume, &config)
-                    .map(|()| resume),
-                Home::Here => self.store.create_producer(&name, &config),
+                Home::Here => {
+                    claimed();
+                    if resume != 0 {
+                        self.store
+                            .resume_producer(&name, resume, &config)
+                            .map(|()| resume)
+                    } else {
+                        self.store.create_producer(&name, &config)
+                    }
+                }
             };
             match self.made_here(&name, made).await? {
                 Ok(id) => id,
@@ -274,11 +290,16 @@ impl StreamService {
             let _lifecycle = self.lifecycle.lock().await;
             let made = match self.claim(&name).await? {
                 Home::Elsewhere(home) => return Ok((0, Some(home))),
-                Home::Here if resume != 0 => self
-                    .store
-                    .resume_consumer(&name, resume, &subscription, after)
-                    .map(|()| resume),
-                Home::Here => self.store.create_consumer(&name, &subscription),
+                Home::Here => {
+                    claimed();
+                    if resume != 0 {
+                        self.store
+                            .resume_consumer(&name, resume, &subscription, after)
+                            .map(|()| resume)
+                    } else {
+                        self.store.create_consumer(&name, &subscription)
+                    }
+                }
             };
             match self.made_here(&name, made).await? {
                 Ok(id) => id,

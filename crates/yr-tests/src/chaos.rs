@@ -317,17 +317,6 @@ pub const ACCEPTED: &[Rule] = &[
     },
     Rule {
         fault: FaultKind::Cut,
-        scope: Scope::DriverHost,
-        ops: &[OpKind::Stream],
-        codes: &[4298],
-        grace: Duration::from_secs(30),
-        why: "KNOWN BUG, not yet fixed (design 027, Open): a stream whose home was the driver's \
-              own node, when that host is cut off past the node timeout right after the \
-              stream's creates, is taken over but its consumer cannot resume there after the \
-              heal (4298, closed or removed); seeds 67 and 22631366840709",
-    },
-    Rule {
-        fault: FaultKind::Cut,
         scope: Scope::AnyHost,
         ops: EVERY_OP,
         codes: &[1007, 4005, 3002, 3005, 4299, 1002],
