@@ -1,10 +1,12 @@
 //! yr-proto: the one wire contract between yr's processes. `yr.v1` holds the bus (driver and
 //! runtime ↔ node), the worker (caller ↔ runtime, direct routing) and the master services, and
 //! the one `ErrorInfo` every package uses; `yr.meta.v1` the meta store service; `yr.ds.v1` the
-//! data worker (KV, streams, and the shared-memory object store). It owns the generated code
-//! and the one conversion between `yr_common::Error` and `ErrorInfo` ([`error`]); nothing else.
+//! data worker (KV, streams, and the shared-memory object store). It owns the generated code,
+//! the one conversion between `yr_common::Error` and `ErrorInfo` ([`error`]), and the one rule
+//! an instance record gives for its node's loss ([`record`]); nothing else.
 
 pub mod error;
+pub mod record;
 
 pub use error::{error_from_proto, error_to_proto};
 

@@ -562,17 +562,9 @@ pub fn recovery_options(record: &InstanceRecord, lost: &str) -> Option<InvokeOpt
         return None;
     }
     let options: InvokeOptions = rmp_serde::from_slice(&record.options).ok()?;
-    if record.restarts >= options.recover_retry_times {
-        return None;
-    }
-    let owner_outlives = record.detached
-        || options.is_detached()
-        || (!record.creator_node_id.is_empty() && record.creator_node_id != lost);
-    owner_outlives.then_some(options)
+    yr_proto::record::moves_when_node_lost(record, &options, lost).then_some(options)
 }
 
-/// Whether `record` is an instance of the lost node `node_id` that the master must fail: not
-/// final yet, and not of the node's live incarnation (if it came back as a new one).
 /// Marks `record` FATAL (no longer rescheduled anywhere), its error an "instance exited" that
 /// says why in `message`.
 fn mark_fatal(record: &mut InstanceRecord, message: String) {
@@ -586,6 +578,8 @@ fn mark_fatal(record: &mut InstanceRecord, message: String) {
     });
 }
 
+/// Whether `record` is an instance of the lost node `node_id` that the master must fail: not
+/// final yet, and not of the node's live incarnation (if it came back as a new one).
 fn belongs_to_lost(
     record: &InstanceRecord,
     node_id: &str,

@@ -4,9 +4,10 @@
 //! lease comes (the master accepted this node again as the same incarnation), they continue
 //! (SIGCONT) with their state intact.
 //!
-//! An instance the master may re-create is what `yr_master::instance_manager::recovery_options`
-//! admits: stateful, not being killed, with restarts left of its `recover_retry_times`, whose
-//! owner outlives this node (it is detached, or another node created it). Others are left
+//! An instance the master may re-create is what [`yr_proto::record::moves_when_node_lost`]
+//! admits, the rule the master follows: stateful, with restarts left of its
+//! `recover_retry_times`, whose owner outlives this node (it is detached, or another node
+//! created it); and not being killed. Others are left
 //! running: the master marks them FATAL and never runs them elsewhere, and stateless work is
 //! not moved. A runtime taken for such an instance while the node is fenced is paused at once
 //! (before its constructor runs). If the master declared the node lost, the paused runtimes
@@ -124,22 +125,16 @@ impl Node {
 }
 
 /// Whether the master may re-create `instance` elsewhere if it declares node `node_id` (where
-/// it runs) lost, as `yr_master::instance_manager::recovery_options` decides: stateful, not
-/// being killed or ended, with restarts left, its owner outliving the node.
+/// it runs) lost, by the master's rule ([`yr_proto::record::moves_when_node_lost`]), and
+/// it runs here and is not being killed or ended.
 fn may_move(instance: &Instance, node_id: &str) -> bool {
-    let record = instance.record();
-    let owner_outlives = record.detached
-        || instance.options.is_detached()
-        || (!record.creator_node_id.is_empty() && record.creator_node_id != node_id);
     instance.forwarded_to.is_none()
-        && !record.stateless
         && !instance.killing
         && !matches!(
             instance.state(),
             S::Exiting | S::Evicting | S::Fatal | S::Exited | S::Evicted | S::ScheduleFailed
         )
-        && record.restarts < instance.options.recover_retry_times
-        && owner_outlives
+        && yr_proto::record::moves_when_node_lost(instance.record(), &instance.options, node_id)
 }
 
 #[cfg(test)]
