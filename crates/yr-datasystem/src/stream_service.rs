@@ -178,18 +178,27 @@ impl StreamService {
     }
 
     /// The home of stream `name` when `error` says its producer or consumer is unknown here
-    /// because the stream lives elsewhere (it was taken over).
-    async fn moved(&self, name: &str, error: &yr_common::Error) -> Option<String> {
+    /// because the stream lives elsewhere (it was taken over); otherwise the error to answer:
+    /// `error` itself, or 3002 when the stream is gone from here and the meta store cannot say
+    /// where it went (the client then resumes through its own node, as for a lost home).
+    async fn moved(&self, name: &str, error: yr_common::Error) -> Result<String> {
         if error.code() != ErrorCode::ClientAlreadyClosed || self.store.contains(name) {
-            return None;
+            return Err(error);
         }
         let failover = self.placement.as_ref().and_then(|p| p.failover.as_ref());
         if let Some(home) = failover.and_then(|failover| failover.moved_home(name)) {
-            return Some(home);
+            return Ok(home);
         }
         match self.look_up(name).await {
-            Ok(Home::Elsewhere(home)) => Some(home),
-            _ => None,
+            Ok(Home::Elsewhere(home)) => Ok(home),
+            Ok(Home::Here) => Err(error),
+            Err(read) => Err(yr_common::Error::new(
+                ErrorCode::InnerCommunication,
+                format!(
+                    "stream {name:?} is not on this node, and where it went cannot be read \
+                     ({read}); the client resumes through its own node"
+                ),
+            )),
         }
     }
 
@@ -203,10 +212,7 @@ impl StreamService {
     ) -> Result<std::result::Result<u64, String>> {
         match made {
             Ok(id) => Ok(Ok(id)),
-            Err(error) => match self.moved(name, &error).await {
-                Some(home) => Ok(Err(home)),
-                None => Err(error),
-            },
+            Err(error) => self.moved(name, error).await.map(Err),
         }
     }
 
@@ -333,12 +339,7 @@ impl StreamService {
             blocking(move || store.send_batch(&stream, producer, batch, elements, timeout)).await;
         let sent = match sent {
             Ok(sent) => sent,
-            Err(error) => {
-                return match self.moved(&name, &error).await {
-                    Some(home) => Ok(Some(home)),
-                    None => Err(error),
-                }
-            }
+            Err(error) => return self.moved(&name, error).await.map(Some),
         };
         let Some(elements) = copy else {
             return Ok(None);
@@ -373,10 +374,10 @@ impl StreamService {
         let stream = name.clone();
         match blocking(move || store.receive(&stream, consumer, expect_num, timeout)).await {
             Ok(elements) => Ok((elements, None)),
-            Err(error) => match self.moved(&name, &error).await {
-                Some(home) => Ok((Vec::new(), Some(home))),
-                None => Err(error),
-            },
+            Err(error) => self
+                .moved(&name, error)
+                .await
+                .map(|home| (Vec::new(), Some(home))),
         }
     }
 
@@ -384,10 +385,7 @@ impl StreamService {
     pub async fn ack(&self, name: &str, consumer: u64, id: u64) -> Result<Option<String>> {
         match self.store.ack(name, consumer, id) {
             Ok(()) => Ok(None),
-            Err(error) => match self.moved(name, &error).await {
-                Some(home) => Ok(Some(home)),
-                None => Err(error),
-            },
+            Err(error) => self.moved(name, error).await.map(Some),
         }
     }
 
