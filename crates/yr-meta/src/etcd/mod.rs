@@ -12,7 +12,7 @@
 //! - **Compare-and-swap** is an etcd transaction: [`Compare::Version`] and
 //!   [`Compare::ModRevision`] compare etcd's version and mod revision. A branch's put is followed
 //!   inside the same transaction by a read of the key, so the written record comes back exactly
-//!   as etcd stored it.
+//!   as etcd stored it (`txn.rs`).
 //! - **Leases** are etcd leases: a TTL is rounded up to whole seconds (etcd may raise it to its
 //!   own minimum), a renewal is one keep-alive round trip, and an ended lease's keys are deleted
 //!   by etcd in one revision.
@@ -23,6 +23,7 @@
 //! [`MetaError::Etcd`] (3005). Watches reconnect by themselves (`watch.rs`).
 
 mod retry;
+mod txn;
 mod watch;
 
 use std::collections::BTreeSet;
@@ -33,14 +34,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use etcd_client::{
-    Certificate, Client, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity, KvClient,
-    LeaseClient, PutOptions, TlsOptions, TxnOpResponse, WatchClient,
+    Certificate, Client, ConnectOptions, GetOptions, Identity, KvClient, LeaseClient, PutOptions,
+    TlsOptions, WatchClient,
 };
 use tokio::sync::mpsc;
 
 use crate::error::MetaError;
 use crate::store::{Compare, KeyValue, LeaseId, MetaStore, TxnOp, TxnResponse, WatchEvent};
 use retry::{with_retry, Budget, Context, Retry};
+use txn::{branch_results, check_branch, etcd_compares, etcd_ops};
 
 /// How an [`EtcdStore`] reaches etcd.
 ///
@@ -342,108 +344,6 @@ fn revision_of(header: Option<&etcd_client::ResponseHeader>) -> u64 {
         .unwrap_or(0)
 }
 
-fn etcd_i64(value: u64, what: &str) -> Result<i64, MetaError> {
-    i64::try_from(value)
-        .map_err(|_| MetaError::InvalidArgument(format!("{what} {value} is beyond etcd's range")))
-}
-
-/// Checks a branch the way the embedded store does: keys are not empty, and no key is written
-/// twice. Returns the leases its puts attach to.
-fn check_branch(ops: &[TxnOp], leases: &mut BTreeSet<LeaseId>) -> Result<(), MetaError> {
-    let mut written = BTreeSet::new();
-    for op in ops {
-        match op {
-            TxnOp::Get { key } => check_key(key)?,
-            TxnOp::Put { key, lease, .. } => {
-                check_key(key)?;
-                leases.extend(lease);
-                if !written.insert(key.as_str()) {
-                    return Err(MetaError::InvalidArgument(format!(
-                        "key {key:?} is written twice in one transaction branch"
-                    )));
-                }
-            }
-            TxnOp::Delete { key } => {
-                check_key(key)?;
-                if !written.insert(key.as_str()) {
-                    return Err(MetaError::InvalidArgument(format!(
-                        "key {key:?} is written twice in one transaction branch"
-                    )));
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The etcd operations of a branch: each put is followed by a read of its key, so the branch's
-/// results carry the records as written.
-fn etcd_ops(store: &EtcdStore, ops: &[TxnOp]) -> Vec<etcd_client::TxnOp> {
-    let mut out = Vec::with_capacity(ops.len() * 2);
-    for op in ops {
-        match op {
-            TxnOp::Put { key, value, lease } => {
-                let key = store.etcd_key(key);
-                let options = lease.map(|lease| PutOptions::new().with_lease(lease));
-                out.push(etcd_client::TxnOp::put(
-                    key.clone(),
-                    value.to_vec(),
-                    options,
-                ));
-                out.push(etcd_client::TxnOp::get(key, None));
-            }
-            TxnOp::Delete { key } => out.push(etcd_client::TxnOp::delete(
-                store.etcd_key(key),
-                Some(DeleteOptions::new().with_prev_key()),
-            )),
-            TxnOp::Get { key } => out.push(etcd_client::TxnOp::get(store.etcd_key(key), None)),
-        }
-    }
-    out
-}
-
-/// The results of a branch from etcd's responses (see [`etcd_ops`]).
-fn branch_results(
-    store: &EtcdStore,
-    ops: &[TxnOp],
-    responses: Vec<TxnOpResponse>,
-) -> Result<Vec<Option<KeyValue>>, MetaError> {
-    let mut responses = responses.into_iter();
-    let mut results = Vec::with_capacity(ops.len());
-    let short = || {
-        MetaError::Etcd(format!(
-            "etcd {} answered a transaction with fewer results than operations",
-            store.endpoints
-        ))
-    };
-    for op in ops {
-        let result = match op {
-            TxnOp::Put { .. } => {
-                responses.next().ok_or_else(short)?;
-                match responses.next().ok_or_else(short)? {
-                    TxnOpResponse::Get(get) => {
-                        get.kvs().first().and_then(|kv| store.kv_from_etcd(kv))
-                    }
-                    _ => return Err(short()),
-                }
-            }
-            TxnOp::Delete { .. } => match responses.next().ok_or_else(short)? {
-                TxnOpResponse::Delete(delete) => delete
-                    .prev_kvs()
-                    .first()
-                    .and_then(|kv| store.kv_from_etcd(kv)),
-                _ => return Err(short()),
-            },
-            TxnOp::Get { .. } => match responses.next().ok_or_else(short)? {
-                TxnOpResponse::Get(get) => get.kvs().first().and_then(|kv| store.kv_from_etcd(kv)),
-                _ => return Err(short()),
-            },
-        };
-        results.push(result);
-    }
-    Ok(results)
-}
-
 #[async_trait]
 impl MetaStore for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, MetaError> {
@@ -547,35 +447,7 @@ impl MetaStore for EtcdStore {
         let mut leases = BTreeSet::new();
         check_branch(&success, &mut leases)?;
         check_branch(&failure, &mut leases)?;
-        let mut etcd_compares = Vec::with_capacity(compares.len());
-        for compare in &compares {
-            etcd_compares.push(match compare {
-                Compare::Version { key, version } => {
-                    check_key(key)?;
-                    etcd_client::Compare::version(
-                        self.etcd_key(key),
-                        CompareOp::Equal,
-                        etcd_i64(*version, "version")?,
-                    )
-                }
-                Compare::ModRevision { key, mod_revision } => {
-                    check_key(key)?;
-                    etcd_client::Compare::mod_revision(
-                        self.etcd_key(key),
-                        CompareOp::Equal,
-                        etcd_i64(*mod_revision, "mod revision")?,
-                    )
-                }
-                Compare::ValueEquals { key, value } => {
-                    check_key(key)?;
-                    etcd_client::Compare::value(
-                        self.etcd_key(key),
-                        CompareOp::Equal,
-                        value.to_vec(),
-                    )
-                }
-            });
-        }
+        let etcd_compares = etcd_compares(self, &compares)?;
         let success_ops = etcd_ops(self, &success);
         let failure_ops = etcd_ops(self, &failure);
         let result = with_retry(self.budget, Retry::Write, self.context("txn", None), || {
@@ -705,23 +577,5 @@ mod tests {
             normalize_prefix("yr"),
             Err(MetaError::InvalidArgument(_))
         ));
-    }
-
-    #[test]
-    fn a_branch_that_writes_a_key_twice_is_refused() {
-        let put = |key: &str| TxnOp::Put {
-            key: key.into(),
-            value: Bytes::new(),
-            lease: Some(3),
-        };
-        let mut leases = BTreeSet::new();
-        check_branch(&[put("a"), put("b")], &mut leases).unwrap();
-        assert_eq!(leases.into_iter().collect::<Vec<_>>(), [3]);
-        let err = check_branch(
-            &[put("a"), TxnOp::Delete { key: "a".into() }],
-            &mut BTreeSet::new(),
-        )
-        .unwrap_err();
-        assert!(matches!(err, MetaError::InvalidArgument(_)));
     }
 }
