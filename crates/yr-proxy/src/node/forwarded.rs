@@ -9,6 +9,14 @@
 //! instance): RUNNING on the new node is relayed with the new runtime's address (the callers
 //! replay their calls there), later failures and restarts likewise, and the end of the
 //! instance ends the relay. Without restarts left, the callers get the master's FATAL (1007).
+//!
+//! A broken stream alone ends nothing: the other node may live on behind a cut between it and
+//! this node, which the master does not see. Until the master declares that node lost, this
+//! node follows the instance's record instead of its stream (its end, restarts and moves are
+//! relayed as above), and the callers, who cannot reach the runtime either, get 3001 and
+//! connect again at their next call. An instance with restarts left is first told FAILED, as
+//! for a loss; if no verdict comes within [`LOSS_WAIT`], its callers are told it runs where it
+//! ran, and they too get 3001 until the link is back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,9 +35,10 @@ use crate::error::ProxyError;
 use crate::node_losses::LossVerdict;
 use crate::record_writer::instance_key;
 
-/// How long after its stream broke this node waits for the master to say what became of a
-/// forwarded instance with restarts left (the master's node timeout, a liveness pass and the
-/// settling of its records fit well within it).
+/// How long after its stream broke the callers of a forwarded instance with restarts left
+/// wait for the master to say what became of it (the master's node timeout, a liveness pass
+/// and the settling of its records fit well within it) before they are told it runs where it
+/// ran.
 const LOSS_WAIT: Duration = Duration::from_secs(30);
 
 /// What the relay of a moved instance last told the subscribers.
@@ -51,6 +60,8 @@ impl Node {
     ) {
         let mut notifications = notifications;
         tokio::pin!(lost);
+        // What the other node said last: the record's state that is news from here on.
+        let mut told: Option<Told> = None;
         loop {
             let next = tokio::select! {
                 next = notifications.next() => next,
@@ -64,6 +75,10 @@ impl Node {
             match next {
                 Some(Ok(notify)) => {
                     let state = S::try_from(notify.state).unwrap_or(S::Fatal);
+                    told = Some(Told {
+                        state: notify.state,
+                        runtime_address: notify.runtime_address.clone(),
+                    });
                     self.instances.with_mut(&instance_id, |i| i.mirror(&notify));
                     self.notify(&instance_id, notify.clone());
                     if matches!(state, S::Exited | S::Fatal) {
@@ -74,35 +89,31 @@ impl Node {
                 Some(Err(_)) | None => break,
             }
         }
-        // The stream broke: the node died, or its connection did.
-        let unreachable: Error = ProxyError::NodeUnreachable {
-            instance: instance_id.clone(),
-            node: node_id.clone(),
-        }
-        .into();
-        if !self.may_be_rescheduled(&instance_id) {
-            self.notify(
-                &instance_id,
-                error_notify(&instance_id, S::Fatal, &unreachable),
-            );
-            self.forget_forwarded(&instance_id);
-            return;
-        }
-        tracing::info!(instance = %instance_id, node = %node_id, "lost the node of a forwarded instance with restarts left; waiting for the master's verdict");
-        self.tell_failed(&instance_id, &unreachable);
-        match tokio::time::timeout(LOSS_WAIT, lost).await {
-            Ok(verdict) => self.settle_loss(&instance_id, verdict).await,
-            Err(_) => {
-                let error = Error::new(
-                    unreachable.code(),
-                    format!(
-                        "{} (and the master did not declare the node lost within {LOSS_WAIT:?})",
-                        unreachable.message()
-                    ),
-                );
-                self.notify(&instance_id, error_notify(&instance_id, S::Fatal, &error));
-                self.forget_forwarded(&instance_id);
+        // The stream broke: the node died, or the link between it and this node did.
+        tracing::info!(instance = %instance_id, node = %node_id, "the stream of a forwarded instance broke; following its record until the master's verdict on the node");
+        if self.may_be_rescheduled(&instance_id) {
+            let unreachable: Error = ProxyError::NodeUnreachable {
+                instance: instance_id.clone(),
+                node: node_id.clone(),
             }
+            .into();
+            self.tell_failed(&instance_id, &unreachable);
+            tokio::select! {
+                verdict = &mut lost => {
+                    self.settle_loss(&instance_id, verdict).await;
+                    return;
+                }
+                () = self.follow_record(&instance_id, told.clone()) => return,
+                () = tokio::time::sleep(LOSS_WAIT) => {}
+            }
+            // No verdict: the master still sees the node; only the link from here broke.
+            if let Some(running) = told.as_ref().filter(|t| t.state == S::Running as i32) {
+                self.tell_running(&instance_id, &running.runtime_address);
+            }
+        }
+        tokio::select! {
+            verdict = lost => self.settle_loss(&instance_id, verdict).await,
+            () = self.follow_record(&instance_id, told) => {}
         }
     }
 
@@ -117,6 +128,18 @@ impl Node {
                     && instance.record().restarts < instance.options.recover_retry_times
             })
             .unwrap_or(false)
+    }
+
+    /// Tell the subscribers the instance runs at `runtime_address`.
+    fn tell_running(&self, instance_id: &str, runtime_address: &str) {
+        let running = pb::InstanceNotify {
+            instance_id: instance_id.to_string(),
+            state: S::Running as i32,
+            runtime_address: runtime_address.to_string(),
+            error: None,
+        };
+        self.instances.with_mut(instance_id, |i| i.mirror(&running));
+        self.notify(instance_id, running);
     }
 
     /// Tell the subscribers the instance FAILED with `error`: their calls wait for it to run
@@ -137,16 +160,17 @@ impl Node {
             }
             LossVerdict::Rescheduled => {
                 tracing::info!(instance = %instance_id, "the master re-creates a forwarded instance on another node; following its record");
-                self.follow_moved(instance_id).await;
+                self.follow_record(instance_id, None).await;
             }
         }
     }
 
-    /// Follow the record of a rescheduled instance and relay what it says to the subscribers
-    /// until the instance ends (or leaves this node's table: killed, or its job ended).
-    async fn follow_moved(self: &Arc<Self>, instance_id: &str) {
+    /// Follow the record of a forwarded instance (rescheduled, or whose stream broke) and
+    /// relay what it says to the subscribers until the instance ends (or leaves this node's
+    /// table: killed, or its job ended); `told` is what they know already.
+    async fn follow_record(self: &Arc<Self>, instance_id: &str, told: Option<Told>) {
         let key = instance_key(instance_id);
-        let mut told: Option<Told> = None;
+        let mut told = told;
         let mut backoff = Backoff::reconnect();
         loop {
             // Read the record, then watch from that revision, so no change is missed.

@@ -1,10 +1,15 @@
 //! An instance as its callers see it: calls queue until it runs, then stream straight to its
 //! runtime (direct routing), in submission order. If the connection breaks, calls in flight wait
 //! for the node's verdict: replayed on the restarted instance (`recover_retry_times`; FAILED,
-//! then RUNNING at the same or a new address, also on another node after a node loss), or
-//! failed with the code the node gives (2002 crash, 1007 exit), or 3001 if the node says
-//! nothing. An instance this process looked up on another node has no node to tell it: when
-//! its connection breaks, its [`Relocate`] asks the node where it runs again.
+//! then RUNNING at a new address, also on another node after a node loss), or failed with the
+//! code the node gives (2002 crash, 1007 exit). Only the node's word ends an instance. If the
+//! node says nothing (the runtime cannot be reached from here, as across a cut between two
+//! hosts), the calls waiting fail with 3001 and the instance is *unreachable*: the next call
+//! connects again, to the same runtime, and is served once the link is back. A connection to
+//! the runtime it already had is a reconnect, not a restart: calls that were in flight on the
+//! broken one fail with 3001 rather than run twice. An instance this process looked up on
+//! another node has no node to tell it: when its connection breaks, its [`Relocate`] asks the
+//! node where it runs again.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,8 +26,9 @@ use crate::dependencies;
 use crate::function::Arg;
 use crate::object_store::{Cancel, ObjectHandle};
 
-/// How long calls whose connection broke wait for the node to say what happened.
-const VERDICT_WAIT: Duration = Duration::from_secs(5);
+/// How long calls whose connection broke wait for the node to say what happened: a node
+/// learns that another node died from the master, within its node timeout (3 s by default).
+const VERDICT_WAIT: Duration = Duration::from_secs(8);
 
 /// How long calls wait for an instance the node says is being restarted (FAILED: restarted on
 /// its node within `recover_retry_times`, or re-created on another node after its node was
@@ -123,6 +129,9 @@ enum Connection {
     Waiting,
     /// Streaming calls to the runtime at `address`.
     Open { sender: Arc<FrameWriter> },
+    /// Not reachable from here, and no node said it ended: the calls that waited failed with
+    /// 3001, and the next call connects again.
+    Unreachable,
     /// Gone for good; calls fail with this error.
     Failed(Error),
 }
@@ -228,11 +237,12 @@ impl RemoteInstance {
         }
     }
 
-    /// Submit a call, or give it back with the reason if the instance cannot take it.
+    /// Submit a call, or give it back with the reason if the instance cannot take it. A call
+    /// to an unreachable instance connects again.
     pub fn try_submit(self: &Arc<Self>, call: OutCall) -> Result<(), (OutCall, Error)> {
         let args = call.args.clone();
         let call_id = call.call_id;
-        {
+        let reconnect = {
             let mut state = self.state.lock();
             if let Connection::Failed(error) = &state.connection {
                 let error = error.clone();
@@ -242,6 +252,18 @@ impl RemoteInstance {
                 return Err((call, self.exited_error()));
             }
             state.queued.push_back(call);
+            let address = match (&state.connection, &state.address) {
+                (Connection::Unreachable, Some(address)) => Some(address.clone()),
+                _ => None,
+            };
+            if address.is_some() {
+                state.connection = Connection::Waiting;
+            }
+            address
+        };
+        if let Some(address) = reconnect {
+            tracing::debug!(instance = %self.id, %address, "connecting again to an unreachable instance");
+            self.on_running(address);
         }
         let instance = Arc::downgrade(self);
         dependencies::when_ready(&args, move || {
@@ -366,21 +388,26 @@ impl RemoteInstance {
     }
 
     fn connect_to(self: &Arc<Self>, address: String) {
-        let generation = {
+        let (generation, same_runtime) = {
             let mut state = self.state.lock();
-            if matches!(state.connection, Connection::Failed(_)) {
-                return;
+            let same_runtime = state.address.as_deref() == Some(address.as_str());
+            match state.connection {
+                Connection::Failed(_) => return,
+                // Told again where it already streams to: nothing changed.
+                Connection::Open { .. } if same_runtime => return,
+                _ => {}
             }
             state.generation += 1;
             state.connection = Connection::Waiting;
             state.restarting = false;
             state.address = Some(address.clone());
-            state.generation
+            (state.generation, same_runtime)
         };
         let (sender, results) = match call_channel::connect(&address) {
             Ok(halves) => halves,
             Err(error) => {
-                self.on_failed(error);
+                // The node, not this caller, says whether the instance ended.
+                self.on_unreachable(generation, error);
                 return;
             }
         };
@@ -406,16 +433,24 @@ impl RemoteInstance {
             if state.generation != generation || matches!(state.connection, Connection::Failed(_)) {
                 return;
             }
-            // Calls in flight on a previous connection are replayed first, in call order.
+            // Calls in flight on a previous connection are replayed first, in call order, on
+            // a restarted instance (a new runtime). The same runtime may have run them: they
+            // fail with 3001 instead of running twice.
             let mut replay: Vec<OutCall> = state.in_flight.drain().map(|(_, c)| c).collect();
             replay.sort_by_key(|c| c.call_id);
-            for call in replay.into_iter().rev() {
-                state.queued.push_front(call);
+            let mut failed = Vec::new();
+            if same_runtime {
+                let error = self.interrupted_error("its connection broke while they ran");
+                failed.extend(replay.into_iter().map(|call| (call, error.clone())));
+            } else {
+                for call in replay.into_iter().rev() {
+                    state.queued.push_front(call);
+                }
             }
             state.connection = Connection::Open {
                 sender: sender.clone(),
             };
-            let failed = Self::pump(&mut state);
+            failed.extend(Self::pump(&mut state));
             drop(state);
             fail_all(failed);
         }
@@ -515,17 +550,17 @@ impl RemoteInstance {
                     continue;
                 }
                 let error = if restarting {
-                    format!(
-                        "instance {id} was being restarted and did not run again within \
-                         {RESTART_WAIT:?} ({reason}); please retry"
+                    Error::new(
+                        ErrorCode::RequestBetweenRuntimeBus,
+                        format!(
+                            "instance {id} was being restarted and did not run again within \
+                             {RESTART_WAIT:?} ({reason}); please retry"
+                        ),
                     )
                 } else {
-                    format!(
-                        "connection with the runtime of instance {id} was interrupted ({reason}); \
-                         please retry"
-                    )
+                    instance.interrupted_error(&reason)
                 };
-                instance.on_failed(Error::new(ErrorCode::RequestBetweenRuntimeBus, error));
+                instance.on_unreachable(generation, error);
                 return;
             }
         });
@@ -541,24 +576,69 @@ impl RemoteInstance {
         }
     }
 
+    /// 3001 for calls whose connection with the runtime broke for `reason`.
+    fn interrupted_error(&self, reason: &str) -> Error {
+        Error::new(
+            ErrorCode::RequestBetweenRuntimeBus,
+            format!(
+                "connection with the runtime of instance {} was interrupted ({reason}); please \
+                 retry",
+                self.id
+            ),
+        )
+    }
+
     /// The node says the instance is gone: fail everything with `error`.
     pub fn on_failed(&self, error: Error) {
         let (queued, in_flight, first) = {
             let mut state = self.state.lock();
             // The first failure is the cause; later ones (the runtime being reaped) keep it.
             let first = !matches!(state.connection, Connection::Failed(_));
+            let gone_before = matches!(state.connection, Connection::Unreachable);
             if first {
                 state.connection = Connection::Failed(error.clone());
             }
             (
                 std::mem::take(&mut state.queued),
                 std::mem::take(&mut state.in_flight),
-                first,
+                first && !gone_before,
             )
         };
-        if first {
+        self.fail_calls(first, queued, in_flight, &error);
+    }
+
+    /// No node said what became of the instance, and the connection of `generation` cannot
+    /// reach its runtime: the calls waiting fail with `error` (3001), and the next call
+    /// connects again. Observers (a stateless pool) count it as gone.
+    fn on_unreachable(&self, generation: u64, error: Error) {
+        let (queued, in_flight) = {
+            let mut state = self.state.lock();
+            if state.generation != generation || !matches!(state.connection, Connection::Waiting) {
+                return;
+            }
+            tracing::info!(instance = %self.id, %error, "instance unreachable; the next call connects again");
+            state.connection = Connection::Unreachable;
+            state.restarting = false;
+            (
+                std::mem::take(&mut state.queued),
+                std::mem::take(&mut state.in_flight),
+            )
+        };
+        self.fail_calls(true, queued, in_flight, &error);
+    }
+
+    /// Fail `queued` and `in_flight` calls with `error`, telling the observer the instance is
+    /// gone first when `gone`.
+    fn fail_calls(
+        &self,
+        gone: bool,
+        queued: VecDeque<OutCall>,
+        in_flight: HashMap<u64, OutCall>,
+        error: &Error,
+    ) {
+        if gone {
             if let Some(observer) = &self.observer {
-                observer.on_gone(&error);
+                observer.on_gone(error);
             }
         }
         for call in queued.iter().chain(in_flight.values()) {
@@ -566,13 +646,13 @@ impl RemoteInstance {
                 let result = pb::CallResult {
                     call_id: call.call_id,
                     values: Vec::new(),
-                    error: Some(yr_proto::error_to_proto(&error)),
+                    error: Some(yr_proto::error_to_proto(error)),
                 };
                 if observer.on_result(call, &result) {
                     continue;
                 }
             }
-            call.fail(&error);
+            call.fail(error);
         }
     }
 
@@ -648,8 +728,11 @@ impl RemoteInstance {
         matches!(self.state.lock().connection, Connection::Open { .. })
     }
 
-    /// Whether the instance is gone.
+    /// Whether the instance is gone, or unreachable from here (a pool no longer uses it).
     pub fn is_failed(&self) -> bool {
-        matches!(self.state.lock().connection, Connection::Failed(_))
+        matches!(
+            self.state.lock().connection,
+            Connection::Failed(_) | Connection::Unreachable
+        )
     }
 }
