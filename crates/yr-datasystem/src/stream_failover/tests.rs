@@ -31,6 +31,21 @@ fn update_from(home: &str, first_id: u64, values: &[&str]) -> pb::StreamReplicat
     replica_update_to_proto("x", home, update)
 }
 
+/// The failover of node `node` at `address` over `store`, once its cluster has read the
+/// node records in `meta`.
+async fn failover_on(
+    meta: &Arc<dyn MetaStore>,
+    node: &str,
+    address: &str,
+    store: &StreamStore,
+) -> Arc<Failover> {
+    let cluster = KvCluster::new(KvStore::new(), node.into(), meta.clone());
+    cluster.start(&tokio::runtime::Handle::current());
+    let mut changes = cluster.watch();
+    changes.wait_for(|view| view.epoch > 0).await.unwrap();
+    Failover::new(cluster, meta.clone(), store.clone(), address.into())
+}
+
 /// Node b backs up stream x of node a; a is lost: b takes the home over with a
 /// compare-and-swap, refuses a's later updates (fenced), and a stale take-over with the
 /// old record's revision does not win the record back.
@@ -39,12 +54,8 @@ async fn the_backup_takes_a_lost_home_over_and_fences_the_old_one() {
     let meta: Arc<dyn MetaStore> = Arc::new(EmbeddedStore::in_memory());
     record_node(meta.as_ref(), "a", "a:1", "lost").await;
     record_node(meta.as_ref(), "b", "b:1", "ready").await;
-    let cluster = KvCluster::new(KvStore::new(), "b".into(), meta.clone());
-    cluster.start(&tokio::runtime::Handle::current());
-    let mut changes = cluster.watch();
-    changes.wait_for(|view| view.epoch > 0).await.unwrap();
     let store = StreamStore::new();
-    let failover = Failover::new(cluster, meta.clone(), store.clone(), "b:1".into());
+    let failover = failover_on(&meta, "b", "b:1", &store).await;
     assert!(failover.is_lost("a:1"));
     assert_eq!(failover.successor("x").unwrap().address, "b:1");
 
@@ -83,14 +94,10 @@ async fn an_old_home_remembers_where_its_taken_over_stream_went() {
     let meta: Arc<dyn MetaStore> = Arc::new(EmbeddedStore::in_memory());
     record_node(meta.as_ref(), "a", "a:1", "ready").await;
     record_node(meta.as_ref(), "b", "b:1", "ready").await;
-    let cluster = KvCluster::new(KvStore::new(), "a".into(), meta.clone());
-    cluster.start(&tokio::runtime::Handle::current());
-    let mut changes = cluster.watch();
-    changes.wait_for(|view| view.epoch > 0).await.unwrap();
     let store = StreamStore::new();
     let subscription = SubscriptionConfig::new("s", SubscriptionType::Stream);
     store.create_consumer("x", &subscription).unwrap();
-    let failover = Failover::new(cluster, meta.clone(), store.clone(), "a:1".into());
+    let failover = failover_on(&meta, "a", "a:1", &store).await;
     meta.put(&home_key("x"), Bytes::from_static(b"b:1"), None)
         .await
         .unwrap();
@@ -114,12 +121,8 @@ async fn a_resume_at_an_old_home_that_learns_it_was_taken_over_meanwhile_sends_t
 
     let meta: Arc<dyn MetaStore> = Arc::new(EmbeddedStore::in_memory());
     record_node(meta.as_ref(), "a", "a:1", "ready").await;
-    let cluster = KvCluster::new(KvStore::new(), "a".into(), meta.clone());
-    cluster.start(&tokio::runtime::Handle::current());
-    let mut changes = cluster.watch();
-    changes.wait_for(|view| view.epoch > 0).await.unwrap();
     let store = StreamStore::new();
-    let failover = Failover::new(cluster, meta.clone(), store.clone(), "a:1".into());
+    let failover = failover_on(&meta, "a", "a:1", &store).await;
     let placement = Placement::new(meta.clone(), "a:1".into(), Some(failover.clone()));
     let service = StreamService::new(store.clone(), Some(Arc::new(placement)));
     let subscription = SubscriptionConfig::new("s", SubscriptionType::Stream);
