@@ -389,12 +389,32 @@ pub fn physical_memory_mb() -> u64 {
         .unwrap_or(1024)
 }
 
+/// Log to stderr at `info`, or as `RUST_LOG` says: a level (`debug`), or targets with levels
+/// (`info,yr_datasystem::stream_service=debug`). A value that does not parse is reported and
+/// the default is kept.
 fn init_logging() {
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(std::io::stderr)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let configured = std::env::var("RUST_LOG").ok();
+    let parsed = configured
+        .as_deref()
+        .map(str::parse::<tracing_subscriber::filter::Targets>);
+    let filter = match &parsed {
+        Some(Ok(targets)) => targets.clone(),
+        _ => tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        )
         .try_init();
+    if let (Some(value), Some(Err(error))) = (configured, parsed) {
+        tracing::warn!(%value, %error, "RUST_LOG is not a level or a list of target=level; logging at info");
+    }
 }
 
 async fn terminated() {

@@ -183,13 +183,16 @@ impl StreamService {
     /// where it went (the client then resumes through its own node, as for a lost home).
     async fn moved(&self, name: &str, error: yr_common::Error) -> Result<String> {
         if error.code() != ErrorCode::ClientAlreadyClosed || self.store.contains(name) {
+            tracing::debug!(stream = name, %error, here = self.store.contains(name), "a stream call failed here");
             return Err(error);
         }
         let failover = self.placement.as_ref().and_then(|p| p.failover.as_ref());
         if let Some(home) = failover.and_then(|failover| failover.moved_home(name)) {
             return Ok(home);
         }
-        match self.look_up(name).await {
+        let found = self.look_up(name).await;
+        tracing::debug!(stream = name, %error, home = ?found.as_ref().ok().map(|h| match h { Home::Here => "", Home::Elsewhere(a) => a.as_str() }), "a stream not here: where it went");
+        match found {
             Ok(Home::Elsewhere(home)) => Ok(home),
             Ok(Home::Here) => Err(error),
             Err(read) => Err(yr_common::Error::new(
@@ -261,7 +264,10 @@ impl StreamService {
         let id = {
             let _lifecycle = self.lifecycle.lock().await;
             let made = match self.claim(&name).await? {
-                Home::Elsewhere(home) => return Ok((0, Some(home))),
+                Home::Elsewhere(home) => {
+                    tracing::debug!(stream = %name, resume, %home, "a create or resume sent to the stream's home");
+                    return Ok((0, Some(home)));
+                }
                 Home::Here => {
                     claimed();
                     if resume != 0 {
@@ -278,7 +284,9 @@ impl StreamService {
                 Err(home) => return Ok((0, Some(home))),
             }
         };
-        self.created(&name, id).await
+        let answer = self.created(&name, id).await;
+        tracing::debug!(stream = %name, resume, ?answer, "producer created or resumed");
+        answer
     }
 
     /// A new consumer (or consumer `resume` of a lost home, which received every element up
@@ -295,7 +303,10 @@ impl StreamService {
         let id = {
             let _lifecycle = self.lifecycle.lock().await;
             let made = match self.claim(&name).await? {
-                Home::Elsewhere(home) => return Ok((0, Some(home))),
+                Home::Elsewhere(home) => {
+                    tracing::debug!(stream = %name, resume, %home, "a create or resume sent to the stream's home");
+                    return Ok((0, Some(home)));
+                }
                 Home::Here => {
                     claimed();
                     if resume != 0 {
@@ -312,7 +323,9 @@ impl StreamService {
                 Err(home) => return Ok((0, Some(home))),
             }
         };
-        self.created(&name, id).await
+        let answer = self.created(&name, id).await;
+        tracing::debug!(stream = %name, resume, after, ?answer, "consumer created or resumed");
+        answer
     }
 
     /// Append the producer's batch number `batch`, waiting up to `timeout` for room; the

@@ -256,6 +256,7 @@ impl Shared {
                 }
                 match resume() {
                     Ok(new_home) => {
+                        tracing::info!(stream, home = %new_home, "resumed on the stream's home");
                         *home.lock() = new_home;
                         break;
                     }
