@@ -408,7 +408,7 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
     ) -> Result<Response<pb::StreamResponse>, Status> {
         let request = request.into_inner();
         let result = self.streams.close(request.stream, request.id, false).await;
-        Ok(stream_response(result.map(|()| None)))
+        Ok(stream_response(result))
     }
 
     async fn stream_close_consumer(
@@ -417,7 +417,7 @@ impl pb::data_worker_server::DataWorker for DataWorkerService {
     ) -> Result<Response<pb::StreamResponse>, Status> {
         let request = request.into_inner();
         let result = self.streams.close(request.stream, request.id, true).await;
-        Ok(stream_response(result.map(|()| None)))
+        Ok(stream_response(result))
     }
 
     async fn stream_delete(

@@ -15,7 +15,10 @@
 //! - **Fencing.** A node that is the home of a stream refuses updates for it and answers with
 //!   its own address: an old home that comes back learns it was taken over at its next send,
 //!   and forgets the stream. On every ring change, each node also checks that the home records
-//!   of its streams still name it, and forgets those that do not.
+//!   of its streams still name it, and forgets those that do not. A home refused by its backup
+//!   forgets the stream only if the stream's record no longer names it: the backup may be the
+//!   old home, not told yet, and then the update waits (as for a backup that cannot be
+//!   reached) until that node forgets the stream at its ring change.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,6 +47,15 @@ pub const BACKUP_WAIT: Duration = Duration::from_secs(8);
 
 /// How many taken-over streams a node remembers the new home of.
 pub const MOVED_REMEMBERED: usize = 4096;
+
+/// Fault tests: how long a node waits before it forgets a stream that another node took over
+/// (fail point `datasystem::stream_forget_stale`, `return(<milliseconds>)`): it learns late.
+fn forget_delay() -> Option<Duration> {
+    fail::fail_point!("datasystem::stream_forget_stale", |ms: Option<String>| ms
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis));
+    None
+}
 
 /// Whether `error` says the backup could not be reached (rather than refused the update).
 fn backup_unreachable(error: &Error) -> bool {
@@ -149,6 +161,14 @@ impl Failover {
     /// This node is stream `name`'s home (again): it did not move away.
     pub fn homed_here(&self, name: &str) {
         self.moved.lock().remove(name);
+    }
+
+    /// Whether stream `name`'s home record names this node (false when it cannot be read).
+    async fn recorded_here(&self, name: &str) -> bool {
+        matches!(
+            self.meta.get(&home_key(name)).await,
+            Ok(Some(record)) if record.value == self.address.as_bytes()
+        )
     }
 
     /// Stream `name`'s backup says node `home` took it over from this one: forget it, once no
@@ -294,6 +314,20 @@ impl Failover {
                 Ok(Replicated::Held)
             }
             Ok(Replicated::TakenOver(home)) => {
+                // The stream's record decides: a backup that still holds the stream may be an
+                // old home that has not learnt yet that this node took it over.
+                if self.recorded_here(name).await {
+                    self.replicated_to.lock().remove(name);
+                    return Err(Error::new(
+                        ErrorCode::InnerCommunication,
+                        format!(
+                            "the backup of stream {name:?} (node {} at {home}) still holds it as \
+                             its home, though this node took it over; it forgets it at its next \
+                             ring change, then takes the elements",
+                            backup.node_id
+                        ),
+                    ));
+                }
                 tracing::warn!(stream = name, %home, "this node was taken over as the stream's home; forgetting it");
                 self.learnt_taken_over(name, &home).await;
                 Ok(Replicated::TakenOver(home))
@@ -471,6 +505,9 @@ impl Failover {
             match self.meta.get(&home_key(&name)).await {
                 Ok(Some(record)) if record.value != self.address.as_bytes() => {
                     let home = String::from_utf8_lossy(&record.value).into_owned();
+                    if let Some(delay) = forget_delay() {
+                        tokio::time::sleep(delay).await;
+                    }
                     tracing::warn!(stream = %name, %home, "another node took this node's stream over; forgetting it");
                     self.forget_taken_over(&name, &home);
                     continue;

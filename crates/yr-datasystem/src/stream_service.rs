@@ -418,18 +418,23 @@ impl StreamService {
     }
 
     /// Close a producer (`consumer` false) or a consumer; a stream that `auto_clean_up`
-    /// removes gives up its claim.
-    pub async fn close(&self, name: String, id: u64, consumer: bool) -> Result<()> {
+    /// removes gives up its claim. `Some(home)` (nothing closed here) if the stream lives on
+    /// another node now: the client resumes there and closes it there.
+    pub async fn close(&self, name: String, id: u64, consumer: bool) -> Result<Option<String>> {
         let _lifecycle = self.lifecycle.lock().await;
-        let removed = if consumer {
-            self.store.close_consumer(&name, id)?
+        let closed = if consumer {
+            self.store.close_consumer(&name, id)
         } else {
-            self.store.close_producer(&name, id)?
+            self.store.close_producer(&name, id)
+        };
+        let removed = match closed {
+            Ok(removed) => removed,
+            Err(error) => return self.moved(&name, error).await.map(Some),
         };
         if removed {
             self.release(&name).await?;
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Delete a stream here, or answer its home.

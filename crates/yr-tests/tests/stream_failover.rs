@@ -78,6 +78,11 @@ impl Sender {
 
 /// Three nodes, labelled `n0`, `n1` and `n2`; the driver is on node 0.
 fn three_nodes() -> TestCluster {
+    three_nodes_with(Vec::new())
+}
+
+/// [`three_nodes`], node 2 with the environment `node_2_env`.
+fn three_nodes_with(node_2_env: Vec<(String, String)>) -> TestCluster {
     let node = |name: &str| NodeSpec {
         labels: vec![("host".into(), name.into())],
         ..NodeSpec::default()
@@ -86,7 +91,10 @@ fn three_nodes() -> TestCluster {
         .node_timeout(NODE_TIMEOUT)
         .node(node("n0"))
         .node(node("n1"))
-        .node(node("n2"))
+        .node(NodeSpec {
+            env: node_2_env,
+            ..node("n2")
+        })
         .start()
 }
 
@@ -202,17 +210,26 @@ fn stream_homed_on_node_2(
     label: &str,
 ) -> (String, yr::Consumer, yr::InstanceHandle<Sender>, Vec<u32>) {
     let stream = unique(label);
-    NodeStreams::of(cluster, 2).claim(&stream);
+    let (consumer, sender, seen) = homed_on_node_2(cluster, &stream);
+    (stream, consumer, sender, seen)
+}
+
+/// [`stream_homed_on_node_2`] for `stream`.
+fn homed_on_node_2(
+    cluster: &TestCluster,
+    stream: &str,
+) -> (yr::Consumer, yr::InstanceHandle<Sender>, Vec<u32>) {
+    NodeStreams::of(cluster, 2).claim(stream);
     let consumer = yr::create_stream_consumer(
-        &stream,
+        stream,
         SubscriptionConfig::new("driver", SubscriptionType::Stream),
     )
     .unwrap();
-    let sender = sender_on_node_1(cluster, &stream);
+    let sender = sender_on_node_1(cluster, stream);
     assert_eq!(yr::get(&send(&sender, 0, 100), TIMEOUT).unwrap(), "");
     let mut seen = Vec::new();
     receive_all(cluster, &consumer, &mut seen, 40, TIMEOUT);
-    (stream, consumer, sender, seen)
+    (consumer, sender, seen)
 }
 
 #[test]
@@ -340,16 +357,93 @@ fn a_receive_whose_home_no_node_can_take_over_fails_with_a_code_and_never_hangs(
 /// A name for a stream homed on node 2 whose backup is node 1: the owner of the name on the
 /// ring of the other nodes (ring positions depend only on node ids).
 fn stream_backed_up_on_node_1(cluster: &TestCluster, label: &str) -> String {
+    stream_backed_up_by(cluster, label, &[(2, 1)])
+}
+
+/// A name whose backup, for each `(home, backup)` of `pairs`, is node `backup` while node
+/// `home` is its home: the owner of the name on the ring of the nodes other than `home`.
+fn stream_backed_up_by(cluster: &TestCluster, label: &str, pairs: &[(usize, usize)]) -> String {
     use yr_datasystem::kv_ring::{HashRing, Member};
     let member = |index: usize| Member {
         node_id: cluster.node_id(index).to_string(),
         address: String::new(),
     };
-    let others = HashRing::new([member(0), member(1)]);
+    let backup = |name: &str, home: usize| {
+        let others = HashRing::new((0..3).filter(|&i| i != home).map(member));
+        others.owner(name).map(|m| m.node_id.clone())
+    };
     (0..)
         .map(|n| unique(&format!("{label}-{n}")))
-        .find(|name| others.owner(name).map(|m| m.node_id.as_str()) == Some(cluster.node_id(1)))
-        .expect("some name is owned by node 1")
+        .find(|name| {
+            pairs
+                .iter()
+                .all(|&(home, by)| backup(name, home).as_deref() == Some(cluster.node_id(by)))
+        })
+        .expect("some name has those backups")
+}
+
+/// Node 2, the stream's home, is stopped past the node timeout: node 1, its backup, takes
+/// the stream over, and acknowledges 50 elements the consumer has not read yet. When node 2
+/// runs again, the ring makes it node 1's backup for the stream while node 2 still holds the
+/// stream (fail point `datasystem::stream_forget_stale` makes it learn 4 s late), so node 2
+/// refuses node 1's update as the stream's home. The record names node 1: node 1 keeps the
+/// stream and waits for node 2 to forget it, and every element arrives once, in order.
+#[test]
+fn a_new_home_refused_by_an_old_home_that_has_not_learnt_yet_keeps_the_stream() {
+    let _exclusive = exclusive();
+    let cluster = three_nodes_with(vec![(
+        "FAILPOINTS".into(),
+        "datasystem::stream_forget_stale=return(4000)".into(),
+    )]);
+    yr::init(cluster.config()).unwrap();
+    // Backed up on node 1 while node 2 is its home; on node 2 once node 1 is.
+    let stream = stream_backed_up_by(&cluster, "refused-new-home", &[(2, 1), (1, 2)]);
+    let (consumer, sender, mut seen) = homed_on_node_2(&cluster, &stream);
+    let incarnation = cluster.node_incarnation(2);
+    let pid = cluster.node_pid(2).expect("node 2 runs");
+    assert!(signal(pid, libc::SIGSTOP));
+    let later = send(&sender, 100, 150);
+    receive_all(&cluster, &consumer, &mut seen, 150, RECOVERY_BOUND);
+    assert_eq!(yr::get(&later, RECOVERY_BOUND).unwrap(), "");
+    let new_home = cluster.node_address(1);
+    assert_eq!(
+        NodeStreams::of(&cluster, 1).home_of(&stream).as_deref(),
+        Some(""),
+        "node 1 took the stream over"
+    );
+    // Acknowledged by node 1, not read yet.
+    assert_eq!(
+        yr::get(&send(&sender, 150, 200), RECOVERY_BOUND).unwrap(),
+        ""
+    );
+
+    assert!(signal(pid, libc::SIGCONT));
+    cluster.wait_for_status(RECOVERY_BOUND, "node 2 registering again", |status| {
+        yr_tests::node_incarnation(status, cluster.node_id(2)).is_some_and(|i| i != incarnation)
+    });
+    // Node 1 gave the stream to its new backup, node 2, which refused it until it forgot it.
+    let mut node_2 = NodeStreams::of(&cluster, 2);
+    assert!(
+        wait_until(RECOVERY_BOUND, || node_2.home_of(&stream).as_deref()
+            == Some(new_home.as_str())),
+        "node 2 never forgot the stream: {:?}",
+        node_2.home_of(&stream)
+    );
+    receive_all(&cluster, &consumer, &mut seen, 200, RECOVERY_BOUND);
+    let last = send(&sender, 200, 220);
+    receive_all(&cluster, &consumer, &mut seen, 220, RECOVERY_BOUND);
+    assert_eq!(yr::get(&last, RECOVERY_BOUND).unwrap(), "");
+    assert_eq!(
+        seen,
+        (0..220).collect::<Vec<_>>(),
+        "each element once, in order"
+    );
+    assert_eq!(
+        NodeStreams::of(&cluster, 1).home_of(&stream).as_deref(),
+        Some(""),
+        "node 1 is still the stream's home"
+    );
+    yr::finalize().unwrap();
 }
 
 #[test]

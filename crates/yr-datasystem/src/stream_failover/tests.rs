@@ -183,3 +183,39 @@ async fn a_resume_at_an_old_home_that_learns_it_was_taken_over_meanwhile_sends_t
         .unwrap();
     assert_eq!(home.as_deref(), Some("b:1"), "a new producer is sent to b");
 }
+
+/// Node a was stream x's home and forgot it when it learnt that b took it over. A producer
+/// and a consumer that still close at a are sent to b (where they resume and close), not told
+/// 4298: the chaos soak found a consumer whose elements all arrived failing its close.
+#[tokio::test]
+async fn a_close_at_an_old_home_that_forgot_the_stream_sends_the_client_to_the_new_home() {
+    use crate::stream_service::{Placement, StreamService};
+
+    let meta: Arc<dyn MetaStore> = Arc::new(EmbeddedStore::in_memory());
+    record_node(meta.as_ref(), "a", "a:1", "ready").await;
+    let store = StreamStore::new();
+    let failover = failover_on(&meta, "a", "a:1", &store).await;
+    let placement = Placement::new(meta.clone(), "a:1".into(), Some(failover.clone()));
+    let service = StreamService::new(store.clone(), Some(Arc::new(placement)));
+    let subscription = SubscriptionConfig::new("s", SubscriptionType::Stream);
+    let (consumer, _) = service
+        .create_consumer("x".into(), subscription, 0, 0)
+        .await
+        .unwrap();
+    let (producer, _) = service
+        .create_producer("x".into(), Default::default(), 0)
+        .await
+        .unwrap();
+    meta.put(&home_key("x"), Bytes::from_static(b"b:1"), None)
+        .await
+        .unwrap();
+    failover.learnt_taken_over("x", "b:1").await;
+
+    for (id, is_consumer) in [(consumer, true), (producer, false)] {
+        assert_eq!(
+            service.close("x".into(), id, is_consumer).await.unwrap(),
+            Some("b:1".to_string()),
+            "the close of {id} is sent to b"
+        );
+    }
+}
