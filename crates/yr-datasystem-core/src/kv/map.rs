@@ -23,6 +23,10 @@ pub(super) struct Entry {
     pub(super) value: Bytes,
     pub(super) expires_at: Option<Instant>,
     pub(super) version: u64,
+    /// When the value was written, on its writer's hybrid clock ([`super::Shared::stamp`]):
+    /// of two values of a key, the greater stamp is the newer (0: read from the second-level
+    /// store, older than any write).
+    pub(super) stamp: u64,
     pub(super) l2: L2State,
     /// The quota bucket the entry counts under.
     pub(super) job: Arc<str>,

@@ -69,6 +69,8 @@ struct Shared {
     write_locks: Vec<Mutex<()>>,
     l2: Option<Arc<dyn L2Store>>,
     next_version: AtomicU64,
+    /// The greatest write stamp made or seen here ([`Shared::stamp`]).
+    last_stamp: AtomicU64,
     next_watch: AtomicU64,
     /// Queued write-back jobs, and a signal when one finishes.
     queued: Mutex<usize>,
@@ -131,6 +133,34 @@ impl Shared {
     fn version(&self) -> u64 {
         self.next_version.fetch_add(1, Ordering::Relaxed) + 1
     }
+
+    /// The stamp of a write made here now: microseconds of wall time, raised past every stamp
+    /// made or seen here (a hybrid clock). Of two values of a key, the one written later has
+    /// the greater stamp, also when two nodes wrote them, as long as their clocks agree to
+    /// within the time between the writes.
+    fn stamp(&self) -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let mut last = self.last_stamp.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(last.saturating_add(1));
+            match self.last_stamp.compare_exchange_weak(
+                last,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return next,
+                Err(seen) => last = seen,
+            }
+        }
+    }
+
+    /// Take note of a stamp made on another node, so that later writes here stamp above it.
+    fn observe(&self, stamp: u64) {
+        self.last_stamp.fetch_max(stamp, Ordering::Relaxed);
+    }
 }
 
 impl KvStore {
@@ -155,6 +185,7 @@ impl KvStore {
             write_locks: (0..WRITE_LOCKS).map(|_| Mutex::new(())).collect(),
             l2,
             next_version: AtomicU64::new(0),
+            last_stamp: AtomicU64::new(0),
             next_watch: AtomicU64::new(0),
             queued: Mutex::new(0),
             queue_changed: Condvar::new(),

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use yr_common::Result;
 
 use super::map::{entry_size, Entry, L2State};
+use super::write_back::Job;
 use super::{validate_key, KvStore};
 
 /// One entry on its way to another store.
@@ -43,6 +44,9 @@ pub struct MovingEntry {
     pub in_l2: bool,
     /// Its version in the store it leaves (for [`KvStore::forget_moved`]).
     pub version: u64,
+    /// When it was written, on its writer's hybrid clock: a store that holds a value of the
+    /// key with a greater stamp keeps its own.
+    pub stamp: u64,
 }
 
 impl KvStore {
@@ -73,17 +77,42 @@ impl KvStore {
                 job: entry.job.to_string(),
                 in_l2: entry.l2 != L2State::Absent,
                 version: entry.version,
+                stamp: entry.stamp,
             });
         }
         out
     }
 
     /// Keep `entry`, moved here from its previous owner: `Ok(true)` if this store holds the
-    /// key now (this value, or a value it already held, which is newer), or if `refuse` says
-    /// it was deleted here during the move (checked under the key's write lock, so a delete
-    /// that records its key before deleting is never undone by a move); `Ok(false)` if it
-    /// does not fit the job's quota and no second-level store here holds it. A value in the
-    /// second-level store is written into this one's too when this one is not shared.
+    /// key now (this value, which replaces an older one held here, or a value held here whose
+    /// stamp is not older), or if `refuse` says it was deleted here during the move (checked
+    /// under the key's write lock, so a delete that records its key before deleting is never
+    /// undone by a move); `Ok(false)` if it does not fit the job's quota and no second-level
+    /// store here holds it. A value in the second-level store is written into this one's too
+    /// when this one is not shared.
+    ///
+    /// ```
+    /// use yr_datasystem_core::kv::{KvStore, MovingEntry, SetParam};
+    /// let owner = KvStore::new();
+    /// let moved = |value: &str, stamp| MovingEntry {
+    ///     key: "k".into(),
+    ///     value: value.to_string().into(),
+    ///     ttl: None,
+    ///     job: "job".into(),
+    ///     in_l2: false,
+    ///     version: 1,
+    ///     stamp,
+    /// };
+    /// assert!(owner.adopt(&moved("old", 10), |_| false).unwrap());
+    /// // A newer value moved here replaces it; an older one is dropped (the sender forgets it).
+    /// assert!(owner.adopt(&moved("new", 20), |_| false).unwrap());
+    /// assert!(owner.adopt(&moved("older", 15), |_| false).unwrap());
+    /// assert_eq!(owner.try_get(&["k"]).unwrap(), vec![Some("new".into())]);
+    /// // A write here is newer than every stamp seen here.
+    /// owner.set_for_job("job", "k", "latest".into(), &SetParam::default()).unwrap();
+    /// assert!(owner.adopt(&moved("moved", 20), |_| false).unwrap());
+    /// assert_eq!(owner.try_get(&["k"]).unwrap(), vec![Some("latest".into())]);
+    /// ```
     pub fn adopt(&self, entry: &MovingEntry, refuse: impl Fn(&str) -> bool) -> Result<bool> {
         validate_key(&entry.key)?;
         let shared = self.shared();
@@ -93,15 +122,19 @@ impl KvStore {
             return Ok(true);
         }
         let now = shared.clock.now();
-        if shared
-            .map
-            .lock()
-            .entries
-            .get(key)
-            .is_some_and(|e| e.live(now))
-        {
+        shared.observe(entry.stamp);
+        let held = {
+            let map = shared.map.lock();
+            map.entries
+                .get(key)
+                .filter(|e| e.live(now))
+                .map(|e| (e.stamp, e.l2))
+        };
+        if held.is_some_and(|(stamp, _)| stamp >= entry.stamp) {
+            // The value held here is newer: the sender forgets its copy.
             return Ok(true);
         }
+        let version = shared.version();
         let mut l2_state = L2State::Absent;
         if entry.in_l2 {
             if let Some(l2) = &shared.l2 {
@@ -116,15 +149,30 @@ impl KvStore {
         let size = entry_size(key, entry.value.len());
         let reserved = match shared.reserve(&job, key, size) {
             Ok(reserved) => reserved,
-            // Read through from the second-level store when asked.
-            Err(_) => return Ok(l2_state == L2State::Stored),
+            // Read through from the second-level store when asked (not the older value).
+            Err(_) if l2_state == L2State::Stored => {
+                shared.map.lock().remove(key);
+                return Ok(true);
+            }
+            Err(_) => return Ok(false),
         };
+        if !entry.in_l2 && held.is_some_and(|(_, l2)| l2 != L2State::Absent) {
+            // The second-level store holds the older value: remove it, as a write here would.
+            if let Err(error) = self.enqueue(Job::Delete {
+                key: key.to_string(),
+                version,
+            }) {
+                shared.release(&job, reserved);
+                return Err(error);
+            }
+        }
         shared.insert(
             key,
             Entry {
                 value: entry.value.clone(),
                 expires_at: entry.ttl.and_then(|t| now.checked_add(t)),
-                version: shared.version(),
+                version,
+                stamp: entry.stamp,
                 l2: l2_state,
                 job,
                 size,

@@ -12,8 +12,10 @@
 //! owner that misses a key asks the key's owners under the two previous rings (what they hold
 //! now, [`pb::KvRoute::Local`]) before it answers "not found": a read during a move never
 //! misses a key that exists. An owner's delete also deletes at those previous owners and
-//! records a bounded tombstone, so a push in flight never brings a deleted key back; a push
-//! never replaces a value the new owner already holds (a write that reached it first).
+//! records a bounded tombstone, so a push in flight never brings a deleted key back. Each value
+//! carries its write's stamp (a hybrid clock), and a push replaces an older value the new owner
+//! holds but never a newer one (a write that reached it first); the sender forgets its copy
+//! either way.
 //!
 //! **Losses.** Keys of a lost node are owned by its ring successors at once. Values written
 //! through to a shared second-level store (Redis) are read through from it by the new owner;

@@ -1,6 +1,7 @@
 //! Moves of keys on ring changes: each node pushes the keys it holds but no longer owns to their
-//! new owners in batches, takes the keys pushed to it (never over a value it holds, never a key
-//! deleted meanwhile: the tombstones) and forgets a key once its new owner took it.
+//! new owners in batches, takes the keys pushed to it (over an older value it holds, never over
+//! a newer one, by the values' write stamps; never a key deleted meanwhile: the tombstones) and
+//! forgets a key once its new owner took it or held a newer value.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -72,6 +73,7 @@ impl KvCluster {
                         job: entry.job_id,
                         in_l2: entry.in_l2,
                         version: 0,
+                        stamp: entry.stamp,
                     };
                     this.kv
                         .adopt(&entry, |key| this.deleted_recently(key))
@@ -158,6 +160,7 @@ impl KvCluster {
                             ttl_ms: e.ttl.map_or(0, |t| timeout_to_ms(t).max(1)),
                             job_id: e.job.clone(),
                             in_l2: e.in_l2,
+                            stamp: e.stamp,
                         })
                         .collect(),
                 };
