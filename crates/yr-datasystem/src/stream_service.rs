@@ -261,32 +261,16 @@ impl StreamService {
     ) -> Result<(u64, Option<String>)> {
         stream::validate_stream_name(&name)?;
         config.validate()?;
-        let id = {
-            let _lifecycle = self.lifecycle.lock().await;
-            let made = match self.claim(&name).await? {
-                Home::Elsewhere(home) => {
-                    tracing::debug!(stream = %name, resume, %home, "a create or resume sent to the stream's home");
-                    return Ok((0, Some(home)));
-                }
-                Home::Here => {
-                    claimed();
-                    if resume != 0 {
-                        self.store
-                            .resume_producer(&name, resume, &config)
-                            .map(|()| resume)
-                    } else {
-                        self.store.create_producer(&name, &config)
-                    }
-                }
-            };
-            match self.made_here(&name, made).await? {
-                Ok(id) => id,
-                Err(home) => return Ok((0, Some(home))),
+        self.made(&name, "producer", resume, || {
+            if resume != 0 {
+                self.store
+                    .resume_producer(&name, resume, &config)
+                    .map(|()| resume)
+            } else {
+                self.store.create_producer(&name, &config)
             }
-        };
-        let answer = self.created(&name, id).await;
-        tracing::debug!(stream = %name, resume, ?answer, "producer created or resumed");
-        answer
+        })
+        .await
     }
 
     /// A new consumer (or consumer `resume` of a lost home, which received every element up
@@ -300,31 +284,47 @@ impl StreamService {
     ) -> Result<(u64, Option<String>)> {
         stream::validate_stream_name(&name)?;
         subscription.validate()?;
+        self.made(&name, "consumer", resume, || {
+            if resume != 0 {
+                self.store
+                    .resume_consumer(&name, resume, &subscription, after)
+                    .map(|()| resume)
+            } else {
+                self.store.create_consumer(&name, &subscription)
+            }
+        })
+        .await
+    }
+
+    /// Create or resume (`resume`, 0 for a new one) a producer or consumer (`what`) of stream
+    /// `name` with `make` where the stream lives: its id once the backup knows it, or the
+    /// stream's home when that is another node.
+    async fn made(
+        &self,
+        name: &str,
+        what: &str,
+        resume: u64,
+        make: impl FnOnce() -> Result<u64>,
+    ) -> Result<(u64, Option<String>)> {
         let id = {
             let _lifecycle = self.lifecycle.lock().await;
-            let made = match self.claim(&name).await? {
+            let made = match self.claim(name).await? {
                 Home::Elsewhere(home) => {
-                    tracing::debug!(stream = %name, resume, %home, "a create or resume sent to the stream's home");
+                    tracing::debug!(stream = name, what, resume, %home, "a create or resume sent to the stream's home");
                     return Ok((0, Some(home)));
                 }
                 Home::Here => {
                     claimed();
-                    if resume != 0 {
-                        self.store
-                            .resume_consumer(&name, resume, &subscription, after)
-                            .map(|()| resume)
-                    } else {
-                        self.store.create_consumer(&name, &subscription)
-                    }
+                    make()
                 }
             };
-            match self.made_here(&name, made).await? {
+            match self.made_here(name, made).await? {
                 Ok(id) => id,
                 Err(home) => return Ok((0, Some(home))),
             }
         };
-        let answer = self.created(&name, id).await;
-        tracing::debug!(stream = %name, resume, after, ?answer, "consumer created or resumed");
+        let answer = self.created(name, id).await;
+        tracing::debug!(stream = name, what, resume, ?answer, "created or resumed");
         answer
     }
 

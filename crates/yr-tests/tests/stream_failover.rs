@@ -290,18 +290,8 @@ fn a_stopped_home_that_comes_back_is_fenced_and_the_stream_goes_on_at_its_succes
         new_home
     };
     assert_ne!(new_home, old_home, "another node took the stream over");
-    assert!(signal(pid, libc::SIGCONT));
     // The old home registers again as a new incarnation, and learns it lost the stream.
-    cluster.wait_for_status(RECOVERY_BOUND, "node 2 registering again", |status| {
-        yr_tests::node_incarnation(status, cluster.node_id(2)).is_some_and(|i| i != incarnation)
-    });
-    let mut node_2 = NodeStreams::of(&cluster, 2);
-    assert!(
-        wait_until(RECOVERY_BOUND, || node_2.home_of(&stream).as_deref()
-            == Some(new_home.as_str())),
-        "the old home still answers for the stream: {:?}",
-        node_2.home_of(&stream)
-    );
+    continue_old_home(&cluster, pid, incarnation, &stream, &new_home);
     // The stream goes on at the new home.
     let last = send(&sender, 150, 200);
     receive_all(&cluster, &consumer, &mut seen, 200, RECOVERY_BOUND);
@@ -319,6 +309,29 @@ fn a_stopped_home_that_comes_back_is_fenced_and_the_stream_goes_on_at_its_succes
         Some(true)
     );
     yr::finalize().unwrap();
+}
+
+/// SIGCONT the stopped node 2 (process `pid`, incarnation `incarnation` before its loss), wait
+/// until it registers again as a new incarnation, then until it answers that `stream` lives at
+/// `new_home`: it forgot the stream.
+fn continue_old_home(
+    cluster: &TestCluster,
+    pid: u32,
+    incarnation: u64,
+    stream: &str,
+    new_home: &str,
+) {
+    assert!(signal(pid, libc::SIGCONT));
+    cluster.wait_for_status(RECOVERY_BOUND, "node 2 registering again", |status| {
+        yr_tests::node_incarnation(status, cluster.node_id(2)).is_some_and(|i| i != incarnation)
+    });
+    let mut node_2 = NodeStreams::of(cluster, 2);
+    assert!(
+        wait_until(RECOVERY_BOUND, || node_2.home_of(stream).as_deref()
+            == Some(new_home)),
+        "the old home still answers for the stream: {:?}",
+        node_2.home_of(stream)
+    );
 }
 
 #[test]
@@ -417,18 +430,8 @@ fn a_new_home_refused_by_an_old_home_that_has_not_learnt_yet_keeps_the_stream() 
         ""
     );
 
-    assert!(signal(pid, libc::SIGCONT));
-    cluster.wait_for_status(RECOVERY_BOUND, "node 2 registering again", |status| {
-        yr_tests::node_incarnation(status, cluster.node_id(2)).is_some_and(|i| i != incarnation)
-    });
-    // Node 1 gave the stream to its new backup, node 2, which refused it until it forgot it.
-    let mut node_2 = NodeStreams::of(&cluster, 2);
-    assert!(
-        wait_until(RECOVERY_BOUND, || node_2.home_of(&stream).as_deref()
-            == Some(new_home.as_str())),
-        "node 2 never forgot the stream: {:?}",
-        node_2.home_of(&stream)
-    );
+    // Node 1 gives the stream to its new backup, node 2, which refuses it until it forgets it.
+    continue_old_home(&cluster, pid, incarnation, &stream, &new_home);
     receive_all(&cluster, &consumer, &mut seen, 200, RECOVERY_BOUND);
     let last = send(&sender, 200, 220);
     receive_all(&cluster, &consumer, &mut seen, 220, RECOVERY_BOUND);

@@ -46,6 +46,25 @@ async fn failover_on(
     Failover::new(cluster, meta.clone(), store.clone(), address.into())
 }
 
+/// Node a, the only node, with its stream service: the meta store, the streams, the failover
+/// and the service.
+async fn node_a_alone() -> (
+    Arc<dyn MetaStore>,
+    StreamStore,
+    Arc<Failover>,
+    crate::stream_service::StreamService,
+) {
+    use crate::stream_service::{Placement, StreamService};
+
+    let meta: Arc<dyn MetaStore> = Arc::new(EmbeddedStore::in_memory());
+    record_node(meta.as_ref(), "a", "a:1", "ready").await;
+    let store = StreamStore::new();
+    let failover = failover_on(&meta, "a", "a:1", &store).await;
+    let placement = Placement::new(meta.clone(), "a:1".into(), Some(failover.clone()));
+    let service = StreamService::new(store.clone(), Some(Arc::new(placement)));
+    (meta, store, failover, service)
+}
+
 /// Node b backs up stream x of node a; a is lost: b takes the home over with a
 /// compare-and-swap, refuses a's later updates (fenced), and a stale take-over with the
 /// old record's revision does not win the record back.
@@ -117,14 +136,7 @@ async fn an_old_home_remembers_where_its_taken_over_stream_went() {
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_at_an_old_home_that_learns_it_was_taken_over_meanwhile_sends_the_client_on() {
-    use crate::stream_service::{Placement, StreamService};
-
-    let meta: Arc<dyn MetaStore> = Arc::new(EmbeddedStore::in_memory());
-    record_node(meta.as_ref(), "a", "a:1", "ready").await;
-    let store = StreamStore::new();
-    let failover = failover_on(&meta, "a", "a:1", &store).await;
-    let placement = Placement::new(meta.clone(), "a:1".into(), Some(failover.clone()));
-    let service = StreamService::new(store.clone(), Some(Arc::new(placement)));
+    let (meta, store, failover, service) = node_a_alone().await;
     let subscription = SubscriptionConfig::new("s", SubscriptionType::Stream);
     let (consumer, home) = service
         .create_consumer("x".into(), subscription.clone(), 0, 0)
@@ -189,14 +201,7 @@ async fn a_resume_at_an_old_home_that_learns_it_was_taken_over_meanwhile_sends_t
 /// 4298: the chaos soak found a consumer whose elements all arrived failing its close.
 #[tokio::test]
 async fn a_close_at_an_old_home_that_forgot_the_stream_sends_the_client_to_the_new_home() {
-    use crate::stream_service::{Placement, StreamService};
-
-    let meta: Arc<dyn MetaStore> = Arc::new(EmbeddedStore::in_memory());
-    record_node(meta.as_ref(), "a", "a:1", "ready").await;
-    let store = StreamStore::new();
-    let failover = failover_on(&meta, "a", "a:1", &store).await;
-    let placement = Placement::new(meta.clone(), "a:1".into(), Some(failover.clone()));
-    let service = StreamService::new(store.clone(), Some(Arc::new(placement)));
+    let (meta, _, failover, service) = node_a_alone().await;
     let subscription = SubscriptionConfig::new("s", SubscriptionType::Stream);
     let (consumer, _) = service
         .create_consumer("x".into(), subscription, 0, 0)
