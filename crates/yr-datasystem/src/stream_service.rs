@@ -205,20 +205,6 @@ impl StreamService {
         }
     }
 
-    /// What a create or resume of a producer or consumer of stream `name` here came to: its
-    /// id, or (`Ok(Err(home))`) the new home if the stream was taken over and forgotten while
-    /// the call ran (a concurrent update learnt it from the backup).
-    async fn made_here(
-        &self,
-        name: &str,
-        made: Result<u64>,
-    ) -> Result<std::result::Result<u64, String>> {
-        match made {
-            Ok(id) => Ok(Ok(id)),
-            Err(error) => self.moved(name, error).await.map(Err),
-        }
-    }
-
     /// Where stream `name` lives, without claiming it (Here when no node has it).
     async fn look_up(&self, name: &str) -> Result<Home> {
         let Some(placement) = &self.placement else {
@@ -318,9 +304,10 @@ impl StreamService {
                     make()
                 }
             };
-            match self.made_here(name, made).await? {
+            match made {
                 Ok(id) => id,
-                Err(home) => return Ok((0, Some(home))),
+                // Taken over and forgotten while the call ran: the client goes to the new home.
+                Err(error) => return Ok((0, Some(self.moved(name, error).await?))),
             }
         };
         let answer = self.created(name, id).await;
